@@ -1,0 +1,1 @@
+"""jaxdiff benchmarks: ``python -m benchmarks [--quick] [--only NAME ...]``."""

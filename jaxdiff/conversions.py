@@ -1,0 +1,111 @@
+r"""Exact conversions between network targets, through one hub: the pair ``(x0, eps)``.
+
+At ``(x_t, t)`` on a path ``x_t = alpha_t x0 + sigma_t eps`` the five usual targets are
+
+=============  =========================================  ==========================================
+target         value                                      back to ``(x0, eps)``
+=============  =========================================  ==========================================
+``"eps"``      ``eps`` (Ho et al. 2020)                   ``x0 = (x - sigma eps) / alpha``
+``"x0"``       ``x0`` (the denoiser, Karras et al. 2022)  ``eps = (x - alpha x0) / sigma``
+``"score"``    ``-eps / sigma`` (Tweedie; Song 2021)       ``eps = -sigma score``
+``"v"``        ``alpha eps - sigma x0`` (Salimans & Ho)   ``x0 = (alpha x - sigma v)/(alpha^2+sigma^2)``
+``"velocity"`` ``alpha' x0 + sigma' eps`` (the PF-ODE)    solve ``[[alpha, sigma], [alpha', sigma']]``
+=============  =========================================  ==========================================
+
+For a network, ``x0`` and ``eps`` are the posterior means ``E[x0 | x_t]`` and ``E[eps | x_t]``;
+because every map is affine in ``(x0, eps)`` given ``x_t``, the conversions are exact for posterior
+means too. ``velocity`` is the probability-flow ODE's drift ``dx/dt`` with ``t`` running from data
+to noise; in the ``t = 0``-is-noise convention of Meta's ``flow_matching`` it is ``-velocity``.
+
+Each conversion divides by ``alpha`` (from ``eps`` or ``score``), ``sigma`` (from ``x0``), or
+``alpha sigma' - sigma alpha'`` (from ``velocity``): avoid the endpoint where that is 0 (``t = 0``
+for ``sigma``; ``t = 1`` for ``alpha`` on the linear and cosine paths) -- sample to ``t_min > 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import jax
+
+from jaxdiff._checks import as_time, check_same_shape, expand_like
+from jaxdiff.paths import GaussianPath
+
+Array = jax.Array
+Target = Literal["score", "eps", "x0", "v", "velocity"]
+TARGETS: tuple[str, ...] = get_args(Target)
+
+__all__ = ["Target", "TARGETS", "to_x0_eps", "from_x0_eps", "convert"]
+
+
+def _check_target(target: str, name: str = "target") -> None:
+    if target not in TARGETS:
+        raise ValueError(f"{name} must be one of {TARGETS}; got {target!r}")
+
+
+def _coefs(path: GaussianPath, x: Array, t, derivatives: bool):
+    t = as_time(t, jax.numpy.result_type(x))
+    a, s = expand_like(path.alpha(t), x), expand_like(path.sigma(t), x)
+    if not derivatives:
+        return a, s, None, None
+    return a, s, expand_like(path.d_alpha(t), x), expand_like(path.d_sigma(t), x)
+
+
+def to_x0_eps(path: GaussianPath, x: Array, t, value: Array, target: Target) -> tuple[Array, Array]:
+    """Map a prediction of ``target`` at ``(x, t)`` to the hub ``(x0, eps)``."""
+    _check_target(target)
+    check_same_shape(value, x, f"the {target!r} prediction")
+    a, s, da, ds = _coefs(path, x, t, target == "velocity")
+    if target == "eps":
+        return (x - s * value) / a, value
+    if target == "x0":
+        return value, (x - a * value) / s
+    if target == "score":
+        eps = -s * value
+        return (x - s * eps) / a, eps
+    if target == "v":
+        norm = a**2 + s**2
+        return (a * x - s * value) / norm, (s * x + a * value) / norm
+    det = a * ds - s * da  # velocity: [[a, s], [da, ds]] @ (x0, eps) = (x, u)
+    return (ds * x - s * value) / det, (a * value - da * x) / det
+
+
+def from_x0_eps(path: GaussianPath, x: Array, t, x0: Array, eps: Array, target: Target) -> Array:
+    """The value of ``target`` for the hub pair ``(x0, eps)`` at ``(x, t)``.
+
+    With the true ``x0`` and ``eps`` of a training pair this is the regression target of a loss.
+    """
+    _check_target(target)
+    a, s, da, ds = _coefs(path, x, t, target == "velocity")
+    if target == "eps":
+        return eps
+    if target == "x0":
+        return x0
+    if target == "score":
+        return -eps / s
+    if target == "v":
+        return a * eps - s * x0
+    return da * x0 + ds * eps
+
+
+def convert(path: GaussianPath, x: Array, t, value: Array, *, src: Target, dst: Target) -> Array:
+    """Convert a prediction from target ``src`` to target ``dst`` at ``(x, t)`` on ``path``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxdiff import vp_path
+    >>> x, eps = jnp.ones((3, 2)), 0.5 * jnp.ones((3, 2))
+    >>> score = convert(vp_path(), x, 0.5, eps, src="eps", dst="score")
+    >>> bool(jnp.allclose(score, -eps / vp_path().sigma(0.5)))
+    True
+    """
+    _check_target(src, "src")
+    _check_target(dst, "dst")
+    if src == dst:
+        check_same_shape(value, x, f"the {src!r} prediction")
+        return value
+    if {src, dst} == {"eps", "score"}:  # only sigma: stays finite where alpha = 0
+        check_same_shape(value, x, f"the {src!r} prediction")
+        s = expand_like(path.sigma(as_time(t, jax.numpy.result_type(x))), x)
+        return -value / s if dst == "score" else -s * value
+    x0, eps = to_x0_eps(path, x, t, value, src)
+    return from_x0_eps(path, x, t, x0, eps, dst)

@@ -1,0 +1,348 @@
+r"""Gaussian probability paths and their forward SDEs.
+
+A path is two scalar functions of time, ``x_t = alpha(t) x0 + sigma(t) eps`` with ``eps ~ N(0, I)``,
+so ``p_t(x | x0) = N(alpha_t x0, sigma_t^2 I)``. Time runs from data (``t = 0``) to the prior
+(``t = 1``), as in Song et al. (2021) and score_sde. Code written with ``t = 0`` as noise (Lipman et
+al. 2023, Meta's ``flow_matching``, the MIT course notes) maps by ``t -> 1 - t``, and its velocity
+by ``u -> -u``.
+
+Every path is also a forward SDE ``dx = f(t) x dt + g(t) dw`` whose marginals are the path's:
+``f = d log(alpha)/dt`` and ``g^2 = d(sigma^2)/dt - 2 f sigma^2`` (Kingma et al. 2021; Song et al.
+2021, App. B). Time derivatives come from ``jax.jvp``, so a new schedule is two lines::
+
+    path = GaussianPath(lambda t: jnp.cos(0.5 * jnp.pi * t), lambda t: jnp.sin(0.5 * jnp.pi * t))
+
+The constructors ``vp_path``, ``subvp_path``, ``ve_path``, ``linear_path`` and ``cosine_path`` return
+paths whose hyperparameters are pytree leaves (you can ``jit``, ``vmap`` and ``grad`` through them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff._checks import (
+    as_time,
+    check_order,
+    check_positive,
+    check_time,
+    concrete,
+    expand_like,
+)
+
+Array = jax.Array
+ScalarFn = Callable[[Array], Array]
+
+__all__ = [
+    "GaussianPath",
+    "vp_path",
+    "subvp_path",
+    "ve_path",
+    "linear_path",
+    "cosine_path",
+]
+
+
+def _derivative(fn: ScalarFn, t: Array) -> tuple[Array, Array]:
+    """Value and elementwise time derivative of ``fn`` at ``t`` by forward-mode AD."""
+    return jax.jvp(fn, (t,), (jnp.ones_like(t),))
+
+
+class GaussianPath(eqx.Module):
+    r"""The affine Gaussian path ``x_t = alpha(t) x0 + sigma(t) eps`` and its forward SDE.
+
+    ``alpha_fn`` and ``sigma_fn`` map an array of times to an array of the same shape. Leave
+    ``sigma_fn`` as ``None`` for a variance-preserving path, ``sigma = sqrt(1 - alpha^2)``; its
+    ``g^2 = -2 d log(alpha)/dt`` is then computed without the ``0 * inf`` of ``sigma'`` at ``t = 0``.
+
+    Methods take ``t`` as a scalar or with a shape that broadcasts to a prefix of ``x``'s shape.
+
+    >>> import jax.numpy as jnp
+    >>> path = GaussianPath(lambda t: 1 - t, lambda t: t)  # the linear (rectified-flow) path
+    >>> float(path.alpha(0.25)), float(path.d_sigma(0.25))
+    (0.75, 1.0)
+    """
+
+    alpha_fn: ScalarFn
+    sigma_fn: ScalarFn | None = None
+
+    def __check_init__(self):
+        _validate_path(self)
+
+    # --- schedule -------------------------------------------------------------------------
+    def alpha(self, t) -> Array:
+        """Signal scale ``alpha_t``."""
+        return self.alpha_fn(as_time(t))
+
+    def sigma_sq(self, t) -> Array:
+        """Noise variance ``sigma_t^2``."""
+        t = as_time(t)
+        if self.sigma_fn is None:
+            a = self.alpha_fn(t)
+            return (1.0 - a) * (1.0 + a)
+        return jnp.square(self.sigma_fn(t))
+
+    def sigma(self, t) -> Array:
+        """Noise scale ``sigma_t``."""
+        t = as_time(t)
+        if self.sigma_fn is None:
+            return jnp.sqrt(jnp.maximum(self.sigma_sq(t), 0.0))
+        return self.sigma_fn(t)
+
+    def d_alpha(self, t) -> Array:
+        """``d alpha / dt`` by ``jax.jvp``."""
+        return _derivative(self.alpha, as_time(t))[1]
+
+    def d_sigma(self, t) -> Array:
+        """``d sigma / dt`` by ``jax.jvp`` (for a VP path, ``-alpha alpha' / sigma``)."""
+        t = as_time(t)
+        if self.sigma_fn is None:
+            a, da = _derivative(self.alpha, t)
+            return -a * da / self.sigma(t)
+        return _derivative(self.sigma_fn, t)[1]
+
+    def log_snr(self, t) -> Array:
+        """``lambda_t = log(alpha_t^2 / sigma_t^2)``, decreasing in ``t``."""
+        t = as_time(t)
+        return 2.0 * jnp.log(self.alpha(t)) - jnp.log(self.sigma_sq(t))
+
+    def t_from_log_snr(self, log_snr, *, iters: int = 60) -> Array:
+        """Inverse of ``log_snr`` on ``[0, 1]`` by bisection (any monotone path, any shape)."""
+        lam = jnp.asarray(log_snr, dtype=jnp.result_type(float))
+        lo, hi = jnp.zeros_like(lam), jnp.ones_like(lam)
+
+        def body(_, bounds):
+            lo, hi = bounds
+            mid = 0.5 * (lo + hi)
+            above = self.log_snr(mid) > lam  # lambda decreases: the root lies later
+            return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
+        return 0.5 * (lo + hi)
+
+    # --- conditional path -----------------------------------------------------------------
+    def marginal(self, x0, t) -> tuple[Array, Array]:
+        """Mean ``alpha_t x0`` and std ``sigma_t`` of ``p_t(x | x0)`` (std shaped like ``t``)."""
+        t = as_time(t)
+        return expand_like(self.alpha(t), x0) * x0, self.sigma(t)
+
+    def sample(self, key, x0, t) -> tuple[Array, Array]:
+        """Draw ``x_t = alpha_t x0 + sigma_t eps``; returns ``(x_t, eps)``.
+
+        >>> import jax, jax.numpy as jnp
+        >>> xt, eps = linear_path().sample(jax.random.key(0), jnp.zeros((4, 2)), 1.0)
+        >>> bool(jnp.allclose(xt, eps))
+        True
+        """
+        t = check_time(t)
+        eps = jax.random.normal(key, jnp.shape(x0), dtype=jnp.result_type(x0, float))
+        return self.interpolate(x0, eps, t), eps
+
+    def interpolate(self, x0, eps, t) -> Array:
+        """``alpha_t x0 + sigma_t eps``."""
+        t = as_time(t)
+        return expand_like(self.alpha(t), x0) * x0 + expand_like(self.sigma(t), eps) * eps
+
+    def conditional_velocity(self, x, x0, t) -> Array:
+        """``u_t(x | x0) = alpha_t' x0 + sigma_t' (x - alpha_t x0) / sigma_t`` (Lipman et al. 2023).
+
+        It points from data towards noise (``t`` increasing); with ``t = 0`` as noise it is ``-u``.
+        """
+        t = as_time(t)
+        a, s = expand_like(self.alpha(t), x), expand_like(self.sigma(t), x)
+        da, ds = expand_like(self.d_alpha(t), x), expand_like(self.d_sigma(t), x)
+        return da * x0 + ds * (x - a * x0) / s
+
+    def conditional_score(self, x, x0, t) -> Array:
+        """``grad_x log p_t(x | x0) = -(x - alpha_t x0) / sigma_t^2``."""
+        t = as_time(t)
+        a, var = expand_like(self.alpha(t), x), expand_like(self.sigma_sq(t), x)
+        return -(x - a * x0) / var
+
+    # --- forward SDE ----------------------------------------------------------------------
+    def drift_coef(self, t) -> Array:
+        """``f(t) = d log(alpha_t) / dt``: the forward SDE's drift is ``f(t) x``."""
+        t = as_time(t)
+        a, da = _derivative(self.alpha, t)
+        return da / a
+
+    def diffusion_sq(self, t) -> Array:
+        """``g(t)^2 = d(sigma_t^2)/dt - 2 f(t) sigma_t^2``."""
+        t = as_time(t)
+        f = self.drift_coef(t)
+        if self.sigma_fn is None:  # d(1 - alpha^2)/dt - 2 f (1 - alpha^2) = -2 f
+            return -2.0 * f
+        _, dvar = _derivative(self.sigma_sq, t)
+        return jnp.maximum(dvar - 2.0 * f * self.sigma_sq(t), 0.0)
+
+    def diffusion(self, t) -> Array:
+        """``g(t)``."""
+        return jnp.sqrt(self.diffusion_sq(t))
+
+    def drift(self, x, t) -> Array:
+        """Forward drift ``f(t) x``."""
+        return expand_like(self.drift_coef(t), x) * x
+
+    def transition(self, x_s, s, t) -> tuple[Array, Array]:
+        """Mean and std of the SDE's kernel ``p(x_t | x_s)`` for ``s <= t``.
+
+        ``mean = (alpha_t / alpha_s) x_s``, ``var = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2``.
+        From ``s = 0`` it is the path itself when ``sigma_0 = 0`` (VP, sub-VP, linear, cosine);
+        for VE, whose ``sigma_0 = sigma_min > 0``, the variance is ``sigma_t^2 - sigma_min^2``.
+        """
+        s, t = as_time(s), as_time(t)
+        ratio = self.alpha(t) / self.alpha(s)
+        var = self.sigma_sq(t) - ratio**2 * self.sigma_sq(s)
+        return expand_like(ratio, x_s) * x_s, jnp.sqrt(jnp.maximum(var, 0.0))
+
+    def prior_sample(self, key, shape, dtype=None) -> Array:
+        """Sample the prior ``N(0, sigma_1^2 I)`` at ``t = 1``."""
+        dtype = dtype or jnp.result_type(float)
+        return self.sigma(jnp.ones((), dtype)) * jax.random.normal(key, shape, dtype)
+
+    def prior_logp(self, x, event_ndim: int = 1) -> Array:
+        """Log-density of ``N(0, sigma_1^2 I)``, summed over the last ``event_ndim`` axes."""
+        x = jnp.asarray(x)
+        var = self.sigma_sq(jnp.ones((), x.dtype))
+        axes = tuple(range(x.ndim - event_ndim, x.ndim))
+        d = math.prod(x.shape[x.ndim - event_ndim :])
+        return -0.5 * jnp.sum(x**2, axis=axes) / var - 0.5 * d * jnp.log(2 * jnp.pi * var)
+
+
+def _validate_path(path: GaussianPath) -> None:
+    """Check a path on a grid of concrete times: finite, ``alpha > 0`` before 1, ``sigma > 0`` after 0."""
+    t = np.linspace(0.0, 1.0, 33)
+    try:
+        a = concrete(path.alpha(t))
+        s = concrete(path.sigma(t))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError):
+        return
+    if a is None or s is None:
+        return
+    if a.shape != t.shape or s.shape != t.shape:
+        raise ValueError(
+            "alpha_fn and sigma_fn must map an array of times to an array of the same shape; "
+            f"got shapes {a.shape} and {s.shape} for times of shape {t.shape}"
+        )
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(s))):
+        raise ValueError("the path's alpha(t) and sigma(t) must be finite on [0, 1]")
+    if np.any(a[:-1] <= 0) or a[-1] < 0:
+        raise ValueError(f"alpha(t) must be > 0 on [0, 1) and >= 0 at 1; got min {a.min()}")
+    if np.any(s[1:] <= 0) or s[0] < 0:
+        raise ValueError(f"sigma(t) must be > 0 on (0, 1] and >= 0 at 0; got min {s.min()}")
+
+
+# --- built-in schedules: small pytrees so hyperparameters are leaves ------------------------
+
+
+class _LinearBetaAlpha(eqx.Module):
+    """``alpha_t = exp(-t beta_min / 2 - t^2 (beta_max - beta_min) / 4)``: ``beta(t)`` linear."""
+
+    beta_min: Array | float
+    beta_max: Array | float
+
+    def __call__(self, t):
+        return jnp.exp(-0.5 * t * self.beta_min - 0.25 * t**2 * (self.beta_max - self.beta_min))
+
+
+class _OneMinusSquare(eqx.Module):
+    """``1 - alpha_t^2``: sub-VP's std (Song et al. 2021, eq. 34)."""
+
+    alpha: _LinearBetaAlpha
+
+    def __call__(self, t):
+        a = self.alpha(t)
+        return (1.0 - a) * (1.0 + a)
+
+
+class _Affine(eqx.Module):
+    """``start + slope * t``."""
+
+    start: Array | float
+    slope: Array | float
+
+    def __call__(self, t):
+        return self.start + self.slope * t
+
+
+class _Geometric(eqx.Module):
+    """``sigma_min (sigma_max / sigma_min)^t``."""
+
+    sigma_min: Array | float
+    sigma_max: Array | float
+
+    def __call__(self, t):
+        return self.sigma_min * jnp.exp(t * jnp.log(self.sigma_max / self.sigma_min))
+
+
+class _CosineAlpha(eqx.Module):
+    """``alpha_t = cos(pi/2 (t + s)/(1 + s)) / cos(pi/2 s/(1 + s))`` (Nichol & Dhariwal 2021)."""
+
+    s: Array | float
+
+    def __call__(self, t):
+        f = jnp.cos(0.5 * jnp.pi * (t + self.s) / (1.0 + self.s))
+        return jnp.maximum(f / jnp.cos(0.5 * jnp.pi * self.s / (1.0 + self.s)), 0.0)
+
+
+def vp_path(beta_min: float = 0.1, beta_max: float = 20.0) -> GaussianPath:
+    """Variance-preserving path of the VP SDE / DDPM (Ho et al. 2020; Song et al. 2021).
+
+    ``dx = -beta(t)/2 x dt + sqrt(beta(t)) dw`` with ``beta(t) = beta_min + t (beta_max - beta_min)``;
+    ``alpha_t = exp(-int_0^t beta / 2)``, ``sigma_t = sqrt(1 - alpha_t^2)``. DDPM's 1000 linear betas
+    from 1e-4 to 0.02 are this path with the defaults, ``beta_i ~ beta(i / 1000) / 1000``.
+
+    >>> path = vp_path()
+    >>> float(path.diffusion_sq(0.5))  # beta(0.5)
+    10.05...
+    """
+    check_positive(beta_min, "beta_min", strict=False)
+    check_order(beta_min, beta_max, "beta_min", "beta_max", strict=False)
+    return GaussianPath(_LinearBetaAlpha(beta_min, beta_max))
+
+
+def subvp_path(beta_min: float = 0.1, beta_max: float = 20.0) -> GaussianPath:
+    """Sub-VP path (Song et al. 2021): ``alpha_t`` of VP and ``sigma_t = 1 - alpha_t^2``.
+
+    Its SDE is ``dx = -beta/2 x dt + sqrt(beta (1 - alpha_t^4)) dw``, with variance below VP's.
+    """
+    check_positive(beta_min, "beta_min", strict=False)
+    check_order(beta_min, beta_max, "beta_min", "beta_max", strict=False)
+    alpha = _LinearBetaAlpha(beta_min, beta_max)
+    return GaussianPath(alpha, _OneMinusSquare(alpha))
+
+
+def ve_path(sigma_min: float = 0.01, sigma_max: float = 50.0) -> GaussianPath:
+    """Variance-exploding path of SMLD / the VE SDE (Song & Ermon 2019; Song et al. 2021).
+
+    ``alpha_t = 1``, ``sigma_t = sigma_min (sigma_max / sigma_min)^t``; the SDE is
+    ``dx = sigma_t sqrt(2 log(sigma_max / sigma_min)) dw``. Note ``sigma_0 = sigma_min > 0``.
+    """
+    check_positive(sigma_min, "sigma_min")
+    check_order(sigma_min, sigma_max, "sigma_min", "sigma_max")
+    return GaussianPath(_Affine(1.0, 0.0), _Geometric(sigma_min, sigma_max))
+
+
+def linear_path(sigma_min: float = 0.0) -> GaussianPath:
+    """Linear path of flow matching / rectified flow: ``alpha_t = 1 - t``, ``sigma_t = s + (1 - s) t``.
+
+    Lipman et al. (2023)'s conditional-OT path with ``s = sigma_min``, and Liu et al. (2023)'s
+    rectified flow with ``s = 0``. Their time ``tau`` is ``1 - t`` here, their velocity ``-u``.
+    """
+    check_positive(sigma_min, "sigma_min", strict=False)
+    check_order(sigma_min, 1.0, "sigma_min", "1")
+    return GaussianPath(_Affine(1.0, -1.0), _Affine(sigma_min, 1.0 - sigma_min))
+
+
+def cosine_path(s: float = 0.008) -> GaussianPath:
+    """Cosine VP path (Nichol & Dhariwal 2021): ``alpha_t = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s))``.
+
+    With ``s = 0`` it is the trigonometric path ``alpha = cos(pi t / 2)``, ``sigma = sin(pi t / 2)``.
+    """
+    check_positive(s, "s", strict=False)
+    return GaussianPath(_CosineAlpha(s))

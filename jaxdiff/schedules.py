@@ -1,0 +1,113 @@
+"""Discrete DDPM beta schedules and sampling time grids.
+
+Continuous schedules are paths (``jaxdiff.paths``). Here: the discrete betas of DDPM, and grids of
+times for samplers. Grids run from ``t_start`` (default 1, the prior) down to ``t_end`` (default
+``1e-3``), have ``steps + 1`` points, and are decreasing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff._checks import check_order, check_positive, check_time
+from jaxdiff.paths import GaussianPath
+
+Array = jax.Array
+
+__all__ = [
+    "linear_betas",
+    "cosine_betas",
+    "alpha_bars",
+    "uniform_grid",
+    "quadratic_grid",
+    "log_snr_grid",
+    "karras_grid",
+]
+
+
+def _check_steps(steps) -> int:
+    if int(steps) != steps or int(steps) < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    return int(steps)
+
+
+def linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Array:
+    """DDPM's linear betas ``beta_i``, ``i = 1..T`` (Ho et al. 2020): shape ``(T,)``.
+
+    >>> b = linear_betas(1000)
+    >>> float(b[0]), round(float(b[-1]), 4)
+    (0.0001, 0.02)
+    """
+    num_steps = _check_steps(num_steps)
+    check_positive(beta_start, "beta_start")
+    check_order(beta_start, beta_end, "beta_start", "beta_end", strict=False)
+    check_order(beta_end, 1.0, "beta_end", "1")
+    return jnp.linspace(beta_start, beta_end, num_steps)
+
+
+def cosine_betas(num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Array:
+    """Cosine betas (Nichol & Dhariwal 2021): ``beta_i = 1 - abar(i/T) / abar((i-1)/T)``, clipped.
+
+    ``abar(u) = cos^2(pi/2 (u + s)/(1 + s)) / cos^2(pi/2 s/(1 + s))``.
+    """
+    num_steps = _check_steps(num_steps)
+    check_positive(s, "s", strict=False)
+    check_positive(max_beta, "max_beta")
+    check_order(max_beta, 1.0, "max_beta", "1", strict=False)
+    u = jnp.linspace(0.0, 1.0, num_steps + 1)
+    f = jnp.cos(0.5 * jnp.pi * (u + s) / (1.0 + s)) ** 2
+    return jnp.clip(1.0 - f[1:] / f[:-1], 0.0, max_beta)
+
+
+def alpha_bars(betas: Array) -> Array:
+    """``abar_i = prod_{j <= i} (1 - beta_j)``: ``q(x_i | x_0) = N(sqrt(abar_i) x_0, (1 - abar_i) I)``."""
+    betas = jnp.asarray(betas)
+    return jnp.exp(jnp.cumsum(jnp.log1p(-betas)))
+
+
+def uniform_grid(steps: int, t_start: float = 1.0, t_end: float = 1e-3) -> Array:
+    """``steps + 1`` equally spaced times from ``t_start`` to ``t_end``."""
+    steps = _check_steps(steps)
+    check_time(t_start, "t_start")
+    check_time(t_end, "t_end")
+    return jnp.linspace(t_start, t_end, steps + 1)
+
+
+def quadratic_grid(steps: int, t_start: float = 1.0, t_end: float = 1e-3) -> Array:
+    """Times ``t_end + (t_start - t_end) u^2`` for ``u`` uniform: denser near the data (Song et al. 2021a, DDIM)."""
+    u = uniform_grid(steps, 1.0, 0.0)
+    return t_end + (t_start - t_end) * u**2
+
+
+def log_snr_grid(path: GaussianPath, steps: int, t_start: float = 1.0, t_end: float = 1e-3):
+    """Times equally spaced in log-SNR ``lambda_t`` between ``t_start`` and ``t_end`` (Lu et al. 2022)."""
+    steps = _check_steps(steps)
+    lam = jnp.linspace(path.log_snr(_clip_end(t_start)), path.log_snr(t_end), steps + 1)
+    return _pin_ends(path.t_from_log_snr(lam), t_start, t_end)
+
+
+def karras_grid(
+    path: GaussianPath, steps: int, t_start: float = 1.0, t_end: float = 1e-3, rho: float = 7.0
+) -> Array:
+    """EDM's grid (Karras et al. 2022, eq. 5) in ``s = sigma_t / alpha_t``, mapped back to ``t``.
+
+    ``s_i^(1/rho)`` is uniform between ``s(t_start)^(1/rho)`` and ``s(t_end)^(1/rho)``; ``rho = 7``.
+    """
+    steps = _check_steps(steps)
+    check_positive(rho, "rho")
+    s_hi = jnp.exp(-0.5 * path.log_snr(_clip_end(t_start)))
+    s_lo = jnp.exp(-0.5 * path.log_snr(t_end))
+    u = jnp.linspace(0.0, 1.0, steps + 1)
+    s = (s_hi ** (1 / rho) + u * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
+    return _pin_ends(path.t_from_log_snr(-2.0 * jnp.log(s)), t_start, t_end)
+
+
+def _clip_end(t_start):
+    """log-SNR is -inf where ``alpha = 0`` (t = 1 on linear/cosine paths): invert just before it."""
+    return jnp.minimum(jnp.asarray(t_start, dtype=jnp.result_type(float)), 1.0 - 1e-4)
+
+
+def _pin_ends(ts: Array, t_start, t_end) -> Array:
+    """Set the end points exactly (bisection leaves ~1e-7 errors)."""
+    return ts.at[0].set(t_start).at[-1].set(t_end)
