@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import jax
+from jax.typing import ArrayLike
 
 from jaxdiff._checks import as_time, check_same_shape, expand_like
 from jaxdiff.paths import GaussianPath
@@ -51,7 +52,9 @@ def _coefs(path: GaussianPath, x: Array, t, derivatives: bool):
     return a, s, expand_like(path.d_alpha(t), x), expand_like(path.d_sigma(t), x)
 
 
-def to_x0_eps(path: GaussianPath, x: Array, t, value: Array, target: Target) -> tuple[Array, Array]:
+def to_x0_eps(
+    path: GaussianPath, x: Array, t: ArrayLike, value: Array, target: Target
+) -> tuple[Array, Array]:
     """Map a prediction of ``target`` at ``(x, t)`` to the hub ``(x0, eps)``."""
     _check_target(target)
     check_same_shape(value, x, f"the {target!r} prediction")
@@ -70,7 +73,9 @@ def to_x0_eps(path: GaussianPath, x: Array, t, value: Array, target: Target) -> 
     return (ds * x - s * value) / det, (a * value - da * x) / det
 
 
-def from_x0_eps(path: GaussianPath, x: Array, t, x0: Array, eps: Array, target: Target) -> Array:
+def from_x0_eps(
+    path: GaussianPath, x: Array, t: ArrayLike, x0: Array, eps: Array, target: Target
+) -> Array:
     """The value of ``target`` for the hub pair ``(x0, eps)`` at ``(x, t)``.
 
     With the true ``x0`` and ``eps`` of a training pair this is the regression target of a loss.
@@ -88,7 +93,9 @@ def from_x0_eps(path: GaussianPath, x: Array, t, x0: Array, eps: Array, target: 
     return da * x0 + ds * eps
 
 
-def convert(path: GaussianPath, x: Array, t, value: Array, *, src: Target, dst: Target) -> Array:
+def convert(
+    path: GaussianPath, x: Array, t: ArrayLike, value: Array, *, src: Target, dst: Target
+) -> Array:
     """Convert a prediction from target ``src`` to target ``dst`` at ``(x, t)`` on ``path``.
 
     >>> import jax, jax.numpy as jnp

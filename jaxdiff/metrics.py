@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 Array = jax.Array
 
@@ -40,7 +41,7 @@ def _pair_mean(fn: Callable[[Array], Array], x: Array, y: Array, block: int, ski
     return total / (n * (m - 1) if skip_diag else n * m)
 
 
-def energy_distance(x: Array, y: Array, *, block: int = 1024) -> Array:
+def energy_distance(x: ArrayLike, y: ArrayLike, *, block: int = 1024) -> Array:
     """Energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (Székely & Rizzo 2013), Euclidean norm.
 
     Zero iff the distributions are equal; the within-set terms exclude ``i = j`` (U-statistics).
@@ -57,7 +58,9 @@ def energy_distance(x: Array, y: Array, *, block: int = 1024) -> Array:
     return 2.0 * xy - xx - yy
 
 
-def mmd(x: Array, y: Array, bandwidths: float | Sequence[float] = 1.0, *, block: int = 1024):
+def mmd(
+    x: ArrayLike, y: ArrayLike, bandwidths: float | Sequence[float] = 1.0, *, block: int = 1024
+) -> Array:
     """Unbiased squared MMD (Gretton et al. 2012) with the kernel ``sum_h exp(-|a - b|^2 / (2 h^2))``.
 
     ``bandwidths`` is one length scale ``h`` or several (their kernels are summed).

@@ -18,6 +18,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxdiff._checks import as_time, check_finite, concrete, expand_like
 from jaxdiff.conversions import Target, _check_target, from_x0_eps
@@ -48,8 +49,7 @@ class GaussianMixture(eqx.Module):
         w, m, c = (jnp.shape(v) for v in (self.weights, self.means, self.covs))
         if len(w) != 1 or len(m) != 2 or len(c) != 3 or not (w[0] == m[0] == c[0]):
             raise ValueError(
-                "expected weights (K,), means (K, d), covs (K, d, d); got shapes "
-                f"{w}, {m}, {c}"
+                f"expected weights (K,), means (K, d), covs (K, d, d); got shapes {w}, {m}, {c}"
             )
         if c[1:] != (m[1], m[1]):
             raise ValueError(f"covs must be (K, d, d) with d = {m[1]}; got {c}")
@@ -63,7 +63,9 @@ class GaussianMixture(eqx.Module):
                 raise ValueError("covs must be positive definite")
 
     @classmethod
-    def isotropic(cls, means, std=1.0, weights=None) -> GaussianMixture:
+    def isotropic(
+        cls, means: ArrayLike, std: ArrayLike = 1.0, weights: ArrayLike | None = None
+    ) -> GaussianMixture:
         """Components ``N(means[k], std_k^2 I)`` (``std`` scalar or ``(K,)``), equal weights by default."""
         means = jnp.asarray(means, dtype=jnp.result_type(float))
         k, d = means.shape
@@ -76,7 +78,7 @@ class GaussianMixture(eqx.Module):
         return self.means.shape[-1]
 
     # --- the data distribution -----------------------------------------------------------
-    def sample_labeled(self, key, n: int) -> tuple[Array, Array]:
+    def sample_labeled(self, key: Array, n: int) -> tuple[Array, Array]:
         """``n`` samples and the index of the component each came from."""
         k_key, z_key = jax.random.split(key)
         labels = jax.random.choice(k_key, self.weights.shape[0], (n,), p=self.weights)
@@ -84,16 +86,16 @@ class GaussianMixture(eqx.Module):
         z = jax.random.normal(z_key, (n, self.dim), self.means.dtype)
         return self.means[labels] + jnp.einsum("nij,nj->ni", chol[labels], z), labels
 
-    def sample(self, key, n: int) -> Array:
+    def sample(self, key: Array, n: int) -> Array:
         """``n`` samples, shape ``(n, d)``."""
         return self.sample_labeled(key, n)[0]
 
-    def log_prob(self, x) -> Array:
+    def log_prob(self, x: ArrayLike) -> Array:
         """Log-density of the data at ``x`` (``(*batch, d)`` -> ``batch``)."""
         return _log_prob(self.weights, self.means, self.covs, x)
 
     # --- marginals under a path ----------------------------------------------------------
-    def marginal(self, path: GaussianPath, t) -> GaussianMixture:
+    def marginal(self, path: GaussianPath, t: ArrayLike) -> GaussianMixture:
         """The mixture of ``x_t`` at a scalar ``t``: means ``alpha_t mu_k``, covs ``C_k``."""
         t = as_time(t, self.means.dtype)
         if t.ndim:
@@ -102,19 +104,19 @@ class GaussianMixture(eqx.Module):
         eye = jnp.eye(self.dim, dtype=self.means.dtype)[None]
         return GaussianMixture(self.weights, a * self.means, a**2 * self.covs + var * eye)
 
-    def marginal_log_prob(self, path: GaussianPath, x, t) -> Array:
+    def marginal_log_prob(self, path: GaussianPath, x: ArrayLike, t: ArrayLike) -> Array:
         """``log p_t(x)``."""
         return self._posterior(path, x, t)[0]
 
-    def score(self, path: GaussianPath, x, t) -> Array:
+    def score(self, path: GaussianPath, x: ArrayLike, t: ArrayLike) -> Array:
         """``grad_x log p_t(x)``."""
         return self._posterior(path, x, t)[1]
 
-    def denoiser(self, path: GaussianPath, x, t) -> Array:
+    def denoiser(self, path: GaussianPath, x: ArrayLike, t: ArrayLike) -> Array:
         """``E[x0 | x_t = x]``."""
         return self._posterior(path, x, t)[2]
 
-    def predict(self, path: GaussianPath, x, t, target: Target) -> Array:
+    def predict(self, path: GaussianPath, x: ArrayLike, t: ArrayLike, target: Target) -> Array:
         """The exact value of ``target`` (``score``, ``eps``, ``x0``, ``v``, ``velocity``) at ``(x, t)``."""
         _check_target(target)
         _, score, x0 = self._posterior(path, x, t)

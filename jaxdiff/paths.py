@@ -25,6 +25,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
     as_time,
@@ -75,11 +76,11 @@ class GaussianPath(eqx.Module):
         _validate_path(self)
 
     # --- schedule -------------------------------------------------------------------------
-    def alpha(self, t) -> Array:
+    def alpha(self, t: ArrayLike) -> Array:
         """Signal scale ``alpha_t``."""
         return self.alpha_fn(as_time(t))
 
-    def sigma_sq(self, t) -> Array:
+    def sigma_sq(self, t: ArrayLike) -> Array:
         """Noise variance ``sigma_t^2``."""
         t = as_time(t)
         if self.sigma_fn is None:
@@ -87,18 +88,18 @@ class GaussianPath(eqx.Module):
             return (1.0 - a) * (1.0 + a)
         return jnp.square(self.sigma_fn(t))
 
-    def sigma(self, t) -> Array:
+    def sigma(self, t: ArrayLike) -> Array:
         """Noise scale ``sigma_t``."""
         t = as_time(t)
         if self.sigma_fn is None:
             return jnp.sqrt(jnp.maximum(self.sigma_sq(t), 0.0))
         return self.sigma_fn(t)
 
-    def d_alpha(self, t) -> Array:
+    def d_alpha(self, t: ArrayLike) -> Array:
         """``d alpha / dt`` by ``jax.jvp``."""
         return _derivative(self.alpha, as_time(t))[1]
 
-    def d_sigma(self, t) -> Array:
+    def d_sigma(self, t: ArrayLike) -> Array:
         """``d sigma / dt`` by ``jax.jvp`` (for a VP path, ``-alpha alpha' / sigma``)."""
         t = as_time(t)
         if self.sigma_fn is None:
@@ -106,12 +107,12 @@ class GaussianPath(eqx.Module):
             return -a * da / self.sigma(t)
         return _derivative(self.sigma_fn, t)[1]
 
-    def log_snr(self, t) -> Array:
+    def log_snr(self, t: ArrayLike) -> Array:
         """``lambda_t = log(alpha_t^2 / sigma_t^2)``, decreasing in ``t``."""
         t = as_time(t)
         return 2.0 * jnp.log(self.alpha(t)) - jnp.log(self.sigma_sq(t))
 
-    def t_from_log_snr(self, log_snr, *, iters: int = 60) -> Array:
+    def t_from_log_snr(self, log_snr: ArrayLike, *, iters: int = 60) -> Array:
         """Inverse of ``log_snr`` on ``[0, 1]`` by bisection (any monotone path, any shape)."""
         lam = jnp.asarray(log_snr, dtype=jnp.result_type(float))
         lo, hi = jnp.zeros_like(lam), jnp.ones_like(lam)
@@ -143,12 +144,12 @@ class GaussianPath(eqx.Module):
         eps = jax.random.normal(key, jnp.shape(x0), dtype=jnp.result_type(x0, float))
         return self.interpolate(x0, eps, t), eps
 
-    def interpolate(self, x0, eps, t) -> Array:
+    def interpolate(self, x0: ArrayLike, eps: ArrayLike, t: ArrayLike) -> Array:
         """``alpha_t x0 + sigma_t eps``."""
         t = as_time(t)
         return expand_like(self.alpha(t), x0) * x0 + expand_like(self.sigma(t), eps) * eps
 
-    def conditional_velocity(self, x, x0, t) -> Array:
+    def conditional_velocity(self, x: ArrayLike, x0: ArrayLike, t: ArrayLike) -> Array:
         """``u_t(x | x0) = alpha_t' x0 + sigma_t' (x - alpha_t x0) / sigma_t`` (Lipman et al. 2023).
 
         It points from data towards noise (``t`` increasing); with ``t = 0`` as noise it is ``-u``.
@@ -158,20 +159,20 @@ class GaussianPath(eqx.Module):
         da, ds = expand_like(self.d_alpha(t), x), expand_like(self.d_sigma(t), x)
         return da * x0 + ds * (x - a * x0) / s
 
-    def conditional_score(self, x, x0, t) -> Array:
+    def conditional_score(self, x: ArrayLike, x0: ArrayLike, t: ArrayLike) -> Array:
         """``grad_x log p_t(x | x0) = -(x - alpha_t x0) / sigma_t^2``."""
         t = as_time(t)
         a, var = expand_like(self.alpha(t), x), expand_like(self.sigma_sq(t), x)
         return -(x - a * x0) / var
 
     # --- forward SDE ----------------------------------------------------------------------
-    def drift_coef(self, t) -> Array:
+    def drift_coef(self, t: ArrayLike) -> Array:
         """``f(t) = d log(alpha_t) / dt``: the forward SDE's drift is ``f(t) x``."""
         t = as_time(t)
         a, da = _derivative(self.alpha, t)
         return da / a
 
-    def diffusion_sq(self, t) -> Array:
+    def diffusion_sq(self, t: ArrayLike) -> Array:
         """``g(t)^2 = d(sigma_t^2)/dt - 2 f(t) sigma_t^2``."""
         t = as_time(t)
         f = self.drift_coef(t)
@@ -180,15 +181,15 @@ class GaussianPath(eqx.Module):
         _, dvar = _derivative(self.sigma_sq, t)
         return jnp.maximum(dvar - 2.0 * f * self.sigma_sq(t), 0.0)
 
-    def diffusion(self, t) -> Array:
+    def diffusion(self, t: ArrayLike) -> Array:
         """``g(t)``."""
         return jnp.sqrt(self.diffusion_sq(t))
 
-    def drift(self, x, t) -> Array:
+    def drift(self, x: ArrayLike, t: ArrayLike) -> Array:
         """Forward drift ``f(t) x``."""
         return expand_like(self.drift_coef(t), x) * x
 
-    def transition(self, x_s, s, t) -> tuple[Array, Array]:
+    def transition(self, x_s: ArrayLike, s: ArrayLike, t: ArrayLike) -> tuple[Array, Array]:
         """Mean and std of the SDE's kernel ``p(x_t | x_s)`` for ``s <= t``.
 
         ``mean = (alpha_t / alpha_s) x_s``, ``var = sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2``.
@@ -200,12 +201,12 @@ class GaussianPath(eqx.Module):
         var = self.sigma_sq(t) - ratio**2 * self.sigma_sq(s)
         return expand_like(ratio, x_s) * x_s, jnp.sqrt(jnp.maximum(var, 0.0))
 
-    def prior_sample(self, key, shape, dtype=None) -> Array:
+    def prior_sample(self, key: Array, shape: tuple[int, ...], dtype=None) -> Array:
         """Sample the prior ``N(0, sigma_1^2 I)`` at ``t = 1``."""
         dtype = dtype or jnp.result_type(float)
         return self.sigma(jnp.ones((), dtype)) * jax.random.normal(key, shape, dtype)
 
-    def prior_logp(self, x, event_ndim: int = 1) -> Array:
+    def prior_logp(self, x: ArrayLike, event_ndim: int = 1) -> Array:
         """Log-density of ``N(0, sigma_1^2 I)``, summed over the last ``event_ndim`` axes."""
         x = jnp.asarray(x)
         var = self.sigma_sq(jnp.ones((), x.dtype))
@@ -243,10 +244,10 @@ def _validate_path(path: GaussianPath) -> None:
 class _LinearBetaAlpha(eqx.Module):
     """``alpha_t = exp(-t beta_min / 2 - t^2 (beta_max - beta_min) / 4)``: ``beta(t)`` linear."""
 
-    beta_min: Array | float
-    beta_max: Array | float
+    beta_min: ArrayLike
+    beta_max: ArrayLike
 
-    def __call__(self, t):
+    def __call__(self, t: ArrayLike):
         return jnp.exp(-0.5 * t * self.beta_min - 0.25 * t**2 * (self.beta_max - self.beta_min))
 
 
@@ -255,7 +256,7 @@ class _OneMinusSquare(eqx.Module):
 
     alpha: _LinearBetaAlpha
 
-    def __call__(self, t):
+    def __call__(self, t: ArrayLike):
         a = self.alpha(t)
         return (1.0 - a) * (1.0 + a)
 
@@ -263,34 +264,34 @@ class _OneMinusSquare(eqx.Module):
 class _Affine(eqx.Module):
     """``start + slope * t``."""
 
-    start: Array | float
-    slope: Array | float
+    start: ArrayLike
+    slope: ArrayLike
 
-    def __call__(self, t):
+    def __call__(self, t: ArrayLike):
         return self.start + self.slope * t
 
 
 class _Geometric(eqx.Module):
     """``sigma_min (sigma_max / sigma_min)^t``."""
 
-    sigma_min: Array | float
-    sigma_max: Array | float
+    sigma_min: ArrayLike
+    sigma_max: ArrayLike
 
-    def __call__(self, t):
+    def __call__(self, t: ArrayLike):
         return self.sigma_min * jnp.exp(t * jnp.log(self.sigma_max / self.sigma_min))
 
 
 class _CosineAlpha(eqx.Module):
     """``alpha_t = cos(pi/2 (t + s)/(1 + s)) / cos(pi/2 s/(1 + s))`` (Nichol & Dhariwal 2021)."""
 
-    s: Array | float
+    s: ArrayLike
 
-    def __call__(self, t):
+    def __call__(self, t: ArrayLike):
         f = jnp.cos(0.5 * jnp.pi * (t + self.s) / (1.0 + self.s))
         return jnp.maximum(f / jnp.cos(0.5 * jnp.pi * self.s / (1.0 + self.s)), 0.0)
 
 
-def vp_path(beta_min: float = 0.1, beta_max: float = 20.0) -> GaussianPath:
+def vp_path(beta_min: ArrayLike = 0.1, beta_max: ArrayLike = 20.0) -> GaussianPath:
     """Variance-preserving path of the VP SDE / DDPM (Ho et al. 2020; Song et al. 2021).
 
     ``dx = -beta(t)/2 x dt + sqrt(beta(t)) dw`` with ``beta(t) = beta_min + t (beta_max - beta_min)``;
@@ -306,7 +307,7 @@ def vp_path(beta_min: float = 0.1, beta_max: float = 20.0) -> GaussianPath:
     return GaussianPath(_LinearBetaAlpha(beta_min, beta_max))
 
 
-def subvp_path(beta_min: float = 0.1, beta_max: float = 20.0) -> GaussianPath:
+def subvp_path(beta_min: ArrayLike = 0.1, beta_max: ArrayLike = 20.0) -> GaussianPath:
     """Sub-VP path (Song et al. 2021): ``alpha_t`` of VP and ``sigma_t = 1 - alpha_t^2``.
 
     Its SDE is ``dx = -beta/2 x dt + sqrt(beta (1 - alpha_t^4)) dw``, with variance below VP's.
@@ -317,7 +318,7 @@ def subvp_path(beta_min: float = 0.1, beta_max: float = 20.0) -> GaussianPath:
     return GaussianPath(alpha, _OneMinusSquare(alpha))
 
 
-def ve_path(sigma_min: float = 0.01, sigma_max: float = 50.0) -> GaussianPath:
+def ve_path(sigma_min: ArrayLike = 0.01, sigma_max: ArrayLike = 50.0) -> GaussianPath:
     """Variance-exploding path of SMLD / the VE SDE (Song & Ermon 2019; Song et al. 2021).
 
     ``alpha_t = 1``, ``sigma_t = sigma_min (sigma_max / sigma_min)^t``; the SDE is
@@ -328,7 +329,7 @@ def ve_path(sigma_min: float = 0.01, sigma_max: float = 50.0) -> GaussianPath:
     return GaussianPath(_Affine(1.0, 0.0), _Geometric(sigma_min, sigma_max))
 
 
-def linear_path(sigma_min: float = 0.0) -> GaussianPath:
+def linear_path(sigma_min: ArrayLike = 0.0) -> GaussianPath:
     """Linear path of flow matching / rectified flow: ``alpha_t = 1 - t``, ``sigma_t = s + (1 - s) t``.
 
     Lipman et al. (2023)'s conditional-OT path with ``s = sigma_min``, and Liu et al. (2023)'s
@@ -339,7 +340,7 @@ def linear_path(sigma_min: float = 0.0) -> GaussianPath:
     return GaussianPath(_Affine(1.0, -1.0), _Affine(sigma_min, 1.0 - sigma_min))
 
 
-def cosine_path(s: float = 0.008) -> GaussianPath:
+def cosine_path(s: ArrayLike = 0.008) -> GaussianPath:
     """Cosine VP path (Nichol & Dhariwal 2021): ``alpha_t = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s))``.
 
     With ``s = 0`` it is the trigonometric path ``alpha = cos(pi t / 2)``, ``sigma = sin(pi t / 2)``.

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxdiff._checks import as_time, check_finite, check_time, concrete
 from jaxdiff.conversions import Target, _check_target
@@ -132,7 +133,11 @@ def _terms(drift, diffusion, sign, x, key, bm):
 def _levy_area(solver):
     """The cheapest concrete Levy area that ``solver`` accepts (ShARK, SEA, SRA1 need space-time)."""
     needed = getattr(solver, "minimal_levy_area", None)
-    for area in (diffrax.BrownianIncrement, diffrax.SpaceTimeLevyArea, diffrax.SpaceTimeTimeLevyArea):
+    for area in (
+        diffrax.BrownianIncrement,
+        diffrax.SpaceTimeLevyArea,
+        diffrax.SpaceTimeTimeLevyArea,
+    ):
         if needed is None or issubclass(area, needed):
             return area
     raise ValueError(f"no Brownian path provides the Levy area {needed} that {solver} needs")
@@ -140,16 +145,16 @@ def _levy_area(solver):
 
 def integrate(
     drift: Drift,
-    x: Array,
+    x: ArrayLike,
     *,
-    ts=None,
-    t_start=None,
-    t_end=None,
+    ts: ArrayLike | None = None,
+    t_start: ArrayLike | None = None,
+    t_end: ArrayLike | None = None,
     steps: int | None = None,
     diffusion: Callable[[Array, Array], Array] | None = None,
     key: Array | None = None,
     solver: diffrax.AbstractSolver | None = None,
-    save_ts=None,
+    save_ts: ArrayLike | None = None,
     rtol: float | None = None,
     atol: float | None = None,
     max_steps: int = 4096,
@@ -182,8 +187,9 @@ def integrate(
     count = _Counter(drift)
 
     if adaptive:
-        return _adaptive(count, diffusion, x, key, solver, sign, taus, save_ts, rtol, atol, max_steps,
-                         adjoint)
+        return _adaptive(
+            count, diffusion, x, key, solver, sign, taus, save_ts, rtol, atol, max_steps, adjoint
+        )
 
     bm = None
     if diffusion is not None:
@@ -192,7 +198,9 @@ def integrate(
     n_steps = taus.shape[0] - 1
     state0 = solver.init(terms, taus[0], taus[1], x, None)
     init_calls = count.calls_in(lambda: solver.init(terms, taus[0], taus[1], x, None))
-    step_calls = count.calls_in(lambda: solver.step(terms, taus[0], taus[1], x, None, state0, False))
+    step_calls = count.calls_in(
+        lambda: solver.step(terms, taus[0], taus[1], x, None, state0, False)
+    )
 
     save_ts = None if save_ts is None else jnp.atleast_1d(as_time(save_ts)).astype(grid.dtype)
     if save_ts is not None:
@@ -216,7 +224,9 @@ def integrate(
     return Solution(y, save_ts, buf, nfe, jnp.asarray(n_steps))
 
 
-def _adaptive(count, diffusion, x, key, solver, sign, taus, save_ts, rtol, atol, max_steps, adjoint):
+def _adaptive(
+    count, diffusion, x, key, solver, sign, taus, save_ts, rtol, atol, max_steps, adjoint
+):
     tau0, tau1 = taus[0], taus[-1]
     dt0 = taus[1] - taus[0]
     bm = None
@@ -232,14 +242,24 @@ def _adaptive(count, diffusion, x, key, solver, sign, taus, save_ts, rtol, atol,
     saveat = diffrax.SaveAt(t1=True, ts=None if save_ts is None else sign * save_ts)
     kwargs = {} if adjoint is None else {"adjoint": adjoint}
     sol = diffrax.diffeqsolve(
-        terms, solver, tau0, tau1, dt0, x, saveat=saveat, stepsize_controller=controller,
-        max_steps=max_steps, throw=False, **kwargs,
+        terms,
+        solver,
+        tau0,
+        tau1,
+        dt0,
+        x,
+        saveat=saveat,
+        stepsize_controller=controller,
+        max_steps=max_steps,
+        throw=False,
+        **kwargs,
     )
     state0 = solver.init(terms, tau0, taus[1], x, None)
     init_calls = count.calls_in(lambda: solver.init(terms, tau0, taus[1], x, None))
     step_calls = count.calls_in(lambda: solver.step(terms, tau0, taus[1], x, None, state0, False))
     y = eqx.error_if(
-        sol.ys[-1], sol.result != diffrax.RESULTS.successful,
+        sol.ys[-1],
+        sol.result != diffrax.RESULTS.successful,
         "the adaptive solve did not finish: raise max_steps or loosen rtol/atol",
     )
     y = check_finite(y, "the solution (check the field, the time range and the tolerances)")
@@ -255,14 +275,14 @@ def sample(
     shape: tuple[int, ...] | None = None,
     *,
     target: Target = "score",
-    eta=0.0,
-    x_init: Array | None = None,
+    eta: ArrayLike = 0.0,
+    x_init: ArrayLike | None = None,
     steps: int = 100,
-    ts=None,
-    t_start: float = 1.0,
-    t_end: float = 1e-3,
+    ts: ArrayLike | None = None,
+    t_start: ArrayLike = 1.0,
+    t_end: ArrayLike = 1e-3,
     solver: diffrax.AbstractSolver | None = None,
-    save_ts=None,
+    save_ts: ArrayLike | None = None,
     rtol: float | None = None,
     atol: float | None = None,
     max_steps: int = 4096,
@@ -311,9 +331,20 @@ def sample(
 
     diffusion = (lambda x, t: reverse_diffusion(path, t, eta)) if sde else None
     return integrate(
-        drift, x_init, ts=ts, t_start=t_start, t_end=t_end, steps=steps, diffusion=diffusion,
-        key=noise_key if sde else None, solver=solver, save_ts=save_ts, rtol=rtol, atol=atol,
-        max_steps=max_steps, adjoint=adjoint,
+        drift,
+        x_init,
+        ts=ts,
+        t_start=t_start,
+        t_end=t_end,
+        steps=steps,
+        diffusion=diffusion,
+        key=noise_key if sde else None,
+        solver=solver,
+        save_ts=save_ts,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        adjoint=adjoint,
     )
 
 

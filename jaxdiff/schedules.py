@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxdiff._checks import check_order, check_positive, check_time
 from jaxdiff.paths import GaussianPath
@@ -32,7 +33,9 @@ def _check_steps(steps) -> int:
     return int(steps)
 
 
-def linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Array:
+def linear_betas(
+    num_steps: int = 1000, beta_start: ArrayLike = 1e-4, beta_end: ArrayLike = 0.02
+) -> Array:
     """DDPM's linear betas ``beta_i``, ``i = 1..T`` (Ho et al. 2020): shape ``(T,)``.
 
     >>> b = linear_betas(1000)
@@ -46,7 +49,7 @@ def linear_betas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: floa
     return jnp.linspace(beta_start, beta_end, num_steps)
 
 
-def cosine_betas(num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Array:
+def cosine_betas(num_steps: int = 1000, s: ArrayLike = 0.008, max_beta: ArrayLike = 0.999) -> Array:
     """Cosine betas (Nichol & Dhariwal 2021): ``beta_i = 1 - abar(i/T) / abar((i-1)/T)``, clipped.
 
     ``abar(u) = cos^2(pi/2 (u + s)/(1 + s)) / cos^2(pi/2 s/(1 + s))``.
@@ -60,13 +63,13 @@ def cosine_betas(num_steps: int = 1000, s: float = 0.008, max_beta: float = 0.99
     return jnp.clip(1.0 - f[1:] / f[:-1], 0.0, max_beta)
 
 
-def alpha_bars(betas: Array) -> Array:
+def alpha_bars(betas: ArrayLike) -> Array:
     """``abar_i = prod_{j <= i} (1 - beta_j)``: ``q(x_i | x_0) = N(sqrt(abar_i) x_0, (1 - abar_i) I)``."""
     betas = jnp.asarray(betas)
     return jnp.exp(jnp.cumsum(jnp.log1p(-betas)))
 
 
-def uniform_grid(steps: int, t_start: float = 1.0, t_end: float = 1e-3) -> Array:
+def uniform_grid(steps: int, t_start: ArrayLike = 1.0, t_end: ArrayLike = 1e-3) -> Array:
     """``steps + 1`` equally spaced times from ``t_start`` to ``t_end``."""
     steps = _check_steps(steps)
     check_time(t_start, "t_start")
@@ -74,13 +77,15 @@ def uniform_grid(steps: int, t_start: float = 1.0, t_end: float = 1e-3) -> Array
     return jnp.linspace(t_start, t_end, steps + 1)
 
 
-def quadratic_grid(steps: int, t_start: float = 1.0, t_end: float = 1e-3) -> Array:
+def quadratic_grid(steps: int, t_start: ArrayLike = 1.0, t_end: ArrayLike = 1e-3) -> Array:
     """Times ``t_end + (t_start - t_end) u^2`` for ``u`` uniform: denser near the data (Song et al. 2021a, DDIM)."""
     u = uniform_grid(steps, 1.0, 0.0)
     return t_end + (t_start - t_end) * u**2
 
 
-def log_snr_grid(path: GaussianPath, steps: int, t_start: float = 1.0, t_end: float = 1e-3):
+def log_snr_grid(
+    path: GaussianPath, steps: int, t_start: ArrayLike = 1.0, t_end: ArrayLike = 1e-3
+) -> Array:
     """Times equally spaced in log-SNR ``lambda_t`` between ``t_start`` and ``t_end`` (Lu et al. 2022)."""
     steps = _check_steps(steps)
     lam = jnp.linspace(path.log_snr(_clip_end(t_start)), path.log_snr(t_end), steps + 1)
@@ -88,7 +93,11 @@ def log_snr_grid(path: GaussianPath, steps: int, t_start: float = 1.0, t_end: fl
 
 
 def karras_grid(
-    path: GaussianPath, steps: int, t_start: float = 1.0, t_end: float = 1e-3, rho: float = 7.0
+    path: GaussianPath,
+    steps: int,
+    t_start: ArrayLike = 1.0,
+    t_end: ArrayLike = 1e-3,
+    rho: ArrayLike = 7.0,
 ) -> Array:
     """EDM's grid (Karras et al. 2022, eq. 5) in ``s = sigma_t / alpha_t``, mapped back to ``t``.
 

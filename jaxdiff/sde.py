@@ -19,6 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxdiff._checks import as_time, check_finite, check_positive, concrete, expand_like
 from jaxdiff.conversions import Target, from_x0_eps, to_x0_eps
@@ -36,7 +37,13 @@ __all__ = [
 
 
 def reverse_drift(
-    path: GaussianPath, x: Array, t, pred: Array, *, target: Target = "score", eta=1.0
+    path: GaussianPath,
+    x: Array,
+    t: ArrayLike,
+    pred: Array,
+    *,
+    target: Target = "score",
+    eta: ArrayLike = 1.0,
 ) -> Array:
     """Drift ``f x - (1 + eta^2)/2 g^2 score`` of the reverse family, from a prediction of ``target``.
 
@@ -54,12 +61,14 @@ def reverse_drift(
     return velocity - 0.5 * jnp.square(eta) * g2 * score
 
 
-def probability_flow_drift(path: GaussianPath, x: Array, t, pred: Array, *, target: Target = "score"):
+def probability_flow_drift(
+    path: GaussianPath, x: Array, t: ArrayLike, pred: Array, *, target: Target = "score"
+) -> Array:
     """Drift ``f x - g^2 score / 2`` of the probability-flow ODE (``reverse_drift`` with ``eta = 0``)."""
     return reverse_drift(path, x, t, pred, target=target, eta=0.0)
 
 
-def reverse_diffusion(path: GaussianPath, t, eta=1.0) -> Array:
+def reverse_diffusion(path: GaussianPath, t: ArrayLike, eta: ArrayLike = 1.0) -> Array:
     """Noise scale ``eta g(t)`` of the reverse family."""
     return eta * path.diffusion(t)
 
@@ -72,9 +81,9 @@ def _is_zero(value) -> bool:
 def langevin(
     key: Array,
     score_fn: Callable[[Array], Array],
-    x: Array,
+    x: ArrayLike,
     *,
-    step_size: float,
+    step_size: ArrayLike,
     n_steps: int,
 ) -> Array:
     """Unadjusted Langevin dynamics ``x <- x + step * score(x) + sqrt(2 step) z`` for ``n_steps``.
@@ -100,7 +109,7 @@ def langevin(
     return jax.lax.scan(step, x, jax.random.split(key, int(n_steps)))[0]
 
 
-def brownian_motion(key: Array, ts, shape: tuple[int, ...] = ()) -> Array:
+def brownian_motion(key: Array, ts: ArrayLike, shape: tuple[int, ...] = ()) -> Array:
     """Brownian motion ``W`` at the times ``ts`` (``W_0 = 0``): shape ``(len(ts), *shape)``.
 
     Increments ``W_t - W_s ~ N(0, (t - s) I)`` are independent; ``ts`` must be non-decreasing and
@@ -115,4 +124,3 @@ def brownian_motion(key: Array, ts, shape: tuple[int, ...] = ()) -> Array:
     dts = jnp.diff(ts, prepend=jnp.zeros((1,), ts.dtype))
     z = jax.random.normal(key, (ts.shape[0], *shape), ts.dtype)
     return jnp.cumsum(expand_like(jnp.sqrt(dts), z) * z, axis=0)
-
