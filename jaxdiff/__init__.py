@@ -7,6 +7,7 @@ them with diffrax solvers.
 """
 
 from jaxdiff.conversions import TARGETS, Target, convert, from_x0_eps, to_x0_eps
+from jaxdiff.guidance import classifier_free_guidance, classifier_guidance
 from jaxdiff.metrics import energy_distance, mmd
 from jaxdiff.oracles import GaussianMixture
 from jaxdiff.paths import (
@@ -45,6 +46,8 @@ __all__ = [
     "Target",
     "alpha_bars",
     "brownian_motion",
+    "classifier_free_guidance",
+    "classifier_guidance",
     "convert",
     "cosine_betas",
     "cosine_path",
