@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import as_time, check_same_shape, expand_like
@@ -45,7 +46,7 @@ def _check_target(target: str, name: str = "target") -> None:
 
 
 def _coefs(path: GaussianPath, x: Array, t, derivatives: bool):
-    t = as_time(t, jax.numpy.result_type(x))
+    t = as_time(t, jnp.result_type(x))
     a, s = expand_like(path.alpha(t), x), expand_like(path.sigma(t), x)
     if not derivatives:
         return a, s, None, None
@@ -53,10 +54,11 @@ def _coefs(path: GaussianPath, x: Array, t, derivatives: bool):
 
 
 def to_x0_eps(
-    path: GaussianPath, x: Array, t: ArrayLike, value: Array, target: Target
+    path: GaussianPath, x: ArrayLike, t: ArrayLike, value: ArrayLike, target: Target
 ) -> tuple[Array, Array]:
     """Map a prediction of ``target`` at ``(x, t)`` to the hub ``(x0, eps)``."""
     _check_target(target)
+    x, value = jnp.asarray(x), jnp.asarray(value)
     check_same_shape(value, x, f"the {target!r} prediction")
     a, s, da, ds = _coefs(path, x, t, target == "velocity")
     if target == "eps":
@@ -74,13 +76,14 @@ def to_x0_eps(
 
 
 def from_x0_eps(
-    path: GaussianPath, x: Array, t: ArrayLike, x0: Array, eps: Array, target: Target
+    path: GaussianPath, x: ArrayLike, t: ArrayLike, x0: ArrayLike, eps: ArrayLike, target: Target
 ) -> Array:
     """The value of ``target`` for the hub pair ``(x0, eps)`` at ``(x, t)``.
 
     With the true ``x0`` and ``eps`` of a training pair this is the regression target of a loss.
     """
     _check_target(target)
+    x, x0, eps = jnp.asarray(x), jnp.asarray(x0), jnp.asarray(eps)
     a, s, da, ds = _coefs(path, x, t, target == "velocity")
     if target == "eps":
         return eps
@@ -94,7 +97,7 @@ def from_x0_eps(
 
 
 def convert(
-    path: GaussianPath, x: Array, t: ArrayLike, value: Array, *, src: Target, dst: Target
+    path: GaussianPath, x: ArrayLike, t: ArrayLike, value: ArrayLike, *, src: Target, dst: Target
 ) -> Array:
     """Convert a prediction from target ``src`` to target ``dst`` at ``(x, t)`` on ``path``.
 
@@ -107,12 +110,13 @@ def convert(
     """
     _check_target(src, "src")
     _check_target(dst, "dst")
+    x, value = jnp.asarray(x), jnp.asarray(value)
     if src == dst:
         check_same_shape(value, x, f"the {src!r} prediction")
         return value
     if {src, dst} == {"eps", "score"}:  # only sigma: stays finite where alpha = 0
         check_same_shape(value, x, f"the {src!r} prediction")
-        s = expand_like(path.sigma(as_time(t, jax.numpy.result_type(x))), x)
+        s = expand_like(path.sigma(as_time(t, jnp.result_type(x))), x)
         return -value / s if dst == "score" else -s * value
     x0, eps = to_x0_eps(path, x, t, value, src)
     return from_x0_eps(path, x, t, x0, eps, dst)

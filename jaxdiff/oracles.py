@@ -92,7 +92,7 @@ class GaussianMixture(eqx.Module):
 
     def log_prob(self, x: ArrayLike) -> Array:
         """Log-density of the data at ``x`` (``(*batch, d)`` -> ``batch``)."""
-        return _log_prob(self.weights, self.means, self.covs, x)
+        return _log_prob(self.weights, self.means, self.covs, jnp.asarray(x))
 
     # --- marginals under a path ----------------------------------------------------------
     def marginal(self, path: GaussianPath, t: ArrayLike) -> GaussianMixture:
@@ -138,32 +138,45 @@ class GaussianMixture(eqx.Module):
         if x.shape[-1:] != (self.dim,):
             raise ValueError(f"x must have shape (..., {self.dim}); got {x.shape}")
         t = as_time(t, x.dtype)
-        batch = x[..., 0]
-        lead = (None,) * batch.ndim
-        a = expand_like(path.alpha(t), batch)[..., None, None, None]  # (*batch, 1, 1, 1)
-        var = expand_like(path.sigma_sq(t), batch)[..., None, None, None]
-        eye = jnp.eye(self.dim, dtype=x.dtype)[lead + (None,)]
-        covs_t = a**2 * self.covs[lead] + var * eye  # (*batch, K, d, d), batch axes maybe 1
-        prec = jnp.linalg.inv(covs_t)
-        means = self.means[lead]
-        diff = x[..., None, :] - a[..., 0] * means  # (*batch, K, d)
-        log_comp = _log_components(self.weights, diff, prec, covs_t)
-        log_p = jax.nn.logsumexp(log_comp, axis=-1)
-        resp = jnp.exp(log_comp - log_p[..., None])[..., None]  # (*batch, K, 1)
-        pulled = jnp.einsum("...kij,...kj->...ki", prec, diff)  # C_k^{-1} (x - alpha mu_k)
-        score = -jnp.sum(resp * pulled, axis=-2)
-        x0_k = means + a[..., 0] * jnp.einsum("kij,...kj->...ki", self.covs, pulled)
-        return log_p, score, jnp.sum(resp * x0_k, axis=-2)
+        expand_like(t, x[..., 0])  # checks t's shape now, with a clear message
+        return _posterior_terms(self, path, x, t)
+
+
+@eqx.filter_jit  # one compiled program per shape: eager calls (notebooks) stay fast
+def _posterior_terms(mix: GaussianMixture, path: GaussianPath, x: Array, t: Array):
+    """Log-density, score and denoiser of the mixture of ``x_t`` at ``(x, t)``."""
+    batch = x[..., 0]
+    lead = (None,) * batch.ndim
+    a = expand_like(path.alpha(t), batch)[..., None, None, None]  # (*batch, 1, 1, 1)
+    var = expand_like(path.sigma_sq(t), batch)[..., None, None, None]
+    eye = jnp.eye(mix.dim, dtype=x.dtype)[lead + (None,)]
+    covs_t = a**2 * mix.covs[lead] + var * eye  # (*batch, K, d, d), batch axes maybe 1
+    prec = jnp.linalg.inv(covs_t)
+    means = mix.means[lead]
+    diff = x[..., None, :] - a[..., 0] * means  # (*batch, K, d)
+    log_comp = _log_components(mix.weights, diff, prec, covs_t)
+    log_p = jax.nn.logsumexp(log_comp, axis=-1)
+    resp = jnp.exp(log_comp - log_p[..., None])[..., None]  # (*batch, K, 1)
+    pulled = jnp.einsum("...kij,...kj->...ki", prec, diff)  # C_k^{-1} (x - alpha mu_k)
+    score = -jnp.sum(resp * pulled, axis=-2)
+    x0_k = means + a[..., 0] * jnp.einsum("kij,...kj->...ki", mix.covs, pulled)
+    return log_p, score, jnp.sum(resp * x0_k, axis=-2)
 
 
 def _log_components(weights, diff, prec, covs):
     d = diff.shape[-1]
     maha = jnp.einsum("...ki,...kij,...kj->...k", diff, prec, diff)
-    logdet = jnp.linalg.slogdet(covs)[1]
-    log_w = jnp.log(weights).reshape((1,) * (maha.ndim - 1) + weights.shape)
+    logdet = _pad_left(jnp.linalg.slogdet(covs)[1], maha.ndim)
+    log_w = _pad_left(jnp.log(weights), maha.ndim)
     return log_w - 0.5 * (maha + logdet + d * jnp.log(2 * jnp.pi))
 
 
+def _pad_left(a, ndim):
+    """Prepend unit axes to ``a`` up to ``ndim`` axes (explicit broadcasting)."""
+    return a.reshape((1,) * (ndim - a.ndim) + a.shape)
+
+
+@jax.jit
 def _log_prob(weights, means, covs, x):
     x = jnp.asarray(x)
     diff = x[..., None, :] - means[(None,) * (x.ndim - 1)]

@@ -49,6 +49,20 @@ __all__ = [
 ]
 
 
+def _call(fn: ScalarFn, t: Array, name: str) -> Array:
+    """``fn(t)`` broadcast to ``t``'s shape (a constant such as ``lambda t: 1.0`` is fine)."""
+    out = jnp.asarray(fn(t))
+    if out.shape == t.shape:
+        return out
+    try:
+        return jnp.broadcast_to(out, t.shape)
+    except ValueError:
+        raise ValueError(
+            f"{name} must map times of shape {t.shape} to an array of that shape (or a scalar); "
+            f"got shape {out.shape}"
+        ) from None
+
+
 def _derivative(fn: ScalarFn, t: Array) -> tuple[Array, Array]:
     """Value and elementwise time derivative of ``fn`` at ``t`` by forward-mode AD."""
     return jax.jvp(fn, (t,), (jnp.ones_like(t),))
@@ -78,22 +92,23 @@ class GaussianPath(eqx.Module):
     # --- schedule -------------------------------------------------------------------------
     def alpha(self, t: ArrayLike) -> Array:
         """Signal scale ``alpha_t``."""
-        return self.alpha_fn(as_time(t))
+        t = as_time(t)
+        return _call(self.alpha_fn, t, "alpha_fn")
 
     def sigma_sq(self, t: ArrayLike) -> Array:
         """Noise variance ``sigma_t^2``."""
         t = as_time(t)
         if self.sigma_fn is None:
-            a = self.alpha_fn(t)
+            a = self.alpha(t)
             return (1.0 - a) * (1.0 + a)
-        return jnp.square(self.sigma_fn(t))
+        return jnp.square(_call(self.sigma_fn, t, "sigma_fn"))
 
     def sigma(self, t: ArrayLike) -> Array:
         """Noise scale ``sigma_t``."""
         t = as_time(t)
         if self.sigma_fn is None:
             return jnp.sqrt(jnp.maximum(self.sigma_sq(t), 0.0))
-        return self.sigma_fn(t)
+        return _call(self.sigma_fn, t, "sigma_fn")
 
     def d_alpha(self, t: ArrayLike) -> Array:
         """``d alpha / dt`` by ``jax.jvp``."""
@@ -105,7 +120,7 @@ class GaussianPath(eqx.Module):
         if self.sigma_fn is None:
             a, da = _derivative(self.alpha, t)
             return -a * da / self.sigma(t)
-        return _derivative(self.sigma_fn, t)[1]
+        return _derivative(self.sigma, t)[1]
 
     def log_snr(self, t: ArrayLike) -> Array:
         """``lambda_t = log(alpha_t^2 / sigma_t^2)``, decreasing in ``t``."""
@@ -225,11 +240,6 @@ def _validate_path(path: GaussianPath) -> None:
         return
     if a is None or s is None:
         return
-    if a.shape != t.shape or s.shape != t.shape:
-        raise ValueError(
-            "alpha_fn and sigma_fn must map an array of times to an array of the same shape; "
-            f"got shapes {a.shape} and {s.shape} for times of shape {t.shape}"
-        )
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(s))):
         raise ValueError("the path's alpha(t) and sigma(t) must be finite on [0, 1]")
     if np.any(a[:-1] <= 0) or a[-1] < 0:

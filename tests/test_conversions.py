@@ -1,0 +1,101 @@
+"""Target conversions through the (x0, eps) hub: round trips, definitions, errors."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from tests.test_paths import PATHS
+
+PAIRS = list(itertools.permutations(jd.TARGETS, 2))
+
+
+def _batch(path, n=6, d=3, seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    x0 = jax.random.normal(k1, (n, d))
+    eps = jax.random.normal(k2, (n, d))
+    t = jnp.linspace(0.05, 0.95, n)  # per-sample t
+    return path.interpolate(x0, eps, t), t, x0, eps
+
+
+@pytest.mark.parametrize("name", PATHS)
+def test_every_pair_round_trips(name, x64):
+    path = PATHS[name]()
+    x, t, x0, eps = _batch(path)
+    for src, dst in PAIRS:
+        value = jd.from_x0_eps(path, x, t, x0, eps, src)
+        there = jd.convert(path, x, t, value, src=src, dst=dst)
+        back = jd.convert(path, x, t, there, src=dst, dst=src)
+        np.testing.assert_allclose(back, value, rtol=1e-9, atol=1e-9, err_msg=f"{src}->{dst}")
+        # and the converted value is the dst target of the same (x0, eps)
+        np.testing.assert_allclose(
+            there, jd.from_x0_eps(path, x, t, x0, eps, dst), rtol=1e-9, atol=1e-9
+        )
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "linear"])
+def test_targets_match_their_definitions(name, x64):
+    path = PATHS[name]()
+    x, t, x0, eps = _batch(path, seed=1)
+    a, s = path.alpha(t)[:, None], path.sigma(t)[:, None]
+    np.testing.assert_allclose(jd.from_x0_eps(path, x, t, x0, eps, "score"), -eps / s)
+    np.testing.assert_allclose(
+        jd.from_x0_eps(path, x, t, x0, eps, "score"), path.conditional_score(x, x0, t), rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        jd.from_x0_eps(path, x, t, x0, eps, "velocity"),
+        path.conditional_velocity(x, x0, t),
+        rtol=1e-10,
+    )
+    np.testing.assert_allclose(jd.from_x0_eps(path, x, t, x0, eps, "v"), a * eps - s * x0)
+    x0_back, eps_back = jd.to_x0_eps(path, x, t, jd.from_x0_eps(path, x, t, x0, eps, "v"), "v")
+    np.testing.assert_allclose(x0_back, x0, rtol=1e-10)
+    np.testing.assert_allclose(eps_back, eps, rtol=1e-10)
+
+
+def test_flow_matching_velocity_is_eps_minus_x0_and_maps_to_meta_convention(x64):
+    """On the linear path u = eps - x0; with tau = 1 - t (t = 0 noise) the velocity is x0 - eps."""
+    path = jd.linear_path()
+    x, t, x0, eps = _batch(path, seed=2)
+    u = jd.from_x0_eps(path, x, t, x0, eps, "velocity")
+    np.testing.assert_allclose(u, eps - x0, rtol=1e-12)
+    tau = 1.0 - t
+    x_meta = (
+        tau[:, None] * x0 + (1 - tau[:, None]) * eps
+    )  # Lipman et al.: x_tau = tau x1 + (1-tau) x0
+    np.testing.assert_allclose(x_meta, x, rtol=1e-12)
+    np.testing.assert_allclose(-u, x0 - eps, rtol=1e-12)
+
+
+def test_eps_score_conversion_is_finite_where_alpha_is_zero(x64):
+    path = jd.linear_path()
+    x = jnp.ones((2, 2))
+    score = jd.convert(path, x, 1.0, x, src="eps", dst="score")
+    np.testing.assert_allclose(score, -x)  # sigma_1 = 1
+
+
+def test_scalar_and_per_sample_t_agree(x64):
+    path = jd.cosine_path()
+    x, _, x0, eps = _batch(path, seed=3)
+    per_sample = jd.convert(path, x, jnp.full((6,), 0.3), eps, src="eps", dst="velocity")
+    scalar = jd.convert(path, x, 0.3, eps, src="eps", dst="velocity")
+    np.testing.assert_allclose(per_sample, scalar, rtol=1e-12)
+
+
+def test_conversion_errors():
+    path = jd.vp_path()
+    x = jnp.zeros((4, 2))
+    # Literal-typed: the test suite's type checker answers first; users get our ValueError.
+    with pytest.raises(TypeError, match="src"):
+        jd.convert(path, x, 0.5, x, src="noise", dst="score")
+    with pytest.raises(ValueError, match=r"target must be one of \('score', 'eps'"):
+        jd.conversions._check_target("noise")
+    with pytest.raises(
+        ValueError, match=r"the 'eps' prediction has shape \(4, 3\) but x has shape"
+    ):
+        jd.convert(path, x, 0.5, jnp.zeros((4, 3)), src="eps", dst="x0")
+    with pytest.raises(ValueError, match="prefix of x's shape"):
+        jd.convert(path, x, jnp.full((3,), 0.5), x, src="eps", dst="x0")

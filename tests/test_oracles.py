@@ -1,0 +1,140 @@
+"""Gaussian-mixture oracle: closed forms, Tweedie, the continuity and Fokker-Planck equations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from tests.test_paths import PATHS
+
+
+def mixture(dtype=jnp.float64):
+    """Three components in 2-D with a full covariance, unequal weights."""
+    means = jnp.array([[2.0, 0.0], [-1.0, 1.5], [-1.0, -1.5]], dtype)
+    covs = jnp.array(
+        [[[0.3, 0.1], [0.1, 0.2]], [[0.2, 0.0], [0.0, 0.2]], [[0.25, -0.05], [-0.05, 0.15]]], dtype
+    )
+    return jd.GaussianMixture(jnp.array([0.5, 0.3, 0.2], dtype), means, covs)
+
+
+POINTS = np.array([[0.3, -0.2], [1.5, 1.0], [-2.0, 0.5], [0.0, 2.5]])
+TIMES = np.array([0.1, 0.35, 0.6, 0.85])
+
+
+def test_single_gaussian_marginal_is_the_closed_form(x64):
+    mean, cov = jnp.array([1.0, -0.5]), jnp.array([[0.5, 0.2], [0.2, 0.4]])
+    g = jd.GaussianMixture(jnp.ones(1), mean[None], cov[None])
+    path = jd.vp_path()
+    for t in [0.2, 0.7]:
+        a, var = path.alpha(t), path.sigma_sq(t)
+        cov_t = a**2 * cov + var * jnp.eye(2)
+        ref = jax.vmap(lambda p: jax.scipy.stats.multivariate_normal.logpdf(p, a * mean, cov_t))(
+            POINTS
+        )
+        np.testing.assert_allclose(g.marginal_log_prob(path, POINTS, t), ref, rtol=1e-12)
+        m = g.marginal(path, t)
+        np.testing.assert_allclose(m.log_prob(POINTS), ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "linear", "cosine"])
+def test_score_is_grad_log_density_and_denoiser_is_tweedie(name, x64):
+    data, path = mixture(), PATHS[name]()
+    score = data.score(path, POINTS, TIMES)  # per-sample t
+    grad = jax.vmap(jax.grad(lambda x, t: data.marginal_log_prob(path, x, t)))(POINTS, TIMES)
+    np.testing.assert_allclose(score, grad, rtol=1e-10, atol=1e-12)
+    a, var = path.alpha(TIMES)[:, None], path.sigma_sq(TIMES)[:, None]
+    np.testing.assert_allclose(
+        data.denoiser(path, POINTS, TIMES), (POINTS + var * score) / a, rtol=1e-9, atol=1e-10
+    )
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve", "linear", "cosine"])
+def test_continuity_and_fokker_planck_equations_hold(name, x64):
+    """d/dt log p = -div u - u . grad log p (PF-ODE); and the forward SDE's Fokker-Planck equation."""
+    data, path = mixture(), PATHS[name]()
+
+    def log_p(x, t):
+        return data.marginal_log_prob(path, x, t)
+
+    def velocity(x, t):
+        return data.predict(path, x, t, "velocity")
+
+    @jax.jit
+    @jax.vmap
+    def residuals(x, t):
+        dlogp_dt = jax.jvp(lambda t: log_p(x, t), (t,), (jnp.ones_like(t),))[1]
+        u = velocity(x, t)
+        div_u = jnp.trace(jax.jacfwd(velocity)(x, t))
+        s = jax.grad(log_p)(x, t)
+        continuity = -div_u - u @ s
+        # Fokker-Planck: dp/dt = -div(f x p) + g^2/2 lap p, divided by p
+        f, g2 = path.drift_coef(t), path.diffusion_sq(t)
+        lap_logp = jnp.trace(jax.hessian(log_p)(x, t))
+        fokker_planck = -2 * f - f * (x @ s) + 0.5 * g2 * (lap_logp + s @ s)
+        return dlogp_dt, continuity, fokker_planck
+
+    lhs, continuity, fokker_planck = residuals(jnp.asarray(POINTS), jnp.asarray(TIMES))
+    np.testing.assert_allclose(continuity, lhs, rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(fokker_planck, lhs, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("target", jd.TARGETS)
+def test_predict_agrees_with_conversions(target, x64):
+    data, path = mixture(), jd.vp_path()
+    x0_hat = data.predict(path, POINTS, TIMES, "x0")
+    converted = jd.convert(path, POINTS, TIMES, x0_hat, src="x0", dst=target)
+    np.testing.assert_allclose(
+        data.predict(path, POINTS, TIMES, target), converted, rtol=1e-9, atol=1e-10
+    )
+    field = data.field(path, target)
+    np.testing.assert_allclose(field(POINTS, 0.4), data.predict(path, POINTS, 0.4, target))
+
+
+def test_oracle_is_finite_where_alpha_is_zero(x64):
+    """At t = 1 on the linear path the score is -x and the denoiser is the data mean."""
+    data, path = mixture(), jd.linear_path()
+    np.testing.assert_allclose(data.score(path, POINTS, 1.0), -POINTS, rtol=1e-12)
+    mean = jnp.sum(data.weights[:, None] * data.means, axis=0)
+    np.testing.assert_allclose(data.denoiser(path, POINTS, 1.0), jnp.broadcast_to(mean, (4, 2)))
+
+
+def test_sampling_matches_weights_means_and_covariances():
+    data = mixture(jnp.float32)
+    x, labels = data.sample_labeled(jax.random.key(0), 40000)
+    freq = jnp.bincount(labels, length=3) / 40000
+    np.testing.assert_allclose(freq, data.weights, atol=0.0125)  # 5 standard errors (0.0025)
+    for k in range(3):
+        xk = x[labels == k]
+        np.testing.assert_allclose(xk.mean(0), data.means[k], atol=0.03)  # ~5 SE at n_k >= 8000
+        np.testing.assert_allclose(jnp.cov(xk.T), data.covs[k], atol=0.03)
+
+
+def test_batch_shapes_and_scalar_t():
+    data, path = mixture(jnp.float32), jd.vp_path()
+    x = jnp.zeros((3, 5, 2))
+    assert data.score(path, x, 0.5).shape == (3, 5, 2)
+    assert data.score(path, x, jnp.full((3,), 0.5)).shape == (3, 5, 2)
+    assert data.marginal_log_prob(path, x, jnp.full((3, 5), 0.5)).shape == (3, 5)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((jnp.array([0.5, 0.6]), jnp.zeros((2, 2)), jnp.stack([jnp.eye(2)] * 2)), "sum to 1"),
+        ((jnp.array([1.0]), jnp.zeros((1, 2)), -jnp.eye(2)[None]), "positive definite"),
+        ((jnp.array([1.0]), jnp.zeros((1, 2)), jnp.eye(3)[None]), r"covs must be \(K, d, d\)"),
+        ((jnp.array([0.5, 0.5]), jnp.zeros((1, 2)), jnp.eye(2)[None]), "expected weights"),
+    ],
+)
+def test_invalid_mixtures_raise(args, match):
+    with pytest.raises(ValueError, match=match):
+        jd.GaussianMixture(*args)
+
+
+def test_non_finite_and_misshaped_inputs_raise():
+    data, path = mixture(jnp.float32), jd.vp_path()
+    with pytest.raises(ValueError, match="non-finite"):
+        data.score(path, jnp.array([[jnp.nan, 0.0]]), 0.5)
+    with pytest.raises(ValueError, match=r"x must have shape \(..., 2\)"):
+        data.score(path, jnp.zeros((4, 3)), 0.5)
