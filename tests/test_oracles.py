@@ -29,9 +29,8 @@ def test_single_gaussian_marginal_is_the_closed_form(x64):
     for t in [0.2, 0.7]:
         a, var = path.alpha(t), path.sigma_sq(t)
         cov_t = a**2 * cov + var * jnp.eye(2)
-        ref = jax.vmap(lambda p: jax.scipy.stats.multivariate_normal.logpdf(p, a * mean, cov_t))(
-            POINTS
-        )
+        logpdf = jax.scipy.stats.multivariate_normal.logpdf
+        ref = jax.vmap(logpdf, in_axes=(0, None, None))(POINTS, a * mean, cov_t)
         np.testing.assert_allclose(g.marginal_log_prob(path, POINTS, t), ref, rtol=1e-12)
         m = g.marginal(path, t)
         np.testing.assert_allclose(m.log_prob(POINTS), ref, rtol=1e-12)
