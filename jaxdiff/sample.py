@@ -67,7 +67,7 @@ class Solution(NamedTuple):
 
 
 class _Counter:
-    """Counts calls of a function while it is traced: calls per solver step, hence NFE."""
+    """Counts the calls of a function while it is traced (for solvers without a tableau)."""
 
     def __init__(self, fn):
         self.fn, self.calls = fn, 0
@@ -80,6 +80,23 @@ class _Counter:
         before = self.calls
         jax.eval_shape(thunk)
         return self.calls - before
+
+
+def _evaluations(solver, count: _Counter, init_thunk, step_thunk) -> tuple[int, int]:
+    """Drift evaluations ``(at init, per step)``: exact for explicit solvers.
+
+    Runge--Kutta solvers loop over their stages inside one traced body, so their count comes
+    from the Butcher tableau (``len(c) + 1`` stages; first-same-as-last saves one per step and
+    costs one at init); other solvers (Euler, EulerHeun, ...) are counted while tracing.
+    """
+    tableau = getattr(solver, "tableau", None)
+    if isinstance(tableau, diffrax.ButcherTableau):
+        stages = len(tableau.c) + 1
+        return (1, stages - 1) if tableau.fsal else (0, stages)
+    if isinstance(tableau, diffrax.StochasticButcherTableau):
+        skipped = 0 if tableau.ignore_stage_f is None else int(np.sum(tableau.ignore_stage_f))
+        return 0, len(tableau.c) + 1 - skipped
+    return count.calls_in(init_thunk), count.calls_in(step_thunk)
 
 
 def _grid(ts, t_start, t_end, steps) -> Array:
@@ -197,9 +214,11 @@ def integrate(
     terms = _terms(count, diffusion, sign, x, key, bm)
     n_steps = taus.shape[0] - 1
     state0 = solver.init(terms, taus[0], taus[1], x, None)
-    init_calls = count.calls_in(lambda: solver.init(terms, taus[0], taus[1], x, None))
-    step_calls = count.calls_in(
-        lambda: solver.step(terms, taus[0], taus[1], x, None, state0, False)
+    init_calls, step_calls = _evaluations(
+        solver,
+        count,
+        lambda: solver.init(terms, taus[0], taus[1], x, None),
+        lambda: solver.step(terms, taus[0], taus[1], x, None, state0, False),
     )
 
     save_ts = None if save_ts is None else jnp.atleast_1d(as_time(save_ts)).astype(grid.dtype)
@@ -255,8 +274,12 @@ def _adaptive(
         **kwargs,
     )
     state0 = solver.init(terms, tau0, taus[1], x, None)
-    init_calls = count.calls_in(lambda: solver.init(terms, tau0, taus[1], x, None))
-    step_calls = count.calls_in(lambda: solver.step(terms, tau0, taus[1], x, None, state0, False))
+    init_calls, step_calls = _evaluations(
+        solver,
+        count,
+        lambda: solver.init(terms, tau0, taus[1], x, None),
+        lambda: solver.step(terms, tau0, taus[1], x, None, state0, False),
+    )
     y = eqx.error_if(
         sol.ys[-1],
         sol.result != diffrax.RESULTS.successful,
@@ -269,7 +292,7 @@ def _adaptive(
 
 
 def sample(
-    key: Array,
+    key: Array | None,
     path: GaussianPath,
     field: Callable[[Array, Array], Array],
     shape: tuple[int, ...] | None = None,
@@ -296,7 +319,8 @@ def sample(
     (Song et al. 2021), values between interpolate (Karras et al. 2022). Starts from
     ``path.prior_sample`` (``shape``) or from ``x_init``, at ``t_start`` (default 1); ends at
     ``t_end`` (default ``1e-3``: scores blow up as ``sigma -> 0``). ``ts`` overrides the uniform
-    grid (see ``jaxdiff.schedules`` for Karras and log-SNR grids).
+    grid (see ``jaxdiff.schedules`` for Karras and log-SNR grids). ``key`` may be ``None`` for an
+    ODE (``eta = 0``) started from ``x_init``.
 
     >>> import jax, jax.numpy as jnp
     >>> import jaxdiff as jd
@@ -312,7 +336,9 @@ def sample(
     check_time(t_end, "t_end")
     sde = not _is_zero(eta)
     _check_endpoints(path, target, sde, t_start, t_end, ts)
-    prior_key, noise_key = jax.random.split(key)
+    if key is None and (x_init is None or sde):
+        raise ValueError("sampling from the prior or with eta != 0 needs a PRNG key")
+    prior_key, noise_key = jax.random.split(key) if key is not None else (None, None)
     if x_init is None:
         if shape is None:
             raise ValueError("give the sample shape, or x_init")
