@@ -51,7 +51,10 @@ def energy_distance(x: ArrayLike, y: ArrayLike, *, block: int = 1024) -> Array:
     >>> float(energy_distance(x, x + 3.0)) > 1.0
     True
     """
-    dist = lambda d2: jnp.sqrt(d2 + 1e-30)  # noqa: E731
+
+    def dist(d2):
+        return jnp.sqrt(d2 + 1e-30)
+
     xy = _pair_mean(dist, x, y, block, False)
     xx = _pair_mean(dist, x, x, block, True)
     yy = _pair_mean(dist, y, y, block, True)
@@ -66,7 +69,11 @@ def mmd(
     ``bandwidths`` is one length scale ``h`` or several (their kernels are summed).
     """
     hs = jnp.atleast_1d(jnp.asarray(bandwidths, dtype=jnp.result_type(x)))
-    kernel = lambda d2: jnp.sum(jnp.exp(-d2[..., None] / (2 * hs**2)), axis=-1)  # noqa: E731
+
+    def kernel(d2):
+        scale = (2 * hs**2).reshape((1,) * d2.ndim + hs.shape)
+        return jnp.sum(jnp.exp(-d2[..., None] / scale), axis=-1)
+
     xy = _pair_mean(kernel, x, y, block, False)
     xx = _pair_mean(kernel, x, x, block, True)
     yy = _pair_mean(kernel, y, y, block, True)

@@ -88,7 +88,7 @@ def log_snr_grid(
 ) -> Array:
     """Times equally spaced in log-SNR ``lambda_t`` between ``t_start`` and ``t_end`` (Lu et al. 2022)."""
     steps = _check_steps(steps)
-    lam = jnp.linspace(path.log_snr(_clip_end(t_start)), path.log_snr(t_end), steps + 1)
+    lam = jnp.linspace(_log_snr_start(path, t_start), path.log_snr(t_end), steps + 1)
     return _pin_ends(path.t_from_log_snr(lam), t_start, t_end)
 
 
@@ -105,16 +105,19 @@ def karras_grid(
     """
     steps = _check_steps(steps)
     check_positive(rho, "rho")
-    s_hi = jnp.exp(-0.5 * path.log_snr(_clip_end(t_start)))
+    s_hi = jnp.exp(-0.5 * _log_snr_start(path, t_start))
     s_lo = jnp.exp(-0.5 * path.log_snr(t_end))
     u = jnp.linspace(0.0, 1.0, steps + 1)
     s = (s_hi ** (1 / rho) + u * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
     return _pin_ends(path.t_from_log_snr(-2.0 * jnp.log(s)), t_start, t_end)
 
 
-def _clip_end(t_start):
-    """log-SNR is -inf where ``alpha = 0`` (t = 1 on linear/cosine paths): invert just before it."""
-    return jnp.minimum(jnp.asarray(t_start, dtype=jnp.result_type(float)), 1.0 - 1e-4)
+def _log_snr_start(path: GaussianPath, t_start) -> Array:
+    """``log_snr(t_start)``, or just before ``t_start`` where ``alpha = 0`` makes it ``-inf``
+    (``t = 1`` on the linear and cosine paths)."""
+    t = jnp.asarray(t_start, dtype=jnp.result_type(float))
+    lam = path.log_snr(t)
+    return jnp.where(jnp.isfinite(lam), lam, path.log_snr(jnp.minimum(t, 1.0 - 1e-4)))
 
 
 def _pin_ends(ts: Array, t_start, t_end) -> Array:

@@ -1,0 +1,81 @@
+"""DDPM beta schedules and sampling time grids."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+
+
+def test_linear_betas_and_alpha_bars(x64):
+    betas = jd.linear_betas(1000)
+    assert betas.shape == (1000,)
+    assert float(betas[0]) == pytest.approx(1e-4) and float(betas[-1]) == pytest.approx(0.02)
+    abar = jd.alpha_bars(betas)
+    np.testing.assert_allclose(abar, np.cumprod(1 - np.asarray(betas)), rtol=1e-10)
+    # DDPM's 1000 linear betas are the VP path with (0.1, 20): log abar_i ~ 2 log alpha(i / T),
+    # up to the sum of beta^2/2 that log(1 - beta) adds (0.7% at i = T)
+    i = np.array([100, 400, 700, 1000])
+    np.testing.assert_allclose(
+        jnp.log(abar[i - 1]), 2 * jnp.log(jd.vp_path().alpha(i / 1000)), rtol=0.01
+    )
+
+
+def test_cosine_betas_follow_the_cosine_alpha_bar(x64):
+    s = 0.008
+    betas = jd.cosine_betas(1000, s=s)
+    abar = jd.alpha_bars(betas)
+    u = np.arange(1, 1001) / 1000
+    f = np.cos(0.5 * np.pi * (u + s) / (1 + s)) ** 2 / np.cos(0.5 * np.pi * s / (1 + s)) ** 2
+    np.testing.assert_allclose(abar[:900], f[:900], rtol=1e-9)  # before the 0.999 clip acts
+    assert float(betas.max()) == pytest.approx(0.999)
+    np.testing.assert_allclose(abar[:900], jd.cosine_path(s).alpha(u[:900]) ** 2, rtol=1e-9)
+
+
+@pytest.mark.parametrize("make", [jd.linear_betas, jd.cosine_betas])
+def test_beta_schedule_errors(make):
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        make(0)
+
+
+def test_beta_range_errors():
+    with pytest.raises(ValueError, match="beta_start <= beta_end"):
+        jd.linear_betas(10, 0.02, 0.01)
+    with pytest.raises(ValueError, match="beta_end < 1"):
+        jd.linear_betas(10, 0.1, 1.5)
+
+
+def test_uniform_and_quadratic_grids(x64):
+    g = jd.uniform_grid(10)
+    assert g.shape == (11,) and float(g[0]) == 1.0 and float(g[-1]) == pytest.approx(1e-3)
+    np.testing.assert_allclose(jnp.diff(g), -(1 - 1e-3) / 10, rtol=1e-12)
+    q = jd.quadratic_grid(10, 1.0, 0.0)
+    np.testing.assert_allclose(q, (np.arange(10, -1, -1) / 10) ** 2, atol=1e-12)
+    with pytest.raises(ValueError, match="t_end must lie in"):
+        jd.uniform_grid(10, 1.0, -0.5)
+
+
+@pytest.mark.parametrize("path", [jd.vp_path(), jd.ve_path(), jd.linear_path(), jd.cosine_path()])
+def test_log_snr_grid_is_uniform_in_log_snr(path, x64):
+    g = jd.log_snr_grid(path, 20, 0.9, 1e-3)
+    assert float(g[0]) == 0.9 and float(g[-1]) == 1e-3
+    assert bool(jnp.all(jnp.diff(g) < 0))
+    lam = path.log_snr(g)
+    np.testing.assert_allclose(jnp.diff(lam), (lam[-1] - lam[0]) / 20, rtol=1e-6)
+
+
+def test_karras_grid_matches_edm_formula_on_ve(x64):
+    """On VE, sigma_t / alpha_t = sigma_t: the grid's sigmas are EDM's eq. 5."""
+    path, rho, n = jd.ve_path(0.002, 80.0), 7.0, 18
+    g = jd.karras_grid(path, n, 1.0, 0.0, rho=rho)
+    i = np.arange(n + 1)
+    smax, smin = 80.0, 0.002
+    edm = (smax ** (1 / rho) + i / n * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+    np.testing.assert_allclose(path.sigma(g), edm, rtol=1e-8)
+
+
+def test_karras_grid_on_vp_and_linear_is_monotone_and_pinned(x64):
+    for path in (jd.vp_path(), jd.linear_path()):
+        g = jd.karras_grid(path, 10)
+        assert float(g[0]) == 1.0 and float(g[-1]) == 1e-3
+        assert bool(jnp.all(jnp.diff(g) < 0))
