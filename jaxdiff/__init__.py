@@ -8,6 +8,7 @@ them with diffrax solvers.
 
 from jaxdiff.conversions import TARGETS, Target, convert, from_x0_eps, to_x0_eps
 from jaxdiff.guidance import classifier_free_guidance, classifier_guidance
+from jaxdiff.integrate import Solution, integrate
 from jaxdiff.metrics import energy_distance, mmd
 from jaxdiff.oracles import GaussianMixture
 from jaxdiff.paths import (
@@ -18,7 +19,7 @@ from jaxdiff.paths import (
     ve_path,
     vp_path,
 )
-from jaxdiff.sample import Solution, integrate, sample
+from jaxdiff.sample import sample
 from jaxdiff.schedules import (
     alpha_bars,
     cosine_betas,
