@@ -249,6 +249,11 @@ def _adaptive(
             tau0, tau1, tol=jnp.abs(dt0) / 16, shape=x.shape, key=key, levy_area=_levy_area(solver)
         )
     terms = _terms(count, diffusion, sign, x, key, bm)
+    # Closed-over arrays (network parameters) become explicit ``args``, as BacksolveAdjoint's
+    # custom VJP requires; the converted drift evaluates the same jaxpr.
+    drift = eqx.filter_closure_convert(lambda y, tau: sign * count.fn(y, sign * tau), x, tau0)
+    ode = diffrax.ODETerm(lambda tau, y, args: args(y, tau))
+    solve_terms = ode if diffusion is None else diffrax.MultiTerm(ode, terms.terms[1])
     controller = diffrax.PIDController(
         rtol=1e-3 if rtol is None else rtol, atol=1e-6 if atol is None else atol
     )
@@ -256,12 +261,13 @@ def _adaptive(
     saveat = diffrax.SaveAt(t1=True, ts=None if save_ts is None else sign * save_ts)
     kwargs = {} if adjoint is None else {"adjoint": adjoint}
     sol = diffrax.diffeqsolve(
-        terms,
+        solve_terms,
         solver,
         tau0,
         tau1,
         dt0,
         x,
+        args=drift,
         saveat=saveat,
         stepsize_controller=controller,
         max_steps=max_steps,

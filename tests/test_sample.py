@@ -209,10 +209,43 @@ def test_gradients_flow_through_fixed_step_sampling(x64):
                         target="eps", steps=50, solver=diffrax.Heun())  # fmt: skip
         return sol.x.mean()
 
-    g = jax.grad(mean_sample)(1.0)
-    fd = (mean_sample(1.0 + 1e-5) - mean_sample(1.0 - 1e-5)) / 2e-5
+    g = jax.jit(jax.grad(mean_sample))(1.0)
+    forward = jax.jit(mean_sample)
+    fd = (forward(1.0 + 1e-5) - forward(1.0 - 1e-5)) / 2e-5
     assert float(g) == pytest.approx(float(fd), rel=1e-6)
     assert float(g) == pytest.approx(1.0, abs=0.02)  # the sample's mean moves with m
+
+
+@pytest.mark.parametrize("adjoint", [None, diffrax.BacksolveAdjoint()])  # None: RecursiveCheckpoint
+def test_gradients_through_adaptive_sampling_use_diffrax_adjoints(adjoint, x64):
+    path = jd.linear_path()
+    x1 = path.prior_sample(jax.random.key(0), (8, 1), jnp.float64)
+
+    def mean_sample(m):
+        data = jd.GaussianMixture(jnp.ones(1), jnp.reshape(m, (1, 1)), jnp.full((1, 1, 1), 0.25))
+        sol = jd.sample(None, path, data.field(path, "velocity"), x_init=x1, target="velocity",
+                        solver=diffrax.Tsit5(), rtol=1e-9, atol=1e-9, adjoint=adjoint)  # fmt: skip
+        return sol.x.mean()
+
+    forward = jax.jit(mean_sample)
+    fd = (forward(0.5 + 1e-5) - forward(0.5 - 1e-5)) / 2e-5
+    assert float(jax.jit(jax.grad(mean_sample))(0.5)) == pytest.approx(float(fd), rel=1e-5)
+
+
+def test_additive_noise_sde_solver_shark_reproduces_the_mixture(true_samples):
+    path = jd.vp_path()
+
+    @jax.jit
+    def run(key):
+        return jd.sample(key, path, DATA.field(path, "eps"), (N, 2), target="eps", eta=1.0,
+                         solver=diffrax.ShARK(), steps=100)  # fmt: skip
+
+    sol = run(jax.random.key(0))
+    weights, means = _summary(sol.x)
+    np.testing.assert_allclose(weights, WEIGHTS, atol=0.03)
+    np.testing.assert_allclose(means, MEANS, atol=0.05)
+    assert int(sol.nfe) == 200
+    assert float(jd.energy_distance(sol.x, true_samples)) < ED_BOUND
 
 
 def test_sampling_errors_are_clear():
