@@ -10,6 +10,7 @@ from jaxdiff.nets.embeddings import (
     TimeEmbedding,
     batch_times,
     fourier_embedding,
+    init_params,
     sinusoidal_embedding,
 )
 from jaxdiff.nets.mlp import MLP
@@ -24,5 +25,6 @@ __all__ = [
     "LabelEmbedding",
     "batch_times",
     "fourier_embedding",
+    "init_params",
     "sinusoidal_embedding",
 ]
