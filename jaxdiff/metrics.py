@@ -26,7 +26,9 @@ __all__ = [
 ]
 
 
-def _pair_mean(fn: Callable[[Array], Array], x: Array, y: Array, block: int, skip_diag: bool):
+def _pair_mean(
+    fn: Callable[[Array], Array], x: ArrayLike, y: ArrayLike, block: int, skip_diag: bool
+):
     """Mean of ``fn(|x_i - y_j|^2)`` over all pairs (``i != j`` if ``skip_diag``), in blocks."""
     x, y = jnp.asarray(x), jnp.asarray(y)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
