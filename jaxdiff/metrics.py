@@ -78,7 +78,7 @@ def mmd(
     ``bandwidths`` is one length scale ``h`` or several (their kernels are summed).
     """
     hs = jnp.atleast_1d(jnp.asarray(bandwidths, dtype=jnp.result_type(x)))
-    kernel = lambda d2: jnp.sum(jnp.exp(-d2[..., None] / (2 * hs**2)), axis=-1)  # noqa: E731
+    kernel = lambda d2: jnp.sum(jnp.exp(-d2[..., None] / (2 * hs**2)[None, None, :]), axis=-1)  # noqa: E731
     xy = _pair_mean(kernel, x, y, block, False)
     xx = _pair_mean(kernel, x, x, block, True)
     yy = _pair_mean(kernel, y, y, block, True)
