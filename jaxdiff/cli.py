@@ -68,7 +68,7 @@ def _parser() -> _Parser:
     train.add_argument("--chunk", type=_positive_int, help="steps per jitted chunk")
     train.add_argument("--eval-every", type=int, dest="eval_every")
     train.add_argument("--ckpt-every", type=int, dest="ckpt_every")
-    train.add_argument("--eval-n", type=_positive_int, dest="eval_n")
+    train.add_argument("--eval-n", type=int, dest="eval_n", help="samples per evaluation (0: none)")
     train.add_argument("--out", required=True, help="run folder")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     train.add_argument("--until", type=_positive_int, help="stop at this step (resume later)")

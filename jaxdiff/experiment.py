@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "chunk": 100,
     "eval_every": 0,  # 0: at the end only
     "ckpt_every": 1000,
-    "eval_n": 2000,
+    "eval_n": 2000,  # 0: no evaluation
     "eval_steps": 20,
 }
 
@@ -89,10 +89,10 @@ def resolve(config: dict) -> dict:
         raise ValueError("model 'unet' needs image data (data 'digits')")
     if c["conditional"] and c["data"] != "digits":
         raise ValueError("conditional training needs labelled data (data 'digits')")
-    for name in ("width", "depth", "steps", "batch", "chunk", "eval_n", "eval_steps"):
+    for name in ("width", "depth", "steps", "batch", "chunk", "eval_steps"):
         if int(c[name]) < 1:
             raise ValueError(f"{name} must be a positive integer; got {c[name]}")
-    for name in ("eval_every", "ckpt_every"):
+    for name in ("eval_every", "ckpt_every", "eval_n"):
         if int(c[name]) < 0:
             raise ValueError(f"{name} must be >= 0; got {c[name]}")
     if not (isinstance(c["lr"], int | float) and math.isfinite(c["lr"]) and c["lr"] > 0):

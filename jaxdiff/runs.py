@@ -153,13 +153,13 @@ def train_run(
         meta = {"config": c}
         evals: list[dict] = []
         n_eval = int(c["eval_n"])
-        draw = make_sampler(c, setup, steps=int(c["eval_steps"]), batch=min(n_eval, 2000))
+        draw = make_sampler(c, setup, steps=int(c["eval_steps"]), batch=min(n_eval or 1, 2000))
 
         def on_every(s):
             step = int(s.step)
             if c["ckpt_every"] and (step % c["ckpt_every"] == 0 or step == until):
                 ckpt.save(s, meta)
-            if c["eval_every"] and step % c["eval_every"] == 0 and step < total:
+            if c["eval_every"] and n_eval and step % c["eval_every"] == 0 and step < total:
                 key = jax.random.key(int(c["seed"]) + 1)
                 res = evaluate(c, setup, draw, s.ema, key, n_eval, log=log)
                 evals.append({"step": step, **res["metrics"]})
@@ -198,7 +198,7 @@ def train_run(
         f"step {int(state.step)}: loss {history[-1] if history else float('nan'):.4f}, "
         f"{summary['steps_per_second'] or 0:.0f} steps/s, checkpoint in {ckpt_dir}"
     )
-    if int(state.step) == total:
+    if int(state.step) == total and n_eval:
         key = jax.random.key(int(c["seed"]) + 1)
         res = evaluate(c, setup, draw, state.ema, key, n_eval, plot=out / "samples.png", log=log)
         summary["final"] = res["metrics"]
