@@ -31,7 +31,10 @@ from jaxdiff.train import (
 
 
 def _tree_equal(a, b):
-    return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return all(
+        bool(jnp.array_equal(x, y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def test_ema_closed_form_for_constant_params():
@@ -76,7 +79,9 @@ def test_train_step_matches_a_hand_written_update_and_the_ema_formula():
         state, value = step(state, batch)
         p, s, ema, key, ref_value = reference(p, s, ema, key, batch, min(0.9, (1 + n) / (10 + n)))
         np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves((state.params, state.ema)), jax.tree.leaves((p, ema))):
+    for a, b in zip(
+        jax.tree.leaves((state.params, state.ema)), jax.tree.leaves((p, ema)), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert int(state.step) == 3
 
@@ -214,5 +219,5 @@ def test_data_parallel_on_four_devices_matches_one_device():
     assert four["all_reduce"] and not one["all_reduce"]  # the gradient really is all-reduced
     assert four["devices"] == 4 and one["devices"] == 1
     np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-5)
-    for a, b in zip(four["params"] + four["ema"], one["params"] + one["ema"]):
+    for a, b in zip(four["params"] + four["ema"], one["params"] + one["ema"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
