@@ -160,6 +160,7 @@ def _log_components(weights, diff, prec, covs):
     d = diff.shape[-1]
     maha = jnp.einsum("...ki,...kij,...kj->...k", diff, prec, diff)
     logdet = jnp.linalg.slogdet(covs)[1]
+    logdet = logdet.reshape((1,) * (maha.ndim - logdet.ndim) + logdet.shape)
     log_w = jnp.log(weights).reshape((1,) * (maha.ndim - 1) + weights.shape)
     return log_w - 0.5 * (maha + logdet + d * jnp.log(2 * jnp.pi))
 
