@@ -49,14 +49,14 @@ def classifier_features(params: dict, images: ArrayLike) -> Array:
     """Penultimate activations ``(n, 64)`` of images ``(n, 8, 8[, 1])`` in ``[-1, 1]``."""
     h = jnp.asarray(images).reshape(jnp.shape(images)[0], -1)
     for i in range(len(SIZES) - 2):
-        h = jax.nn.silu(h @ params[f"l{i}"]["w"] + params[f"l{i}"]["b"])
+        h = jax.nn.silu(h @ params[f"l{i}"]["w"] + params[f"l{i}"]["b"][None])
     return h
 
 
 def classifier_logits(params: dict, images: ArrayLike) -> Array:
     """Class logits ``(n, 10)``."""
     last = params[f"l{len(SIZES) - 2}"]
-    return classifier_features(params, images) @ last["w"] + last["b"]
+    return classifier_features(params, images) @ last["w"] + last["b"][None]
 
 
 def train_classifier(
