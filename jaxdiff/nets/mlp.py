@@ -27,8 +27,9 @@ class MLP(nn.Module):
     ``x0``, ``v``, ``velocity``, ``score``) is the target the loss trains it on.
 
     >>> import jax, jax.numpy as jnp
+    >>> from jaxdiff.nets import init_params
     >>> model = MLP(width=32, depth=2)
-    >>> params = model.init(jax.random.key(0), jnp.zeros((4, 2)), 0.5)
+    >>> params = init_params(model, jax.random.key(0), jnp.zeros((4, 2)), 0.5)
     >>> model.apply(params, jnp.ones((4, 2)), jnp.full(4, 0.3)).shape
     (4, 2)
     """

@@ -67,10 +67,11 @@ class UNet(nn.Module):
     scalar or ``(batch,)`` in ``[0, 1]``; ``num_classes`` adds labels with a null label.
 
     >>> import jax, jax.numpy as jnp
-    >>> model = UNet(channels=(16, 32))
-    >>> params = model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), 0.5)
-    >>> model.apply(params, jnp.ones((2, 8, 8, 1)), 0.5).shape
-    (2, 8, 8, 1)
+    >>> model = UNet(channels=(16, 32))  # jaxdiff.nets.init_params(model, key, x, t) for weights
+    >>> x = jnp.zeros((2, 28, 28, 1))
+    >>> params = jax.eval_shape(model.init, jax.random.key(0), x, 0.5)
+    >>> jax.eval_shape(model.apply, params, x, 0.5).shape
+    (2, 28, 28, 1)
     """
 
     channels: Sequence[int] = (32, 64)
