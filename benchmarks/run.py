@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.common import device_tag, environment
 
-SECTIONS = ["solver_overhead"]
+SECTIONS = ["solver_overhead", "training"]
 RESULTS = Path(__file__).parent / "results"
 
 

@@ -3,13 +3,38 @@
 Time runs from data (``t = 0``) to the prior (``t = 1``). A :class:`GaussianPath`
 ``x_t = alpha_t x0 + sigma_t eps`` gives its forward SDE, the conversions between network targets
 (``score``, ``eps``, ``x0``, ``v``, ``velocity``) and the reverse dynamics; ``sample`` integrates
-them with diffrax solvers.
+them with diffrax solvers. ``losses`` trains networks on a path; the Flax networks
+(``jaxdiff.nets``), the training loop (``jaxdiff.train``), checkpoints (``jaxdiff.checkpoint``) and
+the digits classifier (``jaxdiff.digits``) load on first use, so the core never imports Flax.
 """
 
+import importlib as _importlib
+
+from jaxdiff import data, losses
 from jaxdiff.conversions import TARGETS, Target, convert, from_x0_eps, to_x0_eps
 from jaxdiff.guidance import classifier_free_guidance, classifier_guidance
 from jaxdiff.integrate import Solution, integrate
-from jaxdiff.metrics import energy_distance, mmd
+from jaxdiff.losses import (
+    diffusion_loss,
+    eps_loss,
+    flow_matching_loss,
+    importance_time,
+    likelihood_weight,
+    logit_normal_time,
+    score_matching_loss,
+    sigma_sq_weight,
+    uniform_time,
+    unit_weight,
+    v_loss,
+    x0_loss,
+)
+from jaxdiff.metrics import (
+    energy_distance,
+    frechet_distance,
+    memorization_ratio,
+    mmd,
+    nearest_neighbour_distance,
+)
 from jaxdiff.oracles import GaussianMixture
 from jaxdiff.paths import (
     GaussianPath,
@@ -39,6 +64,15 @@ from jaxdiff.sde import (
 
 __version__ = "0.1.0"
 
+_LAZY = ("nets", "train", "checkpoint", "digits", "experiment", "runs")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return _importlib.import_module(f"jaxdiff.{name}")
+    raise AttributeError(f"module 'jaxdiff' has no attribute {name!r}")
+
+
 __all__ = [
     "GaussianMixture",
     "GaussianPath",
@@ -50,6 +84,23 @@ __all__ = [
     "classifier_free_guidance",
     "classifier_guidance",
     "convert",
+    "data",
+    "diffusion_loss",
+    "eps_loss",
+    "flow_matching_loss",
+    "frechet_distance",
+    "importance_time",
+    "likelihood_weight",
+    "logit_normal_time",
+    "losses",
+    "memorization_ratio",
+    "nearest_neighbour_distance",
+    "score_matching_loss",
+    "sigma_sq_weight",
+    "uniform_time",
+    "unit_weight",
+    "v_loss",
+    "x0_loss",
     "cosine_betas",
     "cosine_path",
     "energy_distance",

@@ -1,75 +1,142 @@
-"""Command line: ``python -m jaxdiff demo``.
+"""Command line: ``python -m jaxdiff demo | train | sample``.
 
-``demo`` samples a 2-D Gaussian mixture with its exact score under the probability-flow ODE and the
-reverse SDE of the VP and linear paths, prints the fitted component weights and an energy distance
-against fresh data, and saves a plot.
+    python -m jaxdiff demo                       # train on the checkerboard, sample, measure, plot
+    python -m jaxdiff train --data checkerboard --path fm --steps 4000 --out runs/cb
+    python -m jaxdiff train --out runs/cb --resume           # continue from the latest checkpoint
+    python -m jaxdiff sample --ckpt runs/cb --solver heun --steps 20 --n 10000
+
+Errors (unknown options, bad values, missing checkpoints) print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import jax
-    import jax.numpy as jnp
-    import matplotlib
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line instead of usage + message."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def error(self, message: str):
+        raise _UsageError(f"{self.prog}: {message} (see --help)")
 
-    import jaxdiff as jd
 
-    means = jnp.array([[3.0, 0.0], [-1.5, 2.6], [-1.5, -2.6]])
-    weights = jnp.array([0.5, 0.3, 0.2])
-    data = jd.GaussianMixture.isotropic(means, std=0.4, weights=weights)
-    true = data.sample(jax.random.key(1), args.n)
-    runs = [("vp", jd.vp_path(), 0.0), ("vp", jd.vp_path(), 1.0), ("linear", jd.linear_path(), 0.0)]
-    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 4), squeeze=False)
-    for ax, (name, path, eta) in zip(axes[0], runs, strict=True):
-        start = time.perf_counter()
-        sol = jd.sample(
-            jax.random.key(0),
-            path,
-            data.field(path, "x0"),
-            (args.n, 2),
-            target="x0",
-            eta=eta,
-            steps=args.steps,
+class _UsageError(Exception):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _parser() -> _Parser:
+    from jaxdiff import experiment as E
+    from jaxdiff.runs import SOLVERS
+
+    parser = _Parser(prog="python -m jaxdiff", description="Train and sample diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="train flow matching on the 2-D checkerboard and sample")
+    demo.add_argument("--out", default="out/demo", help="folder for checkpoints, metrics, plot")
+    demo.add_argument("--steps", type=_positive_int, default=None, help="training steps")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    train = sub.add_parser("train", help="train a model; writes checkpoints, metrics and a plot")
+    train.add_argument("--data", choices=E.DATASETS, help="data set (default checkerboard)")
+    train.add_argument("--path", choices=tuple(E.PATHS), help="probability path (default fm)")
+    train.add_argument("--loss", choices=E.LOSSES, help="loss (default fm for fm, else eps)")
+    train.add_argument("--target", choices=("eps", "x0", "v", "velocity", "score"))
+    train.add_argument("--weighting", choices=tuple(E.WEIGHTINGS))
+    train.add_argument("--time", choices=E.TIMES, help="time sampler (default uniform)")
+    train.add_argument("--model", choices=("mlp", "unet"))
+    train.add_argument("--width", type=_positive_int)
+    train.add_argument("--depth", type=_positive_int)
+    train.add_argument("--channels", type=_positive_int, nargs="+", help="U-Net widths")
+    train.add_argument("--conditional", action="store_true", default=None, help="class labels")
+    train.add_argument("--label-dropout", type=float, dest="label_dropout")
+    train.add_argument("--steps", type=_positive_int)
+    train.add_argument("--batch", type=_positive_int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--ema", type=float, help="EMA decay (default 0.999)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--chunk", type=_positive_int, help="steps per jitted chunk")
+    train.add_argument("--eval-every", type=int, dest="eval_every")
+    train.add_argument("--ckpt-every", type=int, dest="ckpt_every")
+    train.add_argument("--eval-n", type=int, dest="eval_n", help="samples per evaluation (0: none)")
+    train.add_argument("--out", required=True, help="run folder")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train.add_argument("--until", type=_positive_int, help="stop at this step (resume later)")
+    train.add_argument("--no-progress", action="store_true")
+
+    smp = sub.add_parser("sample", help="sample a trained checkpoint")
+    smp.add_argument("--ckpt", required=True, help="run folder or its ckpt/ folder")
+    smp.add_argument("--solver", choices=tuple(SOLVERS), default="heun")
+    smp.add_argument("--steps", type=_positive_int, default=20)
+    smp.add_argument("--n", type=_positive_int, default=10_000)
+    smp.add_argument("--eta", type=float, default=0.0, help="0: ODE, 1: reverse SDE")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--class", type=int, dest="label", help="class of conditional samples")
+    smp.add_argument("--guidance", type=float, default=1.0, help="classifier-free scale")
+    smp.add_argument("--no-ema", action="store_true", help="use the raw params, not the EMA")
+    smp.add_argument("--out", help="output folder (default CKPT/samples)")
+    return parser
+
+
+TRAIN_KEYS = (
+    "data path loss target weighting time model width depth channels conditional label_dropout "
+    "steps batch lr ema seed chunk eval_every ckpt_every eval_n"
+).split()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from jaxdiff import runs
+
+    if args.command == "demo":
+        return runs.demo_run(args.out, steps=args.steps, progress=not args.no_progress)
+    if args.command == "train":
+        config = {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k) is not None}
+        runs.train_run(
+            config, args.out, resume=args.resume, until=args.until, progress=not args.no_progress
         )
-        x = jax.block_until_ready(sol.x)
-        labels = jnp.argmin(jnp.linalg.norm(x[:, None] - means[None], axis=-1), axis=1)
-        fitted = jnp.bincount(labels, length=3) / args.n
-        ed = float(jd.energy_distance(x, true))
-        kind = "ODE" if eta == 0 else "SDE"
-        print(
-            f"{name:6s} {kind}: weights {[round(float(w), 3) for w in fitted]} "
-            f"(true [0.5, 0.3, 0.2]), energy distance {ed:.4f}, nfe {int(sol.nfe)}, "
-            f"{time.perf_counter() - start:.1f} s"
-        )
-        ax.scatter(true[:, 0], true[:, 1], s=1, alpha=0.3, label="data")
-        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.3, label="samples")
-        ax.set_title(f"{name} {kind}, {args.steps} steps")
-        ax.legend(loc="upper right", markerscale=8)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "demo.png", dpi=100, bbox_inches="tight")
-    print(f"plot: {out / 'demo.png'}")
+        return 0
+    runs.sample_run(
+        args.ckpt,
+        n=args.n,
+        solver=args.solver,
+        steps=args.steps,
+        eta=args.eta,
+        seed=args.seed,
+        label=args.label,
+        guidance=args.guidance,
+        ema=not args.no_ema,
+        out=args.out,
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxdiff")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="sample a Gaussian mixture with its exact score")
-    demo.add_argument("--n", type=int, default=4000, help="number of samples")
-    demo.add_argument("--steps", type=int, default=200, help="solver steps")
-    demo.add_argument("--out", default="out", help="folder for the plot")
-    args = parser.parse_args(argv)
-    return _demo(args)
+    """Entry point; returns the exit status (0, or 2 after a one-line error on stderr)."""
+    try:
+        args = _parser().parse_args(argv)
+        return _run(args)
+    except _UsageError as err:
+        print(err, file=sys.stderr)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"jaxdiff: error: {err}", file=sys.stderr)
+    except FloatingPointError as err:
+        print(f"jaxdiff: training diverged: {err} (lower --lr?)", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(
+            "jaxdiff: interrupted; resume with --resume from the last checkpoint", file=sys.stderr
+        )
+        return 130
+    return 2
 
 
 if __name__ == "__main__":

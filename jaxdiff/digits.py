@@ -1,0 +1,133 @@
+"""A small classifier of the 8x8 digits, for a Fréchet distance and class-conditional accuracy.
+
+The classifier is an MLP ``64 -> 256 -> 64 -> 10`` (SiLU) trained on the training split of
+``jaxdiff.data.load_digits`` with Gaussian pixel noise (std 0.2) as augmentation, so that it also
+reads slightly imperfect samples. Its weights are shipped in ``jaxdiff/assets/digits_classifier.npz``
+(retrain with ``python scripts/train_digits_classifier.py``); the 64 penultimate activations are the
+features of ``digits_frechet_distance`` (a FID for digits).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.typing import ArrayLike
+
+from jaxdiff.metrics import frechet_distance
+
+Array = jax.Array
+
+__all__ = [
+    "init_classifier",
+    "classifier_features",
+    "classifier_logits",
+    "train_classifier",
+    "load_classifier",
+    "save_classifier",
+    "classifier_accuracy",
+    "digits_frechet_distance",
+]
+
+SIZES = (64, 256, 64, 10)
+ASSET = "digits_classifier.npz"
+
+
+def init_classifier(key: Array) -> dict:
+    """He-initialised weights of the ``64 -> 256 -> 64 -> 10`` MLP."""
+    keys = jax.random.split(key, len(SIZES) - 1)
+    return {
+        f"l{i}": {"w": jax.random.normal(k, (a, b)) * np.sqrt(2.0 / a), "b": jnp.zeros((b,))}
+        for i, (k, a, b) in enumerate(zip(keys, SIZES[:-1], SIZES[1:], strict=True))
+    }
+
+
+def classifier_features(params: dict, images: ArrayLike) -> Array:
+    """Penultimate activations ``(n, 64)`` of images ``(n, 8, 8[, 1])`` in ``[-1, 1]``."""
+    h = jnp.asarray(images).reshape(jnp.shape(images)[0], -1)
+    for i in range(len(SIZES) - 2):
+        h = jax.nn.silu(h @ params[f"l{i}"]["w"] + params[f"l{i}"]["b"][None])
+    return h
+
+
+def classifier_logits(params: dict, images: ArrayLike) -> Array:
+    """Class logits ``(n, 10)``."""
+    last = params[f"l{len(SIZES) - 2}"]
+    return classifier_features(params, images) @ last["w"] + last["b"][None]
+
+
+def train_classifier(
+    images: ArrayLike,
+    labels: ArrayLike,
+    *,
+    key: Array,
+    steps: int = 3000,
+    batch: int = 128,
+    noise: float = 0.2,
+    learning_rate: float = 2e-3,
+) -> dict:
+    """Train the classifier with AdamW and cross-entropy on noisy copies of ``images``."""
+    images = jnp.asarray(images).reshape(jnp.shape(images)[0], -1)
+    labels = jnp.asarray(labels)
+    opt = optax.adamw(optax.cosine_decay_schedule(learning_rate, steps), weight_decay=1e-4)
+    init_key, key = jax.random.split(key)
+    params = init_classifier(init_key)
+
+    def loss(p, k):
+        k1, k2 = jax.random.split(k)
+        idx = jax.random.randint(k1, (batch,), 0, images.shape[0])
+        x = images[idx] + noise * jax.random.normal(k2, (batch, images.shape[1]))
+        return optax.softmax_cross_entropy_with_integer_labels(
+            classifier_logits(p, x), labels[idx]
+        ).mean()
+
+    def body(carry, k):
+        p, s = carry
+        g = jax.grad(loss)(p, k)
+        u, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    run = jax.jit(lambda p, s, ks: jax.lax.scan(body, (p, s), ks)[0])
+    params, _ = run(params, opt.init(params), jax.random.split(key, steps))
+    return params
+
+
+def save_classifier(params: dict, path) -> None:
+    """Save the weights as an ``.npz`` of float32 arrays."""
+    flat = {
+        f"{k}_{n}": np.asarray(v, np.float32)
+        for k, layer in params.items()
+        for n, v in layer.items()
+    }
+    np.savez(path, **flat)
+
+
+def load_classifier(path: str | None = None) -> dict:
+    """The shipped weights, or those saved in ``path``."""
+    if path is None:
+        with resources.as_file(resources.files("jaxdiff").joinpath("assets", ASSET)) as p:
+            return _read(p)
+    return _read(path)
+
+
+def _read(path) -> dict:
+    params: dict = {}
+    with np.load(path) as data:
+        for name in data.files:
+            layer, leaf = name.split("_")
+            params.setdefault(layer, {})[leaf] = jnp.asarray(data[name])
+    return params
+
+
+def classifier_accuracy(params: dict, images: ArrayLike, labels: ArrayLike) -> Array:
+    """Fraction of ``images`` that the classifier labels as ``labels``."""
+    pred = jnp.argmax(classifier_logits(params, images), axis=-1)
+    return jnp.mean(pred == jnp.asarray(labels))
+
+
+def digits_frechet_distance(params: dict, x: ArrayLike, y: ArrayLike) -> Array:
+    """Fréchet distance between the classifier features of two sets of digit images."""
+    return frechet_distance(classifier_features(params, x), classifier_features(params, y))

@@ -1,0 +1,267 @@
+"""Runs behind the command line: build a model, path and loss from a JSON-able config, train with
+checkpoints, evaluation and plots, then sample a checkpoint and measure the samples.
+
+A config is a plain dict (``DEFAULTS`` overridden by the user) saved with every checkpoint, so
+``sample_run`` rebuilds exactly the trained model. Paths: ``fm`` (linear, flow matching), ``vp``,
+``subvp``, ``ve``, ``cosine``. Losses: ``fm`` (regress the conditional velocity), ``eps``, ``x0``,
+``v``, ``dsm`` (the conditional score; weighting ``sigma2`` or ``likelihood``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import losses as L
+from jaxdiff.data import TOY_DATASETS, load_digits
+from jaxdiff.metrics import energy_distance, mmd
+from jaxdiff.paths import GaussianPath, cosine_path, linear_path, subvp_path, ve_path, vp_path
+
+Array = jax.Array
+
+PATHS = {
+    "fm": linear_path,
+    "vp": vp_path,
+    "subvp": subvp_path,
+    "ve": ve_path,
+    "cosine": cosine_path,
+}
+LOSSES = ("fm", "eps", "x0", "v", "dsm")
+WEIGHTINGS = {"unit": L.unit_weight, "sigma2": L.sigma_sq_weight, "likelihood": L.likelihood_weight}
+TIMES = ("uniform", "logit-normal", "importance")
+DATASETS = (*TOY_DATASETS, "digits")
+MMD_BANDWIDTHS = (0.05, 0.1, 0.2, 0.5, 1.0)
+MMD_KERNEL = "sum over h in (0.05, 0.1, 0.2, 0.5, 1.0) of exp(-|x - y|^2 / (2 h^2))"
+
+DEFAULTS: dict[str, Any] = {
+    "data": "checkerboard",
+    "path": "fm",
+    "loss": None,  # fm for the fm path, eps otherwise
+    "target": None,  # what the network predicts: velocity for fm, eps otherwise
+    "weighting": "unit",
+    "time": "uniform",
+    "model": None,  # mlp for 2-D data, unet for digits
+    "width": 128,
+    "depth": 3,
+    "channels": [32, 64],
+    "conditional": False,
+    "label_dropout": 0.1,
+    "steps": 4000,
+    "batch": 256,
+    "lr": 5e-3,
+    "weight_decay": 1e-4,
+    "clip": 1.0,
+    "ema": 0.999,
+    "seed": 0,
+    "chunk": 100,
+    "eval_every": 0,  # 0: at the end only
+    "ckpt_every": 1000,
+    "eval_n": 2000,  # 0: no evaluation
+    "eval_steps": 20,
+}
+
+
+def resolve(config: dict) -> dict:
+    """Fill defaults and check every value; raises ``ValueError`` naming the bad one."""
+    unknown = set(config) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    c = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+    _choice(c, "data", DATASETS)
+    _choice(c, "path", tuple(PATHS))
+    c["loss"] = c["loss"] or ("fm" if c["path"] == "fm" else "eps")
+    _choice(c, "loss", LOSSES)
+    default_target = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
+    c["target"] = c["target"] or default_target
+    _choice(c, "target", ("eps", "x0", "v", "velocity", "score"))
+    _choice(c, "weighting", tuple(WEIGHTINGS))
+    _choice(c, "time", TIMES)
+    c["model"] = c["model"] or ("unet" if c["data"] == "digits" else "mlp")
+    _choice(c, "model", ("mlp", "unet"))
+    if c["model"] == "unet" and c["data"] != "digits":
+        raise ValueError("model 'unet' needs image data (data 'digits')")
+    if c["conditional"] and c["data"] != "digits":
+        raise ValueError("conditional training needs labelled data (data 'digits')")
+    for name in ("width", "depth", "steps", "batch", "chunk", "eval_steps"):
+        if int(c[name]) < 1:
+            raise ValueError(f"{name} must be a positive integer; got {c[name]}")
+    for name in ("eval_every", "ckpt_every", "eval_n"):
+        if int(c[name]) < 0:
+            raise ValueError(f"{name} must be >= 0; got {c[name]}")
+    if not (isinstance(c["lr"], int | float) and math.isfinite(c["lr"]) and c["lr"] > 0):
+        raise ValueError(f"lr must be a positive number; got {c['lr']}")
+    if not 0.0 <= c["ema"] < 1.0:
+        raise ValueError(f"ema must lie in [0, 1); got {c['ema']}")
+    if not 0.0 <= c["label_dropout"] < 1.0:
+        raise ValueError(f"label_dropout must lie in [0, 1); got {c['label_dropout']}")
+    if c["loss"] == "fm" and c["path"] == "fm" and c["target"] in ("eps", "score"):
+        raise ValueError(
+            f"target {c['target']!r} is singular at t = 1 on the fm (linear) path, where alpha = 0;"
+            " use velocity, x0 or v"
+        )
+    if any(int(ch) < 1 for ch in c["channels"]):
+        raise ValueError(f"channels must be positive; got {c['channels']}")
+    return c
+
+
+def _choice(c: dict, name: str, options: tuple) -> None:
+    if c[name] not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, options))}; got {c[name]!r}")
+
+
+class Setup(NamedTuple):
+    model: Any
+    path: GaussianPath
+    loss: Any
+    sample_batch: Any
+    example: Array
+    num_classes: int | None
+
+
+def build(c: dict) -> Setup:
+    """The model, path, loss and batch sampler of a resolved config."""
+    from jaxdiff.nets import MLP, UNet
+
+    path = PATHS[c["path"]]()
+    num_classes = 10 if c["conditional"] else None
+    if c["model"] == "mlp":
+        model = MLP(width=c["width"], depth=c["depth"], num_classes=num_classes)
+    else:
+        model = UNet(channels=tuple(c["channels"]), num_classes=num_classes)
+    batch = int(c["batch"])
+    if c["data"] == "digits":
+        images, labels = (jnp.asarray(a) for a in load_digits("train"))
+
+        def sample_batch(key):
+            idx = jax.random.randint(key, (batch,), 0, images.shape[0])
+            return (images[idx], labels[idx]) if num_classes else images[idx]
+
+        example = images[:1]
+    else:
+        toy = TOY_DATASETS[c["data"]]
+
+        def sample_batch(key):
+            return toy(key, batch)
+
+        example = jnp.zeros((1, 2))
+    t_min = 0.0 if c["path"] == "fm" and c["target"] in ("velocity", "x0", "v") else 1e-3
+    t_max = 1.0 - 1e-3 if c["path"] in ("fm", "cosine") and c["target"] in ("eps", "score") else 1.0
+    if c["time"] == "uniform":
+        sampler = L.uniform_time(t_min, t_max)
+    elif c["time"] == "logit-normal":
+        sampler = L.logit_normal_time(t_min=t_min, t_max=t_max)
+    else:
+        regress = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
+        sampler = L.importance_time(
+            path, WEIGHTINGS[c["weighting"]], max(t_min, 1e-3), t_max, regress=regress
+        )
+    regress = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
+    loss = L.diffusion_loss(
+        model.apply,
+        path,
+        target=c["target"],
+        regress=regress,
+        weighting=WEIGHTINGS[c["weighting"]],
+        time_sampler=sampler,
+        label_dropout=c["label_dropout"] if num_classes else 0.0,
+        null_label=num_classes,
+    )
+    return Setup(model, path, loss, sample_batch, example, num_classes)
+
+
+def init_state(c: dict, setup: Setup):
+    """Fresh train state and optimizer of a config (params from ``seed``)."""
+    from jaxdiff.train import adamw_cosine, init_train_state
+
+    init_key, train_key = jax.random.split(jax.random.key(int(c["seed"])))
+    labels = jnp.zeros((1,), jnp.int32) if setup.num_classes else None
+    from jaxdiff.nets import init_params
+
+    params = init_params(setup.model, init_key, setup.example, jnp.zeros((1,)), labels)
+    opt = adamw_cosine(
+        c["lr"], int(c["steps"]), weight_decay=c["weight_decay"], clip_norm=c["clip"] or None
+    )
+    return init_train_state(params, opt, train_key), opt
+
+
+def reference_data(c: dict, n: int, which: int = 0):
+    """Held-out data to compare samples with: fresh toy samples (keys disjoint from training) or
+    the digits test split (``which = 1``: a second independent toy set, or the digits train split)."""
+    if c["data"] == "digits":
+        return load_digits("test" if which == 0 else "train")
+    key = jax.random.fold_in(jax.random.key(10_000 + int(c["seed"])), which)
+    return np.asarray(TOY_DATASETS[c["data"]](key, n)), None
+
+
+def toy_metrics(samples, reference, reference2) -> dict:
+    """Energy distance and MMD of ``samples`` to ``reference``; the same between two true sets."""
+    return {
+        "energy_distance": float(energy_distance(samples, reference)),
+        "energy_distance_true_vs_true": float(energy_distance(reference2, reference)),
+        "mmd": float(mmd(samples, reference, MMD_BANDWIDTHS)),
+        "mmd_true_vs_true": float(mmd(reference2, reference, MMD_BANDWIDTHS)),
+        "mmd_kernel": MMD_KERNEL,
+        "n": int(samples.shape[0]),
+    }
+
+
+def digits_metrics(samples, labels) -> dict:
+    """Fréchet distance on the digits classifier's features (to the test split; train vs test as
+    reference), the classifier's accuracy on class-conditional samples, and memorisation."""
+    from jaxdiff.digits import classifier_accuracy, digits_frechet_distance, load_classifier
+    from jaxdiff.metrics import memorization_ratio
+
+    clf = load_classifier()
+    test, _ = load_digits("test")
+    train, _ = load_digits("train")
+    out = {
+        "frechet_distance": float(digits_frechet_distance(clf, samples, test)),
+        "frechet_distance_train_vs_test": float(digits_frechet_distance(clf, train, test)),
+        "memorization_ratio": float(memorization_ratio(samples[: len(test)], train, test)),
+        "n": int(samples.shape[0]),
+    }
+    if labels is not None:
+        out["class_accuracy"] = float(classifier_accuracy(clf, samples, labels))
+    return out
+
+
+def save_plot(samples, reference, file: Path, title: str) -> None:
+    """Scatter plot (2-D) or an image grid (digits) of the samples, next to the reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples, reference = np.asarray(samples), np.asarray(reference)
+    if samples.ndim == 2:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
+        for ax, pts, name in ((axes[0], reference, "data"), (axes[1], samples, "samples")):
+            ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
+            ax.set_title(name)
+            ax.set_aspect("equal")
+    else:
+        rows = min(10, samples.shape[0] // 10) or 1
+        fig, axes = plt.subplots(rows, 10, figsize=(10, rows), squeeze=False)
+        for i, ax in enumerate(axes.ravel()):
+            ax.imshow(samples[i, ..., 0], cmap="gray_r", vmin=-1, vmax=1)
+            ax.axis("off")
+    fig.suptitle(title)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(file, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_json(file: Path, data: dict) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def now() -> float:
+    return time.perf_counter()

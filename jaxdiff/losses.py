@@ -1,0 +1,305 @@
+r"""Training losses: regress a network on a path's target at random times.
+
+Every loss draws ``t`` from a time sampler, ``eps ~ N(0, I)``, forms ``x_t = alpha_t x0 + sigma_t
+eps`` on the path and returns the weighted mean squared error
+
+    ``E_t E_{x0, eps} [ w(t) |convert(net(x_t, t), target -> regress) - y(x0, eps)|^2 ]``,
+
+where ``y = from_x0_eps(..., regress)`` is the regression target (conditional velocity
+``u_t(x | x0)`` for flow matching, ``eps`` for DDPM, ``x0``, ``v``, or the conditional score for
+denoising score matching) and ``target`` is what the network predicts. The squared error is
+averaged over the data dimensions. Each constructor returns a pure ``loss(params, key, batch)``
+where ``batch`` is ``x0`` or ``(x0, labels)`` and ``apply(params, x, t[, labels])`` is the network;
+swapping VP for flow matching is one argument (``path``).
+
+Times: ``uniform_time`` (default), ``logit_normal_time`` (Esser et al. 2024) and
+``importance_time``, which draws ``t`` with density ``∝ w(t)`` and reweights by ``1 / density``
+so the objective is unchanged and its variance lower (Song et al. 2021, "Maximum likelihood
+training of score-based diffusion models"). Any ``(key, shape) -> t`` function works, e.g. a
+discrete-time sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from jaxdiff._checks import check_order, check_positive
+from jaxdiff.conversions import Target, _check_target, convert, from_x0_eps
+from jaxdiff.paths import GaussianPath, linear_path
+
+Array = jax.Array
+Weighting = Callable[[GaussianPath, Array], Array]
+TimeSampler = Callable[[Array, tuple[int, ...]], Array]
+
+__all__ = [
+    "unit_weight",
+    "sigma_sq_weight",
+    "likelihood_weight",
+    "uniform_time",
+    "logit_normal_time",
+    "importance_time",
+    "ImportanceTime",
+    "per_example_loss",
+    "diffusion_loss",
+    "flow_matching_loss",
+    "score_matching_loss",
+    "eps_loss",
+    "x0_loss",
+    "v_loss",
+]
+
+# --- weightings w(t), applied to the squared error in the regression target's units ---------
+
+
+def unit_weight(path: GaussianPath, t: Array) -> Array:
+    """``w(t) = 1``."""
+    return jnp.ones_like(t)
+
+
+def sigma_sq_weight(path: GaussianPath, t: Array) -> Array:
+    """``w(t) = sigma_t^2``: score matching with it is the eps loss (Song et al. 2021, "sigma^2")."""
+    return path.sigma_sq(t)
+
+
+def likelihood_weight(path: GaussianPath, t: Array) -> Array:
+    """``w(t) = g(t)^2``: the score loss then bounds the negative log-likelihood (Song et al. 2021b)."""
+    return path.diffusion_sq(t)
+
+
+# --- time samplers: (key, shape) -> t ------------------------------------------------------
+
+
+class _Uniform(eqx.Module):
+    t_min: float
+    t_max: float
+
+    def __call__(self, key: Array, shape: tuple[int, ...]) -> Array:
+        return jax.random.uniform(key, shape, minval=self.t_min, maxval=self.t_max)
+
+
+class _LogitNormal(eqx.Module):
+    mean: float
+    std: float
+    t_min: float
+    t_max: float
+
+    def __call__(self, key: Array, shape: tuple[int, ...]) -> Array:
+        u = jax.nn.sigmoid(self.mean + self.std * jax.random.normal(key, shape))
+        return self.t_min + (self.t_max - self.t_min) * u
+
+
+def uniform_time(t_min: float = 1e-3, t_max: float = 1.0) -> TimeSampler:
+    """``t ~ U[t_min, t_max]``; ``t_min > 0`` keeps conversions that divide by ``sigma_t`` finite.
+
+    >>> import jax
+    >>> uniform_time(0.2, 0.4)(jax.random.key(0), (1000,)).min() >= 0.2
+    Array(True, dtype=bool)
+    """
+    check_order(0.0, t_min, "0", "t_min", strict=False)
+    check_order(t_min, t_max, "t_min", "t_max")
+    check_order(t_max, 1.0, "t_max", "1", strict=False)
+    return _Uniform(float(t_min), float(t_max))
+
+
+def logit_normal_time(
+    mean: float = 0.0, std: float = 1.0, t_min: float = 1e-3, t_max: float = 1.0
+) -> TimeSampler:
+    """``t = t_min + (t_max - t_min) sigmoid(mean + std z)`` (Esser et al. 2024, SD3): mid times."""
+    check_positive(std, "std")
+    check_order(t_min, t_max, "t_min", "t_max")
+    return _LogitNormal(float(mean), float(std), float(t_min), float(t_max))
+
+
+class ImportanceTime(eqx.Module):
+    """``t`` with density ``q(t) ∝ w(t)`` on ``[t_min, t_max]``, tabulated on a grid (inverse CDF).
+
+    ``correction(t) = 1 / ((t_max - t_min) q(t))`` is the factor that makes the importance-
+    sampled loss an unbiased estimate of the uniform-time loss; ``diffusion_loss`` applies it.
+    """
+
+    grid: Array
+    cdf: Array
+    density: Array
+    t_min: float
+    t_max: float
+
+    def __call__(self, key: Array, shape: tuple[int, ...]) -> Array:
+        u = jax.random.uniform(key, shape, self.cdf.dtype)
+        return jnp.interp(u, self.cdf, self.grid)
+
+    def correction(self, t: Array) -> Array:
+        return 1.0 / ((self.t_max - self.t_min) * jnp.interp(t, self.grid, self.density))
+
+
+def importance_time(
+    path: GaussianPath,
+    weighting: Weighting,
+    t_min: float = 1e-3,
+    t_max: float = 1.0,
+    *,
+    regress: Target = "score",
+    num_points: int = 4096,
+) -> ImportanceTime:
+    """Sample ``t`` with density ``∝ w(t) c(t)``, the weight in ``eps`` units of a loss on ``regress``.
+
+    ``c(t)`` is the squared scale from ``eps`` errors to ``regress`` errors at fixed ``x_t``
+    (``1 / sigma_t^2`` for the score, ``1`` for eps), so with the likelihood weighting ``g^2`` and the score this is
+    Song et al. (2021b)'s ``g^2 / sigma^2``. The density is piecewise linear on a grid uniform in
+    ``t`` with ``num_points`` points.
+    """
+    check_order(t_min, t_max, "t_min", "t_max")
+    grid = jnp.linspace(t_min, t_max, num_points)
+    x, one = jnp.zeros((num_points, 1)), jnp.ones((num_points, 1))
+    gain = convert(path, x, grid, one, src="eps", dst=regress) - convert(
+        path, x, grid, 0.0 * one, src="eps", dst=regress
+    )  # d(regress)/d(eps) at fixed x_t: 1/sigma for the score, sigma/alpha for x0
+    scale = gain[:, 0] ** 2
+    dens = weighting(path, grid) * scale
+    dens = jnp.where(jnp.isfinite(dens), dens, 0.0)
+    cum = jnp.concatenate([jnp.zeros(1), jnp.cumsum(0.5 * (dens[1:] + dens[:-1]) * jnp.diff(grid))])
+    total = cum[-1]
+    return ImportanceTime(grid, cum / total, dens / total, float(t_min), float(t_max))
+
+
+# --- the losses ------------------------------------------------------------------------------
+
+
+def _split_batch(batch: Any) -> tuple[Array, Array | None]:
+    if isinstance(batch, tuple | list):
+        if len(batch) != 2:
+            raise ValueError("a batch is x0 or a pair (x0, labels)")
+        return jnp.asarray(batch[0]), jnp.asarray(batch[1])
+    return jnp.asarray(batch), None
+
+
+def per_example_loss(
+    pred: Array,
+    path: GaussianPath,
+    x0: Array,
+    eps: Array,
+    t: Array,
+    *,
+    target: Target,
+    regress: Target,
+    weighting: Weighting = unit_weight,
+) -> Array:
+    """``w(t) mean |convert(pred, target -> regress) - y(x0, eps)|^2`` per example, shape ``(batch,)``.
+
+    ``pred`` is the network's output at ``x_t = alpha_t x0 + sigma_t eps`` and ``t`` (``(batch,)``).
+    """
+    x_t = path.interpolate(x0, eps, t)
+    value = convert(path, x_t, t, pred, src=target, dst=regress)
+    y = from_x0_eps(path, x_t, t, x0, eps, regress)
+    err = jnp.mean(jnp.square(value - y).reshape(x0.shape[0], -1), axis=1)
+    return weighting(path, t) * err
+
+
+def diffusion_loss(
+    apply: Callable[..., Array],
+    path: GaussianPath,
+    *,
+    target: Target = "eps",
+    regress: Target | None = None,
+    weighting: Weighting = unit_weight,
+    time_sampler: TimeSampler | None = None,
+    label_dropout: float = 0.0,
+    null_label: int | None = None,
+) -> Callable[[Any, Array, Any], Array]:
+    """The loss ``(params, key, batch) -> scalar`` of a network predicting ``target`` on ``path``.
+
+    ``regress`` (default: ``target``) is the space where the squared error is taken, ``weighting``
+    its ``w(t)``, ``time_sampler`` draws ``t`` (default ``uniform_time()``). With labels in the
+    batch, ``label_dropout`` replaces each by ``null_label`` with that probability, which trains
+    the unconditional model of classifier-free guidance.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxdiff import vp_path
+    >>> loss = diffusion_loss(lambda p, x, t: p * x, vp_path(), target="eps")
+    >>> float(loss(0.0, jax.random.key(0), jnp.zeros((4096, 2))))  # E|eps|^2 per dimension
+    1.0...
+    """
+    _check_target(target)
+    regress = target if regress is None else regress
+    _check_target(regress, "regress")
+    time_sampler = uniform_time() if time_sampler is None else time_sampler
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"label_dropout must lie in [0, 1]; got {label_dropout}")
+    if label_dropout > 0 and null_label is None:
+        raise ValueError("label_dropout > 0 needs the null_label of the model")
+
+    def loss(params: Any, key: Array, batch: Any) -> Array:
+        x0, labels = _split_batch(batch)
+        n = x0.shape[0]
+        t_key, eps_key, drop_key = jax.random.split(key, 3)
+        t = time_sampler(t_key, (n,)).astype(x0.dtype)
+        eps = jax.random.normal(eps_key, x0.shape, x0.dtype)
+        x_t = path.interpolate(x0, eps, t)
+        if labels is None:
+            pred = apply(params, x_t, t)
+        else:
+            if label_dropout > 0:
+                drop = jax.random.bernoulli(drop_key, label_dropout, labels.shape)
+                labels = jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
+            pred = apply(params, x_t, t, labels)
+        losses = per_example_loss(
+            pred, path, x0, eps, t, target=target, regress=regress, weighting=weighting
+        )
+        if isinstance(time_sampler, ImportanceTime):
+            losses = losses * time_sampler.correction(t)
+        return jnp.mean(losses)
+
+    return loss
+
+
+def flow_matching_loss(
+    apply: Callable[..., Array],
+    path: GaussianPath | None = None,
+    *,
+    target: Target = "velocity",
+    time_sampler: TimeSampler | None = None,
+    **kwargs,
+) -> Callable[[Any, Array, Any], Array]:
+    """Conditional flow matching: regress on ``u_t(x | x0) = alpha_t' x0 + sigma_t' eps`` (Lipman et
+    al. 2023). Default path: ``linear_path()``; ``t`` runs data -> noise, so ``u`` is minus the
+    velocity of the ``t = 0``-is-noise convention."""
+    path = linear_path() if path is None else path
+    time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
+    return diffusion_loss(
+        apply, path, target=target, regress="velocity", time_sampler=time_sampler, **kwargs
+    )
+
+
+def score_matching_loss(
+    apply: Callable[..., Array],
+    path: GaussianPath,
+    *,
+    target: Target = "score",
+    weighting: Weighting = sigma_sq_weight,
+    **kwargs,
+) -> Callable[[Any, Array, Any], Array]:
+    """Denoising score matching ``w(t) |s(x_t, t) + eps / sigma_t|^2`` (Vincent 2011; Song et al.
+    2021): ``sigma_sq_weight`` (default) or ``likelihood_weight`` (``g^2``, best with
+    ``importance_time``)."""
+    return diffusion_loss(
+        apply, path, target=target, regress="score", weighting=weighting, **kwargs
+    )
+
+
+def eps_loss(apply, path: GaussianPath, *, target: Target = "eps", **kwargs):
+    """DDPM's simple loss ``|eps_hat - eps|^2``, continuous uniform ``t`` (Ho et al. 2020)."""
+    return diffusion_loss(apply, path, target=target, regress="eps", **kwargs)
+
+
+def x0_loss(apply, path: GaussianPath, *, target: Target = "x0", **kwargs):
+    """The denoising (x0) loss ``|x0_hat - x0|^2``."""
+    return diffusion_loss(apply, path, target=target, regress="x0", **kwargs)
+
+
+def v_loss(apply, path: GaussianPath, *, target: Target = "v", **kwargs):
+    """The v loss ``|v_hat - (alpha_t eps - sigma_t x0)|^2`` (Salimans & Ho 2022)."""
+    return diffusion_loss(apply, path, target=target, regress="v", **kwargs)

@@ -1,0 +1,30 @@
+"""Flax networks for jaxdiff: time and label embeddings, an MLP field, a compact U-Net.
+
+Models are used through the pure ``model.apply(params, x, t, labels)``: ``t`` continuous in
+``[0, 1]`` (a scalar or one per sample), the output shaped like ``x``. What the output means is the
+target the model is trained on; ``jaxdiff.convert`` turns it into any other.
+"""
+
+from jaxdiff.nets.embeddings import (
+    LabelEmbedding,
+    TimeEmbedding,
+    batch_times,
+    fourier_embedding,
+    init_params,
+    sinusoidal_embedding,
+)
+from jaxdiff.nets.mlp import MLP
+from jaxdiff.nets.unet import ResBlock, SelfAttention, UNet
+
+__all__ = [
+    "MLP",
+    "UNet",
+    "ResBlock",
+    "SelfAttention",
+    "TimeEmbedding",
+    "LabelEmbedding",
+    "batch_times",
+    "fourier_embedding",
+    "init_params",
+    "sinusoidal_embedding",
+]

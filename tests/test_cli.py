@@ -1,0 +1,99 @@
+"""The command line: acceptance runs on 2-D data (train, then sample) and every error path."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from jaxdiff.cli import main
+
+N = 4000  # samples compared with held-out data
+
+# Energy distance between two independent true sets of N points is a U-statistic with mean 0;
+# its spread (RMS over independent pairs) is the noise floor. A trained model must land within
+# FACTOR times that floor; an untrained one (pure prior) is hundreds of times above it.
+FACTOR = 12.0
+
+
+def _noise_floor(name: str) -> float:
+    sampler = jd.data.TOY_DATASETS[name]
+    eds = [
+        float(jd.energy_distance(sampler(k1, N), sampler(k2, N)))
+        for k1, k2 in jax.random.split(jax.random.key(123), (6, 2))
+    ]
+    return float(np.sqrt(np.mean(np.square(eds))))
+
+
+RUNS = {
+    "fm": ["--path", "fm"],
+    "vp-dsm": ["--path", "vp", "--loss", "dsm", "--target", "eps", "--weighting", "sigma2"],
+}
+
+
+@pytest.mark.parametrize("data", ["checkerboard", "8gaussians"])
+@pytest.mark.parametrize("run", list(RUNS))
+def test_trained_model_matches_the_data(tmp_path, data, run, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", data, *RUNS[run], "--steps", "1500", "--batch", "256"]
+    assert main([*args, "--eval-n", "0", "--no-progress", "--out", str(out)]) == 0
+    assert main(["sample", "--ckpt", str(out), "--n", str(N), "--steps", "20"]) == 0
+    metrics = json.loads((out / "samples" / "metrics.json").read_text())
+    samples = np.load(out / "samples" / "samples.npz")["samples"]
+    assert samples.shape == (N, 2) and np.isfinite(samples).all()
+    assert (out / "samples" / "samples.png").stat().st_size > 10_000
+    floor = _noise_floor(data)
+    print(f"{data} {run}: energy distance {metrics['energy_distance']:.2e}, floor {floor:.2e}")
+    assert metrics["energy_distance"] < FACTOR * floor
+    assert metrics["mmd_kernel"].startswith("sum over h")
+
+
+def _error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err  # one clear line, no traceback
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["train", "--out", "x", "--bogus"], "unrecognized arguments: --bogus"),
+        (["fly"], "invalid choice: 'fly'"),
+        ([], "required: command"),
+        (["train", "--out", "x", "--steps", "0"], "expected a positive integer"),
+        (["train", "--out", "x", "--steps", "ten"], "expected a positive integer"),
+        (["train", "--out", "x", "--data", "mnist"], "invalid choice: 'mnist'"),
+        (["train", "--out", "x", "--lr", "-1"], "lr must be a positive number"),
+        (["train", "--out", "x", "--lr", "nan"], "lr must be a positive number"),
+        (["train", "--out", "x", "--ema", "1.5"], "ema must lie in [0, 1)"),
+        (["train", "--out", "x", "--model", "unet"], "needs image data"),
+        (["train", "--out", "x", "--conditional"], "needs labelled data"),
+        (["train", "--out", "x", "--target", "eps"], "singular at t = 1"),
+        (["train", "--data", "checkerboard"], "required: --out"),
+        (["sample", "--ckpt", "/nonexistent/run"], "does not exist"),
+        (["sample", "--ckpt", "/tmp", "--solver", "rk99"], "invalid choice: 'rk99'"),
+        (["sample", "--ckpt", "/tmp", "--n", "-5"], "expected a positive integer"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, expected, capsys):
+    assert expected in _error(argv, capsys)
+
+
+def test_cli_checkpoint_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no checkpoint" in _error(["sample", "--ckpt", str(empty)], capsys)
+    resume = ["train", "--out", str(tmp_path / "new"), "--resume", "--no-progress"]
+    assert "no checkpoint to resume" in _error(resume, capsys)
+    run = tmp_path / "run"
+    small = ["--width", "8", "--depth", "1", "--batch", "16", "--steps", "20", "--chunk", "10"]
+    train = ["train", *small, "--eval-n", "0", "--no-progress", "--out", str(run)]
+    assert main(train) == 0
+    capsys.readouterr()
+    assert "already holds checkpoints" in _error(train, capsys)
+    assert "needs a class-conditional model" in _error(
+        ["sample", "--ckpt", str(run), "--class", "3"], capsys
+    )
+    assert "eta must be >= 0" in _error(["sample", "--ckpt", str(run), "--eta", "-1"], capsys)

@@ -1,0 +1,58 @@
+"""Digits: the shipped classifier, and a class-conditional model with classifier-free guidance."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxdiff.cli import main
+from jaxdiff.data import load_digits
+from jaxdiff.digits import classifier_accuracy, digits_frechet_distance, load_classifier
+
+
+def test_shipped_classifier_reads_held_out_digits():
+    x, y = load_digits("test")
+    params = load_classifier()
+    assert float(classifier_accuracy(params, x, y)) >= 0.97  # 0.993 when trained (297 images)
+    train, _ = load_digits("train")
+    fd_same = float(digits_frechet_distance(params, train[:700], train[700:1400]))
+    fd_noise = float(
+        digits_frechet_distance(
+            params,
+            train[:700],
+            np.clip(
+                train[:700] + 0.5 * np.random.default_rng(0).normal(size=train[:700].shape), -1, 1
+            ),
+        )
+    )
+    assert fd_same < fd_noise / 5  # the features separate real digits from noisy ones
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    args = "train --data digits --model mlp --conditional --width 256 --depth 3 --steps 600 --batch 128 --lr 2e-3 --eval-n 0 --no-progress".split()
+    assert main([*args, "--out", str(out)]) == 0
+    return out
+
+
+def _sample(run, guidance, name):
+    out = run / name
+    argv = ["sample", "--ckpt", str(run), "--n", "1000", "--guidance", str(guidance)]
+    assert main([*argv, "--out", str(out)]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_classifier_free_guidance_gives_the_requested_class(conditional_run):
+    # Labels 0..9 in turn; the shipped classifier must read the requested one. Measured: 0.999 at
+    # guidance 2 (0.93 without guidance) after 600 steps.
+    metrics = _sample(conditional_run, 2.0, "cfg2")
+    assert metrics["class_accuracy"] >= 0.90
+    assert metrics["memorization_ratio"] > 0.8  # samples are not copies of training digits
+
+
+def test_conditional_samples_are_close_to_held_out_digits(conditional_run):
+    metrics = _sample(conditional_run, 1.0, "plain")
+    # Fréchet distance on classifier features: measured 10.3 against 6.6 between train and test
+    assert metrics["frechet_distance"] < 3 * metrics["frechet_distance_train_vs_test"]
+    assert metrics["class_accuracy"] >= 0.8

@@ -1,0 +1,134 @@
+"""Losses: closed forms with the exact (oracle) predictor, identities between losses, time samplers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from jaxdiff import losses as L
+
+GAUSS = jd.GaussianMixture.isotropic(jnp.zeros((1, 2)), std=1.0)  # N(0, I) in 2-D
+
+
+def oracle_apply(path, target):
+    """An exact "network" ``apply(params, x, t)`` (params ignored) predicting ``target``."""
+    return lambda params, x, t: GAUSS.predict(path, x, t, target)
+
+
+def fixed_time(t0):
+    return lambda key, shape: jnp.full(shape, t0)
+
+
+N = 20_000  # per-dimension squared residuals: 40,000 values; relative SE sqrt(2 / 40000) = 0.7%
+
+
+@pytest.mark.parametrize("t0", [0.1, 0.5, 0.9])
+def test_eps_loss_of_the_exact_predictor_is_alpha_squared_on_vp(t0):
+    # N(0, I) data on a VP path: E[eps | x_t] = sigma_t x_t, residual variance alpha_t^2.
+    path = jd.vp_path()
+    loss = L.eps_loss(oracle_apply(path, "eps"), path, time_sampler=fixed_time(t0))
+    value = float(loss(None, jax.random.key(0), GAUSS.sample(jax.random.key(1), N)))
+    expected = float(path.alpha(t0) ** 2)
+    assert abs(value - expected) < 5 * 0.007 * expected + 1e-7
+
+
+@pytest.mark.parametrize("t0", [0.2, 0.7])
+def test_flow_matching_loss_of_the_exact_velocity_matches_the_gaussian_residual(t0):
+    # u = eps - x0, x_t = (1 - t) x0 + t eps: Var(u | x_t) = 2 - (2t - 1)^2 / ((1 - t)^2 + t^2).
+    path = jd.linear_path()
+    loss = L.flow_matching_loss(oracle_apply(path, "velocity"), path, time_sampler=fixed_time(t0))
+    value = float(loss(None, jax.random.key(0), GAUSS.sample(jax.random.key(1), N)))
+    expected = 2 - (2 * t0 - 1) ** 2 / ((1 - t0) ** 2 + t0**2)
+    assert abs(value - expected) < 5 * 0.007 * expected
+
+
+def test_score_matching_with_sigma_squared_weight_equals_the_eps_loss():
+    # sigma^2 |s + eps / sigma|^2 = |eps_hat - eps|^2 when s = -eps_hat / sigma: same key, same value.
+    path = jd.vp_path()
+    apply = lambda p, x, t: p * x  # noqa: E731 - a linear "network" predicting eps
+    x0 = GAUSS.sample(jax.random.key(1), 512)
+    eps_value = L.eps_loss(apply, path)(0.3, jax.random.key(2), x0)
+    dsm_value = L.score_matching_loss(apply, path, target="eps")(0.3, jax.random.key(2), x0)
+    np.testing.assert_allclose(dsm_value, eps_value, rtol=1e-5)
+
+
+def test_x0_and_v_losses_are_eps_losses_reweighted():
+    # For any eps prediction: |x0_hat - x0|^2 = (sigma/alpha)^2 |eps_hat - eps|^2 and
+    # |v_hat - v|^2 = (1/alpha)^2 |eps_hat - eps|^2 on a VP path (alpha^2 + sigma^2 = 1).
+    path = jd.vp_path()
+    apply = lambda p, x, t: p * x  # noqa: E731
+    x0 = GAUSS.sample(jax.random.key(1), 256)
+    key = jax.random.key(3)
+    w_x0 = lambda path, t: path.sigma_sq(t) / path.alpha(t) ** 2  # noqa: E731
+    w_v = lambda path, t: 1 / path.alpha(t) ** 2  # noqa: E731
+    np.testing.assert_allclose(
+        L.x0_loss(apply, path, target="eps")(0.5, key, x0),
+        L.eps_loss(apply, path, weighting=w_x0)(0.5, key, x0),
+        rtol=1e-4,
+    )
+    np.testing.assert_allclose(
+        L.v_loss(apply, path, target="eps")(0.5, key, x0),
+        L.eps_loss(apply, path, weighting=w_v)(0.5, key, x0),
+        rtol=1e-4,
+    )
+
+
+def test_importance_sampling_is_unbiased_for_the_likelihood_weighted_score_loss():
+    # Exact score of N(0, I) on VP: g^2 E|s - s_cond|^2 per dim = g^2 alpha^2 / sigma^2 at time t.
+    # The uniform-time loss is its average over [t_min, 1]: a 1-D integral we take by quadrature.
+    path, t_min = jd.vp_path(), 1e-3
+    grid = jnp.linspace(t_min, 1.0, 200_001)
+    f = path.diffusion_sq(grid) * path.alpha(grid) ** 2 / path.sigma_sq(grid)
+    exact = float(jnp.trapezoid(f, grid) / (1 - t_min))
+    sampler = L.importance_time(path, L.likelihood_weight, t_min, 1.0)
+    loss = L.score_matching_loss(
+        oracle_apply(path, "score"), path, weighting=L.likelihood_weight, time_sampler=sampler
+    )
+    x0 = GAUSS.sample(jax.random.key(1), 4096)
+    loss = jax.jit(loss)
+    values = jnp.stack([loss(None, k, x0) for k in jax.random.split(jax.random.key(2), 24)])
+    se = float(jnp.std(values) / jnp.sqrt(values.shape[0]))
+    assert abs(float(values.mean()) - exact) < 5 * se
+    assert se < 0.02 * exact  # and the estimate is precise: importance sampling works
+
+
+def test_importance_time_has_the_requested_density():
+    path = jd.vp_path()
+    sampler = L.importance_time(path, L.unit_weight, 0.0, 1.0, regress="eps")  # w c = 1: uniform
+    t = sampler(jax.random.key(0), (40_000,))
+    hist = np.histogram(np.asarray(t), bins=10, range=(0, 1))[0] / 40_000
+    assert np.abs(hist - 0.1).max() < 5 * np.sqrt(0.1 * 0.9 / 40_000)  # 5 binomial SEs
+    np.testing.assert_allclose(sampler.correction(jnp.array([0.3, 0.8])), 1.0, rtol=1e-4)
+
+
+def test_time_samplers_ranges_and_errors():
+    key = jax.random.key(0)
+    t = L.logit_normal_time(t_min=0.1, t_max=0.9)(key, (10_000,))
+    assert float(t.min()) >= 0.1 and float(t.max()) <= 0.9
+    assert abs(float(jnp.median(t)) - 0.5) < 0.02  # sigmoid(N(0, 1)) has median 1/2
+    with pytest.raises(ValueError, match="t_min"):
+        L.uniform_time(0.5, 0.2)
+    with pytest.raises(ValueError, match="std"):
+        L.logit_normal_time(std=0.0)
+
+
+def test_label_dropout_replaces_labels_by_the_null_label():
+    seen = []
+
+    def apply(params, x, t, labels):
+        seen.append(labels)
+        return jnp.zeros_like(x)
+
+    loss = L.eps_loss(apply, jd.vp_path(), label_dropout=0.25, null_label=10)
+    x0 = jnp.zeros((4000, 2))
+    labels = jax.jit(lambda k: (loss(None, k, (x0, jnp.zeros(4000, jnp.int32))), seen[-1])[1])(
+        jax.random.key(0)
+    )
+    frac = float(jnp.mean(labels == 10))
+    assert set(np.unique(labels).tolist()) == {0, 10}
+    assert abs(frac - 0.25) < 5 * np.sqrt(0.25 * 0.75 / 4000)
+    with pytest.raises(ValueError, match="null_label"):
+        L.eps_loss(apply, jd.vp_path(), label_dropout=0.1)
+    with pytest.raises(ValueError, match="regress"):
+        L.diffusion_loss(apply, jd.vp_path(), regress="noise")
