@@ -40,7 +40,7 @@ import lineax as lx
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, check_finite, check_time, concrete
+from jaxdiff._checks import as_time, check_finite, check_time, concrete, error_if
 from jaxdiff.conversions import Target, _check_target
 from jaxdiff.paths import GaussianPath
 from jaxdiff.sde import _is_zero, reverse_diffusion, reverse_drift
@@ -257,7 +257,7 @@ def _adaptive(
     state0 = solver.init(terms, tau0, taus[1], x, None)
     init_calls = count.calls_in(lambda: solver.init(terms, tau0, taus[1], x, None))
     step_calls = count.calls_in(lambda: solver.step(terms, tau0, taus[1], x, None, state0, False))
-    y = eqx.error_if(
+    y = error_if(
         sol.ys[-1],
         sol.result != diffrax.RESULTS.successful,
         "the adaptive solve did not finish: raise max_steps or loosen rtol/atol",
