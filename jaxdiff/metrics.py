@@ -5,6 +5,7 @@ Both take ``x (n, d)`` and ``y (m, d)`` and work blockwise, so memory stays ``O(
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -51,6 +52,11 @@ def energy_distance(x: ArrayLike, y: ArrayLike, *, block: int = 1024) -> Array:
     >>> float(energy_distance(x, x + 3.0)) > 1.0
     True
     """
+    return _energy_distance(jnp.asarray(x), jnp.asarray(y), int(block))
+
+
+@functools.partial(jax.jit, static_argnums=2)  # one compile per shape: repeated calls are fast
+def _energy_distance(x: Array, y: Array, block: int) -> Array:
     dist = lambda d2: jnp.sqrt(d2 + 1e-30)  # noqa: E731
     xy = _pair_mean(dist, x, y, block, False)
     xx = _pair_mean(dist, x, x, block, True)
@@ -66,6 +72,11 @@ def mmd(
     ``bandwidths`` is one length scale ``h`` or several (their kernels are summed).
     """
     hs = jnp.atleast_1d(jnp.asarray(bandwidths, dtype=jnp.result_type(x)))
+    return _mmd(jnp.asarray(x), jnp.asarray(y), hs, int(block))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _mmd(x: Array, y: Array, hs: Array, block: int) -> Array:
     kernel = lambda d2: jnp.sum(jnp.exp(-d2[..., None] / (2 * hs**2)), axis=-1)  # noqa: E731
     xy = _pair_mean(kernel, x, y, block, False)
     xx = _pair_mean(kernel, x, x, block, True)
