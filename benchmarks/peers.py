@@ -280,7 +280,7 @@ def diffusers_loop(net, x, steps, ddim):
 
 
 def _groups(params, net, x_j, x_t, key, nfe, ok):
-    """Row groups: (method, jaxdiff thunk, compile seconds, {peer: thunk}, stochastic or None)."""
+    """Row groups: (method, NFE, jaxdiff thunk, compile s, {peer: thunk}, stochastic or None)."""
     groups = []
     for name, (solver, per_step, method) in ODE_SOLVERS.items():
         steps = nfe // per_step
@@ -298,7 +298,9 @@ def _groups(params, net, x_j, x_t, key, nfe, ok):
                 net, x_t, ts, m
             )
         fn, c_s = compile_aot(lambda p, x, s=solver, n=steps: jaxdiff_ode(p, x, s, n), params, x_j)
-        groups.append((f"{name} ODE", lambda fn=fn: fn(params, x_j), c_s, peers, False))
+        groups.append(
+            (f"{name} ODE", steps * per_step, lambda fn=fn: fn(params, x_j), c_s, peers, False)
+        )
 
     ts = [float(t) for t in np.asarray(jnp.linspace(1.0, T_END, nfe + 1))]
     peers = {}
@@ -308,7 +310,7 @@ def _groups(params, net, x_j, x_t, key, nfe, ok):
         peers["torchsde sdeint euler"] = lambda: torchsde_em(net, x_t, ts)
     fn, c_s = compile_aot(lambda p, x, k: jaxdiff_vp(p, x, k, nfe, 1.0), params, x_j, key)
     groups.append(
-        ("Euler-Maruyama reverse SDE", lambda fn=fn: fn(params, x_j, key), c_s, peers, True)
+        ("Euler-Maruyama reverse SDE", nfe, lambda fn=fn: fn(params, x_j, key), c_s, peers, True)
     )
 
     if ok["diffusers"]:
@@ -322,6 +324,7 @@ def _groups(params, net, x_j, x_t, key, nfe, ok):
             groups.append(
                 (
                     f"{label} (jaxdiff stand-in: {'PF-ODE' if ddim else 'reverse-SDE'} Euler)",
+                    nfe,
                     lambda fn=fn: fn(params, x_j, key),
                     c_s,
                     {peer: lambda d=ddim: diffusers_loop(net, x_t, nfe, d)},
@@ -362,7 +365,9 @@ def _rows_for_batch(params, net, batch, nfe, repeats, ok):
     x_j, x_t = jnp.asarray(x_np), torch.from_numpy(x_np.copy())
     key = jax.random.key(2)
     rows = []
-    for method, run_j, c_s, peers, stochastic in _groups(params, net, x_j, x_t, key, nfe, ok):
+    for method, nfe_j, run_j, c_s, peers, stochastic in _groups(
+        params, net, x_j, x_t, key, nfe, ok
+    ):
         if not peers:
             continue
         outs, counts = {}, {}
@@ -381,7 +386,7 @@ def _rows_for_batch(params, net, batch, nfe, repeats, ok):
                     "method": method,
                     "peer": peer,
                     "batch": batch,
-                    "nfe": nfe,
+                    "nfe": nfe_j,
                     "peer_nfe": counts[peer],
                     "peer_ms": 1e3 * peer_s,
                     "jaxdiff_ms": 1e3 * jd_s,
@@ -463,7 +468,7 @@ def run(quick: bool) -> dict:
     nfe = 50 if quick else 100
     rows = []
     for batch in batches:
-        repeats = (5 if quick else 10) if batch <= 64 else 3
+        repeats = (5 if quick else 10) if batch <= 64 else (2 if quick else 3)
         rows += _rows_for_batch(params, net, batch, nfe, repeats, ok)
     base = _baseline_energy(params, batches[-1], nfe)
     out = os.environ.get("JAXDIFF_BENCH_OUT")

@@ -48,11 +48,13 @@ def sample_fn(params, x, steps: int = STEPS):
     ).x
 
 
-def time_compiled(fn, *args, min_runs: int = 5, min_time: float = 1.0) -> tuple[float, float]:
+def time_compiled(
+    fn, *args, min_runs: int = 5, min_time: float = 1.0, long_runs: int = 2
+) -> tuple[float, float]:
     """Compile ``jax.jit(fn)`` ahead of time, then time runs; returns (median s, compile s).
 
-    A first run is a discarded warm-up unless it took over a second (then it counts, and one more
-    run follows): large batches get 2 runs, small ones ``min_runs`` and at least ``min_time``.
+    A first run is a discarded warm-up unless it took over a second (then it counts, and
+    ``long_runs`` runs are taken in all); shorter ones get ``min_runs`` runs and ``min_time``.
     """
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
@@ -61,7 +63,7 @@ def time_compiled(fn, *args, min_runs: int = 5, min_time: float = 1.0) -> tuple[
     block(compiled(*args))
     first = time.perf_counter() - start
     times = [first] if first > 1.0 else []
-    target_runs = 2 if first > 1.0 else min_runs
+    target_runs = long_runs if first > 1.0 else min_runs
     while len(times) < target_runs or (first <= 1.0 and sum(times) < min_time):
         start = time.perf_counter()
         block(compiled(*args))
@@ -139,7 +141,9 @@ def run(quick: bool) -> dict:
     rows = []
     for batch in batches:
         x = jax.random.normal(jax.random.key(1), (batch, 2))
-        median_s, compile_s = time_compiled(sample_fn, params, x, min_runs=3 if quick else 5)
+        median_s, compile_s = time_compiled(
+            sample_fn, params, x, min_runs=3 if quick else 5, long_runs=1 if quick else 2
+        )
         rows.append(
             {
                 "part": "batch",
