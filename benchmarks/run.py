@@ -21,11 +21,13 @@ from pathlib import Path
 
 from benchmarks.common import device_tag, environment
 
-SECTIONS = ["solver_overhead", "training"]
+SECTIONS = ["solver_overhead", "peers", "training", "scaling"]
 RESULTS = Path(__file__).parent / "results"
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

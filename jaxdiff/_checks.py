@@ -49,7 +49,30 @@ def check_time(t: Any, name: str = "t", lo: float = 0.0, hi: float = 1.0) -> Arr
                 f"got {name} = {value[bad].ravel()[:4].tolist()}"
             )
         return t
-    return eqx.error_if(t, (t < lo) | (t > hi), f"{name} must lie in [{lo}, {hi}]")
+    return error_if(t, (t < lo) | (t > hi), f"{name} must lie in [{lo}, {hi}]")
+
+
+def error_if(x: Any, pred: Any, msg: str) -> Any:
+    """``equinox.error_if(x, pred, msg)`` with only a scalar flag in the error branch.
+
+    ``eqx.error_if`` routes ``x`` through a ``lax.cond`` whose error branch is a host callback; under
+    ``jit`` with ``x`` sharded over several devices the partitioner then replicates ``x`` and
+    everything computed from it. Here the cond carries ``any(pred)`` alone and the first floating
+    leaf of ``x`` is tied to it by a select (NaN where the check failed), so the check stays alive
+    and ``x`` keeps its sharding.
+    """
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(x) if _inexact(leaf)]
+    if not leaves:
+        return eqx.error_if(x, pred, msg)
+    bad = jnp.any(pred)
+    flag = eqx.error_if(bad, bad, msg)
+    first = leaves[0]
+    tied = jnp.where(flag, jnp.asarray(jnp.nan, jnp.asarray(first).dtype), first)
+    return jax.tree_util.tree_map(lambda leaf: tied if leaf is first else leaf, x)
+
+
+def _inexact(leaf: Any) -> bool:
+    return isinstance(leaf, jax.Array | np.ndarray) and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
 def check_finite(x: Any, name: str) -> Any:
@@ -65,7 +88,7 @@ def check_finite(x: Any, name: str) -> Any:
     for leaf in leaves:
         if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact):
             bad = bad | ~jnp.all(jnp.isfinite(leaf))
-    return eqx.error_if(x, bad, f"{name} contains non-finite values (NaN or inf)")
+    return error_if(x, bad, f"{name} contains non-finite values (NaN or inf)")
 
 
 def expand_like(coef: Array, x: Array, name: str = "t") -> Array:

@@ -38,7 +38,7 @@ import lineax as lx
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, check_finite, concrete
+from jaxdiff._checks import as_time, check_finite, concrete, error_if
 
 Array = jax.Array
 Drift = Callable[[Array, Array], Array]
@@ -128,7 +128,7 @@ def _save_slots(grid: Array, save_ts: Array) -> Array:
         if value.any():
             raise ValueError(f"{msg}; missing: {np.asarray(save_ts)[value].tolist()[:4]}")
         return slots
-    return eqx.error_if(slots, missing.any(), msg)
+    return error_if(slots, missing.any(), msg)
 
 
 def _terms(drift, diffusion, sign, x, key, bm):
@@ -281,7 +281,7 @@ def _adaptive(
         lambda: solver.init(terms, tau0, taus[1], x, None),
         lambda: solver.step(terms, tau0, taus[1], x, None, state0, False),
     )
-    y = eqx.error_if(
+    y = error_if(
         sol.ys[-1],
         sol.result != diffrax.RESULTS.successful,
         "the adaptive solve did not finish: raise max_steps or loosen rtol/atol",

@@ -8,6 +8,7 @@ the training set.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -63,10 +64,12 @@ def energy_distance(x: ArrayLike, y: ArrayLike, *, block: int = 1024) -> Array:
     >>> float(energy_distance(x, x + 3.0)) > 1.0
     True
     """
+    return _energy_distance(jnp.asarray(x), jnp.asarray(y), int(block))
 
-    def dist(d2):
-        return jnp.sqrt(d2 + 1e-30)
 
+@functools.partial(jax.jit, static_argnums=2)  # one compile per shape: repeated calls are fast
+def _energy_distance(x: Array, y: Array, block: int) -> Array:
+    dist = lambda d2: jnp.sqrt(d2 + 1e-30)  # noqa: E731
     xy = _pair_mean(dist, x, y, block, False)
     xx = _pair_mean(dist, x, x, block, True)
     yy = _pair_mean(dist, y, y, block, True)
@@ -81,6 +84,11 @@ def mmd(
     ``bandwidths`` is one length scale ``h`` or several (their kernels are summed).
     """
     hs = jnp.atleast_1d(jnp.asarray(bandwidths, dtype=jnp.result_type(x)))
+    return _mmd(jnp.asarray(x), jnp.asarray(y), hs, int(block))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _mmd(x: Array, y: Array, hs: Array, block: int) -> Array:
 
     def kernel(d2):
         scale = (2 * hs**2).reshape((1,) * d2.ndim + hs.shape)

@@ -1,0 +1,508 @@
+"""Peers on the same network: samples per second at equal NFE, jaxdiff against PyTorch samplers.
+
+The benchmark MLP (``benchmarks.common``, width 256) is copied weight for weight into PyTorch.
+Every row integrates the same dynamics from the same initial noise with the same number of network
+evaluations (NFE); the table gives each side's samples per second and the ratio
+``speedup = peer time / jaxdiff time`` (> 1: jaxdiff is faster), measured interleaved.
+
+* ODE rows: the MLP is a flow-matching velocity on the linear path, integrated from ``t = 1``
+  to ``1e-3``: jaxdiff ``sample(..., target="velocity")`` with diffrax's Euler, Midpoint, Heun and
+  an RK4 (torchdiffeq's "rk4" is the 3/8 rule, so ours is too) against a plain PyTorch loop,
+  ``torchdiffeq.odeint`` on the same grid and Meta's ``flow_matching`` ``ODESolver``, whose
+  ``t = 0`` is noise: its time is ``s = 1 - t`` and its velocity ``-u``. These are the same
+  computation, checked: ``max_abs_diff`` is the largest difference of the final samples.
+* SDE rows: the MLP predicts ``x0`` on the VP path (beta 0.1 to 20). (With random weights an
+  ``eps`` network does not cancel ``x`` at ``t ~ 1``, so the reverse dynamics expand samples by
+  ``exp(int beta / 2) ~ 150``; an ``x0`` network keeps them O(1) and the checks meaningful. The
+  conversion to ``eps`` is one line on both sides.) Euler--Maruyama of the reverse SDE in jaxdiff
+  against a plain PyTorch loop and ``torchsde.sdeint`` (with a ``BrownianInterval`` given ``dt``;
+  its default is 10-45x slower). The noise differs, so the check is the energy distance between
+  the two sample sets, standardised (``energy_dist``), to be read against that between two jaxdiff
+  runs with different keys (in the notes).
+* diffusers' ``DDPMScheduler`` (ancestral, ``eta = 1``) and ``DDIMScheduler`` (``eta = 0``) loops
+  on the same network (``prediction_type="sample"``), 1000 training steps of linear betas
+  1e-4..0.02 (the VP path above), no clipping. HOOK: until jaxdiff has discrete DDPM/DDIM samplers
+  (issue 4), the jaxdiff side of these rows is a stand-in -- the reverse SDE (``eta = 1``) /
+  probability-flow ODE (``eta = 0``) with Euler at the same NFE, a different computation (no final
+  denoising step, continuous schedule), so these rows carry no check; see ``jaxdiff_discrete``, the
+  one function to switch, and ``STAND_IN``.
+
+Fairness (design note): ``torch.no_grad()``, ``torch.set_num_threads`` = JAX's cores, compile time
+excluded from run time but reported (``jaxdiff_compile_s``: XLA lowering + compilation),
+``block_until_ready``, all samplers of one row group timed round-robin.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxdiff as jd
+from benchmarks.common import interleaved, mlp_apply, mlp_init
+
+TITLE = "Peers on the same network: samples/s at equal NFE (PyTorch, torchdiffeq, torchsde, diffusers, flow_matching)"
+
+T_END = 1e-3
+BETA_MIN, BETA_MAX = 0.1, 20.0
+TRAIN_STEPS = 1000  # diffusers' discrete chain: beta_i = 1e-4 .. 0.02 = beta(t) / 1000
+STAND_IN = True  # issue 4: set False once jaxdiff_discrete runs jaxdiff's own DDPM/DDIM
+PEERS = ("torch", "torchdiffeq", "torchsde", "diffusers", "flow_matching")
+
+
+class RK38(diffrax.AbstractERK):
+    """Kutta's 3/8-rule RK4: the tableau of torchdiffeq's ``"rk4"`` (4 evaluations per step)."""
+
+    tableau = diffrax.ButcherTableau(
+        c=np.array([1 / 3, 2 / 3, 1.0]),
+        b_sol=np.array([1 / 8, 3 / 8, 3 / 8, 1 / 8]),
+        b_error=np.zeros(4),
+        a_lower=(np.array([1 / 3]), np.array([-1 / 3, 1.0]), np.array([1.0, -1.0, 1.0])),
+    )
+    interpolation_cls = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
+
+    def order(self, terms):
+        return 4
+
+
+# solver name -> (diffrax solver, evaluations per step, torchdiffeq method)
+ODE_SOLVERS = {
+    "Euler": (diffrax.Euler(), 1, "euler"),
+    "Midpoint": (diffrax.Midpoint(), 2, "midpoint"),
+    "Heun": (diffrax.Heun(), 2, "heun2"),
+    "RK4 (3/8 rule)": (RK38(), 4, "rk4"),
+}
+
+
+def jax_cores() -> int:
+    """CPU cores JAX's thread pool uses (and PyTorch is given)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _installed() -> dict[str, str | None]:
+    out = {}
+    for name in PEERS:
+        try:
+            __import__(name)
+            out[name] = importlib.metadata.version(name.replace("_", "-"))
+        except Exception:  # noqa: BLE001 - any import failure means "cannot compare"
+            out[name] = None
+    return out
+
+
+# --- jaxdiff side -------------------------------------------------------------------------
+
+
+def _field(params):
+    return lambda x, t: mlp_apply(params, x, t)
+
+
+def jaxdiff_ode(params, x, solver, steps):
+    """Flow-matching velocity on the linear path, t = 1 -> 1e-3."""
+    return jd.sample(
+        jax.random.key(0),
+        jd.linear_path(),
+        _field(params),
+        x_init=x,
+        target="velocity",
+        solver=solver,
+        steps=steps,
+        t_end=T_END,
+    ).x
+
+
+def jaxdiff_vp(params, x, key, steps, eta):
+    """x0 network on the VP path: reverse SDE (eta = 1, Euler--Maruyama) or PF-ODE (eta = 0)."""
+    return jd.sample(
+        key,
+        jd.vp_path(BETA_MIN, BETA_MAX),
+        _field(params),
+        x_init=x,
+        target="x0",
+        eta=eta,
+        steps=steps,
+        t_end=T_END,
+    ).x
+
+
+def jaxdiff_discrete(params, x, key, steps, eta):
+    """jaxdiff's side of the diffusers DDPM (eta = 1) / DDIM (eta = 0) rows.
+
+    HOOK (issue 4): a stand-in with the same network, path and NFE -- the reverse SDE / PF-ODE with
+    Euler on a uniform grid. When jaxdiff's own DDPM (ancestral) and DDIM samplers land, call them
+    here on the same 1000-step linear-beta chain and 100 timesteps; the DDIM check then becomes an
+    exact ``max_abs_diff`` against diffusers.
+    """
+    return jaxdiff_vp(params, x, key, steps, eta)
+
+
+def compile_aot(fn, *args):
+    """Lower and compile ``jax.jit(fn)`` for ``args``; returns (compiled, seconds)."""
+    import time
+
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+# --- PyTorch side -------------------------------------------------------------------------
+
+
+def torch_mlp(params):
+    """The benchmark MLP in PyTorch, with jaxdiff's weights: ``nn.Linear`` layers and SiLU."""
+    import torch
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            n = len(params)
+            self.layers = torch.nn.ModuleList()
+            for i in range(n):
+                w = np.asarray(params[f"l{i}"]["w"])
+                lin = torch.nn.Linear(*w.shape)
+                lin.weight.data = torch.from_numpy(w.T.copy())
+                lin.bias.data = torch.from_numpy(np.asarray(params[f"l{i}"]["b"]).copy())
+                self.layers.append(lin)
+            self.calls = 0
+
+        def forward(self, x, t):
+            self.calls += 1
+            t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
+            h = torch.cat([x, t], dim=-1)
+            for i, layer in enumerate(self.layers):
+                h = layer(h)
+                if i < len(self.layers) - 1:
+                    h = torch.nn.functional.silu(h)
+            return h
+
+    return MLP().eval()
+
+
+def _vp_coefs(t: float) -> tuple[float, float, float]:
+    """beta(t), alpha(t) and sigma(t) of the VP path, by hand as a PyTorch user writes them."""
+    beta = BETA_MIN + t * (BETA_MAX - BETA_MIN)
+    log_alpha = -0.5 * t * BETA_MIN - 0.25 * t * t * (BETA_MAX - BETA_MIN)
+    return beta, math.exp(log_alpha), math.sqrt(-math.expm1(2.0 * log_alpha))
+
+
+def torch_euler(net, x, ts):
+    """Plain loop: ``x += dt * u(x, t)`` over the grid ``ts`` (the velocity ODE)."""
+    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+        x = x + (t_next - t) * net(x, t)
+    return x
+
+
+def _vp_reverse_drift(net, x, t: float):
+    """``f x - g^2 score`` of the VP path from the x0 network: ``eps = (x - alpha x0) / sigma``."""
+    beta, alpha, sigma = _vp_coefs(t)
+    eps = (x - alpha * net(x, t)) / sigma
+    return -0.5 * beta * x + (beta / sigma) * eps
+
+
+def torch_em(net, x, ts):
+    """Plain loop: Euler--Maruyama of the VP reverse SDE."""
+    import torch
+
+    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+        dt = t_next - t
+        beta = BETA_MIN + t * (BETA_MAX - BETA_MIN)
+        x = x + dt * _vp_reverse_drift(net, x, t) + math.sqrt(-beta * dt) * torch.randn_like(x)
+    return x
+
+
+def torchdiffeq_ode(net, x, ts, method):
+    import torch
+    import torchdiffeq
+
+    grid = torch.as_tensor(ts, dtype=x.dtype)
+    return torchdiffeq.odeint(lambda t, y: net(y, t), x, grid, method=method)[-1]
+
+
+def flow_matching_ode(net, x, ts, method):
+    """Meta's ODESolver in its own convention: s = 1 - t from noise (0) to data, velocity -u."""
+    import torch
+    from flow_matching.solver import ODESolver
+
+    solver = ODESolver(velocity_model=lambda x, t: -net(x, 1.0 - t))
+    grid = torch.as_tensor(1.0 - np.asarray(ts, np.float64), dtype=x.dtype)
+    return solver.sample(x_init=x, step_size=None, method=method, time_grid=grid)
+
+
+def torchsde_em(net, x, ts):
+    """``torchsde.sdeint`` (Ito, diagonal, Euler) in time s = 1 - t, which it needs increasing."""
+    import torch
+    import torchsde
+
+    class ReverseVP(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "ito"
+
+        def f(self, s, y):
+            return -_vp_reverse_drift(net, y, 1.0 - float(s))
+
+        def g(self, s, y):
+            return torch.full_like(
+                y, math.sqrt(BETA_MIN + (1.0 - float(s)) * (BETA_MAX - BETA_MIN))
+            )
+
+    grid = torch.tensor([0.0, 1.0 - float(ts[-1])], dtype=x.dtype)
+    s1 = float(grid[-1])
+    dt = s1 / (len(ts) - 1) * (1 + 1e-5)  # so rounding cannot add a tiny extra step
+    bm = torchsde.BrownianInterval(t0=0.0, t1=s1, size=tuple(x.shape), dt=dt, dtype=x.dtype)
+    return torchsde.sdeint(ReverseVP(), x, grid, method="euler", dt=dt, bm=bm)[-1]
+
+
+def diffusers_loop(net, x, steps, ddim):
+    """diffusers' scheduler loop: DDPM ancestral (eta = 1) or DDIM (eta = 0), no clipping."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    kwargs = dict(
+        num_train_timesteps=TRAIN_STEPS,
+        beta_start=BETA_MIN / TRAIN_STEPS,
+        beta_end=BETA_MAX / TRAIN_STEPS,
+        beta_schedule="linear",
+        clip_sample=False,
+        prediction_type="sample",  # the x0 network
+    )
+    sched = DDIMScheduler(**kwargs) if ddim else DDPMScheduler(**kwargs)
+    sched.set_timesteps(steps)
+    for k in sched.timesteps:
+        x0 = net(x, (int(k) + 1) / TRAIN_STEPS)  # discrete step k is continuous t = (k + 1)/1000
+        x = sched.step(x0, k, x).prev_sample
+    return x
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+
+def _groups(params, net, x_j, x_t, key, nfe, ok):
+    """Row groups: (method, NFE, jaxdiff thunk, compile s, {peer: thunk}, stochastic or None)."""
+    groups = []
+    for name, (solver, per_step, method) in ODE_SOLVERS.items():
+        steps = nfe // per_step
+        ts = [float(t) for t in np.asarray(jnp.linspace(1.0, T_END, steps + 1))]
+        peers = {}
+        if name == "Euler" and ok["torch"]:
+            peers["PyTorch loop"] = lambda ts=ts: torch_euler(net, x_t, ts)
+        if ok["torchdiffeq"]:
+            peers[f"torchdiffeq odeint {method}"] = lambda ts=ts, m=method: torchdiffeq_ode(
+                net, x_t, ts, m
+            )
+        if name in ("Euler", "Midpoint") and ok["flow_matching"]:
+            m = name.lower()
+            peers[f"flow_matching ODESolver {m}"] = lambda ts=ts, m=m: flow_matching_ode(
+                net, x_t, ts, m
+            )
+        fn, c_s = compile_aot(lambda p, x, s=solver, n=steps: jaxdiff_ode(p, x, s, n), params, x_j)
+        groups.append(
+            (f"{name} ODE", steps * per_step, lambda fn=fn: fn(params, x_j), c_s, peers, False)
+        )
+
+    ts = [float(t) for t in np.asarray(jnp.linspace(1.0, T_END, nfe + 1))]
+    peers = {}
+    if ok["torch"]:
+        peers["PyTorch loop"] = lambda: torch_em(net, x_t, ts)
+    if ok["torchsde"]:
+        peers["torchsde sdeint euler"] = lambda: torchsde_em(net, x_t, ts)
+    fn, c_s = compile_aot(lambda p, x, k: jaxdiff_vp(p, x, k, nfe, 1.0), params, x_j, key)
+    groups.append(
+        ("Euler-Maruyama reverse SDE", nfe, lambda fn=fn: fn(params, x_j, key), c_s, peers, True)
+    )
+
+    if ok["diffusers"]:
+        for ddim in (False, True):
+            eta = 0.0 if ddim else 1.0
+            fn, c_s = compile_aot(
+                lambda p, x, k, e=eta: jaxdiff_discrete(p, x, k, nfe, e), params, x_j, key
+            )
+            label = "DDIM, eta=0" if ddim else "DDPM ancestral"
+            peer = f"diffusers {'DDIMScheduler' if ddim else 'DDPMScheduler'}"
+            groups.append(
+                (
+                    f"{label} (jaxdiff stand-in: {'PF-ODE' if ddim else 'reverse-SDE'} Euler)",
+                    nfe,
+                    lambda fn=fn: fn(params, x_j, key),
+                    c_s,
+                    {peer: lambda d=ddim: diffusers_loop(net, x_t, nfe, d)},
+                    None if STAND_IN else not ddim,
+                )
+            )
+    return groups
+
+
+def _keep(outs: dict, name: str, fn):
+    """``fn`` that also stores its last output in ``outs[name]`` (for the checks)."""
+
+    def thunk():
+        outs[name] = fn()
+        return outs[name]
+
+    return thunk
+
+
+def _counted(net, counts: dict, peer: str, fn):
+    """``fn`` under ``torch.no_grad()``, recording its number of network calls in ``counts``."""
+    import torch
+
+    def thunk():
+        with torch.no_grad():
+            before = net.calls
+            out = fn()
+            counts[peer] = net.calls - before
+        return out
+
+    return thunk
+
+
+def _rows_for_batch(params, net, batch, nfe, repeats, ok):
+    import torch
+
+    x_np = np.asarray(jax.random.normal(jax.random.key(1), (batch, 2)))
+    x_j, x_t = jnp.asarray(x_np), torch.from_numpy(x_np.copy())
+    key = jax.random.key(2)
+    rows = []
+    for method, nfe_j, run_j, c_s, peers, stochastic in _groups(
+        params, net, x_j, x_t, key, nfe, ok
+    ):
+        if not peers:
+            continue
+        outs, counts = {}, {}
+        thunks = {"jaxdiff": _keep(outs, "jaxdiff", run_j)}
+        thunks.update(
+            {peer: _keep(outs, peer, _counted(net, counts, peer, fn)) for peer, fn in peers.items()}
+        )
+        res = interleaved(thunks, repeats=repeats)
+        x_jd = np.asarray(outs["jaxdiff"])
+        for peer in peers:
+            x_peer = outs[peer].numpy()
+            peer_s, jd_s = res[peer]["median_s"], res["jaxdiff"]["median_s"]
+            deterministic = stochastic is False  # None: no check (the DDPM/DDIM stand-in)
+            rows.append(
+                {
+                    "method": method,
+                    "peer": peer,
+                    "batch": batch,
+                    "nfe": nfe_j,
+                    "peer_nfe": counts[peer],
+                    "peer_ms": 1e3 * peer_s,
+                    "jaxdiff_ms": 1e3 * jd_s,
+                    "peer_samples_per_s": batch / peer_s,
+                    "jaxdiff_samples_per_s": batch / jd_s,
+                    "speedup": peer_s / jd_s,
+                    "jaxdiff_compile_s": c_s,
+                    "max_abs_diff": float(np.max(np.abs(x_peer - x_jd))) if deterministic else None,
+                    "energy_dist": (
+                        _energy(x_peer, x_jd) if stochastic is True and batch >= 256 else None
+                    ),
+                }
+            )
+            print(
+                f"    {method} / {peer}, batch {batch}: speedup {rows[-1]['speedup']:.2f}",
+                flush=True,
+            )
+    return rows
+
+
+def _energy(x, ref) -> float:
+    """Energy distance of ``x`` to ``ref``, both standardised by ``ref``'s mean and std."""
+    ref = np.asarray(ref, np.float64)
+    mean, std = ref.mean(0), ref.std(0)
+    z = lambda a: jnp.asarray((np.asarray(a, np.float64) - mean) / std, jnp.float32)  # noqa: E731
+    return float(jd.energy_distance(z(x), z(ref)))
+
+
+def _baseline_energy(params, batch, nfe) -> float:
+    """Energy distance between two jaxdiff reverse-SDE runs with different keys (same x_init)."""
+    x = jax.random.normal(jax.random.key(1), (batch, 2))
+    fn = jax.jit(lambda k: jaxdiff_vp(params, x, k, nfe, 1.0))
+    return _energy(fn(jax.random.key(3)), fn(jax.random.key(2)))
+
+
+def _plot(rows, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(f"{r['method']} | {r['peer']}" for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(labels) + 1.2), dpi=80)
+    height = 0.8 / len(batches)
+    for j, b in enumerate(batches):
+        by = {f"{r['method']} | {r['peer']}": r["speedup"] for r in rows if r["batch"] == b}
+        ys = [i + j * height for i in range(len(labels))]
+        ax.barh(ys, [by.get(lab, np.nan) for lab in labels], height=height, label=f"batch {b}")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))])
+    ax.set_yticklabels(
+        [lab.replace(" (jaxdiff stand-in", "\n(stand-in") for lab in labels], fontsize=6
+    )
+    ax.invert_yaxis()
+    ax.set_xlabel("peer time / jaxdiff time (> 1: jaxdiff faster)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(quick: bool) -> dict:
+    ok = _installed()
+    missing = [name for name, version in ok.items() if version is None]
+    if ok["torch"] is None:
+        return {
+            "rows": [],
+            "notes": "PyTorch is not installed (pip install -e '.[bench]'): no peer compared.",
+        }
+    import torch
+
+    torch.set_num_threads(jax_cores())
+    torch.manual_seed(0)
+    params = mlp_init(jax.random.key(0), dim=2, width=256)
+    net = torch_mlp(params)
+    batches = [64, 1024] if quick else [1, 64, 4096]
+    nfe = 50 if quick else 100
+    rows = []
+    for batch in batches:
+        repeats = (5 if quick else 10) if batch <= 64 else (2 if quick else 3)
+        rows += _rows_for_batch(params, net, batch, nfe, repeats, ok)
+    base = _baseline_energy(params, batches[-1], nfe)
+    out = os.environ.get("JAXDIFF_BENCH_OUT")
+    plots = []
+    if out and rows:
+        path = os.path.join(out, f"peers{'-quick' if quick else ''}.png")
+        _plot(rows, path)
+        plots.append(path)
+    versions = ", ".join(f"{k} {v}" for k, v in ok.items() if v)
+    notes = (
+        f"Peers: {versions}; torch threads {torch.get_num_threads()} = JAX's cores {jax_cores()}, "
+        "torch.no_grad(). speedup = peer time / jaxdiff time (medians of interleaved runs; > 1: "
+        "jaxdiff is faster); jaxdiff_compile_s (XLA lowering + compilation) is excluded from "
+        "jaxdiff_ms; PyTorch is eager (no compile). ODE rows: the MLP as a linear-path velocity, the "
+        "same initial noise and grid; max_abs_diff = max |x_peer - x_jaxdiff| over the final "
+        "samples (float32: the same computation up to rounding). flow_matching runs in its own "
+        "t = 0-is-noise convention (s = 1 - t, velocity -u). torchdiffeq's rk4 is the 3/8 rule, so "
+        "jaxdiff runs a diffrax ERK with that tableau (benchmarks.peers.RK38). SDE rows: x0 network "
+        "on the VP path; energy_dist = energy distance of the peer's samples to jaxdiff's "
+        f"(different noise; standardised), against {base:.1e} between two jaxdiff runs with "
+        f"different keys at batch {batches[-1]}. torchsde calls the drift once more than the "
+        "steps, to check shapes. diffusers rows: "
+        + (
+            "jaxdiff's side is a stand-in (reverse SDE / PF-ODE, Euler, same NFE and network; a "
+            "different computation, so no check) until jaxdiff's own DDPM/DDIM samplers land "
+            "(issue 4; hook: benchmarks.peers.jaxdiff_discrete and STAND_IN). "
+            if STAND_IN
+            else "jaxdiff's own DDPM/DDIM on the same chain. "
+        )
+        + "peer_nfe counts the network calls. "
+        + (
+            f"Not installed, not compared: {', '.join(missing)}."
+            if missing
+            else "All peers installed."
+        )
+    )
+    return {"rows": rows, "notes": notes, "plots": plots, "baseline_energy_dist": base}

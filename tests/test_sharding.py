@@ -1,0 +1,76 @@
+"""Sharded sampling: the batch split over 4 fake CPU devices gives the samples of one device.
+
+The fake devices need ``XLA_FLAGS`` before JAX starts, so the check runs in a subprocess. It uses
+the default error mode (``EQX_ON_ERROR`` unset): runtime checks must not replicate the batch.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxdiff._checks import check_finite
+
+SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import jaxdiff as jd
+
+assert jax.device_count() == 4, jax.devices()
+data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-1.0, 1.5]]), std=0.5)
+path = jd.vp_path()
+field = data.field(path, "eps")
+x = jax.random.normal(jax.random.key(0), (256, 2))
+mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+x_sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+
+@jax.jit
+def sample(x, key):  # the reverse SDE: drift (all of the ODE) and noise
+    return (jd.sample(key, path, field, x_init=x, target="eps", eta=1.0, steps=20).x,)
+
+key = jax.random.key(1)
+one = sample(x, key)
+four = sample(x_sharded, key)
+print(json.dumps({
+    "devices_in": [len(a.sharding.device_set) for a in one],
+    "devices_out": [len(a.sharding.device_set) for a in four],
+    "replicated": [a.sharding.is_fully_replicated for a in four],
+    "spec": [str(a.sharding.spec) for a in four],
+    "max_diff": [float(jnp.max(jnp.abs(a - b))) for a, b in zip(one, four)],
+    "scale": [float(jnp.max(jnp.abs(a))) for a in one],
+}))
+"""
+
+
+def test_sharded_sampling_matches_one_device():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("EQX_ON_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices_in"] == [1]
+    # Each device holds a quarter of the batch: the samples stay sharded, not replicated.
+    assert out["devices_out"] == [4]
+    assert out["replicated"] == [False]
+    assert all("data" in spec for spec in out["spec"])
+    # Same numbers up to float32 rounding (measured 5e-7); the noise is the same because jax's
+    # threefry keys are partitionable. Samples are O(3).
+    assert out["scale"][0] > 1.0
+    assert out["max_diff"][0] < 1e-4, out
+
+
+def test_check_finite_under_jit_keeps_working():
+    """The runtime check threads a scalar flag (keeping x's sharding) and still raises."""
+    fn = jax.jit(lambda x: 2.0 * check_finite(x, "x"))
+    assert jnp.array_equal(fn(jnp.ones(3)), 2.0 * jnp.ones(3))
+    with pytest.raises(Exception, match="non-finite"):
+        jax.block_until_ready(fn(jnp.array([1.0, jnp.nan, 1.0])))
