@@ -28,7 +28,7 @@ importing to turn them into NaNs when timing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import diffrax
 import equinox as eqx
@@ -41,6 +41,7 @@ from jax.typing import ArrayLike
 from jaxdiff._checks import as_time, check_finite, concrete, error_if
 
 Array = jax.Array
+PyTree = Any  # for ODEs the state may be any pytree of arrays, e.g. ``(x, logp)``
 Drift = Callable[[Array, Array], Array]
 
 __all__ = ["Solution", "integrate"]
@@ -54,9 +55,9 @@ class Solution(NamedTuple):
     drift (the network); ``num_steps``: solver steps taken (rejected ones included).
     """
 
-    x: Array
+    x: Array | PyTree
     ts: Array | None
-    xs: Array | None
+    xs: Array | PyTree | None
     nfe: Array
     num_steps: Array
 
@@ -132,7 +133,9 @@ def _save_slots(grid: Array, save_ts: Array) -> Array:
 
 
 def _terms(drift, diffusion, sign, x, key, bm):
-    ode = diffrax.ODETerm(lambda tau, y, args: sign * drift(y, sign * tau))
+    ode = diffrax.ODETerm(
+        lambda tau, y, args: jax.tree.map(lambda v: sign * v, drift(y, sign * tau))
+    )
     if diffusion is None:
         return ode
 
@@ -157,7 +160,7 @@ def _levy_area(solver):
 
 def integrate(
     drift: Drift,
-    x: ArrayLike,
+    x: ArrayLike | PyTree,
     *,
     ts: ArrayLike | None = None,
     t_start: ArrayLike | None = None,
@@ -178,7 +181,8 @@ def integrate(
     returns an array that broadcasts to ``x`` (independent noise per coordinate). ``t`` reaches
     both as a scalar. The grid is ``ts`` or ``steps`` uniform steps; with ``rtol``/``atol`` the
     step is adaptive, starting from ``(t_end - t_start) / steps``. ``solver`` is any diffrax
-    solver (default ``diffrax.Euler()``: Euler, or Euler--Maruyama for an SDE).
+    solver (default ``diffrax.Euler()``: Euler, or Euler--Maruyama for an SDE). For an ODE, ``x``
+    may be a pytree of arrays (``drift`` returns the same structure), e.g. ``(x, logp)``.
 
     >>> import jax.numpy as jnp
     >>> sol = integrate(lambda x, t: -x, jnp.ones(3), t_start=0.0, t_end=1.0, steps=1000)
@@ -186,14 +190,16 @@ def integrate(
     (0.368, 1000)
     """
     solver = diffrax.Euler() if solver is None else solver
-    x = check_finite(jnp.asarray(x), "the initial state x")
+    x = check_finite(jax.tree.map(jnp.asarray, x), "the initial state x")
     if diffusion is not None and key is None:
         raise ValueError("an SDE (diffusion is not None) needs a PRNG key")
+    if diffusion is not None and not isinstance(x, jax.Array):
+        raise ValueError("an SDE's state must be a single array; pytree states are for ODEs")
     adaptive = rtol is not None or atol is not None
     if adaptive and steps is None:
         steps = 100  # only sets the first trial step
     grid = _grid(ts, t_start, t_end, steps)
-    grid = grid.astype(jnp.result_type(x, grid))
+    grid = grid.astype(jnp.result_type(*jax.tree.leaves(x), grid))
     sign = jnp.sign(grid[-1] - grid[0])
     taus = sign * grid
     count = _Counter(drift)
@@ -219,7 +225,10 @@ def integrate(
     save_ts = None if save_ts is None else jnp.atleast_1d(as_time(save_ts)).astype(grid.dtype)
     if save_ts is not None:
         slots = _save_slots(grid, save_ts)
-        buf = jnp.zeros(save_ts.shape + x.shape, x.dtype).at[slots[0]].set(x, mode="drop")
+        buf = jax.tree.map(
+            lambda v: jnp.zeros(save_ts.shape + v.shape, v.dtype).at[slots[0]].set(v, mode="drop"),
+            x,
+        )
         step_slots = slots[1:]
     else:
         buf, step_slots = None, jnp.zeros((n_steps,), jnp.int32)
@@ -229,7 +238,7 @@ def integrate(
         tau0, tau1, slot = inputs
         y, _, _, state, _ = solver.step(terms, tau0, tau1, y, None, state, False)
         if buf is not None:
-            buf = buf.at[slot].set(y, mode="drop")
+            buf = jax.tree.map(lambda b, v: b.at[slot].set(v, mode="drop"), buf, y)
         return (y, state, buf), None
 
     (y, _, buf), _ = jax.lax.scan(body, (x, state0, buf), (taus[:-1], taus[1:], step_slots))
@@ -251,7 +260,9 @@ def _adaptive(
     terms = _terms(count, diffusion, sign, x, key, bm)
     # Closed-over arrays (network parameters) become explicit ``args``, as BacksolveAdjoint's
     # custom VJP requires; the converted drift evaluates the same jaxpr.
-    drift = eqx.filter_closure_convert(lambda y, tau: sign * count.fn(y, sign * tau), x, tau0)
+    drift = eqx.filter_closure_convert(
+        lambda y, tau: jax.tree.map(lambda v: sign * v, count.fn(y, sign * tau)), x, tau0
+    )
     ode = diffrax.ODETerm(lambda tau, y, args: args(y, tau))
     solve_terms = ode if diffusion is None else diffrax.MultiTerm(ode, terms.terms[1])
     controller = diffrax.PIDController(
@@ -282,11 +293,11 @@ def _adaptive(
         lambda: solver.step(terms, tau0, taus[1], x, None, state0, False),
     )
     y = error_if(
-        sol.ys[-1],
+        jax.tree.map(lambda v: v[-1], sol.ys),
         sol.result != diffrax.RESULTS.successful,
         "the adaptive solve did not finish: raise max_steps or loosen rtol/atol",
     )
     y = check_finite(y, "the solution (check the field, the time range and the tolerances)")
     n = sol.stats["num_steps"]
-    xs = None if save_ts is None else sol.ys[:-1]
+    xs = None if save_ts is None else jax.tree.map(lambda v: v[:-1], sol.ys)
     return Solution(y, save_ts, xs, init_calls + step_calls * n, n)
