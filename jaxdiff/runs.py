@@ -87,18 +87,21 @@ def make_sampler(
     return run
 
 
+def _measure(c, setup, x, labels, n) -> tuple[dict, np.ndarray]:
+    """Metrics of samples ``x`` against held-out data (and, for 2-D data, the two-true-sets floor)."""
+    if c["data"] == "digits":
+        metrics = E.digits_metrics(x, labels if setup.num_classes else None)
+        return metrics, E.reference_data(c, n)[0]
+    reference = E.reference_data(c, n, 0)[0]
+    return E.toy_metrics(x, reference, E.reference_data(c, n, 1)[0]), reference
+
+
 def evaluate(c, setup, draw, params, key, n, *, log=print, plot: Path | None = None) -> dict:
     """Sample ``n`` points with ``draw`` (``make_sampler``) and measure them against held-out data."""
     start = E.now()
     x, labels = draw(params, key, n)
     seconds = E.now() - start
-    if c["data"] == "digits":
-        metrics = E.digits_metrics(x, labels if setup.num_classes else None)
-        reference, _ = E.reference_data(c, n)
-    else:
-        reference, _ = E.reference_data(c, n, 0)
-        reference2, _ = E.reference_data(c, n, 1)
-        metrics = E.toy_metrics(x, reference, reference2)
+    metrics, reference = _measure(c, setup, x, labels, n)
     metrics["sample_seconds"] = seconds
     log("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     if plot is not None:
@@ -258,12 +261,7 @@ def sample_run(
     start = E.now()
     x, used = draw(params, jax.random.key(seed), n, labels)
     seconds = E.now() - start
-    if c["data"] == "digits":
-        metrics = E.digits_metrics(x, used if setup.num_classes else None)
-        reference, _ = E.reference_data(c, n)
-    else:
-        reference, _ = E.reference_data(c, n, 0)
-        metrics = E.toy_metrics(x, reference, E.reference_data(c, n, 1)[0])
+    metrics, reference = _measure(c, setup, x, used, n)
     metrics.update(sample_seconds=seconds, solver=solver, steps=steps, eta=eta, guidance=guidance)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "samples.npz", samples=x, labels=used)

@@ -95,6 +95,21 @@ class LabelEmbedding(nn.Module):
         return nn.Embed(self.num_classes + 1, self.dim)(labels)
 
 
+def conditioning(
+    t: ArrayLike, labels: Array | None, batch: int, dtype, dim: int, kind: str, num_classes
+) -> Array:
+    """``silu(TimeEmbedding(t) + LabelEmbedding(labels))``: what every block is conditioned on.
+
+    Call it inside a network's ``nn.compact`` method: the embeddings become its submodules.
+    """
+    cond = TimeEmbedding(dim, kind)(batch_times(t, batch, dtype))
+    if num_classes is not None:
+        cond = cond + LabelEmbedding(num_classes, dim)(labels, batch)
+    elif labels is not None:
+        raise ValueError("labels given to a model built without num_classes")
+    return nn.silu(cond)
+
+
 def init_params(model, key: Array, *args, **kwargs):
     """``model.init(key, *args)`` jitted with XLA's backend optimisations off.
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff.nets.embeddings import LabelEmbedding, TimeEmbedding, batch_times
+from jaxdiff.nets.embeddings import conditioning
 
 Array = jax.Array
 
@@ -43,12 +43,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array, t: ArrayLike, labels: Array | None = None) -> Array:
         batch, shape = x.shape[0], x.shape
-        cond = TimeEmbedding(self.emb_dim, self.time_embedding)(batch_times(t, batch, x.dtype))
-        if self.num_classes is not None:
-            cond = cond + LabelEmbedding(self.num_classes, self.emb_dim)(labels, batch)
-        elif labels is not None:
-            raise ValueError("labels given to a model built without num_classes")
-        cond = nn.silu(cond)
+        cond = conditioning(
+            t, labels, batch, x.dtype, self.emb_dim, self.time_embedding, self.num_classes
+        )
         h = nn.Dense(self.width)(jnp.concatenate([x.reshape(batch, -1), cond], axis=-1))
         for _ in range(self.depth):
             h = h + nn.Dense(self.width)(nn.silu(h + nn.Dense(self.width)(cond)))

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff.nets.embeddings import LabelEmbedding, TimeEmbedding, batch_times
+from jaxdiff.nets.embeddings import conditioning
 
 Array = jax.Array
 
@@ -86,12 +86,9 @@ class UNet(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"UNet takes images (batch, height, width, channels); got {x.shape}")
         batch = x.shape[0]
-        cond = TimeEmbedding(self.emb_dim, self.time_embedding)(batch_times(t, batch, x.dtype))
-        if self.num_classes is not None:
-            cond = cond + LabelEmbedding(self.num_classes, self.emb_dim)(labels, batch)
-        elif labels is not None:
-            raise ValueError("labels given to a model built without num_classes")
-        cond = nn.silu(cond)
+        cond = conditioning(
+            t, labels, batch, x.dtype, self.emb_dim, self.time_embedding, self.num_classes
+        )
 
         h = nn.Conv(self.channels[0], (3, 3))(x)
         skips = [h]
