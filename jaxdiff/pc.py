@@ -12,11 +12,13 @@ pair): :func:`euler_maruyama_predictor`, :func:`reverse_diffusion_predictor`,
 :func:`ancestral_predictor`, or ``None`` (corrector only).
 
 The corrector's step follows the **signal-to-noise rule**: ``step = 2 a (snr |z| / |score|)^2``
-per sample (norms over each sample's coordinates; ``a = (alpha_s / alpha_t)^2``, DDPM's
-``1 - beta_i``, and ``1`` on VE). ``snr`` is the ratio of the norm of the drift ``step * score``
-to that of the noise ``sqrt(2 step) z``, divided by ``sqrt(a)``: the size of the pull towards
-higher density relative to the injected noise (``0.16`` for CIFAR-10 in Song et al.; score_sde
-averages the two norms over the batch, we keep samples independent).
+with ``|.|`` the per-sample norm averaged over the batch (as score_sde; ``a = (alpha_t /
+alpha_s)^2``, DDPM's ``1 - beta_i``, and ``1`` on VE). ``snr`` is the ratio of the norm of the
+drift ``step * score`` to that of the noise ``sqrt(2 step) z``, divided by ``sqrt(a)``: the size of
+the pull towards higher density relative to the injected noise (``0.16`` for CIFAR-10 in Song et
+al.). The batch average couples the samples through one scalar step size per time; a per-sample
+ratio would not, but it explodes where a sample's score is near 0 (at the modes) and is wrong in
+low dimension.
 
 Both end with an optional **denoising step** to ``t = 0``: ``x <- E[x0 | x_t]`` (Tweedie; Song &
 Ermon 2020), one network call.
@@ -85,8 +87,10 @@ def ancestral_predictor(
     return mean + jnp.sqrt(var) * _normal(key, x)
 
 
-def _sample_norm(v):
-    return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)), keepdims=True))
+def _mean_norm(v):
+    """Mean over the batch of the per-sample norms (score_sde's rule; a per-sample ratio blows up
+    where ``|score|`` is near 0, at the modes, and kicks those samples away)."""
+    return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)))))
 
 
 def _corrector(key, path, field, x, t, s, target, snr, n_steps):
@@ -97,7 +101,7 @@ def _corrector(key, path, field, x, t, s, target, snr, n_steps):
         _, eps = _loop.predict(path, field, x, t, target)
         score = -eps / path.sigma(t)
         z = _normal(k, x)
-        step = 2.0 * a * jnp.square(snr * _sample_norm(z) / _sample_norm(score))
+        step = 2.0 * a * jnp.square(snr * _mean_norm(z) / _mean_norm(score))
         return x + step * score + jnp.sqrt(2.0 * step) * z, None
 
     return jax.lax.scan(one, x, jax.random.split(key, n_steps))[0]
