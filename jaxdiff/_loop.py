@@ -17,8 +17,8 @@ import numpy as np
 
 from jaxdiff._checks import as_time, check_finite, check_time, concrete, expand_like
 from jaxdiff.conversions import Target, _check_target, to_x0_eps
-from jaxdiff.paths import GaussianPath
 from jaxdiff.integrate import _save_slots
+from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
 Field = Callable[[Array, Array], Array]

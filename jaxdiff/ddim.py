@@ -25,8 +25,8 @@ from jax.typing import ArrayLike
 from jaxdiff import _loop
 from jaxdiff._checks import check_finite, check_time, concrete, expand_like
 from jaxdiff.conversions import Target
-from jaxdiff.paths import GaussianPath
 from jaxdiff.integrate import Solution
+from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
 Field = Callable[[Array, Array], Array]

@@ -31,8 +31,8 @@ from jax.typing import ArrayLike
 from jaxdiff import _loop
 from jaxdiff._checks import as_time, check_positive, concrete, expand_like
 from jaxdiff.conversions import Target
-from jaxdiff.paths import GaussianPath
 from jaxdiff.integrate import Solution
+from jaxdiff.paths import GaussianPath
 from jaxdiff.schedules import alpha_bars
 
 Array = jax.Array

@@ -27,8 +27,8 @@ from jax.typing import ArrayLike
 from jaxdiff import _loop
 from jaxdiff._checks import check_positive, concrete
 from jaxdiff.conversions import Target
-from jaxdiff.paths import GaussianPath
 from jaxdiff.integrate import Solution
+from jaxdiff.paths import GaussianPath
 from jaxdiff.schedules import karras_grid, log_snr_grid
 
 Array = jax.Array

@@ -35,8 +35,8 @@ from jax.typing import ArrayLike
 
 from jaxdiff._checks import check_finite, check_order, check_time
 from jaxdiff.conversions import Target, _check_target
-from jaxdiff.paths import GaussianPath
 from jaxdiff.integrate import integrate
+from jaxdiff.paths import GaussianPath
 from jaxdiff.sde import probability_flow_drift
 
 Array = jax.Array

@@ -36,8 +36,8 @@ from jaxdiff import _loop
 from jaxdiff._checks import as_time, check_positive, expand_like
 from jaxdiff.conversions import Target, from_x0_eps
 from jaxdiff.ddpm import posterior
-from jaxdiff.paths import GaussianPath
 from jaxdiff.integrate import Solution
+from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
 Field = Callable[[Array, Array], Array]
