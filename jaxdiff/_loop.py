@@ -38,7 +38,9 @@ def decreasing_grid(ts: Any, name: str = "ts") -> Array:
     return ts
 
 
-def initial_state(key: Array, path: GaussianPath, field: Field, shape, x_init, t0: Array) -> Array:
+def initial_state(
+    key: Array | None, path: GaussianPath, field: Field, shape, x_init, t0: Array
+) -> Array:
     """``x_init``, or a draw of ``N(0, sigma_{t0}^2 I)``; checks ``field``'s output shape."""
     if x_init is None:
         if shape is None:
@@ -53,6 +55,17 @@ def initial_state(key: Array, path: GaussianPath, field: Field, shape, x_init, t
             "must predict its target with x's shape"
         )
     return x_init
+
+
+def split_key(key: Array | None, x_init, deterministic: bool) -> tuple[Array | None, Array]:
+    """``(prior_key, key)``; ``key`` may be ``None`` for a deterministic sampler started at ``x_init``."""
+    if key is None:
+        if x_init is None or not deterministic:
+            raise ValueError(
+                "sampling from the prior or with noise (eta, churn > 0) needs a PRNG key"
+            )
+        return None, jax.random.key(0)
+    return tuple(jax.random.split(key))
 
 
 def predict(

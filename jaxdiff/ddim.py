@@ -66,7 +66,7 @@ def _check_eta(eta) -> None:
 
 
 def ddim_sample(
-    key: Array,
+    key: Array | None,
     path: GaussianPath,
     field: Field,
     shape: tuple[int, ...] | None = None,
@@ -94,10 +94,10 @@ def ddim_sample(
     """
     _check_eta(eta)
     grid = _loop.decreasing_grid(jnp.linspace(1.0, 0.0, int(steps) + 1) if ts is None else ts)
-    prior_key, key = jax.random.split(key)
+    stochastic = concrete(eta) is None or np.any(concrete(eta) != 0)
+    prior_key, key = _loop.split_key(key, x_init, not stochastic)
     x = _loop.initial_state(prior_key, path, field, shape, x_init, grid[0])
     grid = grid.astype(x.dtype)
-    stochastic = concrete(eta) is None or np.any(concrete(eta) != 0)
 
     def step(carry, t, s, k, i):
         (x,) = carry

@@ -43,7 +43,7 @@ def _edm_sigma(path, t):
 
 
 def edm_sample(
-    key: Array,
+    key: Array | None,
     path: GaussianPath,
     field: Field,
     shape: tuple[int, ...] | None = None,
@@ -68,7 +68,7 @@ def edm_sample(
     steps, sqrt(2) - 1)`` where ``s_tmin <= s <= s_tmax`` (EDM's units), scaled by ``s_noise``;
     ``churn = 0`` is the deterministic sampler. Where ``alpha_t = 0`` (``t = 1`` on the linear
     path) ``s`` is infinite and the first step is Euler's (a DDIM step). NFE = ``2 steps +
-    denoise`` (one less with that Euler step); EDM's 18-point grid is ``steps = 17``: 35 NFE.
+    denoise`` (one less with that Euler step when the grid is concrete, i.e. not traced); EDM's 18-point grid is ``steps = 17``: 35 NFE.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
@@ -82,7 +82,8 @@ def edm_sample(
     check_positive(s_noise, "s_noise", strict=False)
     grid = karras_grid(path, steps, t_start, t_end, rho) if ts is None else ts
     grid = _loop.decreasing_grid(grid)
-    prior_key, key = jax.random.split(key)
+    deterministic = concrete(churn) is not None and not np.any(concrete(churn) != 0)
+    prior_key, key = _loop.split_key(key, x_init, deterministic)
     x = _loop.initial_state(prior_key, path, field, shape, x_init, grid[0])
     grid = grid.astype(x.dtype)
     n = grid.shape[0] - 1
@@ -109,7 +110,9 @@ def edm_sample(
         x_euler = a_s * x0_1 + sig_s * eps_1
         _, eps_2 = pred(x_euler, s)
         dsig = sig_s - a_s * _edm_sigma(path, t_hat)
-        return ((a_s / a_hat) * x_hat + dsig * 0.5 * (eps_1 + eps_2),)
+        heun = (a_s / jnp.where(a_hat > 0, a_hat, 1.0)) * x_hat + dsig * 0.5 * (eps_1 + eps_2)
+        # where alpha = 0 (s = inf; a traced grid starting at t = 1 on the linear path): Euler
+        return (jnp.where(a_hat > 0, heun, x_euler),)
 
     nfe = 2 * n + int(denoise)
     a0 = concrete(path.alpha(grid[0]))
@@ -150,7 +153,7 @@ def _dpm_update(order, x, m0, m1, m2, h, h1, h2, ratio, a_s):
 
 
 def dpm_solver_pp(
-    key: Array,
+    key: Array | None,
     path: GaussianPath,
     field: Field,
     shape: tuple[int, ...] | None = None,
@@ -188,7 +191,7 @@ def dpm_solver_pp(
     grid = _loop.decreasing_grid(grid)
     if denoise:
         grid = jnp.concatenate([grid, jnp.zeros((1,), grid.dtype)])
-    prior_key, key = jax.random.split(key)
+    prior_key, key = _loop.split_key(key, x_init, True)
     x = _loop.initial_state(prior_key, path, field, shape, x_init, grid[0])
     grid = grid.astype(x.dtype)
     n = grid.shape[0] - 1
