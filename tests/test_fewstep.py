@@ -60,14 +60,14 @@ def test_few_step_samplers_recover_the_mixture(name, target, true_samples):
     def run(key):
         k1, k2, k3, k4 = jax.random.split(key, 4)
         return (
-            jd.edm_sample(k1, path, field, (N, 2), target=target, steps=12),
+            jd.edm_sample(k1, path, field, (N, 2), target=target, steps=17),
             jd.edm_sample(k2, path, field, (N, 2), target=target, steps=24, churn=10.0),
             jd.dpm_solver_pp(k3, path, field, (N, 2), target=target, steps=19, order=2),
             jd.dpm_solver_pp(k4, path, field, (N, 2), target=target, steps=19, order=3),
         )
 
     sols = run(jax.random.key(1))
-    assert [int(s.nfe) for s in sols] in ([25, 49, 20, 20], [24, 48, 20, 20])  # linear: Euler first
+    assert [int(s.nfe) for s in sols] in ([35, 49, 20, 20], [34, 48, 20, 20])  # linear: Euler first
     for sol in sols:
         _check(sol.x, true_samples)
 
@@ -88,7 +88,7 @@ def test_convergence_orders_on_a_gaussian(x64):
         x = sampler(None, path, field, steps=steps, **kw, **extra).x
         return float(jnp.sqrt(jnp.mean((x - ref) ** 2)))
 
-    for order, expect in ((1, 1.0), (2, 2.0), (3, 3.0)):
+    for order, expect in ((2, 2.0), (3, 3.0)):  # order 1 (DDIM): test_discrete.py
         e = [err(jd.dpm_solver_pp, s, order=order, lower_order_final=False) for s in (20, 40)]
         assert np.log2(e[0] / e[1]) > expect - 0.3, (order, e)
     e = [err(jd.edm_sample, s) for s in (20, 40)]
