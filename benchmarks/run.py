@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.common import device_tag, environment
 
-SECTIONS = ["solver_overhead", "peers", "training", "scaling"]
+SECTIONS = ["solver_overhead", "peers", "accuracy", "training", "likelihood", "scaling"]
 RESULTS = Path(__file__).parent / "results"
 
 

@@ -12,8 +12,29 @@ import importlib as _importlib
 
 from jaxdiff import data, losses
 from jaxdiff.conversions import TARGETS, Target, convert, from_x0_eps, to_x0_eps
+from jaxdiff.ddim import ddim_invert, ddim_sample, ddim_step
+from jaxdiff.ddpm import (
+    ancestral_sample,
+    discrete_path,
+    forward_chain,
+    leading_timesteps,
+    linspace_timesteps,
+    posterior,
+    rescale_zero_terminal_snr,
+    reverse_mean_var,
+    trailing_timesteps,
+)
+from jaxdiff.elbo import (
+    NELBO,
+    bits_per_dim,
+    denoising_weight,
+    discretized_gaussian_log_prob,
+    nelbo,
+)
+from jaxdiff.fewstep import dpm_solver_pp, edm_sample
 from jaxdiff.guidance import classifier_free_guidance, classifier_guidance
 from jaxdiff.integrate import Solution, integrate
+from jaxdiff.likelihood import Likelihood, dequantize, divergence, log_likelihood
 from jaxdiff.losses import (
     diffusion_loss,
     eps_loss,
@@ -43,6 +64,13 @@ from jaxdiff.paths import (
     subvp_path,
     ve_path,
     vp_path,
+)
+from jaxdiff.pc import (
+    ancestral_predictor,
+    annealed_langevin,
+    euler_maruyama_predictor,
+    pc_sample,
+    reverse_diffusion_predictor,
 )
 from jaxdiff.sample import sample
 from jaxdiff.schedules import (
@@ -74,6 +102,34 @@ def __getattr__(name):
 
 
 __all__ = [
+    "ddim_invert",
+    "ddim_sample",
+    "ddim_step",
+    "ancestral_sample",
+    "discrete_path",
+    "forward_chain",
+    "leading_timesteps",
+    "linspace_timesteps",
+    "posterior",
+    "rescale_zero_terminal_snr",
+    "reverse_mean_var",
+    "trailing_timesteps",
+    "NELBO",
+    "bits_per_dim",
+    "denoising_weight",
+    "discretized_gaussian_log_prob",
+    "nelbo",
+    "dpm_solver_pp",
+    "edm_sample",
+    "Likelihood",
+    "dequantize",
+    "divergence",
+    "log_likelihood",
+    "ancestral_predictor",
+    "annealed_langevin",
+    "euler_maruyama_predictor",
+    "pc_sample",
+    "reverse_diffusion_predictor",
     "GaussianMixture",
     "GaussianPath",
     "Solution",

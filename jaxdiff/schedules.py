@@ -7,6 +7,8 @@ times for samplers. Grids run from ``t_start`` (default 1, the prior) down to ``
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -86,9 +88,18 @@ def quadratic_grid(steps: int, t_start: ArrayLike = 1.0, t_end: ArrayLike = 1e-3
 def log_snr_grid(
     path: GaussianPath, steps: int, t_start: ArrayLike = 1.0, t_end: ArrayLike = 1e-3
 ) -> Array:
-    """Times equally spaced in log-SNR ``lambda_t`` between ``t_start`` and ``t_end`` (Lu et al. 2022)."""
+    """Times equally spaced in log-SNR ``lambda_t`` between ``t_start`` and ``t_end`` (Lu et al. 2022).
+
+    Where ``alpha(t_start) = 0`` (``t = 1`` on the linear and cosine paths) ``lambda`` is ``-inf``:
+    the grid keeps ``t_start`` as its first point and spaces the other ``steps`` points uniformly
+    from ``lambda = -2 log 80`` (EDM's ``sigma_max = 80``) to ``lambda(t_end)``.
+
+    >>> from jaxdiff import linear_path
+    >>> [round(t, 3) for t in log_snr_grid(linear_path(), 3).tolist()]
+    [1.0, 0.988, 0.221, 0.001]
+    """
     steps = _check_steps(steps)
-    lam = jnp.linspace(_log_snr_start(path, t_start), path.log_snr(t_end), steps + 1)
+    lam = _spaced(path, steps, t_start, t_end, lambda u, lo, hi: lo + u * (hi - lo))
     return _pin_ends(path.t_from_log_snr(lam), t_start, t_end)
 
 
@@ -105,19 +116,35 @@ def karras_grid(
     """
     steps = _check_steps(steps)
     check_positive(rho, "rho")
-    s_hi = jnp.exp(-0.5 * _log_snr_start(path, t_start))
-    s_lo = jnp.exp(-0.5 * path.log_snr(t_end))
-    u = jnp.linspace(0.0, 1.0, steps + 1)
-    s = (s_hi ** (1 / rho) + u * (s_lo ** (1 / rho) - s_hi ** (1 / rho))) ** rho
-    return _pin_ends(path.t_from_log_snr(-2.0 * jnp.log(s)), t_start, t_end)
+
+    def spacing(u, lam_hi, lam_lo):  # uniform in s^(1/rho), s = exp(-lambda / 2)
+        lo, hi = jnp.exp(-lam_hi / (2 * rho)), jnp.exp(-lam_lo / (2 * rho))
+        return -2.0 * rho * jnp.log(lo + u * (hi - lo))
+
+    lam = _spaced(path, steps, t_start, t_end, spacing)
+    return _pin_ends(path.t_from_log_snr(lam), t_start, t_end)
 
 
-def _log_snr_start(path: GaussianPath, t_start) -> Array:
-    """``log_snr(t_start)``, or just before ``t_start`` where ``alpha = 0`` makes it ``-inf``
-    (``t = 1`` on the linear and cosine paths)."""
-    t = jnp.asarray(t_start, dtype=jnp.result_type(float))
-    lam = path.log_snr(t)
-    return jnp.where(jnp.isfinite(lam), lam, path.log_snr(jnp.minimum(t, 1.0 - 1e-4)))
+_LOG_SNR_CAP = -2.0 * math.log(80.0)  # EDM's sigma_max = 80, for starts where alpha = 0
+
+
+def _spaced(path: GaussianPath, steps: int, t_start, t_end, spacing) -> Array:
+    """``steps + 1`` log-SNRs from ``lambda(t_start)`` to ``lambda(t_end)`` by ``spacing(u, hi, lo)``.
+
+    Where ``lambda(t_start) = -inf`` (``alpha = 0``) the first point stays ``-inf`` and the other
+    ``steps`` are spaced from ``_LOG_SNR_CAP``: the first step is then the exact-in-the-limit
+    step from pure noise (DDIM / DPM-Solver handle ``h = inf``)."""
+    dtype = jnp.result_type(float)
+    lam_start = path.log_snr(jnp.asarray(t_start, dtype))
+    lam_end = path.log_snr(jnp.asarray(t_end, dtype))
+    finite = jnp.isfinite(lam_start)
+    lam_hi = jnp.where(finite, lam_start, _LOG_SNR_CAP)
+    regular = spacing(jnp.linspace(0.0, 1.0, steps + 1, dtype=dtype), lam_hi, lam_end)
+    if steps == 1:
+        return regular
+    tail = spacing(jnp.linspace(0.0, 1.0, steps, dtype=dtype), lam_hi, lam_end)
+    capped = jnp.concatenate([jnp.full((1,), -jnp.inf, dtype), tail])
+    return jnp.where(finite, regular, capped)
 
 
 def _pin_ends(ts: Array, t_start, t_end) -> Array:

@@ -1,0 +1,117 @@
+"""Accuracy against NFE: energy distance of every sampler's output to true samples of a mixture.
+
+The data is the 3-component 2-D mixture of ``tests/test_sample.py`` (means 5.2 apart, std 0.4),
+sampled through its exact oracle on the VP path (eps target), so the only error is the sampler's.
+The floor is the null energy distance between two independent sets of true samples of the same
+size. NFE is the sampler's own count (``Solution.nfe``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import diffrax
+import jax
+import jax.numpy as jnp
+
+import jaxdiff as jd
+
+TITLE = "Accuracy vs NFE: energy distance to true mixture samples"
+
+MEANS = jnp.array([[3.0, 0.0], [-1.5, 2.6], [-1.5, -2.6]])
+DATA = jd.GaussianMixture.isotropic(MEANS, std=0.4, weights=jnp.array([0.5, 0.3, 0.2]))
+PATH = jd.vp_path()
+
+
+def _samplers(n):
+    f = DATA.field(PATH, "eps")
+    kw = dict(target="eps")
+    return {  # name -> (nfe -> steps, run(key, steps))
+        "DDPM ancestral": (lambda e: e, lambda k, s: jd.ancestral_sample(k, PATH, f, (n, 2), steps=s, **kw)),
+        "DDIM (eta=0)": (lambda e: e, lambda k, s: jd.ddim_sample(k, PATH, f, (n, 2), steps=s, **kw)),
+        "Euler (PF-ODE)": (lambda e: e, lambda k, s: jd.sample(k, PATH, f, (n, 2), steps=s, **kw)),
+        "Heun (PF-ODE)": (lambda e: e // 2, lambda k, s: jd.sample(k, PATH, f, (n, 2), steps=s, solver=diffrax.Heun(), **kw)),
+        "EDM Heun": (lambda e: (e - 1) // 2, lambda k, s: jd.edm_sample(k, PATH, f, (n, 2), steps=s, **kw)),
+        "DPM-Solver++ 2M": (lambda e: e - 1, lambda k, s: jd.dpm_solver_pp(k, PATH, f, (n, 2), steps=s, **kw)),
+        "DPM-Solver++ 3M": (lambda e: e - 1, lambda k, s: jd.dpm_solver_pp(k, PATH, f, (n, 2), steps=s, order=3, **kw)),
+        "Euler-Maruyama": (lambda e: e, lambda k, s: jd.sample(k, PATH, f, (n, 2), steps=s, eta=1.0, **kw)),
+        "PC (rev. diff. + Langevin)": (lambda e: (e - 1) // 2, lambda k, s: jd.pc_sample(k, PATH, f, (n, 2), steps=s, **kw)),
+    }  # fmt: skip
+
+
+def _plot(rows, floor, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=80)
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        pts = sorted(
+            (r["nfe"], max(r["energy_distance"], 1e-5)) for r in rows if r["sampler"] == name
+        )
+        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax.axhline(max(floor, 1e-5), color="k", ls="--", label="null ED (floor)")
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="energy distance to true samples")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(quick: bool = False) -> dict:
+    n = 4000 if quick else 20000
+    nfes = [10, 50] if quick else [5, 10, 20, 50, 100, 200, 500]
+    true = DATA.sample(jax.random.key(123), n)
+    floor = float(jd.energy_distance(DATA.sample(jax.random.key(7), n), true))
+    rows = []
+    for name, (to_steps, fn) in _samplers(n).items():
+        run_jit = jax.jit(fn, static_argnums=1)
+        for nfe in nfes:
+            steps = to_steps(nfe)
+            if steps < 1:
+                continue
+            start = time.perf_counter()
+            sol = jax.block_until_ready(run_jit(jax.random.key(0), steps))
+            ed = float(jd.energy_distance(sol.x, true))
+            rows.append({"sampler": name, "nfe": int(sol.nfe), "energy_distance": ed,
+                         "seconds_incl_compile": time.perf_counter() - start})  # fmt: skip
+    f = DATA.field(PATH, "eps")
+    for rtol in [1e-2] if quick else [1e-2, 1e-3, 1e-4, 1e-5]:
+        start = time.perf_counter()
+        run_jit = jax.jit(lambda k, r=rtol: jd.sample(k, PATH, f, (n, 2), target="eps",
+                                                      solver=diffrax.Tsit5(), rtol=r, atol=r))  # fmt: skip
+        sol = jax.block_until_ready(run_jit(jax.random.key(0)))
+        rows.append({"sampler": f"Tsit5 adaptive (rtol {rtol:g})", "nfe": int(sol.nfe),
+                     "energy_distance": float(jd.energy_distance(sol.x, true)),
+                     "seconds_incl_compile": time.perf_counter() - start})  # fmt: skip
+
+    def ed_at(name, nfe):
+        return min((r["energy_distance"] for r in rows if r["sampler"] == name and r["nfe"] <= nfe),
+                   key=lambda v: abs(v), default=None)  # fmt: skip
+
+    euler50 = next(
+        r["energy_distance"] for r in rows if r["sampler"] == "Euler (PF-ODE)" and r["nfe"] == 50
+    )
+    few = {r["sampler"]: r["energy_distance"] for r in rows if r["nfe"] <= 10 and r["sampler"]
+           in ("DPM-Solver++ 2M", "DPM-Solver++ 3M", "EDM Heun", "DDIM (eta=0)")}  # fmt: skip
+    best = min(few, key=few.get)
+    notes = (
+        f"N = {n} samples per sampler; VP path, exact eps oracle. Null ED (floor) = {floor:.2e}. "
+        f"Euler at 50 NFE: ED = {euler50:.2e}; best few-step sampler at <= 10 NFE: {best} with "
+        f"ED = {few[best]:.2e} -> target (10 NFE at least as accurate as Euler at 50) "
+        f"{'met' if few[best] <= euler50 else 'NOT met'}."
+    )
+    first = {}  # the smallest NFE at which each sampler is at least as accurate as Euler at 50
+    for r in sorted(rows, key=lambda r: r["nfe"]):
+        if r["energy_distance"] <= euler50:
+            first.setdefault(r["sampler"], r["nfe"])
+    notes += " Smallest NFE with ED <= Euler@50: " + ", ".join(f"{k} {v}" for k, v in first.items())
+    plots = []
+    out = os.environ.get("JAXDIFF_BENCH_OUT")
+    if out:
+        path = os.path.join(out, "accuracy.png")
+        _plot(rows, floor, path)
+        plots.append(path)
+    return {"rows": rows, "notes": notes, "plots": plots, "null_energy_distance": floor}

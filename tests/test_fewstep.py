@@ -1,0 +1,122 @@
+"""Predictor-corrector, annealed Langevin, EDM and DPM-Solver++: the mixture recovered (energy
+distance against true samples, bound from the null distribution of test_sample), convergence
+orders on a Gaussian, and classifier-free / classifier guidance with these samplers."""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from tests.test_sample import DATA, ED_BOUND, MEANS, WEIGHTS, N
+
+# ED_BOUND = 5e-3: the null ED of two independent sets of N = 10,000 true points has sd 5.2e-4
+# and max 2.0e-3 over 30 seeds (see test_sample.py); a 0.05 weight error gives ED >= 0.02.
+
+
+@pytest.fixture(scope="module")
+def true_samples():
+    return DATA.sample(jax.random.key(123), N)
+
+
+def _check(x, true_samples):
+    assert float(jd.energy_distance(x, true_samples)) < ED_BOUND
+
+
+def test_predictor_corrector_and_annealed_langevin_recover_the_mixture(true_samples):
+    ve = jd.ve_path(0.01, 20.0)
+    vp = jd.vp_path()
+
+    @jax.jit
+    def run(key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        pc_ve = jd.pc_sample(k1, ve, DATA.field(ve, "score"), (N, 2), steps=100, snr=0.16)
+        pc_vp = jd.pc_sample(k2, vp, DATA.field(vp, "eps"), (N, 2), target="eps", steps=100,
+                             predictor=jd.ancestral_predictor, snr=0.1)  # fmt: skip
+        ald = jd.annealed_langevin(k3, ve, DATA.field(ve, "x0"), (N, 2), target="x0", levels=20,
+                                   steps_per_level=100, step_size=5e-5)  # fmt: skip
+        return pc_ve, pc_vp, ald
+
+    pc_ve, pc_vp, ald = run(jax.random.key(0))
+    assert int(pc_ve.nfe) == 201 and int(ald.nfe) == 2001
+    eds = [float(jd.energy_distance(s.x, true_samples)) for s in (pc_ve, pc_vp, ald)]
+    assert max(eds) < ED_BOUND, eds
+
+
+CASES = [  # (path, target): few-step samplers on VP, VE and the linear flow path
+    ("vp", "eps"),
+    ("ve", "x0"),
+    ("linear", "velocity"),
+]
+
+
+@pytest.mark.parametrize("name, target", CASES)
+def test_few_step_samplers_recover_the_mixture(name, target, true_samples):
+    path = {"vp": jd.vp_path(), "ve": jd.ve_path(0.01, 50.0), "linear": jd.linear_path()}[name]
+    field = DATA.field(path, target)
+
+    @jax.jit
+    def run(key):
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        return (
+            jd.edm_sample(k1, path, field, (N, 2), target=target, steps=17),
+            jd.edm_sample(k2, path, field, (N, 2), target=target, steps=24, churn=10.0),
+            jd.dpm_solver_pp(k3, path, field, (N, 2), target=target, steps=19, order=2),
+            jd.dpm_solver_pp(k4, path, field, (N, 2), target=target, steps=19, order=3),
+        )
+
+    sols = run(jax.random.key(1))
+    assert [int(s.nfe) for s in sols] in ([35, 49, 20, 20], [34, 48, 20, 20])  # linear: Euler first
+    for sol in sols:
+        _check(sol.x, true_samples)
+
+
+def test_convergence_orders_on_a_gaussian(x64):
+    """RMS error against a tight Tsit5 solve of the PF-ODE; fitted slopes in log2 per halving."""
+    data = jd.GaussianMixture(
+        jnp.ones(1), jnp.array([[1.0, -0.5]]), jnp.diag(jnp.array([0.25, 0.04]))[None]
+    )
+    path = jd.vp_path()
+    field = data.field(path, "eps")
+    x1 = jax.random.normal(jax.random.key(0), (256, 2), jnp.float64)
+    ref = jd.sample(None, path, field, x_init=x1, target="eps", t_end=1e-3,
+                    solver=diffrax.Tsit5(), rtol=1e-12, atol=1e-12).x  # fmt: skip
+    kw = dict(x_init=x1, target="eps", denoise=False)
+
+    def err(sampler, steps, **extra):
+        x = sampler(None, path, field, steps=steps, **kw, **extra).x
+        return float(jnp.sqrt(jnp.mean((x - ref) ** 2)))
+
+    for order, expect in ((2, 2.0), (3, 3.0)):  # order 1 (DDIM): test_discrete.py
+        e = [err(jd.dpm_solver_pp, s, order=order, lower_order_final=False) for s in (20, 40)]
+        assert np.log2(e[0] / e[1]) > expect - 0.3, (order, e)
+    e = [err(jd.edm_sample, s) for s in (20, 40)]
+    assert np.log2(e[0] / e[1]) > 1.7, e  # Heun: second order
+
+
+def test_guidance_with_few_step_samplers(true_samples):
+    """The mixture as a class-conditional model: label k is component k. Classifier guidance with
+    the exact log p(k | x_t) at scale 1 is the conditional score (Bayes); CFG at scale 1 samples
+    the class; CFG is the same in every target."""
+    path = jd.vp_path()
+    comps = [jd.GaussianMixture.isotropic(MEANS[k : k + 1], 0.4) for k in range(3)]
+
+    def conditional(x, t, labels):  # eps of component `label`; label 3 (null) is the mixture
+        preds = jnp.stack([c.predict(path, x, t, "eps") for c in comps + [DATA]])
+        return jnp.take_along_axis(preds, labels[None, :, None], axis=0)[0]
+
+    labels = jnp.zeros((N,), jnp.int32)
+    guided = jd.classifier_free_guidance(conditional, labels, 3, scale=1.0)
+    sol = jd.dpm_solver_pp(jax.random.key(0), path, guided, (N, 2), target="eps", steps=19)
+    assert float(jnp.mean(jnp.linalg.norm(sol.x - MEANS[0][None], axis=-1) < 2.0)) > 0.999
+
+    def log_p_label0(x, t):  # exact log p(label 0 | x_t)
+        logs = jnp.stack(
+            [jnp.log(WEIGHTS[k]) + comps[k].marginal_log_prob(path, x, t) for k in range(3)]
+        )
+        return logs[0] - jax.nn.logsumexp(logs, axis=0)
+
+    x = jax.random.normal(jax.random.key(1), (64, 2)) * 2.0
+    cg = jd.classifier_guidance(path, DATA.field(path, "eps"), log_p_label0, 1.0, target="eps")
+    np.testing.assert_allclose(cg(x, 0.4), comps[0].predict(path, x, 0.4, "eps"), atol=2e-4)
