@@ -1,0 +1,266 @@
+r"""Discrete-time DDPM (Ho et al. 2020): the forward chain, its posterior, the reverse model and
+ancestral sampling, on any Gaussian path.
+
+DDPM is a Markovian hierarchical VAE over latents ``x_1, ..., x_T``. Step ``i`` of a chain of
+``T`` steps is the time ``t_i = i / T`` of a path ``x_t = alpha_t x0 + sigma_t eps``, so the
+networks of ``jaxdiff`` (continuous ``t`` in ``[0, 1]``) serve discrete and continuous models
+alike. A discrete beta schedule is the path :func:`discrete_path` (exact at the grid points):
+
+* chain ``q(x_t | x_s) = N(a x_s, sigma_t^2 (1 - SNR_t / SNR_s) I)``, ``a = alpha_t / alpha_s``
+  (for DDPM's step ``i``: ``N(sqrt(1 - beta_i) x_{i-1}, beta_i I)``);
+* marginal ``q(x_t | x0) = N(alpha_t x0, sigma_t^2 I)`` (``path.sample``; ``abar_i = alpha_{t_i}^2``);
+* posterior ``q(x_s | x_t, x0) = N(c_x x_t + c_0 x0, sigma_s^2 (1 - SNR_t / SNR_s) I)`` with
+  ``c_x = a sigma_s^2 / sigma_t^2`` and ``c_0 = alpha_s (1 - SNR_t / SNR_s)``;
+* reverse ``p(x_s | x_t)``: the posterior with ``x0`` replaced by the network's estimate. Design I
+  (the network predicts ``x0``), Design II (``eps``), ``v`` and the others all enter through the
+  ``(x0, eps)`` hub, so one formula serves every target: for ``eps`` it is Ho's
+  ``(x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(1 - beta_t)``.
+
+The negative ELBO is in ``jaxdiff.elbo``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxdiff import _loop
+from jaxdiff._checks import as_time, check_positive, concrete, expand_like
+from jaxdiff.conversions import Target
+from jaxdiff.paths import GaussianPath
+from jaxdiff.integrate import Solution
+from jaxdiff.schedules import alpha_bars
+
+Array = jax.Array
+
+__all__ = [
+    "discrete_path",
+    "rescale_zero_terminal_snr",
+    "linspace_timesteps",
+    "leading_timesteps",
+    "trailing_timesteps",
+    "forward_chain",
+    "posterior",
+    "reverse_mean_var",
+    "ancestral_sample",
+]
+
+
+class _DiscreteAlpha(eqx.Module):
+    """``alpha_t = sqrt(abar(t))`` with ``abar`` linear between ``(i / T, abar_i)``, ``abar_0 = 1``."""
+
+    abar: Array  # (T + 1,)
+
+    def __call__(self, t):
+        grid = jnp.linspace(0.0, 1.0, self.abar.shape[0], dtype=self.abar.dtype)
+        return jnp.sqrt(jnp.interp(t, grid, self.abar))
+
+
+def discrete_path(betas: ArrayLike) -> GaussianPath:
+    """The VP path of a discrete schedule: ``alpha_{i/T}^2 = abar_i = prod_{j <= i} (1 - beta_j)``.
+
+    Exact at the grid ``t_i = i / T``; ``abar`` is linear in ``t`` between grid points. A zero
+    terminal SNR (``beta_T = 1``, see :func:`rescale_zero_terminal_snr`) gives ``alpha_1 = 0``.
+
+    >>> from jaxdiff.schedules import linear_betas
+    >>> path = discrete_path(linear_betas(1000))
+    >>> round(float(path.alpha(1e-3) ** 2), 6)  # 1 - beta_1
+    0.9999
+    """
+    betas = jnp.asarray(betas, dtype=jnp.result_type(betas, float))
+    if betas.ndim != 1 or betas.shape[0] < 1:
+        raise ValueError(f"betas must be a non-empty 1-D array; got shape {betas.shape}")
+    value = concrete(betas)
+    if value is not None and ((value <= 0).any() or (value > 1).any()):
+        raise ValueError(f"betas must lie in (0, 1]; got min {value.min()}, max {value.max()}")
+    abar = jnp.concatenate([jnp.ones((1,), betas.dtype), alpha_bars(betas)])
+    return GaussianPath(_DiscreteAlpha(abar))
+
+
+def rescale_zero_terminal_snr(betas: ArrayLike) -> Array:
+    """Rescale betas so that ``abar_T = 0`` (Lin et al. 2024, Alg. 1): ``sqrt(abar)`` is shifted and
+    scaled to keep ``abar_1`` and reach 0 at ``T``. Sample from pure noise; train ``v`` or ``x0``.
+
+    >>> from jaxdiff.schedules import linear_betas
+    >>> float(rescale_zero_terminal_snr(linear_betas(1000))[-1])
+    1.0
+    """
+    root = jnp.sqrt(alpha_bars(betas))
+    first, last = root[0], root[-1]
+    abar = ((root - last) * first / (first - last)) ** 2
+    alphas = jnp.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
+# --- timestep spacings (the names of Lin et al. 2024 and diffusers) --------------------------
+
+
+def _times(indices, num_train_steps: int) -> Array:
+    """Diffusers' 0-based indices ``k`` (``abar[k]``) as times ``(k + 1) / T``, decreasing, then 0."""
+    t = (jnp.asarray(indices, dtype=jnp.result_type(float)) + 1.0) / num_train_steps
+    return jnp.concatenate([t, jnp.zeros((1,), t.dtype)])
+
+
+def _check_counts(num_train_steps: int, num_steps: int) -> None:
+    if int(num_steps) < 1 or int(num_train_steps) < int(num_steps):
+        raise ValueError(
+            f"need 1 <= num_steps <= num_train_steps; got {num_steps} and {num_train_steps}"
+        )
+
+
+def linspace_timesteps(num_train_steps: int, num_steps: int) -> Array:
+    """Sampling times for ``num_steps`` of a ``T``-step model, ``linspace`` spacing.
+
+    Indices ``round(linspace(0, T - 1, n))``: the first step starts at ``t = 1``. All three
+    spacings return ``num_steps + 1`` decreasing times ``t = i / T`` and end at ``t = 0``.
+
+    >>> linspace_timesteps(1000, 4).tolist()
+    [1.0, 0.667, 0.334, 0.001, 0.0]
+    """
+    _check_counts(num_train_steps, num_steps)
+    k = jnp.round(jnp.linspace(0, num_train_steps - 1, num_steps))[::-1]
+    return _times(k, num_train_steps)
+
+
+def leading_timesteps(num_train_steps: int, num_steps: int, offset: int = 0) -> Array:
+    """``leading`` spacing (DDIM, Stable Diffusion): indices ``k r + offset``, ``r = T // n``.
+
+    It never starts at ``t = 1`` (Lin et al. 2024 show the harm): ``[0.751, 0.501, 0.251, 0.001, 0]``
+    for ``T = 1000``, ``n = 4``.
+    """
+    _check_counts(num_train_steps, num_steps)
+    ratio = num_train_steps // num_steps
+    k = (jnp.arange(num_steps) * ratio + offset)[::-1]
+    if int(k[0]) > num_train_steps - 1:
+        raise ValueError(f"offset {offset} moves the first index past T - 1")
+    return _times(k, num_train_steps)
+
+
+def trailing_timesteps(num_train_steps: int, num_steps: int) -> Array:
+    """``trailing`` spacing (Lin et al. 2024): indices ``round(arange(T, 0, -T / n)) - 1``.
+
+    It starts at ``t = 1`` and spaces the steps evenly: ``[1, 0.75, 0.5, 0.25, 0]`` for ``n = 4``.
+    """
+    _check_counts(num_train_steps, num_steps)
+    k = jnp.round(jnp.arange(num_train_steps, 0, -num_train_steps / num_steps)) - 1
+    return _times(k[:num_steps], num_train_steps)
+
+
+# --- chain, posterior, reverse model -------------------------------------------------------
+
+
+def _ratio(path: GaussianPath, s, t):
+    """``1 - SNR_t / SNR_s``, exact where ``alpha_t = 0`` or ``sigma_s = 0``."""
+    return -jnp.expm1(path.log_snr(t) - path.log_snr(s))
+
+
+def forward_chain(key: Array, path: GaussianPath, x0: ArrayLike, ts: ArrayLike) -> Array:
+    """Run the forward chain ``x_{t_k} ~ q(x_{t_k} | x_{t_{k-1}})`` from ``x0`` at ``t = 0``.
+
+    ``ts`` increasing in ``(0, 1]``; returns shape ``(len(ts), *x0.shape)``. Its marginals are
+    ``q(x_t | x0)`` (from ``t_0 = 0``; on VE the first step adds ``sigma_{t_1}^2 - 0``).
+    """
+    x0 = jnp.asarray(x0)
+    ts = as_time(ts, x0.dtype)
+    prev = jnp.concatenate([jnp.zeros((1,), ts.dtype), ts[:-1]])
+
+    def step(x, inputs):
+        s, t, k = inputs
+        first = s == 0  # from the data itself: the marginal q(x_t | x0)
+        mean, std = path.transition(x, s, t)
+        std = jnp.where(first, path.sigma(t), std)
+        mean = jnp.where(first, path.alpha(t) * x, mean)
+        x = mean + std * jax.random.normal(k, x.shape, x.dtype)
+        return x, x
+
+    return jax.lax.scan(step, x0, (prev, ts, jax.random.split(key, ts.shape[0])))[1]
+
+
+def posterior(
+    path: GaussianPath, x_t: ArrayLike, x0: ArrayLike, s: ArrayLike, t: ArrayLike
+) -> tuple[Array, Array]:
+    """Mean and variance of ``q(x_s | x_t, x0)`` for ``s < t`` (variance shaped like ``t``).
+
+    ``mean = alpha_s r x0 + (alpha_t / alpha_s)(sigma_s^2 / sigma_t^2) x_t``, ``var = sigma_s^2 r``,
+    ``r = 1 - SNR_t / SNR_s``; DDPM's ``mu~_t`` and ``beta~_t = (1 - abar_{t-1}) beta_t / (1 - abar_t)``.
+    """
+    x_t = jnp.asarray(x_t)
+    s, t = as_time(s, x_t.dtype), as_time(t, x_t.dtype)
+    r = _ratio(path, s, t)
+    var_s, var_t = path.sigma_sq(s), path.sigma_sq(t)
+    c_x = path.alpha(t) / path.alpha(s) * var_s / var_t
+    c_0 = path.alpha(s) * r
+    return expand_like(c_x, x_t) * x_t + expand_like(c_0, x_t) * x0, var_s * r
+
+
+def reverse_mean_var(
+    path: GaussianPath,
+    x_t: ArrayLike,
+    x0_hat: ArrayLike,
+    s: ArrayLike,
+    t: ArrayLike,
+    *,
+    var_weight: ArrayLike = 0.0,
+) -> tuple[Array, Array]:
+    """Mean and variance of the reverse model ``p(x_s | x_t)`` given the network's ``x0_hat``.
+
+    The mean is the posterior's at ``x0 = x0_hat``. The variance is
+    ``beta~^(1 - w) beta^w`` with ``w = var_weight``: ``0`` the posterior's ``beta~_t`` (Ho's
+    "fixed small"), ``1`` the forward ``beta_t = sigma_t^2 r`` ("fixed large"), between them
+    Nichol & Dhariwal (2021)'s log-linear interpolation with a fixed weight.
+    """
+    mean, var_post = posterior(path, x_t, x0_hat, s, t)
+    t = as_time(t, mean.dtype)
+    var_fwd = path.sigma_sq(t) * _ratio(path, as_time(s, mean.dtype), t)
+    w = jnp.asarray(var_weight, mean.dtype)
+    return mean, jnp.power(var_post, 1.0 - w) * jnp.power(var_fwd, w)
+
+
+def ancestral_sample(
+    key: Array,
+    path: GaussianPath,
+    field: Callable[[Array, Array], Array],
+    shape: tuple[int, ...] | None = None,
+    *,
+    target: Target = "score",
+    steps: int = 1000,
+    ts: ArrayLike | None = None,
+    var_weight: ArrayLike = 0.0,
+    clip_x0: float | None = None,
+    x_init: ArrayLike | None = None,
+    save_ts: ArrayLike | None = None,
+) -> Solution:
+    """DDPM's ancestral sampler: ``x_s ~ p(x_s | x_t)`` down a decreasing grid (Ho et al. 2020, Alg. 2).
+
+    ``ts`` is any subset of the training times, e.g. :func:`trailing_timesteps`; by default
+    ``steps`` uniform steps from 1 to 0. Starts from ``N(0, sigma_{ts[0]}^2 I)``; the last step adds
+    no noise (it returns the mean, ``x0_hat`` when it ends at ``t = 0``). NFE = number of steps.
+
+    >>> import jax, jax.numpy as jnp, jaxdiff as jd
+    >>> data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
+    >>> path = jd.vp_path()
+    >>> sol = ancestral_sample(jax.random.key(0), path, data.field(path, "eps"), (4096, 2),
+    ...                        target="eps", steps=200)
+    >>> round(float(jnp.abs(sol.x[:, 0]).mean()), 1), int(sol.nfe)
+    (2.0, 200)
+    """
+    check_positive(var_weight, "var_weight", strict=False)
+    grid = _loop.decreasing_grid(jnp.linspace(1.0, 0.0, int(steps) + 1) if ts is None else ts)
+    prior_key, key = jax.random.split(key)
+    x = _loop.initial_state(prior_key, path, field, shape, x_init, grid[0])
+    grid = grid.astype(x.dtype)
+    n = grid.shape[0] - 1
+
+    def step(carry, t, s, k, i):
+        (x,) = carry
+        x0, _ = _loop.predict(path, field, x, t, target, clip_x0)
+        mean, var = reverse_mean_var(path, x, x0, s, t, var_weight=var_weight)
+        std = expand_like(jnp.where(i == n - 1, 0.0, jnp.sqrt(var)), x)
+        return (mean + std * jax.random.normal(k, x.shape, x.dtype),)
+
+    x, save_ts, xs = _loop.run_grid(step, (x,), grid, key, save_ts=save_ts)
+    return Solution(x, save_ts, xs, jnp.asarray(n), jnp.asarray(n))

@@ -1,0 +1,178 @@
+r"""Exact log-likelihoods by the probability-flow ODE and the instantaneous change of variables.
+
+Along the PF-ODE ``dx/dt = v(x, t)`` (``jaxdiff.probability_flow_drift``) the density obeys
+``d log p_t(x_t) / dt = -div v(x_t, t)`` (Chen et al. 2018; Song et al. 2021, App. D), so
+
+    ``log p_{t0}(x) = log p_1(x_1) + int_{t0}^{1} div v(x_t, t) dt``,
+
+solved forwards from the data as one ODE in the pytree state ``(x, int div)`` with an adaptive
+diffrax solver (``jaxdiff.integrate``). The divergence is exact (``D`` Jacobian-vector products
+for ``D`` numbers per sample: low dimension) or Hutchinson's unbiased estimate
+``E_z[z^T (dv/dx) z]`` with ``num_probes`` Gaussian or Rademacher probes per sample, drawn once per
+solve (Grathwohl et al. 2019). The result is differentiable in ``x`` and in anything ``field``
+closes over (reverse mode through diffrax's ``RecursiveCheckpointAdjoint``), jit-able and batched.
+
+``t0 = t_start`` (default ``1e-5``) rather than 0, where ``sigma_0 = 0`` makes the ODE singular:
+the result is the density of ``x_{t0}``, i.e. of the data blurred by ``sigma_{t0}``.
+
+**Discrete data.** For integers in ``{0, ..., K-1}`` scaled to ``[lo, hi]``, :func:`dequantize`
+adds uniform noise and returns the log-volume of a bin, ``D log((hi - lo) / K)``; then
+``log P(x) >= E_u[log p(y)] + D log((hi - lo) / K)`` (Theis et al. 2016). In bits per dimension,
+``bpd = -log p(y) / (D log 2) + log2(K / (hi - lo))``: the offset is ``+7`` for 8-bit data on
+``[-1, 1]`` and ``+8`` on ``[0, 1]`` (score_sde's ``offset = 7 - inverse_scaler(-1)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import diffrax
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxdiff._checks import check_finite, check_order, check_time
+from jaxdiff.conversions import Target, _check_target
+from jaxdiff.paths import GaussianPath
+from jaxdiff.integrate import integrate
+from jaxdiff.sde import probability_flow_drift
+
+Array = jax.Array
+Field = Callable[[Array, Array], Array]
+
+__all__ = ["Likelihood", "log_likelihood", "divergence", "dequantize"]
+
+
+class Likelihood(NamedTuple):
+    """``logp``: ``log p_{t_start}(x)`` per sample (nats); ``z``: the state at ``t_end``;
+    ``delta``: ``int div v dt``; ``nfe``: evaluations of the drift (each one forward pass of the
+    field plus ``D`` or ``num_probes`` JVPs); ``num_steps``: solver steps."""
+
+    logp: Array
+    z: Array
+    delta: Array
+    nfe: Array
+    num_steps: Array
+
+
+def divergence(
+    fn: Callable[[Array], Array], x: Array, probes: Array | None = None
+) -> tuple[Array, Array]:
+    """``(fn(x), div fn(x))`` per sample for ``x`` of shape ``(batch, *event)``.
+
+    Exact with ``probes=None`` (one JVP per coordinate of the event), else Hutchinson's
+    ``mean_k z_k^T J z_k`` over ``probes`` of shape ``(K, *x.shape)``. Samples must not interact in
+    ``fn`` (no batch statistics).
+
+    >>> import jax.numpy as jnp
+    >>> v, div = divergence(lambda x: 3.0 * x, jnp.ones((2, 4)))
+    >>> div.tolist()
+    [12.0, 12.0]
+    """
+    axes = tuple(range(1, x.ndim))
+    value, jvp = jax.linearize(fn, x)
+    if probes is None:
+        d = math.prod(x.shape[1:])
+        probes = jnp.broadcast_to(
+            jnp.eye(d, dtype=x.dtype).reshape((d, 1) + x.shape[1:]), (d,) + x.shape
+        )
+        return value, jnp.sum(jax.vmap(lambda e: jnp.sum(e * jvp(e), axis=axes))(probes), axis=0)
+    return value, jnp.mean(jax.vmap(lambda z: jnp.sum(z * jvp(z), axis=axes))(probes), axis=0)
+
+
+def log_likelihood(
+    path: GaussianPath,
+    field: Field,
+    x: ArrayLike,
+    *,
+    target: Target = "score",
+    key: Array | None = None,
+    num_probes: int | None = None,
+    probe: Callable = jax.random.normal,
+    t_start: ArrayLike = 1e-5,
+    t_end: ArrayLike = 1.0,
+    solver: diffrax.AbstractSolver | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    max_steps: int = 4096,
+    adjoint: diffrax.AbstractAdjoint | None = None,
+    prior_logp: Callable[[Array], Array] | None = None,
+) -> Likelihood:
+    """``log p_{t_start}(x)`` of each sample of ``x`` (``(batch, *event)``) by the PF-ODE.
+
+    ``field(x, t)`` predicts ``target``. ``num_probes=None``: exact divergence; else Hutchinson
+    with ``num_probes`` draws of ``probe(key, shape, dtype)`` per sample (``jax.random.normal`` or
+    ``jax.random.rademacher``), fixed along the solve. ``solver`` defaults to ``Tsit5`` with a PID
+    controller at ``rtol``/``atol``; ``prior_logp`` (default ``path.prior_logp``, the density of
+    ``N(0, sigma_1^2 I)``) scores the end state. Divide ``-logp`` by ``D log 2`` for bits/dim.
+
+    >>> import jax, jax.numpy as jnp, jaxdiff as jd
+    >>> data = jd.GaussianMixture.isotropic(jnp.array([[1.0, 0.0], [-1.0, 0.0]]), std=0.5)
+    >>> path = jd.linear_path()
+    >>> x = data.sample(jax.random.key(0), 4)
+    >>> out = log_likelihood(path, data.field(path, "velocity"), x, target="velocity")
+    >>> exact = data.marginal_log_prob(path, x, 1e-5)
+    >>> bool(jnp.max(jnp.abs(out.logp - exact)) < 1e-2)
+    True
+    """
+    _check_target(target)
+    x = check_finite(jnp.asarray(x), "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must be (batch, *event); got shape {x.shape}")
+    check_time(t_start, "t_start")
+    check_time(t_end, "t_end")
+    check_order(t_start, t_end, "t_start", "t_end")
+    probes = None
+    if num_probes is not None:
+        if key is None:
+            raise ValueError("Hutchinson's estimator (num_probes set) needs a PRNG key")
+        if int(num_probes) < 1:
+            raise ValueError(f"num_probes must be >= 1; got {num_probes}")
+        probes = probe(key, (int(num_probes),) + x.shape, x.dtype)
+
+    def drift(state, t):
+        y, _ = state
+
+        def velocity(y):
+            return probability_flow_drift(path, y, t, field(y, t), target=target)
+
+        return divergence(velocity, y, probes)
+
+    sol = integrate(
+        drift,
+        (x, jnp.zeros(x.shape[:1], x.dtype)),
+        t_start=t_start,
+        t_end=t_end,
+        solver=diffrax.Tsit5() if solver is None else solver,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        adjoint=adjoint,
+    )
+    z, delta = sol.x
+    prior = path.prior_logp(z, event_ndim=x.ndim - 1) if prior_logp is None else prior_logp(z)
+    return Likelihood(prior + delta, z, delta, sol.nfe, sol.num_steps)
+
+
+def dequantize(
+    key: Array, x: ArrayLike, num_bins: int = 256, lo: float = -1.0, hi: float = 1.0
+) -> tuple[Array, Array]:
+    """Uniform dequantization: integers ``x`` in ``{0..K-1}`` to ``y = lo + (x + u)(hi - lo) / K``.
+
+    Returns ``(y, log_volume)`` with ``log_volume = D log((hi - lo) / K)`` per sample (``x`` is
+    ``(batch, *event)``): ``log P(x) >= E_u[log p(y)] + log_volume``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> y, lv = dequantize(jax.random.key(0), jnp.array([[0, 255]]))
+    >>> bool((y[0, 0] < -0.99) & (y[0, 1] > 0.99)), round(float(lv[0] / (2 * jnp.log(2.0))), 6)
+    (True, -7.0)
+    """
+    x = jnp.asarray(x)
+    dtype = jnp.result_type(float)
+    u = jax.random.uniform(key, x.shape, dtype)
+    width = (hi - lo) / num_bins
+    y = lo + (x.astype(dtype) + u) * width
+    d = math.prod(x.shape[1:])
+    return y, jnp.full(x.shape[:1], d * math.log(width), dtype)
