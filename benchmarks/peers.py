@@ -21,11 +21,10 @@ evaluations (NFE); the table gives each side's samples per second and the ratio
   runs with different keys (in the notes).
 * diffusers' ``DDPMScheduler`` (ancestral, ``eta = 1``) and ``DDIMScheduler`` (``eta = 0``) loops
   on the same network (``prediction_type="sample"``), 1000 training steps of linear betas
-  1e-4..0.02 (the VP path above), no clipping. HOOK: until jaxdiff has discrete DDPM/DDIM samplers
-  (issue 4), the jaxdiff side of these rows is a stand-in -- the reverse SDE (``eta = 1``) /
-  probability-flow ODE (``eta = 0``) with Euler at the same NFE, a different computation (no final
-  denoising step, continuous schedule), so these rows carry no check; see ``jaxdiff_discrete``, the
-  one function to switch, and ``STAND_IN``.
+  1e-4..0.02 (the VP path above), no clipping, diffusers' default "leading" timesteps, against
+  jaxdiff's ``ancestral_sample`` / ``ddim_sample`` on the same discrete chain
+  (``discrete_path``, ``leading_timesteps``). DDIM is deterministic: ``max_abs_diff`` checks it;
+  DDPM draws different noise: ``energy_dist`` checks it.
 
 Fairness (design note): ``torch.no_grad()``, ``torch.set_num_threads`` = JAX's cores, compile time
 excluded from run time but reported (``jaxdiff_compile_s``: XLA lowering + compilation),
@@ -51,7 +50,6 @@ TITLE = "Peers on the same network: samples/s at equal NFE (PyTorch, torchdiffeq
 T_END = 1e-3
 BETA_MIN, BETA_MAX = 0.1, 20.0
 TRAIN_STEPS = 1000  # diffusers' discrete chain: beta_i = 1e-4 .. 0.02 = beta(t) / 1000
-STAND_IN = True  # issue 4: set False once jaxdiff_discrete runs jaxdiff's own DDPM/DDIM
 PEERS = ("torch", "torchdiffeq", "torchsde", "diffusers", "flow_matching")
 
 
@@ -131,14 +129,16 @@ def jaxdiff_vp(params, x, key, steps, eta):
 
 
 def jaxdiff_discrete(params, x, key, steps, eta):
-    """jaxdiff's side of the diffusers DDPM (eta = 1) / DDIM (eta = 0) rows.
-
-    HOOK (issue 4): a stand-in with the same network, path and NFE -- the reverse SDE / PF-ODE with
-    Euler on a uniform grid. When jaxdiff's own DDPM (ancestral) and DDIM samplers land, call them
-    here on the same 1000-step linear-beta chain and 100 timesteps; the DDIM check then becomes an
-    exact ``max_abs_diff`` against diffusers.
-    """
-    return jaxdiff_vp(params, x, key, steps, eta)
+    """jaxdiff's DDPM (eta = 1: ``ancestral_sample``, posterior variance) / DDIM (eta = 0:
+    ``ddim_sample``) on diffusers' chain: 1000 linear betas 1e-4..0.02 and its default "leading"
+    timesteps; discrete step ``k`` is time ``(k + 1) / 1000`` and the last step ends at ``t = 0``."""
+    path = jd.discrete_path(
+        jd.linear_betas(TRAIN_STEPS, BETA_MIN / TRAIN_STEPS, BETA_MAX / TRAIN_STEPS)
+    )
+    ts = jd.leading_timesteps(TRAIN_STEPS, steps)
+    if eta:
+        return jd.ancestral_sample(key, path, _field(params), target="x0", ts=ts, x_init=x).x
+    return jd.ddim_sample(None, path, _field(params), target="x0", ts=ts, x_init=x).x
 
 
 def compile_aot(fn, *args):
@@ -323,12 +323,12 @@ def _groups(params, net, x_j, x_t, key, nfe, ok):
             peer = f"diffusers {'DDIMScheduler' if ddim else 'DDPMScheduler'}"
             groups.append(
                 (
-                    f"{label} (jaxdiff stand-in: {'PF-ODE' if ddim else 'reverse-SDE'} Euler)",
+                    label,
                     nfe,
                     lambda fn=fn: fn(params, x_j, key),
                     c_s,
                     {peer: lambda d=ddim: diffusers_loop(net, x_t, nfe, d)},
-                    None if STAND_IN else not ddim,
+                    not ddim,
                 )
             )
     return groups
@@ -490,14 +490,8 @@ def run(quick: bool) -> dict:
         "on the VP path; energy_dist = energy distance of the peer's samples to jaxdiff's "
         f"(different noise; standardised), against {base:.1e} between two jaxdiff runs with "
         f"different keys at batch {batches[-1]}. torchsde calls the drift once more than the "
-        "steps, to check shapes. diffusers rows: "
-        + (
-            "jaxdiff's side is a stand-in (reverse SDE / PF-ODE, Euler, same NFE and network; a "
-            "different computation, so no check) until jaxdiff's own DDPM/DDIM samplers land "
-            "(issue 4; hook: benchmarks.peers.jaxdiff_discrete and STAND_IN). "
-            if STAND_IN
-            else "jaxdiff's own DDPM/DDIM on the same chain. "
-        )
+        "steps, to check shapes. diffusers rows: jaxdiff's own DDPM (ancestral) / DDIM on the "
+        "same 1000-step chain and leading timesteps. "
         + "peer_nfe counts the network calls. "
         + (
             f"Not installed, not compared: {', '.join(missing)}."
