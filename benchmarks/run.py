@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from benchmarks.common import device_tag, environment
@@ -69,21 +70,29 @@ def main(argv: list[str] | None = None) -> int:
     tag = device_tag() + ("-quick" if args.quick else "")
     results = {"environment": environment(), "quick": args.quick, "sections": {}}
     start = time.perf_counter()
+    failed = []
     for name in args.only or SECTIONS:
         module = importlib.import_module(f"benchmarks.{name}")
         print(f"== {module.TITLE}", flush=True)
         t0 = time.perf_counter()
-        section = module.run(quick=args.quick)
+        try:
+            section = module.run(quick=args.quick)
+        except Exception as err:  # noqa: BLE001 - one broken section must not lose the others
+            traceback.print_exc()
+            failed.append(name)
+            section = {"rows": [], "notes": f"FAILED: {type(err).__name__}: {str(err)[:300]}"}
         section["title"] = module.TITLE
         section["seconds"] = time.perf_counter() - t0
         results["sections"][name] = section
         for row in section.get("rows", []):
             print("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
-    results["total_s"] = time.perf_counter() - start
-    (args.out / f"{tag}.json").write_text(json.dumps(results, indent=2, default=str))
-    (args.out / f"{tag}.md").write_text(markdown(results))
+        results["total_s"] = time.perf_counter() - start  # written after every section
+        (args.out / f"{tag}.json").write_text(json.dumps(results, indent=2, default=str))
+        (args.out / f"{tag}.md").write_text(markdown(results))
     print(f"wrote {args.out / (tag + '.json')} and .md", flush=True)
-    return 0
+    if failed:
+        print(f"failed sections: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

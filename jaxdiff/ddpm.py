@@ -26,6 +26,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxdiff import _loop
@@ -100,7 +101,9 @@ def rescale_zero_terminal_snr(betas: ArrayLike) -> Array:
 
 
 def _times(indices, num_train_steps: int) -> Array:
-    """Diffusers' 0-based indices ``k`` (``abar[k]``) as times ``(k + 1) / T``, decreasing, then 0."""
+    """Diffusers' 0-based indices ``k`` (``abar[k]``) as times ``(k + 1) / T``, decreasing, then 0.
+
+    The indices are NumPy (static), so the spacings work inside ``jit``."""
     t = (jnp.asarray(indices, dtype=jnp.result_type(float)) + 1.0) / num_train_steps
     return jnp.concatenate([t, jnp.zeros((1,), t.dtype)])
 
@@ -122,7 +125,7 @@ def linspace_timesteps(num_train_steps: int, num_steps: int) -> Array:
     [1.0, 0.667, 0.334, 0.001, 0.0]
     """
     _check_counts(num_train_steps, num_steps)
-    k = jnp.round(jnp.linspace(0, num_train_steps - 1, num_steps))[::-1]
+    k = np.round(np.linspace(0, num_train_steps - 1, num_steps))[::-1]
     return _times(k, num_train_steps)
 
 
@@ -134,7 +137,7 @@ def leading_timesteps(num_train_steps: int, num_steps: int, offset: int = 0) -> 
     """
     _check_counts(num_train_steps, num_steps)
     ratio = num_train_steps // num_steps
-    k = (jnp.arange(num_steps) * ratio + offset)[::-1]
+    k = (np.arange(num_steps) * ratio + offset)[::-1]
     if int(k[0]) > num_train_steps - 1:
         raise ValueError(f"offset {offset} moves the first index past T - 1")
     return _times(k, num_train_steps)
@@ -146,7 +149,7 @@ def trailing_timesteps(num_train_steps: int, num_steps: int) -> Array:
     It starts at ``t = 1`` and spaces the steps evenly: ``[1, 0.75, 0.5, 0.25, 0]`` for ``n = 4``.
     """
     _check_counts(num_train_steps, num_steps)
-    k = jnp.round(jnp.arange(num_train_steps, 0, -num_train_steps / num_steps)) - 1
+    k = np.round(np.arange(num_train_steps, 0, -num_train_steps / num_steps)) - 1
     return _times(k[:num_steps], num_train_steps)
 
 

@@ -60,6 +60,9 @@ def test_ddpm_formulas_of_ho_et_al(x64):
 
 def test_spacings_and_zero_terminal_snr():
     np.testing.assert_allclose(jd.trailing_timesteps(1000, 4), [1, 0.75, 0.5, 0.25, 0], atol=1e-6)
+    for spacing in (jd.linspace_timesteps, jd.leading_timesteps, jd.trailing_timesteps):
+        # static index arithmetic: the same grid inside jit (a sampler traced with its grid)
+        np.testing.assert_allclose(jax.jit(lambda s=spacing: s(1000, 7))(), spacing(1000, 7), 1e-6)
     np.testing.assert_allclose(
         jd.leading_timesteps(1000, 4), [0.751, 0.501, 0.251, 0.001, 0], atol=1e-6
     )
