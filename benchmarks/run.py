@@ -62,14 +62,21 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, under 5 minutes on CPU")
-    parser.add_argument("--only", nargs="*", choices=SECTIONS, help="run only these sections")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        choices=SECTIONS,
+        help="run only these sections; the other sections of an earlier result file are kept",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the result files")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ["JAXDIFF_BENCH_OUT"] = str(args.out)
     tag = device_tag() + ("-quick" if args.quick else "")
     results = {"environment": environment(), "quick": args.quick, "sections": {}}
-    start = time.perf_counter()
+    previous = args.out / f"{tag}.json"
+    if args.only and previous.exists():  # --only updates those sections and keeps the others
+        results["sections"] = json.loads(previous.read_text()).get("sections", {})
     failed = []
     for name in args.only or SECTIONS:
         module = importlib.import_module(f"benchmarks.{name}")
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         results["sections"][name] = section
         for row in section.get("rows", []):
             print("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
-        results["total_s"] = time.perf_counter() - start  # written after every section
+        results["total_s"] = sum(s.get("seconds", 0.0) for s in results["sections"].values())
         (args.out / f"{tag}.json").write_text(json.dumps(results, indent=2, default=str))
         (args.out / f"{tag}.md").write_text(markdown(results))
     print(f"wrote {args.out / (tag + '.json')} and .md", flush=True)
