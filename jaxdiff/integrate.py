@@ -12,10 +12,9 @@ Two engines, chosen by the arguments:
   split from ``key`` before the scan and fed through it (what a hand-written scan does): no tree
   search (``VirtualBrownianTree`` costs 3-8x at run time), no per-step key derivation
   (``UnsafeBrownianPath`` folds each step's times into the key, which costs 1.7x at batch 1 on
-  CPU), and nothing stored. Only the final state
-  is carried unless ``save_ts`` asks for more, so peak memory does not grow with the number of
-  steps. The scan is differentiable in reverse mode as it stands (wrap ``field`` in
-  ``jax.checkpoint`` to trade compute for memory).
+  CPU), and nothing stored. Only the final state is carried unless ``save_ts`` asks for more, so
+  peak memory does not grow with the number of steps. The scan is differentiable in reverse mode
+  as it stands (wrap ``field`` in ``jax.checkpoint`` to trade compute for memory).
 * **Adaptive** (``rtol``/``atol`` given): ``diffrax.diffeqsolve`` with a ``PIDController``,
   ``VirtualBrownianTree`` for SDEs (adaptive steps need a path that can be queried anywhere), and
   ``adjoint`` passed through (default ``RecursiveCheckpointAdjoint``; ``BacksolveAdjoint`` for
