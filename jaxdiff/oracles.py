@@ -144,40 +144,44 @@ class GaussianMixture(eqx.Module):
 
 @eqx.filter_jit  # one compiled program per shape: eager calls (notebooks) stay fast
 def _posterior_terms(mix: GaussianMixture, path: GaussianPath, x: Array, t: Array):
-    """Log-density, score and denoiser of the mixture of ``x_t`` at ``(x, t)``."""
+    """Log-density, score and denoiser of the mixture of ``x_t`` at ``(x, t)``.
+
+    With ``C_k = U_k diag(lam_k) U_k^T`` (one ``eigh`` of the K data covariances), the covariance
+    of component k at time t, ``alpha_t^2 C_k + sigma_t^2 I``, has eigenvalues
+    ``s = alpha_t^2 lam_k + sigma_t^2`` in the same basis: inverses and log-determinants are
+    elementwise, and no LAPACK call is batched over the samples (two batched ``inv`` in one
+    program hang on CPU with jaxlib 0.10).
+    """
+    lam, vecs = jnp.linalg.eigh(mix.covs)  # (K, d), (K, d, d)
     batch = x[..., 0]
-    lead = (None,) * batch.ndim
-    a = expand_like(path.alpha(t), batch)[..., None, None, None]  # (*batch, 1, 1, 1)
-    var = expand_like(path.sigma_sq(t), batch)[..., None, None, None]
-    eye = jnp.eye(mix.dim, dtype=x.dtype)[lead + (None,)]
-    covs_t = a**2 * mix.covs[lead] + var * eye  # (*batch, K, d, d), batch axes maybe 1
-    prec = jnp.linalg.inv(covs_t)
-    means = mix.means[lead]
-    diff = x[..., None, :] - a[..., 0] * means  # (*batch, K, d)
-    log_comp = _log_components(mix.weights, diff, prec, covs_t)
+    lead = (None,) * batch.ndim  # explicit broadcasting over the batch axes
+    lam, means = lam[lead], mix.means[lead]  # (*1, K, d)
+    a = expand_like(path.alpha(t), batch)[..., None, None]  # (*batch, 1, 1)
+    var = expand_like(path.sigma_sq(t), batch)[..., None, None]
+    diff = x[..., None, :] - a * means  # (*batch, K, d)
+    s = a**2 * lam + var  # (*batch, K, d)
+    log_comp, z = _components(mix.weights, vecs, diff, s)
     log_p = jax.nn.logsumexp(log_comp, axis=-1)
     resp = jnp.exp(log_comp - log_p[..., None])[..., None]  # (*batch, K, 1)
-    pulled = jnp.einsum("...kij,...kj->...ki", prec, diff)  # C_k^{-1} (x - alpha mu_k)
+    pulled = jnp.einsum("kij,...kj->...ki", vecs, z / s)  # C_k(t)^{-1} (x - alpha mu_k)
     score = -jnp.sum(resp * pulled, axis=-2)
-    x0_k = means + a[..., 0] * jnp.einsum("kij,...kj->...ki", mix.covs, pulled)
+    x0_k = means + a * jnp.einsum("kij,...kj->...ki", vecs, lam * z / s)  # + alpha C_k pulled
     return log_p, score, jnp.sum(resp * x0_k, axis=-2)
 
 
-def _log_components(weights, diff, prec, covs):
-    d = diff.shape[-1]
-    maha = jnp.einsum("...ki,...kij,...kj->...k", diff, prec, diff)
-    logdet = _pad_left(jnp.linalg.slogdet(covs)[1], maha.ndim)
-    log_w = _pad_left(jnp.log(weights), maha.ndim)
-    return log_w - 0.5 * (maha + logdet + d * jnp.log(2 * jnp.pi))
-
-
-def _pad_left(a, ndim):
-    """Prepend unit axes to ``a`` up to ``ndim`` axes (explicit broadcasting)."""
-    return a.reshape((1,) * (ndim - a.ndim) + a.shape)
+def _components(weights, vecs, diff, s):
+    """``log w_k + log N(diff_k; 0, U_k diag(s_k) U_k^T)`` and ``z = U_k^T diff_k``."""
+    z = jnp.einsum("kji,...kj->...ki", vecs, diff)
+    maha = jnp.sum(z**2 / s, axis=-1)
+    logdet = jnp.sum(jnp.log(s), axis=-1)
+    log_w = jnp.log(weights)[(None,) * (maha.ndim - 1)]
+    return log_w - 0.5 * (maha + logdet + diff.shape[-1] * jnp.log(2 * jnp.pi)), z
 
 
 @jax.jit
 def _log_prob(weights, means, covs, x):
     x = jnp.asarray(x)
-    diff = x[..., None, :] - means[(None,) * (x.ndim - 1)]
-    return jax.nn.logsumexp(_log_components(weights, diff, jnp.linalg.inv(covs), covs), axis=-1)
+    lam, vecs = jnp.linalg.eigh(covs)
+    lead = (None,) * (x.ndim - 1)
+    diff = x[..., None, :] - means[lead]
+    return jax.nn.logsumexp(_components(weights, vecs, diff, lam[lead])[0], axis=-1)
