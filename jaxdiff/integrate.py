@@ -250,14 +250,14 @@ def integrate(
         )
 
     n_steps = taus.shape[0] - 1
-    if diffusion is None:
-        step_keys = jnp.zeros((n_steps,), jnp.uint32)  # unused
+    if diffusion is None:  # an ODE: one set of terms, nothing scanned for the noise
+        step_keys = None
         terms_for = lambda _: _terms(count, None, sign, None)  # noqa: E731
     else:
         step_keys = jax.random.split(key, n_steps)
         shape, area = jax.ShapeDtypeStruct(x.shape, x.dtype), _levy_area(solver)
         terms_for = lambda k: _terms(count, diffusion, sign, _StepIncrement(shape, area, k))  # noqa: E731
-    terms = terms_for(step_keys[0])
+    terms = terms_for(None if step_keys is None else step_keys[0])
     state0 = solver.init(terms, taus[0], taus[1], x, None)
     init_calls, step_calls = _evaluations(
         solver,
