@@ -32,6 +32,7 @@ from jaxdiff.elbo import (
     nelbo,
 )
 from jaxdiff.fewstep import dpm_solver_pp, edm_sample
+from jaxdiff.field import Field, as_field
 from jaxdiff.guidance import classifier_free_guidance, classifier_guidance
 from jaxdiff.integrate import Solution, integrate
 from jaxdiff.likelihood import Likelihood, dequantize, divergence, log_likelihood
@@ -132,6 +133,8 @@ __all__ = [
     "reverse_diffusion_predictor",
     "GaussianMixture",
     "GaussianPath",
+    "Field",
+    "as_field",
     "Solution",
     "TARGETS",
     "Target",
