@@ -25,7 +25,7 @@ TITLE = "Training throughput: jaxdiff train step vs plain PyTorch (same MLP, dat
 def _jax_chunk(apply, params, batch: int, steps: int):
     from jaxdiff.train import adamw_cosine, init_train_state, make_train_chunk, make_train_step
 
-    loss = jd.flow_matching_loss(apply)
+    loss = jd.flow_matching_loss(jd.Field(apply, "velocity"))
     opt = adamw_cosine(1e-3, 10**6, warmup_steps=1)
     step = make_train_step(loss, opt)
     chunk = make_train_chunk(step, lambda key: jd.data.checkerboard(key, batch), steps)

@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxdiff import losses as L
 from jaxdiff.data import TOY_DATASETS, load_digits
+from jaxdiff.field import Field
 from jaxdiff.metrics import energy_distance, mmd
 from jaxdiff.paths import GaussianPath, cosine_path, linear_path, subvp_path, ve_path, vp_path
 
@@ -164,9 +165,8 @@ def build(c: dict) -> Setup:
         )
     regress = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
     loss = L.diffusion_loss(
-        model.apply,
+        Field(model.apply, c["target"]),
         path,
-        target=c["target"],
         regress=regress,
         weighting=WEIGHTINGS[c["weighting"]],
         time_sampler=sampler,

@@ -21,8 +21,8 @@ Any network library becomes a field in one line:
 * a plain function of a parameter pytree: ``Field(apply, "velocity", params)``;
 * a function of ``(x, t)`` alone (an oracle, a closed form): ``Field(fn, "score")``.
 
-A loss trains ``params`` (``loss(params, key, batch)`` calls ``field.bind(params)``); a sampler
-uses the field as it is. ``Field`` is an ``equinox.Module``: ``params`` are its pytree leaves,
+A loss trains ``params``: ``loss(params, key, batch)`` calls ``field.apply(params, x, t)``, that is
+``fn(params, x, t)`` whatever ``field.params`` holds; a sampler uses the field as it is. ``Field`` is an ``equinox.Module``: ``params`` are its pytree leaves,
 ``fn`` and ``target`` are static, so a field can be passed through ``jax.jit``, ``vmap`` and
 ``grad`` like any pytree.
 """
@@ -66,6 +66,10 @@ class Field(eqx.Module):
         if self.params is None:
             return self.fn(x, t, *args, **kwargs)
         return self.fn(self.params, x, t, *args, **kwargs)
+
+    def apply(self, params: Any, x: Array, t: Array, *args: Any, **kwargs: Any) -> Array:
+        """``fn(params, x, t, *args)`` with the given ``params`` (what a loss differentiates)."""
+        return self.fn(params, x, t, *args, **kwargs)
 
     def bind(self, params: Any) -> Field:
         """The same function and target with ``params`` (e.g. the EMA weights after training)."""

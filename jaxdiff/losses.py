@@ -7,10 +7,12 @@ eps`` on the path and returns the weighted mean squared error
 
 where ``y = from_x0_eps(..., regress)`` is the regression target (conditional velocity
 ``u_t(x | x0)`` for flow matching, ``eps`` for DDPM, ``x0``, ``v``, or the conditional score for
-denoising score matching) and ``target`` is what the network predicts. The squared error is
-averaged over the data dimensions. Each constructor returns a pure ``loss(params, key, batch)``
-where ``batch`` is ``x0`` or ``(x0, labels)`` and ``apply(params, x, t[, labels])`` is the network;
-swapping VP for flow matching is one argument (``path``).
+denoising score matching) and ``net`` is a :class:`~jaxdiff.Field` -- the network bound to the
+target it predicts, e.g. ``jd.Field(model.apply, "eps")``. The squared error is averaged over the
+data dimensions. Each constructor returns a pure ``loss(params, key, batch)`` that calls
+``net.apply(params, x_t, t[, labels])`` with ``t`` of shape ``(batch,)``; ``batch`` is ``x0`` or
+``(x0, labels)``. Swapping VP for flow matching is one argument (``path``); after training,
+``net.bind(params)`` is the field the samplers take.
 
 Times: ``uniform_time`` (default), ``logit_normal_time`` (Esser et al. 2024) and
 ``importance_time``, which draws ``t`` with density ``∝ w(t)`` and reweights by ``1 / density``
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 
 from jaxdiff._checks import check_order, check_positive
 from jaxdiff.conversions import Target, _check_target, convert, from_x0_eps
+from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath, linear_path
 
 Array = jax.Array
@@ -200,30 +203,31 @@ def per_example_loss(
 
 
 def diffusion_loss(
-    apply: Callable[..., Array],
+    net: Field,
     path: GaussianPath,
     *,
-    target: Target = "eps",
     regress: Target | None = None,
     weighting: Weighting = unit_weight,
     time_sampler: TimeSampler | None = None,
     label_dropout: float = 0.0,
     null_label: int | None = None,
 ) -> Callable[[Any, Array, Any], Array]:
-    """The loss ``(params, key, batch) -> scalar`` of a network predicting ``target`` on ``path``.
+    """The loss ``(params, key, batch) -> scalar`` of the network ``net`` on ``path``.
 
-    ``regress`` (default: ``target``) is the space where the squared error is taken, ``weighting``
-    its ``w(t)``, ``time_sampler`` draws ``t`` (default ``uniform_time()``). With labels in the
-    batch, ``label_dropout`` replaces each by ``null_label`` with that probability, which trains
-    the unconditional model of classifier-free guidance.
+    ``net`` is a :class:`~jaxdiff.Field`: ``net.target`` is what the network predicts and
+    ``net.apply(params, x_t, t[, labels])`` is differentiated in ``params``. ``regress`` (default: the target)
+    is the space where the squared error is taken, ``weighting`` its ``w(t)``, ``time_sampler``
+    draws ``t`` (default ``uniform_time()``). With labels in the batch, ``label_dropout`` replaces
+    each by ``null_label`` with that probability, which trains the unconditional model of
+    classifier-free guidance.
 
-    >>> import jax, jax.numpy as jnp
-    >>> from jaxdiff import vp_path
-    >>> loss = diffusion_loss(lambda p, x, t: p * x, vp_path(), target="eps")
+    >>> import jax, jax.numpy as jnp, jaxdiff as jd
+    >>> loss = diffusion_loss(jd.Field(lambda p, x, t: p * x, "eps"), jd.vp_path())
     >>> float(loss(0.0, jax.random.key(0), jnp.zeros((4096, 2))))  # E|eps|^2 per dimension
     1.0...
     """
-    _check_target(target)
+    net = as_field(net, "net")
+    target = net.target
     regress = target if regress is None else regress
     _check_target(regress, "regress")
     time_sampler = uniform_time() if time_sampler is None else time_sampler
@@ -240,12 +244,12 @@ def diffusion_loss(
         eps = jax.random.normal(eps_key, x0.shape, x0.dtype)
         x_t = path.interpolate(x0, eps, t)
         if labels is None:
-            pred = apply(params, x_t, t)
+            pred = net.apply(params, x_t, t)
         else:
             if label_dropout > 0:
                 drop = jax.random.bernoulli(drop_key, label_dropout, labels.shape)
                 labels = jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
-            pred = apply(params, x_t, t, labels)
+            pred = net.apply(params, x_t, t, labels)
         losses = per_example_loss(
             pred, path, x0, eps, t, target=target, regress=regress, weighting=weighting
         )
@@ -257,49 +261,43 @@ def diffusion_loss(
 
 
 def flow_matching_loss(
-    apply: Callable[..., Array],
+    net: Field,
     path: GaussianPath | None = None,
     *,
-    target: Target = "velocity",
     time_sampler: TimeSampler | None = None,
     **kwargs,
 ) -> Callable[[Any, Array, Any], Array]:
     """Conditional flow matching: regress on ``u_t(x | x0) = alpha_t' x0 + sigma_t' eps`` (Lipman et
     al. 2023). Default path: ``linear_path()``; ``t`` runs data -> noise, so ``u`` is minus the
-    velocity of the ``t = 0``-is-noise convention."""
+    velocity of the ``t = 0``-is-noise convention. ``net`` may predict any target."""
     path = linear_path() if path is None else path
     time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
-    return diffusion_loss(
-        apply, path, target=target, regress="velocity", time_sampler=time_sampler, **kwargs
-    )
+    return diffusion_loss(net, path, regress="velocity", time_sampler=time_sampler, **kwargs)
 
 
 def score_matching_loss(
-    apply: Callable[..., Array],
+    net: Field,
     path: GaussianPath,
     *,
-    target: Target = "score",
     weighting: Weighting = sigma_sq_weight,
     **kwargs,
 ) -> Callable[[Any, Array, Any], Array]:
     """Denoising score matching ``w(t) |s(x_t, t) + eps / sigma_t|^2`` (Vincent 2011; Song et al.
     2021): ``sigma_sq_weight`` (default) or ``likelihood_weight`` (``g^2``, best with
     ``importance_time``)."""
-    return diffusion_loss(
-        apply, path, target=target, regress="score", weighting=weighting, **kwargs
-    )
+    return diffusion_loss(net, path, regress="score", weighting=weighting, **kwargs)
 
 
-def eps_loss(apply, path: GaussianPath, *, target: Target = "eps", **kwargs):
+def eps_loss(net: Field, path: GaussianPath, **kwargs):
     """DDPM's simple loss ``|eps_hat - eps|^2``, continuous uniform ``t`` (Ho et al. 2020)."""
-    return diffusion_loss(apply, path, target=target, regress="eps", **kwargs)
+    return diffusion_loss(net, path, regress="eps", **kwargs)
 
 
-def x0_loss(apply, path: GaussianPath, *, target: Target = "x0", **kwargs):
+def x0_loss(net: Field, path: GaussianPath, **kwargs):
     """The denoising (x0) loss ``|x0_hat - x0|^2``."""
-    return diffusion_loss(apply, path, target=target, regress="x0", **kwargs)
+    return diffusion_loss(net, path, regress="x0", **kwargs)
 
 
-def v_loss(apply, path: GaussianPath, *, target: Target = "v", **kwargs):
+def v_loss(net: Field, path: GaussianPath, **kwargs):
     """The v loss ``|v_hat - (alpha_t eps - sigma_t x0)|^2`` (Salimans & Ho 2022)."""
-    return diffusion_loss(apply, path, target=target, regress="v", **kwargs)
+    return diffusion_loss(net, path, regress="v", **kwargs)

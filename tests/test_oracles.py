@@ -153,8 +153,8 @@ def test_two_oracle_losses_in_one_program_do_not_hang():
         "data = jd.data.eight_gaussians_mixture()\n"
         "fm, vp = jd.linear_path(), jd.vp_path()\n"
         "x0 = data.sample(jax.random.key(1), 20_000)\n"
-        "f = jd.flow_matching_loss(lambda p, x, t: data.predict(fm, x, t, 'velocity'), fm)\n"
-        "g = jd.score_matching_loss(lambda p, x, t: data.predict(vp, x, t, 'eps'), vp, target='eps')\n"
+        "f = jd.flow_matching_loss(jd.Field(lambda p, x, t: data.predict(fm, x, t, 'velocity'), 'velocity'), fm)\n"
+        "g = jd.score_matching_loss(jd.Field(lambda p, x, t: data.predict(vp, x, t, 'eps'), 'eps'), vp)\n"
         "k = jax.random.key(2)\n"
         "print(*jax.jit(lambda b: (f(None, k, b), g(None, k, b)))(x0))\n"
     )

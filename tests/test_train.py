@@ -54,7 +54,7 @@ def _setup(batch=64):
 
     model = MLP(width=16, depth=1)
     params = init_params(model, jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros(1))
-    loss = L.flow_matching_loss(model.apply)
+    loss = L.flow_matching_loss(jd.Field(model.apply, "velocity"))
     opt = adamw_cosine(1e-2, 100, warmup_steps=5)
     return model, params, loss, opt, lambda key: jd.data.checkerboard(key, batch)
 
@@ -186,7 +186,7 @@ MULTI = textwrap.dedent(
     assert jax.device_count() == 4, jax.devices()
     model = MLP(width=32, depth=2)
     params = init_params(model, jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros(1))
-    loss = L.flow_matching_loss(model.apply)
+    loss = L.flow_matching_loss(jd.Field(model.apply, "velocity"))
     opt = adamw_cosine(1e-2, 100)
     step = make_train_step(loss, opt)
     sample = lambda key: jd.data.checkerboard(key, 256)
