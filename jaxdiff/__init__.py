@@ -10,11 +10,10 @@ the digits classifier (``jaxdiff.digits``) load on first use, so the core never 
 
 import importlib as _importlib
 
-from jaxdiff import data, losses
+from jaxdiff import data, losses, samplers
 from jaxdiff.conversions import TARGETS, Target, convert, from_x0_eps, to_x0_eps
-from jaxdiff.ddim import ddim_invert, ddim_sample, ddim_step
+from jaxdiff.ddim import ddim_invert, ddim_step
 from jaxdiff.ddpm import (
-    ancestral_sample,
     discrete_path,
     forward_chain,
     leading_timesteps,
@@ -31,9 +30,13 @@ from jaxdiff.elbo import (
     discretized_gaussian_log_prob,
     nelbo,
 )
-from jaxdiff.fewstep import dpm_solver_pp, edm_sample
-from jaxdiff.field import Field, as_field
-from jaxdiff.guidance import classifier_free_guidance, classifier_guidance
+from jaxdiff.field import Field, as_field, batch_time, denoise, predict, predict_as
+from jaxdiff.guidance import (
+    classifier_free_guidance,
+    classifier_guidance,
+    clip_x0,
+    dynamic_thresholding,
+)
 from jaxdiff.integrate import Solution, integrate
 from jaxdiff.likelihood import Likelihood, dequantize, divergence, log_likelihood
 from jaxdiff.losses import (
@@ -66,17 +69,12 @@ from jaxdiff.paths import (
     ve_path,
     vp_path,
 )
-from jaxdiff.pc import (
-    ancestral_predictor,
-    annealed_langevin,
-    euler_maruyama_predictor,
-    pc_sample,
-    reverse_diffusion_predictor,
-)
-from jaxdiff.sample import sample
+from jaxdiff.sample import inpaint, sample
+from jaxdiff.samplers import Sampler
 from jaxdiff.schedules import (
     alpha_bars,
     cosine_betas,
+    default_grid,
     karras_grid,
     linear_betas,
     log_snr_grid,
@@ -104,9 +102,7 @@ def __getattr__(name):
 
 __all__ = [
     "ddim_invert",
-    "ddim_sample",
     "ddim_step",
-    "ancestral_sample",
     "discrete_path",
     "forward_chain",
     "leading_timesteps",
@@ -120,21 +116,24 @@ __all__ = [
     "denoising_weight",
     "discretized_gaussian_log_prob",
     "nelbo",
-    "dpm_solver_pp",
-    "edm_sample",
     "Likelihood",
     "dequantize",
     "divergence",
     "log_likelihood",
-    "ancestral_predictor",
-    "annealed_langevin",
-    "euler_maruyama_predictor",
-    "pc_sample",
-    "reverse_diffusion_predictor",
     "GaussianMixture",
     "GaussianPath",
     "Field",
     "as_field",
+    "batch_time",
+    "predict",
+    "predict_as",
+    "denoise",
+    "Sampler",
+    "samplers",
+    "inpaint",
+    "clip_x0",
+    "dynamic_thresholding",
+    "default_grid",
     "Solution",
     "TARGETS",
     "Target",

@@ -7,12 +7,18 @@ into NaNs where the few microseconds they cost matter, as the benchmarks do).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+try:  # equinox's runtime errors misfire under jax.ensure_compile_time_eval: step out of it
+    from jax._src.config import eager_constant_folding as _eager_constant_folding
+except ImportError:  # pragma: no cover - a future jax without this flag
+    _eager_constant_folding = None
 
 Array = jax.Array
 
@@ -62,10 +68,16 @@ def error_if(x: Any, pred: Any, msg: str) -> Any:
     and ``x`` keeps its sharding.
     """
     leaves = [leaf for leaf in jax.tree_util.tree_leaves(x) if _inexact(leaf)]
-    if not leaves:
-        return eqx.error_if(x, pred, msg)
-    bad = jnp.any(pred)
-    flag = eqx.error_if(bad, bad, msg)
+    staged = (
+        contextlib.nullcontext()
+        if _eager_constant_folding is None
+        else _eager_constant_folding(False)
+    )
+    with staged:
+        if not leaves:
+            return eqx.error_if(x, pred, msg)
+        bad = jnp.any(pred)
+        flag = eqx.error_if(bad, bad, msg)
     first = leaves[0]
     tied = jnp.where(flag, jnp.asarray(jnp.nan, jnp.asarray(first).dtype), first)
     return jax.tree_util.tree_map(lambda leaf: tied if leaf is first else leaf, x)

@@ -6,7 +6,7 @@ From time ``t`` to ``s < t`` with the network's ``(x0_hat, eps_hat)``:
     ``c = eta sqrt(sigma_s^2 (1 - SNR_t / SNR_s))`` (``eta`` times the posterior's std).
 
 ``eta = 1`` is DDPM's ancestral step with the posterior variance (the same draw ``z`` gives the
-same sample as :func:`jaxdiff.ddpm.ancestral_sample`); ``eta = 0`` is deterministic, and is the
+same sample as ``jaxdiff.samplers.ancestral()``); ``eta = 0`` is deterministic, and is the
 first-order exponential integrator of the probability-flow ODE in the log-SNR variable
 (DPM-Solver-1, Lu et al. 2022): ``x_s = (sigma_s / sigma_t) x_t + alpha_s (1 - e^{-h}) x0_hat``,
 ``h = (lambda_s - lambda_t) / 2``. It is Euler's method in ``x / alpha`` against
@@ -15,23 +15,19 @@ first-order exponential integrator of the probability-flow ODE in the log-SNR va
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff import _loop
-from jaxdiff._checks import check_finite, check_time, concrete, expand_like
-from jaxdiff.conversions import Target
+from jaxdiff import _engine
+from jaxdiff._checks import check_finite, check_time, expand_like
+from jaxdiff.field import Field, as_field, predict
 from jaxdiff.integrate import Solution
 from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
-Field = Callable[[Array, Array], Array]
 
-__all__ = ["ddim_step", "ddim_sample", "ddim_invert"]
+__all__ = ["ddim_step", "ddim_invert"]
 
 
 def ddim_step(
@@ -53,64 +49,11 @@ def ddim_step(
     var_s = expand_like(path.sigma_sq(s), x0)
     x = a_s * x0
     if noise is None:
-        return x + jnp.sqrt(var_s) * eps
+        return (x + jnp.sqrt(var_s) * eps).astype(x0.dtype)
     ratio = -jnp.expm1(path.log_snr(t) - path.log_snr(s))
     c2 = expand_like(jnp.square(eta) * ratio, x0) * var_s
-    return x + jnp.sqrt(jnp.maximum(var_s - c2, 0.0)) * eps + jnp.sqrt(c2) * noise
-
-
-def _check_eta(eta) -> None:
-    v = concrete(eta)
-    if v is not None and (not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v > 1)):
-        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM); got {v}")
-
-
-def ddim_sample(
-    key: Array | None,
-    path: GaussianPath,
-    field: Field,
-    shape: tuple[int, ...] | None = None,
-    *,
-    target: Target = "score",
-    eta: ArrayLike = 0.0,
-    steps: int = 50,
-    ts: ArrayLike | None = None,
-    clip_x0: float | None = None,
-    x_init: ArrayLike | None = None,
-    save_ts: ArrayLike | None = None,
-) -> Solution:
-    """Sample with DDIM steps down a decreasing grid (default ``steps`` uniform steps from 1 to 0).
-
-    ``ts`` may be any subset of a discrete model's times (:mod:`jaxdiff.ddpm` spacings). A step
-    that ends at ``t = 0`` adds no noise. NFE = number of steps.
-
-    >>> import jax, jax.numpy as jnp, jaxdiff as jd
-    >>> data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
-    >>> path = jd.vp_path()
-    >>> sol = ddim_sample(jax.random.key(0), path, data.field(path, "eps"), (4096, 2),
-    ...                   target="eps", steps=20)
-    >>> round(float(jnp.abs(sol.x[:, 0]).mean()), 1), int(sol.nfe)
-    (2.0, 20)
-    """
-    _check_eta(eta)
-    grid = _loop.decreasing_grid(jnp.linspace(1.0, 0.0, int(steps) + 1) if ts is None else ts)
-    stochastic = concrete(eta) is None or np.any(concrete(eta) != 0)
-    prior_key, key = _loop.split_key(key, x_init, not stochastic)
-    x = _loop.initial_state(prior_key, path, field, shape, x_init, grid[0])
-    grid = grid.astype(x.dtype)
-
-    def step(carry, t, s, k, i):
-        (x,) = carry
-        x0, eps = _loop.predict(path, field, x, t, target, clip_x0)
-        if not stochastic:
-            return (ddim_step(path, x0, eps, t, s),)
-        e = jnp.where(s > 0, eta, 0.0)
-        z = jax.random.normal(k, x.shape, x.dtype)
-        return (ddim_step(path, x0, eps, t, s, eta=e, noise=z),)
-
-    x, save_ts, xs = _loop.run_grid(step, (x,), grid, key, save_ts=save_ts)
-    n = grid.shape[0] - 1
-    return Solution(x, save_ts, xs, jnp.asarray(n), jnp.asarray(n))
+    out = x + jnp.sqrt(jnp.maximum(var_s - c2, 0.0)) * eps + jnp.sqrt(c2) * noise
+    return out.astype(x0.dtype)
 
 
 def ddim_invert(
@@ -118,33 +61,41 @@ def ddim_invert(
     field: Field,
     x: ArrayLike,
     *,
-    target: Target = "score",
-    steps: int = 50,
+    steps: int | None = None,
     ts: ArrayLike | None = None,
     t_start: ArrayLike = 1e-3,
     t_end: ArrayLike = 1.0,
     save_ts: ArrayLike | None = None,
 ) -> Solution:
-    """DDIM inversion: run deterministic DDIM steps up an increasing grid, data towards noise.
+    """DDIM inversion: deterministic DDIM steps up an increasing grid, from data towards noise.
 
     The step from ``s`` to ``t > s`` uses the prediction at ``(x_s, s)``: ``x_t = alpha_t x0_hat +
     sigma_t eps_hat``. ``x`` is taken as the state at ``t_start`` (default ``1e-3``: the prediction
-    is singular where ``sigma = 0``). Running :func:`ddim_sample` (``eta = 0``) back down the same
-    grid from the result returns ``x`` up to the first-order error of both, ``O(1 / steps)``.
+    is singular where ``sigma = 0``); the grid is ``ts`` (increasing) or ``steps`` (default 50)
+    uniform steps. Sampling back down the same grid with ``jd.samplers.ddim()`` returns ``x`` up to
+    the first-order error of both, ``O(1 / steps)``.
     """
+    field = as_field(field)
     if ts is None:
+        steps = 50 if steps is None else steps
         check_time(t_start, "t_start")
         check_time(t_end, "t_end")
         ts = jnp.linspace(jnp.asarray(t_start, float), jnp.asarray(t_end, float), int(steps) + 1)
-    grid = _loop.decreasing_grid(jnp.asarray(ts)[::-1], "ts reversed (ts must increase)")[::-1]
+    elif steps is not None:
+        raise ValueError("give either ts or steps, not both")
+    grid = _engine.check_grid(ts, "ts (increasing for an inversion)", unit=True)
+    grid = _engine.grid_check(
+        grid, lambda g: g[0] >= g[-1], "ddim_invert runs up an increasing grid"
+    )
     x = check_finite(jnp.asarray(x), "x")
-    grid = grid.astype(x.dtype)
-    _loop.initial_state(None, path, field, None, x, grid[0])
+    grid = grid.astype(jnp.result_type(x.dtype, jnp.float32))
 
-    def step(carry, s, t, k, i):  # s < t: up the grid
-        x0, eps = _loop.predict(path, field, carry[0], s, target)
-        return (ddim_step(path, x0, eps, s, t),)
+    def step(key, x, s, t):  # s < t: up the grid
+        x0, eps = predict(path, field, x, s)
+        return ddim_step(path, x0, eps, s, t)
 
-    x_end, save_ts, xs = _loop.run_grid(step, (x,), grid, jax.random.key(0), save_ts=save_ts)
+    save_ts = _engine.as_save_ts(save_ts, grid.dtype)
+    buf, slots = _engine.start_buffer(grid, save_ts, x)
+    x_end, xs = _engine.scan(step, x, grid, None, get_x=lambda x: x, buffer=buf, slots=slots)
     n = grid.shape[0] - 1
     return Solution(x_end, save_ts, xs, jnp.asarray(n), jnp.asarray(n))

@@ -9,19 +9,22 @@ alike. A discrete beta schedule is the path :func:`discrete_path` (exact at the 
 * chain ``q(x_t | x_s) = N(a x_s, sigma_t^2 (1 - SNR_t / SNR_s) I)``, ``a = alpha_t / alpha_s``
   (for DDPM's step ``i``: ``N(sqrt(1 - beta_i) x_{i-1}, beta_i I)``);
 * marginal ``q(x_t | x0) = N(alpha_t x0, sigma_t^2 I)`` (``path.sample``; ``abar_i = alpha_{t_i}^2``);
-* posterior ``q(x_s | x_t, x0) = N(c_x x_t + c_0 x0, sigma_s^2 (1 - SNR_t / SNR_s) I)`` with
+* posterior ``q(x_s | x_t, x0) = N(c_x x_t + c_0 x0, sigma_s^2 (1 - SNR_t / SNR_s) I)`` for
+  ``s < t`` (arguments in the order of the step, ``(t, s)``: from ``t`` to ``s``) with
   ``c_x = a sigma_s^2 / sigma_t^2`` and ``c_0 = alpha_s (1 - SNR_t / SNR_s)``;
 * reverse ``p(x_s | x_t)``: the posterior with ``x0`` replaced by the network's estimate. Design I
   (the network predicts ``x0``), Design II (``eps``), ``v`` and the others all enter through the
   ``(x0, eps)`` hub, so one formula serves every target: for ``eps`` it is Ho's
   ``(x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(1 - beta_t)``.
 
-The negative ELBO is in ``jaxdiff.elbo``.
+The negative ELBO is in ``jaxdiff.elbo``; the ancestral sampler is ``jaxdiff.samplers.ancestral``.
+
+Every function of two times takes them in the order of the move, ``(t, s)`` = (from, to): a
+reverse step from ``t`` to ``s < t`` here, a forward step in ``GaussianPath.transition``; the
+wrong order raises an error (it used to return a negative variance).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -29,10 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff import _loop
-from jaxdiff._checks import as_time, check_positive, concrete, expand_like
-from jaxdiff.conversions import Target
-from jaxdiff.integrate import Solution
+from jaxdiff._checks import as_time, concrete, error_if, expand_like
 from jaxdiff.paths import GaussianPath
 from jaxdiff.schedules import alpha_bars
 
@@ -47,7 +47,6 @@ __all__ = [
     "forward_chain",
     "posterior",
     "reverse_mean_var",
-    "ancestral_sample",
 ]
 
 
@@ -184,86 +183,64 @@ def forward_chain(key: Array, path: GaussianPath, x0: ArrayLike, ts: ArrayLike) 
 
 
 def posterior(
-    path: GaussianPath, x_t: ArrayLike, x0: ArrayLike, s: ArrayLike, t: ArrayLike
+    path: GaussianPath, x_t: ArrayLike, x0: ArrayLike, t: ArrayLike, s: ArrayLike
 ) -> tuple[Array, Array]:
-    """Mean and variance of ``q(x_s | x_t, x0)`` for ``s < t`` (variance shaped like ``t``).
+    """Mean and variance of ``q(x_s | x_t, x0)``: the step from ``t`` back to ``s < t``.
 
     ``mean = alpha_s r x0 + (alpha_t / alpha_s)(sigma_s^2 / sigma_t^2) x_t``, ``var = sigma_s^2 r``,
     ``r = 1 - SNR_t / SNR_s``; DDPM's ``mu~_t`` and ``beta~_t = (1 - abar_{t-1}) beta_t / (1 - abar_t)``.
+    The variance is shaped like ``t``. ``s >= t`` raises an error.
     """
     x_t = jnp.asarray(x_t)
-    s, t = as_time(s, x_t.dtype), as_time(t, x_t.dtype)
+    t, s = _reverse_times(t, s)
+    return _posterior(path, x_t, jnp.asarray(x0), t, s)
+
+
+def _reverse_times(t, s) -> tuple[Array, Array]:
+    """``(t, s)`` as times after checking ``s < t`` (now when known, else at run time)."""
+    t, s = as_time(t), as_time(s)
+    bad = jnp.any(s >= t)
+    value = concrete(bad)
+    msg = "a reverse step goes from t to an earlier s: arguments are (t, s) with s < t"
+    if value is not None:
+        if bool(value):
+            raise ValueError(f"{msg}; got t = {np.ravel(concrete(t))[:4].tolist()}, "
+                             f"s = {np.ravel(concrete(s))[:4].tolist()}")  # fmt: skip
+        return t, s
+    return error_if(t, bad, msg), s
+
+
+def _posterior(path: GaussianPath, x_t: Array, x0: Array, t, s) -> tuple[Array, Array]:
     r = _ratio(path, s, t)
     var_s, var_t = path.sigma_sq(s), path.sigma_sq(t)
     c_x = path.alpha(t) / path.alpha(s) * var_s / var_t
     c_0 = path.alpha(s) * r
-    return expand_like(c_x, x_t) * x_t + expand_like(c_0, x_t) * x0, var_s * r
+    mean = expand_like(c_x, x_t) * x_t + expand_like(c_0, x_t) * x0
+    return mean.astype(x_t.dtype), var_s * r
 
 
 def reverse_mean_var(
     path: GaussianPath,
     x_t: ArrayLike,
     x0_hat: ArrayLike,
-    s: ArrayLike,
     t: ArrayLike,
+    s: ArrayLike,
     *,
     var_weight: ArrayLike = 0.0,
 ) -> tuple[Array, Array]:
-    """Mean and variance of the reverse model ``p(x_s | x_t)`` given the network's ``x0_hat``.
+    """Mean and variance of the reverse model ``p(x_s | x_t)`` (``s < t``) given ``x0_hat``.
 
     The mean is the posterior's at ``x0 = x0_hat``. The variance is
     ``beta~^(1 - w) beta^w`` with ``w = var_weight``: ``0`` the posterior's ``beta~_t`` (Ho's
     "fixed small"), ``1`` the forward ``beta_t = sigma_t^2 r`` ("fixed large"), between them
     Nichol & Dhariwal (2021)'s log-linear interpolation with a fixed weight.
     """
-    mean, var_post = posterior(path, x_t, x0_hat, s, t)
-    t = as_time(t, mean.dtype)
-    var_fwd = path.sigma_sq(t) * _ratio(path, as_time(s, mean.dtype), t)
-    w = jnp.asarray(var_weight, mean.dtype)
+    t, s = _reverse_times(t, s)
+    return _reverse_mean_var(path, jnp.asarray(x_t), jnp.asarray(x0_hat), t, s, var_weight)
+
+
+def _reverse_mean_var(path, x_t, x0_hat, t, s, var_weight):
+    mean, var_post = _posterior(path, x_t, x0_hat, t, s)
+    var_fwd = path.sigma_sq(t) * _ratio(path, s, t)
+    w = jnp.asarray(var_weight, var_post.dtype)
     return mean, jnp.power(var_post, 1.0 - w) * jnp.power(var_fwd, w)
-
-
-def ancestral_sample(
-    key: Array,
-    path: GaussianPath,
-    field: Callable[[Array, Array], Array],
-    shape: tuple[int, ...] | None = None,
-    *,
-    target: Target = "score",
-    steps: int = 1000,
-    ts: ArrayLike | None = None,
-    var_weight: ArrayLike = 0.0,
-    clip_x0: float | None = None,
-    x_init: ArrayLike | None = None,
-    save_ts: ArrayLike | None = None,
-) -> Solution:
-    """DDPM's ancestral sampler: ``x_s ~ p(x_s | x_t)`` down a decreasing grid (Ho et al. 2020, Alg. 2).
-
-    ``ts`` is any subset of the training times, e.g. :func:`trailing_timesteps`; by default
-    ``steps`` uniform steps from 1 to 0. Starts from ``N(0, sigma_{ts[0]}^2 I)``; the last step adds
-    no noise (it returns the mean, ``x0_hat`` when it ends at ``t = 0``). NFE = number of steps.
-
-    >>> import jax, jax.numpy as jnp, jaxdiff as jd
-    >>> data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
-    >>> path = jd.vp_path()
-    >>> sol = ancestral_sample(jax.random.key(0), path, data.field(path, "eps"), (4096, 2),
-    ...                        target="eps", steps=200)
-    >>> round(float(jnp.abs(sol.x[:, 0]).mean()), 1), int(sol.nfe)
-    (2.0, 200)
-    """
-    check_positive(var_weight, "var_weight", strict=False)
-    grid = _loop.decreasing_grid(jnp.linspace(1.0, 0.0, int(steps) + 1) if ts is None else ts)
-    prior_key, key = jax.random.split(key)
-    x = _loop.initial_state(prior_key, path, field, shape, x_init, grid[0])
-    grid = grid.astype(x.dtype)
-    n = grid.shape[0] - 1
-
-    def step(carry, t, s, k, i):
-        (x,) = carry
-        x0, _ = _loop.predict(path, field, x, t, target, clip_x0)
-        mean, var = reverse_mean_var(path, x, x0, s, t, var_weight=var_weight)
-        std = expand_like(jnp.where(i == n - 1, 0.0, jnp.sqrt(var)), x)
-        return (mean + std * jax.random.normal(k, x.shape, x.dtype),)
-
-    x, save_ts, xs = _loop.run_grid(step, (x,), grid, key, save_ts=save_ts)
-    return Solution(x, save_ts, xs, jnp.asarray(n), jnp.asarray(n))

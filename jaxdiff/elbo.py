@@ -19,7 +19,6 @@ al. 2020, eq. 13), whose negative log-likelihood is a probability: bits/dim need
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -27,10 +26,10 @@ import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 from jax.typing import ArrayLike
 
-from jaxdiff import _loop
-from jaxdiff._checks import as_time, check_finite, expand_like
+from jaxdiff._checks import check_finite, expand_like
 from jaxdiff.conversions import Target, _check_target, to_x0_eps
-from jaxdiff.ddpm import posterior, reverse_mean_var
+from jaxdiff.ddpm import _posterior, _reverse_mean_var, _reverse_times
+from jaxdiff.field import Field, as_field, predict
 from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
@@ -55,8 +54,8 @@ def bits_per_dim(nats: ArrayLike, dim: int) -> Array:
     return jnp.asarray(nats) / (dim * math.log(2.0))
 
 
-def denoising_weight(path: GaussianPath, s: ArrayLike, t: ArrayLike, target: Target) -> Array:
-    """The weight ``w`` with ``KL(q(x_s | x_t, x0) || p(x_s | x_t)) = w |pred - true|^2``.
+def denoising_weight(path: GaussianPath, t: ArrayLike, s: ArrayLike, target: Target) -> Array:
+    """The weight ``w`` with ``KL(q(x_s | x_t, x0) || p(x_s | x_t)) = w |pred - true|^2``, ``s < t``.
 
     ``w = (SNR_s - SNR_t) / 2 * (d x0 / d pred)^2`` for the reverse model with the posterior's
     variance, where ``d x0 / d pred`` is ``1`` for ``x0``, ``-sigma_t / alpha_t`` for ``eps``,
@@ -64,7 +63,7 @@ def denoising_weight(path: GaussianPath, s: ArrayLike, t: ArrayLike, target: Tar
     For DDPM's step ``t`` and ``x0``: ``abar_{t-1} beta_t^2 / (2 beta~_t (1 - abar_t)^2)``.
     """
     _check_target(target)
-    s, t = as_time(s), as_time(t)
+    t, s = _reverse_times(t, s)
     lam_s, lam_t = path.log_snr(s), path.log_snr(t)
     half_gap = 0.5 * jnp.exp(lam_s) * -jnp.expm1(lam_t - lam_s)
     zero, one = jnp.zeros_like(t), jnp.ones_like(t)
@@ -105,20 +104,18 @@ def _gaussian_kl(mean_q, var_q, mean_p, var_p, axes):
 def nelbo(
     key: Array,
     path: GaussianPath,
-    field: Callable[[Array, Array], Array],
+    field: Field,
     x0: ArrayLike,
     *,
-    target: Target = "score",
     num_steps: int = 1000,
     num_terms: int | None = None,
     var_weight: ArrayLike = 0.0,
     num_bins: int | None = None,
     decoder_std: ArrayLike | None = None,
-    clip_x0: float | None = None,
 ) -> NELBO:
     """The negative ELBO of each sample of ``x0`` (shape ``(batch, *event)``), in nats.
 
-    ``field(x, t)`` predicts ``target``; step ``i`` of ``num_steps = T`` is ``t = i / T``. The
+    ``field`` is a :class:`~jaxdiff.Field`; step ``i`` of ``num_steps = T`` is ``t = i / T``. The
     denoising sum runs over all ``T - 1`` terms (one network call per term on the whole batch) or,
     with ``num_terms = K``, is estimated without bias by ``K`` steps drawn uniformly per sample
     (Ho et al.'s ``L_simple`` sampling, times ``T - 1``). ``var_weight`` chooses the reverse
@@ -129,12 +126,11 @@ def nelbo(
     >>> data = jd.GaussianMixture(jnp.ones(1), jnp.zeros((1, 2)), 0.25 * jnp.eye(2)[None])
     >>> path = jd.vp_path()
     >>> x = data.sample(jax.random.key(0), 2000)
-    >>> terms = nelbo(jax.random.key(1), path, data.field(path, "eps"), x, target="eps",
-    ...               num_steps=200)
+    >>> terms = nelbo(jax.random.key(1), path, data.field(path, "eps"), x, num_steps=200)
     >>> float(terms.total.mean()) > float(-data.log_prob(x).mean())  # a bound
     True
     """
-    _check_target(target)
+    field = as_field(field)
     x0 = check_finite(jnp.asarray(x0), "x0")
     if x0.ndim < 2:
         raise ValueError(f"x0 must be (batch, *event); got shape {x0.shape}")
@@ -153,9 +149,9 @@ def nelbo(
 
     def term(k, s, t):  # E over x_t of KL(q(x_s | x_t, x0) || p(x_s | x_t)); t scalar or (batch,)
         x_t, _ = path.sample(k, x0, t)
-        x0_hat, _ = _loop.predict(path, field, x_t, t, target, clip_x0)
-        mean_q, var_q = posterior(path, x_t, x0, s, t)
-        mean_p, var_p = reverse_mean_var(path, x_t, x0_hat, s, t, var_weight=var_weight)
+        x0_hat, _ = predict(path, field, x_t, t)
+        mean_q, var_q = _posterior(path, x_t, x0, t, s)
+        mean_p, var_p = _reverse_mean_var(path, x_t, x0_hat, t, s, var_weight)
         return _gaussian_kl(mean_q, var_q, mean_p, var_p, axes)
 
     # i / T, clipped: XLA may compute it as i * (1 / T), a rounding error past t = 1 (alpha < 0)
@@ -175,7 +171,7 @@ def nelbo(
     # reconstruction: -log p(x0 | x_1) with the decoder N(x0_hat(x_1), std^2)
     t1 = jnp.full((batch,), 1.0 / T, dtype)
     x_1, _ = path.sample(k_rec, x0, t1)
-    mean, _ = _loop.predict(path, field, x_1, t1, target, clip_x0)
+    mean, _ = predict(path, field, x_1, t1)
     if decoder_std is None:
         std = expand_like(path.sigma(t1) / path.alpha(t1), x0)
     else:

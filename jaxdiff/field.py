@@ -30,16 +30,22 @@ A loss trains ``params``: ``loss(params, key, batch)`` calls ``field.apply(param
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
 
-from jaxdiff.conversions import Target, _check_target
+from jaxdiff._checks import as_time
+from jaxdiff.conversions import Target, _check_target, convert, to_x0_eps
+
+if TYPE_CHECKING:
+    from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
 
-__all__ = ["Field", "as_field"]
+__all__ = ["Field", "as_field", "predict", "denoise", "batch_time"]
 
 
 class Field(eqx.Module):
@@ -62,12 +68,12 @@ class Field(eqx.Module):
             raise TypeError(f"Field's fn must be callable; got {type(self.fn).__name__}")
         _check_target(self.target)
 
-    def __call__(self, x: Array, t: Array, *args: Any, **kwargs: Any) -> Array:
+    def __call__(self, x: ArrayLike, t: ArrayLike, *args: Any, **kwargs: Any) -> Array:
         if self.params is None:
             return self.fn(x, t, *args, **kwargs)
         return self.fn(self.params, x, t, *args, **kwargs)
 
-    def apply(self, params: Any, x: Array, t: Array, *args: Any, **kwargs: Any) -> Array:
+    def apply(self, params: Any, x: ArrayLike, t: ArrayLike, *args: Any, **kwargs: Any) -> Array:
         """``fn(params, x, t, *args)`` with the given ``params`` (what a loss differentiates)."""
         return self.fn(params, x, t, *args, **kwargs)
 
@@ -87,3 +93,39 @@ def as_field(field: Any, name: str = "field") -> Field:
             f"a network (targets: 'score', 'eps', 'x0', 'v', 'velocity')"
         )
     raise TypeError(f"{name} must be a jaxdiff.Field; got {type(field).__name__}")
+
+
+def batch_time(t: Any, x: ArrayLike) -> Array:
+    """``t`` as one time per sample, shape ``x.shape[:1]`` (the field contract); ``t`` is a
+    scalar or already has that shape."""
+    t = as_time(t)
+    if jnp.ndim(x) == 0 or t.shape == x.shape[:1]:
+        return t
+    if t.ndim:
+        raise ValueError(
+            f"t has shape {t.shape}; expected a scalar or one time per sample, {x.shape[:1]}"
+        )
+    return jnp.broadcast_to(t, x.shape[:1])
+
+
+def predict(path: GaussianPath, field: Field, x: ArrayLike, t: Any) -> tuple[Array, Array]:
+    """The field's prediction at ``(x, t)`` as the hub pair ``(x0_hat, eps_hat)``.
+
+    The field sees one time per sample (``batch_time``); the conversion uses ``t`` as given, so
+    a scalar ``t`` costs one evaluation of the schedule, not one per sample.
+    """
+    return to_x0_eps(path, x, t, field(x, batch_time(t, x)), field.target)
+
+
+def denoise(path: GaussianPath, field: Field, x: ArrayLike, t: Any) -> Array:
+    """Tweedie's denoiser ``x0_hat = E[x0 | x_t = x]`` from any target (Efron 2011; the final
+    "denoising step" of Song & Ermon 2020, Jolicoeur-Martineau et al. 2021)."""
+    if field.target == "x0":
+        return field(x, batch_time(t, x))
+    return predict(path, field, x, t)[0]
+
+
+def predict_as(path: GaussianPath, field: Field, x: ArrayLike, t: Any, target: Target) -> Array:
+    """The field's prediction at ``(x, t)`` converted to ``target``."""
+    value = field(x, batch_time(t, x))
+    return convert(path, x, t, value, src=field.target, dst=target)

@@ -1,8 +1,11 @@
-r"""Guidance: classifier-free (Ho & Salimans 2022) and classifier guidance (Dhariwal & Nichol 2021).
+r"""Field transforms: classifier-free guidance (Ho & Salimans 2022), classifier guidance (Dhariwal &
+Nichol 2021), and clipping / dynamic thresholding of the data estimate (Ho et al. 2020; Saharia
+et al. 2022). Each takes a :class:`~jaxdiff.Field` and returns one, so it works with every sampler,
+likelihood and ELBO.
 
 Every target is affine in the prediction at fixed ``(x, t)`` (``jaxdiff.conversions``), so a
 combination whose weights sum to one means the same thing for ``eps``, ``x0``, ``score``, ``v`` and
-``velocity``: guidance works for any target and any sampler.
+``velocity``: guidance works for any target.
 
 Conventions for the classifier-free weight. We use ``scale`` with
 ``guided = u + scale (c - u) = (1 - scale) u + scale c`` (``c`` conditional, ``u`` unconditional;
@@ -13,23 +16,43 @@ write ``(1 + w) c - w u``: their ``w`` is ``scale - 1``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, check_same_shape, expand_like
-from jaxdiff.conversions import Target, convert
+from jaxdiff._checks import as_time, check_positive, check_same_shape, expand_like
+from jaxdiff.conversions import convert, to_x0_eps
+from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
-Field = Callable[[Array, Array], Array]
 
-__all__ = ["classifier_free_guidance", "classifier_guidance"]
+__all__ = ["classifier_free_guidance", "classifier_guidance", "clip_x0", "dynamic_thresholding"]
+
+
+def _cfg(params: Any, x: ArrayLike, t: ArrayLike) -> Array:
+    field, labels, null, scale, interval = params
+    x = jnp.asarray(x)
+    n = x.shape[0]
+    if labels.shape[:1] != (n,):
+        raise ValueError(f"labels have shape {labels.shape}; expected ({n}, ...) to match x")
+    t2 = jnp.concatenate([t, t], axis=0) if jnp.ndim(t) else t
+    out = field(jnp.concatenate([x, x], axis=0), t2, jnp.concatenate([labels, null], axis=0))
+    c, u = out[:n], out[n:]
+    check_same_shape(c, x, "the conditional prediction")
+    g = u + expand_like(jnp.asarray(scale, x.dtype), x) * (c - u)
+    if interval is None:
+        return g
+    t_arr = as_time(t)
+    inside = (t_arr >= interval[0]) & (t_arr <= interval[1])
+    return jnp.where(expand_like(inside, x), g, c)
 
 
 def classifier_free_guidance(
-    field: Callable[[Array, Array, Array], Array],
+    field: Field,
     labels: ArrayLike,
     null_label: ArrayLike,
     scale: ArrayLike,
@@ -40,34 +63,31 @@ def classifier_free_guidance(
 
     ``c = field(x, t, labels)`` and ``u = field(x, t, null_label)`` come from one call on the
     doubled batch. ``interval = (t_lo, t_hi)`` guides only for ``t_lo <= t <= t_hi`` and returns
-    ``c`` elsewhere (Kynkäänniemi et al. 2024).
+    ``c`` elsewhere (Kynkäänniemi et al. 2024). ``scale = 1`` is plain conditional sampling.
 
-    >>> import jax.numpy as jnp
-    >>> f = lambda x, t, y: x * y[:, None]        # a toy "network"
+    >>> import jax.numpy as jnp, jaxdiff as jd
+    >>> f = jd.Field(lambda x, t, y: x * y[:, None], "eps")   # a toy "network"
     >>> g = classifier_free_guidance(f, jnp.array([2.0]), 0.0, scale=3.0)
-    >>> g(jnp.ones((1, 2)), 0.5)                  # 0 + 3 (2 - 0)
+    >>> g(jnp.ones((1, 2)), jnp.full(1, 0.5))                # 0 + 3 (2 - 0)
     Array([[6., 6.]], dtype=float32)
     """
+    field = as_field(field)
     labels = jnp.asarray(labels)
     null = jnp.broadcast_to(jnp.asarray(null_label, labels.dtype), labels.shape)
-    both = jnp.concatenate([labels, null], axis=0)
+    return Field(_cfg, field.target, (field, labels, null, jnp.asarray(scale), interval))
 
-    def guided(x: Array, t: ArrayLike) -> Array:
-        n = x.shape[0]
-        if labels.shape[:1] != (n,):
-            raise ValueError(f"labels have shape {labels.shape}; expected ({n}, ...) to match x")
-        t2 = jnp.concatenate([t, t], axis=0) if jnp.ndim(t) else t
-        out = field(jnp.concatenate([x, x], axis=0), t2, both)
-        c, u = out[:n], out[n:]
-        check_same_shape(c, x, "the conditional prediction")
-        g = u + expand_like(jnp.asarray(scale, x.dtype), x) * (c - u)
-        if interval is None:
-            return g
-        t_arr = as_time(t, x.dtype)
-        inside = (t_arr >= interval[0]) & (t_arr <= interval[1])
-        return jnp.where(expand_like(inside, x), g, c)
 
-    return guided
+class _ClassifierGuided(eqx.Module):
+    log_prob_fn: Callable[[Array, Array], Array] = eqx.field(static=True)
+
+    def __call__(self, params: Any, x: ArrayLike, t: ArrayLike) -> Array:
+        path, field, scale = params
+        x = jnp.asarray(x)
+        pred = field(x, t)
+        grad = jax.grad(lambda z: jnp.sum(self.log_prob_fn(z, t)))(x)
+        score = convert(path, x, t, pred, src=field.target, dst="score")
+        score = score + expand_like(jnp.asarray(scale, x.dtype), x) * grad
+        return convert(path, x, t, score, src="score", dst=field.target)
 
 
 def classifier_guidance(
@@ -75,20 +95,48 @@ def classifier_guidance(
     field: Field,
     log_prob_fn: Callable[[Array, Array], Array],
     scale: ArrayLike,
-    *,
-    target: Target = "score",
 ) -> Field:
-    """Add ``scale * grad_x log p(y | x_t, t)`` to the score of ``field`` (which predicts ``target``).
+    """Add ``scale * grad_x log p(y | x_t, t)`` to the score of ``field`` (Dhariwal & Nichol 2021).
 
     ``log_prob_fn(x, t)`` returns the per-sample log-probability of the wanted labels, shape
-    ``x.shape[:1]``. The result predicts ``target`` again (Dhariwal & Nichol 2021, Sec. 4).
+    ``x.shape[:1]``. The result predicts the field's target again.
     """
+    field = as_field(field)
+    return Field(_ClassifierGuided(log_prob_fn), field.target, (path, field, jnp.asarray(scale)))
 
-    def guided(x: Array, t: ArrayLike) -> Array:
-        pred = field(x, t)
-        grad = jax.grad(lambda z: jnp.sum(log_prob_fn(z, t)))(x)
-        score = convert(path, x, t, pred, src=target, dst="score")
-        score = score + expand_like(jnp.asarray(scale, x.dtype), x) * grad
-        return convert(path, x, t, score, src="score", dst=target)
 
-    return guided
+def _threshold(params: Any, x: ArrayLike, t: ArrayLike) -> Array:
+    path, field, value, percentile = params
+    x0, _ = to_x0_eps(path, x, t, field(x, t), field.target)
+    if percentile is None:
+        return jnp.clip(x0, -value, value)
+    axes = tuple(range(1, x0.ndim))
+    flat = jnp.abs(x0).reshape(x0.shape[0], -1)
+    s = jnp.maximum(jnp.quantile(flat, percentile, axis=1), value)  # per sample, >= value
+    s = s.reshape((-1,) + (1,) * len(axes)).astype(x0.dtype)
+    return jnp.clip(x0, -s, s) / s * value
+
+
+def clip_x0(field: Field, path: GaussianPath, value: ArrayLike = 1.0) -> Field:
+    """The field with its data estimate clipped to ``[-value, value]`` (Ho et al. 2020 clip DDPM's
+    ``x0_hat`` to ``[-1, 1]``). It predicts ``"x0"``; samplers recompute ``eps`` from it, so
+    ``x = alpha x0 + sigma eps`` still holds."""
+    check_positive(value, "value")
+    field = as_field(field)
+    return Field(_threshold, "x0", (path, field, jnp.asarray(value), None))
+
+
+def dynamic_thresholding(
+    field: Field, path: GaussianPath, percentile: float = 0.995, value: ArrayLike = 1.0
+) -> Field:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3) of the data estimate.
+
+    Per sample, ``s`` is the ``percentile`` quantile of ``|x0_hat|`` (at least ``value``); the
+    estimate is clipped to ``[-s, s]`` and divided by ``s`` (then scaled to ``value``), pushing
+    saturated pixels inwards at high guidance. Predicts ``"x0"``.
+    """
+    if not 0.0 < percentile <= 1.0:
+        raise ValueError(f"percentile must lie in (0, 1]; got {percentile}")
+    check_positive(value, "value")
+    field = as_field(field)
+    return Field(_threshold, "x0", (path, field, jnp.asarray(value), float(percentile)))

@@ -34,13 +34,12 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import check_finite, check_order, check_time
-from jaxdiff.conversions import Target, _check_target
+from jaxdiff.field import Field, as_field
 from jaxdiff.integrate import integrate
 from jaxdiff.paths import GaussianPath
 from jaxdiff.sde import probability_flow_drift
 
 Array = jax.Array
-Field = Callable[[Array, Array], Array]
 
 __all__ = ["Likelihood", "log_likelihood", "divergence", "dequantize"]
 
@@ -87,7 +86,6 @@ def log_likelihood(
     field: Field,
     x: ArrayLike,
     *,
-    target: Target = "score",
     key: Array | None = None,
     num_probes: int | None = None,
     probe: Callable = jax.random.normal,
@@ -102,7 +100,7 @@ def log_likelihood(
 ) -> Likelihood:
     """``log p_{t_start}(x)`` of each sample of ``x`` (``(batch, *event)``) by the PF-ODE.
 
-    ``field(x, t)`` predicts ``target``. ``num_probes=None``: exact divergence; else Hutchinson
+    ``field`` is a :class:`~jaxdiff.Field`. ``num_probes=None``: exact divergence; else Hutchinson
     with ``num_probes`` draws of ``probe(key, shape, dtype)`` per sample (``jax.random.normal`` or
     ``jax.random.rademacher``), fixed along the solve. ``solver`` defaults to ``Tsit5`` with a PID
     controller at ``rtol``/``atol``; ``prior_logp`` (default ``path.prior_logp``, the density of
@@ -112,12 +110,12 @@ def log_likelihood(
     >>> data = jd.GaussianMixture.isotropic(jnp.array([[1.0, 0.0], [-1.0, 0.0]]), std=0.5)
     >>> path = jd.linear_path()
     >>> x = data.sample(jax.random.key(0), 4)
-    >>> out = log_likelihood(path, data.field(path, "velocity"), x, target="velocity")
+    >>> out = log_likelihood(path, data.field(path, "velocity"), x)
     >>> exact = data.marginal_log_prob(path, x, 1e-5)
     >>> bool(jnp.max(jnp.abs(out.logp - exact)) < 1e-2)
     True
     """
-    _check_target(target)
+    field = as_field(field)
     x = check_finite(jnp.asarray(x), "x")
     if x.ndim < 2:
         raise ValueError(f"x must be (batch, *event); got shape {x.shape}")
@@ -136,7 +134,7 @@ def log_likelihood(
         y, _ = state
 
         def velocity(y):
-            return probability_flow_drift(path, y, t, field(y, t), target=target)
+            return probability_flow_drift(path, field, y, t)
 
         return divergence(velocity, y, probes)
 

@@ -22,6 +22,7 @@ from jax.typing import ArrayLike
 
 from jaxdiff._checks import as_time, check_finite, concrete, expand_like
 from jaxdiff.conversions import Target, _check_target, from_x0_eps
+from jaxdiff.field import Field
 from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
@@ -128,10 +129,11 @@ class GaussianMixture(eqx.Module):
         eps = -expand_like(path.sigma(t), x0) * score
         return from_x0_eps(path, x, t, x0, eps, target)
 
-    def field(self, path: GaussianPath, target: Target = "score"):
-        """The exact field ``(x, t) -> predict(path, x, t, target)``, ready for ``jaxdiff.sample``."""
+    def field(self, path: GaussianPath, target: Target) -> Field:
+        """The exact field of ``target`` on ``path`` as a :class:`~jaxdiff.Field` (its params are
+        the mixture and the path), ready for every sampler, likelihood and loss."""
         _check_target(target)
-        return lambda x, t: self.predict(path, x, t, target)
+        return Field(_Oracle(target), target, (self, path))
 
     def _posterior(self, path: GaussianPath, x, t):
         x = check_finite(jnp.asarray(x), "x")
@@ -140,6 +142,16 @@ class GaussianMixture(eqx.Module):
         t = as_time(t, x.dtype)
         expand_like(t, x[..., 0])  # checks t's shape now, with a clear message
         return _posterior_terms(self, path, x, t)
+
+
+class _Oracle(eqx.Module):
+    """``(params, x, t) -> mixture.predict(path, x, t, target)`` with ``params = (mixture, path)``."""
+
+    target: str = eqx.field(static=True)
+
+    def __call__(self, params, x, t):
+        mixture, path = params
+        return mixture.predict(path, x, t, self.target)
 
 
 @eqx.filter_jit  # one compiled program per shape: eager calls (notebooks) stay fast

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import experiment as E
+from jaxdiff import samplers
+from jaxdiff.field import Field
 from jaxdiff.guidance import classifier_free_guidance
 from jaxdiff.sample import sample
 
@@ -52,24 +54,26 @@ def make_sampler(
     shape = tuple(setup.example.shape[1:])
     apply = setup.model.apply
 
+    if eta > 0:
+        sampler = samplers.sde(SOLVERS[solver](), eta=eta)
+    else:
+        sampler = samplers.ode(SOLVERS[solver]())
+
     @jax.jit
     def draw(params, key, labels):
         if setup.num_classes:
-            field = classifier_free_guidance(
-                lambda x, t, y: apply(params, x, t, y), labels, setup.num_classes, guidance
-            )
+            conditional = Field(apply, c["target"], params)
+            field = classifier_free_guidance(conditional, labels, setup.num_classes, guidance)
         else:
-            field = lambda x, t: apply(params, x, t)  # noqa: E731
+            field = Field(apply, c["target"], params)
         sol = sample(
             key,
             setup.path,
             field,
             (labels.shape[0], *shape),
-            target=c["target"],
-            eta=eta,
+            sampler=sampler,
             steps=steps,
             t_start=t_start,
-            solver=SOLVERS[solver](),
         )
         return sol.x
 

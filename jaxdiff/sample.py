@@ -1,134 +1,239 @@
-"""``sample``: draw from a path's data distribution with its reverse dynamics.
+"""``sample``: the one driver of every sampler.
 
-``sample`` builds the reverse family of a path (``jaxdiff.sde``) from a field predicting any target
-and integrates it with ``jaxdiff.integrate`` from the prior at ``t = 1`` down to ``t_end = 1e-3``:
-``eta = 0`` is the probability-flow ODE, ``eta = 1`` the reverse SDE. Fixed grids run at the speed
-of a hand-written ``lax.scan`` (see ``jaxdiff.integrate``).
+``sample(key, path, field, shape, sampler=..., steps= or ts=)`` owns what every sampler shares:
+the time grid (the sampler's default, or yours), the start draw at the first time, the keys, the
+checks of the grid and of the field, the one ``lax.scan`` (``jaxdiff._engine``), the saved states,
+the count of network evaluations (static: the same eagerly and under ``jit``), the optional
+denoising step and the final non-finite check. Samplers (``jaxdiff.samplers``) are values with a
+pure ``init``/``step``; ``hook`` adds a per-step transformation of the state (inpainting:
+:func:`inpaint`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-import diffrax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_time, concrete
-from jaxdiff.conversions import Target, _check_target
-from jaxdiff.integrate import Solution, integrate
+from jaxdiff import _engine
+from jaxdiff._checks import check_finite, expand_like
+from jaxdiff.field import Field, as_field, batch_time
+from jaxdiff.field import denoise as denoise_step
+from jaxdiff.integrate import Solution
 from jaxdiff.paths import GaussianPath
-from jaxdiff.sde import _is_zero, reverse_diffusion, reverse_drift
+from jaxdiff.samplers import Sampler, ode
+from jaxdiff.samplers.base import normal
 
 Array = jax.Array
+Hook = Callable[[Array, Any, Array], Any]
 
-__all__ = ["Solution", "integrate", "sample"]
+__all__ = ["Solution", "sample", "inpaint"]
 
 
 def sample(
     key: Array | None,
     path: GaussianPath,
-    field: Callable[[Array, Array], Array],
+    field: Field,
     shape: tuple[int, ...] | None = None,
     *,
-    target: Target = "score",
-    eta: ArrayLike = 0.0,
-    x_init: ArrayLike | None = None,
-    steps: int = 100,
+    sampler: Sampler | None = None,
+    steps: int | None = None,
     ts: ArrayLike | None = None,
-    t_start: ArrayLike = 1.0,
-    t_end: ArrayLike = 1e-3,
-    solver: diffrax.AbstractSolver | None = None,
+    t_start: ArrayLike | None = None,
+    t_end: ArrayLike | None = None,
+    x_init: ArrayLike | None = None,
+    denoise: bool | None = None,
     save_ts: ArrayLike | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    max_steps: int = 4096,
-    adjoint: diffrax.AbstractAdjoint | None = None,
+    hook: Hook | None = None,
+    checkpoint: bool = True,
 ) -> Solution:
-    """Sample a path's data distribution by integrating its reverse dynamics from ``t = 1``.
+    """Draw from the data distribution of ``path`` by running ``sampler`` from the prior.
 
-    ``field(x, t)`` predicts ``target`` (``"score"``, ``"eps"``, ``"x0"``, ``"v"`` or
-    ``"velocity"``) at a scalar ``t``, e.g. ``functools.partial(model.apply, params)`` or an
-    oracle. ``eta = 0`` integrates the probability-flow ODE, ``eta = 1`` the reverse SDE
-    (Song et al. 2021), values between interpolate (Karras et al. 2022). Starts from
-    ``path.prior_sample`` (``shape``) or from ``x_init``, at ``t_start`` (default 1); ends at
-    ``t_end`` (default ``1e-3``: scores blow up as ``sigma -> 0``). ``ts`` overrides the uniform
-    grid (see ``jaxdiff.schedules`` for Karras and log-SNR grids). ``key`` may be ``None`` for an
-    ODE (``eta = 0``) started from ``x_init``.
+    * ``field``: a :class:`~jaxdiff.Field` (the network bound to the target it predicts).
+    * ``sampler``: a value from ``jaxdiff.samplers`` (default ``ode()``: Euler on the
+      probability-flow ODE).
+    * the grid: ``ts`` (decreasing in ``[0, 1]``), or ``steps`` steps of the sampler's default
+      grid from ``t_start`` (default 1) to ``t_end`` (the sampler's default, ``1e-3`` or ``0``);
+      giving ``ts`` with any of the others is an error.
+    * the start: ``x_init``, or a draw of ``N(0, sigma_{t0}^2 I)`` of ``shape`` at the first time
+      ``t0`` (the path's prior there).
+    * ``denoise``: end with the denoising step ``x <- x0_hat(x, t_end)`` (one more
+      evaluation; default: the sampler's choice).
+    * ``save_ts``: times of the grid (or ``0`` with the denoising step) whose states to return.
+    * ``hook(key, state, t) -> state``: applied to the sampler's state after the start and after
+      every step (``state.x`` is the sample at ``t``): inpainting (:func:`inpaint`), projections.
+    * ``checkpoint``: recompute each step in reverse mode instead of storing its activations
+      (gradients through a sampler then store one state per step).
 
-    >>> import jax, jax.numpy as jnp
-    >>> import jaxdiff as jd
+    ``key`` may be ``None`` for a deterministic sampler started from ``x_init``.
+
+    >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
-    >>> path = jd.linear_path()
-    >>> sol = jd.sample(jax.random.key(0), path, data.field(path, "velocity"), (4096, 2), steps=50,
-    ...                 target="velocity")
-    >>> round(float(jnp.abs(sol.x[:, 0]).mean()), 1)
-    2.0
+    >>> path = jd.vp_path()
+    >>> sol = sample(jax.random.key(0), path, data.field(path, "eps"), (4096, 2),
+    ...              sampler=jd.samplers.dpm_solver_pp(2), steps=20)
+    >>> round(float(jnp.abs(sol.x[:, 0]).mean()), 1), int(sol.nfe)
+    (2.0, 21)
     """
-    _check_target(target)
-    check_time(t_start, "t_start")
-    check_time(t_end, "t_end")
-    sde = not _is_zero(eta)
-    _check_endpoints(path, target, sde, t_start, t_end, ts)
-    if key is None and (x_init is None or sde):
-        raise ValueError("sampling from the prior or with eta != 0 needs a PRNG key")
-    prior_key, noise_key = jax.random.split(key) if key is not None else (None, None)
+    field = as_field(field)
+    sampler = ode() if sampler is None else sampler
+    if not isinstance(sampler, Sampler):
+        raise TypeError(
+            f"sampler must be a jaxdiff.samplers value (e.g. jd.samplers.ode()); got {sampler!r}"
+        )
+    grid = _grid(path, sampler, steps, ts, t_start, t_end)
+    denoise = sampler.denoise if denoise is None else bool(denoise)
+    if key is None and (x_init is None or sampler.stochastic):
+        raise ValueError(
+            f"sampling from the prior or with a stochastic sampler ({sampler.name}) needs a PRNG key"
+        )
+    keys = jax.random.split(key, 4) if key is not None else [None] * 4
+    x = _start(keys[0], path, field, shape, x_init, grid[0])
+    grid = grid.astype(jnp.result_type(x.dtype, grid.dtype, jnp.float32))
+    grid = _check_ends(path, field, sampler, grid, denoise)
+    full = jnp.concatenate([grid, jnp.zeros((1,), grid.dtype)]) if denoise else grid
+    n = grid.shape[0] - 1
+
+    if sampler.adaptive is not None:
+        if hook is not None or denoise:
+            raise ValueError("an adaptive sampler (rtol/atol) takes no hook and no denoising step")
+        return sampler.adaptive(keys[1], path, field, x, grid, save_ts)
+
+    state = sampler.init(path, field, x, full)
+    hook_keys = None
+    if hook is not None:
+        hook_keys = jax.random.split(keys[2], n + 2)
+        state = hook(hook_keys[0], state, grid[0])
+    step_keys = jax.random.split(keys[1], n) if sampler.stochastic else None
+
+    def step(k, state, t, s):
+        if hook is None:
+            return sampler.step(k, path, field, state, t, s)
+        k_step, k_hook = k
+        return hook(k_hook, sampler.step(k_step, path, field, state, t, s), s)
+
+    inputs = step_keys if hook is None else (step_keys, hook_keys[1 : n + 1])
+    save_ts = _engine.as_save_ts(save_ts, grid.dtype)
+    buf, slots = _engine.start_buffer(full, save_ts, x)
+    state, buf = _engine.scan(
+        step, state, grid, inputs, get_x=lambda st: st.x, buffer=buf, slots=slots,
+        checkpoint=checkpoint,
+    )  # fmt: skip
+    x = state.x
+    if denoise:
+        x = denoise_step(path, field, x, grid[-1]).astype(x.dtype)
+        if hook is not None:
+            x = hook(hook_keys[n + 1], state._replace(x=x), full[-1]).x
+        if buf is not None:
+            buf = buf.at[slots[-1]].set(x, mode="drop")
+    x = check_finite(x, "the sample (check the field, the time grid and the step sizes)")
+    nfe = sampler.nfe(n) + int(denoise)
+    return Solution(x, save_ts, buf, jnp.asarray(nfe), jnp.asarray(n + int(denoise)))
+
+
+def _grid(path, sampler, steps, ts, t_start, t_end) -> Array:
+    if ts is not None:
+        given = [
+            k
+            for k, v in (("steps", steps), ("t_start", t_start), ("t_end", t_end))
+            if v is not None
+        ]
+        if given:
+            raise ValueError(f"give either ts or {' / '.join(given)}, not both")
+        return _engine.check_grid(ts, decreasing=True, unit=True)
+    steps = sampler.steps if steps is None else steps
+    if int(steps) != steps or int(steps) < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    t_start = 1.0 if t_start is None else t_start
+    t_end = sampler.t_end if t_end is None else t_end
+    with jax.ensure_compile_time_eval():  # a grid of constants stays concrete under jit
+        grid = sampler.grid(path, int(steps), t_start, t_end)
+    return _engine.check_grid(grid, "the grid t_start -> t_end", decreasing=True, unit=True)
+
+
+def _start(key, path, field, shape, x_init, t0) -> Array:
     if x_init is None:
         if shape is None:
             raise ValueError("give the sample shape, or x_init")
-        x_init = path.prior_sample(prior_key, tuple(shape))
-    x_init = jnp.asarray(x_init)
-    t_probe = jnp.asarray(t_start, x_init.dtype)
-    out = jax.eval_shape(field, x_init, t_probe)
-    if out.shape != x_init.shape:
+        dtype = jnp.result_type(float)
+        x_init = path.sigma(t0).astype(dtype) * jax.random.normal(key, tuple(shape), dtype)
+    x = jnp.asarray(x_init)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x_init must be a floating array; got dtype {x.dtype}")
+    if shape is not None and tuple(shape) != x.shape:
+        raise ValueError(f"x_init has shape {x.shape} but shape = {tuple(shape)}; give one of them")
+    x = check_finite(x, "x_init")
+    out = jax.eval_shape(field, x, batch_time(jnp.asarray(t0, jnp.float32), x))
+    if out.shape != x.shape:
         raise ValueError(
-            f"field(x, t) returned shape {out.shape} but x has shape {x_init.shape}; the field "
-            f"must predict the {target!r} target with x's shape"
+            f"field(x, t) returned shape {out.shape} but x has shape {x.shape}; the field must "
+            f"predict its target ({field.target!r}) with x's shape"
         )
-
-    def drift(x, t):
-        return reverse_drift(path, x, t, field(x, t), target=target, eta=eta)
-
-    diffusion = (lambda x, t: reverse_diffusion(path, t, eta)) if sde else None
-    return integrate(
-        drift,
-        x_init,
-        ts=ts,
-        t_start=t_start,
-        t_end=t_end,
-        steps=steps,
-        diffusion=diffusion,
-        key=noise_key if sde else None,
-        solver=solver,
-        save_ts=save_ts,
-        rtol=rtol,
-        atol=atol,
-        max_steps=max_steps,
-        adjoint=adjoint,
-    )
+    return x
 
 
-def _check_endpoints(path, target, sde, t_start, t_end, ts) -> None:
-    """Raise at trace time when the dynamics are singular at the requested end times."""
-    if ts is not None:
-        value = concrete(ts)
-        if value is None:
-            return
-        t_start, t_end = value[0], value[-1]
-    a = concrete(path.alpha(jnp.asarray([t_start, t_end])))
-    s = concrete(path.sigma(jnp.asarray([t_start, t_end])))
-    if a is None or s is None:
-        return
-    if np.any(a == 0) and (sde or target in ("eps", "score")):
-        raise ValueError(
-            f"alpha_t = 0 at t = {float(t_start) if a[0] == 0 else float(t_end)} on this path, where "
-            f"the reverse SDE (eta != 0) and the {target!r} target are singular; start at t < 1 "
-            "(e.g. t_start=1 - 1e-3) or use the 'x0' / 'velocity' target with eta = 0"
+def _check_ends(path, field, sampler, grid, denoise) -> Array:
+    """Singular ends, at trace time where the grid is known (else when it runs)."""
+    check = _engine.grid_check
+    if field.target in ("eps", "score"):
+        grid = check(
+            grid,
+            lambda g: path.alpha(g[0]) == 0,
+            f"alpha_t = 0 at the first time of the grid, where an {field.target!r} prediction "
+            "says nothing about x0 (x0 = (x - sigma eps) / alpha); start at t < 1 (e.g. "
+            "t_start=1 - 1e-3) or train the 'x0', 'v' or 'velocity' target",
         )
-    if np.any(s == 0):
-        raise ValueError(
-            "sigma_t = 0 at an end of the time range, where scores and conversions divide by 0; "
-            "stop at t_end > 0 (e.g. 1e-3)"
+    if sampler.check is not None:
+        grid = sampler.check(path, field, grid)
+    if denoise:
+        grid = check(
+            grid,
+            lambda g: path.sigma(g[-1]) == 0,
+            "the grid already ends where sigma = 0 (t = 0): drop the denoising step "
+            "(denoise=False) or end the grid at t_end > 0",
         )
+    elif not sampler.reaches_zero:
+        grid = check(
+            grid,
+            lambda g: path.sigma(g[-1]) == 0,
+            f"{sampler.name} does not step to sigma = 0 (t = 0), where scores and conversions "
+            "divide by sigma: end at t_end > 0 (e.g. 1e-3), with denoise=True for a last step "
+            "to the data",
+        )
+    return grid
+
+
+def inpaint(path: GaussianPath, x_known: ArrayLike, mask: ArrayLike) -> Hook:
+    """A hook that imputes known coordinates (score_sde's controllable generation; Song et al.
+    2021, App. I): after every step to ``t``, the coordinates where ``mask`` is true are replaced
+    by a fresh forward sample ``alpha_t x_known + sigma_t z`` of them (``x_known`` exactly at
+    ``t = 0``). ``mask`` broadcasts to the sample's shape.
+
+    Replacement is not exact conditioning: the unknown part follows the known part's fresh noise,
+    not its posterior path. For a 2-D Gaussian with correlation 0.8 and ``x1 = 1.5`` the imputed
+    ``x2`` has mean 0.76 instead of ``E[x2 | x1] = 1.2`` (reverse SDE, 500 steps; the
+    known bias of replacement, Lugmayr et al. 2022, Chung et al. 2023).
+
+    >>> import jax, jax.numpy as jnp, jaxdiff as jd
+    >>> path = jd.vp_path()
+    >>> data = jd.GaussianMixture(jnp.ones(1), jnp.zeros((1, 2)), jnp.eye(2)[None])
+    >>> known = jnp.zeros((4000, 2)).at[:, 0].set(1.5)
+    >>> hook = inpaint(path, known, jnp.array([True, False]))
+    >>> sol = jd.sample(jax.random.key(0), path, data.field(path, "eps"), (4000, 2),
+    ...                 sampler=jd.samplers.sde(), steps=200, hook=hook)
+    >>> round(float(sol.x[:, 0].mean()), 2), round(float(sol.x[:, 1].std()), 1)
+    (1.5, 1.0)
+    """
+    x_known = jnp.asarray(x_known)
+    mask = jnp.asarray(mask, bool)
+
+    def hook(key, state, t):
+        x = state.x
+        a, s = expand_like(path.alpha(t), x), expand_like(path.sigma(t), x)
+        forward = a * x_known + s * normal(key, x)
+        return state._replace(x=jnp.where(mask, forward.astype(x.dtype), x))
+
+    return hook

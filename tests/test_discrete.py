@@ -26,7 +26,7 @@ def test_posterior_is_gaussian_conditioning(make, x64):
         cov = a_t / a_s * v_s  # Cov(x_s, x_t)
         mean_bf = a_s * x0 + cov / v_t * (xt - a_t * x0)
         var_bf = v_s - cov**2 / v_t
-        mean, var = jd.posterior(path, xt, x0, s, t)
+        mean, var = jd.posterior(path, xt, x0, t, s)  # the step from t back to s
         np.testing.assert_allclose(mean, mean_bf, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(var, var_bf, rtol=1e-9)
 
@@ -41,20 +41,20 @@ def test_ddpm_formulas_of_ho_et_al(x64):
     b, ab, ab_prev = betas[i - 1], abar[i - 1], abar[i - 2]
     x0, eps = jnp.array([[0.5, -1.0]] * 4), jnp.array([[1.3, 0.2]] * 4)
     xt = jnp.sqrt(ab)[:, None] * x0 + jnp.sqrt(1 - ab)[:, None] * eps
-    mean, var = jd.posterior(path, xt, x0, s, t)
+    mean, var = jd.posterior(path, xt, x0, t, s)
     mu = (jnp.sqrt(ab_prev) * b / (1 - ab))[:, None] * x0 + (
         jnp.sqrt(1 - b) * (1 - ab_prev) / (1 - ab)
     )[:, None] * xt
     np.testing.assert_allclose(mean, mu, rtol=1e-9)
     np.testing.assert_allclose(var, (1 - ab_prev) * b / (1 - ab), rtol=1e-9)
     x0_hat, _ = jd.to_x0_eps(path, xt, t, eps, "eps")  # Design II: the network predicts eps
-    mean_ii, var_large = jd.reverse_mean_var(path, xt, x0_hat, s, t, var_weight=1.0)
+    mean_ii, var_large = jd.reverse_mean_var(path, xt, x0_hat, t, s, var_weight=1.0)
     ho = (xt - (b / jnp.sqrt(1 - ab))[:, None] * eps) / jnp.sqrt(1 - b)[:, None]
     np.testing.assert_allclose(mean_ii, ho, rtol=1e-9)
     np.testing.assert_allclose(var_large, b, rtol=1e-9)
-    w = jd.denoising_weight(path, s, t, "x0")
+    w = jd.denoising_weight(path, t, s, "x0")
     np.testing.assert_allclose(w, ab_prev * b**2 / (2 * var * (1 - ab) ** 2), rtol=1e-8)
-    w_eps = jd.denoising_weight(path, s, t, "eps")
+    w_eps = jd.denoising_weight(path, t, s, "eps")
     np.testing.assert_allclose(w_eps, b**2 / (2 * var * (1 - b) * (1 - ab)), rtol=1e-8)
 
 
@@ -89,10 +89,9 @@ def test_ddim_eta_one_is_ancestral_ddpm_step_and_sample():
     grid = jd.trailing_timesteps(1000, 50)
     field = MIX.field(path, "eps")
     key = jax.random.key(0)
-    ddpm = jax.jit(lambda k: jd.ancestral_sample(k, path, field, (4000, 2), target="eps", ts=grid))
-    ddim = jax.jit(
-        lambda k: jd.ddim_sample(k, path, field, (4000, 2), target="eps", eta=1.0, ts=grid)
-    )
+    S = jd.samplers
+    ddpm = jax.jit(lambda k: jd.sample(k, path, field, (4000, 2), sampler=S.ancestral(), ts=grid))
+    ddim = jax.jit(lambda k: jd.sample(k, path, field, (4000, 2), sampler=S.ddim(1.0), ts=grid))
     a, b = ddpm(key).x, ddim(key).x
     # the same draws: identical samples (the step formulas agree), up to float32 rounding
     np.testing.assert_allclose(a, b, atol=2e-4)
@@ -101,7 +100,7 @@ def test_ddim_eta_one_is_ancestral_ddpm_step_and_sample():
     assert abs(float(jd.energy_distance(a, true))) < 5e-3
     x0, eps = MIX.predict(path, a, 0.5, "x0"), MIX.predict(path, a, 0.5, "eps")
     z = jax.random.normal(jax.random.key(3), a.shape)
-    mean, var = jd.posterior(path, a, x0, 0.4, 0.5)
+    mean, var = jd.posterior(path, a, x0, 0.5, 0.4)
     step = jd.ddim_step(path, x0, eps, 0.5, 0.4, eta=1.0, noise=z)
     np.testing.assert_allclose(step, mean + jnp.sqrt(var) * z, rtol=1e-4, atol=1e-5)
 
@@ -110,15 +109,15 @@ def test_ddim_eta_zero_is_the_exponential_integrator_of_the_pf_ode(x64):
     path = jd.cosine_path()
     field = MIX.field(path, "v")
     x1 = jax.random.normal(jax.random.key(0), (256, 2), jnp.float64)
-    ref = jd.sample(None, path, field, x_init=x1, target="v", t_start=0.99, t_end=0.05,
-                    solver=diffrax.Tsit5(), rtol=1e-10, atol=1e-10).x  # fmt: skip
+    tight = jd.samplers.ode(diffrax.Tsit5(), rtol=1e-10, atol=1e-10)
+    ref = jd.sample(None, path, field, x_init=x1, sampler=tight, t_start=0.99, t_end=0.05).x
     errs = []
     for steps in (40, 80):
         grid = jnp.linspace(0.99, 0.05, steps + 1)
-        ddim = jd.ddim_sample(None, path, field, x_init=x1, target="v", ts=grid).x
+        ddim = jd.sample(None, path, field, x_init=x1, sampler=jd.samplers.ddim(), ts=grid).x
         errs.append(float(jnp.sqrt(jnp.mean((ddim - ref) ** 2))))
-    dpm1 = jd.dpm_solver_pp(None, path, field, x_init=x1, target="v", ts=grid, order=1,
-                            denoise=False).x  # fmt: skip
+    dpm1 = jd.sample(None, path, field, x_init=x1, sampler=jd.samplers.dpm_solver_pp(1), ts=grid,
+                     denoise=False).x  # fmt: skip
     np.testing.assert_allclose(ddim, dpm1, rtol=1e-12, atol=1e-12)  # DPM-Solver-1 = DDIM
     slope = np.log2(errs[0] / errs[1])
     assert abs(slope - 1.0) < 0.3  # first order, converging to the PF-ODE solution
@@ -132,8 +131,8 @@ def test_ddim_inversion_round_trip(x64):
     errs = []
     for steps in (50, 200):
         grid = jnp.linspace(1e-3, 1.0, steps + 1)
-        z = jd.ddim_invert(path, field, x, target="eps", ts=grid).x
-        back = jd.ddim_sample(None, path, field, x_init=z, target="eps", ts=grid[::-1]).x
+        z = jd.ddim_invert(path, field, x, ts=grid).x
+        back = jd.sample(None, path, field, x_init=z, sampler=jd.samplers.ddim(), ts=grid[::-1]).x
         errs.append(float(jnp.median(jnp.linalg.norm(back - x, axis=-1))))
     assert errs[1] < 0.02 and errs[1] < errs[0] / 3  # O(1 / steps): 4x the steps, ~4x smaller
     assert abs(float(jnp.std(z)) - 1.0) < 0.1  # lands on the prior N(0, I)
@@ -151,8 +150,7 @@ def test_nelbo_bounds_the_exact_nll_of_gaussian_data(x64):
     nll = -data.log_prob(x)
     gaps = {}
     for steps, target in ((50, "eps"), (1000, "x0")):
-        terms = jd.nelbo(jax.random.key(1), path, data.field(path, target), x, target=target,
-                         num_steps=steps)  # fmt: skip
+        terms = jd.nelbo(jax.random.key(1), path, data.field(path, target), x, num_steps=steps)
         gaps[steps] = float(jnp.mean(terms.total - nll))
     # measured: 1.61 at T = 50, 0.101 at T = 1000 (0.055 at 4000); standard error of the mean
     # gap 0.026 (the draws of x_t), so the bound 0 holds at ~4 SE and the cap at ~4 SE

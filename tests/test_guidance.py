@@ -22,7 +22,7 @@ def conditional(target):
         preds = jnp.stack([c.predict(PATH, x, t, target) for c in [*COMPS, DATA]])
         return jnp.take_along_axis(preds, labels[None, :, None], axis=0)[0]
 
-    return field
+    return jd.Field(field, target)
 
 
 X = jax.random.normal(jax.random.key(0), (64, 2)) * 2.5

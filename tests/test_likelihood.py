@@ -23,7 +23,7 @@ def test_exact_divergence_matches_the_closed_form(make, target, x64):
     path, mix = make(), _mix()
     x = mix.sample(jax.random.key(0), 64)
     exact = mix.marginal_log_prob(path, x, T0)
-    kw = dict(target=target, t_start=T0, rtol=1e-8, atol=1e-8)
+    kw = dict(t_start=T0, rtol=1e-8, atol=1e-8)
     # with the exact p_1 as the prior, only the ODE solve is left: tight
     exact_prior = lambda z: mix.marginal_log_prob(path, z, 1.0)  # noqa: E731
     out = jd.log_likelihood(path, mix.field(path, target), x, prior_logp=exact_prior, **kw)
@@ -39,7 +39,7 @@ def test_exact_divergence_matches_the_closed_form(make, target, x64):
 def test_hutchinson_is_unbiased_within_its_standard_error(probe, x64):
     path, MIX = jd.vp_path(), _mix()
     x = jnp.repeat(MIX.sample(jax.random.key(1), 2), 500, axis=0)
-    kw = dict(target="eps", t_start=T0, rtol=1e-6, atol=1e-6)
+    kw = dict(t_start=T0, rtol=1e-6, atol=1e-6)
     exact = jd.log_likelihood(path, MIX.field(path, "eps"), x[::500], **kw).logp
     est = jd.log_likelihood(path, MIX.field(path, "eps"), x, key=jax.random.key(2), num_probes=1,
                             probe=lambda k, s, d: probe(k, s, d), **kw).logp  # fmt: skip
@@ -55,8 +55,8 @@ def test_gradients_wrt_inputs_and_params_match_finite_differences(x64):
 
     def logp(x, shift):
         data = jd.GaussianMixture(MIX.weights, MIX.means + shift, MIX.covs)
-        out = jd.log_likelihood(path, data.field(path, "velocity"), x, target="velocity",
-                                t_start=T0, rtol=1e-9, atol=1e-9)  # fmt: skip
+        out = jd.log_likelihood(path, data.field(path, "velocity"), x, t_start=T0, rtol=1e-9,
+                                atol=1e-9)  # fmt: skip
         return jnp.sum(out.logp)
 
     gx, gs = jax.jit(jax.grad(logp, argnums=(0, 1)))(x, 0.0)

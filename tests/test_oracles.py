@@ -87,6 +87,7 @@ def test_predict_agrees_with_conversions(target, x64):
         data.predict(path, POINTS, TIMES, target), converted, rtol=1e-9, atol=1e-10
     )
     field = data.field(path, target)
+    assert isinstance(field, jd.Field) and field.target == target
     np.testing.assert_allclose(field(POINTS, 0.4), data.predict(path, POINTS, 0.4, target))
 
 

@@ -19,7 +19,7 @@ def test_readme_example_runs(capsys):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)
     sol, data = namespace["sol"], namespace["data"]
-    assert sol.x.shape == (4096, 2) and int(sol.nfe) == 100
+    assert sol.x.shape == (4096, 2) and int(sol.nfe) == 21
     import jax
 
     import jaxdiff as jd

@@ -1,5 +1,6 @@
-"""Samplers: a 3-component mixture recovered by the reverse SDE and the PF-ODE on every path;
-determinism and reversibility; NFE; trajectories; adaptive steps; jit/vmap/grad; errors."""
+"""The driver and the diffrax samplers: a 3-component mixture recovered by the reverse SDE and the
+PF-ODE on every path; determinism and reversibility; NFE; trajectories; adaptive steps;
+jit/vmap/grad; the start at t_start < 1; the default grid; hooks; errors."""
 
 import diffrax
 import jax
@@ -9,6 +10,8 @@ import pytest
 
 import jaxdiff as jd
 from tests.test_paths import PATHS
+
+S = jd.samplers
 
 MEANS = jnp.array([[3.0, 0.0], [-1.5, 2.6], [-1.5, -2.6]])  # pairwise 5.2 apart, std 0.4
 WEIGHTS = jnp.array([0.5, 0.3, 0.2])
@@ -45,30 +48,27 @@ def test_energy_distance_bound_has_power(true_samples):
     assert abs(float(null)) < ED_BOUND
 
 
-CASES = [  # (path, eta, target, solver, steps): ODEs with Heun, SDEs with Euler-Maruyama
-    ("vp", 0.0, "eps", diffrax.Heun(), 100),
-    ("vp", 1.0, "score", None, 500),
-    ("subvp", 0.0, "score", diffrax.Heun(), 100),
-    ("subvp", 1.0, "eps", None, 500),
-    ("ve", 0.0, "x0", diffrax.Heun(), 100),
-    ("ve", 1.0, "score", None, 500),
-    ("linear", 0.0, "velocity", diffrax.Heun(), 100),
-    ("linear", 1.0, "x0", None, 500),
+CASES = [  # (path, sampler, target, steps): ODEs with Heun, SDEs with Euler-Maruyama
+    ("vp", S.ode(diffrax.Heun()), "eps", 100),
+    ("vp", S.sde(), "score", 500),
+    ("subvp", S.ode(diffrax.Heun()), "score", 100),
+    ("subvp", S.sde(), "eps", 500),
+    ("ve", S.ode(diffrax.Heun()), "x0", 100),  # default grid on VE: Karras'
+    ("ve", S.sde(), "score", 500),
+    ("linear", S.ode(diffrax.Heun()), "velocity", 100),
+    ("linear", S.sde(), "x0", 500),
 ]
 
 
-@pytest.mark.parametrize("name, eta, target, solver, steps", CASES)
-def test_samplers_reproduce_the_mixture(name, eta, target, solver, steps, true_samples):
+@pytest.mark.parametrize("name, sampler, target, steps", CASES)
+def test_samplers_reproduce_the_mixture(name, sampler, target, steps, true_samples):
     path = PATHS[name]()
-    t_start = 1.0 - 1e-3 if (name == "linear" and eta) else 1.0  # reverse SDE singular at alpha=0
-    grid = jd.uniform_grid(steps, t_start, 1e-3)
-    if name == "ve":  # VE's sigma spans 1e-2..50: a Karras grid puts the steps where they matter
-        grid = jd.karras_grid(path, steps, t_start, 1e-3)
+    t_start = 1.0 - 1e-3 if (name == "linear" and sampler.stochastic) else 1.0  # SDE singular
 
     @jax.jit
     def run(key):
         field = DATA.field(path, target)
-        return jd.sample(key, path, field, (N, 2), target=target, eta=eta, solver=solver, ts=grid)
+        return jd.sample(key, path, field, (N, 2), sampler=sampler, steps=steps, t_start=t_start)
 
     x = run(jax.random.key(0)).x
     weights, means = _summary(x)
@@ -82,12 +82,21 @@ def test_probability_flow_is_deterministic_and_reversible(x64):
     path = jd.vp_path()
     field = DATA.field(path, "eps")
     x1 = path.prior_sample(jax.random.key(0), (256, 2), jnp.float64)
-    kw = dict(target="eps", solver=diffrax.Tsit5(), rtol=1e-8, atol=1e-8)
+    ode = S.ode(diffrax.Tsit5(), rtol=1e-8, atol=1e-8)
 
     @jax.jit
     def there_and_back(key):
-        x0 = jd.sample(key, path, field, x_init=x1, t_start=1.0, t_end=1e-3, **kw).x
-        return x0, jd.sample(key, path, field, x_init=x0, t_start=1e-3, t_end=1.0, **kw).x
+        x0 = jd.sample(key, path, field, x_init=x1, sampler=ode, t_end=1e-3).x
+        back = jd.integrate(
+            lambda x, t: jd.probability_flow_drift(path, field, x, t),
+            x0,
+            t_start=1e-3,
+            t_end=1.0,
+            solver=diffrax.Tsit5(),
+            rtol=1e-8,
+            atol=1e-8,
+        )
+        return x0, back.x  # fmt: skip
 
     x0_a, back = there_and_back(jax.random.key(1))
     x0_b, _ = there_and_back(jax.random.key(2))  # the key does not enter an ODE
@@ -107,10 +116,9 @@ def test_every_target_gives_the_same_ode_solution(x64):
                 path,
                 DATA.field(path, target),
                 x_init=x1,
-                target=target,
+                sampler=S.ode(diffrax.Heun()),
                 t_start=0.99,
                 steps=50,
-                solver=diffrax.Heun(),
             ).x  # fmt: skip
             for target in jd.TARGETS
         }
@@ -127,12 +135,12 @@ def test_every_target_gives_the_same_ode_solution(x64):
 def test_nfe_counts_the_real_field_evaluations(solver, per_step, init):
     calls = []
 
-    def field(x, t):
+    def fn(x, t):
         jax.debug.callback(lambda: calls.append(1))
         return -x
 
-    path = jd.vp_path()
-    sol = jd.sample(jax.random.key(0), path, field, (4, 2), target="eps", solver=solver, steps=7)
+    path, field = jd.vp_path(), jd.Field(fn, "eps")
+    sol = jd.sample(jax.random.key(0), path, field, (4, 2), sampler=S.ode(solver), steps=7)
     jax.block_until_ready(sol.x)
     assert int(sol.nfe) == init + per_step * 7 == len(calls)
 
@@ -140,18 +148,18 @@ def test_nfe_counts_the_real_field_evaluations(solver, per_step, init):
 def test_nfe_of_adaptive_and_sde_solves():
     calls = []
 
-    def field(x, t):
+    def fn(x, t):
         jax.debug.callback(lambda: calls.append(1))
         return DATA.predict(path, x, t, "eps")
 
-    path = jd.vp_path()
-    sol = jd.sample(jax.random.key(0), path, field, (16, 2), target="eps",
-                    solver=diffrax.Tsit5(), rtol=1e-4, atol=1e-4)  # fmt: skip
+    path, field = jd.vp_path(), jd.Field(fn, "eps")
+    sol = jd.sample(jax.random.key(0), path, field, (16, 2),
+                    sampler=S.ode(diffrax.Tsit5(), rtol=1e-4, atol=1e-4))  # fmt: skip
     jax.block_until_ready(sol.x)
     assert int(sol.nfe) == len(calls) == 1 + 6 * int(sol.num_steps)
     calls.clear()
-    sol = jd.sample(jax.random.key(0), path, field, (16, 2), target="eps", eta=1.0,
-                    solver=diffrax.ShARK(), steps=10)  # fmt: skip
+    sol = jd.sample(jax.random.key(0), path, field, (16, 2), sampler=S.sde(diffrax.ShARK()),
+                    steps=10)  # fmt: skip
     jax.block_until_ready(sol.x)
     assert int(sol.nfe) == len(calls) == 20
 
@@ -162,20 +170,19 @@ def test_trajectories_on_fixed_and_adaptive_grids(x64):
     x1 = path.prior_sample(jax.random.key(0), (32, 2), jnp.float64)
     grid = jd.uniform_grid(100, 1.0, 1e-3)
     save = grid[jnp.array([0, 25, 50, 100])]
-    fixed = jd.sample(jax.random.key(0), path, field, x_init=x1, target="velocity", ts=grid,
-                      save_ts=save, solver=diffrax.Heun())  # fmt: skip
+    heun = S.ode(diffrax.Heun())
+    fixed = jd.sample(jax.random.key(0), path, field, x_init=x1, sampler=heun, ts=grid,
+                      save_ts=save)  # fmt: skip
     assert fixed.xs.shape == (4, 32, 2)
     np.testing.assert_array_equal(fixed.xs[0], x1)
     np.testing.assert_array_equal(fixed.xs[-1], fixed.x)
-    half = jd.sample(jax.random.key(0), path, field, x_init=x1, target="velocity",
-                     ts=grid[:51], solver=diffrax.Heun())  # fmt: skip
+    half = jd.sample(jax.random.key(0), path, field, x_init=x1, sampler=heun, ts=grid[:51])
     np.testing.assert_allclose(fixed.xs[2], half.x, rtol=1e-12)
-    adaptive = jd.sample(jax.random.key(0), path, field, x_init=x1, target="velocity",
-                         save_ts=save, solver=diffrax.Tsit5(), rtol=1e-9, atol=1e-9)  # fmt: skip
+    tsit5 = S.ode(diffrax.Tsit5(), rtol=1e-9, atol=1e-9)
+    adaptive = jd.sample(jax.random.key(0), path, field, x_init=x1, sampler=tsit5, save_ts=save)
     np.testing.assert_allclose(adaptive.xs, fixed.xs, atol=2e-3)  # Heun at 100 steps: O(1e-4)
-    with pytest.raises(ValueError, match="must be a point of the fixed time grid"):
-        jd.sample(jax.random.key(0), path, field, x_init=x1, target="velocity", ts=grid,
-                  save_ts=jnp.array([0.333]))  # fmt: skip
+    with pytest.raises(ValueError, match="must be a point of the time grid"):
+        jd.sample(jax.random.key(0), path, field, x_init=x1, ts=grid, save_ts=jnp.array([0.333]))
 
 
 def test_jit_compiles_once_and_vmap_matches_a_loop(x64):
@@ -188,7 +195,7 @@ def test_jit_compiles_once_and_vmap_matches_a_loop(x64):
     @jax.jit
     def run(key):
         traces.append(1)
-        return jd.sample(key, path, field, (8, 2), target="eps", eta=1.0, steps=20).x
+        return jd.sample(key, path, field, (8, 2), sampler=S.sde(), steps=20).x
 
     a, b = run(jax.random.key(0)), run(jax.random.key(1))
     assert len(traces) == 1
@@ -208,7 +215,7 @@ def test_gradients_flow_through_fixed_step_sampling(x64):
     def mean_sample(m):
         data = jd.GaussianMixture(jnp.ones(1), jnp.reshape(m, (1, 1)), jnp.full((1, 1, 1), 0.25))
         sol = jd.sample(jax.random.key(0), path, data.field(path, "eps"), x_init=x1,
-                        target="eps", steps=50, solver=diffrax.Heun())  # fmt: skip
+                        sampler=S.ode(diffrax.Heun()), steps=50)  # fmt: skip
         return sol.x.mean()
 
     g = jax.jit(jax.grad(mean_sample))(1.0)
@@ -225,8 +232,8 @@ def test_gradients_through_adaptive_sampling_use_diffrax_adjoints(adjoint, x64):
 
     def mean_sample(m):
         data = jd.GaussianMixture(jnp.ones(1), jnp.reshape(m, (1, 1)), jnp.full((1, 1, 1), 0.25))
-        sol = jd.sample(None, path, data.field(path, "velocity"), x_init=x1, target="velocity",
-                        solver=diffrax.Tsit5(), rtol=1e-9, atol=1e-9, adjoint=adjoint)  # fmt: skip
+        ode = S.ode(diffrax.Tsit5(), rtol=1e-9, atol=1e-9, adjoint=adjoint)
+        sol = jd.sample(None, path, data.field(path, "velocity"), x_init=x1, sampler=ode)
         return sol.x.mean()
 
     forward = jax.jit(mean_sample)
@@ -239,8 +246,8 @@ def test_additive_noise_sde_solver_shark_reproduces_the_mixture(true_samples):
 
     @jax.jit
     def run(key):
-        return jd.sample(key, path, DATA.field(path, "eps"), (N, 2), target="eps", eta=1.0,
-                         solver=diffrax.ShARK(), steps=100)  # fmt: skip
+        return jd.sample(key, path, DATA.field(path, "eps"), (N, 2), sampler=S.sde(diffrax.ShARK()),
+                         steps=100)  # fmt: skip
 
     sol = run(jax.random.key(0))
     weights, means = _summary(sol.x)
@@ -251,23 +258,175 @@ def test_additive_noise_sde_solver_shark_reproduces_the_mixture(true_samples):
 
 
 def test_sampling_errors_are_clear():
-    path = jd.vp_path()
+    path, field = jd.vp_path(), jd.Field(lambda x, t: x, "eps")
+    key = jax.random.key(0)
     with pytest.raises(ValueError, match=r"field\(x, t\) returned shape \(8, 3\) but x has"):
-        jd.sample(jax.random.key(0), path, lambda x, t: jnp.zeros((8, 3)), (8, 2))
-    with pytest.raises(ValueError, match=r"t_end must lie in \[0.0, 1.0\]"):
-        jd.sample(jax.random.key(0), path, lambda x, t: x, (8, 2), t_end=-0.1)
-    with pytest.raises(ValueError, match="stop at t_end > 0"):
-        jd.sample(jax.random.key(0), path, lambda x, t: x, (8, 2), t_end=0.0)
-    with pytest.raises(ValueError, match="alpha_t = 0 at t = 1.0"):
-        jd.sample(jax.random.key(0), jd.linear_path(), lambda x, t: x, (8, 2), eta=1.0)
+        jd.sample(key, path, jd.Field(lambda x, t: jnp.zeros((8, 3)), "eps"), (8, 2))
+    with pytest.raises(ValueError, match=r"must lie in \[0(\.0)?, 1"):
+        jd.sample(key, path, field, (8, 2), t_end=-0.1)
+    with pytest.raises(ValueError, match="end at t_end > 0"):
+        jd.sample(key, path, field, (8, 2), t_end=0.0)
+    with pytest.raises(ValueError, match="reverse SDE .* is singular"):
+        jd.sample(key, jd.linear_path(), jd.Field(lambda x, t: x, "x0"), (8, 2), sampler=S.sde())
+    with pytest.raises(ValueError, match="alpha_t = 0 at the first time"):
+        jd.sample(key, jd.linear_path(), field, (8, 2))  # eps says nothing about x0 there
     with pytest.raises(ValueError, match="non-finite"):
-        jd.sample(jax.random.key(0), path, lambda x, t: x, x_init=jnp.full((2, 2), jnp.nan))
+        jd.sample(key, path, field, x_init=jnp.full((2, 2), jnp.nan))
     with pytest.raises(ValueError, match="give the sample shape, or x_init"):
-        jd.sample(jax.random.key(0), path, lambda x, t: x)
+        jd.sample(key, path, field)
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        jd.sample(None, path, field, x_init=jnp.ones((2, 2)), sampler=S.sde())
     with pytest.raises(ValueError, match="needs a PRNG key"):
         jd.integrate(lambda x, t: x, jnp.ones(2), t_start=0.0, t_end=1.0, steps=4,
                      diffusion=lambda x, t: 1.0)  # fmt: skip
     with pytest.raises(ValueError, match="strictly monotone"):
         jd.integrate(lambda x, t: x, jnp.ones(2), ts=jnp.array([0.0, 0.5, 0.2]))
+    with pytest.raises(ValueError, match="strictly decreasing"):  # forwards in time: an error
+        jd.sample(key, path, field, (8, 2), ts=jnp.linspace(1e-3, 1.0, 11))
+    with pytest.raises(ValueError, match="give either ts or steps"):
+        jd.sample(key, path, field, (8, 2), ts=jnp.linspace(1.0, 1e-3, 11), steps=10)
+    with pytest.raises(ValueError, match="Euler has no error estimate"):
+        S.ode(rtol=1e-3)
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
+        S.ode(diffrax.Tsit5(), rtol=-1.0, atol=1e-3)
+    with pytest.raises(ValueError, match="adjoint applies to adaptive solves"):
+        S.ode(adjoint=diffrax.BacksolveAdjoint())
+    with pytest.raises(ValueError, match="eta must lie in"):
+        S.sde(eta=-1.0)
+    with pytest.raises(TypeError):  # a bare function has no target (message: test_losses)
+        jd.sample(key, path, lambda x, t: x, (8, 2))
     with pytest.raises(Exception, match="non-finite"):  # a field that produces NaN
-        jd.sample(jax.random.key(0), path, lambda x, t: x * jnp.nan, (4, 2)).x.block_until_ready()
+        nan = jd.Field(lambda x, t: x * jnp.nan, "eps")
+        jd.sample(key, path, nan, (4, 2)).x.block_until_ready()
+
+
+def test_checks_fire_under_jit_too():
+    """Traced grids and times are checked when the program runs (equinox.error_if)."""
+    path, field = jd.vp_path(), jd.Field(lambda x, t: x, "eps")
+    key = jax.random.key(0)
+    run = jax.jit(lambda ts: jd.sample(key, path, field, (8, 2), ts=ts).x)
+    with pytest.raises(Exception, match="strictly decreasing"):
+        run(jnp.linspace(1e-3, 1.0, 11)).block_until_ready()
+    with pytest.raises(Exception, match=r"must lie in \[0(\.0)?, 1"):
+        run(jnp.linspace(1.5, 1e-3, 11)).block_until_ready()
+    start = jax.jit(lambda t0: jd.sample(key, path, field, (8, 2), t_start=t0).x)
+    with pytest.raises(Exception, match=r"must lie in \[0(\.0)?, 1"):
+        start(1.5).block_until_ready()
+    end_at_zero = jax.jit(lambda t1: jd.sample(key, path, field, (8, 2), t_end=t1).x)
+    with pytest.raises(Exception, match="end at t_end > 0"):
+        end_at_zero(0.0).block_until_ready()
+    assert bool(jnp.all(jnp.isfinite(run(jnp.linspace(1.0, 1e-3, 11)))))  # and a good grid runs
+
+
+def test_start_is_drawn_at_the_first_time_of_the_grid(true_samples):
+    """Starting at t_start = 0.8 on VE (sigma 9.1): the start is N(0, sigma_0.8^2), not the prior
+    at t = 1 (sigma 50). Measured: ED 4.3e-4 with the reverse SDE at 200 steps; from the prior at
+    t = 1 it was 0.059 (DDIM: 0.013 against 0.97; nearer the data, at t = 0.6, p_t is no longer
+    close to N(0, sigma^2) for this mixture and neither start is right)."""
+    path = jd.ve_path(0.01, 50.0)
+    field = DATA.field(path, "x0")
+
+    @jax.jit
+    def run(key):
+        ts = jd.karras_grid(path, 200, 0.8, 1e-3)
+        return jd.sample(key, path, field, (N, 2), sampler=S.sde(), ts=ts, save_ts=ts[:1])
+
+    sol = run(jax.random.key(0))
+    sigma = float(path.sigma(0.8))
+    # the start: std sigma_0.6 per coordinate (SE 0.7% at 2N values)
+    assert float(jnp.std(sol.xs[0])) == pytest.approx(sigma, rel=0.03)
+    assert float(jd.energy_distance(sol.x, true_samples)) < ED_BOUND
+
+
+def test_default_grid_follows_the_path(true_samples):
+    """EDM's VE path sigma = 80 t: the uniform grid gave energy distance 0.143 at 50 Euler steps;
+    the default grid for a constant-alpha path is Karras'."""
+    path = jd.GaussianPath(lambda t: jnp.ones_like(t), lambda t: 0.002 + (80.0 - 0.002) * t)
+    field = DATA.field(path, "x0")
+    sol = jax.jit(lambda k: jd.sample(k, path, field, (N, 2), steps=50))(jax.random.key(0))
+    assert float(jd.energy_distance(sol.x, true_samples)) < ED_BOUND
+    np.testing.assert_allclose(jd.default_grid(path, 7), jd.karras_grid(path, 7), rtol=1e-6)
+    np.testing.assert_allclose(jd.default_grid(jd.vp_path(), 7), jd.uniform_grid(7), rtol=1e-6)
+
+
+def test_fields_see_one_time_per_sample():
+    """The field contract: t of shape (batch,) in samplers, as in losses."""
+    seen = []
+
+    def fn(x, t):
+        seen.append(t.shape)
+        return 0.5 * x
+
+    path = jd.vp_path()
+    for sampler in (S.ode(diffrax.Heun()), S.ddim(), S.dpm_solver_pp(3), S.pc(), S.edm_heun()):
+        jd.sample(jax.random.key(0), path, jd.Field(fn, "eps"), (5, 2), sampler=sampler, steps=3)
+    jd.log_likelihood(path, jd.Field(fn, "eps"), jnp.ones((5, 2)), t_start=0.5, rtol=1e-2)
+    assert seen and set(seen) == {(5,)}
+
+
+def test_half_solver_sees_a_consistent_brownian_path():
+    """HalfSolver takes two half steps inside each grid step: the increments must add up to one
+    Brownian increment (variance 1 over [0, 1]); with one key per query it was 2.05."""
+    x = jnp.zeros((20_000, 1))
+    sol = jd.integrate(lambda x, t: jnp.zeros_like(x), x, t_start=0.0, t_end=1.0, steps=10,
+                       diffusion=lambda x, t: 1.0, key=jax.random.key(0),
+                       solver=diffrax.HalfSolver(diffrax.Euler()))  # fmt: skip
+    # Var(W_1) = 1; the sample variance of 20,000 has standard error sqrt(2 / 20000) = 1%
+    assert float(jnp.var(sol.x)) == pytest.approx(1.0, abs=0.05)
+
+
+def test_gradients_through_a_sampler_store_one_state_per_step(x64):
+    """Checkpointed steps: the backward pass keeps x per step, not the network's activations."""
+
+    def mlp(params, x, t):
+        h = jnp.tanh(jnp.concatenate([x, t[:, None]], axis=1) @ params["w1"])
+        return h @ params["w2"]
+
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {"w1": jax.random.normal(k1, (3, 256)) / 2, "w2": jax.random.normal(k2, (256, 2)) / 16}
+    field = jd.Field(mlp, "velocity", params)
+    x1 = jax.random.normal(jax.random.key(1), (512, 2))
+
+    def loss(params, steps, checkpoint):
+        sol = jd.sample(None, jd.linear_path(), field.bind(params), x_init=x1, steps=steps,
+                        checkpoint=checkpoint)  # fmt: skip
+        return jnp.mean(sol.x**2)
+
+    def temp_bytes(steps, checkpoint):
+        grad = jax.jit(jax.grad(lambda p: loss(p, steps, checkpoint)))
+        return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    lean, full = temp_bytes(100, True), temp_bytes(100, False)
+    state = 512 * 2 * 8  # one float64 state
+    # stored activations: 100 steps x 512 x 256 float64 x (2 or more) >= 200 MiB; one state per
+    # step: 100 x 8 KiB = 0.8 MiB, plus one step's recomputation
+    assert full > 100 * 512 * 256 * 8
+    assert lean < 200 * state + 8 * 512 * 256 * 8
+    g1 = jax.grad(lambda p: loss(p, 20, True))(params)
+    g2 = jax.grad(lambda p: loss(p, 20, False))(params)
+    np.testing.assert_allclose(g1["w1"], g2["w1"], rtol=1e-10)  # the same gradient
+
+
+def test_inpainting_hook_replaces_the_known_coordinates(x64):
+    """Independent coordinates: the known one ends at its value (up to sigma_t_end noise), the
+    other keeps its marginal exactly. Correlated ones: replacement moves the unknown coordinate
+    towards E[x2 | x1] but is biased (0.76 instead of 1.2 at correlation 0.8, measured), the known
+    limitation of replacement (jd.inpaint's docstring)."""
+    path, known, n = jd.vp_path(), 1.5, 8000
+    x_known = jnp.zeros((n, 2)).at[:, 0].set(known)
+    hook = jd.inpaint(path, x_known, jnp.array([True, False]))
+    out = {}
+    for rho in (0.0, 0.8):
+        cov = jnp.array([[[1.0, rho], [rho, 1.0]]])
+        data = jd.GaussianMixture(jnp.ones(1), jnp.zeros((1, 2)), cov)
+        field = data.field(path, "eps")
+        run = jax.jit(lambda k, f=field: jd.sample(k, path, f, (n, 2), sampler=S.sde(), steps=500,
+                                                   hook=hook))  # fmt: skip
+        out[rho] = run(jax.random.key(0)).x
+    x = out[0.0]
+    assert float(jnp.max(jnp.abs(x[:, 0] - known))) < 5 * float(path.sigma(1e-3))
+    # standard errors at n = 8000: mean 0.011, variance 0.016
+    assert abs(float(jnp.mean(x[:, 1]))) < 0.05
+    assert float(jnp.var(x[:, 1])) == pytest.approx(1.0, abs=0.07)
+    biased = float(jnp.mean(out[0.8][:, 1]))
+    assert 0.5 < biased < 1.0, biased  # towards rho * known = 1.2, not there

@@ -81,9 +81,9 @@ def test_reverse_family_keeps_the_marginals(name, x64):
         out = []
         for eta, target in [(0.0, "x0"), (0.5, "velocity"), (1.0, "eps"), (2.0, "score")]:
 
-            def drift(x, eta=eta, target=target):
-                pred = data.predict(path, x, t, target)
-                return jd.reverse_drift(path, x, t, pred, target=target, eta=eta)
+            def drift(x, eta=eta, target=target):  # one sample: a batch of 1 for the field
+                field = data.field(path, target)
+                return jd.reverse_drift(path, field, x[None], t, eta=eta)[0]
 
             b = drift(x)
             div_b = jnp.trace(jax.jacfwd(drift)(x))
@@ -100,14 +100,29 @@ def test_reverse_drift_is_score_sde_formula(x64):
     data, path = mixture(), jd.vp_path()
     x, t = jnp.asarray(POINTS), 0.4
     score = data.score(path, x, t)
+    field = data.field(path, "score")
     f, g2 = path.drift_coef(t), path.diffusion_sq(t)
     np.testing.assert_allclose(
-        jd.reverse_drift(path, x, t, score, eta=1.0), f * x - g2 * score, rtol=1e-10
+        jd.reverse_drift(path, field, x, t, eta=1.0), f * x - g2 * score, rtol=1e-10
     )
     np.testing.assert_allclose(
-        jd.probability_flow_drift(path, x, t, score), f * x - 0.5 * g2 * score, rtol=1e-10
+        jd.probability_flow_drift(path, field, x, t), f * x - 0.5 * g2 * score, rtol=1e-10
     )
     assert float(jd.reverse_diffusion(path, t, 0.5)) == pytest.approx(0.5 * float(jnp.sqrt(g2)))
+    # eta as a function of t: eta(t)^2 / 2 g^2 of extra score, at each sample's own time
+    ts = jnp.array([0.2, 0.4, 0.6, 0.8])
+    eta = lambda t: 3.0 * t  # noqa: E731
+    expected = f_at(path, ts)[:, None] * x - (1 + eta(ts)[:, None] ** 2) / 2 * (
+        path.diffusion_sq(ts)[:, None] * data.score(path, x, ts)
+    )
+    np.testing.assert_allclose(jd.reverse_drift(path, field, x, ts, eta=eta), expected, rtol=1e-10)
+    np.testing.assert_allclose(
+        jd.reverse_diffusion(path, ts, eta), eta(ts) * path.diffusion(ts), rtol=1e-12
+    )
+
+
+def f_at(path, t):
+    return path.drift_coef(t)
 
 
 def test_langevin_samples_a_gaussian():

@@ -31,7 +31,7 @@ x_sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
 
 @jax.jit
 def sample(x, key):  # the reverse SDE: drift (all of the ODE) and noise
-    return (jd.sample(key, path, field, x_init=x, target="eps", eta=1.0, steps=20).x,)
+    return (jd.sample(key, path, field, x_init=x, sampler=jd.samplers.sde(), steps=20).x,)
 
 key = jax.random.key(1)
 one = sample(x, key)

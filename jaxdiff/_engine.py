@@ -1,0 +1,159 @@
+"""The one scan engine behind every fixed-grid sampler and ``integrate`` (internal).
+
+``scan(step, state, grid, keys)`` runs ``state = step(key, state, t, s)`` over the consecutive
+pairs ``(t, s)`` of ``grid`` in one ``lax.scan``: no per-step Python, one compile per shape, and
+memory that does not grow with the number of steps unless states are saved (``save_ts``: a
+buffer of ``len(save_ts)`` states, filled in place). The step is wrapped in ``jax.checkpoint``,
+so reverse-mode gradients through a sampler store one state per step and recompute each step's
+activations (with the network's activations stored instead, 50 steps of a small MLP took
+0.93 GiB; checkpointed, 15-18 MiB and 2.3x faster). Forward-only runs are unaffected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff._checks import as_time, concrete, error_if
+
+Array = jax.Array
+PyTree = Any
+
+
+def save_slots(grid: Array, save_ts: Array) -> Array:
+    """For each grid point, the index of the save time it matches (``len(save_ts)`` if none).
+
+    Linear in ``len(grid) + len(save_ts)``: each save time is located by a binary search of the
+    monotone grid (a grid-by-save-times comparison would need 14 GB for 60,000 of each).
+    """
+    n, m = grid.shape[0], save_ts.shape[0]
+    decreasing = grid[0] > grid[-1]
+    asc = jnp.where(decreasing, grid[::-1], grid)
+    pos = jnp.clip(jnp.searchsorted(asc, save_ts), 1, n - 1)
+    lo, hi = asc[pos - 1], asc[pos]
+    nearest = jnp.where(jnp.abs(save_ts - lo) <= jnp.abs(hi - save_ts), pos - 1, pos)
+    tol = 1e-5 * jnp.maximum(1.0, jnp.max(jnp.abs(grid)))
+    missing = jnp.abs(asc[nearest] - save_ts) > tol
+    index = jnp.where(decreasing, n - 1 - nearest, nearest)
+    slots = jnp.full((n,), m, jnp.int32).at[index].set(jnp.arange(m, dtype=jnp.int32))
+    msg = (
+        "every time in save_ts must be a point of the time grid (include it in ts, or use an "
+        "adaptive solver with rtol/atol, which interpolates)"
+    )
+    value = concrete(missing)
+    if value is not None:
+        if value.any():
+            bad = np.asarray(save_ts)[value].tolist()[:4]
+            raise ValueError(f"{msg}; missing: {bad}")
+        return slots
+    return error_if(slots, missing.any(), msg)
+
+
+def as_save_ts(save_ts: Any, dtype: Any) -> Array | None:
+    if save_ts is None:
+        return None
+    return jnp.atleast_1d(as_time(save_ts)).astype(dtype)
+
+
+def start_buffer(grid: Array, save_ts: Array | None, x: PyTree) -> tuple[PyTree, Array | None]:
+    """The buffer of saved states (``x`` at its slot if ``grid[0]`` is saved) and the slot of
+    every grid point (``len(save_ts)``: not saved); ``(None, None)`` without ``save_ts``."""
+    if save_ts is None:
+        return None, None
+    slots = save_slots(grid, save_ts)
+    buf = jax.tree.map(
+        lambda v: jnp.zeros(save_ts.shape + v.shape, v.dtype).at[slots[0]].set(v, mode="drop"), x
+    )
+    return buf, slots
+
+
+def scan(
+    step: Callable[[Any, PyTree, Array, Array], PyTree],
+    state: PyTree,
+    grid: Array,
+    keys: Any,
+    *,
+    get_x: Callable[[PyTree], PyTree],
+    buffer: PyTree = None,
+    slots: Array | None = None,
+    checkpoint: bool = True,
+) -> tuple[PyTree, PyTree]:
+    """Run ``state = step(key, state, t, s)`` over the pairs of ``grid``; returns ``(state,
+    buffer)``, the buffer (from :func:`start_buffer`) holding ``get_x(state)`` at its slots.
+
+    ``keys`` has one entry per step (or is ``None``: ``key`` is then ``None``). The state's dtypes
+    are kept from step to step (a step computing in float32 on a bfloat16 state is cast back).
+    """
+    n = grid.shape[0] - 1
+    dtypes = jax.tree.map(lambda v: jnp.asarray(v).dtype, state)
+    step_slots = jnp.zeros((n,), jnp.int32) if slots is None else slots[1 : n + 1]
+    body_step = jax.checkpoint(step, prevent_cse=False) if checkpoint else step
+
+    def body(carry, inputs):
+        state, buf = carry
+        t, s, key, slot = inputs
+        state = body_step(key, state, t, s)
+        state = jax.tree.map(lambda v, d: jnp.asarray(v).astype(d), state, dtypes)
+        if buf is not None:
+            buf = jax.tree.map(lambda b, v: b.at[slot].set(v, mode="drop"), buf, get_x(state))
+        return (state, buf), None
+
+    (state, buffer), _ = jax.lax.scan(
+        body, (state, buffer), (grid[:-1], grid[1:], keys, step_slots)
+    )
+    return state, buffer
+
+
+def check_grid(ts: Any, name: str = "ts", *, decreasing: bool = False, unit: bool = False) -> Array:
+    """``ts`` as a 1-D float array of at least 2 times after checking it is strictly monotone
+    (strictly decreasing with ``decreasing``; inside ``[0, 1]`` with ``unit``).
+
+    Concrete grids raise ``ValueError`` now; traced ones (built inside ``jit``) are checked when
+    they run, through ``equinox.error_if`` threaded into the returned grid.
+    """
+    ts = as_time(ts)
+    if ts.ndim != 1 or ts.shape[0] < 2:
+        raise ValueError(f"{name} must be a 1-D grid of at least 2 times; got shape {ts.shape}")
+    d = jnp.diff(ts)
+    if decreasing:
+        bad_order = ~jnp.all(d < 0)
+        order = (
+            "strictly decreasing (samplers run from the prior at t = 1 towards the data at t = 0)"
+        )
+    else:
+        bad_order = ~(jnp.all(d > 0) | jnp.all(d < 0))
+        order = "strictly monotone (increasing or decreasing)"
+    bad_range = jnp.any((ts < 0) | (ts > 1)) if unit else jnp.asarray(False)
+    bad_value = ~jnp.all(jnp.isfinite(ts))
+    value = concrete(ts)
+    if value is not None:
+        if bool(concrete(bad_value)):
+            raise ValueError(f"{name} must be finite; got {value.tolist()[:6]}")
+        if bool(concrete(bad_range)):
+            raise ValueError(
+                f"{name} must lie in [0, 1] (t = 0 is data, t = 1 the prior); got "
+                f"{value[(value < 0) | (value > 1)].tolist()[:4]}"
+            )
+        if bool(concrete(bad_order)):
+            raise ValueError(f"{name} must be {order}; got {value.tolist()[:6]}")
+        return ts
+    ts = error_if(ts, bad_value, f"{name} must be finite")
+    ts = error_if(ts, bad_range, f"{name} must lie in [0, 1] (t = 0 is data, t = 1 the prior)")
+    return error_if(ts, bad_order, f"{name} must be {order}")
+
+
+def grid_check(ts: Array, bad: Callable[[Array], Array], msg: str) -> Array:
+    """Raise ``msg`` where ``bad(ts)``: now when the answer is known at trace time, else at run
+    time through ``equinox.error_if`` on the returned ``ts``."""
+    with jax.ensure_compile_time_eval():
+        flag = jnp.any(bad(ts))
+    value = concrete(flag)
+    if value is not None:
+        if bool(value):
+            raise ValueError(msg)
+        return ts
+    return error_if(ts, flag, msg)

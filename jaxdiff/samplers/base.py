@@ -1,0 +1,81 @@
+"""The sampler protocol: a value with a pure ``init`` and ``step`` (optax's and blackjax's pattern).
+
+A :class:`Sampler` holds its hyperparameters closed over, so one value drives every path, every
+field and every grid::
+
+    state = sampler.init(path, field, x, ts)              # ts: the whole decreasing grid
+    state = sampler.step(key, path, field, state, t, s)   # from time t to the next time s < t
+    x = state.x
+
+``jaxdiff.sample`` owns the rest (grid, start draw, keys, checks, the scan, saved states, the
+count of evaluations, the final denoising step); the same two functions run in a loop of your own.
+A new sampler is a factory of a few dozen lines on the ``(x0, eps)`` hub (``jaxdiff.predict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from jaxdiff._engine import grid_check
+from jaxdiff.field import Field
+from jaxdiff.paths import GaussianPath
+from jaxdiff.schedules import default_grid
+
+Array = jax.Array
+Grid = Callable[[GaussianPath, int, Any, Any], Array]
+
+__all__ = ["Sampler", "normal", "grid_check"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sampler:
+    """A sampler as a value: ``init``/``step`` plus what the driver needs to know about them.
+
+    * ``init(path, field, x, ts) -> state``: ``state.x`` is the sample; ``ts`` is the whole grid
+      (ending at ``0`` when the driver adds the denoising step).
+    * ``step(key, path, field, state, t, s) -> state``: from ``t`` to ``s < t``; ``key`` is
+      ``None`` for a deterministic sampler.
+    * ``evals_per_step``, ``evals_first_step``: network evaluations per step (and extra ones at
+      the first step, e.g. an FSAL solver's first stage): the evaluation count is static, the same
+      eagerly and under ``jit``.
+    * ``stochastic``: whether ``step`` draws noise (then ``sample`` needs a key).
+    * ``grid(path, steps, t_start, t_end)``, ``steps``, ``t_end``, ``denoise``: the defaults.
+    * ``reaches_zero``: whether a step may end where ``sigma = 0`` (``t = 0``) exactly; others stop
+      at ``t_end > 0`` and may finish with the denoising step.
+    * ``check(path, field, ts) -> ts``: the sampler's own checks of a grid (trace time where the
+      values are known, else through ``equinox.error_if`` on ``ts``).
+    """
+
+    name: str
+    init: Callable[..., Any]
+    step: Callable[..., Any]
+    evals_per_step: int
+    evals_first_step: int = 0
+    stochastic: bool = False
+    grid: Grid = default_grid
+    steps: int = 100
+    t_end: float = 1e-3
+    denoise: bool = False
+    reaches_zero: bool = False
+    check: Callable[[GaussianPath, Field, Array], Array] | None = None
+    adaptive: Any = None
+
+    def nfe(self, num_steps: int) -> int:
+        """Network evaluations of ``num_steps`` steps (without the denoising step)."""
+        return self.evals_first_step * (num_steps > 0) + self.evals_per_step * num_steps
+
+    def __repr__(self) -> str:
+        return f"Sampler({self.name})"
+
+
+def normal(key: Array, x: Array) -> Array:
+    """A standard normal draw shaped like ``x``."""
+    return jax.random.normal(key, x.shape, x.dtype)
+
+
+def alpha_zero_at_start(path: GaussianPath, ts: Array) -> Array:
+    return path.alpha(ts[0]) == 0

@@ -1,0 +1,173 @@
+"""One conformance suite for every sampler: a new sampler gets all of it by joining ``SAMPLERS``.
+
+For each: output shape and dtype, ``x_init``, saved states, the evaluation count (against a
+counting field, the same eagerly and under ``jit``), one compile per shape, keys (``None`` for a
+deterministic sampler, an error for a stochastic one; the same key gives the same sample), the
+start at ``t_start < 1``, ``vmap``, ``grad`` through deterministic samplers, and the 3-component
+mixture recovered within the energy-distance bound of ``test_sample`` at the stated steps.
+"""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from tests.test_sample import DATA, ED_BOUND, N
+
+S = jd.samplers
+PATH = jd.vp_path()
+
+SAMPLERS = [  # (name, sampler, steps at which the mixture is recovered within ED_BOUND)
+    ("ode-euler", S.ode(), 100),
+    ("ode-heun", S.ode(diffrax.Heun()), 50),
+    ("ode-tsit5", S.ode(diffrax.Tsit5()), 20),
+    ("sde-euler-maruyama", S.sde(), 500),
+    ("sde-shark", S.sde(diffrax.ShARK()), 100),
+    ("sde-eta-of-t", S.sde(eta=lambda t: 2.0 * t), 500),
+    ("ancestral", S.ancestral(), 200),
+    ("ddim", S.ddim(), 50),
+    ("ddim-eta", S.ddim(0.5), 200),
+    ("pc", S.pc(), 100),
+    ("annealed-langevin", S.annealed_langevin(steps_per_level=100, step_size=5e-5), 20),
+    ("edm-heun", S.edm_heun(), 17),
+    ("edm-heun-churn", S.edm_heun(churn=10.0), 24),
+    ("dpm-solver++-2m", S.dpm_solver_pp(2), 19),
+    ("dpm-solver++-3m", S.dpm_solver_pp(3), 19),
+    ("dpm-solver++-2m-sde", S.dpm_solver_pp(2, eta=1.0), 39),
+    ("dpm-solver++-3m-sde", S.dpm_solver_pp(3, eta=1.0), 39),
+    ("dpm-solver++-2s-ancestral", S.dpm_solver_2s(), 19),
+    ("dpm-solver++-sde", S.dpm_solver_sde(), 19),
+    ("unipc-2-bh2", S.unipc(2), 19),
+    ("unipc-3-bh1", S.unipc(3, variant="bh1"), 19),
+]
+IDS = [name for name, _, _ in SAMPLERS]
+STEPS = 4  # structural tests
+
+
+def _final_time(sampler, ts):
+    return 0.0 if sampler.denoise else float(ts[-1])
+
+
+@pytest.mark.parametrize("name, sampler, steps", SAMPLERS, ids=IDS)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_structure_counts_and_saved_states(name, sampler, steps, jit):
+    calls = []
+
+    def fn(x, t):
+        jax.debug.callback(lambda: calls.append(1))
+        return DATA.predict(PATH, x, t, "eps")
+
+    field = jd.Field(fn, "eps")
+    x_init = jax.random.normal(jax.random.key(0), (6, 2))
+    ts = sampler.grid(PATH, STEPS, 1.0, sampler.t_end)
+    save = jnp.array([1.0, float(ts[2]), _final_time(sampler, ts)])
+    traces = []
+
+    def run(key):
+        traces.append(1)
+        return jd.sample(
+            key, PATH, field, x_init=x_init, sampler=sampler, steps=STEPS, save_ts=save
+        )
+
+    run = jax.jit(run) if jit else run
+    sol = run(jax.random.key(1))
+    jax.block_until_ready(sol.x)
+    assert sol.x.shape == (6, 2) and sol.x.dtype == jnp.float32
+    expected = sampler.nfe(STEPS) + int(sampler.denoise)
+    assert int(sol.nfe) == expected == len(calls), (int(sol.nfe), expected, len(calls))
+    assert int(sol.num_steps) == STEPS + int(sampler.denoise)
+    assert sol.xs.shape == (3, 6, 2)
+    np.testing.assert_array_equal(sol.xs[0], x_init)
+    np.testing.assert_array_equal(sol.xs[-1], sol.x)
+    assert not np.allclose(sol.xs[1], x_init)  # the middle state is a real intermediate
+    if jit:
+        run(jax.random.key(2))
+        assert len(traces) == 1  # one compile per shape
+
+
+@pytest.mark.parametrize("name, sampler, steps", SAMPLERS, ids=IDS)
+def test_keys(name, sampler, steps):
+    field = DATA.field(PATH, "eps")
+    x_init = jax.random.normal(jax.random.key(0), (6, 2))
+    run = jax.jit(lambda k: jd.sample(k, PATH, field, x_init=x_init, sampler=sampler, steps=STEPS))
+    a, b = run(jax.random.key(1)).x, run(jax.random.key(1)).x
+    np.testing.assert_array_equal(a, b)  # the same key, the same sample
+    if sampler.stochastic:
+        assert not np.allclose(a, run(jax.random.key(2)).x)
+        with pytest.raises(ValueError, match="needs a PRNG key"):
+            jd.sample(None, PATH, field, x_init=x_init, sampler=sampler, steps=STEPS)
+    else:
+        c = jd.sample(None, PATH, field, x_init=x_init, sampler=sampler, steps=STEPS).x
+        np.testing.assert_allclose(c, a, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(run(jax.random.key(2)).x, a)  # the key enters nothing
+
+
+@pytest.mark.parametrize("name, sampler, steps", SAMPLERS, ids=IDS)
+def test_start_below_one(name, sampler, steps):
+    """From t_start = 0.5: the start has std sigma_0.5 and no evaluation is later than 0.5."""
+    seen = []
+
+    def fn(x, t):
+        jax.debug.callback(lambda t: seen.append(float(jnp.max(t))), t)
+        return DATA.predict(PATH, x, t, "eps")
+
+    field = jd.Field(fn, "eps")
+    sol = jd.sample(jax.random.key(0), PATH, field, (4000, 2), sampler=sampler, steps=STEPS,
+                    t_start=0.5, save_ts=jnp.array([0.5]))  # fmt: skip
+    jax.block_until_ready(sol.x)
+    sigma = float(PATH.sigma(0.5))
+    # std of 8000 normal values: standard error 0.8%
+    assert float(jnp.std(sol.xs[0])) == pytest.approx(sigma, rel=0.04)
+    assert max(seen) <= 0.5 + 1e-6  # (annealed Langevin's first evaluation is at the next level)
+
+
+@pytest.mark.parametrize("name, sampler, steps", SAMPLERS, ids=IDS)
+def test_vmap_matches_a_loop(name, sampler, steps, x64):
+    field = DATA.field(PATH, "eps")
+    x_init = jax.random.normal(jax.random.key(0), (3, 5, 2), jnp.float64)
+    keys = jax.random.split(jax.random.key(1), 3)
+
+    def run(key, x):
+        return jd.sample(key, PATH, field, x_init=x, sampler=sampler, steps=STEPS).x
+
+    batched = jax.jit(jax.vmap(run))(keys, x_init)
+    for i in range(3):
+        np.testing.assert_allclose(
+            batched[i], jax.jit(run)(keys[i], x_init[i]), rtol=1e-9, atol=1e-9
+        )
+
+
+DETERMINISTIC = [case for case in SAMPLERS if not case[1].stochastic]
+
+
+@pytest.mark.parametrize("name, sampler, steps", DETERMINISTIC, ids=[c[0] for c in DETERMINISTIC])
+def test_gradients_match_finite_differences(name, sampler, steps, x64):
+    """d/dm of the mean sample of N(m, 0.5^2) from fixed noise (about 1: the sample moves with m)."""
+    x1 = jax.random.normal(jax.random.key(0), (16, 1), jnp.float64)
+
+    def mean_sample(m):
+        data = jd.GaussianMixture(jnp.ones(1), jnp.reshape(m, (1, 1)), jnp.full((1, 1, 1), 0.25))
+        sol = jd.sample(None, PATH, data.field(PATH, "eps"), x_init=x1, sampler=sampler, steps=20)
+        return sol.x.mean()
+
+    g = jax.jit(jax.grad(mean_sample))(1.0)
+    forward = jax.jit(mean_sample)
+    fd = (forward(1.0 + 1e-5) - forward(1.0 - 1e-5)) / 2e-5
+    assert float(g) == pytest.approx(float(fd), rel=1e-6)
+    assert float(g) == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.fixture(scope="module")
+def true_samples():
+    return DATA.sample(jax.random.key(123), N)
+
+
+@pytest.mark.parametrize("name, sampler, steps", SAMPLERS, ids=IDS)
+def test_recovers_the_mixture(name, sampler, steps, true_samples):
+    field = DATA.field(PATH, "eps")
+    run = jax.jit(lambda k: jd.sample(k, PATH, field, (N, 2), sampler=sampler, steps=steps))
+    sol = run(jax.random.key(0))
+    ed = float(jd.energy_distance(sol.x, true_samples))
+    assert ed < ED_BOUND, (name, int(sol.nfe), ed)
