@@ -60,6 +60,14 @@ def wide_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def widen(x: Any, *arrays: Any, out: Any = None) -> tuple:
+    """``(out, x, *arrays)`` with the arrays cast to ``max(float32, out)`` for the arithmetic;
+    ``out`` (default: ``data_dtype(x)``) is the dtype to return results in."""
+    out = data_dtype(x) if out is None else out
+    wide = wide_dtype(out)
+    return (out,) + tuple(jnp.asarray(a).astype(wide) for a in (x, *arrays))
+
+
 def check_time(t: Any, name: str = "t", lo: float = 0.0, hi: float = 1.0) -> Array:
     """Return ``t`` as an array after checking ``lo <= t <= hi`` (NaN fails).
 

@@ -32,10 +32,9 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import jax
-import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_same_shape, coef_time, data_dtype, expand_like, wide_dtype
+from jaxdiff._checks import check_same_shape, coef_time, expand_like, widen
 from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
@@ -48,13 +47,6 @@ __all__ = ["Target", "TARGETS", "to_x0_eps", "from_x0_eps", "convert"]
 def _check_target(target: str, name: str = "target") -> None:
     if target not in TARGETS:
         raise ValueError(f"{name} must be one of {TARGETS}; got {target!r}")
-
-
-def _widen(x: ArrayLike, *arrays: ArrayLike):
-    """``(out, x, *arrays)``: ``out`` is ``x``'s dtype (floating), the arrays in ``max(f32, out)``."""
-    out = data_dtype(jnp.asarray(x))
-    wide = wide_dtype(out)
-    return (out,) + tuple(jnp.asarray(a).astype(wide) for a in (x, *arrays))
 
 
 def _coefs(path: GaussianPath, x: Array, t, derivatives: bool):
@@ -76,7 +68,7 @@ def to_x0_eps(
     """Map a prediction of ``target`` at ``(x, t)`` to the hub ``(x0, eps)``."""
     _check_target(target)
     check_same_shape(value, x, f"the {target!r} prediction")
-    out, x, value = _widen(x, value)
+    out, x, value = widen(x, value)
     x0, eps = _to_hub(path, x, t, value, target)
     return x0.astype(out), eps.astype(out)
 
@@ -105,7 +97,7 @@ def from_x0_eps(
     With the true ``x0`` and ``eps`` of a training pair this is the regression target of a loss.
     """
     _check_target(target)
-    out, x, x0, eps = _widen(x, x0, eps)
+    out, x, x0, eps = widen(x, x0, eps)
     return _from_hub(path, x, t, x0, eps, target).astype(out)
 
 
@@ -137,7 +129,7 @@ def convert(
     _check_target(src, "src")
     _check_target(dst, "dst")
     check_same_shape(value, x, f"the {src!r} prediction")
-    out, x, value = _widen(x, value)
+    out, x, value = widen(x, value)
     if src == dst:
         return value.astype(out)
     if {src, dst} == {"eps", "score"}:  # only sigma: stays finite where alpha = 0

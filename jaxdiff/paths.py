@@ -45,7 +45,7 @@ from jaxdiff._checks import (
     concrete,
     data_dtype,
     expand_like,
-    wide_dtype,
+    widen,
 )
 from jaxdiff._schedule_fns import Affine, CosineAlpha, Geometric, LinearBetaAlpha, OneMinusSquare
 
@@ -96,9 +96,9 @@ def _clamp_rounding(value: Array) -> Array:
     return value - jax.lax.stop_gradient(jnp.where(tiny, value, jnp.zeros_like(value)))
 
 
-def _scale(coef: Array, x: Array, wide) -> Array:
-    """``coef`` (shaped like ``t``) padded to broadcast against ``x``, in the arithmetic dtype."""
-    return expand_like(coef, x).astype(wide)
+def _scale(coef: Array, x: Array) -> Array:
+    """``coef`` (shaped like ``t``) padded to broadcast against ``x``, in ``x``'s dtype."""
+    return expand_like(coef, x).astype(x.dtype)
 
 
 class GaussianPath(eqx.Module):
@@ -185,10 +185,9 @@ class GaussianPath(eqx.Module):
     # --- conditional path -----------------------------------------------------------------
     def marginal(self, x0, t) -> tuple[Array, Array]:
         """Mean ``alpha_t x0`` and std ``sigma_t`` of ``p_t(x | x0)`` (std shaped like ``t``)."""
-        t, x0 = coef_time(t), jnp.asarray(x0)
-        out = data_dtype(x0)
-        wide = wide_dtype(out)
-        return (_scale(self.alpha(t), x0, wide) * x0.astype(wide)).astype(out), self.sigma(t)
+        t = coef_time(t)
+        out, x0 = widen(x0)
+        return (_scale(self.alpha(t), x0) * x0).astype(out), self.sigma(t)
 
     def sample(self, key, x0, t) -> tuple[Array, Array]:
         """Draw ``x_t = alpha_t x0 + sigma_t eps``; returns ``(x_t, eps)``.
@@ -204,32 +203,26 @@ class GaussianPath(eqx.Module):
 
     def interpolate(self, x0: ArrayLike, eps: ArrayLike, t: ArrayLike) -> Array:
         """``alpha_t x0 + sigma_t eps`` (in the promoted dtype of ``x0`` and ``eps``)."""
-        t, x0, eps = coef_time(t), jnp.asarray(x0), jnp.asarray(eps)
-        out = data_dtype(jnp.result_type(x0, eps))
-        wide = wide_dtype(out)
-        a, s = _scale(self.alpha(t), x0, wide), _scale(self.sigma(t), eps, wide)
-        return (a * x0.astype(wide) + s * eps.astype(wide)).astype(out)
+        t = coef_time(t)
+        out, x0, eps = widen(x0, eps, out=data_dtype(jnp.result_type(x0, eps)))
+        return (_scale(self.alpha(t), x0) * x0 + _scale(self.sigma(t), eps) * eps).astype(out)
 
     def conditional_velocity(self, x: ArrayLike, x0: ArrayLike, t: ArrayLike) -> Array:
         """``u_t(x | x0) = alpha_t' x0 + sigma_t' (x - alpha_t x0) / sigma_t`` (Lipman et al. 2023).
 
         It points from data towards noise (``t`` increasing); with ``t = 0`` as noise it is ``-u``.
         """
-        t, x, x0 = coef_time(t), jnp.asarray(x), jnp.asarray(x0)
-        out = data_dtype(x)
-        wide = wide_dtype(out)
-        x, x0 = x.astype(wide), x0.astype(wide)
-        a, s = _scale(self.alpha(t), x, wide), _scale(self.sigma(t), x, wide)
-        da, ds = _scale(self.d_alpha(t), x, wide), _scale(self.d_sigma(t), x, wide)
+        t = coef_time(t)
+        out, x, x0 = widen(x, x0)
+        a, s = _scale(self.alpha(t), x), _scale(self.sigma(t), x)
+        da, ds = _scale(self.d_alpha(t), x), _scale(self.d_sigma(t), x)
         return (da * x0 + ds * (x - a * x0) / s).astype(out)
 
     def conditional_score(self, x: ArrayLike, x0: ArrayLike, t: ArrayLike) -> Array:
         """``grad_x log p_t(x | x0) = -(x - alpha_t x0) / sigma_t^2``."""
-        t, x, x0 = coef_time(t), jnp.asarray(x), jnp.asarray(x0)
-        out = data_dtype(x)
-        wide = wide_dtype(out)
-        a, var = _scale(self.alpha(t), x, wide), _scale(self.sigma_sq(t), x, wide)
-        return (-(x.astype(wide) - a * x0.astype(wide)) / var).astype(out)
+        t = coef_time(t)
+        out, x, x0 = widen(x, x0)
+        return (-(x - _scale(self.alpha(t), x) * x0) / _scale(self.sigma_sq(t), x)).astype(out)
 
     # --- forward SDE ----------------------------------------------------------------------
     def drift_coef(self, t: ArrayLike) -> Array:
@@ -253,10 +246,8 @@ class GaussianPath(eqx.Module):
 
     def drift(self, x: ArrayLike, t: ArrayLike) -> Array:
         """Forward drift ``f(t) x``."""
-        x = jnp.asarray(x)
-        out = data_dtype(x)
-        wide = wide_dtype(out)
-        return (_scale(self.drift_coef(t), x, wide) * x.astype(wide)).astype(out)
+        out, x = widen(x)
+        return (_scale(self.drift_coef(t), x) * x).astype(out)
 
     def transition(self, x_s: ArrayLike, s: ArrayLike, t: ArrayLike) -> tuple[Array, Array]:
         """Mean and std of the SDE's kernel ``p(x_t | x_s)`` for ``s <= t``.
@@ -265,26 +256,23 @@ class GaussianPath(eqx.Module):
         From ``s = 0`` it is the path itself when ``sigma_0 = 0`` (VP, sub-VP, linear, cosine);
         for VE, whose ``sigma_0 = sigma_min > 0``, the variance is ``sigma_t^2 - sigma_min^2``.
         """
-        s, t, x_s = coef_time(s), coef_time(t), jnp.asarray(x_s)
-        out = data_dtype(x_s)
+        s, t = coef_time(s), coef_time(t)
+        out, x_s = widen(x_s)
         ratio = self.alpha(t) / self.alpha(s)
         var = self.sigma_sq(t) - ratio**2 * self.sigma_sq(s)
-        mean = _scale(ratio, x_s, wide_dtype(out)) * x_s.astype(wide_dtype(out))
-        return mean.astype(out), jnp.sqrt(jnp.maximum(var, 0.0))
+        return (_scale(ratio, x_s) * x_s).astype(out), jnp.sqrt(jnp.maximum(var, 0.0))
 
     def prior_sample(self, key: Array, shape: tuple[int, ...], dtype=None) -> Array:
         """Sample the prior ``N(0, sigma_1^2 I)`` at ``t = 1``, in ``dtype`` (default float)."""
         dtype = dtype or jnp.result_type(float)
-        wide = wide_dtype(dtype)
-        noise = jax.random.normal(key, shape, dtype).astype(wide)
-        return (self.sigma(jnp.ones(())).astype(wide) * noise).astype(dtype)
+        _, noise = widen(jax.random.normal(key, shape, dtype))
+        return (self.sigma(jnp.ones(())).astype(noise.dtype) * noise).astype(dtype)
 
     def prior_logp(self, x: ArrayLike, event_ndim: int = 1) -> Array:
         """Log-density of ``N(0, sigma_1^2 I)``, summed over the last ``event_ndim`` axes.
 
         A reduction, so it accumulates and returns in ``max(float32, dtype of x)``."""
-        x = jnp.asarray(x)
-        x = x.astype(wide_dtype(data_dtype(x)))
+        _, x = widen(x)
         var = self.sigma_sq(jnp.ones((), x.dtype)).astype(x.dtype)
         axes = tuple(range(x.ndim - event_ndim, x.ndim))
         d = math.prod(x.shape[x.ndim - event_ndim :])
