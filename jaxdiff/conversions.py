@@ -102,11 +102,11 @@ def from_x0_eps(
 
 
 def _from_hub(path: GaussianPath, x: Array, t, x0: Array, eps: Array, target: str) -> Array:
+    a, s, da, ds = _coefs(path, x, t, target == "velocity")  # also checks t's shape
     if target == "eps":
         return eps
     if target == "x0":
         return x0
-    a, s, da, ds = _coefs(path, x, t, target == "velocity")
     if target == "score":
         return -eps / s
     if target == "v":
