@@ -43,8 +43,42 @@ def as_time(t: Any, dtype: Any = None) -> Array:
     return t
 
 
+def coef_time(t: Any) -> Array:
+    """``t`` as a floating array of at least float32: the dtype schedule coefficients are computed in.
+
+    The precision policy: times and coefficients never take the data's dtype; a bfloat16 or
+    float16 ``t`` is promoted to float32, float32 and float64 stay, integers become the default
+    float. A weakly typed ``t`` (a Python float) stays weak.
+    """
+    t = as_time(t)
+    wide = jnp.promote_types(t.dtype, jnp.float32)
+    return t if t.dtype == wide else t.astype(wide)
+
+
+def data_dtype(x: Any) -> Any:
+    """The dtype of outputs shaped like ``x``: ``x``'s own if floating, else the default float."""
+    dtype = jnp.result_type(x)
+    return dtype if jnp.issubdtype(dtype, jnp.inexact) else jnp.result_type(float)
+
+
+def wide_dtype(dtype: Any) -> Any:
+    """The dtype arithmetic on data of ``dtype`` runs in: ``dtype`` promoted to at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def widen(x: Any, *arrays: Any, out: Any = None) -> tuple:
+    """``(out, x, *arrays)`` with the arrays cast to ``max(float32, out)`` for the arithmetic;
+    ``out`` (default: ``data_dtype(x)``) is the dtype to return results in."""
+    out = data_dtype(x) if out is None else out
+    wide = wide_dtype(out)
+    return (out,) + tuple(jnp.asarray(a).astype(wide) for a in (x, *arrays))
+
+
 def check_time(t: Any, name: str = "t", lo: float = 0.0, hi: float = 1.0) -> Array:
-    """Return ``t`` as an array after checking ``lo <= t <= hi`` (Python error when concrete)."""
+    """Return ``t`` as an array after checking ``lo <= t <= hi`` (NaN fails).
+
+    A Python ``ValueError`` when ``t`` is concrete; under ``jit`` the returned array is tied to an
+    ``error_if`` check, so use it (a dropped result drops the check)."""
     t = as_time(t)
     value = concrete(t)
     if value is not None:
@@ -55,7 +89,7 @@ def check_time(t: Any, name: str = "t", lo: float = 0.0, hi: float = 1.0) -> Arr
                 f"got {name} = {value[bad].ravel()[:4].tolist()}"
             )
         return t
-    return error_if(t, (t < lo) | (t > hi), f"{name} must lie in [{lo}, {hi}]")
+    return error_if(t, ~((t >= lo) & (t <= hi)), f"{name} must lie in [{lo}, {hi}]")
 
 
 def error_if(x: Any, pred: Any, msg: str) -> Any:
@@ -132,26 +166,64 @@ def check_same_shape(value: Any, x: Any, what: str) -> None:
         )
 
 
-def check_positive(value: Any, name: str, *, strict: bool = True) -> None:
-    """Raise for a concrete ``value`` that is not (strictly) positive; skip traced values."""
+def check_positive(value: Any, name: str, *, strict: bool = True) -> Any:
+    """Check that ``value`` is finite and (strictly) positive; return it.
+
+    A Python ``ValueError`` when ``value`` is concrete. A traced ``value`` comes back as a floating
+    array tied to an ``error_if`` check: use the returned value, or the check vanishes under ``jit``.
+    """
+    kind = "> 0" if strict else ">= 0"
     v = concrete(value)
     if v is None:
-        return
+        x = _floating(value)
+        ok = jnp.isfinite(x) & ((x > 0) if strict else (x >= 0))
+        return tie_check(x, ~ok, f"{name} must be finite and {kind}")
     if not np.all(np.isfinite(v)):
         raise ValueError(f"{name} must be finite; got {name} = {v.tolist()}")
     if (strict and np.any(v <= 0)) or (not strict and np.any(v < 0)):
-        kind = "> 0" if strict else ">= 0"
         raise ValueError(f"{name} must be {kind}; got {name} = {v.tolist()}")
+    return value
 
 
-def check_order(lo: Any, hi: Any, lo_name: str, hi_name: str, *, strict: bool = True) -> None:
-    """Raise for concrete ``lo``/``hi`` unless ``lo < hi`` (or ``<=`` when not strict)."""
+def check_order(lo: Any, hi: Any, lo_name: str, hi_name: str, *, strict: bool = True) -> Any:
+    """Check ``lo < hi`` (or ``<=`` when not strict; NaN fails); return ``(lo, hi)``.
+
+    A Python ``ValueError`` when both are concrete; traced values come back tied to an
+    ``error_if`` check (see :func:`check_positive`)."""
+    op = "<" if strict else "<="
     a, b = concrete(lo), concrete(hi)
     if a is None or b is None:
-        return
-    if (strict and np.any(a >= b)) or (not strict and np.any(a > b)):
-        op = "<" if strict else "<="
+        x, y = _floating(lo), _floating(hi)
+        ok = (x < y) if strict else (x <= y)
+        return tie_check((x, y), ~ok, f"expected {lo_name} {op} {hi_name}")
+    if (strict and np.any(a >= b)) or (not strict and np.any(a > b)) or np.any(np.isnan(a - b)):
         raise ValueError(
             f"expected {lo_name} {op} {hi_name}; got {lo_name} = {a.tolist()}, "
             f"{hi_name} = {b.tolist()}"
         )
+    return lo, hi
+
+
+def _floating(value: Any) -> Array:
+    value = jnp.asarray(value)
+    return value if jnp.issubdtype(value.dtype, jnp.inexact) else value.astype(float)
+
+
+def tie_check(values: Any, bad: Any, msg: str) -> Any:
+    """Tie every floating array leaf of ``values`` to one ``error_if`` check on ``any(bad)``.
+
+    Each leaf comes back NaN where the check failed (and the check raises), so any later use of any
+    leaf keeps the check alive under ``jit``; derivatives pass through. For parameters checked
+    once, where a path or a schedule is built (not on hot paths)."""
+    bad = jnp.any(jnp.asarray(bad))
+    flag = eqx.error_if(bad, bad, msg)
+
+    def tie(leaf):
+        if not _inexact(leaf):
+            return leaf
+        return jnp.where(flag, jnp.asarray(jnp.nan, leaf.dtype), leaf)
+
+    leaves = jax.tree_util.tree_leaves(values)
+    if not any(_inexact(leaf) for leaf in leaves):
+        return eqx.error_if(values, bad, msg)
+    return jax.tree_util.tree_map(tie, values)

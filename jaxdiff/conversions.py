@@ -20,6 +20,11 @@ to noise; in the ``t = 0``-is-noise convention of Meta's ``flow_matching`` it is
 Each conversion divides by ``alpha`` (from ``eps`` or ``score``), ``sigma`` (from ``x0``), or
 ``alpha sigma' - sigma alpha'`` (from ``velocity``): avoid the endpoint where that is 0 (``t = 0``
 for ``sigma``; ``t = 1`` for ``alpha`` on the linear and cosine paths) -- sample to ``t_min > 0``.
+
+Precision (the policy of ``jaxdiff.paths``): the coefficients are computed in
+``max(float32, dtype of t)`` -- ``t``'s dtype never comes from ``x`` -- the arithmetic runs in
+``max(float32, dtype of x)``, and every result has ``x``'s dtype (the default float for an integer
+``x``). A bfloat16 state stays bfloat16, with one rounding at the end.
 """
 
 from __future__ import annotations
@@ -27,10 +32,9 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import jax
-import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, check_same_shape, expand_like
+from jaxdiff._checks import check_same_shape, coef_time, expand_like, widen
 from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
@@ -46,11 +50,16 @@ def _check_target(target: str, name: str = "target") -> None:
 
 
 def _coefs(path: GaussianPath, x: Array, t, derivatives: bool):
-    t = as_time(t, jnp.result_type(x))
-    a, s = expand_like(path.alpha(t), x), expand_like(path.sigma(t), x)
+    """Coefficients in ``max(float32, dtype of t)``, cast to ``x``'s (wide) dtype to multiply it."""
+    t = coef_time(t)
+
+    def expand(coef):
+        return expand_like(coef, x).astype(x.dtype)
+
+    a, s = expand(path.alpha(t)), expand(path.sigma(t))
     if not derivatives:
         return a, s, None, None
-    return a, s, expand_like(path.d_alpha(t), x), expand_like(path.d_sigma(t), x)
+    return a, s, expand(path.d_alpha(t)), expand(path.d_sigma(t))
 
 
 def to_x0_eps(
@@ -58,8 +67,13 @@ def to_x0_eps(
 ) -> tuple[Array, Array]:
     """Map a prediction of ``target`` at ``(x, t)`` to the hub ``(x0, eps)``."""
     _check_target(target)
-    x, value = jnp.asarray(x), jnp.asarray(value)
     check_same_shape(value, x, f"the {target!r} prediction")
+    out, x, value = widen(x, value)
+    x0, eps = _to_hub(path, x, t, value, target)
+    return x0.astype(out), eps.astype(out)
+
+
+def _to_hub(path: GaussianPath, x: Array, t, value: Array, target: str) -> tuple[Array, Array]:
     a, s, da, ds = _coefs(path, x, t, target == "velocity")
     if target == "eps":
         return (x - s * value) / a, value
@@ -83,8 +97,12 @@ def from_x0_eps(
     With the true ``x0`` and ``eps`` of a training pair this is the regression target of a loss.
     """
     _check_target(target)
-    x, x0, eps = jnp.asarray(x), jnp.asarray(x0), jnp.asarray(eps)
-    a, s, da, ds = _coefs(path, x, t, target == "velocity")
+    out, x, x0, eps = widen(x, x0, eps)
+    return _from_hub(path, x, t, x0, eps, target).astype(out)
+
+
+def _from_hub(path: GaussianPath, x: Array, t, x0: Array, eps: Array, target: str) -> Array:
+    a, s, da, ds = _coefs(path, x, t, target == "velocity")  # also checks t's shape
     if target == "eps":
         return eps
     if target == "x0":
@@ -110,13 +128,12 @@ def convert(
     """
     _check_target(src, "src")
     _check_target(dst, "dst")
-    x, value = jnp.asarray(x), jnp.asarray(value)
+    check_same_shape(value, x, f"the {src!r} prediction")
+    out, x, value = widen(x, value)
     if src == dst:
-        check_same_shape(value, x, f"the {src!r} prediction")
-        return value
+        return value.astype(out)
     if {src, dst} == {"eps", "score"}:  # only sigma: stays finite where alpha = 0
-        check_same_shape(value, x, f"the {src!r} prediction")
-        s = expand_like(path.sigma(as_time(t, jnp.result_type(x))), x)
-        return -value / s if dst == "score" else -s * value
-    x0, eps = to_x0_eps(path, x, t, value, src)
-    return from_x0_eps(path, x, t, x0, eps, dst)
+        s = expand_like(path.sigma(coef_time(t)), x).astype(x.dtype)
+        return (-value / s if dst == "score" else -s * value).astype(out)
+    x0, eps = _to_hub(path, x, t, value, src)
+    return _from_hub(path, x, t, x0, eps, dst).astype(out)

@@ -30,7 +30,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import check_order, check_positive
+from jaxdiff._checks import check_order, check_positive, coef_time
 from jaxdiff.conversions import Target, _check_target, convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath, linear_path
@@ -240,7 +240,7 @@ def diffusion_loss(
         x0, labels = _split_batch(batch)
         n = x0.shape[0]
         t_key, eps_key, drop_key = jax.random.split(key, 3)
-        t = time_sampler(t_key, (n,)).astype(x0.dtype)
+        t = coef_time(time_sampler(t_key, (n,)))  # times in float32 or wider, whatever x0's dtype
         eps = jax.random.normal(eps_key, x0.shape, x0.dtype)
         x_t = path.interpolate(x0, eps, t)
         if labels is None:

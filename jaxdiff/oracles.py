@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, check_finite, concrete, expand_like
+from jaxdiff._checks import as_time, check_finite, concrete, data_dtype, expand_like, wide_dtype
 from jaxdiff.conversions import Target, _check_target, from_x0_eps
 from jaxdiff.field import Field
 from jaxdiff.paths import GaussianPath
@@ -139,6 +139,7 @@ class GaussianMixture(eqx.Module):
         x = check_finite(jnp.asarray(x), "x")
         if x.shape[-1:] != (self.dim,):
             raise ValueError(f"x must have shape (..., {self.dim}); got {x.shape}")
+        x = x.astype(wide_dtype(data_dtype(x)))  # the oracle computes in float32 or wider
         t = as_time(t, x.dtype)
         expand_like(t, x[..., 0])  # checks t's shape now, with a clear message
         return _posterior_terms(self, path, x, t)

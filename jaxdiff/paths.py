@@ -13,7 +13,17 @@ Every path is also a forward SDE ``dx = f(t) x dt + g(t) dw`` whose marginals ar
     path = GaussianPath(lambda t: jnp.cos(0.5 * jnp.pi * t), lambda t: jnp.sin(0.5 * jnp.pi * t))
 
 The constructors ``vp_path``, ``subvp_path``, ``ve_path``, ``linear_path`` and ``cosine_path`` return
-paths whose hyperparameters are pytree leaves (you can ``jit``, ``vmap`` and ``grad`` through them).
+paths whose hyperparameters are pytree leaves (you can ``jit``, ``vmap`` and ``grad`` through them);
+they check them once, when the path is built (a Python error, or under ``jit`` an ``error_if``).
+
+Precision policy: schedules and time arithmetic run in float32 or wider whatever the data's dtype
+-- ``t`` and the coefficients ``alpha_t``, ``sigma_t``, ... have dtype ``max(float32, dtype of t)``
+and never take ``x``'s -- and the state keeps the user's dtype: outputs shaped like ``x`` (samples,
+targets, conversions) are computed in ``max(float32, dtype of x)`` and returned in ``x``'s dtype
+(integers become the default float). So a bfloat16 batch at ``t = 1e-3`` gets the float32
+``sigma_t = 0.0105``, not bfloat16's 0. The built-in schedules compute ``sigma_t`` without
+cancellation (``-expm1(2 log alpha_t)`` for VP, a product of sines for cosine): relative error a
+few float32 ulps from ``t = 1e-7`` to ``1 - 1e-3`` (tests/test_precision.py).
 """
 
 from __future__ import annotations
@@ -28,13 +38,16 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
-    as_time,
     check_order,
     check_positive,
     check_time,
+    coef_time,
     concrete,
+    data_dtype,
     expand_like,
+    widen,
 )
+from jaxdiff._schedule_fns import Affine, CosineAlpha, Geometric, LinearBetaAlpha, OneMinusSquare
 
 Array = jax.Array
 ScalarFn = Callable[[Array], Array]
@@ -68,14 +81,39 @@ def _derivative(fn: ScalarFn, t: Array) -> tuple[Array, Array]:
     return jax.jvp(fn, (t,), (jnp.ones_like(t),))
 
 
+_ENDPOINT_ULPS = 8  # alpha_1, sigma_0 within 8 ulps below 0 are rounding (cos(f32(pi/2)) = -4.4e-8)
+
+
+def _endpoint_tol(dtype) -> float:
+    return _ENDPOINT_ULPS * float(jnp.finfo(dtype).eps)
+
+
+def _clamp_rounding(value: Array) -> Array:
+    """Set values in ``[-tol, 0)`` to 0 (``tol`` = 8 ulps of 1); derivatives pass through."""
+    if not jnp.issubdtype(value.dtype, jnp.inexact):
+        return value
+    tiny = (value < 0) & (value >= -_endpoint_tol(value.dtype))
+    return value - jax.lax.stop_gradient(jnp.where(tiny, value, jnp.zeros_like(value)))
+
+
+def _scale(coef: Array, x: Array) -> Array:
+    """``coef`` (shaped like ``t``) padded to broadcast against ``x``, in ``x``'s dtype."""
+    return expand_like(coef, x).astype(x.dtype)
+
+
 class GaussianPath(eqx.Module):
     r"""The affine Gaussian path ``x_t = alpha(t) x0 + sigma(t) eps`` and its forward SDE.
 
     ``alpha_fn`` and ``sigma_fn`` map an array of times to an array of the same shape. Leave
     ``sigma_fn`` as ``None`` for a variance-preserving path, ``sigma = sqrt(1 - alpha^2)``; its
     ``g^2 = -2 d log(alpha)/dt`` is then computed without the ``0 * inf`` of ``sigma'`` at ``t = 0``.
+    Near ``t = 0``, where ``alpha`` rounds to 1, ``1 - alpha^2`` cancels: an ``alpha_fn`` with a
+    method ``one_minus_square(t)`` returning ``1 - alpha_t^2`` computed without cancellation (the
+    built-in VP and cosine schedules have one) gives ``sigma`` to a few ulps there.
 
-    Methods take ``t`` as a scalar or with a shape that broadcasts to a prefix of ``x``'s shape.
+    Methods take ``t`` as a scalar or with a shape that broadcasts to a prefix of ``x``'s shape, and
+    follow the module's precision policy. ``alpha_1`` and ``sigma_0`` that round to within 8 ulps
+    below 0 (a float32 ``cos(pi/2)``) are read as 0.
 
     >>> import jax.numpy as jnp
     >>> path = GaussianPath(lambda t: 1 - t, lambda t: t)  # the linear (rectified-flow) path
@@ -92,31 +130,34 @@ class GaussianPath(eqx.Module):
     # --- schedule -------------------------------------------------------------------------
     def alpha(self, t: ArrayLike) -> Array:
         """Signal scale ``alpha_t``."""
-        t = as_time(t)
-        return _call(self.alpha_fn, t, "alpha_fn")
+        t = coef_time(t)
+        return _clamp_rounding(_call(self.alpha_fn, t, "alpha_fn"))
 
     def sigma_sq(self, t: ArrayLike) -> Array:
         """Noise variance ``sigma_t^2``."""
-        t = as_time(t)
+        t = coef_time(t)
         if self.sigma_fn is None:
+            complement = getattr(self.alpha_fn, "one_minus_square", None)
+            if complement is not None:
+                return _call(complement, t, "alpha_fn.one_minus_square")
             a = self.alpha(t)
             return (1.0 - a) * (1.0 + a)
-        return jnp.square(_call(self.sigma_fn, t, "sigma_fn"))
+        return jnp.square(self.sigma(t))
 
     def sigma(self, t: ArrayLike) -> Array:
         """Noise scale ``sigma_t``."""
-        t = as_time(t)
+        t = coef_time(t)
         if self.sigma_fn is None:
             return jnp.sqrt(jnp.maximum(self.sigma_sq(t), 0.0))
-        return _call(self.sigma_fn, t, "sigma_fn")
+        return _clamp_rounding(_call(self.sigma_fn, t, "sigma_fn"))
 
     def d_alpha(self, t: ArrayLike) -> Array:
         """``d alpha / dt`` by ``jax.jvp``."""
-        return _derivative(self.alpha, as_time(t))[1]
+        return _derivative(self.alpha, coef_time(t))[1]
 
     def d_sigma(self, t: ArrayLike) -> Array:
         """``d sigma / dt`` by ``jax.jvp`` (for a VP path, ``-alpha alpha' / sigma``)."""
-        t = as_time(t)
+        t = coef_time(t)
         if self.sigma_fn is None:
             a, da = _derivative(self.alpha, t)
             return -a * da / self.sigma(t)
@@ -124,7 +165,7 @@ class GaussianPath(eqx.Module):
 
     def log_snr(self, t: ArrayLike) -> Array:
         """``lambda_t = log(alpha_t^2 / sigma_t^2)``, decreasing in ``t``."""
-        t = as_time(t)
+        t = coef_time(t)
         return 2.0 * jnp.log(self.alpha(t)) - jnp.log(self.sigma_sq(t))
 
     def t_from_log_snr(self, log_snr: ArrayLike, *, iters: int = 60) -> Array:
@@ -144,8 +185,9 @@ class GaussianPath(eqx.Module):
     # --- conditional path -----------------------------------------------------------------
     def marginal(self, x0, t) -> tuple[Array, Array]:
         """Mean ``alpha_t x0`` and std ``sigma_t`` of ``p_t(x | x0)`` (std shaped like ``t``)."""
-        t = as_time(t)
-        return expand_like(self.alpha(t), x0) * x0, self.sigma(t)
+        t = coef_time(t)
+        out, x0 = widen(x0)
+        return (_scale(self.alpha(t), x0) * x0).astype(out), self.sigma(t)
 
     def sample(self, key, x0, t) -> tuple[Array, Array]:
         """Draw ``x_t = alpha_t x0 + sigma_t eps``; returns ``(x_t, eps)``.
@@ -156,40 +198,42 @@ class GaussianPath(eqx.Module):
         True
         """
         t = check_time(t)
-        eps = jax.random.normal(key, jnp.shape(x0), dtype=jnp.result_type(x0, float))
+        eps = jax.random.normal(key, jnp.shape(x0), dtype=data_dtype(x0))
         return self.interpolate(x0, eps, t), eps
 
     def interpolate(self, x0: ArrayLike, eps: ArrayLike, t: ArrayLike) -> Array:
-        """``alpha_t x0 + sigma_t eps``."""
-        t = as_time(t)
-        return expand_like(self.alpha(t), x0) * x0 + expand_like(self.sigma(t), eps) * eps
+        """``alpha_t x0 + sigma_t eps`` (in the promoted dtype of ``x0`` and ``eps``)."""
+        t = coef_time(t)
+        out, x0, eps = widen(x0, eps, out=data_dtype(jnp.result_type(x0, eps)))
+        return (_scale(self.alpha(t), x0) * x0 + _scale(self.sigma(t), eps) * eps).astype(out)
 
     def conditional_velocity(self, x: ArrayLike, x0: ArrayLike, t: ArrayLike) -> Array:
         """``u_t(x | x0) = alpha_t' x0 + sigma_t' (x - alpha_t x0) / sigma_t`` (Lipman et al. 2023).
 
         It points from data towards noise (``t`` increasing); with ``t = 0`` as noise it is ``-u``.
         """
-        t = as_time(t)
-        a, s = expand_like(self.alpha(t), x), expand_like(self.sigma(t), x)
-        da, ds = expand_like(self.d_alpha(t), x), expand_like(self.d_sigma(t), x)
-        return da * x0 + ds * (x - a * x0) / s
+        t = coef_time(t)
+        out, x, x0 = widen(x, x0)
+        a, s = _scale(self.alpha(t), x), _scale(self.sigma(t), x)
+        da, ds = _scale(self.d_alpha(t), x), _scale(self.d_sigma(t), x)
+        return (da * x0 + ds * (x - a * x0) / s).astype(out)
 
     def conditional_score(self, x: ArrayLike, x0: ArrayLike, t: ArrayLike) -> Array:
         """``grad_x log p_t(x | x0) = -(x - alpha_t x0) / sigma_t^2``."""
-        t = as_time(t)
-        a, var = expand_like(self.alpha(t), x), expand_like(self.sigma_sq(t), x)
-        return -(x - a * x0) / var
+        t = coef_time(t)
+        out, x, x0 = widen(x, x0)
+        return (-(x - _scale(self.alpha(t), x) * x0) / _scale(self.sigma_sq(t), x)).astype(out)
 
     # --- forward SDE ----------------------------------------------------------------------
     def drift_coef(self, t: ArrayLike) -> Array:
         """``f(t) = d log(alpha_t) / dt``: the forward SDE's drift is ``f(t) x``."""
-        t = as_time(t)
+        t = coef_time(t)
         a, da = _derivative(self.alpha, t)
         return da / a
 
     def diffusion_sq(self, t: ArrayLike) -> Array:
         """``g(t)^2 = d(sigma_t^2)/dt - 2 f(t) sigma_t^2``."""
-        t = as_time(t)
+        t = coef_time(t)
         f = self.drift_coef(t)
         if self.sigma_fn is None:  # d(1 - alpha^2)/dt - 2 f (1 - alpha^2) = -2 f
             return -2.0 * f
@@ -202,7 +246,8 @@ class GaussianPath(eqx.Module):
 
     def drift(self, x: ArrayLike, t: ArrayLike) -> Array:
         """Forward drift ``f(t) x``."""
-        return expand_like(self.drift_coef(t), x) * x
+        out, x = widen(x)
+        return (_scale(self.drift_coef(t), x) * x).astype(out)
 
     def transition(self, x_s: ArrayLike, s: ArrayLike, t: ArrayLike) -> tuple[Array, Array]:
         """Mean and std of the SDE's kernel ``p(x_t | x_s)`` for ``s <= t``.
@@ -211,110 +256,83 @@ class GaussianPath(eqx.Module):
         From ``s = 0`` it is the path itself when ``sigma_0 = 0`` (VP, sub-VP, linear, cosine);
         for VE, whose ``sigma_0 = sigma_min > 0``, the variance is ``sigma_t^2 - sigma_min^2``.
         """
-        s, t = as_time(s), as_time(t)
+        s, t = coef_time(s), coef_time(t)
+        out, x_s = widen(x_s)
         ratio = self.alpha(t) / self.alpha(s)
         var = self.sigma_sq(t) - ratio**2 * self.sigma_sq(s)
-        return expand_like(ratio, x_s) * x_s, jnp.sqrt(jnp.maximum(var, 0.0))
+        return (_scale(ratio, x_s) * x_s).astype(out), jnp.sqrt(jnp.maximum(var, 0.0))
 
     def prior_sample(self, key: Array, shape: tuple[int, ...], dtype=None) -> Array:
-        """Sample the prior ``N(0, sigma_1^2 I)`` at ``t = 1``."""
+        """Sample the prior ``N(0, sigma_1^2 I)`` at ``t = 1``, in ``dtype`` (default float)."""
         dtype = dtype or jnp.result_type(float)
-        return self.sigma(jnp.ones((), dtype)) * jax.random.normal(key, shape, dtype)
+        _, noise = widen(jax.random.normal(key, shape, dtype))
+        return (self.sigma(jnp.ones(())).astype(noise.dtype) * noise).astype(dtype)
 
     def prior_logp(self, x: ArrayLike, event_ndim: int = 1) -> Array:
-        """Log-density of ``N(0, sigma_1^2 I)``, summed over the last ``event_ndim`` axes."""
-        x = jnp.asarray(x)
-        var = self.sigma_sq(jnp.ones((), x.dtype))
+        """Log-density of ``N(0, sigma_1^2 I)``, summed over the last ``event_ndim`` axes.
+
+        A reduction, so it accumulates and returns in ``max(float32, dtype of x)``."""
+        _, x = widen(x)
+        var = self.sigma_sq(jnp.ones((), x.dtype)).astype(x.dtype)
         axes = tuple(range(x.ndim - event_ndim, x.ndim))
         d = math.prod(x.shape[x.ndim - event_ndim :])
         return -0.5 * jnp.sum(x**2, axis=axes) / var - 0.5 * d * jnp.log(2 * jnp.pi * var)
 
 
 def _validate_path(path: GaussianPath) -> None:
-    """Check a path on a grid of concrete times: finite, ``alpha > 0`` before 1, ``sigma > 0`` after 0."""
-    t = np.linspace(0.0, 1.0, 33)
+    """Check a path on a grid of concrete times: finite, ``alpha > 0`` before 1, ``sigma > 0`` after 0.
+
+    ``alpha_1`` and ``sigma_0`` may round to within 8 ulps below 0 (read as 0 by the methods)."""
+    t = coef_time(np.linspace(0.0, 1.0, 33))
     try:
-        a = concrete(path.alpha(t))
-        s = concrete(path.sigma(t))
+        a = concrete(_call(path.alpha_fn, t, "alpha_fn"))
+        raw_s = path.sigma(t) if path.sigma_fn is None else _call(path.sigma_fn, t, "sigma_fn")
+        s = concrete(raw_s)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError):
         return
     if a is None or s is None:
         return
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(s))):
         raise ValueError("the path's alpha(t) and sigma(t) must be finite on [0, 1]")
-    if np.any(a[:-1] <= 0) or a[-1] < 0:
-        raise ValueError(f"alpha(t) must be > 0 on [0, 1) and >= 0 at 1; got min {a.min()}")
-    if np.any(s[1:] <= 0) or s[0] < 0:
-        raise ValueError(f"sigma(t) must be > 0 on (0, 1] and >= 0 at 0; got min {s.min()}")
+    tol_a, tol_s = _tolerance(a), _tolerance(s)
+    if np.any(a[:-1] <= 0) or a[-1] < -tol_a:
+        raise ValueError(
+            f"alpha(t) must be > 0 on [0, 1) and >= 0 at 1 (to within {tol_a:.1e}, "
+            f"{_ENDPOINT_ULPS} ulps); got min {a.min()}"
+        )
+    if np.any(s[1:] <= 0) or s[0] < -tol_s:
+        raise ValueError(
+            f"sigma(t) must be > 0 on (0, 1] and >= 0 at 0 (to within {tol_s:.1e}, "
+            f"{_ENDPOINT_ULPS} ulps); got min {s.min()}"
+        )
 
 
-# --- built-in schedules: small pytrees so hyperparameters are leaves ------------------------
+def _tolerance(values: np.ndarray) -> float:
+    return _endpoint_tol(values.dtype) if np.issubdtype(values.dtype, np.inexact) else 0.0
 
 
-class _LinearBetaAlpha(eqx.Module):
-    """``alpha_t = exp(-t beta_min / 2 - t^2 (beta_max - beta_min) / 4)``: ``beta(t)`` linear."""
-
-    beta_min: ArrayLike
-    beta_max: ArrayLike
-
-    def __call__(self, t: ArrayLike):
-        return jnp.exp(-0.5 * t * self.beta_min - 0.25 * t**2 * (self.beta_max - self.beta_min))
+# --- built-in schedules (their functions are in _schedule_fns; hyperparameters are leaves) ----
+# Each constructor checks its hyperparameters once: a ValueError when they are concrete, else an
+# error_if tied to the leaves it stores, so the check fires under jit and cannot be dropped.
 
 
-class _OneMinusSquare(eqx.Module):
-    """``1 - alpha_t^2``: sub-VP's std (Song et al. 2021, eq. 34)."""
-
-    alpha: _LinearBetaAlpha
-
-    def __call__(self, t: ArrayLike):
-        a = self.alpha(t)
-        return (1.0 - a) * (1.0 + a)
-
-
-class _Affine(eqx.Module):
-    """``start + slope * t``."""
-
-    start: ArrayLike
-    slope: ArrayLike
-
-    def __call__(self, t: ArrayLike):
-        return self.start + self.slope * t
-
-
-class _Geometric(eqx.Module):
-    """``sigma_min (sigma_max / sigma_min)^t``."""
-
-    sigma_min: ArrayLike
-    sigma_max: ArrayLike
-
-    def __call__(self, t: ArrayLike):
-        return self.sigma_min * jnp.exp(t * jnp.log(self.sigma_max / self.sigma_min))
-
-
-class _CosineAlpha(eqx.Module):
-    """``alpha_t = cos(pi/2 (t + s)/(1 + s)) / cos(pi/2 s/(1 + s))`` (Nichol & Dhariwal 2021)."""
-
-    s: ArrayLike
-
-    def __call__(self, t: ArrayLike):
-        f = jnp.cos(0.5 * jnp.pi * (t + self.s) / (1.0 + self.s))
-        return jnp.maximum(f / jnp.cos(0.5 * jnp.pi * self.s / (1.0 + self.s)), 0.0)
+def _check_betas(beta_min: ArrayLike, beta_max: ArrayLike):
+    beta_min = check_positive(beta_min, "beta_min", strict=False)
+    return check_order(beta_min, beta_max, "beta_min", "beta_max", strict=False)
 
 
 def vp_path(beta_min: ArrayLike = 0.1, beta_max: ArrayLike = 20.0) -> GaussianPath:
     """Variance-preserving path of the VP SDE / DDPM (Ho et al. 2020; Song et al. 2021).
 
     ``dx = -beta(t)/2 x dt + sqrt(beta(t)) dw`` with ``beta(t) = beta_min + t (beta_max - beta_min)``;
-    ``alpha_t = exp(-int_0^t beta / 2)``, ``sigma_t = sqrt(1 - alpha_t^2)``. DDPM's 1000 linear betas
-    from 1e-4 to 0.02 are this path with the defaults, ``beta_i ~ beta(i / 1000) / 1000``.
+    ``alpha_t = exp(-int_0^t beta / 2)``, ``sigma_t = sqrt(-expm1(2 log alpha_t))``. DDPM's 1000
+    linear betas from 1e-4 to 0.02 are this path with the defaults, ``beta_i ~ beta(i / 1000) / 1000``.
 
     >>> path = vp_path()
     >>> float(path.diffusion_sq(0.5))  # beta(0.5)
     10.05...
     """
-    check_positive(beta_min, "beta_min", strict=False)
-    check_order(beta_min, beta_max, "beta_min", "beta_max", strict=False)
-    return GaussianPath(_LinearBetaAlpha(beta_min, beta_max))
+    return GaussianPath(LinearBetaAlpha(*_check_betas(beta_min, beta_max)))
 
 
 def subvp_path(beta_min: ArrayLike = 0.1, beta_max: ArrayLike = 20.0) -> GaussianPath:
@@ -322,10 +340,8 @@ def subvp_path(beta_min: ArrayLike = 0.1, beta_max: ArrayLike = 20.0) -> Gaussia
 
     Its SDE is ``dx = -beta/2 x dt + sqrt(beta (1 - alpha_t^4)) dw``, with variance below VP's.
     """
-    check_positive(beta_min, "beta_min", strict=False)
-    check_order(beta_min, beta_max, "beta_min", "beta_max", strict=False)
-    alpha = _LinearBetaAlpha(beta_min, beta_max)
-    return GaussianPath(alpha, _OneMinusSquare(alpha))
+    alpha = LinearBetaAlpha(*_check_betas(beta_min, beta_max))
+    return GaussianPath(alpha, OneMinusSquare(alpha))
 
 
 def ve_path(sigma_min: ArrayLike = 0.01, sigma_max: ArrayLike = 50.0) -> GaussianPath:
@@ -334,9 +350,9 @@ def ve_path(sigma_min: ArrayLike = 0.01, sigma_max: ArrayLike = 50.0) -> Gaussia
     ``alpha_t = 1``, ``sigma_t = sigma_min (sigma_max / sigma_min)^t``; the SDE is
     ``dx = sigma_t sqrt(2 log(sigma_max / sigma_min)) dw``. Note ``sigma_0 = sigma_min > 0``.
     """
-    check_positive(sigma_min, "sigma_min")
-    check_order(sigma_min, sigma_max, "sigma_min", "sigma_max")
-    return GaussianPath(_Affine(1.0, 0.0), _Geometric(sigma_min, sigma_max))
+    sigma_min = check_positive(sigma_min, "sigma_min")
+    sigma_min, sigma_max = check_order(sigma_min, sigma_max, "sigma_min", "sigma_max")
+    return GaussianPath(Affine(1.0, 0.0), Geometric(sigma_min, sigma_max))
 
 
 def linear_path(sigma_min: ArrayLike = 0.0) -> GaussianPath:
@@ -345,15 +361,16 @@ def linear_path(sigma_min: ArrayLike = 0.0) -> GaussianPath:
     Lipman et al. (2023)'s conditional-OT path with ``s = sigma_min``, and Liu et al. (2023)'s
     rectified flow with ``s = 0``. Their time ``tau`` is ``1 - t`` here, their velocity ``-u``.
     """
-    check_positive(sigma_min, "sigma_min", strict=False)
-    check_order(sigma_min, 1.0, "sigma_min", "1")
-    return GaussianPath(_Affine(1.0, -1.0), _Affine(sigma_min, 1.0 - sigma_min))
+    sigma_min = check_positive(sigma_min, "sigma_min", strict=False)
+    sigma_min, _ = check_order(sigma_min, 1.0, "sigma_min", "1")
+    return GaussianPath(Affine(1.0, -1.0), Affine(sigma_min, 1.0 - sigma_min))
 
 
 def cosine_path(s: ArrayLike = 0.008) -> GaussianPath:
     """Cosine VP path (Nichol & Dhariwal 2021): ``alpha_t = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s))``.
 
-    With ``s = 0`` it is the trigonometric path ``alpha = cos(pi t / 2)``, ``sigma = sin(pi t / 2)``.
+    Computed as ``sin(pi/2 (1-t)/(1+s)) / cos(pi/2 s/(1+s))`` (exactly 0 at ``t = 1``) with
+    ``1 - alpha_t^2`` as a product of sines (exact near ``t = 0``). With ``s = 0`` it is the
+    trigonometric path ``alpha = cos(pi t / 2)``, ``sigma = sin(pi t / 2)``.
     """
-    check_positive(s, "s", strict=False)
-    return GaussianPath(_CosineAlpha(s))
+    return GaussianPath(CosineAlpha(check_positive(s, "s", strict=False)))
