@@ -8,7 +8,9 @@ A run folder holds ``ckpt/`` (checksummed Orbax checkpoints, see ``jaxdiff.check
 * :class:`RunLock` takes an exclusive advisory lock (``fcntl.flock``) on ``OUT/.jaxdiff.lock`` and
   writes the holder's PID, host and start time into it. A second process gets
   :class:`RunBusyError` naming the holder. The kernel releases the lock when its holder dies
-  (even by ``kill -9``), so the file a dead process left behind is simply taken over.
+  (even by ``kill -9``), so the file a dead process left behind is simply taken over. (Where
+  ``fcntl`` is missing, i.e. on Windows, the folder is not locked.)
+* :func:`resume_config`: what a resume takes from the checkpoint and what it may change.
 * :class:`History` is ``metrics.json``'s record of the training: the loss of every chunk with the
   step it ended at, the evaluations, and one entry per session (a run and each resume). A resume
   keeps everything up to the step it restarts from, so the history reads as one run.
@@ -16,7 +18,6 @@ A run folder holds ``ckpt/`` (checksummed Orbax checkpoints, see ``jaxdiff.check
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -26,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from jaxdiff import experiment as E
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the run folder is not locked there
+    fcntl = None
 
 LOCK = ".jaxdiff.lock"
 METRICS = "metrics.json"
@@ -65,7 +71,8 @@ class RunLock:
         except OSError as err:
             raise ValueError(f"cannot write in {self.file.parent}: {err.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 500, 0).decode(errors="replace").strip() or "pid unknown"
             os.close(fd)
@@ -82,7 +89,8 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)  # no holder; the empty file stays (removing it would race)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
 
