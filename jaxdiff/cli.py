@@ -5,13 +5,24 @@
     python -m jaxdiff train --out runs/cb --resume           # continue from the latest checkpoint
     python -m jaxdiff sample --ckpt runs/cb --solver heun --steps 20 --n 10000
 
-Errors (unknown options, bad values, missing checkpoints) print one line and exit with status 2.
+Errors (unknown options, bad values, missing or damaged checkpoints, a run folder in use or
+holding another run, unwritable folders, non-finite samples) print one line and exit with status 2;
+warnings (a damaged checkpoint skipped) print one line each.
+
+``train --resume`` continues the run saved in ``--out``: its data, path, loss, model, batch,
+optimizer, EMA and seed come from the checkpoint (repeating them is fine; changing them is an
+error), while ``--steps`` (a new total: the learning-rate schedule is stretched to it),
+``--chunk``, ``--eval-every``, ``--ckpt-every``, ``--eval-n``, ``--until`` and ``--no-progress``
+apply. ``demo`` continues an interrupted demo in ``--out``, reports a finished one, and refuses
+a folder holding any other run.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +44,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _seed(text: str) -> int:
+    from jaxdiff.experiment import check_seed
+
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in [0, 2**32), got {text!r}"
+        ) from None
 
 
 def _parser() -> _Parser:
@@ -64,7 +86,7 @@ def _parser() -> _Parser:
     train.add_argument("--batch", type=_positive_int)
     train.add_argument("--lr", type=float)
     train.add_argument("--ema", type=float, help="EMA decay (default 0.999)")
-    train.add_argument("--seed", type=int)
+    train.add_argument("--seed", type=_seed)
     train.add_argument("--chunk", type=_positive_int, help="steps per jitted chunk")
     train.add_argument("--eval-every", type=int, dest="eval_every")
     train.add_argument("--ckpt-every", type=int, dest="ckpt_every")
@@ -80,7 +102,7 @@ def _parser() -> _Parser:
     smp.add_argument("--steps", type=_positive_int, default=20)
     smp.add_argument("--n", type=_positive_int, default=10_000)
     smp.add_argument("--eta", type=float, default=0.0, help="0: ODE, 1: reverse SDE")
-    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--seed", type=_seed, default=0)
     smp.add_argument("--class", type=int, dest="label", help="class of conditional samples")
     smp.add_argument("--guidance", type=float, default=1.0, help="classifier-free scale")
     smp.add_argument("--no-ema", action="store_true", help="use the raw params, not the EMA")
@@ -120,22 +142,51 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line_warnings(show):
+    """``warnings.showwarning`` printing jaxdiff's own warnings in one line, others as ``show``."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("jaxdiff"):
+            print(f"jaxdiff: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0, or 2 after a one-line error on stderr)."""
-    try:
-        args = _parser().parse_args(argv)
-        return _run(args)
-    except _UsageError as err:
-        print(err, file=sys.stderr)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"jaxdiff: error: {err}", file=sys.stderr)
-    except FloatingPointError as err:
-        print(f"jaxdiff: training diverged: {err} (lower --lr?)", file=sys.stderr)
-    except KeyboardInterrupt:
-        print(
-            "jaxdiff: interrupted; resume with --resume from the last checkpoint", file=sys.stderr
-        )
-        return 130
+    from jaxdiff.rundir import RunBusyError
+
+    args = None
+    absl = logging.getLogger("absl")  # Orbax's notes on damaged steps: our warning says it once
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
+        try:
+            args = _parser().parse_args(argv)
+            return _run(args)
+        except _UsageError as err:
+            print(err, file=sys.stderr)
+        except (ValueError, FileNotFoundError, ImportError, RunBusyError) as err:
+            print(f"jaxdiff: error: {err}", file=sys.stderr)
+        except FloatingPointError as err:
+            if args is not None and args.command == "sample":
+                print(f"jaxdiff: error: {err}", file=sys.stderr)
+            else:
+                print(f"jaxdiff: training diverged: {err} (lower --lr?)", file=sys.stderr)
+        except OSError as err:  # a full disk, a folder made read-only during the run, ...
+            where = f": {err.filename}" if err.filename else ""
+            print(f"jaxdiff: error: {err.strerror or err}{where}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(
+                "jaxdiff: interrupted; resume with --resume from the last checkpoint",
+                file=sys.stderr,
+            )
+            return 130
+        finally:
+            absl.setLevel(level)
     return 2
 
 

@@ -9,7 +9,6 @@ A config is a plain dict (``DEFAULTS`` overridden by the user) saved with every 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -109,7 +108,18 @@ def resolve(config: dict) -> dict:
         )
     if any(int(ch) < 1 for ch in c["channels"]):
         raise ValueError(f"channels must be positive; got {c['channels']}")
+    check_seed(c["seed"])
     return c
+
+
+SEED_LIMIT = 2**32  # jax.random.key keeps 32 bits of a seed without x64: 2**32 would repeat 0
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` if it is an integer in ``[0, 2**32)``, else ``ValueError``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**32); got {seed!r}")
+    return seed
 
 
 def _choice(c: dict, name: str, options: tuple) -> None:
@@ -259,8 +269,10 @@ def save_plot(samples, reference, file: Path, title: str) -> None:
 
 
 def write_json(file: Path, data: dict) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(data, indent=2) + "\n")
+    """Write ``data`` to ``file`` atomically (a reader never sees half a file)."""
+    from jaxdiff.rundir import write_json as atomic
+
+    atomic(file, data)
 
 
 def now() -> float:

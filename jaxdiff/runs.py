@@ -1,13 +1,16 @@
 """``train_run``, ``sample_run`` and ``demo_run``: what ``python -m jaxdiff`` does, as functions.
 
 ``train_run(config, out)`` writes ``out/ckpt/<step>/`` (Orbax: params, optimizer state, EMA, step,
-key, and the config), ``out/metrics.json`` (loss history, evaluations, steps/s) and
-``out/samples.png``. ``sample_run(ckpt_dir, ...)`` rebuilds the model from the saved config and
-writes ``samples.npz``, ``metrics.json`` and ``samples.png``.
+key, and the config; checksummed), ``out/metrics.json`` (loss history, evaluations, steps/s) and
+``out/samples.png`` (``train_run`` and ``demo_run`` live in ``jaxdiff.run_train``).
+``sample_run(ckpt_dir, ...)`` rebuilds the model from the newest intact checkpoint and writes
+``samples.npz``, ``metrics.json`` and ``samples.png``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import experiment as E
+from jaxdiff import rundir as R
 from jaxdiff import samplers
 from jaxdiff.field import Field
 from jaxdiff.guidance import classifier_free_guidance
@@ -84,11 +88,37 @@ def make_sampler(
             lab = labels[start : start + batch]
             m = lab.shape[0]
             lab = np.pad(lab, (0, batch - m), mode="edge") if m < batch else lab
-            x = draw(params, jax.random.fold_in(key, i), jnp.asarray(lab, jnp.int32))
-            out.append(np.asarray(x[:m]))
+            try:
+                with _quiet_callback_errors():
+                    x = draw(params, jax.random.fold_in(key, i), jnp.asarray(lab, jnp.int32))
+                    x = np.asarray(x)
+                finite = bool(np.isfinite(x).all())
+            except jax.errors.JaxRuntimeError as err:  # the sampler's own finite check
+                if "non-finite" not in str(err):
+                    raise
+                finite = False
+            if not finite:
+                raise FloatingPointError(
+                    f"the samples came out non-finite (NaN or inf) with solver {solver}, "
+                    f"{steps} steps, eta {eta:g}: lower eta or take more steps"
+                )
+            out.append(x[:m])
         return np.concatenate(out), labels
 
     return run
+
+
+@contextlib.contextmanager
+def _quiet_callback_errors():
+    """Silence JAX's log of a failing host callback: the sampler's finite check raises through
+    one, and its error is re-raised in one line (any other error propagates whole)."""
+    logger = logging.getLogger("jax._src.callback")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _measure(c, setup, x, labels, n) -> tuple[dict, np.ndarray]:
@@ -111,107 +141,6 @@ def evaluate(c, setup, draw, params, key, n, *, log=print, plot: Path | None = N
     if plot is not None:
         E.save_plot(x, reference, plot, f"{c['data']}, {c['path']} path, {c['target']} target")
     return {"metrics": metrics, "samples": x, "labels": labels}
-
-
-def train_run(
-    config: dict,
-    out: str | Path,
-    *,
-    resume: bool = False,
-    until: int | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Train per ``config`` into ``out``; ``resume`` continues from the latest checkpoint (with the
-    saved config); ``until`` stops at that step (resume later). Returns the summary dict."""
-    from jaxdiff.checkpoint import Checkpointer
-    from jaxdiff.train import data_mesh, make_train_chunk, make_train_step, replicate, train
-
-    out = Path(out)
-    c = E.resolve(config)
-    ckpt_dir = out / "ckpt"
-    if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-        if not resume:
-            raise ValueError(
-                f"{ckpt_dir} already holds checkpoints; pass --resume to continue or use another --out"
-            )
-    elif resume:
-        raise FileNotFoundError(f"no checkpoint to resume from in {ckpt_dir}")
-    ckpt = Checkpointer(ckpt_dir, max_to_keep=2)
-    try:
-        if resume:
-            c = E.resolve(ckpt.meta()["config"])
-        setup = E.build(c)
-        state, opt = E.init_state(c, setup)
-        if resume:
-            state, _ = ckpt.restore(state)
-            log(f"resumed from step {int(state.step)} in {ckpt_dir}")
-        mesh = data_mesh()
-        state = replicate(state, mesh)
-        step_fn = make_train_step(setup.loss, opt, ema_decay=c["ema"])
-
-        def make_chunk(k):
-            return make_train_chunk(step_fn, setup.sample_batch, k, mesh=mesh)
-
-        total = int(c["steps"])
-        until = total if until is None else min(int(until), total)
-        periods = [int(c[k]) for k in ("ckpt_every", "eval_every") if int(c[k]) > 0]
-        every = math.gcd(*periods) if periods else None
-        meta = {"config": c}
-        evals: list[dict] = []
-        n_eval = int(c["eval_n"])
-        draw = make_sampler(c, setup, steps=int(c["eval_steps"]), batch=min(n_eval or 1, 2000))
-
-        def on_every(s):
-            step = int(s.step)
-            if c["ckpt_every"] and (step % c["ckpt_every"] == 0 or step == until):
-                ckpt.save(s, meta)
-            if c["eval_every"] and n_eval and step % c["eval_every"] == 0 and step < total:
-                key = jax.random.key(int(c["seed"]) + 1)
-                res = evaluate(c, setup, draw, s.ema, key, n_eval, log=log)
-                evals.append({"step": step, **res["metrics"]})
-
-        log(
-            f"training {c['model']} on {c['data']}: {c['path']} path, {c['loss']} loss, "
-            f"{c['target']} target, {total} steps of batch {c['batch']} on {mesh.size} device(s)"
-        )
-        start, first = E.now(), int(state.step)
-        state, history = train(
-            state,
-            make_chunk,
-            until,
-            chunk_size=int(c["chunk"]),
-            every=every,
-            on_every=on_every,
-            progress=progress,
-        )
-        seconds = E.now() - start
-        ckpt.wait()
-        if int(state.step) not in ckpt.steps():
-            ckpt.save(state, meta)
-        ckpt.wait()
-    finally:
-        ckpt.close()
-    steps_done = int(state.step) - first
-    summary = {
-        "config": c,
-        "step": int(state.step),
-        "train_seconds": seconds,
-        "steps_per_second": steps_done / seconds if seconds > 0 else None,
-        "loss_history": history,
-        "evaluations": evals,
-    }
-    log(
-        f"step {int(state.step)}: loss {history[-1] if history else float('nan'):.4f}, "
-        f"{summary['steps_per_second'] or 0:.0f} steps/s, checkpoint in {ckpt_dir}"
-    )
-    if int(state.step) == total and n_eval:
-        key = jax.random.key(int(c["seed"]) + 1)
-        res = evaluate(c, setup, draw, state.ema, key, n_eval, plot=out / "samples.png", log=log)
-        summary["final"] = res["metrics"]
-    E.write_json(out / "metrics.json", summary)
-    summary["state"] = state
-    return summary
 
 
 def load_checkpoint(ckpt_dir: str | Path):
@@ -250,13 +179,15 @@ def sample_run(
     """Sample ``n`` points from a checkpoint; write ``samples.npz``, ``metrics.json``, ``samples.png``."""
     if n < 2:
         raise ValueError(f"n must be at least 2; got {n}")
+    E.check_seed(seed)
     c, setup, state = load_checkpoint(ckpt_dir)
     if label is not None and not setup.num_classes:
         raise ValueError("--class needs a class-conditional model (trained with --conditional)")
     if label is not None and not 0 <= label < (setup.num_classes or 0):
         raise ValueError(f"class must lie in [0, {setup.num_classes}); got {label}")
     labels = None if label is None else np.full((n,), label)
-    out = Path(out) if out is not None else Path(ckpt_dir) / "samples"
+    run = Path(ckpt_dir).parent if R.has_steps(Path(ckpt_dir)) else Path(ckpt_dir)
+    out = R.prepare(out if out is not None else run / "samples")
     params = state.ema if ema else state.params
     log(f"sampling {n} from step {int(state.step)}: {solver}, {steps} steps, eta {eta}")
     draw = make_sampler(
@@ -267,7 +198,6 @@ def sample_run(
     seconds = E.now() - start
     metrics, reference = _measure(c, setup, x, used, n)
     metrics.update(sample_seconds=seconds, solver=solver, steps=steps, eta=eta, guidance=guidance)
-    out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "samples.npz", samples=x, labels=used)
     E.write_json(out / "metrics.json", metrics)
     E.save_plot(x, reference, out / "samples.png", f"{c['data']}: {solver}, {steps} steps")
@@ -276,42 +206,9 @@ def sample_run(
     return {"metrics": metrics, "samples": x, "labels": used}
 
 
-DEMO_CONFIG = {
-    "data": "checkerboard",
-    "path": "fm",
-    "depth": 4,  # depth sharpens the squares' edges more than width, at less cost
-    "lr": 3e-3,
-    "steps": 8000,
-    "ckpt_every": 2000,
-    "eval_n": 5000,
-}
+def __getattr__(name: str):
+    if name in ("train_run", "demo_run", "DEMO_CONFIG"):  # jaxdiff.run_train imports this module
+        from jaxdiff import run_train
 
-
-def demo_run(
-    out: str | Path = "out/demo", *, steps: int | None = None, progress: bool = True
-) -> int:
-    """The README's main job: flow matching on the checkerboard, then samples, metrics and a plot.
-
-    Trains ``DEMO_CONFIG`` from scratch in ``out`` (replacing an earlier demo there), samples 5,000
-    points with Heun's method (20 steps) from the EMA parameters, and compares them with held-out
-    data; the same statistics between two independent true sets show the noise floor.
-    """
-    import shutil
-
-    out = Path(out)
-    if (out / "ckpt").exists():
-        shutil.rmtree(out / "ckpt")
-    config = dict(DEMO_CONFIG, **({"steps": steps} if steps else {}))
-    start = E.now()
-    summary = train_run(config, out, progress=progress)
-    m = summary["final"]
-    print(
-        f"energy distance to held-out data {m['energy_distance']:.5f} "
-        f"(two true sets: {m['energy_distance_true_vs_true']:.5f}); "
-        f"MMD {m['mmd']:.5f} (two true sets: {m['mmd_true_vs_true']:.5f})"
-    )
-    print(
-        f"plot: {out / 'samples.png'}, metrics: {out / 'metrics.json'}; "
-        f"total {E.now() - start:.0f} s"
-    )
-    return 0
+        return getattr(run_train, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

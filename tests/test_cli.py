@@ -1,6 +1,7 @@
 """The command line: acceptance runs on 2-D data (train, then sample) and every error path."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -75,10 +76,12 @@ def _error(argv, capsys) -> str:
         (["sample", "--ckpt", "/nonexistent/run"], "does not exist"),
         (["sample", "--ckpt", "/tmp", "--solver", "rk99"], "invalid choice: 'rk99'"),
         (["sample", "--ckpt", "/tmp", "--n", "-5"], "expected a positive integer"),
+        (["train", "--out", "x", "--seed", str(2**64)], "expected an integer in [0, 2**32)"),
     ],
 )
 def test_cli_errors_are_one_line(argv, expected, capsys):
     assert expected in _error(argv, capsys)
+    assert not Path("x").exists()  # a refused run leaves no folder behind
 
 
 def test_cli_checkpoint_errors(tmp_path, capsys):
@@ -110,3 +113,21 @@ def test_demo_trains_samples_and_reports(tmp_path, capsys):
     assert np.isfinite(final["energy_distance"]) and np.isfinite(final["mmd"])
     assert (out / "samples.png").stat().st_size > 10_000
     assert any((out / "ckpt").iterdir())
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".jaxdiff.lock"}
+    # run again: the finished demo is reported as it stands, nothing retrained or rewritten
+    assert main(["demo", "--out", str(out), "--steps", "200", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "holds this demo, finished" in printed and f"{final['energy_distance']:.5f}" in printed
+    assert {p: p.read_bytes() for p in files} == files
+    # stopped during its final evaluation: the next run finishes it, without training again
+    del metrics["final"]
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["demo", "--out", str(out), "--steps", "200", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing to train" in printed and "energy distance to held-out data" in printed
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["final"]["energy_distance"] == final["energy_distance"]  # same keys, same bits
+    assert again["loss_history"] == metrics["loss_history"]
+    # a demo of another length is another run: refused, nothing touched
+    assert main(["demo", "--out", str(out), "--steps", "300", "--no-progress"]) == 2
+    assert "holds another run (steps 200" in capsys.readouterr().err
