@@ -14,6 +14,14 @@ data dimensions. Each constructor returns a pure ``loss(params, key, batch)`` th
 ``(x0, labels)``. Swapping VP for flow matching is one argument (``path``); after training,
 ``net.bind(params)`` is the field the samplers take.
 
+Sources and couplings: ``source`` (default ``N(0, I)``) draws ``x1`` for ``x_t = alpha_t x0 + sigma_t
+x1`` from any distribution (:mod:`jaxdiff.sources`); a batch may also carry its own source points
+as a dict ``{"x0": ..., "x1": ..., "labels": ...}`` (``x1`` and ``labels`` optional). ``coupling``
+reorders the pairs before ``t`` is drawn (:mod:`jaxdiff.couplings`: mini-batch exact or entropic
+OT, class-conditional). With a non-Gaussian source or a coupling other than the independent one,
+``eps`` means ``x1`` and the ``score`` target is refused (Tweedie's ``-E[eps | x_t] / sigma_t``
+needs Gaussian ``eps`` independent of ``x0``).
+
 Times: ``uniform_time`` (default), ``logit_normal_time`` (Esser et al. 2024) and
 ``importance_time``, which draws ``t`` with density ``∝ w(t)`` and reweights by ``1 / density``
 so the objective is unchanged and its variance lower (Song et al. 2021, "Maximum likelihood
@@ -32,8 +40,10 @@ import jax.numpy as jnp
 
 from jaxdiff._checks import check_order, check_positive
 from jaxdiff.conversions import Target, _check_target, convert, from_x0_eps
+from jaxdiff.couplings import is_independent
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath, linear_path
+from jaxdiff.sources import as_source, check_source_path, is_gaussian
 
 Array = jax.Array
 Weighting = Callable[[GaussianPath, Array], Array]
@@ -173,11 +183,70 @@ def importance_time(
 
 
 def _split_batch(batch: Any) -> tuple[Array, Array | None]:
+    if isinstance(batch, dict):
+        x0, _, labels = _unpack(batch)
+        return x0, labels
     if isinstance(batch, tuple | list):
         if len(batch) != 2:
             raise ValueError("a batch is x0 or a pair (x0, labels)")
         return jnp.asarray(batch[0]), jnp.asarray(batch[1])
     return jnp.asarray(batch), None
+
+
+def _unpack(batch: Any) -> tuple[Array, Array | None, Array | None]:
+    """``(x0, x1 or None, labels or None)`` of a batch: ``x0``, ``(x0, labels)`` or a dict."""
+    if not isinstance(batch, dict):
+        x0, labels = _split_batch(batch)
+        return x0, None, labels
+    unknown = set(batch) - {"x0", "x1", "labels"}
+    if "x0" not in batch or unknown:
+        raise ValueError(
+            f"a dict batch has keys 'x0' and optionally 'x1', 'labels'; got {sorted(batch)}"
+        )
+    get = lambda k: None if batch.get(k) is None else jnp.asarray(batch[k])  # noqa: E731
+    return jnp.asarray(batch["x0"]), get("x1"), get("labels")
+
+
+def check_gaussian_targets(
+    targets: tuple[str, ...], source: Any, coupling: Any, where: str
+) -> None:
+    """Refuse the score target unless ``x1`` is ``N(0, I)`` and independent of ``x0``."""
+    if "score" not in targets:
+        return
+    if not is_gaussian(source):
+        why = "a non-Gaussian source (or source points from the batch)"
+    elif not is_independent(coupling):
+        why = f"the coupling {type(coupling).__name__} (x1 then depends on x0)"
+    else:
+        return
+    raise ValueError(
+        f"{where}: the 'score' target needs x1 ~ N(0, I) independent of x0 (Tweedie's formula), "
+        f"not {why}; predict and regress 'velocity', 'x0', 'v' or 'eps' (then E[x1 | x_t]), and "
+        "sample with the ODE (eta = 0)"
+    )
+
+
+def draw_pairs(
+    key: Array, batch: Any, source: Any = None, coupling: Any = None
+) -> tuple[Array, Array, Array | None]:
+    """``(x0, x1, labels)`` of a batch: ``x1`` from the batch or ``source(key, x0.shape)`` (default
+    ``N(0, I)``), then reordered by ``coupling``. The building block of every loss here."""
+    x0, x1, labels = _unpack(batch)
+    src_key, c_key = jax.random.split(key)
+    if x1 is None:
+        src = as_source(source)
+        x1 = (
+            jax.random.normal(src_key, x0.shape, x0.dtype)
+            if src is None
+            else jnp.asarray(src(src_key, x0.shape)).astype(x0.dtype)
+        )
+    if x1.shape != x0.shape:
+        raise ValueError(f"source points have shape {x1.shape}; the data have shape {x0.shape}")
+    if coupling is not None:
+        out = coupling(c_key, x0, x1) if labels is None else coupling(c_key, x0, x1, labels)
+        x0, x1 = out[0], out[1]
+        labels = out[2] if labels is not None else None
+    return x0, x1, labels
 
 
 def per_example_loss(
@@ -211,6 +280,8 @@ def diffusion_loss(
     time_sampler: TimeSampler | None = None,
     label_dropout: float = 0.0,
     null_label: int | None = None,
+    source: Any = None,
+    coupling: Any = None,
 ) -> Callable[[Any, Array, Any], Array]:
     """The loss ``(params, key, batch) -> scalar`` of the network ``net`` on ``path``.
 
@@ -219,7 +290,8 @@ def diffusion_loss(
     is the space where the squared error is taken, ``weighting`` its ``w(t)``, ``time_sampler``
     draws ``t`` (default ``uniform_time()``). With labels in the batch, ``label_dropout`` replaces
     each by ``null_label`` with that probability, which trains the unconditional model of
-    classifier-free guidance.
+    classifier-free guidance. ``source`` draws ``x1`` (default ``N(0, I)``; a non-Gaussian one
+    needs a path with ``alpha_1 = 0``, ``sigma_1 = 1``) and ``coupling`` pairs it with ``x0``.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> loss = diffusion_loss(jd.Field(lambda p, x, t: p * x, "eps"), jd.vp_path())
@@ -235,13 +307,25 @@ def diffusion_loss(
         raise ValueError(f"label_dropout must lie in [0, 1]; got {label_dropout}")
     if label_dropout > 0 and null_label is None:
         raise ValueError("label_dropout > 0 needs the null_label of the model")
+    source = as_source(source)
+    check_gaussian_targets((target, regress), source, coupling, "diffusion_loss")
+    if not is_gaussian(source):
+        check_source_path(path)
+    plain = source is None and coupling is None
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
-        x0, labels = _split_batch(batch)
-        n = x0.shape[0]
         t_key, eps_key, drop_key = jax.random.split(key, 3)
+        given_x1 = isinstance(batch, dict) and batch.get("x1") is not None
+        if given_x1:  # source points from the batch: a non-Gaussian source
+            check_gaussian_targets((target, regress), batch["x1"], coupling, "diffusion_loss")
+            check_source_path(path)
+        if plain and not given_x1:
+            x0, labels = _split_batch(batch)  # today's draw, bit for bit
+            eps = jax.random.normal(eps_key, x0.shape, x0.dtype)
+        else:
+            x0, eps, labels = draw_pairs(eps_key, batch, source, coupling)
+        n = x0.shape[0]
         t = time_sampler(t_key, (n,)).astype(x0.dtype)
-        eps = jax.random.normal(eps_key, x0.shape, x0.dtype)
         x_t = path.interpolate(x0, eps, t)
         if labels is None:
             pred = net.apply(params, x_t, t)
