@@ -204,6 +204,7 @@ class SinkhornOT(eqx.Module):
     reg: float
     num_iters: int = eqx.field(static=True, default=200)
     class_conditional: bool = eqx.field(static=True, default=False)
+    relative: bool = eqx.field(static=True, default=False)
 
     def __call__(self, key: Array, x0: Array, x1: Array, labels: Any = None):
         _check_pair(x0, x1, labels)
@@ -211,25 +212,34 @@ class SinkhornOT(eqx.Module):
         cost = jax.lax.stop_gradient(squared_cost(x0, x1))
         if mask is not None:
             cost = jnp.where(mask, cost, jnp.inf)
-        log_plan = sinkhorn_plan(cost, self.reg, self.num_iters)
+        reg = self.reg
+        if self.relative:  # reg times the mean cost of the allowed pairs
+            finite = jnp.isfinite(cost)
+            reg = reg * jnp.sum(jnp.where(finite, cost, 0.0)) / jnp.sum(finite)
+        log_plan = sinkhorn_plan(cost, reg, self.num_iters)
         j = jax.random.categorical(key, log_plan, axis=1)  # x1 given x0_i: P_ij / sum_j P_ij
         return _out(x0, x1[j], labels)
 
 
 def sinkhorn_ot(
-    reg: float = 0.05, *, num_iters: int = 200, class_conditional: bool = False
+    reg: float = 0.05,
+    *,
+    num_iters: int = 200,
+    class_conditional: bool = False,
+    relative: bool = False,
 ) -> SinkhornOT:
     """Mini-batch entropic OT: each ``x0_i`` meets ``x1_j`` drawn from row ``i`` of the plan.
 
-    ``reg`` (absolute, squared-distance units) trades straightness (``reg -> 0``: exact OT) for
-    smoothness (``reg -> inf``: independent); ``num_iters`` Sinkhorn iterations (``O(C / reg)``
-    are needed: raise it for small ``reg``).
+    ``reg`` (squared-distance units; with ``relative=True`` a fraction of the batch's mean cost,
+    as ott-jax's default) trades straightness (``reg -> 0``: exact OT) for smoothness
+    (``reg -> inf``: independent); ``num_iters`` Sinkhorn iterations (``O(C / reg)`` are needed
+    for converged row sums: raise it for small ``reg``; the column sums are exact regardless).
     """
     if not (np.isfinite(reg) and reg > 0):
         raise ValueError(f"reg must be a positive number; got {reg}")
     if int(num_iters) < 1:
         raise ValueError(f"num_iters must be >= 1; got {num_iters}")
-    return SinkhornOT(float(reg), int(num_iters), bool(class_conditional))
+    return SinkhornOT(float(reg), int(num_iters), bool(class_conditional), bool(relative))
 
 
 # --- sharding ----------------------------------------------------------------------------------
