@@ -36,8 +36,9 @@ from jax.typing import ArrayLike
 
 from jaxdiff._checks import as_time, concrete, expand_like
 from jaxdiff.field import Field, as_field
-from jaxdiff.losses import TimeSampler, draw_pairs, uniform_time
+from jaxdiff.losses import TimeSampler, uniform_time
 from jaxdiff.paths import _Affine, _call, _derivative
+from jaxdiff.sources import draw_pairs
 
 Array = jax.Array
 

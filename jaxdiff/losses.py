@@ -40,10 +40,16 @@ import jax.numpy as jnp
 
 from jaxdiff._checks import check_order, check_positive
 from jaxdiff.conversions import Target, _check_target, convert, from_x0_eps
-from jaxdiff.couplings import is_independent
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath, linear_path
-from jaxdiff.sources import as_source, check_source_path, is_gaussian
+from jaxdiff.sources import (
+    as_source,
+    check_gaussian_targets,
+    check_source_path,
+    draw_pairs,
+    is_gaussian,
+    unpack_batch,
+)
 
 Array = jax.Array
 Weighting = Callable[[GaussianPath, Array], Array]
@@ -183,70 +189,8 @@ def importance_time(
 
 
 def _split_batch(batch: Any) -> tuple[Array, Array | None]:
-    if isinstance(batch, dict):
-        x0, _, labels = _unpack(batch)
-        return x0, labels
-    if isinstance(batch, tuple | list):
-        if len(batch) != 2:
-            raise ValueError("a batch is x0 or a pair (x0, labels)")
-        return jnp.asarray(batch[0]), jnp.asarray(batch[1])
-    return jnp.asarray(batch), None
-
-
-def _unpack(batch: Any) -> tuple[Array, Array | None, Array | None]:
-    """``(x0, x1 or None, labels or None)`` of a batch: ``x0``, ``(x0, labels)`` or a dict."""
-    if not isinstance(batch, dict):
-        x0, labels = _split_batch(batch)
-        return x0, None, labels
-    unknown = set(batch) - {"x0", "x1", "labels"}
-    if "x0" not in batch or unknown:
-        raise ValueError(
-            f"a dict batch has keys 'x0' and optionally 'x1', 'labels'; got {sorted(batch)}"
-        )
-    get = lambda k: None if batch.get(k) is None else jnp.asarray(batch[k])  # noqa: E731
-    return jnp.asarray(batch["x0"]), get("x1"), get("labels")
-
-
-def check_gaussian_targets(
-    targets: tuple[str, ...], source: Any, coupling: Any, where: str
-) -> None:
-    """Refuse the score target unless ``x1`` is ``N(0, I)`` and independent of ``x0``."""
-    if "score" not in targets:
-        return
-    if not is_gaussian(source):
-        why = "a non-Gaussian source (or source points from the batch)"
-    elif not is_independent(coupling):
-        why = f"the coupling {type(coupling).__name__} (x1 then depends on x0)"
-    else:
-        return
-    raise ValueError(
-        f"{where}: the 'score' target needs x1 ~ N(0, I) independent of x0 (Tweedie's formula), "
-        f"not {why}; predict and regress 'velocity', 'x0', 'v' or 'eps' (then E[x1 | x_t]), and "
-        "sample with the ODE (eta = 0)"
-    )
-
-
-def draw_pairs(
-    key: Array, batch: Any, source: Any = None, coupling: Any = None
-) -> tuple[Array, Array, Array | None]:
-    """``(x0, x1, labels)`` of a batch: ``x1`` from the batch or ``source(key, x0.shape)`` (default
-    ``N(0, I)``), then reordered by ``coupling``. The building block of every loss here."""
-    x0, x1, labels = _unpack(batch)
-    src_key, c_key = jax.random.split(key)
-    if x1 is None:
-        src = as_source(source)
-        x1 = (
-            jax.random.normal(src_key, x0.shape, x0.dtype)
-            if src is None
-            else jnp.asarray(src(src_key, x0.shape)).astype(x0.dtype)
-        )
-    if x1.shape != x0.shape:
-        raise ValueError(f"source points have shape {x1.shape}; the data have shape {x0.shape}")
-    if coupling is not None:
-        out = coupling(c_key, x0, x1) if labels is None else coupling(c_key, x0, x1, labels)
-        x0, x1 = out[0], out[1]
-        labels = out[2] if labels is not None else None
-    return x0, x1, labels
+    x0, _, labels = unpack_batch(batch)
+    return x0, labels
 
 
 def per_example_loss(
