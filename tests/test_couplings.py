@@ -213,3 +213,39 @@ def test_per_device_plans_on_four_fake_devices():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"devices": 4, "sharded": 4, "max_diff": 0.0, "rows_kept": True}
+
+
+def test_class_conditional_coupling_inside_the_loss():
+    # (x0, labels) batch, a zero conditional network: the loss is the within-class OT cost.
+    zero = jd.Field(lambda p, x, t, y: jnp.zeros_like(x), "velocity")
+    x0 = jax.random.normal(jax.random.key(0), (8, 2))
+    x1 = jax.random.normal(jax.random.key(1), (8, 2)) + 1.0
+    labels = jnp.array([0, 1, 1, 0, 1, 0, 0, 1])
+    _, y1, _ = C.exact_ot(class_conditional=True)(jax.random.key(0), x0, x1, labels)
+    expected = float(jnp.sum((y1 - x0) ** 2)) / 16
+    loss = jd.flow_matching_loss(zero, coupling=C.exact_ot(class_conditional=True))
+    value = jax.jit(loss)(None, jax.random.key(3), {"x0": x0, "x1": x1, "labels": labels})
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs labels"):
+        loss(None, jax.random.key(3), {"x0": x0, "x1": x1})
+
+
+@pytest.mark.parametrize("steps", [1, 10, 100])
+def test_straightness_of_a_curved_flow(steps, x64):
+    # v(x, t) = a t: the Euler velocities along any trajectory are a t_k, t_k = 1 - k / steps, so
+    # S = d |a|^2 Var_k(t_k) = |a|^2 (steps^2 - 1) / (12 steps^2) and the chord is a mean_k t_k.
+    a = jnp.array([2.0, -1.0])
+    field = jd.Field(lambda x, t: t[:, None] * a[None], "velocity")
+    st = jd.straightness(field, jnp.zeros((16, 2)), steps=steps)
+    var_t = (steps**2 - 1) / (12 * steps**2)
+    mean_t = (1 + 1 / steps) / 2
+    np.testing.assert_allclose(st.value, 5.0 * var_t, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(st.relative, var_t / mean_t**2, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(st.x0, -jnp.broadcast_to(a * mean_t, (16, 2)), rtol=1e-12)
+    # the same flow given as an x0-prediction on the linear path, converted through the path
+    path = jd.linear_path()
+    as_x0 = jd.Field(
+        lambda x, t: jd.convert(path, x, t, t[:, None] * a[None], src="velocity", dst="x0"), "x0"
+    )
+    st2 = jd.straightness(as_x0, jnp.zeros((16, 2)), path=path, steps=steps)
+    np.testing.assert_allclose(st2.value, st.value, rtol=1e-8, atol=1e-12)
