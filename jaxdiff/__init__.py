@@ -10,8 +10,9 @@ the digits classifier (``jaxdiff.digits``) load on first use, so the core never 
 
 import importlib as _importlib
 
-from jaxdiff import data, losses, samplers
+from jaxdiff import couplings, data, losses, samplers, sources
 from jaxdiff.conversions import TARGETS, Target, convert, from_x0_eps, to_x0_eps
+from jaxdiff.couplings import exact_ot, independent, per_device, sinkhorn_ot
 from jaxdiff.ddim import ddim_invert, ddim_step
 from jaxdiff.ddpm import (
     discrete_path,
@@ -38,6 +39,13 @@ from jaxdiff.guidance import (
     dynamic_thresholding,
 )
 from jaxdiff.integrate import Solution, integrate
+from jaxdiff.interpolants import (
+    StochasticInterpolant,
+    brownian_bridge,
+    interpolant_loss,
+    interpolant_sample,
+    linear_interpolant,
+)
 from jaxdiff.likelihood import Likelihood, dequantize, divergence, log_likelihood
 from jaxdiff.losses import (
     diffusion_loss,
@@ -88,6 +96,8 @@ from jaxdiff.sde import (
     reverse_diffusion,
     reverse_drift,
 )
+from jaxdiff.sources import Source, dataset_source, standard_normal
+from jaxdiff.straightness import Straightness, straightness
 
 __version__ = "0.1.0"
 
@@ -180,4 +190,20 @@ __all__ = [
     "uniform_grid",
     "ve_path",
     "vp_path",
+    "couplings",
+    "sources",
+    "independent",
+    "exact_ot",
+    "sinkhorn_ot",
+    "per_device",
+    "Source",
+    "standard_normal",
+    "dataset_source",
+    "StochasticInterpolant",
+    "brownian_bridge",
+    "linear_interpolant",
+    "interpolant_loss",
+    "interpolant_sample",
+    "Straightness",
+    "straightness",
 ]

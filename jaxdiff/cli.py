@@ -3,6 +3,7 @@
     python -m jaxdiff demo                       # train on the checkerboard, sample, measure, plot
     python -m jaxdiff train --data checkerboard --path fm --steps 4000 --out runs/cb
     python -m jaxdiff train --out runs/cb --resume           # continue from the latest checkpoint
+    python -m jaxdiff train --source moons --data 8gaussians --coupling ot --out runs/m2g
     python -m jaxdiff sample --ckpt runs/cb --solver heun --steps 20 --n 10000
 
 Errors (unknown options, bad values, missing or damaged checkpoints, a run folder in use or
@@ -91,6 +92,15 @@ def _parser() -> _Parser:
     train.add_argument("--eval-every", type=int, dest="eval_every")
     train.add_argument("--ckpt-every", type=int, dest="ckpt_every")
     train.add_argument("--eval-n", type=int, dest="eval_n", help="samples per evaluation (0: none)")
+    train.add_argument(
+        "--source", choices=E.SOURCES, help="what t = 1 holds: gaussian (default) or a toy set"
+    )
+    train.add_argument(
+        "--coupling", choices=E.COUPLINGS, help="pairing of source and data (default independent)"
+    )
+    train.add_argument(
+        "--ot-reg", type=float, dest="ot_reg", help="sinkhorn: reg as a fraction of the mean cost"
+    )
     train.add_argument("--out", required=True, help="run folder")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     train.add_argument("--until", type=_positive_int, help="stop at this step (resume later)")
@@ -112,7 +122,7 @@ def _parser() -> _Parser:
 
 TRAIN_KEYS = (
     "data path loss target weighting time model width depth channels conditional label_dropout "
-    "steps batch lr ema seed chunk eval_every ckpt_every eval_n"
+    "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg"
 ).split()
 
 

@@ -4,7 +4,10 @@ checkpoints, evaluation and plots, then sample a checkpoint and measure the samp
 A config is a plain dict (``DEFAULTS`` overridden by the user) saved with every checkpoint, so
 ``sample_run`` rebuilds exactly the trained model. Paths: ``fm`` (linear, flow matching), ``vp``,
 ``subvp``, ``ve``, ``cosine``. Losses: ``fm`` (regress the conditional velocity), ``eps``, ``x0``,
-``v``, ``dsm`` (the conditional score; weighting ``sigma2`` or ``likelihood``).
+``v``, ``dsm`` (the conditional score; weighting ``sigma2`` or ``likelihood``). Sources: ``gaussian``
+or a 2-D toy set (data-to-data translation on the ``fm`` or ``cosine`` path); couplings:
+``independent``, ``ot`` (mini-batch exact OT), ``sinkhorn`` (entropic, ``ot_reg`` times the mean
+cost), and their class-conditional ``ot-class`` / ``sinkhorn-class`` (need ``conditional``).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import couplings as CP
 from jaxdiff import losses as L
 from jaxdiff.data import TOY_DATASETS, load_digits
 from jaxdiff.field import Field
 from jaxdiff.metrics import energy_distance, mmd
 from jaxdiff.paths import GaussianPath, cosine_path, linear_path, subvp_path, ve_path, vp_path
+from jaxdiff.sources import dataset_source
 
 Array = jax.Array
 
@@ -37,6 +42,8 @@ LOSSES = ("fm", "eps", "x0", "v", "dsm")
 WEIGHTINGS = {"unit": L.unit_weight, "sigma2": L.sigma_sq_weight, "likelihood": L.likelihood_weight}
 TIMES = ("uniform", "logit-normal", "importance")
 DATASETS = (*TOY_DATASETS, "digits")
+SOURCES = ("gaussian", *TOY_DATASETS)
+COUPLINGS = ("independent", "ot", "sinkhorn", "ot-class", "sinkhorn-class")
 MMD_BANDWIDTHS = (0.05, 0.1, 0.2, 0.5, 1.0)
 MMD_KERNEL = "sum over h in (0.05, 0.1, 0.2, 0.5, 1.0) of exp(-|x - y|^2 / (2 h^2))"
 
@@ -65,6 +72,9 @@ DEFAULTS: dict[str, Any] = {
     "ckpt_every": 1000,
     "eval_n": 2000,  # 0: no evaluation
     "eval_steps": 20,
+    "source": "gaussian",  # what t = 1 holds: N(0, I) or a 2-D toy set
+    "coupling": "independent",
+    "ot_reg": 0.05,  # sinkhorn couplings: entropic reg as a fraction of the batch's mean cost
 }
 
 
@@ -109,6 +119,7 @@ def resolve(config: dict) -> dict:
     if any(int(ch) < 1 for ch in c["channels"]):
         raise ValueError(f"channels must be positive; got {c['channels']}")
     check_seed(c["seed"])
+    _check_source_coupling(c)
     return c
 
 
@@ -120,6 +131,52 @@ def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an integer in [0, 2**32); got {seed!r}")
     return seed
+
+
+def _check_source_coupling(c: dict) -> None:
+    _choice(c, "source", SOURCES)
+    _choice(c, "coupling", COUPLINGS)
+    if not (
+        isinstance(c["ot_reg"], int | float) and math.isfinite(c["ot_reg"]) and c["ot_reg"] > 0
+    ):
+        raise ValueError(f"ot_reg must be a positive number; got {c['ot_reg']}")
+    plain_noise = c["source"] == "gaussian" and c["coupling"] == "independent"
+    if c["source"] != "gaussian":
+        if c["data"] == "digits":
+            raise ValueError(
+                f"source {c['source']!r} draws 2-D points; data 'digits' needs source 'gaussian'"
+            )
+        if c["path"] not in ("fm", "cosine"):
+            raise ValueError(
+                f"source {c['source']!r} needs a path that ends at it (alpha_1 = 0): fm or cosine, "
+                f"not {c['path']!r}"
+            )
+    if not plain_noise and (c["target"] == "score" or c["loss"] == "dsm"):
+        what = (
+            f"source {c['source']!r}"
+            if c["source"] != "gaussian"
+            else f"coupling {c['coupling']!r}"
+        )
+        raise ValueError(
+            f"the score (loss dsm, target score) needs Gaussian noise independent of the data, not "
+            f"{what}; use --loss fm with --target velocity, x0 or v"
+        )
+    if c["coupling"].endswith("-class") and not c["conditional"]:
+        raise ValueError(
+            f"coupling {c['coupling']!r} pairs within classes and needs labels: add --conditional "
+            "(data digits)"
+        )
+
+
+def make_coupling(c: dict):
+    """The coupling of a resolved config (``None`` for the independent one)."""
+    name = c["coupling"]
+    if name == "independent":
+        return None
+    within = name.endswith("-class")
+    if name.startswith("ot"):
+        return CP.exact_ot(class_conditional=within)
+    return CP.sinkhorn_ot(float(c["ot_reg"]), class_conditional=within, relative=True)
 
 
 def _choice(c: dict, name: str, options: tuple) -> None:
@@ -134,6 +191,7 @@ class Setup(NamedTuple):
     sample_batch: Any
     example: Array
     num_classes: int | None
+    source: Any = None  # draws x1 at t = 1 (None: N(0, I)); samplers start from it
 
 
 def build(c: dict) -> Setup:
@@ -141,6 +199,7 @@ def build(c: dict) -> Setup:
     from jaxdiff.nets import MLP, UNet
 
     path = PATHS[c["path"]]()
+    source = None if c["source"] == "gaussian" else dataset_source(TOY_DATASETS[c["source"]])
     num_classes = 10 if c["conditional"] else None
     if c["model"] == "mlp":
         model = MLP(width=c["width"], depth=c["depth"], num_classes=num_classes)
@@ -182,8 +241,10 @@ def build(c: dict) -> Setup:
         time_sampler=sampler,
         label_dropout=c["label_dropout"] if num_classes else 0.0,
         null_label=num_classes,
+        source=source,
+        coupling=make_coupling(c),
     )
-    return Setup(model, path, loss, sample_batch, example, num_classes)
+    return Setup(model, path, loss, sample_batch, example, num_classes, source)
 
 
 def init_state(c: dict, setup: Setup):

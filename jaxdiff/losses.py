@@ -14,6 +14,14 @@ data dimensions. Each constructor returns a pure ``loss(params, key, batch)`` th
 ``(x0, labels)``. Swapping VP for flow matching is one argument (``path``); after training,
 ``net.bind(params)`` is the field the samplers take.
 
+Sources and couplings: ``source`` (default ``N(0, I)``) draws ``x1`` for ``x_t = alpha_t x0 + sigma_t
+x1`` from any distribution (:mod:`jaxdiff.sources`); a batch may also carry its own source points
+as a dict ``{"x0": ..., "x1": ..., "labels": ...}`` (``x1`` and ``labels`` optional). ``coupling``
+reorders the pairs before ``t`` is drawn (:mod:`jaxdiff.couplings`: mini-batch exact or entropic
+OT, class-conditional). With a non-Gaussian source or a coupling other than the independent one,
+``eps`` means ``x1`` and the ``score`` target is refused (Tweedie's ``-E[eps | x_t] / sigma_t``
+needs Gaussian ``eps`` independent of ``x0``).
+
 Times: ``uniform_time`` (default), ``logit_normal_time`` (Esser et al. 2024) and
 ``importance_time``, which draws ``t`` with density ``∝ w(t)`` and reweights by ``1 / density``
 so the objective is unchanged and its variance lower (Song et al. 2021, "Maximum likelihood
@@ -34,6 +42,14 @@ from jaxdiff._checks import check_order, check_positive, coef_time
 from jaxdiff.conversions import Target, _check_target, convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath, linear_path
+from jaxdiff.sources import (
+    as_source,
+    check_gaussian_targets,
+    check_source_path,
+    draw_pairs,
+    is_gaussian,
+    unpack_batch,
+)
 
 Array = jax.Array
 Weighting = Callable[[GaussianPath, Array], Array]
@@ -173,11 +189,8 @@ def importance_time(
 
 
 def _split_batch(batch: Any) -> tuple[Array, Array | None]:
-    if isinstance(batch, tuple | list):
-        if len(batch) != 2:
-            raise ValueError("a batch is x0 or a pair (x0, labels)")
-        return jnp.asarray(batch[0]), jnp.asarray(batch[1])
-    return jnp.asarray(batch), None
+    x0, _, labels = unpack_batch(batch)
+    return x0, labels
 
 
 def per_example_loss(
@@ -211,6 +224,8 @@ def diffusion_loss(
     time_sampler: TimeSampler | None = None,
     label_dropout: float = 0.0,
     null_label: int | None = None,
+    source: Any = None,
+    coupling: Any = None,
 ) -> Callable[[Any, Array, Any], Array]:
     """The loss ``(params, key, batch) -> scalar`` of the network ``net`` on ``path``.
 
@@ -219,7 +234,8 @@ def diffusion_loss(
     is the space where the squared error is taken, ``weighting`` its ``w(t)``, ``time_sampler``
     draws ``t`` (default ``uniform_time()``). With labels in the batch, ``label_dropout`` replaces
     each by ``null_label`` with that probability, which trains the unconditional model of
-    classifier-free guidance.
+    classifier-free guidance. ``source`` draws ``x1`` (default ``N(0, I)``; a non-Gaussian one
+    needs a path with ``alpha_1 = 0``, ``sigma_1 = 1``) and ``coupling`` pairs it with ``x0``.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> loss = diffusion_loss(jd.Field(lambda p, x, t: p * x, "eps"), jd.vp_path())
@@ -235,13 +251,25 @@ def diffusion_loss(
         raise ValueError(f"label_dropout must lie in [0, 1]; got {label_dropout}")
     if label_dropout > 0 and null_label is None:
         raise ValueError("label_dropout > 0 needs the null_label of the model")
+    source = as_source(source)
+    check_gaussian_targets((target, regress), source, coupling, "diffusion_loss")
+    if not is_gaussian(source):
+        check_source_path(path)
+    plain = source is None and coupling is None
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
-        x0, labels = _split_batch(batch)
-        n = x0.shape[0]
         t_key, eps_key, drop_key = jax.random.split(key, 3)
+        given_x1 = isinstance(batch, dict) and batch.get("x1") is not None
+        if given_x1:  # source points from the batch: a non-Gaussian source
+            check_gaussian_targets((target, regress), batch["x1"], coupling, "diffusion_loss")
+            check_source_path(path)
+        if plain and not given_x1:
+            x0, labels = _split_batch(batch)  # today's draw, bit for bit
+            eps = jax.random.normal(eps_key, x0.shape, x0.dtype)
+        else:
+            x0, eps, labels = draw_pairs(eps_key, batch, source, coupling)
+        n = x0.shape[0]
         t = coef_time(time_sampler(t_key, (n,)))  # times in float32 or wider, whatever x0's dtype
-        eps = jax.random.normal(eps_key, x0.shape, x0.dtype)
         x_t = path.interpolate(x0, eps, t)
         if labels is None:
             pred = net.apply(params, x_t, t)

@@ -53,6 +53,11 @@ def make_sampler(
         raise ValueError(f"steps must be a positive integer; got {steps}")
     if eta < 0 or not math.isfinite(eta):
         raise ValueError(f"eta must be >= 0; got {eta}")
+    if eta > 0 and (setup.source is not None or c.get("coupling", "independent") != "independent"):
+        raise ValueError(
+            "eta > 0 (the reverse SDE) needs the score of Gaussian noise independent of the data; "
+            "a run with a source or a coupling samples with the ODE (eta 0)"
+        )
     singular_at_1 = c["path"] in ("fm", "cosine") and (eta > 0 or c["target"] in ("eps", "score"))
     t_start = 1.0 - 1e-3 if singular_at_1 else 1.0
     shape = tuple(setup.example.shape[1:])
@@ -70,11 +75,14 @@ def make_sampler(
             field = classifier_free_guidance(conditional, labels, setup.num_classes, guidance)
         else:
             field = Field(apply, c["target"], params)
+        shape_n = (labels.shape[0], *shape)
+        x_init = None if setup.source is None else setup.source(jax.random.fold_in(key, 1), shape_n)
         sol = sample(
             key,
             setup.path,
             field,
-            (labels.shape[0], *shape),
+            shape_n,
+            x_init=x_init,
             sampler=sampler,
             steps=steps,
             t_start=t_start,

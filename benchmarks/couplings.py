@@ -1,0 +1,340 @@
+"""Couplings: OT plans (exact, auction, Sinkhorn by hand and by ott-jax), flow matching with each
+coupling on 2-D toys (straightness, energy distance at 1/2/4/8 Euler steps, loss variance), and
+training throughput against torchcfm.
+
+Plans (one batch of ``n`` Gaussian source points and ``n`` checkerboard points, ``n`` = 256, 1024):
+``exact`` is ``jaxdiff.exact_ot`` (SciPy's ``linear_sum_assignment`` through ``jax.pure_callback``);
+``auction`` a forward auction with epsilon scaling written in JAX (Bertsekas 1988; Jacobi bids,
+``lax.while_loop``), optimal to ``n * eps_min`` (``eps_min`` = 1e-3 of the mean cost; run at
+``n = 256`` only: it takes seconds where SciPy takes milliseconds); ``sinkhorn_hand`` the log-domain Sinkhorn of
+``jaxdiff.couplings.sinkhorn_plan`` (fixed iterations in a ``lax.scan``); ``sinkhorn_ott`` ott-jax's
+``Sinkhorn`` at the same absolute ``epsilon`` (threshold 1e-3 on the marginal error, its default).
+``cost`` is the mean squared distance of the pairs (for a plan ``P`` summing to 1, ``<P, C>``);
+``vs_exact`` its ratio to the exact optimum; ``marg_err`` the L1 error of the row and column sums
+together (each solver ends on one exact side).
+
+Training: an MLP (``jaxdiff.nets.MLP``, width 128, depth 3) trained with AdamW on
+``flow_matching_loss(..., source=, coupling=)``; then from 4,000 fresh source points, Euler
+samples with 1, 2, 4, 8 steps (energy distance ``ed_k`` to 4,000 held-out points, and MMD with the
+CLI's kernel at 8 steps), Liu et al.'s straightness ``S`` (``jaxdiff.straightness``, 100 Euler
+steps; ``s_rel = S / E|x1 - x0|^2``), and the loss at the final EMA parameters over 64 fresh
+batches (``loss_mean``, ``loss_std``: the spread of the objective that OT couplings reduce).
+``floor`` is the energy distance between two true sets of 4,000.
+
+Throughput: the benchmark MLP (``benchmarks.common``) at batch 256 trained by jaxdiff (one jitted
+``lax.scan`` of K steps) and by torchcfm (eager PyTorch, ``ConditionalFlowMatcher`` and
+``ExactOptimalTransportConditionalFlowMatcher``, whose plans are POT's ``emd``). Timings on shared
+or loaded cores are meaningless: rerun on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxdiff as jd
+from benchmarks.common import interleaved, mlp_apply, mlp_init, time_jitted
+from jaxdiff import couplings as C
+
+TITLE = "Couplings: OT plans, straightness and few-step quality, throughput vs torchcfm"
+
+
+# --- an auction algorithm in JAX (measured against SciPy's exact assignment) --------------------
+
+
+def auction_assignment(
+    cost: jax.Array, eps_min: float = 1e-3, scale: float = 5.0, phases: int = 8
+) -> jax.Array:
+    """Forward auction (Jacobi bidding) with epsilon scaling: ``perm[i]`` for a square cost.
+
+    Persons ``i`` bid for objects ``j`` to maximise ``-cost``; phase ``k`` bids with
+    ``eps = max(max|C| / (4 scale^k), eps_min)``, keeping the prices and restarting the
+    assignment. The result is within ``n eps_min`` of the optimum once ``eps`` reaches ``eps_min``
+    (``phases >= log(max|C| / (4 eps_min)) / log(scale) + 1``).
+    """
+    n = cost.shape[0]
+    benefit = -cost
+    eps0 = jnp.max(jnp.abs(cost)) / 4.0
+    idx = jnp.arange(n)
+
+    def bid_round(state):
+        prices, p2o, o2p, eps = state
+        vals = benefit - prices[None, :]
+        top, arg = jax.lax.top_k(vals, 2)
+        j1 = arg[:, 0]
+        active = p2o < 0
+        bid = jnp.where(active, prices[j1] + top[:, 0] - top[:, 1] + eps, -jnp.inf)
+        best = jax.ops.segment_max(bid, j1, num_segments=n)
+        win = active & (bid == best[j1])
+        winner = jax.ops.segment_min(jnp.where(win, idx, n), j1, num_segments=n)
+        got = winner < n
+        prev = jnp.where(got, o2p, -1)
+        p2o = p2o.at[jnp.where(prev >= 0, prev, n)].set(-1, mode="drop")
+        p2o = p2o.at[jnp.where(got, winner, n)].set(idx, mode="drop")
+        o2p = jnp.where(got, winner, o2p)
+        prices = jnp.where(got, best, prices)
+        return prices, p2o, o2p, eps
+
+    def phase(k, carry):
+        prices, _ = carry
+        eps = jnp.maximum(eps0 / scale**k, eps_min)
+        init = (prices, -jnp.ones(n, jnp.int32), -jnp.ones(n, jnp.int32), eps)
+        prices, p2o, _, _ = jax.lax.while_loop(lambda s: jnp.any(s[1] < 0), bid_round, init)
+        return prices, p2o
+
+    _, p2o = jax.lax.fori_loop(
+        0, phases, phase, (jnp.zeros(n, cost.dtype), jnp.zeros(n, jnp.int32))
+    )
+    return p2o
+
+
+def _marg_err(plan: jax.Array) -> float:
+    n, m = plan.shape
+    rows, cols = jnp.abs(plan.sum(1) - 1 / n).sum(), jnp.abs(plan.sum(0) - 1 / m).sum()
+    return float(rows + cols)
+
+
+def _plans_at(n: int, repeats: int) -> list[dict]:
+    try:
+        from ott.geometry import pointcloud
+        from ott.problems.linear import linear_problem
+        from ott.solvers.linear import sinkhorn
+    except ImportError:  # pip install ott-jax for its row
+        pointcloud = None
+
+    rows = []
+    x1 = jax.random.normal(jax.random.key(0), (n, 2))
+    x0 = jd.data.checkerboard(jax.random.key(1), n)
+    cost = C.squared_cost(x0, x1)
+    exact_fn = jax.jit(C.assignment)
+    perm = exact_fn(cost)
+    exact = float(jnp.mean(cost[jnp.arange(n), perm]))
+    eps = 0.01 * float(jnp.mean(cost))  # entropic reg: 1% of the mean cost, absolute
+
+    def add(method, seconds, value, iters=None, marg_err=None):
+        rows.append(
+            {
+                "n": n,
+                "method": method,
+                "ms": 1e3 * seconds,
+                "cost": value,
+                "vs_exact": value / exact,
+                "iters": iters,
+                "marg_err": marg_err,
+            }
+        )
+
+    add("independent", 0.0, float(jnp.mean(jnp.diag(cost))))
+    add("exact", time_jitted(exact_fn, cost, repeats=repeats)["median_s"], exact)
+    if n <= 256:  # ~15 s per assignment at n = 256 on 2 CPU cores: larger n takes minutes
+        eps_min = 1e-3 * float(jnp.mean(cost))
+        phases = int(np.ceil(np.log(float(jnp.max(cost)) / 4 / eps_min) / np.log(5.0))) + 1
+        auction = jax.jit(lambda c: auction_assignment(c, eps_min, 5.0, phases))
+        p = auction(cost)
+        seconds = time_jitted(auction, cost, repeats=1)["median_s"]
+        add("auction", seconds, float(jnp.mean(cost[jnp.arange(n), p])))
+
+    iters = 200
+    if pointcloud is not None:
+
+        def solve_ott(x0, x1):
+            geom = pointcloud.PointCloud(x0, x1, epsilon=eps)
+            out = sinkhorn.Sinkhorn()(linear_problem.LinearProblem(geom))
+            return out.matrix, out.n_iters
+
+        ott_fn = jax.jit(solve_ott)
+        plan, iters = ott_fn(x0, x1)
+        iters = int(iters)
+        seconds = time_jitted(ott_fn, x0, x1, repeats=repeats)["median_s"]
+        add("sinkhorn_ott", seconds, float(jnp.sum(plan * cost)), iters, _marg_err(plan))
+    for k in sorted({iters, 200}):
+        hand = jax.jit(lambda c, k=k: jnp.exp(C.sinkhorn_plan(c, eps, k)))
+        plan = hand(cost)
+        seconds = time_jitted(hand, cost, repeats=repeats)["median_s"]
+        add(f"sinkhorn_hand_{k}", seconds, float(jnp.sum(plan * cost)), k, _marg_err(plan))
+    return rows
+
+
+def _plan_rows(quick: bool) -> list[dict]:
+    repeats = 3 if quick else 10
+    return [row for n in (256, 1024) for row in _plans_at(n, repeats)]
+
+
+# --- flow matching with each coupling ---------------------------------------------------------
+
+CASES = {
+    "N(0,I)->8gaussians": (None, jd.data.eight_gaussians),
+    "8gaussians->moons": (jd.data.eight_gaussians, jd.data.moons),
+    "N(0,I)->checkerboard": (None, jd.data.checkerboard),
+}
+
+
+def _couplings():
+    return {
+        "independent": None,
+        "exact_ot": jd.exact_ot(),
+        "sinkhorn_0.05": jd.sinkhorn_ot(0.05, relative=True),
+    }
+
+
+def _train_one(source_fn, data_fn, coupling, steps, batch, seed=0):
+    from jaxdiff.experiment import MMD_BANDWIDTHS
+    from jaxdiff.nets import MLP, init_params
+    from jaxdiff.train import adamw_cosine, init_train_state, make_train_chunk, make_train_step
+
+    model = MLP(width=128, depth=3)
+    params = init_params(model, jax.random.key(seed), jnp.zeros((1, 2)), jnp.zeros(1))
+    source = None if source_fn is None else jd.dataset_source(source_fn)
+    draw = jd.standard_normal() if source is None else source
+    path = jd.linear_path()
+    loss = jd.flow_matching_loss(
+        jd.Field(model.apply, "velocity"), path, source=source, coupling=coupling
+    )
+    opt = adamw_cosine(3e-3, steps)
+    chunk = make_train_chunk(
+        make_train_step(loss, opt, ema_decay=0.995), lambda k: data_fn(k, batch), steps
+    )
+    start = time.perf_counter()
+    state, losses = chunk(init_train_state(params, opt, jax.random.key(seed + 1)))
+    jax.block_until_ready(losses)
+    train_s = time.perf_counter() - start
+    field = jd.Field(model.apply, "velocity", state.ema)
+    n = 4000
+    x1 = draw(jax.random.key(100), (n, 2))
+    ref = data_fn(jax.random.key(101), n)
+    row = {}
+    for k in (1, 2, 4, 8):
+        x = jd.sample(None, path, field, x_init=x1, steps=k).x
+        row[f"ed_{k}"] = float(jd.energy_distance(x, ref))
+    row["mmd_8"] = float(jd.mmd(x, ref, MMD_BANDWIDTHS))
+    st = jd.straightness(field, x1, steps=100)
+    row["straightness"], row["s_rel"] = float(st.value), float(st.relative)
+    keys = jax.random.split(jax.random.key(200), 64)
+    values = jax.jit(
+        jax.vmap(lambda k: loss(state.ema, k, data_fn(jax.random.fold_in(k, 1), batch)))
+    )(keys)
+    row["loss_mean"], row["loss_std"] = float(values.mean()), float(values.std())
+    row["floor"] = float(jd.energy_distance(data_fn(jax.random.key(102), n), ref))
+    row["train_s"] = train_s
+    return row
+
+
+def _training_rows(quick: bool) -> list[dict]:
+    steps = 2000 if quick else 10_000
+    cases = list(CASES)[:2] if quick else list(CASES)
+    rows = []
+    for case in cases:
+        source_fn, data_fn = CASES[case]
+        for name, coupling in _couplings().items():
+            row = _train_one(source_fn, data_fn, coupling, steps, 256)
+            rows.append({"case": case, "coupling": name, "steps": steps, **row})
+            print(
+                f"  {case} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True
+            )
+    return rows
+
+
+# --- throughput against torchcfm ----------------------------------------------------------------
+
+
+def _jax_chunk(coupling, batch, steps, width):
+    from jaxdiff.train import adamw_cosine, init_train_state, make_train_chunk, make_train_step
+
+    params = mlp_init(jax.random.key(0), dim=2, width=width, depth=2)
+    loss = jd.flow_matching_loss(jd.Field(mlp_apply, "velocity"), coupling=coupling)
+    opt = adamw_cosine(1e-3, 10**6, warmup_steps=1)
+    chunk = make_train_chunk(
+        make_train_step(loss, opt), lambda key: jd.data.eight_gaussians(key, batch), steps
+    )
+    state = [init_train_state(params, opt, jax.random.key(0))]
+
+    def run():
+        state[0], losses = chunk(state[0])
+        return losses
+
+    return run
+
+
+def _torchcfm_loop(exact: bool, batch, steps, width):
+    import torch
+    from torchcfm.conditional_flow_matching import (
+        ConditionalFlowMatcher,
+        ExactOptimalTransportConditionalFlowMatcher,
+    )
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, width),
+        torch.nn.SiLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.SiLU(),
+        torch.nn.Linear(width, 2),
+    )
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    fm = ExactOptimalTransportConditionalFlowMatcher() if exact else ConditionalFlowMatcher()
+    angles = 2 * np.pi * torch.arange(8) / 8
+    means = 2.0 * torch.stack([torch.cos(angles), torch.sin(angles)], 1).float()
+
+    def run():
+        for _ in range(steps):
+            x1 = means[torch.randint(0, 8, (batch,))] + 0.25 * torch.randn(batch, 2)
+            x0 = torch.randn(batch, 2)
+            t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1)
+            pred = net(torch.cat([xt, t[:, None]], dim=1))
+            loss = ((pred - ut) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+        return loss.detach()
+
+    return run
+
+
+def _throughput_rows(quick: bool) -> list[dict]:
+    steps, repeats, width, batch = (20, 2, 256, 256) if quick else (200, 5, 256, 256)
+    thunks = {
+        "jaxdiff_independent": _jax_chunk(None, batch, steps, width),
+        "jaxdiff_exact_ot": _jax_chunk(jd.exact_ot(), batch, steps, width),
+        "jaxdiff_sinkhorn": _jax_chunk(jd.sinkhorn_ot(0.05, relative=True), batch, steps, width),
+    }
+    try:
+        thunks["torchcfm_independent"] = _torchcfm_loop(False, batch, steps, width)
+        thunks["torchcfm_exact_ot"] = _torchcfm_loop(True, batch, steps, width)
+    except ImportError:
+        pass
+    res = interleaved(thunks, repeats=repeats)
+    return [
+        {"method": k, "batch": batch, "steps_s": steps / v["median_s"], "compile_s": v["compile_s"]}
+        for k, v in res.items()
+    ]
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run(quick: bool) -> dict:
+    plans = _plan_rows(quick)
+    throughput = _throughput_rows(quick)
+    rows = _training_rows(quick)
+    notes = (
+        __doc__.split("\n\n", 1)[1].strip()
+        + "\n\nPlans:\n\n"
+        + _table(plans)
+        + "\n\nThroughput (steps/s; rerun on a quiet machine):\n\n"
+        + _table(throughput)
+        + "\n\nTraining (the rows below):"
+    )
+    return {"rows": rows, "notes": notes, "plans": plans, "throughput": throughput}

@@ -1,0 +1,273 @@
+r"""Couplings of a data batch ``x0`` with a source batch ``x1``: which source point meets which datum.
+
+A coupling is a pure, jit-able function ``(key, x0, x1[, labels]) -> (x0, x1[, labels])`` that
+returns the pairs reordered; a loss then trains on ``x_t = alpha_t x0 + sigma_t x1`` of those pairs.
+Any coupling whose marginals are the data and the source gives a valid conditional path
+(Tong et al. 2024; Pooladian et al. 2023); the mini-batch optimal-transport couplings pair points
+that are close, so the conditional paths cross less and the learned flow is straighter.
+
+* ``independent()``: the pairs as drawn (today's flow matching).
+* ``exact_ot()``: the permutation ``pi`` minimising ``sum_i |x0_i - x1_pi(i)|^2`` on the batch
+  (Tong et al. 2024's OT-CFM, Pooladian et al. 2023's multisample flow matching). An assignment
+  problem, solved exactly by SciPy's ``linear_sum_assignment`` through ``jax.pure_callback`` on the
+  host (JAX has no Hungarian; an epsilon-scaling auction in JAX took 7-34 s at ``n = 256`` against
+  SciPy's 8-12 ms, 2 loaded CPU cores, ``benchmarks/couplings.py``). Every ``x0`` and ``x1`` is used
+  once: both marginals are exact.
+* ``sinkhorn_ot(reg)``: the entropic plan ``P = argmin <P, C> - reg H(P)`` with uniform marginals,
+  by log-domain Sinkhorn iterations in a ``lax.scan`` (Cuturi 2013; ott-jax's solver measured no
+  faster at equal iterations and marginal error, so it is not a dependency), then for each ``x0_i`` one
+  ``x1_j ~ P_ij / sum_j P_ij``: ``x0`` (and its labels) are kept, ``x1`` drawn with replacement.
+  ``reg`` is in the units of the squared distance (POT's and torchcfm's ``reg``); with the Brownian
+  bridge of scale ``sigma``, ``reg = 2 sigma^2`` gives Tong et al.'s Schrödinger-bridge CFM.
+
+Labels: with ``class_conditional=True`` pairs are formed only within a class. ``labels[i]`` is the
+class of ``x0[i]``, and ``x1[j]`` must be drawn from the source of class ``labels[j]`` (an
+unlabelled source is exchangeable, so any ``x1[j]`` qualifies): the cost of a cross-class pair is
+made prohibitive, so the optimum is the per-class optimum. Without it, labels follow ``x0``.
+
+Sharding: the plan couples the whole batch. Under ``jit`` with the batch sharded over devices, XLA
+gathers the batch to form the ``n x n`` cost on every device: exact, but the cost, the communication
+and (for ``exact_ot``) a host callback grow with the global batch. The usual compromise (Tong et al.
+2024 on several GPUs) is a plan per device over its local shard: ``per_device(coupling, mesh)``
+runs the coupling under ``shard_map``, so each device pairs its own ``n / d`` points.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+Array = jax.Array
+
+__all__ = [
+    "Independent",
+    "independent",
+    "exact_ot",
+    "sinkhorn_ot",
+    "sinkhorn_plan",
+    "squared_cost",
+    "assignment",
+    "per_device",
+    "is_independent",
+]
+
+
+def squared_cost(x0: Array, x1: Array) -> Array:
+    """``C_ij = |x0_i - x1_j|^2`` over the flattened event axes, shape ``(n, m)``."""
+    a = x0.reshape(x0.shape[0], -1)
+    b = x1.reshape(x1.shape[0], -1)
+    cross = a @ b.T
+    return jnp.maximum(jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * cross, 0.0)
+
+
+def _check_pair(x0: Array, x1: Array, labels: Any) -> None:
+    if jnp.shape(x0) != jnp.shape(x1):
+        raise ValueError(
+            f"a coupling pairs batches of equal shape; got x0 {jnp.shape(x0)} and x1 {jnp.shape(x1)}"
+        )
+    if labels is not None and jnp.shape(labels) != jnp.shape(x0)[:1]:
+        raise ValueError(f"labels must have shape ({jnp.shape(x0)[0]},); got {jnp.shape(labels)}")
+
+
+def _out(x0, x1, labels):
+    return (x0, x1) if labels is None else (x0, x1, labels)
+
+
+def _class_mask(labels: Any, class_conditional: bool, n: int) -> Array | None:
+    if not class_conditional:
+        return None
+    if labels is None:
+        raise ValueError(
+            "a class-conditional coupling needs labels: pass (key, x0, x1, labels), with x1[j] "
+            "drawn from the source of class labels[j]"
+        )
+    labels = jnp.asarray(labels)
+    return labels[:, None] == labels[None, :]
+
+
+class Independent(eqx.Module):
+    """The independent coupling: the pairs as drawn."""
+
+    def __call__(self, key: Array, x0: Array, x1: Array, labels: Any = None):
+        _check_pair(x0, x1, labels)
+        return _out(x0, x1, labels)
+
+
+def independent() -> Independent:
+    """The independent coupling ``x0 ~ data``, ``x1 ~ source`` (plain flow matching)."""
+    return Independent()
+
+
+def is_independent(coupling: Any) -> bool:
+    """Whether ``coupling`` leaves the pairs independent (``None`` is the default independent)."""
+    return coupling is None or isinstance(coupling, Independent)
+
+
+# --- exact assignment on the host ------------------------------------------------------------
+
+
+def _lsa(cost: Any) -> np.ndarray:
+    from scipy.optimize import linear_sum_assignment
+
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim == 3:  # a vmapped batch of problems
+        return np.stack([_lsa(c) for c in cost])
+    if not np.all(np.isfinite(cost)):
+        return np.full(cost.shape[0], -1, np.int32)  # poisoned: the caller turns it into NaN
+    return linear_sum_assignment(cost)[1].astype(np.int32)
+
+
+def assignment(cost: Array) -> Array:
+    """``perm`` minimising ``sum_i cost[i, perm[i]]`` for a square ``cost`` (SciPy, on the host).
+
+    Jit-able through ``jax.pure_callback``; batched problems under ``vmap`` are solved one by one.
+    A non-finite cost gives ``-1`` entries (the couplings turn them into NaN pairs).
+
+    >>> import jax.numpy as jnp
+    >>> assignment(jnp.array([[4.0, 1.0], [2.0, 5.0]])).tolist()
+    [1, 0]
+    """
+    cost = jnp.asarray(cost)
+    if cost.ndim != 2 or cost.shape[0] != cost.shape[1]:
+        raise ValueError(f"assignment needs a square cost matrix; got shape {cost.shape}")
+    out = jax.ShapeDtypeStruct(cost.shape[:1], jnp.int32)
+    return jax.pure_callback(_lsa, out, cost, vmap_method="expand_dims")
+
+
+def _prohibit(cost: Array, mask: Array | None) -> Array:
+    """Make cross-class pairs dearer than any within-class assignment (finite, for SciPy)."""
+    if mask is None:
+        return cost
+    big = (jnp.max(cost) + 1.0) * cost.shape[0]
+    return jnp.where(mask, cost, big)
+
+
+def _take(x1: Array, idx: Array) -> Array:
+    bad = idx < 0
+    picked = x1[jnp.clip(idx, 0, x1.shape[0] - 1)]
+    return jnp.where(bad.reshape((-1,) + (1,) * (x1.ndim - 1)), jnp.nan, picked)
+
+
+class ExactOT(eqx.Module):
+    class_conditional: bool = eqx.field(static=True, default=False)
+
+    def __call__(self, key: Array, x0: Array, x1: Array, labels: Any = None):
+        _check_pair(x0, x1, labels)
+        mask = _class_mask(labels, self.class_conditional, x0.shape[0])
+        cost = _prohibit(squared_cost(x0, x1), mask)
+        perm = assignment(jax.lax.stop_gradient(cost))
+        return _out(x0, _take(x1, perm), labels)
+
+
+def exact_ot(*, class_conditional: bool = False) -> ExactOT:
+    """Mini-batch exact OT: ``x1`` permuted to minimise ``sum_i |x0_i - x1_pi(i)|^2``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x0 = jnp.array([[0.0], [10.0]]); x1 = jnp.array([[9.0], [1.0]])
+    >>> exact_ot()(jax.random.key(0), x0, x1)[1].ravel().tolist()
+    [1.0, 9.0]
+    """
+    return ExactOT(bool(class_conditional))
+
+
+# --- entropic OT: log-domain Sinkhorn --------------------------------------------------------
+
+
+def sinkhorn_plan(cost: Array, reg: float | Array, num_iters: int = 200) -> Array:
+    r"""Log of the entropic plan with uniform marginals ``1/n``, ``1/m``: ``log P_ij``.
+
+    ``P = diag(e^{f/reg}) e^{-C/reg} diag(e^{g/reg})``; ``num_iters`` alternating updates
+    ``f_i = -reg logsumexp_j((g_j - C_ij)/reg) - reg log n`` (and the same for ``g``), in a
+    ``lax.scan``. Entries of ``cost`` equal to ``+inf`` are forbidden pairs. After the last ``g``
+    update the column sums are exact; the row sums converge (``reg`` small needs more iterations).
+    """
+    n, m = cost.shape
+    log_a, log_b = -jnp.log(float(n)), -jnp.log(float(m))
+    reg = jnp.asarray(reg, cost.dtype)
+
+    def body(carry, _):
+        f, g = carry
+        f = -reg * jax.nn.logsumexp((g[None, :] - cost) / reg, axis=1) + reg * log_a
+        g = -reg * jax.nn.logsumexp((f[:, None] - cost) / reg, axis=0) + reg * log_b
+        return (f, g), None
+
+    init = (jnp.zeros(n, cost.dtype), jnp.zeros(m, cost.dtype))
+    (f, g), _ = jax.lax.scan(body, init, None, length=int(num_iters))
+    return (f[:, None] + g[None, :] - cost) / reg
+
+
+class SinkhornOT(eqx.Module):
+    reg: float
+    num_iters: int = eqx.field(static=True, default=200)
+    class_conditional: bool = eqx.field(static=True, default=False)
+    relative: bool = eqx.field(static=True, default=False)
+
+    def __call__(self, key: Array, x0: Array, x1: Array, labels: Any = None):
+        _check_pair(x0, x1, labels)
+        mask = _class_mask(labels, self.class_conditional, x0.shape[0])
+        cost = jax.lax.stop_gradient(squared_cost(x0, x1))
+        if mask is not None:
+            cost = jnp.where(mask, cost, jnp.inf)
+        reg = self.reg
+        if self.relative:  # reg times the mean cost of the allowed pairs
+            finite = jnp.isfinite(cost)
+            reg = reg * jnp.sum(jnp.where(finite, cost, 0.0)) / jnp.sum(finite)
+        log_plan = sinkhorn_plan(cost, reg, self.num_iters)
+        j = jax.random.categorical(key, log_plan, axis=1)  # x1 given x0_i: P_ij / sum_j P_ij
+        return _out(x0, x1[j], labels)
+
+
+def sinkhorn_ot(
+    reg: float = 0.05,
+    *,
+    num_iters: int = 200,
+    class_conditional: bool = False,
+    relative: bool = False,
+) -> SinkhornOT:
+    """Mini-batch entropic OT: each ``x0_i`` meets ``x1_j`` drawn from row ``i`` of the plan.
+
+    ``reg`` (squared-distance units; with ``relative=True`` a fraction of the batch's mean cost,
+    as ott-jax's default) trades straightness (``reg -> 0``: exact OT) for smoothness
+    (``reg -> inf``: independent); ``num_iters`` Sinkhorn iterations (``O(C / reg)`` are needed
+    for converged row sums: raise it for small ``reg``; the column sums are exact regardless).
+    """
+    if not (np.isfinite(reg) and reg > 0):
+        raise ValueError(f"reg must be a positive number; got {reg}")
+    if int(num_iters) < 1:
+        raise ValueError(f"num_iters must be >= 1; got {num_iters}")
+    return SinkhornOT(float(reg), int(num_iters), bool(class_conditional), bool(relative))
+
+
+# --- sharding ----------------------------------------------------------------------------------
+
+
+def per_device(coupling: Any, mesh: Mesh, axis: str = "data"):
+    """Run ``coupling`` on each device's shard of the batch (a plan per device, no gather).
+
+    The result is a coupling of the same signature, for a batch sharded over ``mesh``'s ``axis``;
+    each device's key is ``fold_in(key, device index)``. Exact OT per shard is the OT of a batch of
+    ``n / d``: cheaper, and slightly less straight than one global plan.
+    """
+    spec = PartitionSpec(axis)
+
+    def local(key, *arrays):
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+        return coupling(key, *arrays)
+
+    def run(key: Array, x0: Array, x1: Array, labels: Any = None):
+        args = (x0, x1) if labels is None else (x0, x1, labels)
+        fn = jax.shard_map(
+            partial(local),
+            mesh=mesh,
+            in_specs=(PartitionSpec(), *(spec,) * len(args)),
+            out_specs=(spec,) * len(args),
+        )
+        return fn(key, *args)
+
+    return run

@@ -1,0 +1,264 @@
+r"""Stochastic interpolants and bridges: ``x_t = a_t x0 + b_t x1 + gamma_t z`` between any two laws.
+
+Albergo & Vanden-Eijnden (2023), "Stochastic interpolants: a unifying framework for flows and
+diffusions", with ``t = 0`` the data ``x0`` and ``t = 1`` the source ``x1`` (their ``t -> 1 - t``
+and ``x0 <-> x1`` relabelled to this package's convention): ``a_0 = b_1 = 1``, ``a_1 = b_0 = 0``,
+``gamma_0 = gamma_1 = 0``, ``z ~ N(0, I)`` independent of the pair ``(x0, x1)``, which may come
+from any coupling (:mod:`jaxdiff.couplings`). ``brownian_bridge(sigma)`` is ``a = 1 - t``,
+``b = t``, ``gamma = sigma sqrt(t (1 - t))``: Tong et al. (2024)'s Schrödinger-bridge CFM when the
+pairs come from the entropic OT plan with ``reg = 2 sigma^2``.
+
+Conditional fields, for a pair ``(x0, x1)`` and latent ``z``:
+
+* velocity ``d x_t / dt = a_t' x0 + b_t' x1 + gamma_t' z``; its posterior mean
+  ``b(x, t) = E[d x_t / dt | x_t = x]`` transports the marginals (the ODE ``dx = b dt``);
+* score ``grad_x log p_t(x | x0, x1) = -(x - a_t x0 - b_t x1) / gamma_t^2 = -z / gamma_t``; the
+  marginal score is ``s(x, t) = -E[z | x_t = x] / gamma_t``.
+
+A network predicts ``"velocity"`` (``b``), ``"eps"`` (``E[z | x_t]``, the latent's denoiser) or
+``"score"``; ``interpolant_loss`` regresses it on the conditional value. ``interpolant_sample``
+integrates ``dx = [b + sign(dt) eps_t s] dt + sqrt(2 eps_t) dW`` on a fixed grid (Euler-Maruyama in
+one ``lax.scan``): from ``t = 1`` to ``0`` it is the backward SDE with drift ``b - eps_t s``, from
+``0`` to ``1`` the forward SDE with ``b + eps_t s``; ``eps_t = 0`` is the ODE. Every ``eps_t >= 0``
+keeps the marginals of ``x_t`` (Albergo & Vanden-Eijnden 2023, Thm 2.8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from jaxdiff._checks import as_time, concrete, expand_like
+from jaxdiff._schedule_fns import Affine as _Affine
+from jaxdiff.field import Field, as_field
+from jaxdiff.losses import TimeSampler, uniform_time
+from jaxdiff.paths import _call, _derivative
+from jaxdiff.sources import draw_pairs
+
+Array = jax.Array
+
+__all__ = [
+    "StochasticInterpolant",
+    "brownian_bridge",
+    "linear_interpolant",
+    "interpolant_loss",
+    "interpolant_sample",
+]
+
+
+class _BridgeGamma(eqx.Module):
+    """``sigma sqrt(t (1 - t))``."""
+
+    sigma: ArrayLike
+
+    def __call__(self, t):
+        return self.sigma * jnp.sqrt(jnp.maximum(t * (1.0 - t), 0.0))
+
+
+class StochasticInterpolant(eqx.Module):
+    """``x_t = a(t) x0 + b(t) x1 + gamma(t) z``; derivatives in ``t`` by ``jax.jvp``.
+
+    >>> import jax.numpy as jnp
+    >>> si = brownian_bridge(0.5)
+    >>> float(si.gamma(0.5)), float(si.d_b(0.3))
+    (0.25, 1.0)
+    """
+
+    a_fn: Callable[[Array], Array]
+    b_fn: Callable[[Array], Array]
+    gamma_fn: Callable[[Array], Array]
+
+    def __check_init__(self):
+        ends = np.array([0.0, 1.0])
+        try:
+            vals = [concrete(_call(f, jnp.asarray(ends), n)) for f, n in self._fns()]
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError):
+            return
+        if any(v is None for v in vals):
+            return
+        a, b, g = vals
+        if not np.allclose(a, [1, 0], atol=1e-6) or not np.allclose(b, [0, 1], atol=1e-6):
+            raise ValueError(
+                f"an interpolant needs a(0) = 1, a(1) = 0, b(0) = 0, b(1) = 1 (t = 0 data, t = 1 "
+                f"source); got a = {a.tolist()}, b = {b.tolist()}"
+            )
+        if not np.allclose(g, 0, atol=1e-6):
+            raise ValueError(f"gamma must vanish at t = 0 and 1; got {g.tolist()}")
+
+    def _fns(self):
+        return ((self.a_fn, "a_fn"), (self.b_fn, "b_fn"), (self.gamma_fn, "gamma_fn"))
+
+    def a(self, t: ArrayLike) -> Array:
+        return _call(self.a_fn, as_time(t), "a_fn")
+
+    def b(self, t: ArrayLike) -> Array:
+        return _call(self.b_fn, as_time(t), "b_fn")
+
+    def gamma(self, t: ArrayLike) -> Array:
+        return _call(self.gamma_fn, as_time(t), "gamma_fn")
+
+    def d_a(self, t: ArrayLike) -> Array:
+        return _derivative(self.a, as_time(t))[1]
+
+    def d_b(self, t: ArrayLike) -> Array:
+        return _derivative(self.b, as_time(t))[1]
+
+    def d_gamma(self, t: ArrayLike) -> Array:
+        """``gamma'``: infinite at the ends for the Brownian bridge; draw ``t`` inside ``(0, 1)``."""
+        return _derivative(self.gamma, as_time(t))[1]
+
+    def interpolate(self, x0: ArrayLike, x1: ArrayLike, z: ArrayLike, t: ArrayLike) -> Array:
+        """``a_t x0 + b_t x1 + gamma_t z``."""
+        x0 = jnp.asarray(x0)
+        c = [expand_like(f(t), x0) for f in (self.a, self.b, self.gamma)]
+        return c[0] * x0 + c[1] * jnp.asarray(x1) + c[2] * jnp.asarray(z)
+
+    def sample(self, key: Array, x0: ArrayLike, x1: ArrayLike, t: ArrayLike):
+        """Draw ``z ~ N(0, I)`` and return ``(x_t, z)``."""
+        x0 = jnp.asarray(x0)
+        z = jax.random.normal(key, x0.shape, x0.dtype)
+        return self.interpolate(x0, x1, z, t), z
+
+    def conditional_velocity(self, x0: ArrayLike, x1: ArrayLike, z: ArrayLike, t: ArrayLike):
+        """``d x_t / dt = a_t' x0 + b_t' x1 + gamma_t' z`` at fixed ``(x0, x1, z)``."""
+        x0 = jnp.asarray(x0)
+        c = [expand_like(f(t), x0) for f in (self.d_a, self.d_b, self.d_gamma)]
+        return c[0] * x0 + c[1] * jnp.asarray(x1) + c[2] * jnp.asarray(z)
+
+    def conditional_score(self, x: ArrayLike, x0: ArrayLike, x1: ArrayLike, t: ArrayLike):
+        """``grad_x log N(x; a_t x0 + b_t x1, gamma_t^2 I) = -(x - a_t x0 - b_t x1) / gamma_t^2``."""
+        x = jnp.asarray(x)
+        mean = self.interpolate(x0, x1, jnp.zeros_like(x), t)
+        return -(x - mean) / expand_like(jnp.square(self.gamma(t)), x)
+
+
+def brownian_bridge(sigma: ArrayLike = 1.0) -> StochasticInterpolant:
+    """``x_t = (1 - t) x0 + t x1 + sigma sqrt(t (1 - t)) z`` (Tong et al. 2024, SB-CFM)."""
+    s = concrete(sigma)
+    if s is not None and not (np.all(np.isfinite(s)) and np.all(s >= 0)):
+        raise ValueError(f"sigma must be >= 0; got {s.tolist()}")
+    return StochasticInterpolant(_Affine(1.0, -1.0), _Affine(0.0, 1.0), _BridgeGamma(sigma))
+
+
+def linear_interpolant() -> StochasticInterpolant:
+    """``x_t = (1 - t) x0 + t x1``: rectified flow between any two laws (no latent noise)."""
+    return brownian_bridge(0.0)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def interpolant_loss(
+    net: Field,
+    interpolant: StochasticInterpolant,
+    *,
+    time_sampler: TimeSampler | None = None,
+    source: Any = None,
+    coupling: Any = None,
+) -> Callable[[Any, Array, Any], Array]:
+    """``(params, key, batch) -> scalar``: regress ``net`` on the interpolant's conditional field.
+
+    ``net.target``: ``"velocity"``, ``|b_hat - (a' x0 + b' x1 + gamma' z)|^2`` (Albergo &
+    Vanden-Eijnden 2023, eq. 2.13; Tong et al. 2024); ``"eps"``, ``|eta_hat - z|^2`` (the latent's
+    denoiser, eq. 2.18; the score is ``-eta / gamma_t``); ``"score"``, ``|gamma_t s_hat + z|^2``
+    (the score loss weighted by ``gamma_t^2``). Batches, ``source`` and ``coupling`` as in
+    :func:`jaxdiff.diffusion_loss` (``x0``, ``(x0, labels)`` or a dict with ``x1``). ``t`` defaults
+    to ``U[1e-3, 1 - 1e-3]`` (``gamma'`` is infinite at the ends of the bridge).
+    """
+    net = as_field(net, "net")
+    if net.target not in ("velocity", "eps", "score"):
+        raise ValueError(
+            f"an interpolant network predicts 'velocity', 'eps' (E[z | x_t]) or 'score'; got "
+            f"{net.target!r}"
+        )
+    target = net.target
+    time_sampler = uniform_time(1e-3, 1.0 - 1e-3) if time_sampler is None else time_sampler
+
+    def loss(params: Any, key: Array, batch: Any) -> Array:
+        pair_key, t_key, z_key = jax.random.split(key, 3)
+        x0, x1, labels = draw_pairs(pair_key, batch, source, coupling)
+        t = time_sampler(t_key, (x0.shape[0],)).astype(x0.dtype)
+        x_t, z = interpolant.sample(z_key, x0, x1, t)
+        args = () if labels is None else (labels,)
+        pred = net.apply(params, x_t, t, *args)
+        if target == "velocity":
+            err = pred - interpolant.conditional_velocity(x0, x1, z, t)
+        elif target == "eps":
+            err = pred - z
+        else:
+            err = expand_like(interpolant.gamma(t), x0) * pred + z
+        return jnp.mean(jnp.square(err))
+
+    return loss
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+def interpolant_sample(
+    key: Array | None,
+    interpolant: StochasticInterpolant,
+    velocity: Field,
+    x_init: ArrayLike,
+    ts: ArrayLike,
+    *,
+    noise: Field | None = None,
+    diffusion: float | Callable[[Array], Array] = 0.0,
+) -> Array:
+    """Integrate ``dx = [b + sign(dt) eps_t s] dt + sqrt(2 eps_t) dW`` over the grid ``ts``.
+
+    ``velocity`` predicts ``b``; ``noise`` predicts ``"eps"`` (``E[z | x]``, then
+    ``s = -eps / gamma_t``) or ``"score"``, needed when ``diffusion`` (``eps_t``, a number or a
+    function of ``t``) is not 0. ``ts`` runs from ``1`` to ``0`` (source to data: the backward SDE)
+    or from ``0`` to ``1`` (the forward SDE); ``x_init`` is drawn at ``ts[0]`` (e.g.
+    ``source(key, shape)``). The score is evaluated at ``ts[:-1]``, so with ``eps_t > 0`` there
+    ``gamma_t`` must be > 0: start at ``1 - 1e-3`` rather than ``1``. Returns ``x`` at ``ts[-1]``.
+    """
+    velocity = as_field(velocity, "velocity")
+    if velocity.target != "velocity":
+        raise ValueError(f"velocity must predict 'velocity'; got {velocity.target!r}")
+    ts = jnp.asarray(ts, jnp.result_type(float))
+    x = jnp.asarray(x_init)
+    if ts.ndim != 1 or ts.shape[0] < 2:
+        raise ValueError(f"ts must be a 1-D grid of at least 2 times; got shape {ts.shape}")
+    eps_fn = diffusion if callable(diffusion) else (lambda t, c=diffusion: jnp.full_like(t, c))
+    stochastic = callable(diffusion) or float(diffusion) != 0.0
+    if stochastic:
+        if noise is None:
+            raise ValueError("diffusion != 0 needs the noise field (target 'eps' or 'score')")
+        noise = as_field(noise, "noise")
+        if noise.target not in ("eps", "score"):
+            raise ValueError(f"noise must predict 'eps' or 'score'; got {noise.target!r}")
+        if key is None:
+            raise ValueError("diffusion != 0 needs a PRNG key")
+        g = concrete(interpolant.gamma(ts[:-1]))
+        if g is not None and np.any(g <= 0):
+            raise ValueError(
+                "the score -E[z | x] / gamma_t is infinite where gamma_t = 0; with diffusion != 0 "
+                f"the grid must avoid those times before its end (got gamma = 0 at "
+                f"t = {np.asarray(ts[:-1])[g <= 0].tolist()})"
+            )
+    keys = jax.random.split(key, ts.shape[0] - 1) if stochastic else None
+
+    def step(x, inputs):
+        t, s, k = inputs
+        tb = jnp.full(x.shape[:1], t, x.dtype)
+        dt = (s - t).astype(x.dtype)
+        drift = velocity(x, tb)
+        if stochastic:
+            eps_t = jnp.asarray(eps_fn(t), x.dtype)
+            pred = noise(x, tb)
+            score = -pred / interpolant.gamma(t).astype(x.dtype) if noise.target == "eps" else pred
+            drift = drift + jnp.sign(dt) * eps_t * score
+            xi = jax.random.normal(k, x.shape, x.dtype)
+            return x + drift * dt + jnp.sqrt(2.0 * eps_t * jnp.abs(dt)) * xi, None
+        return x + drift * dt, None
+
+    x, _ = jax.lax.scan(step, x, (ts[:-1], ts[1:], keys))
+    return x

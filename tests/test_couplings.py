@@ -1,0 +1,260 @@
+"""Couplings: exact OT against brute force over all permutations, class-conditional pairs, the
+Sinkhorn plan against POT's, row sampling of the plan, torchcfm's exact plan, sharding, and the
+losses that consume them."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from jaxdiff import couplings as C
+
+PERMS6 = np.array(list(itertools.permutations(range(6))))  # all 720 assignments of 6 points
+
+
+def _brute_force(cost: np.ndarray, perms: np.ndarray = PERMS6) -> tuple[np.ndarray, float]:
+    totals = cost[np.arange(cost.shape[0])[None, :], perms].sum(1)
+    best = int(np.argmin(totals))
+    return perms[best], float(totals[best])
+
+
+def _recover_perm(x1: np.ndarray, paired: np.ndarray) -> np.ndarray:
+    """Index j with paired[i] == x1[j] (points are distinct)."""
+    d = np.abs(paired[:, None] - x1[None]).reshape(len(x1), len(x1), -1).sum(-1)
+    assert np.all(d.min(1) == 0)
+    return d.argmin(1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_exact_ot_is_the_brute_force_optimum(seed):
+    k0, k1 = jax.random.split(jax.random.key(seed))
+    event = (2,) if seed % 2 else (2, 3)  # flattened event axes for images
+    x0 = jax.random.normal(k0, (6, *event))
+    x1 = jax.random.normal(k1, (6, *event)) + 0.5
+    cost = np.asarray(C.squared_cost(x0, x1), np.float64)
+    perm, best = _brute_force(cost)
+    for coupling in (C.exact_ot(), jax.jit(C.exact_ot())):
+        y0, y1 = coupling(jax.random.key(9), x0, x1)
+        assert np.array_equal(np.asarray(y0), np.asarray(x0))  # rows (and labels) stay
+        ours = _recover_perm(np.asarray(x1), np.asarray(y1))
+        # Random continuous points: the optimum is unique, so the permutation itself must match.
+        assert ours.tolist() == perm.tolist()
+        np.testing.assert_allclose(cost[np.arange(6), ours].sum(), best, rtol=1e-6)
+
+
+def test_class_conditional_ot_pairs_only_within_a_class():
+    # 8 points in 2 classes of 4: the optimum is the per-class optimum (4! each by brute force).
+    k0, k1 = jax.random.split(jax.random.key(3))
+    x0 = jax.random.normal(k0, (8, 2))
+    x1 = jax.random.normal(k1, (8, 2))
+    labels = jnp.array([0, 1, 1, 0, 1, 0, 0, 1])
+    cost = np.asarray(C.squared_cost(x0, x1), np.float64)
+    expected = 0.0
+    for c in (0, 1):
+        idx = np.flatnonzero(np.asarray(labels) == c)
+        perms4 = np.array(list(itertools.permutations(range(4))))
+        expected += _brute_force(cost[np.ix_(idx, idx)], perms4)[1]
+    for coupling in (
+        C.exact_ot(class_conditional=True),
+        C.sinkhorn_ot(0.05, num_iters=500, class_conditional=True),
+    ):
+        y0, y1, y = jax.jit(coupling)(jax.random.key(0), x0, x1, labels)
+        j = _recover_perm(np.asarray(x1), np.asarray(y1))
+        assert np.array_equal(np.asarray(labels)[j], np.asarray(y))  # every pair within a class
+        if isinstance(coupling, C.ExactOT):
+            np.testing.assert_allclose(cost[np.arange(8), j].sum(), expected, rtol=1e-6)
+    # Without the flag labels just follow x0; the unconstrained optimum is no worse.
+    _, y1, _ = C.exact_ot()(jax.random.key(0), x0, x1, labels)
+    j = _recover_perm(np.asarray(x1), np.asarray(y1))
+    assert cost[np.arange(8), j].sum() <= expected + 1e-9
+    with pytest.raises(ValueError, match="needs labels"):
+        C.exact_ot(class_conditional=True)(jax.random.key(0), x0, x1)
+
+
+def test_sinkhorn_plan_matches_pot(x64):
+    ot = pytest.importorskip("ot")
+    k0, k1 = jax.random.split(jax.random.key(1))
+    x0, x1 = jax.random.normal(k0, (7, 2)), jax.random.normal(k1, (7, 2)) + 1.0
+    cost = C.squared_cost(x0, x1)
+    for reg in (1.0, 0.5):  # both converge to 1e-14 within 3000 iterations at these reg
+        ours = np.exp(np.asarray(C.sinkhorn_plan(cost, reg, num_iters=3000)))
+        a = np.full(7, 1 / 7)
+        theirs = ot.sinkhorn(
+            a, a, np.asarray(cost), reg, method="sinkhorn_log", numItermax=100_000, stopThr=1e-14
+        )
+        np.testing.assert_allclose(ours, theirs, atol=1e-10)
+
+
+def test_sinkhorn_plan_limits(x64):
+    # Marginals are 1/n; reg -> 0 recovers the exact OT cost, reg -> inf the independent one.
+    k0, k1 = jax.random.split(jax.random.key(2))
+    x0, x1 = jax.random.normal(k0, (6, 2)), jax.random.normal(k1, (6, 2)) + 1.0
+    cost = np.asarray(C.squared_cost(x0, x1))
+    exact = _brute_force(cost)[1] / 6
+    # Columns are exact after the last g update; rows converge linearly, slowly for small reg
+    # (5000 iterations at reg = 0.01 leave 3.5e-5).
+    for reg, expected, tol, row_tol in ((0.01, exact, 1e-3, 1e-4), (1e4, cost.mean(), 1e-3, 1e-9)):
+        plan = np.exp(np.asarray(C.sinkhorn_plan(jnp.asarray(cost), reg, num_iters=5000)))
+        np.testing.assert_allclose(plan.sum(0), 1 / 6, atol=1e-9)
+        np.testing.assert_allclose(plan.sum(1), 1 / 6, atol=row_tol)
+        np.testing.assert_allclose((plan * cost).sum(), expected, rtol=tol)
+
+
+def test_sinkhorn_coupling_draws_x1_from_the_rows_of_the_plan():
+    # x0_i meets x1_j with probability n P_ij; 20,000 draws per row: SE of a frequency <= 0.0036.
+    k0, k1 = jax.random.split(jax.random.key(4))
+    x0, x1 = jax.random.normal(k0, (4, 2)), jax.random.normal(k1, (4, 2))
+    coupling = C.sinkhorn_ot(1.0, num_iters=100)
+    plan = 4 * np.exp(np.asarray(C.sinkhorn_plan(C.squared_cost(x0, x1), 1.0, 100)))
+    np.testing.assert_allclose(plan.sum(1), 1.0, atol=1e-5)  # converged: rows are distributions
+    keys = jax.random.split(jax.random.key(5), 20_000)
+    y0, y1 = jax.jit(jax.vmap(coupling, in_axes=(0, None, None)))(keys, x0, x1)
+    assert np.array_equal(np.asarray(y0[0]), np.asarray(x0))
+    dist = np.abs(np.asarray(y1)[:, :, None] - np.asarray(x1)[None, None]).sum(-1)  # (draw, i, j)
+    j = dist.argmin(-1)
+    freq = np.stack([(j == k).mean(0) for k in range(4)], axis=1)  # freq[i, k]
+    assert np.abs(freq - plan).max() < 5 * 0.0036, (freq, plan)
+
+
+def test_exact_ot_agrees_with_torchcfm():
+    torch = pytest.importorskip("torch")
+    otp = pytest.importorskip("torchcfm.optimal_transport")
+    k0, k1 = jax.random.split(jax.random.key(6))
+    x0 = jax.random.normal(k0, (64, 2))
+    x1 = jd.data.moons(k1, 64)
+    pi = otp.OTPlanSampler(method="exact").get_map(
+        torch.from_numpy(np.asarray(x0)), torch.from_numpy(np.asarray(x1))
+    )
+    theirs = pi.argmax(1)
+    assert np.allclose(pi.max(1), 1 / 64)  # a permutation plan
+    _, y1 = C.exact_ot()(jax.random.key(0), x0, x1)
+    ours = _recover_perm(np.asarray(x1), np.asarray(y1))
+    cost = np.asarray(C.squared_cost(x0, x1), np.float64)
+    np.testing.assert_allclose(
+        cost[np.arange(64), ours].sum(), cost[np.arange(64), theirs].sum(), rtol=1e-6
+    )
+    assert (ours == theirs).mean() == 1.0
+
+
+def test_coupling_errors():
+    x = jnp.zeros((4, 2))
+    with pytest.raises(ValueError, match="equal shape"):
+        C.exact_ot()(jax.random.key(0), x, jnp.zeros((5, 2)))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        C.independent()(jax.random.key(0), x, x, jnp.zeros(3, jnp.int32))
+    with pytest.raises(ValueError, match="reg must be a positive"):
+        C.sinkhorn_ot(0.0)
+    with pytest.raises(ValueError, match="square cost"):
+        C.assignment(jnp.zeros((3, 4)))
+    # A NaN batch gives NaN pairs, never a silent wrong pairing.
+    _, y1 = jax.jit(C.exact_ot())(jax.random.key(0), x, x.at[0, 0].set(jnp.nan))
+    assert np.isnan(np.asarray(y1)).all()
+
+
+def test_losses_train_on_the_coupled_pairs():
+    # A zero velocity network: the flow-matching loss is mean |x1 - x0|^2 / d of the pairs it saw,
+    # i.e. the OT cost per point with the exact coupling, more with the independent one.
+    zero = jd.Field(lambda p, x, t: jnp.zeros_like(x), "velocity")
+    x0 = jd.data.moons(jax.random.key(0), 128)
+    x1 = jax.random.normal(jax.random.key(1), (128, 2))
+    cost = np.asarray(C.squared_cost(x0, x1), np.float64)
+    best = C.exact_ot()(jax.random.key(0), x0, x1)[1]
+    ot_cost = float(np.sum((np.asarray(best) - np.asarray(x0)) ** 2)) / 256
+    batch = {"x0": x0, "x1": x1}
+    ot = jd.flow_matching_loss(zero, coupling=C.exact_ot())
+    ind = jd.flow_matching_loss(zero)
+    np.testing.assert_allclose(jax.jit(ot)(None, jax.random.key(2), batch), ot_cost, rtol=1e-4)
+    np.testing.assert_allclose(ind(None, jax.random.key(2), batch), cost.trace() / 256, rtol=1e-5)
+    assert ot_cost < 0.5 * cost.trace() / 256
+
+
+SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jaxdiff as jd
+from jaxdiff.train import data_mesh
+
+mesh = data_mesh()
+x0 = jax.random.normal(jax.random.key(0), (64, 2))
+x1 = jax.random.normal(jax.random.key(1), (64, 2))
+sh = NamedSharding(mesh, P("data"))
+run = jax.jit(jd.per_device(jd.exact_ot(), mesh))
+y0, y1 = run(jax.random.key(2), jax.device_put(x0, sh), jax.device_put(x1, sh))
+local = [jd.exact_ot()(jax.random.key(0), x0[i:i + 16], x1[i:i + 16])[1] for i in range(0, 64, 16)]
+# one global plan on the sharded batch: XLA gathers it for the host call, same pairs as unsharded
+g0, g1 = jax.jit(jd.exact_ot())(jax.random.key(2), jax.device_put(x0, sh), jax.device_put(x1, sh))
+print(json.dumps({
+    "global_diff": float(jnp.max(jnp.abs(g1 - jd.exact_ot()(jax.random.key(2), x0, x1)[1]))),
+    "devices": jax.device_count(),
+    "sharded": len(y1.sharding.device_set),
+    "max_diff": float(jnp.max(jnp.abs(y1 - jnp.concatenate(local)))),
+    "rows_kept": bool(jnp.all(y0 == x0)),
+}))
+"""
+
+
+def test_per_device_plans_on_four_fake_devices():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {
+        "global_diff": 0.0,
+        "devices": 4,
+        "sharded": 4,
+        "max_diff": 0.0,
+        "rows_kept": True,
+    }
+
+
+def test_class_conditional_coupling_inside_the_loss():
+    # (x0, labels) batch, a zero conditional network: the loss is the within-class OT cost.
+    zero = jd.Field(lambda p, x, t, y: jnp.zeros_like(x), "velocity")
+    x0 = jax.random.normal(jax.random.key(0), (8, 2))
+    x1 = jax.random.normal(jax.random.key(1), (8, 2)) + 1.0
+    labels = jnp.array([0, 1, 1, 0, 1, 0, 0, 1])
+    _, y1, _ = C.exact_ot(class_conditional=True)(jax.random.key(0), x0, x1, labels)
+    expected = float(jnp.sum((y1 - x0) ** 2)) / 16
+    loss = jd.flow_matching_loss(zero, coupling=C.exact_ot(class_conditional=True))
+    value = jax.jit(loss)(None, jax.random.key(3), {"x0": x0, "x1": x1, "labels": labels})
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs labels"):
+        loss(None, jax.random.key(3), {"x0": x0, "x1": x1})
+
+
+@pytest.mark.parametrize("steps", [1, 10, 100])
+def test_straightness_of_a_curved_flow(steps, x64):
+    # v(x, t) = a t: the Euler velocities along any trajectory are a t_k, t_k = 1 - k / steps, so
+    # S = d |a|^2 Var_k(t_k) = |a|^2 (steps^2 - 1) / (12 steps^2) and the chord is a mean_k t_k.
+    a = jnp.array([2.0, -1.0])
+    field = jd.Field(lambda x, t: t[:, None] * a[None], "velocity")
+    st = jd.straightness(field, jnp.zeros((16, 2)), steps=steps)
+    var_t = (steps**2 - 1) / (12 * steps**2)
+    mean_t = (1 + 1 / steps) / 2
+    np.testing.assert_allclose(st.value, 5.0 * var_t, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(st.relative, var_t / mean_t**2, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(st.x0, -jnp.broadcast_to(a * mean_t, (16, 2)), rtol=1e-12)
+    # the same flow given as an x0-prediction on the linear path, converted through the path
+    path = jd.linear_path()
+    as_x0 = jd.Field(
+        lambda x, t: jd.convert(path, x, t, t[:, None] * a[None], src="velocity", dst="x0"), "x0"
+    )
+    st2 = jd.straightness(as_x0, jnp.zeros((16, 2)), path=path, steps=steps)
+    np.testing.assert_allclose(st2.value, st.value, rtol=1e-8, atol=1e-12)
