@@ -22,7 +22,15 @@ from pathlib import Path
 
 from benchmarks.common import device_tag, environment
 
-SECTIONS = ["solver_overhead", "peers", "accuracy", "training", "likelihood", "scaling"]
+SECTIONS = [
+    "solver_overhead",
+    "peers",
+    "accuracy",
+    "training",
+    "likelihood",
+    "scaling",
+    "fewstep_training",
+]
 RESULTS = Path(__file__).parent / "results"
 
 

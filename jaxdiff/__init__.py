@@ -11,6 +11,16 @@ the digits classifier (``jaxdiff.digits``) load on first use, so the core never 
 import importlib as _importlib
 
 from jaxdiff import data, losses
+from jaxdiff.consistency import (
+    consistency_distillation_loss,
+    consistency_function,
+    consistency_grid,
+    consistency_sample,
+    consistency_scalings,
+    consistency_step,
+    consistency_training_loss,
+    ict_num_scales,
+)
 from jaxdiff.conversions import TARGETS, Target, convert, from_x0_eps, to_x0_eps
 from jaxdiff.ddim import ddim_invert, ddim_sample, ddim_step
 from jaxdiff.ddpm import (
@@ -50,6 +60,7 @@ from jaxdiff.losses import (
     v_loss,
     x0_loss,
 )
+from jaxdiff.meanflow import meanflow_loss, meanflow_sample, meanflow_step, meanflow_target
 from jaxdiff.metrics import (
     energy_distance,
     frechet_distance,
@@ -73,6 +84,7 @@ from jaxdiff.pc import (
     pc_sample,
     reverse_diffusion_predictor,
 )
+from jaxdiff.reflow import reflow_loss, reflow_pairs, straightness
 from jaxdiff.sample import sample
 from jaxdiff.schedules import (
     alpha_bars,
@@ -103,6 +115,21 @@ def __getattr__(name):
 
 
 __all__ = [
+    "consistency_distillation_loss",
+    "consistency_function",
+    "consistency_grid",
+    "consistency_sample",
+    "consistency_scalings",
+    "consistency_step",
+    "consistency_training_loss",
+    "ict_num_scales",
+    "meanflow_loss",
+    "meanflow_sample",
+    "meanflow_step",
+    "meanflow_target",
+    "reflow_loss",
+    "reflow_pairs",
+    "straightness",
     "ddim_invert",
     "ddim_sample",
     "ddim_step",
