@@ -3,23 +3,29 @@
 One evaluation for all: energy distance and MMD between ``N`` samples and ``N`` held-out true
 points of a 2-D toy, at 1, 2, 4 and 8 network evaluations, next to the floor (the same statistic
 between two independent true sets). Every method trains the same network (``TwoTimeMLP``: width
-128, depth 3, Fourier time features of scale 1; the one-time methods call it with ``r = t``) for
-the same ``steps`` at the same batch with the same optimiser (AdamW, warmup + cosine, clipping)
-and is evaluated from its EMA parameters, so equal steps x batch is the compute unit; the columns
-give each method's network evaluations per example (``fwd``: forward passes, a JVP counted as 2;
-``bwd``: backward passes) and the measured training time, compile excluded.
+128, depth 3, Fourier time features of scale 1; the one-time methods call it with ``r = t``) with
+the same optimiser (AdamW, warmup + cosine to each stage's end, clipping, lr 2e-3) at the same
+batch, and is evaluated from its EMA parameters.
 
-* **FM**: conditional flow matching on the linear path; Euler at k steps (``t = 1 -> 1e-3``), and
-  Euler at 100 steps as its multi-step number. **FM 2x**: twice the steps (the budget of the
-  two-stage methods below).
+**Equal training compute** is ``budget = S`` optimiser steps x batch per method, teachers
+included: the two-stage methods spend ``S / 2`` on their flow-matching teacher and ``S / 2`` on
+their own stage. Per step the methods differ in network passes per example (``fwd``: forward
+passes, a JVP counted as 2, CT/CD's stop-gradient target 1, CD's Heun teacher 2; ``bwd``:
+backward passes), so the measured seconds are given too (``train_s``: the method's own stage;
+``total_s``: with its teacher and, for reflow, the pair solves; compile excluded). Two more rows
+spend ``2 S``: FM with twice the steps, and reflow from the ``S``-step FM teacher.
+
+* **FM**: conditional flow matching on the linear path; Euler at k steps (``t = 1 -> 1e-3``) and at
+  100 steps (``ed_100``, its multi-step number).
 * **MeanFlow** (Geng et al. 2025): uniform times, 75% of the batch with ``r = t``, adaptive weight
   power 0.5 (the paper's 1.0 measured worse here); k uniform MeanFlow jumps.
-* **CT** (consistency training, iCT-style: stop-gradient target, pseudo-Huber, ``1 / dt``
-  weights, ``N`` doubling from 10 to 160 in stages); multistep consistency sampling at k steps.
-* **CD** from the trained FM network (Heun teacher steps, ``N = 32``); its cost includes FM's.
-* **Reflow** (Liu et al. 2023): ``pairs`` (noise, sample) from the FM network (Euler, 100 steps),
-  then ``steps`` more of flow matching on the fixed pairs, initialised from FM's weights; its
-  cost is FM's training + the pair solves + the retraining (``extra_s``).
+* **CT** (consistency training, iCT-style: EDM scalings, stop-gradient target, pseudo-Huber,
+  ``1 / dt`` weights on a grid uniform in ``t``, ``N`` doubling from 9 to 33 in three stages);
+  multistep consistency sampling on the uniform grid at k steps.
+* **CD**: consistency distillation from the FM teacher (Heun teacher steps, ``N = 16``;
+  initialised from scratch: starting from the teacher's weights measured worse).
+* **Reflow** (Liu et al. 2023): ``pairs`` (noise, sample) from the FM teacher (Euler, 100 steps),
+  then flow matching on the fixed pairs, initialised from the teacher's weights; Euler at k steps.
 
 ``straightness`` is Liu et al.'s ``S`` (100 Euler steps) of the field's own ODE: for MeanFlow,
 of its instantaneous velocity ``u(z, t, t)``.
@@ -89,10 +95,11 @@ def compare(steps, batch, n_eval, n_pairs, datasets, mode, lr=2e-3) -> dict:
         f"N = {n_eval} samples per evaluation, {n_pairs} reflow pairs. Floors (ED, MMD) between two "
         "true sets: "
         + ", ".join(f"{k} {v[0]:.2e} / {v[1]:.2e}" for k, v in floors.items())
-        + ". fwd/bwd: network passes per example per step (MeanFlow's JVP = 2 forward; CT/CD: the "
-        "stop-gradient target is a 2nd forward; CD's Heun teacher adds 2). train_s excludes "
-        "compile; extra_s is the teacher's training (+ the pair solves for reflow). ed_100: Euler "
-        "at 100 steps. Straightness: Liu et al.'s S over 100 Euler steps."
+        + ". budget: optimiser steps including the teacher's (S or 2 S); fwd/bwd: network passes "
+        "per example per step (MeanFlow's JVP = 2 forward; CT/CD: the stop-gradient target is a "
+        "2nd forward; CD's Heun teacher adds 2). train_s: the method's own stage; total_s: with "
+        "its teacher and the reflow pair solves; compile excluded. ed_100: Euler at 100 steps. "
+        "Straightness: Liu et al.'s S over 100 Euler steps."
     )
     return {"rows": rows, "notes": notes, "floors": floors}
 
@@ -102,78 +109,93 @@ def _on(name, data, true, model, params0, steps, batch, n_eval, n_pairs, lr) -> 
     path = jd.linear_path()
     one_time = lambda p, x, t: model.apply(p, x, t)  # noqa: E731 - r = t
     x1 = jax.random.normal(jax.random.key(5), (n_eval, 2))
-    x1_s = x1[:2000]
     rows = []
 
-    def row(method, fwd, bwd, train_s, compile_s, samples, extra_s=0.0, field=None, **kw):
-        r = {"data": name, "method": method, "steps": kw.pop("steps", steps), "batch": batch,
-             "fwd": fwd, "bwd": bwd, "train_s": train_s, "extra_s": extra_s,
+    def row(
+        method,
+        budget,
+        own,
+        fwd,
+        bwd,
+        train_s,
+        total_s,
+        compile_s,
+        samples,
+        field=None,
+        ed_100=False,
+    ):
+        r = {"data": name, "method": method, "budget": budget, "own_steps": own, "batch": batch,
+             "fwd": fwd, "bwd": bwd, "train_s": train_s, "total_s": total_s,
              "compile_s": compile_s}  # fmt: skip
         for k in KS:
             r[f"ed_{k}"], r[f"mmd_{k}"] = _scores(samples(k), true)
-        r["ed_100"] = kw.get("ed_100")
-        r["straightness"] = None if field is None else float(jd.straightness(field, x1_s))
+        r["ed_100"] = _scores(samples(100), true)[0] if ed_100 else None
+        r["straightness"] = None if field is None else float(jd.straightness(field, x1[:2000]))
         rows.append(r)
         print("   ", {k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()})
 
     def euler(field):
-        run = jax.jit(lambda k: jd.sample(None, path, field, x_init=x1, target="velocity",
-                                          steps=k).x, static_argnums=0)  # fmt: skip
-        return run
+        return jax.jit(lambda k: jd.sample(None, path, field, x_init=x1, target="velocity",
+                                           steps=k).x, static_argnums=0)  # fmt: skip
 
-    # flow matching, and with twice the steps
+    def consistency(p):
+        f = cm_net.bind(p)
+        return jax.jit(lambda k: jd.consistency_sample(jax.random.key(9), f, x_init=x1,
+                                                       steps=k).x, static_argnums=0)  # fmt: skip
+
+    def reflow(teacher, teacher_s, own):
+        t0 = time.perf_counter()
+        pair_fn = jax.jit(lambda k: jd.reflow_pairs(k, path, teacher, (n_pairs, 2), steps=100))
+        x0p, x1p = jax.block_until_ready(pair_fn(jax.random.key(11)))
+        pairs_s = time.perf_counter() - t0  # one solve of n_pairs: compile included (~1 s)
+
+        def pair_data(key, b):
+            idx = jax.random.randint(key, (b,), 0, n_pairs)
+            return x0p[idx], x1p[idx]
+
+        p, s, c = _train(jd.reflow_loss(fm_net, path), teacher.params, pair_data, own, batch, lr)
+        return fm_net.bind(p), s, teacher_s + pairs_s + s, c
+
+    half = steps // 2
+    # flow matching: the S-step model, and the S/2-step teacher of the two-stage methods
     fm_net = jd.Field(one_time, "velocity")
     fm_loss = jd.flow_matching_loss(fm_net, path)
-    fm_params, fm_s, fm_c = _train(fm_loss, params0, data, steps, batch, lr)
-    fm = fm_net.bind(fm_params)
-    sample_fm = euler(fm)
-    row("FM", 1, 1, fm_s, fm_c, sample_fm, field=fm, ed_100=_scores(sample_fm(100), true)[0])
-    p2, s2, c2 = _train(fm_loss, params0, data, 2 * steps, batch, lr)
-    fm2 = fm_net.bind(p2)
-    sample_fm2 = euler(fm2)
-    row("FM 2x", 1, 1, s2, c2, sample_fm2, field=fm2, steps=2 * steps,
-        ed_100=_scores(sample_fm2(100), true)[0])  # fmt: skip
+    fm_p, fm_s, fm_c = _train(fm_loss, params0, data, steps, batch, lr)
+    fm = fm_net.bind(fm_p)
+    row("FM", steps, steps, 1, 1, fm_s, fm_s, fm_c, euler(fm), fm, ed_100=True)
+    half_p, half_s, _ = _train(fm_loss, params0, data, half, batch, lr)
+    teacher = fm_net.bind(half_p)
 
     # MeanFlow
     mf_net = jd.Field(model.apply, "velocity")
     mf_loss = jd.meanflow_loss(mf_net, path, time_sampler=jd.uniform_time(0.0, 1.0),
                                weighting_power=0.5)  # fmt: skip
-    mf_params, mf_s, mf_c = _train(mf_loss, params0, data, steps, batch, lr)
-    mf = mf_net.bind(mf_params)
+    mf_p, mf_s, mf_c = _train(mf_loss, params0, data, steps, batch, lr)
+    mf = mf_net.bind(mf_p)
     mf_run = jax.jit(lambda k: jd.meanflow_sample(None, mf, x_init=x1, steps=k).x,
                      static_argnums=0)  # fmt: skip
-    row("MeanFlow", 2, 1, mf_s, mf_c, mf_run, field=mf)
+    row("MeanFlow", steps, steps, 2, 1, mf_s, mf_s, mf_c, mf_run, mf)
 
-    # consistency training (iCT curriculum in stages) and distillation from FM
+    # consistency training (iCT curriculum in stages) and distillation from the S/2 teacher
     cm_net = jd.Field(jd.consistency_function(one_time), "x0")
-
-    def cm_sampler(p):
-        f = cm_net.bind(p)
-        return jax.jit(lambda k: jd.consistency_sample(jax.random.key(9), f, x_init=x1,
-                                                       steps=k).x, static_argnums=0)  # fmt: skip
-
-    sizes = [jd.ict_num_scales(k, steps, 10, 160) for k in range(steps)]
+    sizes = [jd.ict_num_scales(k, steps, 8, 32) for k in range(steps)]
     stages = [(jd.consistency_training_loss(cm_net, path, num_scales=n), sizes.count(n))
               for n in dict.fromkeys(sizes)]  # fmt: skip
-    ct_params, ct_s, ct_c = _train(stages, params0, data, steps, batch, lr)
-    row("CT", 2, 1, ct_s, ct_c, cm_sampler(ct_params))
-    cd_loss = jd.consistency_distillation_loss(cm_net, fm, path, num_scales=32)
-    cd_params, cd_s, cd_c = _train(cd_loss, fm_params, data, steps, batch, lr)
-    row("CD (from FM)", 4, 1, cd_s, cd_c, cm_sampler(cd_params), extra_s=fm_s)
+    ct_p, ct_s, ct_c = _train(stages, params0, data, steps, batch, lr)
+    row("CT", steps, steps, 2, 1, ct_s, ct_s, ct_c, consistency(ct_p))
+    cd_loss = jd.consistency_distillation_loss(cm_net, teacher, path, num_scales=16)
+    cd_p, cd_s, cd_c = _train(cd_loss, params0, data, steps - half, batch, lr)
+    row("CD (FM S/2 + CD S/2)", steps, steps - half, 4, 1, cd_s, half_s + cd_s, cd_c,
+        consistency(cd_p))  # fmt: skip
 
-    # reflow: pairs from FM, then flow matching on them, initialised from FM
-    t0 = time.perf_counter()
-    pair_fn = jax.jit(lambda k: jd.reflow_pairs(k, path, fm, (n_pairs, 2), steps=100))
-    x0p, x1p = jax.block_until_ready(pair_fn(jax.random.key(11)))
-    pairs_s = time.perf_counter() - t0
-
-    def pair_data(key, b):
-        idx = jax.random.randint(key, (b,), 0, n_pairs)
-        return x0p[idx], x1p[idx]
-
-    rf_loss = jd.reflow_loss(fm_net, path)
-    rf_params, rf_s, rf_c = _train(rf_loss, fm_params, pair_data, steps, batch, lr)
-    rf = fm_net.bind(rf_params)
-    row("Reflow (2-RF)", 1, 1, rf_s, rf_c, euler(rf), extra_s=fm_s + pairs_s, field=rf,
-        ed_100=_scores(euler(rf)(100), true)[0])  # fmt: skip
+    # reflow from the S/2 teacher; then the 2 S rows
+    rf, rf_s, rf_total, rf_c = reflow(teacher, half_s, steps - half)
+    row("Reflow (FM S/2 + RF S/2)", steps, steps - half, 1, 1, rf_s, rf_total, rf_c, euler(rf),
+        rf, ed_100=True)  # fmt: skip
+    fm2_p, fm2_s, fm2_c = _train(fm_loss, params0, data, 2 * steps, batch, lr)
+    fm2 = fm_net.bind(fm2_p)
+    row("FM 2x", 2 * steps, 2 * steps, 1, 1, fm2_s, fm2_s, fm2_c, euler(fm2), fm2, ed_100=True)
+    rf2, rf2_s, rf2_total, rf2_c = reflow(fm, fm_s, steps)
+    row("Reflow (FM S + RF S)", 2 * steps, steps, 1, 1, rf2_s, rf2_total, rf2_c, euler(rf2), rf2,
+        ed_100=True)  # fmt: skip
     return rows

@@ -30,6 +30,13 @@ class TwoTimeMLP(nn.Module):
     the conditioning is ``c = silu(TimeEmbedding(t) + TimeEmbedding(t - r) [+ LabelEmbedding])``.
     ``t`` and ``r`` are scalars or ``(batch,)`` in ``[0, 1]``; ``r = None`` means ``r = t``.
 
+    Each time is embedded by Gaussian Fourier features of scale ``time_scale`` (then two Dense
+    layers); ``time_scale = None`` uses :class:`~jaxdiff.nets.TimeEmbedding` (``time_embedding``:
+    Fourier of scale 16, or sinusoidal), as :class:`~jaxdiff.nets.MLP` does. The default is 1,
+    low frequencies: the MeanFlow loss differentiates the network in ``t``, and with scale 16
+    one-step MeanFlow samples of the checkerboard had energy distance 0.78 against 0.0024 with
+    scale 1 (4,000 steps at batch 256, width 128, depth 3; scale 2: 0.004-0.012, 4: 0.012).
+
     >>> import jax, jax.numpy as jnp
     >>> from jaxdiff.nets import init_params
     >>> model = TwoTimeMLP(width=32, depth=2)
@@ -43,7 +50,7 @@ class TwoTimeMLP(nn.Module):
     num_classes: int | None = None
     time_embedding: str = "fourier"
     emb_dim: int = 64
-    time_scale: float | None = None
+    time_scale: float | None = 1.0
 
     def _embed(self, t: Array, name: str) -> Array:
         if self.time_scale is None:
