@@ -104,5 +104,7 @@ def test_bad_arguments_raise_clear_errors():
         jd.consistency_function(lambda p, x, t: x, kind="karras")
     with pytest.raises(ValueError, match="num_scales"):
         jd.consistency_training_loss(f, num_scales=1)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        jd.consistency_training_loss(f, ts=jnp.array([0.0, 0.5, 0.4]))
     with pytest.raises(ValueError, match="target 'x0'"):
         jd.consistency_sample(jax.random.key(0), jd.Field(lambda x, t: x, "eps"), (4, 2))
