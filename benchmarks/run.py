@@ -30,6 +30,7 @@ SECTIONS = [
     "likelihood",
     "scaling",
     "couplings",
+    "fewstep_training",
 ]
 RESULTS = Path(__file__).parent / "results"
 

@@ -11,6 +11,16 @@ the digits classifier (``jaxdiff.digits``) load on first use, so the core never 
 import importlib as _importlib
 
 from jaxdiff import couplings, data, losses, samplers, sources
+from jaxdiff.consistency import (
+    consistency_distillation_loss,
+    consistency_function,
+    consistency_grid,
+    consistency_sample,
+    consistency_scalings,
+    consistency_step,
+    consistency_training_loss,
+    ict_num_scales,
+)
 from jaxdiff.conversions import TARGETS, Target, convert, from_x0_eps, to_x0_eps
 from jaxdiff.couplings import exact_ot, independent, per_device, sinkhorn_ot
 from jaxdiff.ddim import ddim_invert, ddim_step
@@ -61,6 +71,7 @@ from jaxdiff.losses import (
     v_loss,
     x0_loss,
 )
+from jaxdiff.meanflow import meanflow_loss, meanflow_sample, meanflow_step, meanflow_target
 from jaxdiff.metrics import (
     energy_distance,
     frechet_distance,
@@ -77,6 +88,7 @@ from jaxdiff.paths import (
     ve_path,
     vp_path,
 )
+from jaxdiff.reflow import reflow_loss, reflow_pairs
 from jaxdiff.sample import inpaint, sample
 from jaxdiff.samplers import Sampler
 from jaxdiff.schedules import (
@@ -111,6 +123,21 @@ def __getattr__(name):
 
 
 __all__ = [
+    "consistency_distillation_loss",
+    "consistency_function",
+    "consistency_grid",
+    "consistency_sample",
+    "consistency_scalings",
+    "consistency_step",
+    "consistency_training_loss",
+    "ict_num_scales",
+    "meanflow_loss",
+    "meanflow_sample",
+    "meanflow_step",
+    "meanflow_target",
+    "reflow_loss",
+    "reflow_pairs",
+    "straightness",
     "ddim_invert",
     "ddim_step",
     "discrete_path",

@@ -1,0 +1,79 @@
+"""An MLP conditioned on two times, for fields over an interval such as MeanFlow's ``u(x, t, r)``.
+
+Geng et al. (2025) found embedding ``(t, t - r)`` best among the ways of feeding two times to the
+network; here the two embeddings are added, as a label embedding is added to the time's. With
+``r = t`` (the default) the interval is empty and the network is an ordinary one-time field: a
+MeanFlow network trained so that ``u(x, t, t)`` is the instantaneous velocity is then usable by
+every sampler as a ``"velocity"`` field.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jaxdiff.nets.embeddings import LabelEmbedding, TimeEmbedding, batch_times, fourier_embedding
+
+Array = jax.Array
+
+__all__ = ["TwoTimeMLP"]
+
+
+class TwoTimeMLP(nn.Module):
+    """Residual SiLU MLP ``(x, t, r, labels) -> output shaped like x``, conditioned on ``t`` and ``t - r``.
+
+    The body is :class:`jaxdiff.nets.MLP`'s (``depth`` blocks ``h += Dense(silu(h + Dense(c)))``);
+    the conditioning is ``c = silu(TimeEmbedding(t) + TimeEmbedding(t - r) [+ LabelEmbedding])``.
+    ``t`` and ``r`` are scalars or ``(batch,)`` in ``[0, 1]``; ``r = None`` means ``r = t``.
+
+    Each time is embedded by Gaussian Fourier features of scale ``time_scale`` (then two Dense
+    layers); ``time_scale = None`` uses :class:`~jaxdiff.nets.TimeEmbedding` (``time_embedding``:
+    Fourier of scale 16, or sinusoidal), as :class:`~jaxdiff.nets.MLP` does. The default is 1,
+    low frequencies: the MeanFlow loss differentiates the network in ``t``, and with scale 16
+    one-step MeanFlow samples of the checkerboard had energy distance 0.78 against 0.0024 with
+    scale 1 (4,000 steps at batch 256, width 128, depth 3; scale 2: 0.004-0.012, 4: 0.012).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxdiff.nets import init_params
+    >>> model = TwoTimeMLP(width=32, depth=2)
+    >>> params = init_params(model, jax.random.key(0), jnp.zeros((4, 2)), 0.5, 0.2)
+    >>> model.apply(params, jnp.ones((4, 2)), jnp.full(4, 0.7), jnp.full(4, 0.1)).shape
+    (4, 2)
+    """
+
+    width: int = 128
+    depth: int = 3
+    num_classes: int | None = None
+    time_embedding: str = "fourier"
+    emb_dim: int = 64
+    time_scale: float | None = 1.0
+
+    def _embed(self, t: Array, name: str) -> Array:
+        if self.time_scale is None:
+            return TimeEmbedding(self.emb_dim, self.time_embedding, name=name)(t)
+        h = fourier_embedding(t, self.emb_dim, scale=self.time_scale)
+        h = nn.silu(nn.Dense(self.emb_dim, name=f"{name}_0")(h))
+        return nn.Dense(self.emb_dim, name=f"{name}_1")(h)
+
+    @nn.compact
+    def __call__(
+        self, x: Array, t: ArrayLike, r: ArrayLike | None = None, labels: Array | None = None
+    ) -> Array:
+        batch, shape = x.shape[0], x.shape
+        t = batch_times(t, batch, x.dtype)
+        r = t if r is None else batch_times(r, batch, x.dtype)
+        cond = self._embed(t, "t_embedding") + self._embed(t - r, "gap_embedding")
+        if self.num_classes is not None:
+            cond = cond + LabelEmbedding(self.num_classes, self.emb_dim)(labels, batch)
+        elif labels is not None:
+            raise ValueError("labels given to a model built without num_classes")
+        cond = nn.silu(cond)
+        h = nn.Dense(self.width)(jnp.concatenate([x.reshape(batch, -1), cond], axis=-1))
+        for _ in range(self.depth):
+            h = h + nn.Dense(self.width)(nn.silu(h + nn.Dense(self.width)(cond)))
+        out = nn.Dense(math.prod(shape[1:]), kernel_init=nn.initializers.zeros)(nn.silu(h))
+        return out.reshape(shape)

@@ -1,0 +1,110 @@
+"""Consistency models: the boundary condition f(x, t_min) = x holds exactly, consistency training
+pairs share their noise (a closed-form loss value), distillation's loss at the exact consistency
+function vanishes at the order of its ODE step, and the samplers of the exact function are exact."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+
+MU = jnp.array([[2.0, -1.0]])
+S = 0.5  # data N(MU, S^2 I) on the linear path
+PATH = jd.linear_path()
+
+
+def _sigma(t):
+    return jnp.sqrt((1 - t) ** 2 * S**2 + t**2)
+
+
+def exact_f(x, t):
+    """The exact consistency function to t = 0: the flow map m_0 + (sigma_0 / sigma_t)(x - m_t)."""
+    t = t[:, None]
+    return MU + S * (x - (1 - t) * MU) / _sigma(t)
+
+
+@pytest.mark.parametrize("kind", ["euler", "edm"])
+@pytest.mark.parametrize("t_min", [0.0, 1e-3])
+def test_boundary_condition_holds_exactly(kind, t_min):
+    fn = lambda p, x, t: p * jnp.sin(3.0 * x) + t[:, None]  # noqa: E731 - any nonzero network
+    f = jd.consistency_function(fn, kind=kind, t_min=t_min)
+    x = jax.random.normal(jax.random.key(0), (64, 2))
+    np.testing.assert_array_equal(f(2.0, x, jnp.full(64, t_min)), x)
+    np.testing.assert_array_equal(jax.jit(f)(2.0, x, jnp.full(64, t_min)), x)
+    assert float(jnp.abs(f(2.0, x, jnp.full(64, 0.5)) - x).min()) > 1e-3
+
+
+def test_edm_scalings_are_song_et_al():
+    c_skip, c_out = jd.consistency_scalings(0.7, kind="edm", t_min=0.002, sigma_data=0.5)
+    np.testing.assert_allclose(c_skip, 0.25 / (0.698**2 + 0.25), rtol=1e-6)
+    np.testing.assert_allclose(c_out, 0.5 * 0.698 / np.sqrt(0.25 + 0.49), rtol=1e-6)
+    c_skip, c_out = jd.consistency_scalings(0.7, kind="euler", t_min=0.002)
+    assert float(c_skip) == 1.0 and abs(float(c_out) + 0.698) < 1e-7
+
+
+def test_consistency_training_pairs_share_data_and_noise():
+    """With f(x, t) = x, x0 = 0 and the linear path, x_{t_{n+1}} - x_{t_n} = (t_{n+1} - t_n) e, so
+    the inverse-gap-weighted L2 loss is E|e| = sqrt(pi / 2) in 2-D whatever the grid. Over
+    n = 100,000 samples its standard error is sqrt(2 - pi / 2) / sqrt(n) = 2.1e-3: 5 SE = 0.0104.
+    Independent noises for the two times would give E|t_hi e1 - t_lo e2| / (t_hi - t_lo) >> 1."""
+    net = jd.Field(lambda p, x, t: x, "x0")
+    for ts in (None, jnp.linspace(0.0, 1.0, 7)):
+        loss = jd.consistency_training_loss(net, PATH, num_scales=20, ts=ts, huber_c=0.0)
+        value = float(jax.jit(loss)(None, jax.random.key(1), jnp.zeros((100_000, 2))))
+        assert abs(value - np.sqrt(np.pi / 2)) < 0.0104, value
+
+
+@pytest.mark.parametrize("solver, order", [("euler", 1), ("heun", 2)])
+def test_distillation_loss_at_the_exact_function_vanishes_at_the_solver_order(x64, solver, order):
+    """The exact f is constant along exact trajectories, so the CD loss measures the teacher step's
+    local error O(dt^(p+1)), weighted by 1 / dt: O(dt^p). Slope of log loss vs log N within 0.3."""
+    oracle = jd.GaussianMixture.isotropic(MU, std=S).field(PATH, "velocity")
+    net = jd.Field(lambda p, x, t: exact_f(x, t), "x0")
+    batch = jd.GaussianMixture.isotropic(MU, std=S).sample(jax.random.key(2), 4096)
+    ns = np.array([8, 16, 32, 64])
+    losses = []
+    for n in ns:
+        loss = jd.consistency_distillation_loss(net, oracle, PATH, solver=solver, huber_c=0.0,
+                                                ts=jnp.linspace(0.0, 1.0, n + 1))  # fmt: skip
+        losses.append(float(loss(None, jax.random.key(3), batch)))
+    slope = np.polyfit(np.log(ns), np.log(losses), 1)[0]
+    assert abs(slope + order) < 0.3, (slope, losses)
+
+
+def test_samples_of_the_exact_consistency_function_are_exact(x64):
+    f = jd.Field(lambda x, t: exact_f(x, t), "x0")
+    x1 = jax.random.normal(jax.random.key(4), (20_000, 2))
+    sol = jd.consistency_sample(jax.random.key(5), f, x_init=x1, trajectory=True)
+    np.testing.assert_allclose(sol.x, MU + S * x1, atol=1e-12)  # one step: the flow map
+    assert sol.xs.shape == (2, 20_000, 2) and int(sol.nfe) == 1
+    for steps in (2, 4):  # fresh noise between steps: still exactly N(MU, S^2 I) in law
+        x = jd.consistency_sample(jax.random.key(6), f, (20_000, 2), steps=steps).x
+        # standard errors: mean S / sqrt(n) = 3.5e-3, std S / sqrt(2 n) = 2.5e-3; 5 SE each
+        np.testing.assert_allclose(x.mean(0), MU[0], atol=0.018)
+        np.testing.assert_allclose(x.std(0), S, atol=0.0125)
+
+
+def test_ict_curriculum_and_grid():
+    # Song & Dhariwal (2024): K = 400k, s0 = 10, s1 = 1280 -> stages of 50k steps, N = 11 .. 1281
+    sizes = [jd.ict_num_scales(k, 400_000) for k in (0, 49_999, 50_000, 399_999)]
+    assert sizes == [11, 11, 21, 1281]
+    np.testing.assert_allclose(jd.consistency_grid(11), np.linspace(0, 1, 11), atol=1e-7)
+    np.testing.assert_allclose(jd.consistency_grid(3, 0.01, 0.81, rho=2.0), [0.01, 0.25, 0.81],
+                               rtol=1e-6)  # fmt: skip
+
+
+def test_bad_arguments_raise_clear_errors():
+    f = jd.Field(lambda p, x, t: x, "x0")
+    with pytest.raises(ValueError, match="target 'x0'"):
+        jd.consistency_training_loss(jd.Field(lambda p, x, t: x, "eps"))
+    with pytest.raises((TypeError, ValueError), match="solver"):  # Literal: the type checker first
+        jd.consistency_distillation_loss(f, jd.Field(lambda x, t: x, "velocity"), solver="rk4")
+    with pytest.raises((TypeError, ValueError), match="kind"):
+        jd.consistency_function(lambda p, x, t: x, kind="karras")
+    with pytest.raises(ValueError, match="num_scales"):
+        jd.consistency_training_loss(f, num_scales=1)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        jd.consistency_training_loss(f, ts=jnp.array([0.0, 0.5, 0.4]))
+    with pytest.raises(ValueError, match="target 'x0'"):
+        jd.consistency_sample(jax.random.key(0), jd.Field(lambda x, t: x, "eps"), (4, 2))

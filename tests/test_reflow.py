@@ -1,0 +1,71 @@
+"""Reflow and straightness on Gaussian data, where everything has a closed form: the pairs are the
+exact flow map, the straightness of the flow-matching flow is an integral of sigma_t'^2, and the
+reflowed flow of exact pairs is straight (S = 0) and zeroes the reflow loss."""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.integrate import quad  # scipy comes with scikit-learn, a test dependency
+
+import jaxdiff as jd
+
+MU = jnp.array([[2.0, -1.0]])
+S = 0.5  # data N(MU, S^2 I) on the linear path; the flow map from noise is x0 = MU + S x1
+PATH = jd.linear_path()
+
+
+def _sigma(t):
+    return np.sqrt((1 - t) ** 2 * S**2 + t**2)
+
+
+def _oracle():
+    return jd.GaussianMixture.isotropic(MU, std=S).field(PATH, "velocity")
+
+
+def test_pairs_are_the_exact_flow_map(x64):
+    x0, x1 = jd.reflow_pairs(jax.random.key(0), PATH, _oracle(), (512, 2), steps=20,
+                             solver=diffrax.Tsit5())  # fmt: skip
+    t_end = 1e-3  # the ODE stops there: x_t = (1 - t) MU + sigma_t x1 along the exact flow
+    np.testing.assert_allclose(x0, (1 - t_end) * MU + _sigma(t_end) * x1, atol=1e-5)
+
+
+def test_straightness_of_the_gaussian_flow_matches_its_closed_form(x64):
+    """x_t = (1 - t) MU + sigma_t x1, so dx/dt - (x1 - x0) = (sigma_t' - (1 - S)) x1 and
+    S = d (int_0^1 sigma'^2 dt - (1 - S)^2) in d = 2 dimensions."""
+    dsigma = lambda t: (t - (1 - t) * S**2) / _sigma(t)  # noqa: E731
+    want = 2 * (quad(lambda t: dsigma(t) ** 2, 0, 1)[0] - (1 - S) ** 2)
+    x1 = jax.random.normal(jax.random.key(1), (20_000, 2))
+    got = float(jd.straightness(_oracle(), x1, steps=400).value)
+    # Monte Carlo: E|x1|^2 over 20,000 draws has relative sd 1/sqrt(20,000) = 0.7%; the Riemann
+    # sum with 400 Euler steps adds O(1/400)
+    assert abs(got / want - 1) < 0.03, (got, want)
+    assert want > 0.1
+
+
+def test_exact_pairs_give_a_straight_flow_and_zero_reflow_loss(x64):
+    """For pairs x0 = MU + S x1 the rectified flow is x_t = (1 - t) x0 + t x1 with velocity
+    v(z, t) = x1 - x0 = (1 - S) x1 - MU, x1 = (z - (1 - t) MU) / ((1 - t) S + t)."""
+
+    def v(p, z, t):
+        t = t[:, None]
+        return (1 - S) * (z - (1 - t) * MU) / ((1 - t) * S + t) - MU + p
+
+    net = jd.Field(v, "velocity")
+    x1 = jax.random.normal(jax.random.key(2), (4096, 2))
+    x0 = MU + S * x1
+    loss = jax.jit(jd.reflow_loss(net, PATH))
+    assert float(loss(0.0, jax.random.key(3), (x0, x1))) < 1e-24
+    np.testing.assert_allclose(float(loss(0.1, jax.random.key(3), (x0, x1))), 0.01, rtol=1e-9)
+    assert float(jd.straightness(net.bind(0.0), x1).value) < 1e-20
+    # and the reflow loss is the flow-matching loss with the noise replaced by the paired one:
+    # the marginal FM field is not the reflowed one, so its reflow loss is clearly positive
+    fm = jd.Field(lambda p, z, t: _oracle()(z, t), "velocity")
+    assert float(jax.jit(jd.reflow_loss(fm, PATH))(None, jax.random.key(3), (x0, x1))) > 0.05
+
+
+def test_reflow_loss_needs_pairs():
+    net = jd.Field(lambda p, z, t: z, "velocity")
+    with pytest.raises(ValueError, match="pair"):
+        jd.reflow_loss(net)(None, jax.random.key(0), jnp.zeros((4, 2)))
