@@ -164,7 +164,7 @@ def make_train_chunk(
     """A jitted ``state -> (state, losses)`` running ``num_steps`` steps in one ``lax.scan``.
 
     The input state is donated (its buffers are reused: do not touch it after the call). On CPU
-    the bits do not depend on the chunk lengths (tested: chunks of 1, 5, 7 and 12 steps, resumed
+    the bits do not depend on the chunk lengths (tested: chunks of 1, 2, 4, 5 and 12 steps, resumed
     runs and a Python loop over the jitted step agree bit for bit, for the MLP and the U-Net);
     ``train`` makes the same calls from step 0 and from an aligned resume in any case.
 

@@ -103,7 +103,7 @@ def test_mlp_chunked_unchunked_resumed_and_plain_jit_are_bit_identical():
         return init_train_state(params, opt, jax.random.key(1))
 
     whole, _ = train(fresh(), make_chunk, 12, chunk_size=12, progress=False)
-    for size in (1, 5, 7):  # scans of lengths 1 (no loop left after XLA), 5 + 5 + 2, 7 + 5
+    for size in (1, 5):  # scans of length 1 (no loop left after XLA), and 5 + 5 + 2
         assert _same(whole, train(fresh(), make_chunk, 12, chunk_size=size, progress=False)[0])
     part, _ = train(fresh(), make_chunk, 6, chunk_size=4, progress=False)
     assert _same(whole, train(part, make_chunk, 12, chunk_size=5, progress=False)[0])
