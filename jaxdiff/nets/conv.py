@@ -9,7 +9,9 @@ convolutions into transposes around a canonical one, but it only visits the *ent
 (``module->entry_computation()`` in ``xla/service/cpu/conv_canonicalization.cc``): inside the body
 of a ``while`` loop, which is what ``lax.scan`` and ``fori_loop`` lower to, both gradients stay on
 the naive path, 50-100x slower (jaxlib 0.10.2: 10 steps of a 3x3 conv on 64x16x16x32, 3.2 s in a
-scan against 41 ms unrolled). Forward convolutions are canonical already.
+scan against 41 ms unrolled). Forward convolutions are canonical already. Upstream: jax-ml/jax#12868
+(a channels-first forward convolution in a loop, open since 2022); not the thunk runtime's
+per-op overhead of jax-ml/jax#40150.
 
 :func:`conv2d` is ``lax.conv_general_dilated`` with a custom VJP that writes both gradients as
 canonical convolutions on explicitly transposed operands (what the pass would have done), so a
