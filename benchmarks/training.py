@@ -106,7 +106,7 @@ def _unet_thunks(data: str, dtype, batch: int, steps: int):
     example = jax.eval_shape(sample, jax.random.key(0))
     params = init_params(model, jax.random.key(0), jnp.zeros((1, *example.shape[1:])), 0.5)
     opt = adamw_cosine(1e-3, 10**6, warmup_steps=1)
-    step = make_train_step(jd.eps_loss(model.apply, jd.vp_path()), opt)
+    step = make_train_step(jd.eps_loss(jd.Field(model.apply, "eps"), jd.vp_path()), opt)
     chunk = make_train_chunk(step, sample, steps)
 
     @functools.partial(jax.jit, donate_argnums=0)

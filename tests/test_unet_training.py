@@ -39,7 +39,7 @@ def _dropout_loss(model, path):
     def loss(params, key, batch):
         key, drop = jax.random.split(key)
         apply = functools.partial(model.apply, rngs={"dropout": drop})
-        return L.eps_loss(apply, path)(params, key, batch)
+        return L.eps_loss(jd.Field(apply, "eps"), path)(params, key, batch)
 
     return loss
 
@@ -92,7 +92,7 @@ def test_mlp_chunked_unchunked_resumed_and_plain_jit_are_bit_identical():
     model = MLP(width=16, depth=1)
     params = init_params(model, jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros(1))
     opt = adamw_cosine(1e-2, 100, warmup_steps=5)
-    step = make_train_step(L.flow_matching_loss(model.apply), opt)
+    step = make_train_step(L.flow_matching_loss(jd.Field(model.apply, "velocity")), opt)
 
     def sample(key):
         return jd.data.checkerboard(key, 64)
@@ -132,7 +132,7 @@ def test_bfloat16_loss_curve_follows_float32():
         model = MLP(width=128, depth=3, dtype=dtype)
         params = init_params(model, jax.random.key(0), images[:1], jnp.zeros(1))
         opt = adamw_cosine(3e-3, 100, warmup_steps=5)
-        step = make_train_step(L.eps_loss(model.apply, jd.vp_path()), opt)
+        step = make_train_step(L.eps_loss(jd.Field(model.apply, "eps"), jd.vp_path()), opt)
         chunk = make_train_chunk(
             step, lambda key: images[jax.random.randint(key, (64,), 0, images.shape[0])], 100
         )

@@ -89,25 +89,31 @@ class SelfAttention(nn.Module):
 class UNet(nn.Module):
     """U-Net ``(x, t, labels) -> output shaped like x`` for ``x`` of shape ``(batch, H, W, C)``.
 
-    ``channels[i]`` is the width at resolution ``H / 2^i``; ``num_res_blocks`` residual blocks per
-    resolution down (one more up); attention after each block at the image sizes in
-    ``attention_resolutions`` and, when ``attention``, in the middle. ``t`` is a scalar or
-    ``(batch,)`` in ``[0, 1]`` (``t = 0`` data), embedded by ``time_features`` sinusoids (default
-    ``channels[0]``) and an MLP to ``emb_dim`` (default ``4 channels[0]``); ``num_classes`` adds
-    labels with a null label ``num_classes`` for classifier-free guidance.
+       ``channels[i]`` is the width at resolution ``H / 2^i``; ``num_res_blocks`` residual blocks per
+       resolution down (one more up); attention after each block at the image sizes in
+       ``attention_resolutions`` and, when ``attention``, in the middle. ``t`` is a scalar or
+       ``(batch,)`` in ``[0, 1]`` (``t = 0`` data), embedded by ``time_features`` sinusoids (default
+       ``channels[0]``) and an MLP to ``emb_dim`` (default ``4 channels[0]``); ``num_classes`` adds
+       labels with a null label ``num_classes`` for classifier-free guidance.
 
-    Dropout (``dropout > 0``) runs only when a ``"dropout"`` rng is given:
-    ``model.apply(params, x, t)`` is deterministic (sampling, evaluation), training passes
-    ``model.apply(params, x, t, labels, rngs={"dropout": key})``; ``deterministic=True/False``
-    overrides. Mixed precision: ``dtype=jnp.bfloat16`` computes in bfloat16 with float32 params
-    (norm statistics and softmax in float32); the output is cast back to ``x``'s dtype.
+       Dropout (``dropout > 0``) runs only when a ``"dropout"`` rng is given:
+       ``model.apply(params, x, t)`` is deterministic (sampling, evaluation), training passes
+       ``model.apply(params, x, t, labels, rngs={"dropout": key})``; ``deterministic=True/False``
+       overrides. A loss with dropout, a fresh key per step split off the loss key::
 
-    >>> import jax, jax.numpy as jnp
-    >>> model = UNet(channels=(16, 32))  # jaxdiff.nets.init_params(model, key, x, t) for weights
-    >>> x = jnp.zeros((2, 28, 28, 1))
-    >>> params = jax.eval_shape(model.init, jax.random.key(0), x, 0.5)
-    >>> jax.eval_shape(model.apply, params, x, 0.5).shape
-    (2, 28, 28, 1)
+           def loss(params, key, batch):
+               key, drop = jax.random.split(key)
+               apply = functools.partial(model.apply, rngs={"dropout": drop})
+               return jd.eps_loss(jd.Field(apply, "eps"), path)(params, key, batch)
+    Mixed precision: ``dtype=jnp.bfloat16`` computes in bfloat16 with float32 params
+       (norm statistics and softmax in float32); the output is cast back to ``x``'s dtype.
+
+       >>> import jax, jax.numpy as jnp
+       >>> model = UNet(channels=(16, 32))  # jaxdiff.nets.init_params(model, key, x, t) for weights
+       >>> x = jnp.zeros((2, 28, 28, 1))
+       >>> params = jax.eval_shape(model.init, jax.random.key(0), x, 0.5)
+       >>> jax.eval_shape(model.apply, params, x, 0.5).shape
+       (2, 28, 28, 1)
     """
 
     channels: Sequence[int] = (32, 64)
