@@ -1,10 +1,11 @@
-"""Flax networks for jaxdiff: time and label embeddings, an MLP field, a compact U-Net.
+"""Flax networks for jaxdiff: time and label embeddings, an MLP field, DDPM's U-Net and its configs.
 
 Models are used through the pure ``model.apply(params, x, t, labels)``: ``t`` continuous in
 ``[0, 1]`` (a scalar or one per sample), the output shaped like ``x``. What the output means is the
 target the model is trained on; ``jaxdiff.convert`` turns it into any other.
 """
 
+from jaxdiff.nets.conv import Conv, conv2d
 from jaxdiff.nets.embeddings import (
     LabelEmbedding,
     TimeEmbedding,
@@ -14,11 +15,15 @@ from jaxdiff.nets.embeddings import (
     sinusoidal_embedding,
 )
 from jaxdiff.nets.mlp import MLP
-from jaxdiff.nets.unet import ResBlock, SelfAttention, UNet
+from jaxdiff.nets.unet import ResBlock, SelfAttention, UNet, ddpm_cifar10, small_unet
 
 __all__ = [
     "MLP",
     "UNet",
+    "ddpm_cifar10",
+    "small_unet",
+    "Conv",
+    "conv2d",
     "ResBlock",
     "SelfAttention",
     "TimeEmbedding",

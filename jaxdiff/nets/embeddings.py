@@ -6,6 +6,8 @@ per sample; ``batch_times`` broadcasts a scalar to the batch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -58,21 +60,29 @@ def fourier_embedding(t: Array, dim: int, scale: float = 16.0, seed: int = 0) ->
 
 
 class TimeEmbedding(nn.Module):
-    """Features of ``t`` (``"fourier"`` or ``"sinusoidal"``) followed by a two-layer SiLU MLP."""
+    """Features of ``t`` (``"fourier"`` or ``"sinusoidal"``, ``features`` of them, default ``dim``)
+    followed by a two-layer SiLU MLP to ``dim`` (DDPM: ``features = ch``, ``dim = 4 ch``).
+
+    The features are computed in ``t``'s dtype (float32: ``sin(1000 t)`` in bfloat16 would be
+    off by whole periods); the MLP runs in ``dtype`` (None: ``t``'s).
+    """
 
     dim: int
     kind: str = "fourier"
+    features: int | None = None
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, t: Array) -> Array:
+        features = self.features or self.dim
         if self.kind == "fourier":
-            h = fourier_embedding(t, self.dim)
+            h = fourier_embedding(t, features)
         elif self.kind == "sinusoidal":
-            h = sinusoidal_embedding(t, self.dim)
+            h = sinusoidal_embedding(t, features)
         else:
             raise ValueError(f"time embedding must be 'fourier' or 'sinusoidal'; got {self.kind!r}")
-        h = nn.silu(nn.Dense(self.dim)(h))
-        return nn.Dense(self.dim)(h)
+        h = nn.silu(nn.Dense(self.dim, dtype=self.dtype)(h))
+        return nn.Dense(self.dim, dtype=self.dtype)(h)
 
 
 class LabelEmbedding(nn.Module):
@@ -84,6 +94,7 @@ class LabelEmbedding(nn.Module):
 
     num_classes: int
     dim: int
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, labels: Array | None, batch: int) -> Array:
@@ -92,19 +103,29 @@ class LabelEmbedding(nn.Module):
         labels = jnp.asarray(labels)
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},); got {labels.shape}")
-        return nn.Embed(self.num_classes + 1, self.dim)(labels)
+        return nn.Embed(self.num_classes + 1, self.dim, dtype=self.dtype)(labels)
 
 
 def conditioning(
-    t: ArrayLike, labels: Array | None, batch: int, dtype, dim: int, kind: str, num_classes
+    t: ArrayLike,
+    labels: Array | None,
+    batch: int,
+    dtype,
+    dim: int,
+    kind: str,
+    num_classes,
+    *,
+    features: int | None = None,
+    compute_dtype: Any = None,
 ) -> Array:
     """``silu(TimeEmbedding(t) + LabelEmbedding(labels))``: what every block is conditioned on.
 
-    Call it inside a network's ``nn.compact`` method: the embeddings become its submodules.
+    ``t`` is taken in ``dtype``, the layers run in ``compute_dtype`` (None: ``dtype``). Call it
+    inside a network's ``nn.compact`` method: the embeddings become its submodules.
     """
-    cond = TimeEmbedding(dim, kind)(batch_times(t, batch, dtype))
+    cond = TimeEmbedding(dim, kind, features, compute_dtype)(batch_times(t, batch, dtype))
     if num_classes is not None:
-        cond = cond + LabelEmbedding(num_classes, dim)(labels, batch)
+        cond = cond + LabelEmbedding(num_classes, dim, compute_dtype)(labels, batch)
     elif labels is not None:
         raise ValueError("labels given to a model built without num_classes")
     return nn.silu(cond)

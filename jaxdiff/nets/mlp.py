@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -26,6 +28,9 @@ class MLP(nn.Module):
     null label ``num_classes`` for classifier-free guidance. What the output means (``eps``,
     ``x0``, ``v``, ``velocity``, ``score``) is the target the loss trains it on.
 
+    ``dtype=jnp.bfloat16`` computes in bfloat16 with float32 parameters (mixed precision); the
+    output is cast back to ``x``'s dtype, so the loss stays in float32.
+
     >>> import jax, jax.numpy as jnp
     >>> from jaxdiff.nets import init_params
     >>> model = MLP(width=32, depth=2)
@@ -39,15 +44,27 @@ class MLP(nn.Module):
     num_classes: int | None = None
     time_embedding: str = "fourier"
     emb_dim: int = 64
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, t: ArrayLike, labels: Array | None = None) -> Array:
         batch, shape = x.shape[0], x.shape
+        dtype = self.dtype or x.dtype
         cond = conditioning(
-            t, labels, batch, x.dtype, self.emb_dim, self.time_embedding, self.num_classes
+            t,
+            labels,
+            batch,
+            x.dtype,
+            self.emb_dim,
+            self.time_embedding,
+            self.num_classes,
+            compute_dtype=dtype,
         )
-        h = nn.Dense(self.width)(jnp.concatenate([x.reshape(batch, -1), cond], axis=-1))
+        dense = partial(nn.Dense, self.width, dtype=dtype)
+        h = dense()(jnp.concatenate([x.reshape(batch, -1).astype(dtype), cond], axis=-1))
         for _ in range(self.depth):
-            h = h + nn.Dense(self.width)(nn.silu(h + nn.Dense(self.width)(cond)))
-        out = nn.Dense(math.prod(shape[1:]), kernel_init=nn.initializers.zeros)(nn.silu(h))
-        return out.reshape(shape)
+            h = h + dense()(nn.silu(h + dense()(cond)))
+        out = nn.Dense(math.prod(shape[1:]), dtype=dtype, kernel_init=nn.initializers.zeros)(
+            nn.silu(h)
+        )
+        return out.reshape(shape).astype(x.dtype)

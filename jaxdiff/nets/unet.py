@@ -1,114 +1,239 @@
-"""A compact U-Net for images ``(batch, height, width, channels)`` (Ho et al. 2020, smaller).
+"""The U-Net of DDPM for images ``(batch, height, width, channels)`` (Ho et al. 2020), any size.
 
-Residual blocks with group norm, time (and label) conditioning by scale-and-shift
-(``h = norm(h) (1 + scale) + shift``, Dhariwal & Nichol 2021), self-attention at the lowest
-resolution, and one width per resolution in ``channels``. Sized by default to train on 8x8 digits
-and 28x28 images on a CPU.
+The layout is the official one (``diffusion_tf/models/unet.py``, equal parameter for parameter to
+diffusers' ``UNet2DModel``): a 3x3 input conv; per resolution ``num_res_blocks`` residual blocks
+(each followed by self-attention where the image size is in ``attention_resolutions``) and a
+stride-2 conv; a middle of block, attention, block; the mirror path with one more block per
+resolution, each taking a skip connection, nearest upsampling and a 3x3 conv; group norm, SiLU and
+a zero-initialised 3x3 output conv. Time (and label) conditioning enters every block, added after
+its first conv (DDPM) or as scale-and-shift of its second norm (``scale_shift``, Dhariwal & Nichol
+2021). Convolutions go through :func:`jaxdiff.nets.conv.conv2d` (fast gradients in a scan on CPU).
+
+Configs: :func:`ddpm_cifar10` (35.7M parameters) and :func:`small_unet` (CPU tests).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxdiff.nets.conv import Conv
 from jaxdiff.nets.embeddings import conditioning
 
 Array = jax.Array
 
-__all__ = ["UNet", "ResBlock", "SelfAttention"]
+__all__ = ["UNet", "ResBlock", "SelfAttention", "ddpm_cifar10", "small_unet"]
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
-    return nn.GroupNorm(num_groups=groups)
+def _norm(channels: int, groups: int, dtype) -> nn.GroupNorm:
+    """Group norm with ``gcd(groups, channels)`` groups; statistics in float32 for any dtype."""
+    return nn.GroupNorm(num_groups=math.gcd(groups, channels), epsilon=1e-6, dtype=dtype)
 
 
 class ResBlock(nn.Module):
-    """``x + conv(silu(norm(conv(silu(norm(x)))) (1 + scale) + shift))``, 1x1 skip if widths differ."""
+    """``skip(x) + conv(dropout(silu(norm(conv(silu(norm(x))) + Dense(c)))))`` (DDPM), or with
+    ``scale_shift`` the second norm as ``norm(h) (1 + scale) + shift``; ``skip`` a 1x1 conv when
+    the widths differ, the identity otherwise."""
 
     channels: int
+    dropout: float = 0.0
+    scale_shift: bool = True
+    groups: int = 32
+    dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: Array, cond: Array) -> Array:
-        h = nn.Conv(self.channels, (3, 3))(nn.silu(_norm(x.shape[-1])(x)))
-        scale, shift = jnp.split(nn.Dense(2 * self.channels)(cond)[:, None, None, :], 2, axis=-1)
-        h = _norm(self.channels)(h) * (1.0 + scale) + shift
-        h = nn.Conv(self.channels, (3, 3), kernel_init=nn.initializers.zeros)(nn.silu(h))
-        if x.shape[-1] != self.channels:
-            x = nn.Conv(self.channels, (1, 1))(x)
+    def __call__(self, x: Array, cond: Array, deterministic: bool = True) -> Array:
+        ch, dtype = self.channels, self.dtype
+        h = Conv(ch, dtype=dtype)(nn.silu(_norm(x.shape[-1], self.groups, dtype)(x)))
+        emb = nn.Dense((2 if self.scale_shift else 1) * ch, dtype=dtype)(cond)[:, None, None, :]
+        if self.scale_shift:
+            scale, shift = jnp.split(emb, 2, axis=-1)
+            h = _norm(ch, self.groups, dtype)(h) * (1.0 + scale) + shift
+        else:
+            h = _norm(ch, self.groups, dtype)(h + emb)
+        h = nn.Dropout(self.dropout, deterministic=deterministic)(nn.silu(h))
+        h = Conv(ch, dtype=dtype, kernel_init=nn.initializers.zeros)(h)
+        if x.shape[-1] != ch:
+            x = Conv(ch, kernel_size=1, dtype=dtype)(x)
         return x + h
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the pixels, with a residual connection."""
+    """``x + proj(softmax(q k^T / sqrt(d)) v)`` over the pixels of ``norm(x)``; softmax in float32."""
 
-    heads: int = 4
+    heads: int = 1
+    groups: int = 32
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, hh, ww, c = x.shape
-        h = _norm(c)(x).reshape(b, hh * ww, c)
+        h = _norm(c, self.groups, self.dtype)(x).reshape(b, hh * ww, c)
         heads = self.heads if c % self.heads == 0 else 1
-        h = nn.MultiHeadDotProductAttention(num_heads=heads, out_kernel_init=nn.initializers.zeros)(
-            h, h
-        )
+        h = nn.MultiHeadDotProductAttention(
+            num_heads=heads,
+            dtype=self.dtype,
+            force_fp32_for_softmax=True,
+            out_kernel_init=nn.initializers.zeros,
+        )(h, h)
         return x + h.reshape(b, hh, ww, c)
 
 
 class UNet(nn.Module):
     """U-Net ``(x, t, labels) -> output shaped like x`` for ``x`` of shape ``(batch, H, W, C)``.
 
-    ``channels[i]`` is the width at resolution ``H / 2^i``; ``num_res_blocks`` residual blocks per
-    resolution on each side; attention at the lowest resolution when ``attention``. ``t`` is a
-    scalar or ``(batch,)`` in ``[0, 1]``; ``num_classes`` adds labels with a null label.
+       ``channels[i]`` is the width at resolution ``H / 2^i``; ``num_res_blocks`` residual blocks per
+       resolution down (one more up); attention after each block at the image sizes in
+       ``attention_resolutions`` and, when ``attention``, in the middle. ``t`` is a scalar or
+       ``(batch,)`` in ``[0, 1]`` (``t = 0`` data), embedded by ``time_features`` sinusoids (default
+       ``channels[0]``) and an MLP to ``emb_dim`` (default ``4 channels[0]``); ``num_classes`` adds
+       labels with a null label ``num_classes`` for classifier-free guidance.
 
-    >>> import jax, jax.numpy as jnp
-    >>> model = UNet(channels=(16, 32))  # jaxdiff.nets.init_params(model, key, x, t) for weights
-    >>> x = jnp.zeros((2, 28, 28, 1))
-    >>> params = jax.eval_shape(model.init, jax.random.key(0), x, 0.5)
-    >>> jax.eval_shape(model.apply, params, x, 0.5).shape
-    (2, 28, 28, 1)
+       Dropout (``dropout > 0``) runs only when a ``"dropout"`` rng is given:
+       ``model.apply(params, x, t)`` is deterministic (sampling, evaluation), training passes
+       ``model.apply(params, x, t, labels, rngs={"dropout": key})``; ``deterministic=True/False``
+       overrides. A loss with dropout, a fresh key per step split off the loss key::
+
+           def loss(params, key, batch):
+               key, drop = jax.random.split(key)
+               apply = functools.partial(model.apply, rngs={"dropout": drop})
+               return jd.eps_loss(jd.Field(apply, "eps"), path)(params, key, batch)
+    Mixed precision: ``dtype=jnp.bfloat16`` computes in bfloat16 with float32 params
+       (norm statistics and softmax in float32); the output is cast back to ``x``'s dtype.
+
+       >>> import jax, jax.numpy as jnp
+       >>> model = UNet(channels=(16, 32))  # jaxdiff.nets.init_params(model, key, x, t) for weights
+       >>> x = jnp.zeros((2, 28, 28, 1))
+       >>> params = jax.eval_shape(model.init, jax.random.key(0), x, 0.5)
+       >>> jax.eval_shape(model.apply, params, x, 0.5).shape
+       (2, 28, 28, 1)
     """
 
     channels: Sequence[int] = (32, 64)
     num_res_blocks: int = 1
+    attention_resolutions: Sequence[int] = ()
     attention: bool = True
+    heads: int = 4
+    dropout: float = 0.0
+    scale_shift: bool = True
+    norm_groups: int = 8
     num_classes: int | None = None
     time_embedding: str = "sinusoidal"
-    emb_dim: int = 128
+    time_features: int | None = None
+    emb_dim: int | None = None
+    dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: Array, t: ArrayLike, labels: Array | None = None) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        t: ArrayLike,
+        labels: Array | None = None,
+        *,
+        deterministic: bool | None = None,
+    ) -> Array:
         if x.ndim != 4:
             raise ValueError(f"UNet takes images (batch, height, width, channels); got {x.shape}")
-        batch = x.shape[0]
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1); got {self.dropout}")
+        if deterministic is None:
+            deterministic = self.dropout == 0.0 or not self.has_rng("dropout")
+        batch, dtype = x.shape[0], self.dtype or x.dtype
         cond = conditioning(
-            t, labels, batch, x.dtype, self.emb_dim, self.time_embedding, self.num_classes
-        )
+            t, labels, batch, x.dtype, self.emb_dim or 4 * self.channels[0], self.time_embedding,
+            self.num_classes, features=self.time_features or self.channels[0], compute_dtype=dtype
+        )  # fmt: skip
+        block = partial(
+            ResBlock, dropout=self.dropout, scale_shift=self.scale_shift,
+            groups=self.norm_groups, dtype=dtype
+        )  # fmt: skip
+        attend = partial(SelfAttention, self.heads, self.norm_groups, dtype)
 
-        h = nn.Conv(self.channels[0], (3, 3))(x)
+        def res(ch, h):
+            h = block(ch)(h, cond, deterministic)
+            return attend()(h) if h.shape[1] in self.attention_resolutions else h
+
+        h = Conv(self.channels[0], dtype=dtype)(x.astype(dtype))
         skips = [h]
         for level, ch in enumerate(self.channels):
             for _ in range(self.num_res_blocks):
-                h = ResBlock(ch)(h, cond)
+                h = res(ch, h)
                 skips.append(h)
             if level < len(self.channels) - 1:
-                h = nn.Conv(ch, (3, 3), strides=(2, 2))(h)
+                h = Conv(ch, strides=2, dtype=dtype)(h)
                 skips.append(h)
-        h = ResBlock(self.channels[-1])(h, cond)
+        h = block(self.channels[-1])(h, cond, deterministic)
         if self.attention:
-            h = SelfAttention()(h)
-        h = ResBlock(self.channels[-1])(h, cond)
+            h = attend()(h)
+        h = block(self.channels[-1])(h, cond, deterministic)
         for level, ch in reversed(list(enumerate(self.channels))):
             for _ in range(self.num_res_blocks + 1):
-                h = ResBlock(ch)(jnp.concatenate([h, skips.pop()], axis=-1), cond)
+                h = res(ch, jnp.concatenate([h, skips.pop()], axis=-1))
             if level > 0:
-                skip_shape = skips[-1].shape
-                h = jax.image.resize(h, (batch, *skip_shape[1:3], h.shape[-1]), "nearest")
-                h = nn.Conv(ch, (3, 3))(h)
-        h = nn.silu(_norm(h.shape[-1])(h))
-        return nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
+                size = skips[-1].shape[1:3]
+                h = jax.image.resize(h, (batch, *size, h.shape[-1]), "nearest")
+                h = Conv(ch, dtype=dtype)(h)
+        h = nn.silu(_norm(h.shape[-1], self.norm_groups, dtype)(h))
+        out = Conv(x.shape[-1], dtype=dtype, kernel_init=nn.initializers.zeros)(h)
+        return out.astype(x.dtype)
+
+
+def ddpm_cifar10(**overrides) -> UNet:
+    """DDPM's CIFAR-10 network (Ho et al. 2020, App. B): base 128 channels, multipliers
+    (1, 2, 2, 2), 2 residual blocks per resolution, attention at 16x16 and in the middle, additive
+    time embedding, 32 norm groups, dropout 0.1: 35,746,307 parameters at 32x32x3 (the paper's
+    "35.7M").
+
+    Equal parameter for parameter (same layers, same shapes) to diffusers'
+    ``google/ddpm-cifar10-32``, i.e. ``diffusers.UNet2DModel(sample_size=32, in_channels=3,
+    out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6, downsample_padding=0,
+    flip_sin_to_cos=False, freq_shift=1, dropout=0.1)`` (35,746,307 parameters, diffusers 0.42;
+    ``downsample_padding=0`` pads (0, 1) like TensorFlow's and our stride-2 ``"SAME"``).
+    ``overrides`` replace fields: ``num_classes=10`` adds a label embedding
+    (diffusers: ``num_class_embeds=11``), ``dtype=jnp.bfloat16`` mixed precision.
+    """
+    config = dict(
+        channels=(128, 256, 256, 256),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        heads=1,
+        dropout=0.1,
+        scale_shift=False,
+        norm_groups=32,
+    )
+    return UNet(**{**config, **overrides})
+
+
+def small_unet(**overrides) -> UNet:
+    """A U-Net for CPU tests and the digits: widths (32, 64, 64), one block per resolution,
+    attention at 16x16 (on 32x32 images) and in the middle, scale-and-shift conditioning,
+    8 norm groups: 1,192,387 parameters at 32x32x3 (unconditional; 1,140,929 at 8x8x1).
+
+    Equal parameter for parameter to ``diffusers.UNet2DModel(sample_size=32, in_channels=3,
+    out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=16,
+    norm_num_groups=8, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+    resnet_time_scale_shift="scale_shift", attn_norm_num_groups=8)`` (1,192,387 parameters,
+    diffusers 0.42; without ``attn_norm_num_groups`` diffusers drops the middle attention's group
+    norm under scale-shift, 128 parameters fewer).
+    """
+    config = dict(
+        channels=(32, 64, 64),
+        num_res_blocks=1,
+        attention_resolutions=(16,),
+        heads=4,
+        scale_shift=True,
+        norm_groups=8,
+    )
+    return UNet(**{**config, **overrides})
