@@ -15,10 +15,12 @@ from jaxdiff.nets.embeddings import (
     sinusoidal_embedding,
 )
 from jaxdiff.nets.mlp import MLP
+from jaxdiff.nets.two_time import TwoTimeMLP
 from jaxdiff.nets.unet import ResBlock, SelfAttention, UNet, ddpm_cifar10, small_unet
 
 __all__ = [
     "MLP",
+    "TwoTimeMLP",
     "UNet",
     "ddpm_cifar10",
     "small_unet",
