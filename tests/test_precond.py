@@ -135,7 +135,9 @@ def test_samplers_take_the_wrapped_field():
 
     @jax.jit
     def run(f):
-        return jd.sample(jax.random.key(0), path, f, (256, 2), sampler=jd.samplers.ddim(), steps=6).x
+        return jd.sample(
+            jax.random.key(0), path, f, (256, 2), sampler=jd.samplers.ddim(), steps=6
+        ).x
 
     np.testing.assert_allclose(run(field), run(oracle), atol=2e-4)
 
