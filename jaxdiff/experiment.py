@@ -8,6 +8,10 @@ A config is a plain dict (``DEFAULTS`` overridden by the user) saved with every 
 or a 2-D toy set (data-to-data translation on the ``fm`` or ``cosine`` path); couplings:
 ``independent``, ``ot`` (mini-batch exact OT), ``sinkhorn`` (entropic, ``ot_reg`` times the mean
 cost), and their class-conditional ``ot-class`` / ``sinkhorn-class`` (need ``conditional``).
+The image recipe: ``precond`` ``edm`` wraps the network in EDM's preconditioning (target ``x0``,
+``sigma_data``), weightings ``edm``, ``min-snr``, ``sigmoid``, ``v``, ``elbo`` (each converted to the
+loss's error, :mod:`jaxdiff.weightings`), time ``edm`` (log-normal noise levels), ``dropout`` for
+the U-Net (a fresh key per step) and ``dtype`` ``bfloat16`` (mixed precision).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from jaxdiff import couplings as CP
 from jaxdiff import losses as L
+from jaxdiff import weightings as W
 from jaxdiff.data import TOY_DATASETS, load_digits
 from jaxdiff.field import Field
 from jaxdiff.metrics import energy_distance, mmd
@@ -39,8 +44,19 @@ PATHS = {
     "cosine": cosine_path,
 }
 LOSSES = ("fm", "eps", "x0", "v", "dsm")
-WEIGHTINGS = {"unit": L.unit_weight, "sigma2": L.sigma_sq_weight, "likelihood": L.likelihood_weight}
-TIMES = ("uniform", "logit-normal", "importance")
+WEIGHTINGS = {
+    "unit": L.unit_weight,
+    "sigma2": L.sigma_sq_weight,
+    "likelihood": L.likelihood_weight,
+    "edm": W.edm_weight,  # factories of the image recipe: built with the config's parameters
+    "min-snr": W.min_snr_weight,
+    "sigmoid": W.sigmoid_weight,
+    "v": W.v_weight,
+    "elbo": W.elbo_weight,
+}
+TIMES = ("uniform", "logit-normal", "importance", "edm")
+PRECONDS = ("none", "edm")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATASETS = (*TOY_DATASETS, "digits")
 SOURCES = ("gaussian", *TOY_DATASETS)
 COUPLINGS = ("independent", "ot", "sinkhorn", "ot-class", "sinkhorn-class")
@@ -75,6 +91,10 @@ DEFAULTS: dict[str, Any] = {
     "source": "gaussian",  # what t = 1 holds: N(0, I) or a 2-D toy set
     "coupling": "independent",
     "ot_reg": 0.05,  # sinkhorn couplings: entropic reg as a fraction of the batch's mean cost
+    "precond": "none",  # edm: EDM's c_skip, c_out, c_in, c_noise around the network
+    "sigma_data": 0.5,  # the data's standard deviation for precond and weighting edm
+    "dropout": 0.0,  # U-Net dropout while training
+    "dtype": "float32",  # bfloat16: mixed precision (float32 params, optimizer and loss)
 }
 
 
@@ -86,15 +106,25 @@ def resolve(config: dict) -> dict:
     c = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     _choice(c, "data", DATASETS)
     _choice(c, "path", tuple(PATHS))
-    c["loss"] = c["loss"] or ("fm" if c["path"] == "fm" else "eps")
+    _choice(c, "precond", PRECONDS)
+    edm = c["precond"] == "edm"
+    c["loss"] = c["loss"] or ("x0" if edm else "fm" if c["path"] == "fm" else "eps")
     _choice(c, "loss", LOSSES)
     default_target = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
-    c["target"] = c["target"] or default_target
+    c["target"] = c["target"] or ("x0" if edm else default_target)
     _choice(c, "target", ("eps", "x0", "v", "velocity", "score"))
+    if edm and c["target"] != "x0":
+        raise ValueError(
+            f"precond edm predicts x0 (c_skip x + c_out F); got target {c['target']!r}"
+        )
+    _choice(c, "dtype", tuple(DTYPES))
+    _check_recipe(c)
     _choice(c, "weighting", tuple(WEIGHTINGS))
     _choice(c, "time", TIMES)
     c["model"] = c["model"] or ("unet" if c["data"] == "digits" else "mlp")
     _choice(c, "model", ("mlp", "unet"))
+    if c["dropout"] and c["model"] != "unet":
+        raise ValueError(f"dropout {c['dropout']} needs model unet (the MLP has no dropout)")
     if c["model"] == "unet" and c["data"] != "digits":
         raise ValueError("model 'unet' needs image data (data 'digits')")
     if c["conditional"] and c["data"] != "digits":
@@ -131,6 +161,35 @@ def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an integer in [0, 2**32); got {seed!r}")
     return seed
+
+
+def _check_recipe(c: dict) -> None:
+    for name in ("sigma_data", "dropout"):
+        if isinstance(c[name], bool) or not isinstance(c[name], int | float):
+            raise ValueError(f"{name} must be a number; got {c[name]!r}")
+    if not (math.isfinite(c["sigma_data"]) and c["sigma_data"] > 0):
+        raise ValueError(f"sigma_data must be a positive number; got {c['sigma_data']}")
+    if not 0.0 <= c["dropout"] < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1); got {c['dropout']}")
+
+
+def make_weighting(c: dict):
+    """The loss weighting of a resolved config."""
+    name = c["weighting"]
+    if name == "edm":
+        return W.edm_weight(float(c["sigma_data"]))
+    if name in ("min-snr", "sigmoid", "v", "elbo"):
+        return WEIGHTINGS[name]()
+    return WEIGHTINGS[name]
+
+
+def make_field(c: dict, model, path: GaussianPath) -> Field:
+    """The network of a config bound to its target (``precond edm``: EDM's wrapper, target x0)."""
+    if c["precond"] == "edm":
+        from jaxdiff.precond import edm_precond
+
+        return edm_precond(model.apply, path, sigma_data=float(c["sigma_data"]))
+    return Field(model.apply, c["target"])
 
 
 def _check_source_coupling(c: dict) -> None:
@@ -192,6 +251,7 @@ class Setup(NamedTuple):
     example: Array
     num_classes: int | None
     source: Any = None  # draws x1 at t = 1 (None: N(0, I)); samplers start from it
+    field: Any = None  # the unbound Field of the model (precond applied); bind(params) to sample
 
 
 def build(c: dict) -> Setup:
@@ -201,10 +261,16 @@ def build(c: dict) -> Setup:
     path = PATHS[c["path"]]()
     source = None if c["source"] == "gaussian" else dataset_source(TOY_DATASETS[c["source"]])
     num_classes = 10 if c["conditional"] else None
+    dtype = DTYPES[c["dtype"]]
     if c["model"] == "mlp":
-        model = MLP(width=c["width"], depth=c["depth"], num_classes=num_classes)
+        model = MLP(width=c["width"], depth=c["depth"], num_classes=num_classes, dtype=dtype)
     else:
-        model = UNet(channels=tuple(c["channels"]), num_classes=num_classes)
+        model = UNet(
+            channels=tuple(c["channels"]),
+            num_classes=num_classes,
+            dropout=float(c["dropout"]),
+            dtype=dtype,
+        )
     batch = int(c["batch"])
     if c["data"] == "digits":
         images, labels = (jnp.asarray(a) for a in load_digits("train"))
@@ -223,28 +289,30 @@ def build(c: dict) -> Setup:
         example = jnp.zeros((1, 2))
     t_min = 0.0 if c["path"] == "fm" and c["target"] in ("velocity", "x0", "v") else 1e-3
     t_max = 1.0 - 1e-3 if c["path"] in ("fm", "cosine") and c["target"] in ("eps", "score") else 1.0
+    regress = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
+    weighting = make_weighting(c)
     if c["time"] == "uniform":
         sampler = L.uniform_time(t_min, t_max)
     elif c["time"] == "logit-normal":
         sampler = L.logit_normal_time(t_min=t_min, t_max=t_max)
+    elif c["time"] == "edm":
+        sampler = W.edm_time(path, t_min=max(t_min, 1e-3), t_max=t_max)
     else:
-        regress = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
-        sampler = L.importance_time(
-            path, WEIGHTINGS[c["weighting"]], max(t_min, 1e-3), t_max, regress=regress
-        )
-    regress = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
+        sampler = L.importance_time(path, weighting, max(t_min, 1e-3), t_max, regress=regress)
+    field = make_field(c, model, path)
     loss = L.diffusion_loss(
-        Field(model.apply, c["target"]),
+        field,
         path,
         regress=regress,
-        weighting=WEIGHTINGS[c["weighting"]],
+        weighting=weighting,
+        rngs=("dropout",) if c["dropout"] else (),
         time_sampler=sampler,
         label_dropout=c["label_dropout"] if num_classes else 0.0,
         null_label=num_classes,
         source=source,
         coupling=make_coupling(c),
     )
-    return Setup(model, path, loss, sample_batch, example, num_classes, source)
+    return Setup(model, path, loss, sample_batch, example, num_classes, source, field)
 
 
 def init_state(c: dict, setup: Setup):
