@@ -125,3 +125,14 @@ def test_guidance_with_few_step_samplers(true_samples):
     x = jax.random.normal(jax.random.key(1), (64, 2)) * 2.0
     cg = jd.classifier_guidance(path, DATA.field(path, "eps"), log_p_label0, 1.0)
     np.testing.assert_allclose(cg(x, 0.4), comps[0].predict(path, x, 0.4, "eps"), atol=2e-4)
+
+
+def test_edm_churn_is_divided_by_the_number_of_steps():
+    """EDM's gamma = min(S_churn / N, sqrt(2) - 1) with N the steps including the last one to
+    sigma = 0 (NVlabs' EDM, k-diffusion): 18 on EDM's 18-level grid, not 17."""
+    path = jd.ve_path(0.002, 80.0)
+    x = jnp.zeros((4, 2))
+    ts = jnp.concatenate([jd.karras_grid(path, 17), jnp.zeros(1)])  # 18 levels + the final 0
+    for churn, expected in ((9.0, 0.5 * 1.0), (1.8, 0.1), (40.0, np.sqrt(2.0) - 1.0)):
+        state = S.edm_heun(churn=churn).init(path, DATA.field(path, "x0"), x, ts)
+        assert float(state.gamma) == pytest.approx(min(expected, np.sqrt(2) - 1), rel=1e-6)
