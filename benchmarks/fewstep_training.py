@@ -146,21 +146,21 @@ def _on(name, data, true, model, params0, steps, batch, n_eval, n_pairs, lr) -> 
                        static_argnums=0)  # fmt: skip
 
     def consistency(p):
-        f = cm_net.bind(p)
-        return jax.jit(lambda k: jd.consistency_sample(jax.random.key(9), f, x_init=x1,
-                                                       steps=k).x, static_argnums=0)  # fmt: skip
+        f, cm = cm_net.bind(p), jd.samplers.consistency()
+        return jax.jit(lambda k: jd.sample(jax.random.key(9), path, f, x_init=x1, sampler=cm,
+                                           steps=k).x, static_argnums=0)  # fmt: skip
 
     def reflow(teacher, teacher_s, own):
         t0 = time.perf_counter()
         pair_fn = jax.jit(lambda k: jd.reflow_pairs(k, path, teacher, (n_pairs, 2), steps=100))
-        x0p, x1p = jax.block_until_ready(pair_fn(jax.random.key(11)))
+        pairs = jax.block_until_ready(pair_fn(jax.random.key(11)))
         pairs_s = time.perf_counter() - t0  # one solve of n_pairs: compile included (~1 s)
 
-        def pair_data(key, b):
+        def pair_data(key, b):  # a minibatch of the fixed pairs: flow matching on given x1
             idx = jax.random.randint(key, (b,), 0, n_pairs)
-            return x0p[idx], x1p[idx]
+            return jax.tree.map(lambda a: a[idx], pairs)
 
-        p, s, c = _train(jd.reflow_loss(fm_net, path), teacher.params, pair_data, own, batch, lr)
+        p, s, c = _train(fm_loss, teacher.params, pair_data, own, batch, lr)
         return fm_net.bind(p), s, teacher_s + pairs_s + s, c
 
     half = steps // 2
@@ -179,7 +179,8 @@ def _on(name, data, true, model, params0, steps, batch, n_eval, n_pairs, lr) -> 
                                weighting_power=0.5)  # fmt: skip
     mf_p, mf_s, mf_c = _train(mf_loss, params0, data, steps, batch, lr)
     mf = mf_net.bind(mf_p)
-    mf_run = jax.jit(lambda k: jd.meanflow_sample(None, mf, x_init=x1, steps=k).x,
+    mf_run = jax.jit(lambda k: jd.sample(None, path, mf, x_init=x1, steps=k,
+                                         sampler=jd.samplers.meanflow()).x,
                      static_argnums=0)  # fmt: skip
     row("MeanFlow", steps, steps, 1.25, 1, mf_s, mf_s, mf_c, mf_run, mf)
 
