@@ -163,8 +163,8 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
             f"ts must be a 1-D strictly increasing grid of at least 2 times; got {np.asarray(ts)}"
         )
 
-    def velocity(x, t):
-        return convert(path, x, t, teacher(x, t), src=teacher.target, dst="velocity")
+    def velocity(x, t, *extra):  # a conditional teacher sees the batch's labels
+        return convert(path, x, t, teacher(x, t, *extra), src=teacher.target, dst="velocity")
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
         x0, labels = _split_batch(batch)
@@ -175,16 +175,16 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
         t_lo, t_hi = grid[idx], grid[idx + 1]
         eps = jax.random.normal(e_key, x0.shape, x0.dtype)
         x_hi = path.interpolate(x0, eps, t_hi)
+        extra = () if labels is None else (labels,)
         if teacher is None:
             x_lo = path.interpolate(x0, eps, t_lo)
         else:  # one ODE step of the teacher from t_hi down to t_lo
             dt = expand_like(t_lo - t_hi, x0)
-            d_hi = velocity(x_hi, t_hi)
+            d_hi = velocity(x_hi, t_hi, *extra)
             x_lo = x_hi + dt * d_hi
             if solver == "heun":
-                x_lo = x_hi + dt * 0.5 * (d_hi + velocity(x_lo, t_lo))
+                x_lo = x_hi + dt * 0.5 * (d_hi + velocity(x_lo, t_lo, *extra))
             x_lo = jax.lax.stop_gradient(x_lo)
-        extra = () if labels is None else (labels,)
         pred = net.apply(params, x_hi, t_hi, *extra)
         target = jax.lax.stop_gradient(net.apply(params, x_lo, t_lo, *extra))
         dist = _pseudo_huber(pred - target, huber_c)
@@ -237,7 +237,8 @@ def consistency_distillation_loss(
 ) -> Callable[[Any, Array, Any], Array]:
     """Consistency distillation from ``teacher`` (a field of any target on ``path``, e.g. an exact
     oracle or a trained flow-matching network): ``x_{t_n}`` is one ``solver`` step of its
-    probability-flow ODE from ``x_{t_{n+1}}`` (Heun: 2 teacher evaluations). Else as
+    probability-flow ODE from ``x_{t_{n+1}}`` (Heun: 2 teacher evaluations); with labels in the
+    batch the teacher is called as ``teacher(x, t, labels)``. Else as
     :func:`consistency_training_loss`."""
     if teacher is None:
         raise ValueError("consistency distillation needs a teacher field")

@@ -72,6 +72,31 @@ def test_distillation_loss_at_the_exact_function_vanishes_at_the_solver_order(x6
     assert abs(slope + order) < 0.3, (slope, losses)
 
 
+def test_distillation_passes_the_labels_to_a_conditional_teacher(x64):
+    """With (x0, labels) batches the teacher sees the labels: the loss equals the one of a teacher
+    with those labels bound (on the unlabelled batch: the same draws), and differs from one with
+    other labels."""
+    means = jnp.array([[2.0, -1.0], [-2.0, 1.0]])
+    oracles = [jd.GaussianMixture.isotropic(m[None], std=S).field(PATH, "velocity") for m in means]
+
+    def teacher(x, t, y):  # class y's exact velocity
+        return jnp.where((y == 0)[:, None], oracles[0](x, t), oracles[1](x, t))
+
+    net = jd.Field(lambda p, x, t, *y: exact_f(x, t), "x0")
+    x0 = jax.random.normal(jax.random.key(7), (512, 2))
+    labels = jnp.arange(512) % 2
+    key = jax.random.key(8)
+    cond = jd.consistency_distillation_loss(net, jd.Field(teacher, "velocity"), PATH)(
+        None, key, (x0, labels)
+    )
+    bound = jd.Field(lambda x, t: teacher(x, t, labels), "velocity")
+    same = jd.consistency_distillation_loss(net, bound, PATH)(None, key, x0)
+    other = jd.Field(lambda x, t: teacher(x, t, 1 - labels), "velocity")
+    changed = jd.consistency_distillation_loss(net, other, PATH)(None, key, x0)
+    np.testing.assert_allclose(cond, same, rtol=1e-12)
+    assert abs(float(changed) - float(cond)) > 1e-3 * float(cond)
+
+
 def test_samples_of_the_exact_consistency_function_are_exact(x64):
     f = jd.Field(lambda x, t: exact_f(x, t), "x0")
     x1 = jax.random.normal(jax.random.key(4), (20_000, 2))
