@@ -5,6 +5,8 @@
     python -m jaxdiff train --out runs/cb --resume           # continue from the latest checkpoint
     python -m jaxdiff train --source moons --data 8gaussians --coupling ot --out runs/m2g
     python -m jaxdiff sample --ckpt runs/cb --solver heun --steps 20 --n 10000
+    python -m jaxdiff train --loss meanflow --data checkerboard --out runs/mf   # one-step model
+    python -m jaxdiff sample --ckpt runs/mf --steps 1                  # its own sampler, 1 step
 
 Errors (unknown options, bad values, missing or damaged checkpoints, a run folder in use or
 holding another run, unwritable folders, non-finite samples) print one line and exit with status 2;
@@ -73,7 +75,12 @@ def _parser() -> _Parser:
     train = sub.add_parser("train", help="train a model; writes checkpoints, metrics and a plot")
     train.add_argument("--data", choices=E.DATASETS, help="data set (default checkerboard)")
     train.add_argument("--path", choices=tuple(E.PATHS), help="probability path (default fm)")
-    train.add_argument("--loss", choices=E.LOSSES, help="loss (default fm for fm, else eps)")
+    train.add_argument(
+        "--loss",
+        choices=E.LOSSES,
+        help="loss (default fm for fm, else eps); meanflow and "
+        "consistency train few-step generators",
+    )
     train.add_argument("--target", choices=("eps", "x0", "v", "velocity", "score"))
     train.add_argument("--weighting", choices=tuple(E.WEIGHTINGS))
     train.add_argument("--time", choices=E.TIMES, help="time sampler (default uniform)")
@@ -108,7 +115,12 @@ def _parser() -> _Parser:
 
     smp = sub.add_parser("sample", help="sample a trained checkpoint")
     smp.add_argument("--ckpt", required=True, help="run folder or its ckpt/ folder")
-    smp.add_argument("--solver", choices=tuple(SOLVERS), default="heun")
+    smp.add_argument(
+        "--solver",
+        choices=tuple(SOLVERS),
+        help="ODE/SDE solver (default heun; none for meanflow "
+        "and consistency runs, which sample with their own sampler)",
+    )
     smp.add_argument("--steps", type=_positive_int, default=20)
     smp.add_argument("--n", type=_positive_int, default=10_000)
     smp.add_argument("--eta", type=float, default=0.0, help="0: ODE, 1: reverse SDE")

@@ -24,6 +24,7 @@ from jaxdiff._checks import check_finite, expand_like, wide_dtype
 from jaxdiff.field import Field, as_field, batch_time
 from jaxdiff.field import denoise as denoise_step
 from jaxdiff.integrate import Solution
+from jaxdiff.interpolants import StochasticInterpolant
 from jaxdiff.paths import GaussianPath
 from jaxdiff.samplers import Sampler, ode
 from jaxdiff.samplers.base import normal
@@ -36,7 +37,7 @@ __all__ = ["Solution", "sample", "inpaint"]
 
 def sample(
     key: Array | None,
-    path: GaussianPath,
+    path: GaussianPath | StochasticInterpolant,
     field: Field,
     shape: tuple[int, ...] | None = None,
     *,
@@ -76,6 +77,10 @@ def sample(
 
     ``key`` may be ``None`` for a deterministic sampler started from ``x_init``.
 
+    ``path`` is a :class:`~jaxdiff.GaussianPath`, or a :class:`~jaxdiff.StochasticInterpolant`
+    for the samplers that take one (``jd.samplers.interpolant_sde``; then ``x_init`` is required,
+    as the interpolant does not know its source).
+
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
     >>> path = jd.vp_path()
@@ -92,6 +97,8 @@ def sample(
         )
     grid = _grid(path, sampler, steps, ts, t_start, t_end)
     denoise = sampler.denoise if denoise is None else bool(denoise)
+    if not isinstance(path, GaussianPath):
+        _check_interpolant(sampler, x_init, denoise)
     if key is None and (x_init is None or sampler.stochastic):
         raise ValueError(
             f"sampling from the prior or with a stochastic sampler ({sampler.name}) needs a PRNG key"
@@ -199,9 +206,25 @@ def _start(key, path, field, shape, x_init, t0) -> Array:
     return x
 
 
+def _check_interpolant(sampler, x_init, denoise) -> None:
+    if not sampler.interpolant:
+        raise ValueError(
+            f"{sampler.name} samples a GaussianPath (it converts through the (x0, eps) hub); a "
+            "stochastic interpolant is sampled with jd.samplers.interpolant_sde()"
+        )
+    if x_init is None:
+        raise ValueError(
+            "a stochastic interpolant does not know its source: give x_init = source(key, shape)"
+        )
+    if denoise:
+        raise ValueError("the denoising step needs a GaussianPath; end the grid at t = 0 instead")
+
+
 def _check_ends(path, field, sampler, grid, denoise) -> Array:
     """Singular ends, at trace time where the grid is known (else when it runs)."""
     check = _engine.grid_check
+    if not isinstance(path, GaussianPath):
+        return grid if sampler.check is None else sampler.check(path, field, grid)
     if field.target in ("eps", "score"):
         grid = check(
             grid,
