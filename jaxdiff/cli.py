@@ -90,6 +90,14 @@ def _parser() -> _Parser:
     train.add_argument("--channels", type=_positive_int, nargs="+", help="U-Net widths")
     train.add_argument("--conditional", action="store_true", default=None, help="class labels")
     train.add_argument("--label-dropout", type=float, dest="label_dropout")
+    train.add_argument(
+        "--precond", choices=E.PRECONDS, help="edm: EDM's preconditioning (target x0)"
+    )
+    train.add_argument("--sigma-data", type=float, dest="sigma_data", help="for edm (default 0.5)")
+    train.add_argument("--dropout", type=float, help="U-Net dropout while training (default 0)")
+    train.add_argument(
+        "--dtype", choices=(*E.DTYPES, "bf16"), help="bfloat16 (bf16): mixed precision"
+    )
     train.add_argument("--steps", type=_positive_int)
     train.add_argument("--batch", type=_positive_int)
     train.add_argument("--lr", type=float)
@@ -134,7 +142,8 @@ def _parser() -> _Parser:
 
 TRAIN_KEYS = (
     "data path loss target weighting time model width depth channels conditional label_dropout "
-    "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg"
+    "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg precond "
+    "sigma_data dropout dtype"
 ).split()
 
 
@@ -145,6 +154,8 @@ def _run(args: argparse.Namespace) -> int:
         return runs.demo_run(args.out, steps=args.steps, progress=not args.no_progress)
     if args.command == "train":
         config = {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k) is not None}
+        if config.get("dtype") == "bf16":
+            config["dtype"] = "bfloat16"
         runs.train_run(
             config, args.out, resume=args.resume, until=args.until, progress=not args.no_progress
         )

@@ -14,8 +14,12 @@ closes over (reverse mode through diffrax's ``RecursiveCheckpointAdjoint``), jit
 
 A half-precision ``x`` is integrated in float32 (``logp`` is float32).
 
-``t0 = t_start`` (default ``1e-5``) rather than 0, where ``sigma_0 = 0`` makes the ODE singular:
-the result is the density of ``x_{t0}``, i.e. of the data blurred by ``sigma_{t0}``.
+``t0 = t_start`` (default ``1e-3``) rather than 0, where ``sigma_0 = 0`` makes the ODE singular:
+the result is the density of ``x_{t0}``, i.e. of the data blurred by ``sigma_{t0}``. The default is
+the training minimum of :func:`jaxdiff.uniform_time` and the samplers' ``t_end``: below the times a
+network was trained on its field is an extrapolation whose divergence is unbounded, and a few
+outliers then dominate the mean (an MLP on the digits: 9.4 bits/dim from ``1e-3``, 82 from
+``1e-5``). For a network trained from ``t_min``, pass ``t_start = t_min``.
 
 **Discrete data.** For integers in ``{0, ..., K-1}`` scaled to ``[lo, hi]``, :func:`dequantize`
 adds uniform noise and returns the log-volume of a bin, ``D log((hi - lo) / K)``; then
@@ -91,7 +95,7 @@ def log_likelihood(
     key: Array | None = None,
     num_probes: int | None = None,
     probe: Callable = jax.random.normal,
-    t_start: ArrayLike = 1e-5,
+    t_start: ArrayLike = 1e-3,
     t_end: ArrayLike = 1.0,
     solver: diffrax.AbstractSolver | None = None,
     rtol: float = 1e-5,
@@ -113,7 +117,7 @@ def log_likelihood(
     >>> path = jd.linear_path()
     >>> x = data.sample(jax.random.key(0), 4)
     >>> out = log_likelihood(path, data.field(path, "velocity"), x)
-    >>> exact = data.marginal_log_prob(path, x, 1e-5)
+    >>> exact = data.marginal_log_prob(path, x, 1e-3)
     >>> bool(jnp.max(jnp.abs(out.logp - exact)) < 1e-2)
     True
     """

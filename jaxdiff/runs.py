@@ -75,13 +75,15 @@ def make_sampler(
     else:
         sampler = samplers.ode(SOLVERS[solver]())
 
+    net = Field(apply, c["target"]) if setup.field is None else setup.field
+
     @jax.jit
     def draw(params, key, labels):
         if setup.num_classes:
-            conditional = Field(apply, c["target"], params)
+            conditional = net.bind(params)
             field = classifier_free_guidance(conditional, labels, setup.num_classes, guidance)
         else:
-            field = Field(apply, c["target"], params)
+            field = net.bind(params)
         shape_n = (labels.shape[0], *shape)
         x_init = None if setup.source is None else setup.source(jax.random.fold_in(key, 1), shape_n)
         sol = sample(
