@@ -226,17 +226,6 @@ def make_feed_chunk(
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
     sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
 
-    def one(state: TrainState, batch) -> tuple[TrainState, Array]:
-        batch = batch if preprocess is None else preprocess(batch)
-        if sharding is not None:
-            batch = jax.lax.with_sharding_constraint(batch, sharding)
-        return step(state, batch)
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def run(state: TrainState, block: list) -> tuple[TrainState, Array]:
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *block)
-        return jax.lax.scan(one, state, stacked)
-
     def chunk(state: TrainState) -> tuple[TrainState, Array]:
         block = []
         for _ in range(num_steps):
@@ -246,9 +235,24 @@ def make_feed_chunk(
                 raise ValueError(
                     f"the data ran out: a chunk of {num_steps} steps got {len(block)} batches"
                 ) from None
-        return run(state, block)
+        return _feed_scan(step, preprocess, sharding, state, block)
 
     return chunk
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
+def _feed_scan(step, preprocess, sharding, state: TrainState, block: list):
+    """The steps of ``make_feed_chunk`` over the stacked ``block`` (compiled once per ``step``,
+    ``preprocess``, sharding and block length, whichever chunk asks)."""
+
+    def one(state: TrainState, batch) -> tuple[TrainState, Array]:
+        batch = batch if preprocess is None else preprocess(batch)
+        if sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, sharding)
+        return step(state, batch)
+
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *block)
+    return jax.lax.scan(one, state, stacked)
 
 
 def train(
