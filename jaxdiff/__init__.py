@@ -123,7 +123,7 @@ from jaxdiff.weightings import (
 
 __version__ = "0.1.0"
 
-_LAZY = ("nets", "train", "checkpoint", "digits", "experiment", "runs")
+_LAZY = ("nets", "train", "checkpoint", "digits", "experiment", "runs", "loader")
 
 
 def __getattr__(name):

@@ -4,6 +4,7 @@
     python -m jaxdiff train --data checkerboard --path fm --steps 4000 --out runs/cb
     python -m jaxdiff train --out runs/cb --resume           # continue from the latest checkpoint
     python -m jaxdiff train --source moons --data 8gaussians --coupling ot --out runs/m2g
+    python -m jaxdiff train --images folder:cifar10/train --conditional --out runs/cifar
     python -m jaxdiff sample --ckpt runs/cb --solver heun --steps 20 --n 10000
     python -m jaxdiff train --loss meanflow --data checkerboard --out runs/mf   # one-step model
     python -m jaxdiff sample --ckpt runs/mf --steps 1                  # its own sampler, 1 step
@@ -116,6 +117,15 @@ def _parser() -> _Parser:
     train.add_argument(
         "--ot-reg", type=float, dest="ot_reg", help="sinkhorn: reg as a fraction of the mean cost"
     )
+    train.add_argument(
+        "--images",
+        metavar="SPEC",
+        help="your images instead of --data: folder:PATH (class subfolders = labels), "
+        "folder-memory:PATH (decoded once into memory) or npz:PATH (arrays images, labels)",
+    )
+    train.add_argument(
+        "--no-flip", dest="flip", action="store_false", default=None, help="no random flips"
+    )
     train.add_argument("--out", required=True, help="run folder")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     train.add_argument("--until", type=_positive_int, help="stop at this step (resume later)")
@@ -145,6 +155,7 @@ TRAIN_KEYS = (
     "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg precond "
     "sigma_data dropout dtype"
 ).split()
+TRAIN_KEYS += ["images", "flip"]  # image data of your own (jaxdiff.run_images)
 
 
 def _run(args: argparse.Namespace) -> int:
