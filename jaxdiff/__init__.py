@@ -15,9 +15,7 @@ from jaxdiff.consistency import (
     consistency_distillation_loss,
     consistency_function,
     consistency_grid,
-    consistency_sample,
     consistency_scalings,
-    consistency_step,
     consistency_training_loss,
     ict_num_scales,
 )
@@ -53,7 +51,6 @@ from jaxdiff.interpolants import (
     StochasticInterpolant,
     brownian_bridge,
     interpolant_loss,
-    interpolant_sample,
     linear_interpolant,
 )
 from jaxdiff.likelihood import Likelihood, dequantize, divergence, log_likelihood
@@ -71,7 +68,7 @@ from jaxdiff.losses import (
     v_loss,
     x0_loss,
 )
-from jaxdiff.meanflow import meanflow_loss, meanflow_sample, meanflow_step, meanflow_target
+from jaxdiff.meanflow import meanflow_loss, meanflow_target
 from jaxdiff.metrics import (
     energy_distance,
     frechet_distance,
@@ -89,7 +86,7 @@ from jaxdiff.paths import (
     vp_path,
 )
 from jaxdiff.precond import EDMScalings, edm_noise, edm_precond, edm_scalings
-from jaxdiff.reflow import reflow_loss, reflow_pairs
+from jaxdiff.reflow import reflow_pairs
 from jaxdiff.sample import inpaint, sample
 from jaxdiff.samplers import Sampler
 from jaxdiff.schedules import (
@@ -126,7 +123,7 @@ from jaxdiff.weightings import (
 
 __version__ = "0.1.0"
 
-_LAZY = ("nets", "train", "checkpoint", "digits", "experiment", "runs")
+_LAZY = ("nets", "train", "checkpoint", "digits", "experiment", "runs", "loader")
 
 
 def __getattr__(name):
@@ -139,16 +136,11 @@ __all__ = [
     "consistency_distillation_loss",
     "consistency_function",
     "consistency_grid",
-    "consistency_sample",
     "consistency_scalings",
-    "consistency_step",
     "consistency_training_loss",
     "ict_num_scales",
     "meanflow_loss",
-    "meanflow_sample",
-    "meanflow_step",
     "meanflow_target",
-    "reflow_loss",
     "reflow_pairs",
     "straightness",
     "ddim_invert",
@@ -243,7 +235,6 @@ __all__ = [
     "brownian_bridge",
     "linear_interpolant",
     "interpolant_loss",
-    "interpolant_sample",
     "Straightness",
     "straightness",
     "EDMScalings",

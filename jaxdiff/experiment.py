@@ -8,6 +8,10 @@ A config is a plain dict (``DEFAULTS`` overridden by the user) saved with every 
 or a 2-D toy set (data-to-data translation on the ``fm`` or ``cosine`` path); couplings:
 ``independent``, ``ot`` (mini-batch exact OT), ``sinkhorn`` (entropic, ``ot_reg`` times the mean
 cost), and their class-conditional ``ot-class`` / ``sinkhorn-class`` (need ``conditional``).
+Few-step losses (``FEWSTEP_LOSSES``): ``meanflow`` (Geng et al. 2025: the average velocity of a
+two-time MLP, sampled by ``jd.samplers.meanflow()``) and ``consistency`` (consistency training,
+Song et al. 2023: the network inside ``consistency_function``, target ``x0``, sampled by
+``jd.samplers.consistency()``), both on the ``fm`` or ``cosine`` path from Gaussian noise.
 The image recipe: ``precond`` ``edm`` wraps the network in EDM's preconditioning (target ``x0``,
 ``sigma_data``), weightings ``edm``, ``min-snr``, ``sigmoid``, ``v``, ``elbo`` (each converted to the
 loss's error, :mod:`jaxdiff.weightings`), time ``edm`` (log-normal noise levels), ``dropout`` for
@@ -43,7 +47,8 @@ PATHS = {
     "ve": ve_path,
     "cosine": cosine_path,
 }
-LOSSES = ("fm", "eps", "x0", "v", "dsm")
+FEWSTEP_LOSSES = ("meanflow", "consistency")
+LOSSES = ("fm", "eps", "x0", "v", "dsm", *FEWSTEP_LOSSES)
 WEIGHTINGS = {
     "unit": L.unit_weight,
     "sigma2": L.sigma_sq_weight,
@@ -87,7 +92,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 0,  # 0: at the end only
     "ckpt_every": 1000,
     "eval_n": 2000,  # 0: no evaluation
-    "eval_steps": 20,
+    "eval_steps": 20,  # 1 for the few-step losses unless given
     "source": "gaussian",  # what t = 1 holds: N(0, I) or a 2-D toy set
     "coupling": "independent",
     "ot_reg": 0.05,  # sinkhorn couplings: entropic reg as a fraction of the batch's mean cost
@@ -110,7 +115,7 @@ def resolve(config: dict) -> dict:
     edm = c["precond"] == "edm"
     c["loss"] = c["loss"] or ("x0" if edm else "fm" if c["path"] == "fm" else "eps")
     _choice(c, "loss", LOSSES)
-    default_target = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
+    default_target = {"fm": "velocity", "dsm": "score", **FEWSTEP_TARGETS}.get(c["loss"], c["loss"])
     c["target"] = c["target"] or ("x0" if edm else default_target)
     _choice(c, "target", ("eps", "x0", "v", "velocity", "score"))
     if edm and c["target"] != "x0":
@@ -121,7 +126,10 @@ def resolve(config: dict) -> dict:
     _check_recipe(c)
     _choice(c, "weighting", tuple(WEIGHTINGS))
     _choice(c, "time", TIMES)
-    c["model"] = c["model"] or ("unet" if c["data"] == "digits" else "mlp")
+    few = c["loss"] in FEWSTEP_LOSSES
+    c["model"] = c["model"] or ("unet" if c["data"] == "digits" and not few else "mlp")
+    if few and config.get("eval_steps") is None:
+        c["eval_steps"] = 1
     _choice(c, "model", ("mlp", "unet"))
     if c["dropout"] and c["model"] != "unet":
         raise ValueError(f"dropout {c['dropout']} needs model unet (the MLP has no dropout)")
@@ -150,7 +158,59 @@ def resolve(config: dict) -> dict:
         raise ValueError(f"channels must be positive; got {c['channels']}")
     check_seed(c["seed"])
     _check_source_coupling(c)
+    _check_fewstep(c)
     return c
+
+
+FEWSTEP_TARGETS = {"meanflow": "velocity", "consistency": "x0"}
+
+
+def _check_fewstep(c: dict) -> None:
+    """One-line errors for the few-step losses' bad combinations."""
+    loss = c["loss"]
+    if loss not in FEWSTEP_LOSSES:
+        return
+    if c["path"] not in ("fm", "cosine"):
+        raise ValueError(
+            f"loss {loss} needs a path from the data to N(0, I) with a bounded velocity: fm or "
+            f"cosine, not {c['path']!r} (VP's and sub-VP's velocity is infinite at t = 0, VE's "
+            "prior is not N(0, I))"
+        )
+    if c["target"] != FEWSTEP_TARGETS[loss]:
+        what = "the average velocity" if loss == "meanflow" else "the trajectory's end (x0)"
+        raise ValueError(
+            f"loss {loss} trains {what}: target {FEWSTEP_TARGETS[loss]}, not {c['target']!r}"
+        )
+    if loss == "meanflow" and c["model"] != "mlp":
+        raise ValueError(
+            "loss meanflow needs a network of two times u(x, t, r): --model mlp (a two-time MLP); "
+            f"{c['model']!r} takes one time"
+        )
+    if c["source"] != "gaussian" or c["coupling"] != "independent":
+        raise ValueError(
+            f"loss {loss} trains from Gaussian noise paired independently; --source and "
+            "--coupling are for --loss fm"
+        )
+    allowed = ("uniform", "logit-normal") if loss == "meanflow" else ("uniform",)
+    if c["time"] not in allowed:
+        raise ValueError(f"loss {loss} draws its times {' or '.join(allowed)}; got {c['time']!r}")
+    if c["weighting"] != "unit":
+        raise ValueError(f"loss {loss} has its own weighting; --weighting is for diffusion losses")
+    if c["precond"] != "none" or c["dtype"] != "float32":
+        raise ValueError(
+            f"loss {loss} trains a float32 network without preconditioning; --precond and --dtype "
+            "are for diffusion losses"
+        )
+
+
+def network_fn(c: dict, model: Any):
+    """The function a run's field calls: ``model.apply``, or for ``consistency`` the consistency
+    function ``c_skip(t) x + c_out(t) model.apply(...)`` around it."""
+    if c["loss"] == "consistency":
+        from jaxdiff.consistency import consistency_function
+
+        return consistency_function(model.apply)
+    return model.apply
 
 
 SEED_LIMIT = 2**32  # jax.random.key keeps 32 bits of a seed without x64: 2**32 would repeat 0
@@ -262,7 +322,11 @@ def build(c: dict) -> Setup:
     source = None if c["source"] == "gaussian" else dataset_source(TOY_DATASETS[c["source"]])
     num_classes = 10 if c["conditional"] else None
     dtype = DTYPES[c["dtype"]]
-    if c["model"] == "mlp":
+    if c["loss"] == "meanflow":
+        from jaxdiff.nets import TwoTimeMLP
+
+        model = TwoTimeMLP(width=c["width"], depth=c["depth"], num_classes=num_classes)
+    elif c["model"] == "mlp":
         model = MLP(width=c["width"], depth=c["depth"], num_classes=num_classes, dtype=dtype)
     else:
         model = UNet(
@@ -299,6 +363,9 @@ def build(c: dict) -> Setup:
         sampler = W.edm_time(path, t_min=max(t_min, 1e-3), t_max=t_max)
     else:
         sampler = L.importance_time(path, weighting, max(t_min, 1e-3), t_max, regress=regress)
+    if c["loss"] in FEWSTEP_LOSSES:
+        loss = _fewstep_loss(c, model, path)
+        return Setup(model, path, loss, sample_batch, example, num_classes, source)
     field = make_field(c, model, path)
     loss = L.diffusion_loss(
         field,
@@ -315,6 +382,20 @@ def build(c: dict) -> Setup:
     return Setup(model, path, loss, sample_batch, example, num_classes, source, field)
 
 
+def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
+    from jaxdiff.consistency import consistency_training_loss
+    from jaxdiff.meanflow import meanflow_loss
+
+    net = Field(network_fn(c, model), FEWSTEP_TARGETS[c["loss"]])
+    if c["loss"] == "consistency":
+        return consistency_training_loss(net, path)
+    if c["time"] == "uniform":
+        times = L.uniform_time(0.0, 1.0)
+    else:
+        times = L.logit_normal_time(t_min=0.0, t_max=1.0)
+    return meanflow_loss(net, path, time_sampler=times)
+
+
 def init_state(c: dict, setup: Setup):
     """Fresh train state and optimizer of a config (params from ``seed``)."""
     from jaxdiff.train import adamw_cosine, init_train_state
@@ -323,7 +404,8 @@ def init_state(c: dict, setup: Setup):
     labels = jnp.zeros((1,), jnp.int32) if setup.num_classes else None
     from jaxdiff.nets import init_params
 
-    params = init_params(setup.model, init_key, setup.example, jnp.zeros((1,)), labels)
+    times = (jnp.zeros((1,)), None) if c["loss"] == "meanflow" else (jnp.zeros((1,)),)  # (t, r)
+    params = init_params(setup.model, init_key, setup.example, *times, labels)
     opt = adamw_cosine(
         c["lr"], int(c["steps"]), weight_decay=c["weight_decay"], clip_norm=c["clip"] or None
     )

@@ -12,6 +12,8 @@ for ``D`` numbers per sample: low dimension) or Hutchinson's unbiased estimate
 solve (Grathwohl et al. 2019). The result is differentiable in ``x`` and in anything ``field``
 closes over (reverse mode through diffrax's ``RecursiveCheckpointAdjoint``), jit-able and batched.
 
+A half-precision ``x`` is integrated in float32 (``logp`` is float32).
+
 ``t0 = t_start`` (default ``1e-3``) rather than 0, where ``sigma_0 = 0`` makes the ODE singular:
 the result is the density of ``x_{t0}``, i.e. of the data blurred by ``sigma_{t0}``. The default is
 the training minimum of :func:`jaxdiff.uniform_time` and the samplers' ``t_end``: below the times a
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_finite, check_order, check_time
+from jaxdiff._checks import check_finite, check_order, check_time, data_dtype, wide_dtype
 from jaxdiff.field import Field, as_field
 from jaxdiff.integrate import integrate
 from jaxdiff.paths import GaussianPath
@@ -121,11 +123,11 @@ def log_likelihood(
     """
     field = as_field(field)
     x = check_finite(jnp.asarray(x), "x")
+    x = x.astype(wide_dtype(data_dtype(x)))  # densities in float32 or wider, whatever x's dtype
     if x.ndim < 2:
         raise ValueError(f"x must be (batch, *event); got shape {x.shape}")
-    check_time(t_start, "t_start")
-    check_time(t_end, "t_end")
-    check_order(t_start, t_end, "t_start", "t_end")
+    t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")
+    t_start, t_end = check_order(t_start, t_end, "t_start", "t_end")  # checked under jit too
     probes = None
     if num_probes is not None:
         if key is None:
