@@ -46,20 +46,33 @@ UNET = dict(
 )
 
 
-def _train(config: dict, out: Path) -> dict:
+def _cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _train(config: dict, out: Path, until: int | None = None) -> dict:
+    """Train (or continue) the run in ``out``; the process CPU seconds of every call are summed in
+    ``OUT/cpu_seconds.json`` (user + system, all threads; compilation included)."""
     from jaxdiff import rundir as R
     from jaxdiff.run_train import train_run
 
     config = {**config, "eval_n": 0}
     resume = R.has_steps(out / "ckpt")
-    start = time.perf_counter()
-    summary = train_run(config, out, resume=resume, progress=False)
-    wall = time.perf_counter() - start
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    summary = train_run(config, out, resume=resume, until=until, progress=False)
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    ledger = out / "cpu_seconds.json"
+    spent = json.loads(ledger.read_text()) if ledger.exists() else []
+    spent.append({"step": int(summary["step"]), "cpu_seconds": cpu, "wall_seconds": wall})
+    ledger.write_text(json.dumps(spent, indent=1) + "\n")
     return {
         "config": {k: v for k, v in summary["config"].items()},
         "steps": summary["step"],
-        "train_seconds": summary["train_seconds"],  # the training loop (compile included)
-        "wall_seconds_this_call": wall,
+        "train_seconds": summary["train_seconds"],  # wall clock of the training loops
+        "cpu_seconds": sum(s["cpu_seconds"] for s in spent),  # the calls' CPU time
     }
 
 
