@@ -57,7 +57,9 @@ def train_model(loss_name: str, steps: int, train_levels, seed: int = 0):
         loss = jd.eps_loss(net, path)
     else:
         w = jd.elbo_weight()
-        loss = jd.eps_loss(net, path, weighting=w, time_sampler=jd.importance_time(path, w))
+        loss = jd.eps_loss(
+            net, path, weighting=w, time_sampler=jd.importance_time(path, w, regress="eps")
+        )
     params = init_params(model, jax.random.key(seed), jnp.zeros((1, D)), jnp.zeros(1))
     opt = adamw_cosine(2e-3, steps)
     step = make_train_step(loss, opt)
