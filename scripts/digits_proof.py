@@ -124,7 +124,7 @@ def _grid(images: dict, file: Path) -> None:
     for ax, (title, x) in zip(np.atleast_1d(axes), images.items(), strict=True):
         x = np.asarray(x)[:100, ..., 0].reshape(10, 10, 8, 8)  # sample i has class i % 10
         tiles = x.transpose(1, 0, 2, 3)  # row = class, column = draw
-        canvas = np.ones((10 * 9 + 1, 10 * 9 + 1))
+        canvas = np.full((10 * 9 + 1, 10 * 9 + 1), -0.5)  # light grey between tiles
         for r in range(10):
             for c in range(10):
                 canvas[1 + 9 * r : 9 * r + 9, 1 + 9 * c : 9 * c + 9] = tiles[r, c]
