@@ -15,7 +15,7 @@ equally likely, log2(17) = 4.09 bits; independent per-pixel categorical frequenc
 training split, 2.42 bits. The PF-ODE's mean is reported with its median and without the few
 digits whose ODE trajectories leave for the prior's far tail (above 8.2 bits/dim: hundreds to
 1e20; |z| of 31 to 1e11), which the ELBO's local bound does not see. Writes
-``benchmarks/results/digits_likelihood.json`` and ``.md``.
+``results/digits_likelihood.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--n", type=int, default=297, help="test digits (297: all)")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--results", default=str(ROOT / "results"))
     args = parser.parse_args(argv)
     train_levels = levels(load_digits("train")[0])
     test_levels = levels(load_digits("test")[0][: args.n])

@@ -17,7 +17,7 @@ Each is sampled with Heun's method (20 steps, 39 evaluations of the guided field
 weights at classifier-free guidance 1 and 2, ``n`` samples (classes ``i % 10``) per seed; the
 table gives the mean over seeds and each seed. Training CPU seconds (user + system of the process,
 compilation included) are summed in ``OUT/NAME/cpu_seconds.json``. Writes
-``benchmarks/results/digits_unet.json`` and ``.md`` and ``docs/digits_unet.png``. A run in ``OUT``
+``results/digits_unet.json`` and ``.md`` and ``docs/digits_unet.png``. A run in ``OUT``
 is continued or, when finished, reused (not retrained).
 """
 
@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", nargs="+", choices=RUNS, default=list(RUNS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--results", default=str(ROOT / "results"))
     parser.add_argument("--grid", default=str(ROOT / "docs" / "digits_unet.png"))
     args = parser.parse_args(argv)
     out, results = Path(args.out), Path(args.results)
