@@ -56,6 +56,7 @@ from jaxdiff.interpolants import (
     interpolant_sample,
     linear_interpolant,
 )
+from jaxdiff.inverse import dps, dps_sampler, pigdm, project, repaint, tmpd
 from jaxdiff.likelihood import Likelihood, dequantize, divergence, log_likelihood
 from jaxdiff.losses import (
     diffusion_loss,
@@ -72,6 +73,16 @@ from jaxdiff.losses import (
     x0_loss,
 )
 from jaxdiff.meanflow import meanflow_loss, meanflow_sample, meanflow_step, meanflow_target
+from jaxdiff.measurements import (
+    LinearOperator,
+    Measurement,
+    blur_operator,
+    linear_operator,
+    mask_operator,
+    matrix_operator,
+    measure,
+    subsample_operator,
+)
 from jaxdiff.metrics import (
     energy_distance,
     frechet_distance,
@@ -233,4 +244,18 @@ __all__ = [
     "interpolant_sample",
     "Straightness",
     "straightness",
+    "LinearOperator",
+    "Measurement",
+    "measure",
+    "matrix_operator",
+    "mask_operator",
+    "subsample_operator",
+    "blur_operator",
+    "linear_operator",
+    "dps",
+    "pigdm",
+    "tmpd",
+    "dps_sampler",
+    "project",
+    "repaint",
 ]
