@@ -40,13 +40,20 @@ def make_sampler(
     c: dict,
     setup: E.Setup,
     *,
-    solver: str = "heun",
+    solver: str | None = None,
     steps: int = 20,
     eta: float = 0.0,
     guidance: float = 1.0,
     batch: int = 2000,
 ) -> Callable:
-    """``(params, key, n, labels) -> samples`` drawn in jitted batches of ``batch``."""
+    """``(params, key, n, labels) -> samples`` drawn in jitted batches of ``batch``.
+
+    ``solver`` (default ``heun``) integrates the ODE or SDE of a diffusion or flow run; a run of a
+    few-step loss (``meanflow``, ``consistency``) samples with its own sampler in ``steps`` steps
+    from ``t = 1`` to 0 and takes no solver, ``eta`` or guidance."""
+    if c["loss"] in E.FEWSTEP_LOSSES:
+        return _fewstep_sampler(c, setup, solver, steps, eta, guidance, batch)
+    solver = "heun" if solver is None else solver
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
     if steps < 1:
@@ -68,13 +75,15 @@ def make_sampler(
     else:
         sampler = samplers.ode(SOLVERS[solver]())
 
+    net = Field(apply, c["target"]) if setup.field is None else setup.field
+
     @jax.jit
     def draw(params, key, labels):
         if setup.num_classes:
-            conditional = Field(apply, c["target"], params)
+            conditional = net.bind(params)
             field = classifier_free_guidance(conditional, labels, setup.num_classes, guidance)
         else:
-            field = Field(apply, c["target"], params)
+            field = net.bind(params)
         shape_n = (labels.shape[0], *shape)
         x_init = None if setup.source is None else setup.source(jax.random.fold_in(key, 1), shape_n)
         sol = sample(
@@ -88,6 +97,47 @@ def make_sampler(
             t_start=t_start,
         )
         return sol.x
+
+    return _batched(draw, batch, f"solver {solver}, {steps} steps, eta {eta:g}")
+
+
+def _fewstep_sampler(c, setup, solver, steps, eta, guidance, batch) -> Callable:
+    loss = c["loss"]
+    if solver is not None or eta != 0 or guidance != 1:
+        given = [
+            f
+            for f, on in (("--solver", solver), ("--eta", eta), ("--guidance", guidance != 1))
+            if on
+        ]
+        raise ValueError(
+            f"a {loss} run samples with its own sampler (--steps 1, 2, 4, ...): drop "
+            f"{', '.join(given)} (for flow-matching and diffusion runs)"
+        )
+    if steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps}")
+    sampler = samplers.meanflow() if loss == "meanflow" else samplers.consistency()
+    fn, shape = E.network_fn(c, setup.model), tuple(setup.example.shape[1:])
+
+    def conditional(params_labels, x, t, *args):
+        params, labels = params_labels
+        if loss == "meanflow":  # the two-time MLP: (x, t, r, labels)
+            return fn(params, x, t, *(args or (None,)), labels)
+        return fn(params, x, t, labels)
+
+    @jax.jit
+    def draw(params, key, labels):
+        if setup.num_classes:
+            field = Field(conditional, c["target"], (params, labels))
+        else:
+            field = Field(fn, c["target"], params)
+        shape_n = (labels.shape[0], *shape)
+        return sample(key, setup.path, field, shape_n, sampler=sampler, steps=steps).x
+
+    return _batched(draw, batch, f"the {loss} sampler, {steps} steps")
+
+
+def _batched(draw, batch: int, how: str) -> Callable:
+    """``(params, key, n, labels) -> (samples, labels)`` from ``draw`` in batches of ``batch``."""
 
     def run(params, key, n, labels=None):
         labels = np.arange(n) % 10 if labels is None else np.asarray(labels)
@@ -107,8 +157,8 @@ def make_sampler(
                 finite = False
             if not finite:
                 raise FloatingPointError(
-                    f"the samples came out non-finite (NaN or inf) with solver {solver}, "
-                    f"{steps} steps, eta {eta:g}: lower eta or take more steps"
+                    f"the samples came out non-finite (NaN or inf) with {how}: lower eta or take "
+                    "more steps"
                 )
             out.append(x[:m])
         return np.concatenate(out), labels
@@ -131,6 +181,10 @@ def _quiet_callback_errors():
 
 def _measure(c, setup, x, labels, n) -> tuple[dict, np.ndarray]:
     """Metrics of samples ``x`` against held-out data (and, for 2-D data, the two-true-sets floor)."""
+    from jaxdiff import run_images as IR
+
+    if IR.is_images(c):
+        return IR.measure(c, x)
     if c["data"] == "digits":
         metrics = E.digits_metrics(x, labels if setup.num_classes else None)
         return metrics, E.reference_data(c, n)[0]
@@ -140,14 +194,17 @@ def _measure(c, setup, x, labels, n) -> tuple[dict, np.ndarray]:
 
 def evaluate(c, setup, draw, params, key, n, *, log=print, plot: Path | None = None) -> dict:
     """Sample ``n`` points with ``draw`` (``make_sampler``) and measure them against held-out data."""
+    from jaxdiff import run_images as IR
+
     start = E.now()
-    x, labels = draw(params, key, n)
+    x, labels = draw(params, key, n, IR.eval_labels(c, n))
     seconds = E.now() - start
     metrics, reference = _measure(c, setup, x, labels, n)
     metrics["sample_seconds"] = seconds
     log("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     if plot is not None:
-        E.save_plot(x, reference, plot, f"{c['data']}, {c['path']} path, {c['target']} target")
+        save = IR.save_plot if IR.is_images(c) else E.save_plot
+        save(x, reference, plot, f"{c['data']}, {c['path']} path, {c['target']} target")
     return {"metrics": metrics, "samples": x, "labels": labels}
 
 
@@ -162,9 +219,11 @@ def load_checkpoint(ckpt_dir: str | Path):
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
     if not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    from jaxdiff import run_images as IR
+
     with Checkpointer(ckpt_dir) as ckpt:
-        c = E.resolve(ckpt.meta()["config"])
-        setup = E.build(c)
+        c = IR.resolve(ckpt.meta()["config"])
+        setup = IR.build(c)
         like, _ = E.init_state(c, setup)
         state, _ = ckpt.restore(like)
     return c, setup, state
@@ -174,7 +233,7 @@ def sample_run(
     ckpt_dir: str | Path,
     *,
     n: int = 10_000,
-    solver: str = "heun",
+    solver: str | None = None,
     steps: int = 20,
     eta: float = 0.0,
     seed: int = 0,
@@ -197,10 +256,13 @@ def sample_run(
     run = Path(ckpt_dir).parent if R.has_steps(Path(ckpt_dir)) else Path(ckpt_dir)
     out = R.prepare(out if out is not None else run / "samples")
     params = state.ema if ema else state.params
-    log(f"sampling {n} from step {int(state.step)}: {solver}, {steps} steps, eta {eta}")
     draw = make_sampler(
         c, setup, solver=solver, steps=steps, eta=eta, guidance=guidance, batch=min(n, 2000)
     )
+    if c["loss"] in E.FEWSTEP_LOSSES:
+        solver = c["loss"]  # the run's own sampler
+    solver = "heun" if solver is None else solver
+    log(f"sampling {n} from step {int(state.step)}: {solver}, {steps} steps, eta {eta}")
     start = E.now()
     x, used = draw(params, jax.random.key(seed), n, labels)
     seconds = E.now() - start
@@ -208,7 +270,10 @@ def sample_run(
     metrics.update(sample_seconds=seconds, solver=solver, steps=steps, eta=eta, guidance=guidance)
     np.savez(out / "samples.npz", samples=x, labels=used)
     E.write_json(out / "metrics.json", metrics)
-    E.save_plot(x, reference, out / "samples.png", f"{c['data']}: {solver}, {steps} steps")
+    from jaxdiff import run_images as IR
+
+    save = IR.save_plot if IR.is_images(c) else E.save_plot
+    save(x, reference, out / "samples.png", f"{c['data']}: {solver}, {steps} steps")
     log("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     log(f"wrote {out / 'samples.npz'}, metrics.json and samples.png")
     return {"metrics": metrics, "samples": x, "labels": used}
