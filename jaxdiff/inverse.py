@@ -29,7 +29,10 @@ step's size: a rule of the discretisation, not of the dynamics, so it cannot be 
 field does not know the step) and is the sampler :func:`dps_sampler`. For noiseless measurements
 :func:`project` is the per-step hook of replacement (score_sde's inpainting, generalised to any
 ``A`` by projecting on its row space) and :func:`repaint` wraps a sampler with RePaint's
-resampling (Lugmayr et al. 2022).
+resampling (Lugmayr et al. 2022). Every method differentiates ``x0_hat``: an eps-network's
+``x0_hat = (x - sigma_t eps_hat) / alpha_t`` multiplies its Jacobian's error by ``1 / alpha_t``
+(~150 at ``t = 1`` on VP), on which PiGDM and the DPS field diverged (notebook 08); prefer priors
+that predict ``v`` or ``x0``. Exact posteriors to check against: ``GaussianMixture.posterior``.
 """
 
 from __future__ import annotations
