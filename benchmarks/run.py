@@ -31,6 +31,7 @@ SECTIONS = [
     "scaling",
     "couplings",
     "fewstep_training",
+    "images",
 ]
 RESULTS = Path(__file__).parent / "results"
 
