@@ -14,8 +14,12 @@ Plans (one batch of ``n`` Gaussian source points and ``n`` checkerboard points, 
 together (each solver ends on one exact side).
 
 Training: an MLP (``jaxdiff.nets.MLP``, width 128, depth 3) trained with AdamW on
-``flow_matching_loss(..., source=, coupling=)``; then from 4,000 fresh source points, Euler
-samples with 1, 2, 4, 8 steps (energy distance ``ed_k`` to 4,000 held-out points, and MMD with the
+``flow_matching_loss(..., source=, coupling=)``, and for the Schrödinger bridge (Tong et al.'s
+SB-CFM: ``schrodinger_bridge_0.5``) on ``interpolant_loss`` with the Brownian bridge ``x_t = (1 - t)
+x0 + t x1 + 0.5 sqrt(t (1 - t)) z`` and entropic-OT pairs of ``reg = 2 sigma^2 = 0.5`` (absolute;
+its loss includes the latent's ``gamma' z``, so its ``loss_mean``/``loss_std`` are not comparable
+with the others'); then from 4,000 fresh source points, Euler samples with 1, 2, 4, 8 steps (the
+bridge: its ODE ``dx = b dt`` by ``jd.samplers.interpolant_sde()``) (energy distance ``ed_k`` to 4,000 held-out points, and MMD with the
 CLI's kernel at 8 steps), Liu et al.'s straightness ``S`` (``jaxdiff.straightness``, 100 Euler
 steps; ``s_rel = S / E|x1 - x0|^2``), and the loss at the final EMA parameters over 64 fresh
 batches (``loss_mean``, ``loss_std``: the spread of the objective that OT couplings reduce).
@@ -173,15 +177,23 @@ CASES = {
 }
 
 
+SB_SIGMA = 0.5
+
+
 def _couplings():
+    """``name -> (coupling, bridge or None)``."""
     return {
-        "independent": None,
-        "exact_ot": jd.exact_ot(),
-        "sinkhorn_0.05": jd.sinkhorn_ot(0.05, relative=True),
+        "independent": (None, None),
+        "exact_ot": (jd.exact_ot(), None),
+        "sinkhorn_0.05": (jd.sinkhorn_ot(0.05, relative=True), None),
+        f"schrodinger_bridge_{SB_SIGMA}": (
+            jd.sinkhorn_ot(2 * SB_SIGMA**2),
+            jd.brownian_bridge(SB_SIGMA),
+        ),
     }
 
 
-def _train_one(source_fn, data_fn, coupling, steps, batch, seed=0):
+def _train_one(source_fn, data_fn, coupling, steps, batch, seed=0, bridge=None):
     from jaxdiff.experiment import MMD_BANDWIDTHS
     from jaxdiff.nets import MLP, init_params
     from jaxdiff.train import adamw_cosine, init_train_state, make_train_chunk, make_train_step
@@ -191,9 +203,11 @@ def _train_one(source_fn, data_fn, coupling, steps, batch, seed=0):
     source = None if source_fn is None else jd.dataset_source(source_fn)
     draw = jd.standard_normal() if source is None else source
     path = jd.linear_path()
-    loss = jd.flow_matching_loss(
-        jd.Field(model.apply, "velocity"), path, source=source, coupling=coupling
-    )
+    net = jd.Field(model.apply, "velocity")
+    if bridge is None:
+        loss = jd.flow_matching_loss(net, path, source=source, coupling=coupling)
+    else:
+        loss = jd.interpolant_loss(net, bridge, source=source, coupling=coupling)
     opt = adamw_cosine(3e-3, steps)
     chunk = make_train_chunk(
         make_train_step(loss, opt, ema_decay=0.995), lambda k: data_fn(k, batch), steps
@@ -208,7 +222,11 @@ def _train_one(source_fn, data_fn, coupling, steps, batch, seed=0):
     ref = data_fn(jax.random.key(101), n)
     row = {}
     for k in (1, 2, 4, 8):
-        x = jd.sample(None, path, field, x_init=x1, steps=k).x
+        if bridge is None:
+            x = jd.sample(None, path, field, x_init=x1, steps=k).x
+        else:
+            ode = jd.samplers.interpolant_sde()
+            x = jd.sample(None, bridge, field, x_init=x1, steps=k, sampler=ode).x
         row[f"ed_{k}"] = float(jd.energy_distance(x, ref))
     row["mmd_8"] = float(jd.mmd(x, ref, MMD_BANDWIDTHS))
     st = jd.straightness(field, x1, steps=100)
@@ -229,8 +247,8 @@ def _training_rows(quick: bool) -> list[dict]:
     rows = []
     for case in cases:
         source_fn, data_fn = CASES[case]
-        for name, coupling in _couplings().items():
-            row = _train_one(source_fn, data_fn, coupling, steps, 256)
+        for name, (coupling, bridge) in _couplings().items():
+            row = _train_one(source_fn, data_fn, coupling, steps, 256, bridge=bridge)
             rows.append({"case": case, "coupling": name, "steps": steps, **row})
             print(
                 f"  {case} {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True

@@ -15,9 +15,7 @@ from jaxdiff.consistency import (
     consistency_distillation_loss,
     consistency_function,
     consistency_grid,
-    consistency_sample,
     consistency_scalings,
-    consistency_step,
     consistency_training_loss,
     ict_num_scales,
 )
@@ -53,7 +51,6 @@ from jaxdiff.interpolants import (
     StochasticInterpolant,
     brownian_bridge,
     interpolant_loss,
-    interpolant_sample,
     linear_interpolant,
 )
 from jaxdiff.likelihood import Likelihood, dequantize, divergence, log_likelihood
@@ -71,7 +68,7 @@ from jaxdiff.losses import (
     v_loss,
     x0_loss,
 )
-from jaxdiff.meanflow import meanflow_loss, meanflow_sample, meanflow_step, meanflow_target
+from jaxdiff.meanflow import meanflow_loss, meanflow_target
 from jaxdiff.metrics import (
     energy_distance,
     frechet_distance,
@@ -88,7 +85,8 @@ from jaxdiff.paths import (
     ve_path,
     vp_path,
 )
-from jaxdiff.reflow import reflow_loss, reflow_pairs
+from jaxdiff.precond import EDMScalings, edm_noise, edm_precond, edm_scalings
+from jaxdiff.reflow import reflow_pairs
 from jaxdiff.sample import inpaint, sample
 from jaxdiff.samplers import Sampler
 from jaxdiff.schedules import (
@@ -110,6 +108,18 @@ from jaxdiff.sde import (
 )
 from jaxdiff.sources import Source, dataset_source, standard_normal
 from jaxdiff.straightness import Straightness, straightness
+from jaxdiff.weightings import (
+    Weight,
+    edm_time,
+    edm_weight,
+    elbo_weight,
+    log_snr_weight,
+    log_snr_weighting,
+    min_snr_weight,
+    sigmoid_weight,
+    v_weight,
+    weight_as,
+)
 
 __version__ = "0.1.0"
 
@@ -126,16 +136,11 @@ __all__ = [
     "consistency_distillation_loss",
     "consistency_function",
     "consistency_grid",
-    "consistency_sample",
     "consistency_scalings",
-    "consistency_step",
     "consistency_training_loss",
     "ict_num_scales",
     "meanflow_loss",
-    "meanflow_sample",
-    "meanflow_step",
     "meanflow_target",
-    "reflow_loss",
     "reflow_pairs",
     "straightness",
     "ddim_invert",
@@ -230,7 +235,20 @@ __all__ = [
     "brownian_bridge",
     "linear_interpolant",
     "interpolant_loss",
-    "interpolant_sample",
     "Straightness",
     "straightness",
+    "EDMScalings",
+    "edm_noise",
+    "edm_precond",
+    "edm_scalings",
+    "Weight",
+    "weight_as",
+    "edm_weight",
+    "edm_time",
+    "elbo_weight",
+    "log_snr_weight",
+    "log_snr_weighting",
+    "min_snr_weight",
+    "sigmoid_weight",
+    "v_weight",
 ]

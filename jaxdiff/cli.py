@@ -6,6 +6,8 @@
     python -m jaxdiff train --source moons --data 8gaussians --coupling ot --out runs/m2g
     python -m jaxdiff train --images folder:cifar10/train --conditional --out runs/cifar
     python -m jaxdiff sample --ckpt runs/cb --solver heun --steps 20 --n 10000
+    python -m jaxdiff train --loss meanflow --data checkerboard --out runs/mf   # one-step model
+    python -m jaxdiff sample --ckpt runs/mf --steps 1                  # its own sampler, 1 step
 
 Errors (unknown options, bad values, missing or damaged checkpoints, a run folder in use or
 holding another run, unwritable folders, non-finite samples) print one line and exit with status 2;
@@ -74,7 +76,12 @@ def _parser() -> _Parser:
     train = sub.add_parser("train", help="train a model; writes checkpoints, metrics and a plot")
     train.add_argument("--data", choices=E.DATASETS, help="data set (default checkerboard)")
     train.add_argument("--path", choices=tuple(E.PATHS), help="probability path (default fm)")
-    train.add_argument("--loss", choices=E.LOSSES, help="loss (default fm for fm, else eps)")
+    train.add_argument(
+        "--loss",
+        choices=E.LOSSES,
+        help="loss (default fm for fm, else eps); meanflow and "
+        "consistency train few-step generators",
+    )
     train.add_argument("--target", choices=("eps", "x0", "v", "velocity", "score"))
     train.add_argument("--weighting", choices=tuple(E.WEIGHTINGS))
     train.add_argument("--time", choices=E.TIMES, help="time sampler (default uniform)")
@@ -84,6 +91,14 @@ def _parser() -> _Parser:
     train.add_argument("--channels", type=_positive_int, nargs="+", help="U-Net widths")
     train.add_argument("--conditional", action="store_true", default=None, help="class labels")
     train.add_argument("--label-dropout", type=float, dest="label_dropout")
+    train.add_argument(
+        "--precond", choices=E.PRECONDS, help="edm: EDM's preconditioning (target x0)"
+    )
+    train.add_argument("--sigma-data", type=float, dest="sigma_data", help="for edm (default 0.5)")
+    train.add_argument("--dropout", type=float, help="U-Net dropout while training (default 0)")
+    train.add_argument(
+        "--dtype", choices=(*E.DTYPES, "bf16"), help="bfloat16 (bf16): mixed precision"
+    )
     train.add_argument("--steps", type=_positive_int)
     train.add_argument("--batch", type=_positive_int)
     train.add_argument("--lr", type=float)
@@ -118,7 +133,12 @@ def _parser() -> _Parser:
 
     smp = sub.add_parser("sample", help="sample a trained checkpoint")
     smp.add_argument("--ckpt", required=True, help="run folder or its ckpt/ folder")
-    smp.add_argument("--solver", choices=tuple(SOLVERS), default="heun")
+    smp.add_argument(
+        "--solver",
+        choices=tuple(SOLVERS),
+        help="ODE/SDE solver (default heun; none for meanflow "
+        "and consistency runs, which sample with their own sampler)",
+    )
     smp.add_argument("--steps", type=_positive_int, default=20)
     smp.add_argument("--n", type=_positive_int, default=10_000)
     smp.add_argument("--eta", type=float, default=0.0, help="0: ODE, 1: reverse SDE")
@@ -132,7 +152,8 @@ def _parser() -> _Parser:
 
 TRAIN_KEYS = (
     "data path loss target weighting time model width depth channels conditional label_dropout "
-    "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg"
+    "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg precond "
+    "sigma_data dropout dtype"
 ).split()
 TRAIN_KEYS += ["images", "flip"]  # image data of your own (jaxdiff.run_images)
 
@@ -144,6 +165,8 @@ def _run(args: argparse.Namespace) -> int:
         return runs.demo_run(args.out, steps=args.steps, progress=not args.no_progress)
     if args.command == "train":
         config = {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k) is not None}
+        if config.get("dtype") == "bf16":
+            config["dtype"] = "bfloat16"
         runs.train_run(
             config, args.out, resume=args.resume, until=args.until, progress=not args.no_progress
         )

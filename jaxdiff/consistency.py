@@ -26,6 +26,10 @@ the pseudo-Huber metric ``sqrt(|a - b|^2 + c^2) - c`` with ``c = 0.00054 sqrt(di
 (:func:`consistency_grid`, where EDM's grid in ``sigma`` measured worse). iCT doubles ``num_scales`` during training
 (:func:`ict_num_scales`); a loss is built for one ``num_scales``, so a curriculum trains in
 stages, one loss per stage.
+
+Sampling is ``jd.sample(key, path, f, shape, sampler=jd.samplers.consistency(), steps=k)``: one
+evaluation of ``f`` from ``t = 1`` (``k = 1``), or Algorithm 1's multistep sampling, which
+re-noises ``f``'s output to each next time of the grid.
 """
 
 from __future__ import annotations
@@ -40,10 +44,8 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import concrete, expand_like
-from jaxdiff._grid import batch_time, decreasing_grid, run_grid
 from jaxdiff.conversions import convert
 from jaxdiff.field import Field, as_field
-from jaxdiff.integrate import Solution
 from jaxdiff.losses import _split_batch
 from jaxdiff.paths import GaussianPath, linear_path
 
@@ -57,8 +59,6 @@ __all__ = [
     "ict_num_scales",
     "consistency_training_loss",
     "consistency_distillation_loss",
-    "consistency_step",
-    "consistency_sample",
 ]
 
 
@@ -163,8 +163,8 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
             f"ts must be a 1-D strictly increasing grid of at least 2 times; got {np.asarray(ts)}"
         )
 
-    def velocity(x, t):
-        return convert(path, x, t, teacher(x, t), src=teacher.target, dst="velocity")
+    def velocity(x, t, *extra):  # a conditional teacher sees the batch's labels
+        return convert(path, x, t, teacher(x, t, *extra), src=teacher.target, dst="velocity")
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
         x0, labels = _split_batch(batch)
@@ -175,16 +175,16 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
         t_lo, t_hi = grid[idx], grid[idx + 1]
         eps = jax.random.normal(e_key, x0.shape, x0.dtype)
         x_hi = path.interpolate(x0, eps, t_hi)
+        extra = () if labels is None else (labels,)
         if teacher is None:
             x_lo = path.interpolate(x0, eps, t_lo)
         else:  # one ODE step of the teacher from t_hi down to t_lo
             dt = expand_like(t_lo - t_hi, x0)
-            d_hi = velocity(x_hi, t_hi)
+            d_hi = velocity(x_hi, t_hi, *extra)
             x_lo = x_hi + dt * d_hi
             if solver == "heun":
-                x_lo = x_hi + dt * 0.5 * (d_hi + velocity(x_lo, t_lo))
+                x_lo = x_hi + dt * 0.5 * (d_hi + velocity(x_lo, t_lo, *extra))
             x_lo = jax.lax.stop_gradient(x_lo)
-        extra = () if labels is None else (labels,)
         pred = net.apply(params, x_hi, t_hi, *extra)
         target = jax.lax.stop_gradient(net.apply(params, x_lo, t_lo, *extra))
         dist = _pseudo_huber(pred - target, huber_c)
@@ -237,51 +237,11 @@ def consistency_distillation_loss(
 ) -> Callable[[Any, Array, Any], Array]:
     """Consistency distillation from ``teacher`` (a field of any target on ``path``, e.g. an exact
     oracle or a trained flow-matching network): ``x_{t_n}`` is one ``solver`` step of its
-    probability-flow ODE from ``x_{t_{n+1}}`` (Heun: 2 teacher evaluations). Else as
+    probability-flow ODE from ``x_{t_{n+1}}`` (Heun: 2 teacher evaluations); with labels in the
+    batch the teacher is called as ``teacher(x, t, labels)``. Else as
     :func:`consistency_training_loss`."""
     if teacher is None:
         raise ValueError("consistency distillation needs a teacher field")
     return _consistency_loss(
         net, path, teacher, num_scales, solver, t_min, t_max, ts, huber_c, weighting
     )
-
-
-def consistency_step(
-    key: Array | None, path: GaussianPath, field: Field, x: Array, t: ArrayLike, s: ArrayLike
-) -> Array:
-    """From ``x`` at ``t`` to a fresh point at ``s``: ``alpha_s f(x, t) + sigma_s z``, ``z ~ N(0, I)``
-    (Song et al. 2023, Algorithm 1); at ``s = 0`` (``sigma_0 = 0``) it is ``f(x, t)``."""
-    x0 = field(x, batch_time(t, x))
-    if key is None:
-        return x0
-    z = jax.random.normal(key, x.shape, x.dtype)
-    return path.interpolate(x0, z, batch_time(s, x))
-
-
-def consistency_sample(
-    key: Array,
-    field: Field,
-    shape: tuple[int, ...] | None = None,
-    *,
-    steps: int = 1,
-    ts: ArrayLike | None = None,
-    path: GaussianPath | None = None,
-    x_init: ArrayLike | None = None,
-    trajectory: bool = False,
-) -> Solution:
-    """Multistep consistency sampling: ``x <- alpha_s f(x, t) + sigma_s z`` along a decreasing grid
-    from ``t = 1`` to ``0`` (uniform with ``steps`` steps unless ``ts``); the last step returns
-    ``f(x, t)`` when the grid ends at 0. ``field`` is the consistency model (target ``"x0"``).
-    Starts from ``x_init`` or the prior of ``path`` (default ``linear_path()``). ``nfe = steps``."""
-    field = as_field(field)
-    if field.target != "x0":
-        raise ValueError(f"a consistency model is a field of target 'x0'; got {field.target!r}")
-    path = linear_path() if path is None else path
-    ts = decreasing_grid(ts, steps)
-    prior_key, key = jax.random.split(key)
-    if x_init is None:
-        if shape is None:
-            raise ValueError("give the sample shape, or x_init")
-        x_init = path.prior_sample(prior_key, tuple(shape))
-    step = lambda k, x, t, s: consistency_step(k, path, field, x, t, s)  # noqa: E731
-    return run_grid(step, x_init, ts, key, trajectory)

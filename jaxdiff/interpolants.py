@@ -16,11 +16,13 @@ Conditional fields, for a pair ``(x0, x1)`` and latent ``z``:
   marginal score is ``s(x, t) = -E[z | x_t = x] / gamma_t``.
 
 A network predicts ``"velocity"`` (``b``), ``"eps"`` (``E[z | x_t]``, the latent's denoiser) or
-``"score"``; ``interpolant_loss`` regresses it on the conditional value. ``interpolant_sample``
-integrates ``dx = [b + sign(dt) eps_t s] dt + sqrt(2 eps_t) dW`` on a fixed grid (Euler-Maruyama in
-one ``lax.scan``): from ``t = 1`` to ``0`` it is the backward SDE with drift ``b - eps_t s``, from
-``0`` to ``1`` the forward SDE with ``b + eps_t s``; ``eps_t = 0`` is the ODE. Every ``eps_t >= 0``
-keeps the marginals of ``x_t`` (Albergo & Vanden-Eijnden 2023, Thm 2.8).
+``"score"``; ``interpolant_loss`` regresses it on the conditional value. Sampling is
+``jd.sample(key, interpolant, b, x_init=source(key, shape),
+sampler=jd.samplers.interpolant_sde(eps_t, noise=eta))``: the backward SDE ``dx = [b - eps_t s]
+dt + sqrt(2 eps_t) dW`` from ``t = 1`` to ``0`` (``eps_t = 0``: the ODE ``dx = b dt``; every
+``eps_t >= 0`` keeps the marginals of ``x_t``, Albergo & Vanden-Eijnden 2023, Thm 2.8). The
+interpolant takes the place of the path: a ``GaussianPath`` is its case ``gamma = 0`` with
+Gaussian ``x1``. The forward SDE (data to source, drift ``b + eps_t s``) is ``jd.integrate``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ __all__ = [
     "brownian_bridge",
     "linear_interpolant",
     "interpolant_loss",
-    "interpolant_sample",
 ]
 
 
@@ -196,69 +197,3 @@ def interpolant_loss(
         return jnp.mean(jnp.square(err))
 
     return loss
-
-
-# --- sampling ----------------------------------------------------------------------------------
-
-
-def interpolant_sample(
-    key: Array | None,
-    interpolant: StochasticInterpolant,
-    velocity: Field,
-    x_init: ArrayLike,
-    ts: ArrayLike,
-    *,
-    noise: Field | None = None,
-    diffusion: float | Callable[[Array], Array] = 0.0,
-) -> Array:
-    """Integrate ``dx = [b + sign(dt) eps_t s] dt + sqrt(2 eps_t) dW`` over the grid ``ts``.
-
-    ``velocity`` predicts ``b``; ``noise`` predicts ``"eps"`` (``E[z | x]``, then
-    ``s = -eps / gamma_t``) or ``"score"``, needed when ``diffusion`` (``eps_t``, a number or a
-    function of ``t``) is not 0. ``ts`` runs from ``1`` to ``0`` (source to data: the backward SDE)
-    or from ``0`` to ``1`` (the forward SDE); ``x_init`` is drawn at ``ts[0]`` (e.g.
-    ``source(key, shape)``). The score is evaluated at ``ts[:-1]``, so with ``eps_t > 0`` there
-    ``gamma_t`` must be > 0: start at ``1 - 1e-3`` rather than ``1``. Returns ``x`` at ``ts[-1]``.
-    """
-    velocity = as_field(velocity, "velocity")
-    if velocity.target != "velocity":
-        raise ValueError(f"velocity must predict 'velocity'; got {velocity.target!r}")
-    ts = jnp.asarray(ts, jnp.result_type(float))
-    x = jnp.asarray(x_init)
-    if ts.ndim != 1 or ts.shape[0] < 2:
-        raise ValueError(f"ts must be a 1-D grid of at least 2 times; got shape {ts.shape}")
-    eps_fn = diffusion if callable(diffusion) else (lambda t, c=diffusion: jnp.full_like(t, c))
-    stochastic = callable(diffusion) or float(diffusion) != 0.0
-    if stochastic:
-        if noise is None:
-            raise ValueError("diffusion != 0 needs the noise field (target 'eps' or 'score')")
-        noise = as_field(noise, "noise")
-        if noise.target not in ("eps", "score"):
-            raise ValueError(f"noise must predict 'eps' or 'score'; got {noise.target!r}")
-        if key is None:
-            raise ValueError("diffusion != 0 needs a PRNG key")
-        g = concrete(interpolant.gamma(ts[:-1]))
-        if g is not None and np.any(g <= 0):
-            raise ValueError(
-                "the score -E[z | x] / gamma_t is infinite where gamma_t = 0; with diffusion != 0 "
-                f"the grid must avoid those times before its end (got gamma = 0 at "
-                f"t = {np.asarray(ts[:-1])[g <= 0].tolist()})"
-            )
-    keys = jax.random.split(key, ts.shape[0] - 1) if stochastic else None
-
-    def step(x, inputs):
-        t, s, k = inputs
-        tb = jnp.full(x.shape[:1], t, x.dtype)
-        dt = (s - t).astype(x.dtype)
-        drift = velocity(x, tb)
-        if stochastic:
-            eps_t = jnp.asarray(eps_fn(t), x.dtype)
-            pred = noise(x, tb)
-            score = -pred / interpolant.gamma(t).astype(x.dtype) if noise.target == "eps" else pred
-            drift = drift + jnp.sign(dt) * eps_t * score
-            xi = jax.random.normal(k, x.shape, x.dtype)
-            return x + drift * dt + jnp.sqrt(2.0 * eps_t * jnp.abs(dt)) * xi, None
-        return x + drift * dt, None
-
-    x, _ = jax.lax.scan(step, x, (ts[:-1], ts[1:], keys))
-    return x

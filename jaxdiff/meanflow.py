@@ -20,8 +20,10 @@ does; the minimiser is the same).
 **Time convention.** The paper's ``z_t = (1 - t) x + t e`` has ``t = 0`` at the data and
 ``t = 1`` at the noise, as jaxdiff does, and ``v = e - x = dz/dt``: its ``u(z, r, t)`` is our
 ``u(z, t, r)`` with no change of sign or of time (only the argument order follows jaxdiff's
-``field(x, t, *args)``). Its pseudo-code's ``x = z_1 - u(z_1, 0, 1)`` is :func:`meanflow_sample`
-with one step. Any :class:`~jaxdiff.GaussianPath` works; the paper uses ``linear_path()``.
+``field(x, t, *args)``). Its pseudo-code's ``x = z_1 - u(z_1, 0, 1)`` is one step of the sampler
+``jd.samplers.meanflow()`` (``jd.sample(key, path, field, shape, sampler=jd.samplers.meanflow(),
+steps=k)`` for ``k`` jumps). Any :class:`~jaxdiff.GaussianPath` works; the paper uses
+``linear_path()``.
 
 A MeanFlow network is a :class:`~jaxdiff.Field` of target ``"velocity"`` whose function takes the
 second time as its extra argument, ``fn(params, x, t, r)`` (e.g.
@@ -36,19 +38,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
 from jaxdiff._checks import expand_like
-from jaxdiff._grid import batch_time, decreasing_grid, run_grid
 from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
-from jaxdiff.integrate import Solution
 from jaxdiff.losses import TimeSampler, _split_batch, uniform_time
 from jaxdiff.paths import GaussianPath, linear_path
 
 Array = jax.Array
 
-__all__ = ["meanflow_target", "meanflow_loss", "meanflow_step", "meanflow_sample"]
+__all__ = ["meanflow_target", "meanflow_loss"]
 
 
 def meanflow_target(
@@ -152,45 +151,3 @@ def meanflow_loss(
         return jnp.mean(weight * err)
 
     return loss
-
-
-def meanflow_step(field: Field, x: Array, t: ArrayLike, s: ArrayLike, *args: Any) -> Array:
-    """``x_s = x_t - (t - s) u(x_t, t, s)``: one evaluation from time ``t`` to ``s`` (scalars)."""
-    tt, ss = batch_time(t, x), batch_time(s, x)
-    return x - expand_like(tt - ss, x) * field(x, tt, ss, *args)
-
-
-def meanflow_sample(
-    key: Array | None,
-    field: Field,
-    shape: tuple[int, ...] | None = None,
-    *,
-    steps: int = 1,
-    ts: ArrayLike | None = None,
-    path: GaussianPath | None = None,
-    x_init: ArrayLike | None = None,
-    trajectory: bool = False,
-) -> Solution:
-    """Sample with ``steps`` MeanFlow jumps ``x_s = x_t - (t - s) u(x_t, t, s)`` from ``t = 1`` to 0.
-
-    The grid is uniform (``1 -> 0`` in one step: ``x = z_1 - u(z_1, 1, 0)``, the paper's
-    one-step sampler) unless ``ts`` (decreasing) is given. The start is ``x_init`` or a draw of the
-    prior of ``path`` (default ``linear_path()``: ``N(0, I)``) of ``shape``. With ``trajectory``
-    the solution keeps the state at every grid time (``sol.ts``, ``sol.xs``; ``xs[0]`` the start).
-    ``nfe`` = ``steps``.
-
-    >>> import jax, jax.numpy as jnp, jaxdiff as jd
-    >>> u = jd.Field(lambda x, t, r: x / t[:, None], "velocity")  # exact for data at 0: z_t = t e
-    >>> float(jnp.abs(jd.meanflow_sample(jax.random.key(0), u, (5, 2)).x).max())
-    0.0
-    """
-    field = as_field(field)
-    path = linear_path() if path is None else path
-    ts = decreasing_grid(ts, steps)
-    if x_init is None:
-        if shape is None:
-            raise ValueError("give the sample shape, or x_init")
-        if key is None:
-            raise ValueError("sampling from the prior needs a PRNG key (or give x_init)")
-        x_init = path.prior_sample(key, tuple(shape))
-    return run_grid(lambda k, x, t, s: meanflow_step(field, x, t, s), x_init, ts, None, trajectory)

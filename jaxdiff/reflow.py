@@ -8,27 +8,30 @@ hence are straighter and need fewer Euler steps. Time runs from data (``t = 0``)
 (``t = 1``): the paper's ``X_t = t X_1 + (1 - t) X_0`` with ``X_0`` noise is ours with
 ``t -> 1 - t``.
 
+The retraining is flow matching with the source points given in the batch, so it needs no loss of
+its own: :func:`reflow_pairs` returns the dict batch ``{"x0": samples, "x1": noise}`` that
+``jd.flow_matching_loss`` (any path ending at the source) takes as it is::
+
+    pairs = reflow_pairs(key, path, teacher, (n, 2))
+    loss = jd.flow_matching_loss(jd.Field(model.apply, "velocity"), path)
+    batch = jax.tree.map(lambda a: a[idx], pairs)   # a minibatch of the fixed pairs
+
 Its measure, Liu et al.'s straightness, is :func:`jaxdiff.straightness`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import diffrax
 import jax
-import jax.numpy as jnp
 
 from jaxdiff.field import Field, as_field
-from jaxdiff.losses import TimeSampler, per_example_loss, uniform_time
-from jaxdiff.paths import GaussianPath, linear_path
+from jaxdiff.paths import GaussianPath
 from jaxdiff.sample import sample
 from jaxdiff.samplers import ode
 
 Array = jax.Array
 
-__all__ = ["reflow_pairs", "reflow_loss"]
+__all__ = ["reflow_pairs"]
 
 
 def reflow_pairs(
@@ -40,9 +43,11 @@ def reflow_pairs(
     steps: int = 100,
     solver: diffrax.AbstractSolver | None = None,
     t_end: float = 1e-3,
-) -> tuple[Array, Array]:
-    """``(x0, x1)``: prior draws ``x1`` of ``shape`` and where ``field``'s probability-flow ODE takes
-    them (``steps`` steps of ``solver``, default Euler, from ``t = 1`` to ``t_end``).
+) -> dict[str, Array]:
+    """``{"x0": x0, "x1": x1}``: prior draws ``x1`` of ``shape`` and where ``field``'s
+    probability-flow ODE takes them (``steps`` steps of ``solver``, default Euler, from ``t = 1``
+    to ``t_end``) -- a batch for ``jd.flow_matching_loss``, which then regresses on
+    ``alpha_t' x0 + sigma_t' x1`` along ``x_t = alpha_t x0 + sigma_t x1``.
 
     Cost: ``steps`` (x the solver's stages) network evaluations per pair. For many pairs call it
     on chunks of keys (``jax.lax.map``) to bound memory.
@@ -50,27 +55,4 @@ def reflow_pairs(
     field = as_field(field)
     x1 = path.prior_sample(key, tuple(shape))
     sol = sample(None, path, field, x_init=x1, steps=steps, sampler=ode(solver), t_end=t_end)
-    return sol.x, x1
-
-
-def reflow_loss(
-    net: Field, path: GaussianPath | None = None, *, time_sampler: TimeSampler | None = None
-) -> Callable[[Any, Array, Any], Array]:
-    """Flow matching on fixed pairs: ``loss(params, key, (x0, x1))`` with ``x_t = alpha_t x0 +
-    sigma_t x1`` and the regression target ``alpha_t' x0 + sigma_t' x1`` (in velocity units, whatever
-    ``net.target``); ``t`` from ``time_sampler`` (default uniform on ``[0, 1]``)."""
-    net = as_field(net, "net")
-    path = linear_path() if path is None else path
-    time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
-
-    def loss(params: Any, key: Array, batch: Any) -> Array:
-        if not isinstance(batch, tuple | list) or len(batch) != 2:
-            raise ValueError("a reflow batch is a pair (x0, x1) of coupled data and noise")
-        x0, x1 = jnp.asarray(batch[0]), jnp.asarray(batch[1])
-        t = time_sampler(key, (x0.shape[0],)).astype(x0.dtype)
-        pred = net.apply(params, path.interpolate(x0, x1, t), t)
-        return jnp.mean(
-            per_example_loss(pred, path, x0, x1, t, target=net.target, regress="velocity")
-        )
-
-    return loss
+    return {"x0": sol.x, "x1": x1}

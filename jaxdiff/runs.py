@@ -40,13 +40,20 @@ def make_sampler(
     c: dict,
     setup: E.Setup,
     *,
-    solver: str = "heun",
+    solver: str | None = None,
     steps: int = 20,
     eta: float = 0.0,
     guidance: float = 1.0,
     batch: int = 2000,
 ) -> Callable:
-    """``(params, key, n, labels) -> samples`` drawn in jitted batches of ``batch``."""
+    """``(params, key, n, labels) -> samples`` drawn in jitted batches of ``batch``.
+
+    ``solver`` (default ``heun``) integrates the ODE or SDE of a diffusion or flow run; a run of a
+    few-step loss (``meanflow``, ``consistency``) samples with its own sampler in ``steps`` steps
+    from ``t = 1`` to 0 and takes no solver, ``eta`` or guidance."""
+    if c["loss"] in E.FEWSTEP_LOSSES:
+        return _fewstep_sampler(c, setup, solver, steps, eta, guidance, batch)
+    solver = "heun" if solver is None else solver
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
     if steps < 1:
@@ -68,13 +75,15 @@ def make_sampler(
     else:
         sampler = samplers.ode(SOLVERS[solver]())
 
+    net = Field(apply, c["target"]) if setup.field is None else setup.field
+
     @jax.jit
     def draw(params, key, labels):
         if setup.num_classes:
-            conditional = Field(apply, c["target"], params)
+            conditional = net.bind(params)
             field = classifier_free_guidance(conditional, labels, setup.num_classes, guidance)
         else:
-            field = Field(apply, c["target"], params)
+            field = net.bind(params)
         shape_n = (labels.shape[0], *shape)
         x_init = None if setup.source is None else setup.source(jax.random.fold_in(key, 1), shape_n)
         sol = sample(
@@ -88,6 +97,47 @@ def make_sampler(
             t_start=t_start,
         )
         return sol.x
+
+    return _batched(draw, batch, f"solver {solver}, {steps} steps, eta {eta:g}")
+
+
+def _fewstep_sampler(c, setup, solver, steps, eta, guidance, batch) -> Callable:
+    loss = c["loss"]
+    if solver is not None or eta != 0 or guidance != 1:
+        given = [
+            f
+            for f, on in (("--solver", solver), ("--eta", eta), ("--guidance", guidance != 1))
+            if on
+        ]
+        raise ValueError(
+            f"a {loss} run samples with its own sampler (--steps 1, 2, 4, ...): drop "
+            f"{', '.join(given)} (for flow-matching and diffusion runs)"
+        )
+    if steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps}")
+    sampler = samplers.meanflow() if loss == "meanflow" else samplers.consistency()
+    fn, shape = E.network_fn(c, setup.model), tuple(setup.example.shape[1:])
+
+    def conditional(params_labels, x, t, *args):
+        params, labels = params_labels
+        if loss == "meanflow":  # the two-time MLP: (x, t, r, labels)
+            return fn(params, x, t, *(args or (None,)), labels)
+        return fn(params, x, t, labels)
+
+    @jax.jit
+    def draw(params, key, labels):
+        if setup.num_classes:
+            field = Field(conditional, c["target"], (params, labels))
+        else:
+            field = Field(fn, c["target"], params)
+        shape_n = (labels.shape[0], *shape)
+        return sample(key, setup.path, field, shape_n, sampler=sampler, steps=steps).x
+
+    return _batched(draw, batch, f"the {loss} sampler, {steps} steps")
+
+
+def _batched(draw, batch: int, how: str) -> Callable:
+    """``(params, key, n, labels) -> (samples, labels)`` from ``draw`` in batches of ``batch``."""
 
     def run(params, key, n, labels=None):
         labels = np.arange(n) % 10 if labels is None else np.asarray(labels)
@@ -107,8 +157,8 @@ def make_sampler(
                 finite = False
             if not finite:
                 raise FloatingPointError(
-                    f"the samples came out non-finite (NaN or inf) with solver {solver}, "
-                    f"{steps} steps, eta {eta:g}: lower eta or take more steps"
+                    f"the samples came out non-finite (NaN or inf) with {how}: lower eta or take "
+                    "more steps"
                 )
             out.append(x[:m])
         return np.concatenate(out), labels
@@ -183,7 +233,7 @@ def sample_run(
     ckpt_dir: str | Path,
     *,
     n: int = 10_000,
-    solver: str = "heun",
+    solver: str | None = None,
     steps: int = 20,
     eta: float = 0.0,
     seed: int = 0,
@@ -206,10 +256,13 @@ def sample_run(
     run = Path(ckpt_dir).parent if R.has_steps(Path(ckpt_dir)) else Path(ckpt_dir)
     out = R.prepare(out if out is not None else run / "samples")
     params = state.ema if ema else state.params
-    log(f"sampling {n} from step {int(state.step)}: {solver}, {steps} steps, eta {eta}")
     draw = make_sampler(
         c, setup, solver=solver, steps=steps, eta=eta, guidance=guidance, batch=min(n, 2000)
     )
+    if c["loss"] in E.FEWSTEP_LOSSES:
+        solver = c["loss"]  # the run's own sampler
+    solver = "heun" if solver is None else solver
+    log(f"sampling {n} from step {int(state.step)}: {solver}, {steps} steps, eta {eta}")
     start = E.now()
     x, used = draw(params, jax.random.key(seed), n, labels)
     seconds = E.now() - start

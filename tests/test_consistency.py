@@ -72,14 +72,42 @@ def test_distillation_loss_at_the_exact_function_vanishes_at_the_solver_order(x6
     assert abs(slope + order) < 0.3, (slope, losses)
 
 
+def test_distillation_passes_the_labels_to_a_conditional_teacher(x64):
+    """With (x0, labels) batches the teacher sees the labels: the loss equals the one of a teacher
+    with those labels bound (on the unlabelled batch: the same draws), and differs from one with
+    other labels."""
+    means = jnp.array([[2.0, -1.0], [-2.0, 1.0]])
+    oracles = [jd.GaussianMixture.isotropic(m[None], std=S).field(PATH, "velocity") for m in means]
+
+    def teacher(x, t, y):  # class y's exact velocity
+        return jnp.where((y == 0)[:, None], oracles[0](x, t), oracles[1](x, t))
+
+    net = jd.Field(lambda p, x, t, *y: exact_f(x, t), "x0")
+    x0 = jax.random.normal(jax.random.key(7), (512, 2))
+    labels = jnp.arange(512) % 2
+    key = jax.random.key(8)
+    cond = jd.consistency_distillation_loss(net, jd.Field(teacher, "velocity"), PATH)(
+        None, key, (x0, labels)
+    )
+    bound = jd.Field(lambda x, t: teacher(x, t, labels), "velocity")
+    same = jd.consistency_distillation_loss(net, bound, PATH)(None, key, x0)
+    other = jd.Field(lambda x, t: teacher(x, t, 1 - labels), "velocity")
+    changed = jd.consistency_distillation_loss(net, other, PATH)(None, key, x0)
+    np.testing.assert_allclose(cond, same, rtol=1e-12)
+    assert abs(float(changed) - float(cond)) > 1e-3 * float(cond)
+
+
 def test_samples_of_the_exact_consistency_function_are_exact(x64):
     f = jd.Field(lambda x, t: exact_f(x, t), "x0")
     x1 = jax.random.normal(jax.random.key(4), (20_000, 2))
-    sol = jd.consistency_sample(jax.random.key(5), f, x_init=x1, trajectory=True)
+    sampler = jd.samplers.consistency()
+    sol = jd.sample(
+        jax.random.key(5), PATH, f, x_init=x1, sampler=sampler, save_ts=jnp.array([1.0, 0.0])
+    )
     np.testing.assert_allclose(sol.x, MU + S * x1, atol=1e-12)  # one step: the flow map
     assert sol.xs.shape == (2, 20_000, 2) and int(sol.nfe) == 1
     for steps in (2, 4):  # fresh noise between steps: still exactly N(MU, S^2 I) in law
-        x = jd.consistency_sample(jax.random.key(6), f, (20_000, 2), steps=steps).x
+        x = jd.sample(jax.random.key(6), PATH, f, (20_000, 2), sampler=sampler, steps=steps).x
         # standard errors: mean S / sqrt(n) = 3.5e-3, std S / sqrt(2 n) = 2.5e-3; 5 SE each
         np.testing.assert_allclose(x.mean(0), MU[0], atol=0.018)
         np.testing.assert_allclose(x.std(0), S, atol=0.0125)
@@ -107,4 +135,5 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="strictly increasing"):
         jd.consistency_training_loss(f, ts=jnp.array([0.0, 0.5, 0.4]))
     with pytest.raises(ValueError, match="target 'x0'"):
-        jd.consistency_sample(jax.random.key(0), jd.Field(lambda x, t: x, "eps"), (4, 2))
+        jd.sample(jax.random.key(0), PATH, jd.Field(lambda x, t: x, "velocity"), (4, 2),
+                  sampler=jd.samplers.consistency())  # fmt: skip

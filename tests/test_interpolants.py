@@ -165,39 +165,64 @@ def test_loss_of_the_exact_field_is_the_conditional_variance(target, x64):
 @pytest.mark.parametrize("diffusion", [0.0, 0.5])
 def test_sampler_with_the_exact_fields_reaches_the_data_law(diffusion):
     # Start from the exact marginal at t = 1 - 1e-3 and integrate the ODE (diffusion 0) or the
-    # backward SDE (diffusion 0.5) to t = 0 with 400 Euler steps: N(M0, S0) up to O(1/400) bias
-    # and Monte-Carlo error (20,000 samples: SE of a covariance entry <= 0.005). Measured: errors
-    # <= 0.008; with the score's sign flipped the covariance is off by 10.
+    # backward SDE (diffusion 0.5) to t = 0 with 400 Euler steps of jd.samplers.interpolant_sde,
+    # the interpolant in the place of the path: N(M0, S0) up to O(1/400) bias and Monte-Carlo
+    # error (20,000 samples: SE of a covariance entry <= 0.005). Measured: errors <= 0.008; with
+    # the score's sign flipped the covariance is off by 10.
     si = jd.brownian_bridge(0.5)
     moments, velocity, noise = gaussian_oracle(si)
-    ts = jnp.linspace(1.0 - 1e-3, 0.0, 401)
-    mean, cov = moments(ts[0])
+    mean, cov = moments(1.0 - 1e-3)
     x1 = _gauss(jax.random.key(4), mean, cov, 20_000)
+    b, eta = jd.Field(velocity, "velocity"), jd.Field(noise, "eps")
+    sampler = jd.samplers.interpolant_sde(diffusion, noise=eta if diffusion else None)
     run = jax.jit(
-        lambda key, x: jd.interpolant_sample(
-            key,
-            si,
-            jd.Field(velocity, "velocity"),
-            x,
-            ts,
-            noise=jd.Field(noise, "eps"),
-            diffusion=diffusion,
-        )
+        lambda key, x: jd.sample(
+            key, si, b, x_init=x, sampler=sampler, steps=400, t_start=1.0 - 1e-3
+        )  # fmt: skip
     )
-    x0 = run(jax.random.key(5), x1)
-    np.testing.assert_allclose(x0.mean(0), M0, atol=0.03)
-    np.testing.assert_allclose(jnp.cov(x0.T), S0, atol=0.03)
+    sol = run(jax.random.key(5), x1)
+    assert int(sol.nfe) == (800 if diffusion else 400)  # b and E[z | x_t] at every step
+    np.testing.assert_allclose(sol.x.mean(0), M0, atol=0.03)
+    np.testing.assert_allclose(jnp.cov(sol.x.T), S0, atol=0.03)
     # the forward SDE (t increasing, drift b + eps s) takes the data to the source law
     if diffusion:
         fwd = jnp.linspace(1e-3, 1.0, 401)
         m, c = moments(fwd[0])
-        x = _gauss(jax.random.key(7), m, c, 20_000)
-        v, eta = jd.Field(velocity, "velocity"), jd.Field(noise, "eps")
-        back = jd.interpolant_sample(
-            jax.random.key(6), si, v, x, fwd, noise=eta, diffusion=diffusion
-        )
+        tb = lambda x, t: jnp.full(x.shape[:1], t)  # noqa: E731 - the oracle's per-sample times
+        back = jd.integrate(
+            lambda x, t: velocity(x, tb(x, t)) - diffusion * noise(x, tb(x, t)) / si.gamma(t),
+            _gauss(jax.random.key(7), m, c, 20_000),
+            ts=fwd,
+            diffusion=lambda x, t: jnp.sqrt(2.0 * diffusion),
+            key=jax.random.key(6),
+        ).x
         np.testing.assert_allclose(back.mean(0), M1, atol=0.03)
         np.testing.assert_allclose(jnp.cov(back.T), S1, atol=0.05)
+
+
+def test_gaussian_path_is_the_gamma_zero_case(x64):
+    """On the linear path (gamma = 0, Gaussian x1) one eps field gives b and s through the hub:
+    with diffusion eps_t = eta^2 g_t^2 / 2 the interpolant sampler's Euler-Maruyama step is the
+    reverse-SDE family's (jd.samplers.sde(eta=...)) from the same noise, to float64 rounding."""
+    path = jd.linear_path()
+    data = jd.GaussianMixture.isotropic(jnp.array([[1.0, -1.0]]), std=0.5)
+    field = data.field(path, "eps")
+    x = jax.random.normal(jax.random.key(0), (64, 2))
+    kw = dict(x_init=x, steps=50, t_start=1.0 - 1e-3, t_end=1e-3)
+    eta = 0.7  # g^2 is infinite at t = 1 (alpha_1 = 0), outside the grid: clip there
+
+    def diffusion(t):
+        return 0.5 * eta**2 * path.diffusion_sq(jnp.minimum(t, 1.0 - 1e-3))
+
+    ours = jd.sample(
+        jax.random.key(1),
+        path,
+        field,
+        **kw,
+        sampler=jd.samplers.interpolant_sde(diffusion),
+    )
+    theirs = jd.sample(jax.random.key(1), path, field, **kw, sampler=jd.samplers.sde(eta=eta))
+    np.testing.assert_allclose(ours.x, theirs.x, rtol=1e-9, atol=1e-9)
 
 
 def test_minibatch_ot_couples_gaussians_like_the_ot_map():
@@ -228,20 +253,31 @@ def test_interpolant_errors():
     v = jd.Field(lambda x, t: x, "velocity")
     with pytest.raises(ValueError, match="predicts 'velocity', 'eps'"):
         jd.interpolant_loss(jd.Field(lambda p, x, t: x, "x0"), si)
-    with pytest.raises(ValueError, match="needs the noise field"):
-        jd.interpolant_sample(
-            jax.random.key(0), si, v, jnp.zeros((2, 2)), jnp.linspace(1, 0, 3), diffusion=1.0
-        )
-    with pytest.raises(ValueError, match="gamma_t = 0"):
-        jd.interpolant_sample(
-            jax.random.key(0),
-            si,
-            v,
-            jnp.zeros((2, 2)),
-            jnp.linspace(1, 0, 3),
-            noise=jd.Field(lambda x, t: x, "eps"),
-            diffusion=1.0,
-        )
+    x1, ts = jnp.zeros((2, 2)), jnp.linspace(1, 0, 3)
+    with pytest.raises(ValueError, match="needs the score: give noise="):
+        jd.sample(jax.random.key(0), si, v, x_init=x1, ts=ts,
+                  sampler=jd.samplers.interpolant_sde(1.0))  # fmt: skip
+    eta = jd.Field(lambda x, t: x, "eps")
+    for run in (lambda f: f(), lambda f: jax.jit(f)()):  # at trace time, and under jit
+        with pytest.raises(Exception, match="gamma_t = 0"):
+            run(lambda: jd.sample(jax.random.key(0), si, v, x_init=x1, ts=ts,
+                                  sampler=jd.samplers.interpolant_sde(1.0, noise=eta)).x)  # fmt: skip
+    with pytest.raises(Exception, match="gamma_t = 0"):  # a traced grid: when it runs
+        jax.jit(lambda ts: jd.sample(jax.random.key(0), si, v, x_init=x1, ts=ts,
+                                     sampler=jd.samplers.interpolant_sde(1.0, noise=eta)).x)(ts)  # fmt: skip
+    with pytest.raises(ValueError, match="target 'velocity'"):
+        jd.sample(None, si, eta, x_init=x1, ts=ts, sampler=jd.samplers.interpolant_sde())
+    with pytest.raises(ValueError, match="interpolant_sde"):  # other samplers need the hub
+        jd.sample(None, si, v, x_init=x1, ts=ts, sampler=jd.samplers.ode())
+    with pytest.raises(ValueError, match="x_init = source"):
+        jd.sample(jax.random.key(0), si, v, (2, 2), sampler=jd.samplers.interpolant_sde())
+    with pytest.raises(ValueError, match="drop noise="):
+        jd.sample(jax.random.key(0), jd.linear_path(), v, x_init=x1, ts=ts,
+                  sampler=jd.samplers.interpolant_sde(1.0, noise=eta))  # fmt: skip
+    with pytest.raises(ValueError, match="only with diffusion != 0"):
+        jd.samplers.interpolant_sde(0.0, noise=eta)
+    with pytest.raises(ValueError, match="diffusion must lie in"):
+        jd.samplers.interpolant_sde(-1.0)
     with pytest.raises(ValueError, match="a\\(0\\) = 1"):
         StochasticInterpolant(_Affine(1.0, -0.5), _Affine(0.0, 1.0), _Affine(0.0, 0.0))
     with pytest.raises(ValueError, match="gamma must vanish"):

@@ -138,17 +138,19 @@ def test_loss_gradient_vanishes_in_expectation_at_the_exact_average_velocity(x64
 
 
 def test_one_and_few_step_samples_of_the_exact_field_are_exact(x64):
-    u = jd.Field(lambda x, t, r: exact_u(x, t, r), "velocity")
+    u = jd.Field(lambda x, t, r=None: exact_u(x, t, t if r is None else r), "velocity")
     x1 = jax.random.normal(jax.random.key(8), (256, 2))
+    sampler = jd.samplers.meanflow()
     for steps in (1, 2, 4):
-        sol = jd.meanflow_sample(None, u, x_init=x1, steps=steps, trajectory=True)
+        grid = jnp.linspace(1.0, 0.0, steps + 1)
+        sol = jd.sample(None, PATH, u, x_init=x1, sampler=sampler, steps=steps, save_ts=grid)
         np.testing.assert_allclose(sol.x, MU + S * x1, atol=1e-12)  # the flow map 1 -> 0
         assert sol.xs.shape == (steps + 1, 256, 2) and int(sol.nfe) == steps
-        want = (1 - sol.ts[:, None, None]) * MU[None] + _sigma(sol.ts)[:, None, None] * x1[None]
+        want = (1 - grid[:, None, None]) * MU[None] + _sigma(grid)[:, None, None] * x1[None]
         np.testing.assert_allclose(sol.xs, want, atol=1e-12)
     ts = jnp.array([1.0, 0.6, 0.1, 0.0])
-    np.testing.assert_allclose(jd.meanflow_sample(None, u, x_init=x1, ts=ts).x, MU + S * x1,
-                               atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(jd.sample(None, PATH, u, x_init=x1, sampler=sampler, ts=ts).x,
+                               MU + S * x1, atol=1e-12)  # fmt: skip
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -156,16 +158,20 @@ def test_bad_arguments_raise_clear_errors():
         jd.meanflow_loss(jd.Field(lambda p, x, t, r: x, "eps"))
     with pytest.raises(ValueError, match="flow_matching_fraction"):
         jd.meanflow_loss(jd.Field(lambda p, x, t, r: x, "velocity"), flow_matching_fraction=1.5)
+    sampler, x = jd.samplers.meanflow(), jnp.ones((4, 2))
     with pytest.raises(TypeError):  # the suite's type checker answers before as_field does
-        jd.meanflow_sample(jax.random.key(0), lambda x, t, r: x, (4, 2))
-    u = jd.Field(lambda x, t, r: x, "velocity")
-    x = jnp.ones((4, 2))
+        jd.sample(jax.random.key(0), PATH, lambda x, t, r=None: x, (4, 2), sampler=sampler)
+    with pytest.raises(ValueError, match="average velocity"):
+        jd.sample(None, PATH, jd.Field(lambda x, t, r=None: x, "x0"), x_init=x, sampler=sampler)
+    u = jd.Field(lambda x, t, r=None: x, "velocity")
     with pytest.raises(ValueError, match="strictly decreasing"):
-        jd.meanflow_sample(None, u, x_init=x, ts=jnp.array([0.0, 1.0]))
+        jd.sample(None, PATH, u, x_init=x, sampler=sampler, ts=jnp.array([0.0, 1.0]))
     with pytest.raises(Exception, match="strictly decreasing"):  # traced grid: checked at run time
-        jax.jit(lambda ts: jd.meanflow_sample(None, u, x_init=x, ts=ts).x)(jnp.array([0.2, 0.5]))
+        jax.jit(lambda ts: jd.sample(None, PATH, u, x_init=x, sampler=sampler, ts=ts).x)(
+            jnp.array([0.2, 0.5])
+        )
     with pytest.raises(ValueError, match="give the sample shape"):
-        jd.meanflow_sample(jax.random.key(0), u)
+        jd.sample(jax.random.key(0), PATH, u, sampler=sampler)
 
 
 def test_tiny_meanflow_training_generates_in_one_step():
@@ -187,8 +193,7 @@ def test_tiny_meanflow_training_generates_in_one_step():
     state, _ = chunk(init_train_state(params, opt, jax.random.key(1)))
     x1 = jax.random.normal(jax.random.key(2), (4000, 2))
     true = data.sample(jax.random.key(3), 4000)
-    one = float(
-        jd.energy_distance(jd.meanflow_sample(None, net.bind(state.ema), x_init=x1).x, true)
-    )
+    sol = jd.sample(None, PATH, net.bind(state.ema), x_init=x1, sampler=jd.samplers.meanflow())
+    one = float(jd.energy_distance(sol.x, true))
     prior = float(jd.energy_distance(x1, true))
     assert one < 0.1 and prior > 0.5, (one, prior)

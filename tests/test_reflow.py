@@ -1,6 +1,7 @@
 """Reflow and straightness on Gaussian data, where everything has a closed form: the pairs are the
 exact flow map, the straightness of the flow-matching flow is an integral of sigma_t'^2, and the
-reflowed flow of exact pairs is straight (S = 0) and zeroes the reflow loss."""
+reflowed flow of exact pairs is straight (S = 0) and zeroes flow matching on those pairs (reflow is
+flow matching with the source points given in the batch)."""
 
 import diffrax
 import jax
@@ -25,8 +26,9 @@ def _oracle():
 
 
 def test_pairs_are_the_exact_flow_map(x64):
-    x0, x1 = jd.reflow_pairs(jax.random.key(0), PATH, _oracle(), (512, 2), steps=20,
-                             solver=diffrax.Tsit5())  # fmt: skip
+    pairs = jd.reflow_pairs(jax.random.key(0), PATH, _oracle(), (512, 2), steps=20,
+                            solver=diffrax.Tsit5())  # fmt: skip
+    x0, x1 = pairs["x0"], pairs["x1"]
     t_end = 1e-3  # the ODE stops there: x_t = (1 - t) MU + sigma_t x1 along the exact flow
     np.testing.assert_allclose(x0, (1 - t_end) * MU + _sigma(t_end) * x1, atol=1e-5)
 
@@ -44,7 +46,7 @@ def test_straightness_of_the_gaussian_flow_matches_its_closed_form(x64):
     assert want > 0.1
 
 
-def test_exact_pairs_give_a_straight_flow_and_zero_reflow_loss(x64):
+def test_exact_pairs_give_a_straight_flow_and_zero_flow_matching_loss(x64):
     """For pairs x0 = MU + S x1 the rectified flow is x_t = (1 - t) x0 + t x1 with velocity
     v(z, t) = x1 - x0 = (1 - S) x1 - MU, x1 = (z - (1 - t) MU) / ((1 - t) S + t)."""
 
@@ -55,17 +57,25 @@ def test_exact_pairs_give_a_straight_flow_and_zero_reflow_loss(x64):
     net = jd.Field(v, "velocity")
     x1 = jax.random.normal(jax.random.key(2), (4096, 2))
     x0 = MU + S * x1
-    loss = jax.jit(jd.reflow_loss(net, PATH))
-    assert float(loss(0.0, jax.random.key(3), (x0, x1))) < 1e-24
-    np.testing.assert_allclose(float(loss(0.1, jax.random.key(3), (x0, x1))), 0.01, rtol=1e-9)
+    pairs = {"x0": x0, "x1": x1}
+    loss = jax.jit(jd.flow_matching_loss(net, PATH))
+    assert float(loss(0.0, jax.random.key(3), pairs)) < 1e-24
+    np.testing.assert_allclose(float(loss(0.1, jax.random.key(3), pairs)), 0.01, rtol=1e-9)
     assert float(jd.straightness(net.bind(0.0), x1).value) < 1e-20
-    # and the reflow loss is the flow-matching loss with the noise replaced by the paired one:
-    # the marginal FM field is not the reflowed one, so its reflow loss is clearly positive
+    # the marginal FM field is not the reflowed one, so its loss on the pairs is clearly positive
     fm = jd.Field(lambda p, z, t: _oracle()(z, t), "velocity")
-    assert float(jax.jit(jd.reflow_loss(fm, PATH))(None, jax.random.key(3), (x0, x1))) > 0.05
+    assert float(jax.jit(jd.flow_matching_loss(fm, PATH))(None, jax.random.key(3), pairs)) > 0.05
 
 
-def test_reflow_loss_needs_pairs():
-    net = jd.Field(lambda p, z, t: z, "velocity")
-    with pytest.raises(ValueError, match="pair"):
-        jd.reflow_loss(net)(None, jax.random.key(0), jnp.zeros((4, 2)))
+def test_reflow_pairs_train_flow_matching_on_the_given_noise():
+    """The loss on a pairs batch uses the batch's x1, not fresh noise: with x1 = x0 + 1 the
+    conditional velocity on the linear path is x1 - x0 = 1 whatever t, so the field v = 1 has loss
+    exactly 0 and v = 0 loss 1."""
+    x0 = jax.random.normal(jax.random.key(4), (256, 2))
+    pairs = {"x0": x0, "x1": x0 + 1.0}
+    net = jd.Field(lambda c, z, t: jnp.full_like(z, c), "velocity")
+    loss = jd.flow_matching_loss(net, PATH)
+    assert float(loss(1.0, jax.random.key(5), pairs)) < 1e-12
+    np.testing.assert_allclose(float(loss(0.0, jax.random.key(5), pairs)), 1.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="source points have shape"):
+        loss(1.0, jax.random.key(5), {"x0": x0, "x1": x0[:10]})

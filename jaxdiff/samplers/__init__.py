@@ -20,6 +20,13 @@ factory                       what it integrates
 ``dpm_solver_sde(eta, r)``    DPM-Solver++ SDE (k-diffusion's ``dpmpp_sde``; diffusers'
                               ``DPMSolverSDEScheduler``)
 ``unipc(order, variant)``     UniPC, bh1 / bh2, orders 1-3 (Zhao et al. 2023)
+``meanflow()``                MeanFlow's jumps ``x_s = x_t - (t - s) u(x_t, t, s)`` (Geng et al.
+                              2025); 1 step by default, to ``t = 0``
+``consistency()``             multistep consistency sampling (Song et al. 2023); 1 step by
+                              default, to ``t = 0``
+``interpolant_sde(eps_t)``    stochastic interpolants' SDE ``dx = [b - eps_t s] dt + sqrt(2
+                              eps_t) dW`` (Albergo & Vanden-Eijnden 2023), on a
+                              ``StochasticInterpolant`` or a ``GaussianPath``
 ============================  ================================================================
 """
 
@@ -28,6 +35,8 @@ from jaxdiff.samplers.continuous import ode, sde
 from jaxdiff.samplers.discrete import ancestral, ddim
 from jaxdiff.samplers.dpm import dpm_solver_pp
 from jaxdiff.samplers.edm import edm_heun
+from jaxdiff.samplers.fewstep import consistency, meanflow
+from jaxdiff.samplers.interpolant import interpolant_sde
 from jaxdiff.samplers.langevin import (
     ancestral_predictor,
     annealed_langevin,
@@ -51,6 +60,9 @@ __all__ = [
     "dpm_solver_2s",
     "dpm_solver_sde",
     "unipc",
+    "meanflow",
+    "consistency",
+    "interpolant_sde",
     "euler_maruyama_predictor",
     "reverse_diffusion_predictor",
     "ancestral_predictor",

@@ -48,6 +48,9 @@ class Sampler:
       at ``t_end > 0`` and may finish with the denoising step.
     * ``check(path, field, ts) -> ts``: the sampler's own checks of a grid (trace time where the
       values are known, else through ``equinox.error_if`` on ``ts``).
+    * ``interpolant``: whether ``path`` may also be a :class:`~jaxdiff.StochasticInterpolant`
+      (``x_t = a_t x0 + b_t x1 + gamma_t z``, of which a ``GaussianPath`` is the case
+      ``gamma = 0``); the others need the ``(x0, eps)`` hub of a ``GaussianPath``.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Sampler:
     reaches_zero: bool = False
     check: Callable[[GaussianPath, Field, Array], Array] | None = None
     adaptive: Any = None
+    interpolant: bool = False
 
     def nfe(self, num_steps: int) -> int:
         """Network evaluations of ``num_steps`` steps (without the denoising step)."""

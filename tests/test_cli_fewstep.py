@@ -1,0 +1,104 @@
+"""The command line with the few-step losses: meanflow and consistency runs end to end (train, then
+sample with their own sampler at 1 and 2 steps), the conditional meanflow sampler against a direct
+``jd.sample``, and a one-line error for every bad combination."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from jaxdiff import experiment as E
+from jaxdiff.cli import main
+from jaxdiff.runs import make_sampler
+
+
+def _error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err  # one clear line, no traceback
+    return err
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--loss", "meanflow", "--path", "vp"], "fm or cosine, not 'vp'"),
+        (["--loss", "consistency", "--path", "ve"], "fm or cosine, not 've'"),
+        (["--loss", "meanflow", "--target", "x0"], "target velocity, not 'x0'"),
+        (["--loss", "consistency", "--target", "eps"], "target x0, not 'eps'"),
+        (["--loss", "meanflow", "--data", "digits", "--model", "unet"], "two times"),
+        (["--loss", "meanflow", "--coupling", "ot"], "--coupling are for --loss fm"),
+        (["--loss", "consistency", "--source", "moons"], "--coupling are for --loss fm"),
+        (["--loss", "consistency", "--time", "logit-normal"], "draws its times uniform"),
+        (["--loss", "meanflow", "--time", "importance"], "uniform or logit-normal"),
+        (["--loss", "meanflow", "--weighting", "sigma2"], "its own weighting"),
+    ],
+)
+def test_bad_combinations_are_one_line_errors(args, expected, capsys):
+    assert expected in _error(["train", "--out", "x", *args], capsys)
+
+
+# 8 gaussians from N(0, I): the energy distance of the prior itself is 0.206 (4,000 points).
+PRIOR_ED = 0.206
+
+
+@pytest.mark.parametrize(
+    ("loss", "steps", "k", "bound"),
+    # measured (600 / 200 training steps at batch 128): meanflow ED 0.007 at 1 step (0.057 after
+    # 300 steps); consistency 0.043 at 2 steps (CT converges slower: 0.009 after 600 steps)
+    [("meanflow", 600, 1, 0.1 * PRIOR_ED), ("consistency", 200, 2, 0.5 * PRIOR_ED)],
+)
+def test_fewstep_run_from_the_command_line(loss, steps, k, bound, tmp_path, capsys):
+    out = tmp_path / loss
+    train = ["train", "--loss", loss, "--data", "8gaussians", "--lr", "3e-3"]
+    small = ["--steps", str(steps), "--batch", "128", "--eval-n", "0", "--no-progress"]
+    assert main([*train, *small, "--out", str(out)]) == 0
+    for k in (1, 2) if loss == "meanflow" else (2,):
+        folder = out / f"s{k}"
+        argv = [
+            "sample",
+            "--ckpt",
+            str(out),
+            "--n",
+            "4000",
+            "--steps",
+            str(k),
+            "--out",
+            str(folder),
+        ]
+        assert main(argv) == 0
+        metrics = json.loads((folder / "metrics.json").read_text())
+        print(loss, k, metrics["energy_distance"])
+        assert metrics["solver"] == loss and metrics["steps"] == k
+        assert metrics["energy_distance"] < bound
+    capsys.readouterr()
+    err = _error(["sample", "--ckpt", str(out), "--solver", "heun", "--eta", "1"], capsys)
+    assert f"a {loss} run samples with its own sampler" in err and "--solver, --eta" in err
+
+
+def test_conditional_meanflow_sampler_passes_the_labels():
+    """The CLI's sampler of a conditional meanflow run is one jump x1 - u(x1, 1, 0, labels) from
+    the driver's start, per batch of keys fold_in(key, i): equal to jd.sample with the labels bound
+    into the field, and different for another class."""
+    c = E.resolve({"loss": "meanflow", "data": "digits", "conditional": True, "width": 32})
+    setup = E.build(c)
+    state, _ = E.init_state(c, setup)
+    leaves, tree = jax.tree.flatten(state.params)  # the last layer starts at 0: perturb it all
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+    )
+    draw = make_sampler(c, setup, steps=1, batch=8)
+    key = jax.random.key(2)
+    x3, _ = draw(params, key, 8, np.full(8, 3))
+    x5, _ = draw(params, key, 8, np.full(8, 5))
+    labels = jnp.full(8, 3, jnp.int32)
+    field = jd.Field(lambda p, x, t, r=None: setup.model.apply(p, x, t, r, labels), "velocity")
+    direct = jd.sample(jax.random.fold_in(key, 0), setup.path, field.bind(params), (8, 8, 8, 1),
+                       sampler=jd.samplers.meanflow())  # fmt: skip
+    assert x3.shape == (8, 8, 8, 1)
+    np.testing.assert_allclose(x3, direct.x, rtol=1e-5, atol=1e-5)
+    assert float(np.abs(x3 - x5).max()) > 1e-3
