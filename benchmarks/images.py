@@ -2,39 +2,41 @@
 PyTorch (diffusers' ``UNet2DModel``, eager and ``torch.compile``), and the image loader.
 
 Networks: ``jaxdiff.nets.small_unet`` (1,192,387 parameters) and ``ddpm_cifar10`` (35,746,307,
-dropout 0.1), each against ``diffusers.UNet2DModel`` configured as their docstrings say; the
-parameter counts are asserted equal. Same work on both sides:
+dropout 0.1), each against ``diffusers.UNet2DModel`` configured as their docstrings say
+(``benchmarks/images_torch.py``); the parameter counts are asserted equal. Same work both sides:
 
-* training: DDPM's eps loss on the VP path written out by hand on both sides (``t ~ U(1e-3, 1)``,
-  ``x_t = alpha_t x + sigma_t eps``, mean squared error; dropout active in training), AdamW
-  (lr 1e-4, no weight decay) after clipping the gradient norm to 1, and an EMA of the weights
-  (decay 0.999) updated every step; batches drawn on the device from an in-memory set of images.
-  jaxdiff runs ``make_train_step`` in ``make_train_chunk`` (one jitted scan of K steps);
-  PyTorch a loop of K steps. images/s = K * batch / time.
-* sampling: DDIM (eta 0) on the VP path, the same uniform grid of S steps from t = 1 to 1e-3 on
-  both sides (``jd.sample`` with ``ddim()`` and ``ts=``; PyTorch: a no_grad loop of S network calls
-  and the same update), S network evaluations; images/s = batch / time.
-* loader rows: images/s that ``jaxdiff.loader`` delivers on the device (``prefetch`` with the
-  data mesh's sharding) from an ``.npz``, a folder of PNGs decoded on the fly (``folder``) and
-  decoded once (``folder-memory``), batches of 128 at 32x32x3 from ``jaxdiff.data.shapes``
-  (noisy, ~2.3 KB per PNG like CIFAR-10's); with Google's ``grain`` (if installed) running the
-  same pipelines for comparison. The ``train+loader`` row trains small_unet from the PNG folder
-  through ``make_feed_chunk`` and reports the fraction of the time spent waiting for data and
-  the images/s without the loader (device-resident data) measured alongside.
+* training: DDPM's eps loss on the VP path written out by hand (``t ~ U(1e-3, 1)``, ``x_t =
+  alpha_t x + sigma_t eps``, mean squared error; dropout active), AdamW (lr 1e-4, no weight decay)
+  after clipping the gradient norm to 1, an EMA of the weights (0.999) every step; batches drawn
+  on the device from 512 images in device memory. jaxdiff: ``make_train_step`` in
+  ``make_train_chunk`` (one jitted scan of K steps); PyTorch: a loop of K steps. images/s = K *
+  batch / time per call.
+* sampling: DDIM (eta 0) on the VP path, the same uniform grid of S steps from t = 1 to 1e-3
+  (``jd.sample`` with ``ddim()`` and ``ts=``; PyTorch: a no_grad loop of S network calls and the
+  same update), S network evaluations; images/s = batch / time per call.
+* loader: images/s that ``jaxdiff.loader`` (``prefetch``, sharded over the data mesh) and grain
+  deliver on the device from an ``.npz``, a folder of PNGs decoded on the fly and decoded once
+  (``jaxdiff.data.shapes``: noisy, ~2.3 KB PNGs like CIFAR-10's); then the same loaders feeding
+  the training step (``make_feed_chunk``, chunks read back one by one as ``jaxdiff.train.train``
+  does), with prefetch depth 2 and K (one chunk), against device-resident data.
 
-Fairness (design note): ``torch.set_num_threads`` = JAX's cores, ``torch.no_grad()`` for sampling,
-every timed call synchronised (``block_until_ready``, ``torch.cuda.synchronize``), compile time
-(jaxdiff: trace + XLA; PyTorch: first call, ``torch.compile``'s inductor) excluded from the
-rates and reported, the three sides timed round-robin. On a GPU: float32 rows allow TF32 on both
-sides (XLA's default for float32 convolutions and dots; PyTorch's flags set to match), and
-bfloat16 rows compare jaxdiff's ``dtype=bfloat16`` (float32 params) with ``torch.autocast``.
+Fairness: torch threads = the cores JAX uses; ``torch.no_grad()`` for sampling; every timed call
+synchronised (``block_until_ready``, ``torch.cuda.synchronize``); compile time (jaxdiff: trace +
+XLA; PyTorch: first call, inductor for ``torch.compile``) excluded from the rates and reported; the
+three sides timed round-robin. On a GPU: float32 allows TF32 on both sides (XLA's default; torch's
+flags set to match), bfloat16 rows compare jaxdiff's ``dtype=bfloat16`` (float32 params) with
+``torch.autocast``; fused AdamW and cuDNN autotuning for PyTorch.
+
+Sizes: defaults per mode (``--quick``, CPU, GPU; see ``DEFAULTS``), overridden by the environment
+variable ``JAXDIFF_BENCH_IMAGES``, ``key=value`` pairs separated by spaces or ``;``, e.g.
+``JAXDIFF_BENCH_IMAGES="configs=cifar10 batch=64 cifar10.sample_steps=20 precision=bfloat16"``.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -42,53 +44,134 @@ import numpy as np
 import optax
 
 import jaxdiff as jd
+from benchmarks import images_loader as IL
 from benchmarks.common import interleaved
 
 TITLE = (
     "Images 32x32x3: U-Net training and sampling images/s, jaxdiff vs diffusers UNet2DModel "
-    "(eager, torch.compile); the image loader"
+    "(eager, torch.compile); the image loader vs grain"
 )
-
-DIFFUSERS = {
-    "small": dict(
-        layers_per_block=1,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=16,
-        norm_num_groups=8,
-        resnet_time_scale_shift="scale_shift",
-        attn_norm_num_groups=8,
-    ),
-    "cifar10": dict(
-        layers_per_block=2,
-        block_out_channels=(128, 256, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=None,
-        norm_num_groups=32,
-        dropout=0.1,
-    ),
-}
-COMMON = dict(
-    sample_size=32, in_channels=3, out_channels=3, norm_eps=1e-6, downsample_padding=0,
-    flip_sin_to_cos=False, freq_shift=1,
-)  # fmt: skip
+ENV = "JAXDIFF_BENCH_IMAGES"
+CONFIGS = ("small", "cifar10")
 T_MIN, LR, EMA = 1e-3, 1e-4, 0.999
 KEYS = (
     "what", "config", "precision", "batch", "steps", "jaxdiff_img_s", "torch_eager_img_s",
     "torch_compile_img_s", "speedup_vs_eager", "speedup_vs_compile", "jaxdiff_compile_s",
-    "torch_eager_first_s", "torch_compile_s", "grain_img_s", "data_wait_fraction", "params",
+    "torch_eager_first_s", "torch_compile_s", "params", "prefetch", "grain_img_s",
+    "resident_img_s", "data_wait_fraction", "grain_wait_fraction",
 )  # fmt: skip
+_NET = dict(batch=int, train_steps=int, sample_steps=int)
+_TOP = dict(
+    configs=list, precision=list, compile=list, torch_device=str, torch=int, repeats=int,
+    loader=int, grain=int, threads=int, loader_images=int, loader_batch=int, loader_batches=int,
+    feed_batch=int, feed_steps=int, feed_chunks=int,
+)  # fmt: skip
+DEFAULTS = {
+    "quick": dict(
+        small=dict(batch=4, train_steps=1, sample_steps=2),
+        cifar10=dict(batch=2, train_steps=1, sample_steps=1),
+        configs=["small", "cifar10"],
+        precision=["float32"],
+        compile=["small"],
+        torch_device="auto",
+        torch=1,
+        repeats=1,
+        loader=1,
+        grain=1,
+        threads=2,
+        loader_images=256,
+        loader_batch=32,
+        loader_batches=3,
+        feed_batch=8,
+        feed_steps=2,
+        feed_chunks=1,
+    ),  # fmt: skip
+    "cpu": dict(
+        small=dict(batch=128, train_steps=4, sample_steps=10),
+        cifar10=dict(batch=32, train_steps=1, sample_steps=2),
+        configs=["small", "cifar10"],
+        precision=["float32"],
+        compile=["small", "cifar10"],
+        torch_device="auto",
+        torch=1,
+        repeats=3,
+        loader=1,
+        grain=1,
+        threads=8,
+        loader_images=10_000,
+        loader_batch=128,
+        loader_batches=40,
+        feed_batch=128,
+        feed_steps=10,
+        feed_chunks=3,
+    ),  # fmt: skip
+    "gpu": dict(
+        small=dict(batch=128, train_steps=50, sample_steps=100),
+        cifar10=dict(batch=128, train_steps=20, sample_steps=100),
+        configs=["small", "cifar10"],
+        precision=["float32", "bfloat16"],
+        compile=["small", "cifar10"],
+        torch_device="auto",
+        torch=1,
+        repeats=5,
+        loader=1,
+        grain=1,
+        threads=8,
+        loader_images=10_000,
+        loader_batch=128,
+        loader_batches=100,
+        feed_batch=128,
+        feed_steps=50,
+        feed_chunks=5,
+    ),  # fmt: skip
+}
 
 
-def _sizes(quick: bool, gpu: bool) -> dict:
-    """(batch, train steps per call, sampling steps) per config, and repeats."""
-    if quick:
-        return {"small": (4, 1, 2), "cifar10": (2, 1, 2), "repeats": 1, "compile_cifar": False}
-    if gpu:
-        return {"small": (128, 20, 50), "cifar10": (128, 10, 50), "repeats": 5, "compile_cifar": 1}
-    return {"small": (128, 2, 10), "cifar10": (128, 1, 2), "repeats": 3, "compile_cifar": True}
+def parse_sizes(spec: str, mode: str) -> dict:
+    """``DEFAULTS[mode]`` with the ``key=value`` overrides of ``spec`` (``batch``,
+    ``train_steps``, ``sample_steps`` set both configs, ``small.batch`` one; lists are
+    comma-separated; ``compile=none`` compiles neither). ``ValueError`` on unknown keys/values."""
+    sizes = copy.deepcopy(DEFAULTS[mode])
+    for item in spec.replace(";", " ").split():
+        key, sep, value = item.partition("=")
+        config, dot, field = key.rpartition(".")
+        if not sep or (not value and _TOP.get(key) is not list):
+            raise ValueError(f"{ENV}: expected key=value; got {item!r}")
+        try:
+            if dot and config in CONFIGS and field in _NET:
+                sizes[config][field] = _NET[field](value)
+            elif key in _NET:
+                for c in CONFIGS:
+                    sizes[c][key] = _NET[key](value)
+            elif key in _TOP:
+                kind = _TOP[key]
+                sizes[key] = [v for v in value.split(",") if v] if kind is list else kind(value)
+            else:
+                known = sorted([*_NET, *_TOP, *(f"{c}.{f}" for c in CONFIGS for f in _NET)])
+                raise ValueError(f"{ENV}: unknown key {key!r}; known: {', '.join(known)}")
+        except ValueError as err:
+            if str(err).startswith(ENV):
+                raise
+            raise ValueError(f"{ENV}: {key} takes a {_NET.get(field, _TOP.get(key)).__name__}; "
+                             f"got {value!r}") from None  # fmt: skip
+    if sizes["compile"] in (["none"], ["all"]):
+        sizes["compile"] = [] if sizes["compile"] == ["none"] else list(CONFIGS)
+    for key, allowed in (("configs", CONFIGS), ("compile", CONFIGS), ("precision", PRECISIONS)):
+        bad = [v for v in sizes[key] if v not in allowed]
+        if bad:
+            raise ValueError(f"{ENV}: {key} must be among {', '.join(allowed)}; got {bad}")
+    numbers = [*(sizes[c][f] for c in CONFIGS for f in _NET), sizes["repeats"]]
+    numbers += [sizes[k] for k in ("threads", "loader_batch", "feed_batch", "feed_steps")]
+    if min(numbers) < 1:
+        raise ValueError(f"{ENV}: sizes, steps, repeats and threads must be >= 1; got {sizes}")
+    return sizes
+
+
+PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def _log(msg: str) -> None:
+    print(f"  [images] {msg}", flush=True)
 
 
 def _jax_unet(name: str, dtype):
@@ -99,34 +182,21 @@ def _jax_unet(name: str, dtype):
     return model, params
 
 
-def _torch_unet(name: str, device, count: int):
-    import diffusers
-
-    net = diffusers.UNet2DModel(**COMMON, **DIFFUSERS[name]).to(device)
-    n = sum(p.numel() for p in net.parameters())
-    assert n == count, f"{name}: diffusers has {n} parameters, jaxdiff {count}"
-    return net
-
-
-def _coefficients(t):
-    path = jd.vp_path()
-    return path.alpha(t), path.sigma(t)
-
-
-def _jax_step(name, dtype):
-    """jaxdiff's train step on the hand-written eps loss, a fresh state, the parameter count."""
+def jax_train_step(name: str, dtype=None):
+    """jaxdiff's train step on the eps loss written out (dropout active), a fresh state, the
+    parameter count."""
     from jaxdiff.train import init_train_state, make_train_step
 
     model, params = _jax_unet(name, dtype)
+    path = jd.vp_path()
 
     def loss(params, key, x):
         k_t, k_eps, k_drop = jax.random.split(key, 3)
         t = jax.random.uniform(k_t, (x.shape[0],), minval=T_MIN, maxval=1.0)
         eps = jax.random.normal(k_eps, x.shape)
-        a, s = _coefficients(t)
-        xt = a[:, None, None, None] * x + s[:, None, None, None] * eps
-        pred = model.apply(params, xt, t, rngs={"dropout": k_drop})
-        return jnp.mean(jnp.square(pred - eps))
+        a, s = (c[:, None, None, None] for c in (path.alpha(t), path.sigma(t)))
+        pred = model.apply(params, a * x + s * eps, t, rngs={"dropout": k_drop})
+        return jnp.mean(jnp.square(pred.astype(jnp.float32) - eps))
 
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR, weight_decay=0.0))
     step = make_train_step(loss, opt, ema_decay=EMA, ema_warmup=False)
@@ -134,99 +204,42 @@ def _jax_step(name, dtype):
     return step, state, sum(x.size for x in jax.tree.leaves(params))
 
 
-def _jax_train(name, dtype, data, batch, steps):
-    """``K`` steps per call of ``make_train_chunk`` on batches drawn on the device from ``data``."""
-    from jaxdiff.train import make_train_chunk
-
-    step, state, count = _jax_step(name, dtype)
-
-    def sample_batch(key):
-        return data[jax.random.randint(key, (batch,), 0, data.shape[0])]
-
-    chunk = make_train_chunk(step, sample_batch, steps)
-    state = [state]
-
-    def run():
-        state[0], losses = chunk(state[0])
-        return losses
-
-    return run, count
-
-
-def _sync(torch, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _torch_train(net, data, batch, steps, device, bf16, compiled):
-    import torch
-
-    fn = torch.compile(net) if compiled else net
-    net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.0)
-    ema = [p.detach().clone() for p in net.parameters()]
-    params = list(net.parameters())
-    b0, b1 = 0.1, 20.0  # jd.vp_path(): log alpha_t = -(b0 t + (b1 - b0) t^2 / 2) / 2
-
-    def run():
-        for _ in range(steps):
-            x = data[torch.randint(0, data.shape[0], (batch,), device=device)]
-            t = T_MIN + (1.0 - T_MIN) * torch.rand(batch, device=device)
-            log_a = -0.25 * t**2 * (b1 - b0) - 0.5 * t * b0
-            a = torch.exp(log_a)[:, None, None, None]
-            s = torch.sqrt(-torch.expm1(2.0 * log_a))[:, None, None, None]
-            eps = torch.randn_like(x)
-            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                pred = fn(a * x + s * eps, t * 1000.0).sample
-            loss = torch.mean(torch.square(pred.float() - eps))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - EMA)
-        _sync(torch, device)
-        return None
-
-    return run
-
-
-def _jax_sample(name, dtype, batch, steps):
+def jax_sampler(name: str, dtype, batch: int, steps: int):
+    """A jitted ``key -> images``: DDIM (eta 0) on the VP path, ``steps`` network calls."""
     model, params = _jax_unet(name, dtype)
     field = jd.Field(model.apply, "eps", params)
     ts = jnp.linspace(1.0, T_MIN, steps + 1)
 
     @jax.jit
     def draw(key):
-        shape = (batch, 32, 32, 3)
-        sol = jd.sample(key, jd.vp_path(), field, shape, sampler=jd.samplers.ddim(), ts=ts)
+        sol = jd.sample(
+            key, jd.vp_path(), field, (batch, 32, 32, 3), sampler=jd.samplers.ddim(), ts=ts
+        )
         return sol.x, sol.nfe
 
-    assert int(draw(jax.random.key(0))[1]) == steps, "jaxdiff's DDIM must make S evaluations"
-    keys = iter(jax.random.split(jax.random.key(1), 10_000))
-    return lambda: draw(next(keys))[0]
+    return draw
 
 
-def _torch_sample(net, batch, steps, device, bf16, compiled):
-    import torch
+def _jax_train(name: str, dtype, data, batch: int, steps: int):
+    """A thunk running ``steps`` train steps (one ``make_train_chunk`` call) on batches drawn on
+    the device from ``data``; the parameter count."""
+    step, state, count = jax_train_step(name, dtype)
+    from jaxdiff.train import make_train_chunk
 
-    net.eval()
-    fn = torch.compile(net) if compiled else net
-    ts = np.linspace(1.0, T_MIN, steps + 1)
-    a, s = (np.asarray(c, np.float64) for c in _coefficients(jnp.asarray(ts)))
+    chunk = make_train_chunk(
+        step, lambda key: data[jax.random.randint(key, (batch,), 0, data.shape[0])], steps
+    )
+    box = [state]
 
     def run():
-        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            x = torch.randn(batch, 3, 32, 32, device=device)
-            for i in range(steps):
-                t = torch.full((batch,), float(ts[i]) * 1000.0, device=device)
-                eps = fn(x, t).sample.float()
-                x0 = (x - float(s[i]) * eps) / float(a[i])
-                x = float(a[i + 1]) * x0 + float(s[i + 1]) * eps
-        _sync(torch, device)
-        return None
+        box[0], losses = chunk(box[0])
+        return losses
 
-    return run
+    return run, count
+
+
+def _pixels(n: int = 512) -> np.ndarray:
+    return np.asarray(jd.data.shapes(n, 32)[0], np.float32) / 127.5 - 1.0
 
 
 def _row(what, name, precision, batch, steps, res, images, count) -> dict:
@@ -236,8 +249,8 @@ def _row(what, name, precision, batch, steps, res, images, count) -> dict:
         what=what, config=name, precision=precision, batch=batch, steps=steps,
         jaxdiff_img_s=rates["jaxdiff"], torch_eager_img_s=rates.get("eager"),
         torch_compile_img_s=rates.get("compile"), jaxdiff_compile_s=res["jaxdiff"]["compile_s"],
-        torch_eager_first_s=res["eager"]["compile_s"] if "eager" in res else None,
-        torch_compile_s=res["compile"]["compile_s"] if "compile" in res else None, params=count,
+        torch_eager_first_s=res.get("eager", {}).get("compile_s"),
+        torch_compile_s=res.get("compile", {}).get("compile_s"), params=count,
     )  # fmt: skip
     if "eager" in rates:
         row["speedup_vs_eager"] = rates["jaxdiff"] / rates["eager"]
@@ -246,184 +259,171 @@ def _row(what, name, precision, batch, steps, res, images, count) -> dict:
     return row
 
 
-def _network_rows(quick: bool) -> tuple[list[dict], str]:
-    import torch
+def _network_rows(sz: dict, platform: str) -> tuple[list[dict], str]:
+    dev, note = None, "no PyTorch rows (torch=0)"
+    if sz["torch"]:
+        try:
+            import diffusers  # noqa: F401
 
-    gpu = jax.devices()[0].platform == "gpu"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    sizes = _sizes(quick, gpu)
-    rows = []
-    for name in ("small", "cifar10"):
-        batch, train_steps, sample_steps = sizes[name]
-        compile_it = name == "small" or sizes["compile_cifar"]
-        for precision in ("float32", "bfloat16") if gpu else ("float32",):
-            dtype, bf16 = (jnp.bfloat16, True) if precision == "bfloat16" else (None, False)
-            pixels = np.asarray(jd.data.shapes(512, 32)[0], np.float32) / 127.5 - 1.0
-            run_jax, count = _jax_train(name, dtype, jnp.asarray(pixels), batch, train_steps)
-            data_t = torch.as_tensor(pixels.transpose(0, 3, 1, 2).copy(), device=device)
-            torch.manual_seed(0)
-            nets = {"eager": _torch_unet(name, device, count)}
-            if compile_it:
-                nets["compile"] = _torch_unet(name, device, count)
-            thunks = {"jaxdiff": run_jax}
-            for kind, net in nets.items():
-                thunks[kind] = _torch_train(
-                    net, data_t, batch, train_steps, device, bf16, kind == "compile"
-                )
-            res = interleaved(thunks, repeats=sizes["repeats"])
-            images = batch * train_steps
-            rows.append(_row("train", name, precision, batch, train_steps, res, images, count))
-            thunks = {"jaxdiff": _jax_sample(name, dtype, batch, sample_steps)}
-            for kind, net in nets.items():
-                thunks[kind] = _torch_sample(
-                    net, batch, sample_steps, device, bf16, kind == "compile"
-                )
-            res = interleaved(thunks, repeats=sizes["repeats"])
-            rows.append(_row("sample", name, precision, batch, sample_steps, res, batch, count))
-    return rows, f"PyTorch {torch.__version__} on {device}"
+            from benchmarks import images_torch as IT
 
+            dev = IT.device(platform, sz["torch_device"])
+            note = (
+                IT.setup(dev)
+                if dev is not None
+                else "no PyTorch rows: JAX runs on a GPU and this PyTorch has no CUDA"
+            )
+        except ImportError as err:
+            note = f"no PyTorch rows ({err}; pip install -e '.[bench]')"
+    rows, pixels = [], _pixels()
+    for name in sz["configs"]:
+        batch, k, s = (sz[name][f] for f in ("batch", "train_steps", "sample_steps"))
+        for precision in sz["precision"]:
+            dtype, bf16 = PRECISIONS[precision], precision == "bfloat16"
+            run_jax, count = _jax_train(name, dtype, jnp.asarray(pixels), batch, k)
+            draw = jax_sampler(name, dtype, batch, s)
+            nfe = int(draw(jax.random.key(0))[1])
+            assert nfe == s, f"jaxdiff's DDIM made {nfe} network calls, not {s}"
+            keys = iter(jax.random.split(jax.random.key(1), 100_000))
+            train = {"jaxdiff": run_jax}
+            sample = {"jaxdiff": lambda draw=draw, keys=keys: draw(next(keys))[0]}
+            if dev is not None:
+                import torch
 
-def _delivered(it, batches: int) -> float:
-    """Images/s that the iterator ``it`` delivers (device batches), after 2 warm-up batches."""
-    for _ in range(2):
-        jax.block_until_ready(next(it))
-    start = time.perf_counter()
-    for _ in range(batches):
-        x = jax.block_until_ready(next(it))
-    size = jax.tree.leaves(x)[0].shape[0]
-    return batches * size / (time.perf_counter() - start)
-
-
-def _grain_iter(source, batch: int, threads: int, sharding, per_image: bool):
-    """The same pipeline in Google's grain: shuffle per epoch, flip, batch, device_put."""
-    import grain
-
-    ds = grain.MapDataset.range(len(source)).shuffle(seed=0).repeat()
-    if per_image:  # decode one image per element (grain's threads decode in parallel)
-
-        def load(i, rng):
-            x, y = source.read(np.array([i]))
-            return (x[0, :, ::-1] if rng.random() < 0.5 else x[0]), y[0]
-
-        ds = ds.random_map(load, seed=1).batch(batch, drop_remainder=True)
-    else:  # arrays in memory: gather whole batches
-
-        def load(idx, rng):
-            x, y = source.read(np.asarray(idx))
-            flip = rng.random(len(idx)) < 0.5
-            return np.where(flip[:, None, None, None], x[:, :, ::-1], x), y
-
-        ds = ds.batch(batch, drop_remainder=True).random_map(load, seed=1)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4))
-    return iter(
-        grain.experimental.device_put(it, sharding, cpu_buffer_size=4, device_buffer_size=2)
-    )
+                data_t = torch.as_tensor(pixels.transpose(0, 3, 1, 2).copy(), device=dev)
+                torch.manual_seed(0)
+                kinds = ["eager"] + (["compile"] if name in sz["compile"] else [])
+                for kind in kinds:
+                    net = IT.unet(name, dev, count)
+                    c = kind == "compile"
+                    train[kind] = IT.train_thunk(net, data_t, batch, k, dev, bf16, c)
+                    sample[kind] = IT.sample_thunk(net, batch, s, dev, bf16, c)
+            _log(f"{name} {precision}: training, batch {batch}, {k} steps per call")
+            res = interleaved(train, repeats=sz["repeats"])
+            rows.append(_row("train", name, precision, batch, k, res, batch * k, count))
+            _log(f"{name} {precision}: sampling, batch {batch}, {s} DDIM steps")
+            res = interleaved(sample, repeats=sz["repeats"])
+            rows.append(_row("sample", name, precision, batch, s, res, batch, count))
+            del train, sample
+    return rows, note
 
 
-def _loader_rows(quick: bool) -> tuple[list[dict], str]:
+def _loader_rows(sz: dict) -> tuple[list[dict], str]:
     from jax.sharding import NamedSharding, PartitionSpec
 
     from jaxdiff import loader as LD
-    from jaxdiff.train import data_mesh, make_feed_chunk, make_train_chunk
+    from jaxdiff.train import data_mesh, make_feed_chunk, make_train_chunk, replicate
 
-    n, batches, batch = (1024, 6, 128) if quick else (10_000, 60, 128)
-    threads = min(8, len(os.sched_getaffinity(0)))
+    n, lb, threads = sz["loader_images"], sz["loader_batch"], sz["threads"]
+    fb, k, chunks = sz["feed_batch"], sz["feed_steps"], sz["feed_chunks"]
     mesh = data_mesh()
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    try:
-        import grain  # noqa: F401
-
-        have_grain = True
-    except ImportError:
-        have_grain = False
+    have_grain = bool(sz["grain"])
+    if have_grain:
+        try:
+            import grain  # noqa: F401
+        except ImportError:
+            have_grain = False
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         x, y = jd.data.shapes(n, 32)
+        _log(f"loader: writing {n} PNGs")
         LD.save_image_folder(f"{tmp}/png", x, y)
         np.savez(f"{tmp}/d.npz", images=x, labels=y)
         sources = {
             "npz": LD.load_npz(f"{tmp}/d.npz"),
             "folder": LD.ImageFolder(f"{tmp}/png", threads=threads),
         }
-        start = time.perf_counter()
         sources["folder-memory"] = sources["folder"].load()
-        decode_s = time.perf_counter() - start
         for name, source in sources.items():
-            loader = LD.ImageLoader(source, batch, seed=0)
-            with LD.prefetch(loader.iterate(0), mesh) as it:
-                rate = _delivered(it, batches)
+            _log(f"loader {name}: {sz['loader_batches']} batches of {lb}")
             row = dict.fromkeys(KEYS)
-            row.update(what=f"loader {name}", config="-", precision="uint8", batch=batch)
-            row.update(steps=batches, jaxdiff_img_s=rate)
+            row.update(what=f"loader {name}", config="-", precision="uint8", batch=lb)
+            row.update(steps=sz["loader_batches"], prefetch=2)
+            with LD.prefetch(LD.ImageLoader(source, lb, seed=0).iterate(0), mesh) as it:
+                row["jaxdiff_img_s"] = IL.delivered(it, sz["loader_batches"])
             if have_grain:
-                it = _grain_iter(source, batch, threads, sharding, name == "folder")
-                row["grain_img_s"] = _delivered(it, batches)
+                it = IL.Timed(IL.grain_batches(
+                    source, lb, threads=threads, sharding=sharding, per_image=name == "folder",
+                    labels=True,
+                ))  # fmt: skip
+                row["grain_img_s"] = IL.delivered(it, sz["loader_batches"])
+                it.close()
             rows.append(row)
 
-        # Training from the PNG folder through the loader, against device-resident data.
-        batch_t, steps, repeats = (4, 2, 2) if quick else (128, 10, 3)
-        step, state, count = _jax_step("small", None)
-        pixels = jnp.asarray(x, jnp.float32) / 127.5 - 1.0
+        # Training small_unet fed by each loader, against the same chunks on resident data.
+        step, state0, count = jax_train_step("small")
+        pixels = jnp.asarray(x)
         resident = make_train_chunk(
-            step, lambda k: pixels[jax.random.randint(k, (batch_t,), 0, n)], steps
-        )
-        loader = LD.ImageLoader(sources["folder"], batch_t, seed=0, labels=False)
-        states = {"resident": state, "loader": jax.tree.map(jnp.copy, state)}
-        times = {"resident": [], "loader": []}
-        with LD.prefetch(loader.iterate(0), mesh) as it:
-            fed = make_feed_chunk(step, it, steps, mesh=mesh, preprocess=LD.to_float)
-            for kind, chunk in (("resident", resident), ("loader", fed)):
-                for i in range(repeats + 1):  # the first call compiles
-                    wait = it.wait_s
-                    start = time.perf_counter()
-                    states[kind], losses = chunk(states[kind])
-                    jax.block_until_ready(losses)
-                    if i:
-                        times[kind].append((time.perf_counter() - start, it.wait_s - wait))
-        median = {k: float(np.median([t for t, _ in v])) for k, v in times.items()}
-        row = dict.fromkeys(KEYS)
-        row.update(what="train+loader folder", config="small", precision="float32")
-        row.update(batch=batch_t, steps=steps, params=count)
-        row["jaxdiff_img_s"] = batch_t * steps / median["loader"]
-        row["torch_eager_img_s"] = None
-        row["data_wait_fraction"] = sum(w for _, w in times["loader"]) / sum(
-            t for t, _ in times["loader"]
-        )
-        row["speedup_vs_eager"] = None
-        rows.append(row)
-        resident_rate = batch_t * steps / median["resident"]
+            step, lambda key: LD.to_float(pixels[jax.random.randint(key, (fb,), 0, n)]), k,
+            mesh=mesh,
+        )  # fmt: skip
+
+        def fresh():  # chunks donate the state; replicated on the mesh as the CLI does (a fresh
+            # state would compile make_feed_chunk's scan twice: its output is committed there)
+            return replicate(jax.tree.map(jnp.copy, state0), mesh)
+
+        _log(f"train+loader: resident data, batch {fb}, {k} steps per chunk, {chunks} chunks")
+        resident_s = IL.timed_chunks(resident, fresh(), chunks)[1]
+        for name in ("npz", "folder"):
+            for depth in sorted({2, k}):
+                _log(f"train+loader {name}: prefetch {depth}")
+                row = dict.fromkeys(KEYS)
+                row.update(what=f"train+loader {name}", config="small", precision="float32")
+                row.update(batch=fb, steps=k, params=count, prefetch=depth)
+                loader = LD.ImageLoader(sources[name], fb, seed=0, labels=False)
+                with LD.prefetch(loader.iterate(0), mesh, size=depth) as it:
+                    feed = make_feed_chunk(step, it, k, mesh=mesh, preprocess=LD.to_float)
+                    _, sec, wait = IL.timed_chunks(feed, fresh(), chunks, it)
+                row.update(jaxdiff_img_s=chunks * k * fb / sec, data_wait_fraction=wait / sec)
+                if have_grain:
+                    it = IL.Timed(IL.grain_batches(
+                        sources[name], fb, threads=threads, sharding=sharding,
+                        per_image=name == "folder", buffer=depth,
+                    ))  # fmt: skip
+                    feed = make_feed_chunk(step, it, k, mesh=mesh, preprocess=LD.to_float)
+                    _, sec, wait = IL.timed_chunks(feed, fresh(), chunks, it)
+                    it.close()
+                    row.update(grain_img_s=chunks * k * fb / sec, grain_wait_fraction=wait / sec)
+                row["resident_img_s"] = chunks * k * fb / resident_s
+                rows.append(row)
     note = (
-        f"Loader: {n} images 32x32x3 (shapes, ~2.3 KB PNGs), batches of {batch} delivered on "
-        f"the device, {threads} decode threads, {batches} batches timed; folder-memory decoded "
-        f"once in {decode_s:.1f} s. grain: "
-        + ("installed" if have_grain else "not installed (pip install grain for its rows)")
-        + f". train+loader: small_unet from the PNG folder through make_feed_chunk, "
-        f"{batch_t * steps / median['loader']:.4g} img/s, against {resident_rate:.4g} img/s "
-        "with the data resident on the device (same step, same chunk length); "
-        "data_wait_fraction = time the chunks waited for the prefetching thread / their time."
+        f"Loader: {n} images 32x32x3 (shapes, ~2.3 KB PNGs), {threads} decode threads; 'loader' "
+        f"rows: {sz['loader_batches']} batches of {lb} delivered on the device (labels included). "
+        f"'train+loader' rows: small_unet trained on batches of {fb} from the loader, {chunks} "
+        f"chunks of {k} steps (make_feed_chunk; each chunk's loss read back, as train() does), "
+        "prefetch = batches the loader thread may run ahead (jaxdiff: prefetch(size=); grain: "
+        "cpu_buffer_size, plus 2 on the device); resident_img_s: the same chunks on data in "
+        "device memory; *_wait_fraction: time in next() / chunk time. grain: "
+        + ("installed" if have_grain else "not run (pip install grain, or grain=0 given)")
+        + "."
     )
     return rows, note
 
 
 def run(quick: bool) -> dict:
     dev = jax.devices()[0]
-    rows, loader_note = _loader_rows(quick)
-    try:
-        import diffusers  # noqa: F401
-        import torch  # noqa: F401
-
-        net_rows, torch_note = _network_rows(quick)
-    except ImportError as err:
-        net_rows, torch_note = [], f"no PyTorch rows ({err}; pip install -e '.[bench]')"
-    sizes = _sizes(quick, dev.platform == "gpu")
-    notes = (
-        f"JAX device {dev.platform}:{getattr(dev, 'device_kind', '')} ({jax.device_count()} "
-        f"devices); {torch_note}. Sizes (batch, train steps per call, sampling steps): "
-        f"small {sizes['small']}, cifar10 {sizes['cifar10']}; median of {sizes['repeats']} "
-        "interleaved calls. speedup = jaxdiff images/s / PyTorch images/s (> 1: jaxdiff faster). "
-        "Compile times: jaxdiff_compile_s (first call: trace + XLA), torch_eager_first_s (first "
-        "eager call), torch_compile_s (first call of torch.compile: inductor). " + loader_note
+    mode = "quick" if quick else ("gpu" if dev.platform == "gpu" else "cpu")
+    sz = parse_sizes(os.environ.get(ENV, ""), mode)
+    _log(f"mode {mode}, sizes {sz}")
+    rows, notes = [], []
+    if sz["configs"]:
+        net_rows, torch_note = _network_rows(sz, dev.platform)
+        rows += net_rows
+        notes.append(torch_note)
+    if sz["loader"]:
+        loader_rows, loader_note = _loader_rows(sz)
+        rows += loader_rows
+        notes.append(loader_note)
+    shown = {c: tuple(sz[c].values()) for c in sz["configs"]}
+    notes.insert(
+        0,
+        f"JAX on {dev.platform}:{getattr(dev, 'device_kind', '')} ({jax.device_count()} devices, "
+        f"mode {mode}); (batch, train steps per call, DDIM steps) {shown}, precisions "
+        f"{sz['precision']}, torch.compile for {sz['compile']}; median of {sz['repeats']} "
+        "interleaved calls. speedup = jaxdiff images/s / PyTorch images/s (> 1: jaxdiff faster); "
+        "compile times: jaxdiff_compile_s (first call: trace + XLA), torch_eager_first_s (first "
+        "eager call), torch_compile_s (first call under torch.compile: inductor). Sizes: "
+        f"{ENV}='key=value ...' (benchmarks/images.py).",
     )
-    return {"rows": net_rows + rows, "notes": notes}
+    return {"rows": rows, "notes": " ".join(notes)}
