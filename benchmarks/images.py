@@ -53,6 +53,7 @@ TITLE = (
 )
 ENV = "JAXDIFF_BENCH_IMAGES"
 CONFIGS = ("small", "cifar10")
+THREADS = min(8, len(os.sched_getaffinity(0)))  # decode threads of both loaders
 T_MIN, LR, EMA = 1e-3, 1e-4, 0.999
 KEYS = (
     "what", "config", "precision", "batch", "steps", "jaxdiff_img_s", "torch_eager_img_s",
@@ -70,22 +71,22 @@ DEFAULTS = {
     "quick": dict(
         small=dict(batch=4, train_steps=1, sample_steps=2),
         cifar10=dict(batch=2, train_steps=1, sample_steps=1),
-        configs=["small", "cifar10"],
+        configs=["small"],
         precision=["float32"],
-        compile=["small"],
+        compile=[],
         torch_device="auto",
         torch=1,
         repeats=1,
         loader=1,
         grain=1,
-        threads=2,
+        threads=THREADS,
         loader_images=256,
         loader_batch=32,
         loader_batches=3,
         feed_batch=8,
         feed_steps=2,
         feed_chunks=1,
-    ),  # fmt: skip
+    ),
     "cpu": dict(
         small=dict(batch=128, train_steps=4, sample_steps=10),
         cifar10=dict(batch=32, train_steps=1, sample_steps=2),
@@ -97,14 +98,14 @@ DEFAULTS = {
         repeats=3,
         loader=1,
         grain=1,
-        threads=8,
+        threads=THREADS,
         loader_images=10_000,
         loader_batch=128,
         loader_batches=40,
         feed_batch=128,
         feed_steps=10,
         feed_chunks=3,
-    ),  # fmt: skip
+    ),
     "gpu": dict(
         small=dict(batch=128, train_steps=50, sample_steps=100),
         cifar10=dict(batch=128, train_steps=20, sample_steps=100),
@@ -116,14 +117,14 @@ DEFAULTS = {
         repeats=5,
         loader=1,
         grain=1,
-        threads=8,
+        threads=THREADS,
         loader_images=10_000,
         loader_batch=128,
         loader_batches=100,
         feed_batch=128,
         feed_steps=50,
         feed_chunks=5,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -268,11 +269,13 @@ def _network_rows(sz: dict, platform: str) -> tuple[list[dict], str]:
             from benchmarks import images_torch as IT
 
             dev = IT.device(platform, sz["torch_device"])
-            note = (
-                IT.setup(dev)
-                if dev is not None
-                else "no PyTorch rows: JAX runs on a GPU and this PyTorch has no CUDA"
-            )
+            if dev is None:
+                note = "no PyTorch rows: JAX runs on a GPU and this PyTorch has no CUDA"
+            else:
+                note = IT.setup(dev)
+                if sz["compile"] and not IT.compile_works(dev):
+                    note += f"; torch.compile fails on {dev} (Inductor): eager rows only"
+                    sz = {**sz, "compile": []}
         except ImportError as err:
             note = f"no PyTorch rows ({err}; pip install -e '.[bench]')"
     rows, pixels = [], _pixels()
