@@ -27,9 +27,19 @@ three sides timed round-robin. On a GPU: float32 allows TF32 on both sides (XLA'
 flags set to match), bfloat16 rows compare jaxdiff's ``dtype=bfloat16`` (float32 params) with
 ``torch.autocast``; fused AdamW and cuDNN autotuning for PyTorch.
 
-Sizes: defaults per mode (``--quick``, CPU, GPU; see ``DEFAULTS``), overridden by the environment
-variable ``JAXDIFF_BENCH_IMAGES``, ``key=value`` pairs separated by spaces or ``;``, e.g.
-``JAXDIFF_BENCH_IMAGES="configs=cifar10 batch=64 cifar10.sample_steps=20 precision=bfloat16"``.
+Sizes: defaults per mode (``--quick``: small_unet eager only, ~1 minute; CPU; GPU; see
+``DEFAULTS``), overridden by the environment variable ``JAXDIFF_BENCH_IMAGES``, ``key=value``
+pairs separated by spaces or ``;``: ``configs``, ``precision`` (``float32,bfloat16``),
+``compile`` (configs under ``torch.compile``; ``none``, ``all``), ``compile_mode``,
+``torch_device`` (``auto``: PyTorch on the device JAX uses), ``torch=0``, ``repeats``; ``batch``,
+``train_steps``, ``sample_steps`` (both configs, or one: ``cifar10.batch``); the loader's
+``loader=0``, ``grain=0``, ``threads``, ``loader_images``, ``loader_batch``, ``loader_batches``,
+``feed_batch``, ``feed_steps``, ``feed_chunks``. E.g. a smoke test of every path::
+
+    JAXDIFF_BENCH_IMAGES="configs=small,cifar10 compile=all" python -m benchmarks --quick --only images
+
+On a GPU, leave PyTorch room: JAX preallocates 75% of the memory unless
+``XLA_PYTHON_CLIENT_MEM_FRACTION=0.45`` (say) is set before the run.
 """
 
 from __future__ import annotations
@@ -63,69 +73,34 @@ KEYS = (
 )  # fmt: skip
 _NET = dict(batch=int, train_steps=int, sample_steps=int)
 _TOP = dict(
-    configs=list, precision=list, compile=list, torch_device=str, torch=int, repeats=int,
+    configs=list, precision=list, compile=list, compile_mode=str, torch_device=str, torch=int, repeats=int,
     loader=int, grain=int, threads=int, loader_images=int, loader_batch=int, loader_batches=int,
     feed_batch=int, feed_steps=int, feed_chunks=int,
 )  # fmt: skip
+_BASE = dict(
+    configs=["small", "cifar10"], precision=["float32"], compile=["small", "cifar10"],
+    compile_mode="default", torch_device="auto", torch=1, repeats=3, loader=1, grain=1,
+    threads=THREADS, loader_images=10_000, loader_batch=128, loader_batches=40, feed_batch=128,
+    feed_steps=10, feed_chunks=3,
+)  # fmt: skip
 DEFAULTS = {
-    "quick": dict(
-        small=dict(batch=4, train_steps=1, sample_steps=2),
-        cifar10=dict(batch=2, train_steps=1, sample_steps=1),
-        configs=["small"],
-        precision=["float32"],
-        compile=[],
-        torch_device="auto",
-        torch=1,
-        repeats=1,
-        loader=1,
-        grain=1,
-        threads=THREADS,
-        loader_images=256,
-        loader_batch=32,
-        loader_batches=3,
-        feed_batch=8,
-        feed_steps=2,
-        feed_chunks=1,
-    ),
-    "cpu": dict(
-        small=dict(batch=128, train_steps=4, sample_steps=10),
-        cifar10=dict(batch=32, train_steps=1, sample_steps=2),
-        configs=["small", "cifar10"],
-        precision=["float32"],
-        compile=["small", "cifar10"],
-        torch_device="auto",
-        torch=1,
-        repeats=3,
-        loader=1,
-        grain=1,
-        threads=THREADS,
-        loader_images=10_000,
-        loader_batch=128,
-        loader_batches=40,
-        feed_batch=128,
-        feed_steps=10,
-        feed_chunks=3,
-    ),
-    "gpu": dict(
-        small=dict(batch=128, train_steps=50, sample_steps=100),
-        cifar10=dict(batch=128, train_steps=20, sample_steps=100),
-        configs=["small", "cifar10"],
-        precision=["float32", "bfloat16"],
-        compile=["small", "cifar10"],
-        torch_device="auto",
-        torch=1,
-        repeats=5,
-        loader=1,
-        grain=1,
-        threads=THREADS,
-        loader_images=10_000,
-        loader_batch=128,
-        loader_batches=100,
-        feed_batch=128,
-        feed_steps=50,
-        feed_chunks=5,
-    ),
-}
+    "quick": {
+        **_BASE, "small": dict(batch=4, train_steps=1, sample_steps=2),
+        "cifar10": dict(batch=2, train_steps=1, sample_steps=1), "configs": ["small"],
+        "compile": [], "repeats": 1, "loader_images": 256, "loader_batch": 32,
+        "loader_batches": 3, "feed_batch": 8, "feed_steps": 2, "feed_chunks": 1,
+    },
+    "cpu": {
+        **_BASE, "small": dict(batch=128, train_steps=4, sample_steps=10),
+        "cifar10": dict(batch=32, train_steps=1, sample_steps=2),
+    },
+    "gpu": {
+        **_BASE, "small": dict(batch=128, train_steps=50, sample_steps=100),
+        "cifar10": dict(batch=128, train_steps=20, sample_steps=100),
+        "precision": ["float32", "bfloat16"], "repeats": 5, "loader_batches": 100,
+        "feed_steps": 50, "feed_chunks": 5,
+    },
+}  # fmt: skip
 
 
 def parse_sizes(spec: str, mode: str) -> dict:
@@ -299,8 +274,9 @@ def _network_rows(sz: dict, platform: str) -> tuple[list[dict], str]:
                 for kind in kinds:
                     net = IT.unet(name, dev, count)
                     c = kind == "compile"
-                    train[kind] = IT.train_thunk(net, data_t, batch, k, dev, bf16, c)
-                    sample[kind] = IT.sample_thunk(net, batch, s, dev, bf16, c)
+                    mode = sz["compile_mode"]
+                    train[kind] = IT.train_thunk(net, data_t, batch, k, dev, bf16, c, mode)
+                    sample[kind] = IT.sample_thunk(net, batch, s, dev, bf16, c, mode)
             _log(f"{name} {precision}: training, batch {batch}, {k} steps per call")
             res = interleaved(train, repeats=sz["repeats"])
             rows.append(_row("train", name, precision, batch, k, res, batch * k, count))
@@ -423,7 +399,7 @@ def run(quick: bool) -> dict:
         0,
         f"JAX on {dev.platform}:{getattr(dev, 'device_kind', '')} ({jax.device_count()} devices, "
         f"mode {mode}); (batch, train steps per call, DDIM steps) {shown}, precisions "
-        f"{sz['precision']}, torch.compile for {sz['compile']}; median of {sz['repeats']} "
+        f"{sz['precision']}, torch.compile ({sz['compile_mode']}) for {sz['compile']}; median of {sz['repeats']} "
         "interleaved calls. speedup = jaxdiff images/s / PyTorch images/s (> 1: jaxdiff faster); "
         "compile times: jaxdiff_compile_s (first call: trace + XLA), torch_eager_first_s (first "
         "eager call), torch_compile_s (first call under torch.compile: inductor). Sizes: "

@@ -94,20 +94,22 @@ def sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
-def train_thunk(net, data, batch: int, steps: int, dev, bf16: bool, compiled: bool):
+def train_thunk(
+    net, data, batch: int, steps: int, dev, bf16: bool, compiled: bool, mode: str = "default"
+):
     """``steps`` training steps per call: DDPM's eps loss on the VP path, ``t ~ U(T_MIN, 1)``,
     AdamW after clipping the gradient norm to 1, EMA of the weights; batches drawn on the device
-    from ``data`` (N, C, H, W)."""
+    from ``data`` (N, C, H, W). ``mode``: ``torch.compile``'s."""
     import torch
 
-    fn = torch.compile(net) if compiled else net
-    net.train()
+    fn = torch.compile(net, mode=mode) if compiled else net
     params = list(net.parameters())
     fused = dict(fused=True) if dev.type == "cuda" else {}
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, **fused)
     ema = [p.detach().clone() for p in params]
 
     def run():
+        net.train()  # the net is shared with the sampling thunk, which sets eval()
         for _ in range(steps):
             x = data[torch.randint(0, data.shape[0], (batch,), device=dev)]
             t = T_MIN + (1.0 - T_MIN) * torch.rand(batch, device=dev)
@@ -141,18 +143,20 @@ def ddim(eps_fn, x, ts: np.ndarray):
     return x
 
 
-def sample_thunk(net, batch: int, steps: int, dev, bf16: bool, compiled: bool):
+def sample_thunk(
+    net, batch: int, steps: int, dev, bf16: bool, compiled: bool, mode: str = "default"
+):
     """One DDIM sample of ``batch`` images in ``steps`` network calls per call, under no_grad."""
     import torch
 
-    net.eval()
-    fn = torch.compile(net) if compiled else net
+    fn = torch.compile(net, mode=mode) if compiled else net
     ts = np.linspace(1.0, T_MIN, steps + 1)
 
     def eps_fn(x, t):
         return fn(x, torch.full((x.shape[0],), t * 1000.0, device=dev)).sample
 
     def run():
+        net.eval()
         with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
             ddim(eps_fn, torch.randn(batch, 3, 32, 32, device=dev), ts)
         sync(dev)
