@@ -90,6 +90,18 @@ def test_torch_ddim_is_jaxdiff_ddim():
     assert np.abs(out).max() < 0.8 * np.abs(x1).max()
 
 
+def test_torch_device_follows_jax():
+    torch = pytest.importorskip("torch")
+    from benchmarks import images_torch as IT
+
+    assert IT.device("cpu") == torch.device("cpu")
+    assert IT.device("gpu", "cpu") == torch.device("cpu")
+    gpu = IT.device("gpu")  # a GPU against a CPU is no comparison: None without CUDA
+    assert gpu == (torch.device("cuda") if torch.cuda.is_available() else None)
+    with pytest.raises(ValueError, match="torch_device must be auto, cpu or cuda; got 'tpu'"):
+        IT.device("cpu", "tpu")
+
+
 def _torch_layout(path, shape) -> tuple:
     """jaxdiff's parameter shape in PyTorch's layout (conv OIHW, Linear (out, in))."""
     names = [getattr(k, "key", "") for k in path]
@@ -124,6 +136,34 @@ def test_diffusers_unet_equals_jaxdiff_tensor_for_tensor(name):
     assert sum(v.size for _, v in leaves) == {"small": 1_192_387, "cifar10": 35_746_307}[name]
     with pytest.raises(AssertionError, match="parameters"):
         IT.unet(name, "meta", 1)
+
+
+@pytest.mark.parametrize("name", ["small", "cifar10"])
+def test_diffusers_unet_computes_jaxdiff_unet(name):
+    # With port_params the benchmark's diffusers net is jaxdiff's network as a function: outputs
+    # agree to float32 rounding (~1e-6 of outputs of size ~1; the weights perturbed so that no
+    # zero-initialised layer hides a mismatch).
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from benchmarks import images_torch as IT
+    from jaxdiff.nets import ddpm_cifar10, init_params, small_unet
+
+    model = (small_unet if name == "small" else ddpm_cifar10)()
+    params = init_params(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros(1))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    noise = [v + 0.05 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys, strict=True)]
+    params = jax.tree.unflatten(treedef, noise)
+    net = IT.unet(name, "cpu", sum(v.size for v in leaves)).eval()
+    IT.port_params(net, params)
+    x = np.array(jax.random.normal(jax.random.key(1), (2, 32, 32, 3)))
+    t = np.array([0.3, 0.8], np.float32)
+    ours = np.asarray(jax.jit(model.apply)(params, jnp.asarray(x), jnp.asarray(t)))
+    with torch.no_grad():
+        out = net(torch.as_tensor(x.transpose(0, 3, 1, 2).copy()), torch.as_tensor(1000 * t))
+    theirs = out.sample.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(ours).max() > 0.5
+    np.testing.assert_allclose(theirs, ours, atol=2e-5 * np.abs(ours).max(), rtol=0)
 
 
 def test_timed_counts_waiting():
