@@ -3,6 +3,8 @@ PyTorch side does the same work as jaxdiff (VP coefficients, the DDIM loop, diff
 tensor for tensor), and the grain pipeline and wait timer used to compare the loaders.
 PyTorch, diffusers and grain are benchmark extras (``.[bench]``): those tests skip without them."""
 
+import importlib
+import os
 import time
 from collections import Counter
 
@@ -12,8 +14,22 @@ import numpy as np
 import pytest
 
 import jaxdiff as jd
-from benchmarks import images as BI
-from benchmarks import images_loader as IL
+
+
+def _bench(name: str):
+    """``benchmarks.<name>``, leaving ``EQX_ON_ERROR`` as it was: the benchmarks package sets it
+    to ``nan``, which subprocesses started by other tests (the CLI's checks) would inherit."""
+    before = os.environ.get("EQX_ON_ERROR")
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    finally:
+        if before is None:
+            os.environ.pop("EQX_ON_ERROR", None)
+        else:
+            os.environ["EQX_ON_ERROR"] = before
+
+
+BI, IL = _bench("images"), _bench("images_loader")
 
 
 def test_sizes_defaults_and_overrides():
@@ -51,7 +67,7 @@ def test_sizes_errors(spec, match):
 
 def test_vp_coefficients_match_jaxdiff(x64):
     torch = pytest.importorskip("torch")
-    from benchmarks import images_torch as IT
+    IT = _bench("images_torch")
 
     t = np.linspace(0.0, 1.0, 101)
     a, s = IT.vp_coefficients(torch.as_tensor(t, dtype=torch.float64))
@@ -65,7 +81,7 @@ def test_torch_ddim_is_jaxdiff_ddim():
     # hand-written PyTorch loop and jd.sample(ddim()) on the same grid and start agree to float32
     # rounding (float32 state, 10 steps: ~1e-6 relative).
     torch = pytest.importorskip("torch")
-    from benchmarks import images_torch as IT
+    IT = _bench("images_torch")
 
     c, path = 0.5, jd.vp_path()
     ts = np.linspace(1.0, IT.T_MIN, 11)
@@ -92,7 +108,7 @@ def test_torch_ddim_is_jaxdiff_ddim():
 
 def test_torch_device_follows_jax():
     torch = pytest.importorskip("torch")
-    from benchmarks import images_torch as IT
+    IT = _bench("images_torch")
 
     assert IT.device("cpu") == torch.device("cpu")
     assert IT.device("gpu", "cpu") == torch.device("cpu")
@@ -121,7 +137,7 @@ def test_diffusers_unet_equals_jaxdiff_tensor_for_tensor(name):
     # (in PyTorch's layout), hence the same parameter count (1,192,387 and 35,746,307).
     torch = pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from benchmarks import images_torch as IT
+    IT = _bench("images_torch")
     from jaxdiff.nets import ddpm_cifar10, small_unet
 
     model = (small_unet if name == "small" else ddpm_cifar10)()
@@ -145,7 +161,7 @@ def test_diffusers_unet_computes_jaxdiff_unet(name):
     # layer hides a mismatch; jaxdiff's init would zero every block's last conv).
     torch = pytest.importorskip("torch")
     pytest.importorskip("diffusers")
-    from benchmarks import images_torch as IT
+    IT = _bench("images_torch")
     from jaxdiff.nets import ddpm_cifar10, small_unet
 
     model = (small_unet if name == "small" else ddpm_cifar10)()
