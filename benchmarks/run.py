@@ -33,6 +33,7 @@ SECTIONS = [
     "couplings",
     "fewstep_training",
     "inverse",
+    "images",
 ]
 RESULTS = Path(__file__).parent / "results"
 
