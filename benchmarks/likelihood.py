@@ -31,8 +31,8 @@ def run(quick: bool = False) -> dict:
         field = MIX.field(path, target)
         for div, probes in (("exact", None), ("hutchinson x1", 1), ("hutchinson x4", 4)):
             for rtol in (1e-5,) if quick else (1e-3, 1e-5):
-                fn = jax.jit(lambda x, k, p=probes, r=rtol, pa=path, fi=field, ta=target: jd.log_likelihood(
-                    pa, fi, x, target=ta, key=k, num_probes=p, t_start=T0, rtol=r, atol=r))  # fmt: skip
+                fn = jax.jit(lambda x, k, p=probes, r=rtol, pa=path, fi=field: jd.log_likelihood(
+                    pa, fi, x, key=k, num_probes=p, t_start=T0, rtol=r, atol=r))  # fmt: skip
                 timing = time_jitted(fn, x, jax.random.key(1), repeats=3 if quick else 10)
                 out = fn(x, jax.random.key(1))
                 err = out.logp - exact

@@ -6,7 +6,7 @@ evaluations (NFE); the table gives each side's samples per second and the ratio
 ``speedup = peer time / jaxdiff time`` (> 1: jaxdiff is faster), measured interleaved.
 
 * ODE rows: the MLP is a flow-matching velocity on the linear path, integrated from ``t = 1``
-  to ``1e-3``: jaxdiff ``sample(..., target="velocity")`` with diffrax's Euler, Midpoint, Heun and
+  to ``1e-3``: jaxdiff ``sample(..., sampler=ode(solver))`` with diffrax's Euler, Midpoint, Heun and
   an RK4 (torchdiffeq's "rk4" is the 3/8 rule, so ours is too) against a plain PyTorch loop,
   ``torchdiffeq.odeint`` on the same grid and Meta's ``flow_matching`` ``ODESolver``, whose
   ``t = 0`` is noise: its time is ``s = 1 - t`` and its velocity ``-u``. These are the same
@@ -96,19 +96,18 @@ def _installed() -> dict[str, str | None]:
 # --- jaxdiff side -------------------------------------------------------------------------
 
 
-def _field(params):
-    return lambda x, t: mlp_apply(params, x, t)
+def _field(params, target):
+    return jd.Field(mlp_apply, target, params)
 
 
 def jaxdiff_ode(params, x, solver, steps):
     """Flow-matching velocity on the linear path, t = 1 -> 1e-3."""
     return jd.sample(
-        jax.random.key(0),
+        None,
         jd.linear_path(),
-        _field(params),
+        _field(params, "velocity"),
         x_init=x,
-        target="velocity",
-        solver=solver,
+        sampler=jd.samplers.ode(solver),
         steps=steps,
         t_end=T_END,
     ).x
@@ -116,29 +115,30 @@ def jaxdiff_ode(params, x, solver, steps):
 
 def jaxdiff_vp(params, x, key, steps, eta):
     """x0 network on the VP path: reverse SDE (eta = 1, Euler--Maruyama) or PF-ODE (eta = 0)."""
+    sampler = jd.samplers.sde(eta=eta) if eta else jd.samplers.ode()
     return jd.sample(
         key,
         jd.vp_path(BETA_MIN, BETA_MAX),
-        _field(params),
+        _field(params, "x0"),
         x_init=x,
-        target="x0",
-        eta=eta,
+        sampler=sampler,
         steps=steps,
         t_end=T_END,
     ).x
 
 
 def jaxdiff_discrete(params, x, key, steps, eta):
-    """jaxdiff's DDPM (eta = 1: ``ancestral_sample``, posterior variance) / DDIM (eta = 0:
-    ``ddim_sample``) on diffusers' chain: 1000 linear betas 1e-4..0.02 and its default "leading"
-    timesteps; discrete step ``k`` is time ``(k + 1) / 1000`` and the last step ends at ``t = 0``."""
+    """jaxdiff's DDPM (eta = 1: ``samplers.ancestral()``, posterior variance) / DDIM (eta = 0:
+    ``samplers.ddim()``) on diffusers' chain: 1000 linear betas 1e-4..0.02 and its default
+    "leading" timesteps; discrete step ``k`` is time ``(k + 1) / 1000`` and the last step ends at
+    ``t = 0``."""
     path = jd.discrete_path(
         jd.linear_betas(TRAIN_STEPS, BETA_MIN / TRAIN_STEPS, BETA_MAX / TRAIN_STEPS)
     )
     ts = jd.leading_timesteps(TRAIN_STEPS, steps)
-    if eta:
-        return jd.ancestral_sample(key, path, _field(params), target="x0", ts=ts, x_init=x).x
-    return jd.ddim_sample(None, path, _field(params), target="x0", ts=ts, x_init=x).x
+    sampler = jd.samplers.ancestral() if eta else jd.samplers.ddim()
+    return jd.sample(key if eta else None, path, _field(params, "x0"), x_init=x, sampler=sampler,
+                     ts=ts).x  # fmt: skip
 
 
 def compile_aot(fn, *args):

@@ -25,6 +25,7 @@ from benchmarks.common import device_tag, environment
 SECTIONS = [
     "solver_overhead",
     "peers",
+    "schedulers",
     "accuracy",
     "training",
     "likelihood",

@@ -42,10 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def sample_fn(params, x, steps: int = STEPS):
     """The timed program: Euler on the linear path's velocity, t = 1 -> 1e-3."""
-    field = lambda x, t: mlp_apply(params, x, t)  # noqa: E731
-    return jd.sample(
-        jax.random.key(0), jd.linear_path(), field, x_init=x, target="velocity", steps=steps
-    ).x
+    field = jd.Field(mlp_apply, "velocity", params)
+    return jd.sample(None, jd.linear_path(), field, x_init=x, steps=steps).x
 
 
 def time_compiled(

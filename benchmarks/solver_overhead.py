@@ -1,10 +1,15 @@
-"""Solver overhead: ``jaxdiff.sample`` against a hand-written ``lax.scan`` of the same update.
+"""Solver overhead: every fixed-grid sampler of ``jaxdiff.sample`` against a hand-written ``lax.scan``
+of the same update, and the memory of gradients through a sampler.
 
-Both integrate the VP probability-flow ODE (Euler) or reverse SDE (Euler--Maruyama) from ``t = 1``
-to ``1e-3`` with the same MLP (width 256) predicting ``eps``. The scan is what a researcher writes
-by hand: the closed-form VP coefficients, ``x += dt * drift`` (plus ``g sqrt(|dt|) z``). The goal is
-``ratio = jaxdiff / scan <= 1.10``. Peak memory is XLA's temp allocation of the compiled program
-(``memory_analysis``): it must not grow with the number of steps unless a trajectory is saved.
+All integrate the VP path (beta 0.1 to 20) from ``t = 1`` to ``1e-3`` with the same MLP (width
+256) predicting ``eps``. A hand scan is what a researcher writes: the closed-form VP coefficients
+(``alpha``, ``sigma``, ``lambda``) tabulated on the grid before the scan, the update written out
+(``x += dt * drift`` for Euler, ``x = a_s x0 + s_s eps`` for DDIM, ...), one key per step split
+before the scan. The goal is ``ratio = jaxdiff / scan <= 1.10``. Peak memory is XLA's temp
+allocation of the compiled program (``memory_analysis``): it must not grow with the number of steps
+unless a trajectory is saved. The gradient rows differentiate ``mean(x)`` of a 50- and a 500-step
+Euler solve in the MLP's parameters: ``jaxdiff.sample`` checkpoints each step (one state stored
+per step), against the same scan storing every activation (``checkpoint=False``).
 """
 
 from __future__ import annotations
@@ -15,60 +20,89 @@ import jax.numpy as jnp
 import jaxdiff as jd
 from benchmarks.common import interleaved, mlp_apply, mlp_init
 
-TITLE = "Solver overhead: jaxdiff fixed-step sampling vs a hand-written lax.scan"
+TITLE = "Solver overhead: every jaxdiff sampler vs a hand-written lax.scan of its update"
 
 BETA_MIN, BETA_MAX, T_END = 0.1, 20.0, 1e-3
+PATH = jd.vp_path(BETA_MIN, BETA_MAX)
 
 
-def _vp_coefs(t):
-    """Hand-written VP coefficients: beta(t), sigma(t)."""
+def _vp(t):
+    """Hand-written VP coefficients: beta(t), alpha(t), sigma(t)."""
     beta = BETA_MIN + t * (BETA_MAX - BETA_MIN)
     log_alpha = -0.5 * t * BETA_MIN - 0.25 * t**2 * (BETA_MAX - BETA_MIN)
-    return beta, jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
+    return beta, jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2.0 * log_alpha))
 
 
-def scan_sampler(params, x, key, steps: int, sde: bool, g_apart: bool = False):
-    """Euler (ODE) or Euler--Maruyama (SDE) by hand, the MLP predicting eps.
+def _eps(params, x, t):
+    return mlp_apply(params, x, jnp.broadcast_to(t, x.shape[:1]))
 
-    The noise is ``sqrt(beta |dt|) z``; with ``g_apart`` it is ``g(t) (sqrt(|dt|) z)`` with
-    ``g = sqrt(beta)``, the form of any ``dx = f dt + g dw`` solver (the same numbers, but on CPU at
-    batch 1 XLA puts ``g`` in a kernel of its own, which costs about 3 us per step).
-    """
+
+def _hand(kind: str, params, x, key, steps: int):
+    """The hand-written scan of sampler ``kind``."""
     ts = jnp.linspace(1.0, T_END, steps + 1)
-
-    def body(x, inputs):
-        t, t_next, k = inputs
-        dt = t_next - t
-        beta, sigma = _vp_coefs(t)
-        eps = mlp_apply(params, x, t)
-        weight = 1.0 if sde else 0.5  # reverse SDE: f - g^2 s; PF-ODE: f - g^2 s / 2
-        drift = -0.5 * beta * x + weight * beta * eps / sigma
-        x = x + dt * drift
-        if sde and g_apart:
-            x = x + jnp.sqrt(beta) * (jnp.sqrt(-dt) * jax.random.normal(k, x.shape, x.dtype))
-        elif sde:
-            x = x + jnp.sqrt(beta * -dt) * jax.random.normal(k, x.shape, x.dtype)
-        return x, None
-
+    beta, alpha, sigma = _vp(ts)
+    lam = jnp.log(alpha) - jnp.log(sigma)
     keys = jax.random.split(key, steps)
-    return jax.lax.scan(body, x, (ts[:-1], ts[1:], keys))[0]
+    idx = jnp.arange(steps)
+    n = steps
+
+    def body(carry, i):
+        x = carry[0]
+        t, s = ts[i], ts[i + 1]
+        a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
+        eps = _eps(params, x, t)
+        x0 = (x - s_t * eps) / a_t
+        if kind in ("euler", "euler_maruyama"):
+            w = (
+                1.0 if kind == "euler_maruyama" else 0.5
+            )  # reverse SDE: f - g^2 s; PF-ODE: f - g^2 s/2
+            drift = -0.5 * beta[i] * x + w * beta[i] * eps / s_t
+            x = x + (s - t) * drift
+            if kind == "euler_maruyama":
+                x = x + jnp.sqrt(beta[i] * (t - s)) * jax.random.normal(keys[i], x.shape, x.dtype)
+            return (x,), None
+        if kind == "ddim":
+            return (a_s * x0 + s_s * eps,), None
+        if kind == "ancestral":
+            r = -jnp.expm1(2.0 * (lam[i] - lam[i + 1]))  # 1 - SNR_t / SNR_s
+            mean = a_t / a_s * s_s**2 / s_t**2 * x + a_s * r * x0
+            z = jax.random.normal(keys[i], x.shape, x.dtype)
+            return (mean + jnp.sqrt(s_s**2 * r) * z,), None
+        if kind == "dpm_2m":  # DPM-Solver++ 2M, first step first order, lower order at the last
+            m1, h1 = carry[1], carry[2]
+            h = lam[i + 1] - lam[i]
+            phi1 = -jnp.expm1(-h)
+            x1 = s_s / s_t * x + a_s * phi1 * x0
+            second = x1 + 0.5 * a_s * phi1 * (x0 - m1) * (h / h1)
+            x = jnp.where((i > 0) & (i < n - 1), second, x1)
+            return (x, x0, h), None
+        if kind == "edm":  # Heun in (x / alpha, sigma / alpha)
+            x_e = a_s * x0 + s_s * eps
+            eps2 = _eps(params, x_e, s)
+            d_sig = s_s / a_s - s_t / a_t
+            return (a_s / a_t * x + a_s * d_sig * 0.5 * (eps + eps2),), None
+        raise ValueError(kind)
+
+    carry = (x,) if kind != "dpm_2m" else (x, jnp.zeros_like(x), jnp.ones(()))
+    return jax.lax.scan(body, carry, idx)[0][0]
 
 
-def jaxdiff_sampler(params, x, key, steps: int, sde: bool, save: bool = False):
-    field = lambda x, t: mlp_apply(params, x, t)  # noqa: E731
-    ts = jnp.linspace(1.0, T_END, steps + 1) if save else None
-    sol = jd.sample(
-        key,
-        jd.vp_path(BETA_MIN, BETA_MAX),
-        field,
-        target="eps",
-        eta=1.0 if sde else 0.0,
-        x_init=x,
-        steps=steps,
-        t_end=T_END,
-        save_ts=ts,
-    )
-    return sol.x if not save else sol.xs
+SAMPLERS = {  # name -> (hand-scan kind, jaxdiff sampler, grid: uniform from 1 to T_END)
+    "Euler ODE": ("euler", jd.samplers.ode()),
+    "Euler-Maruyama SDE": ("euler_maruyama", jd.samplers.sde()),
+    "DDIM": ("ddim", jd.samplers.ddim()),
+    "DDPM ancestral": ("ancestral", jd.samplers.ancestral()),
+    "DPM-Solver++ 2M": ("dpm_2m", jd.samplers.dpm_solver_pp(2)),
+    "EDM Heun": ("edm", jd.samplers.edm_heun()),
+}
+
+
+def _jaxdiff(sampler, params, x, key, steps: int, save: bool = False):
+    field = jd.Field(mlp_apply, "eps", params)
+    ts = jnp.linspace(1.0, T_END, steps + 1)
+    sol = jd.sample(key, PATH, field, x_init=x, sampler=sampler, ts=ts, denoise=False,
+                    save_ts=ts if save else None)  # fmt: skip
+    return sol.xs if save else sol.x
 
 
 def temp_bytes(fn, *args) -> int:
@@ -79,66 +113,80 @@ def temp_bytes(fn, *args) -> int:
     return int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
 
 
+def _gradient_rows(params, repeats: int, quick: bool) -> list[dict]:
+    """Memory and time of grad(mean(sample)) in the MLP's parameters, checkpointed or not."""
+    rows = []
+    x = jax.random.normal(jax.random.key(1), (256, 2))
+    for steps in (50,) if quick else (50, 500):
+
+        def loss(p, checkpoint, steps=steps):
+            sol = jd.sample(None, PATH, jd.Field(mlp_apply, "eps", p), x_init=x, steps=steps,
+                            t_end=T_END, checkpoint=checkpoint)  # fmt: skip
+            return jnp.mean(sol.x)
+
+        fns = {c: jax.jit(jax.grad(lambda p, c=c: loss(p, c))) for c in (True, False)}
+        mem = {c: temp_bytes(jax.grad(lambda p, c=c: loss(p, c)), params) for c in (True, False)}
+        res = interleaved({str(c): (lambda f=f: f(params)) for c, f in fns.items()}, repeats)
+        for c in (True, False):
+            rows.append({
+                "method": f"grad through Euler, {'checkpointed (default)' if c else 'stored'}",
+                "batch": 256, "steps": steps, "scan_ms": None,
+                "jaxdiff_ms": 1e3 * res[str(c)]["median_s"], "ratio": None,
+                "scan_compile_s": None, "jaxdiff_compile_s": res[str(c)]["compile_s"],
+                "grad_memory_mib": mem[c] / 2**20,
+            })  # fmt: skip
+    return rows
+
+
 def run(quick: bool) -> dict:
     params = mlp_init(jax.random.key(0), dim=2, width=256)
-    batches = [64, 4096] if quick else [1, 64, 4096]
+    batches = [1, 64] if quick else [1, 16, 64, 4096]
     step_counts = [100] if quick else [100, 1000]
     repeats = 5 if quick else 15
     rows = []
-    for sde in (False, True):
+    for name, (kind, sampler) in SAMPLERS.items():
         for batch in batches:
             for steps in step_counts:
+                if quick and batch > 1 and name not in ("Euler ODE", "DDIM"):
+                    continue
                 x = jax.random.normal(jax.random.key(1), (batch, 2))
                 key = jax.random.key(2)
-                scan_fn = jax.jit(lambda p, x, k, s=steps, e=sde: scan_sampler(p, x, k, s, e))
-                jd_fn = jax.jit(lambda p, x, k, s=steps, e=sde: jaxdiff_sampler(p, x, k, s, e))
-                thunks = {
-                    "scan": lambda f=scan_fn, x=x, k=key: f(params, x, k),
-                    "jaxdiff": lambda f=jd_fn, x=x, k=key: f(params, x, k),
-                }
-                if sde and batch == 1:
-                    apart = jax.jit(lambda p, x, k, s=steps: scan_sampler(p, x, k, s, True, True))
-                    thunks["scan_g_apart"] = lambda f=apart, x=x, k=key: f(params, x, k)
+                hand = jax.jit(lambda p, x, k, s=steps, kd=kind: _hand(kd, p, x, k, s))
+                ours = jax.jit(lambda p, x, k, s=steps, sm=sampler: _jaxdiff(sm, p, x, k, s))
                 res = interleaved(
-                    thunks,
+                    {
+                        "scan": lambda f=hand, x=x, k=key: f(params, x, k),
+                        "jaxdiff": lambda f=ours, x=x, k=key: f(params, x, k),
+                    },
                     repeats=repeats if batch < 4096 or steps < 1000 else max(3, repeats // 3),
                 )
-                rows.append(
-                    {
-                        "method": "Euler-Maruyama SDE" if sde else "Euler ODE",
-                        "batch": batch,
-                        "steps": steps,
-                        "scan_ms": 1e3 * res["scan"]["median_s"],
-                        "jaxdiff_ms": 1e3 * res["jaxdiff"]["median_s"],
-                        "ratio": res["jaxdiff"]["median_s"] / res["scan"]["median_s"],
-                        "ratio_to_scan_g_apart": (
-                            res["jaxdiff"]["median_s"] / res["scan_g_apart"]["median_s"]
-                            if "scan_g_apart" in res
-                            else None
-                        ),
-                        "scan_compile_s": res["scan"]["compile_s"],
-                        "jaxdiff_compile_s": res["jaxdiff"]["compile_s"],
-                    }
-                )
+                rows.append({
+                    "method": name, "batch": batch, "steps": steps,
+                    "scan_ms": 1e3 * res["scan"]["median_s"],
+                    "jaxdiff_ms": 1e3 * res["jaxdiff"]["median_s"],
+                    "ratio": res["jaxdiff"]["median_s"] / res["scan"]["median_s"],
+                    "scan_compile_s": res["scan"]["compile_s"],
+                    "jaxdiff_compile_s": res["jaxdiff"]["compile_s"],
+                    "grad_memory_mib": None,
+                })  # fmt: skip
+    rows += _gradient_rows(params, repeats, quick)
     # Peak memory against the number of steps (batch 4096), with and without a trajectory.
     x = jax.random.normal(jax.random.key(1), (4096, 2))
     key = jax.random.key(2)
-    params_mem = params
+    sde = jd.samplers.sde()
     mem = {}
     for steps in (100, 1000):
         mem[steps] = (
-            temp_bytes(lambda p, x, k, s=steps: scan_sampler(p, x, k, s, True), params_mem, x, key),
             temp_bytes(
-                lambda p, x, k, s=steps: jaxdiff_sampler(p, x, k, s, True), params_mem, x, key
+                lambda p, x, k, s=steps: _hand("euler_maruyama", p, x, k, s), params, x, key
             ),
-            temp_bytes(
-                lambda p, x, k, s=steps: jaxdiff_sampler(p, x, k, s, True, True), params_mem, x, key
-            ),
+            temp_bytes(lambda p, x, k, s=steps: _jaxdiff(sde, p, x, k, s), params, x, key),
+            temp_bytes(lambda p, x, k, s=steps: _jaxdiff(sde, p, x, k, s, True), params, x, key),
         )
+    worst = max(r["ratio"] for r in rows if r["ratio"] is not None)
     notes = (
-        "ratio_to_scan_g_apart (SDE, batch 1): against a hand scan that computes g(t) and "
-        "sqrt(|dt|) z apart, as a solver of dx = f dt + g dw does, rather than sqrt(beta |dt|) z. "
-        "Peak memory beyond the inputs (XLA memory_analysis: temporaries + outputs; batch 4096, SDE): "
+        f"Largest ratio {worst:.3f}. Peak memory beyond the inputs (XLA memory_analysis: "
+        "temporaries + outputs; batch 4096, Euler-Maruyama): "
         + "; ".join(
             f"{s} steps: scan {m[0] / 2**20:.2f} MiB, jaxdiff {m[1] / 2**20:.2f} MiB, "
             f"jaxdiff saving every step {m[2] / 2**20:.2f} MiB"

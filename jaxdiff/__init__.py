@@ -85,6 +85,7 @@ from jaxdiff.paths import (
     ve_path,
     vp_path,
 )
+from jaxdiff.precond import EDMScalings, edm_noise, edm_precond, edm_scalings
 from jaxdiff.reflow import reflow_pairs
 from jaxdiff.sample import inpaint, sample
 from jaxdiff.samplers import Sampler
@@ -107,10 +108,22 @@ from jaxdiff.sde import (
 )
 from jaxdiff.sources import Source, dataset_source, standard_normal
 from jaxdiff.straightness import Straightness, straightness
+from jaxdiff.weightings import (
+    Weight,
+    edm_time,
+    edm_weight,
+    elbo_weight,
+    log_snr_weight,
+    log_snr_weighting,
+    min_snr_weight,
+    sigmoid_weight,
+    v_weight,
+    weight_as,
+)
 
 __version__ = "0.1.0"
 
-_LAZY = ("nets", "train", "checkpoint", "digits", "experiment", "runs")
+_LAZY = ("nets", "train", "checkpoint", "digits", "experiment", "runs", "loader")
 
 
 def __getattr__(name):
@@ -224,4 +237,18 @@ __all__ = [
     "interpolant_loss",
     "Straightness",
     "straightness",
+    "EDMScalings",
+    "edm_noise",
+    "edm_precond",
+    "edm_scalings",
+    "Weight",
+    "weight_as",
+    "edm_weight",
+    "edm_time",
+    "elbo_weight",
+    "log_snr_weight",
+    "log_snr_weighting",
+    "min_snr_weight",
+    "sigmoid_weight",
+    "v_weight",
 ]

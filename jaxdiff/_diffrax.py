@@ -23,14 +23,17 @@ Array = jax.Array
 
 def terms(drift: Callable, diffusion: Callable | None, sign: Any, bm: Any) -> diffrax.AbstractTerm:
     """``dy = drift(y, t) dt + diffusion(y, t) dW`` in ``tau = sign * t`` (diagonal noise)."""
-    ode = diffrax.ODETerm(
-        lambda tau, y, args: jax.tree.map(lambda v: sign * v, drift(y, sign * tau))
+    ode = diffrax.ODETerm(  # the state's dtype (a half-precision state stays so in RK stages)
+        lambda tau, y, args: jax.tree.map(
+            lambda v, y0: (sign * v).astype(jnp.result_type(y0)), drift(y, sign * tau), y
+        )
     )
     if diffusion is None:
         return ode
 
     def noise(tau, y, args):
-        return lx.DiagonalLinearOperator(jnp.broadcast_to(diffusion(y, sign * tau), y.shape))
+        g = jnp.broadcast_to(diffusion(y, sign * tau), y.shape).astype(y.dtype)
+        return lx.DiagonalLinearOperator(g)
 
     return diffrax.MultiTerm(ode, diffrax.ControlTerm(noise, bm))
 

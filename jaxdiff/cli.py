@@ -4,6 +4,7 @@
     python -m jaxdiff train --data checkerboard --path fm --steps 4000 --out runs/cb
     python -m jaxdiff train --out runs/cb --resume           # continue from the latest checkpoint
     python -m jaxdiff train --source moons --data 8gaussians --coupling ot --out runs/m2g
+    python -m jaxdiff train --images folder:cifar10/train --conditional --out runs/cifar
     python -m jaxdiff sample --ckpt runs/cb --solver heun --steps 20 --n 10000
     python -m jaxdiff train --loss meanflow --data checkerboard --out runs/mf   # one-step model
     python -m jaxdiff sample --ckpt runs/mf --steps 1                  # its own sampler, 1 step
@@ -90,6 +91,14 @@ def _parser() -> _Parser:
     train.add_argument("--channels", type=_positive_int, nargs="+", help="U-Net widths")
     train.add_argument("--conditional", action="store_true", default=None, help="class labels")
     train.add_argument("--label-dropout", type=float, dest="label_dropout")
+    train.add_argument(
+        "--precond", choices=E.PRECONDS, help="edm: EDM's preconditioning (target x0)"
+    )
+    train.add_argument("--sigma-data", type=float, dest="sigma_data", help="for edm (default 0.5)")
+    train.add_argument("--dropout", type=float, help="U-Net dropout while training (default 0)")
+    train.add_argument(
+        "--dtype", choices=(*E.DTYPES, "bf16"), help="bfloat16 (bf16): mixed precision"
+    )
     train.add_argument("--steps", type=_positive_int)
     train.add_argument("--batch", type=_positive_int)
     train.add_argument("--lr", type=float)
@@ -107,6 +116,15 @@ def _parser() -> _Parser:
     )
     train.add_argument(
         "--ot-reg", type=float, dest="ot_reg", help="sinkhorn: reg as a fraction of the mean cost"
+    )
+    train.add_argument(
+        "--images",
+        metavar="SPEC",
+        help="your images instead of --data: folder:PATH (class subfolders = labels), "
+        "folder-memory:PATH (decoded once into memory) or npz:PATH (arrays images, labels)",
+    )
+    train.add_argument(
+        "--no-flip", dest="flip", action="store_false", default=None, help="no random flips"
     )
     train.add_argument("--out", required=True, help="run folder")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -134,8 +152,10 @@ def _parser() -> _Parser:
 
 TRAIN_KEYS = (
     "data path loss target weighting time model width depth channels conditional label_dropout "
-    "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg"
+    "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg precond "
+    "sigma_data dropout dtype"
 ).split()
+TRAIN_KEYS += ["images", "flip"]  # image data of your own (jaxdiff.run_images)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -145,6 +165,8 @@ def _run(args: argparse.Namespace) -> int:
         return runs.demo_run(args.out, steps=args.steps, progress=not args.no_progress)
     if args.command == "train":
         config = {k: getattr(args, k) for k in TRAIN_KEYS if getattr(args, k) is not None}
+        if config.get("dtype") == "bf16":
+            config["dtype"] = "bfloat16"
         runs.train_run(
             config, args.out, resume=args.resume, until=args.until, progress=not args.no_progress
         )

@@ -1,8 +1,12 @@
-"""Data without downloads: 2-D toy sets generated in JAX, Gaussian mixtures, and 8x8 digits.
+"""Data without downloads: 2-D toy sets generated in JAX, Gaussian mixtures, 8x8 digits, and
+``uint8`` images for the image loader (procedural shapes, the digits upsampled).
 
 Every toy set is a function ``(key, n) -> (n, 2)`` drawing fresh samples (an infinite training
 set), scaled to roughly ``[-2.5, 2.5]``. ``load_digits`` reads scikit-learn's bundled 8x8 digits
 (1,797 images, 10 classes; the ``data`` extra) scaled to ``[-1, 1]``, as ``(n, 8, 8, 1)`` images.
+``shapes`` draws labelled RGB images of disks, squares and triangles and ``digits_images`` gives
+the digits as ``uint8`` images of any size: data for :mod:`jaxdiff.loader` (its tests, the
+benchmarks, and a stand-in for CIFAR-10 where nothing can be downloaded).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ __all__ = [
     "rings",
     "TOY_DATASETS",
     "load_digits",
+    "shapes",
+    "digits_images",
 ]
 
 
@@ -118,3 +124,46 @@ def load_digits(split: str = "train", *, test_size: int = 297) -> tuple[np.ndarr
     elif split == "test":
         order = order[:test_size]
     return images[order], labels[order]
+
+
+def shapes(
+    n: int, size: int = 32, *, seed: int = 0, noise: float = 8.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` RGB images ``uint8 (n, size, size, 3)`` of one shape each, and its class ``(n,)``:
+    0 disk, 1 square, 2 triangle (pointing up), with random centre, size and colours, plus
+    Gaussian pixel noise of std ``noise`` (8 makes PNGs of ~2.3 KB at 32x32, CIFAR-10's size).
+    Not mirror-symmetric in general (the centre is off the middle), so horizontal flips show.
+
+    >>> x, y = shapes(4, 16)
+    >>> x.shape, x.dtype, y.tolist()
+    ((4, 16, 16, 3), dtype('uint8'), [2, 1, 1, 0])
+    """
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    cx, cy = (rng.uniform(0.3, 0.7, (2, n, 1, 1)) * size).astype(np.float32)
+    r = (rng.uniform(0.15, 0.3, (n, 1, 1)) * size).astype(np.float32)
+    dx, dy = xx - cx, yy - cy
+    disk = dx**2 + dy**2 <= r**2
+    square = (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
+    triangle = (dy <= 0.7 * r) & (dy >= -r) & (np.abs(dx) <= 0.6 * (dy + r))
+    cls = labels[:, None, None]
+    mask = np.where(cls == 0, disk, np.where(cls == 1, square, triangle))
+    background = rng.integers(0, 100, (n, 1, 1, 3))
+    foreground = rng.integers(120, 256, (n, 1, 1, 3))
+    img = np.where(mask[..., None], foreground, background).astype(np.float32)
+    if noise:
+        img = img + rng.normal(0.0, noise, img.shape).astype(np.float32)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), labels.astype(np.int32)
+
+
+def digits_images(
+    split: str = "train", size: int = 32, channels: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """The digits of :func:`load_digits` as ``uint8`` images ``(n, size, size, channels)``
+    (pixels ``0..16`` to ``0..255``, bilinear upsampling; ``channels = 3`` repeats the gray) and
+    their labels."""
+    images, labels = load_digits(split)
+    x = jax.image.resize(jnp.asarray(images), (images.shape[0], size, size, 1), "linear")
+    x = np.clip(np.rint((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.repeat(x, channels, axis=-1), labels

@@ -78,8 +78,7 @@ def ddim_invert(
     field = as_field(field)
     if ts is None:
         steps = 50 if steps is None else steps
-        check_time(t_start, "t_start")
-        check_time(t_end, "t_end")
+        t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")
         ts = jnp.linspace(jnp.asarray(t_start, float), jnp.asarray(t_end, float), int(steps) + 1)
     elif steps is not None:
         raise ValueError("give either ts or steps, not both")

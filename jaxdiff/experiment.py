@@ -12,6 +12,10 @@ Few-step losses (``FEWSTEP_LOSSES``): ``meanflow`` (Geng et al. 2025: the averag
 two-time MLP, sampled by ``jd.samplers.meanflow()``) and ``consistency`` (consistency training,
 Song et al. 2023: the network inside ``consistency_function``, target ``x0``, sampled by
 ``jd.samplers.consistency()``), both on the ``fm`` or ``cosine`` path from Gaussian noise.
+The image recipe: ``precond`` ``edm`` wraps the network in EDM's preconditioning (target ``x0``,
+``sigma_data``), weightings ``edm``, ``min-snr``, ``sigmoid``, ``v``, ``elbo`` (each converted to the
+loss's error, :mod:`jaxdiff.weightings`), time ``edm`` (log-normal noise levels), ``dropout`` for
+the U-Net (a fresh key per step) and ``dtype`` ``bfloat16`` (mixed precision).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from jaxdiff import couplings as CP
 from jaxdiff import losses as L
+from jaxdiff import weightings as W
 from jaxdiff.data import TOY_DATASETS, load_digits
 from jaxdiff.field import Field
 from jaxdiff.metrics import energy_distance, mmd
@@ -44,8 +49,19 @@ PATHS = {
 }
 FEWSTEP_LOSSES = ("meanflow", "consistency")
 LOSSES = ("fm", "eps", "x0", "v", "dsm", *FEWSTEP_LOSSES)
-WEIGHTINGS = {"unit": L.unit_weight, "sigma2": L.sigma_sq_weight, "likelihood": L.likelihood_weight}
-TIMES = ("uniform", "logit-normal", "importance")
+WEIGHTINGS = {
+    "unit": L.unit_weight,
+    "sigma2": L.sigma_sq_weight,
+    "likelihood": L.likelihood_weight,
+    "edm": W.edm_weight,  # factories of the image recipe: built with the config's parameters
+    "min-snr": W.min_snr_weight,
+    "sigmoid": W.sigmoid_weight,
+    "v": W.v_weight,
+    "elbo": W.elbo_weight,
+}
+TIMES = ("uniform", "logit-normal", "importance", "edm")
+PRECONDS = ("none", "edm")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATASETS = (*TOY_DATASETS, "digits")
 SOURCES = ("gaussian", *TOY_DATASETS)
 COUPLINGS = ("independent", "ot", "sinkhorn", "ot-class", "sinkhorn-class")
@@ -80,6 +96,10 @@ DEFAULTS: dict[str, Any] = {
     "source": "gaussian",  # what t = 1 holds: N(0, I) or a 2-D toy set
     "coupling": "independent",
     "ot_reg": 0.05,  # sinkhorn couplings: entropic reg as a fraction of the batch's mean cost
+    "precond": "none",  # edm: EDM's c_skip, c_out, c_in, c_noise around the network
+    "sigma_data": 0.5,  # the data's standard deviation for precond and weighting edm
+    "dropout": 0.0,  # U-Net dropout while training
+    "dtype": "float32",  # bfloat16: mixed precision (float32 params, optimizer and loss)
 }
 
 
@@ -91,11 +111,19 @@ def resolve(config: dict) -> dict:
     c = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
     _choice(c, "data", DATASETS)
     _choice(c, "path", tuple(PATHS))
-    c["loss"] = c["loss"] or ("fm" if c["path"] == "fm" else "eps")
+    _choice(c, "precond", PRECONDS)
+    edm = c["precond"] == "edm"
+    c["loss"] = c["loss"] or ("x0" if edm else "fm" if c["path"] == "fm" else "eps")
     _choice(c, "loss", LOSSES)
     default_target = {"fm": "velocity", "dsm": "score", **FEWSTEP_TARGETS}.get(c["loss"], c["loss"])
-    c["target"] = c["target"] or default_target
+    c["target"] = c["target"] or ("x0" if edm else default_target)
     _choice(c, "target", ("eps", "x0", "v", "velocity", "score"))
+    if edm and c["target"] != "x0":
+        raise ValueError(
+            f"precond edm predicts x0 (c_skip x + c_out F); got target {c['target']!r}"
+        )
+    _choice(c, "dtype", tuple(DTYPES))
+    _check_recipe(c)
     _choice(c, "weighting", tuple(WEIGHTINGS))
     _choice(c, "time", TIMES)
     few = c["loss"] in FEWSTEP_LOSSES
@@ -103,6 +131,8 @@ def resolve(config: dict) -> dict:
     if few and config.get("eval_steps") is None:
         c["eval_steps"] = 1
     _choice(c, "model", ("mlp", "unet"))
+    if c["dropout"] and c["model"] != "unet":
+        raise ValueError(f"dropout {c['dropout']} needs model unet (the MLP has no dropout)")
     if c["model"] == "unet" and c["data"] != "digits":
         raise ValueError("model 'unet' needs image data (data 'digits')")
     if c["conditional"] and c["data"] != "digits":
@@ -166,6 +196,11 @@ def _check_fewstep(c: dict) -> None:
         raise ValueError(f"loss {loss} draws its times {' or '.join(allowed)}; got {c['time']!r}")
     if c["weighting"] != "unit":
         raise ValueError(f"loss {loss} has its own weighting; --weighting is for diffusion losses")
+    if c["precond"] != "none" or c["dtype"] != "float32":
+        raise ValueError(
+            f"loss {loss} trains a float32 network without preconditioning; --precond and --dtype "
+            "are for diffusion losses"
+        )
 
 
 def network_fn(c: dict, model: Any):
@@ -186,6 +221,35 @@ def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an integer in [0, 2**32); got {seed!r}")
     return seed
+
+
+def _check_recipe(c: dict) -> None:
+    for name in ("sigma_data", "dropout"):
+        if isinstance(c[name], bool) or not isinstance(c[name], int | float):
+            raise ValueError(f"{name} must be a number; got {c[name]!r}")
+    if not (math.isfinite(c["sigma_data"]) and c["sigma_data"] > 0):
+        raise ValueError(f"sigma_data must be a positive number; got {c['sigma_data']}")
+    if not 0.0 <= c["dropout"] < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1); got {c['dropout']}")
+
+
+def make_weighting(c: dict):
+    """The loss weighting of a resolved config."""
+    name = c["weighting"]
+    if name == "edm":
+        return W.edm_weight(float(c["sigma_data"]))
+    if name in ("min-snr", "sigmoid", "v", "elbo"):
+        return WEIGHTINGS[name]()
+    return WEIGHTINGS[name]
+
+
+def make_field(c: dict, model, path: GaussianPath) -> Field:
+    """The network of a config bound to its target (``precond edm``: EDM's wrapper, target x0)."""
+    if c["precond"] == "edm":
+        from jaxdiff.precond import edm_precond
+
+        return edm_precond(model.apply, path, sigma_data=float(c["sigma_data"]))
+    return Field(model.apply, c["target"])
 
 
 def _check_source_coupling(c: dict) -> None:
@@ -247,6 +311,7 @@ class Setup(NamedTuple):
     example: Array
     num_classes: int | None
     source: Any = None  # draws x1 at t = 1 (None: N(0, I)); samplers start from it
+    field: Any = None  # the unbound Field of the model (precond applied); bind(params) to sample
 
 
 def build(c: dict) -> Setup:
@@ -256,14 +321,20 @@ def build(c: dict) -> Setup:
     path = PATHS[c["path"]]()
     source = None if c["source"] == "gaussian" else dataset_source(TOY_DATASETS[c["source"]])
     num_classes = 10 if c["conditional"] else None
+    dtype = DTYPES[c["dtype"]]
     if c["loss"] == "meanflow":
         from jaxdiff.nets import TwoTimeMLP
 
         model = TwoTimeMLP(width=c["width"], depth=c["depth"], num_classes=num_classes)
     elif c["model"] == "mlp":
-        model = MLP(width=c["width"], depth=c["depth"], num_classes=num_classes)
+        model = MLP(width=c["width"], depth=c["depth"], num_classes=num_classes, dtype=dtype)
     else:
-        model = UNet(channels=tuple(c["channels"]), num_classes=num_classes)
+        model = UNet(
+            channels=tuple(c["channels"]),
+            num_classes=num_classes,
+            dropout=float(c["dropout"]),
+            dtype=dtype,
+        )
     batch = int(c["batch"])
     if c["data"] == "digits":
         images, labels = (jnp.asarray(a) for a in load_digits("train"))
@@ -282,31 +353,33 @@ def build(c: dict) -> Setup:
         example = jnp.zeros((1, 2))
     t_min = 0.0 if c["path"] == "fm" and c["target"] in ("velocity", "x0", "v") else 1e-3
     t_max = 1.0 - 1e-3 if c["path"] in ("fm", "cosine") and c["target"] in ("eps", "score") else 1.0
+    regress = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
+    weighting = make_weighting(c)
     if c["time"] == "uniform":
         sampler = L.uniform_time(t_min, t_max)
     elif c["time"] == "logit-normal":
         sampler = L.logit_normal_time(t_min=t_min, t_max=t_max)
+    elif c["time"] == "edm":
+        sampler = W.edm_time(path, t_min=max(t_min, 1e-3), t_max=t_max)
     else:
-        regress = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
-        sampler = L.importance_time(
-            path, WEIGHTINGS[c["weighting"]], max(t_min, 1e-3), t_max, regress=regress
-        )
-    regress = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
+        sampler = L.importance_time(path, weighting, max(t_min, 1e-3), t_max, regress=regress)
     if c["loss"] in FEWSTEP_LOSSES:
         loss = _fewstep_loss(c, model, path)
         return Setup(model, path, loss, sample_batch, example, num_classes, source)
+    field = make_field(c, model, path)
     loss = L.diffusion_loss(
-        Field(model.apply, c["target"]),
+        field,
         path,
         regress=regress,
-        weighting=WEIGHTINGS[c["weighting"]],
+        weighting=weighting,
+        rngs=("dropout",) if c["dropout"] else (),
         time_sampler=sampler,
         label_dropout=c["label_dropout"] if num_classes else 0.0,
         null_label=num_classes,
         source=source,
         coupling=make_coupling(c),
     )
-    return Setup(model, path, loss, sample_batch, example, num_classes, source)
+    return Setup(model, path, loss, sample_batch, example, num_classes, source, field)
 
 
 def _fewstep_loss(c: dict, model: Any, path: GaussianPath):

@@ -12,8 +12,14 @@ for ``D`` numbers per sample: low dimension) or Hutchinson's unbiased estimate
 solve (Grathwohl et al. 2019). The result is differentiable in ``x`` and in anything ``field``
 closes over (reverse mode through diffrax's ``RecursiveCheckpointAdjoint``), jit-able and batched.
 
-``t0 = t_start`` (default ``1e-5``) rather than 0, where ``sigma_0 = 0`` makes the ODE singular:
-the result is the density of ``x_{t0}``, i.e. of the data blurred by ``sigma_{t0}``.
+A half-precision ``x`` is integrated in float32 (``logp`` is float32).
+
+``t0 = t_start`` (default ``1e-3``) rather than 0, where ``sigma_0 = 0`` makes the ODE singular:
+the result is the density of ``x_{t0}``, i.e. of the data blurred by ``sigma_{t0}``. The default is
+the training minimum of :func:`jaxdiff.uniform_time` and the samplers' ``t_end``: below the times a
+network was trained on its field is an extrapolation whose divergence is unbounded, and a few
+outliers then dominate the mean (an MLP on the digits: 9.4 bits/dim from ``1e-3``, 82 from
+``1e-5``). For a network trained from ``t_min``, pass ``t_start = t_min``.
 
 **Discrete data.** For integers in ``{0, ..., K-1}`` scaled to ``[lo, hi]``, :func:`dequantize`
 adds uniform noise and returns the log-volume of a bin, ``D log((hi - lo) / K)``; then
@@ -33,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_finite, check_order, check_time
+from jaxdiff._checks import check_finite, check_order, check_time, data_dtype, wide_dtype
 from jaxdiff.field import Field, as_field
 from jaxdiff.integrate import integrate
 from jaxdiff.paths import GaussianPath
@@ -89,7 +95,7 @@ def log_likelihood(
     key: Array | None = None,
     num_probes: int | None = None,
     probe: Callable = jax.random.normal,
-    t_start: ArrayLike = 1e-5,
+    t_start: ArrayLike = 1e-3,
     t_end: ArrayLike = 1.0,
     solver: diffrax.AbstractSolver | None = None,
     rtol: float = 1e-5,
@@ -111,17 +117,17 @@ def log_likelihood(
     >>> path = jd.linear_path()
     >>> x = data.sample(jax.random.key(0), 4)
     >>> out = log_likelihood(path, data.field(path, "velocity"), x)
-    >>> exact = data.marginal_log_prob(path, x, 1e-5)
+    >>> exact = data.marginal_log_prob(path, x, 1e-3)
     >>> bool(jnp.max(jnp.abs(out.logp - exact)) < 1e-2)
     True
     """
     field = as_field(field)
     x = check_finite(jnp.asarray(x), "x")
+    x = x.astype(wide_dtype(data_dtype(x)))  # densities in float32 or wider, whatever x's dtype
     if x.ndim < 2:
         raise ValueError(f"x must be (batch, *event); got shape {x.shape}")
-    check_time(t_start, "t_start")
-    check_time(t_end, "t_end")
-    check_order(t_start, t_end, "t_start", "t_end")
+    t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")
+    t_start, t_end = check_order(t_start, t_end, "t_start", "t_end")  # checked under jit too
     probes = None
     if num_probes is not None:
         if key is None:

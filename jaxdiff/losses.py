@@ -50,6 +50,7 @@ from jaxdiff.sources import (
     is_gaussian,
     unpack_batch,
 )
+from jaxdiff.weightings import weight_as
 
 Array = jax.Array
 Weighting = Callable[[GaussianPath, Array], Array]
@@ -100,6 +101,10 @@ class _Uniform(eqx.Module):
     def __call__(self, key: Array, shape: tuple[int, ...]) -> Array:
         return jax.random.uniform(key, shape, minval=self.t_min, maxval=self.t_max)
 
+    def pdf(self, t: Array) -> Array:
+        inside = (t >= self.t_min) & (t <= self.t_max)
+        return jnp.where(inside, 1.0 / (self.t_max - self.t_min), 0.0)
+
 
 class _LogitNormal(eqx.Module):
     mean: float
@@ -110,6 +115,12 @@ class _LogitNormal(eqx.Module):
     def __call__(self, key: Array, shape: tuple[int, ...]) -> Array:
         u = jax.nn.sigmoid(self.mean + self.std * jax.random.normal(key, shape))
         return self.t_min + (self.t_max - self.t_min) * u
+
+    def pdf(self, t: Array) -> Array:
+        width = self.t_max - self.t_min
+        u = (t - self.t_min) / width
+        z = (jnp.log(u) - jnp.log1p(-u) - self.mean) / self.std
+        return jnp.exp(-0.5 * z * z) / (self.std * jnp.sqrt(2 * jnp.pi) * u * (1 - u) * width)
 
 
 def uniform_time(t_min: float = 1e-3, t_max: float = 1.0) -> TimeSampler:
@@ -178,7 +189,7 @@ def importance_time(
         path, x, grid, 0.0 * one, src="eps", dst=regress
     )  # d(regress)/d(eps) at fixed x_t: 1/sigma for the score, sigma/alpha for x0
     scale = gain[:, 0] ** 2
-    dens = weighting(path, grid) * scale
+    dens = weight_as(weighting, path, grid, regress) * scale
     dens = jnp.where(jnp.isfinite(dens), dens, 0.0)
     cum = jnp.concatenate([jnp.zeros(1), jnp.cumsum(0.5 * (dens[1:] + dens[:-1]) * jnp.diff(grid))])
     total = cum[-1]
@@ -212,7 +223,7 @@ def per_example_loss(
     value = convert(path, x_t, t, pred, src=target, dst=regress)
     y = from_x0_eps(path, x_t, t, x0, eps, regress)
     err = jnp.mean(jnp.square(value - y).reshape(x0.shape[0], -1), axis=1)
-    return weighting(path, t) * err
+    return weight_as(weighting, path, t, regress) * err
 
 
 def diffusion_loss(
@@ -226,6 +237,7 @@ def diffusion_loss(
     null_label: int | None = None,
     source: Any = None,
     coupling: Any = None,
+    rngs: str | tuple[str, ...] = (),
 ) -> Callable[[Any, Array, Any], Array]:
     """The loss ``(params, key, batch) -> scalar`` of the network ``net`` on ``path``.
 
@@ -236,6 +248,9 @@ def diffusion_loss(
     each by ``null_label`` with that probability, which trains the unconditional model of
     classifier-free guidance. ``source`` draws ``x1`` (default ``N(0, I)``; a non-Gaussian one
     needs a path with ``alpha_1 = 0``, ``sigma_1 = 1``) and ``coupling`` pairs it with ``x0``.
+    ``rngs`` names random streams of a Flax network (``"dropout"``): the network is then called
+    with ``rngs={name: key}``, one fresh key per stream and step folded off the loss's ``key``
+    (Flax linen's ``apply`` convention; any ``fn`` taking that keyword works).
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> loss = diffusion_loss(jd.Field(lambda p, x, t: p * x, "eps"), jd.vp_path())
@@ -256,8 +271,15 @@ def diffusion_loss(
     if not is_gaussian(source):
         check_source_path(path)
     plain = source is None and coupling is None
+    rngs = (rngs,) if isinstance(rngs, str) else tuple(rngs)
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
+        extra = {}
+        if rngs:  # keys for the network's own randomness, without changing the draws below
+            extra["rngs"] = {
+                name: jax.random.fold_in(jax.random.fold_in(key, 0x5EED), i)
+                for i, name in enumerate(rngs)
+            }
         t_key, eps_key, drop_key = jax.random.split(key, 3)
         given_x1 = isinstance(batch, dict) and batch.get("x1") is not None
         if given_x1:  # source points from the batch: a non-Gaussian source
@@ -272,12 +294,12 @@ def diffusion_loss(
         t = coef_time(time_sampler(t_key, (n,)))  # times in float32 or wider, whatever x0's dtype
         x_t = path.interpolate(x0, eps, t)
         if labels is None:
-            pred = net.apply(params, x_t, t)
+            pred = net.apply(params, x_t, t, **extra)
         else:
             if label_dropout > 0:
                 drop = jax.random.bernoulli(drop_key, label_dropout, labels.shape)
                 labels = jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
-            pred = net.apply(params, x_t, t, labels)
+            pred = net.apply(params, x_t, t, labels, **extra)
         losses = per_example_loss(
             pred, path, x0, eps, t, target=target, regress=regress, weighting=weighting
         )

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import experiment as E
+from jaxdiff import run_images as IR
 from jaxdiff import rundir as R
 from jaxdiff.runs import evaluate, make_sampler
 
@@ -40,7 +41,7 @@ def train_run(
     if resume and not R.has_steps(Path(out) / "ckpt"):
         raise FileNotFoundError(f"no checkpoint to resume from in {Path(out) / 'ckpt'}")
     if not resume:
-        E.resolve(config)  # bad values fail before the folder is made
+        IR.resolve(config)  # bad values fail before the folder is made
     out = R.prepare(out)
     with R.RunLock(out):
         return _train(config, out, resume=resume, until=until, progress=progress, log=log)
@@ -52,7 +53,7 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
 
     ckpt_dir = out / "ckpt"
     if not resume:
-        c = E.resolve(config)
+        c = IR.resolve(config)
         if R.has_steps(ckpt_dir):
             raise ValueError(
                 f"{ckpt_dir} already holds checkpoints; pass --resume to continue or use another --out"
@@ -65,15 +66,16 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
     elif not R.has_steps(ckpt_dir):
         raise FileNotFoundError(f"no checkpoint to resume from in {ckpt_dir}")
     ckpt = Checkpointer(ckpt_dir, max_to_keep=2)
+    feed, data, saved_meta = None, None, {}
     try:
         if resume:
             c, changes = R.resume_config(ckpt.meta()["config"], config)
-        setup = E.build(c)
+        setup = IR.build(c)
         state, opt = E.init_state(c, setup)
         history = R.History()
         total = int(c["steps"])
         if resume:
-            state, _ = ckpt.restore(state)
+            state, saved_meta = ckpt.restore(state)
             ckpt.set_aside_damaged()  # moved to ckpt/damaged/, so new saves can take their steps
             first = int(state.step)
             _log_resume(c, changes, first, ckpt_dir, log)
@@ -94,6 +96,10 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
 
         def make_chunk(k):
             return make_train_chunk(step_fn, setup.sample_batch, k, mesh=mesh)
+
+        if IR.is_images(c):  # host data: a loader at the run's step, fed by a thread
+            loaded = saved_meta.get("loader") if resume else None
+            make_chunk, feed, data = IR.make_chunks(c, step_fn, mesh, first, loaded)
 
         end = total if until is None else min(int(until), total)
         periods = [int(c[k]) for k in ("ckpt_every", "eval_every") if int(c[k]) > 0]
@@ -120,7 +126,7 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
                 history.evaluations.append({"step": step, **res["metrics"]})
             if c["ckpt_every"] and (step % c["ckpt_every"] == 0 or step == end):
                 record(step)
-                ckpt.save(s, meta)
+                ckpt.save(s, _with_loader(meta, data, step))
 
         log(
             f"training {c['model']} on {c['data']}: {c['path']} path, {c['loss']} loss, "
@@ -138,8 +144,10 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
         )
         summary = record(int(state.step))
         if int(state.step) not in ckpt.steps():
-            ckpt.save(state, meta)
+            ckpt.save(state, _with_loader(meta, data, int(state.step)))
     finally:
+        if feed is not None:
+            feed.close()
         ckpt.close()
     log(
         f"step {int(state.step)}: loss {history.losses[-1]:.4f}, "
@@ -149,6 +157,11 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
         summary = _final_evaluation(c, setup, state, history, out, summary, log)
     summary["state"] = state
     return summary
+
+
+def _with_loader(meta: dict, data, step: int) -> dict:
+    """The checkpoint's metadata, with the image loader's state at ``step`` for image runs."""
+    return meta if data is None else {**meta, "loader": data.state(step)}
 
 
 def _log_resume(c, changes, step, ckpt_dir, log) -> None:

@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from jaxdiff import experiment as E
+from jaxdiff import run_images as IR
 
 try:
     import fcntl
@@ -176,7 +176,7 @@ class History:
 
 # What a resumed run may change: when and how much to train, evaluate and checkpoint. Everything
 # else (data, path, loss, model, batch, optimizer, EMA, seed) is fixed by the checkpoint.
-RESUME_MAY_CHANGE = ("steps", "chunk", "eval_every", "ckpt_every", "eval_n", "eval_steps")
+RESUME_MAY_CHANGE = ("steps", "chunk", "eval_every", "ckpt_every", "eval_n", "eval_steps", "images")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -198,22 +198,22 @@ def resume_config(saved: dict, given: dict) -> tuple[dict, dict]:
     ``steps`` is the total of the learning-rate schedule: more steps continue on the schedule of
     a run of the new total (warmup + cosine over ``steps``), so after a finished run the rate
     rises again from its end value and decays to it at the new total (a warm restart)."""
-    saved = E.resolve(saved)
-    given = {k: v for k, v in given.items() if v is not None}
-    unknown = set(given) - set(E.DEFAULTS)
+    saved = IR.resolve(saved)
+    given = IR.normalize({k: v for k, v in given.items() if v is not None})
+    unknown = set(given) - set(IR.KEYS)
     if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(E.DEFAULTS)}")
-    fixed = [k for k in given if k not in RESUME_MAY_CHANGE and not _same(given[k], saved[k])]
+        raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(IR.KEYS)}")
+    fixed = [k for k in given if k not in RESUME_MAY_CHANGE and not _same(given[k], saved.get(k))]
     if fixed:
-        listing = ", ".join(f"{_flag(k)} {given[k]} (the run has {saved[k]})" for k in fixed)
+        listing = ", ".join(f"{_flag(k)} {given[k]} (the run has {saved.get(k)})" for k in fixed)
         may = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE if k != "eval_steps")
         raise ValueError(
             f"--resume continues the saved run, whose other options are fixed: {listing}; "
             f"only {may} may change (start a new run in another --out to change the rest)"
         )
     changes = {
-        k: (saved[k], given[k])
+        k: (saved.get(k), given[k])
         for k in RESUME_MAY_CHANGE
-        if k in given and not _same(given[k], saved[k])
+        if k in given and not _same(given[k], saved.get(k))
     }
-    return E.resolve({**saved, **{k: new for k, (_, new) in changes.items()}}), changes
+    return IR.resolve({**saved, **{k: new for k, (_, new) in changes.items()}}), changes

@@ -75,13 +75,15 @@ def make_sampler(
     else:
         sampler = samplers.ode(SOLVERS[solver]())
 
+    net = Field(apply, c["target"]) if setup.field is None else setup.field
+
     @jax.jit
     def draw(params, key, labels):
         if setup.num_classes:
-            conditional = Field(apply, c["target"], params)
+            conditional = net.bind(params)
             field = classifier_free_guidance(conditional, labels, setup.num_classes, guidance)
         else:
-            field = Field(apply, c["target"], params)
+            field = net.bind(params)
         shape_n = (labels.shape[0], *shape)
         x_init = None if setup.source is None else setup.source(jax.random.fold_in(key, 1), shape_n)
         sol = sample(
@@ -179,6 +181,10 @@ def _quiet_callback_errors():
 
 def _measure(c, setup, x, labels, n) -> tuple[dict, np.ndarray]:
     """Metrics of samples ``x`` against held-out data (and, for 2-D data, the two-true-sets floor)."""
+    from jaxdiff import run_images as IR
+
+    if IR.is_images(c):
+        return IR.measure(c, x)
     if c["data"] == "digits":
         metrics = E.digits_metrics(x, labels if setup.num_classes else None)
         return metrics, E.reference_data(c, n)[0]
@@ -188,14 +194,17 @@ def _measure(c, setup, x, labels, n) -> tuple[dict, np.ndarray]:
 
 def evaluate(c, setup, draw, params, key, n, *, log=print, plot: Path | None = None) -> dict:
     """Sample ``n`` points with ``draw`` (``make_sampler``) and measure them against held-out data."""
+    from jaxdiff import run_images as IR
+
     start = E.now()
-    x, labels = draw(params, key, n)
+    x, labels = draw(params, key, n, IR.eval_labels(c, n))
     seconds = E.now() - start
     metrics, reference = _measure(c, setup, x, labels, n)
     metrics["sample_seconds"] = seconds
     log("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     if plot is not None:
-        E.save_plot(x, reference, plot, f"{c['data']}, {c['path']} path, {c['target']} target")
+        save = IR.save_plot if IR.is_images(c) else E.save_plot
+        save(x, reference, plot, f"{c['data']}, {c['path']} path, {c['target']} target")
     return {"metrics": metrics, "samples": x, "labels": labels}
 
 
@@ -210,9 +219,11 @@ def load_checkpoint(ckpt_dir: str | Path):
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
     if not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    from jaxdiff import run_images as IR
+
     with Checkpointer(ckpt_dir) as ckpt:
-        c = E.resolve(ckpt.meta()["config"])
-        setup = E.build(c)
+        c = IR.resolve(ckpt.meta()["config"])
+        setup = IR.build(c)
         like, _ = E.init_state(c, setup)
         state, _ = ckpt.restore(like)
     return c, setup, state
@@ -259,7 +270,10 @@ def sample_run(
     metrics.update(sample_seconds=seconds, solver=solver, steps=steps, eta=eta, guidance=guidance)
     np.savez(out / "samples.npz", samples=x, labels=used)
     E.write_json(out / "metrics.json", metrics)
-    E.save_plot(x, reference, out / "samples.png", f"{c['data']}: {solver}, {steps} steps")
+    from jaxdiff import run_images as IR
+
+    save = IR.save_plot if IR.is_images(c) else E.save_plot
+    save(x, reference, out / "samples.png", f"{c['data']}: {solver}, {steps} steps")
     log("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     log(f"wrote {out / 'samples.npz'}, metrics.json and samples.png")
     return {"metrics": metrics, "samples": x, "labels": used}

@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxdiff import _engine
-from jaxdiff._checks import check_finite, expand_like
+from jaxdiff._checks import check_finite, expand_like, wide_dtype
 from jaxdiff.field import Field, as_field, batch_time
 from jaxdiff.field import denoise as denoise_step
 from jaxdiff.integrate import Solution
@@ -69,6 +70,11 @@ def sample(
     * ``checkpoint``: recompute each step in reverse mode instead of storing its activations
       (gradients through a sampler then store one state per step).
 
+    Precision: a half-precision start (bfloat16, float16) is integrated in float32 -- the field
+    still sees ``x`` in the start's dtype, so the network runs in half precision -- and the
+    result comes back in that dtype; small steps are not rounded away (a bfloat16 state cannot
+    hold an update below 1/256 of the sample's size).
+
     ``key`` may be ``None`` for a deterministic sampler started from ``x_init``.
 
     ``path`` is a :class:`~jaxdiff.GaussianPath`, or a :class:`~jaxdiff.StochasticInterpolant`
@@ -99,6 +105,10 @@ def sample(
         )
     keys = jax.random.split(key, 4) if key is not None else [None] * 4
     x = _start(keys[0], path, field, shape, x_init, grid[0])
+    user_dtype = x.dtype
+    if wide_dtype(user_dtype) != user_dtype:  # half precision: integrate in float32, call the
+        field = Field(_CastIn(user_dtype), field.target, field)  # network in the user's dtype
+        x = x.astype(wide_dtype(user_dtype))
     grid = grid.astype(jnp.result_type(x.dtype, grid.dtype, jnp.float32))
     grid = _check_ends(path, field, sampler, grid, denoise)
     full = jnp.concatenate([grid, jnp.zeros((1,), grid.dtype)]) if denoise else grid
@@ -107,7 +117,9 @@ def sample(
     if sampler.adaptive is not None:
         if hook is not None or denoise:
             raise ValueError("an adaptive sampler (rtol/atol) takes no hook and no denoising step")
-        return sampler.adaptive(keys[1], path, field, x, grid, save_ts)
+        sol = sampler.adaptive(keys[1], path, field, x, grid, save_ts)
+        xs = None if sol.xs is None else sol.xs.astype(user_dtype)
+        return sol._replace(x=sol.x.astype(user_dtype), xs=xs)
 
     state = sampler.init(path, field, x, full)
     hook_keys = None
@@ -138,7 +150,19 @@ def sample(
             buf = buf.at[slots[-1]].set(x, mode="drop")
     x = check_finite(x, "the sample (check the field, the time grid and the step sizes)")
     nfe = sampler.nfe(n) + int(denoise)
-    return Solution(x, save_ts, buf, jnp.asarray(nfe), jnp.asarray(n + int(denoise)))
+    buf = None if buf is None else buf.astype(user_dtype)
+    return Solution(
+        x.astype(user_dtype), save_ts, buf, jnp.asarray(nfe), jnp.asarray(n + int(denoise))
+    )
+
+
+class _CastIn(eqx.Module):
+    """Call a field with ``x`` in ``dtype`` (the network's precision) from a wider state."""
+
+    dtype: Any = eqx.field(static=True)
+
+    def __call__(self, field, x, t, *args):
+        return field(jnp.asarray(x).astype(self.dtype), t, *args)
 
 
 def _grid(path, sampler, steps, ts, t_start, t_end) -> Array:

@@ -12,8 +12,13 @@ all-reduce; the same code runs on one device or many. Batches are drawn inside t
 from the replicated key, so each device computes only its own shard of them. Multi-host: call
 ``jax.distributed.initialize()`` on every host before anything else touches JAX, then the same
 program: ``data_mesh()`` spans ``jax.devices()`` of all hosts, and every host runs the same
-chunks (data read on the host instead would enter through
-``jax.make_array_from_process_local_data``).
+chunks.
+
+Data read on the host (a folder of PNGs, an ``.npz``: :mod:`jaxdiff.loader`) enters through
+``make_feed_chunk``: each chunk takes its ``K`` batches from an iterator that a background thread
+fills with device-put, sharded batches (``jaxdiff.loader.prefetch``) and scans over them. The
+loader's batch ``n`` is a pure function of ``(seed, n)``, so resuming at ``state.step`` with
+``loader.iterate(int(state.step))`` repeats an uninterrupted run bit for bit.
 
 Conv nets in the scan: XLA:CPU runs a convolution fast only in the canonical layout
 ``NHWC x HWIO -> NHWC`` and canonicalises the others only outside loops, so the gradients of
@@ -27,8 +32,9 @@ use :class:`jaxdiff.nets.Conv` (same parameters) to train at speed on CPU.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -45,6 +51,7 @@ __all__ = [
     "init_train_state",
     "make_train_step",
     "make_train_chunk",
+    "make_feed_chunk",
     "data_mesh",
     "replicate",
     "train",
@@ -196,6 +203,56 @@ def make_train_chunk(
                     f"the batch size {leaf.shape[0]} must be a multiple of the {size} devices"
                 )
     return jax.jit(chunk, donate_argnums=0)
+
+
+def make_feed_chunk(
+    step: Callable[[TrainState, Any], tuple[TrainState, Array]],
+    batches: Iterator,
+    num_steps: int,
+    *,
+    mesh: Mesh | None = None,
+    preprocess: Callable[[Any], Any] | None = None,
+) -> Callable[[TrainState], tuple[TrainState, Array]]:
+    """``state -> (state, losses)``: ``num_steps`` steps on the next ``num_steps`` batches of
+    ``batches``, stacked and scanned in one jitted call (the state is donated).
+
+    ``batches`` yields batches (device arrays from ``jaxdiff.loader.prefetch``, or host arrays);
+    ``preprocess`` runs on each inside the jit (``jaxdiff.loader.to_float`` turns ``uint8`` pixels
+    into ``[-1, 1]``). With ``mesh`` each batch is sharded over its ``"data"`` axis. Use it as
+    ``train(state, lambda k: make_feed_chunk(step, it, k, ...), n)``: the calls of ``train``
+    take the batches in order, so step ``s`` trains on the ``s``-th batch of the iterator.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
+
+    def chunk(state: TrainState) -> tuple[TrainState, Array]:
+        block = []
+        for _ in range(num_steps):
+            try:
+                block.append(next(batches))
+            except StopIteration:
+                raise ValueError(
+                    f"the data ran out: a chunk of {num_steps} steps got {len(block)} batches"
+                ) from None
+        return _feed_scan(step, preprocess, sharding, state, block)
+
+    return chunk
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
+def _feed_scan(step, preprocess, sharding, state: TrainState, block: list):
+    """The steps of ``make_feed_chunk`` over the stacked ``block`` (compiled once per ``step``,
+    ``preprocess``, sharding and block length, whichever chunk asks)."""
+
+    def one(state: TrainState, batch) -> tuple[TrainState, Array]:
+        batch = batch if preprocess is None else preprocess(batch)
+        if sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, sharding)
+        return step(state, batch)
+
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *block)
+    return jax.lax.scan(one, state, stacked)
 
 
 def train(

@@ -156,3 +156,21 @@ def test_nelbo_bounds_the_exact_nll_of_gaussian_data(x64):
     # gap 0.026 (the draws of x_t), so the bound 0 holds at ~4 SE and the cap at ~4 SE
     assert gaps[50] > 1.0
     assert 0.0 < gaps[1000] < 0.2
+
+
+def test_two_times_are_taken_from_to_and_the_wrong_order_is_an_error():
+    """(t, s) = (from, to) everywhere; posterior(..., 0.6, 0.3) used to mean s = 0.6 > t = 0.3 and
+    returned a negative variance with no error."""
+    path, x = jd.vp_path(), jnp.ones((2, 2))
+    _, var = jd.posterior(path, x, x, 0.6, 0.3)  # from 0.6 back to 0.3
+    assert bool(jnp.all(var > 0))
+    for fn in (
+        lambda t, s: jd.posterior(path, x, x, t, s)[1],
+        lambda t, s: jd.reverse_mean_var(path, x, x, t, s)[1],
+        lambda t, s: jd.denoising_weight(path, t, s, "eps"),
+    ):
+        with pytest.raises(ValueError, match="s < t"):
+            fn(0.3, 0.6)
+        with pytest.raises(Exception, match="s < t"):  # traced times: checked when it runs
+            jax.jit(fn)(0.3, 0.6).block_until_ready()
+        assert bool(jnp.all(jnp.isfinite(jax.jit(fn)(0.6, 0.3))))

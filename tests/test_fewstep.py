@@ -98,6 +98,14 @@ def test_convergence_orders_on_a_gaussian(x64):
         assert np.log2(e[0] / e[1]) > expect - 0.3, (order, e)
     e = [err(S.edm_heun(), s) for s in (20, 40)]
     assert np.log2(e[0] / e[1]) > 1.7, e  # Heun: second order
+    # UniPC: the corrector raises the order by one (Zhao et al. 2023): UniPC-1 is second order,
+    # UniPC-2 third (measured slopes 1.94 and 2.87 between 20 and 40 steps); DPM-Solver++(2S)
+    # without noise is second order (1.93)
+    for sampler, expect in ((S.unipc(1, lower_order_final=False), 2.0),
+                            (S.unipc(2, lower_order_final=False), 3.0),
+                            (S.dpm_solver_2s(eta=0.0), 2.0)):  # fmt: skip
+        e = [err(sampler, s) for s in (20, 40)]
+        assert np.log2(e[0] / e[1]) > expect - 0.3, (sampler.name, e)
 
 
 def test_guidance_with_few_step_samplers(true_samples):
@@ -125,3 +133,14 @@ def test_guidance_with_few_step_samplers(true_samples):
     x = jax.random.normal(jax.random.key(1), (64, 2)) * 2.0
     cg = jd.classifier_guidance(path, DATA.field(path, "eps"), log_p_label0, 1.0)
     np.testing.assert_allclose(cg(x, 0.4), comps[0].predict(path, x, 0.4, "eps"), atol=2e-4)
+
+
+def test_edm_churn_is_divided_by_the_number_of_steps():
+    """EDM's gamma = min(S_churn / N, sqrt(2) - 1) with N the steps including the last one to
+    sigma = 0 (NVlabs' EDM, k-diffusion): 18 on EDM's 18-level grid, not 17."""
+    path = jd.ve_path(0.002, 80.0)
+    x = jnp.zeros((4, 2))
+    ts = jnp.concatenate([jd.karras_grid(path, 17), jnp.zeros(1)])  # 18 levels + the final 0
+    for churn, expected in ((9.0, 0.5 * 1.0), (1.8, 0.1), (40.0, np.sqrt(2.0) - 1.0)):
+        state = S.edm_heun(churn=churn).init(path, DATA.field(path, "x0"), x, ts)
+        assert float(state.gamma) == pytest.approx(min(expected, np.sqrt(2) - 1), rel=1e-6)

@@ -54,3 +54,20 @@ def test_guidance_interval_guides_only_inside():
     np.testing.assert_allclose(windowed, jnp.where(inside, full, plain), rtol=1e-6)
     with pytest.raises(ValueError, match=r"labels have shape \(64,\); expected \(8, ...\)"):
         jd.classifier_free_guidance(field, LABELS, NULL, 2.0)(X[:8], T[:8])
+
+
+def test_clipping_and_thresholding_of_the_data_estimate():
+    field = DATA.field(PATH, "eps")
+    x, t = X * 3.0, jnp.full(64, 0.9)  # far out: the data estimate leaves [-1, 1]
+    x0 = jd.predict(PATH, field, x, t)[0]
+    assert float(jnp.max(jnp.abs(x0))) > 1.5
+    clipped = jd.clip_x0(field, PATH, 1.0)
+    assert clipped.target == "x0"
+    np.testing.assert_allclose(clipped(x, t), jnp.clip(x0, -1.0, 1.0), rtol=1e-6)
+    dyn = jd.dynamic_thresholding(field, PATH, percentile=0.5)(x, t)
+    s = jnp.maximum(jnp.quantile(jnp.abs(x0), 0.5, axis=1), 1.0)[:, None]  # per sample
+    np.testing.assert_allclose(dyn, jnp.clip(x0, -s, s) / s, rtol=1e-5)
+    with pytest.raises(ValueError, match="value must be > 0"):
+        jd.clip_x0(field, PATH, -1.0)  # clip_x0=-1 used to return -1 everywhere
+    with pytest.raises(ValueError, match="corrector_steps must be an integer >= 0"):
+        jd.samplers.pc(corrector_steps=-1)  # used to fail inside MLIR

@@ -99,12 +99,10 @@ class UNet(nn.Module):
        Dropout (``dropout > 0``) runs only when a ``"dropout"`` rng is given:
        ``model.apply(params, x, t)`` is deterministic (sampling, evaluation), training passes
        ``model.apply(params, x, t, labels, rngs={"dropout": key})``; ``deterministic=True/False``
-       overrides. A loss with dropout, a fresh key per step split off the loss key::
+       overrides. A loss with dropout names the stream; it passes a fresh key per step::
 
-           def loss(params, key, batch):
-               key, drop = jax.random.split(key)
-               apply = functools.partial(model.apply, rngs={"dropout": drop})
-               return jd.eps_loss(jd.Field(apply, "eps"), path)(params, key, batch)
+           loss = jd.eps_loss(jd.Field(model.apply, "eps"), path, rngs="dropout")
+
     Mixed precision: ``dtype=jnp.bfloat16`` computes in bfloat16 with float32 params
        (norm statistics and softmax in float32); the output is cast back to ``x``'s dtype.
 

@@ -20,7 +20,7 @@ from jaxdiff._checks import check_positive
 from jaxdiff.field import predict
 from jaxdiff.samplers.base import Sampler, normal
 from jaxdiff.schedules import log_snr_grid
-from jaxdiff.sde import check_eta
+from jaxdiff.sde import _is_zero, check_eta
 
 Array = jax.Array
 
@@ -76,6 +76,7 @@ def dpm_solver_2s(*, eta: ArrayLike = 1.0, s_noise: ArrayLike = 1.0) -> Sampler:
     """
     check_eta(eta)
     check_positive(s_noise, "s_noise", strict=False)
+    stochastic = not _is_zero(eta)
 
     def init(path, field, x, ts) -> State:
         return State(x)
@@ -90,7 +91,8 @@ def dpm_solver_2s(*, eta: ArrayLike = 1.0, s_noise: ArrayLike = 1.0) -> Sampler:
         lam_mid = jnp.where(down > 0, _mid(lam_t, lam_down), lam_s)
         x0_mid = _at(path, field, _move(x, x0, a_t, s_t, jnp.exp(-lam_mid)), lam_mid)
         y = jnp.where(down > 0, _move(x, x0_mid, a_t, s_t, down), x0)  # to sigma = 0: x0_hat
-        y = y + (s_noise * up).astype(y.dtype) * normal(key, y)
+        if stochastic:
+            y = y + (s_noise * up).astype(y.dtype) * normal(key, y)
         return State((a_s * y).astype(x.dtype))
 
     return Sampler(
@@ -98,7 +100,7 @@ def dpm_solver_2s(*, eta: ArrayLike = 1.0, s_noise: ArrayLike = 1.0) -> Sampler:
         init=init,
         step=step,
         evals_per_step=2,
-        stochastic=True,
+        stochastic=stochastic,
         grid=_grid,
         steps=10,
         denoise=True,

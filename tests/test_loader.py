@@ -1,0 +1,332 @@
+"""The image data path: sources (PNG folder, npz, arrays), the loader's batches, flips,
+determinism, resumes, the prefetching thread, the fed training chunk, sharding on 4 devices, and
+the command line's ``--images``.
+
+Data are drawn in code (``jaxdiff.data.shapes``: disks, squares, triangles with pixel noise, so no
+image equals its mirror) or shipped (the digits, upsampled); nothing is downloaded.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from jaxdiff import loader as LD
+from jaxdiff.data import digits_images, shapes
+
+N, SIZE = 90, 16
+CLASSES = ["disk", "square", "triangle"]  # shapes' labels 0, 1, 2, in sorted order
+
+
+@pytest.fixture(scope="module")
+def data():
+    return shapes(N, SIZE, seed=3)
+
+
+@pytest.fixture(scope="module")
+def folder(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("images") / "train"
+    return LD.save_image_folder(root, *data, classes=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def npz(data, tmp_path_factory):
+    file = tmp_path_factory.mktemp("npz") / "train.npz"
+    np.savez(file, x=data[0], y=data[1])  # keys found by their second names
+    return file
+
+
+def _original_index(images, x):
+    """The index in ``images`` of each image of ``x`` (or of its mirror), and whether mirrored."""
+    flat = images.reshape(len(images), -1)
+    mirror = images[:, :, ::-1].reshape(len(images), -1)
+    idx, flipped = [], []
+    for img in x.reshape(len(x), -1):
+        same = np.flatnonzero((flat == img).all(1))
+        mirrored = np.flatnonzero((mirror == img).all(1))
+        assert len(same) + len(mirrored) == 1  # exactly one match: noise breaks every symmetry
+        idx.append(same[0] if len(same) else mirrored[0])
+        flipped.append(not len(same))
+    return np.array(idx), np.array(flipped)
+
+
+def test_folder_and_npz_give_the_images_and_labels(data, folder, npz):
+    images, labels = data
+    src = LD.open_images(f"folder:{folder}")
+    assert len(src) == N and src.shape == (SIZE, SIZE, 3) and src.classes == CLASSES
+    # Files are sorted by class then name: map them back through their names (the index).
+    order = np.array([int(f.stem) for f in src.files])
+    x, y = src.read(np.arange(N))
+    assert x.dtype == np.uint8 and y.dtype == np.int32
+    np.testing.assert_array_equal(x, images[order])  # PNG is lossless
+    np.testing.assert_array_equal(y, labels[order])
+    memory = LD.open_images(f"folder-memory:{folder}")
+    np.testing.assert_array_equal(memory.images, x)
+    arrays = LD.open_images(f"npz:{npz}")
+    assert arrays.num_classes == 3 and arrays.shape == (SIZE, SIZE, 3)
+    for source in (src, arrays):
+        loader = LD.ImageLoader(source, 32, seed=1)
+        bx, by = loader.batch(5)  # straddles epochs 1 and 2 (positions 160..191 of 90 each)
+        assert bx.shape == (32, SIZE, SIZE, 3) and bx.dtype == np.uint8
+        assert by.shape == (32,) and by.dtype == np.int32
+        idx, _ = _original_index(images, bx)
+        np.testing.assert_array_equal(by, labels[idx])  # each image keeps its label
+
+
+def test_unlabelled_and_grayscale_folders(tmp_path):
+    x, _ = digits_images("test", size=12)
+    root = LD.save_image_folder(tmp_path / "digits", x[:20])
+    src = LD.ImageFolder(root)
+    assert src.labels is None and src.num_classes is None and src.shape == (12, 12, 1)
+    batch = LD.ImageLoader(src, 8).batch(0)  # images only
+    assert batch.shape == (8, 12, 12, 1) and batch.dtype == np.uint8
+    with pytest.raises(ValueError, match="labels=True needs labelled data"):
+        LD.ImageLoader(src, 8, labels=True)
+
+
+def test_bad_data_is_a_clear_error(tmp_path, data):
+    images, labels = data
+    with pytest.raises(ValueError, match="channels-first"):
+        LD.ArraySource(images.transpose(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="uint8"):
+        LD.ArraySource(images / 255.0)
+    with pytest.raises(ValueError, match="labels must be"):
+        LD.ArraySource(images, labels[:-1])
+    with pytest.raises(ValueError, match="folder:PATH, folder-memory:PATH or npz:PATH"):
+        LD.open_images(f"zip:{tmp_path}")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LD.open_images(f"folder:{tmp_path / 'none'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        LD.ImageFolder(tmp_path / "empty")
+    root = LD.save_image_folder(tmp_path / "mixed", images[:3])
+    LD.save_image_folder(tmp_path / "small", shapes(1, 8)[0])
+    os.replace(tmp_path / "small" / "000000.png", root / "zz.png")
+    with pytest.raises(ValueError, match="zz.png is 8x8, not 16x16"):
+        LD.ImageFolder(root).read(np.arange(4))
+    with pytest.raises(ValueError, match="batch_size"):
+        LD.ImageLoader(LD.ArraySource(images), 0)
+
+
+def test_flips_have_probability_one_half(data):
+    images, labels = data
+    loader = LD.ImageLoader(LD.ArraySource(images, labels), 64, seed=7)
+    flipped = []
+    for n in range(40):
+        x, _ = loader.batch(n)
+        idx, f = _original_index(images, x)
+        np.testing.assert_array_equal(idx, loader.indices(n))
+        np.testing.assert_array_equal(f, loader.flips(n))
+        flipped.append(f)
+    flipped = np.concatenate(flipped)
+    # 2,560 Bernoulli(1/2) draws: mean 1,280, standard deviation 25.3; +-125 is 4.9 sigma.
+    assert abs(flipped.sum() - 1280) < 125, flipped.sum()
+    # Flip and position are independent: each half of the batch flips half the time too.
+    halves = flipped.reshape(40, 2, 32).sum((0, 2))  # 1,280 draws each: sd 17.9, +-90 is 5 sigma
+    assert np.all(np.abs(halves - 640) < 90), halves
+    no_flip = LD.ImageLoader(LD.ArraySource(images, labels), 64, seed=7, flip=False)
+    assert not _original_index(images, no_flip.batch(3)[0])[1].any()
+
+
+def test_epochs_are_permutations_and_seeds_decide_everything(data):
+    source = LD.ArraySource(*data)
+    a, b = LD.ImageLoader(source, 30, seed=5), LD.ImageLoader(source, 30, seed=5)
+    for n in (0, 4, 11):
+        for u, v in zip(a.batch(n), b.batch(n), strict=True):
+            np.testing.assert_array_equal(u, v)
+    # Batches 0-2 are epoch 0, 3-5 epoch 1: each visits every image once, in another order.
+    first = np.concatenate([a.indices(n) for n in range(3)])
+    second = np.concatenate([a.indices(n) for n in range(3, 6)])
+    assert sorted(first) == list(range(N)) and sorted(second) == list(range(N))
+    assert not np.array_equal(first, second)
+    other = LD.ImageLoader(source, 30, seed=6)
+    assert not np.array_equal(other.indices(0), a.indices(0))
+
+
+def test_resume_gives_the_same_next_batches(data):
+    loader = LD.ImageLoader(LD.ArraySource(*data), 16, seed=2)
+    it = loader.iterate(0)
+    run = [next(it) for _ in range(9)]
+    restored = LD.ImageLoader(LD.ArraySource(*data), 16, **{"seed": 2}).iterate(5)
+    for k in range(5, 9):
+        resumed = next(restored)
+        for u, v in zip(run[k], resumed, strict=True):
+            np.testing.assert_array_equal(u, v)
+    assert loader.state(5) == {
+        "seed": 2, "position": 5, "batch_size": 16, "num_images": N,
+        "shape": [SIZE, SIZE, 3], "flip": True,
+    }  # fmt: skip
+
+
+def test_prefetcher_delivers_in_order_and_passes_errors():
+    batches = [np.full((4, 2), i, np.uint8) for i in range(5)]
+    with LD.prefetch(iter(batches), jd.train.data_mesh(), size=2) as it:
+        got = [np.asarray(b) for b in it]
+        assert it.count == 5 and it.wait_s >= 0.0
+    np.testing.assert_array_equal(np.stack(got), np.stack(batches))
+
+    def broken():
+        yield np.zeros(2)
+        raise OSError("disk gone")
+
+    it = LD.prefetch(broken())
+    next(it)
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)
+    it.close()
+    x = LD.to_float((jnp.array([0, 255, 51], jnp.uint8), jnp.array([3], jnp.int32)))
+    np.testing.assert_allclose(x[0], [-1.0, 1.0, -0.6], atol=1e-6)
+    assert x[0].dtype == jnp.float32 and x[1].dtype == jnp.int32 and int(x[1][0]) == 3
+
+
+def _setup(data):
+    import optax
+
+    from jaxdiff.nets import MLP, init_params
+    from jaxdiff.train import init_train_state, make_train_step
+
+    model = MLP(width=32, depth=1, num_classes=3)
+    x = jnp.zeros((1, SIZE, SIZE, 3))
+    params = init_params(model, jax.random.key(0), x, jnp.zeros(1), jnp.zeros(1, jnp.int32))
+    opt = optax.sgd(1e-2)  # compiles faster than AdamW; the loop is what is tested
+    loss = jd.eps_loss(jd.Field(model.apply, "eps"), jd.vp_path())
+    step = make_train_step(loss, opt)
+    loader = LD.ImageLoader(LD.ArraySource(*data), 16, seed=4)
+    return step, lambda: init_train_state(params, opt, jax.random.key(1)), loader
+
+
+def test_fed_training_resumes_bit_for_bit(data):
+    from jaxdiff.train import make_feed_chunk, train
+
+    step, fresh, loader = _setup(data)
+    mesh = jd.train.data_mesh()
+
+    def run(state, start, stop, chunk):
+        with LD.prefetch(loader.iterate(start), mesh) as it:
+            chunks = lambda k: make_feed_chunk(step, it, k, mesh=mesh, preprocess=LD.to_float)
+            state, _ = train(state, chunks, stop, chunk_size=chunk, progress=False)
+            return state
+
+    whole = run(fresh(), 0, 6, 3)
+    half = run(fresh(), 0, 3, 3)  # stop after 3 batches, a checkpoint's state, restart at its step
+    resumed = run(jax.tree.map(jnp.copy, half), int(half.step), 6, 3)
+
+    # The same bits as a Python loop over the jitted step on the same batches (chunks of one).
+    state, it = fresh(), loader.iterate(0)
+    jitted = jax.jit(lambda s, b: step(s, LD.to_float(b)))
+    for _ in range(6):
+        state, _ = jitted(state, next(it))
+    for other in (resumed, state):
+        for u, v in zip(jax.tree.leaves(whole.params), jax.tree.leaves(other.params), strict=True):
+            np.testing.assert_array_equal(u, v)
+    assert int(resumed.step) == 6
+    with pytest.raises(ValueError, match="the data ran out"):
+        make_feed_chunk(step, iter([loader.batch(0)]), 2)(fresh())
+
+
+SHARDED = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+import jaxdiff as jd
+from jaxdiff import loader as LD
+from jaxdiff.data import shapes
+from jaxdiff.train import make_feed_chunk, train
+
+assert jax.device_count() == 4, jax.devices()
+loader = LD.ImageLoader(LD.ArraySource(*shapes(64, 8)), 16, seed=0)
+mesh = jd.train.data_mesh()
+with LD.prefetch(loader.iterate(0), mesh) as it:
+    x, y = next(it)
+host_x, host_y = loader.batch(0)
+out = {
+    "devices": [len(a.sharding.device_set) for a in (x, y)],
+    "spec": [str(a.sharding.spec) for a in (x, y)],
+    "shard_shapes": [list(s.data.shape) for s in x.addressable_shards],
+    "equal": bool(np.array_equal(np.asarray(x), host_x) and np.array_equal(np.asarray(y), host_y)),
+}
+import optax
+from jaxdiff.nets import MLP, init_params
+from jaxdiff.train import init_train_state, make_train_step
+model = MLP(width=16, depth=1, num_classes=3)
+params = init_params(model, jax.random.key(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros(1),
+                     jnp.zeros(1, jnp.int32))
+opt = optax.sgd(1e-2)
+step = make_train_step(jd.eps_loss(jd.Field(model.apply, "eps"), jd.vp_path()), opt)
+results = []
+for m in (mesh, jd.train.data_mesh(jax.devices()[:1])):
+    state = jd.train.replicate(init_train_state(params, opt, jax.random.key(1)), m)
+    with LD.prefetch(loader.iterate(0), m) as it:
+        chunk = lambda k: make_feed_chunk(step, it, k, mesh=m, preprocess=LD.to_float)
+        state, _ = train(state, chunk, 4, chunk_size=2, progress=False)
+    results.append(state.params)
+out["max_diff"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+                      zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])))
+out["scale"] = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(results[1]))
+print(json.dumps(out))
+"""
+
+
+def test_sharded_batches_on_four_devices():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == [4, 4] and all("data" in s for s in out["spec"])
+    assert out["shard_shapes"] == [[4, 8, 8, 3]] * 4  # a quarter of the batch on each device
+    assert out["equal"]
+    # Four devices train as one up to float32 rounding of the all-reduced gradient (params O(1)).
+    assert out["scale"] > 0.1 and out["max_diff"] < 1e-5, out
+
+
+def test_cli_trains_on_images_and_resumes_exactly(tmp_path, npz):
+    from jaxdiff.checkpoint import Checkpointer
+    from jaxdiff.cli import main
+    from jaxdiff.runs import load_checkpoint
+
+    common = ["train", "--images", f"npz:{npz}", "--conditional", "--model", "mlp", "--width",
+              "32", "--depth", "1", "--steps", "4", "--batch", "16", "--chunk", "2",
+              "--ckpt-every", "2", "--eval-n", "0", "--no-progress"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--out", str(tmp_path / "half"), "--until", "2"]) == 0
+    assert main(["train", "--out", str(tmp_path / "half"), "--resume", "--no-progress"]) == 0
+    states = []
+    for name in ("whole", "half"):
+        c, setup, state = load_checkpoint(tmp_path / name)
+        assert c["data"] == "images" and c["flip"] is True and int(state.step) == 4
+        assert setup.example.shape == (1, SIZE, SIZE, 3) and setup.num_classes == 10
+        states.append(state.params)
+        with Checkpointer(tmp_path / name / "ckpt") as ckpt:
+            meta = ckpt.meta()
+        assert meta["loader"] == {
+            "seed": 0, "position": 4, "batch_size": 16, "num_images": N,
+            "shape": [SIZE, SIZE, 3], "flip": True,
+        }  # fmt: skip
+    for u, v in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--images", "zip:x"], "images must be folder:PATH, folder-memory:PATH or npz:PATH"),
+        (["--images", "npz:x.npz", "--data", "moons"], "pass either data 'moons' or images"),
+        (["--no-flip"], "flip applies to image data"),
+        (["--images", "npz:/nonexistent.npz"], "does not exist"),
+    ],
+)
+def test_cli_image_errors(tmp_path, capsys, extra, expected):
+    from jaxdiff.cli import main
+
+    assert main(["train", "--out", str(tmp_path / "run"), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
