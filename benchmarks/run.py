@@ -32,6 +32,7 @@ SECTIONS = [
     "scaling",
     "couplings",
     "fewstep_training",
+    "inverse",
 ]
 RESULTS = Path(__file__).parent / "results"
 
