@@ -32,6 +32,8 @@ SECTIONS = [
     "scaling",
     "couplings",
     "fewstep_training",
+    "inverse",
+    "images",
 ]
 RESULTS = Path(__file__).parent / "results"
 

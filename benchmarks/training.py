@@ -4,7 +4,8 @@ Both train the benchmark MLP (``benchmarks.common``: 3 -> width -> width -> 2, S
 flow matching on the 2-D checkerboard, drawing a fresh batch every step on the device, with AdamW
 (weight decay 1e-4) after clipping the gradient norm to 1. jaxdiff runs ``make_train_step`` inside
 ``make_train_chunk`` (one jitted ``lax.scan`` of K steps, as its training loop does); PyTorch runs an
-eager loop (``torch.set_num_threads`` = the CPU count, as JAX uses). Rows give steps/s of each and
+eager loop and the same loop with the network through ``torch.compile`` (torch's threads: the faster
+of 1 and all cores). Rows give steps/s of each and
 the ratio; compile time of the JAX chunk is reported apart. A second jaxdiff row trains
 ``jaxdiff.nets.MLP`` (the CLI's default toy network) for scale.
 
@@ -49,11 +50,10 @@ def _jax_chunk(apply, params, batch: int, steps: int):
     return run
 
 
-def _torch_loop(width: int, batch: int, steps: int):
+def _torch_loop(width: int, batch: int, steps: int, compiled: bool = False):
     import torch
 
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
     net = torch.nn.Sequential(
         torch.nn.Linear(3, width),
         torch.nn.SiLU(),
@@ -62,6 +62,7 @@ def _torch_loop(width: int, batch: int, steps: int):
         torch.nn.Linear(width, 2),
     )
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    forward = torch.compile(net) if compiled else net
 
     def checkerboard(n):
         x1 = torch.rand(n) * 4 - 2
@@ -74,7 +75,7 @@ def _torch_loop(width: int, batch: int, steps: int):
             eps = torch.randn_like(x0)
             t = torch.rand(batch, 1)
             xt = (1 - t) * x0 + t * eps
-            pred = net(torch.cat([xt, t], dim=1))
+            pred = forward(torch.cat([xt, t], dim=1))
             loss = ((pred - (eps - x0)) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -83,6 +84,24 @@ def _torch_loop(width: int, batch: int, steps: int):
         return loss.detach()
 
     return run
+
+
+def _best_threads(thunk) -> int:
+    """Set torch's thread count to the faster of 1 and all cores for ``thunk``; return it."""
+    import time
+
+    import torch
+
+    times = {}
+    for n in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(n)
+        thunk()
+        start = time.perf_counter()
+        thunk()
+        times[n] = time.perf_counter() - start
+    best = min(times, key=times.get)
+    torch.set_num_threads(best)
+    return best
 
 
 def _unet_thunks(data: str, dtype, batch: int, steps: int):
@@ -167,6 +186,12 @@ def run(quick: bool) -> dict:
         have_torch = True
     except ImportError:
         have_torch = False
+    threads: dict[int, int] = {}
+    compile_ok = False
+    if have_torch:
+        from benchmarks.peers import _torch_compile_works
+
+        compile_ok = _torch_compile_works()
     for batch in batches:
         params = mlp_init(jax.random.key(0), dim=2, width=width, depth=2)
         model = MLP()
@@ -176,8 +201,28 @@ def run(quick: bool) -> dict:
             "jaxdiff_nets_mlp": _jax_chunk(model.apply, mparams, batch, steps),
         }
         if have_torch:
-            thunks["torch"] = _torch_loop(width, batch, steps)
+            eager = _torch_loop(width, batch, steps)
+            threads[batch] = _best_threads(eager)
+            thunks["torch"] = eager
+            if compile_ok:
+                thunks["torch_compile"] = _torch_loop(width, batch, steps, compiled=True)
+                thunks["torch_compile"]()  # compile outside the timing
         res = interleaved(thunks, repeats=repeats)
+        if "torch_compile" in res:
+            rows.append(
+                {
+                    "model": f"benchmark MLP {width}, torch.compile",
+                    "dtype": "float32",
+                    "batch": batch,
+                    "steps_per_call": steps,
+                    "jaxdiff_steps_s": steps / res["jaxdiff"]["median_s"],
+                    "plain_jit_steps_s": None,
+                    "chunk_over_plain": None,
+                    "jaxdiff_compile_s": res["jaxdiff"]["compile_s"],
+                    "torch_steps_s": steps / res["torch_compile"]["median_s"],
+                    "speedup": res["torch_compile"]["median_s"] / res["jaxdiff"]["median_s"],
+                }
+            )
         common = {"dtype": "float32", "batch": batch, "steps_per_call": steps}
         rows.append(
             {
@@ -210,7 +255,9 @@ def run(quick: bool) -> dict:
     notes = (
         f"Benchmark MLP 3 -> {width} -> {width} -> 2 (SiLU), flow matching on the checkerboard, "
         f"AdamW + clipping, {steps} steps per timed call, median of {repeats} interleaved calls. "
-        f"JAX device {dev.platform}; PyTorch eager on CPU ({os.cpu_count()} threads)"
+        f"JAX device {dev.platform}; PyTorch on CPU, eager and (rows 'torch.compile') with the "
+        f"network through torch.compile, compiled before timing; torch threads per batch the "
+        f"faster of 1 and {os.cpu_count()} on the eager loop: {threads}"
         + (
             ""
             if have_torch

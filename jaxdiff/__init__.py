@@ -53,6 +53,7 @@ from jaxdiff.interpolants import (
     interpolant_loss,
     linear_interpolant,
 )
+from jaxdiff.inverse import dps, dps_sampler, pigdm, project, repaint, tmpd
 from jaxdiff.likelihood import Likelihood, dequantize, divergence, log_likelihood
 from jaxdiff.losses import (
     diffusion_loss,
@@ -69,6 +70,16 @@ from jaxdiff.losses import (
     x0_loss,
 )
 from jaxdiff.meanflow import meanflow_loss, meanflow_target
+from jaxdiff.measurements import (
+    LinearOperator,
+    Measurement,
+    blur_operator,
+    linear_operator,
+    mask_operator,
+    matrix_operator,
+    measure,
+    subsample_operator,
+)
 from jaxdiff.metrics import (
     energy_distance,
     frechet_distance,
@@ -237,6 +248,20 @@ __all__ = [
     "interpolant_loss",
     "Straightness",
     "straightness",
+    "LinearOperator",
+    "Measurement",
+    "measure",
+    "matrix_operator",
+    "mask_operator",
+    "subsample_operator",
+    "blur_operator",
+    "linear_operator",
+    "dps",
+    "pigdm",
+    "tmpd",
+    "dps_sampler",
+    "project",
+    "repaint",
     "EDMScalings",
     "edm_noise",
     "edm_precond",

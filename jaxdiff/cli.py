@@ -147,6 +147,13 @@ def _parser() -> _Parser:
     smp.add_argument("--guidance", type=float, default=1.0, help="classifier-free scale")
     smp.add_argument("--no-ema", action="store_true", help="use the raw params, not the EMA")
     smp.add_argument("--out", help="output folder (default CKPT/samples)")
+    smp.add_argument(
+        "--metrics-n",
+        type=int,
+        default=10_000,
+        dest="metrics_n",
+        help="samples the O(n^2) metrics see (the first ones; 0: no metrics)",
+    )
     return parser
 
 
@@ -182,6 +189,7 @@ def _run(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         ema=not args.no_ema,
         out=args.out,
+        metrics_n=args.metrics_n,
     )
     return 0
 

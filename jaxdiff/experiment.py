@@ -259,6 +259,11 @@ def _check_source_coupling(c: dict) -> None:
         isinstance(c["ot_reg"], int | float) and math.isfinite(c["ot_reg"]) and c["ot_reg"] > 0
     ):
         raise ValueError(f"ot_reg must be a positive number; got {c['ot_reg']}")
+    if c["ot_reg"] != DEFAULTS["ot_reg"] and not c["coupling"].startswith("sinkhorn"):
+        raise ValueError(
+            f"ot_reg {c['ot_reg']} is the entropic reg of --coupling sinkhorn or sinkhorn-class; "
+            f"coupling {c['coupling']!r} does not use it"
+        )
     plain_noise = c["source"] == "gaussian" and c["coupling"] == "independent"
     if c["source"] != "gaussian":
         if c["data"] == "digits":

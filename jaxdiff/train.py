@@ -235,6 +235,8 @@ def make_feed_chunk(
                 raise ValueError(
                     f"the data ran out: a chunk of {num_steps} steps got {len(block)} batches"
                 ) from None
+        if mesh is not None:  # a state not yet on the mesh would compile the chunk twice
+            state = replicate(state, mesh)
         return _feed_scan(step, preprocess, sharding, state, block)
 
     return chunk

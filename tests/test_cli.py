@@ -48,6 +48,18 @@ def test_trained_model_matches_the_data(tmp_path, data, run, capsys):
     print(f"{data} {run}: energy distance {metrics['energy_distance']:.2e}, floor {floor:.2e}")
     assert metrics["energy_distance"] < FACTOR * floor
     assert metrics["mmd_kernel"].startswith("sum over h")
+    assert metrics["n"] == metrics["metrics_n"] == metrics["n_samples"] == N
+    if data == "checkerboard" and run == "fm":  # the O(n^2) metrics see --metrics-n samples
+        sub = ["sample", "--ckpt", str(out), "--n", str(N), "--out", str(tmp_path / "s")]
+        assert main([*sub, "--metrics-n", "1000"]) == 0
+        metrics = json.loads((tmp_path / "s" / "metrics.json").read_text())
+        assert metrics["n"] == metrics["metrics_n"] == 1000 and metrics["n_samples"] == N
+        assert metrics["energy_distance"] < 4 * FACTOR * floor  # 4x fewer points: 4x the floor
+        assert main([*sub[:-1], str(tmp_path / "s0"), "--metrics-n", "0"]) == 0
+        metrics = json.loads((tmp_path / "s0" / "metrics.json").read_text())
+        assert metrics["metrics_n"] == 0 and "energy_distance" not in metrics
+        assert (tmp_path / "s0" / "samples.png").stat().st_size > 10_000
+        assert "metrics_n must be an integer >= 0" in _error([*sub, "--metrics-n", "-1"], capsys)
 
 
 def _error(argv, capsys) -> str:

@@ -31,6 +31,8 @@ def _error(argv, capsys) -> str:
         (["--source", "mnist"], "invalid choice: 'mnist'"),
         (["--coupling", "hungarian"], "invalid choice: 'hungarian'"),
         (["--coupling", "sinkhorn", "--ot-reg", "0"], "ot_reg must be a positive number"),
+        (["--coupling", "ot", "--ot-reg", "0.1"], "coupling 'ot' does not use it"),
+        (["--ot-reg", "0.1"], "coupling 'independent' does not use it"),
     ],
 )
 def test_bad_combinations_are_one_line_errors(args, expected, capsys):

@@ -78,7 +78,9 @@ def test_likelihood_checks_hold_under_jit():
     with pytest.raises(Exception, match=r"t_start must lie in"):
         run(1.1).block_until_ready()
     with pytest.raises(Exception, match=r"t_start < t_end"):
-        jax.jit(lambda t1: jd.log_likelihood(path, field, x, t_end=t1).logp)(1e-6).block_until_ready()
+        jax.jit(lambda t1: jd.log_likelihood(path, field, x, t_end=t1).logp)(
+            1e-6
+        ).block_until_ready()
     with pytest.raises(ValueError, match="cannot both be 0"):
         jd.log_likelihood(path, field, x, rtol=0.0, atol=0.0)
     assert bool(jnp.all(jnp.isfinite(run(1e-3))))

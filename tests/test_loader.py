@@ -213,9 +213,14 @@ def test_fed_training_resumes_bit_for_bit(data):
             state, _ = train(state, chunks, stop, chunk_size=chunk, progress=False)
             return state
 
+    from jaxdiff.train import _feed_scan
+
+    compiled = _feed_scan._cache_size()
     whole = run(fresh(), 0, 6, 3)
     half = run(fresh(), 0, 3, 3)  # stop after 3 batches, a checkpoint's state, restart at its step
     resumed = run(jax.tree.map(jnp.copy, half), int(half.step), 6, 3)
+    # one compile for all of it: a fresh state (not yet on the mesh) used to compile a second time
+    assert _feed_scan._cache_size() - compiled == 1
 
     # The same bits as a Python loop over the jitted step on the same batches (chunks of one).
     state, it = fresh(), loader.iterate(0)
