@@ -9,6 +9,7 @@ import pytest
 
 import jaxdiff as jd
 from jaxdiff.cli import main
+from tests.cli_helpers import cli_error as _error
 
 N = 4000  # samples compared with held-out data
 
@@ -60,13 +61,6 @@ def test_trained_model_matches_the_data(tmp_path, data, run, capsys):
         assert metrics["metrics_n"] == 0 and "energy_distance" not in metrics
         assert (tmp_path / "s0" / "samples.png").stat().st_size > 10_000
         assert "metrics_n must be an integer >= 0" in _error([*sub, "--metrics-n", "-1"], capsys)
-
-
-def _error(argv, capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err  # one clear line, no traceback
-    return err
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,7 @@ import pytest
 
 import jaxdiff as jd
 from jaxdiff.cli import main
-
-
-def _error(argv, capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err  # one clear line, no traceback
-    return err
+from tests.cli_helpers import cli_error as _error
 
 
 @pytest.mark.parametrize(

@@ -13,13 +13,7 @@ import jaxdiff as jd
 from jaxdiff import experiment as E
 from jaxdiff.cli import main
 from jaxdiff.runs import make_sampler
-
-
-def _error(argv, capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err  # one clear line, no traceback
-    return err
+from tests.cli_helpers import cli_error as _error
 
 
 @pytest.mark.parametrize(

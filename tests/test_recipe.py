@@ -14,6 +14,7 @@ import pytest
 import jaxdiff as jd
 from jaxdiff.cli import main
 from jaxdiff.nets import UNet, init_params
+from tests.cli_helpers import cli_error as _error
 
 
 def _unet():
@@ -83,13 +84,6 @@ def test_classifier_free_guidance_on_the_unet():
     c, u, g = parts(field)
     assert not np.allclose(c, u, atol=1e-4)  # the label matters
     np.testing.assert_allclose(g, u + 2.0 * (c - u), rtol=1e-5, atol=1e-5)
-
-
-def _error(argv, capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from jaxdiff.checkpoint import (
 )
 from jaxdiff.cli import main
 from jaxdiff.rundir import RunLock
+from tests.cli_helpers import cli_error as _error
 
 TINY = "--width 8 --depth 1 --batch 16 --chunk 10 --ckpt-every 10 --eval-n 0 --no-progress".split()
 
@@ -50,14 +51,6 @@ def run(trained, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(trained, copy)
     return copy
-
-
-def _error(argv, capsys) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err  # one clear line, no traceback
-    return err
 
 
 def _tree_digest(folder: Path) -> dict:
