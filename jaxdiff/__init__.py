@@ -19,7 +19,7 @@ from jaxdiff.consistency import (
     consistency_training_loss,
     ict_num_scales,
 )
-from jaxdiff.conversions import TARGETS, Target, convert, from_x0_eps, to_x0_eps
+from jaxdiff.conversions import TARGETS, Target, convert, from_x0_eps, hub_matrix, to_x0_eps
 from jaxdiff.couplings import exact_ot, independent, per_device, sinkhorn_ot
 from jaxdiff.ddim import ddim_invert, ddim_step
 from jaxdiff.ddpm import (
@@ -216,6 +216,7 @@ __all__ = [
     "cosine_path",
     "energy_distance",
     "from_x0_eps",
+    "hub_matrix",
     "integrate",
     "karras_grid",
     "langevin",

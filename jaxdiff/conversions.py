@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import check_same_shape, coef_time, expand_like, widen
@@ -41,7 +42,7 @@ Array = jax.Array
 Target = Literal["score", "eps", "x0", "v", "velocity"]
 TARGETS: tuple[str, ...] = get_args(Target)
 
-__all__ = ["Target", "TARGETS", "to_x0_eps", "from_x0_eps", "convert"]
+__all__ = ["Target", "TARGETS", "to_x0_eps", "from_x0_eps", "convert", "hub_matrix"]
 
 
 def _check_target(target: str, name: str = "target") -> None:
@@ -60,6 +61,30 @@ def _coefs(path: GaussianPath, x: Array, t, derivatives: bool):
     if not derivatives:
         return a, s, None, None
     return a, s, expand(path.d_alpha(t)), expand(path.d_sigma(t))
+
+
+def hub_matrix(path: GaussianPath, t: ArrayLike, target: Target) -> tuple[Array, ...]:
+    """``(h00, h01, h10, h11)`` at ``t``: ``x0 = h00 x + h01 value``, ``eps = h10 x + h11 value``.
+
+    The map of :func:`to_x0_eps` as four coefficients of ``t`` alone (the map is affine in ``x``
+    and the prediction): a sampler tabulates them over its grid once, before its loop.
+    """
+    _check_target(target)
+    t = coef_time(t)
+    a, s = path.alpha(t), path.sigma(t)
+    zero, one = jnp.zeros_like(a), jnp.ones_like(a)
+    if target == "eps":
+        return 1 / a, -s / a, zero, one
+    if target == "x0":
+        return zero, one, 1 / s, -a / s
+    if target == "score":
+        return 1 / a, s * s / a, zero, -s
+    if target == "v":
+        norm = a**2 + s**2
+        return a / norm, -s / norm, s / norm, a / norm
+    da, ds = path.d_alpha(t), path.d_sigma(t)
+    det = a * ds - s * da
+    return ds / det, -s / det, -da / det, a / det
 
 
 def to_x0_eps(

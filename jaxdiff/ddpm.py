@@ -210,13 +210,17 @@ def _reverse_times(t, s) -> tuple[Array, Array]:
     return error_if(t, bad, msg), s
 
 
-def _posterior(path: GaussianPath, x_t: Array, x0: Array, t, s) -> tuple[Array, Array]:
+def _posterior_coefs(path: GaussianPath, t, s) -> tuple[Array, Array, Array]:
+    """``(c_x, c_0, var)``: the posterior ``q(x_s | x_t, x0) = N(c_x x_t + c_0 x0, var)``."""
     r = _ratio(path, s, t)
     var_s, var_t = path.sigma_sq(s), path.sigma_sq(t)
-    c_x = path.alpha(t) / path.alpha(s) * var_s / var_t
-    c_0 = path.alpha(s) * r
+    return path.alpha(t) / path.alpha(s) * var_s / var_t, path.alpha(s) * r, var_s * r
+
+
+def _posterior(path: GaussianPath, x_t: Array, x0: Array, t, s) -> tuple[Array, Array]:
+    c_x, c_0, var = _posterior_coefs(path, t, s)
     mean = expand_like(c_x, x_t) * x_t + expand_like(c_0, x_t) * x0
-    return mean.astype(x_t.dtype), var_s * r
+    return mean.astype(x_t.dtype), var
 
 
 def reverse_mean_var(
@@ -239,8 +243,12 @@ def reverse_mean_var(
     return _reverse_mean_var(path, jnp.asarray(x_t), jnp.asarray(x0_hat), t, s, var_weight)
 
 
-def _reverse_mean_var(path, x_t, x0_hat, t, s, var_weight):
-    mean, var_post = _posterior(path, x_t, x0_hat, t, s)
+def _reverse_var(path, t, s, var_post, var_weight):
     var_fwd = path.sigma_sq(t) * _ratio(path, s, t)
     w = jnp.asarray(var_weight, var_post.dtype)
-    return mean, jnp.power(var_post, 1.0 - w) * jnp.power(var_fwd, w)
+    return jnp.power(var_post, 1.0 - w) * jnp.power(var_fwd, w)
+
+
+def _reverse_mean_var(path, x_t, x0_hat, t, s, var_weight):
+    mean, var_post = _posterior(path, x_t, x0_hat, t, s)
+    return mean, _reverse_var(path, t, s, var_post, var_weight)

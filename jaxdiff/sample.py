@@ -127,14 +127,17 @@ def sample(
         hook_keys = jax.random.split(keys[2], n + 2)
         state = hook(hook_keys[0], state, grid[0])
     step_keys = jax.random.split(keys[1], n) if sampler.stochastic else None
+    tables = None
+    if sampler.coefficients is not None:  # what the steps need of the times alone, tabulated
+        tables = jax.vmap(lambda t, s: sampler.coefficients(path, field, t, s))(grid[:-1], grid[1:])
 
     def step(k, state, t, s):
-        if hook is None:
-            return sampler.step(k, path, field, state, t, s)
-        k_step, k_hook = k
-        return hook(k_hook, sampler.step(k_step, path, field, state, t, s), s)
+        k_step, k_hook, row = k
+        extra = {} if row is None else {"coefs": row}
+        state = sampler.step(k_step, path, field, state, t, s, **extra)
+        return state if hook is None else hook(k_hook, state, s)
 
-    inputs = step_keys if hook is None else (step_keys, hook_keys[1 : n + 1])
+    inputs = (step_keys, None if hook is None else hook_keys[1 : n + 1], tables)
     save_ts = _engine.as_save_ts(save_ts, grid.dtype)
     buf, slots = _engine.start_buffer(full, save_ts, x)
     state, buf = _engine.scan(

@@ -36,6 +36,18 @@ def test_every_pair_round_trips(name, x64):
         )
 
 
+@pytest.mark.parametrize("name", PATHS)
+def test_hub_matrix_is_to_x0_eps(name, x64):
+    """``x0 = h00 x + h01 value``, ``eps = h10 x + h11 value`` for every target."""
+    path = PATHS[name]()
+    x, t, x0, eps = _batch(path, seed=2)
+    for target in jd.TARGETS:
+        value = jd.from_x0_eps(path, x, t, x0, eps, target)
+        h00, h01, h10, h11 = (h[:, None] for h in jd.hub_matrix(path, t, target))
+        np.testing.assert_allclose(h00 * x + h01 * value, x0, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(h10 * x + h11 * value, eps, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", ["vp", "ve", "linear"])
 def test_targets_match_their_definitions(name, x64):
     path = PATHS[name]()

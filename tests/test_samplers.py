@@ -164,6 +164,45 @@ def test_keys(name, sampler, steps):
 
 
 @pytest.mark.parametrize("name, sampler, steps", SAMPLERS, ids=IDS)
+def test_own_loop_matches_the_driver(name, sampler, steps, x64):
+    """``init`` and ``step`` in a Python loop of one's own (each step computing its own
+    coefficients) give the driver's sample (which tabulates them before its scan), key for key."""
+    path, make = setup(name)
+    field = make(DATA)
+    x = jax.random.normal(jax.random.key(0), (6, 2))
+    ts = sampler.grid(path, STEPS, 1.0, sampler.t_end)
+    key = jax.random.key(1)
+    sol = jd.sample(key, path, field, x_init=x, sampler=sampler, ts=ts, denoise=False)
+    keys = jax.random.split(jax.random.split(key, 4)[1], STEPS)
+    state = sampler.init(path, field, x, ts)
+    for i in range(STEPS):
+        k = keys[i] if sampler.stochastic else None
+        state = sampler.step(k, path, field, state, ts[i], ts[i + 1])
+    np.testing.assert_allclose(state.x, sol.x, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("path_name", ["vp", "linear"])
+@pytest.mark.parametrize("eta", [0.0, 1.0, lambda t: 2.0 * t], ids=["ode", "sde", "eta-of-t"])
+def test_euler_written_out_is_diffrax_euler(path_name, eta, x64):
+    """``ode()``/``sde()`` write diffrax's Euler(--Maruyama) update out on tabulated
+    coefficients: for every target they equal ``integrate`` (diffrax's own ``Euler.step``) of
+    the reverse drift and diffusion, with the same increments."""
+    path = {"vp": PATH, "linear": LINEAR}[path_name]
+    sampler = S.ode() if eta == 0.0 else S.sde(eta=eta)
+    x = jax.random.normal(jax.random.key(0), (6, 2))
+    ts, key = jnp.linspace(0.9, 0.05, 9), jax.random.key(1)
+    for target in jd.TARGETS:
+        field = DATA.field(path, target)
+        sol = jd.sample(key, path, field, x_init=x, sampler=sampler, ts=ts, denoise=False)
+        ref = jd.integrate(
+            lambda x, t, f=field: jd.reverse_drift(path, f, x, t, eta=eta), x, ts=ts,
+            diffusion=None if eta == 0.0 else (lambda x, t: jd.reverse_diffusion(path, t, eta)),
+            key=None if eta == 0.0 else jax.random.split(key, 4)[1], solver=diffrax.Euler(),
+        )  # fmt: skip
+        np.testing.assert_allclose(sol.x, ref.x, rtol=1e-9, atol=1e-9, err_msg=target)
+
+
+@pytest.mark.parametrize("name, sampler, steps", SAMPLERS, ids=IDS)
 def test_start_below_one(name, sampler, steps):
     """From t_start = 0.5: the start has std sigma_0.5 and no evaluation is later than 0.5."""
     seen = []

@@ -14,13 +14,16 @@ from typing import Any, NamedTuple
 
 import diffrax
 import jax
+import jax.numpy as jnp
 
 from jaxdiff import _diffrax
-from jaxdiff.field import Field
+from jaxdiff._checks import coef_time
+from jaxdiff.conversions import hub_matrix
+from jaxdiff.field import Field, batch_time
 from jaxdiff.integrate import Solution, check_tolerances, integrate
 from jaxdiff.paths import GaussianPath
-from jaxdiff.samplers.base import Sampler, alpha_zero_at_start, grid_check
-from jaxdiff.sde import Eta, _is_zero, check_eta, reverse_diffusion, reverse_drift
+from jaxdiff.samplers.base import Sampler, alpha_zero_at_start, combine, grid_check, normal
+from jaxdiff.sde import Eta, _is_zero, check_eta, eta_at, reverse_diffusion, reverse_drift
 
 Array = jax.Array
 
@@ -81,6 +84,7 @@ def _reverse(
     if stochastic:
         _diffrax.queries_inside_step(solver)  # raises for wrapped solvers needing Levy areas
     at_first, per_step = _diffrax.evaluations(solver, stochastic)
+    coefficients = None
 
     def init(path: GaussianPath, field: Field, x: Array, ts: Array) -> DiffraxState:
         return DiffraxState(x, _stepper(path, field, solver, eta).init(x, ts[0], ts[1]))
@@ -90,6 +94,35 @@ def _reverse(
             key, state.x, state.solver_state, t, s
         )
         return DiffraxState(x, solver_state)
+
+    if type(solver) is diffrax.Euler:  # Euler / Euler--Maruyama: diffrax's update, written out
+
+        def coefficients(path: GaussianPath, field: Field, t, s):
+            """``x_s = x_t + p x_t + q value + n z``: ``(s - t)`` times the reverse drift
+            ``alpha' x0_hat + (sigma' + eta^2 g^2 / (2 sigma)) eps_hat`` through the hub map
+            of the prediction ``value``, and the noise scale ``n = eta g sqrt(t - s)``."""
+            h00, h01, h10, h11 = hub_matrix(path, t, field.target)
+            t = coef_time(t)
+            da, c = path.d_alpha(t), path.d_sigma(t)
+            noise = jnp.zeros_like(c)
+            if stochastic:
+                e = eta_at(eta, t)
+                c = c + 0.5 * jnp.square(e) * path.diffusion_sq(t) / path.sigma(t)
+                noise = e * path.diffusion(t) * jnp.sqrt(t - s)
+            dt = s - t
+            return dt * (da * h00 + c * h10), dt * (da * h01 + c * h11), noise
+
+        def init(path: GaussianPath, field: Field, x: Array, ts: Array) -> DiffraxState:
+            return DiffraxState(x, None)
+
+        def step(key, path, field, state: DiffraxState, t, s, coefs=None) -> DiffraxState:
+            x = state.x
+            p, q, n = coefficients(path, field, t, s) if coefs is None else coefs
+            value = field(x, batch_time(t, x))
+            terms = [(1.0, x), (p, x), (q, value)]
+            if stochastic:
+                terms.append((n, normal(key, x)))
+            return DiffraxState(combine(x, *terms), None)
 
     def check(path: GaussianPath, field: Field, ts: Array) -> Array:
         if not stochastic:
@@ -111,6 +144,7 @@ def _reverse(
         stochastic=stochastic,
         check=check,
         adaptive=adaptive,
+        coefficients=coefficients,
     )
 
 

@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_positive, expand_like
-from jaxdiff.ddim import ddim_step
-from jaxdiff.ddpm import _reverse_mean_var
-from jaxdiff.field import predict
-from jaxdiff.samplers.base import Sampler, normal
+from jaxdiff._checks import check_positive
+from jaxdiff.conversions import hub_matrix
+from jaxdiff.field import batch_time
+from jaxdiff.ddpm import _posterior_coefs, _reverse_var
+from jaxdiff.samplers.base import Sampler, combine, normal
 from jaxdiff.schedules import uniform_grid
 from jaxdiff.sde import Eta, _is_zero, check_eta, eta_at
 
@@ -62,12 +62,19 @@ def ancestral(*, var_weight: ArrayLike = 0.0) -> Sampler:
     def init(path, field, x, ts) -> State:
         return State(x)
 
-    def step(key, path, field, state: State, t, s) -> State:
+    def coefficients(path, field, t, s):
+        """``x_s = p x_t + q value + std z``: the posterior mean ``c_x x_t + c_0 x0_hat`` with
+        ``x0_hat = h00 x_t + h01 value`` (the field's prediction ``value``)."""
+        h00, h01, _, _ = hub_matrix(path, t, field.target)
+        c_x, c_0, var_post = _posterior_coefs(path, t, s)
+        var = _reverse_var(path, t, s, var_post, var_weight)
+        return c_x + c_0 * h00, c_0 * h01, jnp.where(path.sigma(s) > 0, jnp.sqrt(var), 0.0)
+
+    def step(key, path, field, state: State, t, s, coefs=None) -> State:
         x = state.x
-        x0, _ = predict(path, field, x, t)
-        mean, var = _reverse_mean_var(path, x, x0, t, s, var_weight)
-        std = jnp.where(path.sigma(s) > 0, jnp.sqrt(var), 0.0)
-        return State(mean + expand_like(std, x).astype(x.dtype) * normal(key, x))
+        p, q, std = coefficients(path, field, t, s) if coefs is None else coefs
+        value = field(x, batch_time(t, x))
+        return State(combine(x, (p, x), (q, value), (std, normal(key, x))))
 
     return Sampler(
         name=f"ancestral(var_weight={var_weight})",
@@ -79,6 +86,7 @@ def ancestral(*, var_weight: ArrayLike = 0.0) -> Sampler:
         steps=1000,
         t_end=0.0,
         reaches_zero=True,
+        coefficients=coefficients,
     )
 
 
@@ -102,12 +110,26 @@ def ddim(eta: Eta = 0.0) -> Sampler:
     def init(path, field, x, ts) -> State:
         return State(x)
 
-    def step(key, path, field, state: State, t, s) -> State:
-        x0, eps = predict(path, field, state.x, t)
+    def coefficients(path, field, t, s):
+        """``x_s = p x_t + q value + c z``: ``alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat``
+        through the hub map of the field's prediction ``value`` (:func:`jaxdiff.ddim_step`)."""
+        h00, h01, h10, h11 = hub_matrix(path, t, field.target)
+        a_s, var_s = path.alpha(s), path.sigma_sq(s)
+        if stochastic:
+            e = jnp.where(path.sigma(s) > 0, eta_at(eta, t), 0.0)
+            c2 = jnp.square(e) * -jnp.expm1(path.log_snr(t) - path.log_snr(s)) * var_s
+        else:
+            c2 = jnp.zeros_like(var_s)
+        k = jnp.sqrt(jnp.maximum(var_s - c2, 0.0))
+        return a_s * h00 + k * h10, a_s * h01 + k * h11, jnp.sqrt(c2)
+
+    def step(key, path, field, state: State, t, s, coefs=None) -> State:
+        x = state.x
+        p, q, c = coefficients(path, field, t, s) if coefs is None else coefs
+        value = field(x, batch_time(t, x))
         if not stochastic:
-            return State(ddim_step(path, x0, eps, t, s))
-        e = jnp.where(path.sigma(s) > 0, eta_at(eta, t), 0.0)
-        return State(ddim_step(path, x0, eps, t, s, eta=e, noise=normal(key, state.x)))
+            return State(combine(x, (p, x), (q, value)))
+        return State(combine(x, (p, x), (q, value), (c, normal(key, x))))
 
     return Sampler(
         name=f"ddim(eta={eta})",
@@ -119,4 +141,5 @@ def ddim(eta: Eta = 0.0) -> Sampler:
         steps=50,
         t_end=0.0,
         reaches_zero=True,
+        coefficients=coefficients,
     )
