@@ -149,6 +149,31 @@ def test_conv_layer_equals_flax_conv_with_the_same_params():
         Conv(5).init(jax.random.key(0), x[0])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_equals_flax_dot_product_attention(dtype):
+    """The U-Net's attention (heads as a leading batch axis, fast on XLA:CPU) is flax's function:
+    the same layer output with the same parameters, in float32 and bfloat16."""
+    from jaxdiff.nets.unet import SelfAttention, _attention
+
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 24, 4, 8))
+    ref = nn.dot_product_attention(q, k, v, force_fp32_for_softmax=True)
+    np.testing.assert_allclose(_attention(q, k, v), ref, rtol=1e-5, atol=1e-6)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 16))
+    layer = SelfAttention(heads=4, groups=8, dtype=dtype)
+    params = jax.tree.map(lambda p: p + 0.05, layer.init(jax.random.key(2), x))  # out != 0
+    flax_layer = nn.MultiHeadDotProductAttention(4, dtype=dtype, force_fp32_for_softmax=True)
+    h = nn.GroupNorm(8, epsilon=1e-6, dtype=dtype).apply(
+        {"params": params["params"]["GroupNorm_0"]}, x
+    ).reshape(2, 16, 16)
+    mha = {"params": params["params"]["MultiHeadDotProductAttention_0"]}
+    ref = x + flax_layer.apply(mha, h, h).reshape(x.shape)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(
+        np.asarray(layer.apply(params, x), np.float32), np.asarray(ref, np.float32), rtol=tol,
+        atol=tol,
+    )  # fmt: skip
+
+
 def _count(model, shape, *args):
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape), jnp.zeros(1), *args)
     return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
