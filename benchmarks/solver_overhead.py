@@ -5,7 +5,9 @@ All integrate the VP path (beta 0.1 to 20) from ``t = 1`` to ``1e-3`` with the s
 256) predicting ``eps``. A hand scan is what a researcher writes: the closed-form VP coefficients
 (``alpha``, ``sigma``, ``lambda``) tabulated on the grid before the scan, the update written out
 (``x += dt * drift`` for Euler, ``x = a_s x0 + s_s eps`` for DDIM, ...), one key per step split
-before the scan. The goal is ``ratio = jaxdiff / scan <= 1.10``. Peak memory is XLA's temp
+before the scan. The goal is ``ratio = jaxdiff / scan <= 1.10``. Each hand scan computes the same
+update from the same noise as its sampler: ``rel_diff`` is ``max |scan - jaxdiff| / max |jaxdiff|``
+of one call (float32 rounding, ~1e-6; the untrained MLP's outputs are large). Peak memory is XLA's temp
 allocation of the compiled program (``memory_analysis``): it must not grow with the number of steps
 unless a trajectory is saved. The gradient rows differentiate ``mean(x)`` of a 50- and a 500-step
 Euler solve in the MLP's parameters: ``jaxdiff.sample`` checkpoints each step (one state stored
@@ -68,14 +70,61 @@ def _hand(kind: str, params, x, key, steps: int):
             mean = a_t / a_s * s_s**2 / s_t**2 * x + a_s * r * x0
             z = jax.random.normal(keys[i], x.shape, x.dtype)
             return (mean + jnp.sqrt(s_s**2 * r) * z,), None
-        if kind == "dpm_2m":  # DPM-Solver++ 2M, first step first order, lower order at the last
-            m1, h1 = carry[1], carry[2]
+        if kind in ("dpm_2m", "dpm_2m_sde"):  # DPM-Solver++ 2M (-SDE, eta = 1): first step
+            m1, h1 = carry[1], carry[2]  # first order, lower order at the last
             h = lam[i + 1] - lam[i]
-            phi1 = -jnp.expm1(-h)
-            x1 = s_s / s_t * x + a_s * phi1 * x0
+            sde = kind == "dpm_2m_sde"
+            phi1 = -jnp.expm1(-2.0 * h if sde else -h)  # the weights at h_eta = (1 + eta) h
+            ratio = s_s / s_t * (jnp.exp(-h) if sde else 1.0)
+            x1 = ratio * x + a_s * phi1 * x0
             second = x1 + 0.5 * a_s * phi1 * (x0 - m1) * (h / h1)
             x = jnp.where((i > 0) & (i < n - 1), second, x1)
+            if sde:
+                z = jax.random.normal(keys[i], x.shape, x.dtype)
+                x = x + s_s * jnp.sqrt(-jnp.expm1(-2.0 * h)) * z
             return (x, x0, h), None
+        if kind == "unipc_2":  # UniPC-2 bh2 (Zhao et al. 2023): correct the last step with the
+            x_prev, m1, m2, o_prev = carry[1], carry[2], carry[3], carry[4]  # new evaluation
+            hc = lam[i] - lam[jnp.maximum(i - 1, 0)]  # the last step (0 at i = 0: unused)
+            hc = jnp.where(i > 0, hc, 1.0)
+            e1 = jnp.expm1(-hc)  # B(h) = e^{-h} - 1 (bh2)
+            b1 = e1 / -hc - 1.0  # phi_2-type weights of the order conditions, / B(h)
+            b2 = 2.0 * (b1 / -hc - 0.5)
+            r0 = (lam[jnp.maximum(i - 2, 0)] - lam[jnp.maximum(i - 1, 0)]) / hc
+            rho1 = (b2 / e1 - r0 * b1 / e1) / (1.0 - r0)  # R rho = b, R = [[1, 1], [r0, 1]]
+            rho0 = b1 / e1 - rho1
+            base = s_t / sigma[jnp.maximum(i - 1, 0)] * x_prev - a_t * e1 * m1
+            c1 = base - a_t * e1 * 0.5 * (x0 - m1)
+            c2 = base - a_t * e1 * (rho1 * (x0 - m1) + rho0 * (m2 - m1) / r0)
+            x_c = jnp.where(i == 0, x, jnp.where((o_prev == 2) & (i >= 2), c2, c1))
+            h = lam[i + 1] - lam[i]
+            e = jnp.expm1(-h)
+            x1 = s_s / s_t * x_c - a_s * e * x0
+            r = (lam[jnp.maximum(i - 1, 0)] - lam[i]) / h
+            second = x1 - a_s * e * 0.5 * (m1 - x0) / r
+            use2 = (i > 0) & (i < n - 1)
+            x = jnp.where(use2, second, x1)
+            return (x, x_c, x0, m1, jnp.where(use2, 2, 1)), None
+        if kind == "pc":  # one Langevin corrector step (SNR rule, 0.16), the reverse-diffusion
+            k_c, k_p = jax.random.split(keys[i])  # predictor
+            (k_c,) = jax.random.split(k_c, 1)
+            norm = lambda v: jnp.mean(jnp.sqrt(jnp.sum(v * v, axis=1)))  # noqa: E731
+            score = -eps / s_t
+            z = jax.random.normal(k_c, x.shape, x.dtype)
+            size = 2.0 * (a_t / a_s) ** 2 * (0.16 * norm(z) / norm(score)) ** 2
+            x = x + size * score + jnp.sqrt(2.0 * size) * z
+            eps = _eps(params, x, t)
+            g2 = s_t**2 * -jnp.expm1(2.0 * (lam[i] - lam[i + 1]))
+            x = (2.0 - a_t / a_s) * x - g2 * eps / s_t
+            return (x + jnp.sqrt(g2) * jax.random.normal(k_p, x.shape, x.dtype),), None
+        if kind == "langevin":  # annealed Langevin: LANGEVIN_STEPS steps at level s
+            a = 2e-5 * s_s**2 / sigma[-1] ** 2
+
+            def inner(x, k):
+                score = -_eps(params, x, s) / s_s
+                return x + 0.5 * a * score + jnp.sqrt(a) * jax.random.normal(k, x.shape), None
+
+            return (jax.lax.scan(inner, x, jax.random.split(keys[i], LANGEVIN_STEPS))[0],), None
         if kind == "edm":  # Heun in (x / alpha, sigma / alpha)
             x_e = a_s * x0 + s_s * eps
             eps2 = _eps(params, x_e, s)
@@ -83,7 +132,11 @@ def _hand(kind: str, params, x, key, steps: int):
             return (a_s / a_t * x + a_s * d_sig * 0.5 * (eps + eps2),), None
         raise ValueError(kind)
 
-    carry = (x,) if kind != "dpm_2m" else (x, jnp.zeros_like(x), jnp.ones(()))
+    carry = {
+        "dpm_2m": (x, jnp.zeros_like(x), jnp.ones(())),
+        "dpm_2m_sde": (x, jnp.zeros_like(x), jnp.ones(())),
+        "unipc_2": (x, x, jnp.zeros_like(x), jnp.zeros_like(x), jnp.ones((), jnp.int32)),
+    }.get(kind, (x,))
     return jax.lax.scan(body, carry, idx)[0][0]
 
 
@@ -93,8 +146,13 @@ SAMPLERS = {  # name -> (hand-scan kind, jaxdiff sampler, grid: uniform from 1 t
     "DDIM": ("ddim", jd.samplers.ddim()),
     "DDPM ancestral": ("ancestral", jd.samplers.ancestral()),
     "DPM-Solver++ 2M": ("dpm_2m", jd.samplers.dpm_solver_pp(2)),
+    "DPM-Solver++ 2M-SDE": ("dpm_2m_sde", jd.samplers.dpm_solver_pp(2, eta=1.0)),
+    "UniPC-2 bh2": ("unipc_2", jd.samplers.unipc(2)),
     "EDM Heun": ("edm", jd.samplers.edm_heun()),
+    "PC (reverse diffusion + Langevin)": ("pc", jd.samplers.pc()),
+    "annealed Langevin": ("langevin", jd.samplers.annealed_langevin(steps_per_level=5)),
 }
+LANGEVIN_STEPS = 5  # annealed Langevin's steps per level (each a network evaluation)
 
 
 def _jaxdiff(sampler, params, x, key, steps: int, save: bool = False):
@@ -133,7 +191,7 @@ def _gradient_rows(params, repeats: int, quick: bool) -> list[dict]:
                 "batch": 256, "steps": steps, "scan_ms": None,
                 "jaxdiff_ms": 1e3 * res[str(c)]["median_s"], "ratio": None,
                 "scan_compile_s": None, "jaxdiff_compile_s": res[str(c)]["compile_s"],
-                "grad_memory_mib": mem[c] / 2**20,
+                "grad_memory_mib": mem[c] / 2**20, "rel_diff": None,
             })  # fmt: skip
     return rows
 
@@ -151,11 +209,14 @@ def run(quick: bool) -> dict:
                     continue
                 x = jax.random.normal(jax.random.key(1), (batch, 2))
                 key = jax.random.key(2)
+                hand_key = jax.random.split(key, 4)[1]  # the step keys jd.sample splits from key
                 hand = jax.jit(lambda p, x, k, s=steps, kd=kind: _hand(kd, p, x, k, s))
                 ours = jax.jit(lambda p, x, k, s=steps, sm=sampler: _jaxdiff(sm, p, x, k, s))
+                a, b = hand(params, x, hand_key), ours(params, x, key)
+                rel_diff = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
                 res = interleaved(
                     {
-                        "scan": lambda f=hand, x=x, k=key: f(params, x, k),
+                        "scan": lambda f=hand, x=x, k=hand_key: f(params, x, k),
                         "jaxdiff": lambda f=ours, x=x, k=key: f(params, x, k),
                     },
                     repeats=repeats if batch < 4096 or steps < 1000 else max(3, repeats // 3),
@@ -167,7 +228,7 @@ def run(quick: bool) -> dict:
                     "ratio": res["jaxdiff"]["median_s"] / res["scan"]["median_s"],
                     "scan_compile_s": res["scan"]["compile_s"],
                     "jaxdiff_compile_s": res["jaxdiff"]["compile_s"],
-                    "grad_memory_mib": None,
+                    "grad_memory_mib": None, "rel_diff": rel_diff,
                 })  # fmt: skip
     rows += _gradient_rows(params, repeats, quick)
     # Peak memory against the number of steps (batch 4096), with and without a trajectory.

@@ -58,6 +58,31 @@ def _coefficients(h, lams, lam0, k, variant):
     return rks, jnp.stack(rows), jnp.stack(b), b_h, h_phi_1
 
 
+def _solve(R: Array, b: Array) -> Array:
+    """``R^{-1} b`` for ``R`` of size 1-3 by Cramer's rule: elementwise arithmetic that XLA fuses
+    into the step (``jnp.linalg.solve`` is a LAPACK call of its own inside the sampling loop)."""
+    k = R.shape[0]
+    if k == 1:
+        return b / R[0, 0]
+
+    def det(m):
+        if k == 2:
+            return m[0][0] * m[1][1] - m[0][1] * m[1][0]
+        return (
+            m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+        )
+
+    rows = [[R[i, j] for j in range(k)] for i in range(k)]
+    d = det(rows)
+    cols = [
+        det([[b[i] if j == c else rows[i][j] for j in range(k)] for i in range(k)])
+        for c in range(k)
+    ]
+    return jnp.stack(cols) / d
+
+
 def _diffs(ms, rks, k):
     """``D_k = (m_k - m_0) / r_k`` for the ``k - 1`` earlier evaluations: ``(k - 1, *x.shape)``."""
     r = rks[: k - 1].reshape((k - 1,) + (1,) * (ms.ndim - 1))
@@ -69,13 +94,13 @@ def _predictor(k, variant, x, ms, lams, h, ratio, a_s):
     out = ratio * x - a_s * h_phi_1 * ms[0]
     if k == 1:
         return out
-    rhos = jnp.full((1,), 0.5, h.dtype) if k == 2 else jnp.linalg.solve(R[:-1, :-1], b[:-1])
+    rhos = jnp.full((1,), 0.5, h.dtype) if k == 2 else _solve(R[:-1, :-1], b[:-1])
     return out - a_s * b_h * jnp.tensordot(rhos.astype(x.dtype), _diffs(ms, rks, k), axes=1)
 
 
 def _corrector(k, variant, x_prev, m_t, ms, lams, h, ratio, a_t):
     rks, R, b, b_h, h_phi_1 = _coefficients(h, lams[1:], lams[0], k, variant)
-    rhos = jnp.full((1,), 0.5, h.dtype) if k == 1 else jnp.linalg.solve(R, b)
+    rhos = jnp.full((1,), 0.5, h.dtype) if k == 1 else _solve(R, b)
     rhos = rhos.astype(x_prev.dtype)
     res = rhos[-1] * (m_t - ms[0])
     if k > 1:
