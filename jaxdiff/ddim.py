@@ -45,15 +45,20 @@ def ddim_step(
     ``noise`` is the standard normal ``z`` (needed when ``eta > 0``). With ``s > t`` and
     ``eta = 0`` it is a step of DDIM inversion.
     """
-    a_s = expand_like(path.alpha(s), x0)
-    var_s = expand_like(path.sigma_sq(s), x0)
-    x = a_s * x0
-    if noise is None:
-        return (x + jnp.sqrt(var_s) * eps).astype(x0.dtype)
-    ratio = -jnp.expm1(path.log_snr(t) - path.log_snr(s))
-    c2 = expand_like(jnp.square(eta) * ratio, x0) * var_s
-    out = x + jnp.sqrt(jnp.maximum(var_s - c2, 0.0)) * eps + jnp.sqrt(c2) * noise
-    return out.astype(x0.dtype)
+    a_s, k, c = (expand_like(v, x0) for v in ddim_coefs(path, t, s, None if noise is None else eta))
+    out = a_s * x0 + k * eps
+    return (out if noise is None else out + c * noise).astype(x0.dtype)
+
+
+def ddim_coefs(path: GaussianPath, t: ArrayLike, s: ArrayLike, eta: ArrayLike | None) -> tuple:
+    """``(alpha_s, sqrt(sigma_s^2 - c^2), c)`` of the DDIM step ``x_s = alpha_s x0 +
+    sqrt(sigma_s^2 - c^2) eps + c z``, with ``c^2 = eta^2 (1 - SNR_t / SNR_s) sigma_s^2``
+    (``eta=None``: deterministic, ``c = 0`` without evaluating the SNR ratio)."""
+    var_s = path.sigma_sq(s)
+    if eta is None:
+        return path.alpha(s), jnp.sqrt(var_s), jnp.zeros_like(var_s)
+    c2 = jnp.square(eta) * -jnp.expm1(path.log_snr(t) - path.log_snr(s)) * var_s
+    return path.alpha(s), jnp.sqrt(jnp.maximum(var_s - c2, 0.0)), jnp.sqrt(c2)
 
 
 def ddim_invert(

@@ -22,8 +22,9 @@ from jax.typing import ArrayLike
 
 from jaxdiff._checks import check_positive
 from jaxdiff.conversions import hub_matrix
-from jaxdiff.field import batch_time
+from jaxdiff.ddim import ddim_coefs
 from jaxdiff.ddpm import _posterior_coefs, _reverse_var
+from jaxdiff.field import batch_time
 from jaxdiff.samplers.base import Sampler, combine, normal
 from jaxdiff.schedules import uniform_grid
 from jaxdiff.sde import Eta, _is_zero, check_eta, eta_at
@@ -114,14 +115,9 @@ def ddim(eta: Eta = 0.0) -> Sampler:
         """``x_s = p x_t + q value + c z``: ``alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat``
         through the hub map of the field's prediction ``value`` (:func:`jaxdiff.ddim_step`)."""
         h00, h01, h10, h11 = hub_matrix(path, t, field.target)
-        a_s, var_s = path.alpha(s), path.sigma_sq(s)
-        if stochastic:
-            e = jnp.where(path.sigma(s) > 0, eta_at(eta, t), 0.0)
-            c2 = jnp.square(e) * -jnp.expm1(path.log_snr(t) - path.log_snr(s)) * var_s
-        else:
-            c2 = jnp.zeros_like(var_s)
-        k = jnp.sqrt(jnp.maximum(var_s - c2, 0.0))
-        return a_s * h00 + k * h10, a_s * h01 + k * h11, jnp.sqrt(c2)
+        e = jnp.where(path.sigma(s) > 0, eta_at(eta, t), 0.0) if stochastic else None
+        a_s, k, c = ddim_coefs(path, t, s, e)
+        return a_s * h00 + k * h10, a_s * h01 + k * h11, c
 
     def step(key, path, field, state: State, t, s, coefs=None) -> State:
         x = state.x
