@@ -39,6 +39,38 @@ def _eps(params, x, t):
     return mlp_apply(params, x, jnp.broadcast_to(t, x.shape[:1]))
 
 
+def _unipc_2_weights(lam, alpha, sigma, n):
+    """UniPC-2 bh2 (Zhao et al. 2023) on the grid, vectorised over the steps ``i``: the weights of
+    the corrected sample in ``(x, x_prev, x0, m1, m2)`` (``x0`` the new evaluation, ``m1``, ``m2``
+    the earlier ones) and of the prediction in ``(x_c, x0, m1)``. Step ``i`` corrects the step
+    from ``i - 1`` (none at ``i = 0``; second order when that step's prediction was), then
+    predicts at second order except at the first and the last step."""
+    i = jnp.arange(n)
+    im1, im2 = jnp.maximum(i - 1, 0), jnp.maximum(i - 2, 0)
+    a_t, s_t, a_s, s_s = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
+    hc = jnp.where(i > 0, lam[i] - lam[im1], 1.0)  # the last step
+    e1 = jnp.expm1(-hc)  # B(h) = e^{-h} - 1 (bh2)
+    b1 = e1 / -hc - 1.0  # phi_2-type weights of the order conditions, / B(h)
+    b2 = 2.0 * (b1 / -hc - 0.5)
+    r0 = jnp.where(i >= 2, (lam[im2] - lam[im1]) / hc, 2.0)
+    rho1 = (b2 / e1 - r0 * b1 / e1) / (1.0 - r0)  # R rho = b, R = [[1, 1], [r0, 1]]
+    rho0 = b1 / e1 - rho1
+    cx, cm = s_t / sigma[im1], -a_t * e1
+    order2 = (i >= 2) & (i - 1 < n - 1)  # step i - 1 predicted at second order
+    rho_x0 = jnp.where(order2, rho1, 0.5)  # order 1 corrector: rho = 1/2 on (x0 - m1)
+    rho_m2 = jnp.where(order2, rho0 / r0, 0.0)
+    zero = jnp.zeros_like(cx)
+    wc = jnp.stack([zero, cx, cm * rho_x0, cm * (1.0 - rho_x0 - rho_m2), cm * rho_m2], -1)
+    wc = jnp.where((i == 0)[:, None], jnp.eye(5)[0], wc)
+    h = lam[i + 1] - lam[i]
+    e = jnp.expm1(-h)
+    r = (lam[im1] - lam[i]) / h
+    use2 = (i > 0) & (i < n - 1)
+    half = jnp.where(use2, 0.5 * a_s * e / r, 0.0)  # second order: - a_s e (m1 - x0) / (2 r)
+    wp = jnp.stack([s_s / s_t, -a_s * e + half, -half], -1)
+    return wc, wp
+
+
 def _hand(kind: str, params, x, key, steps: int):
     """The hand-written scan of sampler ``kind``."""
     ts = jnp.linspace(1.0, T_END, steps + 1)
@@ -47,6 +79,8 @@ def _hand(kind: str, params, x, key, steps: int):
     keys = jax.random.split(key, steps)
     idx = jnp.arange(steps)
     n = steps
+    if kind == "unipc_2":
+        unipc_w = _unipc_2_weights(lam, alpha, sigma, n)
 
     def body(carry, i):
         x = carry[0]
@@ -83,28 +117,11 @@ def _hand(kind: str, params, x, key, steps: int):
                 z = jax.random.normal(keys[i], x.shape, x.dtype)
                 x = x + s_s * jnp.sqrt(-jnp.expm1(-2.0 * h)) * z
             return (x, x0, h), None
-        if kind == "unipc_2":  # UniPC-2 bh2 (Zhao et al. 2023): correct the last step with the
-            x_prev, m1, m2, o_prev = carry[1], carry[2], carry[3], carry[4]  # new evaluation
-            hc = lam[i] - lam[jnp.maximum(i - 1, 0)]  # the last step (0 at i = 0: unused)
-            hc = jnp.where(i > 0, hc, 1.0)
-            e1 = jnp.expm1(-hc)  # B(h) = e^{-h} - 1 (bh2)
-            b1 = e1 / -hc - 1.0  # phi_2-type weights of the order conditions, / B(h)
-            b2 = 2.0 * (b1 / -hc - 0.5)
-            r0 = (lam[jnp.maximum(i - 2, 0)] - lam[jnp.maximum(i - 1, 0)]) / hc
-            rho1 = (b2 / e1 - r0 * b1 / e1) / (1.0 - r0)  # R rho = b, R = [[1, 1], [r0, 1]]
-            rho0 = b1 / e1 - rho1
-            base = s_t / sigma[jnp.maximum(i - 1, 0)] * x_prev - a_t * e1 * m1
-            c1 = base - a_t * e1 * 0.5 * (x0 - m1)
-            c2 = base - a_t * e1 * (rho1 * (x0 - m1) + rho0 * (m2 - m1) / r0)
-            x_c = jnp.where(i == 0, x, jnp.where((o_prev == 2) & (i >= 2), c2, c1))
-            h = lam[i + 1] - lam[i]
-            e = jnp.expm1(-h)
-            x1 = s_s / s_t * x_c - a_s * e * x0
-            r = (lam[jnp.maximum(i - 1, 0)] - lam[i]) / h
-            second = x1 - a_s * e * 0.5 * (m1 - x0) / r
-            use2 = (i > 0) & (i < n - 1)
-            x = jnp.where(use2, second, x1)
-            return (x, x_c, x0, m1, jnp.where(use2, 2, 1)), None
+        if kind == "unipc_2":  # UniPC-2 bh2: the weights of the states tabulated before the scan
+            x_prev, m1, m2 = carry[1], carry[2], carry[3]
+            wc, wp = unipc_w[0][i], unipc_w[1][i]
+            x_c = wc[0] * x + wc[1] * x_prev + wc[2] * x0 + wc[3] * m1 + wc[4] * m2
+            return (wp[0] * x_c + wp[1] * x0 + wp[2] * m1, x_c, x0, m1), None
         if kind == "pc":  # one Langevin corrector step (SNR rule, 0.16), the reverse-diffusion
             k_c, k_p = jax.random.split(keys[i])  # predictor
             (k_c,) = jax.random.split(k_c, 1)
@@ -135,7 +152,7 @@ def _hand(kind: str, params, x, key, steps: int):
     carry = {
         "dpm_2m": (x, jnp.zeros_like(x), jnp.ones(())),
         "dpm_2m_sde": (x, jnp.zeros_like(x), jnp.ones(())),
-        "unipc_2": (x, x, jnp.zeros_like(x), jnp.zeros_like(x), jnp.ones((), jnp.int32)),
+        "unipc_2": (x, x, jnp.zeros_like(x), jnp.zeros_like(x)),
     }.get(kind, (x,))
     return jax.lax.scan(body, carry, idx)[0][0]
 

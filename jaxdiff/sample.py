@@ -129,7 +129,7 @@ def sample(
     step_keys = jax.random.split(keys[1], n) if sampler.stochastic else None
     tables = None
     if sampler.coefficients is not None:  # what the steps need of the times alone, tabulated
-        tables = jax.vmap(lambda t, s: sampler.coefficients(path, field, t, s))(grid[:-1], grid[1:])
+        tables = jax.vmap(lambda i: sampler.coefficients(path, field, full, i))(jnp.arange(n))
 
     def step(k, state, t, s):
         k_step, k_hook, row = k

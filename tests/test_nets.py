@@ -162,9 +162,11 @@ def test_attention_equals_flax_dot_product_attention(dtype):
     layer = SelfAttention(heads=4, groups=8, dtype=dtype)
     params = jax.tree.map(lambda p: p + 0.05, layer.init(jax.random.key(2), x))  # out != 0
     flax_layer = nn.MultiHeadDotProductAttention(4, dtype=dtype, force_fp32_for_softmax=True)
-    h = nn.GroupNorm(8, epsilon=1e-6, dtype=dtype).apply(
-        {"params": params["params"]["GroupNorm_0"]}, x
-    ).reshape(2, 16, 16)
+    h = (
+        nn.GroupNorm(8, epsilon=1e-6, dtype=dtype)
+        .apply({"params": params["params"]["GroupNorm_0"]}, x)
+        .reshape(2, 16, 16)
+    )
     mha = {"params": params["params"]["MultiHeadDotProductAttention_0"]}
     ref = x + flax_layer.apply(mha, h, h).reshape(x.shape)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2

@@ -30,7 +30,7 @@ from jaxdiff.schedules import default_grid
 Array = jax.Array
 Grid = Callable[[GaussianPath, int, Any, Any], Array]
 
-__all__ = ["Sampler", "normal", "combine", "grid_check"]
+__all__ = ["Sampler", "between", "normal", "combine", "grid_check"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,13 +50,16 @@ class Sampler:
       at ``t_end > 0`` and may finish with the denoising step.
     * ``check(path, field, ts) -> ts``: the sampler's own checks of a grid (trace time where the
       values are known, else through ``equinox.error_if`` on ``ts``).
-    * ``coefficients(path, field, t, s) -> pytree`` (optional): what ``step`` needs of the times
-      alone (schedule values, the hub map of ``field.target``, noise scales). The driver
-      tabulates it over the whole grid before the scan (one ``vmap``) and calls
-      ``step(..., coefs=row)``, as a hand-written sampler tabulates its schedule; a step called
-      without ``coefs`` computes them itself. Computed inside the loop, XLA:CPU leaves such
-      scalars in kernels of their own: Euler--Maruyama ran 1.14-1.20x a hand-written scan at
-      batch 1-64, tabulated 0.98-1.05x.
+    * ``coefficients(path, field, ts, i) -> pytree`` (optional): what step ``i`` (from ``ts[i]``
+      to ``ts[i + 1]``) needs of the grid alone (schedule values, the hub map of
+      ``field.target``, noise scales; a multistep sampler's weights, which depend on earlier
+      times and on the orders used). The driver tabulates it for every step before the scan
+      (one ``vmap`` over ``i``) and calls ``step(..., coefs=row)``, as a hand-written sampler
+      tabulates its schedule; a step called without ``coefs`` (a loop of one's own) computes them
+      from ``t``, ``s`` and its state. A single-step sampler writes ``between(fn)`` for its
+      ``fn(path, field, t, s)``. Computed inside the loop, XLA:CPU leaves such scalars in kernels
+      of their own: Euler--Maruyama ran 1.14-1.20x a hand-written scan at batch 1-64, tabulated
+      0.98-1.05x.
     * ``interpolant``: whether ``path`` may also be a :class:`~jaxdiff.StochasticInterpolant`
       (``x_t = a_t x0 + b_t x1 + gamma_t z``, of which a ``GaussianPath`` is the case
       ``gamma = 0``); the others need the ``(x0, eps)`` hub of a ``GaussianPath``.
@@ -76,7 +79,7 @@ class Sampler:
     check: Callable[[GaussianPath, Field, Array], Array] | None = None
     adaptive: Any = None
     interpolant: bool = False
-    coefficients: Callable[[GaussianPath, Field, Array, Array], Any] | None = None
+    coefficients: Callable[[GaussianPath, Field, Array, Array], Any] | None = None  # (ts, i)
 
     def nfe(self, num_steps: int) -> int:
         """Network evaluations of ``num_steps`` steps (without the denoising step)."""
@@ -84,6 +87,12 @@ class Sampler:
 
     def __repr__(self) -> str:
         return f"Sampler({self.name})"
+
+
+def between(fn: Callable[[GaussianPath, Field, Array, Array], Any]) -> Callable:
+    """A single-step sampler's ``coefficients(path, field, ts, i)`` from its
+    ``fn(path, field, t, s)`` of the step's two times."""
+    return lambda path, field, ts, i: fn(path, field, ts[i], ts[i + 1])
 
 
 def normal(key: Array, x: Array) -> Array:
@@ -95,7 +104,9 @@ def combine(x: Array, *terms: tuple[Any, Any]) -> Array:
     """``sum(c * v for c, v in terms)`` for coefficients ``c`` of ``t`` (scalars or one per
     sample), computed in ``max(float32, x.dtype)`` and returned in ``x``'s dtype."""
     wide = jnp.promote_types(x.dtype, jnp.float32)
-    out = sum(expand_like(jnp.asarray(c), x).astype(wide) * jnp.asarray(v).astype(wide) for c, v in terms)
+    out = sum(
+        expand_like(jnp.asarray(c), x).astype(wide) * jnp.asarray(v).astype(wide) for c, v in terms
+    )
     return out.astype(x.dtype)
 
 

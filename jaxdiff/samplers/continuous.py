@@ -22,7 +22,14 @@ from jaxdiff.conversions import hub_matrix
 from jaxdiff.field import Field, batch_time
 from jaxdiff.integrate import Solution, check_tolerances, integrate
 from jaxdiff.paths import GaussianPath
-from jaxdiff.samplers.base import Sampler, alpha_zero_at_start, combine, grid_check, normal
+from jaxdiff.samplers.base import (
+    Sampler,
+    alpha_zero_at_start,
+    between,
+    combine,
+    grid_check,
+    normal,
+)
 from jaxdiff.sde import Eta, _is_zero, check_eta, eta_at, reverse_diffusion, reverse_drift
 
 Array = jax.Array
@@ -84,20 +91,9 @@ def _reverse(
     if stochastic:
         _diffrax.queries_inside_step(solver)  # raises for wrapped solvers needing Levy areas
     at_first, per_step = _diffrax.evaluations(solver, stochastic)
-    coefficients = None
-
-    def init(path: GaussianPath, field: Field, x: Array, ts: Array) -> DiffraxState:
-        return DiffraxState(x, _stepper(path, field, solver, eta).init(x, ts[0], ts[1]))
-
-    def step(key, path: GaussianPath, field: Field, state: DiffraxState, t, s) -> DiffraxState:
-        x, solver_state = _stepper(path, field, solver, eta).step(
-            key, state.x, state.solver_state, t, s
-        )
-        return DiffraxState(x, solver_state)
-
     if type(solver) is diffrax.Euler:  # Euler / Euler--Maruyama: diffrax's update, written out
 
-        def coefficients(path: GaussianPath, field: Field, t, s):
+        def euler_coefs(path: GaussianPath, field: Field, t, s):
             """``x_s = x_t + p x_t + q value + n z``: ``(s - t)`` times the reverse drift
             ``alpha' x0_hat + (sigma' + eta^2 g^2 / (2 sigma)) eps_hat`` through the hub map
             of the prediction ``value``, and the noise scale ``n = eta g sqrt(t - s)``."""
@@ -112,17 +108,31 @@ def _reverse(
             dt = s - t
             return dt * (da * h00 + c * h10), dt * (da * h01 + c * h11), noise
 
+        coefficients = between(euler_coefs)
+
         def init(path: GaussianPath, field: Field, x: Array, ts: Array) -> DiffraxState:
             return DiffraxState(x, None)
 
         def step(key, path, field, state: DiffraxState, t, s, coefs=None) -> DiffraxState:
             x = state.x
-            p, q, n = coefficients(path, field, t, s) if coefs is None else coefs
+            p, q, n = euler_coefs(path, field, t, s) if coefs is None else coefs
             value = field(x, batch_time(t, x))
             terms = [(1.0, x), (p, x), (q, value)]
             if stochastic:
                 terms.append((n, normal(key, x)))
             return DiffraxState(combine(x, *terms), None)
+
+    else:  # any other diffrax solver: its own step
+        coefficients = None
+
+        def init(path: GaussianPath, field: Field, x: Array, ts: Array) -> DiffraxState:
+            return DiffraxState(x, _stepper(path, field, solver, eta).init(x, ts[0], ts[1]))
+
+        def step(key, path, field, state: DiffraxState, t, s) -> DiffraxState:
+            x, solver_state = _stepper(path, field, solver, eta).step(
+                key, state.x, state.solver_state, t, s
+            )
+            return DiffraxState(x, solver_state)
 
     def check(path: GaussianPath, field: Field, ts: Array) -> Array:
         if not stochastic:

@@ -25,7 +25,7 @@ from jaxdiff.conversions import hub_matrix
 from jaxdiff.ddim import ddim_coefs
 from jaxdiff.ddpm import _posterior_coefs, _reverse_var
 from jaxdiff.field import batch_time
-from jaxdiff.samplers.base import Sampler, combine, normal
+from jaxdiff.samplers.base import Sampler, between, combine, normal
 from jaxdiff.schedules import uniform_grid
 from jaxdiff.sde import Eta, _is_zero, check_eta, eta_at
 
@@ -87,7 +87,7 @@ def ancestral(*, var_weight: ArrayLike = 0.0) -> Sampler:
         steps=1000,
         t_end=0.0,
         reaches_zero=True,
-        coefficients=coefficients,
+        coefficients=between(coefficients),
     )
 
 
@@ -137,5 +137,5 @@ def ddim(eta: Eta = 0.0) -> Sampler:
         steps=50,
         t_end=0.0,
         reaches_zero=True,
-        coefficients=coefficients,
+        coefficients=between(coefficients),
     )

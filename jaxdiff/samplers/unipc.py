@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.field import predict
-from jaxdiff.samplers.base import Sampler
+from jaxdiff.samplers.base import Sampler, combine
 from jaxdiff.schedules import log_snr_grid
 
 Array = jax.Array
@@ -113,12 +113,62 @@ def _known(lams):
     return jnp.sum(jnp.cumprod(jnp.isfinite(lams).astype(jnp.int32)))
 
 
+def _order(order, lower_order_final, path, s, lams, i, n):
+    """The order of step ``i``'s prediction (to ``s``), ``lams`` the history with its evaluation."""
+    o = jnp.minimum(order, i + 1)
+    if lower_order_final:
+        o = jnp.minimum(o, n - i)
+    o = jnp.minimum(o, 1 + _known(lams[1:]))  # earlier points at lambda = -inf: unusable
+    return jnp.where(path.sigma(s) == 0, 1, o).astype(jnp.int32)
+
+
+def _unit(i: int, size: int, dtype) -> Array:
+    return jnp.zeros((size,), dtype).at[i].set(1.0)
+
+
+def _weights(order, variant, path, t, s, lams, t_prev, order_prev, i, n, lower_order_final):
+    """What a step from ``t`` to ``s`` needs of the times alone: the weights of the corrected
+    sample ``x_c = w_c . (x, x_prev, m_t, ms...)`` and of the prediction
+    ``x_s = w_p . (x_c, m_t, ms[:-1]...)``, both linear in the states, with the orders of the
+    correction and of the prediction folded in; and the new history ``(lams, order)``.
+
+    The weights are the corrector and predictor above applied to unit vectors (they are linear in
+    the states), so the step is two fused sums."""
+    dtype = lams.dtype
+    t, s, t_prev = (jnp.asarray(v, dtype) for v in (t, s, t_prev))
+    lam_t, lam_s = 0.5 * path.log_snr(t), 0.5 * path.log_snr(s)
+    # UniC: redo the last update (from t_prev, lams[0]) with the evaluation at x
+    usable = (i > 0) & jnp.isfinite(lams[0])  # no correction of a step from lambda = -inf
+    h_c = jnp.where(usable, lam_t - lams[0], 1.0)
+    size_c = order + 3  # x, x_prev, m_t, ms[0..order-1]
+    ms_c = jnp.stack([_unit(3 + j, size_c, dtype) for j in range(order)])
+    args_c = (_unit(1, size_c, dtype), _unit(2, size_c, dtype), ms_c, lams, h_c,
+              path.sigma(t) / path.sigma(t_prev), path.alpha(t))  # fmt: skip
+    k_c = jnp.clip(jnp.minimum(order_prev, 1 + _known(lams[1:])), 1, order)
+    w_c = jax.lax.switch(
+        k_c - 1, [lambda a, k=k: _corrector(k, variant, *a) for k in range(1, order + 1)], args_c
+    )
+    w_c = jnp.where(usable, w_c, _unit(0, size_c, dtype))
+    # UniP: predict the next sample from the history with the new evaluation first
+    lams = jnp.concatenate([lam_t[None].astype(dtype), lams[:-1]])
+    o = _order(order, lower_order_final, path, s, lams, i, n)
+    size_p = order + 1  # x_c, then the new history
+    ms_p = jnp.stack([_unit(1 + j, size_p, dtype) for j in range(order)])
+    args_p = (_unit(0, size_p, dtype), ms_p, lams, lam_s - lam_t, path.sigma(s) / path.sigma(t),
+              path.alpha(s))  # fmt: skip
+    w_p = jax.lax.switch(
+        o - 1, [lambda a, k=k: _predictor(k, variant, *a) for k in range(1, order + 1)], args_p
+    )
+    return w_c, w_p, lams, o
+
+
 def unipc(order: int = 2, *, variant: str = "bh2", lower_order_final: bool = True) -> Sampler:
     """UniPC of ``order`` 1, 2 or 3 (Zhao et al. 2023), ``variant`` ``"bh1"`` or ``"bh2"``.
 
     One evaluation per step; the corrector raises the order by one at no extra cost. Default:
     order 2 with ``"bh2"`` (diffusers' defaults), 10 steps uniform in log-SNR, then the denoising
-    step (11 evaluations).
+    step (11 evaluations). The weights of each step depend on the grid alone (its times and the
+    orders used), so ``jaxdiff.sample`` tabulates them before the scan.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
@@ -133,6 +183,10 @@ def unipc(order: int = 2, *, variant: str = "bh2", lower_order_final: bool = Tru
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant must be 'bh1' or 'bh2'; got {variant!r}")
 
+    def weights(path, t, s, lams, t_prev, order_prev, i, n):
+        return _weights(order, variant, path, t, s, lams, t_prev, order_prev, i, n,
+                        lower_order_final)  # fmt: skip
+
     def init(path, field, x, ts) -> State:
         dtype = jnp.result_type(x.dtype, jnp.float32)
         zeros = jnp.zeros((order,) + x.shape, x.dtype)
@@ -141,37 +195,34 @@ def unipc(order: int = 2, *, variant: str = "bh2", lower_order_final: bool = Tru
         lams = jnp.full((order,), -jnp.inf, dtype)  # -inf: no evaluation there (yet)
         return State(x, x, zeros, lams, ts[0].astype(dtype), one, jnp.zeros((), jnp.int32), n)
 
-    def step(key, path, field, state: State, t, s) -> State:
+    def coefficients(path, field, ts, i):
+        """Step ``i``'s weights from the grid: the history a loop would carry, rebuilt."""
+        dtype = jnp.result_type(ts.dtype, jnp.float32)
+        n = jnp.asarray(ts.shape[0] - 1, jnp.int32)
+
+        def history(i):  # lambdas of the evaluations before step i, newest first
+            idx = i - 1 - jnp.arange(order)
+            lam = 0.5 * path.log_snr(ts[jnp.maximum(idx, 0)].astype(dtype))
+            return jnp.where(idx >= 0, lam, -jnp.inf)
+
+        # the order of step i - 1's prediction (1 at i = 0, as init)
+        prev = _order(order, lower_order_final, path, ts[i], history(i), i - 1, n)
+        order_prev = jnp.where(i > 0, prev, 1)
+        return weights(path, ts[i], ts[i + 1], history(i), ts[jnp.maximum(i - 1, 0)],
+                       order_prev, i, n)  # fmt: skip
+
+    def step(key, path, field, state: State, t, s, coefs=None) -> State:
         x, x_prev, ms, lams, t_prev, order_prev, i, n = state
-        lam_t, lam_s = 0.5 * path.log_snr(t), 0.5 * path.log_snr(s)
+        if coefs is None:
+            coefs = weights(path, t, s, lams, t_prev, order_prev, i, n)
+        w_c, w_p, lams, o = coefs
         m_t, _ = predict(path, field, x, t)
-        # UniC: redo the last update (from t_prev, lams[0]) with the evaluation at x
-        ratio_c = path.sigma(t) / path.sigma(t_prev)
-        usable = (i > 0) & jnp.isfinite(lams[0])  # no correction of a step from lambda = -inf
-        h_c = jnp.where(usable, lam_t - lams[0], 1.0)
-        args_c = (x_prev, m_t, ms, lams, h_c, ratio_c, path.alpha(t))
-        branches = [
-            lambda a, k=k: _corrector(k, variant, *a).astype(x.dtype) for k in range(1, order + 1)
-        ]
-        k_c = jnp.minimum(order_prev, 1 + _known(lams[1:]))
-        corrected = jax.lax.switch(jnp.clip(k_c, 1, order) - 1, branches, args_c)
-        x_c = jnp.where(usable, corrected, x)
-        # history: the new evaluation first
+        x_c = combine(x, (w_c[0], x), (w_c[1], x_prev), (w_c[2], m_t),
+                      *((w_c[3 + j], ms[j]) for j in range(order)))  # fmt: skip
         ms = jnp.concatenate([m_t[None], ms[:-1]])
-        lams = jnp.concatenate([lam_t[None].astype(lams.dtype), lams[:-1]])
-        # UniP: predict the next sample
-        o = jnp.minimum(order, i + 1)
-        if lower_order_final:
-            o = jnp.minimum(o, n - i)
-        o = jnp.minimum(o, 1 + _known(lams[1:]))  # earlier points at lambda = -inf: unusable
-        o = jnp.where(path.sigma(s) == 0, 1, o)
-        ratio = path.sigma(s) / path.sigma(t)
-        args_p = (x_c, ms, lams, lam_s - lam_t, ratio, path.alpha(s))
-        branches = [
-            lambda a, k=k: _predictor(k, variant, *a).astype(x.dtype) for k in range(1, order + 1)
-        ]
-        x_s = jax.lax.switch(o - 1, branches, args_p)
-        return State(x_s, x_c, ms, lams, jnp.asarray(t, t_prev.dtype), o, i + 1, n)
+        x_s = combine(x, (w_p[0], x_c), *((w_p[1 + j], ms[j]) for j in range(order)))
+        return State(x_s, x_c, ms, lams.astype(state.lams.dtype), jnp.asarray(t, t_prev.dtype),
+                     o, i + 1, n)  # fmt: skip
 
     return Sampler(
         name=f"unipc(order={order}, variant={variant})",
@@ -182,4 +233,5 @@ def unipc(order: int = 2, *, variant: str = "bh2", lower_order_final: bool = Tru
         steps=10,
         denoise=True,
         reaches_zero=True,
+        coefficients=coefficients,
     )
