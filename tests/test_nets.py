@@ -150,6 +150,34 @@ def test_conv_layer_equals_flax_conv_with_the_same_params():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_group_norm_equals_flax(dtype):
+    """The U-Net's group norm (per-channel sums first, fast on XLA:CPU) is flax's ``GroupNorm``:
+    the same parameter tree, output and gradients (in x and in the parameters), in float32 and
+    bfloat16, on activations with an offset (mean 3, std 0.5) and on 3-D inputs."""
+    from jaxdiff.nets import GroupNorm
+
+    for shape in ((4, 6, 5, 32), (3, 7, 16)):
+        x = (3.0 + 0.5 * jax.random.normal(jax.random.key(0), shape)).astype(dtype)
+        ours, ref = GroupNorm(8, dtype=dtype), nn.GroupNorm(8, epsilon=1e-6, dtype=dtype)
+        params = ref.init(jax.random.key(1), x)
+        params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+        assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
+        w = jax.random.normal(jax.random.key(3), shape)
+        outs = []
+        for m in (ours, ref):
+            y = m.apply(params, x)
+            assert y.dtype == dtype
+            loss = lambda p, x, m=m, w=w: jnp.sum(m.apply(p, x).astype(jnp.float32) * w)  # noqa: E731
+            outs.append((y, *jax.grad(loss, argnums=(0, 1))(params, x)))
+        tol = 2e-5 if dtype == jnp.float32 else 2e-2
+        for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+            a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+    with pytest.raises(ValueError, match="3 groups do not divide the 32 channels"):
+        GroupNorm(3).init(jax.random.key(0), jnp.ones((1, 2, 2, 32)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_attention_equals_flax_dot_product_attention(dtype):
     """The U-Net's attention (heads as a leading batch axis, fast on XLA:CPU) is flax's function:
     the same layer output with the same parameters, in float32 and bfloat16."""

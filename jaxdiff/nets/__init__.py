@@ -16,7 +16,7 @@ from jaxdiff.nets.embeddings import (
 )
 from jaxdiff.nets.mlp import MLP
 from jaxdiff.nets.two_time import TwoTimeMLP
-from jaxdiff.nets.unet import ResBlock, SelfAttention, UNet, ddpm_cifar10, small_unet
+from jaxdiff.nets.unet import GroupNorm, ResBlock, SelfAttention, UNet, ddpm_cifar10, small_unet
 
 __all__ = [
     "MLP",
@@ -27,6 +27,7 @@ __all__ = [
     "Conv",
     "conv2d",
     "ResBlock",
+    "GroupNorm",
     "SelfAttention",
     "TimeEmbedding",
     "LabelEmbedding",

@@ -29,12 +29,53 @@ from jaxdiff.nets.embeddings import conditioning
 
 Array = jax.Array
 
-__all__ = ["UNet", "ResBlock", "SelfAttention", "ddpm_cifar10", "small_unet"]
+__all__ = ["UNet", "ResBlock", "SelfAttention", "GroupNorm", "ddpm_cifar10", "small_unet"]
 
 
-def _norm(channels: int, groups: int, dtype) -> nn.GroupNorm:
+class GroupNorm(nn.Module):
+    """Group norm (Wu & He 2018) of ``(batch, ..., channels)`` inputs: flax's ``nn.GroupNorm``
+    (``scale`` and ``bias`` per channel, statistics in float32, the same parameters), computed
+    from per-channel sums over the spatial axes, then per group.
+
+    ``y = (x - mean_g) rsqrt(var_g + epsilon) scale + bias``, ``var_g = E[x^2] - mean_g^2``. Flax
+    reduces the ``(batch, h, w, groups, channels / groups)`` reshape over three scattered axes,
+    a slow XLA:CPU path (32x32x64 at batch 32: 7.7 ms forward, here 0.8-1.3 ms; forward and
+    backward 5.9 ms against 1.7 ms); the sums over ``h, w`` first are contiguous reductions.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-6
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, c = x.shape[0], x.shape[-1]
+        g = self.num_groups
+        if c % g:
+            raise ValueError(f"{g} groups do not divide the {c} channels")
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        flat = x32.reshape(b, -1, c)
+        count = flat.shape[1] * (c // g)
+
+        def group_mean(v):  # (batch, spatial, channels) -> (batch, channels), per group
+            per_group = jnp.sum(v, axis=1).reshape(b, g, c // g).sum(-1) / count
+            return jnp.repeat(per_group, c // g, axis=-1)
+
+        mean = group_mean(flat)
+        var = jnp.maximum(group_mean(flat * flat) - mean * mean, 0.0)
+        mul = jax.lax.rsqrt(var + self.epsilon) * scale[None]
+        shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+        y = (x32 - mean.reshape(shape)) * mul.reshape(shape) + bias.reshape(
+            (1,) * (x.ndim - 1) + (c,)
+        )
+        return y.astype(self.dtype or x.dtype)
+
+
+def _norm(channels: int, groups: int, dtype) -> GroupNorm:
     """Group norm with ``gcd(groups, channels)`` groups; statistics in float32 for any dtype."""
-    return nn.GroupNorm(num_groups=math.gcd(groups, channels), epsilon=1e-6, dtype=dtype)
+    return GroupNorm(num_groups=math.gcd(groups, channels), epsilon=1e-6, dtype=dtype)
 
 
 class ResBlock(nn.Module):
