@@ -168,7 +168,7 @@ def test_group_norm_equals_flax(dtype):
             y = m.apply(params, x)
             assert y.dtype == dtype
             loss = lambda p, x, m=m, w=w: jnp.sum(m.apply(p, x).astype(jnp.float32) * w)  # noqa: E731
-            outs.append((y, *jax.grad(loss, argnums=(0, 1))(params, x)))
+            outs.append((y, *jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)))
         tol = 2e-5 if dtype == jnp.float32 else 2e-2
         for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
             a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)

@@ -187,8 +187,8 @@ def test_own_loop_matches_the_driver(name, sampler, steps, x64):
 
 @pytest.mark.parametrize(
     "sampler",
-    [S.unipc(1), S.unipc(2, lower_order_final=False), S.unipc(3, variant="bh1")],
-    ids=["unipc-1", "unipc-2-all-second-order", "unipc-3-bh1"],
+    [S.unipc(2, lower_order_final=False), S.unipc(3, variant="bh1")],
+    ids=["unipc-2-all-second-order", "unipc-3-bh1"],
 )
 def test_unipc_table_rebuilds_the_loop_history(sampler, x64):
     """UniPC's tabulated weights (each step's history rebuilt from the grid: earlier lambdas and
@@ -202,8 +202,11 @@ def test_unipc_table_rebuilds_the_loop_history(sampler, x64):
         sol = jd.sample(None, path, field, x_init=x, sampler=sampler, ts=ts, denoise=True)
         full = jnp.concatenate([ts, jnp.zeros((1,))])
         state = sampler.init(path, field, x, full)
+        step = jax.jit(
+            lambda st, t, s, path=path, field=field: sampler.step(None, path, field, st, t, s)
+        )
         for i in range(9):
-            state = sampler.step(None, path, field, state, ts[i], ts[i + 1])
+            state = step(state, ts[i], ts[i + 1])
         x_end = jd.denoise(path, field, state.x, ts[-1])
         np.testing.assert_allclose(x_end, sol.x, rtol=1e-10, atol=1e-10)
 
