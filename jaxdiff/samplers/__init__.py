@@ -30,7 +30,7 @@ factory                       what it integrates
 ============================  ================================================================
 """
 
-from jaxdiff.samplers.base import Sampler
+from jaxdiff.samplers.base import Sampler, between
 from jaxdiff.samplers.continuous import ode, sde
 from jaxdiff.samplers.discrete import ancestral, ddim
 from jaxdiff.samplers.dpm import dpm_solver_pp
@@ -49,6 +49,7 @@ from jaxdiff.samplers.unipc import unipc
 
 __all__ = [
     "Sampler",
+    "between",
     "ode",
     "sde",
     "ancestral",
