@@ -60,7 +60,8 @@ def _coefficients(h, lams, lam0, k, variant):
 
 def _solve(R: Array, b: Array) -> Array:
     """``R^{-1} b`` for ``R`` of size 1-3 by Cramer's rule: elementwise arithmetic that XLA fuses
-    into the step (``jnp.linalg.solve`` is a LAPACK call of its own inside the sampling loop)."""
+    (``jnp.linalg.solve`` is a LAPACK call of its own: in the step of a loop of one's own, and
+    batched over the steps in ``jaxdiff.sample``'s table)."""
     k = R.shape[0]
     if k == 1:
         return b / R[0, 0]
