@@ -173,8 +173,9 @@ def test_group_norm_equals_flax(dtype):
         for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
             a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
-    with pytest.raises(ValueError, match="3 groups do not divide the 32 channels"):
-        GroupNorm(3).init(jax.random.key(0), jnp.ones((1, 2, 2, 32)))
+    for init in (GroupNorm(3).init, jax.jit(GroupNorm(3).init)):  # eagerly and under jit
+        with pytest.raises(ValueError, match="3 groups do not divide the 32 channels"):
+            init(jax.random.key(0), jnp.ones((1, 2, 2, 32)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
