@@ -1,6 +1,7 @@
 """Flax networks: shapes, time broadcasting, labels and the null label, embeddings, the
 convolution with fast gradients, the U-Net configs, dropout and bfloat16."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -203,6 +204,35 @@ def test_attention_equals_flax_dot_product_attention(dtype):
         np.asarray(layer.apply(params, x), np.float32), np.asarray(ref, np.float32), rtol=tol,
         atol=tol,
     )  # fmt: skip
+
+
+def test_chunked_attention_is_the_attention_under_every_transform():
+    """On CPU the U-Net's attention runs the batch in chunks (a loop, the last chunk padded): the
+    same values, gradients, JVP (what the likelihood's divergence uses) and vmap as in one piece."""
+    from jaxdiff.nets.unet import _attention, _attention_chunked, _attention_math
+
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 5, 6, 2, 4))
+    two = functools.partial(_attention_chunked, chunk_bytes=2 * 4 * 2 * 6 * 6)  # 2 + 2 + (1 + pad)
+    assert "scan" in str(jax.make_jaxpr(two)(q, k, v))
+    assert "scan" not in str(jax.make_jaxpr(_attention_chunked)(q, k, v))  # fits: one piece
+    for fn in (two, _attention):
+        np.testing.assert_allclose(fn(q, k, v), _attention_math(q, k, v), rtol=1e-6, atol=1e-6)
+        loss = lambda f: lambda *qkv: jnp.sum(jnp.sin(f(*qkv)))  # noqa: E731
+        for a, b in zip(
+            jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v),
+            jax.grad(loss(_attention_math), argnums=(0, 1, 2))(q, k, v),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        tangents = tuple(jax.random.normal(jax.random.key(i), q.shape) for i in (1, 2, 3))
+        np.testing.assert_allclose(
+            jax.jvp(fn, (q, k, v), tangents)[1],
+            jax.jvp(_attention_math, (q, k, v), tangents)[1],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    batched = jax.vmap(two, in_axes=(None, None, 1), out_axes=1)(q, k, jnp.stack([v, 2 * v], 1))
+    np.testing.assert_allclose(batched[:, 1], 2 * _attention_math(q, k, v), rtol=1e-5, atol=1e-6)
 
 
 def _count(model, shape, *args):
