@@ -13,11 +13,14 @@ scan against 41 ms unrolled). Forward convolutions are canonical already. Upstre
 (a channels-first forward convolution in a loop, open since 2022); not the thunk runtime's
 per-op overhead of jax-ml/jax#40150.
 
-:func:`conv2d` is ``lax.conv_general_dilated`` with a custom VJP that writes both gradients as
-canonical convolutions on explicitly transposed operands (what the pass would have done), so a
-training step runs as fast in a scan as in a plain ``jit``. The gradients equal JAX's own (the
-same sums, same order: bit for bit in the tests). On other backends the custom VJP is not used
-(``lax.platform_dependent``): cuDNN and TPU handle every layout natively.
+:func:`conv2d` is ``lax.conv_general_dilated`` as a bilinear primitive of its own whose transposes
+write both gradients as canonical convolutions on explicitly transposed operands (what the pass
+would have done), so a training step runs as fast in a scan as in a plain ``jit``. The gradients
+equal JAX's own (the same sums, same order: bit for bit in the tests). A primitive rather than a
+``custom_vjp``: forward mode (``jax.jvp``, ``jax.linearize``: the likelihood's divergence,
+MeanFlow), ``vmap`` and higher derivatives work through it as through ``lax``'s convolution. On
+other backends the transposes are JAX's own (``lax.platform_dependent``): cuDNN and TPU handle
+every layout natively.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -45,53 +50,102 @@ def _conv(x: Array, w: Array, strides, padding, lhs_dilation=(1, 1), rhs_dilatio
     )
 
 
-def _canonical_grads(strides: tuple[int, int], padding: Pads, x: Array, w: Array, g: Array):
-    """Both gradients as ``NHWC x HWIO`` convolutions (the padding of JAX's transpose rules)."""
-    k, size, out = w.shape[:2], x.shape[1:3], g.shape[1:3]
-    # input: g (dilated by the stride) against the flipped kernel with its I/O swapped
+def _dx_canonical(strides, padding, shape, w: Array, g: Array) -> Array:
+    """The input gradient as an ``NHWC x HWIO`` convolution: ``g`` (dilated by the stride) against
+    the flipped kernel with its I/O swapped (the padding of JAX's transpose rule)."""
+    k, out = w.shape[:2], g.shape[1:3]
     w_t = jnp.transpose(jnp.flip(w, (0, 1)), (0, 1, 3, 2))
     pads = []
     for d in range(2):
         before = k[d] - padding[d][0] - 1
-        pads.append((before, size[d] + k[d] - 1 - ((out[d] - 1) * strides[d] + 1) - before))
-    dx = _conv(g, w_t, (1, 1), pads, lhs_dilation=strides)
-    # kernel: channels of x as the batch, the batch as features; g as the kernel, dilated
+        pads.append((before, shape[1 + d] + k[d] - 1 - ((out[d] - 1) * strides[d] + 1) - before))
+    return _conv(g, w_t, (1, 1), pads, lhs_dilation=strides)
+
+
+def _dw_canonical(strides, padding, shape, x: Array, g: Array) -> Array:
+    """The kernel gradient as an ``NHWC x HWIO`` convolution: the channels of ``x`` as the batch,
+    the batch as features, ``g`` (dilated by the stride) as the kernel."""
+    k, size, out = shape[:2], x.shape[1:3], g.shape[1:3]
     x_t = jnp.transpose(x, (3, 1, 2, 0))
     g_t = jnp.transpose(g, (1, 2, 0, 3))
     pads = []
     for d in range(2):
         lo = padding[d][0]
         pads.append((lo, (out[d] - 1) * strides[d] + 1 - size[d] + k[d] - lo - 1))
-    dw = jnp.transpose(_conv(x_t, g_t, (1, 1), pads, rhs_dilation=strides), (1, 2, 0, 3))
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    return jnp.transpose(_conv(x_t, g_t, (1, 1), pads, rhs_dilation=strides), (1, 2, 0, 3))
 
 
-def _jax_grads(strides, padding, x, w, g):
-    _, vjp = jax.vjp(lambda a, b: _conv(a, b, strides, padding), x, w)
-    return vjp(g)
+def _dx_lax(strides, padding, shape, w, g):
+    return jax.linear_transpose(
+        lambda a: _conv(a, w, strides, padding), jax.ShapeDtypeStruct(shape, g.dtype)
+    )(g)[0]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv2d(x: Array, w: Array, strides: tuple[int, int], padding: Pads) -> Array:
+def _dw_lax(strides, padding, shape, x, g):
+    return jax.linear_transpose(
+        lambda b: _conv(x, b, strides, padding), jax.ShapeDtypeStruct(shape, g.dtype)
+    )(g)[0]
+
+
+# The convolution as a primitive of its own, so that its transposes (the two gradients) are ours
+# while forward mode, vmap and higher derivatives still work (a ``custom_vjp`` forbids ``jax.jvp``
+# and ``jax.linearize``, which the likelihood's divergence and MeanFlow apply to the network). It
+# is bilinear: its JVP is two more of itself, its transposes are the canonical convolutions above
+# on CPU and JAX's own rules elsewhere (``lax.platform_dependent``: cuDNN and TPU take any layout).
+conv2d_p = Primitive("jaxdiff_conv2d")
+
+
+def _impl(x, w, *, strides, padding):
     return _conv(x, w, strides, padding)
 
 
-def _fwd(x, w, strides, padding):
-    return _conv(x, w, strides, padding), (x, w)
+def _abstract(x, w, *, strides, padding):
+    out = [
+        (x.shape[1 + d] + sum(padding[d]) - w.shape[d]) // strides[d] + 1 for d in range(2)
+    ]
+    return x.update(shape=(x.shape[0], *out, w.shape[3]), weak_type=False)
 
 
-def _bwd(strides, padding, res, g):
-    x, w = res
-    return lax.platform_dependent(
-        x,
-        w,
-        g,
-        cpu=partial(_canonical_grads, strides, padding),
-        default=partial(_jax_grads, strides, padding),
-    )
+def _transpose(canonical, lax_rule, shape, *, strides, padding, dtype, **operands):
+    other, g = operands["other"], operands["g"]
+    rule = lambda f: partial(f, strides, padding, shape)  # noqa: E731
+    out = lax.platform_dependent(other, g, cpu=rule(canonical), default=rule(lax_rule))
+    return out.astype(dtype)
 
 
-_conv2d.defvjp(_fwd, _bwd)
+def _lhs_rule(g, x, w, *, strides, padding):
+    return _transpose(
+        _dx_canonical, _dx_lax, x.aval.shape, strides=strides, padding=padding,
+        dtype=x.aval.dtype, other=w, g=g,
+    )  # fmt: skip
+
+
+def _rhs_rule(g, x, w, *, strides, padding):
+    return _transpose(
+        _dw_canonical, _dw_lax, w.aval.shape, strides=strides, padding=padding,
+        dtype=w.aval.dtype, other=x, g=g,
+    )  # fmt: skip
+
+
+def _batch(args, dims, *, strides, padding):
+    (x, w), (bx, bw) = args, dims
+    if bw is None:  # a batch of images: fold the mapped axis into the image batch
+        x = jnp.moveaxis(x, bx, 0)
+        y = conv2d_p.bind(x.reshape(-1, *x.shape[2:]), w, strides=strides, padding=padding)
+        return y.reshape(*x.shape[:2], *y.shape[1:]), 0
+    # per-example kernels: lax's own batching (feature groups), gradients by JAX's rules
+    return jax.vmap(partial(_impl, strides=strides, padding=padding), (bx, bw))(x, w), 0
+
+
+conv2d_p.def_impl(_impl)
+conv2d_p.def_abstract_eval(_abstract)
+ad.defbilinear(conv2d_p, _lhs_rule, _rhs_rule)
+batching.primitive_batchers[conv2d_p] = _batch
+mlir.register_lowering(conv2d_p, mlir.lower_fun(_impl, multiple_results=False))
+
+
+def _conv2d(x: Array, w: Array, strides: tuple[int, int], padding: Pads) -> Array:
+    return conv2d_p.bind(x, w, strides=strides, padding=padding)
 
 
 def _pads(padding: str | int | Sequence, x_shape, k, strides) -> Pads:
