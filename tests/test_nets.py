@@ -170,6 +170,26 @@ def test_conv2d_under_forward_mode_vmap_and_second_derivatives_equals_lax(stride
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(("size", "stride", "padding"), [((7, 9), 2, "SAME"), ((8, 8), 1, 1)])
+def test_conv2d_transposes_on_other_backends_equal_the_cpu_ones(size, stride, padding):
+    """Off CPU the primitive's transposes are JAX's own rules (``lax.platform_dependent``); run
+    here directly, they give the CPU branch's canonical gradients."""
+    from jaxdiff.nets.conv import _dw_canonical, _dw_lax, _dx_canonical, _dx_lax, _pads
+
+    x = jax.random.normal(jax.random.key(0), (2, *size, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
+    strides, pads = (stride, stride), _pads(padding, x.shape, (3, 3), (stride, stride))
+    g = jax.random.normal(jax.random.key(2), jax.eval_shape(
+        lambda: jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ).shape)  # fmt: skip
+    for canonical, other, operand, shape in ((_dx_canonical, _dx_lax, w, x.shape),
+                                             (_dw_canonical, _dw_lax, x, w.shape)):  # fmt: skip
+        a = canonical(strides, pads, shape, operand, g)
+        b = other(strides, pads, shape, operand, g)
+        assert a.shape == b.shape == shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_unet_divergence_forward_mode_equals_reverse_mode():
     """The likelihood's divergence runs the U-Net in forward mode (``jax.linearize``, one JVP per
     pixel); it equals the trace of the Jacobian built in reverse mode (the canonical transposes),

@@ -100,31 +100,22 @@ def _impl(x, w, *, strides, padding):
 
 
 def _abstract(x, w, *, strides, padding):
-    out = [
-        (x.shape[1 + d] + sum(padding[d]) - w.shape[d]) // strides[d] + 1 for d in range(2)
-    ]
+    out = [(x.shape[1 + d] + sum(padding[d]) - w.shape[d]) // strides[d] + 1 for d in range(2)]
     return x.update(shape=(x.shape[0], *out, w.shape[3]), weak_type=False)
 
 
-def _transpose(canonical, lax_rule, shape, *, strides, padding, dtype, **operands):
-    other, g = operands["other"], operands["g"]
-    rule = lambda f: partial(f, strides, padding, shape)  # noqa: E731
+def _transpose(canonical, lax_rule, aval, other, g, strides, padding):
+    rule = lambda f: partial(f, strides, padding, aval.shape)
     out = lax.platform_dependent(other, g, cpu=rule(canonical), default=rule(lax_rule))
-    return out.astype(dtype)
+    return out.astype(aval.dtype)
 
 
 def _lhs_rule(g, x, w, *, strides, padding):
-    return _transpose(
-        _dx_canonical, _dx_lax, x.aval.shape, strides=strides, padding=padding,
-        dtype=x.aval.dtype, other=w, g=g,
-    )  # fmt: skip
+    return _transpose(_dx_canonical, _dx_lax, x.aval, w, g, strides, padding)
 
 
 def _rhs_rule(g, x, w, *, strides, padding):
-    return _transpose(
-        _dw_canonical, _dw_lax, w.aval.shape, strides=strides, padding=padding,
-        dtype=w.aval.dtype, other=x, g=g,
-    )  # fmt: skip
+    return _transpose(_dw_canonical, _dw_lax, w.aval, x, g, strides, padding)
 
 
 def _batch(args, dims, *, strides, padding):
