@@ -178,7 +178,8 @@ def main(argv=None) -> dict:
             f"{e['mean']:.2f} |"
         )
     rows.append(
-        f"\nBits per pixel over {result['n']} uniformly dequantized test digits (one draw each); "
+        f"\nBits per pixel over {result['n']} uniformly dequantized test digits"
+        f"{f' (small_unet: the first {args.unet})' if args.unet else ''} (one draw each); "
         f"MLPs (width 256, depth 3){' and small_unet' * bool(args.unet)} of {args.steps} steps on the VP "
         f"path. Far: above {FAR:.1f} bits/dim (twice the uniform model's). Uniform over the 17 levels: "
         f"{result['uniform_bpd']:.2f}; independent pixels: {result['independent_pixels_bpd']:.2f}."
