@@ -94,13 +94,18 @@ def test_apply_composes_with_vmap_and_grad():
 # --- convolutions, the U-Net configs, dropout and mixed precision -------------------------------
 
 
+def _lax_conv(x, w, stride, pads):
+    """The reference: ``lax``'s ``NHWC x HWIO`` convolution with explicit padding."""
+    dn = ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=dn)
+
+
 @pytest.mark.parametrize(
     ("size", "k", "stride", "padding"),
     [((8, 8), 3, 1, "SAME"), ((7, 9), 3, 2, "SAME"), ((9, 9), 3, 1, "VALID"), ((10, 11), 3, 2, 1),
      ((6, 6), 1, 1, "SAME")],
 )  # fmt: skip
 def test_conv2d_and_its_gradients_equal_lax_in_and_out_of_a_scan(size, k, stride, padding):
-    from jax import lax
 
     from jaxdiff.nets.conv import _pads, conv2d
 
@@ -109,8 +114,7 @@ def test_conv2d_and_its_gradients_equal_lax_in_and_out_of_a_scan(size, k, stride
     pads = _pads(padding, x.shape, (k, k), (stride, stride))
 
     def ref(x, w):
-        dn = ("NHWC", "HWIO", "NHWC")
-        return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=dn)
+        return _lax_conv(x, w, stride, pads)
 
     def ours(x, w):
         return conv2d(x, w, stride, padding)
@@ -137,7 +141,6 @@ def test_conv2d_under_forward_mode_vmap_and_second_derivatives_equals_lax(stride
     """The primitive behind ``conv2d`` is bilinear: its JVP, its batching rule and derivatives of
     its (canonical) transposes agree with ``lax``'s convolution. A ``custom_vjp`` (the earlier
     design) failed ``jax.jvp`` and ``jax.linearize``, which the likelihood and MeanFlow need."""
-    from jax import lax
 
     from jaxdiff.nets.conv import _pads, conv2d
 
@@ -146,8 +149,7 @@ def test_conv2d_under_forward_mode_vmap_and_second_derivatives_equals_lax(stride
     pads = _pads(padding, x.shape, (3, 3), (stride, stride))
 
     def ref(x, w):
-        dn = ("NHWC", "HWIO", "NHWC")
-        return lax.conv_general_dilated(x, w, (stride, stride), pads, dimension_numbers=dn)
+        return _lax_conv(x, w, stride, pads)
 
     def ours(x, w):
         return conv2d(x, w, stride, padding)
@@ -179,9 +181,9 @@ def test_conv2d_transposes_on_other_backends_equal_the_cpu_ones(size, stride, pa
     x = jax.random.normal(jax.random.key(0), (2, *size, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
     strides, pads = (stride, stride), _pads(padding, x.shape, (3, 3), (stride, stride))
-    g = jax.random.normal(jax.random.key(2), jax.eval_shape(
-        lambda: jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ).shape)  # fmt: skip
+    g = jax.random.normal(
+        jax.random.key(2), jax.eval_shape(lambda: _lax_conv(x, w, stride, pads)).shape
+    )
     for canonical, other, operand, shape in ((_dx_canonical, _dx_lax, w, x.shape),
                                              (_dw_canonical, _dw_lax, x, w.shape)):  # fmt: skip
         a = canonical(strides, pads, shape, operand, g)
