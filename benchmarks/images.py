@@ -274,10 +274,10 @@ def _network_rows(sz: dict, platform: str) -> tuple[list[dict], str]:
                 data_t = torch.as_tensor(pixels.transpose(0, 3, 1, 2).copy(), device=dev)
                 torch.manual_seed(0)
                 kinds = ["eager"] + (["compile"] if name in sz["compile"] else [])
-                weights = _jax_unet(name, None)[1]  # jaxdiff's initial weights (key 0)
+                jax_model, weights = _jax_unet(name, None)  # jaxdiff's initial weights (key 0)
                 for kind in kinds:
                     net = IT.unet(name, dev, count)
-                    IT.port_params(net, weights)  # the same function from the same start
+                    IT.port_params(net, weights, jax_model)  # the same function, the same start
                     c = kind == "compile"
                     mode = sz["compile_mode"]
                     train[kind] = IT.train_thunk(net, data_t, batch, k, dev, bf16, c, mode)

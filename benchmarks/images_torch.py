@@ -2,9 +2,9 @@
 ``small_unet`` and ``ddpm_cifar10`` (parameter counts asserted equal), and the same training step
 and DDIM loop as the jaxdiff side, written out by hand.
 
-``freq_shift=0`` makes diffusers' time embedding jaxdiff's (``10000^(-k / half)``; DDPM's own
-``freq_shift=1`` divides by ``half - 1``; no parameter depends on it), and :func:`port_params`
-copies jaxdiff's weights in: the two networks then compute the same function (tested).
+``freq_shift`` is each config's (``small_unet`` 0, ``10000^(-k / half)``; ``ddpm_cifar10`` DDPM's
+own 1, ``half - 1``), and :func:`port_params` copies jaxdiff's weights in: the two networks then
+compute the same function (tested).
 
 Both sides use ``jd.vp_path()`` (``log alpha_t = -(b0 t + (b1 - b0) t^2 / 2) / 2`` with
 ``b0, b1 = 0.1, 20``, ``sigma_t^2 = 1 - alpha_t^2``) and feed the network ``1000 t`` (jaxdiff's
@@ -27,6 +27,7 @@ DIFFUSERS = {
         norm_num_groups=8,
         resnet_time_scale_shift="scale_shift",
         attn_norm_num_groups=8,
+        freq_shift=0,
     ),
     "cifar10": dict(
         layers_per_block=2,
@@ -36,11 +37,12 @@ DIFFUSERS = {
         attention_head_dim=None,
         norm_num_groups=32,
         dropout=0.1,
+        freq_shift=1,
     ),
 }
 COMMON = dict(
     sample_size=32, in_channels=3, out_channels=3, norm_eps=1e-6, downsample_padding=0,
-    flip_sin_to_cos=False, freq_shift=0,
+    flip_sin_to_cos=False,
 )  # fmt: skip
 B0, B1 = 0.1, 20.0  # jd.vp_path()'s beta_min, beta_max
 T_MIN, LR, EMA = 1e-3, 1e-4, 0.999
@@ -94,61 +96,14 @@ def unet(name: str, dev, count: int):
     return net
 
 
-def port_params(net, params) -> None:
-    """Copy jaxdiff U-Net ``params`` (``init_params`` of ``small_unet``/``ddpm_cifar10``) into
-    diffusers' ``net`` of the matching config: flax's ``Module_i`` are numbered in creation
-    order, which is the forward order, as are diffusers' blocks listed here."""
+def port_params(net, params, model) -> None:
+    """Copy jaxdiff U-Net ``params`` of ``model`` into diffusers' ``net`` of the matching config
+    (:func:`jaxdiff.nets.to_diffusers`: the same layers in the same order, renamed)."""
     import torch
 
-    p = params["params"]
+    from jaxdiff.nets import to_diffusers
 
-    def numbered(tree, kind):
-        keys = [k for k in tree if k.rsplit("_", 1)[0] == kind]
-        return [tree[k] for k in sorted(keys, key=lambda k: int(k.rsplit("_", 1)[1]))]
-
-    def put(param, value):
-        with torch.no_grad():
-            param.copy_(torch.as_tensor(np.array(value, np.float32)).reshape(param.shape))
-
-    def conv(layer, q):
-        put(layer.weight, np.transpose(q["kernel"], (3, 2, 0, 1)))
-        put(layer.bias, q["bias"])
-
-    def dense(layer, q):
-        put(layer.weight, np.asarray(q["kernel"]).reshape(-1, layer.weight.shape[0]).T)
-        put(layer.bias, q["bias"])
-
-    def norm(layer, q):
-        put(layer.weight, q["scale"])
-        put(layer.bias, q["bias"])
-
-    blocks = [*net.down_blocks, net.mid_block, *net.up_blocks]
-    resnets = [r for b in blocks for r in b.resnets]
-    attentions = [a for b in blocks for a in (getattr(b, "attentions", None) or [])]
-    convs = [net.conv_in, *(b.downsamplers[0].conv for b in net.down_blocks if b.downsamplers)]
-    convs += [*(b.upsamplers[0].conv for b in net.up_blocks if b.upsamplers), net.conv_out]
-    ours = numbered(p, "ResBlock"), numbered(p, "SelfAttention"), numbered(p, "Conv")
-    if (len(resnets), len(attentions), len(convs)) != tuple(map(len, ours)):
-        raise ValueError("the diffusers net and the jaxdiff params are not the same config")
-    for r, q in zip(resnets, ours[0], strict=True):
-        norm(r.norm1, q["GroupNorm_0"])
-        conv(r.conv1, q["Conv_0"])
-        dense(r.time_emb_proj, q["Dense_0"])
-        norm(r.norm2, q["GroupNorm_1"])
-        conv(r.conv2, q["Conv_1"])
-        if r.conv_shortcut is not None:
-            conv(r.conv_shortcut, q["Conv_2"])
-    for a, q in zip(attentions, ours[1], strict=True):
-        norm(a.group_norm, q["GroupNorm_0"])
-        mha = q["MultiHeadDotProductAttention_0"]
-        for layer, name in ((a.to_q, "query"), (a.to_k, "key"), (a.to_v, "value")):
-            dense(layer, mha[name])
-        dense(a.to_out[0], mha["out"])
-    for layer, q in zip(convs, ours[2], strict=True):
-        conv(layer, q)
-    dense(net.time_embedding.linear_1, p["TimeEmbedding_0"]["Dense_0"])
-    dense(net.time_embedding.linear_2, p["TimeEmbedding_0"]["Dense_1"])
-    norm(net.conv_norm_out, p["GroupNorm_0"])
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in to_diffusers(params, model).items()})
 
 
 def vp_coefficients(t):

@@ -177,7 +177,7 @@ def test_diffusers_unet_computes_jaxdiff_unet(name):
 
     params = jax.tree_util.tree_map_with_path(draw, shapes)
     net = IT.unet(name, "cpu", sum(v.size for v in jax.tree.leaves(params))).eval()
-    IT.port_params(net, params)
+    IT.port_params(net, params, model)
     x = np.array(jax.random.normal(jax.random.key(1), (2, 32, 32, 3)))
     t = np.array([0.3, 0.8], np.float32)
     ours = np.asarray(jax.jit(model.apply)(params, jnp.asarray(x), jnp.asarray(t)))

@@ -388,3 +388,63 @@ def test_bfloat16_forward_keeps_float32_params_and_output(net):
     heavy = "jaxdiff_conv2d" if net == "unet" else "dot_general"
     lines = [line for line in jaxpr.splitlines() if heavy in line]
     assert lines and all("bf16[" in line for line in lines)
+
+
+def test_from_diffusers_loads_a_unet2dmodel_and_to_diffusers_inverts_it():
+    """A diffusers UNet2DModel in google/ddpm-cifar10-32's design (additive time embedding, one
+    head, DDPM's freq_shift 1, 4 levels, attention at 16x16) at small widths, with class labels and
+    random weights: from_diffusers gives a jaxdiff UNet computing the same function (step n ->
+    t = n / 1000), from the current attention names and the old Hub ones (query, ..., proj_attn);
+    to_diffusers returns the state dict exactly; a wrong key or config is a ValueError."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from jaxdiff.nets import UNet, from_diffusers, to_diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+        block_out_channels=(32, 64, 64, 64), norm_num_groups=8, norm_eps=1e-6,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+        num_class_embeds=11,
+    ).eval()  # fmt: skip
+    with torch.no_grad():  # diffusers zero-initialises nothing, but move every weight anyway
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {k: v.numpy() for k, v in net.state_dict().items()}
+    model = UNet(channels=(32, 64, 64, 64), num_res_blocks=2, attention_resolutions=(16,), heads=1,
+                 scale_shift=False, norm_groups=8, num_classes=10, freq_shift=1.0)  # fmt: skip
+    params = from_diffusers(state, model)
+    x = np.random.default_rng(0).standard_normal((3, 32, 32, 3), np.float32)
+    steps, labels = np.array([3, 250, 999]), np.array([0, 7, 10])  # 10: diffusers' 11th class
+    ours = np.asarray(model.apply(params, jnp.asarray(x), jnp.asarray(steps / 1000), labels))
+    with torch.no_grad():
+        out = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(steps),
+                  class_labels=torch.from_numpy(labels)).sample  # fmt: skip
+    theirs = out.numpy().transpose(0, 2, 3, 1)
+    assert np.abs(theirs).max() > 0.5
+    np.testing.assert_allclose(ours, theirs, atol=2e-5 * np.abs(theirs).max(), rtol=0)
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {functools.reduce(lambda k, kv: k.replace(f".{kv[0]}.", f".{kv[1]}."),
+                                old.items(), k): v for k, v in state.items()}  # fmt: skip
+    assert any(".proj_attn." in k for k in renamed)
+    again = from_diffusers(renamed, model)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), again, params))
+    back = to_diffusers(params, model)
+    assert back.keys() == state.keys()
+    assert all(np.array_equal(back[k], state[k]) for k in state)
+    with pytest.raises(ValueError, match="has no mid_block.resnets.1.conv1.weight"):
+        from_diffusers({k: v for k, v in state.items() if k != "mid_block.resnets.1.conv1.weight"},
+                       model)  # fmt: skip
+    with pytest.raises(ValueError, match="no jaxdiff parameter.*extra"):
+        from_diffusers({**state, "extra": np.zeros(1)}, model)
+    with pytest.raises(
+        ValueError, match=r"conv_in.bias has shape \(32,\); jaxdiff expects \(16,\)"
+    ):
+        from_diffusers(state, UNet(**{**_fields(model), "channels": (16, 64, 64, 64)}))
+
+
+def _fields(model):
+    names = ("num_res_blocks", "attention_resolutions", "heads", "scale_shift", "norm_groups")
+    return {f: getattr(model, f) for f in (*names, "num_classes")}

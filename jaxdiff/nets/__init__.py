@@ -15,12 +15,14 @@ from jaxdiff.nets.embeddings import (
     sinusoidal_embedding,
 )
 from jaxdiff.nets.mlp import MLP
-from jaxdiff.nets.two_time import TwoTimeMLP
+from jaxdiff.nets.port import from_diffusers, to_diffusers
+from jaxdiff.nets.two_time import TwoTimeMLP, TwoTimeUNet
 from jaxdiff.nets.unet import GroupNorm, ResBlock, SelfAttention, UNet, ddpm_cifar10, small_unet
 
 __all__ = [
     "MLP",
     "TwoTimeMLP",
+    "TwoTimeUNet",
     "UNet",
     "ddpm_cifar10",
     "small_unet",
@@ -35,4 +37,6 @@ __all__ = [
     "fourier_embedding",
     "init_params",
     "sinusoidal_embedding",
+    "from_diffusers",
+    "to_diffusers",
 ]

@@ -6,6 +6,7 @@ per sample; ``batch_times`` broadcasts a scalar to the batch.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -33,17 +34,20 @@ def batch_times(t: ArrayLike, batch: int, dtype=jnp.float32) -> Array:
 
 
 def sinusoidal_embedding(
-    t: Array, dim: int, scale: float = 1000.0, max_period: float = 1e4
+    t: Array, dim: int, scale: float = 1000.0, max_period: float = 1e4, shift: float = 0.0
 ) -> Array:
-    """Transformer features ``[sin(s t w_k), cos(s t w_k)]``, ``w_k = max_period^(-k / (dim/2))``.
+    """Transformer features ``[sin(s t w_k), cos(s t w_k)]``, ``w_k = max_period^(-k / (dim/2 -
+    shift))``, ``k = 0 .. dim/2 - 1``.
 
     ``scale = 1000`` maps ``t in [0, 1]`` to DDPM's step index (Ho et al. 2020; Vaswani et al. 2017).
+    ``shift = 1`` is DDPM's own ``half - 1`` (diffusers' ``freq_shift=1``, as in
+    ``google/ddpm-cifar10-32``); ``0`` is diffusers' default.
 
     >>> sinusoidal_embedding(jnp.zeros(3), 8).shape
     (3, 8)
     """
     half = dim // 2
-    freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=t.dtype) / half)
+    freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=t.dtype) / (half - shift))
     args = scale * t[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
@@ -63,22 +67,26 @@ class TimeEmbedding(nn.Module):
     """Features of ``t`` (``"fourier"`` or ``"sinusoidal"``, ``features`` of them, default ``dim``)
     followed by a two-layer SiLU MLP to ``dim`` (DDPM: ``features = ch``, ``dim = 4 ch``).
 
-    The features are computed in ``t``'s dtype (float32: ``sin(1000 t)`` in bfloat16 would be
-    off by whole periods); the MLP runs in ``dtype`` (None: ``t``'s).
+    ``scale`` multiplies ``t`` in the features (None: 16 for Fourier, 1000 for sinusoidal). The
+    features are computed in ``t``'s dtype (float32: ``sin(1000 t)`` in bfloat16 would be off by
+    whole periods); the MLP runs in ``dtype`` (None: ``t``'s).
     """
 
     dim: int
     kind: str = "fourier"
     features: int | None = None
     dtype: Any = None
+    scale: float | None = None
+    shift: float = 0.0  # sinusoidal only: see sinusoidal_embedding
 
     @nn.compact
     def __call__(self, t: Array) -> Array:
         features = self.features or self.dim
         if self.kind == "fourier":
-            h = fourier_embedding(t, features)
+            h = fourier_embedding(t, features, scale=16.0 if self.scale is None else self.scale)
         elif self.kind == "sinusoidal":
-            h = sinusoidal_embedding(t, features)
+            scale = 1000.0 if self.scale is None else self.scale
+            h = sinusoidal_embedding(t, features, scale, shift=self.shift)
         else:
             raise ValueError(f"time embedding must be 'fourier' or 'sinusoidal'; got {self.kind!r}")
         h = nn.silu(nn.Dense(self.dim, dtype=self.dtype)(h))
@@ -117,13 +125,22 @@ def conditioning(
     *,
     features: int | None = None,
     compute_dtype: Any = None,
+    gap: ArrayLike | None = None,
+    scale: float | None = None,
+    shift: float = 0.0,
 ) -> Array:
     """``silu(TimeEmbedding(t) + LabelEmbedding(labels))``: what every block is conditioned on.
 
     ``t`` is taken in ``dtype``, the layers run in ``compute_dtype`` (None: ``dtype``). Call it
-    inside a network's ``nn.compact`` method: the embeddings become its submodules.
+    inside a network's ``nn.compact`` method: the embeddings become its submodules. ``gap`` (a
+    second time such as MeanFlow's ``t - r``) adds an embedding of its own, of the same kind;
+    ``scale`` and ``shift`` are the features' (:class:`TimeEmbedding`).
     """
-    cond = TimeEmbedding(dim, kind, features, compute_dtype)(batch_times(t, batch, dtype))
+    embedding = partial(TimeEmbedding, dim, kind, features, compute_dtype, scale, shift)
+    cond = embedding()(batch_times(t, batch, dtype))
+    if gap is not None:
+        embed = embedding(name="gap_embedding")
+        cond = cond + embed(batch_times(gap, batch, dtype))
     if num_classes is not None:
         cond = cond + LabelEmbedding(num_classes, dim, compute_dtype)(labels, batch)
     elif labels is not None:

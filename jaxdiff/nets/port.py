@@ -1,0 +1,148 @@
+"""Weights between jaxdiff's :class:`~jaxdiff.nets.UNet` and diffusers' ``UNet2DModel``.
+
+The two networks are the same layers in the same order when configured alike (the configs'
+docstrings, :func:`~jaxdiff.nets.ddpm_cifar10` and :func:`~jaxdiff.nets.small_unet`, give the
+diffusers arguments); these functions rename and transpose the weights, with no PyTorch import:
+a state dict is any mapping from diffusers' parameter names to arrays (``{k: v.numpy() for k, v in
+net.state_dict().items()}``, or ``safetensors.numpy.load_file`` of a checkpoint's
+``diffusion_pytorch_model.safetensors``).
+
+Layouts: convolution kernels are ``(out, in, kh, kw)`` there and ``(kh, kw, in, out)`` here, dense
+kernels ``(out, in)`` there and ``(in, ...)`` here. Attention takes diffusers' names
+(``to_q``, ``to_k``, ``to_v``, ``to_out.0``) or the older ones (``query``, ``key``, ``value``,
+``proj_attn``) that Hub checkpoints such as ``google/ddpm-cifar10-32`` still carry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["from_diffusers", "to_diffusers"]
+
+_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "out": "to_out.0"}
+_OLD_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def _layout(model, shape: tuple[int, ...]) -> dict[tuple[str, ...], str]:
+    """Each jaxdiff module path -> its diffusers module name, in the networks' common order."""
+    levels, n = len(model.channels), model.num_res_blocks
+    sizes = [shape[0]]
+    for _ in range(levels - 1):
+        sizes.append(math.ceil(sizes[-1] / 2))  # stride-2 "SAME"
+    attend = [s in tuple(model.attention_resolutions) for s in sizes]
+    resnets, attentions = [], []
+    for i in range(levels):
+        for j in range(n):
+            resnets.append(f"down_blocks.{i}.resnets.{j}")
+            if attend[i]:
+                attentions.append(f"down_blocks.{i}.attentions.{j}")
+    resnets += ["mid_block.resnets.0", "mid_block.resnets.1"]
+    if model.attention:
+        attentions.append("mid_block.attentions.0")
+    for k in range(levels):  # up block k is level levels - 1 - k
+        for j in range(n + 1):
+            resnets.append(f"up_blocks.{k}.resnets.{j}")
+            if attend[levels - 1 - k]:
+                attentions.append(f"up_blocks.{k}.attentions.{j}")
+    convs = ["conv_in", *(f"down_blocks.{i}.downsamplers.0.conv" for i in range(levels - 1))]
+    convs += [*(f"up_blocks.{k}.upsamplers.0.conv" for k in range(levels - 1)), "conv_out"]
+    names = {("TimeEmbedding_0", "Dense_0"): "time_embedding.linear_1",
+             ("TimeEmbedding_0", "Dense_1"): "time_embedding.linear_2",
+             ("GroupNorm_0",): "conv_norm_out",
+             ("LabelEmbedding_0", "Embed_0"): "class_embedding"}  # fmt: skip
+    names.update({(f"Conv_{i}",): c for i, c in enumerate(convs)})
+    for i, r in enumerate(resnets):
+        for ours, theirs in (("GroupNorm_0", "norm1"), ("Conv_0", "conv1"),
+                             ("Dense_0", "time_emb_proj"), ("GroupNorm_1", "norm2"),
+                             ("Conv_1", "conv2"), ("Conv_2", "conv_shortcut")):  # fmt: skip
+            names[(f"ResBlock_{i}", ours)] = f"{r}.{theirs}"
+    for i, a in enumerate(attentions):
+        names[(f"SelfAttention_{i}", "GroupNorm_0")] = f"{a}.group_norm"
+        for ours, theirs in _ATTENTION.items():
+            names[(f"SelfAttention_{i}", "MultiHeadDotProductAttention_0", ours)] = f"{a}.{theirs}"
+    return names
+
+
+def _leaves(model, shape: tuple[int, ...]):
+    """``(path, diffusers key, jaxdiff shape)`` for every parameter of ``model`` on ``shape``."""
+    from flax.traverse_util import flatten_dict
+
+    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    labels = None if model.num_classes is None else jax.ShapeDtypeStruct((1,), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x, jnp.zeros((1,)), labels=labels)
+    names = _layout(model, shape)
+    kinds = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
+    for path, leaf in flatten_dict(params["params"]).items():
+        module = names.get(path[:-1])
+        if module is None:
+            raise ValueError(f"jaxdiff parameter {'/'.join(path)} has no diffusers counterpart")
+        yield path, f"{module}.{kinds[path[-1]]}", leaf.shape
+
+
+def _to_ours(value: np.ndarray, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    if value.ndim == 4:  # (out, in, kh, kw) -> (kh, kw, in, out)
+        value = np.transpose(value, (2, 3, 1, 0))
+    elif value.ndim == 2 and not key.endswith("class_embedding.weight"):  # (out, in) -> (in, out)
+        value = value.T
+    if value.shape != shape if value.ndim == len(shape) else value.size != math.prod(shape):
+        raise ValueError(f"diffusers {key} has shape {value.shape}; jaxdiff expects {shape}")
+    return value.reshape(shape)
+
+
+def from_diffusers(
+    state_dict: Mapping[str, Any], model, shape: tuple[int, int, int] = (32, 32, 3)
+) -> dict:
+    """jaxdiff params (``{"params": ...}``, float32) of ``model`` (a :class:`~jaxdiff.nets.UNet`)
+    from a diffusers ``UNet2DModel``'s ``state_dict`` (names -> arrays), for images of ``shape``
+    ``(height, width, channels)``. Raises ``ValueError`` naming a missing, unused or misshapen key.
+
+    ``model.apply(params, x, n / 1000, ...)`` then equals diffusers' ``net(x, n).sample`` for
+    NHWC ``x`` (diffusers takes NCHW), when the configs agree, ``freq_shift`` included
+    (:func:`~jaxdiff.nets.ddpm_cifar10` is ``google/ddpm-cifar10-32``'s config).
+
+        >>> # from safetensors.numpy import load_file
+        >>> # params = from_diffusers(load_file("diffusion_pytorch_model.safetensors"),
+        >>> #                         ddpm_cifar10(dropout=0.0))
+    """
+    from flax.traverse_util import unflatten_dict
+
+    given = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+    for new, old in _OLD_ATTENTION.items():  # old Hub names -> diffusers' current ones
+        given = {k.replace(f".{old}.", f".{new}."): v for k, v in given.items()}
+    flat, used = {}, set()
+    for path, key, leaf_shape in _leaves(model, tuple(shape)):
+        if key not in given:
+            raise ValueError(f"the state dict has no {key} (for jaxdiff {'/'.join(path)})")
+        flat[path] = jnp.asarray(_to_ours(given[key], key, leaf_shape))
+        used.add(key)
+    unused = sorted(set(given) - used)
+    if unused:
+        raise ValueError(f"state dict keys with no jaxdiff parameter (another config?): {unused}")
+    return {"params": unflatten_dict(flat)}
+
+
+def to_diffusers(params: dict, model, shape: tuple[int, int, int] = (32, 32, 3)) -> dict:
+    """diffusers ``UNet2DModel`` state dict (names -> float32 numpy arrays) of jaxdiff ``params``
+    of ``model``: ``net.load_state_dict({k: torch.from_numpy(v) for k, v in ...items()})``."""
+    from flax.traverse_util import flatten_dict
+
+    flat = flatten_dict(params["params"])
+    out = {}
+    for path, key, _ in _leaves(model, tuple(shape)):
+        value = np.asarray(flat[path], np.float32)
+        if path[-1] == "kernel" and value.ndim == 4:  # (kh, kw, in, out) -> (out, in, kh, kw)
+            value = np.transpose(value, (3, 2, 0, 1))
+        elif path[-1] == "kernel" and path[-2] in ("query", "key", "value"):  # (in, heads, d)
+            value = value.reshape(value.shape[0], -1).T
+        elif path[-1] == "kernel":  # (in, out) or the output's (heads, d, out)
+            value = value.reshape(-1, value.shape[-1]).T
+        elif path[-1] == "bias":  # the heads' (heads, d)
+            value = value.reshape(-1)
+        out[key] = np.ascontiguousarray(value)
+    return out
