@@ -4,7 +4,7 @@ iterable of batches; random horizontal flips; a background thread that keeps the
 Sources hold ``uint8`` images ``(n, H, W, C)`` and optional integer labels: :class:`ArraySource`
 (arrays in memory, e.g. CIFAR-10's ``(50000, 32, 32, 3)``), :func:`load_npz`, and
 :class:`ImageFolder` (``ROOT/<class>/*.png`` with the sorted class folders as labels, or
-``ROOT/*.png`` without labels; decoded on demand, or once with ``in_memory=True``).
+``ROOT/*.png`` without labels; decoded on demand, or once with ``.load()``).
 
 :class:`ImageLoader` makes batch ``n`` a pure function of ``(seed, n)``: the stream of sample
 positions ``n B ... (n + 1) B - 1`` runs through one permutation per epoch
@@ -19,9 +19,10 @@ reading, decoding and the host-to-device copy overlap the training step; it coun
 the consumer waited. Batches stay ``uint8`` until the jitted step (:func:`to_float`: ``x / 127.5
 - 1``), a quarter of float32's transfer. :func:`jaxdiff.train.make_feed_chunk` trains on them.
 
-Measured on 2 shared CPU cores (32x32x3, batch 128): ~80k images/s from an ``.npz``, ~12k from a
-folder of PNGs decoded on the fly (~56 us per image per core with Pillow); Google's ``grain``
-(0.2.18) ran the same pipelines at ~59k and ~12k (``python -m benchmarks --only images``).
+The sources live in :mod:`jaxdiff.image_sources` and are re-exported here. Measured on 2 shared
+CPU cores (32x32x3, batches of 128; ``python -m benchmarks --only images``, the latest run):
+77.7k images/s from an ``.npz``, 4.4k from a folder of PNGs decoded on the fly, 60.4k from the
+folder decoded into memory; Google's ``grain`` ran the same pipelines at 48.5k, 3.2k and 43.3k.
 """
 
 from __future__ import annotations
@@ -30,13 +31,19 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdiff.image_sources import (
+    ArraySource,
+    ImageFolder,
+    load_npz,
+    open_images,
+    save_image_folder,
+)
 
 __all__ = [
     "ArraySource",
@@ -49,182 +56,6 @@ __all__ = [
     "save_image_folder",
     "to_float",
 ]
-
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-
-
-def _labels(labels, n: int) -> np.ndarray | None:
-    if labels is None:
-        return None
-    labels = np.asarray(labels)
-    if labels.ndim == 2 and labels.shape[1] == 1:  # Keras' CIFAR-10 labels are (n, 1)
-        labels = labels[:, 0]
-    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f"labels must be {n} integers, shape ({n},); got {labels.dtype} {labels.shape}"
-        )
-    if n and labels.min() < 0:
-        raise ValueError(f"labels must be >= 0; got {labels.min()}")
-    return labels.astype(np.int32)
-
-
-class ArraySource:
-    """``uint8`` images ``(n, H, W, C)`` (``(n, H, W)`` gets ``C = 1``) and optional labels ``(n,)``
-    (or ``(n, 1)``); ``read(indices) -> (images, labels or None)``."""
-
-    def __init__(self, images, labels=None, classes: list[str] | None = None):
-        images = np.asarray(images)
-        if images.ndim == 3:
-            images = images[..., None]
-        if images.ndim != 4:
-            raise ValueError(
-                f"images must be (n, height, width, channels); got shape {images.shape}"
-            )
-        if images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
-            raise ValueError(
-                f"images of shape {images.shape} look channels-first; pass "
-                "images.transpose(0, 2, 3, 1) (jaxdiff takes (n, height, width, channels))"
-            )
-        if images.dtype != np.uint8:
-            raise ValueError(
-                f"images must be uint8 pixels in 0..255; got {images.dtype} (scale and round: "
-                "np.clip(np.rint(x * 255), 0, 255).astype(np.uint8) for x in [0, 1])"
-            )
-        self.images, self.labels = images, _labels(labels, images.shape[0])
-        n_cls = 0 if self.labels is None or not len(self.labels) else int(self.labels.max()) + 1
-        self.classes = classes or [str(i) for i in range(n_cls)]
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
-
-    @property
-    def num_classes(self) -> int | None:
-        return None if self.labels is None else len(self.classes)
-
-    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        labels = None if self.labels is None else self.labels[indices]
-        return self.images[indices], labels
-
-
-def load_npz(path: str | Path, images: str | None = None, labels: str | None = None) -> ArraySource:
-    """An :class:`ArraySource` from ``np.savez(path, images=..., labels=...)``; the keys default
-    to the first of ``images, x, data, arr_0`` and ``labels, y, label, targets`` present."""
-    with np.load(path) as f:
-        keys = list(f.keys())
-        img_key = images or next((k for k in ("images", "x", "data", "arr_0") if k in keys), None)
-        if img_key not in keys:
-            raise ValueError(f"{path} has no images array {images or 'images'!r}; it holds {keys}")
-        lab_key = labels or next(
-            (k for k in ("labels", "y", "label", "targets") if k in keys), None
-        )
-        if labels is not None and labels not in keys:
-            raise ValueError(f"{path} has no labels array {labels!r}; it holds {keys}")
-        return ArraySource(f[img_key], None if lab_key is None else f[lab_key])
-
-
-def _decode(file: Path, mode: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(file) as img:
-        arr = np.asarray(img.convert(mode))
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-class ImageFolder:
-    """Images under ``root``: ``root/<class>/<file>`` (labels: the class folders in sorted order,
-    ``classes``) or ``root/<file>`` (no labels), files with an image extension, sorted. Decoded
-    with Pillow on each ``read`` (``threads`` at a time); grayscale files give ``C = 1``, the
-    others RGB (alpha dropped). Every image must have the first one's size."""
-
-    def __init__(self, root: str | Path, *, threads: int = 4):
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist")
-
-        def images(folder: Path) -> list[Path]:
-            found = (p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-            return sorted(p for p in found if p.suffix.lower() in EXTENSIONS)
-
-        dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        per_class = [images(d) for d in dirs]
-        top = images(root)
-        if top and any(per_class):
-            raise ValueError(
-                f"{root} holds both image files and class folders; put every image in a class "
-                "folder (labelled) or none (unlabelled)"
-            )
-        if any(per_class):
-            kept = [(d.name, fs) for d, fs in zip(dirs, per_class, strict=True) if fs]
-            self.classes = [name for name, _ in kept]
-            self.files = [f for _, fs in kept for f in fs]
-            self.labels = np.concatenate(
-                [np.full(len(fs), i, np.int32) for i, (_, fs) in enumerate(kept)]
-            )
-        else:
-            self.classes, self.files, self.labels = [], top, None
-        if not self.files:
-            raise ValueError(f"no images ({', '.join(EXTENSIONS)}) in {root} or its subfolders")
-        self.root, self.threads = root, threads
-        from PIL import Image
-
-        with Image.open(self.files[0]) as img:
-            self._mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"
-        self._shape = _decode(self.files[0], self._mode).shape
-        self._pool: ThreadPoolExecutor | None = None
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self._shape)
-
-    @property
-    def num_classes(self) -> int | None:
-        return None if self.labels is None else len(self.classes)
-
-    def _one(self, i: int) -> np.ndarray:
-        arr = _decode(self.files[i], self._mode)
-        if arr.shape != self._shape:
-            raise ValueError(
-                f"{self.files[i]} is {arr.shape[1]}x{arr.shape[0]}, not {self._shape[1]}x"
-                f"{self._shape[0]} like {self.files[0].name}; resize the folder to one size"
-            )
-        return arr
-
-    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        if self.threads > 1 and len(indices) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="jaxdiff-decode")
-            images = np.stack(list(self._pool.map(self._one, indices)))
-        else:
-            images = np.stack([self._one(i) for i in indices])
-        return images, None if self.labels is None else self.labels[indices]
-
-    def load(self) -> ArraySource:
-        """Decode every image once: an :class:`ArraySource` in memory (CIFAR-10: 150 MB)."""
-        images, labels = self.read(np.arange(len(self)))
-        return ArraySource(images, labels, list(self.classes) or None)
-
-
-def open_images(spec: str) -> ArraySource | ImageFolder:
-    """The source named by ``folder:PATH`` (decoded on demand), ``folder-memory:PATH`` (decoded
-    once into memory) or ``npz:PATH`` (the command line's ``--images``)."""
-    kind, sep, where = str(spec).partition(":")
-    if not sep or kind not in ("folder", "folder-memory", "npz") or not where:
-        raise ValueError(
-            f"image data must be folder:PATH, folder-memory:PATH or npz:PATH; got {spec!r}"
-        )
-    if kind == "npz":
-        if not Path(where).is_file():
-            raise FileNotFoundError(f"npz file {where} does not exist")
-        return load_npz(where)
-    folder = ImageFolder(where)
-    return folder.load() if kind == "folder-memory" else folder
 
 
 class ImageLoader:
@@ -416,18 +247,3 @@ def to_float(batch: Any, dtype=jnp.float32) -> Any:
         return (x.astype(dtype) / 127.5 - 1.0).astype(dtype) if x.dtype == jnp.uint8 else x
 
     return jax.tree.map(one, batch)
-
-
-def save_image_folder(root: str | Path, images, labels=None, classes=None) -> Path:
-    """Write ``uint8`` images as PNGs: ``root/<class>/<i>.png`` with labels, else ``root/<i>.png``."""
-    from PIL import Image
-
-    root = Path(root)
-    src = ArraySource(images, labels)
-    names = classes or src.classes
-    for i in range(len(src)):
-        folder = root if src.labels is None else root / names[src.labels[i]]
-        folder.mkdir(parents=True, exist_ok=True)
-        img = src.images[i]
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(folder / f"{i:06d}.png")
-    return root
