@@ -9,7 +9,8 @@ or a 2-D toy set (data-to-data translation on the ``fm`` or ``cosine`` path); co
 ``independent``, ``ot`` (mini-batch exact OT), ``sinkhorn`` (entropic, ``ot_reg`` times the mean
 cost), and their class-conditional ``ot-class`` / ``sinkhorn-class`` (need ``conditional``).
 Few-step losses (``FEWSTEP_LOSSES``): ``meanflow`` (Geng et al. 2025: the average velocity of a
-two-time MLP, sampled by ``jd.samplers.meanflow()``) and ``consistency`` (consistency training,
+two-time network, ``TwoTimeMLP`` or with ``model`` ``unet`` ``TwoTimeUNet``, sampled by
+``jd.samplers.meanflow()``) and ``consistency`` (consistency training,
 Song et al. 2023: the network inside ``consistency_function``, target ``x0``, sampled by
 ``jd.samplers.consistency()``), both on the ``fm`` or ``cosine`` path from Gaussian noise.
 The image recipe: ``precond`` ``edm`` wraps the network in EDM's preconditioning (target ``x0``,
@@ -181,11 +182,6 @@ def _check_fewstep(c: dict) -> None:
         raise ValueError(
             f"loss {loss} trains {what}: target {FEWSTEP_TARGETS[loss]}, not {c['target']!r}"
         )
-    if loss == "meanflow" and c["model"] != "mlp":
-        raise ValueError(
-            "loss meanflow needs a network of two times u(x, t, r): --model mlp (a two-time MLP); "
-            f"{c['model']!r} takes one time"
-        )
     if c["source"] != "gaussian" or c["coupling"] != "independent":
         raise ValueError(
             f"loss {loss} trains from Gaussian noise paired independently; --source and "
@@ -196,10 +192,10 @@ def _check_fewstep(c: dict) -> None:
         raise ValueError(f"loss {loss} draws its times {' or '.join(allowed)}; got {c['time']!r}")
     if c["weighting"] != "unit":
         raise ValueError(f"loss {loss} has its own weighting; --weighting is for diffusion losses")
-    if c["precond"] != "none" or c["dtype"] != "float32":
+    if c["precond"] != "none" or c["dtype"] != "float32" or c["dropout"]:
         raise ValueError(
-            f"loss {loss} trains a float32 network without preconditioning; --precond and --dtype "
-            "are for diffusion losses"
+            f"loss {loss} trains a float32 network without preconditioning or dropout; --precond, "
+            "--dtype and --dropout are for diffusion losses"
         )
 
 
@@ -321,20 +317,19 @@ class Setup(NamedTuple):
 
 def build(c: dict) -> Setup:
     """The model, path, loss and batch sampler of a resolved config."""
-    from jaxdiff.nets import MLP, UNet
+    from jaxdiff.nets import MLP, TwoTimeMLP, TwoTimeUNet, UNet
 
     path = PATHS[c["path"]]()
     source = None if c["source"] == "gaussian" else dataset_source(TOY_DATASETS[c["source"]])
     num_classes = 10 if c["conditional"] else None
     dtype = DTYPES[c["dtype"]]
-    if c["loss"] == "meanflow":
-        from jaxdiff.nets import TwoTimeMLP
-
+    two_times = c["loss"] == "meanflow"  # u(x, t, r): the two-time networks
+    if c["model"] == "mlp" and two_times:
         model = TwoTimeMLP(width=c["width"], depth=c["depth"], num_classes=num_classes)
     elif c["model"] == "mlp":
         model = MLP(width=c["width"], depth=c["depth"], num_classes=num_classes, dtype=dtype)
     else:
-        model = UNet(
+        model = (TwoTimeUNet if two_times else UNet)(
             channels=tuple(c["channels"]),
             num_classes=num_classes,
             dropout=float(c["dropout"]),

@@ -27,8 +27,8 @@ steps=k)`` for ``k`` jumps). Any :class:`~jaxdiff.GaussianPath` works; the paper
 
 A MeanFlow network is a :class:`~jaxdiff.Field` of target ``"velocity"`` whose function takes the
 second time as its extra argument, ``fn(params, x, t, r)`` (e.g.
-``jaxdiff.nets.two_time.TwoTimeMLP``): with ``r = t`` it is an ordinary velocity field, so the
-multi-step samplers take it too.
+``jaxdiff.nets.TwoTimeMLP``, or ``jaxdiff.nets.TwoTimeUNet`` for images): with ``r = t`` it is an
+ordinary velocity field, so the multi-step samplers take it too.
 """
 
 from __future__ import annotations

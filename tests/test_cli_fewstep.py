@@ -23,7 +23,8 @@ from tests.cli_helpers import cli_error as _error
         (["--loss", "consistency", "--path", "ve"], "fm or cosine, not 've'"),
         (["--loss", "meanflow", "--target", "x0"], "target velocity, not 'x0'"),
         (["--loss", "consistency", "--target", "eps"], "target x0, not 'eps'"),
-        (["--loss", "meanflow", "--data", "digits", "--model", "unet"], "two times"),
+        (["--loss", "meanflow", "--model", "unet", "--data", "digits", "--dropout", "0.1"],
+         "--dropout are for"),
         (["--loss", "meanflow", "--coupling", "ot"], "--coupling are for --loss fm"),
         (["--loss", "consistency", "--source", "moons"], "--coupling are for --loss fm"),
         (["--loss", "consistency", "--time", "logit-normal"], "draws its times uniform"),
@@ -73,12 +74,17 @@ def test_fewstep_run_from_the_command_line(loss, steps, k, bound, tmp_path, caps
     assert f"a {loss} run samples with its own sampler" in err and "--solver, --eta" in err
 
 
-def test_conditional_meanflow_sampler_passes_the_labels():
+@pytest.mark.parametrize("model", ["mlp", "unet"])
+def test_conditional_meanflow_sampler_passes_the_labels(model):
     """The CLI's sampler of a conditional meanflow run is one jump x1 - u(x1, 1, 0, labels) from
     the driver's start, per batch of keys fold_in(key, i): equal to jd.sample with the labels bound
-    into the field, and different for another class."""
-    c = E.resolve({"loss": "meanflow", "data": "digits", "conditional": True, "width": 32})
+    into the field, and different for another class. ``--model unet`` is the two-time U-Net."""
+    small = {"width": 32} if model == "mlp" else {"channels": [8, 16]}
+    c = E.resolve({"loss": "meanflow", "data": "digits", "conditional": True, "model": model,
+                   **small})  # fmt: skip
     setup = E.build(c)
+    two_times = "TwoTimeMLP" if model == "mlp" else "TwoTimeUNet"
+    assert type(setup.model).__name__ == two_times
     state, _ = E.init_state(c, setup)
     leaves, tree = jax.tree.flatten(state.params)  # the last layer starts at 0: perturb it all
     keys = jax.random.split(jax.random.key(1), len(leaves))
@@ -96,3 +102,17 @@ def test_conditional_meanflow_sampler_passes_the_labels():
     assert x3.shape == (8, 8, 8, 1)
     np.testing.assert_allclose(x3, direct.x, rtol=1e-5, atol=1e-5)
     assert float(np.abs(x3 - x5).max()) > 1e-3
+
+
+def test_meanflow_trains_the_two_time_unet_on_the_digits(tmp_path, capsys):
+    """``--loss meanflow --model unet``: a TwoTimeUNet (widths 16, 32) after 300 steps at batch 64
+    generates digits of the requested class in one jump. Untrained, one jump returns the noise
+    (the output layer starts at zero: FD 247). Measured: FD 23.6, accuracy 0.92 (500 samples; floor FD 6.6); the full
+    run (widths 32, 64, 64, 1,500 x 128) reaches FD 8.4, accuracy 0.98."""
+    out = tmp_path / "mf"
+    train = ["train", "--loss", "meanflow", "--data", "digits", "--conditional", "--model", "unet"]
+    small = ["--channels", "16", "32", "--steps", "300", "--batch", "64", "--lr", "3e-3"]
+    assert main([*train, *small, "--eval-n", "500", "--no-progress", "--out", str(out)]) == 0
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert final["frechet_distance"] < 60 and final["class_accuracy"] > 0.75, final
+    capsys.readouterr()

@@ -197,3 +197,42 @@ def test_tiny_meanflow_training_generates_in_one_step():
     one = float(jd.energy_distance(sol.x, true))
     prior = float(jd.energy_distance(x1, true))
     assert one < 0.1 and prior > 0.5, (one, prior)
+
+
+def test_two_time_unet_is_the_unet_conditioned_on_the_gap_and_its_jvp_is_the_total_derivative(
+    x64,
+):
+    """TwoTimeUNet: r = None is r = t; r != t changes the output; its parameters are the U-Net's
+    plus one time embedding (features 8 -> 32 -> 32); MeanFlow's JVP target through it (the
+    U-Net's convolutions, attention and group norms in forward mode) equals central differences
+    along the trajectory."""
+    from jaxdiff.nets import TwoTimeUNet, UNet, init_params
+
+    unet = UNet(channels=(8, 16), norm_groups=4, num_classes=3, attention_resolutions=(4,))
+    model = TwoTimeUNet.of(unet)
+    assert model.channels == (8, 16) and model.num_classes == 3 and model.heads == unet.heads
+    assert (model.time_embedding, model.time_scale) == ("fourier", 1.0)  # low frequencies
+    k = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(k[0], (5, 8, 8, 1))
+    labels = jnp.array([0, 1, 2, 3, 1])  # 3: the null label
+    t = jax.random.uniform(k[1], (5,), minval=0.2, maxval=1.0)
+    r = 0.4 * t
+    params = init_params(model, k[2], x, t, r, labels)
+    count = lambda p: sum(a.size for a in jax.tree_util.tree_leaves(p))  # noqa: E731
+    one_time = count(init_params(unet, k[2], x, t, labels))
+    assert count(params) - one_time == 8 * 32 + 32 + 32 * 32 + 32
+    # move every weight off its initialiser (the output convolution starts at zero)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(k[3], len(leaves))
+    params = tree.unflatten([a.astype(x.dtype) + 0.2 * jax.random.normal(q, a.shape, x.dtype)
+                             for a, q in zip(leaves, keys, strict=True)])  # fmt: skip
+    apply = lambda z, t_, r_: model.apply(params, z, t_, r_, labels)  # noqa: E731
+    same = model.apply(params, x, t, None, labels)
+    np.testing.assert_array_equal(same, apply(x, t, t))
+    assert float(jnp.abs(apply(x, t, r) - same).max()) > 1e-2
+    v = jax.random.normal(k[4], x.shape)
+    u, target = jd.meanflow_target(apply, x, t, r, v)
+    h = 1e-5  # error ~ h^2 |u'| / 6, rounding ~ 1e-16 / h
+    fd = (apply(x + h * v, t + h, r) - apply(x - h * v, t - h, r)) / (2 * h)
+    np.testing.assert_allclose(u, apply(x, t, r), rtol=1e-12)
+    np.testing.assert_allclose(target, v - (t - r)[:, None, None, None] * fd, rtol=1e-6, atol=1e-8)

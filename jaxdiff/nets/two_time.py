@@ -1,4 +1,4 @@
-"""An MLP conditioned on two times, for fields over an interval such as MeanFlow's ``u(x, t, r)``.
+"""Networks conditioned on two times, for fields over an interval such as MeanFlow's ``u(x, t, r)``.
 
 Geng et al. (2025) found embedding ``(t, t - r)`` best among the ways of feeding two times to the
 network; here the two embeddings are added, as a label embedding is added to the time's. With
@@ -9,6 +9,7 @@ every sampler as a ``"velocity"`` field.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -17,10 +18,11 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxdiff.nets.embeddings import LabelEmbedding, TimeEmbedding, batch_times, fourier_embedding
+from jaxdiff.nets.unet import UNet
 
 Array = jax.Array
 
-__all__ = ["TwoTimeMLP"]
+__all__ = ["TwoTimeMLP", "TwoTimeUNet"]
 
 
 class TwoTimeMLP(nn.Module):
@@ -77,3 +79,58 @@ class TwoTimeMLP(nn.Module):
             h = h + nn.Dense(self.width)(nn.silu(h + nn.Dense(self.width)(cond)))
         out = nn.Dense(math.prod(shape[1:]), kernel_init=nn.initializers.zeros)(nn.silu(h))
         return out.reshape(shape)
+
+
+class TwoTimeUNet(UNet):
+    """:class:`~jaxdiff.nets.UNet` ``(x, t, r, labels) -> output shaped like x``, conditioned on
+    ``t`` and ``t - r``: every block sees ``silu(TimeEmbedding(t) + TimeEmbedding(t - r)
+    [+ LabelEmbedding])``, two embeddings of the U-Net's own ``time_embedding`` kind.
+
+    The fields and mixed precision are :class:`~jaxdiff.nets.UNet`'s; ``TwoTimeUNet.of(unet)``
+    takes a U-Net's configuration (``TwoTimeUNet.of(small_unet())``). ``r = None`` means
+    ``r = t``, an ordinary velocity field. With MeanFlow
+    (:func:`jaxdiff.meanflow_loss`) it is ``jd.Field(model.apply, "velocity")``; the loss
+    differentiates it in ``t`` by ``jax.jvp``, which the U-Net's convolutions support.
+
+    Time features: Gaussian Fourier features of ``t`` (scale ``time_scale = 1``) by default, not
+    the U-Net's sinusoids of ``1000 t``, for the reason :class:`TwoTimeMLP` gives: the loss's
+    ``d/dt u`` grows with the features' frequencies. On the 8x8 digits (class-conditional,
+    widths (32, 64, 64), 1,500 steps at batch 128, lr 2e-3; 1,000 samples, two seeds) the
+    one-step Fréchet distance was 8.4-9.4 (accuracy 0.98) with these, 8.1-9.4 with sinusoids of
+    ``10 t``, and 283 (accuracy 0.45) with the U-Net's sinusoids of ``1000 t``, whose loss never
+    settled (20-230 against 4.2).
+
+    >>> import jax, jax.numpy as jnp
+    >>> model = TwoTimeUNet(channels=(16, 32))
+    >>> x = jnp.zeros((2, 8, 8, 1))
+    >>> params = jax.eval_shape(model.init, jax.random.key(0), x, 0.5, 0.2)
+    >>> jax.eval_shape(model.apply, params, x, 0.7, 0.1).shape
+    (2, 8, 8, 1)
+    """
+
+    time_embedding: str = "fourier"
+    time_scale: float | None = 1.0
+
+    @classmethod
+    def of(cls, unet: UNet, **overrides) -> TwoTimeUNet:
+        """The two-time U-Net of ``unet``'s configuration (fields replaced by ``overrides``) with
+        this class's time features unless ``overrides`` name others."""
+        time = ("time_embedding", "time_scale", "parent", "name")
+        fields = {f.name: getattr(unet, f.name) for f in dataclasses.fields(UNet) if f.init}
+        fields = {k: v for k, v in fields.items() if k not in time}
+        return cls(**{**fields, **overrides})
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        t: ArrayLike,
+        r: ArrayLike | None = None,
+        labels: Array | None = None,
+        *,
+        deterministic: bool | None = None,
+    ) -> Array:
+        batch = x.shape[0]
+        t = batch_times(t, batch, x.dtype)
+        r = t if r is None else batch_times(r, batch, x.dtype)
+        return self._forward(x, t, t - r, labels, deterministic)
