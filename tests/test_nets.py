@@ -445,6 +445,49 @@ def test_from_diffusers_loads_a_unet2dmodel_and_to_diffusers_inverts_it():
         from_diffusers(state, UNet(**{**_fields(model), "channels": (16, 64, 64, 64)}))
 
 
+def test_a_ported_diffusers_checkpoint_samples_as_diffusers_does_with_jaxdiffs_ddim():
+    """The way to sample a diffusers DDPM checkpoint (e.g. google/ddpm-cifar10-32: eps network,
+    1000 linear betas 1e-4..0.02) with jaxdiff: from_diffusers, the chain as jd.discrete_path,
+    DDIM on diffusers' "leading" steps. diffusers' step k is the chain's t = (k + 1) / 1000 and the
+    network's input k, so the field calls the network at t - 1 / 1000. Random weights, 5 steps:
+    equal to diffusers' DDIMScheduler loop to float32 rounding."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    import jaxdiff as jd
+    from jaxdiff.nets import UNet, from_diffusers
+
+    torch.manual_seed(1)
+    net = diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8, norm_eps=1e-6,
+        down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+        attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = UNet(channels=(16, 32), attention_resolutions=(16,), heads=1, scale_shift=False,
+                 norm_groups=8, freq_shift=1.0)  # fmt: skip
+    state = {k: v.numpy() for k, v in net.state_dict().items()}
+    params = from_diffusers(state, model, shape=(16, 16, 3))
+    x = np.random.default_rng(1).standard_normal((2, 16, 16, 3), np.float32)
+    sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                    beta_schedule="linear", clip_sample=False)  # fmt: skip
+    sched.set_timesteps(5)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    with torch.no_grad():
+        for k in sched.timesteps:
+            xt = sched.step(net(xt, k).sample, k, xt).prev_sample
+    theirs = xt.numpy().transpose(0, 2, 3, 1)
+    path = jd.discrete_path(jd.linear_betas(1000, 1e-4, 0.02))
+    field = jd.Field(lambda p, x, t: model.apply(p, x, t - 1e-3), "eps", params)
+    ours = jd.sample(None, path, field, x_init=jnp.asarray(x), sampler=jd.samplers.ddim(),
+                     ts=jd.leading_timesteps(1000, 5)).x  # fmt: skip
+    assert float(np.abs(theirs - x).max()) > 0.5  # the network moved the samples
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max(), rtol=0)
+
+
 def _fields(model):
     names = ("num_res_blocks", "attention_resolutions", "heads", "scale_shift", "norm_groups")
     return {f: getattr(model, f) for f in (*names, "num_classes")}

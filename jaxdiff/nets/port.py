@@ -104,7 +104,9 @@ def from_diffusers(
 
     ``model.apply(params, x, n / 1000, ...)`` then equals diffusers' ``net(x, n).sample`` for
     NHWC ``x`` (diffusers takes NCHW), when the configs agree, ``freq_shift`` included
-    (:func:`~jaxdiff.nets.ddpm_cifar10` is ``google/ddpm-cifar10-32``'s config).
+    (:func:`~jaxdiff.nets.ddpm_cifar10` is ``google/ddpm-cifar10-32``'s config). On the chain
+    ``jaxdiff.discrete_path(betas)``, diffusers' step ``n`` is ``t = (n + 1) / 1000``: a sampler's
+    field is ``Field(lambda p, x, t: model.apply(p, x, t - 1e-3), "eps")``.
 
         >>> # from safetensors.numpy import load_file
         >>> # params = from_diffusers(load_file("diffusion_pytorch_model.safetensors"),
