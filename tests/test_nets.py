@@ -433,7 +433,7 @@ def test_from_diffusers_loads_a_unet2dmodel_and_to_diffusers_inverts_it():
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), again, params))
     back = to_diffusers(params, model)
     assert back.keys() == state.keys()
-    assert all(np.array_equal(back[k], state[k]) for k in state)
+    assert all(np.array_equal(back[k], state[k]) and back[k].flags.writeable for k in state)
     with pytest.raises(ValueError, match="has no mid_block.resnets.1.conv1.weight"):
         from_diffusers({k: v for k, v in state.items() if k != "mid_block.resnets.1.conv1.weight"},
                        model)  # fmt: skip

@@ -1,4 +1,6 @@
-"""Flax networks for jaxdiff: time and label embeddings, an MLP field, DDPM's U-Net and its configs.
+"""Flax networks for jaxdiff: time and label embeddings, an MLP field, DDPM's U-Net and its configs,
+the two-time networks of MeanFlow (``TwoTimeMLP``, ``TwoTimeUNet``), and diffusers' weights
+(``from_diffusers``, ``to_diffusers``).
 
 Models are used through the pure ``model.apply(params, x, t, labels)``: ``t`` continuous in
 ``[0, 1]`` (a scalar or one per sample), the output shaped like ``x``. What the output means is the

@@ -137,7 +137,7 @@ def to_diffusers(params: dict, model, shape: tuple[int, int, int] = (32, 32, 3))
     flat = flatten_dict(params["params"])
     out = {}
     for path, key, _ in _leaves(model, tuple(shape)):
-        value = np.asarray(flat[path], np.float32)
+        value = np.array(flat[path], np.float32)  # a writable copy (torch.from_numpy warns else)
         if path[-1] == "kernel" and value.ndim == 4:  # (kh, kw, in, out) -> (out, in, kh, kw)
             value = np.transpose(value, (3, 2, 0, 1))
         elif path[-1] == "kernel" and path[-2] in ("query", "key", "value"):  # (in, heads, d)
