@@ -418,7 +418,7 @@ def test_from_diffusers_loads_a_unet2dmodel_and_to_diffusers_inverts_it():
     params = from_diffusers(state, model)
     x = np.random.default_rng(0).standard_normal((3, 32, 32, 3), np.float32)
     steps, labels = np.array([3, 250, 999]), np.array([0, 7, 10])  # 10: diffusers' 11th class
-    ours = np.asarray(model.apply(params, jnp.asarray(x), jnp.asarray(steps / 1000), labels))
+    ours = np.asarray(jax.jit(model.apply)(params, x, steps / 1000, labels))
     with torch.no_grad():
         out = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(steps),
                   class_labels=torch.from_numpy(labels)).sample  # fmt: skip
