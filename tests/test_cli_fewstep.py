@@ -23,8 +23,10 @@ from tests.cli_helpers import cli_error as _error
         (["--loss", "consistency", "--path", "ve"], "fm or cosine, not 've'"),
         (["--loss", "meanflow", "--target", "x0"], "target velocity, not 'x0'"),
         (["--loss", "consistency", "--target", "eps"], "target x0, not 'eps'"),
-        (["--loss", "meanflow", "--model", "unet", "--data", "digits", "--dropout", "0.1"],
-         "--dropout are for"),
+        (
+            ["--loss", "meanflow", "--model", "unet", "--data", "digits", "--dropout", "0.1"],
+            "--dropout are for",
+        ),
         (["--loss", "meanflow", "--coupling", "ot"], "--coupling are for --loss fm"),
         (["--loss", "consistency", "--source", "moons"], "--coupling are for --loss fm"),
         (["--loss", "consistency", "--time", "logit-normal"], "draws its times uniform"),
