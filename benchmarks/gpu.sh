@@ -9,9 +9,9 @@
 #                timeout_s 590
 #
 # It writes $OUT/tests.log (the GPU's name; U-Net, port and training tests on the GPU), the images
-# benchmark ($OUT/<device>.json and .md: U-Net training and DDIM sampling, jaxdiff against
-# diffusers' UNet2DModel with the same weights, eager and torch.compile, float32 and bfloat16)
-# and $OUT/bench.log. Commit the results as benchmarks/results/gpu-*.json and .md.
+# benchmark ($OUT/{small,cifar10}/<device>.json and .md: U-Net training and DDIM sampling, jaxdiff
+# against diffusers' UNet2DModel with the same weights, eager and torch.compile, float32 and
+# bfloat16; the loader rows with small) and $OUT/bench.log. Commit the results as benchmarks/results/gpu-*.json and .md.
 # JAXDIFF_BENCH_IMAGES overrides the benchmark's sizes (benchmarks/images.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +38,13 @@ print('torch', torch.__version__, torch.cuda.is_available())"
     tests/test_nets.py tests/test_bench_images.py tests/test_unet_training.py 2>&1 | tail -30
 } 2>&1 | tee "$OUT/tests.log"
 
-# The images benchmark's GPU sizes; grain is not installed there, torch.compile for small_unet only
-# (inductor compiles each config and precision for minutes). 7 minutes at most.
-export JAXDIFF_BENCH_IMAGES="${JAXDIFF_BENCH_IMAGES:-grain=0 compile=small}"
+# The images benchmark at its GPU sizes, one config per run so that a run cut short leaves the
+# other's results ($OUT/small/, $OUT/cifar10/): grain is not installed there, the loader rows run
+# with small_unet, torch.compile for small_unet only (inductor compiles each config and precision
+# for minutes). 7 minutes at most. Later JAXDIFF_BENCH_IMAGES pairs override earlier ones.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # PyTorch shares the GPU in the same process
-timeout 420 python3 -m benchmarks --only images --out "$OUT" 2>&1 | tail -80 | tee "$OUT/bench.log"
+for cfg in small cifar10; do
+  loader=$([ "$cfg" = small ] && echo 1 || echo 0)
+  JAXDIFF_BENCH_IMAGES="configs=$cfg grain=0 compile=small loader=$loader ${JAXDIFF_BENCH_IMAGES:-}" \
+    timeout 210 python3 -m benchmarks --only images --out "$OUT/$cfg" 2>&1 | tail -40
+done | tee "$OUT/bench.log"
