@@ -442,7 +442,7 @@ def test_from_diffusers_loads_a_unet2dmodel_and_to_diffusers_inverts_it():
     with pytest.raises(
         ValueError, match=r"conv_in.bias has shape \(32,\); jaxdiff expects \(16,\)"
     ):
-        from_diffusers(state, UNet(**{**_fields(model), "channels": (16, 64, 64, 64)}))
+        from_diffusers(state, model.clone(channels=(16, 64, 64, 64)))
 
 
 def test_a_ported_diffusers_checkpoint_samples_as_diffusers_does_with_jaxdiffs_ddim():
@@ -486,8 +486,3 @@ def test_a_ported_diffusers_checkpoint_samples_as_diffusers_does_with_jaxdiffs_d
                      ts=jd.leading_timesteps(1000, 5)).x  # fmt: skip
     assert float(np.abs(theirs - x).max()) > 0.5  # the network moved the samples
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max(), rtol=0)
-
-
-def _fields(model):
-    names = ("num_res_blocks", "attention_resolutions", "heads", "scale_shift", "norm_groups")
-    return {f: getattr(model, f) for f in (*names, "num_classes")}
