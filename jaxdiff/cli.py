@@ -145,6 +145,14 @@ def _parser() -> _Parser:
     smp.add_argument("--seed", type=_seed, default=0)
     smp.add_argument("--class", type=int, dest="label", help="class of conditional samples")
     smp.add_argument("--guidance", type=float, default=1.0, help="classifier-free scale")
+    smp.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("T_LO", "T_HI"),
+        dest="guidance_interval",
+        help="guide only for T_LO <= t <= T_HI (e.g. 0 0.84; Kynkaanniemi et al. 2024)",
+    )
     smp.add_argument("--no-ema", action="store_true", help="use the raw params, not the EMA")
     smp.add_argument("--out", help="output folder (default CKPT/samples)")
     smp.add_argument(
@@ -187,6 +195,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         label=args.label,
         guidance=args.guidance,
+        guidance_interval=args.guidance_interval,
         ema=not args.no_ema,
         out=args.out,
         metrics_n=args.metrics_n,

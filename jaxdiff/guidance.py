@@ -15,6 +15,7 @@ write ``(1 + w) c - w u``: their ``w`` is ``scale - 1``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -72,9 +73,23 @@ def classifier_free_guidance(
     Array([[6., 6.]], dtype=float32)
     """
     field = as_field(field)
+    if interval is not None:
+        interval = _check_interval(interval)
     labels = jnp.asarray(labels)
     null = jnp.broadcast_to(jnp.asarray(null_label, labels.dtype), labels.shape)
     return Field(_cfg, field.target, (field, labels, null, jnp.asarray(scale), interval))
+
+
+def _check_interval(interval) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"interval must be two static numbers (t_lo, t_hi); got {interval!r}"
+        ) from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+        raise ValueError(f"interval must satisfy 0 <= t_lo < t_hi (finite); got ({lo}, {hi})")
+    return lo, hi
 
 
 class _ClassifierGuided(eqx.Module):

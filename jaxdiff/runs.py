@@ -24,6 +24,7 @@ from jaxdiff import experiment as E
 from jaxdiff import rundir as R
 from jaxdiff import samplers
 from jaxdiff.field import Field
+from jaxdiff.guidance import _check_interval as check_interval
 from jaxdiff.guidance import classifier_free_guidance
 from jaxdiff.sample import sample
 
@@ -46,15 +47,24 @@ def make_sampler(
     steps: int = 20,
     eta: float = 0.0,
     guidance: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
     batch: int = 2000,
 ) -> Callable:
     """``(params, key, n, labels) -> samples`` drawn in jitted batches of ``batch``.
 
     ``solver`` (default ``heun``) integrates the ODE or SDE of a diffusion or flow run; a run of a
     few-step loss (``meanflow``, ``consistency``) samples with its own sampler in ``steps`` steps
-    from ``t = 1`` to 0 and takes no solver, ``eta`` or guidance."""
+    from ``t = 1`` to 0 and takes no solver, ``eta`` or guidance. ``guidance_interval = (t_lo,
+    t_hi)`` guides only there (``jd.classifier_free_guidance``'s ``interval``)."""
     if c["loss"] in E.FEWSTEP_LOSSES:
-        return _fewstep_sampler(c, setup, solver, steps, eta, guidance, batch)
+        return _fewstep_sampler(c, setup, solver, steps, eta, guidance, guidance_interval, batch)
+    if guidance_interval is not None:
+        guidance_interval = check_interval(guidance_interval)
+    if not setup.num_classes and (guidance != 1 or guidance_interval is not None):
+        raise ValueError(
+            "--guidance and --guidance-interval need a class-conditional model (trained with "
+            "--conditional)"
+        )
     solver = "heun" if solver is None else solver
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
@@ -83,7 +93,9 @@ def make_sampler(
     def draw(params, key, labels):
         if setup.num_classes:
             conditional = net.bind(params)
-            field = classifier_free_guidance(conditional, labels, setup.num_classes, guidance)
+            field = classifier_free_guidance(
+                conditional, labels, setup.num_classes, guidance, interval=guidance_interval
+            )
         else:
             field = net.bind(params)
         shape_n = (labels.shape[0], *shape)
@@ -103,14 +115,16 @@ def make_sampler(
     return _batched(draw, batch, f"solver {solver}, {steps} steps, eta {eta:g}")
 
 
-def _fewstep_sampler(c, setup, solver, steps, eta, guidance, batch) -> Callable:
+def _fewstep_sampler(c, setup, solver, steps, eta, guidance, interval, batch) -> Callable:
     loss = c["loss"]
-    if solver is not None or eta != 0 or guidance != 1:
-        given = [
-            f
-            for f, on in (("--solver", solver), ("--eta", eta), ("--guidance", guidance != 1))
-            if on
-        ]
+    flags = (
+        ("--solver", solver is not None),
+        ("--eta", eta != 0),
+        ("--guidance", guidance != 1),
+        ("--guidance-interval", interval is not None),
+    )
+    if any(on for _, on in flags):
+        given = [f for f, on in flags if on]
         raise ValueError(
             f"a {loss} run samples with its own sampler (--steps 1, 2, 4, ...): drop "
             f"{', '.join(given)} (for flow-matching and diffusion runs)"
@@ -241,6 +255,7 @@ def sample_run(
     seed: int = 0,
     label: int | None = None,
     guidance: float = 1.0,
+    guidance_interval: tuple[float, float] | None = None,
     ema: bool = True,
     out: str | Path | None = None,
     metrics_n: int = METRICS_N,
@@ -269,7 +284,14 @@ def sample_run(
     out = R.prepare(out if out is not None else run / "samples")
     params = state.ema if ema else state.params
     draw = make_sampler(
-        c, setup, solver=solver, steps=steps, eta=eta, guidance=guidance, batch=min(n, 2000)
+        c,
+        setup,
+        solver=solver,
+        steps=steps,
+        eta=eta,
+        guidance=guidance,
+        guidance_interval=guidance_interval,
+        batch=min(n, 2000),
     )
     if c["loss"] in E.FEWSTEP_LOSSES:
         solver = c["loss"]  # the run's own sampler
@@ -288,6 +310,8 @@ def sample_run(
         reference = IR.reference(c, k) if IR.is_images(c) else E.reference_data(c, k)[0]
         metrics = {}
     metrics.update(sample_seconds=seconds, solver=solver, steps=steps, eta=eta, guidance=guidance)
+    if guidance_interval is not None:
+        metrics.update(guidance_interval=[float(v) for v in guidance_interval])
     metrics.update(n_samples=n, metrics_n=m)
     np.savez(out / "samples.npz", samples=x, labels=used)
     E.write_json(out / "metrics.json", metrics)

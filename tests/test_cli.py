@@ -106,6 +106,10 @@ def test_cli_checkpoint_errors(tmp_path, capsys):
         ["sample", "--ckpt", str(run), "--class", "3"], capsys
     )
     assert "eta must be >= 0" in _error(["sample", "--ckpt", str(run), "--eta", "-1"], capsys)
+    for flag in (["--guidance", "2"], ["--guidance-interval", "0", "0.8"]):  # once ignored
+        assert "--guidance and --guidance-interval need a class-conditional model" in _error(
+            ["sample", "--ckpt", str(run), *flag], capsys
+        )
 
 
 def test_demo_trains_samples_and_reports(tmp_path, capsys):

@@ -74,6 +74,8 @@ def test_fewstep_run_from_the_command_line(loss, steps, k, bound, tmp_path, caps
     capsys.readouterr()
     err = _error(["sample", "--ckpt", str(out), "--solver", "heun", "--eta", "1"], capsys)
     assert f"a {loss} run samples with its own sampler" in err and "--solver, --eta" in err
+    err = _error(["sample", "--ckpt", str(out), "--guidance-interval", "0", "0.8"], capsys)
+    assert "drop --guidance-interval" in err
 
 
 @pytest.mark.parametrize("model", ["mlp", "unet"])
