@@ -54,6 +54,31 @@ def test_guidance_interval_guides_only_inside():
     np.testing.assert_allclose(windowed, jnp.where(inside, full, plain), rtol=1e-6)
     with pytest.raises(ValueError, match=r"labels have shape \(64,\); expected \(8, ...\)"):
         jd.classifier_free_guidance(field, LABELS, NULL, 2.0)(X[:8], T[:8])
+    windowed_jit = jax.jit(
+        lambda x, t: jd.classifier_free_guidance(field, LABELS, NULL, 4.0, interval=(0.3, 0.7))(
+            x, t
+        )
+    )
+    np.testing.assert_allclose(windowed_jit(X, T), windowed, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("interval", "message"),
+    [
+        ((0.7, 0.3), r"0 <= t_lo < t_hi \(finite\); got \(0.7, 0.3\)"),
+        ((-0.1, 0.5), r"got \(-0.1, 0.5\)"),
+        ((0.0, float("nan")), r"got \(0.0, nan\)"),
+    ],
+)
+def test_guidance_interval_is_checked_eagerly_and_under_jit(interval, message):
+    field = conditional("eps")
+    with pytest.raises(ValueError, match=message):
+        jd.classifier_free_guidance(field, LABELS, NULL, 2.0, interval=interval)
+    guided = jax.jit(
+        lambda x, t: jd.classifier_free_guidance(field, LABELS, NULL, 2.0, interval=interval)(x, t)
+    )
+    with pytest.raises(ValueError, match=message):
+        guided(X, T)
 
 
 def test_clipping_and_thresholding_of_the_data_estimate():
