@@ -74,13 +74,14 @@ def classifier_free_guidance(
     """
     field = as_field(field)
     if interval is not None:
-        interval = _check_interval(interval)
+        interval = check_interval(interval)
     labels = jnp.asarray(labels)
     null = jnp.broadcast_to(jnp.asarray(null_label, labels.dtype), labels.shape)
     return Field(_cfg, field.target, (field, labels, null, jnp.asarray(scale), interval))
 
 
-def _check_interval(interval) -> tuple[float, float]:
+def check_interval(interval: Any) -> tuple[float, float]:
+    """``(t_lo, t_hi)`` as two floats with ``0 <= t_lo < t_hi``, else a ValueError."""
     try:
         lo, hi = (float(v) for v in interval)
     except (TypeError, ValueError):

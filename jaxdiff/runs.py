@@ -24,8 +24,7 @@ from jaxdiff import experiment as E
 from jaxdiff import rundir as R
 from jaxdiff import samplers
 from jaxdiff.field import Field
-from jaxdiff.guidance import _check_interval as check_interval
-from jaxdiff.guidance import classifier_free_guidance
+from jaxdiff.guidance import check_interval, classifier_free_guidance
 from jaxdiff.sample import sample
 
 METRICS_N = 10_000  # samples the O(m^2) metrics of `sample` see by default (23 s at 20k on 2 cores)
