@@ -40,16 +40,28 @@ def _cfg(params: Any, x: ArrayLike, t: ArrayLike) -> Array:
     n = x.shape[0]
     if labels.shape[:1] != (n,):
         raise ValueError(f"labels have shape {labels.shape}; expected ({n}, ...) to match x")
-    t2 = jnp.concatenate([t, t], axis=0) if jnp.ndim(t) else t
-    out = field(jnp.concatenate([x, x], axis=0), t2, jnp.concatenate([labels, null], axis=0))
-    c, u = out[:n], out[n:]
-    check_same_shape(c, x, "the conditional prediction")
-    g = u + expand_like(jnp.asarray(scale, x.dtype), x) * (c - u)
+
+    def guided(inside=None):
+        t2 = jnp.concatenate([t, t], axis=0) if jnp.ndim(t) else t
+        out = field(jnp.concatenate([x, x], axis=0), t2, jnp.concatenate([labels, null], axis=0))
+        c, u = out[:n], out[n:]
+        check_same_shape(c, x, "the conditional prediction")
+        g = u + expand_like(jnp.asarray(scale, x.dtype), x) * (c - u)
+        return g if inside is None else jnp.where(expand_like(inside, x), g, c)
+
     if interval is None:
-        return g
+        return guided()
     t_arr = as_time(t)
     inside = (t_arr >= interval[0]) & (t_arr <= interval[1])
-    return jnp.where(expand_like(inside, x), g, c)
+
+    def conditional_only():  # one network call on n rows instead of 2n
+        c = field(x, t, labels)
+        check_same_shape(c, x, "the conditional prediction")
+        return c.astype(jnp.result_type(c, x))  # the guided branch's dtype
+
+    # With no time inside only the conditional half runs (under vmap with a batched predicate
+    # lax.cond computes both branches, as the where would).
+    return jax.lax.cond(jnp.any(inside), lambda: guided(inside), conditional_only)
 
 
 def classifier_free_guidance(
@@ -64,7 +76,8 @@ def classifier_free_guidance(
 
     ``c = field(x, t, labels)`` and ``u = field(x, t, null_label)`` come from one call on the
     doubled batch. ``interval = (t_lo, t_hi)`` guides only for ``t_lo <= t <= t_hi`` and returns
-    ``c`` elsewhere (Kynkäänniemi et al. 2024). ``scale = 1`` is plain conditional sampling.
+    ``c`` elsewhere (Kynkäänniemi et al. 2024); a call with no time inside evaluates only ``c``
+    (half the network rows). ``scale = 1`` is plain conditional sampling.
 
     >>> import jax.numpy as jnp, jaxdiff as jd
     >>> f = jd.Field(lambda x, t, y: x * y[:, None], "eps")   # a toy "network"

@@ -62,6 +62,41 @@ def test_guidance_interval_guides_only_inside():
     np.testing.assert_allclose(windowed_jit(X, T), windowed, rtol=1e-6)
 
 
+def test_guidance_interval_calls_only_the_conditional_half_outside():
+    """Outside the interval one network call on the n rows, not 2n (runtime rows counted by a
+    callback); a bfloat16 network's output comes back in one dtype either way; vmap and grad go
+    through."""
+    rows = []
+
+    def net(x, t, labels):
+        jax.debug.callback(lambda r: rows.append(int(r)), jnp.asarray(x.shape[0]))
+        return conditional("eps")(x, t, labels).astype(jnp.bfloat16)
+
+    field = jax.jit(
+        lambda x, t: jd.classifier_free_guidance(
+            jd.Field(net, "eps"), LABELS[:8], NULL, 4.0, interval=(0.3, 0.7)
+        )(x, t)
+    )
+    for t, expected in ((0.9, [8]), (0.5, [16]), (0.1, [8])):
+        rows.clear()
+        out = field(X[:8], jnp.full(8, t))
+        jax.effects_barrier()
+        assert rows == expected and out.dtype == jnp.float32
+        c = conditional("eps")(X[:8], jnp.full(8, t), LABELS[:8]).astype(jnp.bfloat16)
+        u = conditional("eps")(X[:8], jnp.full(8, t), jnp.full(8, NULL)).astype(jnp.bfloat16)
+        want = u + jnp.float32(4.0) * (c - u) if expected == [16] else c  # as _cfg: scale in f32
+        # outside: the network's own output; inside: bfloat16 c and u may differ by an ulp (~0.008
+        # at 2.5) between the doubled batch and these calls, times the scale 4
+        tol = dict(rtol=1e-6) if expected == [8] else dict(atol=0.05)
+        np.testing.assert_allclose(out, want.astype(jnp.float32), **tol)
+    ts = jnp.array([[0.9] * 8, [0.5] * 8])  # vmapped: one batch outside, one inside
+    both = jax.vmap(field, in_axes=(None, 0))(X[:8], ts)
+    np.testing.assert_allclose(both[0], field(X[:8], ts[0]), rtol=1e-6)
+    np.testing.assert_allclose(both[1], field(X[:8], ts[1]), rtol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(field(x, jnp.full(8, 0.9))))(X[:8])
+    assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.max(jnp.abs(grad))) > 0
+
+
 @pytest.mark.parametrize(
     ("interval", "message"),
     [
