@@ -54,7 +54,14 @@ from jaxdiff.interpolants import (
     linear_interpolant,
 )
 from jaxdiff.inverse import dps, dps_sampler, pigdm, project, repaint, tmpd
-from jaxdiff.likelihood import Likelihood, dequantize, divergence, log_likelihood
+from jaxdiff.likelihood import (
+    Likelihood,
+    affine_flow,
+    dequantize,
+    divergence,
+    log_likelihood,
+    variational_dequantize,
+)
 from jaxdiff.losses import (
     diffusion_loss,
     eps_loss,
@@ -173,6 +180,8 @@ __all__ = [
     "dequantize",
     "divergence",
     "log_likelihood",
+    "variational_dequantize",
+    "affine_flow",
     "GaussianMixture",
     "GaussianPath",
     "Field",

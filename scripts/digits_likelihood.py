@@ -1,6 +1,6 @@
 """Bits per dimension of the 8x8 digits from the probability-flow ODE and from the ELBO, side by side.
 
-    PYTHONPATH=. python scripts/digits_likelihood.py [--steps 3000] [--n 297] [--unet 64]
+    PYTHONPATH=. python scripts/digits_likelihood.py [--steps 3000] [--n 297] [--unet 64] [--variational]
 
 The digits have 17 grey levels (``p / 8 - 1``, ``p = 0..16``). Uniform dequantization puts each
 level in a bin of width 1/8 (``jd.dequantize(key, p, 17, -17/16, 17/16)``), so for every model of
@@ -18,8 +18,12 @@ test digits; its PF-ODE divergence is Hutchinson's (4 Rademacher probes per digi
 solve: the exact one takes 64 JVPs of the U-Net per digit and evaluation), an unbiased estimate of
 ``log p``. The PF-ODE's mean is reported with its median and without the few
 digits whose ODE trajectories leave for the prior's far tail (above 8.2 bits/dim: hundreds to
-1e20; |z| of 31 to 1e11), which the ELBO's local bound does not see. Writes
-``results/digits_likelihood.json`` and ``.md``.
+1e20; |z| of 31 to 1e11), which the ELBO's local bound does not see. ``--variational`` adds
+both MLPs trained again jointly with a variational dequantizer (Ho et al. 2019:
+``jd.variational_dequantize`` with a 4-layer affine coupling flow conditioned on the levels,
+:class:`CouplingDequantizer`), the MLP on the loss above with ``y`` from ``q(u | x)`` and ``q`` on
+the negative ELBO ``jd.nelbo(..., num_terms=4) - log_weight`` of the MLP held fixed; measured with
+``y`` drawn from ``q``. Writes ``results/digits_likelihood.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +71,42 @@ def unet_field(model) -> jd.Field:
     return jd.Field(apply, "eps")
 
 
-def train_model(loss_name: str, steps: int, train_levels, seed: int = 0, unet: bool = False):
+CHECKER = (jnp.arange(D) // 8 + jnp.arange(D) % 8) % 2 == 0  # the 8x8 checkerboard
+
+
+class CouplingDequantizer(nn.Module):
+    """A conditional flow ``eps -> z`` for ``jd.variational_dequantize``: affine couplings that
+    alternate between the checkerboard's halves, each scaled and shifted by an MLP of the bins'
+    centres ``c`` and the other half; zero-initialised (``z = eps`` at the start)."""
+
+    layers: int = 4
+    width: int = 256
+
+    @nn.compact
+    def __call__(self, eps, c):
+        z, log_det = eps, jnp.zeros(eps.shape[:1], eps.dtype)
+        for i in range(self.layers):
+            keep = CHECKER if i % 2 == 0 else ~CHECKER
+            h = jnp.concatenate([c, jnp.where(keep, z, 0.0)], -1)
+            for _ in range(2):
+                h = nn.silu(nn.Dense(self.width)(h))
+            out = nn.Dense(2 * D, kernel_init=nn.initializers.zeros)(h)
+            shift, log_scale = (jnp.where(keep, 0.0, v) for v in (out[:, :D], out[:, D:]))
+            z = shift + jnp.exp(log_scale) * z
+            log_det = log_det + log_scale.sum(-1)
+        return z, log_det
+
+
+def train_model(
+    loss_name: str,
+    steps: int,
+    train_levels,
+    seed: int = 0,
+    unet: bool = False,
+    variational: bool = False,
+):
+    """Train on dequantized digits; returns ``(field, dequant, seconds)`` with
+    ``dequant(key, levels) -> (y, log_weight)`` uniform, or the jointly trained ``q``."""
     path = jd.vp_path()
     model = small_unet() if unet else MLP(width=256, depth=3)
     net = unet_field(model) if unet else jd.Field(model.apply, "eps")
@@ -80,17 +120,42 @@ def train_model(loss_name: str, steps: int, train_levels, seed: int = 0, unet: b
     shape = (1, 8, 8, 1) if unet else (1, D)
     params = init_params(model, jax.random.key(seed), jnp.zeros(shape), jnp.zeros(1))
     opt = adamw_cosine(2e-3, steps)
-    step = make_train_step(loss, opt)
+    flow = CouplingDequantizer().apply
 
-    def batch(key):
-        k1, k2 = jax.random.split(key)
-        idx = jax.random.randint(k1, (128,), 0, train_levels.shape[0])
-        return jd.dequantize(k2, train_levels[idx], LEVELS, LO, HI)[0]
+    def variational_dequant(q_params):  # (key, x=levels) -> (y, log_weight)
+        return partial(
+            jd.variational_dequantize, flow=flow, params=q_params, num_bins=LEVELS, lo=LO, hi=HI
+        )
+
+    if variational:
+        zeros = jnp.zeros((1, D))
+        params = {"net": params, "q": CouplingDequantizer().init(jax.random.key(5), zeros, zeros)}
+        fixed = jax.lax.stop_gradient
+
+        def joint(p, key, levels):  # the net's loss on y ~ q; q's negative ELBO, the net held
+            k1, k2, k3 = jax.random.split(key, 3)
+            y, log_weight = variational_dequant(p["q"])(k1, x=levels)
+            bound = jd.nelbo(k2, path, net.bind(fixed(p["net"])), y, num_terms=4).total
+            return loss(p["net"], k3, fixed(y)) + jnp.mean(bound - log_weight) / D
+
+        step = make_train_step(joint, opt)
+        batch = lambda key: train_levels[jax.random.randint(key, (128,), 0, len(train_levels))]  # noqa: E731
+    else:
+        step = make_train_step(loss, opt)
+
+        def batch(key):
+            k1, k2 = jax.random.split(key)
+            idx = jax.random.randint(k1, (128,), 0, train_levels.shape[0])
+            return jd.dequantize(k2, train_levels[idx], LEVELS, LO, HI)[0]
 
     state = init_train_state(params, opt, jax.random.key(seed + 1))
     start = time.perf_counter()
     state, _ = train(state, lambda k: make_train_chunk(step, batch, k), steps, progress=False)
-    return net.bind(state.ema), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if variational:
+        dequant = lambda key, x: variational_dequant(state.ema["q"])(key, x=x)  # noqa: E731
+        return net.bind(state.ema["net"]), dequant, seconds
+    return net.bind(state.ema), partial(jd.dequantize, num_bins=LEVELS, lo=LO, hi=HI), seconds
 
 
 FAR = 2 * math.log2(LEVELS)  # 8.2 bits/dim: twice the uniform model's
@@ -107,16 +172,17 @@ def _stats(bpd: np.ndarray) -> dict:
     }
 
 
-def measure(field, test_levels, *, t_starts=(1e-3, 1e-5), num_probes=None) -> dict:
+def measure(field, dequant, test_levels, *, t_starts=(1e-3, 1e-5), num_probes=None) -> dict:
     """Bits/dim of the dequantized test digits by the PF-ODE from each ``t_start`` and by the
     ELBO: mean, median, max, and the mean without the digits above ``FAR`` (their PF-ODE
     trajectories leave for the prior's far tail: ``|z|`` of 31 to 1e11 against medians of 7-8).
-    ``num_probes``: Hutchinson's divergence with that many Rademacher probes (else exact)."""
+    ``num_probes``: Hutchinson's divergence with that many Rademacher probes (else exact).
+    ``dequant(key, levels) -> (y, log_weight)``: one draw per digit."""
     path = jd.vp_path()
     extra = {}
     if num_probes:  # Hutchinson's estimator, the same probes along each solve
         extra = dict(key=jax.random.key(12), num_probes=num_probes, probe=jax.random.rademacher)
-    y, log_volume = jd.dequantize(jax.random.key(10), test_levels, LEVELS, LO, HI)
+    y, log_volume = dequant(jax.random.key(10), test_levels)
     out = {}
     for t0 in t_starts:
         run = jax.jit(partial(jd.log_likelihood, path, field, t_start=t0, **extra))
@@ -140,6 +206,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, default=297, help="test digits (297: all)")
     parser.add_argument("--results", default=str(ROOT / "results"))
     parser.add_argument("--unet", type=int, default=0, help="add small_unet on N test digits")
+    parser.add_argument(
+        "--variational", action="store_true", help="add the MLPs with variational dequantization"
+    )
     args = parser.parse_args(argv)
     train_levels = levels(load_digits("train")[0])
     test_levels = levels(load_digits("test")[0][: args.n])
@@ -149,14 +218,16 @@ def main(argv=None) -> dict:
         "uniform_bpd": math.log2(LEVELS),
         "independent_pixels_bpd": independent_pixels_bpd(train_levels, test_levels),
     }
-    models = [("eps", "eps", False), ("elbo", "elbo", False)] + [("unet", "eps", True)] * bool(
-        args.unet
-    )
-    for name, loss_name, unet in models:
-        field, seconds = train_model(loss_name, args.steps, train_levels, unet=unet)
+    models = [("eps", "eps", False, False), ("elbo", "elbo", False, False)]
+    models += [("unet", "eps", True, False)] * bool(args.unet)
+    models += [("eps_vd", "eps", False, True), ("elbo_vd", "elbo", False, True)] * args.variational
+    for name, loss_name, unet, variational in models:
+        field, dequant, seconds = train_model(
+            loss_name, args.steps, train_levels, unet=unet, variational=variational
+        )
         test, probes = (test_levels[: args.unet], 4) if unet else (test_levels, None)
         result[name] = {"train_seconds": seconds, "n": int(test.shape[0])}
-        result[name].update(measure(field, test, num_probes=probes))
+        result[name].update(measure(field, dequant, test, num_probes=probes))
         print(name, json.dumps(result[name], indent=1))
     rows = [
         "| training loss | PF-ODE from 1e-3: median | mean | mean without the far | far digits "
@@ -167,6 +238,8 @@ def main(argv=None) -> dict:
         "eps": "eps, uniform t (DDPM)",
         "elbo": "ELBO weighting, uniform log-SNR",
         "unet": f"small_unet, eps, uniform t ({args.unet} digits; PF-ODE: Hutchinson, 4 probes)",
+        "eps_vd": "eps, uniform t; variational dequantization (joint)",
+        "elbo_vd": "ELBO weighting, uniform log-SNR; variational dequantization (joint)",
     }
     for name, label in labels.items():
         if name not in result:
@@ -178,7 +251,8 @@ def main(argv=None) -> dict:
             f"{e['mean']:.2f} |"
         )
     rows.append(
-        f"\nBits per pixel over {result['n']} uniformly dequantized test digits"
+        f"\nBits per pixel over {result['n']} dequantized test digits (uniformly, or from the"
+        " jointly trained q)"
         f"{f' (small_unet: the first {args.unet})' if args.unet else ''} (one draw each); "
         f"MLPs (width 256, depth 3){' and small_unet' * bool(args.unet)} of {args.steps} steps on the VP "
         f"path. Far: above {FAR:.1f} bits/dim (twice the uniform model's). Uniform over the 17 levels: "
