@@ -92,6 +92,7 @@ def environment() -> dict:
         "flax": flax.__version__,
         "optax": optax.__version__,
         "eqx_on_error": os.environ.get("EQX_ON_ERROR"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
