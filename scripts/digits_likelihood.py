@@ -122,10 +122,8 @@ def train_model(
     opt = adamw_cosine(2e-3, steps)
     flow = CouplingDequantizer().apply
 
-    def variational_dequant(q_params):  # (key, x=levels) -> (y, log_weight)
-        return partial(
-            jd.variational_dequantize, flow=flow, params=q_params, num_bins=LEVELS, lo=LO, hi=HI
-        )
+    def variational_dequant(q_params, key, levels):  # -> (y, log_weight)
+        return jd.variational_dequantize(key, flow, q_params, levels, LEVELS, LO, HI)
 
     if variational:
         zeros = jnp.zeros((1, D))
@@ -134,7 +132,7 @@ def train_model(
 
         def joint(p, key, levels):  # the net's loss on y ~ q; q's negative ELBO, the net held
             k1, k2, k3 = jax.random.split(key, 3)
-            y, log_weight = variational_dequant(p["q"])(k1, x=levels)
+            y, log_weight = variational_dequant(p["q"], k1, levels)
             bound = jd.nelbo(k2, path, net.bind(fixed(p["net"])), y, num_terms=4).total
             return loss(p["net"], k3, fixed(y)) + jnp.mean(bound - log_weight) / D
 
@@ -153,8 +151,7 @@ def train_model(
     state, _ = train(state, lambda k: make_train_chunk(step, batch, k), steps, progress=False)
     seconds = time.perf_counter() - start
     if variational:
-        dequant = lambda key, x: variational_dequant(state.ema["q"])(key, x=x)  # noqa: E731
-        return net.bind(state.ema["net"]), dequant, seconds
+        return net.bind(state.ema["net"]), partial(variational_dequant, state.ema["q"]), seconds
     return net.bind(state.ema), partial(jd.dequantize, num_bins=LEVELS, lo=LO, hi=HI), seconds
 
 

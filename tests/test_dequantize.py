@@ -127,3 +127,8 @@ def test_bad_input_is_refused_with_the_value():
     bad = lambda p, e, c: (e[:, :2], jnp.zeros(2))  # noqa: E731
     with pytest.raises(ValueError, match=r"flow must return z of x's shape \(2, 3\)"):
         jd.variational_dequantize(key, bad, None, x, 4)
+    # the same checks at trace time under jit (they concern static shapes and numbers)
+    with pytest.raises(ValueError, match=r"flow must return z of x's shape \(2, 3\)"):
+        jax.jit(lambda x: jd.variational_dequantize(key, bad, None, x, 4))(x)
+    with pytest.raises(ValueError, match="num_bins must be a positive integer; got 0"):
+        jax.jit(lambda x: jd.variational_dequantize(key, flow, None, x, 0))(x)
