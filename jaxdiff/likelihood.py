@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import diffrax
 import jax
@@ -226,7 +226,7 @@ def affine_flow(apply: Callable[..., tuple[Array, Array]]) -> DequantizationFlow
 def variational_dequantize(
     key: Array,
     flow: DequantizationFlow,
-    params,
+    params: Any,
     x: ArrayLike,
     num_bins: int = 256,
     lo: float = -1.0,

@@ -24,22 +24,27 @@ def _coupling(params, eps, c):
     return jnp.stack([z1, z2], axis=1), s1 + s2
 
 
-def test_log_weight_is_the_bin_volume_over_the_density_of_u(x64):
+# affine_flow of a nonlinear (shift, log-scale) of the bins' centres: its log_det is checked too
+_affine = jd.affine_flow(lambda p, c: (jnp.sin(p[0] * c), p[1] * jnp.cos(c)))
+
+
+@pytest.mark.parametrize("flow", [_coupling, _affine], ids=["coupling", "affine_flow"])
+def test_log_weight_is_the_bin_volume_over_the_density_of_u(flow, x64):
     """log q(u | x) from ``log_weight`` equals log logistic(eps) - log|det du/deps|, the Jacobian
-    taken by autodiff of the whole map eps -> u (coupling, then sigmoid), to 1e-10; every y in x's
+    taken by autodiff of the whole map eps -> u (the flow, then sigmoid), to 1e-10; every y in x's
     bin."""
     K, lo, hi = 5, -1.0, 1.0
     width = (hi - lo) / K
     x = jax.random.randint(jax.random.key(0), (7, 2), 0, K)
     params = (jnp.asarray(0.7), jnp.asarray(-1.3))
     key = jax.random.key(1)
-    y, log_weight = jd.variational_dequantize(key, _coupling, params, x, K, lo, hi)
+    y, log_weight = jd.variational_dequantize(key, flow, params, x, K, lo, hi)
     np.testing.assert_array_equal(np.floor((np.asarray(y) - lo) / width), np.asarray(x))
     eps = jax.random.logistic(key, x.shape, y.dtype)  # the draw variational_dequantize makes
     c = lo + (x + 0.5) * width
 
     def u_of(e, ci):  # one sample's eps -> u
-        return jax.nn.sigmoid(_coupling(params, e[None], ci[None])[0][0])
+        return jax.nn.sigmoid(flow(params, e[None], ci[None])[0][0])
 
     logdet = jax.vmap(lambda e, ci: jnp.linalg.slogdet(jax.jacfwd(u_of)(e, ci))[1])(eps, c)
     log_q = jax.scipy.stats.logistic.logpdf(eps).sum(1) - logdet
