@@ -139,6 +139,8 @@ def _unet_program():
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_jaxdiff_programs_hold_no_scalar_broadcast_dot_in_a_ynn_fusion(setting):
+    if setting != "default" and jax.__version_info__ < (0, 8):
+        pytest.skip("jaxlib < 0.8 has no YNN fusion option")  # measured: 0.7.2 rejects it
     programs = {**_mlp_programs(), "unet grad": _unet_program()}
     if setting == "reduce":  # the setting the README suggests for U-Nets: the training steps
         programs = {n: programs[n] for n in ("unet grad", "flow matching grad", "eps loss grad")}
