@@ -26,7 +26,10 @@ from jaxdiff.nets import MLP, UNet, init_params
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's YNN fusions")
 
-SETTINGS = {"default": {}, "reduce": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}}  # fmt: skip
+SETTINGS = {
+    "default": {},
+    "reduce": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"},
+}
 
 
 def scalar_broadcast_dots(hlo: str) -> list[str]:
@@ -41,10 +44,17 @@ def scalar_broadcast_dots(hlo: str) -> list[str]:
             name = None
         elif name is not None:
             bodies[name].append(line)
-    fused = {m for line in hlo.splitlines() if "__ynn_fusion" in line for m in re.findall(r"calls=%?([\w.\-]+)", line)}  # fmt: skip
+    fused = set()  # the computations that YNN fusions call
+    for line in hlo.splitlines():
+        if "__ynn_fusion" in line:
+            fused.update(re.findall(r"calls=%?([\w.\-]+)", line))
     found = []
     for body in (bodies.get(f, []) for f in fused):
-        splats = {m.group(1) for line in body if (m := re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \S+ broadcast\(", line)) and "dimensions={}" in line}  # fmt: skip
+        splats = set()  # the names of scalar broadcasts in this body
+        for line in body:
+            splat = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = \S+ broadcast\(", line)
+            if splat and "dimensions={}" in line:
+                splats.add(splat.group(1))
         for line in body:
             dot = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = \S+ dot\((.*?)\)", line)
             if dot and splats & set(re.findall(r"%([\w.\-]+)", dot.group(1))):
