@@ -30,6 +30,7 @@ __all__ = [
     "save_classifier",
     "classifier_accuracy",
     "digits_frechet_distance",
+    "tile",
 ]
 
 SIZES = (64, 256, 64, 10)
@@ -131,3 +132,28 @@ def classifier_accuracy(params: dict, images: ArrayLike, labels: ArrayLike) -> A
 def digits_frechet_distance(params: dict, x: ArrayLike, y: ArrayLike) -> Array:
     """Fréchet distance between the classifier features of two sets of digit images."""
     return frechet_distance(classifier_features(params, x), classifier_features(params, y))
+
+
+def tile(images: ArrayLike, cols: int = 10, fill: float = np.nan) -> np.ndarray:
+    """Images ``(n, h, w)`` or ``(n, h, w, 1)`` laid out row by row, ``cols`` per row, one
+    ``fill`` pixel between neighbours (``nan`` shows as blank in ``imshow``), for plotting.
+
+    >>> tile(np.zeros((3, 2, 2)), cols=2, fill=1.0)
+    array([[0., 0., 1., 0., 0.],
+           [0., 0., 1., 0., 0.],
+           [1., 1., 1., 1., 1.],
+           [0., 0., 1., 1., 1.],
+           [0., 0., 1., 1., 1.]])
+    """
+    x = np.asarray(images, dtype=float)
+    if x.ndim == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim != 3:
+        raise ValueError(f"images must be (n, h, w) or (n, h, w, 1); got shape {np.shape(images)}")
+    n, h, w = x.shape
+    rows = -(-n // cols)
+    canvas = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), fill)
+    for k, img in enumerate(x):
+        r, c = divmod(k, cols)
+        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = img
+    return canvas

@@ -129,14 +129,13 @@ def _grid(images: dict, file: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from jaxdiff.digits import tile
+
     fig, axes = plt.subplots(1, len(images), figsize=(4.2 * len(images), 4.6))
     for ax, (title, x) in zip(np.atleast_1d(axes), images.items(), strict=True):
         x = np.asarray(x)[:100, ..., 0].reshape(10, 10, 8, 8)  # sample i has class i % 10
-        tiles = x.transpose(1, 0, 2, 3)  # row = class, column = draw
-        canvas = np.full((10 * 9 + 1, 10 * 9 + 1), -0.5)  # light grey between tiles
-        for r in range(10):
-            for c in range(10):
-                canvas[1 + 9 * r : 9 * r + 9, 1 + 9 * c : 9 * c + 9] = tiles[r, c]
+        tiles = x.transpose(1, 0, 2, 3).reshape(100, 8, 8)  # row = class, column = draw
+        canvas = np.pad(tile(tiles, 10, -0.5), 1, constant_values=-0.5)  # light grey around tiles
         ax.imshow(canvas, cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.axis("off")

@@ -7,7 +7,7 @@ import pytest
 
 from jaxdiff.cli import main
 from jaxdiff.data import load_digits
-from jaxdiff.digits import classifier_accuracy, digits_frechet_distance, load_classifier
+from jaxdiff.digits import classifier_accuracy, digits_frechet_distance, load_classifier, tile
 from tests.cli_helpers import cli_error as _error
 
 
@@ -74,3 +74,19 @@ def test_guidance_interval_keeps_the_class_and_the_spread(conditional_run, capsy
         ["sample", "--ckpt", str(conditional_run), "--guidance-interval", "0.9", "0.2"], capsys
     )
     assert "interval must satisfy 0 <= t_lo < t_hi (finite); got (0.9, 0.2)" in err
+
+
+def test_tile_lays_images_out_row_by_row_with_one_fill_pixel_between():
+    x = np.arange(5 * 2 * 3, dtype=float).reshape(5, 2, 3, 1)  # 5 images of 2 x 3, a channel axis
+    grid = tile(x, cols=2, fill=-1.0)
+    assert grid.shape == (3 * 3 - 1, 2 * 4 - 1)
+    for k in range(5):
+        r, c = divmod(k, 2)
+        np.testing.assert_array_equal(grid[3 * r : 3 * r + 2, 4 * c : 4 * c + 3], x[k, ..., 0])
+    filled = np.ones(grid.shape, bool)
+    filled[np.ix_([0, 1, 3, 4, 6, 7], [0, 1, 2, 4, 5, 6])] = False
+    filled[6:8, 4:7] = True  # the sixth slot is empty
+    assert np.all(grid[filled] == -1.0) and not np.any(grid[~filled] == -1.0)
+    assert np.isnan(tile(x[:1], cols=2)[:, 3:]).all()  # the default fill is nan (blank)
+    with pytest.raises(ValueError, match=r"\(n, h, w\) or \(n, h, w, 1\); got shape \(2, 3\)"):
+        tile(np.zeros((2, 3)))
