@@ -150,6 +150,8 @@ def tile(images: ArrayLike, cols: int = 10, fill: float = np.nan) -> np.ndarray:
         x = x[..., 0]
     if x.ndim != 3:
         raise ValueError(f"images must be (n, h, w) or (n, h, w, 1); got shape {np.shape(images)}")
+    if not (isinstance(cols, int | np.integer) and cols >= 1):
+        raise ValueError(f"cols must be a positive integer; got {cols!r}")
     n, h, w = x.shape
     rows = -(-n // cols)
     canvas = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), fill)

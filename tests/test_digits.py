@@ -90,3 +90,5 @@ def test_tile_lays_images_out_row_by_row_with_one_fill_pixel_between():
     assert np.isnan(tile(x[:1], cols=2)[:, 3:]).all()  # the default fill is nan (blank)
     with pytest.raises(ValueError, match=r"\(n, h, w\) or \(n, h, w, 1\); got shape \(2, 3\)"):
         tile(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="cols must be a positive integer; got 0"):
+        tile(x, cols=0)
