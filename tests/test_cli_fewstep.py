@@ -14,6 +14,7 @@ from jaxdiff import experiment as E
 from jaxdiff.cli import main
 from jaxdiff.runs import make_sampler
 from tests.cli_helpers import cli_error as _error
+from tests.net_helpers import perturb
 
 
 @pytest.mark.parametrize(
@@ -90,11 +91,7 @@ def test_conditional_meanflow_sampler_passes_the_labels(model):
     two_times = "TwoTimeMLP" if model == "mlp" else "TwoTimeUNet"
     assert type(setup.model).__name__ == two_times
     state, _ = E.init_state(c, setup)
-    leaves, tree = jax.tree.flatten(state.params)  # the last layer starts at 0: perturb it all
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [a + 0.05 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
-    )
+    params = perturb(state.params, 0.05, seed=1)  # the last layer starts at 0: perturb it all
     draw = make_sampler(c, setup, steps=1, batch=8)
     key = jax.random.key(2)
     x3, _ = draw(params, key, 8, np.full(8, 3))

@@ -20,6 +20,7 @@ from jaxdiff.nets import (
     sinusoidal_embedding,
     small_unet,
 )
+from tests.net_helpers import perturb
 
 
 def test_sinusoidal_embedding_values():
@@ -335,11 +336,7 @@ def test_parameter_counts_of_the_named_configs():
 
 
 def _perturbed(model, x, *args):
-    params = init_params(model, jax.random.key(1), x, 0.5, *args)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    noise = [0.1 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
-    return jax.tree.unflatten(tree, [p + n for p, n in zip(leaves, noise, strict=True)])
+    return perturb(init_params(model, jax.random.key(1), x, 0.5, *args), 0.1, seed=2)
 
 
 def test_dropout_runs_only_with_a_dropout_rng():

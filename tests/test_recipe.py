@@ -15,6 +15,7 @@ import jaxdiff as jd
 from jaxdiff.cli import main
 from jaxdiff.nets import UNet, init_params
 from tests.cli_helpers import cli_error as _error
+from tests.net_helpers import perturb
 
 
 def _unet():
@@ -23,14 +24,7 @@ def _unet():
     params = init_params(model, jax.random.key(0), x, jnp.zeros(4), jnp.zeros(4, jnp.int32))
 
     # the output conv starts at zero: perturb every weight so that the labels show in the output
-    @jax.jit
-    def perturb(params, key):
-        leaves, tree = jax.tree.flatten(params)
-        keys = jax.random.split(key, len(leaves))
-        leaves = [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys, strict=True)]  # fmt: skip
-        return jax.tree.unflatten(tree, leaves)
-
-    return model, perturb(params, jax.random.key(1))
+    return model, perturb(params, 0.05, seed=1)
 
 
 class _DropoutNet(nn.Module):  # the smallest Flax network with dropout: what the U-Net does
