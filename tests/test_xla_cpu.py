@@ -6,9 +6,9 @@ fusion holds a dot one of whose operands is a scalar broadcast (``x @ jnp.ones((
 measured on 0.10.2; 0.10.1 forms the same fusion and computes it right). The README says how to
 turn the fusions off. These tests compile jaxdiff's main programs (training steps of the MLP and
 the U-Net, samplers, likelihoods, guidance, DDPM) with the default fusions and with the faster
-``reduce`` setting the README suggests for U-Nets, and assert that none holds that pattern. The whole test suite's
-compiled modules were scanned the same way once: 12,798 with the default fusions (693 of them
-with YNN fusions) and 14,051 with ``reduce`` (451), none with the pattern.
+``reduce`` setting the README suggests for U-Nets, and assert that none holds that pattern. The
+whole test suite's compiled modules were scanned the same way once: 12,798 with the default
+fusions (693 of them with YNN fusions) and 14,051 with ``reduce`` (451), none with the pattern.
 """
 
 import functools
