@@ -96,6 +96,25 @@ def _clamp_rounding(value: Array) -> Array:
     return value - jax.lax.stop_gradient(jnp.where(tiny, value, jnp.zeros_like(value)))
 
 
+@eqx.filter_jit
+def _bisect_log_snr(path: GaussianPath, lam: Array, iters: int) -> Array:
+    """``t`` with ``path.log_snr(t) = lam`` by ``iters`` bisection steps on ``[0, 1]``.
+
+    One compiled program per path structure, grid shape and ``iters`` (``filter_jit``: the
+    path's Python numbers stay constants): the grids call this eagerly, where a fresh
+    ``fori_loop`` would compile anew on every call."""
+    lo, hi = jnp.zeros_like(lam), jnp.ones_like(lam)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        above = path.log_snr(mid) > lam  # lambda decreases: the root lies later
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
+    return 0.5 * (lo + hi)
+
+
 def _scale(coef: Array, x: Array) -> Array:
     """``coef`` (shaped like ``t``) padded to broadcast against ``x``, in ``x``'s dtype."""
     return expand_like(coef, x).astype(x.dtype)
@@ -171,16 +190,7 @@ class GaussianPath(eqx.Module):
     def t_from_log_snr(self, log_snr: ArrayLike, *, iters: int = 60) -> Array:
         """Inverse of ``log_snr`` on ``[0, 1]`` by bisection (any monotone path, any shape)."""
         lam = jnp.asarray(log_snr, dtype=jnp.result_type(float))
-        lo, hi = jnp.zeros_like(lam), jnp.ones_like(lam)
-
-        def body(_, bounds):
-            lo, hi = bounds
-            mid = 0.5 * (lo + hi)
-            above = self.log_snr(mid) > lam  # lambda decreases: the root lies later
-            return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
-
-        lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
-        return 0.5 * (lo + hi)
+        return _bisect_log_snr(self, lam, iters)
 
     # --- conditional path -----------------------------------------------------------------
     def marginal(self, x0, t) -> tuple[Array, Array]:

@@ -121,36 +121,47 @@ def sample(
         xs = None if sol.xs is None else sol.xs.astype(user_dtype)
         return sol._replace(x=sol.x.astype(user_dtype), xs=xs)
 
-    state = sampler.init(path, field, x, full)
-    hook_keys = None
-    if hook is not None:
-        hook_keys = jax.random.split(keys[2], n + 2)
-        state = hook(hook_keys[0], state, grid[0])
-    step_keys = jax.random.split(keys[1], n) if sampler.stochastic else None
-    tables = None
-    if sampler.coefficients is not None:  # what the steps need of the times alone, tabulated
-        tables = jax.vmap(lambda i: sampler.coefficients(path, field, full, i))(jnp.arange(n))
-
-    def step(k, state, t, s):
-        k_step, k_hook, row = k
-        extra = {} if row is None else {"coefs": row}
-        state = sampler.step(k_step, path, field, state, t, s, **extra)
-        return state if hook is None else hook(k_hook, state, s)
-
-    inputs = (step_keys, None if hook is None else hook_keys[1 : n + 1], tables)
     save_ts = _engine.as_save_ts(save_ts, grid.dtype)
     buf, slots = _engine.start_buffer(full, save_ts, x)
-    state, buf = _engine.scan(
-        step, state, grid, inputs, get_x=lambda st: st.x, buffer=buf, slots=slots,
-        checkpoint=checkpoint,
-    )  # fmt: skip
-    x = state.x
-    if denoise:
-        x = denoise_step(path, field, x, grid[-1]).astype(x.dtype)
+
+    def run(field_arrays, x, keys, buf):
+        # the sampler's work after the checks, in one program: called eagerly, the tables'
+        # vmap, the init and the denoising step would dispatch op by op (an XLA compile per
+        # primitive and shape: ~100 for UniPC's tables, hundreds for a network). Under jit it
+        # inlines; the grid and the path stay constants, as under a user's jit.
+        field_ = eqx.combine(field_arrays, field_static)
+        state = sampler.init(path, field_, x, full)
+        hook_keys = None
         if hook is not None:
-            x = hook(hook_keys[n + 1], state._replace(x=x), full[-1]).x
-        if buf is not None:
-            buf = buf.at[slots[-1]].set(x, mode="drop")
+            hook_keys = jax.random.split(keys[2], n + 2)
+            state = hook(hook_keys[0], state, grid[0])
+        step_keys = jax.random.split(keys[1], n) if sampler.stochastic else None
+        tables = None
+        if sampler.coefficients is not None:  # what the steps need of the times alone
+            tables = jax.vmap(lambda i: sampler.coefficients(path, field_, full, i))(jnp.arange(n))
+
+        def step(k, state, t, s):
+            k_step, k_hook, row = k
+            extra = {} if row is None else {"coefs": row}
+            state = sampler.step(k_step, path, field_, state, t, s, **extra)
+            return state if hook is None else hook(k_hook, state, s)
+
+        inputs = (step_keys, None if hook is None else hook_keys[1 : n + 1], tables)
+        state, buf = _engine.scan(
+            step, state, grid, inputs, get_x=lambda st: st.x, buffer=buf, slots=slots,
+            checkpoint=checkpoint,
+        )  # fmt: skip
+        x = state.x
+        if denoise:
+            x = denoise_step(path, field_, x, grid[-1]).astype(x.dtype)
+            if hook is not None:
+                x = hook(hook_keys[n + 1], state._replace(x=x), full[-1]).x
+            if buf is not None:
+                buf = buf.at[slots[-1]].set(x, mode="drop")
+        return x, buf
+
+    field_arrays, field_static = eqx.partition(field, eqx.is_array)
+    x, buf = jax.jit(run)(field_arrays, x, keys, buf)
     x = check_finite(x, "the sample (check the field, the time grid and the step sizes)")
     nfe = sampler.nfe(n) + int(denoise)
     buf = None if buf is None else buf.astype(user_dtype)
