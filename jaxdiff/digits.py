@@ -46,6 +46,7 @@ def init_classifier(key: Array) -> dict:
     }
 
 
+@jax.jit  # one program per shape, not one per primitive when called eagerly
 def classifier_features(params: dict, images: ArrayLike) -> Array:
     """Penultimate activations ``(n, 64)`` of images ``(n, 8, 8[, 1])`` in ``[-1, 1]``."""
     h = jnp.asarray(images).reshape(jnp.shape(images)[0], -1)
@@ -54,6 +55,7 @@ def classifier_features(params: dict, images: ArrayLike) -> Array:
     return h
 
 
+@jax.jit  # one program per shape, not one per primitive when called eagerly
 def classifier_logits(params: dict, images: ArrayLike) -> Array:
     """Class logits ``(n, 10)``."""
     last = params[f"l{len(SIZES) - 2}"]
@@ -123,6 +125,7 @@ def _read(path) -> dict:
     return params
 
 
+@jax.jit  # one program per shape, not one per primitive when called eagerly
 def classifier_accuracy(params: dict, images: ArrayLike, labels: ArrayLike) -> Array:
     """Fraction of ``images`` that the classifier labels as ``labels``."""
     pred = jnp.argmax(classifier_logits(params, images), axis=-1)

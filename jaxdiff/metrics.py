@@ -117,6 +117,11 @@ def frechet_distance(x: ArrayLike, y: ArrayLike) -> Array:
         raise ValueError(f"expected x (n, d) and y (m, d); got shapes {x.shape} and {y.shape}")
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError("the Fréchet distance needs at least 2 samples in each set")
+    return _frechet_distance(x, y)
+
+
+@jax.jit  # one program per shape (eagerly, the moments and roots would compile op by op)
+def _frechet_distance(x: Array, y: Array) -> Array:
     mx, my = jnp.mean(x, 0), jnp.mean(y, 0)
     cx, cy = jnp.cov(x, rowvar=False), jnp.cov(y, rowvar=False)
     return frechet_distance_from_stats(mx, cx, my, cy)
@@ -141,6 +146,11 @@ def nearest_neighbour_distance(x: ArrayLike, reference: ArrayLike, *, block: int
     ref = jnp.asarray(reference).reshape(jnp.shape(reference)[0], -1)
     if x.shape[1] != ref.shape[1]:
         raise ValueError(f"x and reference have rows of sizes {x.shape[1]} and {ref.shape[1]}")
+    return _nearest(x, ref, int(block))
+
+
+@functools.partial(jax.jit, static_argnums=2)  # a fresh lax.map body would compile every call
+def _nearest(x: Array, ref: Array, block: int) -> Array:
     n = x.shape[0]
     pad = -n % block
     xb = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, block, x.shape[1])
