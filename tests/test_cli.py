@@ -35,7 +35,7 @@ RUNS = {
 
 
 # Two of the four (run, data) pairs: each run and each data set once. The library's losses, paths
-# and data sets have their own tests; this one is the command line end to end (measured: 15-22 s
+# and data sets have their own tests; this one is the command line end to end (measured: 13-22 s
 # each alone, 20-44 s in the suite, per pair).
 @pytest.mark.parametrize(("run", "data"), [("fm", "checkerboard"), ("vp-dsm", "8gaussians")])
 def test_trained_model_matches_the_data(tmp_path, data, run, capsys):
