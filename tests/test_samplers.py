@@ -5,7 +5,7 @@ counting field, the same eagerly and under ``jit``), one compile per shape, keys
 deterministic sampler, an error for a stochastic one; the same key gives the same sample), the
 start at ``t_start < 1``, ``vmap`` and one's own ``init``/``step`` loop against the driver, ``grad``
 through deterministic samplers, and the 3-component mixture recovered within the energy-distance
-bound of ``test_sample`` at the stated steps.
+bound of ``test_sample`` at the stated steps, in float32 and from a bfloat16 start.
 
 The suite's time is XLA compiles (each sampler's program ~1-3 s on 2 CPU cores), so properties
 that can share a compiled program share it: one test checks structure, counts and keys on the same
@@ -285,25 +285,22 @@ def true_samples():
 
 
 @pytest.mark.parametrize("name, sampler, steps", SAMPLERS, ids=IDS)
-def test_recovers_the_mixture(name, sampler, steps, true_samples):
+def test_recovers_the_mixture_in_float32_and_bfloat16(name, sampler, steps, true_samples):
+    """At the stated steps the float32 sample is within ``ED_BOUND`` of the mixture. From the same
+    start and keys in bfloat16 (the field called in bfloat16, the state integrated in float32) the
+    sample stays bfloat16 and lands where float32 does, sample by sample: the median distance is
+    within 0.01 and the 99th percentile within 0.1 (measured 0.004-0.007 and 0.008-0.039: output
+    rounding alone, spacing 2^-7 at |x| in [1, 2), gives ~0.003; a few samples near a boundary
+    between modes go to the other one)."""
     path, make = setup(name)
     field = make(DATA)
-    run = jax.jit(lambda k: jd.sample(k, path, field, (N, 2), sampler=sampler, steps=steps))
-    sol = run(jax.random.key(0))
+    x = float(path.sigma(1.0)) * jax.random.normal(jax.random.key(0), (N, 2))
+    run = jax.jit(lambda x: jd.sample(jax.random.key(1), path, field, x_init=x, sampler=sampler,
+                                      steps=steps))  # fmt: skip
+    sol = run(x)
     ed = float(jd.energy_distance(sol.x, true_samples))
     assert ed < ED_BOUND, (name, int(sol.nfe), ed)
-
-
-@pytest.mark.parametrize("name, sampler, steps", SAMPLERS, ids=IDS)
-def test_half_precision(name, sampler, steps):
-    """A bfloat16 state stays bfloat16 (coefficients in float32) and lands where float32 does: the
-    energy distance between the two sample sets from the same start and keys is within 1e-2 (float32
-    against itself with other keys: ~1e-3 at n = 2000)."""
-    path, make = setup(name)
-    field = make(DATA)
-    x = jax.random.normal(jax.random.key(0), (2000, 2))
-    run = jax.jit(lambda x: jd.sample(jax.random.key(1), path, field, x_init=x, sampler=sampler,
-                                      steps=min(steps, 50)).x)  # fmt: skip
-    half, full = run(x.astype(jnp.bfloat16)), run(x)
+    half = run(x.astype(jnp.bfloat16)).x
     assert half.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(half)))
-    assert float(jd.energy_distance(half.astype(jnp.float32), full)) < 1e-2
+    d = np.abs(np.asarray(half.astype(jnp.float32)) - np.asarray(sol.x)).max(-1)
+    assert np.median(d) < 0.01 and np.quantile(d, 0.99) < 0.1, (np.median(d), np.quantile(d, 0.99))
