@@ -48,8 +48,8 @@ def test_energy_distance_bound_has_power(true_samples):
     assert abs(float(null)) < ED_BOUND
 
 
-CASES = [  # (path, sampler, target, steps): ODEs with Heun, SDEs with Euler-Maruyama
-    ("vp", S.ode(diffrax.Heun()), "eps", 100),
+CASES = [  # (path, sampler, target, steps): ODEs with Heun, SDEs with Euler-Maruyama (Heun on VP
+    # with the eps field: test_samplers' conformance suite, at 50 steps)
     ("vp", S.sde(), "score", 500),
     ("subvp", S.ode(diffrax.Heun()), "score", 100),
     ("subvp", S.sde(), "eps", 500),
