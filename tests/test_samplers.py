@@ -4,12 +4,14 @@ For each: output shape and dtype, ``x_init``, saved states, the evaluation count
 counting field, the same eagerly and under ``jit``), one compile per shape, keys (``None`` for a
 deterministic sampler, an error for a stochastic one; the same key gives the same sample), ``vmap``
 and one's own ``init``/``step`` loop against the driver from ``t_start < 1`` (no evaluation
-later), ``grad`` through deterministic samplers, and the 3-component mixture recovered within the energy-distance
-bound of ``test_sample`` at the stated steps, in float32 and from a bfloat16 start.
+later), ``grad`` through deterministic samplers, and the 3-component mixture recovered within the
+energy-distance bound of ``test_sample`` at the stated steps, in float32 and from a bfloat16
+start.
 
 The suite's time is XLA compiles (each sampler's program ~1-3 s on 2 CPU cores), so properties
 that can share a compiled program share it: one test checks structure, counts and keys on the same
-jitted run, one checks ``vmap`` and one's own loop on the same batched run.
+jitted run, one checks ``vmap`` and one's own loop on the same batched run, and the Euler
+identities run each case's five targets in one program.
 
 Every sampler runs on the VP path with the mixture's exact eps field, except the few-step
 samplers, which need fields of their own kind (``EXACT``): MeanFlow the exact average velocity and
@@ -206,15 +208,23 @@ def test_euler_written_out_is_diffrax_euler(path_name, eta, x64):
     sampler = S.ode() if eta == 0.0 else S.sde(eta=eta)
     x = jax.random.normal(jax.random.key(0), (6, 2))
     ts, key = jnp.linspace(0.9, 0.05, 9), jax.random.key(1)
-    for target in jd.TARGETS:
-        field = DATA.field(path, target)
-        sol = jd.sample(key, path, field, x_init=x, sampler=sampler, ts=ts, denoise=False)
-        ref = jd.integrate(
-            lambda x, t, f=field: jd.reverse_drift(path, f, x, t, eta=eta), x, ts=ts,
-            diffusion=None if eta == 0.0 else (lambda x, t: jd.reverse_diffusion(path, t, eta)),
-            key=None if eta == 0.0 else jax.random.split(key, 4)[1], solver=diffrax.Euler(),
-        )  # fmt: skip
-        np.testing.assert_allclose(sol.x, ref.x, rtol=1e-9, atol=1e-9, err_msg=target)
+
+    @jax.jit  # one program for the five targets (each apart: a compile for each solve)
+    def both(x):
+        out = {}
+        for target in jd.TARGETS:
+            field = DATA.field(path, target)
+            sol = jd.sample(key, path, field, x_init=x, sampler=sampler, ts=ts, denoise=False)
+            ref = jd.integrate(
+                lambda x, t, f=field: jd.reverse_drift(path, f, x, t, eta=eta), x, ts=ts,
+                diffusion=None if eta == 0.0 else (lambda x, t: jd.reverse_diffusion(path, t, eta)),
+                key=None if eta == 0.0 else jax.random.split(key, 4)[1], solver=diffrax.Euler(),
+            )  # fmt: skip
+            out[target] = sol.x, ref.x
+        return out
+
+    for target, (x_sampler, x_diffrax) in both(x).items():
+        np.testing.assert_allclose(x_sampler, x_diffrax, rtol=1e-9, atol=1e-9, err_msg=target)
 
 
 @pytest.mark.parametrize("name, sampler, steps", SAMPLERS, ids=IDS)
