@@ -210,7 +210,7 @@ def test_euler_written_out_is_diffrax_euler(path_name, eta, x64):
     ts, key = jnp.linspace(0.9, 0.05, 9), jax.random.key(1)
 
     @jax.jit  # one program for the five targets (each apart: a compile for each solve)
-    def both(x):
+    def solves(x):
         out = {}
         for target in jd.TARGETS:
             field = DATA.field(path, target)
@@ -223,7 +223,7 @@ def test_euler_written_out_is_diffrax_euler(path_name, eta, x64):
             out[target] = sol.x, ref.x
         return out
 
-    for target, (x_sampler, x_diffrax) in both(x).items():
+    for target, (x_sampler, x_diffrax) in solves(x).items():
         np.testing.assert_allclose(x_sampler, x_diffrax, rtol=1e-9, atol=1e-9, err_msg=target)
 
 
@@ -247,6 +247,9 @@ def test_vmap_and_own_loop_match(name, sampler, steps, x64):
     batched = jax.jit(jax.vmap(run))(keys, x_init)
     assert max(seen) <= 0.5 + 1e-6  # (annealed Langevin's first evaluation is at the next level)
     ts = sampler.grid(path, STEPS, 0.5, sampler.t_end)
+    # the grid (the driver's, as the loop's equality below shows) starts at t_start itself, where
+    # the driver draws a start from sigma(t_start) when no x_init is given
+    assert float(ts[0]) == 0.5
     full = jnp.concatenate([ts, jnp.zeros((1,))]) if sampler.denoise else ts
     step = jax.jit(lambda k, state, t, s: sampler.step(k, path, field, state, t, s))
     for i in range(2):
