@@ -34,6 +34,7 @@ runs the coupling under ``shard_map``, so each device pairs its own ``n / d`` po
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -247,7 +248,7 @@ def sinkhorn_ot(
 # --- sharding ----------------------------------------------------------------------------------
 
 
-def per_device(coupling: Any, mesh: Mesh, axis: str = "data"):
+def per_device(coupling: Any, mesh: Mesh, axis: str = "data") -> Callable[..., tuple]:
     """Run ``coupling`` on each device's shard of the batch (a plan per device, no gather).
 
     The result is a coupling of the same signature, for a batch sharded over ``mesh``'s ``axis``;

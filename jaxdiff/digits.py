@@ -9,6 +9,7 @@ features of ``digits_frechet_distance`` (a FID for digits).
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 
 import jax
@@ -98,7 +99,7 @@ def train_classifier(
     return params
 
 
-def save_classifier(params: dict, path) -> None:
+def save_classifier(params: dict, path: str | os.PathLike) -> None:
     """Save the weights as an ``.npz`` of float32 arrays."""
     flat = {
         f"{k}_{n}": np.asarray(v, np.float32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -194,7 +195,9 @@ def open_images(spec: str) -> ArraySource | ImageFolder:
     return folder.load() if kind == "folder-memory" else folder
 
 
-def save_image_folder(root: str | Path, images, labels=None, classes=None) -> Path:
+def save_image_folder(
+    root: str | Path, images: Any, labels: Any = None, classes: Any = None
+) -> Path:
     """Write ``uint8`` images as PNGs: ``root/<class>/<i>.png`` with labels, else ``root/<i>.png``."""
     from PIL import Image
 

@@ -227,7 +227,7 @@ class Prefetcher:
         self.close()
 
 
-def prefetch(batches: Iterable, mesh=None, *, size: int = 2) -> Prefetcher:
+def prefetch(batches: Iterable, mesh: Any = None, *, size: int = 2) -> Prefetcher:
     """``batches`` (any iterable of host batches: arrays or pytrees of them) put on the devices by
     a background thread, ``size`` batches ahead; with ``mesh`` each leaf is sharded over its
     ``"data"`` axis (:func:`jaxdiff.train.data_mesh`; the batch size must divide evenly)."""
@@ -239,7 +239,7 @@ def prefetch(batches: Iterable, mesh=None, *, size: int = 2) -> Prefetcher:
     return Prefetcher(batches, sharding, size=size)
 
 
-def to_float(batch: Any, dtype=jnp.float32) -> Any:
+def to_float(batch: Any, dtype: Any = jnp.float32) -> Any:
     """``uint8`` leaves of ``batch`` to ``x / 127.5 - 1`` in ``[-1, 1]``; other leaves (labels)
     unchanged. Call it inside the jitted step (``make_feed_chunk(..., preprocess=to_float)``)."""
 

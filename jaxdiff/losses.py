@@ -338,16 +338,16 @@ def score_matching_loss(
     return diffusion_loss(net, path, regress="score", weighting=weighting, **kwargs)
 
 
-def eps_loss(net: Field, path: GaussianPath, **kwargs):
+def eps_loss(net: Field, path: GaussianPath, **kwargs: Any) -> Callable[[Any, Array, Any], Array]:
     """DDPM's simple loss ``|eps_hat - eps|^2``, continuous uniform ``t`` (Ho et al. 2020)."""
     return diffusion_loss(net, path, regress="eps", **kwargs)
 
 
-def x0_loss(net: Field, path: GaussianPath, **kwargs):
+def x0_loss(net: Field, path: GaussianPath, **kwargs: Any) -> Callable[[Any, Array, Any], Array]:
     """The denoising (x0) loss ``|x0_hat - x0|^2``."""
     return diffusion_loss(net, path, regress="x0", **kwargs)
 
 
-def v_loss(net: Field, path: GaussianPath, **kwargs):
+def v_loss(net: Field, path: GaussianPath, **kwargs: Any) -> Callable[[Any, Array, Any], Array]:
     """The v loss ``|v_hat - (alpha_t eps - sigma_t x0)|^2`` (Salimans & Ho 2022)."""
     return diffusion_loss(net, path, regress="v", **kwargs)

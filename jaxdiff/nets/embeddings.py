@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-def batch_times(t: ArrayLike, batch: int, dtype=jnp.float32) -> Array:
+def batch_times(t: ArrayLike, batch: int, dtype: Any = jnp.float32) -> Array:
     """``t`` (a scalar or shape ``(batch,)``) as shape ``(batch,)``."""
     t = jnp.asarray(t, dtype)
     if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
@@ -148,7 +148,7 @@ def conditioning(
     return nn.silu(cond)
 
 
-def init_params(model, key: Array, *args, **kwargs):
+def init_params(model: nn.Module, key: Array, *args: Any, **kwargs: Any) -> dict:
     """``model.init(key, *args)`` jitted with XLA's backend optimisations off.
 
     Initialisers draw one truncated normal per kernel; optimising that graph takes XLA seconds

@@ -96,7 +96,7 @@ def _to_ours(value: np.ndarray, key: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def from_diffusers(
-    state_dict: Mapping[str, Any], model, shape: tuple[int, int, int] = (32, 32, 3)
+    state_dict: Mapping[str, Any], model: Any, shape: tuple[int, int, int] = (32, 32, 3)
 ) -> dict:
     """jaxdiff params (``{"params": ...}``, float32) of ``model`` (a :class:`~jaxdiff.nets.UNet`)
     from a diffusers ``UNet2DModel``'s ``state_dict`` (names -> arrays), for images of ``shape``
@@ -129,7 +129,7 @@ def from_diffusers(
     return {"params": unflatten_dict(flat)}
 
 
-def to_diffusers(params: dict, model, shape: tuple[int, int, int] = (32, 32, 3)) -> dict:
+def to_diffusers(params: dict, model: Any, shape: tuple[int, int, int] = (32, 32, 3)) -> dict:
     """diffusers ``UNet2DModel`` state dict (names -> float32 numpy arrays) of jaxdiff ``params``
     of ``model``: ``net.load_state_dict({k: torch.from_numpy(v) for k, v in ...items()})``."""
     from flax.traverse_util import flatten_dict
