@@ -200,6 +200,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for pending asynchronous saves, then release the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
 
@@ -218,6 +219,7 @@ class Checkpointer:
         return [s for s in sorted(self._manager.all_steps()) if self._damage(s) is None]
 
     def latest_step(self) -> int | None:
+        """The newest saved step, or ``None`` when the folder holds none."""
         steps = self.steps()
         return steps[-1] if steps else None
 

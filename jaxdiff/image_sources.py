@@ -74,6 +74,7 @@ class ArraySource:
         return None if self.labels is None else len(self.classes)
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The ``uint8`` images at ``indices`` and their labels (``None`` without labels)."""
         labels = None if self.labels is None else self.labels[indices]
         return self.images[indices], labels
 
@@ -165,6 +166,8 @@ class ImageFolder:
         return arr
 
     def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The images at ``indices``, decoded (by the thread pool when ``threads > 1``), and their
+        labels (``None`` without class folders)."""
         if self.threads > 1 and len(indices) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="jaxdiff-decode")

@@ -96,18 +96,23 @@ class StochasticInterpolant(eqx.Module):
         return ((self.a_fn, "a_fn"), (self.b_fn, "b_fn"), (self.gamma_fn, "gamma_fn"))
 
     def a(self, t: ArrayLike) -> Array:
+        """``a_t``, the weight of ``x0`` (data at ``t = 0``)."""
         return _call(self.a_fn, as_time(t), "a_fn")
 
     def b(self, t: ArrayLike) -> Array:
+        """``b_t``, the weight of ``x1`` (the source at ``t = 1``)."""
         return _call(self.b_fn, as_time(t), "b_fn")
 
     def gamma(self, t: ArrayLike) -> Array:
+        """``gamma_t``, the scale of the latent noise ``z`` (0 at both ends)."""
         return _call(self.gamma_fn, as_time(t), "gamma_fn")
 
     def d_a(self, t: ArrayLike) -> Array:
+        """``a_t'`` (by forward-mode autodiff of ``a``)."""
         return _derivative(self.a, as_time(t))[1]
 
     def d_b(self, t: ArrayLike) -> Array:
+        """``b_t'`` (by forward-mode autodiff of ``b``)."""
         return _derivative(self.b, as_time(t))[1]
 
     def d_gamma(self, t: ArrayLike) -> Array:
@@ -120,19 +125,21 @@ class StochasticInterpolant(eqx.Module):
         c = [expand_like(f(t), x0) for f in (self.a, self.b, self.gamma)]
         return c[0] * x0 + c[1] * jnp.asarray(x1) + c[2] * jnp.asarray(z)
 
-    def sample(self, key: Array, x0: ArrayLike, x1: ArrayLike, t: ArrayLike):
+    def sample(self, key: Array, x0: ArrayLike, x1: ArrayLike, t: ArrayLike) -> tuple[Array, Array]:
         """Draw ``z ~ N(0, I)`` and return ``(x_t, z)``."""
         x0 = jnp.asarray(x0)
         z = jax.random.normal(key, x0.shape, x0.dtype)
         return self.interpolate(x0, x1, z, t), z
 
-    def conditional_velocity(self, x0: ArrayLike, x1: ArrayLike, z: ArrayLike, t: ArrayLike):
+    def conditional_velocity(
+        self, x0: ArrayLike, x1: ArrayLike, z: ArrayLike, t: ArrayLike
+    ) -> Array:
         """``d x_t / dt = a_t' x0 + b_t' x1 + gamma_t' z`` at fixed ``(x0, x1, z)``."""
         x0 = jnp.asarray(x0)
         c = [expand_like(f(t), x0) for f in (self.d_a, self.d_b, self.d_gamma)]
         return c[0] * x0 + c[1] * jnp.asarray(x1) + c[2] * jnp.asarray(z)
 
-    def conditional_score(self, x: ArrayLike, x0: ArrayLike, x1: ArrayLike, t: ArrayLike):
+    def conditional_score(self, x: ArrayLike, x0: ArrayLike, x1: ArrayLike, t: ArrayLike) -> Array:
         """``grad_x log N(x; a_t x0 + b_t x1, gamma_t^2 I) = -(x - a_t x0 - b_t x1) / gamma_t^2``."""
         x = jnp.asarray(x)
         mean = self.interpolate(x0, x1, jnp.zeros_like(x), t)

@@ -217,6 +217,7 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
+        """Stop the background thread (it exits after its current batch)."""
         self._stop.set()
         self._thread.join(timeout=10)
 

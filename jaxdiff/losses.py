@@ -163,6 +163,7 @@ class ImportanceTime(eqx.Module):
         return jnp.interp(u, self.cdf, self.grid)
 
     def correction(self, t: Array) -> Array:
+        """The importance weight ``1 / ((t_max - t_min) q(t))`` that keeps the loss unbiased."""
         return 1.0 / ((self.t_max - self.t_min) * jnp.interp(t, self.grid, self.density))
 
 

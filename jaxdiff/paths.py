@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -193,13 +194,13 @@ class GaussianPath(eqx.Module):
         return _bisect_log_snr(self, lam, iters)
 
     # --- conditional path -----------------------------------------------------------------
-    def marginal(self, x0, t) -> tuple[Array, Array]:
+    def marginal(self, x0: ArrayLike, t: ArrayLike) -> tuple[Array, Array]:
         """Mean ``alpha_t x0`` and std ``sigma_t`` of ``p_t(x | x0)`` (std shaped like ``t``)."""
         t = coef_time(t)
         out, x0 = widen(x0)
         return (_scale(self.alpha(t), x0) * x0).astype(out), self.sigma(t)
 
-    def sample(self, key, x0, t) -> tuple[Array, Array]:
+    def sample(self, key: Array, x0: ArrayLike, t: ArrayLike) -> tuple[Array, Array]:
         """Draw ``x_t = alpha_t x0 + sigma_t eps``; returns ``(x_t, eps)``.
 
         >>> import jax, jax.numpy as jnp
@@ -272,7 +273,7 @@ class GaussianPath(eqx.Module):
         var = self.sigma_sq(t) - ratio**2 * self.sigma_sq(s)
         return (_scale(ratio, x_s) * x_s).astype(out), jnp.sqrt(jnp.maximum(var, 0.0))
 
-    def prior_sample(self, key: Array, shape: tuple[int, ...], dtype=None) -> Array:
+    def prior_sample(self, key: Array, shape: tuple[int, ...], dtype: Any = None) -> Array:
         """Sample the prior ``N(0, sigma_1^2 I)`` at ``t = 1``, in ``dtype`` (default float)."""
         dtype = dtype or jnp.result_type(float)
         _, noise = widen(jax.random.normal(key, shape, dtype))
