@@ -166,6 +166,17 @@ def check_same_shape(value: Any, x: Any, what: str) -> None:
         )
 
 
+def check_count(value: Any, name: str) -> int:
+    """``value`` as a Python ``int`` >= 1 (a number of steps, bins, dimensions: static under ``jit``)."""
+    try:
+        ok = int(value) == value and int(value) >= 1
+    except (TypeError, ValueError):  # a string, None, or a traced value
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)
+
+
 def check_positive(value: Any, name: str, *, strict: bool = True) -> Any:
     """Check that ``value`` is finite and (strictly) positive; return it.
 

@@ -18,8 +18,10 @@ means too. ``velocity`` is the probability-flow ODE's drift ``dx/dt`` with ``t``
 to noise; in the ``t = 0``-is-noise convention of Meta's ``flow_matching`` it is ``-velocity``.
 
 Each conversion divides by ``alpha`` (from ``eps`` or ``score``), ``sigma`` (from ``x0``), or
-``alpha sigma' - sigma alpha'`` (from ``velocity``): avoid the endpoint where that is 0 (``t = 0``
-for ``sigma``; ``t = 1`` for ``alpha`` on the linear and cosine paths) -- sample to ``t_min > 0``.
+``alpha sigma' - sigma alpha'`` (from ``velocity``), and ``score`` divides by ``sigma``: avoid the
+endpoint where that is 0 (``t = 0`` for ``sigma``; ``t = 1`` for ``alpha`` on the linear and cosine
+paths) -- sample to ``t_min > 0``. A ``t`` known at trace time that hits such a zero raises a
+``ValueError`` naming the coefficient; a traced one gives inf or NaN there.
 
 Precision (the policy of ``jaxdiff.paths``): the coefficients are computed in
 ``max(float32, dtype of t)`` -- ``t``'s dtype never comes from ``x`` -- the arithmetic runs in
@@ -35,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_same_shape, coef_time, expand_like, widen
+from jaxdiff._checks import check_same_shape, coef_time, concrete, expand_like, widen
 from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
@@ -48,6 +50,31 @@ __all__ = ["Target", "TARGETS", "to_x0_eps", "from_x0_eps", "convert", "hub_matr
 def _check_target(target: str, name: str = "target") -> None:
     if target not in TARGETS:
         raise ValueError(f"{name} must be one of {TARGETS}; got {target!r}")
+
+
+def _check_divisors(path: GaussianPath, t: ArrayLike, src: str, dst: str) -> None:
+    """Raise if a ``t`` known at trace time makes ``src -> dst`` divide by 0 (``dst = "hub"``: the
+    pair ``(x0, eps)``)."""
+    if src == dst or concrete(t) is None:
+        return
+    with jax.ensure_compile_time_eval():
+        tc = coef_time(t)
+        a, s = path.alpha(tc), path.sigma(tc)
+        divisors = {}
+        if {src, dst} != {"eps", "score"} and src in ("eps", "score"):
+            divisors["alpha_t"] = a
+        if src == "x0" or dst == "score":
+            divisors["sigma_t"] = s
+        if src == "velocity":
+            divisors["alpha_t sigma_t' - sigma_t alpha_t'"] = a * path.d_sigma(
+                tc
+            ) - s * path.d_alpha(tc)
+        for name, d in divisors.items():
+            if bool(jnp.any(d == 0)):
+                raise ValueError(
+                    f"converting {src!r} to {'(x0, eps)' if dst == 'hub' else repr(dst)} divides by {name}, which is 0 at t = "
+                    f"{concrete(t).tolist()} on this path; take t inside the open interval"
+                )
 
 
 def _coefs(path: GaussianPath, x: Array, t, derivatives: bool):
@@ -93,6 +120,7 @@ def to_x0_eps(
     """Map a prediction of ``target`` at ``(x, t)`` to the hub ``(x0, eps)``."""
     _check_target(target)
     check_same_shape(value, x, f"the {target!r} prediction")
+    _check_divisors(path, t, target, "hub")
     out, x, value = widen(x, value)
     x0, eps = _to_hub(path, x, t, value, target)
     return x0.astype(out), eps.astype(out)
@@ -154,6 +182,7 @@ def convert(
     _check_target(src, "src")
     _check_target(dst, "dst")
     check_same_shape(value, x, f"the {src!r} prediction")
+    _check_divisors(path, t, src, dst)
     out, x, value = widen(x, value)
     if src == dst:
         return value.astype(out)

@@ -24,6 +24,7 @@ from jaxdiff._checks import check_finite, check_time, expand_like
 from jaxdiff.field import Field, as_field, predict
 from jaxdiff.integrate import Solution
 from jaxdiff.paths import GaussianPath
+from jaxdiff.sde import check_eta
 
 Array = jax.Array
 
@@ -45,6 +46,8 @@ def ddim_step(
     ``noise`` is the standard normal ``z`` (needed when ``eta > 0``). With ``s > t`` and
     ``eta = 0`` it is a step of DDIM inversion.
     """
+    if noise is not None:
+        check_eta(eta)
     a_s, k, c = (expand_like(v, x0) for v in ddim_coefs(path, t, s, None if noise is None else eta))
     out = a_s * x0 + k * eps
     return (out if noise is None else out + c * noise).astype(x0.dtype)

@@ -168,6 +168,13 @@ def forward_chain(key: Array, path: GaussianPath, x0: ArrayLike, ts: ArrayLike) 
     """
     x0 = jnp.asarray(x0)
     ts = as_time(ts, x0.dtype)
+    v = concrete(ts)
+    if ts.ndim != 1 or (
+        v is not None
+        and not (np.all(np.isfinite(v)) and np.all((v > 0) & (v <= 1)) and np.all(np.diff(v) > 0))
+    ):
+        shown = ts.shape if ts.ndim != 1 or v is None else v.tolist()[:8]
+        raise ValueError(f"ts must be a 1-D grid increasing strictly inside (0, 1]; got {shown}")
     prev = jnp.concatenate([jnp.zeros((1,), ts.dtype), ts[:-1]])
 
     def step(x, inputs):

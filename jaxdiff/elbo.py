@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_finite, expand_like
+from jaxdiff._checks import check_count, check_finite, expand_like
 from jaxdiff.conversions import Target, _check_target, to_x0_eps
 from jaxdiff.ddpm import _posterior, _reverse_mean_var, _reverse_times
 from jaxdiff.field import Field, as_field, predict
@@ -51,7 +51,7 @@ class NELBO(NamedTuple):
 
 def bits_per_dim(nats: ArrayLike, dim: int) -> Array:
     """``nats / (dim log 2)``: a negative log-likelihood of ``dim`` numbers in bits per number."""
-    return jnp.asarray(nats) / (dim * math.log(2.0))
+    return jnp.asarray(nats) / (check_count(dim, "dim") * math.log(2.0))
 
 
 def denoising_weight(path: GaussianPath, t: ArrayLike, s: ArrayLike, target: Target) -> Array:

@@ -40,7 +40,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxdiff import _diffrax, _engine
-from jaxdiff._checks import as_time, check_finite, concrete, error_if
+from jaxdiff._checks import as_time, check_count, check_finite, concrete, error_if
 
 Array = jax.Array
 PyTree = Any  # for ODEs the state may be any pytree of arrays, e.g. ``(x, logp)``
@@ -147,8 +147,7 @@ def _grid(ts, t_start, t_end, steps) -> Array:
         return _engine.check_grid(ts)
     if t_start is None or t_end is None or steps is None:
         raise ValueError("give either ts, or t_start, t_end and steps")
-    if int(steps) != steps or int(steps) < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps}")
+    steps = check_count(steps, "steps")
     t0, t1 = as_time(t_start), as_time(t_end)
     return _engine.check_grid(jnp.linspace(t0, t1, int(steps) + 1), "the grid t_start -> t_end")
 

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_positive, concrete, error_if, expand_like
+from jaxdiff._checks import check_count, check_positive, concrete, error_if, expand_like
 from jaxdiff.conversions import convert, to_x0_eps
 from jaxdiff.ddim import ddim_step
 from jaxdiff.field import Field, as_field, batch_time
@@ -253,8 +253,7 @@ def repaint(sampler: Sampler, hook: Hook, repeats: int = 10) -> Sampler:
     ``sampler`` must be one-step (its state only ``x``: ``ddim``, ``ancestral``, ``ode``, ``sde``);
     pass the hook here, not to ``jd.sample``.
     """
-    if int(repeats) != repeats or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer; got {repeats!r}")
+    repeats = check_count(repeats, "repeats")
     repeats = int(repeats)
 
     def init(path, field, x, ts):

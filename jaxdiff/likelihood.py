@@ -41,9 +41,18 @@ from typing import Any, NamedTuple
 import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_finite, check_order, check_time, data_dtype, wide_dtype
+from jaxdiff._checks import (
+    check_count,
+    check_finite,
+    check_order,
+    check_time,
+    concrete,
+    data_dtype,
+    wide_dtype,
+)
 from jaxdiff.field import Field, as_field
 from jaxdiff.integrate import integrate
 from jaxdiff.paths import GaussianPath
@@ -197,9 +206,14 @@ def _bins(x: ArrayLike, num_bins: int, lo: float, hi: float) -> tuple[Array, flo
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"x must be (batch, *event); got shape {x.shape}")
-    if int(num_bins) != num_bins or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive integer; got {num_bins}")
+    num_bins = check_count(num_bins, "num_bins")
     check_order(lo, hi, "lo", "hi")
+    v = concrete(x)  # the bin indices, when known at trace time
+    if v is not None and not (np.all(v == np.round(v)) and v.min() >= 0 and v.max() < num_bins):
+        raise ValueError(
+            f"x must hold bin indices, integers in [0, {num_bins - 1}] (pixels as integers, not "
+            f"scaled to [lo, hi]); got values in [{v.min()}, {v.max()}]"
+        )
     return x, (hi - lo) / num_bins
 
 

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxdiff._checks import check_finite, check_positive
+
 Array = jax.Array
 
 __all__ = [
@@ -27,13 +29,27 @@ __all__ = [
 ]
 
 
+def _two_sets(
+    x: ArrayLike, y: ArrayLike, min_rows: int, names: str = "x, y"
+) -> tuple[Array, Array]:
+    """``x (n, d)`` and ``y (m, d)`` as arrays, each with at least ``min_rows`` finite rows."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"expected x (n, d) and y (m, d); got shapes {x.shape} and {y.shape}")
+    if x.shape[0] < min_rows or y.shape[0] < min_rows:
+        raise ValueError(
+            f"this statistic needs at least {min_rows} samples in each set (its within-set terms "
+            f"average over pairs i != j); got {x.shape[0]} and {y.shape[0]}"
+        )
+    x_name, y_name = names.split(", ")
+    return check_finite(x, x_name), check_finite(y, y_name)
+
+
 def _pair_mean(
     fn: Callable[[Array], Array], x: ArrayLike, y: ArrayLike, block: int, skip_diag: bool
 ):
     """Mean of ``fn(|x_i - y_j|^2)`` over all pairs (``i != j`` if ``skip_diag``), in blocks."""
     x, y = jnp.asarray(x), jnp.asarray(y)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"expected x (n, d) and y (m, d); got shapes {x.shape} and {y.shape}")
     n, m = x.shape[0], y.shape[0]
     pad = -n % block
     xb = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, block, x.shape[1])
@@ -64,7 +80,7 @@ def energy_distance(x: ArrayLike, y: ArrayLike, *, block: int = 1024) -> Array:
     >>> float(energy_distance(x, x + 3.0)) > 1.0
     True
     """
-    return _energy_distance(jnp.asarray(x), jnp.asarray(y), int(block))
+    return _energy_distance(*_two_sets(x, y, 2), int(block))
 
 
 @functools.partial(jax.jit, static_argnums=2)  # one compile per shape: repeated calls are fast
@@ -81,10 +97,11 @@ def mmd(
 ) -> Array:
     """Unbiased squared MMD (Gretton et al. 2012) with the kernel ``sum_h exp(-|a - b|^2 / (2 h^2))``.
 
-    ``bandwidths`` is one length scale ``h`` or several (their kernels are summed).
+    ``bandwidths`` is one length scale ``h`` or several (their kernels are summed), each > 0.
     """
-    hs = jnp.atleast_1d(jnp.asarray(bandwidths, dtype=jnp.result_type(x)))
-    return _mmd(jnp.asarray(x), jnp.asarray(y), hs, int(block))
+    x, y = _two_sets(x, y, 2)
+    hs = jnp.atleast_1d(jnp.asarray(check_positive(bandwidths, "bandwidths"), x.dtype))
+    return _mmd(x, y, hs, int(block))
 
 
 @functools.partial(jax.jit, static_argnums=3)
@@ -112,12 +129,7 @@ def frechet_distance(x: ArrayLike, y: ArrayLike) -> Array:
     >>> round(float(frechet_distance(x, x + 1.0)), 3)  # |shift|^2 = 3
     3.0
     """
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"expected x (n, d) and y (m, d); got shapes {x.shape} and {y.shape}")
-    if x.shape[0] < 2 or y.shape[0] < 2:
-        raise ValueError("the Fréchet distance needs at least 2 samples in each set")
-    return _frechet_distance(x, y)
+    return _frechet_distance(*_two_sets(x, y, 2))
 
 
 @jax.jit  # one program per shape (eagerly, the moments and roots would compile op by op)
@@ -142,10 +154,18 @@ def frechet_distance_from_stats(mu_x: Array, cov_x: Array, mu_y: Array, cov_y: A
 
 def nearest_neighbour_distance(x: ArrayLike, reference: ArrayLike, *, block: int = 1024) -> Array:
     """Euclidean distance from each row of ``x (n, ...)`` to its nearest row of ``reference``."""
+    if not (jnp.ndim(x) and jnp.ndim(reference)) or not (
+        jnp.shape(x)[0] and jnp.shape(reference)[0]
+    ):
+        raise ValueError(
+            f"x and reference must be (n, ...) with n >= 1; got shapes {jnp.shape(x)} and "
+            f"{jnp.shape(reference)}"
+        )
     x = jnp.asarray(x).reshape(jnp.shape(x)[0], -1)
     ref = jnp.asarray(reference).reshape(jnp.shape(reference)[0], -1)
     if x.shape[1] != ref.shape[1]:
         raise ValueError(f"x and reference have rows of sizes {x.shape[1]} and {ref.shape[1]}")
+    x, ref = _two_sets(x, ref, 1, "x, reference")
     return _nearest(x, ref, int(block))
 
 

@@ -79,7 +79,7 @@ class GaussianMixture(eqx.Module):
         """Components ``N(means[k], std_k^2 I)`` (``std`` scalar or ``(K,)``), equal weights by default."""
         means = jnp.asarray(means, dtype=jnp.result_type(float))
         k, d = means.shape
-        std = jnp.broadcast_to(jnp.asarray(std, means.dtype), (k,))
+        std = jnp.broadcast_to(jnp.asarray(check_positive(std, "std"), means.dtype), (k,))
         weights = jnp.full((k,), 1.0 / k, means.dtype) if weights is None else jnp.asarray(weights)
         return cls(weights, means, std[:, None, None] ** 2 * jnp.eye(d, dtype=means.dtype)[None])
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxdiff import _engine
-from jaxdiff._checks import check_finite, expand_like, wide_dtype
+from jaxdiff._checks import check_count, check_finite, expand_like, wide_dtype
 from jaxdiff.field import Field, as_field, batch_time
 from jaxdiff.field import denoise as denoise_step
 from jaxdiff.integrate import Solution
@@ -191,8 +191,7 @@ def _grid(path, sampler, steps, ts, t_start, t_end) -> Array:
             raise ValueError(f"give either ts or {' / '.join(given)}, not both")
         return _engine.check_grid(ts, decreasing=True, unit=True)
     steps = sampler.steps if steps is None else steps
-    if int(steps) != steps or int(steps) < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    steps = check_count(steps, "steps")
     t_start = 1.0 if t_start is None else t_start
     t_end = sampler.t_end if t_end is None else t_end
     with jax.ensure_compile_time_eval():  # a grid of constants stays concrete under jit

@@ -17,7 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_order, check_positive, check_time, concrete, tie_check
+from jaxdiff._checks import (
+    check_count,
+    check_order,
+    check_positive,
+    check_time,
+    concrete,
+    tie_check,
+)
 from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
@@ -34,12 +41,6 @@ __all__ = [
 ]
 
 
-def _check_steps(steps) -> int:
-    if int(steps) != steps or int(steps) < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}")
-    return int(steps)
-
-
 def linear_betas(
     num_steps: int = 1000, beta_start: ArrayLike = 1e-4, beta_end: ArrayLike = 0.02
 ) -> Array:
@@ -49,7 +50,7 @@ def linear_betas(
     >>> float(b[0]), round(float(b[-1]), 4)
     (0.0001, 0.02)
     """
-    num_steps = _check_steps(num_steps)
+    num_steps = check_count(num_steps, "num_steps")
     beta_start = check_positive(beta_start, "beta_start")
     beta_start, beta_end = check_order(beta_start, beta_end, "beta_start", "beta_end", strict=False)
     beta_end, _ = check_order(beta_end, 1.0, "beta_end", "1")
@@ -64,7 +65,7 @@ def cosine_betas(num_steps: int = 1000, s: ArrayLike = 0.008, max_beta: ArrayLik
     cosine taken at its small argument (``cos theta_u = sin(phi (1 - u))``): float32 betas to a few
     ulps at both ends, where ``1 - ratio`` loses 3 of float32's 7 digits.
     """
-    num_steps = _check_steps(num_steps)
+    num_steps = check_count(num_steps, "num_steps")
     s = check_positive(s, "s", strict=False)
     max_beta = check_positive(max_beta, "max_beta")
     max_beta, _ = check_order(max_beta, 1.0, "max_beta", "1", strict=False)
@@ -98,7 +99,7 @@ def _check_ends(t_start, t_end):
 
 def uniform_grid(steps: int, t_start: ArrayLike = 1.0, t_end: ArrayLike = 1e-3) -> Array:
     """``steps + 1`` equally spaced times from ``t_start`` to ``t_end``."""
-    steps = _check_steps(steps)
+    steps = check_count(steps, "steps")
     t_start, t_end = _check_ends(t_start, t_end)
     return jnp.linspace(t_start, t_end, steps + 1)
 
@@ -123,7 +124,7 @@ def log_snr_grid(
     >>> [round(t, 3) for t in log_snr_grid(linear_path(), 3).tolist()]
     [1.0, 0.988, 0.221, 0.001]
     """
-    steps = _check_steps(steps)
+    steps = check_count(steps, "steps")
     t_start, t_end = _check_ends(t_start, t_end)
     lam = _spaced(path, steps, t_start, t_end, lambda u, lo, hi: lo + u * (hi - lo))
     return _pin_ends(path.t_from_log_snr(lam), t_start, t_end)
@@ -140,7 +141,7 @@ def karras_grid(
 
     ``s_i^(1/rho)`` is uniform between ``s(t_start)^(1/rho)`` and ``s(t_end)^(1/rho)``; ``rho = 7``.
     """
-    steps = _check_steps(steps)
+    steps = check_count(steps, "steps")
     t_start, t_end = _check_ends(t_start, t_end)
     rho = check_positive(rho, "rho")
 
@@ -197,7 +198,7 @@ def default_grid(
     >>> [round(t, 3) for t in default_grid(ve_path(), 2).tolist()]
     [1.0, 0.644, 0.001]
     """
-    steps = _check_steps(steps)
+    steps = check_count(steps, "steps")
     with jax.ensure_compile_time_eval():
         alpha = concrete(path.alpha(jnp.linspace(0.0, 1.0, 9)))
     if alpha is not None and bool(np.all(alpha == alpha[0])):

@@ -149,8 +149,10 @@ def brownian_motion(key: Array, ts: ArrayLike, shape: tuple[int, ...] = ()) -> A
     if ts.ndim != 1:
         raise ValueError(f"ts must be one-dimensional; got shape {ts.shape}")
     value = concrete(ts)
-    if value is not None and (np.any(value < 0) or np.any(np.diff(value) < 0)):
-        raise ValueError(f"ts must be non-decreasing and >= 0; got {value.tolist()[:8]}")
+    if value is not None and not (
+        np.all(np.isfinite(value)) and np.all(value >= 0) and np.all(np.diff(value) >= 0)
+    ):
+        raise ValueError(f"ts must be finite, non-decreasing and >= 0; got {value.tolist()[:8]}")
     dts = jnp.diff(ts, prepend=jnp.zeros((1,), ts.dtype))
     z = jax.random.normal(key, (ts.shape[0], *shape), ts.dtype)
     return jnp.cumsum(expand_like(jnp.sqrt(dts), z) * z, axis=0)

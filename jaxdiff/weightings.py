@@ -40,6 +40,7 @@ noise level ``log sigma~ ~ N(p_mean, p_std^2)`` on any path (truncated to ``[t_m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -160,6 +161,8 @@ def sigmoid_weight(bias: float = 2.0) -> Weight:
     """Kingma & Gao (2023)'s sigmoid weighting ``W(lambda) = sigmoid(bias - lambda)``: a mixture
     of ELBOs of noisy data with the logistic density centred at ``lambda = bias``."""
     bias = float(bias)
+    if not math.isfinite(bias):
+        raise ValueError(f"bias must be finite; got {bias}")
     return log_snr_weight(lambda lam: jax.nn.sigmoid(bias - lam))
 
 

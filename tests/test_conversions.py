@@ -111,3 +111,37 @@ def test_conversion_errors():
         jd.convert(path, x, 0.5, jnp.zeros((4, 3)), src="eps", dst="x0")
     with pytest.raises(ValueError, match="prefix of x's shape"):
         jd.convert(path, x, jnp.full((3,), 0.5), x, src="eps", dst="x0")
+
+
+@pytest.mark.parametrize(
+    ("path", "t", "src", "dst", "divisor"),
+    [
+        (jd.vp_path(), 0.0, "x0", "eps", "sigma_t"),
+        (jd.vp_path(), 0.0, "eps", "score", "sigma_t"),
+        (jd.linear_path(), 1.0, "eps", "x0", "alpha_t"),
+        (jd.linear_path(), 1.0, "score", "velocity", "alpha_t"),
+        (jd.cosine_path(), 1.0, "eps", "v", "alpha_t"),
+        (jd.linear_path(), [0.5, 0.0], "x0", "score", "sigma_t"),
+    ],
+)
+def test_a_conversion_that_divides_by_zero_at_a_concrete_time_raises(path, t, src, dst, divisor):
+    """At the endpoint where a divisor vanishes the conversion is undefined (it gave inf or NaN):
+    a ``t`` known at trace time raises and names the coefficient (a traced one cannot: the module
+    docstring says so); the same conversion just inside the interval is finite, and the
+    conversions that divide by nothing there go through."""
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match=f"converting '{src}' to '{dst}' divides by {divisor}, which is 0"):  # fmt: skip
+        jd.convert(path, x, jnp.asarray(t), x, src=src, dst=dst)
+    # to_x0_eps stops at the hub (x0, eps): only the source's own divisor counts
+    if {"eps": "alpha_t", "score": "alpha_t", "x0": "sigma_t"}[src] == divisor:
+        with pytest.raises(ValueError, match=f"'{src}' to \\(x0, eps\\) divides by {divisor}"):
+            jd.to_x0_eps(path, x, jnp.asarray(t), x, src)
+    else:
+        assert bool(jnp.isfinite(jnp.stack(jd.to_x0_eps(path, x, jnp.asarray(t), x, src))).all())
+    traced = jax.jit(lambda t: jd.convert(path, x, t, x, src=src, dst=dst))(jnp.asarray(t))
+    assert not bool(jnp.isfinite(traced).all())  # traced t: no check, the documented inf / NaN
+    inside = jnp.clip(jnp.asarray(t), 1e-3, 1 - 1e-3)
+    assert bool(jnp.isfinite(jd.convert(path, x, inside, x, src=src, dst=dst)).all())
+    for s, d in (("eps", "score"), ("v", "x0"), (dst, dst)):  # sigma only / no divisor / identity
+        if not (divisor == "sigma_t" and "score" in (s, d)):
+            assert bool(jnp.isfinite(jd.convert(path, x, jnp.asarray(t), x, src=s, dst=d)).all())

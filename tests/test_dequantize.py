@@ -129,6 +129,11 @@ def test_bad_input_is_refused_with_the_value():
         jd.variational_dequantize(key, flow, None, x, 4, 1.0, -1.0)
     with pytest.raises(ValueError, match=r"x must be \(batch, \*event\); got shape \(3,\)"):
         jd.dequantize(key, jnp.zeros(3, int), 4)
+    for bad, shown in ((4, r"\[4, 4\]"), (-1, r"\[-1, -1\]"), (0.5, r"\[0.5, 0.5\]")):
+        with pytest.raises(ValueError, match=rf"integers in \[0, 3\].*got values in {shown}"):
+            jd.dequantize(key, jnp.full((2, 3), bad), 4)  # scaled pixels gave wrong bins
+        with pytest.raises(ValueError, match="integers in"):
+            jd.variational_dequantize(key, flow, None, jnp.full((2, 3), bad), 4)
     bad = lambda p, e, c: (e[:, :2], jnp.zeros(2))  # noqa: E731
     with pytest.raises(ValueError, match=r"flow must return z of x's shape \(2, 3\)"):
         jd.variational_dequantize(key, bad, None, x, 4)

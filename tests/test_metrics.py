@@ -52,3 +52,25 @@ def test_blocks_do_not_change_the_result():
 def test_shape_errors():
     with pytest.raises(ValueError, match=r"expected x \(n, d\) and y \(m, d\)"):
         jd.energy_distance(jnp.zeros((4, 2)), jnp.zeros((4, 3)))
+
+
+def test_bad_samples_raise_instead_of_returning_nan():
+    """One sample (the within-set U-statistics average over i != j: 0 / 0), NaN samples, a
+    bandwidth <= 0 and an empty reference each raise with the value (they gave NaN or a
+    ZeroDivisionError); under ``jit`` the non-finite check still fires, when the program runs."""
+    x, one, nan = jnp.ones((4, 2)), jnp.ones((1, 2)), jnp.full((4, 2), jnp.nan)
+    for stat in (jd.energy_distance, jd.mmd, jd.frechet_distance):
+        with pytest.raises(ValueError, match="at least 2 samples in each set.*got 1 and 4"):
+            stat(one, x)
+        with pytest.raises(ValueError, match="x contains non-finite values"):
+            stat(nan, x)
+    for h in (0.0, [1.0, -1.0], jnp.nan):
+        with pytest.raises(ValueError, match="bandwidths must be"):
+            jd.mmd(x, x + 1, h)
+    with pytest.raises(ValueError, match="reference contains non-finite values"):
+        jd.memorization_ratio(x, nan, x)
+    with pytest.raises(ValueError, match=r"n >= 1; got shapes \(4, 2\) and \(0, 2\)"):
+        jd.nearest_neighbour_distance(x, jnp.zeros((0, 2)))
+    with pytest.raises(Exception, match="y contains non-finite values"):
+        jax.block_until_ready(jax.jit(jd.energy_distance)(x, nan))
+    assert float(jd.energy_distance(jnp.zeros((2, 1)), jnp.ones((2, 1)))) == 2.0  # 2|0-1| - 0 - 0

@@ -130,6 +130,8 @@ def test_batch_shapes_and_scalar_t():
 def test_invalid_mixtures_raise(args, match):
     with pytest.raises(ValueError, match=match):
         jd.GaussianMixture(*args)
+    with pytest.raises(ValueError, match=r"std must be > 0; got std = \[1.0, -0.5\]"):
+        jd.GaussianMixture.isotropic(jnp.zeros((2, 2)), jnp.array([1.0, -0.5]))  # was |std|
 
 
 def test_non_finite_and_misshaped_inputs_raise():

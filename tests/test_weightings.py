@@ -190,6 +190,8 @@ def test_bad_arguments():
         jd.edm_weight(0.0)
     with pytest.raises(ValueError, match="gamma"):
         jd.min_snr_weight(-1.0)
+    with pytest.raises(ValueError, match="bias must be finite; got nan"):
+        jd.sigmoid_weight(float("nan"))
     with pytest.raises(ValueError, match="p_std"):
         jd.edm_time(jd.vp_path(), p_std=0.0)
     with pytest.raises(ValueError, match="t_min"):

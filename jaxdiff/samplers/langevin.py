@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_positive, expand_like
+from jaxdiff._checks import check_count, check_positive, expand_like
 from jaxdiff.conversions import from_x0_eps
 from jaxdiff.ddpm import _posterior, _ratio
 from jaxdiff.field import predict
@@ -186,8 +186,7 @@ def annealed_langevin(*, steps_per_level: int = 100, step_size: ArrayLike = 2e-5
     ladder. Evaluations per step: ``steps_per_level``; then the denoising step.
     """
     check_positive(step_size, "step_size")
-    if int(steps_per_level) != steps_per_level or int(steps_per_level) < 1:
-        raise ValueError(f"steps_per_level must be a positive integer; got {steps_per_level}")
+    steps_per_level = check_count(steps_per_level, "steps_per_level")
     n = int(steps_per_level)
 
     def init(path, field, x, ts) -> LangevinState:
