@@ -104,6 +104,7 @@ def integrate(
     adaptive = rtol is not None or atol is not None
     if adaptive:
         check_tolerances(solver, rtol, atol)
+        max_steps = check_count(max_steps, "max_steps")
     elif adjoint is not None:
         raise ValueError(
             "adjoint applies to adaptive solves (rtol/atol); fixed grids differentiate through "

@@ -293,6 +293,17 @@ def test_sampling_errors_are_clear():
         S.ode(adjoint=diffrax.BacksolveAdjoint())
     with pytest.raises(ValueError, match="eta must lie in"):
         S.sde(eta=-1.0)
+    for bad in (0, -1):  # silently accepted before (read only by adaptive solves)
+        with pytest.raises(ValueError, match=f"max_steps must be a positive integer; got {bad}"):
+            S.ode(diffrax.Tsit5(), rtol=1e-3, atol=1e-3, max_steps=bad)
+        with pytest.raises(ValueError, match=f"max_steps must be a positive integer; got {bad}"):
+            jd.integrate(lambda x, t: x, jnp.ones(2), t_start=0.0, t_end=1.0, rtol=1e-3,
+                         atol=1e-3, solver=diffrax.Tsit5(), max_steps=bad)  # fmt: skip
+    with pytest.raises(ValueError, match="s_tmin must be >= 0; got s_tmin = -1.0"):
+        S.edm_heun(churn=40.0, s_tmin=-1.0)
+    for s_tmax in (0.01, float("nan")):  # NaN compared false: churn silently never applied
+        with pytest.raises(ValueError, match="expected s_tmin <= s_tmax"):
+            S.edm_heun(churn=40.0, s_tmin=0.05, s_tmax=s_tmax)
     with pytest.raises(TypeError):  # a bare function has no target (message: test_losses)
         jd.sample(key, path, lambda x, t: x, (8, 2))
     with pytest.raises(Exception, match="non-finite"):  # a field that produces NaN

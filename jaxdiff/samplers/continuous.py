@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import _diffrax
-from jaxdiff._checks import coef_time
+from jaxdiff._checks import check_count, coef_time
 from jaxdiff.conversions import hub_matrix
 from jaxdiff.field import Field, batch_time
 from jaxdiff.integrate import Solution, check_tolerances, integrate
@@ -63,6 +63,7 @@ def _reverse(
     if not isinstance(solver, diffrax.AbstractSolver):
         raise TypeError(f"solver must be a diffrax solver; got {type(solver).__name__}")
     check_eta(eta)
+    max_steps = check_count(max_steps, "max_steps")
     stochastic = not _is_zero(eta)
     adaptive = None
     if rtol is not None or atol is not None:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_positive, concrete
+from jaxdiff._checks import check_order, check_positive, concrete
 from jaxdiff.field import predict
 from jaxdiff.samplers.base import Sampler, normal
 from jaxdiff.schedules import karras_grid
@@ -64,6 +64,8 @@ def edm_heun(
     check_positive(churn, "churn", strict=False)
     check_positive(s_noise, "s_noise", strict=False)
     check_positive(rho, "rho")
+    s_tmin = check_positive(s_tmin, "s_tmin", strict=False)
+    s_tmin, s_tmax = check_order(s_tmin, s_tmax, "s_tmin", "s_tmax", strict=False)  # inf allowed
     churn_value = concrete(churn)
     stochastic = churn_value is None or bool(np.any(churn_value != 0))
 
