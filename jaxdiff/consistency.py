@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import concrete, expand_like
+from jaxdiff._checks import check_positive, concrete, expand_like
 from jaxdiff.conversions import convert
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import _split_batch
@@ -76,6 +76,9 @@ def consistency_scalings(
     Consistency training on the checkerboard (3,000 steps, 32 scales) gave one-step energy
     distances of 0.0017 with ``"edm"`` and 0.006 with ``"euler"``.
     """
+    check_positive(t_min, "t_min", strict=False)
+    if kind == "edm":
+        check_positive(sigma_data, "sigma_data")
     t = jnp.asarray(t)
     gap = t - t_min
     if kind == "euler":
@@ -97,7 +100,7 @@ def consistency_function(
     >>> f(5.0, jnp.full((2, 2), 0.3), jnp.full(2, 1e-3)).tolist()
     [[0.3, 0.3], [0.3, 0.3]]
     """
-    consistency_scalings(0.0, kind=kind)  # checks kind
+    consistency_scalings(t_min, kind=kind, t_min=t_min, sigma_data=sigma_data)  # checks them
 
     def f(params: Any, x: Array, t: Array, *args: Any) -> Array:
         c_skip, c_out = consistency_scalings(t, kind=kind, t_min=t_min, sigma_data=sigma_data)

@@ -247,7 +247,14 @@ def reverse_mean_var(
     Nichol & Dhariwal (2021)'s log-linear interpolation with a fixed weight.
     """
     t, s = _reverse_times(t, s)
+    _check_var_weight(var_weight)
     return _reverse_mean_var(path, jnp.asarray(x_t), jnp.asarray(x0_hat), t, s, var_weight)
+
+
+def _check_var_weight(var_weight: ArrayLike) -> None:
+    v = concrete(var_weight)  # a network's output (learned variances) is traced: not checked
+    if v is not None and not np.all(np.isfinite(v)):
+        raise ValueError(f"var_weight must be finite; got {np.ravel(v).tolist()[:4]}")
 
 
 def _reverse_var(path, t, s, var_post, var_weight):

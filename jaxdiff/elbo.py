@@ -28,7 +28,7 @@ from jax.typing import ArrayLike
 
 from jaxdiff._checks import check_count, check_finite, expand_like
 from jaxdiff.conversions import Target, _check_target, to_x0_eps
-from jaxdiff.ddpm import _posterior, _reverse_mean_var, _reverse_times
+from jaxdiff.ddpm import _check_var_weight, _posterior, _reverse_mean_var, _reverse_times
 from jaxdiff.field import Field, as_field, predict
 from jaxdiff.paths import GaussianPath
 
@@ -85,6 +85,8 @@ def discretized_gaussian_log_prob(
     1.0
     """
     x = jnp.asarray(x)
+    if check_count(num_bins, "num_bins") < 2:
+        raise ValueError(f"num_bins must be >= 2 (bin centres -1 and 1 at least); got {num_bins}")
     half = 1.0 / (num_bins - 1)
     lo = jnp.where(x < -1.0 + half, -jnp.inf, (x - half - mean) / std)
     hi = jnp.where(x > 1.0 - half, jnp.inf, (x + half - mean) / std)
@@ -134,8 +136,9 @@ def nelbo(
     x0 = check_finite(jnp.asarray(x0), "x0")
     if x0.ndim < 2:
         raise ValueError(f"x0 must be (batch, *event); got shape {x0.shape}")
-    if int(num_steps) < 2:
+    if check_count(num_steps, "num_steps") < 2:
         raise ValueError(f"num_steps must be >= 2; got {num_steps}")
+    _check_var_weight(var_weight)
     T = int(num_steps)
     axes = tuple(range(1, x0.ndim))
     batch, dtype = x0.shape[0], x0.dtype

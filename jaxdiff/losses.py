@@ -31,6 +31,7 @@ discrete-time sampler.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -142,6 +143,8 @@ def logit_normal_time(
     """``t = t_min + (t_max - t_min) sigmoid(mean + std z)`` (Esser et al. 2024, SD3): mid times."""
     check_positive(std, "std")
     check_order(t_min, t_max, "t_min", "t_max")
+    if not math.isfinite(mean):
+        raise ValueError(f"mean must be finite; got {mean}")
     return _LogitNormal(float(mean), float(std), float(t_min), float(t_max))
 
 

@@ -113,8 +113,8 @@ def meanflow_loss(
     time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
     if not 0.0 <= flow_matching_fraction <= 1.0:
         raise ValueError(f"flow_matching_fraction must lie in [0, 1]; got {flow_matching_fraction}")
-    if weighting_power < 0:
-        raise ValueError(f"weighting_power must be >= 0; got {weighting_power}")
+    if not 0 <= weighting_power < float("inf"):  # NaN fails too
+        raise ValueError(f"weighting_power must be finite and >= 0; got {weighting_power}")
     if not weighting_eps > 0:
         raise ValueError(f"weighting_eps must be > 0; got {weighting_eps}")
 

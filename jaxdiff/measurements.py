@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_positive, concrete
+from jaxdiff._checks import check_count, check_positive, concrete
 
 Array = jax.Array
 
@@ -203,6 +203,7 @@ def subsample_operator(in_shape: tuple[int, ...], factor: int = 2) -> LinearOper
     pixel over its block.
     """
     in_shape = tuple(int(n) for n in in_shape)
+    factor = check_count(factor, "factor")
     if len(in_shape) not in (2, 3) or in_shape[0] % factor or in_shape[1] % factor:
         raise ValueError(
             f"subsample_operator needs an image (H, W[, C]) with H and W divisible by "

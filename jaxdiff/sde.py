@@ -55,6 +55,8 @@ def reverse_drift(
     """
     field = as_field(field)
     x = jnp.asarray(x)
+    if not callable(eta):  # a function of t is checked by the samplers, once
+        check_eta(eta)
     if field.target == "velocity" and _is_zero(eta):
         return field(x, batch_time(t, x))
     x0, eps = predict(path, field, x, t)
@@ -75,6 +77,8 @@ def probability_flow_drift(path: GaussianPath, field: Field, x: Array, t: ArrayL
 
 def reverse_diffusion(path: GaussianPath, t: ArrayLike, eta: Eta = 1.0) -> Array:
     """Noise scale ``eta(t) g(t)`` of the reverse family."""
+    if not callable(eta):
+        check_eta(eta)
     t = as_time(t)
     return eta_at(eta, t) * path.diffusion(t)
 

@@ -205,6 +205,8 @@ def edm_time(
     (2 p_std)^2)``, truncated to ``t`` in ``[t_min, t_max]`` and mapped to ``t`` by
     ``path.t_from_log_snr``. Has ``pdf(t)``, the density of the drawn times."""
     check_positive(p_std, "p_std")
+    if not math.isfinite(p_mean):
+        raise ValueError(f"p_mean must be finite; got {p_mean}")
     check_order(0.0, t_min, "0", "t_min", strict=False)
     check_order(t_min, t_max, "t_min", "t_max")
     bounds = -0.5 * path.log_snr(jnp.asarray([t_min, t_max], jnp.float32))

@@ -132,6 +132,11 @@ def test_bad_arguments_raise_clear_errors():
         jd.consistency_function(lambda p, x, t: x, kind="karras")
     with pytest.raises(ValueError, match="num_scales"):
         jd.consistency_training_loss(f, num_scales=1)
+    for bad in (0.0, -0.5, float("nan")):  # a NaN sigma_data gave NaN outputs at every t
+        with pytest.raises(ValueError, match="sigma_data must be"):
+            jd.consistency_function(lambda p, x, t: x, sigma_data=bad)
+    with pytest.raises(ValueError, match="t_min must be >= 0"):
+        jd.consistency_scalings(0.5, t_min=-0.1)
     with pytest.raises(ValueError, match="strictly increasing"):
         jd.consistency_training_loss(f, ts=jnp.array([0.0, 0.5, 0.4]))
     with pytest.raises(ValueError, match="target 'x0'"):

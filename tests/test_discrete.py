@@ -198,6 +198,17 @@ def test_forward_chain_is_the_markov_chain_of_the_path(make):
             jd.forward_chain(jax.random.key(0), path, x0, jnp.array(bad))
 
 
+def test_var_weight_and_the_decoder_bins_are_checked():
+    path, x = jd.vp_path(), jnp.ones((2, 2))
+    with pytest.raises(ValueError, match=r"var_weight must be finite; got \[nan\]"):
+        jd.reverse_mean_var(path, x, x, 0.5, 0.4, var_weight=float("nan"))
+    with pytest.raises(ValueError, match=r"var_weight must be finite"):
+        jd.nelbo(jax.random.key(0), path, jd.Field(lambda x, t: x, "eps"), x, num_steps=4,
+                 var_weight=jnp.array([0.5, jnp.inf]))  # fmt: skip
+    with pytest.raises(ValueError, match="num_bins must be >= 2"):  # 1 bin: half-width 1 / 0
+        jd.discretized_gaussian_log_prob(x, x, x, num_bins=1)
+
+
 def test_bits_per_dim_and_its_dimension():
     assert float(jd.bits_per_dim(64 * np.log(2.0), 64)) == pytest.approx(1.0)
     for dim in (0, -3):  # (a float is refused by the test suite's type checker first)

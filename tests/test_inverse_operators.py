@@ -78,6 +78,8 @@ def test_operators_take_any_batch_axes_and_check_shapes():
         op.transpose(jnp.ones((2, 5)))
     with pytest.raises(ValueError, match="divisible by factor = 3"):
         jd.subsample_operator((4, 6), 3)
+    with pytest.raises(ValueError, match="factor must be a positive integer; got -2"):
+        jd.subsample_operator((4, 6), -2)  # divided evenly, and pooled nothing
     with pytest.raises(ValueError, match="mask must be concrete"):
         jax.jit(lambda m: jd.mask_operator(m).out_dim)(jnp.ones(3, bool))
     with pytest.raises(ValueError, match="selects no entry"):

@@ -111,6 +111,8 @@ def test_time_samplers_ranges_and_errors():
         L.uniform_time(0.5, 0.2)
     with pytest.raises(ValueError, match="std"):
         L.logit_normal_time(std=0.0)
+    with pytest.raises(ValueError, match="mean must be finite; got nan"):
+        L.logit_normal_time(mean=float("nan"))
 
 
 def test_label_dropout_replaces_labels_by_the_null_label():

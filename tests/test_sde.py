@@ -139,6 +139,15 @@ def test_langevin_samples_a_gaussian():
         jd.langevin(jax.random.key(0), lambda x: -x, jnp.zeros(2), step_size=0.0, n_steps=5)
 
 
+def test_the_reverse_family_checks_eta():
+    path, field, x = jd.vp_path(), jd.Field(lambda x, t: x, "eps"), jnp.ones((2, 2))
+    for eta in (-1.0, float("nan")):  # eta^2 hid a negative eta; NaN gave a NaN drift
+        with pytest.raises(ValueError, match=r"eta must lie in \[0, inf\)"):
+            jd.reverse_drift(path, field, x, 0.5, eta=eta)
+        with pytest.raises(ValueError, match=r"eta must lie in \[0, inf\)"):
+            jd.reverse_diffusion(path, 0.5, eta)
+
+
 def test_brownian_motion_covariance_is_min_s_t():
     ts = jnp.array([0.1, 0.25, 0.5, 1.0])
     w = jd.brownian_motion(jax.random.key(0), ts, (50_000,))

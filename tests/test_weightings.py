@@ -194,6 +194,8 @@ def test_bad_arguments():
         jd.sigmoid_weight(float("nan"))
     with pytest.raises(ValueError, match="p_std"):
         jd.edm_time(jd.vp_path(), p_std=0.0)
+    with pytest.raises(ValueError, match="p_mean must be finite; got nan"):
+        jd.edm_time(jd.vp_path(), p_mean=float("nan"))
     with pytest.raises(ValueError, match="t_min"):
         jd.edm_time(jd.vp_path(), t_min=0.5, t_max=0.2)
     with pytest.raises((ValueError, TypeError), match="units"):  # TypeError: beartype in tests
