@@ -183,6 +183,14 @@ def convert(
     _check_target(dst, "dst")
     check_same_shape(value, x, f"the {src!r} prediction")
     _check_divisors(path, t, src, dst)
+    return _convert(path, x, t, value, src, dst)
+
+
+def _convert(
+    path: GaussianPath, x: ArrayLike, t: ArrayLike, value: ArrayLike, src: str, dst: str
+) -> Array:
+    """:func:`convert` without its checks: inf or NaN where a divisor is 0 (for callers that
+    mask those points themselves)."""
     out, x, value = widen(x, value)
     if src == dst:
         return value.astype(out)

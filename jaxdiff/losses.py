@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._checks import check_order, check_positive, coef_time
-from jaxdiff.conversions import Target, _check_target, convert, from_x0_eps
+from jaxdiff.conversions import Target, _check_target, _convert, convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath, linear_path
 from jaxdiff.sources import (
@@ -189,9 +189,11 @@ def importance_time(
     check_order(t_min, t_max, "t_min", "t_max")
     grid = jnp.linspace(t_min, t_max, num_points)
     x, one = jnp.zeros((num_points, 1)), jnp.ones((num_points, 1))
-    gain = convert(path, x, grid, one, src="eps", dst=regress) - convert(
-        path, x, grid, 0.0 * one, src="eps", dst=regress
-    )  # d(regress)/d(eps) at fixed x_t: 1/sigma for the score, sigma/alpha for x0
+    gain = _convert(path, x, grid, one, "eps", regress) - _convert(
+        path, x, grid, 0 * one, "eps", regress
+    )
+    # d(regress)/d(eps) at fixed x_t: 1/sigma for the score, sigma/alpha for x0; inf at an end
+    # where that divides by 0 (t_min = 0), masked below
     scale = gain[:, 0] ** 2
     dens = weight_as(weighting, path, grid, regress) * scale
     dens = jnp.where(jnp.isfinite(dens), dens, 0.0)

@@ -96,6 +96,9 @@ def test_importance_sampling_is_unbiased_for_the_likelihood_weighted_score_loss(
 def test_importance_time_has_the_requested_density():
     path = jd.vp_path()
     sampler = L.importance_time(path, L.unit_weight, 0.0, 1.0, regress="eps")  # w c = 1: uniform
+    # from t_min = 0 on the score (1 / sigma^2 there: infinite, masked), as from t_min = 1e-3
+    t0 = L.importance_time(path, L.likelihood_weight, 0.0, 1.0)(jax.random.key(1), (1000,))
+    assert bool(jnp.all(jnp.isfinite(t0) & (t0 > 0) & (t0 <= 1)))
     t = sampler(jax.random.key(0), (40_000,))
     hist = np.histogram(np.asarray(t), bins=10, range=(0, 1))[0] / 40_000
     assert np.abs(hist - 0.1).max() < 5 * np.sqrt(0.1 * 0.9 / 40_000)  # 5 binomial SEs
