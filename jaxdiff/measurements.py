@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_count, check_positive, concrete
+from jaxdiff._checks import check_count, check_finite, check_positive, concrete
 
 Array = jax.Array
 
@@ -143,7 +143,7 @@ def matrix_operator(matrix: ArrayLike, in_shape: tuple[int, ...] | None = None) 
         raise ValueError(
             f"in_shape {in_shape} has {math.prod(in_shape)} entries; M has {mat.shape[1]} columns"
         )
-    return _Matrix(in_shape, mat.shape[0], mat)
+    return _Matrix(in_shape, mat.shape[0], check_finite(mat, "matrix"))
 
 
 class _Mask(LinearOperator):
@@ -170,6 +170,10 @@ def mask_operator(mask: ArrayLike) -> LinearOperator:
     value = concrete(mask)
     if value is None:
         raise ValueError("mask must be concrete (not traced): its count sets the output size")
+    if value.dtype != bool and not np.isin(value, (0, 1)).all():
+        raise ValueError(
+            f"mask must be boolean (or 0/1); got values such as {value.ravel()[:4].tolist()}"
+        )
     value = np.asarray(value, bool)
     index = np.flatnonzero(value)
     if index.size == 0:

@@ -140,12 +140,24 @@ def unpack_batch(batch: Any) -> tuple[Array, Array | None, Array | None]:
                 f"a dict batch has keys 'x0' and optionally 'x1', 'labels'; got {sorted(batch)}"
             )
         get = lambda k: None if batch.get(k) is None else jnp.asarray(batch[k])  # noqa: E731
-        return jnp.asarray(batch["x0"]), get("x1"), get("labels")
+        return _checked(jnp.asarray(batch["x0"]), get("x1"), get("labels"))
     if isinstance(batch, tuple | list):
         if len(batch) != 2:
             raise ValueError("a batch is x0, a pair (x0, labels) or a dict {'x0', 'x1', 'labels'}")
-        return jnp.asarray(batch[0]), None, jnp.asarray(batch[1])
+        return _checked(jnp.asarray(batch[0]), None, jnp.asarray(batch[1]))
     return jnp.asarray(batch), None, None
+
+
+def _checked(x0: Array, x1: Array | None, labels: Array | None) -> tuple:
+    """Shapes are static: a mismatched batch is refused at trace time."""
+    if x1 is not None and x1.shape != x0.shape:
+        raise ValueError(f"the batch's x1 has shape {x1.shape} but x0 has shape {x0.shape}")
+    if labels is not None and labels.ndim and labels.shape[0] != x0.shape[0]:
+        raise ValueError(
+            f"the batch's labels have shape {labels.shape} for {x0.shape[0]} points (x0 "
+            f"{x0.shape}); expected ({x0.shape[0]}, ...)"
+        )
+    return x0, x1, labels
 
 
 def check_gaussian_targets(

@@ -84,6 +84,13 @@ def test_operators_take_any_batch_axes_and_check_shapes():
         jax.jit(lambda m: jd.mask_operator(m).out_dim)(jnp.ones(3, bool))
     with pytest.raises(ValueError, match="selects no entry"):
         jd.mask_operator(np.zeros(3, bool))
+    with pytest.raises(
+        ValueError, match=r"mask must be boolean \(or 0/1\); got values such as \[0.5"
+    ):
+        jd.mask_operator(np.array([0.5, 0.0, 1.0]))  # 0.5 read as True
+    assert jd.mask_operator(np.array([0, 1, 1])).out_dim == 2
+    with pytest.raises(ValueError, match="matrix contains non-finite values"):
+        jd.matrix_operator(np.array([[1.0, np.nan]]))
     with pytest.raises(ValueError, match=r"M has 24 columns"):
         jd.matrix_operator(np.ones((2, 24)), (5, 5))
 

@@ -105,6 +105,18 @@ def test_importance_time_has_the_requested_density():
     np.testing.assert_allclose(sampler.correction(jnp.array([0.3, 0.8])), 1.0, rtol=1e-4)
 
 
+def test_mismatched_batches_are_refused_at_trace_time():
+    """Labels or source points for another number of points than x0 were taken as they came
+    (labels broadcast, or failed deep inside the network)."""
+    loss = L.flow_matching_loss(jd.Field(lambda p, x, t, y=None: x, "velocity"), jd.linear_path())
+    key, x = jax.random.key(0), jnp.ones((4, 2))
+    with pytest.raises(ValueError, match=r"labels have shape \(3,\) for 4 points"):
+        jax.jit(loss)(None, key, (x, jnp.zeros(3, int)))
+    with pytest.raises(ValueError, match=r"x1 has shape \(4, 3\) but x0 has shape \(4, 2\)"):
+        loss(None, key, {"x0": x, "x1": jnp.ones((4, 3))})
+    assert bool(jnp.isfinite(loss(None, key, {"x0": x, "x1": x, "labels": jnp.zeros(4, int)})))
+
+
 def test_time_samplers_ranges_and_errors():
     key = jax.random.key(0)
     t = L.logit_normal_time(t_min=0.1, t_max=0.9)(key, (10_000,))
