@@ -149,9 +149,8 @@ def unpack_batch(batch: Any) -> tuple[Array, Array | None, Array | None]:
 
 
 def _checked(x0: Array, x1: Array | None, labels: Array | None) -> tuple:
-    """Shapes are static: a mismatched batch is refused at trace time."""
-    if x1 is not None and x1.shape != x0.shape:
-        raise ValueError(f"the batch's x1 has shape {x1.shape} but x0 has shape {x0.shape}")
+    """Shapes are static: labels for another number of points are refused at trace time (``x1``'s
+    shape is checked where the pairs are drawn)."""
     if labels is not None and labels.ndim and labels.shape[0] != x0.shape[0]:
         raise ValueError(
             f"the batch's labels have shape {labels.shape} for {x0.shape[0]} points (x0 "

@@ -106,13 +106,13 @@ def test_importance_time_has_the_requested_density():
 
 
 def test_mismatched_batches_are_refused_at_trace_time():
-    """Labels or source points for another number of points than x0 were taken as they came
-    (labels broadcast, or failed deep inside the network)."""
+    """Labels for another number of points than x0 were taken as they came (they broadcast, or
+    failed deep inside the network); source points of another shape were already refused."""
     loss = L.flow_matching_loss(jd.Field(lambda p, x, t, y=None: x, "velocity"), jd.linear_path())
     key, x = jax.random.key(0), jnp.ones((4, 2))
     with pytest.raises(ValueError, match=r"labels have shape \(3,\) for 4 points"):
         jax.jit(loss)(None, key, (x, jnp.zeros(3, int)))
-    with pytest.raises(ValueError, match=r"x1 has shape \(4, 3\) but x0 has shape \(4, 2\)"):
+    with pytest.raises(ValueError, match=r"source points have shape \(4, 3\); the data have"):
         loss(None, key, {"x0": x, "x1": jnp.ones((4, 3))})
     assert bool(jnp.isfinite(loss(None, key, {"x0": x, "x1": x, "labels": jnp.zeros(4, int)})))
 
