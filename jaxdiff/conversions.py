@@ -66,13 +66,13 @@ def _check_divisors(path: GaussianPath, t: ArrayLike, src: str, dst: str) -> Non
         if src == "x0" or dst == "score":
             divisors["sigma_t"] = s
         if src == "velocity":
-            divisors["alpha_t sigma_t' - sigma_t alpha_t'"] = a * path.d_sigma(
-                tc
-            ) - s * path.d_alpha(tc)
+            det = a * path.d_sigma(tc) - s * path.d_alpha(tc)
+            divisors["alpha_t sigma_t' - sigma_t alpha_t'"] = det
+        to = "(x0, eps)" if dst == "hub" else repr(dst)
         for name, d in divisors.items():
             if bool(jnp.any(d == 0)):
                 raise ValueError(
-                    f"converting {src!r} to {'(x0, eps)' if dst == 'hub' else repr(dst)} divides by {name}, which is 0 at t = "
+                    f"converting {src!r} to {to} divides by {name}, which is 0 at t = "
                     f"{concrete(t).tolist()} on this path; take t inside the open interval"
                 )
 

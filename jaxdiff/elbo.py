@@ -136,10 +136,10 @@ def nelbo(
     x0 = check_finite(jnp.asarray(x0), "x0")
     if x0.ndim < 2:
         raise ValueError(f"x0 must be (batch, *event); got shape {x0.shape}")
-    if check_count(num_steps, "num_steps") < 2:
+    T = check_count(num_steps, "num_steps")
+    if T < 2:
         raise ValueError(f"num_steps must be >= 2; got {num_steps}")
     _check_var_weight(var_weight)
-    T = int(num_steps)
     axes = tuple(range(1, x0.ndim))
     batch, dtype = x0.shape[0], x0.dtype
     k_rec, k_terms = jax.random.split(key)

@@ -150,7 +150,7 @@ def _grid(ts, t_start, t_end, steps) -> Array:
         raise ValueError("give either ts, or t_start, t_end and steps")
     steps = check_count(steps, "steps")
     t0, t1 = as_time(t_start), as_time(t_end)
-    return _engine.check_grid(jnp.linspace(t0, t1, int(steps) + 1), "the grid t_start -> t_end")
+    return _engine.check_grid(jnp.linspace(t0, t1, steps + 1), "the grid t_start -> t_end")
 
 
 def check_tolerances(solver: diffrax.AbstractSolver, rtol: Any, atol: Any) -> None:

@@ -254,7 +254,6 @@ def repaint(sampler: Sampler, hook: Hook, repeats: int = 10) -> Sampler:
     pass the hook here, not to ``jd.sample``.
     """
     repeats = check_count(repeats, "repeats")
-    repeats = int(repeats)
 
     def init(path, field, x, ts):
         state = sampler.init(path, field, x, ts)

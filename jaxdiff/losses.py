@@ -31,7 +31,6 @@ discrete-time sampler.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +38,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import check_order, check_positive, coef_time
+from jaxdiff._checks import check_finite, check_order, check_positive, coef_time
 from jaxdiff.conversions import Target, _check_target, _convert, convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath, linear_path
@@ -143,8 +142,7 @@ def logit_normal_time(
     """``t = t_min + (t_max - t_min) sigmoid(mean + std z)`` (Esser et al. 2024, SD3): mid times."""
     check_positive(std, "std")
     check_order(t_min, t_max, "t_min", "t_max")
-    if not math.isfinite(mean):
-        raise ValueError(f"mean must be finite; got {mean}")
+    check_finite(mean, "mean")
     return _LogitNormal(float(mean), float(std), float(t_min), float(t_max))
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import expand_like
+from jaxdiff._checks import check_positive, expand_like
 from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import TimeSampler, _split_batch, uniform_time
@@ -113,8 +113,7 @@ def meanflow_loss(
     time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
     if not 0.0 <= flow_matching_fraction <= 1.0:
         raise ValueError(f"flow_matching_fraction must lie in [0, 1]; got {flow_matching_fraction}")
-    if not 0 <= weighting_power < float("inf"):  # NaN fails too
-        raise ValueError(f"weighting_power must be finite and >= 0; got {weighting_power}")
+    check_positive(weighting_power, "weighting_power", strict=False)
     if not weighting_eps > 0:
         raise ValueError(f"weighting_eps must be > 0; got {weighting_eps}")
 

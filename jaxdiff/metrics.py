@@ -30,7 +30,7 @@ __all__ = [
 
 
 def _two_sets(
-    x: ArrayLike, y: ArrayLike, min_rows: int, names: str = "x, y"
+    x: ArrayLike, y: ArrayLike, min_rows: int, names: tuple[str, str] = ("x", "y")
 ) -> tuple[Array, Array]:
     """``x (n, d)`` and ``y (m, d)`` as arrays, each with at least ``min_rows`` finite rows."""
     x, y = jnp.asarray(x), jnp.asarray(y)
@@ -41,8 +41,7 @@ def _two_sets(
             f"this statistic needs at least {min_rows} samples in each set (its within-set terms "
             f"average over pairs i != j); got {x.shape[0]} and {y.shape[0]}"
         )
-    x_name, y_name = names.split(", ")
-    return check_finite(x, x_name), check_finite(y, y_name)
+    return check_finite(x, names[0]), check_finite(y, names[1])
 
 
 def _pair_mean(
@@ -165,7 +164,7 @@ def nearest_neighbour_distance(x: ArrayLike, reference: ArrayLike, *, block: int
     ref = jnp.asarray(reference).reshape(jnp.shape(reference)[0], -1)
     if x.shape[1] != ref.shape[1]:
         raise ValueError(f"x and reference have rows of sizes {x.shape[1]} and {ref.shape[1]}")
-    x, ref = _two_sets(x, ref, 1, "x, reference")
+    x, ref = _two_sets(x, ref, 1, ("x", "reference"))
     return _nearest(x, ref, int(block))
 
 

@@ -140,15 +140,19 @@ def unpack_batch(batch: Any) -> tuple[Array, Array | None, Array | None]:
                 f"a dict batch has keys 'x0' and optionally 'x1', 'labels'; got {sorted(batch)}"
             )
         get = lambda k: None if batch.get(k) is None else jnp.asarray(batch[k])  # noqa: E731
-        return _checked(jnp.asarray(batch["x0"]), get("x1"), get("labels"))
+        x0, labels = jnp.asarray(batch["x0"]), get("labels")
+        _check_labels(x0, labels)
+        return x0, get("x1"), labels
     if isinstance(batch, tuple | list):
         if len(batch) != 2:
             raise ValueError("a batch is x0, a pair (x0, labels) or a dict {'x0', 'x1', 'labels'}")
-        return _checked(jnp.asarray(batch[0]), None, jnp.asarray(batch[1]))
+        x0, labels = jnp.asarray(batch[0]), jnp.asarray(batch[1])
+        _check_labels(x0, labels)
+        return x0, None, labels
     return jnp.asarray(batch), None, None
 
 
-def _checked(x0: Array, x1: Array | None, labels: Array | None) -> tuple:
+def _check_labels(x0: Array, labels: Array | None) -> None:
     """Shapes are static: labels for another number of points are refused at trace time (``x1``'s
     shape is checked where the pairs are drawn)."""
     if labels is not None and labels.ndim and labels.shape[0] != x0.shape[0]:
@@ -156,7 +160,6 @@ def _checked(x0: Array, x1: Array | None, labels: Array | None) -> tuple:
             f"the batch's labels have shape {labels.shape} for {x0.shape[0]} points (x0 "
             f"{x0.shape}); expected ({x0.shape[0]}, ...)"
         )
-    return x0, x1, labels
 
 
 def check_gaussian_targets(

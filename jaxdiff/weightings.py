@@ -40,7 +40,6 @@ noise level ``log sigma~ ~ N(p_mean, p_std^2)`` on any path (truncated to ``[t_m
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -50,7 +49,7 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtr
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_order, check_positive, coef_time
+from jaxdiff._checks import check_finite, check_order, check_positive, coef_time
 from jaxdiff.conversions import Target, _check_target
 from jaxdiff.paths import GaussianPath
 
@@ -161,8 +160,7 @@ def sigmoid_weight(bias: float = 2.0) -> Weight:
     """Kingma & Gao (2023)'s sigmoid weighting ``W(lambda) = sigmoid(bias - lambda)``: a mixture
     of ELBOs of noisy data with the logistic density centred at ``lambda = bias``."""
     bias = float(bias)
-    if not math.isfinite(bias):
-        raise ValueError(f"bias must be finite; got {bias}")
+    check_finite(bias, "bias")
     return log_snr_weight(lambda lam: jax.nn.sigmoid(bias - lam))
 
 
@@ -205,8 +203,7 @@ def edm_time(
     (2 p_std)^2)``, truncated to ``t`` in ``[t_min, t_max]`` and mapped to ``t`` by
     ``path.t_from_log_snr``. Has ``pdf(t)``, the density of the drawn times."""
     check_positive(p_std, "p_std")
-    if not math.isfinite(p_mean):
-        raise ValueError(f"p_mean must be finite; got {p_mean}")
+    check_finite(p_mean, "p_mean")
     check_order(0.0, t_min, "0", "t_min", strict=False)
     check_order(t_min, t_max, "t_min", "t_max")
     bounds = -0.5 * path.log_snr(jnp.asarray([t_min, t_max], jnp.float32))

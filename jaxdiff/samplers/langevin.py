@@ -186,8 +186,7 @@ def annealed_langevin(*, steps_per_level: int = 100, step_size: ArrayLike = 2e-5
     ladder. Evaluations per step: ``steps_per_level``; then the denoising step.
     """
     check_positive(step_size, "step_size")
-    steps_per_level = check_count(steps_per_level, "steps_per_level")
-    n = int(steps_per_level)
+    n = check_count(steps_per_level, "steps_per_level")
 
     def init(path, field, x, ts) -> LangevinState:
         var = path.sigma_sq(ts)
