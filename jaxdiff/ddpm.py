@@ -168,13 +168,16 @@ def forward_chain(key: Array, path: GaussianPath, x0: ArrayLike, ts: ArrayLike) 
     """
     x0 = jnp.asarray(x0)
     ts = as_time(ts, x0.dtype)
-    v = concrete(ts)
-    if ts.ndim != 1 or (
-        v is not None
-        and not (np.all(np.isfinite(v)) and np.all((v > 0) & (v <= 1)) and np.all(np.diff(v) > 0))
-    ):
-        shown = ts.shape if ts.ndim != 1 or v is None else v.tolist()[:8]
-        raise ValueError(f"ts must be a 1-D grid increasing strictly inside (0, 1]; got {shown}")
+    msg = "ts must be a 1-D grid increasing strictly inside (0, 1]"
+    if ts.ndim != 1:
+        raise ValueError(f"{msg}; got shape {ts.shape}")
+    v = concrete(ts)  # checked now when known at trace time, else when the program runs
+    xp, w = (jnp, ts) if v is None else (np, v)
+    bad = ~(xp.all(xp.isfinite(w)) & xp.all((w > 0) & (w <= 1)) & xp.all(xp.diff(w) > 0))
+    if v is None:
+        ts = error_if(ts, bad, msg)
+    elif bad:
+        raise ValueError(f"{msg}; got {v.tolist()[:8]}")
     prev = jnp.concatenate([jnp.zeros((1,), ts.dtype), ts[:-1]])
 
     def step(x, inputs):

@@ -51,6 +51,7 @@ from jaxdiff._checks import (
     check_time,
     concrete,
     data_dtype,
+    error_if,
     wide_dtype,
 )
 from jaxdiff.field import Field, as_field
@@ -208,12 +209,17 @@ def _bins(x: ArrayLike, num_bins: int, lo: float, hi: float) -> tuple[Array, flo
         raise ValueError(f"x must be (batch, *event); got shape {x.shape}")
     num_bins = check_count(num_bins, "num_bins")
     check_order(lo, hi, "lo", "hi")
-    v = concrete(x)  # the bin indices, when known at trace time
-    if v is not None and not (np.all(v == np.round(v)) and v.min() >= 0 and v.max() < num_bins):
-        raise ValueError(
-            f"x must hold bin indices, integers in [0, {num_bins - 1}] (pixels as integers, not "
-            f"scaled to [lo, hi]); got values in [{v.min()}, {v.max()}]"
-        )
+    msg = (
+        f"x must hold bin indices, integers in [0, {num_bins - 1}] (pixels as integers, not "
+        "scaled to [lo, hi])"
+    )
+    v = concrete(x)  # checked now when known at trace time, else when the program runs
+    xp, w = (jnp, x) if v is None else (np, v)
+    bad = ~(xp.all(w == xp.round(w)) & (w.min() >= 0) & (w.max() < num_bins))
+    if v is None:
+        x = error_if(x, bad, msg)
+    elif bad:
+        raise ValueError(f"{msg}; got values in [{v.min()}, {v.max()}]")
     return x, (hi - lo) / num_bins
 
 

@@ -134,6 +134,11 @@ def test_bad_input_is_refused_with_the_value():
             jd.dequantize(key, jnp.full((2, 3), bad), 4)  # scaled pixels gave wrong bins
         with pytest.raises(ValueError, match="integers in"):
             jd.variational_dequantize(key, flow, None, jnp.full((2, 3), bad), 4)
+        with pytest.raises(Exception, match=r"integers in \[0, 3\]"):  # traced: when it runs
+            jax.jit(lambda x: jd.dequantize(key, x, 4)[0])(
+                jnp.full((2, 3), bad)
+            ).block_until_ready()
+    assert bool(jnp.all(jnp.isfinite(jax.jit(lambda x: jd.dequantize(key, x, 4)[0])(x))))
     bad = lambda p, e, c: (e[:, :2], jnp.zeros(2))  # noqa: E731
     with pytest.raises(ValueError, match=r"flow must return z of x's shape \(2, 3\)"):
         jd.variational_dequantize(key, bad, None, x, 4)

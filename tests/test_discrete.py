@@ -193,9 +193,13 @@ def test_forward_chain_is_the_markov_chain_of_the_path(make):
     cov = float(jnp.mean((xs[0] - xs[0].mean()) * (xs[1] - xs[1].mean())))
     expected = float(a[1] / a[0] * s[0] ** 2)
     assert abs(cov - expected) < 4 * float(s[0] * s[1]) / np.sqrt(n), (cov, expected)
+    chain = jax.jit(lambda ts: jd.forward_chain(jax.random.key(0), path, x0[:4], ts))
     for bad in ([0.5, 0.2], [0.0, 0.5], [0.2, jnp.nan], [0.5, 1.5]):
         with pytest.raises(ValueError, match=r"ts must be a 1-D grid increasing strictly inside \(0, 1\]"):  # fmt: skip
             jd.forward_chain(jax.random.key(0), path, x0, jnp.array(bad))
+        with pytest.raises(Exception, match=r"ts must be a 1-D grid increasing strictly inside"):
+            chain(jnp.array(bad)).block_until_ready()  # traced: when the program runs
+    assert bool(jnp.all(jnp.isfinite(chain(ts))))
 
 
 def test_var_weight_and_the_decoder_bins_are_checked():

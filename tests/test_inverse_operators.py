@@ -91,6 +91,8 @@ def test_operators_take_any_batch_axes_and_check_shapes():
     assert jd.mask_operator(np.array([0, 1, 1])).out_dim == 2
     with pytest.raises(ValueError, match="matrix contains non-finite values"):
         jd.matrix_operator(np.array([[1.0, np.nan]]))
+    with pytest.raises(Exception, match="matrix contains non-finite values"):  # when it runs
+        jax.jit(lambda m: jd.matrix_operator(m).forward(jnp.ones(2)))(jnp.array([[1.0, jnp.nan]])).block_until_ready()  # fmt: skip
     with pytest.raises(ValueError, match=r"M has 24 columns"):
         jd.matrix_operator(np.ones((2, 24)), (5, 5))
 

@@ -155,9 +155,13 @@ def test_brownian_motion_covariance_is_min_s_t():
     cov = jnp.cov(w)
     np.testing.assert_allclose(cov, jnp.minimum(ts[:, None], ts[None, :]), atol=0.02)  # SE < 0.007
     np.testing.assert_allclose(jd.brownian_motion(jax.random.key(1), jnp.array([0.0, 1.0]))[0], 0.0)
+    traced = jax.jit(lambda ts: jd.brownian_motion(jax.random.key(0), ts))
     for bad in ([0.5, 0.2], [0.0, jnp.nan], [-0.1, 0.5]):  # NaN used to pass, giving NaN paths
         with pytest.raises(ValueError, match="ts must be finite, non-decreasing and >= 0"):
             jd.brownian_motion(jax.random.key(0), jnp.array(bad))
+        with pytest.raises(Exception, match="ts must be finite, non-decreasing and >= 0"):
+            traced(jnp.array(bad)).block_until_ready()  # traced: when the program runs
+    assert bool(jnp.all(jnp.isfinite(traced(ts))))
 
 
 def test_fixed_grid_sde_engine_equals_a_hand_written_euler_maruyama_scan():
