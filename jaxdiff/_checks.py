@@ -8,6 +8,7 @@ into NaNs where the few microseconds they cost matter, as the benchmarks do).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -115,6 +116,27 @@ def error_if(x: Any, pred: Any, msg: str) -> Any:
     first = leaves[0]
     tied = jnp.where(flag, jnp.asarray(jnp.nan, jnp.asarray(first).dtype), first)
     return jax.tree_util.tree_map(lambda leaf: tied if leaf is first else leaf, x)
+
+
+def value_check(
+    x: Any,
+    bad: Callable[[Any, Any], Any],
+    msg: str,
+    shown: Callable[[np.ndarray], str] = lambda v: str(v.tolist()[:8]),
+) -> Any:
+    """Raise ``ValueError(msg)`` where ``bad(xp, value)`` holds, and return ``x``.
+
+    Known at trace time, ``x`` is checked now in NumPy (``xp = np``: no XLA program per shape) and
+    the message ends with ``; got {shown(value)}``; traced, it is checked when the program runs
+    (``xp = jnp``, through :func:`error_if` threaded into the returned ``x``). (``_engine.grid_check``
+    does the same for checks that call a path's or a user's functions, which need ``jnp``.)
+    """
+    v = concrete(x)
+    if v is None:
+        return error_if(x, bad(jnp, x), msg)
+    if bad(np, v):
+        raise ValueError(f"{msg}; got {shown(v)}")
+    return x
 
 
 def _inexact(leaf: Any) -> bool:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, concrete, error_if, expand_like
+from jaxdiff._checks import as_time, concrete, error_if, expand_like, value_check
 from jaxdiff.paths import GaussianPath
 from jaxdiff.schedules import alpha_bars
 
@@ -171,13 +171,11 @@ def forward_chain(key: Array, path: GaussianPath, x0: ArrayLike, ts: ArrayLike) 
     msg = "ts must be a 1-D grid increasing strictly inside (0, 1]"
     if ts.ndim != 1:
         raise ValueError(f"{msg}; got shape {ts.shape}")
-    v = concrete(ts)  # checked now when known at trace time, else when the program runs
-    xp, w = (jnp, ts) if v is None else (np, v)
-    bad = ~(xp.all(xp.isfinite(w)) & xp.all((w > 0) & (w <= 1)) & xp.all(xp.diff(w) > 0))
-    if v is None:
-        ts = error_if(ts, bad, msg)
-    elif bad:
-        raise ValueError(f"{msg}; got {v.tolist()[:8]}")
+    ts = value_check(
+        ts,
+        lambda xp, w: ~(xp.all(xp.isfinite(w) & (w > 0) & (w <= 1)) & xp.all(xp.diff(w) > 0)),
+        msg,
+    )
     prev = jnp.concatenate([jnp.zeros((1,), ts.dtype), ts[:-1]])
 
     def step(x, inputs):

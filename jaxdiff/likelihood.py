@@ -41,7 +41,6 @@ from typing import Any, NamedTuple
 import diffrax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
@@ -49,9 +48,8 @@ from jaxdiff._checks import (
     check_finite,
     check_order,
     check_time,
-    concrete,
     data_dtype,
-    error_if,
+    value_check,
     wide_dtype,
 )
 from jaxdiff.field import Field, as_field
@@ -213,13 +211,12 @@ def _bins(x: ArrayLike, num_bins: int, lo: float, hi: float) -> tuple[Array, flo
         f"x must hold bin indices, integers in [0, {num_bins - 1}] (pixels as integers, not "
         "scaled to [lo, hi])"
     )
-    v = concrete(x)  # checked now when known at trace time, else when the program runs
-    xp, w = (jnp, x) if v is None else (np, v)
-    bad = ~(xp.all(w == xp.round(w)) & (w.min() >= 0) & (w.max() < num_bins))
-    if v is None:
-        x = error_if(x, bad, msg)
-    elif bad:
-        raise ValueError(f"{msg}; got values in [{v.min()}, {v.max()}]")
+    x = value_check(
+        x,
+        lambda xp, w: ~(xp.all(w == xp.round(w)) & (w.min() >= 0) & (w.max() < num_bins)),
+        msg,
+        lambda v: f"values in [{v.min()}, {v.max()}]",
+    )
     return x, (hi - lo) / num_bins
 
 

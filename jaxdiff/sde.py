@@ -21,7 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, check_finite, check_positive, concrete, error_if, expand_like
+from jaxdiff._checks import (
+    as_time,
+    check_finite,
+    check_positive,
+    concrete,
+    expand_like,
+    value_check,
+)
 from jaxdiff.conversions import from_x0_eps
 from jaxdiff.field import Field, as_field, batch_time, predict
 from jaxdiff.paths import GaussianPath
@@ -152,14 +159,11 @@ def brownian_motion(key: Array, ts: ArrayLike, shape: tuple[int, ...] = ()) -> A
     ts = as_time(ts)
     if ts.ndim != 1:
         raise ValueError(f"ts must be one-dimensional; got shape {ts.shape}")
-    value = concrete(ts)  # checked now when known at trace time, else when the program runs
-    xp, w = (jnp, ts) if value is None else (np, value)
-    bad = ~(xp.all(xp.isfinite(w)) & xp.all(w >= 0) & xp.all(xp.diff(w) >= 0))
-    msg = "ts must be finite, non-decreasing and >= 0"
-    if value is None:
-        ts = error_if(ts, bad, msg)
-    elif bad:
-        raise ValueError(f"{msg}; got {value.tolist()[:8]}")
+    ts = value_check(
+        ts,
+        lambda xp, w: ~(xp.all(xp.isfinite(w) & (w >= 0)) & xp.all(xp.diff(w) >= 0)),
+        "ts must be finite, non-decreasing and >= 0",
+    )
     dts = jnp.diff(ts, prepend=jnp.zeros((1,), ts.dtype))
     z = jax.random.normal(key, (ts.shape[0], *shape), ts.dtype)
     return jnp.cumsum(expand_like(jnp.sqrt(dts), z) * z, axis=0)
