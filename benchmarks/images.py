@@ -45,6 +45,7 @@ On a GPU, leave PyTorch room: JAX preallocates 75% of the memory unless
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 import time
@@ -149,6 +150,11 @@ PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
 
 def _log(msg: str) -> None:
     print(f"  [images] {msg}", flush=True)
+
+
+def _log_row(row: dict) -> None:
+    """A measured row at once (a run cut short by a time limit keeps what it measured)."""
+    _log("row " + json.dumps({k: v for k, v in row.items() if v is not None}))
 
 
 def _jax_unet(name: str, dtype):
@@ -285,10 +291,12 @@ def _network_rows(sz: dict, platform: str) -> tuple[list[dict], str]:
             _log(f"{name} {precision}: training, batch {batch}, {k} steps per call")
             res = interleaved(train, repeats=sz["repeats"])
             rows.append(_row("train", name, precision, batch, k, res, batch * k, count))
+            _log_row(rows[-1])
             _log(f"{name} {precision}: sampling, batch {batch}, {s} DDIM steps")
             res = interleaved(sample, repeats=sz["repeats"])
             res["jaxdiff"]["compile_s"] = sample_compile_s
             rows.append(_row("sample", name, precision, batch, s, res, batch, count))
+            _log_row(rows[-1])
             del train, sample
     return rows, note
 
@@ -335,6 +343,7 @@ def _loader_rows(sz: dict) -> tuple[list[dict], str]:
                 row["grain_img_s"] = IL.delivered(it, sz["loader_batches"])
                 it.close()
             rows.append(row)
+            _log_row(row)
 
         # Training small_unet fed by each loader, against the same chunks on resident data.
         step, state0, count = jax_train_step("small")
@@ -372,6 +381,7 @@ def _loader_rows(sz: dict) -> tuple[list[dict], str]:
                     row.update(grain_img_s=chunks * k * fb / sec, grain_wait_fraction=wait / sec)
                 row["resident_img_s"] = chunks * k * fb / resident_s
                 rows.append(row)
+                _log_row(row)
     note = (
         f"Loader: {n} images 32x32x3 (shapes, ~2.3 KB PNGs), {threads} decode threads; 'loader' "
         f"rows: {sz['loader_batches']} batches of {lb} delivered on the device (labels included). "
