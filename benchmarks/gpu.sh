@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
-# jaxdiff's GPU checks in one command, sized for a lent nvidia-h200 (the device tool: 15 minutes of
-# device time a session, 10 a command). That machine's image has JAX (0.11, CUDA 13), flax, optax,
-# diffrax, chex, equinox, jaxtyping, pytest-xdist and PyTorch 2.11, but neither diffusers nor
-# beartype (the tests' conftest) nor grain nor nbmake, and no network: those travel as wheels.
+# jaxdiff's GPU checks, sized for a lent nvidia-h200 (the device tool: 15 minutes of device time a
+# session, 10 a command). That machine's image has JAX (0.11, CUDA 13), flax, optax, diffrax,
+# chex, equinox, jaxtyping, pytest-xdist and PyTorch 2.11, but neither diffusers nor beartype (the
+# tests' conftest) nor grain nor nbmake, and no network: those travel as wheels.
 #
-#   here, once:  bash benchmarks/gpu.sh fetch        # wheels into .whl/ (git-ignored)
-#   there:       the device tool's run, carry [".whl"], command "bash benchmarks/gpu.sh",
+#   here, once:  bash benchmarks/gpu.sh fetch            # wheels into .whl/ (git-ignored)
+#   there:       the device tool's run, carry [".whl"], command "bash benchmarks/gpu.sh [STEP...]",
 #                timeout_s 590
 #
-# Every step shares one deadline (JAXDIFF_GPU_BUDGET seconds, default 540), so the script ends
-# before the command's limit and a slow step leaves time to the ones after it only as far as its
-# own cap allows. In order of what the comparison needs most:
-#   small/    small_unet: jaxdiff against diffusers' UNet2DModel with the same weights, eager and
-#             torch.compile, float32 and bfloat16 (training and DDIM sampling images/s)
-#   cifar10/  ddpm_cifar10 (35.7M): the same, eager (inductor would take minutes per precision)
-#   tests.log the GPU's name; U-Net, port and training tests on the GPU (4 workers)
-#   loader/   the image loader feeding small_unet's training (data-wait fraction), no grain
-# Each writes <device>.json (the .md files are removed: $OUT returns 8 files at most; rebuild them
-# with benchmarks.run.markdown). bench.log has every row as it is measured ("[images] row {...}"),
-# so a run cut short keeps what it measured. Commit the results as benchmarks/results/gpu-*.
-# JAXDIFF_BENCH_IMAGES adds overrides to every run (benchmarks/images.py).
+# Steps, in the default order (what the record still lacks first; see
+# benchmarks/results/gpu-nvidia-h200-images.md for what 2026-12-04 measured):
+#   tests       U-Net, port and training tests on the GPU, 4 workers, -v (2026-12-04: 5 failed,
+#               unnamed: the run was cut before pytest's summary)
+#   small-cg    small_unet float32 against torch.compile(mode="reduce-overhead"): CUDA graphs,
+#               PyTorch's best for a launch-bound net
+#   small-bf16  small_unet bfloat16 (jaxdiff's dtype= against torch.autocast), eager and compile
+#   cifar10     ddpm_cifar10 float32 and bfloat16, eager (inductor takes minutes per precision)
+#   small       small_unet float32, eager and torch.compile's default mode (measured 2026-12-04)
+#   loader      the image loader alone and feeding small_unet's training (data-wait fraction)
+# Every step shares one deadline (JAXDIFF_GPU_BUDGET seconds, default 540) and has a cap of its
+# own, so the script ends before the command's limit. Measured 2026-12-04, compile dominates:
+# jaxdiff's first call 26 s (small_unet training chunk), 55 s (ddpm_cifar10), inductor 41 s
+# (small_unet training); small float32 with torch.compile took ~120 s, ddpm_cifar10's float32
+# training row ~150 s. Each images step writes <step>/<device>.json (the .md files are removed:
+# $OUT returns 8 files at most); bench.log has every row as it is measured ("[images] T s row
+# {...}"), so a step cut short keeps its rows: python -m benchmarks.from_log turns logs into
+# result files. Commit them as benchmarks/results/gpu-*. JAXDIFF_BENCH_IMAGES adds overrides to
+# every images step (benchmarks/images.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,7 +48,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 
-images() {  # images <dir> <cap seconds> <JAXDIFF_BENCH_IMAGES>
+images() {  # images <step> <cap seconds> <JAXDIFF_BENCH_IMAGES>
   local t
   t=$(cap "$2")
   echo "== images $1 ($3), ${t} s at most, at ${SECONDS} s"
@@ -52,26 +59,40 @@ images() {  # images <dir> <cap seconds> <JAXDIFF_BENCH_IMAGES>
   echo "== images $1: exit $? at ${SECONDS} s"
 }
 
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import jax, flax, torch, diffusers, jaxdiff; print('jax', jax.__version__, \
-jax.devices(), 'flax', flax.__version__); print('torch', torch.__version__, \
-torch.cuda.is_available(), 'diffusers', diffusers.__version__)"
-  images small 240 "configs=small compile=small loader=0 grain=0"
-  images cifar10 130 "configs=cifar10 compile=none loader=0 grain=0"
-} 2>&1 | tee "$OUT/bench.log"
-
-# Correctness on the GPU (the conv2d transposes off CPU, attention, group norm, the diffusers
-# port, bf16 training against float32); four workers, each JAX a fifth of the GPU's memory.
-t=$(cap 110)
-{
+tests() {  # the GPU's correctness: conv2d's transposes off CPU, attention, group norm, the
+  # diffusers port, bf16 training against float32; four workers, each JAX a fifth of the memory
+  local t
+  t=$(cap "$1")
   echo "== tests, ${t} s at most, at ${SECONDS} s"
-  [ "$t" -gt 20 ] && XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout -k 5 "$t" python3 -m pytest -q \
-    -o addopts="" -p no:cacheprovider -n 4 --durations=8 \
+  [ "$t" -gt 20 ] || { echo "skipped: no time left"; return; }
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout -k 5 "$t" python3 -m pytest -v -o addopts="" \
+    -p no:cacheprovider -p no:benchmark -n 4 --durations=10 \
     tests/test_nets.py tests/test_bench_images.py tests/test_unet_training.py 2>&1
   echo "== tests: exit $? at ${SECONDS} s"
-} | tee "$OUT/tests.log"
+}
 
-images loader 200 "configs= loader=1 grain=0" 2>&1 | tee -a "$OUT/bench.log"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "from benchmarks.common import environment; import torch, diffusers; \
+print(environment(), 'torch', torch.__version__, torch.cuda.is_available(), \
+'diffusers', diffusers.__version__)"
+} 2>&1 | tee "$OUT/bench.log"
+for step in "${@:-tests small-cg small-bf16 cifar10 small loader}"; do
+  for s in $step; do
+    case $s in
+      tests) tests 240 2>&1 | tee "$OUT/tests.log" ;;
+      small-cg) images "$s" 200 "configs=small precision=float32 compile=small \
+compile_mode=reduce-overhead loader=0" 2>&1 | tee -a "$OUT/bench.log" ;;
+      small-bf16) images "$s" 200 "configs=small precision=bfloat16 compile=small loader=0" 2>&1 \
+        | tee -a "$OUT/bench.log" ;;
+      cifar10) images "$s" 300 "configs=cifar10 compile=none loader=0 repeats=3" 2>&1 \
+        | tee -a "$OUT/bench.log" ;;
+      small) images "$s" 200 "configs=small precision=float32 compile=small loader=0" 2>&1 \
+        | tee -a "$OUT/bench.log" ;;
+      loader) images "$s" 200 "configs= loader=1 grain=0" 2>&1 | tee -a "$OUT/bench.log" ;;
+      *) echo "unknown step $s (tests small-cg small-bf16 cifar10 small loader)" ;;
+    esac
+  done
+done
 rm -f "$OUT"/*/*.md
 echo "== done at ${SECONDS} s"

@@ -148,8 +148,11 @@ def parse_sizes(spec: str, mode: str) -> dict:
 PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
+_T0 = time.perf_counter()
+
+
 def _log(msg: str) -> None:
-    print(f"  [images] {msg}", flush=True)
+    print(f"  [images] {time.perf_counter() - _T0:6.1f} s {msg}", flush=True)
 
 
 def _log_row(row: dict) -> None:

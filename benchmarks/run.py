@@ -50,8 +50,10 @@ def markdown(results: dict) -> str:
     lines = [f"# jaxdiff benchmarks on {results['environment']['device']}", ""]
     env = results["environment"]
     lines.append("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    total = results.get("total_s")
     lines.append(
-        f"Mode: {'quick' if results['quick'] else 'full'}; total {results['total_s']:.0f} s"
+        f"Mode: {'quick' if results['quick'] else 'full'}; "
+        + (f"total {total:.0f} s" if total is not None else "total time not recorded")
     )
     for name, sec in results["sections"].items():
         lines += ["", f"## {sec['title']} (`{name}`)", ""]

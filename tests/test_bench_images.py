@@ -3,7 +3,9 @@ PyTorch side does the same work as jaxdiff (VP coefficients, the DDIM loop, diff
 tensor for tensor), and the grain pipeline and wait timer used to compare the loaders.
 PyTorch, diffusers and grain are benchmark extras (``.[bench]``): those tests skip without them."""
 
+import contextlib
 import importlib
+import io
 import os
 import time
 from collections import Counter
@@ -227,3 +229,29 @@ def test_grain_pipeline_is_the_loaders(per_image):
     assert sorted(seen) == list(range(n))
     # flips ~ Binomial(32, 1/2): 1..31 fails with probability 2^-31 for a fixed seed
     assert 0 < flipped < n
+
+
+def test_rows_from_a_cut_log_become_the_result_files(tmp_path):
+    """A run stopped at its time limit leaves only its log: ``benchmarks.from_log`` turns the
+    logged rows (``images._log_row``) back into result rows, in order, with the benchmark's keys
+    and no column that no row fills."""
+    BI, FL = _bench("images"), _bench("from_log")
+    first = dict.fromkeys(BI.KEYS) | dict(what="train", config="small", jaxdiff_img_s=2.0, params=7)
+    second = dict.fromkeys(BI.KEYS) | dict(what="loader npz", config="-", prefetch=2)
+    log, out = tmp_path / "bench.log", io.StringIO()
+    with contextlib.redirect_stdout(out):
+        BI._log_row(first)
+        print("  [images] small float32: sampling, batch 128, 100 DDIM steps")
+        BI._log_row(second)
+    log.write_text("== header\n" + out.getvalue() + "== images small: exit 124\n")
+    rows = FL.rows_from_logs([log.read_text()])
+    assert rows == [
+        {"what": "train", "config": "small", "jaxdiff_img_s": 2.0, "params": 7, "prefetch": None},
+        {"what": "loader npz", "config": "-", "jaxdiff_img_s": None, "params": None, "prefetch": 2},
+    ]
+    assert FL.main([str(log), "--out", str(tmp_path), "--tag", "t", "--env", "device=gpu:X"]) == 0
+    text = (tmp_path / "t.md").read_text()
+    assert "# jaxdiff benchmarks on gpu:X" in text and "total time not recorded" in text
+    assert "| train | small | 2 | 7 |  |" in text
+    with pytest.raises(SystemExit, match="no '\\[images\\] row' lines"):
+        FL.main([str(tmp_path / "t.md"), "--out", str(tmp_path), "--tag", "u"])
