@@ -4,7 +4,13 @@
   an error, so every broadcast in the library is deliberate.
 * jaxtyping's import hook with beartype checks every annotated argument of ``jaxdiff`` at call time.
 * The ``x64`` fixture runs a test in float64, for identities checked at tight tolerances.
+* Off CPU, float32 matrix products and convolutions run at full float32 precision
+  (``jax_default_matmul_precision = "highest"``): XLA's default on GPUs is TF32 (a 10-bit
+  mantissa), which the tests' float32 tolerances (1e-5 to 1e-6) do not allow for. Users keep
+  XLA's default; ``JAXDIFF_TEST_TF32=1`` keeps it in the tests too.
 """
+
+import os
 
 import jax
 import pytest
@@ -20,3 +26,10 @@ with install_import_hook("jaxdiff", "beartype.beartype"):
 def x64():
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _float32_products_off_cpu():
+    if jax.default_backend() != "cpu" and os.environ.get("JAXDIFF_TEST_TF32") != "1":
+        jax.config.update("jax_default_matmul_precision", "highest")
+    yield

@@ -11,7 +11,8 @@
 # Steps, in the default order (what the record still lacks first; see
 # benchmarks/results/gpu-nvidia-h200-images.md for what 2026-12-04 measured):
 #   tests       U-Net, port and training tests on the GPU, 4 workers, -v (2026-12-04: 5 failed,
-#               unnamed: the run was cut before pytest's summary)
+#               unnamed: the run was cut before pytest's summary; that was under TF32, before
+#               conftest.py pinned float32 products off CPU; JAXDIFF_TEST_TF32=1 for the old way)
 #   small-cg    small_unet float32 against torch.compile(mode="reduce-overhead"): CUDA graphs,
 #               PyTorch's best for a launch-bound net
 #   small-bf16  small_unet bfloat16 (jaxdiff's dtype= against torch.autocast), eager and compile

@@ -121,6 +121,18 @@ def sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
+def _step_marker(compiled: bool, mode: str):
+    """``torch.compiler.cudagraph_mark_step_begin`` under CUDA graphs (``mode``
+    ``reduce-overhead`` / ``max-autotune``), so that each training step or network call starts a
+    new generation of cudagraph trees and no replay overwrites an output still in use; else a
+    no-op."""
+    import torch
+
+    if compiled and mode in ("reduce-overhead", "max-autotune"):
+        return torch.compiler.cudagraph_mark_step_begin
+    return lambda: None
+
+
 def train_thunk(
     net, data, batch: int, steps: int, dev, bf16: bool, compiled: bool, mode: str = "default"
 ):
@@ -130,6 +142,7 @@ def train_thunk(
     import torch
 
     fn = torch.compile(net, mode=mode) if compiled else net
+    mark = _step_marker(compiled, mode)
     params = list(net.parameters())
     fused = dict(fused=True) if dev.type == "cuda" else {}
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, **fused)
@@ -138,6 +151,7 @@ def train_thunk(
     def run():
         net.train()  # the net is shared with the sampling thunk, which sets eval()
         for _ in range(steps):
+            mark()
             x = data[torch.randint(0, data.shape[0], (batch,), device=dev)]
             t = T_MIN + (1.0 - T_MIN) * torch.rand(batch, device=dev)
             a, s = (c[:, None, None, None] for c in vp_coefficients(t))
@@ -177,9 +191,11 @@ def sample_thunk(
     import torch
 
     fn = torch.compile(net, mode=mode) if compiled else net
+    mark = _step_marker(compiled, mode)
     ts = np.linspace(1.0, T_MIN, steps + 1)
 
     def eps_fn(x, t):
+        mark()
         return fn(x, torch.full((x.shape[0],), t * 1000.0, device=dev)).sample
 
     def run():
