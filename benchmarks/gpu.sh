@@ -20,7 +20,10 @@
 #   small       small_unet float32, eager and torch.compile's default mode (measured 2026-12-04)
 #   loader      the image loader alone and feeding small_unet's training (data-wait fraction)
 # Every step shares one deadline (JAXDIFF_GPU_BUDGET seconds, default 540) and has a cap of its
-# own, so the script ends before the command's limit. Measured 2026-12-04, compile dominates:
+# own, so the script ends before the command's limit. A session's 15 minutes hold two commands if
+# the second follows at once, on the warm machine (2026-12-04: 598 s held for the first, with the
+# machine's start; 224 s for the second), e.g. then "JAXDIFF_GPU_BUDGET=215 bash
+# benchmarks/gpu.sh cifar10" with timeout_s 235. Measured 2026-12-04, compile dominates:
 # jaxdiff's first call 26 s (small_unet training chunk), 55 s (ddpm_cifar10), inductor 41 s
 # (small_unet training); small float32 with torch.compile took ~120 s, ddpm_cifar10's float32
 # training row ~150 s. Each images step writes <step>/<device>.json (the .md files are removed:
@@ -81,7 +84,7 @@ print(environment(), 'torch', torch.__version__, torch.cuda.is_available(), \
 for step in "${@:-tests small-cg small-bf16 cifar10 small loader}"; do
   for s in $step; do
     case $s in
-      tests) tests 240 2>&1 | tee "$OUT/tests.log" ;;
+      tests) tests 180 2>&1 | tee "$OUT/tests.log" ;;
       small-cg) images "$s" 200 "configs=small precision=float32 compile=small \
 compile_mode=reduce-overhead loader=0" 2>&1 | tee -a "$OUT/bench.log" ;;
       small-bf16) images "$s" 200 "configs=small precision=bfloat16 compile=small loader=0" 2>&1 \
