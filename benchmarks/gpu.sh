@@ -52,28 +52,25 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 
-images() {  # images <step> <cap seconds> <JAXDIFF_BENCH_IMAGES>
-  local t
+timed() {  # timed <label> <cap seconds> <command...>: the command, within what the deadline leaves
+  local label=$1 t
   t=$(cap "$2")
-  echo "== images $1 ($3), ${t} s at most, at ${SECONDS} s"
+  shift 2
+  echo "== $label, ${t} s at most, at ${SECONDS} s"
   [ "$t" -gt 20 ] || { echo "skipped: no time left"; return; }
-  # PyTorch shares the GPU in the same process: JAX preallocates 45%, not 75%
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 JAXDIFF_BENCH_IMAGES="$3 ${JAXDIFF_BENCH_IMAGES:-}" \
-    timeout -k 5 "$t" python3 -m benchmarks --only images --out "$OUT/$1" 2>&1
-  echo "== images $1: exit $? at ${SECONDS} s"
+  timeout -k 5 "$t" "$@" 2>&1
+  echo "== $label: exit $? at ${SECONDS} s"
 }
 
-tests() {  # the GPU's correctness: conv2d's transposes off CPU, attention, group norm, the
-  # diffusers port, bf16 training against float32; four workers, each JAX a fifth of the memory
-  local t
-  t=$(cap "$1")
-  echo "== tests, ${t} s at most, at ${SECONDS} s"
-  [ "$t" -gt 20 ] || { echo "skipped: no time left"; return; }
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timeout -k 5 "$t" python3 -m pytest -v -o addopts="" \
-    -p no:cacheprovider -p no:benchmark -n 4 --durations=10 \
-    tests/test_nets.py tests/test_bench_images.py tests/test_unet_training.py 2>&1
-  echo "== tests: exit $? at ${SECONDS} s"
-}
+# The images steps: JAXDIFF_BENCH_IMAGES of each, and its cap in seconds.
+declare -A SPEC=(
+  [small-cg]="configs=small precision=float32 compile=small compile_mode=reduce-overhead loader=0"
+  [small-bf16]="configs=small precision=bfloat16 compile=small loader=0"
+  [cifar10]="configs=cifar10 compile=none loader=0 repeats=3"
+  [small]="configs=small precision=float32 compile=small loader=0"
+  [loader]="configs= loader=1 grain=0"
+)
+declare -A CAP=([small-cg]=200 [small-bf16]=200 [cifar10]=300 [small]=200 [loader]=200)
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -83,19 +80,21 @@ print(environment(), 'torch', torch.__version__, torch.cuda.is_available(), \
 } 2>&1 | tee "$OUT/bench.log"
 for step in "${@:-tests small-cg small-bf16 cifar10 small loader}"; do
   for s in $step; do
-    case $s in
-      tests) tests 180 2>&1 | tee "$OUT/tests.log" ;;
-      small-cg) images "$s" 200 "configs=small precision=float32 compile=small \
-compile_mode=reduce-overhead loader=0" 2>&1 | tee -a "$OUT/bench.log" ;;
-      small-bf16) images "$s" 200 "configs=small precision=bfloat16 compile=small loader=0" 2>&1 \
-        | tee -a "$OUT/bench.log" ;;
-      cifar10) images "$s" 300 "configs=cifar10 compile=none loader=0 repeats=3" 2>&1 \
-        | tee -a "$OUT/bench.log" ;;
-      small) images "$s" 200 "configs=small precision=float32 compile=small loader=0" 2>&1 \
-        | tee -a "$OUT/bench.log" ;;
-      loader) images "$s" 200 "configs= loader=1 grain=0" 2>&1 | tee -a "$OUT/bench.log" ;;
-      *) echo "unknown step $s (tests small-cg small-bf16 cifar10 small loader)" ;;
-    esac
+    if [ "$s" = tests ]; then
+      # the GPU's correctness: conv2d's transposes off CPU, attention, group norm, the diffusers
+      # port, bf16 training against float32; four workers, each JAX a fifth of the memory
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 timed tests 180 python3 -m pytest -v -o addopts="" \
+        -p no:cacheprovider -p no:benchmark -n 4 --durations=10 \
+        tests/test_nets.py tests/test_bench_images.py tests/test_unet_training.py \
+        | tee "$OUT/tests.log"
+    elif [ -n "${SPEC[$s]:-}" ]; then
+      # PyTorch shares the GPU in the same process: JAX preallocates 45%, not 75%
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 JAXDIFF_BENCH_IMAGES="${SPEC[$s]} ${JAXDIFF_BENCH_IMAGES:-}" \
+        timed "images $s (${SPEC[$s]})" "${CAP[$s]}" python3 -m benchmarks --only images \
+        --out "$OUT/$s" | tee -a "$OUT/bench.log"
+    else
+      echo "unknown step $s (tests ${!SPEC[*]})"
+    fi
   done
 done
 rm -f "$OUT"/*/*.md
