@@ -16,14 +16,17 @@
 #   small-cg    small_unet float32 against torch.compile(mode="reduce-overhead"): CUDA graphs,
 #               PyTorch's best for a launch-bound net
 #   small-bf16  small_unet bfloat16 (jaxdiff's dtype= against torch.autocast), eager and compile
-#   cifar10     ddpm_cifar10 float32 and bfloat16, eager (inductor takes minutes per precision)
-#   small       small_unet float32, eager and torch.compile's default mode (measured 2026-12-04)
+#   cifar10-bf16  ddpm_cifar10 bfloat16, eager (inductor takes minutes per precision), 3 repeats
+#   cifar10-sample  ddpm_cifar10 float32 sampling only (its training row was measured), 3 repeats
 #   loader      the image loader alone and feeding small_unet's training (data-wait fraction)
+#   small       small_unet float32, eager and torch.compile's default mode (measured 2026-12-04)
+#   cifar10     ddpm_cifar10 float32 and bfloat16, training and sampling, eager (all of it again)
 # Every step shares one deadline (JAXDIFF_GPU_BUDGET seconds, default 540) and has a cap of its
 # own, so the script ends before the command's limit. A session's 15 minutes hold two commands if
 # the second follows at once, on the warm machine (2026-12-04: 598 s held for the first, with the
-# machine's start; 224 s for the second), e.g. then "JAXDIFF_GPU_BUDGET=215 bash
-# benchmarks/gpu.sh cifar10" with timeout_s 235. Measured 2026-12-04, compile dominates:
+# machine's start; 224 s for the second): then e.g. "JAXDIFF_GPU_BUDGET=215 bash
+# benchmarks/gpu.sh cifar10-sample loader" with timeout_s 235, the steps the first did not reach.
+# Measured 2026-12-04, compile dominates:
 # jaxdiff's first call 26 s (small_unet training chunk), 55 s (ddpm_cifar10), inductor 41 s
 # (small_unet training); small float32 with torch.compile took ~120 s, ddpm_cifar10's float32
 # training row ~150 s. Each images step writes <step>/<device>.json (the .md files are removed:
@@ -66,11 +69,14 @@ timed() {  # timed <label> <cap seconds> <command...>: the command, within what 
 declare -A SPEC=(
   [small-cg]="configs=small precision=float32 compile=small compile_mode=reduce-overhead loader=0"
   [small-bf16]="configs=small precision=bfloat16 compile=small loader=0"
-  [cifar10]="configs=cifar10 compile=none loader=0 repeats=3"
-  [small]="configs=small precision=float32 compile=small loader=0"
+  [cifar10-bf16]="configs=cifar10 precision=bfloat16 compile=none loader=0 repeats=3"
+  [cifar10-sample]="configs=cifar10 precision=float32 measure=sample compile=none loader=0 repeats=3"
   [loader]="configs= loader=1 grain=0"
+  [small]="configs=small precision=float32 compile=small loader=0"
+  [cifar10]="configs=cifar10 compile=none loader=0 repeats=3"
 )
-declare -A CAP=([small-cg]=200 [small-bf16]=200 [cifar10]=300 [small]=200 [loader]=200)
+declare -A CAP=([small-cg]=200 [small-bf16]=200 [cifar10-bf16]=200 [cifar10-sample]=150
+  [loader]=150 [small]=200 [cifar10]=300)
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -78,7 +84,7 @@ declare -A CAP=([small-cg]=200 [small-bf16]=200 [cifar10]=300 [small]=200 [loade
 print(environment(), 'torch', torch.__version__, torch.cuda.is_available(), \
 'diffusers', diffusers.__version__)"
 } 2>&1 | tee "$OUT/bench.log"
-for step in "${@:-tests small-cg small-bf16 cifar10 small loader}"; do
+for step in "${@:-tests small-cg small-bf16 cifar10-bf16 cifar10-sample loader small}"; do
   for s in $step; do
     if [ "$s" = tests ]; then
       # the GPU's correctness: conv2d's transposes off CPU, attention, group norm, the diffusers

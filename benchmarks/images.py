@@ -31,7 +31,8 @@ Sizes: defaults per mode (``--quick``: small_unet eager only, ~1 minute; CPU; GP
 ``DEFAULTS``), overridden by the environment variable ``JAXDIFF_BENCH_IMAGES``, ``key=value``
 pairs separated by spaces or ``;``: ``configs``, ``precision`` (``float32,bfloat16``),
 ``compile`` (configs under ``torch.compile``; ``none``, ``all``), ``compile_mode``,
-``torch_device`` (``auto``: PyTorch on the device JAX uses), ``torch=0``, ``repeats``; ``batch``,
+``torch_device`` (``auto``: PyTorch on the device JAX uses), ``torch=0``, ``repeats``,
+``measure`` (``train,sample``: which rows of each config and precision); ``batch``,
 ``train_steps``, ``sample_steps`` (both configs, or one: ``cifar10.batch``); the loader's
 ``loader=0``, ``grain=0``, ``threads``, ``loader_images``, ``loader_batch``, ``loader_batches``,
 ``feed_batch``, ``feed_steps``, ``feed_chunks``. E.g. a smoke test of every path::
@@ -45,6 +46,7 @@ On a GPU, leave PyTorch room: JAX preallocates 75% of the memory unless
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import tempfile
@@ -75,12 +77,13 @@ KEYS = (
 )  # fmt: skip
 _NET = dict(batch=int, train_steps=int, sample_steps=int)
 _TOP = dict(
-    configs=list, precision=list, compile=list, compile_mode=str, torch_device=str, torch=int, repeats=int,
+    configs=list, precision=list, measure=list, compile=list, compile_mode=str, torch_device=str, torch=int, repeats=int,
     loader=int, grain=int, threads=int, loader_images=int, loader_batch=int, loader_batches=int,
     feed_batch=int, feed_steps=int, feed_chunks=int,
 )  # fmt: skip
 _BASE = dict(
-    configs=["small", "cifar10"], precision=["float32"], compile=["small", "cifar10"],
+    configs=["small", "cifar10"], precision=["float32"], measure=["train", "sample"],
+    compile=["small", "cifar10"],
     compile_mode="default", torch_device="auto", torch=1, repeats=3, loader=1, grain=1,
     threads=THREADS, loader_images=10_000, loader_batch=128, loader_batches=40, feed_batch=128,
     feed_steps=10, feed_chunks=3,
@@ -134,7 +137,13 @@ def parse_sizes(spec: str, mode: str) -> dict:
                              f"got {value!r}") from None  # fmt: skip
     if sizes["compile"] in (["none"], ["all"]):
         sizes["compile"] = [] if sizes["compile"] == ["none"] else list(CONFIGS)
-    for key, allowed in (("configs", CONFIGS), ("compile", CONFIGS), ("precision", PRECISIONS)):
+    checks = (
+        ("configs", CONFIGS),
+        ("compile", CONFIGS),
+        ("precision", PRECISIONS),
+        ("measure", MEASURE),
+    )
+    for key, allowed in checks:
         bad = [v for v in sizes[key] if v not in allowed]
         if bad:
             raise ValueError(f"{ENV}: {key} must be among {', '.join(allowed)}; got {bad}")
@@ -146,6 +155,7 @@ def parse_sizes(spec: str, mode: str) -> dict:
 
 
 PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
+MEASURE = ("train", "sample")
 
 
 _T0 = time.perf_counter()
@@ -161,11 +171,19 @@ def _log_row(row: dict) -> None:
 
 
 def _jax_unet(name: str, dtype):
+    """The U-Net in ``dtype`` and its initial weights (key 0; float32 whatever ``dtype``, so they
+    are drawn once per config: a ddpm_cifar10 init compiles for ~18 s on the 2-core CPU)."""
+    from jaxdiff.nets import ddpm_cifar10, small_unet
+
+    return (small_unet if name == "small" else ddpm_cifar10)(dtype=dtype), _initial(name)
+
+
+@functools.cache
+def _initial(name: str) -> dict:
     from jaxdiff.nets import ddpm_cifar10, init_params, small_unet
 
-    model = (small_unet if name == "small" else ddpm_cifar10)(dtype=dtype)
-    params = init_params(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros(1))
-    return model, params
+    model = (small_unet if name == "small" else ddpm_cifar10)()
+    return init_params(model, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros(1))
 
 
 def jax_train_step(name: str, dtype=None):
@@ -268,15 +286,18 @@ def _network_rows(sz: dict, platform: str) -> tuple[list[dict], str]:
         batch, k, s = (sz[name][f] for f in ("batch", "train_steps", "sample_steps"))
         for precision in sz["precision"]:
             dtype, bf16 = PRECISIONS[precision], precision == "bfloat16"
-            run_jax, count = _jax_train(name, dtype, jnp.asarray(pixels), batch, k)
-            draw = jax_sampler(name, dtype, batch, s)
-            start = time.perf_counter()
-            nfe = int(draw(jax.random.key(0))[1])  # compiles (timed: the row's compile time)
-            sample_compile_s = time.perf_counter() - start
-            assert nfe == s, f"jaxdiff's DDIM made {nfe} network calls, not {s}"
-            keys = iter(jax.random.split(jax.random.key(1), 100_000))
-            train = {"jaxdiff": run_jax}
-            sample = {"jaxdiff": lambda draw=draw, keys=keys: draw(next(keys))[0]}
+            count = sum(x.size for x in jax.tree.leaves(_initial(name)))
+            train, sample = None, None
+            if "train" in sz["measure"]:
+                train = {"jaxdiff": _jax_train(name, dtype, jnp.asarray(pixels), batch, k)[0]}
+            if "sample" in sz["measure"]:
+                draw = jax_sampler(name, dtype, batch, s)
+                start = time.perf_counter()
+                nfe = int(draw(jax.random.key(0))[1])  # compiles (timed: the row's compile time)
+                sample_compile_s = time.perf_counter() - start
+                assert nfe == s, f"jaxdiff's DDIM made {nfe} network calls, not {s}"
+                keys = iter(jax.random.split(jax.random.key(1), 100_000))
+                sample = {"jaxdiff": lambda draw=draw, keys=keys: draw(next(keys))[0]}
             if dev is not None:
                 import torch
 
@@ -289,17 +310,21 @@ def _network_rows(sz: dict, platform: str) -> tuple[list[dict], str]:
                     IT.port_params(net, weights, jax_model)  # the same function, the same start
                     c = kind == "compile"
                     mode = sz["compile_mode"]
-                    train[kind] = IT.train_thunk(net, data_t, batch, k, dev, bf16, c, mode)
-                    sample[kind] = IT.sample_thunk(net, batch, s, dev, bf16, c, mode)
-            _log(f"{name} {precision}: training, batch {batch}, {k} steps per call")
-            res = interleaved(train, repeats=sz["repeats"])
-            rows.append(_row("train", name, precision, batch, k, res, batch * k, count))
-            _log_row(rows[-1])
-            _log(f"{name} {precision}: sampling, batch {batch}, {s} DDIM steps")
-            res = interleaved(sample, repeats=sz["repeats"])
-            res["jaxdiff"]["compile_s"] = sample_compile_s
-            rows.append(_row("sample", name, precision, batch, s, res, batch, count))
-            _log_row(rows[-1])
+                    if train is not None:
+                        train[kind] = IT.train_thunk(net, data_t, batch, k, dev, bf16, c, mode)
+                    if sample is not None:
+                        sample[kind] = IT.sample_thunk(net, batch, s, dev, bf16, c, mode)
+            if train is not None:
+                _log(f"{name} {precision}: training, batch {batch}, {k} steps per call")
+                res = interleaved(train, repeats=sz["repeats"])
+                rows.append(_row("train", name, precision, batch, k, res, batch * k, count))
+                _log_row(rows[-1])
+            if sample is not None:
+                _log(f"{name} {precision}: sampling, batch {batch}, {s} DDIM steps")
+                res = interleaved(sample, repeats=sz["repeats"])
+                res["jaxdiff"]["compile_s"] = sample_compile_s
+                rows.append(_row("sample", name, precision, batch, s, res, batch, count))
+                _log_row(rows[-1])
             del train, sample
     return rows, note
 

@@ -47,6 +47,8 @@ def test_sizes_defaults_and_overrides():
     assert BI.parse_sizes("compile=none", "cpu")["compile"] == []
     assert BI.parse_sizes("compile=all", "quick")["compile"] == ["small", "cifar10"]
     assert BI.parse_sizes("configs= loader=0", "cpu")["configs"] == []
+    assert BI.parse_sizes("", "gpu")["measure"] == ["train", "sample"]
+    assert BI.parse_sizes("measure=sample", "gpu")["measure"] == ["sample"]
     assert BI.DEFAULTS["gpu"]["small"]["batch"] == 128  # the defaults were not mutated
 
 
@@ -58,6 +60,7 @@ def test_sizes_defaults_and_overrides():
         ("small.repeats=2", "unknown key 'small.repeats'"),
         ("configs=small,imagenet", r"configs must be among small, cifar10; got \['imagenet'\]"),
         ("precision=float16", "precision must be among"),
+        ("measure=train,loss", r"measure must be among train, sample; got \['loss'\]"),
         ("cifar10.batch=0", "must be >= 1"),
         ("batch", "expected key=value"),
     ],
@@ -65,6 +68,18 @@ def test_sizes_defaults_and_overrides():
 def test_sizes_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         BI.parse_sizes(spec, "cpu")
+
+
+def test_measure_picks_the_rows():
+    """``measure=sample`` measures sampling alone (a GPU step that re-measures only what is
+    missing), with its compile time and the right number of network calls."""
+    sz = BI.parse_sizes("torch=0 measure=sample repeats=1", "quick")
+    rows, note = BI._network_rows(sz, "cpu")
+    assert [(r["what"], r["config"], r["precision"]) for r in rows] == [
+        ("sample", "small", "float32")
+    ]
+    assert rows[0]["jaxdiff_img_s"] > 0 and rows[0]["jaxdiff_compile_s"] > 0
+    assert rows[0]["steps"] == sz["small"]["sample_steps"] and "torch=0" in note
 
 
 def test_vp_coefficients_match_jaxdiff(x64):
