@@ -76,9 +76,9 @@ def consistency_scalings(
     Consistency training on the checkerboard (3,000 steps, 32 scales) gave one-step energy
     distances of 0.0017 with ``"edm"`` and 0.006 with ``"euler"``.
     """
-    check_positive(t_min, "t_min", strict=False)
+    t_min = check_positive(t_min, "t_min", strict=False)
     if kind == "edm":
-        check_positive(sigma_data, "sigma_data")
+        sigma_data = check_positive(sigma_data, "sigma_data")
     t = jnp.asarray(t)
     gap = t - t_min
     if kind == "euler":

@@ -65,10 +65,17 @@ def _check_divisors(path: GaussianPath, t: ArrayLike, src: str, dst: str) -> Non
             divisors["alpha_t"] = a
         if src == "x0" or dst == "score":
             divisors["sigma_t"] = s
-        if src == "velocity":
-            det = a * path.d_sigma(tc) - s * path.d_alpha(tc)
-            divisors["alpha_t sigma_t' - sigma_t alpha_t'"] = det
         to = "(x0, eps)" if dst == "hub" else repr(dst)
+        if "velocity" in (src, dst):
+            da, ds = path.d_alpha(tc), path.d_sigma(tc)
+            if not bool(jnp.all(jnp.isfinite(da) & jnp.isfinite(ds))):  # VP's sigma' at t = 0
+                raise ValueError(
+                    f"converting {src!r} to {to} needs alpha_t' and sigma_t', which are not "
+                    f"finite at t = {concrete(t).tolist()} on this path; take t inside the "
+                    "open interval"
+                )
+            if src == "velocity":
+                divisors["alpha_t sigma_t' - sigma_t alpha_t'"] = a * ds - s * da
         for name, d in divisors.items():
             if bool(jnp.any(d == 0)):
                 raise ValueError(

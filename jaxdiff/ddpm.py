@@ -32,7 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, concrete, error_if, expand_like, value_check
+from jaxdiff._checks import (
+    as_time,
+    coef_time,
+    concrete,
+    error_if,
+    expand_like,
+    value_check,
+    widen,
+)
 from jaxdiff.paths import GaussianPath
 from jaxdiff.schedules import alpha_bars
 
@@ -77,6 +85,8 @@ def discrete_path(betas: ArrayLike) -> GaussianPath:
     value = concrete(betas)
     if value is not None and ((value <= 0).any() or (value > 1).any()):
         raise ValueError(f"betas must lie in (0, 1]; got min {value.min()}, max {value.max()}")
+    if value is None:  # traced (a learned schedule): checked when the program runs
+        betas = error_if(betas, ~jnp.all((betas > 0) & (betas <= 1)), "betas must lie in (0, 1]")
     abar = jnp.concatenate([jnp.ones((1,), betas.dtype), alpha_bars(betas)])
     return GaussianPath(_DiscreteAlpha(abar))
 
@@ -166,8 +176,8 @@ def forward_chain(key: Array, path: GaussianPath, x0: ArrayLike, ts: ArrayLike) 
     ``ts`` increasing in ``(0, 1]``; returns shape ``(len(ts), *x0.shape)``. Its marginals are
     ``q(x_t | x0)`` (from ``t_0 = 0``; on VE the first step adds ``sigma_{t_1}^2 - 0``).
     """
-    x0 = jnp.asarray(x0)
-    ts = as_time(ts, x0.dtype)
+    out, x0 = widen(x0)  # the chain runs in max(float32, data dtype), returns the data's
+    ts = coef_time(ts)  # times never take the data's dtype (a bfloat16 grid has duplicates)
     msg = "ts must be a 1-D grid increasing strictly inside (0, 1]"
     if ts.ndim != 1:
         raise ValueError(f"{msg}; got shape {ts.shape}")
@@ -184,8 +194,8 @@ def forward_chain(key: Array, path: GaussianPath, x0: ArrayLike, ts: ArrayLike) 
         mean, std = path.transition(x, s, t)
         std = jnp.where(first, path.sigma(t), std)
         mean = jnp.where(first, path.alpha(t) * x, mean)
-        x = mean + std * jax.random.normal(k, x.shape, x.dtype)
-        return x, x
+        x = (mean + std * jax.random.normal(k, x.shape, x.dtype)).astype(x.dtype)
+        return x, x.astype(out)
 
     return jax.lax.scan(step, x0, (prev, ts, jax.random.split(key, ts.shape[0])))[1]
 
@@ -227,8 +237,11 @@ def _posterior_coefs(path: GaussianPath, t, s) -> tuple[Array, Array, Array]:
 
 def _posterior(path: GaussianPath, x_t: Array, x0: Array, t, s) -> tuple[Array, Array]:
     c_x, c_0, var = _posterior_coefs(path, t, s)
-    mean = expand_like(c_x, x_t) * x_t + expand_like(c_0, x_t) * x0
-    return mean.astype(x_t.dtype), var
+    out, x_t, x0 = widen(x_t, x0)  # in x_t's dtype; integer x_t gives floats
+    mean = (
+        expand_like(c_x, x_t).astype(x_t.dtype) * x_t + expand_like(c_0, x_t).astype(x_t.dtype) * x0
+    )
+    return mean.astype(out), var
 
 
 def reverse_mean_var(

@@ -150,7 +150,7 @@ def clip_x0(field: Field, path: GaussianPath, value: ArrayLike = 1.0) -> Field:
     """The field with its data estimate clipped to ``[-value, value]`` (Ho et al. 2020 clip DDPM's
     ``x0_hat`` to ``[-1, 1]``). It predicts ``"x0"``; samplers recompute ``eps`` from it, so
     ``x = alpha x0 + sigma eps`` still holds."""
-    check_positive(value, "value")
+    value = check_positive(value, "value")
     field = as_field(field)
     return Field(_threshold, "x0", (path, field, jnp.asarray(value), None))
 
@@ -166,6 +166,6 @@ def dynamic_thresholding(
     """
     if not 0.0 < percentile <= 1.0:
         raise ValueError(f"percentile must lie in (0, 1]; got {percentile}")
-    check_positive(value, "value")
+    value = check_positive(value, "value")
     field = as_field(field)
     return Field(_threshold, "x0", (path, field, jnp.asarray(value), float(percentile)))

@@ -141,7 +141,9 @@ def logit_normal_time(
 ) -> TimeSampler:
     """``t = t_min + (t_max - t_min) sigmoid(mean + std z)`` (Esser et al. 2024, SD3): mid times."""
     check_positive(std, "std")
+    check_order(0.0, t_min, "0", "t_min", strict=False)
     check_order(t_min, t_max, "t_min", "t_max")
+    check_order(t_max, 1.0, "t_max", "1", strict=False)
     check_finite(mean, "mean")
     return _LogitNormal(float(mean), float(std), float(t_min), float(t_max))
 
@@ -184,7 +186,9 @@ def importance_time(
     Song et al. (2021b)'s ``g^2 / sigma^2``. The density is piecewise linear on a grid uniform in
     ``t`` with ``num_points`` points.
     """
+    check_order(0.0, t_min, "0", "t_min", strict=False)
     check_order(t_min, t_max, "t_min", "t_max")
+    check_order(t_max, 1.0, "t_max", "1", strict=False)
     grid = jnp.linspace(t_min, t_max, num_points)
     x, one = jnp.zeros((num_points, 1)), jnp.ones((num_points, 1))
     gain = _convert(path, x, grid, one, "eps", regress) - _convert(

@@ -113,7 +113,7 @@ def meanflow_loss(
     time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
     if not 0.0 <= flow_matching_fraction <= 1.0:
         raise ValueError(f"flow_matching_fraction must lie in [0, 1]; got {flow_matching_fraction}")
-    check_positive(weighting_power, "weighting_power", strict=False)
+    weighting_power = check_positive(weighting_power, "weighting_power", strict=False)
     if not weighting_eps > 0:
         raise ValueError(f"weighting_eps must be > 0; got {weighting_eps}")
 

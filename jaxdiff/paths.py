@@ -77,6 +77,19 @@ def _call(fn: ScalarFn, t: Array, name: str) -> Array:
         ) from None
 
 
+def _time(t: ArrayLike) -> Array:
+    """``coef_time(t)`` after checking a ``t`` known at trace time against ``[0, 1]`` (free under
+    ``jit``: a traced ``t`` is the sampler's or the loss's, which check their own times)."""
+    t = coef_time(t)
+    value = concrete(t)
+    if value is not None and not np.all((value >= 0) & (value <= 1)):
+        bad = value[~((value >= 0) & (value <= 1))]
+        raise ValueError(
+            f"t must lie in [0, 1] (t = 0 is data, t = 1 the prior); got t = {bad.ravel()[:4].tolist()}"
+        )
+    return t
+
+
 def _derivative(fn: ScalarFn, t: Array) -> tuple[Array, Array]:
     """Value and elementwise time derivative of ``fn`` at ``t`` by forward-mode AD."""
     return jax.jvp(fn, (t,), (jnp.ones_like(t),))
@@ -150,12 +163,12 @@ class GaussianPath(eqx.Module):
     # --- schedule -------------------------------------------------------------------------
     def alpha(self, t: ArrayLike) -> Array:
         """Signal scale ``alpha_t``."""
-        t = coef_time(t)
+        t = _time(t)
         return _clamp_rounding(_call(self.alpha_fn, t, "alpha_fn"))
 
     def sigma_sq(self, t: ArrayLike) -> Array:
         """Noise variance ``sigma_t^2``."""
-        t = coef_time(t)
+        t = _time(t)
         if self.sigma_fn is None:
             complement = getattr(self.alpha_fn, "one_minus_square", None)
             if complement is not None:
@@ -166,18 +179,18 @@ class GaussianPath(eqx.Module):
 
     def sigma(self, t: ArrayLike) -> Array:
         """Noise scale ``sigma_t``."""
-        t = coef_time(t)
+        t = _time(t)
         if self.sigma_fn is None:
             return jnp.sqrt(jnp.maximum(self.sigma_sq(t), 0.0))
         return _clamp_rounding(_call(self.sigma_fn, t, "sigma_fn"))
 
     def d_alpha(self, t: ArrayLike) -> Array:
         """``d alpha / dt`` by ``jax.jvp``."""
-        return _derivative(self.alpha, coef_time(t))[1]
+        return _derivative(self.alpha, _time(t))[1]
 
     def d_sigma(self, t: ArrayLike) -> Array:
         """``d sigma / dt`` by ``jax.jvp`` (for a VP path, ``-alpha alpha' / sigma``)."""
-        t = coef_time(t)
+        t = _time(t)
         if self.sigma_fn is None:
             a, da = _derivative(self.alpha, t)
             return -a * da / self.sigma(t)
@@ -185,7 +198,7 @@ class GaussianPath(eqx.Module):
 
     def log_snr(self, t: ArrayLike) -> Array:
         """``lambda_t = log(alpha_t^2 / sigma_t^2)``, decreasing in ``t``."""
-        t = coef_time(t)
+        t = _time(t)
         return 2.0 * jnp.log(self.alpha(t)) - jnp.log(self.sigma_sq(t))
 
     def t_from_log_snr(self, log_snr: ArrayLike, *, iters: int = 60) -> Array:
@@ -196,7 +209,7 @@ class GaussianPath(eqx.Module):
     # --- conditional path -----------------------------------------------------------------
     def marginal(self, x0: ArrayLike, t: ArrayLike) -> tuple[Array, Array]:
         """Mean ``alpha_t x0`` and std ``sigma_t`` of ``p_t(x | x0)`` (std shaped like ``t``)."""
-        t = coef_time(t)
+        t = _time(t)
         out, x0 = widen(x0)
         return (_scale(self.alpha(t), x0) * x0).astype(out), self.sigma(t)
 
@@ -214,7 +227,7 @@ class GaussianPath(eqx.Module):
 
     def interpolate(self, x0: ArrayLike, eps: ArrayLike, t: ArrayLike) -> Array:
         """``alpha_t x0 + sigma_t eps`` (in the promoted dtype of ``x0`` and ``eps``)."""
-        t = coef_time(t)
+        t = _time(t)
         out, x0, eps = widen(x0, eps, out=data_dtype(jnp.result_type(x0, eps)))
         return (_scale(self.alpha(t), x0) * x0 + _scale(self.sigma(t), eps) * eps).astype(out)
 
@@ -223,7 +236,7 @@ class GaussianPath(eqx.Module):
 
         It points from data towards noise (``t`` increasing); with ``t = 0`` as noise it is ``-u``.
         """
-        t = coef_time(t)
+        t = _time(t)
         out, x, x0 = widen(x, x0)
         a, s = _scale(self.alpha(t), x), _scale(self.sigma(t), x)
         da, ds = _scale(self.d_alpha(t), x), _scale(self.d_sigma(t), x)
@@ -231,20 +244,20 @@ class GaussianPath(eqx.Module):
 
     def conditional_score(self, x: ArrayLike, x0: ArrayLike, t: ArrayLike) -> Array:
         """``grad_x log p_t(x | x0) = -(x - alpha_t x0) / sigma_t^2``."""
-        t = coef_time(t)
+        t = _time(t)
         out, x, x0 = widen(x, x0)
         return (-(x - _scale(self.alpha(t), x) * x0) / _scale(self.sigma_sq(t), x)).astype(out)
 
     # --- forward SDE ----------------------------------------------------------------------
     def drift_coef(self, t: ArrayLike) -> Array:
         """``f(t) = d log(alpha_t) / dt``: the forward SDE's drift is ``f(t) x``."""
-        t = coef_time(t)
+        t = _time(t)
         a, da = _derivative(self.alpha, t)
         return da / a
 
     def diffusion_sq(self, t: ArrayLike) -> Array:
         """``g(t)^2 = d(sigma_t^2)/dt - 2 f(t) sigma_t^2``."""
-        t = coef_time(t)
+        t = _time(t)
         f = self.drift_coef(t)
         if self.sigma_fn is None:  # d(1 - alpha^2)/dt - 2 f (1 - alpha^2) = -2 f
             return -2.0 * f
@@ -267,7 +280,8 @@ class GaussianPath(eqx.Module):
         From ``s = 0`` it is the path itself when ``sigma_0 = 0`` (VP, sub-VP, linear, cosine);
         for VE, whose ``sigma_0 = sigma_min > 0``, the variance is ``sigma_t^2 - sigma_min^2``.
         """
-        s, t = coef_time(s), coef_time(t)
+        s, t = _time(s), _time(t)
+        s, t = check_order(s, t, "s", "t", strict=False)  # the kernel runs forward in time
         out, x_s = widen(x_s)
         ratio = self.alpha(t) / self.alpha(s)
         var = self.sigma_sq(t) - ratio**2 * self.sigma_sq(s)

@@ -72,7 +72,7 @@ def edm_scalings(
     >>> round(float(s.c_skip), 6) == round(0.25 / (sigma**2 + 0.25), 6)
     True
     """
-    check_positive(sigma_data, "sigma_data")
+    sigma_data = check_positive(sigma_data, "sigma_data")
     t = coef_time(t)
     a, var = path.alpha(t), path.sigma_sq(t)
     sd2 = jnp.square(jnp.asarray(sigma_data, t.dtype))

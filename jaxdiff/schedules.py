@@ -94,7 +94,10 @@ def alpha_bars(betas: ArrayLike) -> Array:
 
 
 def _check_ends(t_start, t_end):
-    return check_time(t_start, "t_start"), check_time(t_end, "t_end")
+    """``(t_start, t_end)`` in ``[0, 1]`` with ``t_end < t_start``: grids run from noise to data."""
+    t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")
+    t_end, t_start = check_order(t_end, t_start, "t_end", "t_start")
+    return t_start, t_end
 
 
 def uniform_grid(steps: int, t_start: ArrayLike = 1.0, t_end: ArrayLike = 1e-3) -> Array:
@@ -118,7 +121,9 @@ def log_snr_grid(
 
     Where ``alpha(t_start) = 0`` (``t = 1`` on the linear and cosine paths) ``lambda`` is ``-inf``:
     the grid keeps ``t_start`` as its first point and spaces the other ``steps`` points uniformly
-    from ``lambda = -2 log 80`` (EDM's ``sigma_max = 80``) to ``lambda(t_end)``.
+    from ``lambda = -2 log 80`` (EDM's ``sigma_max = 80``) to ``lambda(t_end)``. Likewise at
+    ``t_end = 0`` (``lambda = inf``) it keeps 0 as its last point and the others end at
+    ``lambda = -2 log 0.002`` (EDM's ``sigma_min``).
 
     >>> from jaxdiff import linear_path
     >>> [round(t, 3) for t in log_snr_grid(linear_path(), 3).tolist()]
@@ -126,7 +131,7 @@ def log_snr_grid(
     """
     steps = check_count(steps, "steps")
     t_start, t_end = _check_ends(t_start, t_end)
-    lam = _spaced(path, steps, t_start, t_end, lambda u, lo, hi: lo + u * (hi - lo))
+    lam = _spaced(path, steps, t_start, t_end, lambda u, lo, hi: lo + u * (hi - lo), cap_end=True)
     return _pin_ends(path.t_from_log_snr(lam), t_start, t_end)
 
 
@@ -154,25 +159,38 @@ def karras_grid(
 
 
 _LOG_SNR_CAP = -2.0 * math.log(80.0)  # EDM's sigma_max = 80, for starts where alpha = 0
+_LOG_SNR_CAP_END = -2.0 * math.log(0.002)  # EDM's sigma_min = 0.002, for ends where sigma = 0
 
 
-def _spaced(path: GaussianPath, steps: int, t_start, t_end, spacing) -> Array:
+def _spaced(path: GaussianPath, steps: int, t_start, t_end, spacing, cap_end=False) -> Array:
     """``steps + 1`` log-SNRs from ``lambda(t_start)`` to ``lambda(t_end)`` by ``spacing(u, hi, lo)``.
 
     Where ``lambda(t_start) = -inf`` (``alpha = 0``) the first point stays ``-inf`` and the other
-    ``steps`` are spaced from ``_LOG_SNR_CAP``: the first step is then the exact-in-the-limit
-    step from pure noise (DDIM / DPM-Solver handle ``h = inf``)."""
+    points are spaced from ``_LOG_SNR_CAP``: the first step is then the exact-in-the-limit
+    step from pure noise (DDIM / DPM-Solver handle ``h = inf``). With ``cap_end``, where
+    ``lambda(t_end) = inf`` (``sigma = 0``: ``t_end = 0``) the last point stays ``inf`` and the
+    others end at ``_LOG_SNR_CAP_END`` (a spacing uniform in ``lambda`` cannot reach ``inf``)."""
     dtype = jnp.result_type(float)
     lam_start = path.log_snr(jnp.asarray(t_start, dtype))
     lam_end = path.log_snr(jnp.asarray(t_end, dtype))
-    finite = jnp.isfinite(lam_start)
-    lam_hi = jnp.where(finite, lam_start, _LOG_SNR_CAP)
-    regular = spacing(jnp.linspace(0.0, 1.0, steps + 1, dtype=dtype), lam_hi, lam_end)
+    open_start = jnp.isfinite(lam_start)
+    open_end = jnp.isfinite(lam_end) | (not cap_end)
+    lam_hi = jnp.where(open_start, lam_start, _LOG_SNR_CAP)
+    lam_lo = jnp.where(open_end, lam_end, _LOG_SNR_CAP_END)
+
+    def grid(capped_start: bool, capped_end: bool) -> Array:
+        n = steps + 1 - capped_start - capped_end
+        inner = spacing(jnp.linspace(0.0, 1.0, max(n, 1), dtype=dtype), lam_hi, lam_lo)[:n]
+        head = jnp.full((int(capped_start),), -jnp.inf, dtype)
+        return jnp.concatenate([head, inner, jnp.full((int(capped_end),), jnp.inf, dtype)])
+
     if steps == 1:
-        return regular
-    tail = spacing(jnp.linspace(0.0, 1.0, steps, dtype=dtype), lam_hi, lam_end)
-    capped = jnp.concatenate([jnp.full((1,), -jnp.inf, dtype), tail])
-    return jnp.where(finite, regular, capped)
+        return grid(False, False)
+    out = jnp.where(open_start, grid(False, False), grid(True, False))
+    if cap_end:
+        ends = jnp.where(open_start, grid(False, True), grid(True, True))
+        out = jnp.where(open_end, out, ends)
+    return out
 
 
 def _pin_ends(ts: Array, t_start, t_end) -> Array:

@@ -28,6 +28,7 @@ from jaxdiff._checks import (
     concrete,
     expand_like,
     value_check,
+    widen,
 )
 from jaxdiff.conversions import from_x0_eps
 from jaxdiff.field import Field, as_field, batch_time, predict
@@ -73,8 +74,9 @@ def reverse_drift(
     score = from_x0_eps(path, x, t, x0, eps, "score")
     t = as_time(t)
     e2 = jnp.square(eta_at(eta, t))
-    g2 = expand_like(e2 * path.diffusion_sq(t), x).astype(x.dtype)
-    return velocity - 0.5 * g2 * score
+    out, velocity, score = widen(velocity, score)  # g^2 overflows float16 on VE paths (2.5e6)
+    g2 = expand_like(e2 * path.diffusion_sq(t), x).astype(velocity.dtype)
+    return (velocity - 0.5 * g2 * score).astype(out)
 
 
 def probability_flow_drift(path: GaussianPath, field: Field, x: Array, t: ArrayLike) -> Array:
@@ -138,7 +140,7 @@ def langevin(
     >>> round(float(x.var()), 1)  # N(0, 1), up to the O(step) bias and sampling noise
     1.0
     """
-    check_positive(step_size, "step_size")
+    step_size = check_positive(step_size, "step_size")
     if int(n_steps) < 0:
         raise ValueError(f"n_steps must be >= 0; got {n_steps}")
     x = check_finite(jnp.asarray(x), "x")

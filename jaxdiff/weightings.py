@@ -206,6 +206,7 @@ def edm_time(
     check_finite(p_mean, "p_mean")
     check_order(0.0, t_min, "0", "t_min", strict=False)
     check_order(t_min, t_max, "t_min", "t_max")
+    check_order(t_max, 1.0, "t_max", "1", strict=False)
     bounds = -0.5 * path.log_snr(jnp.asarray([t_min, t_max], jnp.float32))
     lo, hi = (bounds - p_mean) / p_std
     return _EDMTime(path, float(p_mean), float(p_std), float(t_min), float(t_max), lo, hi)

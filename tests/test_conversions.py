@@ -145,3 +145,38 @@ def test_a_conversion_that_divides_by_zero_at_a_concrete_time_raises(path, t, sr
     for s, d in (("eps", "score"), ("v", "x0"), (dst, dst)):  # sigma only / no divisor / identity
         if not (divisor == "sigma_t" and "score" in (s, d)):
             assert bool(jnp.isfinite(jd.convert(path, x, jnp.asarray(t), x, src=s, dst=d)).all())
+
+
+@pytest.mark.parametrize(
+    ("path", "src", "dst"),
+    [
+        (jd.vp_path(), "velocity", "x0"),  # sigma' ~ 1/sqrt(t): det = inf, it gave NaN
+        (jd.vp_path(), "x0", "velocity"),
+        (jd.cosine_path(0.0), "eps", "velocity"),  # -alpha alpha' / sigma = 0/0, it gave NaN
+    ],
+)
+def test_a_velocity_conversion_where_the_path_has_no_finite_derivative_raises(path, src, dst):
+    """At t = 0 on VP paths sigma_t' is infinite, so the velocity is undefined: a concrete t
+    raises and says why; just inside the interval the conversion is finite."""
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="alpha_t' and sigma_t', which are not finite at t = 0"):
+        jd.convert(path, x, 0.0, x, src=src, dst=dst)
+    assert bool(jnp.isfinite(jd.convert(path, x, 1e-3, x, src=src, dst=dst)).all())
+
+
+def test_path_methods_check_a_concrete_time():
+    """t outside [0, 1] is an error wherever it is known at trace time (it gave alpha(2) = -1 on
+    the linear path); a traced t is left to the sampler's and the loss's own checks."""
+    lin, x = jd.linear_path(), jnp.ones((2, 3))
+    for fn in (
+        lambda t: lin.alpha(t),
+        lambda t: lin.d_sigma(t),
+        lambda t: lin.interpolate(x, x, t),
+        lambda t: jd.convert(lin, x, t, x, src="eps", dst="x0"),
+        lambda t: jd.vp_path().log_snr(jnp.array([0.5, t])),
+    ):
+        for bad in (1.5, -0.5, float("nan")):
+            with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+                fn(bad)
+        assert bool(jnp.isfinite(fn(0.5)).all())
+    assert float(jax.jit(lin.alpha)(0.25)) == 0.75

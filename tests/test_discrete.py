@@ -225,3 +225,39 @@ def test_a_stochastic_ddim_step_checks_eta():
     for eta in (-1.0, jnp.nan):
         with pytest.raises(ValueError, match=r"eta must lie in \[0, inf\)"):
             jd.ddim_step(path, x, x, 0.5, 0.4, eta=eta, noise=x)
+
+
+def test_the_chain_and_the_posterior_take_any_data_dtype():
+    """Times never take the data's dtype (a bfloat16 grid of 1,000 times has duplicates and the
+    chain raised 'increasing'); integer data gives floats (the posterior mean was truncated)."""
+    path, key = jd.vp_path(), jax.random.key(0)
+    ts = jnp.linspace(1e-3, 1.0, 1000)
+    ref = jd.forward_chain(key, path, jnp.ones((3, 2)), ts)
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.int32):
+        chain = jd.forward_chain(key, path, jnp.ones((3, 2), dtype), ts)
+        assert chain.dtype == (jnp.float32 if dtype == jnp.int32 else dtype)
+        np.testing.assert_allclose(chain[-1].astype(jnp.float32), ref[-1], atol=0.05)
+    ones = jnp.ones((2, 3), jnp.int32)
+    mean, _ = jd.posterior(path, ones, ones, 0.5, 0.2)
+    assert mean.dtype == jnp.float32
+    np.testing.assert_allclose(mean, jd.posterior(path, 1.0 * ones, 1.0 * ones, 0.5, 0.2)[0])
+    assert 0.5 < float(mean[0, 0]) < 1.0
+
+
+def test_the_transition_kernel_runs_forward():
+    """p(x_t | x_s) needs s <= t: reversed times gave a mean x20 and a std clamped to 0."""
+    path, x = jd.vp_path(), jnp.ones(3)
+    with pytest.raises(ValueError, match="expected s <= t"):
+        path.transition(x, 0.8, 0.2)
+    with pytest.raises(Exception, match="expected s <= t"):
+        jax.jit(lambda s: path.transition(x, s, 0.2)[0])(0.8).block_until_ready()
+    mean, std = path.transition(x, 0.2, 0.8)
+    assert 0.0 < float(std) < 1.0 and bool(jnp.all(mean < x))
+
+
+def test_negative_betas_are_an_error_under_jit_too():
+    betas = jnp.array([0.1, 0.5])
+    with pytest.raises(ValueError, match="betas must lie in"):
+        jd.discrete_path(-betas)
+    with pytest.raises(Exception, match="betas must lie in"):
+        jax.jit(lambda b: jd.discrete_path(b).alpha(0.5))(-betas).block_until_ready()

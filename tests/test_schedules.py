@@ -114,6 +114,10 @@ TRACED_CHECKS = {
     "log_snr": (lambda t: jd.log_snr_grid(jd.vp_path(), 4, t), 1.5, "t_start must lie in"),
     "karras": (lambda t: jd.karras_grid(jd.ve_path(), 4, 1.0, t), -0.5, "t_end must lie in"),
     "karras rho": (lambda r: jd.karras_grid(jd.ve_path(), 4, rho=r), -1.0, "rho must be"),
+    "uniform order": (lambda t: jd.uniform_grid(4, t, 0.5), 0.2, "t_end < t_start"),
+    "quadratic equal": (lambda t: jd.quadratic_grid(4, t, 0.5), 0.5, "t_end < t_start"),
+    "log_snr order": (lambda t: jd.log_snr_grid(jd.vp_path(), 4, t, 0.5), 0.2, "t_end < t_start"),
+    "karras order": (lambda t: jd.karras_grid(jd.ve_path(), 4, 0.5, t), 0.7, "t_end < t_start"),
 }
 
 
@@ -133,3 +137,33 @@ def test_traced_grids_equal_eager_grids():
     np.testing.assert_allclose(
         jax.jit(lambda b: jd.linear_betas(10, 1e-4, b))(0.02), jd.linear_betas(10), rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("path", [jd.vp_path(), jd.linear_path(), jd.cosine_path()])
+def test_a_log_snr_grid_may_end_at_zero(path):
+    """lambda(0) = inf: the grid keeps 0 as its last point and spaces the others up to EDM's
+    sigma_min (lambda = -2 log 0.002); it gave NaN (lo + 0 * inf), and samplers rejected it."""
+    ts = jd.log_snr_grid(path, 6, t_end=0.0)
+    assert float(ts[0]) == 1.0 and float(ts[-1]) == 0.0 and bool(jnp.all(jnp.diff(ts) < 0))
+    lam = path.log_snr(ts[1:-1])
+    np.testing.assert_allclose(float(lam[-1]), -2 * np.log(0.002), rtol=1e-4)
+    if bool(jnp.isfinite(path.log_snr(1.0))):  # uniform in lambda between the two ends
+        np.testing.assert_allclose(
+            jnp.diff(path.log_snr(ts[:-1])), (lam[-1] - path.log_snr(1.0)) / 5, rtol=2e-3
+        )
+    np.testing.assert_allclose(
+        jax.jit(lambda t: jd.log_snr_grid(path, 6, 1.0, t))(0.0), ts, rtol=1e-6
+    )
+    mix = jd.GaussianMixture.isotropic(jnp.zeros((1, 2)), std=1.0)
+    sampler = jd.samplers.dpm_solver_pp(2)
+    x = jd.sample(
+        jax.random.key(0),
+        path,
+        mix.field(path, "x0"),
+        (256, 2),
+        sampler=sampler,
+        steps=6,
+        t_end=0.0,
+        denoise=False,
+    ).x
+    assert bool(jnp.all(jnp.isfinite(x))) and 0.7 < float(jnp.std(x)) < 1.3

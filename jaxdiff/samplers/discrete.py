@@ -58,7 +58,7 @@ def ancestral(*, var_weight: ArrayLike = 0.0) -> Sampler:
     >>> round(float(jnp.abs(sol.x[:, 0]).mean()), 1), int(sol.nfe)
     (2.0, 200)
     """
-    check_positive(var_weight, "var_weight", strict=False)
+    var_weight = check_positive(var_weight, "var_weight", strict=False)
 
     def init(path, field, x, ts) -> State:
         return State(x)

@@ -61,9 +61,9 @@ def edm_heun(
     >>> round(float(jnp.abs(sol.x[:, 0]).mean()), 1), int(sol.nfe)
     (2.0, 35)
     """
-    check_positive(churn, "churn", strict=False)
-    check_positive(s_noise, "s_noise", strict=False)
-    check_positive(rho, "rho")
+    churn = check_positive(churn, "churn", strict=False)
+    s_noise = check_positive(s_noise, "s_noise", strict=False)
+    rho = check_positive(rho, "rho")
     s_tmin = check_positive(s_tmin, "s_tmin", strict=False)
     s_tmin, s_tmax = check_order(s_tmin, s_tmax, "s_tmin", "s_tmax", strict=False)  # inf allowed
     churn_value = concrete(churn)

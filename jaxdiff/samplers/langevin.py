@@ -126,7 +126,7 @@ def pc(
     >>> round(float(jnp.abs(sol.x[:, 0]).mean()), 1), int(sol.nfe)
     (2.0, 401)
     """
-    check_positive(snr, "snr")
+    snr = check_positive(snr, "snr")
     if int(corrector_steps) != corrector_steps or int(corrector_steps) < 0:
         raise ValueError(f"corrector_steps must be an integer >= 0; got {corrector_steps}")
     n_corr = int(corrector_steps)
@@ -185,7 +185,7 @@ def annealed_langevin(*, steps_per_level: int = 100, step_size: ArrayLike = 2e-5
     start is the prior at the first time. On a VE path a uniform grid is NCSN's geometric sigma
     ladder. Evaluations per step: ``steps_per_level``; then the denoising step.
     """
-    check_positive(step_size, "step_size")
+    step_size = check_positive(step_size, "step_size")
     n = check_count(steps_per_level, "steps_per_level")
 
     def init(path, field, x, ts) -> LangevinState:

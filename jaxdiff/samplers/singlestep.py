@@ -75,7 +75,7 @@ def dpm_solver_2s(*, eta: ArrayLike = 1.0, s_noise: ArrayLike = 1.0) -> Sampler:
     the denoising step.
     """
     check_eta(eta)
-    check_positive(s_noise, "s_noise", strict=False)
+    s_noise = check_positive(s_noise, "s_noise", strict=False)
     stochastic = not _is_zero(eta)
 
     def init(path, field, x, ts) -> State:
@@ -119,7 +119,7 @@ def dpm_solver_sde(*, eta: ArrayLike = 1.0, r: float = 0.5, s_noise: ArrayLike =
     as k-diffusion's ``BrownianTreeNoiseSampler`` draws them. Two evaluations per step.
     """
     check_eta(eta)
-    check_positive(s_noise, "s_noise", strict=False)
+    s_noise = check_positive(s_noise, "s_noise", strict=False)
     if not 0.0 < r <= 1.0:
         raise ValueError(f"r must lie in (0, 1]; got {r}")
     fac = 1.0 / (2.0 * r)
