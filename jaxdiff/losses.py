@@ -37,8 +37,9 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxdiff._checks import check_finite, check_order, check_positive, coef_time
+from jaxdiff._checks import check_finite, check_order, check_positive, coef_time, concrete
 from jaxdiff.conversions import Target, _check_target, _convert, convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath, linear_path
@@ -151,13 +152,15 @@ def logit_normal_time(
 class ImportanceTime(eqx.Module):
     """``t`` with density ``q(t) ∝ w(t)`` on ``[t_min, t_max]``, tabulated on a grid (inverse CDF).
 
-    ``correction(t) = 1 / ((t_max - t_min) q(t))`` is the factor that makes the importance-
-    sampled loss an unbiased estimate of the uniform-time loss; ``diffusion_loss`` applies it.
+    The draws invert the piecewise-linear CDF, so their density is constant on each cell of the
+    grid; ``correction(t) = 1 / ((t_max - t_min) q(t))`` uses that same density, which makes the
+    importance-sampled loss an unbiased estimate of the uniform-time loss; ``diffusion_loss``
+    applies it.
     """
 
     grid: Array
     cdf: Array
-    density: Array
+    density: Array  # per cell: (cdf[k + 1] - cdf[k]) / (grid[k + 1] - grid[k])
     t_min: float
     t_max: float
 
@@ -167,7 +170,8 @@ class ImportanceTime(eqx.Module):
 
     def correction(self, t: Array) -> Array:
         """The importance weight ``1 / ((t_max - t_min) q(t))`` that keeps the loss unbiased."""
-        return 1.0 / ((self.t_max - self.t_min) * jnp.interp(t, self.grid, self.density))
+        cell = jnp.clip(jnp.searchsorted(self.grid, t, side="right") - 1, 0, self.density.size - 1)
+        return 1.0 / ((self.t_max - self.t_min) * self.density[cell])
 
 
 def importance_time(
@@ -184,24 +188,50 @@ def importance_time(
     ``c(t)`` is the squared scale from ``eps`` errors to ``regress`` errors at fixed ``x_t``
     (``1 / sigma_t^2`` for the score, ``1`` for eps), so with the likelihood weighting ``g^2`` and the score this is
     Song et al. (2021b)'s ``g^2 / sigma^2``. The density is piecewise linear on a grid uniform in
-    ``t`` with ``num_points`` points.
+    ``t`` with ``num_points`` points. An end where it is infinite (``1 / sigma^2`` at ``t = 0``)
+    is set to 0 if the density is integrable there; one where it is not (the velocity on the
+    linear path at ``t = 1``: ``1 / alpha^2``, whose mass would grow with the grid) raises.
     """
     check_order(0.0, t_min, "0", "t_min", strict=False)
     check_order(t_min, t_max, "t_min", "t_max")
     check_order(t_max, 1.0, "t_max", "1", strict=False)
-    grid = jnp.linspace(t_min, t_max, num_points)
-    x, one = jnp.zeros((num_points, 1)), jnp.ones((num_points, 1))
-    gain = _convert(path, x, grid, one, "eps", regress) - _convert(
-        path, x, grid, 0 * one, "eps", regress
+
+    def density(n: int) -> tuple[Array, Array]:
+        grid = jnp.linspace(t_min, t_max, n)
+        x, one = jnp.zeros((n, 1)), jnp.ones((n, 1))
+        gain = _convert(path, x, grid, one, "eps", regress) - _convert(
+            path, x, grid, 0 * one, "eps", regress
+        )
+        # d(regress)/d(eps) at fixed x_t: 1/sigma for the score, sigma/alpha for x0; inf at an
+        # end where that divides by 0 (t_min = 0), masked
+        dens = weight_as(weighting, path, grid, regress) * gain[:, 0] ** 2
+        return grid, jnp.where(jnp.isfinite(dens), dens, 0.0)
+
+    grid, dens = density(num_points)
+    cells = 0.5 * (dens[1:] + dens[:-1]) * jnp.diff(grid)
+    total, total_coarse = (
+        concrete(jnp.sum(cells)),
+        concrete(jnp.trapezoid(*density(num_points // 2)[::-1])),
     )
-    # d(regress)/d(eps) at fixed x_t: 1/sigma for the score, sigma/alpha for x0; inf at an end
-    # where that divides by 0 (t_min = 0), masked below
-    scale = gain[:, 0] ** 2
-    dens = weight_as(weighting, path, grid, regress) * scale
-    dens = jnp.where(jnp.isfinite(dens), dens, 0.0)
-    cum = jnp.concatenate([jnp.zeros(1), jnp.cumsum(0.5 * (dens[1:] + dens[:-1]) * jnp.diff(grid))])
-    total = cum[-1]
-    return ImportanceTime(grid, cum / total, dens / total, float(t_min), float(t_max))
+    if total is not None:
+        if not (np.isfinite(total) and total > 0):
+            raise ValueError(
+                f"importance_time: the density w(t) c(t) of a {regress!r} loss on this path has "
+                f"no positive finite mass on [{t_min}, {t_max}]; got {float(total)}"
+            )
+        if abs(total_coarse / total - 1.0) > 0.25:  # a power-law end: the mass grows with the grid
+            raise ValueError(
+                f"importance_time: the density w(t) c(t) of a {regress!r} loss on this path is not "
+                f"integrable on [{t_min}, {t_max}] (its mass grows as the grid is refined: "
+                f"{float(total_coarse):.4g} -> {float(total):.4g}); move the infinite end inward "
+                "(t_min > 0 or t_max < 1) or sample times uniformly (the CLI's --time uniform)"
+            )
+    cum = jnp.concatenate([jnp.zeros(1), jnp.cumsum(cells)])
+    cdf = cum / cum[-1]
+    cell_density = jnp.diff(cdf) / jnp.diff(grid)
+    floor = jnp.min(jnp.where(cell_density > 0, cell_density, jnp.inf))
+    cell_density = jnp.maximum(cell_density, floor)  # a zero-mass cell is never drawn; no 1/0
+    return ImportanceTime(grid, cdf, cell_density, float(t_min), float(t_max))
 
 
 # --- the losses ------------------------------------------------------------------------------
