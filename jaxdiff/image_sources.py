@@ -60,7 +60,9 @@ class ArraySource:
             )
         self.images, self.labels = images, _labels(labels, images.shape[0])
         n_cls = 0 if self.labels is None or not len(self.labels) else int(self.labels.max()) + 1
-        self.classes = classes or [str(i) for i in range(n_cls)]
+        if classes is not None and len(classes) < n_cls:
+            raise ValueError(f"labels go up to {n_cls - 1} but classes names {len(classes)}")
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(n_cls)]
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -99,15 +101,19 @@ def _decode(file: Path, mode: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(file) as img:
-        arr = np.asarray(img.convert(mode))
+        if mode == "L" and img.mode.startswith("I"):  # 16-bit grayscale: convert("L") clips at 255
+            wide = np.asarray(img).astype(np.float64)
+            arr = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255
+        else:
+            arr = np.asarray(img.convert(mode))
     return arr[..., None] if arr.ndim == 2 else arr
 
 
 class ImageFolder:
     """Images under ``root``: ``root/<class>/<file>`` (labels: the class folders in sorted order,
     ``classes``) or ``root/<file>`` (no labels), files with an image extension, sorted. Decoded
-    with Pillow on each ``read`` (``threads`` at a time); grayscale files give ``C = 1``, the
-    others RGB (alpha dropped). Every image must have the first one's size."""
+    with Pillow on each ``read`` (``threads`` at a time); grayscale files give ``C = 1`` (16-bit
+    ones scaled to 8 bits, ``v / 257``), the others RGB (alpha dropped). Every image must have the first one's size."""
 
     def __init__(self, root: str | Path, *, threads: int = 4):
         root = Path(root)
@@ -127,11 +133,16 @@ class ImageFolder:
                 "folder (labelled) or none (unlabelled)"
             )
         if any(per_class):
-            kept = [(d.name, fs) for d, fs in zip(dirs, per_class, strict=True) if fs]
-            self.classes = [name for name, _ in kept]
-            self.files = [f for _, fs in kept for f in fs]
+            empty = [d.name for d, fs in zip(dirs, per_class, strict=True) if not fs]
+            if empty:  # dropping it would shift the labels of the folders after it
+                raise ValueError(
+                    f"class folders without images in {root}: {empty[:4]}; labels are the sorted "
+                    "class folders, so remove them or add images"
+                )
+            self.classes = [d.name for d in dirs]
+            self.files = [f for fs in per_class for f in fs]
             self.labels = np.concatenate(
-                [np.full(len(fs), i, np.int32) for i, (_, fs) in enumerate(kept)]
+                [np.full(len(fs), i, np.int32) for i, fs in enumerate(per_class)]
             )
         else:
             self.classes, self.files, self.labels = [], top, None

@@ -90,6 +90,26 @@ def test_unlabelled_and_grayscale_folders(tmp_path):
         LD.ImageLoader(src, 8, labels=True)
 
 
+def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
+    """A 16-bit PNG (mode I;16) through convert("L") read 255 everywhere; its 8 high bits now."""
+    from PIL import Image
+
+    levels = np.arange(0, 65536, 257, dtype=np.uint16)[:64].reshape(8, 8)  # v / 257 = 0..63
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    x, _ = LD.ImageFolder(tmp_path).read(np.arange(1))
+    np.testing.assert_array_equal(x[0, ..., 0], np.arange(64).reshape(8, 8))
+
+
+def test_an_empty_class_folder_is_an_error(tmp_path, data):
+    """Labels are the sorted class folders: dropping an empty one gave the next class its label."""
+    images, labels = data
+    root = LD.save_image_folder(tmp_path / "c", images[:6], labels[:6])
+    (root / "a_empty").mkdir()
+    with pytest.raises(ValueError, match=r"class folders without images .*\['a_empty'\]"):
+        LD.ImageFolder(root)
+
+
 def test_bad_data_is_a_clear_error(tmp_path, data):
     images, labels = data
     with pytest.raises(ValueError, match="channels-first"):
@@ -98,6 +118,8 @@ def test_bad_data_is_a_clear_error(tmp_path, data):
         LD.ArraySource(images / 255.0)
     with pytest.raises(ValueError, match="labels must be"):
         LD.ArraySource(images, labels[:-1])
+    with pytest.raises(ValueError, match="labels go up to 2 but classes names 1"):
+        LD.ArraySource(images, labels, classes=["a"])  # num_classes said 1
     with pytest.raises(ValueError, match="folder:PATH, folder-memory:PATH or npz:PATH"):
         LD.open_images(f"zip:{tmp_path}")
     with pytest.raises(FileNotFoundError, match="does not exist"):
