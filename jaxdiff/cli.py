@@ -139,7 +139,9 @@ def _parser() -> _Parser:
         help="ODE/SDE solver (default heun; none for meanflow "
         "and consistency runs, which sample with their own sampler)",
     )
-    smp.add_argument("--steps", type=_positive_int, default=20)
+    smp.add_argument(
+        "--steps", type=_positive_int, help="default 20; 1 for meanflow and consistency runs"
+    )
     smp.add_argument("--n", type=_positive_int, default=10_000)
     smp.add_argument("--eta", type=float, default=0.0, help="0: ODE, 1: reverse SDE")
     smp.add_argument("--seed", type=_seed, default=0)

@@ -95,7 +95,8 @@ def meanflow_loss(
     ``(t, r) = (1, 0)`` far more often. (With the high-frequency time features of
     ``jaxdiff.nets.MLP``, ``p = 0`` diverged; see ``TwoTimeMLP``.) ``v`` is the conditional velocity ``alpha_t' x + sigma_t' e``, or ``velocity(z_t, t)`` of
     a given field (a teacher: an exact oracle or a trained flow; any target), which makes the
-    minimum 0 at the exact average velocity. Batches are ``x0`` or ``(x0, labels)``.
+    minimum 0 at the exact average velocity. Batches are ``x0`` or ``(x0, labels)``; with labels
+    the teacher is called as ``velocity(z_t, t, labels)``, like the student.
 
     Cost: the ``r = t`` part of the batch is split off statically and evaluated without the JVP
     (its target is ``v``), so the JVP (about two forward passes) runs on ``1 -
@@ -126,15 +127,15 @@ def meanflow_loss(
         t, r = jnp.maximum(t1, t2), jnp.minimum(t1, t2)
         eps = jax.random.normal(e_key, x0.shape, x0.dtype)
         z = path.interpolate(x0, eps, t)
+        extra = () if labels is None else (labels,)
         if velocity is None:
             v = from_x0_eps(path, z, t, x0, eps, "velocity")
-        else:
-            v = convert(path, z, t, velocity(z, t), src=velocity.target, dst="velocity")
+        else:  # a conditional teacher sees the batch's labels, as the student does
+            v = convert(path, z, t, velocity(z, t, *extra), src=velocity.target, dst="velocity")
             v = jax.lax.stop_gradient(v)
         # The first m examples have r = t, where the target is v itself: they skip the JVP (a
         # static split, so the JVP costs only the r < t part of the batch).
         m = round(flow_matching_fraction * n)
-        extra = () if labels is None else (labels,)
         errs = []
         if m > 0:
             head = [a[:m] for a in extra]

@@ -8,7 +8,6 @@ resume trims anything after the step it restarts from and appends to the rest.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,7 +102,7 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
 
         end = total if until is None else min(int(until), total)
         periods = [int(c[k]) for k in ("ckpt_every", "eval_every") if int(c[k]) > 0]
-        every = math.gcd(*periods) if periods else None
+        every = periods or None  # chunks end at multiples of each (their gcd made 1-step chunks)
         meta = {"config": c}
         n_eval = int(c["eval_n"])
         draw = make_sampler(c, setup, steps=int(c["eval_steps"]), batch=min(n_eval or 1, 2000))

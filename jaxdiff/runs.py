@@ -249,7 +249,7 @@ def sample_run(
     *,
     n: int = 10_000,
     solver: str | None = None,
-    steps: int = 20,
+    steps: int | None = None,
     eta: float = 0.0,
     seed: int = 0,
     label: int | None = None,
@@ -264,7 +264,8 @@ def sample_run(
 
     The metrics (energy distance and MMD, or the digits' Fréchet distance) cost O(m^2) in the
     number of points m they see: they use the first ``metrics_n`` samples (i.i.d., so an unbiased
-    subsample; 0: no metrics), and ``metrics.json`` says how many.
+    subsample; 0: no metrics), and ``metrics.json`` says how many. ``steps`` defaults to 20, and
+    to 1 for a meanflow or consistency run (one-step generators).
     """
     if n < 2:
         raise ValueError(f"n must be at least 2; got {n}")
@@ -279,6 +280,8 @@ def sample_run(
     if label is not None and not 0 <= label < (setup.num_classes or 0):
         raise ValueError(f"class must lie in [0, {setup.num_classes}); got {label}")
     labels = None if label is None else np.full((n,), label)
+    if steps is None:
+        steps = 1 if c["loss"] in E.FEWSTEP_LOSSES else 20
     run = Path(ckpt_dir).parent if R.has_steps(Path(ckpt_dir)) else Path(ckpt_dir)
     out = R.prepare(out if out is not None else run / "samples")
     params = state.ema if ema else state.params

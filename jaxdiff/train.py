@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -85,6 +85,14 @@ def adamw_cosine(
         raise ValueError(f"total_steps must be >= 1; got {total_steps}")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0; got {learning_rate}")
+    if warmup_steps is not None and not warmup_steps >= 0:
+        raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}")
+    if not 0 <= end_factor <= 1:  # a negative end rate climbs the loss
+        raise ValueError(f"end_factor must lie in [0, 1]; got {end_factor}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
+    if clip_norm is not None and not clip_norm > 0:  # -1 reverses the gradient, 0 stops learning
+        raise ValueError(f"clip_norm must be > 0 (or None: no clipping); got {clip_norm}")
     warmup = max(1, total_steps // 20) if warmup_steps is None else warmup_steps
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup, max(total_steps, warmup + 1), learning_rate * end_factor
@@ -264,7 +272,7 @@ def train(
     *,
     chunk_size: int = 100,
     on_chunk: Callable[[TrainState, Array], None] | None = None,
-    every: int | None = None,
+    every: int | Sequence[int] | None = None,
     on_every: Callable[[TrainState], None] | None = None,
     progress: bool = True,
     desc: str = "train",
@@ -274,12 +282,18 @@ def train(
     ``make_chunk(k)`` returns the function running ``k`` steps (``make_train_chunk``), cached per
     ``k``: a run from step 0 and one resumed from an aligned step make the same calls, hence the
     same bits. ``on_every(state)`` runs whenever the step reaches a multiple of ``every`` (and at
-    the end): evaluation, plots, checkpoints. Returns the final state and the mean loss of every
+    the end): evaluation, plots, checkpoints; ``every`` may be several periods (evaluation every
+    333 steps, checkpoints every 1000), and chunks end at each of their multiples. Returns the final state and the mean loss of every
     chunk. The progress bar shows the loss, steps/s and the time left.
     """
     from tqdm.auto import tqdm
 
     start_step = int(state.step)
+    if isinstance(chunk_size, bool) or not chunk_size >= 1:
+        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
+    periods = () if every is None else (every,) if isinstance(every, int) else tuple(every)
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in periods):
+        raise ValueError(f"every must be None or integers >= 1; got {every!r}")
     if num_steps < start_step:
         raise ValueError(f"the state is at step {start_step}, past num_steps = {num_steps}")
     chunks: dict[int, Callable] = {}
@@ -287,9 +301,9 @@ def train(
     bar = tqdm(total=num_steps, initial=start_step, desc=desc, disable=not progress, leave=False)
     step, t0, done = start_step, time.perf_counter(), 0
     while step < num_steps:
-        k = min(chunk_size - step % chunk_size, num_steps - step)
-        if every is not None:
-            k = min(k, every - step % every)
+        k = min(
+            [chunk_size - step % chunk_size, num_steps - step, *(e - step % e for e in periods)]
+        )
         if k not in chunks:
             chunks[k] = make_chunk(k)
         state, losses = chunks[k](state)
@@ -304,7 +318,8 @@ def train(
         bar.update(k)
         if on_chunk is not None:
             on_chunk(state, losses)
-        if on_every is not None and every is not None and (step % every == 0 or step == num_steps):
+        at_every = any(step % e == 0 for e in periods) or step == num_steps
+        if on_every is not None and periods and at_every:
             on_every(state)
     bar.close()
     return state, history

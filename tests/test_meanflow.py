@@ -239,3 +239,21 @@ def test_two_time_unet_is_the_unet_conditioned_on_the_gap_and_its_jvp_is_the_tot
     fd = (apply(x + h * v, t + h, r) - apply(x - h * v, t - h, r)) / (2 * h)
     np.testing.assert_allclose(u, apply(x, t, r), rtol=1e-12)
     np.testing.assert_allclose(target, v - (t - r)[:, None, None, None] * fd, rtol=1e-6, atol=1e-8)
+
+
+def test_a_conditional_teacher_sees_the_labels():
+    """With (x0, labels) batches the teacher is called as velocity(z, t, labels), like the
+    student (it was called without them: a TypeError, or an unconditional target)."""
+
+    def by_label(x, y):
+        return jnp.where((y == 1)[:, None], 1.0, -1.0) * jnp.ones_like(x)
+
+    teacher = jd.Field(lambda x, t, y: by_label(x, y), "velocity")
+    net = jd.Field(lambda p, x, t, r, y: by_label(x, y) + p, "velocity")
+    x0 = jax.random.normal(jax.random.key(0), (64, 2))
+    labels = jnp.arange(64) % 2
+    loss = jd.meanflow_loss(net, PATH, velocity=teacher, weighting_power=0.0)
+    # half the batch at r = t (the target is the teacher's velocity), half through the JVP
+    # (du/dt = 0 here): either way the target is by_label, so the loss is p^2 per dimension
+    assert float(loss(0.0, jax.random.key(1), (x0, labels))) == 0.0
+    np.testing.assert_allclose(float(loss(0.5, jax.random.key(1), (x0, labels))), 0.5, rtol=1e-6)

@@ -105,8 +105,36 @@ def test_train_loop_chunks_callbacks_and_errors():
     assert sorted(k for k in calls if isinstance(k, int)) == [5, 10]  # compiled once per length
     with pytest.raises(ValueError, match="past num_steps"):
         train(state, None, 10, progress=False)
+    for bad in ({"chunk_size": 0}, {"every": 0}, {"every": (5, -1)}):  # were ZeroDivisionError
+        with pytest.raises(ValueError, match="chunk_size must be|every must be"):
+            train(state, None, 30, progress=False, **bad)
     with pytest.raises(ValueError, match="multiple of the"):
         make_train_chunk(step, lambda key: jnp.zeros((3, 2)), 1, mesh=_FakeMesh())
+
+
+def test_several_periods_end_chunks_at_each_multiple():
+    """Evaluation every 7 steps and checkpoints every 9: chunks end at multiples of 7, 9 and the
+    chunk size (their gcd, 1, made every step its own call)."""
+    _, params, loss, opt, sample_batch = _setup()
+    step = make_train_step(loss, opt)
+    lengths, seen = [], []
+
+    def make_chunk(k):
+        chunk = make_train_chunk(step, sample_batch, k)
+        return lambda s: (lengths.append(k), chunk(s))[1]
+
+    state = init_train_state(params, opt, jax.random.key(1))
+    state, _ = train(
+        state, make_chunk, 25, chunk_size=10, every=(7, 9),
+        on_every=lambda s: seen.append(int(s.step)), progress=False,
+    )  # fmt: skip
+    assert lengths == [7, 2, 1, 4, 4, 2, 1, 4]  # ends 7 9 10 14 18 20 21 25
+    assert seen == [7, 9, 14, 18, 21, 25] and int(state.step) == 25
+    with pytest.raises(ValueError, match="clip_norm must be > 0"):
+        adamw_cosine(1e-3, 100, clip_norm=-1.0)  # it reversed the gradient
+    for bad in ({"end_factor": -0.1}, {"weight_decay": -1e-4}, {"warmup_steps": -1}):
+        with pytest.raises(ValueError, match="must"):
+            adamw_cosine(1e-3, 100, **bad)
 
 
 class _FakeMesh:
