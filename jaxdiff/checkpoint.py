@@ -163,9 +163,15 @@ class Checkpointer:
     def save(self, state: TrainState, meta: dict | None = None, *, force: bool = True) -> None:
         """Save ``state`` (and the JSON-able ``meta``) under ``int(state.step)`` and seal it.
 
-        A damaged step of the same number is first moved to ``DIR/damaged/`` (with a warning)."""
+        A damaged step of the same number is first moved to ``DIR/damaged/`` (with a warning); an
+        intact one is an error (``ValueError``): a checkpoint is never overwritten."""
         step = int(state.step)
-        if step in self._manager.all_steps() and self._damage(step) is not None:
+        if step in self._manager.all_steps():
+            if self._damage(step) is None:
+                raise ValueError(
+                    f"step {step} is already saved in {self.directory}; a checkpoint is never "
+                    "overwritten (train on, or save to another directory)"
+                )
             self.set_aside_damaged([step])
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_to_saveable(state)),

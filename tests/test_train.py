@@ -149,6 +149,8 @@ def test_checkpoint_round_trip_and_a_failed_save_keeps_the_previous(tmp_path, mo
     state = state._replace(step=jnp.array(1, jnp.int32))
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(state, {"config": {"a": 1}})
+        with pytest.raises(ValueError, match="step 1 is already saved"):  # Orbax's raw error
+            ckpt.save(state, {"config": {"a": 2}})
     with Checkpointer(tmp_path) as ckpt:
         restored, meta = ckpt.restore(state)
     assert meta == {"config": {"a": 1}} and _tree_equal(restored, state)
