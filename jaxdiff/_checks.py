@@ -93,6 +93,14 @@ def check_time(t: Any, name: str = "t", lo: float = 0.0, hi: float = 1.0) -> Arr
     return error_if(t, ~((t >= lo) & (t <= hi)), f"{name} must lie in [{lo}, {hi}]")
 
 
+def _staged() -> Any:
+    """A context that steps out of ``jax.ensure_compile_time_eval`` (equinox's runtime errors
+    misfire inside it)."""
+    if _eager_constant_folding is None:
+        return contextlib.nullcontext()
+    return _eager_constant_folding(False)
+
+
 def error_if(x: Any, pred: Any, msg: str) -> Any:
     """``equinox.error_if(x, pred, msg)`` with only a scalar flag in the error branch.
 
@@ -103,12 +111,7 @@ def error_if(x: Any, pred: Any, msg: str) -> Any:
     and ``x`` keeps its sharding.
     """
     leaves = [leaf for leaf in jax.tree_util.tree_leaves(x) if _inexact(leaf)]
-    staged = (
-        contextlib.nullcontext()
-        if _eager_constant_folding is None
-        else _eager_constant_folding(False)
-    )
-    with staged:
+    with _staged():
         if not leaves:
             return eqx.error_if(x, pred, msg)
         bad = jnp.any(pred)
@@ -248,15 +251,16 @@ def tie_check(values: Any, bad: Any, msg: str) -> Any:
     Each leaf comes back NaN where the check failed (and the check raises), so any later use of any
     leaf keeps the check alive under ``jit``; derivatives pass through. For parameters checked
     once, where a path or a schedule is built (not on hot paths)."""
-    bad = jnp.any(jnp.asarray(bad))
-    flag = eqx.error_if(bad, bad, msg)
+    with _staged():  # under ensure_compile_time_eval (sample's grid) the check misfired
+        bad = jnp.any(jnp.asarray(bad))
+        flag = eqx.error_if(bad, bad, msg)
+        leaves = jax.tree_util.tree_leaves(values)
+        if not any(_inexact(leaf) for leaf in leaves):
+            return eqx.error_if(values, bad, msg)
 
     def tie(leaf):
         if not _inexact(leaf):
             return leaf
         return jnp.where(flag, jnp.asarray(jnp.nan, leaf.dtype), leaf)
 
-    leaves = jax.tree_util.tree_leaves(values)
-    if not any(_inexact(leaf) for leaf in leaves):
-        return eqx.error_if(values, bad, msg)
     return jax.tree_util.tree_map(tie, values)

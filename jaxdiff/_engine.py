@@ -44,13 +44,17 @@ def save_slots(grid: Array, save_ts: Array) -> Array:
         "every time in save_ts must be a point of the time grid (include it in ts, or use an "
         "adaptive solver with rtol/atol, which interpolates)"
     )
-    value = concrete(missing)
-    if value is not None:
+    twice = jnp.any(jnp.diff(jnp.sort(index)) == 0)  # one slot would stay zeros
+    twice_msg = "save_ts holds the same grid time twice (each time is saved once)"
+    value, repeated = concrete(missing), concrete(twice)
+    if value is not None and repeated is not None:
         if value.any():
             bad = np.asarray(save_ts)[value].tolist()[:4]
             raise ValueError(f"{msg}; missing: {bad}")
+        if repeated:
+            raise ValueError(f"{twice_msg}; got {np.asarray(save_ts).tolist()[:8]}")
         return slots
-    return error_if(slots, missing.any(), msg)
+    return error_if(error_if(slots, missing.any(), msg), twice, twice_msg)
 
 
 def as_save_ts(save_ts: Any, dtype: Any) -> Array | None:

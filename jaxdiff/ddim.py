@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxdiff import _engine
-from jaxdiff._checks import check_finite, check_time, expand_like
+from jaxdiff._checks import check_finite, check_time, concrete, expand_like
 from jaxdiff.field import Field, as_field, predict
 from jaxdiff.integrate import Solution
 from jaxdiff.paths import GaussianPath
@@ -48,6 +49,8 @@ def ddim_step(
     """
     if noise is not None:
         check_eta(eta)
+    elif (e := concrete(eta)) is None or np.any(e != 0):  # eta > 0 without z was ignored
+        raise ValueError(f"a stochastic DDIM step (eta = {eta}) needs noise=z, a standard normal")
     a_s, k, c = (expand_like(v, x0) for v in ddim_coefs(path, t, s, None if noise is None else eta))
     out = a_s * x0 + k * eps
     return (out if noise is None else out + c * noise).astype(x0.dtype)

@@ -113,7 +113,9 @@ def integrate(
     if adaptive and steps is None and ts is None:
         steps = 100  # only sets the first trial step
     grid = _grid(ts, t_start, t_end, steps)
-    grid = grid.astype(jnp.result_type(*jax.tree.leaves(x), grid, jnp.float32))
+    # the state's precision (at least float32), not the grid's: under x64 a float64 grid made
+    # diffrax's stages float64 and a float32 state failed (the grid's dtype is not the user's)
+    grid = grid.astype(jnp.result_type(*jax.tree.leaves(x), jnp.float32))
     sign = jnp.sign(grid[-1] - grid[0])
 
     if adaptive:

@@ -109,7 +109,8 @@ def sample(
     if wide_dtype(user_dtype) != user_dtype:  # half precision: integrate in float32, call the
         field = Field(_CastIn(user_dtype), field.target, field)  # network in the user's dtype
         x = x.astype(wide_dtype(user_dtype))
-    grid = grid.astype(jnp.result_type(x.dtype, grid.dtype, jnp.float32))
+    grid = grid.astype(wide_dtype(x.dtype))  # the state's precision (x64: a float64 grid broke
+    # diffrax's solvers on float32 data)
     grid = _check_ends(path, field, sampler, grid, denoise)
     full = jnp.concatenate([grid, jnp.zeros((1,), grid.dtype)]) if denoise else grid
     n = grid.shape[0] - 1

@@ -128,12 +128,13 @@ def dpm_solver_pp(
         h_eta = h
         if stochastic:
             e = jnp.where(to_zero, 0.0, eta_at(eta, t))  # no noise on a step to sigma = 0
-            ratio, h_eta = ratio * jnp.exp(-e * h), (1.0 + e) * h
+            eh = e * jnp.where(to_zero, 0.0, h)  # h = inf there: e h would be 0 * inf = NaN
+            ratio, h_eta = ratio * jnp.exp(-eh), h + eh
         args = (x, m0, m1, m2, h, h1, h2, ratio, a_s, h_eta)
         branches = [lambda a, q=q: _update(q, exact_taylor, *a) for q in range(1, order + 1)]
         x_s = jax.lax.switch(o - 1, branches, args) if order > 1 else branches[0](args)
         if stochastic:
-            std = path.sigma(s) * jnp.sqrt(-jnp.expm1(-2.0 * e * h))
+            std = path.sigma(s) * jnp.sqrt(-jnp.expm1(-2.0 * eh))
             x_s = x_s + std.astype(x.dtype) * normal(key, x)
         return State(x_s.astype(x.dtype), m0, m1, h.astype(h1.dtype), h1, i + 1, n)
 

@@ -97,7 +97,9 @@ def edm_heun(
         x0_1, eps_1 = predict(path, field, x, t_hat)
         a_s, sig_s = path.alpha(s), path.sigma(s)
         x_euler = a_s * x0_1 + sig_s * eps_1
-        _, eps_2 = predict(path, field, x_euler, s)
+        # on the step to sigma = 0 the Euler step is taken and eps_2 discarded: evaluate it at
+        # t_hat there, as dividing by sigma_s = 0 gave a NaN that reached the gradients
+        _, eps_2 = predict(path, field, x_euler, jnp.where(sig_s == 0, t_hat, s))
         dsig = sig_s - a_s * _edm_sigma(path, t_hat)
         heun = (a_s / jnp.where(a_hat > 0, a_hat, 1.0)) * x + dsig * 0.5 * (eps_1 + eps_2)
         euler = (a_hat == 0) | (sig_s == 0)  # sigma = inf at the start, or the step to sigma = 0

@@ -123,6 +123,7 @@ def dpm_solver_sde(*, eta: ArrayLike = 1.0, r: float = 0.5, s_noise: ArrayLike =
     if not 0.0 < r <= 1.0:
         raise ValueError(f"r must lie in (0, 1]; got {r}")
     fac = 1.0 / (2.0 * r)
+    stochastic = not _is_zero(eta)
 
     def init(path, field, x, ts) -> State:
         return State(x)
@@ -135,8 +136,11 @@ def dpm_solver_sde(*, eta: ArrayLike = 1.0, r: float = 0.5, s_noise: ArrayLike =
         y = x  # only for shapes and dtypes below
         lam_mid = jnp.where(jnp.isfinite(lam_t), lam_t + r * (lam_s - lam_t), lam_s - 1.0)
         sig_t, sig_mid, sig_s = jnp.exp(-lam_t), jnp.exp(-lam_mid), jnp.exp(-lam_s)
-        k1, k2 = jax.random.split(key)
-        z1, z2 = normal(k1, y), normal(k2, y)
+        if stochastic:
+            k1, k2 = jax.random.split(key)
+            z1, z2 = normal(k1, y), normal(k2, y)
+        else:  # eta = 0: no noise (up = 0), and no key needed
+            z1 = z2 = jnp.zeros_like(y)
         rho = jnp.sqrt(jnp.clip((sig_t - sig_mid) / (sig_t - sig_s), 0.0, 1.0))
         rho = jnp.where(jnp.isfinite(sig_t), rho, 1.0).astype(y.dtype)
         n1, n2 = z1, rho * z1 + jnp.sqrt(1.0 - rho**2) * z2
@@ -155,7 +159,7 @@ def dpm_solver_sde(*, eta: ArrayLike = 1.0, r: float = 0.5, s_noise: ArrayLike =
         init=init,
         step=step,
         evals_per_step=2,
-        stochastic=True,
+        stochastic=stochastic,
         grid=_grid,
         steps=10,
         denoise=True,
