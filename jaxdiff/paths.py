@@ -298,6 +298,8 @@ class GaussianPath(eqx.Module):
 
         A reduction, so it accumulates and returns in ``max(float32, dtype of x)``."""
         _, x = widen(x)
+        if not 0 <= int(event_ndim) <= x.ndim:
+            raise ValueError(f"event_ndim must lie in [0, x.ndim = {x.ndim}]; got {event_ndim}")
         var = self.sigma_sq(jnp.ones((), x.dtype)).astype(x.dtype)
         axes = tuple(range(x.ndim - event_ndim, x.ndim))
         d = math.prod(x.shape[x.ndim - event_ndim :])

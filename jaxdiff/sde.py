@@ -147,7 +147,8 @@ def langevin(
     scale = jnp.sqrt(2.0 * step_size)
 
     def step(x, k):
-        return x + step_size * score_fn(x) + scale * jax.random.normal(k, x.shape, x.dtype), None
+        move = step_size * score_fn(x) + scale * jax.random.normal(k, x.shape, x.dtype)
+        return (x + move).astype(x.dtype), None  # a float32 step size keeps a bfloat16 state
 
     return jax.lax.scan(step, x, jax.random.split(key, int(n_steps)))[0]
 

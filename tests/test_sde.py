@@ -197,3 +197,13 @@ def test_the_reverse_drift_of_low_precision_data_is_finite():
         half = jd.reverse_drift(ve, field, x, 0.99)
         assert half.dtype == jnp.float16 and float(jnp.abs(ref).min()) > 10.0
         np.testing.assert_allclose(half.astype(jnp.float32), ref, rtol=2e-3)
+
+
+def test_langevin_keeps_a_low_precision_state_and_prior_logp_checks_its_axes():
+    """A float32 step size with a bfloat16 state broke the scan's carry; event_ndim > x.ndim
+    gave a cryptic 'duplicate axis'."""
+    x = jd.langevin(jax.random.key(0), lambda x: -x, jnp.zeros((8, 2), jnp.bfloat16),
+                    step_size=jnp.float32(0.05), n_steps=10)  # fmt: skip
+    assert x.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(x)))
+    with pytest.raises(ValueError, match="event_ndim must lie in"):
+        jd.vp_path().prior_logp(jnp.zeros((3, 2)), 3)
