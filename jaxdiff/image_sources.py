@@ -113,7 +113,8 @@ class ImageFolder:
     """Images under ``root``: ``root/<class>/<file>`` (labels: the class folders in sorted order,
     ``classes``) or ``root/<file>`` (no labels), files with an image extension, sorted. Decoded
     with Pillow on each ``read`` (``threads`` at a time); grayscale files give ``C = 1`` (16-bit
-    ones scaled to 8 bits, ``v / 257``), the others RGB (alpha dropped). Every image must have the first one's size."""
+    ones scaled to 8 bits, ``v / 257``), the others RGB (alpha dropped). Every image must have the
+    first one's size; a class folder without images is an error (it would shift the labels)."""
 
     def __init__(self, root: str | Path, *, threads: int = 4):
         root = Path(root)

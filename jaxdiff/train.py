@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
+from numbers import Integral
 from typing import Any, NamedTuple
 
 import jax
@@ -283,16 +284,17 @@ def train(
     ``k``: a run from step 0 and one resumed from an aligned step make the same calls, hence the
     same bits. ``on_every(state)`` runs whenever the step reaches a multiple of ``every`` (and at
     the end): evaluation, plots, checkpoints; ``every`` may be several periods (evaluation every
-    333 steps, checkpoints every 1000), and chunks end at each of their multiples. Returns the final state and the mean loss of every
-    chunk. The progress bar shows the loss, steps/s and the time left.
+    333 steps, checkpoints every 1000), and chunks end at each of their multiples. Returns the
+    final state and the mean loss of every chunk. The progress bar shows the loss, steps/s and
+    the time left.
     """
     from tqdm.auto import tqdm
 
     start_step = int(state.step)
     if isinstance(chunk_size, bool) or not chunk_size >= 1:
         raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
-    periods = () if every is None else (every,) if isinstance(every, int) else tuple(every)
-    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in periods):
+    periods = () if every is None else (every,) if isinstance(every, Integral) else tuple(every)
+    if not all(isinstance(e, Integral) and not isinstance(e, bool) and e >= 1 for e in periods):
         raise ValueError(f"every must be None or integers >= 1; got {every!r}")
     if num_steps < start_step:
         raise ValueError(f"the state is at step {start_step}, past num_steps = {num_steps}")
