@@ -180,3 +180,5 @@ def test_path_methods_check_a_concrete_time():
                 fn(bad)
         assert bool(jnp.isfinite(fn(0.5)).all())
     assert float(jax.jit(lin.alpha)(0.25)) == 0.75
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):  # a constant under jit
+        jax.jit(lambda x: lin.interpolate(x, x, 2.0))(x)

@@ -530,8 +530,90 @@ def test_quiet_misuses_of_the_sampler_api_are_errors():
             save_ts=ts[jnp.array([5, 5])],
             x_init=jnp.ones((4, 2)),
         )
+    run = jax.jit(
+        lambda st: (
+            jd.sample(
+                None,
+                path,
+                f,
+                sampler=jd.samplers.ddim(),
+                ts=ts,
+                save_ts=st,
+                x_init=jnp.ones((4, 2)),
+            ).xs
+        )
+    )
+    with pytest.raises(Exception, match="the same grid time twice"):  # traced: when it runs
+        run(ts[jnp.array([5, 5])]).block_until_ready()
     x = jnp.ones((3, 2))
     with pytest.raises(ValueError, match="needs noise=z"):
         jd.ddim_step(path, x, x, 0.5, 0.4, eta=1.0)
+    with pytest.raises(ValueError, match="needs noise=z"):  # a traced eta: at trace time
+        jax.jit(lambda e: jd.ddim_step(path, x, x, 0.5, 0.4, eta=e))(1.0)
     det = jd.sample(None, path, f, x_init=x, sampler=jd.samplers.dpm_solver_sde(eta=0.0), steps=4)
     assert bool(jnp.all(jnp.isfinite(det.x)))
+
+
+def _tiny_sample(sampler) -> jax.Array:
+    path = jd.vp_path()
+    f = jd.GaussianMixture.isotropic(jnp.zeros((1, 2)), std=1.0).field(path, "eps")
+    return jd.sample(jax.random.key(0), path, f, (4, 2), sampler=sampler, steps=2).x
+
+
+def _field_at_half(transform) -> jax.Array:
+    path = jd.vp_path()
+    field = transform(
+        jd.GaussianMixture.isotropic(jnp.zeros((1, 2)), std=1.0).field(path, "eps"), path
+    )
+    return field(jnp.ones((4, 2)), jnp.full((4,), 0.5))
+
+
+# Hyperparameter checks whose result was dropped, so jit dropped the check (those typed float,
+# such as edm_scalings' sigma_data, cannot be traced): (use, bad value, name in the message).
+DROPPED_CHECKS = {
+    "langevin": (
+        lambda v: jd.langevin(
+            jax.random.key(0), lambda x: -x, jnp.zeros((4, 2)), step_size=v, n_steps=2
+        ),
+        -0.1,
+        "step_size",
+    ),
+    "clip_x0": (lambda v: _field_at_half(lambda f, p: jd.clip_x0(f, p, v)), -1.0, "value"),
+    "dynamic_thresholding": (
+        lambda v: _field_at_half(lambda f, p: jd.dynamic_thresholding(f, p, value=v)),
+        -1.0,
+        "value",
+    ),
+    "edm_heun churn": (lambda v: _tiny_sample(jd.samplers.edm_heun(churn=v)), -1.0, "churn"),
+    "edm_heun rho": (lambda v: _tiny_sample(jd.samplers.edm_heun(rho=v)), -1.0, "rho"),
+    "pc snr": (lambda v: _tiny_sample(jd.samplers.pc(snr=v)), -0.1, "snr"),
+    "ancestral var_weight": (
+        lambda v: _tiny_sample(jd.samplers.ancestral(var_weight=v)),
+        -1.0,
+        "var_weight",
+    ),
+    "dpm_solver_2s s_noise": (
+        lambda v: _tiny_sample(jd.samplers.dpm_solver_2s(s_noise=v)),
+        -1.0,
+        "s_noise",
+    ),
+    "dpm_solver_sde s_noise": (
+        lambda v: _tiny_sample(jd.samplers.dpm_solver_sde(s_noise=v)),
+        -1.0,
+        "s_noise",
+    ),
+    "annealed_langevin": (
+        lambda v: _tiny_sample(jd.samplers.annealed_langevin(steps_per_level=1, step_size=v)),
+        -1.0,
+        "step_size",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DROPPED_CHECKS)
+def test_hyperparameter_checks_hold_under_jit(case):
+    fn, bad, name = DROPPED_CHECKS[case]
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        fn(bad)
+    with pytest.raises(Exception, match=f"{name} must be"):
+        jax.block_until_ready(jax.jit(fn)(bad))
