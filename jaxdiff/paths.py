@@ -80,8 +80,8 @@ def _call(fn: ScalarFn, t: Array, name: str) -> Array:
 def _time(t: ArrayLike) -> Array:
     """``coef_time(t)`` after checking a ``t`` known at trace time against ``[0, 1]`` (free under
     ``jit``: a traced ``t`` is the sampler's or the loss's, which check their own times)."""
+    value = concrete(t)  # before any jnp op: under jit, jnp.asarray(2.0) is already traced
     t = coef_time(t)
-    value = concrete(t)
     if value is not None and not np.all((value >= 0) & (value <= 1)):
         bad = value[~((value >= 0) & (value <= 1))]
         raise ValueError(
