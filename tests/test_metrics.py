@@ -74,3 +74,27 @@ def test_bad_samples_raise_instead_of_returning_nan():
     with pytest.raises(Exception, match="y contains non-finite values"):
         jax.block_until_ready(jax.jit(jd.energy_distance)(x, nan))
     assert float(jd.energy_distance(jnp.zeros((2, 1)), jnp.ones((2, 1)))) == 2.0  # 2|0-1| - 0 - 0
+
+
+def test_integer_and_far_from_origin_data_give_the_float_statistics():
+    """uint8 pixels overflowed in |x|^2 (energy distance 3.5e-23 for -1.67, nearest neighbours
+    0), and points at an offset of 1e4 lost their distances in float32 (0.0206 for -0.0041)."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (50, 16)).astype(np.uint8)
+    b = rng.integers(0, 256, (40, 16)).astype(np.uint8)
+    fa, fb = a.astype(np.float64), b.astype(np.float64)
+    np.testing.assert_allclose(jd.energy_distance(a, b), jd.energy_distance(fa, fb), rtol=1e-5)
+    np.testing.assert_allclose(
+        jd.nearest_neighbour_distance(a[:3], b),
+        np.sqrt(((fa[:3, None] - fb[None]) ** 2).sum(-1)).min(1),
+        rtol=1e-5,
+    )
+    x = jax.random.normal(jax.random.key(0), (500, 2))
+    y = jax.random.normal(jax.random.key(1), (500, 2))
+    ref = float(jd.energy_distance(x, y))
+    assert abs(float(jd.energy_distance(x + 1e4, y + 1e4)) - ref) < 1e-4
+    np.testing.assert_allclose(jd.mmd(x + 1e3, y + 1e3), jd.mmd(x, y), rtol=1e-3, atol=1e-6)
+    wide = jax.random.normal(jax.random.key(2), (100, 256))  # n < d: rounding gave -0.18
+    assert float(jd.frechet_distance(wide, wide)) == 0.0
+    with pytest.raises(ValueError, match="block must be an integer >= 1"):
+        jd.energy_distance(x, y, block=0)  # a ZeroDivisionError
