@@ -101,6 +101,17 @@ def _staged() -> Any:
     return _eager_constant_folding(False)
 
 
+def check_known_time(t: Any) -> None:
+    """Raise if ``t`` is known at trace time (a constant under ``jit`` too) and outside
+    ``[0, 1]``; free at run time: a traced ``t`` is left to the samplers' and losses' checks."""
+    value = concrete(t)  # before any jnp op: under jit, jnp.asarray(2.0) is already traced
+    if value is not None and not np.all((value >= 0) & (value <= 1)):
+        bad = value[~((value >= 0) & (value <= 1))]
+        raise ValueError(
+            f"t must lie in [0, 1] (t = 0 is data, t = 1 the prior); got t = {bad.ravel()[:4].tolist()}"
+        )
+
+
 def error_if(x: Any, pred: Any, msg: str) -> Any:
     """``equinox.error_if(x, pred, msg)`` with only a scalar flag in the error branch.
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, concrete, expand_like
+from jaxdiff._checks import as_time, check_known_time, concrete, expand_like
 from jaxdiff._schedule_fns import Affine as _Affine
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import TimeSampler, uniform_time
@@ -60,6 +60,14 @@ class _BridgeGamma(eqx.Module):
 
     def __call__(self, t):
         return self.sigma * jnp.sqrt(jnp.maximum(t * (1.0 - t), 0.0))
+
+
+class _NoGamma(eqx.Module):
+    """``gamma = 0``: a deterministic interpolant (the bridge's ``sqrt`` has a NaN slope at the
+    ends, 0 * inf)."""
+
+    def __call__(self, t):
+        return jnp.zeros_like(t)
 
 
 class StochasticInterpolant(eqx.Module):
@@ -97,14 +105,17 @@ class StochasticInterpolant(eqx.Module):
 
     def a(self, t: ArrayLike) -> Array:
         """``a_t``, the weight of ``x0`` (data at ``t = 0``)."""
+        check_known_time(t)
         return _call(self.a_fn, as_time(t), "a_fn")
 
     def b(self, t: ArrayLike) -> Array:
         """``b_t``, the weight of ``x1`` (the source at ``t = 1``)."""
+        check_known_time(t)
         return _call(self.b_fn, as_time(t), "b_fn")
 
     def gamma(self, t: ArrayLike) -> Array:
         """``gamma_t``, the scale of the latent noise ``z`` (0 at both ends)."""
+        check_known_time(t)
         return _call(self.gamma_fn, as_time(t), "gamma_fn")
 
     def d_a(self, t: ArrayLike) -> Array:
@@ -141,6 +152,8 @@ class StochasticInterpolant(eqx.Module):
 
     def conditional_score(self, x: ArrayLike, x0: ArrayLike, x1: ArrayLike, t: ArrayLike) -> Array:
         """``grad_x log N(x; a_t x0 + b_t x1, gamma_t^2 I) = -(x - a_t x0 - b_t x1) / gamma_t^2``."""
+        if isinstance(self.gamma_fn, _NoGamma):
+            raise ValueError("a deterministic interpolant (gamma = 0) has no conditional score")
         x = jnp.asarray(x)
         mean = self.interpolate(x0, x1, jnp.zeros_like(x), t)
         return -(x - mean) / expand_like(jnp.square(self.gamma(t)), x)
@@ -151,7 +164,8 @@ def brownian_bridge(sigma: ArrayLike = 1.0) -> StochasticInterpolant:
     s = concrete(sigma)
     if s is not None and not (np.all(np.isfinite(s)) and np.all(s >= 0)):
         raise ValueError(f"sigma must be >= 0; got {s.tolist()}")
-    return StochasticInterpolant(_Affine(1.0, -1.0), _Affine(0.0, 1.0), _BridgeGamma(sigma))
+    gamma = _NoGamma() if s is not None and np.all(s == 0) else _BridgeGamma(sigma)
+    return StochasticInterpolant(_Affine(1.0, -1.0), _Affine(0.0, 1.0), gamma)
 
 
 def linear_interpolant() -> StochasticInterpolant:

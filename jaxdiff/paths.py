@@ -39,6 +39,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
+    check_known_time,
     check_order,
     check_positive,
     check_time,
@@ -78,16 +79,9 @@ def _call(fn: ScalarFn, t: Array, name: str) -> Array:
 
 
 def _time(t: ArrayLike) -> Array:
-    """``coef_time(t)`` after checking a ``t`` known at trace time against ``[0, 1]`` (free under
-    ``jit``: a traced ``t`` is the sampler's or the loss's, which check their own times)."""
-    value = concrete(t)  # before any jnp op: under jit, jnp.asarray(2.0) is already traced
-    t = coef_time(t)
-    if value is not None and not np.all((value >= 0) & (value <= 1)):
-        bad = value[~((value >= 0) & (value <= 1))]
-        raise ValueError(
-            f"t must lie in [0, 1] (t = 0 is data, t = 1 the prior); got t = {bad.ravel()[:4].tolist()}"
-        )
-    return t
+    """``coef_time(t)`` after :func:`check_known_time`."""
+    check_known_time(t)
+    return coef_time(t)
 
 
 def _derivative(fn: ScalarFn, t: Array) -> tuple[Array, Array]:

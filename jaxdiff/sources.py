@@ -77,7 +77,8 @@ class _Dataset(eqx.Module):
     def __call__(self, key: Array, shape: tuple[int, ...]) -> Array:
         x = jnp.asarray(self.sample(key, shape[0]))
         if x.shape != shape:
-            if math.prod(x.shape) != math.prod(shape):
+            flat = x.ndim == 2 or len(shape) == 2  # (n, d) for (n, *event) or back: a reshape
+            if x.shape[:1] != shape[:1] or not flat or math.prod(x.shape) != math.prod(shape):
                 raise ValueError(
                     f"the source drew shape {x.shape} for {shape[0]} points; the data have shape "
                     f"{shape}"

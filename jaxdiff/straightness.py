@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxdiff._checks import concrete
 from jaxdiff.conversions import convert
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath
@@ -56,6 +57,12 @@ def straightness(
         raise ValueError(f"a field predicting {field.target!r} needs its path to give the velocity")
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
+    alpha_1 = None if path is None else concrete(path.alpha(1.0))
+    if field.target in ("eps", "score") and alpha_1 is not None and float(alpha_1) == 0.0:
+        raise ValueError(
+            f"alpha_t = 0 at t = 1 on this path, where an {field.target!r} prediction says nothing "
+            "about x0 (it gave NaN): measure a field predicting 'x0', 'v' or 'velocity'"
+        )
     x1 = jnp.asarray(x1)
     ts = jnp.linspace(1.0, 0.0, steps + 1, dtype=x1.dtype)
     dt = ts[1] - ts[0]

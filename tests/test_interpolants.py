@@ -284,3 +284,32 @@ def test_interpolant_errors():
         StochasticInterpolant(_Affine(1.0, -1.0), _Affine(0.0, 1.0), _Affine(0.1, 0.0))
     with pytest.raises(ValueError, match="sigma must be >= 0"):
         jd.brownian_bridge(-1.0)
+
+
+def test_the_deterministic_interpolant_has_finite_ends_and_no_score():
+    """linear_interpolant's gamma = 0 had a NaN slope at t = 0 and 1 (the bridge's sqrt: 0 * inf),
+    so its conditional velocity and loss were NaN there; its score was inf."""
+    li = jd.linear_interpolant()
+    x0, x1, z = jnp.zeros((4, 2)), jnp.ones((4, 2)), jnp.ones((4, 2))
+    for t in (jnp.zeros(4), jnp.ones(4)):
+        np.testing.assert_array_equal(li.conditional_velocity(x0, x1, z, t), x1 - x0)
+    with pytest.raises(ValueError, match="has no conditional score"):
+        li.conditional_score(x0, x0, x1, 0.3)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        li.interpolate(x0, x1, z, 1.5)
+
+
+def test_straightness_refuses_an_eps_field_where_alpha_vanishes():
+    with pytest.raises(ValueError, match="alpha_t = 0 at t = 1"):  # it gave NaN
+        jd.straightness(
+            jd.Field(lambda x, t: x, "eps"), jnp.ones((4, 2)), path=jd.linear_path(), steps=4
+        )
+
+
+def test_a_dataset_source_reshapes_only_between_flat_and_shaped_points():
+    """A sampler drawing (2n, 2) for data (n, 4) was reshaped silently, scrambling points."""
+    wrong = jd.dataset_source(lambda key, n: jnp.zeros((2 * n, 2)))
+    with pytest.raises(ValueError, match=r"drew shape \(8, 2\) for 4 points"):
+        wrong(jax.random.key(0), (4, 4))
+    flat = jd.dataset_source(lambda key, n: jnp.arange(n * 4.0).reshape(n, 4))
+    assert flat(jax.random.key(0), (3, 2, 2)).shape == (3, 2, 2)
