@@ -77,7 +77,10 @@ def classifier_free_guidance(
     ``c = field(x, t, labels)`` and ``u = field(x, t, null_label)`` come from one call on the
     doubled batch. ``interval = (t_lo, t_hi)`` guides only for ``t_lo <= t <= t_hi`` and returns
     ``c`` elsewhere (Kynkäänniemi et al. 2024); a call with no time inside evaluates only ``c``
-    (half the network rows). ``scale = 1`` is plain conditional sampling.
+    (half the network rows). ``scale = 1`` is plain conditional sampling. The labels are the
+    field's third argument: a two-time network (``TwoTimeMLP``, ``TwoTimeUNet``: ``apply(params,
+    x, t, r, labels)``) needs ``Field(lambda p, x, t, y: model.apply(p, x, t, None, y), ...)``,
+    or the labels land in ``r``.
 
     >>> import jax.numpy as jnp, jaxdiff as jd
     >>> f = jd.Field(lambda x, t, y: x * y[:, None], "eps")   # a toy "network"

@@ -483,3 +483,39 @@ def test_a_ported_diffusers_checkpoint_samples_as_diffusers_does_with_jaxdiffs_d
                      ts=jd.leading_timesteps(1000, 5)).x  # fmt: skip
     assert float(np.abs(theirs - x).max()) > 0.5  # the network moved the samples
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max(), rtol=0)
+
+
+def test_the_time_features_do_not_take_the_data_dtype():
+    """Time was cast to x's dtype: bfloat16 or float64 data got other Fourier frequencies
+    (drawn in that dtype) and a rounded 1000 t, a different network (error 3.95 on an output of
+    scale 2.7); now the features are float32 or wider whatever x's dtype."""
+    m = MLP(width=16, depth=2, emb_dim=16, num_classes=3)
+    x = jnp.round(jax.random.normal(jax.random.key(0), (4, 2)) * 8) / 8  # exact in bfloat16
+    p = perturb(init_params(m, jax.random.key(1), x, jnp.zeros(4), jnp.zeros(4, int)), 0.1)
+    labels = jnp.array([0, 1, 2, 3])
+    ref = m.apply(p, x, 0.5, labels)
+    low = m.apply(p, x.astype(jnp.bfloat16), 0.5, labels)
+    assert low.dtype == jnp.bfloat16 and float(jnp.abs(ref).max()) > 0.1
+    np.testing.assert_allclose(low.astype(jnp.float32), ref, atol=0.02 * float(jnp.abs(ref).max()))
+    with jax.enable_x64(True):
+        wide = m.apply(p, x.astype(jnp.float64), 0.5, labels)
+    np.testing.assert_allclose(wide, ref, rtol=1e-4, atol=1e-5)
+    tiny = UNet(channels=(8, 8), heads=2, norm_groups=4)
+    img = jnp.round(jax.random.normal(jax.random.key(2), (2, 8, 8, 1)) * 8) / 8
+    q = perturb(init_params(tiny, jax.random.key(3), img, jnp.zeros(2)), 0.1)
+    ref = tiny.apply(q, img, 0.3)
+    low = tiny.apply(q, img.astype(jnp.bfloat16), 0.3).astype(jnp.float32)
+    np.testing.assert_allclose(low, ref, atol=0.03 * float(jnp.abs(ref).max()))
+
+
+def test_out_of_range_labels_are_an_error():
+    """A label past the null one gave NaN; -1 was taken as the null label (unconditional)."""
+    m = MLP(width=8, depth=1, num_classes=3, emb_dim=8)
+    x = jnp.ones((4, 2))
+    p = init_params(m, jax.random.key(0), x, jnp.zeros(4), jnp.zeros(4, int))
+    for bad in (jnp.array([0, 1, 2, 4]), jnp.array([0, 1, 2, -1])):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\]"):
+            m.apply(p, x, 0.5, bad)
+        with pytest.raises(Exception, match=r"labels must lie in \[0, 3\]"):
+            jax.jit(lambda lab: m.apply(p, x, 0.5, lab))(bad).block_until_ready()
+    assert bool(jnp.all(jnp.isfinite(m.apply(p, x, 0.5, jnp.array([0, 1, 2, 3])))))

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxdiff._checks import value_check
+
 Array = jax.Array
 
 __all__ = [
@@ -58,7 +60,8 @@ def fourier_embedding(t: Array, dim: int, scale: float = 16.0, seed: int = 0) ->
     The frequencies are drawn from ``seed`` at trace time: constants, not parameters (so weight
     decay cannot shrink them). Tancik et al. (2020); score_sde's ``GaussianFourierProjection``.
     """
-    w = scale * jax.random.normal(jax.random.key(seed), (dim // 2,), t.dtype)
+    # drawn in float32 whatever t's dtype: the same constants for bfloat16, float32 and float64
+    w = (scale * jax.random.normal(jax.random.key(seed), (dim // 2,), jnp.float32)).astype(t.dtype)
     args = 2.0 * jnp.pi * t[:, None] * w[None, :]
     return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
@@ -111,6 +114,12 @@ class LabelEmbedding(nn.Module):
         labels = jnp.asarray(labels)
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},); got {labels.shape}")
+        # out of range, nn.Embed gave NaN (a label past the null one) or, for -1, the null label
+        labels = value_check(
+            labels,
+            lambda xp, v: xp.any((v < 0) | (v > self.num_classes)),
+            f"labels must lie in [0, {self.num_classes}] ({self.num_classes}: the null label)",
+        )
         return nn.Embed(self.num_classes + 1, self.dim, dtype=self.dtype)(labels)
 
 

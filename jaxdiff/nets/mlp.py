@@ -54,7 +54,7 @@ class MLP(nn.Module):
             t,
             labels,
             batch,
-            x.dtype,
+            jnp.promote_types(x.dtype, jnp.float32),  # times never take x's dtype
             self.emb_dim,
             self.time_embedding,
             self.num_classes,

@@ -66,8 +66,9 @@ class TwoTimeMLP(nn.Module):
         self, x: Array, t: ArrayLike, r: ArrayLike | None = None, labels: Array | None = None
     ) -> Array:
         batch, shape = x.shape[0], x.shape
-        t = batch_times(t, batch, x.dtype)
-        r = t if r is None else batch_times(r, batch, x.dtype)
+        time_dtype = jnp.promote_types(x.dtype, jnp.float32)  # times never take x's dtype
+        t = batch_times(t, batch, time_dtype)
+        r = t if r is None else batch_times(r, batch, time_dtype)
         cond = self._embed(t, "t_embedding") + self._embed(t - r, "gap_embedding")
         if self.num_classes is not None:
             cond = cond + LabelEmbedding(self.num_classes, self.emb_dim)(labels, batch)
@@ -78,7 +79,7 @@ class TwoTimeMLP(nn.Module):
         for _ in range(self.depth):
             h = h + nn.Dense(self.width)(nn.silu(h + nn.Dense(self.width)(cond)))
         out = nn.Dense(math.prod(shape[1:]), kernel_init=nn.initializers.zeros)(nn.silu(h))
-        return out.reshape(shape)
+        return out.reshape(shape).astype(x.dtype)
 
 
 class TwoTimeUNet(UNet):
@@ -131,6 +132,7 @@ class TwoTimeUNet(UNet):
         deterministic: bool | None = None,
     ) -> Array:
         batch = x.shape[0]
-        t = batch_times(t, batch, x.dtype)
-        r = t if r is None else batch_times(r, batch, x.dtype)
+        time_dtype = jnp.promote_types(x.dtype, jnp.float32)  # times never take x's dtype
+        t = batch_times(t, batch, time_dtype)
+        r = t if r is None else batch_times(r, batch, time_dtype)
         return self._forward(x, t, t - r, labels, deterministic)

@@ -257,8 +257,9 @@ class UNet(nn.Module):
         if deterministic is None:
             deterministic = self.dropout == 0.0 or not self.has_rng("dropout")
         batch, dtype = x.shape[0], self.dtype or x.dtype
-        cond = conditioning(
-            t, labels, batch, x.dtype, self.emb_dim or 4 * self.channels[0], self.time_embedding,
+        cond = conditioning(  # times in float32 or wider, never in x's dtype
+            t, labels, batch, jnp.promote_types(x.dtype, jnp.float32),
+            self.emb_dim or 4 * self.channels[0], self.time_embedding,
             self.num_classes, features=self.time_features or self.channels[0], compute_dtype=dtype,
             gap=gap, scale=self.time_scale, shift=self.freq_shift,
         )  # fmt: skip
