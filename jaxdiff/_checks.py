@@ -83,14 +83,25 @@ def check_time(t: Any, name: str = "t", lo: float = 0.0, hi: float = 1.0) -> Arr
     t = as_time(t)
     value = concrete(t)
     if value is not None:
-        bad = ~((value >= lo) & (value <= hi))
-        if np.any(bad):
-            raise ValueError(
-                f"{name} must lie in [{lo}, {hi}] (t = 0 is data, t = 1 the prior); "
-                f"got {name} = {value[bad].ravel()[:4].tolist()}"
-            )
+        _check_range_now(value, name, lo, hi)
         return t
     return error_if(t, ~((t >= lo) & (t <= hi)), f"{name} must lie in [{lo}, {hi}]")
+
+
+def _check_range_now(value: np.ndarray, name: str, lo: float | int, hi: float | int) -> None:
+    bad = ~((value >= lo) & (value <= hi))  # NaN fails
+    if np.any(bad):
+        raise ValueError(
+            f"{name} must lie in [{lo}, {hi}] (t = 0 is data, t = 1 the prior); "
+            f"got {name} = {value[bad].ravel()[:4].tolist()}"
+        )
+
+
+def check_time_interval(t_min: Any, t_max: Any) -> None:
+    """Check ``0 <= t_min < t_max <= 1`` (a time sampler's interval), eagerly or under ``jit``."""
+    check_order(0.0, t_min, "0", "t_min", strict=False)
+    check_order(t_min, t_max, "t_min", "t_max")
+    check_order(t_max, 1.0, "t_max", "1", strict=False)
 
 
 def _staged() -> Any:
@@ -105,11 +116,8 @@ def check_known_time(t: Any) -> None:
     """Raise if ``t`` is known at trace time (a constant under ``jit`` too) and outside
     ``[0, 1]``; free at run time: a traced ``t`` is left to the samplers' and losses' checks."""
     value = concrete(t)  # before any jnp op: under jit, jnp.asarray(2.0) is already traced
-    if value is not None and not np.all((value >= 0) & (value <= 1)):
-        bad = value[~((value >= 0) & (value <= 1))]
-        raise ValueError(
-            f"t must lie in [0, 1] (t = 0 is data, t = 1 the prior); got t = {bad.ravel()[:4].tolist()}"
-        )
+    if value is not None:
+        _check_range_now(value, "t", 0, 1)
 
 
 def error_if(x: Any, pred: Any, msg: str) -> Any:

@@ -39,7 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff._checks import check_finite, check_order, check_positive, coef_time, concrete
+from jaxdiff._checks import (
+    check_finite,
+    check_positive,
+    check_time_interval,
+    coef_time,
+    concrete,
+)
 from jaxdiff.conversions import Target, _check_target, _convert, convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath, linear_path
@@ -131,9 +137,7 @@ def uniform_time(t_min: float = 1e-3, t_max: float = 1.0) -> TimeSampler:
     >>> uniform_time(0.2, 0.4)(jax.random.key(0), (1000,)).min() >= 0.2
     Array(True, dtype=bool)
     """
-    check_order(0.0, t_min, "0", "t_min", strict=False)
-    check_order(t_min, t_max, "t_min", "t_max")
-    check_order(t_max, 1.0, "t_max", "1", strict=False)
+    check_time_interval(t_min, t_max)
     return _Uniform(float(t_min), float(t_max))
 
 
@@ -142,9 +146,7 @@ def logit_normal_time(
 ) -> TimeSampler:
     """``t = t_min + (t_max - t_min) sigmoid(mean + std z)`` (Esser et al. 2024, SD3): mid times."""
     check_positive(std, "std")
-    check_order(0.0, t_min, "0", "t_min", strict=False)
-    check_order(t_min, t_max, "t_min", "t_max")
-    check_order(t_max, 1.0, "t_max", "1", strict=False)
+    check_time_interval(t_min, t_max)
     check_finite(mean, "mean")
     return _LogitNormal(float(mean), float(std), float(t_min), float(t_max))
 
@@ -192,9 +194,7 @@ def importance_time(
     is set to 0 if the density is integrable there; one where it is not (the velocity on the
     linear path at ``t = 1``: ``1 / alpha^2``, whose mass would grow with the grid) raises.
     """
-    check_order(0.0, t_min, "0", "t_min", strict=False)
-    check_order(t_min, t_max, "t_min", "t_max")
-    check_order(t_max, 1.0, "t_max", "1", strict=False)
+    check_time_interval(t_min, t_max)
 
     def density(n: int) -> tuple[Array, Array]:
         grid = jnp.linspace(t_min, t_max, n)

@@ -49,7 +49,12 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtr
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_finite, check_order, check_positive, coef_time
+from jaxdiff._checks import (
+    check_finite,
+    check_positive,
+    check_time_interval,
+    coef_time,
+)
 from jaxdiff.conversions import Target, _check_target
 from jaxdiff.paths import GaussianPath
 
@@ -204,9 +209,7 @@ def edm_time(
     ``path.t_from_log_snr``. Has ``pdf(t)``, the density of the drawn times."""
     check_positive(p_std, "p_std")
     check_finite(p_mean, "p_mean")
-    check_order(0.0, t_min, "0", "t_min", strict=False)
-    check_order(t_min, t_max, "t_min", "t_max")
-    check_order(t_max, 1.0, "t_max", "1", strict=False)
+    check_time_interval(t_min, t_max)
     bounds = -0.5 * path.log_snr(jnp.asarray([t_min, t_max], jnp.float32))
     lo, hi = (bounds - p_mean) / p_std
     return _EDMTime(path, float(p_mean), float(p_std), float(t_min), float(t_max), lo, hi)

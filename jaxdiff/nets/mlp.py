@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxdiff._checks import wide_dtype
 from jaxdiff.nets.embeddings import conditioning
 
 Array = jax.Array
@@ -54,7 +55,7 @@ class MLP(nn.Module):
             t,
             labels,
             batch,
-            jnp.promote_types(x.dtype, jnp.float32),  # times never take x's dtype
+            wide_dtype(x.dtype),  # times never take x's dtype
             self.emb_dim,
             self.time_embedding,
             self.num_classes,

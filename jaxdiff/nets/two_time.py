@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from jaxdiff._checks import wide_dtype
 from jaxdiff.nets.embeddings import LabelEmbedding, TimeEmbedding, batch_times, fourier_embedding
 from jaxdiff.nets.unet import UNet
 
@@ -66,7 +67,7 @@ class TwoTimeMLP(nn.Module):
         self, x: Array, t: ArrayLike, r: ArrayLike | None = None, labels: Array | None = None
     ) -> Array:
         batch, shape = x.shape[0], x.shape
-        time_dtype = jnp.promote_types(x.dtype, jnp.float32)  # times never take x's dtype
+        time_dtype = wide_dtype(x.dtype)  # times never take x's dtype
         t = batch_times(t, batch, time_dtype)
         r = t if r is None else batch_times(r, batch, time_dtype)
         cond = self._embed(t, "t_embedding") + self._embed(t - r, "gap_embedding")
@@ -132,7 +133,7 @@ class TwoTimeUNet(UNet):
         deterministic: bool | None = None,
     ) -> Array:
         batch = x.shape[0]
-        time_dtype = jnp.promote_types(x.dtype, jnp.float32)  # times never take x's dtype
+        time_dtype = wide_dtype(x.dtype)  # times never take x's dtype
         t = batch_times(t, batch, time_dtype)
         r = t if r is None else batch_times(r, batch, time_dtype)
         return self._forward(x, t, t - r, labels, deterministic)

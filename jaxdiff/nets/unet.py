@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from jaxdiff._checks import wide_dtype
 from jaxdiff.nets.conv import Conv
 from jaxdiff.nets.embeddings import conditioning
 
@@ -56,7 +57,7 @@ class GroupNorm(nn.Module):
             raise ValueError(f"{g} groups do not divide the {c} channels")
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64
+        x32 = x.astype(wide_dtype(x.dtype))  # float64 stays float64
         flat = x32.reshape(b, -1, c)
         count = flat.shape[1] * (c // g)
 
@@ -258,7 +259,7 @@ class UNet(nn.Module):
             deterministic = self.dropout == 0.0 or not self.has_rng("dropout")
         batch, dtype = x.shape[0], self.dtype or x.dtype
         cond = conditioning(  # times in float32 or wider, never in x's dtype
-            t, labels, batch, jnp.promote_types(x.dtype, jnp.float32),
+            t, labels, batch, wide_dtype(x.dtype),
             self.emb_dim or 4 * self.channels[0], self.time_embedding,
             self.num_classes, features=self.time_features or self.channels[0], compute_dtype=dtype,
             gap=gap, scale=self.time_scale, shift=self.freq_shift,
