@@ -90,6 +90,7 @@ from jaxdiff.measurements import (
 from jaxdiff.metrics import (
     energy_distance,
     frechet_distance,
+    frechet_distance_from_stats,
     memorization_ratio,
     mmd,
     nearest_neighbour_distance,
@@ -209,6 +210,7 @@ __all__ = [
     "eps_loss",
     "flow_matching_loss",
     "frechet_distance",
+    "frechet_distance_from_stats",
     "importance_time",
     "likelihood_weight",
     "logit_normal_time",

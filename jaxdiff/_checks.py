@@ -80,8 +80,8 @@ def check_time(t: Any, name: str = "t", lo: float = 0.0, hi: float = 1.0) -> Arr
 
     A Python ``ValueError`` when ``t`` is concrete; under ``jit`` the returned array is tied to an
     ``error_if`` check, so use it (a dropped result drops the check)."""
+    value = concrete(t)  # before any jnp op: under jit, jnp.asarray(2.0) is already traced
     t = as_time(t)
-    value = concrete(t)
     if value is not None:
         _check_range_now(value, name, lo, hi)
         return t

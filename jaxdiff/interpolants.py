@@ -133,7 +133,9 @@ class StochasticInterpolant(eqx.Module):
     def interpolate(self, x0: ArrayLike, x1: ArrayLike, z: ArrayLike, t: ArrayLike) -> Array:
         """``a_t x0 + b_t x1 + gamma_t z``."""
         x0 = jnp.asarray(x0)
-        c = [expand_like(f(t), x0) for f in (self.a, self.b, self.gamma)]
+        check_known_time(t)  # once, not in each of a, b and gamma
+        t = as_time(t)
+        c = [expand_like(_call(fn, t, name), x0) for fn, name in self._fns()]
         return c[0] * x0 + c[1] * jnp.asarray(x1) + c[2] * jnp.asarray(z)
 
     def sample(self, key: Array, x0: ArrayLike, x1: ArrayLike, t: ArrayLike) -> tuple[Array, Array]:

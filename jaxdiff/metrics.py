@@ -13,9 +13,18 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_finite, check_positive, data_dtype, wide_dtype
+from jaxdiff._checks import (
+    check_finite,
+    check_positive,
+    concrete,
+    data_dtype,
+    error_if,
+    value_check,
+    wide_dtype,
+)
 
 Array = jax.Array
 
@@ -147,21 +156,72 @@ def frechet_distance(x: ArrayLike, y: ArrayLike) -> Array:
 
 @jax.jit  # one program per shape (eagerly, the moments and roots would compile op by op)
 def _frechet_distance(x: Array, y: Array) -> Array:
+    (n, d), m = x.shape, y.shape[0]
     mx, my = jnp.mean(x, 0), jnp.mean(y, 0)
-    cx, cy = jnp.cov(x, rowvar=False), jnp.cov(y, rowvar=False)
-    return frechet_distance_from_stats(mx, cx, my, cy)
+    if min(n, m) > d:
+        return _from_stats(mx, jnp.cov(x, rowvar=False), my, jnp.cov(y, rowvar=False), False)
+    # Rank-deficient covariances (n <= d): their roots' eigenvectors are not unique, and the
+    # gradient through them was NaN. With C_x = A^T A, C_y = B^T B (A = (x - mx) / sqrt(n - 1)),
+    # the cross term tr (C_x^(1/2) C_y C_x^(1/2))^(1/2) is the nuclear norm of A B^T (n x m).
+    a, b = (x - mx[None]) / jnp.sqrt(n - 1.0), (y - my[None]) / jnp.sqrt(m - 1.0)
+    tr_cross = jnp.sum(jnp.linalg.svd(a @ b.T, compute_uv=False))
+    value = jnp.sum((mx - my) ** 2) + jnp.sum(a**2) + jnp.sum(b**2) - 2.0 * tr_cross
+    return jnp.maximum(value, 0.0)
 
 
-def _sqrtm_psd(c: Array) -> Array:
+def _sqrtm_psd(c: Array) -> tuple[Array, Array]:
+    """The root of a symmetric PSD matrix, and its eigenvalues."""
     w, v = jnp.linalg.eigh(0.5 * (c + c.T))
-    return (v * jnp.sqrt(jnp.maximum(w, 0.0))[None, :]) @ v.T
+    return (v * _safe_sqrt(w)[None, :]) @ v.T, w
 
 
-def frechet_distance_from_stats(mu_x: Array, cov_x: Array, mu_y: Array, cov_y: Array) -> Array:
-    """The Fréchet (2-Wasserstein) distance squared between ``N(mu_x, cov_x)`` and ``N(mu_y, cov_y)``."""
-    root = _sqrtm_psd(cov_x)
+def _safe_sqrt(w: Array) -> Array:
+    """``sqrt(max(w, 0))`` with gradient 0, not inf, at ``w <= 0``."""
+    pos = w > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, w, 1.0)), 0.0)
+
+
+def _psd_check(c: Array, w: Array, name: str) -> Array:
+    """Tie ``c`` to a check that it is symmetric with eigenvalues ``w >= 0`` up to rounding."""
+    msg = f"{name} must be a symmetric positive semi-definite matrix"
+
+    def bad(xp, c, w):
+        tol = 100 * xp.finfo(w.dtype).eps * c.shape[0] * xp.maximum(xp.max(xp.abs(w)), 1e-30)
+        ok = xp.isfinite(c).all() & (xp.min(w) >= -tol) & xp.allclose(c, c.T, rtol=1e-4)
+        return ~ok
+
+    cv, wv = concrete(c), concrete(w)
+    if cv is None or wv is None:
+        return error_if(c, bad(jnp, c, w), msg)
+    if bad(np, cv, wv):
+        raise ValueError(f"{msg}; got smallest eigenvalue {float(np.min(wv)):.4g}")
+    return c
+
+
+def frechet_distance_from_stats(
+    mu_x: ArrayLike, cov_x: ArrayLike, mu_y: ArrayLike, cov_y: ArrayLike
+) -> Array:
+    """The Fréchet (2-Wasserstein) distance squared between ``N(mu_x, cov_x)`` and ``N(mu_y, cov_y)``.
+
+    ``mu (d,)`` and ``cov (d, d)``; a covariance that is not symmetric positive semi-definite
+    (up to rounding) is an error, eagerly and under ``jit``."""
+    mu_x, cov_x, mu_y, cov_y = (jnp.asarray(a) for a in (mu_x, cov_x, mu_y, cov_y))
+    d = mu_x.shape[0] if mu_x.ndim == 1 else -1
+    if d < 0 or mu_y.shape != (d,) or cov_x.shape != (d, d) or cov_y.shape != (d, d):
+        raise ValueError(
+            "expected mu_x, mu_y of shape (d,) and cov_x, cov_y of shape (d, d); got shapes "
+            f"{mu_x.shape}, {mu_y.shape}, {cov_x.shape}, {cov_y.shape}"
+        )
+    return _from_stats(mu_x, cov_x, mu_y, cov_y, True)
+
+
+def _from_stats(mu_x: Array, cov_x: Array, mu_y: Array, cov_y: Array, check: bool) -> Array:
+    root, wx = _sqrtm_psd(cov_x)
+    if check:
+        cov_x = _psd_check(cov_x, wx, "cov_x")
+        cov_y = _psd_check(cov_y, jnp.linalg.eigvalsh(0.5 * (cov_y + cov_y.T)), "cov_y")
     cross = jnp.linalg.eigvalsh(root @ cov_y @ root)
-    tr_cross = jnp.sum(jnp.sqrt(jnp.maximum(cross, 0.0)))
+    tr_cross = jnp.sum(_safe_sqrt(cross))
     value = jnp.sum((mu_x - mu_y) ** 2) + jnp.trace(cov_x) + jnp.trace(cov_y) - 2.0 * tr_cross
     return jnp.maximum(value, 0.0)  # a squared distance: rounding gave -0.18 for x against x
 
@@ -204,5 +264,10 @@ def memorization_ratio(samples: ArrayLike, train: ArrayLike, held_out: ArrayLike
     training points) signals memorisation. Samples and held-out data must be equally many-ish.
     """
     d_samples = nearest_neighbour_distance(samples, train)
-    d_held = nearest_neighbour_distance(held_out, train)
-    return jnp.median(d_samples) / jnp.median(d_held)
+    held = jnp.median(nearest_neighbour_distance(held_out, train))
+    msg = (
+        "held_out's median distance to its nearest training point must be > 0 (the ratio "
+        "divides by it): half or more of held_out are copies of training points"
+    )
+    held = value_check(held, lambda xp, v: ~(v > 0), msg, lambda v: str(float(v)))
+    return jnp.median(d_samples) / held

@@ -182,3 +182,9 @@ def test_path_methods_check_a_concrete_time():
     assert float(jax.jit(lin.alpha)(0.25)) == 0.75
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):  # a constant under jit
         jax.jit(lambda x: lin.interpolate(x, x, 2.0))(x)
+    # check_time reads a constant before converting it (jnp.asarray under jit is traced): the
+    # error comes when tracing (eval_shape runs nothing), not when the program runs
+    with pytest.raises(ValueError, match=r"t must lie in \[0.0, 1.0\] .*got t = \[2.0\]"):
+        jax.eval_shape(lambda x: lin.sample(jax.random.key(0), x, 2.0), x)
+    with pytest.raises(ValueError, match=r"t_end must lie in \[0.0, 1.0\] .*got t_end = \[-0.1\]"):
+        jax.eval_shape(lambda: jd.uniform_grid(8, t_end=-0.1))

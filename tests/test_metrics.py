@@ -98,3 +98,39 @@ def test_integer_and_far_from_origin_data_give_the_float_statistics():
     assert float(jd.frechet_distance(wide, wide)) == 0.0
     with pytest.raises(ValueError, match="block must be an integer >= 1"):
         jd.energy_distance(x, y, block=0)  # a ZeroDivisionError
+
+
+def test_frechet_distance_gradient_and_covariance_checks(x64):
+    """With fewer points than dimensions the covariances are singular, their roots' eigenvectors
+    not unique, and the gradient was NaN; the nuclear norm of ``A B^T`` gives the same value (within
+    1e-7 of the covariance formula) and a finite gradient, equal to finite differences. A
+    covariance that is not positive semi-definite was clipped silently; it is now an error."""
+    from jaxdiff.metrics import frechet_distance_from_stats as from_stats
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 7)), rng.normal(size=(9, 7)) + 0.2
+    stats = (x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    np.testing.assert_allclose(jd.frechet_distance(x, y), from_stats(*stats), rtol=1e-7)
+    grad = jax.grad(jd.frechet_distance)(x, y)
+    assert np.all(np.isfinite(grad))
+    step = np.zeros_like(x)
+    step[2, 3] = 1e-6
+    fd = (jd.frechet_distance(x + step, y) - jd.frechet_distance(x - step, y)) / 2e-6
+    np.testing.assert_allclose(grad[2, 3], fd, rtol=1e-5)
+    eye, bad = np.eye(3), np.diag([1.0, -0.5, 1.0])
+    assert float(from_stats(np.zeros(3), eye, np.ones(3), 4 * eye)) == pytest.approx(6.0)
+    with pytest.raises(ValueError, match="cov_x must be a symmetric positive semi-definite"):
+        from_stats(np.zeros(3), bad, np.zeros(3), eye)
+    with pytest.raises(Exception, match="cov_y must be a symmetric positive semi-definite"):
+        jax.block_until_ready(jax.jit(from_stats)(np.zeros(3), eye, np.zeros(3), bad))
+    with pytest.raises(ValueError, match=r"shape \(d, d\); got shapes \(3,\), \(3,\), \(3, 3\)"):
+        from_stats(np.zeros(3), eye, np.zeros(3), np.eye(2))
+
+
+def test_memorization_ratio_of_held_out_copies_is_an_error():
+    """Held-out data that are mostly copies of training points have median distance 0: the
+    ratio was inf or NaN."""
+    train = jax.random.normal(jax.random.key(0), (50, 3))
+    with pytest.raises(ValueError, match="held_out's median distance .* must be > 0 .*; got 0.0"):
+        jd.memorization_ratio(train[:10] + 0.1, train, train[:20])
+    assert float(jd.memorization_ratio(train[:20], train, train[:20] + 0.1)) == 0.0

@@ -586,6 +586,11 @@ DROPPED_CHECKS = {
     ),
     "edm_heun churn": (lambda v: _tiny_sample(jd.samplers.edm_heun(churn=v)), -1.0, "churn"),
     "edm_heun rho": (lambda v: _tiny_sample(jd.samplers.edm_heun(rho=v)), -1.0, "rho"),
+    "edm_heun s_noise": (  # s_noise is read only where churn adds noise
+        lambda v: _tiny_sample(jd.samplers.edm_heun(churn=1.0, s_noise=v)),
+        -1.0,
+        "s_noise",
+    ),
     "pc snr": (lambda v: _tiny_sample(jd.samplers.pc(snr=v)), -0.1, "snr"),
     "ancestral var_weight": (
         lambda v: _tiny_sample(jd.samplers.ancestral(var_weight=v)),

@@ -166,7 +166,20 @@ def conv2d(
             f"{kernel.shape}"
         )
     strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
-    return _conv2d(x, kernel, strides, _pads(padding, x.shape, kernel.shape[:2], strides))
+    if len(strides) != 2 or any(int(s) != s or s < 1 for s in strides):
+        raise ValueError(f"strides must be an integer >= 1 or a pair of them; got {strides}")
+    if not isinstance(padding, str) and not isinstance(padding, int) and len(padding) != 2:
+        raise ValueError(
+            f"padding must be 'SAME', 'VALID', an int or two (lo, hi) pairs; got {padding}"
+        )
+    pads = _pads(padding, x.shape, kernel.shape[:2], strides)
+    out = [(x.shape[1 + d] + sum(pads[d]) - kernel.shape[d]) // strides[d] + 1 for d in range(2)]
+    if any(p < 0 for pair in pads for p in pair) or min(out) < 1:
+        raise ValueError(
+            f"padding {padding} of an image {x.shape[1:3]} with a kernel {kernel.shape[:2]}: "
+            f"padding must be >= 0 and leave an output of at least 1 x 1 (got {tuple(out)})"
+        )
+    return _conv2d(x, kernel, strides, pads)
 
 
 class Conv(nn.Module):
