@@ -39,9 +39,10 @@ class GroupNorm(nn.Module):
     (``scale`` and ``bias`` per channel, statistics in float32 or wider, the same parameters),
     computed from per-channel sums over the spatial axes, then per group.
 
-    ``y = (x - mean_g) rsqrt(var_g + epsilon) scale + bias``, ``var_g = E[(x - mean_g)^2]`` (two
-    passes: Flax's ``E[x^2] - mean_g^2`` loses the variance at large offsets, 0.35 for 1 at an
-    offset of 1e3 in float32). Flax
+    ``y = (x - mean_g) rsqrt(var_g + epsilon) scale + bias``, ``var_g = E[(x - mean_g)^2]``: two
+    passes (Flax's one-pass ``E[x^2] - mean_g^2`` loses the variance far from zero: outputs 0.86
+    off at an offset of 1e3 in float32; two passes cost 0.5 ms more forward at 32x32x64, batch
+    32, and 1.3 ms less forward and backward). Flax
     reduces the ``(batch, h, w, groups, channels / groups)`` reshape over three scattered axes,
     a slow XLA:CPU path (32x32x64 at batch 32: 7.7 ms forward, here 0.8-1.3 ms; forward and
     backward 5.9 ms against 1.7 ms); the sums over ``h, w`` first are contiguous reductions.
@@ -67,11 +68,12 @@ class GroupNorm(nn.Module):
             per_group = jnp.sum(v, axis=1).reshape(b, g, c // g).sum(-1) / count
             return jnp.repeat(per_group, c // g, axis=-1)
 
-        centred = flat - group_mean(flat)[:, None, :]
-        var = group_mean(centred * centred)  # two passes: E[x^2] - mean^2 lost large offsets
+        shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+        centred = x32 - group_mean(flat).reshape(shape)
+        var = group_mean((centred * centred).reshape(b, -1, c))  # two passes (see above)
         mul = jax.lax.rsqrt(var + self.epsilon) * scale[None]
-        y = centred * mul[:, None, :] + bias[None, None, :]
-        return y.reshape(x.shape).astype(self.dtype or x.dtype)
+        y = centred * mul.reshape(shape) + bias.reshape((1,) * (x.ndim - 1) + (c,))
+        return y.astype(self.dtype or x.dtype)
 
 
 def _norm(channels: int, groups: int, dtype) -> GroupNorm:
