@@ -12,11 +12,13 @@ benchmarks, and a stand-in for CIFAR-10 where nothing can be downloaded).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff._checks import check_positive
 from jaxdiff.oracles import GaussianMixture
 
 Array = jax.Array
@@ -35,6 +37,21 @@ __all__ = [
 ]
 
 
+def _count(n: int) -> int:
+    """``n`` as a Python int >= 0 (a number of points: static, a shape)."""
+    try:
+        ok = not isinstance(n, bool) and int(n) == n and int(n) >= 0
+    except (TypeError, ValueError):  # a string, None, or a traced value
+        ok = False
+    if not ok:
+        raise ValueError(f"n must be an integer >= 0 (a number of points); got {n!r}")
+    return int(n)
+
+
+def _noise(noise: float) -> Any:
+    return check_positive(noise, "noise", strict=False)
+
+
 def checkerboard(key: Array, n: int) -> Array:
     """Uniform on the 8 black squares of a 4x4 checkerboard on ``[-2, 2]^2`` (Grathwohl et al. 2019).
 
@@ -42,6 +59,7 @@ def checkerboard(key: Array, n: int) -> Array:
     >>> bool(((jnp.floor(x[:, 0]) + jnp.floor(x[:, 1])) % 2 == 0).all())
     True
     """
+    n = _count(n)
     k1, k2, k3 = jax.random.split(key, 3)
     x1 = jax.random.uniform(k1, (n,), minval=-2.0, maxval=2.0)
     x2 = jax.random.uniform(k2, (n,)) - 2.0 * jax.random.randint(k3, (n,), 0, 2).astype(x1.dtype)
@@ -51,6 +69,7 @@ def checkerboard(key: Array, n: int) -> Array:
 
 def moons(key: Array, n: int, noise: float = 0.1) -> Array:
     """Two interleaved half circles (scikit-learn's ``make_moons``), centred and scaled by 1.5."""
+    n, noise = _count(n), _noise(noise)
     k1, k2, k3 = jax.random.split(key, 3)
     theta = jnp.pi * jax.random.uniform(k1, (n,))
     upper = jax.random.bernoulli(k2, 0.5, (n,))
@@ -69,11 +88,12 @@ def eight_gaussians_mixture(radius: float = 2.0, std: float = 0.25) -> GaussianM
 
 def eight_gaussians(key: Array, n: int) -> Array:
     """Samples of ``eight_gaussians_mixture()``: radius 2, std 0.25."""
-    return eight_gaussians_mixture().sample(key, n)
+    return eight_gaussians_mixture().sample(key, _count(n))
 
 
 def spirals(key: Array, n: int, noise: float = 0.1) -> Array:
     """Two interleaved spirals (Grathwohl et al. 2019's ``2spirals``), scaled by 1/4."""
+    n, noise = _count(n), _noise(noise)
     k1, k2, k3, k4 = jax.random.split(key, 4)
     r = jnp.sqrt(jax.random.uniform(k1, (n,))) * 3.0 * jnp.pi
     pts = jnp.stack([-jnp.cos(r) * r, jnp.sin(r) * r], axis=1)
@@ -84,6 +104,7 @@ def spirals(key: Array, n: int, noise: float = 0.1) -> Array:
 
 def rings(key: Array, n: int, noise: float = 0.08) -> Array:
     """Three concentric rings of radii 0.7, 1.4, 2.1, points in proportion to the circumference."""
+    n, noise = _count(n), _noise(noise)
     k1, k2, k3 = jax.random.split(key, 3)
     radii = jnp.array([0.7, 1.4, 2.1])
     r = radii[jax.random.choice(k1, 3, (n,), p=radii / radii.sum())]
@@ -138,6 +159,11 @@ def shapes(
     >>> x.shape, x.dtype, y.tolist()
     ((4, 16, 16, 3), dtype('uint8'), [2, 1, 1, 0])
     """
+    n = _count(n)
+    if isinstance(size, bool) or int(size) != size or size < 1:
+        raise ValueError(f"size must be an integer >= 1; got {size!r}")
+    if not (np.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be finite and >= 0 (a pixel std); got {noise!r}")
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, n)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5

@@ -17,6 +17,26 @@ def test_toy_sets_are_deterministic_centred_and_bounded(name):
     assert float(jnp.abs(x.mean(0)).max()) < 0.1 and float(jnp.abs(x).max()) < 4.0
 
 
+@pytest.mark.parametrize("name", list(TOY_DATASETS))
+def test_toy_sets_check_their_arguments(name):
+    """A negative count gave MLIR's raw "Invalid type", and a NaN noise a set of NaN; a count
+    of 0 is an empty set."""
+    fn = TOY_DATASETS[name]
+    assert fn(jax.random.key(0), 0).shape == (0, 2)
+    for n in (-1, True):  # 3.5: the suite's type checker refuses it first
+        with pytest.raises(ValueError, match=f"n must be an integer >= 0.*got {n!r}"):
+            fn(jax.random.key(0), n)
+    if name in ("moons", "spirals", "rings"):
+        with pytest.raises(ValueError, match="noise must be finite; got noise = nan"):
+            fn(jax.random.key(0), 4, noise=float("nan"))
+        with pytest.raises(ValueError, match="noise must be >= 0; got noise = -0.1"):
+            fn(jax.random.key(0), 4, noise=-0.1)
+    with pytest.raises(ValueError, match="noise must be finite and >= 0 .*got -1.0"):
+        jd.data.shapes(2, noise=-1.0)
+    with pytest.raises(ValueError, match="size must be an integer >= 1; got 0"):
+        jd.data.shapes(2, 0)
+
+
 def test_toy_sets_have_their_shapes():
     key = jax.random.key(1)
     r = jnp.linalg.norm(jd.data.rings(key, 20_000), axis=1)
