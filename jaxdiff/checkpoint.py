@@ -139,6 +139,12 @@ class Checkpointer:
     """Save and restore train states in ``directory``, keeping the newest ``max_to_keep``."""
 
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3):
+        if max_to_keep is not None and (
+            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+        ):  # -1 once deleted every step right after saving it; 0 kept them all
+            raise ValueError(
+                f"max_to_keep must be a positive integer or None (keep all); got {max_to_keep!r}"
+            )
         self.directory = Path(directory).absolute()
         self.max_to_keep = max_to_keep
         # One process: old steps are removed after the new one is sealed (Orbax would remove
@@ -166,6 +172,11 @@ class Checkpointer:
         A damaged step of the same number is first moved to ``DIR/damaged/`` (with a warning); an
         intact one is an error (``ValueError``): a checkpoint is never overwritten."""
         step = int(state.step)
+        meta = dict(meta or {})
+        try:  # before Orbax starts: a failed JSON write left a temporary folder that broke the
+            json.dumps(meta)  # next save of this step (OSError)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"meta must be JSON-able: {err}") from None
         if step in self._manager.all_steps():
             if self._damage(step) is None:
                 raise ValueError(
@@ -175,7 +186,7 @@ class Checkpointer:
             self.set_aside_damaged([step])
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_to_saveable(state)),
-            meta=ocp.args.JsonSave(dict(meta or {})),
+            meta=ocp.args.JsonSave(meta),
         )
         self._manager.save(step, args=args, force=force)
         self._manager.wait_until_finished()

@@ -156,7 +156,7 @@ def _parser() -> _Parser:
         help="guide only for T_LO <= t <= T_HI (e.g. 0 0.84; Kynkaanniemi et al. 2024)",
     )
     smp.add_argument("--no-ema", action="store_true", help="use the raw params, not the EMA")
-    smp.add_argument("--out", help="output folder (default CKPT/samples)")
+    smp.add_argument("--out", help="output folder (default: samples/ in the run folder)")
     smp.add_argument(
         "--metrics-n",
         type=int,
@@ -217,6 +217,10 @@ def _one_line_warnings(show):
     return showwarning
 
 
+def _out_of_memory(message: str) -> bool:
+    return "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0, or 2 after a one-line error on stderr)."""
     from jaxdiff.rundir import RunBusyError
@@ -239,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"jaxdiff: error: {err}", file=sys.stderr)
             else:
                 print(f"jaxdiff: training diverged: {err} (lower --lr?)", file=sys.stderr)
+        except MemoryError as err:  # numpy: e.g. --n 10000000000000
+            print(f"jaxdiff: error: out of memory: {err} (lower --n or --batch)", file=sys.stderr)
+        except RuntimeError as err:  # XLA's out of memory (jax.errors.JaxRuntimeError)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if type(err).__name__ != "JaxRuntimeError" or not _out_of_memory(first):
+                raise
+            print(f"jaxdiff: error: out of memory: {first} (lower --n or --batch)", file=sys.stderr)
         except OSError as err:  # a full disk, a folder made read-only during the run, ...
             where = f": {err.filename}" if err.filename else ""
             print(f"jaxdiff: error: {err.strerror or err}{where}", file=sys.stderr)

@@ -146,6 +146,9 @@ def resolve(config: dict) -> dict:
             raise ValueError(f"{name} must be >= 0; got {c[name]}")
     if not (isinstance(c["lr"], int | float) and math.isfinite(c["lr"]) and c["lr"] > 0):
         raise ValueError(f"lr must be a positive number; got {c['lr']}")
+    for name in ("ema", "label_dropout"):  # a string once raised a bare TypeError
+        if isinstance(c[name], bool) or not isinstance(c[name], int | float):
+            raise ValueError(f"{name} must be a number in [0, 1); got {c[name]!r}")
     if not 0.0 <= c["ema"] < 1.0:
         raise ValueError(f"ema must lie in [0, 1); got {c['ema']}")
     if not 0.0 <= c["label_dropout"] < 1.0:

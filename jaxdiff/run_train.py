@@ -37,6 +37,8 @@ def train_run(
     see ``rundir.resume_config``), and the history in ``metrics.json`` is continued. A finished
     run is reported, not retrained. ``until`` stops at that step (resume later). The folder is
     locked for the whole run (``rundir.RunLock``)."""
+    if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 1):
+        raise ValueError(f"until must be a positive integer (a step); got {until!r}")
     if resume and not R.has_steps(Path(out) / "ckpt"):
         raise FileNotFoundError(f"no checkpoint to resume from in {Path(out) / 'ckpt'}")
     if not resume:
@@ -68,7 +70,7 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
     feed, data, saved_meta = None, None, {}
     try:
         if resume:
-            c, changes = R.resume_config(ckpt.meta()["config"], config)
+            c, changes = R.resume_config(R.saved_config(ckpt.meta(), ckpt_dir), config)
         setup = IR.build(c)
         state, opt = E.init_state(c, setup)
         history = R.History()
@@ -226,7 +228,7 @@ def demo_run(
     interrupted one continues from its last checkpoint; a folder holding anything else that a
     run writes (another run, or its ``metrics.json`` or ``samples.png``) is refused.
     """
-    config = E.resolve(dict(DEMO_CONFIG, **({"steps": steps} if steps else {})))
+    config = E.resolve(dict(DEMO_CONFIG, **({"steps": steps} if steps is not None else {})))
     start = E.now()
     out = R.prepare(out)
     with R.RunLock(out):
@@ -264,7 +266,7 @@ def _check_same_demo(out: Path, config: dict, found: list[str]) -> None:
     what = f"files of another run ({', '.join(found)})"
     if R.has_steps(out / "ckpt"):
         try:
-            saved = E.resolve(read_meta(out / "ckpt")["config"])
+            saved = E.resolve(R.saved_config(read_meta(out / "ckpt"), out / "ckpt"))
         except CheckpointError:
             what = "a run whose every checkpoint is damaged"
         else:

@@ -124,7 +124,10 @@ def read_metrics(out: Path) -> dict | None:
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_text())
+        if not isinstance(data, dict):  # valid JSON, but a list or a number: AttributeError
+            raise ValueError(f"a {type(data).__name__}, not an object")
+        return data
     except ValueError:
         aside = file.with_name(f"{METRICS}.unreadable-{int(time.time())}")
         os.replace(file, aside)
@@ -172,6 +175,18 @@ class History:
         if self.final is not None:
             out["final"] = self.final
         return out
+
+
+def saved_config(meta: dict, where: str | Path) -> dict:
+    """The run config in a checkpoint's ``meta``; ``ValueError`` naming ``where`` when it holds
+    none (a checkpoint saved from Python with a ``meta`` of its own, not by a run)."""
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"the checkpoint in {where} holds no run config (meta keys: {sorted(meta)}); it was "
+            "not written by python -m jaxdiff train or demo"
+        )
+    return config
 
 
 # What a resumed run may change: when and how much to train, evaluate and checkpoint. Everything

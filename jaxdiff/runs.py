@@ -59,6 +59,8 @@ def make_sampler(
         return _fewstep_sampler(c, setup, solver, steps, eta, guidance, guidance_interval, batch)
     if guidance_interval is not None:
         guidance_interval = check_interval(guidance_interval)
+    if not math.isfinite(guidance):  # NaN once sampled 24 s, then blamed eta and the steps
+        raise ValueError(f"guidance must be a finite number; got {guidance}")
     if not setup.num_classes and (guidance != 1 or guidance_interval is not None):
         raise ValueError(
             "--guidance and --guidance-interval need a class-conditional model (trained with "
@@ -237,7 +239,7 @@ def load_checkpoint(ckpt_dir: str | Path):
     from jaxdiff import run_images as IR
 
     with Checkpointer(ckpt_dir) as ckpt:
-        c = IR.resolve(ckpt.meta()["config"])
+        c = IR.resolve(R.saved_config(ckpt.meta(), ckpt_dir))
         setup = IR.build(c)
         like, _ = E.init_state(c, setup)
         state, _ = ckpt.restore(like)
@@ -282,10 +284,8 @@ def sample_run(
     labels = None if label is None else np.full((n,), label)
     if steps is None:
         steps = 1 if c["loss"] in E.FEWSTEP_LOSSES else 20
-    run = Path(ckpt_dir).parent if R.has_steps(Path(ckpt_dir)) else Path(ckpt_dir)
-    out = R.prepare(out if out is not None else run / "samples")
     params = state.ema if ema else state.params
-    draw = make_sampler(
+    draw = make_sampler(  # checks the options before the output folder is made
         c,
         setup,
         solver=solver,
@@ -295,6 +295,8 @@ def sample_run(
         guidance_interval=guidance_interval,
         batch=min(n, 2000),
     )
+    run = Path(ckpt_dir).parent if R.has_steps(Path(ckpt_dir)) else Path(ckpt_dir)
+    out = R.prepare(out if out is not None else run / "samples")
     if c["loss"] in E.FEWSTEP_LOSSES:
         solver = c["loss"]  # the run's own sampler
     solver = "heun" if solver is None else solver
