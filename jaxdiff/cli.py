@@ -79,7 +79,7 @@ def _parser() -> _Parser:
     train.add_argument(
         "--loss",
         choices=E.LOSSES,
-        help="loss (default fm for fm, else eps); meanflow and "
+        help="loss (default x0 with --precond edm, fm for --path fm, else eps); meanflow and "
         "consistency train few-step generators",
     )
     train.add_argument("--target", choices=("eps", "x0", "v", "velocity", "score"))

@@ -84,7 +84,13 @@ class ArraySource:
 def load_npz(path: str | Path, images: str | None = None, labels: str | None = None) -> ArraySource:
     """An :class:`ArraySource` from ``np.savez(path, images=..., labels=...)``; the keys default
     to the first of ``images, x, data, arr_0`` and ``labels, y, label, targets`` present."""
-    with np.load(path) as f:
+    try:
+        f = np.load(path)  # allow_pickle=False: a pickle or a .npy is refused below
+    except (ValueError, EOFError) as err:  # a missing file stays a FileNotFoundError
+        raise ValueError(f"{path} is not a readable .npz file ({err})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a .npy array, not a .npz file of named arrays")
+    with f:
         keys = list(f.keys())
         img_key = images or next((k for k in ("images", "x", "data", "arr_0") if k in keys), None)
         if img_key not in keys:

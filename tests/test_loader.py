@@ -315,6 +315,20 @@ def test_sharded_batches_on_four_devices():
     assert out["scale"] > 0.1 and out["max_diff"] < 1e-5, out
 
 
+def test_npz_that_is_not_one_names_the_file(tmp_path):
+    """A text file or a ``.npy`` gave numpy's pickle message or an ``AttributeError``, without
+    the file's name; a missing file stays a ``FileNotFoundError``."""
+    text, single = tmp_path / "x.npz", tmp_path / "y.npy"
+    text.write_text("hello")
+    np.save(single, np.zeros(3))
+    with pytest.raises(ValueError, match=r"x.npz is not a readable .npz file"):
+        LD.open_images(f"npz:{text}")
+    with pytest.raises(ValueError, match=r"y.npy is a .npy array, not a .npz file"):
+        LD.open_images(f"npz:{single}")
+    with pytest.raises(FileNotFoundError):
+        LD.open_images(f"npz:{tmp_path / 'none.npz'}")
+
+
 def test_cli_trains_on_images_and_resumes_exactly(tmp_path, npz):
     from jaxdiff.checkpoint import Checkpointer
     from jaxdiff.cli import main
