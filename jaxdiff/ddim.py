@@ -21,11 +21,19 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxdiff import _engine
-from jaxdiff._checks import check_finite, check_time, concrete, expand_like
+from jaxdiff._checks import (
+    check_count,
+    check_finite,
+    check_time,
+    concrete,
+    data_dtype,
+    expand_like,
+)
+from jaxdiff.ddpm import _reverse_times
 from jaxdiff.field import Field, as_field, predict
 from jaxdiff.integrate import Solution
 from jaxdiff.paths import GaussianPath
-from jaxdiff.sde import check_eta
+from jaxdiff.sde import _is_zero, check_eta
 
 Array = jax.Array
 
@@ -48,7 +56,9 @@ def ddim_step(
     ``eta = 0`` it is a step of DDIM inversion.
     """
     if noise is not None:
-        check_eta(eta)
+        eta = check_eta(eta)  # traced: checked when the program runs (a NaN eta was silent)
+        if not _is_zero(eta):  # a stochastic step with s > t had c^2 < 0: a silent NaN
+            t, s = _reverse_times(t, s)
     elif (e := concrete(eta)) is None or np.any(e != 0):  # eta > 0 without z was ignored
         raise ValueError(f"a stochastic DDIM step (eta = {eta}) needs noise=z, a standard normal")
     a_s, k, c = (expand_like(v, x0) for v in ddim_coefs(path, t, s, None if noise is None else eta))
@@ -88,7 +98,7 @@ def ddim_invert(
     """
     field = as_field(field)
     if ts is None:
-        steps = 50 if steps is None else steps
+        steps = 50 if steps is None else check_count(steps, "steps")
         t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")
         ts = jnp.linspace(jnp.asarray(t_start, float), jnp.asarray(t_end, float), int(steps) + 1)
     elif steps is not None:
@@ -98,6 +108,7 @@ def ddim_invert(
         grid, lambda g: g[0] >= g[-1], "ddim_invert runs up an increasing grid"
     )
     x = check_finite(jnp.asarray(x), "x")
+    x = x.astype(data_dtype(x))  # integers were inverted in integer arithmetic (truncated)
     grid = grid.astype(jnp.result_type(x.dtype, jnp.float32))
 
     def step(key, x, s, t):  # s < t: up the grid

@@ -34,6 +34,7 @@ from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
     as_time,
+    check_count,
     coef_time,
     concrete,
     error_if,
@@ -99,6 +100,14 @@ def rescale_zero_terminal_snr(betas: ArrayLike) -> Array:
     >>> float(rescale_zero_terminal_snr(linear_betas(1000))[-1])
     1.0
     """
+    betas = jnp.asarray(betas)
+    if betas.ndim != 1 or betas.shape[0] < 2:  # T = 1 gave NaN (0 / 0); 2-D was flattened
+        raise ValueError(f"betas must be a 1-D array of at least 2 steps; got shape {betas.shape}")
+    betas = value_check(
+        betas,
+        lambda xp, b: xp.any(~((b > 0) & (b <= 1))) | ~(b[0] < 1),
+        "betas must lie in (0, 1], the first below 1",
+    )
     root = jnp.sqrt(alpha_bars(betas))
     first, last = root[0], root[-1]
     abar = ((root - last) * first / (first - last)) ** 2
@@ -118,6 +127,8 @@ def _times(indices, num_train_steps: int) -> Array:
 
 
 def _check_counts(num_train_steps: int, num_steps: int) -> None:
+    check_count(num_train_steps, "num_train_steps")
+    check_count(num_steps, "num_steps")
     if int(num_steps) < 1 or int(num_train_steps) < int(num_steps):
         raise ValueError(
             f"need 1 <= num_steps <= num_train_steps; got {num_steps} and {num_train_steps}"
@@ -145,6 +156,8 @@ def leading_timesteps(num_train_steps: int, num_steps: int, offset: int = 0) -> 
     for ``T = 1000``, ``n = 4``.
     """
     _check_counts(num_train_steps, num_steps)
+    if int(offset) != offset or offset < 0:  # offset -1 gave the time 0 twice
+        raise ValueError(f"offset must be an integer >= 0; got {offset}")
     ratio = num_train_steps // num_steps
     k = (np.arange(num_steps) * ratio + offset)[::-1]
     if int(k[0]) > num_train_steps - 1:

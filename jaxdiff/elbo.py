@@ -26,7 +26,15 @@ import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_count, check_finite, expand_like
+from jaxdiff._checks import (
+    check_count,
+    check_finite,
+    check_positive,
+    data_dtype,
+    expand_like,
+    value_check,
+    wide_dtype,
+)
 from jaxdiff.conversions import Target, _check_target, to_x0_eps
 from jaxdiff.ddpm import _check_var_weight, _posterior, _reverse_mean_var, _reverse_times
 from jaxdiff.field import Field, as_field, predict
@@ -87,6 +95,7 @@ def discretized_gaussian_log_prob(
     x = jnp.asarray(x)
     if check_count(num_bins, "num_bins") < 2:
         raise ValueError(f"num_bins must be >= 2 (bin centres -1 and 1 at least); got {num_bins}")
+    std = check_positive(std, "std")  # a negative std flipped the bins' edges
     half = 1.0 / (num_bins - 1)
     lo = jnp.where(x < -1.0 + half, -jnp.inf, (x - half - mean) / std)
     hi = jnp.where(x > 1.0 - half, jnp.inf, (x + half - mean) / std)
@@ -134,11 +143,14 @@ def nelbo(
     """
     field = as_field(field)
     x0 = check_finite(jnp.asarray(x0), "x0")
+    x0 = x0.astype(wide_dtype(data_dtype(x0)))  # nats in float32 or wider, whatever x0's dtype
     if x0.ndim < 2:
         raise ValueError(f"x0 must be (batch, *event); got shape {x0.shape}")
     T = check_count(num_steps, "num_steps")
     if T < 2:
         raise ValueError(f"num_steps must be >= 2; got {num_steps}")
+    if num_terms is not None:
+        num_terms = check_count(num_terms, "num_terms")
     _check_var_weight(var_weight)
     axes = tuple(range(1, x0.ndim))
     batch, dtype = x0.shape[0], x0.dtype
@@ -149,6 +161,12 @@ def nelbo(
     var_1 = path.sigma_sq(one)
     mean_1 = path.alpha(one) * x0
     prior = _gaussian_kl(mean_1, var_1, jnp.zeros_like(x0), var_1, axes)
+    if field.target in ("eps", "score"):  # the term at t = 1 was a silent NaN where alpha_1 = 0
+        msg = (
+            f"alpha_1 = 0 (a zero terminal SNR), where an {field.target!r} prediction says nothing "
+            "about x0: the ELBO's last term is undefined; train the 'x0', 'v' or 'velocity' target"
+        )
+        prior = value_check(prior, lambda xp, _: path.alpha(one) == 0, msg, lambda _: "alpha_1 = 0")
 
     def term(k, s, t):  # E over x_t of KL(q(x_s | x_t, x0) || p(x_s | x_t)); t scalar or (batch,)
         x_t, _ = path.sample(k, x0, t)
@@ -166,8 +184,8 @@ def nelbo(
         diffusion = jax.lax.scan(body, jnp.zeros((batch,), dtype), (keys, steps))[0]
     else:
         k_idx, k_noise = jax.random.split(k_terms)
-        idx = jax.random.randint(k_idx, (int(num_terms), batch), 2, T + 1).astype(dtype)
-        keys = jax.random.split(k_noise, int(num_terms))
+        idx = jax.random.randint(k_idx, (num_terms, batch), 2, T + 1).astype(dtype)
+        keys = jax.random.split(k_noise, num_terms)
         vals = jax.lax.map(lambda inp: term(inp[0], time(inp[1] - 1), time(inp[1])), (keys, idx))
         diffusion = (T - 1) * jnp.mean(vals, axis=0)
 
@@ -178,7 +196,7 @@ def nelbo(
     if decoder_std is None:
         std = expand_like(path.sigma(t1) / path.alpha(t1), x0)
     else:
-        std = jnp.asarray(decoder_std, dtype)
+        std = check_positive(jnp.asarray(decoder_std, dtype), "decoder_std")
     if num_bins is None:
         logp = -0.5 * (jnp.square((x0 - mean) / std) + jnp.log(2 * jnp.pi * std**2))
     else:

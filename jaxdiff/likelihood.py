@@ -151,9 +151,8 @@ def log_likelihood(
     if num_probes is not None:
         if key is None:
             raise ValueError("Hutchinson's estimator (num_probes set) needs a PRNG key")
-        if int(num_probes) < 1:
-            raise ValueError(f"num_probes must be >= 1; got {num_probes}")
-        probes = probe(key, (int(num_probes),) + x.shape, x.dtype)
+        num_probes = check_count(num_probes, "num_probes")  # 1.5 was read as 1 probe
+        probes = probe(key, (num_probes,) + x.shape, x.dtype)
 
     def drift(state, t):
         y, _ = state
@@ -207,16 +206,19 @@ def _bins(x: ArrayLike, num_bins: int, lo: float, hi: float) -> tuple[Array, flo
         raise ValueError(f"x must be (batch, *event); got shape {x.shape}")
     num_bins = check_count(num_bins, "num_bins")
     check_order(lo, hi, "lo", "hi")
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # lo = -inf gave y = NaN
+        raise ValueError(f"lo and hi must be finite; got lo = {lo}, hi = {hi}")
     msg = (
         f"x must hold bin indices, integers in [0, {num_bins - 1}] (pixels as integers, not "
         "scaled to [lo, hi])"
     )
-    x = value_check(
-        x,
-        lambda xp, w: ~(xp.all(w == xp.round(w)) & (w.min() >= 0) & (w.max() < num_bins)),
-        msg,
-        lambda v: f"values in [{v.min()}, {v.max()}]",
-    )
+
+    def bad(xp, w):
+        if xp.issubdtype(w.dtype, xp.integer):  # uint8 under jit: `max < 256` wrapped to `< 0`
+            w = w.astype(xp.promote_types(w.dtype, xp.int32))
+        return ~(xp.all(w == xp.round(w)) & (w.min() >= 0) & (w.max() <= num_bins - 1))
+
+    x = value_check(x, bad, msg, lambda v: f"values in [{v.min()}, {v.max()}]")
     return x, (hi - lo) / num_bins
 
 

@@ -63,7 +63,8 @@ def reverse_drift(
     """
     field = as_field(field)
     x = jnp.asarray(x)
-    if not callable(eta):  # a function of t is checked by the samplers, once
+    if not callable(eta) and concrete(eta) is not None:  # traced or a function of t: the
+        # samplers check it, once
         check_eta(eta)
     if field.target == "velocity" and _is_zero(eta):
         return field(x, batch_time(t, x))
@@ -86,7 +87,7 @@ def probability_flow_drift(path: GaussianPath, field: Field, x: Array, t: ArrayL
 
 def reverse_diffusion(path: GaussianPath, t: ArrayLike, eta: Eta = 1.0) -> Array:
     """Noise scale ``eta(t) g(t)`` of the reverse family."""
-    if not callable(eta):
+    if not callable(eta) and concrete(eta) is not None:  # as in reverse_drift
         check_eta(eta)
     t = as_time(t)
     return eta_at(eta, t) * path.diffusion(t)
@@ -97,21 +98,30 @@ def eta_at(eta: Eta, t: ArrayLike) -> Array:
     return jnp.asarray(eta(t) if callable(eta) else eta)
 
 
-def check_eta(eta: Eta, name: str = "eta", hi: float | None = None) -> None:
-    """Raise for a negative or non-finite ``eta`` (a function of ``t`` is checked on a grid of
-    33 times when its values are known at trace time)."""
-    value = concrete(eta_at(eta, np.linspace(0.0, 1.0, 33)) if callable(eta) else eta)
-    if value is None:
-        return
-    if (
-        not np.all(np.isfinite(value))
-        or np.any(value < 0)
-        or (hi is not None and np.any(value > hi))
-    ):
-        bounds = "[0, inf)" if hi is None else f"[0, {hi}]"
+def check_eta(eta: Eta, name: str = "eta", hi: float | None = None) -> Eta:
+    """Raise for a negative or non-finite ``eta`` (above ``hi`` when given); return ``eta``.
+
+    Known at trace time, it is checked now (a function of ``t`` on a grid of 33 times); a traced
+    ``eta`` comes back tied to a run-time check, so use the result (a dropped result drops the
+    check: a traced ``eta = 2`` ran DDIM with its noise term silently clipped)."""
+    bounds = "[0, inf)" if hi is None else f"[0, {hi}]"
+
+    def bad(xp, e):
+        return ~xp.all(xp.isfinite(e) & (e >= 0) & (True if hi is None else e <= hi))
+
+    if callable(eta):
+        value = concrete(eta_at(eta, np.linspace(0.0, 1.0, 33)))
+        if value is None:  # a traced function: nothing to check now
+            return eta
+    else:
+        value = concrete(eta)
+        if value is None:
+            return value_check(jnp.asarray(eta), bad, f"{name} must lie in {bounds}")
+    if bad(np, np.asarray(value)):
         raise ValueError(
             f"{name} must lie in {bounds}; got {name} = {np.ravel(value)[:4].tolist()}"
         )
+    return eta
 
 
 def _is_zero(value) -> bool:

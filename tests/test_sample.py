@@ -615,6 +615,26 @@ DROPPED_CHECKS = {
 }
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda e: jd.samplers.sde(eta=e),
+        lambda e: jd.samplers.dpm_solver_pp(eta=e),
+        lambda e: jd.samplers.dpm_solver_2s(eta=e),
+        lambda e: jd.samplers.dpm_solver_sde(eta=e),
+        lambda e: jd.samplers.ddim(eta=e),
+    ],
+)
+def test_a_traced_eta_is_checked_when_the_program_runs(make):
+    """``check_eta`` returned nothing for a traced ``eta``: under ``jit`` a negative one ran
+    (DDIM's ``eta = 2`` with its noise term clipped). It now comes back tied to a check."""
+    with pytest.raises(ValueError, match=r"eta must lie in \[0, "):
+        _tiny_sample(make(-1.0))
+    with pytest.raises(Exception, match=r"eta must lie in \[0, "):
+        jax.block_until_ready(jax.jit(lambda e: _tiny_sample(make(e)))(-1.0))
+    assert bool(jnp.isfinite(jax.jit(lambda e: _tiny_sample(make(e)))(0.5)).all())
+
+
 @pytest.mark.parametrize("case", DROPPED_CHECKS)
 def test_hyperparameter_checks_hold_under_jit(case):
     fn, bad, name = DROPPED_CHECKS[case]

@@ -62,7 +62,7 @@ def _reverse(
     solver = diffrax.Euler() if solver is None else solver
     if not isinstance(solver, diffrax.AbstractSolver):
         raise TypeError(f"solver must be a diffrax solver; got {type(solver).__name__}")
-    check_eta(eta)
+    eta = check_eta(eta)
     max_steps = check_count(max_steps, "max_steps")
     stochastic = not _is_zero(eta)
     adaptive = None

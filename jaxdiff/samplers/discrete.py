@@ -105,7 +105,7 @@ def ddim(eta: Eta = 0.0) -> Sampler:
     >>> round(float(jnp.abs(sol.x[:, 0]).mean()), 1), int(sol.nfe)
     (2.0, 20)
     """
-    check_eta(eta, hi=1.0)
+    eta = check_eta(eta, hi=1.0)  # traced: checked at run time (eta = 2 ran, c^2 clipped)
     stochastic = not _is_zero(eta)
 
     def init(path, field, x, ts) -> State:

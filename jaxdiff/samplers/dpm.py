@@ -105,7 +105,7 @@ def dpm_solver_pp(
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3; got {order}")
-    check_eta(eta)
+    eta = check_eta(eta)
     stochastic = not _is_zero(eta)
 
     def init(path, field, x, ts) -> State:

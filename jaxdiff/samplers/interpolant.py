@@ -68,7 +68,7 @@ def interpolant_sde(diffusion: Eta = 0.0, *, noise: Field | None = None) -> Samp
     >>> sol.x.tolist()[0], int(sol.nfe)  # Euler is exact here: x_s = x_t (1 + s) / (1 + t)
     ([1.0, 1.0], 4)
     """
-    check_eta(diffusion, "diffusion")
+    diffusion = check_eta(diffusion, "diffusion")
     stochastic = not _is_zero(diffusion)
     if noise is not None:
         noise = as_field(noise, "noise")

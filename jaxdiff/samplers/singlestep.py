@@ -74,7 +74,7 @@ def dpm_solver_2s(*, eta: ArrayLike = 1.0, s_noise: ArrayLike = 1.0) -> Sampler:
     deterministic 2S). Two evaluations per step; default grid: 10 steps uniform in log-SNR, then
     the denoising step.
     """
-    check_eta(eta)
+    eta = check_eta(eta)
     s_noise = check_positive(s_noise, "s_noise", strict=False)
     stochastic = not _is_zero(eta)
 
@@ -118,7 +118,7 @@ def dpm_solver_sde(*, eta: ArrayLike = 1.0, r: float = 0.5, s_noise: ArrayLike =
     and ``[sigma_s, sigma_t]`` (correlation ``sqrt((sigma_t - sigma_mid) / (sigma_t - sigma_s))``),
     as k-diffusion's ``BrownianTreeNoiseSampler`` draws them. Two evaluations per step.
     """
-    check_eta(eta)
+    eta = check_eta(eta)
     s_noise = check_positive(s_noise, "s_noise", strict=False)
     if not 0.0 < r <= 1.0:
         raise ValueError(f"r must lie in (0, 1]; got {r}")
