@@ -43,7 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_positive, concrete, expand_like
+from jaxdiff._checks import (
+    check_count,
+    check_positive,
+    concrete,
+    data_dtype,
+    expand_like,
+    wide_dtype,
+)
 from jaxdiff.conversions import convert
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import _split_batch
@@ -125,6 +132,8 @@ def consistency_grid(
         raise ValueError(f"num_scales must be >= 2; got {num_scales}")
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min = {t_min}, t_max = {t_max}")
+    if not (np.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be finite and > 0; got rho = {rho}")
     u = jnp.linspace(0.0, 1.0, int(num_scales))
     lo, hi = t_min ** (1.0 / rho), t_max ** (1.0 / rho)
     return (lo + u * (hi - lo)) ** rho
@@ -133,6 +142,9 @@ def consistency_grid(
 def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """iCT's curriculum: ``min(s0 2^floor(k / K'), s1) + 1`` with
     ``K' = floor(K / (log2(s1 / s0) + 1))`` (Song & Dhariwal 2024, eq. 6)."""
+    s0, s1 = check_count(s0, "s0"), check_count(s1, "s1")
+    if s1 < s0:
+        raise ValueError(f"need s0 <= s1; got s0 = {s0}, s1 = {s1}")
     stage = max(1, math.floor(total_steps / (math.log2(s1 // s0) + 1)))
     return min(s0 * 2 ** (step // stage), s1) + 1
 
@@ -156,6 +168,8 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
         raise ValueError(f"solver must be 'euler' or 'heun'; got {solver!r}")
     if weighting not in ("inverse_gap", "unit"):
         raise ValueError(f"weighting must be 'inverse_gap' or 'unit'; got {weighting!r}")
+    if huber_c is not None:
+        huber_c = check_positive(huber_c, "huber_c", strict=False)
     path = linear_path() if path is None else path
     if ts is None:
         ts = consistency_grid(num_scales, t_min, t_max)
@@ -171,10 +185,11 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
         x0, labels = _split_batch(batch)
+        x0 = x0.astype(data_dtype(x0))  # integer data: the default float
         n = x0.shape[0]
         n_key, e_key = jax.random.split(key)
         idx = jax.random.randint(n_key, (n,), 0, ts.shape[0] - 1)
-        grid = ts.astype(x0.dtype)
+        grid = ts.astype(wide_dtype(x0.dtype))  # times in float32 or wider: bfloat16 merged them
         t_lo, t_hi = grid[idx], grid[idx + 1]
         eps = jax.random.normal(e_key, x0.shape, x0.dtype)
         x_hi = path.interpolate(x0, eps, t_hi)
@@ -186,8 +201,8 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
             d_hi = velocity(x_hi, t_hi, *extra)
             x_lo = x_hi + dt * d_hi
             if solver == "heun":
-                x_lo = x_hi + dt * 0.5 * (d_hi + velocity(x_lo, t_lo, *extra))
-            x_lo = jax.lax.stop_gradient(x_lo)
+                x_lo = x_hi + dt * 0.5 * (d_hi + velocity(x_lo.astype(x0.dtype), t_lo, *extra))
+            x_lo = jax.lax.stop_gradient(x_lo.astype(x0.dtype))
         pred = net.apply(params, x_hi, t_hi, *extra)
         target = jax.lax.stop_gradient(net.apply(params, x_lo, t_lo, *extra))
         dist = _pseudo_huber(pred - target, huber_c)

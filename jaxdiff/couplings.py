@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from jaxdiff._checks import check_positive
+
 Array = jax.Array
 
 __all__ = [
@@ -60,14 +62,27 @@ __all__ = [
 
 
 def squared_cost(x0: Array, x1: Array) -> Array:
-    """``C_ij = |x0_i - x1_j|^2`` over the flattened event axes, shape ``(n, m)``."""
-    a = x0.reshape(x0.shape[0], -1)
-    b = x1.reshape(x1.shape[0], -1)
+    """``C_ij = |x0_i - x1_j|^2`` over the flattened event axes, shape ``(n, m)``.
+
+    Computed in at least float32 (integer and bfloat16 batches are widened) on the batches
+    centred at their joint mean: the cost is translation invariant, and ``|a|^2 + |b|^2 - 2 a.b``
+    on uncentred data far from the origin loses the small distances to cancellation."""
+    x0, x1 = jnp.asarray(x0), jnp.asarray(x1)
+    wide = jnp.promote_types(jnp.result_type(x0, x1), jnp.float32)
+    a = x0.reshape(x0.shape[0], -1).astype(wide)
+    b = x1.reshape(x1.shape[0], -1).astype(wide)
+    centre = jax.lax.stop_gradient(jnp.mean(jnp.concatenate([a, b]), axis=0, keepdims=True))
+    a, b = a - centre, b - centre
     cross = a @ b.T
     return jnp.maximum(jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * cross, 0.0)
 
 
 def _check_pair(x0: Array, x1: Array, labels: Any) -> None:
+    if jnp.ndim(x0) == 0 or jnp.ndim(x1) == 0:
+        raise ValueError(
+            f"a coupling pairs batches (a leading batch axis); got x0 {jnp.shape(x0)} and x1 "
+            f"{jnp.shape(x1)}"
+        )
     if jnp.shape(x0) != jnp.shape(x1):
         raise ValueError(
             f"a coupling pairs batches of equal shape; got x0 {jnp.shape(x0)} and x1 {jnp.shape(x1)}"
@@ -117,8 +132,9 @@ def _lsa(cost: Any) -> np.ndarray:
     from scipy.optimize import linear_sum_assignment
 
     cost = np.asarray(cost, dtype=np.float64)
-    if cost.ndim == 3:  # a vmapped batch of problems
-        return np.stack([_lsa(c) for c in cost])
+    if cost.ndim > 2:  # a (possibly nested) vmapped batch of problems
+        flat = cost.reshape((-1, *cost.shape[-2:]))
+        return np.stack([_lsa(c) for c in flat]).reshape(cost.shape[:-1])
     if not np.all(np.isfinite(cost)):
         return np.full(cost.shape[0], -1, np.int32)  # poisoned: the caller turns it into NaN
     return linear_sum_assignment(cost)[1].astype(np.int32)
@@ -190,7 +206,10 @@ def sinkhorn_plan(cost: Array, reg: float | Array, num_iters: int = 200) -> Arra
     """
     n, m = cost.shape
     log_a, log_b = -jnp.log(float(n)), -jnp.log(float(m))
-    reg = jnp.asarray(reg, cost.dtype)
+    cost = jnp.asarray(cost)
+    if not jnp.issubdtype(cost.dtype, jnp.floating):
+        cost = cost.astype(jnp.result_type(float))
+    reg = jnp.asarray(check_positive(reg, "reg"), cost.dtype)
 
     def body(carry, _):
         f, g = carry
@@ -218,7 +237,8 @@ class SinkhornOT(eqx.Module):
         reg = self.reg
         if self.relative:  # reg times the mean cost of the allowed pairs
             finite = jnp.isfinite(cost)
-            reg = reg * jnp.sum(jnp.where(finite, cost, 0.0)) / jnp.sum(finite)
+            mean = jnp.sum(jnp.where(finite, cost, 0.0)) / jnp.sum(finite)
+            reg = jnp.maximum(reg * mean, jnp.finfo(cost.dtype).tiny)  # 0: all points coincide
         log_plan = sinkhorn_plan(cost, reg, self.num_iters)
         j = jax.random.categorical(key, log_plan, axis=1)  # x1 given x0_i: P_ij / sum_j P_ij
         return _out(x0, x1[j], labels)

@@ -45,7 +45,14 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_count, check_positive, concrete, error_if, expand_like
+from jaxdiff._checks import (
+    check_count,
+    check_positive,
+    concrete,
+    error_if,
+    expand_like,
+    wide_dtype,
+)
 from jaxdiff.conversions import convert, to_x0_eps
 from jaxdiff.ddim import ddim_step
 from jaxdiff.field import Field, as_field, batch_time
@@ -93,14 +100,17 @@ class _Posterior(eqx.Module):
             eye = jnp.eye(op.out_dim, dtype=resid.dtype)
             cot = op.transpose(jnp.broadcast_to(eye[:, None], (op.out_dim, *resid.shape)))
             rows = jax.vmap(lambda c: pull(c)[0])(cot.astype(x0.dtype))  # (m, batch, *event)
-            ajat = jnp.moveaxis(op.forward(rows), 0, 1)  # (batch, m, m): A J A^T
-            cov = expand_like(s2 / a, ajat) * ajat  # A C A^T, C = (sigma^2 / alpha) J
+            wide = wide_dtype(resid.dtype)  # the (m, m) eigh in float32 or wider (none in bf16)
+            ajat = jnp.moveaxis(op.forward(rows), 0, 1).astype(wide)  # (batch, m, m): A J A^T
+            ratio = (path.sigma_sq(t) / path.alpha(t)).astype(wide)
+            cov = expand_like(ratio, ajat) * ajat  # A C A^T, C = (sigma^2 / alpha) J
             lam, vecs = jnp.linalg.eigh(0.5 * (cov + jnp.swapaxes(cov, -1, -2)))
             # a network's J need not be positive semi-definite: |eigenvalues|, exact for a true
             # covariance (negative ones made the digits of notebook 08 diverge; clipped at 0 too)
-            lam = jnp.abs(lam) + sy2
+            lam = jnp.abs(lam) + sy2.astype(wide)
             lam = jnp.maximum(lam, 1e-6 * jnp.max(lam, axis=-1, keepdims=True))
-            coef = jnp.einsum("bij,bj->bi", vecs, jnp.einsum("bji,bj->bi", vecs, resid) / lam)
+            res_w = resid.astype(wide)
+            coef = jnp.einsum("bij,bj->bi", vecs, jnp.einsum("bji,bj->bi", vecs, res_w) / lam)
             grad = jnp.einsum("ib...,bi->b...", rows, coef.astype(rows.dtype))
         score = convert(path, x, t, pred, src=field.target, dst="score")
         score = score + expand_like(jnp.asarray(scale, score.dtype), score) * grad
@@ -181,7 +191,7 @@ def dps_sampler(measurement: Measurement, zeta: ArrayLike = 1.0, *, eta: Eta = 1
     The correction is per step, not per unit time: the same ``zeta`` guides harder with more
     steps, which is why this is a sampler and not a field. Works for noiseless measurements.
     """
-    check_eta(eta, hi=1.0)
+    eta = check_eta(eta, hi=1.0)
     zeta = check_positive(zeta, "zeta", strict=False)
     stochastic = not _is_zero(eta)
 

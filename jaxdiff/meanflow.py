@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import check_positive, expand_like
+from jaxdiff._checks import check_positive, data_dtype, expand_like, wide_dtype
 from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import TimeSampler, _split_batch, uniform_time
@@ -115,15 +115,17 @@ def meanflow_loss(
     if not 0.0 <= flow_matching_fraction <= 1.0:
         raise ValueError(f"flow_matching_fraction must lie in [0, 1]; got {flow_matching_fraction}")
     weighting_power = check_positive(weighting_power, "weighting_power", strict=False)
-    if not weighting_eps > 0:
-        raise ValueError(f"weighting_eps must be > 0; got {weighting_eps}")
+    if not 0 < weighting_eps < float("inf"):  # inf made every weight, and the loss, 0
+        raise ValueError(f"weighting_eps must be finite and > 0; got {weighting_eps}")
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
         x0, labels = _split_batch(batch)
+        x0 = x0.astype(data_dtype(x0))  # integer data: the default float
         n = x0.shape[0]
         t_key, r_key, e_key = jax.random.split(key, 3)
-        t1 = time_sampler(t_key, (n,)).astype(x0.dtype)
-        t2 = time_sampler(r_key, (n,)).astype(x0.dtype)
+        tdt = wide_dtype(x0.dtype)  # times in float32 or wider, whatever x0's dtype
+        t1 = time_sampler(t_key, (n,)).astype(tdt)
+        t2 = time_sampler(r_key, (n,)).astype(tdt)
         t, r = jnp.maximum(t1, t2), jnp.minimum(t1, t2)
         eps = jax.random.normal(e_key, x0.shape, x0.dtype)
         z = path.interpolate(x0, eps, t)

@@ -244,6 +244,11 @@ def linear_operator(
     """
     in_shape = tuple(int(n) for n in in_shape)
     out = jax.eval_shape(fn, jax.ShapeDtypeStruct(in_shape, jnp.float32))
+    at_zero = concrete(fn(jnp.zeros(in_shape, jnp.float32)))
+    if at_zero is not None and np.any(at_zero != 0):  # an affine fn: A^T and the solves were wrong
+        raise ValueError(
+            f"fn must be linear: fn(0) must be 0; got fn(0) with entries {at_zero.ravel()[:4].tolist()}"
+        )
     return _Linear(in_shape, math.prod(out.shape), fn, transpose)
 
 
@@ -252,7 +257,7 @@ def blur_operator(in_shape: tuple[int, ...], std: float, size: int | None = None
     ``2 ceil(2 std) + 1``) and zero padding, each channel alone; the transpose is the correlation
     with the same kernel (``jax.linear_transpose``)."""
     check_positive(std, "std")
-    size = 2 * math.ceil(2 * std) + 1 if size is None else int(size)
+    size = 2 * math.ceil(2 * std) + 1 if size is None else check_count(size, "size")
     grid = np.arange(size) - (size - 1) / 2
     k1 = np.exp(-0.5 * (grid / std) ** 2)
     kernel = np.outer(k1, k1) / np.sum(k1) ** 2
@@ -295,7 +300,7 @@ class Measurement(eqx.Module):
         if jnp.ndim(sigma_y) != 0:
             raise ValueError(f"sigma_y must be a scalar; got shape {jnp.shape(sigma_y)}")
         self.operator = operator
-        self.y = y
+        self.y = check_finite(y, "y")
         self.sigma_y = jnp.asarray(check_positive(sigma_y, "sigma_y", strict=False))
 
     def residual(self, x0: ArrayLike) -> Array:

@@ -24,6 +24,7 @@ from jaxdiff._checks import (
     as_time,
     check_finite,
     check_positive,
+    check_time,
     concrete,
     data_dtype,
     expand_like,
@@ -63,9 +64,11 @@ class GaussianMixture(eqx.Module):
             )
         if c[1:] != (m[1], m[1]):
             raise ValueError(f"covs must be (K, d, d) with d = {m[1]}; got {c}")
-        weights, covs = concrete(self.weights), concrete(self.covs)
-        if weights is not None and (np.any(weights <= 0) or abs(weights.sum() - 1) > 1e-5):
-            raise ValueError(f"weights must be > 0 and sum to 1; got {weights.tolist()}")
+        weights, covs, means = concrete(self.weights), concrete(self.covs), concrete(self.means)
+        if weights is not None and not (np.all(weights > 0) and abs(weights.sum() - 1) <= 1e-5):
+            raise ValueError(f"weights must be > 0 and sum to 1; got {weights.tolist()}")  # NaN too
+        if means is not None and not np.all(np.isfinite(means)):
+            raise ValueError(f"means must be finite; got {means.tolist()}")
         if covs is not None:
             if not np.allclose(covs, np.swapaxes(covs, -1, -2), atol=1e-6):
                 raise ValueError("covs must be symmetric")
@@ -102,13 +105,19 @@ class GaussianMixture(eqx.Module):
 
     def log_prob(self, x: ArrayLike) -> Array:
         """Log-density of the data at ``x`` (``(*batch, d)`` -> ``batch``)."""
-        return jax.nn.logsumexp(_log_comp(self.weights, self.means, self.covs, jnp.asarray(x)), -1)
+        return jax.nn.logsumexp(_log_comp(self.weights, self.means, self.covs, self._x(x)), -1)
 
     def responsibilities(self, x: ArrayLike) -> Array:
         """``p(k | x)``, the probability that ``x`` came from component ``k``: ``(*batch, d) ->
         (*batch, K)``. Averaged over exact samples it gives the weights back."""
-        log_comp = _log_comp(self.weights, self.means, self.covs, jnp.asarray(x))
+        log_comp = _log_comp(self.weights, self.means, self.covs, self._x(x))
         return jax.nn.softmax(log_comp, axis=-1)
+
+    def _x(self, x: ArrayLike) -> Array:
+        x = jnp.asarray(x)
+        if x.shape[-1:] != (self.dim,):
+            raise ValueError(f"x must have shape (..., {self.dim}); got {x.shape}")
+        return x
 
     # --- marginals under a path ----------------------------------------------------------
     def marginal(self, path: GaussianPath, t: ArrayLike) -> GaussianMixture:
@@ -166,12 +175,12 @@ class GaussianMixture(eqx.Module):
         >>> post.means.tolist(), post.covs[0].tolist()
         ([[1.0, 0.0]], [[0.5, 0.0], [0.0, 1.0]])
         """
-        mat = A.matrix() if isinstance(A, LinearOperator) else jnp.asarray(A)
+        mat = A.matrix() if isinstance(A, LinearOperator) else check_finite(jnp.asarray(A), "A")
         if mat.ndim != 2 or mat.shape[1] != self.dim:
             raise ValueError(
                 f"A must be (m, {self.dim}) (or an operator on {self.dim} entries); got {mat.shape}"
             )
-        y = jnp.asarray(y)
+        y = check_finite(jnp.asarray(y), "y")
         if y.shape != mat.shape[:1]:
             raise ValueError(
                 f"y must have shape ({mat.shape[0]},); got {y.shape} (vmap over a batch of measurements)"
@@ -192,7 +201,7 @@ class GaussianMixture(eqx.Module):
         if x.shape[-1:] != (self.dim,):
             raise ValueError(f"x must have shape (..., {self.dim}); got {x.shape}")
         x = x.astype(wide_dtype(data_dtype(x)))  # the oracle computes in float32 or wider
-        t = as_time(t, x.dtype)
+        t = check_time(as_time(t, x.dtype))  # outside [0, 1] or NaN: silently wrong fields
         expand_like(t, x[..., 0])  # checks t's shape now, with a clear message
         return _posterior_terms(self, path, x, t)
 

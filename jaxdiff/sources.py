@@ -25,7 +25,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import concrete
+from jaxdiff._checks import concrete, data_dtype
 from jaxdiff.couplings import is_independent
 from jaxdiff.paths import GaussianPath
 
@@ -133,7 +133,8 @@ def check_source_path(path: GaussianPath) -> None:
 
 def unpack_batch(batch: Any) -> tuple[Array, Array | None, Array | None]:
     """``(x0, x1 or None, labels or None)`` of a batch: ``x0``, ``(x0, labels)`` or a dict with
-    key ``"x0"`` and optionally ``"x1"`` (source points) and ``"labels"``."""
+    key ``"x0"`` and optionally ``"x1"`` (source points) and ``"labels"``. Integer points (pixels)
+    come back as floats (the default float): noise is drawn in their dtype."""
     if isinstance(batch, dict):
         unknown = set(batch) - {"x0", "x1", "labels"}
         if "x0" not in batch or unknown:
@@ -141,16 +142,23 @@ def unpack_batch(batch: Any) -> tuple[Array, Array | None, Array | None]:
                 f"a dict batch has keys 'x0' and optionally 'x1', 'labels'; got {sorted(batch)}"
             )
         get = lambda k: None if batch.get(k) is None else jnp.asarray(batch[k])  # noqa: E731
-        x0, labels = jnp.asarray(batch["x0"]), get("labels")
+        x0, labels, x1 = _points(batch["x0"]), get("labels"), get("x1")
         _check_labels(x0, labels)
-        return x0, get("x1"), labels
+        return x0, None if x1 is None else _points(x1), labels
     if isinstance(batch, tuple | list):
         if len(batch) != 2:
             raise ValueError("a batch is x0, a pair (x0, labels) or a dict {'x0', 'x1', 'labels'}")
-        x0, labels = jnp.asarray(batch[0]), jnp.asarray(batch[1])
+        x0, labels = _points(batch[0]), jnp.asarray(batch[1])
         _check_labels(x0, labels)
         return x0, None, labels
-    return jnp.asarray(batch), None, None
+    return _points(batch), None, None
+
+
+def _points(x: Any) -> Array:
+    """``x`` as an array of its own float dtype, or the default float for integers (an int32
+    ``x0`` made ``jax.random.normal`` fail with a dtype error)."""
+    x = jnp.asarray(x)
+    return x.astype(data_dtype(x))
 
 
 def _check_labels(x0: Array, labels: Array | None) -> None:

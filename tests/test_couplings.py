@@ -258,3 +258,52 @@ def test_straightness_of_a_curved_flow(steps, x64):
     )
     st2 = jd.straightness(as_x0, jnp.zeros((16, 2)), path=path, steps=steps)
     np.testing.assert_allclose(st2.value, st.value, rtol=1e-8, atol=1e-12)
+
+
+def test_exact_ot_is_the_sorted_pairing_far_from_the_origin():
+    # 1-D OT is the sorted pairing. Data at 1000 +- 0.1: |a|^2 + |b|^2 - 2ab in float32 lost the
+    # distances to cancellation (max error 0.28 against the sorted pairing); the cost is now
+    # computed on centred data. bfloat16 and integer batches are costed in float32.
+    rng = np.random.default_rng(0)
+    a = (rng.normal(size=64) * 0.1 + 1000.0).astype(np.float32)
+    b = (rng.normal(size=64) * 0.1 + 1000.0).astype(np.float32)
+    _, y1 = C.exact_ot()(jax.random.key(0), jnp.asarray(a)[:, None], jnp.asarray(b)[:, None])
+    want = np.sort(b)[np.argsort(np.argsort(a))]
+    np.testing.assert_array_equal(np.asarray(y1)[:, 0], want)
+    a16 = jnp.asarray(rng.normal(size=64), jnp.bfloat16)[:, None]
+    b16 = jnp.asarray(rng.normal(size=64), jnp.bfloat16)[:, None]
+    _, y16 = C.exact_ot()(jax.random.key(0), a16, b16)
+    af, bf, yf = (np.asarray(v.astype(jnp.float32))[:, 0] for v in (a16, b16, y16))
+    best = np.sort(bf)[np.argsort(np.argsort(af, kind="stable"), kind="stable")]
+    np.testing.assert_allclose(np.sum((yf - af) ** 2), np.sum((best - af) ** 2), rtol=1e-6)
+    cost = C.squared_cost(jnp.array([[0], [10]]), jnp.array([[9], [1]]))
+    assert cost.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(cost), [[81.0, 1.0], [1.0, 81.0]])
+
+
+def test_sinkhorn_plan_checks_reg_and_integer_costs():
+    cost = jnp.array([[0.0, 1.0], [1.0, 0.0]])
+    for reg in (0.0, -1.0, float("nan")):  # -1 gave the cost-maximising plan, 0 and NaN NaNs
+        with pytest.raises(ValueError, match="reg must be"):
+            C.sinkhorn_plan(cost, reg)
+    # An integer cost with reg = 0.5 ran with reg cast to the integer 0.
+    plan = np.exp(np.asarray(C.sinkhorn_plan(jnp.array([[0, 1], [1, 0]]), 0.5)))
+    np.testing.assert_allclose(plan, np.exp(np.asarray(C.sinkhorn_plan(cost, 0.5))), rtol=1e-6)
+    np.testing.assert_allclose(plan.sum(0), [0.5, 0.5], rtol=1e-5)
+    # relative reg on a batch whose points all coincide (mean cost 0): any plan, no error/NaN.
+    x = jnp.ones((3, 2))
+    _, y1 = C.sinkhorn_ot(0.1, relative=True)(jax.random.key(0), x, x)
+    np.testing.assert_array_equal(np.asarray(y1), np.ones((3, 2)))
+
+
+def test_exact_ot_under_nested_vmap_and_scalar_batches():
+    x0 = jax.random.normal(jax.random.key(0), (2, 3, 5, 2))
+    x1 = jax.random.normal(jax.random.key(1), (2, 3, 5, 2))
+    key = jax.random.key(2)
+    got = jax.vmap(jax.vmap(lambda a, b: C.exact_ot()(key, a, b)[1]))(x0, x1)  # crashed in SciPy
+    for i in range(2):
+        for j in range(3):
+            want = C.exact_ot()(key, x0[i, j], x1[i, j])[1]
+            np.testing.assert_array_equal(np.asarray(got[i, j]), np.asarray(want))
+    with pytest.raises(ValueError, match="leading batch axis"):  # was a raw IndexError
+        C.exact_ot()(key, jnp.array(1.0), jnp.array(2.0))

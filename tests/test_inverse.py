@@ -290,3 +290,16 @@ def test_checks_fire_eagerly_and_under_jit():
         jd.tmpd(field, PATH, (meas0.operator, meas0.y))
     with pytest.raises(ValueError, match="data_var must be > 0"):
         jd.pigdm(field, PATH, meas0, data_var=0.0)
+
+
+def test_tmpd_runs_on_bfloat16_states():
+    # TMPD's (m, m) eigh ran in the state's dtype: bfloat16 raised NotImplementedError ("Unsupported
+    # dtype bfloat16"); it now solves in float32 and matches the float32 field to bf16 rounding.
+    prior = jd.GaussianMixture(jnp.ones(1), jnp.array([[1.0, -0.5]]), COV[None])
+    meas = jd.Measurement(A1, Y1, SY)
+    field = jd.tmpd(prior.field(PATH, "eps"), PATH, meas)
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    ref = field(x, jnp.full(4, 0.5))
+    got = field(x.astype(jnp.bfloat16), jnp.full(4, 0.5))
+    assert np.all(np.isfinite(np.asarray(got, np.float32)))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref), atol=0.05)

@@ -217,3 +217,20 @@ def test_responsibilities_average_to_the_weights():
     est = prior.responsibilities(x).mean(0)
     # each mean of 20000 bounded terms: standard error below 0.0035
     np.testing.assert_allclose(est, prior.weights, atol=0.015)
+
+
+def test_operator_and_measurement_reject_bad_inputs():
+    # A NaN y was stored and every posterior field came out NaN; an affine fn gave an operator
+    # whose forward added 1 and whose transpose (jax.linear_transpose) ignored it; blur size 0 or
+    # -3 failed in XLA's lowering with a verifier error.
+    op = jd.matrix_operator(jnp.eye(2))
+    for bad in (jnp.nan, jnp.inf):
+        with pytest.raises(ValueError, match="y contains non-finite"):
+            jd.Measurement(op, jnp.array([1.0, bad]), 0.1)
+    with pytest.raises(ValueError, match=r"fn must be linear: fn\(0\) must be 0; got .*\[1.0\]"):
+        jd.linear_operator(lambda x: x.sum() + 1.0, (3,))
+    lin = jd.linear_operator(lambda x: 2.0 * x.sum(), (3,))
+    np.testing.assert_allclose(lin.transpose(jnp.ones((1,))), [2.0, 2.0, 2.0])
+    for size in (0, -3):
+        with pytest.raises(ValueError, match="size must be a positive integer"):
+            jd.blur_operator((4, 4), 0.8, size=size)

@@ -184,3 +184,15 @@ def test_label_dropout_replaces_labels_by_the_null_label():
         L.eps_loss(apply, jd.vp_path())
     with pytest.raises(TypeError, match="bare function, so what it predicts is unknown"):
         jd.as_field(apply)
+
+
+def test_integer_data_trains_as_floats():
+    """Integer points (pixels) made ``jax.random.normal`` fail with a dtype error in every loss;
+    they are now the default float: the same loss as their float32 copy."""
+    net = jd.Field(lambda p, x, t, *labels: p * x, "velocity")
+    x0 = jnp.arange(8, dtype=jnp.int32).reshape(4, 2)
+    for loss in (jd.flow_matching_loss(net), jd.diffusion_loss(net, jd.vp_path())):
+        for batch in (x0, (x0, jnp.zeros(4, jnp.int32)), {"x0": x0}):
+            as_float = jax.tree.map(lambda a: a.astype(jnp.float32) if a is x0 else a, batch)
+            got = loss(0.5, jax.random.key(0), batch)
+            assert float(got) == float(loss(0.5, jax.random.key(0), as_float)) > 1.0

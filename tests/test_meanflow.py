@@ -257,3 +257,29 @@ def test_a_conditional_teacher_sees_the_labels():
     # (du/dt = 0 here): either way the target is by_label, so the loss is p^2 per dimension
     assert float(loss(0.0, jax.random.key(1), (x0, labels))) == 0.0
     np.testing.assert_allclose(float(loss(0.5, jax.random.key(1), (x0, labels))), 0.5, rtol=1e-6)
+
+
+def test_times_stay_float32_for_bfloat16_and_integer_data():
+    # t and r were cast to x0's dtype: bfloat16 times for bfloat16 data (against the package's
+    # precision policy, float32 or wider), and integer data raised jax.random.normal's error.
+    seen = []
+
+    def fn(p, z, t, r):
+        seen.append((t.dtype, r.dtype))
+        return exact_u(z, t, r).astype(z.dtype)
+
+    loss = jd.meanflow_loss(jd.Field(fn, "velocity"), PATH, weighting_power=0.0)
+    x0 = MU + S * jax.random.normal(jax.random.key(0), (64, 2))
+    loss(None, jax.random.key(1), x0.astype(jnp.bfloat16))
+    assert all(d == (jnp.float32, jnp.float32) for d in seen)
+    xi = jnp.round(x0).astype(jnp.int32)
+    np.testing.assert_allclose(float(loss(None, jax.random.key(1), xi)),
+                               float(loss(None, jax.random.key(1), xi.astype(jnp.float32))),
+                               rtol=1e-6)  # fmt: skip
+
+
+def test_infinite_weighting_eps_is_refused():
+    """``weighting_eps = inf`` made every adaptive weight 0, and so the loss."""
+    field = jd.Field(lambda p, z, t, r: z, "velocity")
+    with pytest.raises(ValueError, match="weighting_eps must be finite and > 0; got inf"):
+        jd.meanflow_loss(field, PATH, weighting_eps=float("inf"))

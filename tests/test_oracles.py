@@ -167,3 +167,34 @@ def test_two_oracle_losses_in_one_program_do_not_hang():
     fm_loss, dsm_loss = map(float, out.stdout.split())
     # the floors of notebook 3: E|u - v_exact|^2 and E|eps - eps_exact|^2 on the 8 gaussians
     assert 1.9 < fm_loss < 2.1 and 0.2 < dsm_loss < 0.35, (fm_loss, dsm_loss)
+
+
+def test_oracle_checks_time_weights_and_means():
+    # A time outside [0, 1] (or NaN) gave a silently wrong field (score at t = 2 on the linear
+    # path: [0.0175, -0.1973]); NaN weights and NaN/inf means passed the checks and gave NaN.
+    mix = mixture(jnp.float32)
+    path, x = jd.linear_path(), jnp.zeros((3, 2))
+    for t in (2.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="t must lie in"):
+            mix.score(path, x, t)
+    with pytest.raises(ValueError, match="t must lie in"):
+        mix.field(path, "velocity")(x, jnp.array([0.1, -0.1, 0.5]))
+    with pytest.raises(Exception, match="t must lie in"):  # traced: checked when it runs
+        jax.jit(lambda t: mix.denoiser(path, x, t))(jnp.array(1.5))
+    # a valid traced t still differentiates
+    g = jax.jit(jax.grad(lambda t: mix.marginal_log_prob(path, jnp.ones(2), t)))(0.5)
+    eps = 1e-3
+    fd = (mix.marginal_log_prob(path, jnp.ones(2), 0.5 + eps)
+          - mix.marginal_log_prob(path, jnp.ones(2), 0.5 - eps)) / (2 * eps)  # fmt: skip
+    np.testing.assert_allclose(float(g), float(fd), rtol=1e-2)
+    with pytest.raises(ValueError, match="weights must be > 0"):
+        jd.GaussianMixture(jnp.array([jnp.nan]), jnp.zeros((1, 2)), jnp.eye(2)[None])
+    for bad in (jnp.nan, jnp.inf):
+        with pytest.raises(ValueError, match="means must be finite"):
+            jd.GaussianMixture(jnp.ones(1), jnp.full((1, 2), bad), jnp.eye(2)[None])
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 2\)"):  # a raw TypeError
+        mix.log_prob(jnp.zeros((3, 3)))
+    with pytest.raises(ValueError, match="y contains non-finite"):
+        mix.posterior(jnp.array([[1.0, 0.0]]), jnp.array([jnp.nan]), 0.5)
+    with pytest.raises(ValueError, match="A contains non-finite"):
+        mix.posterior(jnp.array([[jnp.nan, 0.0]]), jnp.array([1.0]), 0.5)
