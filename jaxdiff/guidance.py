@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, check_positive, check_same_shape, expand_like
+from jaxdiff._checks import as_time, check_finite, check_positive, check_same_shape, expand_like
 from jaxdiff.conversions import convert, to_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath
@@ -93,7 +93,8 @@ def classifier_free_guidance(
         interval = check_interval(interval)
     labels = jnp.asarray(labels)
     null = jnp.broadcast_to(jnp.asarray(null_label, labels.dtype), labels.shape)
-    return Field(_cfg, field.target, (field, labels, null, jnp.asarray(scale), interval))
+    scale = check_finite(jnp.asarray(scale), "scale")  # NaN or inf gave NaN or inf silently
+    return Field(_cfg, field.target, (field, labels, null, scale, interval))
 
 
 def check_interval(interval: Any) -> tuple[float, float]:
@@ -134,7 +135,8 @@ def classifier_guidance(
     ``x.shape[:1]``. The result predicts the field's target again.
     """
     field = as_field(field)
-    return Field(_ClassifierGuided(log_prob_fn), field.target, (path, field, jnp.asarray(scale)))
+    scale = check_finite(jnp.asarray(scale), "scale")  # NaN or inf gave NaN or inf silently
+    return Field(_ClassifierGuided(log_prob_fn), field.target, (path, field, scale))
 
 
 def _threshold(params: Any, x: ArrayLike, t: ArrayLike) -> Array:

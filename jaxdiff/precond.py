@@ -55,7 +55,10 @@ class EDMScalings(NamedTuple):
 def edm_noise(path: GaussianPath, t: ArrayLike) -> Array:
     """EDM's ``c_noise = log(sigma_t / alpha_t) / 4 = -lambda_t / 8``, clipped to ``[-2.5, 2.5]``."""
     log_sigma = -0.5 * path.log_snr(t)
-    return 0.25 * jnp.clip(log_sigma, -LOG_SIGMA_CLIP, LOG_SIGMA_CLIP)
+    # a select, not clip: clip's derivative multiplies the infinite d log_sigma / dt at sigma = 0
+    # or alpha = 0 by 0 (NaN under jax.jvp in t); where the clip holds the derivative is 0
+    inside = jnp.abs(log_sigma) <= LOG_SIGMA_CLIP
+    return 0.25 * jnp.where(inside, log_sigma, jnp.sign(log_sigma) * LOG_SIGMA_CLIP)
 
 
 def edm_scalings(
@@ -75,10 +78,13 @@ def edm_scalings(
     sigma_data = check_positive(sigma_data, "sigma_data")
     t = coef_time(t)
     a, var = path.alpha(t), path.sigma_sq(t)
-    sd2 = jnp.square(jnp.asarray(sigma_data, t.dtype))
+    sd = jnp.asarray(sigma_data, t.dtype)
+    sd2 = jnp.square(sd)
     total = a * a * sd2 + var  # the variance of x_t
     c_in = jax.lax.rsqrt(total)
-    return EDMScalings(a * sd2 / total, jnp.sqrt(var * sd2) * c_in, c_in, noise_fn(path, t))
+    # sigma * s, not sqrt(sigma^2 s^2): the sqrt's derivative at sigma = 0 gave NaN under jax.jvp
+    c_out = path.sigma(t) * sd * c_in
+    return EDMScalings(a * sd2 / total, c_out, c_in, noise_fn(path, t))
 
 
 class _Preconditioned(eqx.Module):

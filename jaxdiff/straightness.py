@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import concrete
+from jaxdiff._checks import check_count, concrete, data_dtype, wide_dtype
 from jaxdiff.conversions import convert
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath
@@ -55,8 +55,7 @@ def straightness(
     field = as_field(field, "field")
     if field.target != "velocity" and path is None:
         raise ValueError(f"a field predicting {field.target!r} needs its path to give the velocity")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1; got {steps}")
+    steps = check_count(steps, "steps")
     alpha_1 = None if path is None else concrete(path.alpha(1.0))
     if field.target in ("eps", "score") and alpha_1 is not None and float(alpha_1) == 0.0:
         raise ValueError(
@@ -64,24 +63,32 @@ def straightness(
             "about x0 (it gave NaN): measure a field predicting 'x0', 'v' or 'velocity'"
         )
     x1 = jnp.asarray(x1)
-    ts = jnp.linspace(1.0, 0.0, steps + 1, dtype=x1.dtype)
+    if x1.ndim == 0:
+        raise ValueError("x1 must have a batch axis, shape (batch, *event); got a scalar")
+    # times and the Euler state in max(float32, dtype of x1), never x1's own dtype: a
+    # bfloat16 grid 1, 0.99, ... rounded to dt = -0.0117 and ran the flow to t = -0.17; an
+    # integer grid was [1, 0, 0, ...]
+    out = data_dtype(x1)
+    wide = wide_dtype(out)
+    x1 = x1.astype(out)
+    ts = jnp.linspace(1.0, 0.0, steps + 1, dtype=wide)
     dt = ts[1] - ts[0]
 
     def velocity(x, t):
-        tb = jnp.full(x.shape[:1], t, x.dtype)
-        out = field(x, tb)
+        tb = jnp.full(x.shape[:1], t, ts.dtype)
+        pred = field(x, tb)
         if field.target == "velocity":
-            return out
-        return convert(path, x, tb, out, src=field.target, dst="velocity")
+            return pred
+        return convert(path, x, tb, pred, src=field.target, dst="velocity")
 
-    def step(x, t):
-        v = velocity(x, t)
+    def step(x, t):  # the state accumulates in ``wide``; the field sees it in x1's dtype
+        v = velocity(x.astype(out), t).astype(wide)
         return x + v * dt, v
 
-    x0, vs = jax.lax.scan(step, x1, ts[:-1])
-    chord = x1 - x0  # x(1) - x(0)
+    x0, vs = jax.lax.scan(step, x1.astype(wide), ts[:-1])
+    chord = x1.astype(wide) - x0  # x(1) - x(0)
     n = x1.shape[0]
     dev = jnp.sum(jnp.square(chord[None] - vs).reshape(steps, n, -1), axis=-1)
     value = jnp.mean(dev)
     relative = value / jnp.mean(jnp.sum(jnp.square(chord).reshape(n, -1), axis=-1))
-    return Straightness(value, relative, x0)
+    return Straightness(value, relative, x0.astype(out))

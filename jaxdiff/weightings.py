@@ -46,7 +46,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import ndtr
+from jax.scipy.special import log_ndtr, ndtr, ndtri
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
@@ -181,19 +181,43 @@ class _EDMTime(eqx.Module):
     lo: Array  # the truncation of log sigma~ in standard units
     hi: Array
 
+    def _tail(self) -> tuple[Array, Array, Array]:
+        """``(flip, a, b)``: the truncation ``[lo, hi]``, mirrored to ``[-hi, -lo]`` when it lies
+        above the mean (``lo > 0``), where ``ndtr`` keeps its relative precision
+        (``jax.random.truncated_normal`` inverts ``erf``, which rounds to 1 beyond ~4 std:
+        ``[6, 7]`` drew 7 every time, and ``ndtr(hi) - ndtr(lo)`` cancels)."""
+        flip = self.lo > 0
+        return flip, jnp.where(flip, -self.hi, self.lo), jnp.where(flip, -self.lo, self.hi)
+
     def __call__(self, key: Array, shape: tuple[int, ...]) -> Array:
-        z = jax.random.truncated_normal(key, self.lo, self.hi, shape)
+        flip, a, b = self._tail()
+        pa, pb = ndtr(a), ndtr(b)
+        u = jax.random.uniform(key, shape, pa.dtype, minval=pa, maxval=pb)
+        z = jnp.clip(ndtri(u), a, b)
+        z = jnp.where(pb > pa, z, b)  # both ends past float's range: the end nearest the mean
+        z = jnp.where(flip, -z, z)
         lam = -2.0 * (self.p_mean + self.p_std * z)
         t = self.path.t_from_log_snr(lam)
         return jnp.clip(t, self.t_min, self.t_max)
 
     def pdf(self, t: ArrayLike) -> Array:
-        """The density of ``t``: the truncated normal of ``log sigma~`` times ``dlog sigma~/dt``."""
+        """The density of ``t``: the truncated normal of ``log sigma~`` times ``dlog sigma~/dt``
+        on ``[t_min, t_max]``, 0 outside."""
         t = coef_time(t)
-        z = (-0.5 * self.path.log_snr(t) - self.p_mean) / self.p_std
+        inside = (t >= self.t_min) & (t <= self.t_max)
+        ts = jnp.where(inside, t, 0.5 * (self.t_min + self.t_max))  # no inf * 0 outside
+        z = (-0.5 * self.path.log_snr(ts) - self.p_mean) / self.p_std
+        _, a, b = self._tail()
+        mass = ndtr(b) - ndtr(a)
         normal = jnp.exp(-0.5 * z * z) / (self.p_std * jnp.sqrt(2 * jnp.pi))
-        mass = ndtr(self.hi) - ndtr(self.lo)
-        return normal / mass * 0.5 * _neg_dlambda(self.path, t)
+        # a mass that underflows (the interval far in a tail): the ratio in logs
+        log_b = log_ndtr(b)
+        log_mass = log_b + jnp.log1p(-jnp.exp(log_ndtr(a) - log_b))
+        log_normal = -0.5 * z * z - jnp.log(self.p_std * jnp.sqrt(2 * jnp.pi))
+        ratio = jnp.where(
+            mass > 0, normal / jnp.where(mass > 0, mass, 1.0), jnp.exp(log_normal - log_mass)
+        )
+        return jnp.where(inside, ratio * 0.5 * _neg_dlambda(self.path, ts), 0.0)
 
 
 def edm_time(
