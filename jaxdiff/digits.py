@@ -9,6 +9,7 @@ features of ``digits_frechet_distance`` (a FID for digits).
 
 from __future__ import annotations
 
+import math
 import os
 from importlib import resources
 
@@ -47,20 +48,36 @@ def init_classifier(key: Array) -> dict:
     }
 
 
-@jax.jit  # one program per shape, not one per primitive when called eagerly
+def _check_images(images: ArrayLike) -> None:
+    shape = jnp.shape(images)
+    if len(shape) < 2 or math.prod(shape[1:]) != SIZES[0]:
+        raise ValueError(f"images must be (n, 8, 8), (n, 8, 8, 1) or (n, 64); got shape {shape}")
+
+
 def classifier_features(params: dict, images: ArrayLike) -> Array:
     """Penultimate activations ``(n, 64)`` of images ``(n, 8, 8[, 1])`` in ``[-1, 1]``."""
+    _check_images(images)
+    return _features(params, images)
+
+
+@jax.jit  # one program per shape, not one per primitive when called eagerly
+def _features(params: dict, images: ArrayLike) -> Array:
     h = jnp.asarray(images).reshape(jnp.shape(images)[0], -1)
     for i in range(len(SIZES) - 2):
         h = jax.nn.silu(h @ params[f"l{i}"]["w"] + params[f"l{i}"]["b"][None])
     return h
 
 
-@jax.jit  # one program per shape, not one per primitive when called eagerly
 def classifier_logits(params: dict, images: ArrayLike) -> Array:
     """Class logits ``(n, 10)``."""
+    _check_images(images)
+    return _logits(params, images)
+
+
+@jax.jit  # one program per shape, not one per primitive when called eagerly
+def _logits(params: dict, images: ArrayLike) -> Array:
     last = params[f"l{len(SIZES) - 2}"]
-    return classifier_features(params, images) @ last["w"] + last["b"][None]
+    return _features(params, images) @ last["w"] + last["b"][None]
 
 
 def train_classifier(
@@ -126,10 +143,20 @@ def _read(path) -> dict:
     return params
 
 
-@jax.jit  # one program per shape, not one per primitive when called eagerly
 def classifier_accuracy(params: dict, images: ArrayLike, labels: ArrayLike) -> Array:
-    """Fraction of ``images`` that the classifier labels as ``labels``."""
-    pred = jnp.argmax(classifier_logits(params, images), axis=-1)
+    """Fraction of ``images`` that the classifier labels as ``labels`` (``(n,)`` or ``(n, 1)``)."""
+    _check_images(images)
+    n, shape = jnp.shape(images)[0], jnp.shape(labels)
+    if shape == (n, 1):  # Keras-style labels
+        labels = jnp.reshape(labels, (n,))
+    elif shape != (n,):  # else `pred == labels` broadcasts to an (n, n) or (n,) of wrong pairs
+        raise ValueError(f"labels must be ({n},) (one per image) or ({n}, 1); got shape {shape}")
+    return _accuracy(params, images, labels)
+
+
+@jax.jit  # one program per shape, not one per primitive when called eagerly
+def _accuracy(params: dict, images: ArrayLike, labels: ArrayLike) -> Array:
+    pred = jnp.argmax(_logits(params, images), axis=-1)
     return jnp.mean(pred == jnp.asarray(labels))
 
 
@@ -157,6 +184,8 @@ def tile(images: ArrayLike, cols: int = 10, fill: float = np.nan) -> np.ndarray:
     if not (isinstance(cols, int | np.integer) and cols >= 1):
         raise ValueError(f"cols must be a positive integer; got {cols!r}")
     n, h, w = x.shape
+    if n == 0:  # the canvas would have -1 rows
+        raise ValueError(f"images must hold at least one image; got shape {np.shape(images)}")
     rows = -(-n // cols)
     canvas = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), fill)
     for k, img in enumerate(x):

@@ -33,6 +33,8 @@ def _labels(labels, n: int) -> np.ndarray | None:
         )
     if n and labels.min() < 0:
         raise ValueError(f"labels must be >= 0; got {labels.min()}")
+    if n and labels.max() > np.iinfo(np.int32).max:  # int32 below would wrap it around
+        raise ValueError(f"labels must be < 2**31 (class numbers); got {labels.max()}")
     return labels.astype(np.int32)
 
 
@@ -107,12 +109,22 @@ def _decode(file: Path, mode: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(file) as img:
-        if mode == "L" and img.mode.startswith("I"):  # 16-bit grayscale: convert("L") clips at 255
+        if mode == "L" and img.mode not in _GRAY:  # convert("L") would drop the colours silently
+            raise ValueError(
+                f"{file} is a {img.mode} image in a folder read as grayscale (its first file is "
+                "grayscale); convert the folder to one kind (all RGB or all grayscale)"
+            )
+        if img.mode.startswith("I"):  # 16-bit grayscale: convert("L") and ("RGB") clip at 255
             wide = np.asarray(img).astype(np.float64)
             arr = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255
+            if mode == "RGB":
+                arr = np.repeat(arr[..., None], 3, axis=-1)
         else:
             arr = np.asarray(img.convert(mode))
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+_GRAY = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # LA: alpha dropped
 
 
 class ImageFolder:
@@ -159,7 +171,7 @@ class ImageFolder:
         from PIL import Image
 
         with Image.open(self.files[0]) as img:
-            self._mode = "L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+            self._mode = "L" if img.mode in _GRAY else "RGB"
         self._shape = _decode(self.files[0], self._mode).shape
         self._pool: ThreadPoolExecutor | None = None
 

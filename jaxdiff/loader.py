@@ -79,6 +79,11 @@ class ImageLoader:
         process_index: int = 0,
         process_count: int = 1,
     ):
+        if not 0 <= process_index < process_count:  # else its share of every batch is empty
+            raise ValueError(
+                f"process_index must lie in [0, process_count = {process_count}); "
+                f"got {process_index}"
+            )
         if batch_size < 1 or batch_size % process_count:
             raise ValueError(
                 f"batch_size must be a positive multiple of process_count {process_count}; "
@@ -205,7 +210,13 @@ class Prefetcher:
 
     def __next__(self):
         start = time.perf_counter()
-        item = self._queue.get()
+        while True:  # poll: after close() the thread puts nothing more, and get() would hang
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._stop.is_set() and not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("next() on a closed Prefetcher") from None
         self.wait_s += time.perf_counter() - start
         if item is self._END:
             self._queue.put(item)

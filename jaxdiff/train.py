@@ -86,15 +86,20 @@ def adamw_cosine(
         raise ValueError(f"total_steps must be >= 1; got {total_steps}")
     if not learning_rate > 0:
         raise ValueError(f"learning_rate must be > 0; got {learning_rate}")
-    if warmup_steps is not None and not warmup_steps >= 0:
-        raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}")
+    if warmup_steps is not None and not 0 <= warmup_steps < total_steps:
+        # a warmup as long as the run never decays: the rate would end at its peak (or below it)
+        raise ValueError(
+            f"warmup_steps must lie in [0, total_steps = {total_steps}); got {warmup_steps}"
+        )
     if not 0 <= end_factor <= 1:  # a negative end rate climbs the loss
         raise ValueError(f"end_factor must lie in [0, 1]; got {end_factor}")
     if not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
     if clip_norm is not None and not clip_norm > 0:  # -1 reverses the gradient, 0 stops learning
         raise ValueError(f"clip_norm must be > 0 (or None: no clipping); got {clip_norm}")
-    warmup = max(1, total_steps // 20) if warmup_steps is None else warmup_steps
+    # one run step (total_steps = 1) gets no warmup: its only step would have the rate 0
+    default = min(max(1, total_steps // 20), total_steps - 1)
+    warmup = default if warmup_steps is None else warmup_steps
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup, max(total_steps, warmup + 1), learning_rate * end_factor
     )
@@ -103,8 +108,11 @@ def adamw_cosine(
 
 
 def ema_update(ema: Any, params: Any, decay: Array | float) -> Any:
-    """``ema <- decay * ema + (1 - decay) * params`` leaf by leaf."""
-    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+    """``ema <- decay * ema + (1 - decay) * params`` leaf by leaf, in each EMA leaf's dtype (a
+    float32 ``decay`` would otherwise promote bfloat16 leaves: a scan's carry would change type)."""
+    return jax.tree.map(
+        lambda e, p: (decay * e + (1.0 - decay) * p).astype(jnp.result_type(e)), ema, params
+    )
 
 
 def _ema_decay(decay: float, step: Array, warmup: bool) -> Array:
@@ -207,6 +215,11 @@ def make_train_chunk(
         size = mesh.shape["data"]
         shapes = jax.eval_shape(sample_batch, jax.random.key(0))
         for leaf in jax.tree.leaves(shapes):
+            if leaf.ndim == 0:
+                raise ValueError(
+                    f"every leaf of the batch needs a batch axis to shard over the {size} devices; "
+                    f"got a scalar {leaf.dtype} leaf"
+                )
             if leaf.shape[0] % size:
                 raise ValueError(
                     f"the batch size {leaf.shape[0]} must be a multiple of the {size} devices"

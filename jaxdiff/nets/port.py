@@ -134,9 +134,31 @@ def to_diffusers(params: dict, model: Any, shape: tuple[int, int, int] = (32, 32
     of ``model``: ``net.load_state_dict({k: torch.from_numpy(v) for k, v in ...items()})``."""
     from flax.traverse_util import flatten_dict
 
+    if not isinstance(params, Mapping) or "params" not in params:
+        raise ValueError("params must be the {'params': ...} dict of model.init")
     flat = flatten_dict(params["params"])
+    leaves = list(_leaves(model, tuple(shape)))
+    # params of another config or image shape would map silently onto wrong names (the attention
+    # layers depend on the image size), or drop layers
+    for path, _, leaf_shape in leaves:
+        if path not in flat:
+            raise ValueError(
+                f"params have no {'/'.join(path)}: another config, or images of another shape "
+                f"than {tuple(shape)}?"
+            )
+        if tuple(np.shape(flat[path])) != tuple(leaf_shape):
+            raise ValueError(
+                f"params {'/'.join(path)} has shape {np.shape(flat[path])}; the model on "
+                f"images {tuple(shape)} has {tuple(leaf_shape)}"
+            )
+    unused = sorted("/".join(p) for p in set(flat) - {path for path, _, _ in leaves})
+    if unused:
+        raise ValueError(
+            f"params with no diffusers counterpart (another config, or images of another shape "
+            f"than {tuple(shape)}?): {unused[:4]}"
+        )
     out = {}
-    for path, key, _ in _leaves(model, tuple(shape)):
+    for path, key, _ in leaves:
         value = np.array(flat[path], np.float32)  # a writable copy (torch.from_numpy warns else)
         if path[-1] == "kernel" and value.ndim == 4:  # (kh, kw, in, out) -> (out, in, kh, kw)
             value = np.transpose(value, (3, 2, 0, 1))
