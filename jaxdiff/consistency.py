@@ -47,7 +47,6 @@ from jaxdiff._checks import (
     check_count,
     check_positive,
     concrete,
-    data_dtype,
     expand_like,
     wide_dtype,
 )
@@ -185,7 +184,6 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
         x0, labels = _split_batch(batch)
-        x0 = x0.astype(data_dtype(x0))  # integer data: the default float
         n = x0.shape[0]
         n_key, e_key = jax.random.split(key)
         idx = jax.random.randint(n_key, (n,), 0, ts.shape[0] - 1)

@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import check_positive, data_dtype, expand_like, wide_dtype
+from jaxdiff._checks import check_positive, expand_like, wide_dtype
 from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import TimeSampler, _split_batch, uniform_time
@@ -120,7 +120,6 @@ def meanflow_loss(
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
         x0, labels = _split_batch(batch)
-        x0 = x0.astype(data_dtype(x0))  # integer data: the default float
         n = x0.shape[0]
         t_key, r_key, e_key = jax.random.split(key, 3)
         tdt = wide_dtype(x0.dtype)  # times in float32 or wider, whatever x0's dtype
