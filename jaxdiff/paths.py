@@ -197,8 +197,12 @@ class GaussianPath(eqx.Module):
 
     def t_from_log_snr(self, log_snr: ArrayLike, *, iters: int = 60) -> Array:
         """Inverse of ``log_snr`` on ``[0, 1]`` by bisection (any monotone path, any shape)."""
+        value = concrete(log_snr)
+        if value is not None and np.any(np.isnan(value)):  # bisection read NaN as t = 0
+            raise ValueError(f"log_snr must not be NaN; got {np.ravel(value)[:4].tolist()}")
         lam = jnp.asarray(log_snr, dtype=jnp.result_type(float))
-        return _bisect_log_snr(self, lam, iters)
+        t = _bisect_log_snr(self, lam, iters)
+        return jnp.where(jnp.isnan(lam), jnp.nan, t)  # traced: NaN stays NaN, not t = 0
 
     # --- conditional path -----------------------------------------------------------------
     def marginal(self, x0: ArrayLike, t: ArrayLike) -> tuple[Array, Array]:
@@ -277,7 +281,9 @@ class GaussianPath(eqx.Module):
         s, t = _time(s), _time(t)
         s, t = check_order(s, t, "s", "t", strict=False)  # the kernel runs forward in time
         out, x_s = widen(x_s)
-        ratio = self.alpha(t) / self.alpha(s)
+        # s = t: the identity kernel (s = t = 1 on a path with alpha_1 = 0 gave 0 / 0 = NaN)
+        same = s == t
+        ratio = jnp.where(same, 1.0, self.alpha(t) / jnp.where(same, 1.0, self.alpha(s)))
         var = self.sigma_sq(t) - ratio**2 * self.sigma_sq(s)
         return (_scale(ratio, x_s) * x_s).astype(out), jnp.sqrt(jnp.maximum(var, 0.0))
 

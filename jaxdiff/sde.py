@@ -154,13 +154,18 @@ def langevin(
     if int(n_steps) < 0:
         raise ValueError(f"n_steps must be >= 0; got {n_steps}")
     x = check_finite(jnp.asarray(x), "x")
+    # The chain runs in max(float32, dtype of x) and returns x's dtype (the precision policy):
+    # a bfloat16 state rounded every step away (N(2, 0.25), step 1e-4, 3000 steps: mean 1.10
+    # for 1.40); score_fn still sees x in its own dtype, as sample's fields do.
+    out, x = widen(x)
     scale = jnp.sqrt(2.0 * step_size)
 
     def step(x, k):
-        move = step_size * score_fn(x) + scale * jax.random.normal(k, x.shape, x.dtype)
-        return (x + move).astype(x.dtype), None  # a float32 step size keeps a bfloat16 state
+        score = jnp.asarray(score_fn(x.astype(out))).astype(x.dtype)
+        move = step_size * score + scale * jax.random.normal(k, x.shape, x.dtype)
+        return (x + move).astype(x.dtype), None  # a float32 step size keeps the carry's dtype
 
-    return jax.lax.scan(step, x, jax.random.split(key, int(n_steps)))[0]
+    return jax.lax.scan(step, x, jax.random.split(key, int(n_steps)))[0].astype(out)
 
 
 def brownian_motion(key: Array, ts: ArrayLike, shape: tuple[int, ...] = ()) -> Array:
