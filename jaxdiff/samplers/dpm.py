@@ -24,12 +24,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
 from jaxdiff.field import predict
 from jaxdiff.samplers.base import Sampler, normal
 from jaxdiff.schedules import log_snr_grid
-from jaxdiff.sde import _is_zero, check_eta, eta_at
+from jaxdiff.sde import Eta, _is_zero, check_eta, eta_at
 
 Array = jax.Array
 
@@ -80,7 +79,7 @@ def _update(order, exact_taylor, x, m0, m1, m2, h, h1, h2, ratio, a_s, h_eta):
 def dpm_solver_pp(
     order: int = 2,
     *,
-    eta: ArrayLike = 0.0,
+    eta: Eta = 0.0,
     lower_order_final: bool = True,
     exact_taylor: bool = True,
 ) -> Sampler:
@@ -128,7 +127,9 @@ def dpm_solver_pp(
         h_eta = h
         if stochastic:
             e = jnp.where(to_zero, 0.0, eta_at(eta, t))  # no noise on a step to sigma = 0
-            eh = e * jnp.where(to_zero, 0.0, h)  # h = inf there: e h would be 0 * inf = NaN
+            # h = inf on a step to sigma = 0, and from alpha_t = 0 (t = 1 on the linear path):
+            # e h would be 0 * inf = NaN there where eta(t) = 0
+            eh = jnp.where(to_zero | (e == 0), 0.0, e * jnp.where(to_zero, 0.0, h))
             ratio, h_eta = ratio * jnp.exp(-eh), h + eh
         args = (x, m0, m1, m2, h, h1, h2, ratio, a_s, h_eta)
         branches = [lambda a, q=q: _update(q, exact_taylor, *a) for q in range(1, order + 1)]

@@ -20,7 +20,7 @@ from jaxdiff._checks import check_positive
 from jaxdiff.field import predict
 from jaxdiff.samplers.base import Sampler, normal
 from jaxdiff.schedules import log_snr_grid
-from jaxdiff.sde import _is_zero, check_eta
+from jaxdiff.sde import Eta, _is_zero, check_eta, eta_at
 
 Array = jax.Array
 
@@ -66,7 +66,7 @@ def _grid(path, steps, t_start, t_end):
     return log_snr_grid(path, steps, t_start, t_end)
 
 
-def dpm_solver_2s(*, eta: ArrayLike = 1.0, s_noise: ArrayLike = 1.0) -> Sampler:
+def dpm_solver_2s(*, eta: Eta = 1.0, s_noise: ArrayLike = 1.0) -> Sampler:
     """DPM-Solver++(2S) ancestral (k-diffusion's ``sample_dpmpp_2s_ancestral``).
 
     Each step goes to ``sigma_down`` by the second-order singlestep update with its midpoint
@@ -86,7 +86,8 @@ def dpm_solver_2s(*, eta: ArrayLike = 1.0, s_noise: ArrayLike = 1.0) -> Sampler:
         a_t, s_t, a_s = path.alpha(t), path.sigma(t), path.alpha(s)
         lam_t, lam_s = _lam(path, t), _lam(path, s)
         x0 = predict(path, field, x, t)[0]
-        down, up = _ancestral(jnp.exp(-lam_t), jnp.exp(-lam_s), eta)
+        e = eta_at(eta, t)  # a function of t is called (it was multiplied: a TypeError)
+        down, up = _ancestral(jnp.exp(-lam_t), jnp.exp(-lam_s), e)
         lam_down = -jnp.log(down)
         lam_mid = jnp.where(down > 0, _mid(lam_t, lam_down), lam_s)
         x0_mid = _at(path, field, _move(x, x0, a_t, s_t, jnp.exp(-lam_mid)), lam_mid)
@@ -108,7 +109,7 @@ def dpm_solver_2s(*, eta: ArrayLike = 1.0, s_noise: ArrayLike = 1.0) -> Sampler:
     )
 
 
-def dpm_solver_sde(*, eta: ArrayLike = 1.0, r: float = 0.5, s_noise: ArrayLike = 1.0) -> Sampler:
+def dpm_solver_sde(*, eta: Eta = 1.0, r: float = 0.5, s_noise: ArrayLike = 1.0) -> Sampler:
     """DPM-Solver++ SDE (k-diffusion's ``sample_dpmpp_sde``; diffusers' ``DPMSolverSDEScheduler``
     is ``eta = 1``, ``r = 1/2``).
 
@@ -145,12 +146,13 @@ def dpm_solver_sde(*, eta: ArrayLike = 1.0, r: float = 0.5, s_noise: ArrayLike =
         rho = jnp.where(jnp.isfinite(sig_t), rho, 1.0).astype(y.dtype)
         n1, n2 = z1, rho * z1 + jnp.sqrt(1.0 - rho**2) * z2
         # substep 1: to the midpoint level with the prediction at t
-        down, up = _ancestral(sig_t, sig_mid, eta)
+        e = eta_at(eta, t)  # a function of t is called (it was multiplied: a TypeError)
+        down, up = _ancestral(sig_t, sig_mid, e)
         y_mid = _move(x, x0, a_t, s_t, down) + (s_noise * up).astype(y.dtype) * n1
         x0_mid = _at(path, field, y_mid, lam_mid)
         # substep 2: from t to s with the combined prediction
         x0_d = (1.0 - fac) * x0 + fac * x0_mid
-        down, up = _ancestral(sig_t, sig_s, eta)
+        down, up = _ancestral(sig_t, sig_s, e)
         y_new = _move(x, x0_d, a_t, s_t, down) + (s_noise * up).astype(y.dtype) * n2
         return State((a_s * y_new).astype(x.dtype))
 

@@ -1,0 +1,42 @@
+"""Audit regressions for the samplers (jaxdiff/samplers, jaxdiff/sample.py, jaxdiff/_engine.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+
+S = jd.samplers
+PATH = jd.vp_path()
+GAUSS = jd.GaussianMixture(jnp.ones(1), jnp.array([[1.5, -0.5]]), (0.25 * jnp.eye(2))[None])
+
+
+@pytest.mark.parametrize("factory", [S.dpm_solver_2s, S.dpm_solver_sde])
+def test_singlestep_eta_of_t(factory):
+    # eta as a function of t (accepted by check_eta, as for sde/dpm_solver_pp) was multiplied as
+    # a number: TypeError "unsupported operand type(s) for *: 'function'". A constant function
+    # must give the sample of the constant, key for key.
+    field = GAUSS.field(PATH, "eps")
+    key = jax.random.key(0)
+    a = jd.sample(key, PATH, field, (64, 2), sampler=factory(eta=lambda t: 0.5 + 0.0 * t), steps=8)
+    b = jd.sample(key, PATH, field, (64, 2), sampler=factory(eta=0.5), steps=8)
+    np.testing.assert_allclose(np.asarray(a.x), np.asarray(b.x), atol=1e-5)
+
+
+def test_dpm_solver_pp_eta_zero_function_from_alpha_zero():
+    # on the linear path t = 1 has alpha = 0, so the first step's h is inf; an eta(t) that is 0
+    # there made e * h = 0 * inf = NaN and the run failed ("x contains non-finite values"),
+    # though eta(t) = 0 is the ODE. It must equal dpm_solver_pp(2) (eta = 0) from the same start.
+    lin = jd.linear_path()
+    field = GAUSS.field(lin, "velocity")
+    x_init = jax.random.normal(jax.random.key(1), (64, 2))
+    ode = jd.sample(None, lin, field, x_init=x_init, sampler=S.dpm_solver_pp(2), steps=12)
+    fn = jd.sample(jax.random.key(2), lin, field, x_init=x_init, steps=12,
+                   sampler=S.dpm_solver_pp(2, eta=lambda t: 0.0 * t))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(fn.x), np.asarray(ode.x), atol=1e-5)
+    # noise only below t = 0.5 (0 at t = 1): finite, and the data's mean and std within 0.03
+    sol = jd.sample(jax.random.key(3), lin, field, (4000, 2), steps=30,
+                    sampler=S.dpm_solver_pp(2, eta=lambda t: jnp.where(t > 0.5, 0.0, 1.0)))  # fmt: skip
+    np.testing.assert_allclose(np.asarray(sol.x.mean(0)), [1.5, -0.5], atol=0.03)
+    np.testing.assert_allclose(np.asarray(sol.x.std(0)), [0.5, 0.5], atol=0.03)
