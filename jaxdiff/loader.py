@@ -102,15 +102,17 @@ class ImageLoader:
         per = batch_size // process_count
         self._share = slice(process_index * per, (process_index + 1) * per)
         self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # prefetch's thread and the caller may both ask for batches
 
     def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(
-                len(self.source)
-            )
-        return self._perms[epoch]
+        with self._lock:  # unlocked, one thread could evict the epoch another had just added
+            perm = self._perms.get(epoch)
+            if perm is None:
+                if len(self._perms) > 2:
+                    self._perms.pop(min(self._perms))
+                perm = np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.source))
+                self._perms[epoch] = perm
+            return perm
 
     def indices(self, n: int) -> np.ndarray:
         """The source indices of (this process's share of) batch ``n``."""

@@ -315,6 +315,42 @@ def test_sharded_batches_on_four_devices():
     assert out["scale"] > 0.1 and out["max_diff"] < 1e-5, out
 
 
+def test_permutation_cache_survives_a_second_thread():
+    """Prefetch's thread and the caller share the loader. Without a lock, a thread that added
+    epochs 5-7 between another's insertion of epoch 0 and its read evicted epoch 0: a KeyError.
+    The interleaving is forced here: the second thread runs inside the first one's insertion."""
+    import threading
+
+    images = np.zeros((4, 2, 2, 1), np.uint8)
+    loader = LD.ImageLoader(LD.ArraySource(images), 4, seed=3, flip=False)
+    errors, started = [], []
+
+    def other():
+        try:
+            for e in (5, 6, 7):
+                loader.indices(e)  # batch e of 4 images is epoch e
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    class Interleaved(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            if key == 0:
+                thread = threading.Thread(target=other)
+                started.append(thread)
+                thread.start()
+                thread.join(timeout=0.5)  # with the lock it waits for this thread's return
+
+    loader._perms = Interleaved()
+    expected = np.random.default_rng([3, 0, 0]).permutation(4)
+    np.testing.assert_array_equal(loader.indices(0), expected)
+    started[0].join(timeout=5)
+    assert not errors and not started[0].is_alive()
+    np.testing.assert_array_equal(
+        loader.indices(7), np.random.default_rng([3, 0, 7]).permutation(4)
+    )
+
+
 def test_npz_that_is_not_one_names_the_file(tmp_path):
     """A text file or a ``.npy`` gave numpy's pickle message or an ``AttributeError``, without
     the file's name; a missing file stays a ``FileNotFoundError``."""
