@@ -127,9 +127,8 @@ def _times(indices, num_train_steps: int) -> Array:
 
 
 def _check_counts(num_train_steps: int, num_steps: int) -> None:
-    check_count(num_train_steps, "num_train_steps")
-    check_count(num_steps, "num_steps")
-    if int(num_steps) < 1 or int(num_train_steps) < int(num_steps):
+    total, n = check_count(num_train_steps, "num_train_steps"), check_count(num_steps, "num_steps")
+    if total < n:
         raise ValueError(
             f"need 1 <= num_steps <= num_train_steps; got {num_steps} and {num_train_steps}"
         )
