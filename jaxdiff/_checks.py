@@ -210,14 +210,21 @@ def check_same_shape(value: Any, x: Any, what: str) -> None:
         )
 
 
-def check_count(value: Any, name: str) -> int:
-    """``value`` as a Python ``int`` >= 1 (a number of steps, bins, dimensions: static under ``jit``)."""
+def check_count(value: Any, name: str, *, minimum: int = 1, what: str = "") -> int:
+    """``value`` as a Python ``int`` >= ``minimum`` (a number of steps, bins, points: static under
+    ``jit``). Integral floats such as ``3.0`` pass; bools, fractions, strings and traced values
+    do not. ``what`` is said in the error after the name (e.g. "a number of points")."""
     try:
-        ok = int(value) == value and int(value) >= 1
-    except (TypeError, ValueError):  # a string, None, or a traced value
+        ok = not isinstance(value, bool) and np.dtype(getattr(value, "dtype", int)).kind != "b"
+        ok = ok and int(value) == value and int(value) >= minimum
+    except (TypeError, ValueError, OverflowError):  # a string, None, inf, an array, a traced value
         ok = False
     if not ok:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        note = f" ({what})" if what else ""
+        if isinstance(value, jax.core.Tracer):  # a shape or a loop length: it cannot be traced
+            note += " known at trace time (pass it as a static argument under jit)"
+        raise ValueError(f"{name} must be {kind}{note}; got {value!r}")
     return int(value)
 
 

@@ -43,6 +43,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxdiff._checks import check_count
 from jaxdiff.train import TrainState
 
 __all__ = [
@@ -139,12 +140,8 @@ class Checkpointer:
     """Save and restore train states in ``directory``, keeping the newest ``max_to_keep``."""
 
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3):
-        if max_to_keep is not None and (
-            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
-        ):  # -1 once deleted every step right after saving it; 0 kept them all
-            raise ValueError(
-                f"max_to_keep must be a positive integer or None (keep all); got {max_to_keep!r}"
-            )
+        if max_to_keep is not None:  # -1 once deleted every step right after saving it
+            max_to_keep = check_count(max_to_keep, "max_to_keep", what="or None: keep all")
         self.directory = Path(directory).absolute()
         self.max_to_keep = max_to_keep
         # One process: old steps are removed after the new one is sealed (Orbax would remove

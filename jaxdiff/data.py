@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff._checks import check_positive
+from jaxdiff._checks import check_count, check_positive
 from jaxdiff.oracles import GaussianMixture
 
 Array = jax.Array
@@ -39,13 +39,7 @@ __all__ = [
 
 def _count(n: int) -> int:
     """``n`` as a Python int >= 0 (a number of points: static, a shape)."""
-    try:
-        ok = not isinstance(n, bool) and int(n) == n and int(n) >= 0
-    except (TypeError, ValueError):  # a string, None, or a traced value
-        ok = False
-    if not ok:
-        raise ValueError(f"n must be an integer >= 0 (a number of points); got {n!r}")
-    return int(n)
+    return check_count(n, "n", minimum=0, what="a number of points")
 
 
 def _noise(noise: float) -> Any:
@@ -160,8 +154,7 @@ def shapes(
     ((4, 16, 16, 3), dtype('uint8'), [2, 1, 1, 0])
     """
     n = _count(n)
-    if isinstance(size, bool) or int(size) != size or size < 1:
-        raise ValueError(f"size must be an integer >= 1; got {size!r}")
+    size = check_count(size, "size")
     if not (np.isfinite(noise) and noise >= 0):
         raise ValueError(f"noise must be finite and >= 0 (a pixel std); got {noise!r}")
     rng = np.random.default_rng(seed)

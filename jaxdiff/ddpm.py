@@ -155,8 +155,7 @@ def leading_timesteps(num_train_steps: int, num_steps: int, offset: int = 0) -> 
     for ``T = 1000``, ``n = 4``.
     """
     _check_counts(num_train_steps, num_steps)
-    if int(offset) != offset or offset < 0:  # offset -1 gave the time 0 twice
-        raise ValueError(f"offset must be an integer >= 0; got {offset}")
+    offset = check_count(offset, "offset", minimum=0)  # offset -1 gave the time 0 twice
     ratio = num_train_steps // num_steps
     k = (np.arange(num_steps) * ratio + offset)[::-1]
     if int(k[0]) > num_train_steps - 1:

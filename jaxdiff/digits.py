@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
+from jaxdiff._checks import check_count
 from jaxdiff.metrics import frechet_distance
 
 Array = jax.Array
@@ -181,8 +182,7 @@ def tile(images: ArrayLike, cols: int = 10, fill: float = np.nan) -> np.ndarray:
         x = x[..., 0]
     if x.ndim != 3:
         raise ValueError(f"images must be (n, h, w) or (n, h, w, 1); got shape {np.shape(images)}")
-    if not (isinstance(cols, int | np.integer) and cols >= 1):
-        raise ValueError(f"cols must be a positive integer; got {cols!r}")
+    cols = check_count(cols, "cols")
     n, h, w = x.shape
     if n == 0:  # the canvas would have -1 rows
         raise ValueError(f"images must hold at least one image; got shape {np.shape(images)}")

@@ -33,6 +33,7 @@ import numpy as np
 from jaxdiff import couplings as CP
 from jaxdiff import losses as L
 from jaxdiff import weightings as W
+from jaxdiff._checks import check_count
 from jaxdiff.data import TOY_DATASETS, load_digits
 from jaxdiff.field import Field
 from jaxdiff.metrics import energy_distance, mmd
@@ -139,11 +140,9 @@ def resolve(config: dict) -> dict:
     if c["conditional"] and c["data"] != "digits":
         raise ValueError("conditional training needs labelled data (data 'digits')")
     for name in ("width", "depth", "steps", "batch", "chunk", "eval_steps"):
-        if int(c[name]) < 1:
-            raise ValueError(f"{name} must be a positive integer; got {c[name]}")
+        check_count(c[name], name)
     for name in ("eval_every", "ckpt_every", "eval_n"):
-        if int(c[name]) < 0:
-            raise ValueError(f"{name} must be >= 0; got {c[name]}")
+        check_count(c[name], name, minimum=0)
     if not (isinstance(c["lr"], int | float) and math.isfinite(c["lr"]) and c["lr"] > 0):
         raise ValueError(f"lr must be a positive number; got {c['lr']}")
     for name in ("ema", "label_dropout"):  # a string once raised a bare TypeError

@@ -17,6 +17,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
+    check_count,
     check_finite,
     check_positive,
     concrete,
@@ -62,9 +63,7 @@ def _two_sets(
 
 
 def _block(block: int) -> int:
-    if isinstance(block, bool) or int(block) < 1:
-        raise ValueError(f"block must be an integer >= 1; got {block!r}")
-    return int(block)
+    return check_count(block, "block")
 
 
 def _pair_mean(

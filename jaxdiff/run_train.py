@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jaxdiff import experiment as E
 from jaxdiff import run_images as IR
 from jaxdiff import rundir as R
+from jaxdiff._checks import check_count
 from jaxdiff.runs import evaluate, make_sampler
 
 
@@ -37,8 +38,8 @@ def train_run(
     see ``rundir.resume_config``), and the history in ``metrics.json`` is continued. A finished
     run is reported, not retrained. ``until`` stops at that step (resume later). The folder is
     locked for the whole run (``rundir.RunLock``)."""
-    if until is not None and (isinstance(until, bool) or not isinstance(until, int) or until < 1):
-        raise ValueError(f"until must be a positive integer (a step); got {until!r}")
+    if until is not None:
+        until = check_count(until, "until", what="a step")
     if resume and not R.has_steps(Path(out) / "ckpt"):
         raise FileNotFoundError(f"no checkpoint to resume from in {Path(out) / 'ckpt'}")
     if not resume:

@@ -23,6 +23,7 @@ import numpy as np
 from jaxdiff import experiment as E
 from jaxdiff import rundir as R
 from jaxdiff import samplers
+from jaxdiff._checks import check_count
 from jaxdiff.field import Field
 from jaxdiff.guidance import check_interval, classifier_free_guidance
 from jaxdiff.sample import sample
@@ -69,8 +70,7 @@ def make_sampler(
     solver = "heun" if solver is None else solver
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {', '.join(SOLVERS)}; got {solver!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps}")
+    steps = check_count(steps, "steps")
     if eta < 0 or not math.isfinite(eta):
         raise ValueError(f"eta must be >= 0; got {eta}")
     if eta > 0 and (setup.source is not None or c.get("coupling", "independent") != "independent"):
@@ -130,8 +130,7 @@ def _fewstep_sampler(c, setup, solver, steps, eta, guidance, interval, batch) ->
             f"a {loss} run samples with its own sampler (--steps 1, 2, 4, ...): drop "
             f"{', '.join(given)} (for flow-matching and diffusion runs)"
         )
-    if steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps}")
+    steps = check_count(steps, "steps")
     sampler = samplers.meanflow() if loss == "meanflow" else samplers.consistency()
     fn, shape = E.network_fn(c, setup.model), tuple(setup.example.shape[1:])
 
@@ -271,8 +270,7 @@ def sample_run(
     """
     if n < 2:
         raise ValueError(f"n must be at least 2; got {n}")
-    if isinstance(metrics_n, bool) or not isinstance(metrics_n, int) or metrics_n < 0:
-        raise ValueError(f"metrics_n must be an integer >= 0; got {metrics_n!r}")
+    metrics_n = check_count(metrics_n, "metrics_n", minimum=0, what="0: no metrics")
     if metrics_n == 1:
         raise ValueError("metrics_n must be 0 (no metrics) or at least 2; got 1")
     E.check_seed(seed)

@@ -35,13 +35,15 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
-from numbers import Integral
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdiff._checks import check_count
 
 Array = jax.Array
 
@@ -304,11 +306,9 @@ def train(
     from tqdm.auto import tqdm
 
     start_step = int(state.step)
-    if isinstance(chunk_size, bool) or not chunk_size >= 1:
-        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
-    periods = () if every is None else (every,) if isinstance(every, Integral) else tuple(every)
-    if not all(isinstance(e, Integral) and not isinstance(e, bool) and e >= 1 for e in periods):
-        raise ValueError(f"every must be None or integers >= 1; got {every!r}")
+    chunk_size = check_count(chunk_size, "chunk_size")
+    periods = () if every is None else (every,) if np.ndim(every) == 0 else tuple(every)
+    periods = tuple(check_count(e, "every", what="or None, or a tuple of them") for e in periods)
     if num_steps < start_step:
         raise ValueError(f"the state is at step {start_step}, past num_steps = {num_steps}")
     chunks: dict[int, Callable] = {}

@@ -33,7 +33,7 @@ def test_toy_sets_check_their_arguments(name):
             fn(jax.random.key(0), 4, noise=-0.1)
     with pytest.raises(ValueError, match="noise must be finite and >= 0 .*got -1.0"):
         jd.data.shapes(2, noise=-1.0)
-    with pytest.raises(ValueError, match="size must be an integer >= 1; got 0"):
+    with pytest.raises(ValueError, match="size must be a positive integer; got 0"):
         jd.data.shapes(2, 0)
 
 

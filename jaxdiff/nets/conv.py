@@ -32,9 +32,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+
+from jaxdiff._checks import check_count
 
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -165,9 +168,10 @@ def conv2d(
             f"conv2d takes x (batch, H, W, C) and kernel (kh, kw, C, out); got {x.shape}, "
             f"{kernel.shape}"
         )
-    strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
-    if len(strides) != 2 or any(int(s) != s or s < 1 for s in strides):
+    strides = (strides, strides) if np.ndim(strides) == 0 else tuple(strides)
+    if len(strides) != 2:
         raise ValueError(f"strides must be an integer >= 1 or a pair of them; got {strides}")
+    strides = tuple(check_count(s, "strides", what="or a pair of them") for s in strides)
     if not isinstance(padding, str) and not isinstance(padding, int) and len(padding) != 2:
         raise ValueError(
             f"padding must be 'SAME', 'VALID', an int or two (lo, hi) pairs; got {padding}"

@@ -127,9 +127,7 @@ def pc(
     (2.0, 401)
     """
     snr = check_positive(snr, "snr")
-    if int(corrector_steps) != corrector_steps or int(corrector_steps) < 0:
-        raise ValueError(f"corrector_steps must be an integer >= 0; got {corrector_steps}")
-    n_corr = int(corrector_steps)
+    n_corr = check_count(corrector_steps, "corrector_steps", minimum=0)
     if predictor is None and n_corr < 1:
         raise ValueError("with predictor=None, corrector_steps must be >= 1")
 
