@@ -60,13 +60,22 @@ __all__ = [
 
 
 class _DiscreteAlpha(eqx.Module):
-    """``alpha_t = sqrt(abar(t))`` with ``abar`` linear between ``(i / T, abar_i)``, ``abar_0 = 1``."""
+    """``alpha_t = sqrt(abar(t))`` with ``abar`` linear between ``(i / T, abar_i)``, ``abar_0 = 1``.
+
+    ``one_minus_square`` interpolates ``1 - abar_i = -expm1(sum_j log1p(-beta_j))``, computed
+    without the cancellation of ``1 - abar`` near ``t = 0`` (1.4e-4 relative at ``t = 1e-3``)."""
 
     abar: Array  # (T + 1,)
+    one_minus_abar: Array  # (T + 1,)
+
+    def _grid(self):
+        return jnp.linspace(0.0, 1.0, self.abar.shape[0], dtype=self.abar.dtype)
 
     def __call__(self, t):
-        grid = jnp.linspace(0.0, 1.0, self.abar.shape[0], dtype=self.abar.dtype)
-        return jnp.sqrt(jnp.interp(t, grid, self.abar))
+        return jnp.sqrt(jnp.interp(t, self._grid(), self.abar))
+
+    def one_minus_square(self, t):
+        return jnp.interp(t, self._grid(), self.one_minus_abar)
 
 
 def discrete_path(betas: ArrayLike) -> GaussianPath:
@@ -89,7 +98,9 @@ def discrete_path(betas: ArrayLike) -> GaussianPath:
     if value is None:  # traced (a learned schedule): checked when the program runs
         betas = error_if(betas, ~jnp.all((betas > 0) & (betas <= 1)), "betas must lie in (0, 1]")
     abar = jnp.concatenate([jnp.ones((1,), betas.dtype), alpha_bars(betas)])
-    return GaussianPath(_DiscreteAlpha(abar))
+    complement = -jnp.expm1(jnp.cumsum(jnp.log1p(-betas)))
+    complement = jnp.concatenate([jnp.zeros((1,), betas.dtype), complement])
+    return GaussianPath(_DiscreteAlpha(abar, complement))
 
 
 def rescale_zero_terminal_snr(betas: ArrayLike) -> Array:

@@ -261,3 +261,17 @@ def test_negative_betas_are_an_error_under_jit_too():
         jd.discrete_path(-betas)
     with pytest.raises(Exception, match="betas must lie in"):
         jax.jit(lambda b: jd.discrete_path(b).alpha(0.5))(-betas).block_until_ready()
+
+
+def test_discrete_sigma_near_zero_is_computed_without_cancellation():
+    # float32 1 - abar at t = 1e-3 (abar = 0.9999) was 1.4e-4 off relative; now to a few ulps
+    betas = jd.linear_betas(1000)
+    path = jd.discrete_path(betas)
+    b64 = np.asarray(betas, np.float64)
+    one_minus = np.concatenate([[0.0], -np.expm1(np.cumsum(np.log1p(-b64)))])
+    t = jnp.array([1e-3, 2e-3, 2.5e-3, 0.01, 0.5, 1.0], jnp.float32)
+    ref = np.interp(np.asarray(t, np.float64), np.linspace(0, 1, 1001), one_minus)
+    np.testing.assert_allclose(path.sigma_sq(t), ref, rtol=2e-6)
+    np.testing.assert_allclose(path.sigma(t), np.sqrt(ref), rtol=2e-6)
+    np.testing.assert_allclose(path.alpha(t) ** 2 + path.sigma_sq(t), 1.0, atol=3e-7)
+    assert float(path.sigma_sq(0.0)) == 0.0
