@@ -45,6 +45,7 @@ from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
     check_count,
+    check_order,
     check_positive,
     concrete,
     expand_like,
@@ -83,6 +84,7 @@ def consistency_scalings(
     distances of 0.0017 with ``"edm"`` and 0.006 with ``"euler"``.
     """
     t_min = check_positive(t_min, "t_min", strict=False)
+    t_min, _ = check_order(t_min, 1.0, "t_min", "1")  # t_min >= 1 left no time to sample
     if kind == "edm":
         sigma_data = check_positive(sigma_data, "sigma_data")
     t = jnp.asarray(t)
@@ -151,7 +153,8 @@ def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) ->
 def _pseudo_huber(diff: Array, c: float | None) -> Array:
     sq = jnp.sum(jnp.square(diff).reshape(diff.shape[0], -1), axis=1)
     c = 0.00054 * math.sqrt(math.prod(diff.shape[1:])) if c is None else c
-    return jnp.sqrt(sq + c**2) - c
+    r = sq + c**2  # c = 0 is the L2 distance: its sqrt at an exact match had a NaN gradient
+    return jnp.where(r > 0, jnp.sqrt(jnp.where(r > 0, r, 1.0)), 0.0) - c
 
 
 def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, huber_c, weighting):

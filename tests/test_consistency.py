@@ -174,3 +174,26 @@ def test_bad_grid_and_huber_hyperparameters_raise():
         jd.ict_num_scales(0, 1000, s0=0)
     with pytest.raises(ValueError, match="s0 <= s1"):  # math domain error
         jd.ict_num_scales(0, 1000, s0=20, s1=10)
+
+
+def test_huber_c_zero_has_a_finite_gradient_at_an_exact_match():
+    # c = 0 is the L2 distance |d|: its sqrt at d = 0 gave a NaN gradient (inf * 0) for the batch
+    def fn(p, x, t):  # both times give the same output where x0 = 0 (the first half): d = 0
+        return p * jnp.where(jnp.abs(x) > 10, x, 0.0)
+
+    net = jd.Field(fn, "x0")
+    x0 = jnp.concatenate([jnp.zeros((32, 2)), jnp.full((32, 2), 100.0)])
+    grads = []
+    for c in (0.0, 1e-9):  # the pseudo-Huber gradient is 0 at d = 0 for any c > 0
+        loss = jd.consistency_training_loss(net, PATH, num_scales=8, huber_c=c)
+        grads.append(float(jax.grad(loss)(1.0, jax.random.key(0), x0)))
+    assert np.isfinite(grads[0]) and abs(grads[0]) > 0.1, grads
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6)
+
+
+def test_consistency_t_min_must_be_below_one():
+    for bad in (1.0, 1.5):  # t_min >= 1 was accepted: no time left to sample over
+        with pytest.raises(ValueError, match="expected t_min < 1"):
+            jd.consistency_scalings(0.5, t_min=bad)
+        with pytest.raises(ValueError, match="expected t_min < 1"):
+            jd.consistency_function(lambda p, x, t: x, t_min=bad)
