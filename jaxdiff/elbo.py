@@ -131,7 +131,10 @@ def nelbo(
     with ``num_terms = K``, is estimated without bias by ``K`` steps drawn uniformly per sample
     (Ho et al.'s ``L_simple`` sampling, times ``T - 1``). ``var_weight`` chooses the reverse
     variance as in :func:`~jaxdiff.ddpm.reverse_mean_var`; ``num_bins`` (e.g. 256) discretizes the
-    decoder for data on ``[-1, 1]``. Divide ``total`` by ``dim log 2`` (:func:`bits_per_dim`).
+    decoder for data on ``[-1, 1]``. The decoder's std is ``sigma / alpha`` at ``t = 1 / T``, or
+    ``decoder_std``: a scalar or, like ``t``, a shape that broadcasts to a prefix of ``x0``'s
+    (per sample ``(batch,)``, per pixel ``x0.shape``). Divide ``total`` by ``dim log 2``
+    (:func:`bits_per_dim`).
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> data = jd.GaussianMixture(jnp.ones(1), jnp.zeros((1, 2)), 0.25 * jnp.eye(2)[None])
@@ -197,6 +200,7 @@ def nelbo(
         std = expand_like(path.sigma(t1) / path.alpha(t1), x0)
     else:
         std = check_positive(jnp.asarray(decoder_std, dtype), "decoder_std")
+        std = expand_like(std, x0, "decoder_std")  # (batch,) once met the last event axis
     if num_bins is None:
         logp = -0.5 * (jnp.square((x0 - mean) / std) + jnp.log(2 * jnp.pi * std**2))
     else:

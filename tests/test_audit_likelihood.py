@@ -60,6 +60,24 @@ def test_nelbo_bad_num_terms(num_terms):
               num_steps=10, num_terms=num_terms)  # fmt: skip
 
 
+def test_decoder_std_per_sample_is_per_sample():
+    # a (batch,) std broadcast against the last event axis: sample i's pixels got the std of
+    # pixel i (or a raw broadcasting error when batch != the last axis)
+    path = jd.vp_path()
+    x = GAUSS.sample(jax.random.key(0), 3)
+    std = jnp.array([0.1, 0.2, 0.4])
+    run = lambda s, x: nelbo(jax.random.key(1), path, GAUSS.field(path, "eps"), x,  # noqa: E731
+                             num_steps=10, decoder_std=s).reconstruction  # fmt: skip
+    per_sample = run(std, x)
+    one_by_one = [run(std[i], x)[i] for i in range(3)]  # the same batch: the same noise
+    np.testing.assert_allclose(per_sample, one_by_one, rtol=1e-5)
+    np.testing.assert_allclose(
+        run(jnp.broadcast_to(std[:, None], x.shape), x), per_sample, rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="decoder_std has shape"):
+        run(jnp.ones(2), x)
+
+
 @pytest.mark.parametrize("std", [0.0, -0.1, float("nan")])
 def test_decoder_std_checked(std):
     # decoder_std=-0.1 with num_bins=256 gave a reconstruction of 137.4 nats (9.78 at +0.1);
