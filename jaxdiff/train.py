@@ -111,10 +111,17 @@ def adamw_cosine(
 
 def ema_update(ema: Any, params: Any, decay: Array | float) -> Any:
     """``ema <- decay * ema + (1 - decay) * params`` leaf by leaf, in each EMA leaf's dtype (a
-    float32 ``decay`` would otherwise promote bfloat16 leaves: a scan's carry would change type)."""
-    return jax.tree.map(
-        lambda e, p: (decay * e + (1.0 - decay) * p).astype(jnp.result_type(e)), ema, params
-    )
+    float32 ``decay`` would otherwise promote bfloat16 leaves: a scan's carry would change type).
+    Leaves that are not floating (counters, masks) take the params' value: an average would be
+    truncated (0.999 * 2 + 0.001 * 2 rounds down to 1)."""
+
+    def update(e, p):
+        dtype = jnp.result_type(e)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            return jnp.asarray(p, dtype)
+        return (decay * e + (1.0 - decay) * jnp.asarray(p, dtype)).astype(dtype)  # not in bf16
+
+    return jax.tree.map(update, ema, params)
 
 
 def _ema_decay(decay: float, step: Array, warmup: bool) -> Array:
@@ -126,16 +133,25 @@ def _ema_decay(decay: float, step: Array, warmup: bool) -> Array:
     return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
+def _at_least_float32(leaf: Any) -> Array:
+    dtype = jnp.result_type(leaf)
+    if jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.promote_types(dtype, jnp.float32)
+    return jnp.array(leaf, dtype=dtype, copy=True)
+
+
 def init_train_state(
     params: Any, optimizer: optax.GradientTransformation, key: Array
 ) -> TrainState:
-    """A fresh state at step 0 with ``ema = params``.
+    """A fresh state at step 0 with ``ema = params``, kept in float32 at least.
 
-    The state holds copies: the chunks of ``make_train_chunk`` donate their input state, which
-    must never free the caller's ``params``.
+    A bfloat16 EMA stands still: at decay 0.999 each update moves a leaf by 0.001 of its gap to
+    the params, below half of bfloat16's relative spacing 2^-8, so it rounds away. The state holds
+    copies: the chunks of ``make_train_chunk`` donate their input state, which must never free the
+    caller's ``params``.
     """
     params = jax.tree.map(jnp.copy, params)
-    ema = jax.tree.map(jnp.copy, params)
+    ema = jax.tree.map(_at_least_float32, params)
     opt_state = jax.tree.map(jnp.copy, optimizer.init(params))
     return TrainState(params, opt_state, ema, jnp.zeros((), jnp.int32), jnp.copy(key))
 

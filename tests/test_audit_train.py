@@ -10,7 +10,13 @@ import optax
 import pytest
 
 from jaxdiff import loader as LD
-from jaxdiff.train import adamw_cosine, init_train_state, make_train_chunk, make_train_step
+from jaxdiff.train import (
+    adamw_cosine,
+    ema_update,
+    init_train_state,
+    make_train_chunk,
+    make_train_step,
+)
 
 
 def _square_loss(p, key, batch):
@@ -19,18 +25,33 @@ def _square_loss(p, key, batch):
 
 def test_bfloat16_params_keep_their_dtype_in_the_ema_and_train_in_a_chunk():
     """A float32 EMA decay promoted bfloat16 EMA leaves to float32, and the chunk's scan refused
-    the changed carry (TypeError). Now the EMA stays bfloat16 and equals the formula."""
+    the changed carry (TypeError). Now the EMA is float32 from the start, keeps its dtype, and
+    equals the formula."""
     params = {"w": jnp.ones((3,), jnp.bfloat16)}
     opt = optax.sgd(0.1)
     step = make_train_step(_square_loss, opt, ema_decay=0.5, ema_warmup=False)
     chunk = make_train_chunk(step, lambda k: jnp.zeros((3,)), 2)
     state, losses = chunk(init_train_state(params, opt, jax.random.key(0)))
-    assert state.ema["w"].dtype == jnp.bfloat16 and state.params["w"].dtype == jnp.bfloat16
+    assert state.ema["w"].dtype == jnp.float32 and state.params["w"].dtype == jnp.bfloat16
     # w: 1 -> 0.8 -> 0.64 (sgd on sum w^2, lr 0.1); ema: 0.5 * 1 + 0.5 * 0.8 = 0.9, then
     # 0.5 * 0.9 + 0.5 * 0.64 = 0.77 (bfloat16: 8 bits of mantissa, 0.4% per rounding)
     np.testing.assert_allclose(np.asarray(state.params["w"], np.float32), 0.64, rtol=1e-2)
     np.testing.assert_allclose(np.asarray(state.ema["w"], np.float32), 0.77, rtol=1e-2)
     np.testing.assert_allclose(np.asarray(losses), [3.0, 3 * 0.64], rtol=1e-2)
+
+
+def test_a_bfloat16_ema_moves():
+    """A bfloat16 EMA at decay 0.999 stood still: 0.001 of the gap is below half of bfloat16's
+    spacing (2^-8 relative). 1000 updates from 1 towards 2 give 2 - 0.999^1000 = 1.6323."""
+    params = {"w": jnp.ones((3,), jnp.bfloat16), "n": jnp.arange(3)}
+    state = init_train_state(params, optax.sgd(0.1), jax.random.key(0))
+    assert state.ema["w"].dtype == jnp.float32 and state.ema["n"].dtype == params["n"].dtype
+    target = {"w": jnp.full((3,), 2.0, jnp.bfloat16), "n": params["n"]}
+    ema = jax.lax.fori_loop(0, 1000, lambda i, e: ema_update(e, target, 0.999), state.ema)
+    np.testing.assert_allclose(np.asarray(ema["w"]), 2 - 0.999**1000, rtol=1e-4)
+    np.testing.assert_array_equal(ema["n"], [0, 1, 2])  # an integer leaf was truncated to [0, 0, 1]
+    state.params["w"].delete()  # the EMA is a copy, never an alias of the caller's params
+    assert float(state.ema["w"][0]) == 1.0
 
 
 def test_adamw_cosine_warmup_must_end_before_the_run_and_one_step_learns():
