@@ -122,6 +122,8 @@ def mmd(
     """
     x, y = _two_sets(x, y, 2)
     hs = jnp.atleast_1d(jnp.asarray(check_positive(bandwidths, "bandwidths"), x.dtype))
+    if hs.ndim != 1 or not hs.size:  # no bandwidth summed no kernel: MMD 0 whatever x and y
+        raise ValueError(f"bandwidths must be one length scale or a list of them; got {bandwidths}")
     return _mmd(x, y, hs, _block(block))
 
 
@@ -157,8 +159,9 @@ def frechet_distance(x: ArrayLike, y: ArrayLike) -> Array:
 def _frechet_distance(x: Array, y: Array) -> Array:
     (n, d), m = x.shape, y.shape[0]
     mx, my = jnp.mean(x, 0), jnp.mean(y, 0)
-    if min(n, m) > d:
-        return _from_stats(mx, jnp.cov(x, rowvar=False), my, jnp.cov(y, rowvar=False), False)
+    if min(n, m) > d:  # jnp.cov of one feature is a scalar (d = 1 raised a TypeError in eigh)
+        cx, cy = (jnp.cov(a, rowvar=False).reshape(d, d) for a in (x, y))
+        return _from_stats(mx, cx, my, cy, False)
     # Rank-deficient covariances (n <= d): their roots' eigenvectors are not unique, and the
     # gradient through them was NaN. With C_x = A^T A, C_y = B^T B (A = (x - mx) / sqrt(n - 1)),
     # the cross term tr (C_x^(1/2) C_y C_x^(1/2))^(1/2) is the nuclear norm of A B^T (n x m).
@@ -168,10 +171,32 @@ def _frechet_distance(x: Array, y: Array) -> Array:
     return jnp.maximum(value, 0.0)
 
 
-def _sqrtm_psd(c: Array) -> tuple[Array, Array]:
-    """The root of a symmetric PSD matrix, and its eigenvalues."""
+def _root_eigh(c: Array) -> tuple[Array, Array, Array, Array]:
     w, v = jnp.linalg.eigh(0.5 * (c + c.T))
-    return (v * _safe_sqrt(w)[None, :]) @ v.T, w
+    s = _safe_sqrt(w)
+    return (v * s[None, :]) @ v.T, w, v, s
+
+
+@jax.custom_jvp
+def _sqrtm_psd(c: Array) -> tuple[Array, Array]:
+    """The root of a symmetric PSD matrix, and its eigenvalues.
+
+    Differentiated by the Daleckii-Krein formula ``d root = V ((V^T dC V) / (s_i + s_j)) V^T``
+    (``s = sqrt(w)``; 0 where ``s_i + s_j = 0``), finite for repeated eigenvalues: through
+    ``eigh``'s eigenvectors the gradient was NaN there (``cov_x = I``; a constant feature)."""
+    root, w, _, _ = _root_eigh(c)
+    return root, w
+
+
+@_sqrtm_psd.defjvp
+def _sqrtm_psd_jvp(primals: tuple, tangents: tuple) -> tuple:
+    (c,), (dc,) = primals, tangents
+    root, w, v, s = _root_eigh(c)
+    a = v.T @ (0.5 * (dc + dc.T)) @ v
+    denom = s[:, None] + s[None, :]
+    pos = denom > 0
+    inv = jnp.where(pos, 1.0 / jnp.where(pos, denom, 1.0), 0.0)
+    return (root, w), (v @ (a * inv) @ v.T, jnp.diagonal(a))
 
 
 def _safe_sqrt(w: Array) -> Array:
@@ -211,6 +236,7 @@ def frechet_distance_from_stats(
             "expected mu_x, mu_y of shape (d,) and cov_x, cov_y of shape (d, d); got shapes "
             f"{mu_x.shape}, {mu_y.shape}, {cov_x.shape}, {cov_y.shape}"
         )
+    mu_x, mu_y = check_finite(mu_x, "mu_x"), check_finite(mu_y, "mu_y")  # NaN gave NaN
     return _from_stats(mu_x, cov_x, mu_y, cov_y, True)
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import value_check
+from jaxdiff._checks import check_count, value_check
 
 Array = jax.Array
 
@@ -45,13 +45,25 @@ def sinusoidal_embedding(
     ``shift = 1`` is DDPM's own ``half - 1`` (diffusers' ``freq_shift=1``, as in
     ``google/ddpm-cifar10-32``); ``0`` is diffusers' default.
 
+    An odd ``dim`` ends with a zero feature (diffusers' ``get_timestep_embedding``).
+
     >>> sinusoidal_embedding(jnp.zeros(3), 8).shape
     (3, 8)
     """
-    half = dim // 2
+    half = check_count(dim, "dim", minimum=2, what="the number of time features") // 2
+    if not half - shift > 0:  # half = shift divided 0 by 0: NaN features
+        raise ValueError(
+            f"sinusoidal features need dim // 2 > shift; got dim = {dim}, shift = {shift}"
+        )
     freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=t.dtype) / (half - shift))
     args = scale * t[:, None] * freqs[None, :]
-    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    return _pad_odd(jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1), dim)
+
+
+def _pad_odd(h: Array, dim: int) -> Array:
+    """``h`` of ``2 (dim // 2)`` features with a zero feature appended when ``dim`` is odd (an odd
+    ``dim`` once gave ``dim - 1`` features, and the next layer ``dim - 1`` inputs)."""
+    return jnp.pad(h, ((0, 0), (0, dim % 2))) if dim % 2 else h
 
 
 def fourier_embedding(t: Array, dim: int, scale: float = 16.0, seed: int = 0) -> Array:
@@ -59,11 +71,13 @@ def fourier_embedding(t: Array, dim: int, scale: float = 16.0, seed: int = 0) ->
 
     The frequencies are drawn from ``seed`` at trace time: constants, not parameters (so weight
     decay cannot shrink them). Tancik et al. (2020); score_sde's ``GaussianFourierProjection``.
+    An odd ``dim`` ends with a zero feature.
     """
+    half = check_count(dim, "dim", minimum=2, what="the number of time features") // 2
     # drawn in float32 whatever t's dtype: the same constants for bfloat16, float32 and float64
-    w = (scale * jax.random.normal(jax.random.key(seed), (dim // 2,), jnp.float32)).astype(t.dtype)
+    w = (scale * jax.random.normal(jax.random.key(seed), (half,), jnp.float32)).astype(t.dtype)
     args = 2.0 * jnp.pi * t[:, None] * w[None, :]
-    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    return _pad_odd(jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1), dim)
 
 
 class TimeEmbedding(nn.Module):
@@ -112,6 +126,8 @@ class LabelEmbedding(nn.Module):
         if labels is None:
             labels = jnp.full((batch,), self.num_classes, jnp.int32)
         labels = jnp.asarray(labels)
+        if not jnp.issubdtype(labels.dtype, jnp.integer):  # flax's error did not name labels
+            raise ValueError(f"labels must be integer class indices; got dtype {labels.dtype}")
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},); got {labels.shape}")
         # out of range, nn.Embed gave NaN (a label past the null one) or, for -1, the null label
