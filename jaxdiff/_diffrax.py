@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
+from jaxdiff._checks import normal
+
 Array = jax.Array
 
 
@@ -65,7 +67,7 @@ class StepIncrement(diffrax.AbstractBrownianPath):
         return jnp.inf
 
     def _draw(self, key, scale):
-        return scale * jax.random.normal(key, self.shape.shape, self.shape.dtype)
+        return scale * normal(key, self.shape.shape, self.shape.dtype)
 
     def evaluate(self, t0, t1=None, left: bool = True, use_levy: bool = False):
         del left

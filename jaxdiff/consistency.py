@@ -49,6 +49,7 @@ from jaxdiff._checks import (
     check_positive,
     concrete,
     expand_like,
+    normal_like,
     wide_dtype,
 )
 from jaxdiff.conversions import convert
@@ -192,7 +193,7 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
         idx = jax.random.randint(n_key, (n,), 0, ts.shape[0] - 1)
         grid = ts.astype(wide_dtype(x0.dtype))  # times in float32 or wider: bfloat16 merged them
         t_lo, t_hi = grid[idx], grid[idx + 1]
-        eps = jax.random.normal(e_key, x0.shape, x0.dtype)
+        eps = normal_like(e_key, x0)
         x_hi = path.interpolate(x0, eps, t_hi)
         extra = () if labels is None else (labels,)
         if teacher is None:

@@ -39,6 +39,7 @@ from jaxdiff._checks import (
     concrete,
     error_if,
     expand_like,
+    normal_like,
     value_check,
     widen,
 )
@@ -216,7 +217,7 @@ def forward_chain(key: Array, path: GaussianPath, x0: ArrayLike, ts: ArrayLike) 
         mean, std = path.transition(x, s, t)
         std = jnp.where(first, path.sigma(t), std)
         mean = jnp.where(first, path.alpha(t) * x, mean)
-        x = (mean + std * jax.random.normal(k, x.shape, x.dtype)).astype(x.dtype)
+        x = (mean + std * normal_like(k, x)).astype(x.dtype)
         return x, x.astype(out)
 
     return jax.lax.scan(step, x0, (prev, ts, jax.random.split(key, ts.shape[0])))[1]

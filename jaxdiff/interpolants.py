@@ -36,12 +36,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, check_known_time, concrete, expand_like
+from jaxdiff._checks import (
+    check_known_time,
+    coef_time,
+    concrete,
+    data_dtype,
+    expand_like,
+    wide_dtype,
+    widen,
+)
 from jaxdiff._schedule_fns import Affine as _Affine
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import TimeSampler, uniform_time
 from jaxdiff.paths import _call, _derivative
-from jaxdiff.sources import draw_pairs
+from jaxdiff.sources import draw_pairs, normal_like
 
 Array = jax.Array
 
@@ -106,59 +114,70 @@ class StochasticInterpolant(eqx.Module):
     def a(self, t: ArrayLike) -> Array:
         """``a_t``, the weight of ``x0`` (data at ``t = 0``)."""
         check_known_time(t)
-        return _call(self.a_fn, as_time(t), "a_fn")
+        return _call(self.a_fn, coef_time(t), "a_fn")
 
     def b(self, t: ArrayLike) -> Array:
         """``b_t``, the weight of ``x1`` (the source at ``t = 1``)."""
         check_known_time(t)
-        return _call(self.b_fn, as_time(t), "b_fn")
+        return _call(self.b_fn, coef_time(t), "b_fn")
 
     def gamma(self, t: ArrayLike) -> Array:
         """``gamma_t``, the scale of the latent noise ``z`` (0 at both ends)."""
         check_known_time(t)
-        return _call(self.gamma_fn, as_time(t), "gamma_fn")
+        return _call(self.gamma_fn, coef_time(t), "gamma_fn")
 
     def d_a(self, t: ArrayLike) -> Array:
         """``a_t'`` (by forward-mode autodiff of ``a``)."""
-        return _derivative(self.a, as_time(t))[1]
+        return _derivative(self.a, coef_time(t))[1]
 
     def d_b(self, t: ArrayLike) -> Array:
         """``b_t'`` (by forward-mode autodiff of ``b``)."""
-        return _derivative(self.b, as_time(t))[1]
+        return _derivative(self.b, coef_time(t))[1]
 
     def d_gamma(self, t: ArrayLike) -> Array:
         """``gamma'``: infinite at the ends for the Brownian bridge; draw ``t`` inside ``(0, 1)``."""
-        return _derivative(self.gamma, as_time(t))[1]
+        return _derivative(self.gamma, coef_time(t))[1]
 
     def interpolate(self, x0: ArrayLike, x1: ArrayLike, z: ArrayLike, t: ArrayLike) -> Array:
-        """``a_t x0 + b_t x1 + gamma_t z``."""
-        x0 = jnp.asarray(x0)
+        """``a_t x0 + b_t x1 + gamma_t z``: coefficients in ``max(float32, dtype of t)``, the
+        arithmetic in ``max(float32, dtype of the points)``, the result in the points' dtype."""
         check_known_time(t)  # once, not in each of a, b and gamma
-        t = as_time(t)
-        c = [expand_like(_call(fn, t, name), x0) for fn, name in self._fns()]
-        return c[0] * x0 + c[1] * jnp.asarray(x1) + c[2] * jnp.asarray(z)
+        t = coef_time(t)
+        out, x0, x1, z = widen(x0, x1, z, out=data_dtype(jnp.result_type(x0, x1, z)))
+        c = [expand_like(_call(fn, t, name), x0).astype(x0.dtype) for fn, name in self._fns()]
+        return (c[0] * x0 + c[1] * x1 + c[2] * z).astype(out)
 
     def sample(self, key: Array, x0: ArrayLike, x1: ArrayLike, t: ArrayLike) -> tuple[Array, Array]:
         """Draw ``z ~ N(0, I)`` and return ``(x_t, z)``."""
-        x0 = jnp.asarray(x0)
-        z = jax.random.normal(key, x0.shape, x0.dtype)
+        z = normal_like(key, jnp.asarray(x0))  # in x0's float dtype, drawn in float32 or wider
         return self.interpolate(x0, x1, z, t), z
 
     def conditional_velocity(
         self, x0: ArrayLike, x1: ArrayLike, z: ArrayLike, t: ArrayLike
     ) -> Array:
         """``d x_t / dt = a_t' x0 + b_t' x1 + gamma_t' z`` at fixed ``(x0, x1, z)``."""
-        x0 = jnp.asarray(x0)
-        c = [expand_like(f(t), x0) for f in (self.d_a, self.d_b, self.d_gamma)]
-        return c[0] * x0 + c[1] * jnp.asarray(x1) + c[2] * jnp.asarray(z)
+        out, x0, x1, z = widen(x0, x1, z, out=data_dtype(jnp.result_type(x0, x1, z)))
+        c = [expand_like(f(t), x0).astype(x0.dtype) for f in (self.d_a, self.d_b, self.d_gamma)]
+        return (c[0] * x0 + c[1] * x1 + c[2] * z).astype(out)
 
     def conditional_score(self, x: ArrayLike, x0: ArrayLike, x1: ArrayLike, t: ArrayLike) -> Array:
         """``grad_x log N(x; a_t x0 + b_t x1, gamma_t^2 I) = -(x - a_t x0 - b_t x1) / gamma_t^2``."""
         if isinstance(self.gamma_fn, _NoGamma):
             raise ValueError("a deterministic interpolant (gamma = 0) has no conditional score")
-        x = jnp.asarray(x)
+        known = concrete(t)
+        if known is not None:  # a known t where gamma = 0 (the ends) gave NaN or inf silently
+            with jax.ensure_compile_time_eval():
+                g = concrete(self.gamma(known))
+            if g is not None and np.any(g == 0):
+                raise ValueError(
+                    f"the conditional score divides by gamma_t^2, which is 0 at t = "
+                    f"{known[np.broadcast_to(g == 0, known.shape)].ravel()[:4].tolist()}; "
+                    "take t inside (0, 1)"
+                )
+        out, x, x0, x1 = widen(x, x0, x1, out=data_dtype(jnp.result_type(x, x0, x1)))
         mean = self.interpolate(x0, x1, jnp.zeros_like(x), t)
-        return -(x - mean) / expand_like(jnp.square(self.gamma(t)), x)
+        var = expand_like(jnp.square(self.gamma(t)), x).astype(x.dtype)
+        return (-(x - mean) / var).astype(out)
 
 
 def brownian_bridge(sigma: ArrayLike = 1.0) -> StochasticInterpolant:
@@ -207,10 +226,14 @@ def interpolant_loss(
     def loss(params: Any, key: Array, batch: Any) -> Array:
         pair_key, t_key, z_key = jax.random.split(key, 3)
         x0, x1, labels = draw_pairs(pair_key, batch, source, coupling)
-        t = time_sampler(t_key, (x0.shape[0],)).astype(x0.dtype)
+        # times in float32 or wider, whatever x0's dtype: cast to bfloat16, 1 - 1e-3 rounded to 1,
+        # where the bridge's gamma' is infinite (an inf loss)
+        t = coef_time(time_sampler(t_key, (x0.shape[0],)))
         x_t, z = interpolant.sample(z_key, x0, x1, t)
         args = () if labels is None else (labels,)
         pred = net.apply(params, x_t, t, *args)
+        wide = wide_dtype(data_dtype(jnp.result_type(pred, x0)))  # the error in float32 or wider
+        pred, x0, x1, z = (a.astype(wide) for a in (pred, x0, x1, z))
         if target == "velocity":
             err = pred - interpolant.conditional_velocity(x0, x1, z, t)
         elif target == "eps":

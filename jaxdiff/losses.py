@@ -55,6 +55,7 @@ from jaxdiff.sources import (
     check_source_path,
     draw_pairs,
     is_gaussian,
+    normal_like,
     unpack_batch,
 )
 from jaxdiff.weightings import weight_as
@@ -124,10 +125,15 @@ class _LogitNormal(eqx.Module):
         return self.t_min + (self.t_max - self.t_min) * u
 
     def pdf(self, t: Array) -> Array:
+        """The density of ``t``: 0 outside ``(t_min, t_max)`` and at its ends, where it tends to 0
+        (it was NaN there: ``log`` of 0 or of a negative)."""
         width = self.t_max - self.t_min
         u = (t - self.t_min) / width
+        inside = (u > 0) & (u < 1)
+        u = jnp.where(inside, u, 0.5)  # no log(0) or log(< 0), and no NaN in the gradient
         z = (jnp.log(u) - jnp.log1p(-u) - self.mean) / self.std
-        return jnp.exp(-0.5 * z * z) / (self.std * jnp.sqrt(2 * jnp.pi) * u * (1 - u) * width)
+        dens = jnp.exp(-0.5 * z * z) / (self.std * jnp.sqrt(2 * jnp.pi) * u * (1 - u) * width)
+        return jnp.where(inside, dens, 0.0)
 
 
 def uniform_time(t_min: float = 1e-3, t_max: float = 1.0) -> TimeSampler:
@@ -325,7 +331,7 @@ def diffusion_loss(
             check_source_path(path)
         if plain and not given_x1:
             x0, labels = _split_batch(batch)  # today's draw, bit for bit
-            eps = jax.random.normal(eps_key, x0.shape, x0.dtype)
+            eps = normal_like(eps_key, x0)  # bfloat16 data: drawn in float32, then rounded
         else:
             x0, eps, labels = draw_pairs(eps_key, batch, source, coupling)
         n = x0.shape[0]

@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import check_positive, expand_like, wide_dtype
+from jaxdiff._checks import check_positive, expand_like, normal_like, wide_dtype
 from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import TimeSampler, _split_batch, uniform_time
@@ -126,7 +126,7 @@ def meanflow_loss(
         t1 = time_sampler(t_key, (n,)).astype(tdt)
         t2 = time_sampler(r_key, (n,)).astype(tdt)
         t, r = jnp.maximum(t1, t2), jnp.minimum(t1, t2)
-        eps = jax.random.normal(e_key, x0.shape, x0.dtype)
+        eps = normal_like(e_key, x0)
         z = path.interpolate(x0, eps, t)
         extra = () if labels is None else (labels,)
         if velocity is None:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_count, check_finite, check_positive, concrete
+from jaxdiff._checks import check_count, check_finite, check_positive, concrete, normal_like
 
 Array = jax.Array
 
@@ -317,5 +317,5 @@ class Measurement(eqx.Module):
 def measure(key: Array, operator: LinearOperator, x0: ArrayLike, sigma_y: ArrayLike) -> Measurement:
     """Simulate ``y = A x0 + sigma_y n`` for a batch ``x0 (batch, *in_shape)``."""
     clean = operator.forward(x0)
-    noise = jax.random.normal(key, clean.shape, clean.dtype)
+    noise = normal_like(key, clean)
     return Measurement(operator, clean + jnp.asarray(sigma_y, clean.dtype) * noise, sigma_y)

@@ -28,6 +28,7 @@ from jaxdiff._checks import (
     concrete,
     data_dtype,
     expand_like,
+    normal,
     wide_dtype,
 )
 from jaxdiff.conversions import Target, _check_target, from_x0_eps
@@ -96,7 +97,7 @@ class GaussianMixture(eqx.Module):
         k_key, z_key = jax.random.split(key)
         labels = jax.random.choice(k_key, self.weights.shape[0], (n,), p=self.weights)
         chol = jnp.linalg.cholesky(self.covs)
-        z = jax.random.normal(z_key, (n, self.dim), self.means.dtype)
+        z = normal(z_key, (n, self.dim), self.means.dtype)
         return self.means[labels] + jnp.einsum("nij,nj->ni", chol[labels], z), labels
 
     def sample(self, key: Array, n: int) -> Array:

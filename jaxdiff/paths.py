@@ -47,6 +47,8 @@ from jaxdiff._checks import (
     concrete,
     data_dtype,
     expand_like,
+    normal,
+    normal_like,
     widen,
 )
 from jaxdiff._schedule_fns import Affine, CosineAlpha, Geometric, LinearBetaAlpha, OneMinusSquare
@@ -220,7 +222,7 @@ class GaussianPath(eqx.Module):
         True
         """
         t = check_time(t)
-        eps = jax.random.normal(key, jnp.shape(x0), dtype=data_dtype(x0))
+        eps = normal_like(key, x0)  # half precision: drawn in float32, rounded once
         return self.interpolate(x0, eps, t), eps
 
     def interpolate(self, x0: ArrayLike, eps: ArrayLike, t: ArrayLike) -> Array:
@@ -290,7 +292,7 @@ class GaussianPath(eqx.Module):
     def prior_sample(self, key: Array, shape: tuple[int, ...], dtype: Any = None) -> Array:
         """Sample the prior ``N(0, sigma_1^2 I)`` at ``t = 1``, in ``dtype`` (default float)."""
         dtype = dtype or jnp.result_type(float)
-        _, noise = widen(jax.random.normal(key, shape, dtype))
+        _, noise = widen(normal(key, shape, dtype))
         return (self.sigma(jnp.ones(())).astype(noise.dtype) * noise).astype(dtype)
 
     def prior_logp(self, x: ArrayLike, event_ndim: int = 1) -> Array:

@@ -27,6 +27,8 @@ from jaxdiff._checks import (
     check_positive,
     concrete,
     expand_like,
+    normal,
+    normal_like,
     value_check,
     widen,
 )
@@ -162,7 +164,7 @@ def langevin(
 
     def step(x, k):
         score = jnp.asarray(score_fn(x.astype(out))).astype(x.dtype)
-        move = step_size * score + scale * jax.random.normal(k, x.shape, x.dtype)
+        move = step_size * score + scale * normal_like(k, x)
         return (x + move).astype(x.dtype), None  # a float32 step size keeps the carry's dtype
 
     return jax.lax.scan(step, x, jax.random.split(key, int(n_steps)))[0].astype(out)
@@ -183,5 +185,5 @@ def brownian_motion(key: Array, ts: ArrayLike, shape: tuple[int, ...] = ()) -> A
         "ts must be finite, non-decreasing and >= 0",
     )
     dts = jnp.diff(ts, prepend=jnp.zeros((1,), ts.dtype))
-    z = jax.random.normal(key, (ts.shape[0], *shape), ts.dtype)
+    z = normal(key, (ts.shape[0], *shape), ts.dtype)
     return jnp.cumsum(expand_like(jnp.sqrt(dts), z) * z, axis=0)

@@ -25,7 +25,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import concrete, data_dtype
+from jaxdiff._checks import concrete, data_dtype, normal_like
 from jaxdiff.couplings import is_independent
 from jaxdiff.paths import GaussianPath
 
@@ -200,7 +200,7 @@ def draw_pairs(
     if x1 is None:
         src = as_source(source)
         x1 = (
-            jax.random.normal(src_key, x0.shape, x0.dtype)
+            normal_like(src_key, x0)
             if src is None
             else jnp.asarray(src(src_key, x0.shape)).astype(x0.dtype)
         )

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import expand_like
+from jaxdiff._checks import expand_like, normal_like
 from jaxdiff._engine import grid_check
 from jaxdiff.field import Field
 from jaxdiff.paths import GaussianPath
@@ -97,7 +97,7 @@ def between(fn: Callable[[GaussianPath, Field, Array, Array], Any]) -> Callable:
 
 def normal(key: Array, x: Array) -> Array:
     """A standard normal draw shaped like ``x``."""
-    return jax.random.normal(key, x.shape, x.dtype)
+    return normal_like(key, x)
 
 
 def combine(x: Array, *terms: tuple[Any, Any]) -> Array:
