@@ -71,7 +71,7 @@ def _check_divisors(path: GaussianPath, t: ArrayLike, src: str, dst: str) -> Non
             if not bool(jnp.all(jnp.isfinite(da) & jnp.isfinite(ds))):  # VP's sigma' at t = 0
                 raise ValueError(
                     f"converting {src!r} to {to} needs alpha_t' and sigma_t', which are not "
-                    f"finite at t = {concrete(t).tolist()} on this path; take t inside the "
+                    f"finite at t = {_first(t)} on this path; take t inside the "
                     "open interval"
                 )
             if src == "velocity":
@@ -80,8 +80,17 @@ def _check_divisors(path: GaussianPath, t: ArrayLike, src: str, dst: str) -> Non
             if bool(jnp.any(d == 0)):
                 raise ValueError(
                     f"converting {src!r} to {to} divides by {name}, which is 0 at t = "
-                    f"{concrete(t).tolist()} on this path; take t inside the open interval"
+                    f"{_first(t)} on this path; take t inside the open interval"
                 )
+
+
+def _first(t: ArrayLike) -> str:
+    """The first values of a known ``t`` for an error (a batch of 4096 times was printed whole)."""
+    value = concrete(t)
+    if value.ndim == 0:
+        return str(value.tolist())
+    flat = value.ravel()
+    return str(flat[:4].tolist())[:-1] + (", ...]" if flat.size > 4 else "]")
 
 
 def _coefs(path: GaussianPath, x: Array, t, derivatives: bool):

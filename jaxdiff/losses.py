@@ -363,9 +363,14 @@ def flow_matching_loss(
 ) -> Callable[[Any, Array, Any], Array]:
     """Conditional flow matching: regress on ``u_t(x | x0) = alpha_t' x0 + sigma_t' eps`` (Lipman et
     al. 2023). Default path: ``linear_path()``; ``t`` runs data -> noise, so ``u`` is minus the
-    velocity of the ``t = 0``-is-noise convention. ``net`` may predict any target."""
+    velocity of the ``t = 0``-is-noise convention. ``net`` may predict any target. Default times:
+    ``U[0, 1]``, or ``U[1e-3, 1]`` for an ``"x0"`` or ``"score"`` net, whose velocity divides by
+    ``sigma_t`` (``U[0, 1]`` draws ``t = 0`` with probability 2^-23: an inf loss, once in a few
+    thousand steps at batch 4096)."""
     path = linear_path() if path is None else path
-    time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
+    if time_sampler is None:
+        t_min = 1e-3 if as_field(net, "net").target in ("x0", "score") else 0.0
+        time_sampler = uniform_time(t_min, 1.0)
     return diffusion_loss(net, path, regress="velocity", time_sampler=time_sampler, **kwargs)
 
 

@@ -148,7 +148,8 @@ def unpack_batch(batch: Any) -> tuple[Array, Array | None, Array | None]:
     if isinstance(batch, tuple | list):
         if len(batch) != 2:
             raise ValueError("a batch is x0, a pair (x0, labels) or a dict {'x0', 'x1', 'labels'}")
-        x0, labels = _points(batch[0]), jnp.asarray(batch[1])
+        labels = None if batch[1] is None else jnp.asarray(batch[1])  # None: a raw TypeError
+        x0 = _points(batch[0])
         _check_labels(x0, labels)
         return x0, None, labels
     return _points(batch), None, None

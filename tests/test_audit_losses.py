@@ -143,3 +143,33 @@ def test_every_noise_draw_in_half_precision_has_gaussian_tails():
     np.testing.assert_array_equal(
         path.sample(key, x32, jnp.ones(()))[1], jax.random.normal(key, (8, 4), jnp.float32)
     )
+
+
+def test_flow_matching_with_an_x0_or_score_net_draws_t_from_1e_3():
+    """The default U[0, 1) draws t = 0 with probability 2^-23 per draw; an x0 or score net's
+    velocity divides by sigma_0 = 0 there: an inf loss a few times per 10^7 draws. Their default
+    is now U[1e-3, 1]; velocity, v and eps nets keep U[0, 1], bit for bit."""
+    batch, key = jnp.ones((64, 2)), jax.random.key(0)
+    for target, t_min in (("x0", 1e-3), ("score", 1e-3), ("velocity", 0.0), ("eps", 0.0)):
+        net = jd.Field(lambda p, x, t: p * x + t[:, None], target)
+        default = jd.flow_matching_loss(net)(0.5, key, batch)
+        given = jd.flow_matching_loss(net, time_sampler=L.uniform_time(t_min, 1.0))(0.5, key, batch)
+        assert float(default) == float(given), (target, default, given)
+
+
+def test_a_conversion_error_shows_the_first_times_only():
+    # a batch of 4096 known times was printed whole in the error
+    t = jnp.zeros((4096,))
+    with pytest.raises(ValueError, match=r"at t = \[0.0, 0.0, 0.0, 0.0, ...\] on this path") as e:
+        jd.convert(jd.vp_path(), jnp.zeros((4096, 2)), t, jnp.zeros((4096, 2)), src="x0", dst="eps")
+    assert len(str(e.value)) < 300
+
+
+def test_a_pair_batch_without_labels():
+    # (x0, None), as an unlabelled loader may yield, raised jnp.asarray(None)'s raw TypeError
+    net = jd.Field(lambda p, x, t: p * x, "eps")
+    loss = jd.flow_matching_loss(net)
+    x0 = jnp.ones((16, 2))
+    assert float(loss(0.5, jax.random.key(0), (x0, None))) == float(
+        loss(0.5, jax.random.key(0), x0)
+    )
