@@ -141,3 +141,14 @@ def test_frechet_distance_from_stats_rejects_non_finite_means():
     np.testing.assert_allclose(
         float(frechet_distance_from_stats(np.zeros(2), np.eye(2), np.ones(2), np.eye(2))), 2.0
     )
+
+
+def test_attention_heads_must_divide_the_channels():
+    # heads = 4 on 6 channels silently fell back to one head (the model had other attention)
+    from jaxdiff.nets.unet import SelfAttention
+
+    x = jnp.ones((1, 4, 4, 6))
+    with pytest.raises(ValueError, match="heads = 4 must divide the 6 channels"):
+        SelfAttention(heads=4, groups=2).init(jax.random.key(0), x)
+    params = SelfAttention(heads=3, groups=2).init(jax.random.key(0), x)
+    assert params["params"]["MultiHeadDotProductAttention_0"]["query"]["kernel"].shape == (6, 3, 2)

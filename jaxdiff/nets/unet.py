@@ -181,9 +181,10 @@ class SelfAttention(nn.Module):
     def __call__(self, x: Array) -> Array:
         b, hh, ww, c = x.shape
         h = _norm(c, self.groups, self.dtype)(x).reshape(b, hh * ww, c)
-        heads = self.heads if c % self.heads == 0 else 1
+        if c % self.heads:  # silently fell back to one head
+            raise ValueError(f"heads = {self.heads} must divide the {c} channels of attention")
         h = nn.MultiHeadDotProductAttention(
-            num_heads=heads,
+            num_heads=self.heads,
             dtype=self.dtype,
             attention_fn=_attention,
             out_kernel_init=nn.initializers.zeros,
