@@ -306,3 +306,14 @@ def tie_check(values: Any, bad: Any, msg: str) -> Any:
         return jnp.where(flag, jnp.asarray(jnp.nan, leaf.dtype), leaf)
 
     return jax.tree_util.tree_map(tie, values)
+
+
+def safe_sqrt(value: Any) -> Array:
+    """``sqrt(max(value, 0))`` whose derivative is 0 (not ``inf * 0 = NaN``) where ``value <= 0``.
+
+    ``sigma_0 = sqrt(1 - alpha_0^2) = 0`` whatever a schedule's parameters are, so its derivative
+    with respect to them is 0; ``jnp.sqrt``'s infinite slope at 0 times that 0 made every gradient
+    of a sampler ending at ``t = 0`` NaN. A NaN ``value`` stays NaN."""
+    value = jnp.asarray(value)
+    zero = value <= 0
+    return jnp.where(zero, jnp.zeros_like(value), jnp.sqrt(jnp.where(zero, 1.0, value)))

@@ -28,6 +28,7 @@ from jaxdiff._checks import (
     concrete,
     data_dtype,
     expand_like,
+    safe_sqrt,
 )
 from jaxdiff.ddpm import _reverse_times
 from jaxdiff.field import Field, as_field, predict
@@ -72,9 +73,9 @@ def ddim_coefs(path: GaussianPath, t: ArrayLike, s: ArrayLike, eta: ArrayLike | 
     (``eta=None``: deterministic, ``c = 0`` without evaluating the SNR ratio)."""
     var_s = path.sigma_sq(s)
     if eta is None:
-        return path.alpha(s), jnp.sqrt(var_s), jnp.zeros_like(var_s)
+        return path.alpha(s), safe_sqrt(var_s), jnp.zeros_like(var_s)
     c2 = jnp.square(eta) * -jnp.expm1(path.log_snr(t) - path.log_snr(s)) * var_s
-    return path.alpha(s), jnp.sqrt(jnp.maximum(var_s - c2, 0.0)), jnp.sqrt(c2)
+    return path.alpha(s), safe_sqrt(var_s - c2), safe_sqrt(c2)  # s = 0: finite derivatives
 
 
 def ddim_invert(

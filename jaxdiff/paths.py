@@ -49,6 +49,7 @@ from jaxdiff._checks import (
     expand_like,
     normal,
     normal_like,
+    safe_sqrt,
     widen,
 )
 from jaxdiff._schedule_fns import Affine, CosineAlpha, Geometric, LinearBetaAlpha, OneMinusSquare
@@ -122,7 +123,15 @@ def _bisect_log_snr(path: GaussianPath, lam: Array, iters: int) -> Array:
         return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
 
     lo, hi = jax.lax.fori_loop(0, iters, body, (lo, hi))
-    return 0.5 * (lo + hi)
+    t = jax.lax.stop_gradient(0.5 * (lo + hi))
+    # Bisection has zero derivative: the root's comes from the implicit function theorem,
+    # lambda(t; theta) = lam  =>  dt = (dlam - d_theta lambda) / lambda'(t), added as a
+    # zero-valued term (t itself is unchanged); ends where lambda or its slope is infinite get 0
+    lam_t, slope = jax.jvp(path.log_snr, (t,), (jnp.ones_like(t),))
+    slope = jax.lax.stop_gradient(slope)
+    ok = jnp.isfinite(lam) & jnp.isfinite(lam_t) & jnp.isfinite(slope) & (slope != 0)
+    step = (jnp.where(ok, lam, 0.0) - jnp.where(ok, lam_t, 0.0)) / jnp.where(ok, slope, 1.0)
+    return t + (step - jax.lax.stop_gradient(step)).astype(t.dtype)
 
 
 def _scale(coef: Array, x: Array) -> Array:
@@ -177,7 +186,7 @@ class GaussianPath(eqx.Module):
         """Noise scale ``sigma_t``."""
         t = _time(t)
         if self.sigma_fn is None:
-            return jnp.sqrt(jnp.maximum(self.sigma_sq(t), 0.0))
+            return safe_sqrt(self.sigma_sq(t))  # sigma_0 = 0: a finite derivative in the parameters
         return _clamp_rounding(_call(self.sigma_fn, t, "sigma_fn"))
 
     def d_alpha(self, t: ArrayLike) -> Array:
@@ -195,7 +204,12 @@ class GaussianPath(eqx.Module):
     def log_snr(self, t: ArrayLike) -> Array:
         """``lambda_t = log(alpha_t^2 / sigma_t^2)``, decreasing in ``t``."""
         t = _time(t)
-        return 2.0 * jnp.log(self.alpha(t)) - jnp.log(self.sigma_sq(t))
+        a, var = self.alpha(t), self.sigma_sq(t)
+        # alpha_1 = 0 or sigma_0^2 = 0 whatever the parameters: lambda = -inf or +inf there, with a
+        # zero derivative in them (log's infinite slope times 0 was NaN in every gradient)
+        log_a = jnp.where(a == 0, -jnp.inf, jnp.log(jnp.where(a == 0, 1.0, a)))
+        log_var = jnp.where(var == 0, -jnp.inf, jnp.log(jnp.where(var == 0, 1.0, var)))
+        return 2.0 * log_a - log_var
 
     def t_from_log_snr(self, log_snr: ArrayLike, *, iters: int = 60) -> Array:
         """Inverse of ``log_snr`` on ``[0, 1]`` by bisection (any monotone path, any shape)."""
@@ -287,7 +301,7 @@ class GaussianPath(eqx.Module):
         same = s == t
         ratio = jnp.where(same, 1.0, self.alpha(t) / jnp.where(same, 1.0, self.alpha(s)))
         var = self.sigma_sq(t) - ratio**2 * self.sigma_sq(s)
-        return (_scale(ratio, x_s) * x_s).astype(out), jnp.sqrt(jnp.maximum(var, 0.0))
+        return (_scale(ratio, x_s) * x_s).astype(out), safe_sqrt(var)
 
     def prior_sample(self, key: Array, shape: tuple[int, ...], dtype: Any = None) -> Array:
         """Sample the prior ``N(0, sigma_1^2 I)`` at ``t = 1``, in ``dtype`` (default float)."""

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_positive
+from jaxdiff._checks import check_positive, safe_sqrt
 from jaxdiff.conversions import hub_matrix
 from jaxdiff.ddim import ddim_coefs
 from jaxdiff.ddpm import _posterior_coefs, _reverse_var
@@ -69,7 +69,7 @@ def ancestral(*, var_weight: ArrayLike = 0.0) -> Sampler:
         h00, h01, _, _ = hub_matrix(path, t, field.target)
         c_x, c_0, var_post = _posterior_coefs(path, t, s)
         var = _reverse_var(path, t, s, var_post, var_weight)
-        return c_x + c_0 * h00, c_0 * h01, jnp.where(path.sigma(s) > 0, jnp.sqrt(var), 0.0)
+        return c_x + c_0 * h00, c_0 * h01, jnp.where(path.sigma(s) > 0, safe_sqrt(var), 0.0)
 
     def step(key, path, field, state: State, t, s, coefs=None) -> State:
         x = state.x
