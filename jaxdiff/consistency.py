@@ -50,6 +50,7 @@ from jaxdiff._checks import (
     concrete,
     expand_like,
     normal_like,
+    safe_sqrt,
     wide_dtype,
 )
 from jaxdiff.conversions import convert
@@ -155,7 +156,7 @@ def _pseudo_huber(diff: Array, c: float | None) -> Array:
     sq = jnp.sum(jnp.square(diff).reshape(diff.shape[0], -1), axis=1)
     c = 0.00054 * math.sqrt(math.prod(diff.shape[1:])) if c is None else c
     r = sq + c**2  # c = 0 is the L2 distance: its sqrt at an exact match had a NaN gradient
-    return jnp.where(r > 0, jnp.sqrt(jnp.where(r > 0, r, 1.0)), 0.0) - c
+    return safe_sqrt(r) - c
 
 
 def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, huber_c, weighting):

@@ -23,6 +23,7 @@ from jaxdiff._checks import (
     concrete,
     data_dtype,
     error_if,
+    safe_sqrt,
     value_check,
     wide_dtype,
 )
@@ -173,7 +174,7 @@ def _frechet_distance(x: Array, y: Array) -> Array:
 
 def _root_eigh(c: Array) -> tuple[Array, Array, Array, Array]:
     w, v = jnp.linalg.eigh(0.5 * (c + c.T))
-    s = _safe_sqrt(w)
+    s = safe_sqrt(w)
     return (v * s[None, :]) @ v.T, w, v, s
 
 
@@ -197,12 +198,6 @@ def _sqrtm_psd_jvp(primals: tuple, tangents: tuple) -> tuple:
     pos = denom > 0
     inv = jnp.where(pos, 1.0 / jnp.where(pos, denom, 1.0), 0.0)
     return (root, w), (v @ (a * inv) @ v.T, jnp.diagonal(a))
-
-
-def _safe_sqrt(w: Array) -> Array:
-    """``sqrt(max(w, 0))`` with gradient 0, not inf, at ``w <= 0``."""
-    pos = w > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, w, 1.0)), 0.0)
 
 
 def _psd_check(c: Array, w: Array, name: str) -> Array:
@@ -246,7 +241,7 @@ def _from_stats(mu_x: Array, cov_x: Array, mu_y: Array, cov_y: Array, check: boo
         cov_x = _psd_check(cov_x, wx, "cov_x")
         cov_y = _psd_check(cov_y, jnp.linalg.eigvalsh(0.5 * (cov_y + cov_y.T)), "cov_y")
     cross = jnp.linalg.eigvalsh(root @ cov_y @ root)
-    tr_cross = jnp.sum(_safe_sqrt(cross))
+    tr_cross = jnp.sum(safe_sqrt(cross))
     value = jnp.sum((mu_x - mu_y) ** 2) + jnp.trace(cov_x) + jnp.trace(cov_y) - 2.0 * tr_cross
     return jnp.maximum(value, 0.0)  # a squared distance: rounding gave -0.18 for x against x
 
@@ -277,7 +272,9 @@ def _nearest(x: Array, ref: Array, block: int) -> Array:
 
     def one(xs):
         d2 = jnp.sum(xs**2, 1)[:, None] + r_sq[None, :] - 2.0 * xs @ ref.T
-        return jnp.sqrt(jnp.maximum(jnp.min(d2, axis=1), 0.0))
+        # at a copy of a reference point (d2 <= 0) sqrt's infinite slope times 0 made the
+        # gradient NaN: there it is 0 (a subgradient of |x - r| at x = r)
+        return safe_sqrt(jnp.min(d2, axis=1))
 
     return jax.lax.map(one, xb).reshape(-1)[:n]
 
