@@ -126,10 +126,13 @@ def _bisect_log_snr(path: GaussianPath, lam: Array, iters: int) -> Array:
     t = jax.lax.stop_gradient(0.5 * (lo + hi))
     # Bisection has zero derivative: the root's comes from the implicit function theorem,
     # lambda(t; theta) = lam  =>  dt = (dlam - d_theta lambda) / lambda'(t), added as a
-    # zero-valued term (t itself is unchanged); ends where lambda or its slope is infinite get 0
+    # zero-valued term (t itself is unchanged); ends where lambda or its slope is infinite get 0,
+    # and so does a lam outside the path's range, clamped to t = 0 or 1 (a constant there)
     lam_t, slope = jax.jvp(path.log_snr, (t,), (jnp.ones_like(t),))
     slope = jax.lax.stop_gradient(slope)
+    first, last = jax.lax.stop_gradient(path.log_snr(jnp.array([0.0, 1.0], t.dtype)))
     ok = jnp.isfinite(lam) & jnp.isfinite(lam_t) & jnp.isfinite(slope) & (slope != 0)
+    ok = ok & (lam < first) & (lam > last)
     step = (jnp.where(ok, lam, 0.0) - jnp.where(ok, lam_t, 0.0)) / jnp.where(ok, slope, 1.0)
     return t + (step - jax.lax.stop_gradient(step)).astype(t.dtype)
 

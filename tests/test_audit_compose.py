@@ -78,3 +78,16 @@ def test_sampler_gradient_when_the_grid_ends_at_zero(sampler):
     fd = _central(lambda v: _sample_sum(sampler, v), 20.0, 1e-2)
     assert np.isfinite(grad)
     np.testing.assert_allclose(grad, fd, rtol=2e-2, atol=1e-4)
+
+
+def test_t_from_log_snr_is_constant_where_it_clamps():
+    # a log-SNR below the path's range is clamped to t = 1 (EDM's churn relies on it): a constant,
+    # whose derivative is 0; the implicit derivative gave 1 / lambda'(1) there (-0.0500 on VP)
+    path = jd.vp_path()
+    low = float(path.log_snr(1.0)) - 5.0
+    assert float(path.t_from_log_snr(low)) == 1.0
+    assert float(jax.grad(path.t_from_log_snr)(low)) == 0.0
+    assert float(jax.grad(lambda b: jd.vp_path(0.1, b).t_from_log_snr(low))(20.0)) == 0.0
+    inside = float(path.log_snr(0.7))  # inside the range: still 1 / lambda'(t)
+    want = 1.0 / float(jax.grad(path.log_snr)(0.7))
+    np.testing.assert_allclose(float(jax.grad(path.t_from_log_snr)(inside)), want, rtol=1e-4)
