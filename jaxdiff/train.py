@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdiff._checks import check_count
+from jaxdiff._checks import check_count, wide_dtype
 
 Array = jax.Array
 
@@ -136,7 +136,7 @@ def _ema_decay(decay: float, step: Array, warmup: bool) -> Array:
 def _at_least_float32(leaf: Any) -> Array:
     dtype = jnp.result_type(leaf)
     if jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.promote_types(dtype, jnp.float32)
+        dtype = wide_dtype(dtype)
     return jnp.array(leaf, dtype=dtype, copy=True)
 
 
