@@ -24,8 +24,16 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, check_finite, check_positive, check_same_shape, expand_like
-from jaxdiff.conversions import convert, to_x0_eps
+from jaxdiff._checks import (
+    as_time,
+    check_finite,
+    check_positive,
+    check_same_shape,
+    coef_time,
+    expand_like,
+    widen,
+)
+from jaxdiff.conversions import to_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath
 
@@ -110,6 +118,25 @@ def check_interval(interval: Any) -> tuple[float, float]:
     return lo, hi
 
 
+def _alpha_times_slope(path: GaussianPath, t: Array, target: str) -> tuple[Array, Array]:
+    """``(alpha_t * B_t, alpha_t)`` where ``B_t = d target / d score`` at fixed ``x``: each target
+    is affine in the score, ``score: 1``, ``eps: -sigma``, ``x0: sigma^2 / alpha``, ``v:
+    -sigma (alpha^2 + sigma^2) / alpha``, ``velocity: -g^2 / 2 = alpha' sigma^2 / alpha -
+    (sigma^2)' / 2``. ``alpha B`` stays finite where ``alpha = 0`` (and ``(sigma^2)'`` where VP's
+    ``sigma'`` is infinite, at ``t = 0``)."""
+    a, var = path.alpha(t), path.sigma_sq(t)
+    if target == "score":
+        return a, a
+    if target == "eps":
+        return -a * path.sigma(t), a
+    if target == "x0":
+        return var, a
+    if target == "v":
+        return -path.sigma(t) * (a * a + var), a
+    d_var = jax.jvp(path.sigma_sq, (t,), (jnp.ones_like(t),))[1]
+    return path.d_alpha(t) * var - 0.5 * a * d_var, a
+
+
 class _ClassifierGuided(eqx.Module):
     log_prob_fn: Callable[[Array, Array], Array] = eqx.field(static=True)
 
@@ -117,10 +144,31 @@ class _ClassifierGuided(eqx.Module):
         path, field, scale = params
         x = jnp.asarray(x)
         pred = field(x, t)
-        grad = jax.grad(lambda z: jnp.sum(self.log_prob_fn(z, t)))(x)
-        score = convert(path, x, t, pred, src=field.target, dst="score")
-        score = score + expand_like(jnp.asarray(scale, x.dtype), x) * grad
-        return convert(path, x, t, score, src="score", dst=field.target)
+        check_same_shape(pred, x, f"the {field.target!r} prediction")
+        t = as_time(t)
+        tc = coef_time(t)
+        a_slope, a = _alpha_times_slope(path, tc, field.target)
+        zero = a == 0
+
+        def grad_fn(s):
+            return jax.grad(lambda z: jnp.sum(self.log_prob_fn(z, s)))(x)
+
+        def interior():
+            grad = grad_fn(t)
+            return grad, jnp.zeros_like(grad)
+
+        def limit():  # where alpha_t = 0, grad log p(y | x_t) = 0 and the slope is infinite:
+            # grad ~ alpha (d grad / dt) / alpha' as alpha -> 0 (l'Hopital)
+            return jax.jvp(grad_fn, (t,), (jnp.ones_like(t),))
+
+        grad, d_grad = jax.lax.cond(jnp.any(zero), limit, interior)
+        out, pred_w, grad, d_grad = widen(pred, grad, d_grad)
+        da = path.d_alpha(tc)
+        slope = expand_like(a_slope / jnp.where(zero, 1.0, a), pred_w).astype(pred_w.dtype)
+        slope_limit = expand_like(a_slope / jnp.where(zero, da, 1.0), pred_w).astype(pred_w.dtype)
+        increment = jnp.where(expand_like(zero, pred_w), slope_limit * d_grad, slope * grad)
+        scale = expand_like(jnp.asarray(scale), pred_w).astype(pred_w.dtype)
+        return (pred_w + scale * increment).astype(out)
 
 
 def classifier_guidance(
@@ -132,7 +180,16 @@ def classifier_guidance(
     """Add ``scale * grad_x log p(y | x_t, t)`` to the score of ``field`` (Dhariwal & Nichol 2021).
 
     ``log_prob_fn(x, t)`` returns the per-sample log-probability of the wanted labels, shape
-    ``x.shape[:1]``. The result predicts the field's target again.
+    ``x.shape[:1]``. The result predicts the field's target again: every target is affine in the
+    score at fixed ``(x, t)``, so the prediction moves by ``scale * (d target / d score) * grad``
+    (for ``x0``, ``sigma_t^2 / alpha_t * grad``; for ``velocity``, ``-g(t)^2 / 2 * grad``).
+
+    Where ``alpha_t = 0`` (``t = 1`` on the linear and cosine paths, where samplers of ``x0``,
+    ``v`` and ``velocity`` fields start), ``x_t`` says nothing of ``y``, so the gradient is 0
+    while ``d target / d score`` is infinite; the move is their limit, with the gradient read as
+    ``alpha_t (d grad / dt) / alpha_t'`` -- which needs ``log_prob_fn`` differentiable in ``t``
+    (one more forward-mode pass, only at such times). With the exact ``log p(y | x_t)`` of a
+    mixture this is the class's own prediction there too.
     """
     field = as_field(field)
     scale = check_finite(jnp.asarray(scale), "scale")  # NaN or inf gave NaN or inf silently

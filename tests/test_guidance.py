@@ -131,3 +131,40 @@ def test_clipping_and_thresholding_of_the_data_estimate():
         jd.clip_x0(field, PATH, -1.0)  # clip_x0=-1 used to return -1 everywhere
     with pytest.raises(ValueError, match="corrector_steps must be an integer >= 0"):
         jd.samplers.pc(corrector_steps=-1)  # used to fail inside MLIR
+
+
+def _log_p_label0(path):
+    """The exact ``log p(label 0 | x_t)`` of the mixture (equal weights)."""
+
+    def log_p(x, t):
+        logs = jnp.stack([c.marginal_log_prob(path, x, t) for c in COMPS])
+        return logs[0] - jax.nn.logsumexp(logs, axis=0)
+
+    return log_p
+
+
+@pytest.mark.parametrize("path_fn", [jd.linear_path, jd.cosine_path, jd.vp_path])
+@pytest.mark.parametrize("target", ["score", "eps", "x0", "v", "velocity"])
+def test_classifier_guidance_at_scale_one_is_the_class_in_every_target(path_fn, target):
+    """Bayes: the score of ``p(x_t | y)`` is ``score p(x_t) + grad log p(y | x_t)``, so classifier
+    guidance with the exact ``log p(label 0 | x_t)`` at scale 1 predicts component 0's target.
+    Also where ``alpha_t = 0`` (``t = 1`` on the linear and cosine paths, where samplers of x0,
+    v and velocity fields start; it raised or gave NaN there): the gradient is 0 and the target's
+    slope in the score infinite, and the move is their limit. Per-sample times mixing both."""
+    path = path_fn()
+    log_p = _log_p_label0(path)
+    guided = jd.classifier_guidance(path, DATA.field(path, target), log_p, 1.0)
+    at_zero = float(path.alpha(1.0)) == 0 and target not in ("score", "eps")
+    ts = T.at[:16].set(1.0) if at_zero or float(path.alpha(1.0)) > 0 else T
+    want = COMPS[0].predict(path, X, ts, target)
+    run = jax.jit(lambda x, t: guided(x, t))
+    np.testing.assert_allclose(run(X, ts), want, rtol=1e-4, atol=2e-4)
+    if at_zero:  # the move at t = 1 is not 0: the class's prediction is 3 from the mixture's
+        unguided = DATA.predict(path, X, ts, target)
+        assert float(jnp.min(jnp.abs(want[:16, 0] - unguided[:16, 0]))) > 1.0
+        at_one = run(X, 1.0)  # a scalar time at alpha = 0
+        np.testing.assert_allclose(at_one, COMPS[0].predict(path, X, 1.0, target), atol=2e-4)
+    if at_zero and target == "velocity":  # from t = 1 to the class (unguided: a third of it)
+        sol = jd.sample(jax.random.key(3), path, guided, (512, 2), steps=40)
+        near = jnp.linalg.norm(sol.x - MEANS[0][None], axis=-1) < 2.0
+        assert float(jnp.mean(near)) > 0.99
