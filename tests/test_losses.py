@@ -99,6 +99,12 @@ def test_importance_time_has_the_requested_density():
     # from t_min = 0 on the score (1 / sigma^2 there: infinite, masked), as from t_min = 1e-3
     t0 = L.importance_time(path, L.likelihood_weight, 0.0, 1.0)(jax.random.key(1), (1000,))
     assert bool(jnp.all(jnp.isfinite(t0) & (t0 > 0) & (t0 <= 1)))
+    # key 7's 2^20 uniform draws hold three exact zeros, which gave t = 0 exactly: an infinite
+    # 1 / sigma^2 (probability 2^-23 per draw, a few inf losses in a long run)
+    assert int(jnp.sum(jax.random.uniform(jax.random.key(7), (1 << 20,)) == 0)) == 3
+    t7 = L.importance_time(path, L.likelihood_weight, 0.0, 1.0)(jax.random.key(7), (1 << 20,))
+    assert float(jnp.min(t7)) > 0
+    assert bool(jnp.all(jnp.isfinite(1 / path.sigma_sq(t7))))
     t = sampler(jax.random.key(0), (40_000,))
     hist = np.histogram(np.asarray(t), bins=10, range=(0, 1))[0] / 40_000
     assert np.abs(hist - 0.1).max() < 5 * np.sqrt(0.1 * 0.9 / 40_000)  # 5 binomial SEs
