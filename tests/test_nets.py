@@ -12,6 +12,8 @@ import pytest
 
 from jaxdiff.nets import (
     MLP,
+    TwoTimeMLP,
+    TwoTimeUNet,
     UNet,
     batch_times,
     ddpm_cifar10,
@@ -395,12 +397,14 @@ def test_dropout_runs_only_with_a_dropout_rng():
     np.testing.assert_array_equal(off_a, plain)  # dropout 0: the rng changes nothing
 
 
-@pytest.mark.parametrize("net", ["mlp", "unet"])
+@pytest.mark.parametrize("net", ["mlp", "unet", "two_time_mlp", "two_time_unet"])
 def test_bfloat16_forward_keeps_float32_params_and_output(net):
-    if net == "mlp":
-        model, x = MLP(width=32, depth=2), jax.random.normal(jax.random.key(0), (4, 2))
+    if net.endswith("mlp"):
+        mlp = TwoTimeMLP if net.startswith("two") else MLP
+        model, x = mlp(width=32, depth=2), jax.random.normal(jax.random.key(0), (4, 2))
     else:
-        model = UNet(channels=(4, 8), heads=1, attention_resolutions=(4,))
+        unet = TwoTimeUNet if net.startswith("two") else UNet
+        model = unet(channels=(4, 8), heads=1, attention_resolutions=(4,))
         x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
     params = _perturbed(model, x)
     mixed = model.clone(dtype=jnp.bfloat16)
@@ -412,7 +416,7 @@ def test_bfloat16_forward_keeps_float32_params_and_output(net):
     assert 0 < err < 0.03, err
     # the matmuls and convolutions really run in bfloat16
     jaxpr = str(jax.make_jaxpr(mixed.apply)(params, x, 0.3))
-    heavy = "jaxdiff_conv2d" if net == "unet" else "dot_general"
+    heavy = "jaxdiff_conv2d" if net.endswith("unet") else "dot_general"
     lines = [line for line in jaxpr.splitlines() if heavy in line]
     assert lines and all("bf16[" in line for line in lines)
 
