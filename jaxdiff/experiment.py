@@ -327,7 +327,7 @@ def build(c: dict) -> Setup:
     dtype = DTYPES[c["dtype"]]
     two_times = c["loss"] == "meanflow"  # u(x, t, r): the two-time networks
     if c["model"] == "mlp" and two_times:
-        model = TwoTimeMLP(width=c["width"], depth=c["depth"], num_classes=num_classes)
+        model = TwoTimeMLP(width=c["width"], depth=c["depth"], num_classes=num_classes, dtype=dtype)
     elif c["model"] == "mlp":
         model = MLP(width=c["width"], depth=c["depth"], num_classes=num_classes, dtype=dtype)
     else:

@@ -80,6 +80,8 @@ def test_conditional_meanflow_sampler_passes_the_labels(model):
     setup = E.build(c)
     two_times = "TwoTimeMLP" if model == "mlp" else "TwoTimeUNet"
     assert type(setup.model).__name__ == two_times
+    # --dtype reaches the two-time networks (the MLP's was dropped: it computed in float32)
+    assert E.build({**c, "dtype": "bfloat16"}).model.dtype == jnp.bfloat16
     state, _ = E.init_state(c, setup)
     params = perturb(state.params, 0.05, seed=1)  # the last layer starts at 0: perturb it all
     draw = make_sampler(c, setup, steps=1, batch=8)
