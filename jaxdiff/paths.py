@@ -137,6 +137,12 @@ def _bisect_log_snr(path: GaussianPath, lam: Array, iters: int) -> Array:
     return t + (step - jax.lax.stop_gradient(step)).astype(t.dtype)
 
 
+def _safe_log(value: Array) -> Array:
+    """``log(value)``, ``-inf`` at 0 with a zero derivative there (not ``inf * 0 = NaN``)."""
+    zero = value == 0
+    return jnp.where(zero, -jnp.inf, jnp.log(jnp.where(zero, 1.0, value)))
+
+
 def _scale(coef: Array, x: Array) -> Array:
     """``coef`` (shaped like ``t``) padded to broadcast against ``x``, in ``x``'s dtype."""
     return expand_like(coef, x).astype(x.dtype)
@@ -210,9 +216,7 @@ class GaussianPath(eqx.Module):
         a, var = self.alpha(t), self.sigma_sq(t)
         # alpha_1 = 0 or sigma_0^2 = 0 whatever the parameters: lambda = -inf or +inf there, with a
         # zero derivative in them (log's infinite slope times 0 was NaN in every gradient)
-        log_a = jnp.where(a == 0, -jnp.inf, jnp.log(jnp.where(a == 0, 1.0, a)))
-        log_var = jnp.where(var == 0, -jnp.inf, jnp.log(jnp.where(var == 0, 1.0, var)))
-        return 2.0 * log_a - log_var
+        return 2.0 * _safe_log(a) - _safe_log(var)
 
     def t_from_log_snr(self, log_snr: ArrayLike, *, iters: int = 60) -> Array:
         """Inverse of ``log_snr`` on ``[0, 1]`` by bisection (any monotone path, any shape)."""
