@@ -77,6 +77,12 @@ def sample(
 
     ``key`` may be ``None`` for a deterministic sampler started from ``x_init``.
 
+    Called eagerly, every call compiles its program (a fraction of a second for a small network):
+    a call you repeat belongs inside ``jax.jit``, with the parameters as an argument, e.g.
+    ``draw = jax.jit(lambda key, p: sample(key, path, field.bind(p), shape, steps=20).x)``. (A
+    cache across eager calls would keep the arrays a field's function closes over, and sample
+    with stale parameters after they change.)
+
     ``path`` is a :class:`~jaxdiff.GaussianPath`, or a :class:`~jaxdiff.StochasticInterpolant`
     for the samplers that take one (``jd.samplers.interpolant_sde``; then ``x_init`` is required,
     as the interpolant does not know its source).
