@@ -135,6 +135,31 @@ def test_guidance_with_few_step_samplers(true_samples):
     np.testing.assert_allclose(cg(x, 0.4), comps[0].predict(path, x, 0.4, "eps"), atol=2e-4)
 
 
+def test_annealed_langevin_refuses_a_step_size_that_diverges():
+    """NCSN's step a_s = step_size sigma_s^2 / sigma_L^2 grows with sigma_s^2, which VE's p_s
+    does too; on the linear path p_s stays of unit variance, and the default 2e-5 with
+    sigma_L = 1e-3 gave a_1 = 20 > 4: the chain blew up to inf, raised only from inside the
+    field. A step_size just under the bound 4 (alpha_s^2 + sigma_s^2) sigma_L^2 / sigma_s^2
+    samples; at or above it the error names the bound, also for a grid traced under jit."""
+    path = jd.linear_path()
+    field = DATA.field(path, "velocity")
+    with pytest.raises(ValueError, match=r"step_size < 4e-06 \(sigma_L = 0.001\)"):
+        jd.sample(jax.random.key(0), path, field, (8, 2), sampler=S.annealed_langevin(), steps=30)
+    ts = jnp.linspace(1.0, 1e-3, 31)
+    ok = jd.sample(jax.random.key(0), path, field, (256, 2), ts=ts,
+                   sampler=S.annealed_langevin(steps_per_level=20, step_size=3.9e-6))  # fmt: skip
+    assert bool(jnp.all(jnp.isfinite(ok.x))) and float(jnp.abs(ok.x[:, 0]).mean()) > 1.5
+    run = jax.jit(lambda ts: jd.sample(jax.random.key(0), path, field, (8, 2), ts=ts,
+                                       sampler=S.annealed_langevin(step_size=4.1e-6)).x)  # fmt: skip
+    with pytest.raises(Exception, match="step_size is too large for this grid"):
+        jax.block_until_ready(run(ts))
+    # NCSN's own ladder and default keep working (VE, sigma_L = 0.01)
+    ve = jd.ve_path(0.01, 50.0)
+    x = jd.sample(jax.random.key(1), ve, DATA.field(ve, "score"), (8, 2), steps=10,
+                  sampler=S.annealed_langevin(steps_per_level=5)).x  # fmt: skip
+    assert bool(jnp.all(jnp.isfinite(x)))
+
+
 def test_edm_churn_is_divided_by_the_number_of_steps():
     """EDM's gamma = min(S_churn / N, sqrt(2) - 1) with N the steps including the last one to
     sigma = 0 (NVlabs' EDM, k-diffusion): 18 on EDM's 18-level grid, not 17."""

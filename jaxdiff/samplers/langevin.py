@@ -31,12 +31,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_count, check_positive, expand_like
+from jaxdiff._checks import check_count, check_positive, concrete, expand_like
 from jaxdiff.conversions import from_x0_eps
 from jaxdiff.ddpm import _posterior, _ratio
 from jaxdiff.field import predict
 from jaxdiff.paths import GaussianPath
-from jaxdiff.samplers.base import Sampler, normal
+from jaxdiff.samplers.base import Sampler, grid_check, normal
 from jaxdiff.schedules import uniform_grid
 
 Array = jax.Array
@@ -182,13 +182,41 @@ def annealed_langevin(*, steps_per_level: int = 100, step_size: ArrayLike = 2e-5
     ``a = step_size sigma_s^2 / sigma_L^2`` (``sigma_L``: the smallest level of the grid). The
     start is the prior at the first time. On a VE path a uniform grid is NCSN's geometric sigma
     ladder. Evaluations per step: ``steps_per_level``; then the denoising step.
+
+    A step on a Gaussian of variance ``v`` contracts only if ``a < 4 v``. NCSN's rule suits VE,
+    whose ``p_s`` grows with ``sigma_s``; on VP, linear and cosine paths ``p_s`` keeps unit
+    variance (for unit-variance data) while ``a_s`` grows as ``sigma_s^2 / sigma_L^2``, so a grid
+    whose ``a_s >= 4 (alpha_s^2 + sigma_s^2)`` at some level is refused with the largest stable
+    ``step_size`` (on the linear path to ``t_end = 1e-3``: 4e-6, where 2e-5 diverged).
     """
     step_size = check_positive(step_size, "step_size")
     n = check_count(steps_per_level, "steps_per_level")
 
+    def check(path, field, ts):
+        with jax.ensure_compile_time_eval():
+            bound = _stable_step_size(path, ts)
+        value = concrete(bound)
+        if value is None or concrete(step_size) is None:
+            return grid_check(
+                ts,
+                lambda g: step_size >= _stable_step_size(path, g),
+                "annealed_langevin: step_size is too large for this grid (Langevin diverges at "
+                "some level; see the docstring)",
+            )
+        if float(concrete(step_size)) >= float(value):
+            raise ValueError(
+                f"annealed_langevin: step_size = {float(concrete(step_size)):.3g} diverges on this "
+                f"grid: at level s the step a_s = step_size sigma_s^2 / sigma_L^2 must stay below "
+                f"4 (alpha_s^2 + sigma_s^2), four times the variance of p_s for unit-variance "
+                f"data, so step_size < {float(value):.3g} (sigma_L = "
+                f"{float(jnp.sqrt(_smallest_level(path, ts))):.3g}). NCSN's ladder (VE, "
+                "sigma_L = 0.01) takes 2e-5; on VP, linear and cosine paths, whose p_s do not "
+                "grow with sigma_s, take a smaller step_size or end the grid at a larger t_end"
+            )
+        return ts
+
     def init(path, field, x, ts) -> LangevinState:
-        var = path.sigma_sq(ts)
-        last = jnp.min(jnp.where(var > 0, var, jnp.inf))  # the smallest level (not the final 0)
+        last = _smallest_level(path, ts)
         return LangevinState(x, last.astype(jnp.result_type(x.dtype, jnp.float32)))
 
     def step(key, path, field, state: LangevinState, t, s) -> LangevinState:
@@ -211,4 +239,21 @@ def annealed_langevin(*, steps_per_level: int = 100, step_size: ArrayLike = 2e-5
         grid=_uniform,
         steps=10,
         denoise=True,
+        check=check,
     )
+
+
+def _smallest_level(path: GaussianPath, ts: Array) -> Array:
+    var = path.sigma_sq(ts)
+    return jnp.min(jnp.where(var > 0, var, jnp.inf))  # the smallest level (not a final 0)
+
+
+def _stable_step_size(path: GaussianPath, ts: Array) -> Array:
+    """The ``step_size`` above which a level of the grid diverges: Langevin's ``x <- x + (a / 2)
+    score + sqrt(a) z`` on a Gaussian of variance ``v`` contracts by ``1 - a / (2 v)``, so needs
+    ``a < 4 v``; with ``a_s = step_size sigma_s^2 / sigma_L^2`` and ``v_s = alpha_s^2 + sigma_s^2``
+    (unit-variance data), ``step_size < min_s 4 v_s sigma_L^2 / sigma_s^2``."""
+    levels = ts[1:]
+    var = path.sigma_sq(levels)
+    v = path.alpha(levels) ** 2 + var
+    return jnp.min(4.0 * v * _smallest_level(path, ts) / jnp.where(var > 0, var, jnp.inf))
