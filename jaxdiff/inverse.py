@@ -24,7 +24,7 @@ Each is a **field transform** (like ``jd.classifier_guidance``): it returns a
 target, under ``jit`` and batched over measurements (``y`` of shape ``(batch, m)``). Time runs from
 data (``t = 0``) to noise (``t = 1``); start sampling where ``alpha_t > 0``.
 
-Chung et al.'s own DPS moves ``x`` by ``zeta grad ||y - A x0_hat||`` once per step, whatever the
+Chung et al.'s own DPS moves ``x`` by ``-zeta grad_x ||y - A x0_hat(x)||`` once per step, whatever the
 step's size: a rule of the discretisation, not of the dynamics, so it cannot be a field (the
 field does not know the step) and is the sampler :func:`dps_sampler`. For noiseless measurements
 :func:`project` is the per-step hook of replacement (score_sde's inpainting, generalised to any
