@@ -15,13 +15,12 @@ same start:
   exact eps of the 3-component mixture written out in PyTorch on both sides: energy distance of
   each to true samples (``ed_jaxdiff``, ``ed_peer``), with the null level in the notes.
 
-Times are interleaved (``torch.set_num_threads`` = JAX's cores, ``no_grad``); diffusers' Python
-``step()`` is part of its cost, which is what a user pays.
+Times are interleaved (in bursts of 5 calls at batch <= 64; ``no_grad``; torch's thread count per
+row the faster of 1 and JAX's cores, as in ``peers``); diffusers' Python ``step()`` is part of its
+cost, which is what a user pays.
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ import numpy as np
 
 import jaxdiff as jd
 from benchmarks.common import interleaved, mlp_apply, mlp_init
-from benchmarks.peers import torch_mlp
+from benchmarks.peers import best_threads, jax_cores, torch_mlp
 
 TITLE = "diffusers schedulers vs jaxdiff samplers on the same chain (agreement, speed)"
 
@@ -131,7 +130,6 @@ def _jaxdiff_mixture():
 def run(quick: bool = False) -> dict:
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
     params = mlp_init(jax.random.key(0), dim=2, width=256)
     net = torch_mlp(params)
     field = jd.Field(mlp_apply, "x0", params)
@@ -168,14 +166,20 @@ def run(quick: bool = False) -> dict:
                 with torch.no_grad():
                     return _diffusers_loop(sched, net, x_t, steps, noises)
 
+            threads, _ = best_threads(peer, jax_cores())
             res = interleaved(
-                {"jaxdiff": lambda x=x, f=ours: f(x), "peer": peer}, repeats=3 if quick else 10
+                {"jaxdiff": lambda x=x, f=ours: f(x), "peer": peer},
+                repeats=3 if quick else 10,
+                burst=5 if batch <= 64 else 1,
             )
             diff = float(np.max(np.abs(np.asarray(ours(x)) - peer().numpy())))
+            nfe = sampler.nfe(ts.shape[0] - 1) + int(denoise)  # diffusers calls the net as often
             rows.append({
-                "sampler": name, "batch": batch, "nfe": steps + 1,
+                "sampler": name, "batch": batch, "nfe": nfe,
                 "jaxdiff_ms": 1e3 * res["jaxdiff"]["median_s"], "peer_ms": 1e3 * res["peer"]["median_s"],
                 "speedup": res["peer"]["median_s"] / res["jaxdiff"]["median_s"],
+                "jaxdiff_min_ms": 1e3 * res["jaxdiff"]["min_s"], "peer_min_ms": 1e3 * res["peer"]["min_s"],
+                "torch_threads": threads,
                 "max_abs_diff": diff, "scale": float(np.max(np.abs(np.asarray(ours(x))))),
                 "ed_jaxdiff": None, "ed_peer": None,
             })  # fmt: skip
