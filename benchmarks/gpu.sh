@@ -13,7 +13,7 @@
 #   tests       U-Net, port and training tests on the GPU, 4 workers, -v (2026-12-04: 5 failed,
 #               unnamed: the run was cut before pytest's summary; that was under TF32, before
 #               conftest.py pinned float32 products off CPU; JAXDIFF_TEST_TF32=1 for the old way)
-#   small-cg    small_unet float32 against torch.compile(mode="reduce-overhead"): CUDA graphs,
+#   small-cg    small_unet float32 against torch.compile(mode="reduce-overhead") in channels_last: CUDA graphs,
 #               PyTorch's best for a launch-bound net
 #   small-bf16  small_unet bfloat16 (jaxdiff's dtype= against torch.autocast), eager and compile
 #   cifar10-bf16  ddpm_cifar10 bfloat16, eager (inductor takes minutes per precision), 3 repeats
@@ -67,7 +67,7 @@ timed() {  # timed <label> <cap seconds> <command...>: the command, within what 
 
 # The images steps: JAXDIFF_BENCH_IMAGES of each, and its cap in seconds.
 declare -A SPEC=(
-  [small-cg]="configs=small precision=float32 compile=small compile_mode=reduce-overhead loader=0"
+  [small-cg]="configs=small precision=float32 compile=small compile_mode=reduce-overhead channels_last=1 loader=0"
   [small-bf16]="configs=small precision=bfloat16 compile=small loader=0"
   [cifar10-bf16]="configs=cifar10 precision=bfloat16 compile=none loader=0 repeats=3"
   [cifar10-sample]="configs=cifar10 precision=float32 measure=sample compile=none loader=0 repeats=3"

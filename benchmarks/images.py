@@ -32,6 +32,8 @@ Sizes: defaults per mode (``--quick``: small_unet eager only, ~1 minute; CPU; GP
 pairs separated by spaces or ``;``: ``configs``, ``precision`` (``float32,bfloat16``),
 ``compile`` (configs under ``torch.compile``; ``none``, ``all``), ``compile_mode``,
 ``torch_device`` (``auto``: PyTorch on the device JAX uses), ``torch=0``, ``repeats``,
+``channels_last=1`` (PyTorch's U-Net and images in ``torch.channels_last``, its fast path for
+convolutions on NVIDIA GPUs),
 ``measure`` (``train,sample``: which rows of each config and precision); ``batch``,
 ``train_steps``, ``sample_steps`` (both configs, or one: ``cifar10.batch``); the loader's
 ``loader=0``, ``grain=0``, ``threads``, ``loader_images``, ``loader_batch``, ``loader_batches``,
@@ -77,14 +79,14 @@ KEYS = (
 )  # fmt: skip
 _NET = dict(batch=int, train_steps=int, sample_steps=int)
 _TOP = dict(
-    configs=list, precision=list, measure=list, compile=list, compile_mode=str, torch_device=str, torch=int, repeats=int,
+    configs=list, precision=list, measure=list, compile=list, compile_mode=str, torch_device=str, torch=int, repeats=int, channels_last=int,
     loader=int, grain=int, threads=int, loader_images=int, loader_batch=int, loader_batches=int,
     feed_batch=int, feed_steps=int, feed_chunks=int,
 )  # fmt: skip
 _BASE = dict(
     configs=["small", "cifar10"], precision=["float32"], measure=["train", "sample"],
     compile=["small", "cifar10"],
-    compile_mode="default", torch_device="auto", torch=1, repeats=3, loader=1, grain=1,
+    compile_mode="default", torch_device="auto", torch=1, repeats=3, channels_last=0, loader=1, grain=1,
     threads=THREADS, loader_images=10_000, loader_batch=128, loader_batches=40, feed_batch=128,
     feed_steps=10, feed_chunks=3,
 )  # fmt: skip
@@ -310,10 +312,11 @@ def _network_rows(sz: dict, platform: str) -> tuple[list[dict], str]:
                     IT.port_params(net, weights, jax_model)  # the same function, the same start
                     c = kind == "compile"
                     mode = sz["compile_mode"]
+                    cl = bool(sz["channels_last"])
                     if train is not None:
-                        train[kind] = IT.train_thunk(net, data_t, batch, k, dev, bf16, c, mode)
+                        train[kind] = IT.train_thunk(net, data_t, batch, k, dev, bf16, c, mode, cl)
                     if sample is not None:
-                        sample[kind] = IT.sample_thunk(net, batch, s, dev, bf16, c, mode)
+                        sample[kind] = IT.sample_thunk(net, batch, s, dev, bf16, c, mode, cl)
             if train is not None:
                 _log(f"{name} {precision}: training, batch {batch}, {k} steps per call")
                 res = interleaved(train, repeats=sz["repeats"])
@@ -443,7 +446,9 @@ def run(quick: bool) -> dict:
         0,
         f"JAX on {dev.platform}:{getattr(dev, 'device_kind', '')} ({jax.device_count()} devices, "
         f"mode {mode}); (batch, train steps per call, DDIM steps) {shown}, precisions "
-        f"{sz['precision']}, torch.compile ({sz['compile_mode']}) for {sz['compile']}; median of {sz['repeats']} "
+        f"{sz['precision']}, torch.compile ({sz['compile_mode']}) for {sz['compile']}"
+        + (", PyTorch in channels_last" if sz["channels_last"] else "")
+        + f"; median of {sz['repeats']} "
         "interleaved calls. speedup = jaxdiff images/s / PyTorch images/s (> 1: jaxdiff faster); "
         "compile times: jaxdiff_compile_s (first call: trace + XLA), torch_eager_first_s (first "
         "eager call), torch_compile_s (first call under torch.compile: inductor). Sizes: "

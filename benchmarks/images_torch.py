@@ -133,13 +133,34 @@ def _step_marker(compiled: bool, mode: str):
     return lambda: None
 
 
+def _layout(net, channels_last: bool):
+    """``(net, to)``: with ``channels_last`` the net's weights and every input image in
+    ``torch.channels_last`` (NHWC strides; cuDNN's fast path for convolutions), else unchanged."""
+    import torch
+
+    if not channels_last:
+        return net, lambda x: x
+    fmt = torch.channels_last
+    return net.to(memory_format=fmt), lambda x: x.contiguous(memory_format=fmt)
+
+
 def train_thunk(
-    net, data, batch: int, steps: int, dev, bf16: bool, compiled: bool, mode: str = "default"
+    net,
+    data,
+    batch: int,
+    steps: int,
+    dev,
+    bf16: bool,
+    compiled: bool,
+    mode: str = "default",
+    channels_last: bool = False,
 ):
     """``steps`` training steps per call: DDPM's eps loss on the VP path, ``t ~ U(T_MIN, 1)``,
     AdamW after clipping the gradient norm to 1, EMA of the weights; batches drawn on the device
     from ``data`` (N, C, H, W). ``mode``: ``torch.compile``'s."""
     import torch
+
+    net, to = _layout(net, channels_last)
 
     fn = torch.compile(net, mode=mode) if compiled else net
     mark = _step_marker(compiled, mode)
@@ -152,7 +173,7 @@ def train_thunk(
         net.train()  # the net is shared with the sampling thunk, which sets eval()
         for _ in range(steps):
             mark()
-            x = data[torch.randint(0, data.shape[0], (batch,), device=dev)]
+            x = to(data[torch.randint(0, data.shape[0], (batch,), device=dev)])
             t = T_MIN + (1.0 - T_MIN) * torch.rand(batch, device=dev)
             a, s = (c[:, None, None, None] for c in vp_coefficients(t))
             eps = torch.randn_like(x)
@@ -185,10 +206,19 @@ def ddim(eps_fn, x, ts: np.ndarray):
 
 
 def sample_thunk(
-    net, batch: int, steps: int, dev, bf16: bool, compiled: bool, mode: str = "default"
+    net,
+    batch: int,
+    steps: int,
+    dev,
+    bf16: bool,
+    compiled: bool,
+    mode: str = "default",
+    channels_last: bool = False,
 ):
     """One DDIM sample of ``batch`` images in ``steps`` network calls per call, under no_grad."""
     import torch
+
+    net, to = _layout(net, channels_last)
 
     fn = torch.compile(net, mode=mode) if compiled else net
     mark = _step_marker(compiled, mode)
@@ -201,7 +231,7 @@ def sample_thunk(
     def run():
         net.eval()
         with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
-            ddim(eps_fn, torch.randn(batch, 3, 32, 32, device=dev), ts)
+            ddim(eps_fn, to(torch.randn(batch, 3, 32, 32, device=dev)), ts)
         sync(dev)
 
     return run

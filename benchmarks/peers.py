@@ -28,9 +28,13 @@ evaluations (NFE); the table gives each side's samples per second and the ratio
 
 Fairness (design note): ``torch.no_grad()``; torch's thread count per batch is the faster of 1 and
 all cores (at batch 1 one thread is often faster: an outside check found our batch-1 speedups at
-7-19x, not 13-30x, for that reason); the PyTorch loops run eager and with the network through
-``torch.compile``; compile times excluded from run time (``jaxdiff_compile_s``: XLA lowering +
-compilation, reported), ``block_until_ready``, all samplers of one row group timed round-robin.
+7-19x, not 13-30x, for that reason); the PyTorch loops run eager, with the network through
+``torch.compile``, and (full mode) compiled whole, ``torch.compile(fullgraph=True)`` over the
+unrolled loop (at batch 1 compiling the network alone is slower than eager: the loop's Python and
+dispatch are the cost); compile times excluded from run time and reported (``jaxdiff_compile_s``:
+XLA lowering + compilation; ``peer_compile_s``), ``block_until_ready``, all samplers of one row
+group timed round-robin, in bursts of 5 calls at batch <= 64 (strict alternation slowed jaxdiff's
+0.4 ms call to 0.97 ms next to PyTorch's loop), with medians, minima and quartiles.
 """
 
 from __future__ import annotations
