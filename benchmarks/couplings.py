@@ -41,7 +41,7 @@ import numpy as np
 
 import jaxdiff as jd
 from benchmarks.common import interleaved, mlp_apply, mlp_init, time_jitted
-from benchmarks.peers import jax_cores
+from benchmarks.peers import best_threads, jax_cores
 from jaxdiff import couplings as C
 
 TITLE = "Couplings: OT plans, straightness and few-step quality, throughput vs torchcfm"
@@ -310,15 +310,7 @@ def _torchcfm_loop(exact: bool, batch, steps, width):
             opt.step()
         return loss.detach()
 
-    # torch's thread count: the faster of 1 and JAX's cores on this loop (the peers' rule)
-    times = {}
-    for n in sorted({1, jax_cores()}):
-        torch.set_num_threads(n)
-        run()
-        start = time.perf_counter()
-        run()
-        times[n] = time.perf_counter() - start
-    torch.set_num_threads(min(times, key=times.get))
+    best_threads(run, jax_cores(), runs=1, no_grad=False)  # the faster of 1 and all cores
     return run
 
 

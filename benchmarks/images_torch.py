@@ -133,15 +133,19 @@ def _step_marker(compiled: bool, mode: str):
     return lambda: None
 
 
-def _layout(net, channels_last: bool):
-    """``(net, to)``: with ``channels_last`` the net's weights and every input image in
-    ``torch.channels_last`` (NHWC strides; cuDNN's fast path for convolutions), else unchanged."""
+def _prepare(net, compiled: bool, mode: str, channels_last: bool):
+    """``(net, to, fn, mark)`` for a thunk: with ``channels_last`` the net's weights and every
+    input image (``to``) in ``torch.channels_last`` (NHWC strides; cuDNN's fast path for
+    convolutions); ``fn`` the network, through ``torch.compile`` when ``compiled``; ``mark`` the
+    per-step CUDA-graph marker (:func:`_step_marker`)."""
     import torch
 
-    if not channels_last:
-        return net, lambda x: x
-    fmt = torch.channels_last
-    return net.to(memory_format=fmt), lambda x: x.contiguous(memory_format=fmt)
+    to = lambda x: x  # noqa: E731
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        to = lambda x: x.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    fn = torch.compile(net, mode=mode) if compiled else net
+    return net, to, fn, _step_marker(compiled, mode)
 
 
 def train_thunk(
@@ -160,10 +164,7 @@ def train_thunk(
     from ``data`` (N, C, H, W). ``mode``: ``torch.compile``'s."""
     import torch
 
-    net, to = _layout(net, channels_last)
-
-    fn = torch.compile(net, mode=mode) if compiled else net
-    mark = _step_marker(compiled, mode)
+    net, to, fn, mark = _prepare(net, compiled, mode, channels_last)
     params = list(net.parameters())
     fused = dict(fused=True) if dev.type == "cuda" else {}
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, **fused)
@@ -218,10 +219,7 @@ def sample_thunk(
     """One DDIM sample of ``batch`` images in ``steps`` network calls per call, under no_grad."""
     import torch
 
-    net, to = _layout(net, channels_last)
-
-    fn = torch.compile(net, mode=mode) if compiled else net
-    mark = _step_marker(compiled, mode)
+    net, to, fn, mark = _prepare(net, compiled, mode, channels_last)
     ts = np.linspace(1.0, T_MIN, steps + 1)
 
     def eps_fn(x, t):

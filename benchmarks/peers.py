@@ -206,22 +206,25 @@ def torch_compiled(net):
     return call
 
 
-def best_threads(thunk, cores: int) -> tuple[int, dict]:
-    """The faster torch thread count for ``thunk`` (1 or all cores: at small batches one thread
-    often wins), with the median seconds of each."""
+def best_threads(thunk, cores: int, *, runs: int = 5, no_grad: bool = True) -> tuple[int, dict]:
+    """Set torch's thread count to the faster for ``thunk`` (1 or all cores: at small batches one
+    thread often wins; the median of ``runs`` calls after a warm one, under ``torch.no_grad()``
+    unless a training thunk needs ``no_grad=False``); returns it with the seconds of each."""
+    import contextlib
+
     import torch
 
     times = {}
     for n in sorted({1, cores}):
         torch.set_num_threads(n)
-        with torch.no_grad():
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
             thunk()
-            runs = []
-            for _ in range(5):
+            calls = []
+            for _ in range(runs):
                 start = time.perf_counter()
                 thunk()
-                runs.append(time.perf_counter() - start)
-        times[n] = float(np.median(runs))
+                calls.append(time.perf_counter() - start)
+        times[n] = float(np.median(calls))
     best = min(times, key=times.get)
     torch.set_num_threads(best)
     return best, times

@@ -20,13 +20,13 @@ steps) against a Python loop over the same step jitted alone (donated state). Th
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
 import jaxdiff as jd
 from benchmarks.common import interleaved, mlp_apply, mlp_init
+from benchmarks.peers import best_threads, jax_cores
 
 TITLE = (
     "Training throughput: jaxdiff train step vs plain PyTorch (same MLP, data, batch); "
@@ -84,24 +84,6 @@ def _torch_loop(width: int, batch: int, steps: int, compiled: bool = False):
         return loss.detach()
 
     return run
-
-
-def _best_threads(thunk) -> int:
-    """Set torch's thread count to the faster of 1 and all cores for ``thunk``; return it."""
-    import time
-
-    import torch
-
-    times = {}
-    for n in sorted({1, os.cpu_count() or 1}):
-        torch.set_num_threads(n)
-        thunk()
-        start = time.perf_counter()
-        thunk()
-        times[n] = time.perf_counter() - start
-    best = min(times, key=times.get)
-    torch.set_num_threads(best)
-    return best
 
 
 def _unet_thunks(data: str, dtype, batch: int, steps: int):
@@ -202,7 +184,7 @@ def run(quick: bool) -> dict:
         }
         if have_torch:
             eager = _torch_loop(width, batch, steps)
-            threads[batch] = _best_threads(eager)
+            threads[batch] = best_threads(eager, jax_cores(), runs=1, no_grad=False)[0]
             thunks["torch"] = eager
             if compile_ok:
                 thunks["torch_compile"] = _torch_loop(width, batch, steps, compiled=True)
@@ -257,7 +239,7 @@ def run(quick: bool) -> dict:
         f"AdamW + clipping, {steps} steps per timed call, median of {repeats} interleaved calls. "
         f"JAX device {dev.platform}; PyTorch on CPU, eager and (rows 'torch.compile') with the "
         f"network through torch.compile, compiled before timing; torch threads per batch the "
-        f"faster of 1 and {os.cpu_count()} on the eager loop: {threads}"
+        f"faster of 1 and {jax_cores()} on the eager loop: {threads}"
         + (
             ""
             if have_torch
