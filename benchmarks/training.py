@@ -4,9 +4,10 @@ Both train the benchmark MLP (``benchmarks.common``: 3 -> width -> width -> 2, S
 flow matching on the 2-D checkerboard, drawing a fresh batch every step on the device, with AdamW
 (weight decay 1e-4) after clipping the gradient norm to 1. jaxdiff runs ``make_train_step`` inside
 ``make_train_chunk`` (one jitted ``lax.scan`` of K steps, as its training loop does); PyTorch runs an
-eager loop and the same loop with the network through ``torch.compile`` (torch's threads: the faster
-of 1 and all cores). Rows give steps/s of each and
-the ratio; compile time of the JAX chunk is reported apart. A second jaxdiff row trains
+eager loop, the same loop with the network through ``torch.compile``, and the loop with the whole step
+compiled (data, loss and backward in one graph, clipping and AdamW in a second: PyTorch's compiled
+optimizer); each variant runs at its own best thread count (the faster of 1 and all cores). Rows give
+steps/s of each and the ratio; compile time of the JAX chunk is reported apart. A second jaxdiff row trains
 ``jaxdiff.nets.MLP`` (the CLI's default toy network) for scale.
 
 U-Net rows: ``jaxdiff.nets.small_unet`` trained with the eps loss on the 8x8 digits and on 32x32x3
@@ -50,7 +51,11 @@ def _jax_chunk(apply, params, batch: int, steps: int):
     return run
 
 
-def _torch_loop(width: int, batch: int, steps: int, compiled: bool = False):
+def _torch_loop(width: int, batch: int, steps: int, compiled: str = "none"):
+    """PyTorch's training loop: ``compiled="none"`` eager, ``"net"`` the network through
+    ``torch.compile``, ``"step"`` the whole step compiled (data, forward and loss in one
+    ``fullgraph`` graph whose backward AOTAutograd compiles; clipping and AdamW in a second graph,
+    PyTorch's compiled optimizer with a tensor learning rate)."""
     import torch
 
     torch.manual_seed(0)
@@ -61,27 +66,48 @@ def _torch_loop(width: int, batch: int, steps: int, compiled: bool = False):
         torch.nn.SiLU(),
         torch.nn.Linear(width, 2),
     )
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    forward = torch.compile(net) if compiled else net
+    lr = torch.tensor(1e-3) if compiled == "step" else 1e-3  # a float lr recompiles the step
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    forward = torch.compile(net) if compiled == "net" else net
 
     def checkerboard(n):
         x1 = torch.rand(n) * 4 - 2
         x2 = torch.rand(n) - 2 * torch.randint(0, 2, (n,)).float()
         return torch.stack([x1, x2 + torch.floor(x1) % 2], dim=1)
 
+    def loss_fn():
+        x0 = checkerboard(batch)
+        eps = torch.randn_like(x0)
+        t = torch.rand(batch, 1)
+        xt = (1 - t) * x0 + t * eps
+        pred = forward(torch.cat([xt, t], dim=1))
+        return ((pred - (eps - x0)) ** 2).mean()
+
+    def update():
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+
+    if compiled == "step":
+        loss_fn, update = torch.compile(loss_fn, fullgraph=True), torch.compile(update)
+
     def run():
         for _ in range(steps):
-            x0 = checkerboard(batch)
-            eps = torch.randn_like(x0)
-            t = torch.rand(batch, 1)
-            xt = (1 - t) * x0 + t * eps
-            pred = forward(torch.cat([xt, t], dim=1))
-            loss = ((pred - (eps - x0)) ** 2).mean()
+            loss = loss_fn()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
+            update()
         return loss.detach()
+
+    return run
+
+
+def _pinned(thunk, threads: int):
+    """``thunk`` run with torch's thread count set to ``threads`` (each variant keeps its own)."""
+    import torch
+
+    def run():
+        torch.set_num_threads(threads)
+        return thunk()
 
     return run
 
@@ -168,7 +194,7 @@ def run(quick: bool) -> dict:
         have_torch = True
     except ImportError:
         have_torch = False
-    threads: dict[int, int] = {}
+    threads: dict[int, dict[str, int]] = {}
     compile_ok = False
     if have_torch:
         from benchmarks.peers import _torch_compile_works
@@ -182,29 +208,31 @@ def run(quick: bool) -> dict:
             "jaxdiff": _jax_chunk(mlp_apply, params, batch, steps),
             "jaxdiff_nets_mlp": _jax_chunk(model.apply, mparams, batch, steps),
         }
-        if have_torch:
-            eager = _torch_loop(width, batch, steps)
-            threads[batch] = best_threads(eager, jax_cores(), runs=1, no_grad=False)[0]
-            thunks["torch"] = eager
-            if compile_ok:
-                thunks["torch_compile"] = _torch_loop(width, batch, steps, compiled=True)
-                thunks["torch_compile"]()  # compile outside the timing
+        variants = {"torch": "none"}
+        if have_torch and compile_ok:
+            variants.update(torch_compile="net", torch_compile_step="step")
+        for name, how in variants.items() if have_torch else ():
+            loop = _torch_loop(width, batch, steps, compiled=how)  # compiled in its first call
+            n, _ = best_threads(loop, jax_cores(), runs=3, no_grad=False)
+            threads.setdefault(batch, {})[name] = n
+            thunks[name] = _pinned(loop, n)
         res = interleaved(thunks, repeats=repeats)
-        if "torch_compile" in res:
-            rows.append(
-                {
-                    "model": f"benchmark MLP {width}, torch.compile",
-                    "dtype": "float32",
-                    "batch": batch,
-                    "steps_per_call": steps,
-                    "jaxdiff_steps_s": steps / res["jaxdiff"]["median_s"],
-                    "plain_jit_steps_s": None,
-                    "chunk_over_plain": None,
-                    "jaxdiff_compile_s": res["jaxdiff"]["compile_s"],
-                    "torch_steps_s": steps / res["torch_compile"]["median_s"],
-                    "speedup": res["torch_compile"]["median_s"] / res["jaxdiff"]["median_s"],
-                }
-            )
+        for name, label in (("torch_compile", "network"), ("torch_compile_step", "whole step")):
+            if name in res:
+                rows.append(
+                    {
+                        "model": f"benchmark MLP {width}, torch.compile {label}",
+                        "dtype": "float32",
+                        "batch": batch,
+                        "steps_per_call": steps,
+                        "jaxdiff_steps_s": steps / res["jaxdiff"]["median_s"],
+                        "plain_jit_steps_s": None,
+                        "chunk_over_plain": None,
+                        "jaxdiff_compile_s": res["jaxdiff"]["compile_s"],
+                        "torch_steps_s": steps / res[name]["median_s"],
+                        "speedup": res[name]["median_s"] / res["jaxdiff"]["median_s"],
+                    }
+                )
         common = {"dtype": "float32", "batch": batch, "steps_per_call": steps}
         rows.append(
             {
@@ -237,9 +265,10 @@ def run(quick: bool) -> dict:
     notes = (
         f"Benchmark MLP 3 -> {width} -> {width} -> 2 (SiLU), flow matching on the checkerboard, "
         f"AdamW + clipping, {steps} steps per timed call, median of {repeats} interleaved calls. "
-        f"JAX device {dev.platform}; PyTorch on CPU, eager and (rows 'torch.compile') with the "
-        f"network through torch.compile, compiled before timing; torch threads per batch the "
-        f"faster of 1 and {jax_cores()} on the eager loop: {threads}"
+        f"JAX device {dev.platform}; PyTorch on CPU, eager, with the network through "
+        f"torch.compile, and with the whole step compiled (data, loss and its backward in one "
+        f"graph, clipping and AdamW in another), each compiled before timing; torch threads per "
+        f"batch and variant the faster of 1 and {jax_cores()} (median of 3 calls): {threads}"
         + (
             ""
             if have_torch
