@@ -130,6 +130,40 @@ def hub_matrix(path: GaussianPath, t: ArrayLike, target: Target) -> tuple[Array,
     return ds / det, -s / det, -da / det, a / det
 
 
+def _alpha_times_slope(path: GaussianPath, t: Array, target: str) -> tuple[Array, Array]:
+    """``(alpha_t * B_t, alpha_t)`` where ``B_t = d target / d score`` at fixed ``x``: each target
+    is affine in the score, ``score: 1``, ``eps: -sigma``, ``x0: sigma^2 / alpha``, ``v:
+    -sigma (alpha^2 + sigma^2) / alpha``, ``velocity: -g^2 / 2 = alpha' sigma^2 / alpha -
+    (sigma^2)' / 2``. ``alpha B`` stays finite where ``alpha = 0`` (and ``(sigma^2)'`` where VP's
+    ``sigma'`` is infinite, at ``t = 0``)."""
+    a, var = path.alpha(t), path.sigma_sq(t)
+    if target == "score":
+        return a, a
+    if target == "eps":
+        return -a * path.sigma(t), a
+    if target == "x0":
+        return var, a
+    if target == "v":
+        return -path.sigma(t) * (a * a + var), a
+    d_var = jax.jvp(path.sigma_sq, (t,), (jnp.ones_like(t),))[1]
+    return path.d_alpha(t) * var - 0.5 * a * d_var, a
+
+
+def _score_slope(path: GaussianPath, t: ArrayLike, target: str) -> Array:
+    """``B_t = d target / d score`` at fixed ``x`` (``1``, ``-sigma``, ``sigma^2 / alpha``, ...; see
+    :func:`_alpha_times_slope`): a change ``delta`` of the score moves the prediction by
+    ``B_t delta``, exactly (each target is affine in the score). Raises where a ``t`` known at trace
+    time has ``alpha_t = 0`` and ``B_t`` is infinite (``x0``, ``v``, ``velocity``)."""
+    _check_divisors(path, t, "score", target)
+    tc = coef_time(t)
+    if target == "score":
+        return jnp.ones_like(tc)
+    if target == "eps":
+        return -path.sigma(tc)
+    a_slope, a = _alpha_times_slope(path, tc, target)
+    return a_slope / a
+
+
 def to_x0_eps(
     path: GaussianPath, x: ArrayLike, t: ArrayLike, value: ArrayLike, target: Target
 ) -> tuple[Array, Array]:

@@ -33,7 +33,7 @@ from jaxdiff._checks import (
     expand_like,
     widen,
 )
-from jaxdiff.conversions import to_x0_eps
+from jaxdiff.conversions import _alpha_times_slope, to_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath
 
@@ -116,25 +116,6 @@ def check_interval(interval: Any) -> tuple[float, float]:
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
         raise ValueError(f"interval must satisfy 0 <= t_lo < t_hi (finite); got ({lo}, {hi})")
     return lo, hi
-
-
-def _alpha_times_slope(path: GaussianPath, t: Array, target: str) -> tuple[Array, Array]:
-    """``(alpha_t * B_t, alpha_t)`` where ``B_t = d target / d score`` at fixed ``x``: each target
-    is affine in the score, ``score: 1``, ``eps: -sigma``, ``x0: sigma^2 / alpha``, ``v:
-    -sigma (alpha^2 + sigma^2) / alpha``, ``velocity: -g^2 / 2 = alpha' sigma^2 / alpha -
-    (sigma^2)' / 2``. ``alpha B`` stays finite where ``alpha = 0`` (and ``(sigma^2)'`` where VP's
-    ``sigma'`` is infinite, at ``t = 0``)."""
-    a, var = path.alpha(t), path.sigma_sq(t)
-    if target == "score":
-        return a, a
-    if target == "eps":
-        return -a * path.sigma(t), a
-    if target == "x0":
-        return var, a
-    if target == "v":
-        return -path.sigma(t) * (a * a + var), a
-    d_var = jax.jvp(path.sigma_sq, (t,), (jnp.ones_like(t),))[1]
-    return path.d_alpha(t) * var - 0.5 * a * d_var, a
 
 
 class _ClassifierGuided(eqx.Module):

@@ -22,7 +22,8 @@ method              ``C``                                exact when
 Each is a **field transform** (like ``jd.classifier_guidance``): it returns a
 :class:`~jaxdiff.Field` predicting the same target, so it works with every sampler, path and
 target, under ``jit`` and batched over measurements (``y`` of shape ``(batch, m)``). Time runs from
-data (``t = 0``) to noise (``t = 1``); start sampling where ``alpha_t > 0``.
+data (``t = 0``) to noise (``t = 1``); start sampling where ``alpha_t > 0`` (``t_start < 1`` on the
+linear and cosine paths: the field refuses ``alpha_t = 0``, where ``x0_hat`` is undefined).
 
 Chung et al.'s own DPS moves ``x`` by ``-zeta grad_x ||y - A x0_hat(x)||`` once per step, whatever the
 step's size: a rule of the discretisation, not of the dynamics, so it cannot be a field (the
@@ -48,12 +49,14 @@ from jax.typing import ArrayLike
 from jaxdiff._checks import (
     check_count,
     check_positive,
+    coef_time,
     concrete,
     error_if,
     expand_like,
     wide_dtype,
+    widen,
 )
-from jaxdiff.conversions import convert, to_x0_eps
+from jaxdiff.conversions import _score_slope, to_x0_eps
 from jaxdiff.ddim import ddim_step
 from jaxdiff.field import Field, as_field, batch_time
 from jaxdiff.measurements import Measurement
@@ -112,9 +115,20 @@ class _Posterior(eqx.Module):
             res_w = resid.astype(wide)
             coef = jnp.einsum("bij,bj->bi", vecs, jnp.einsum("bji,bj->bi", vecs, res_w) / lam)
             grad = jnp.einsum("ib...,bi->b...", rows, coef.astype(rows.dtype))
-        score = convert(path, x, t, pred, src=field.target, dst="score")
-        score = score + expand_like(jnp.asarray(scale, score.dtype), score) * grad
-        return convert(path, x, t, score, src="score", dst=field.target)
+        # the score gains scale * grad, so the prediction moves by B_t scale * grad (B_t = d target /
+        # d score: every target is affine in the score), as in jd.classifier_guidance
+        out, _, pred_w, grad = widen(x, pred, grad)
+        slope = expand_like(_score_slope(path, t, field.target), pred_w).astype(pred_w.dtype)
+        scale = expand_like(jnp.asarray(scale), pred_w).astype(pred_w.dtype)
+        moved = (pred_w + scale * slope * grad).astype(out)
+        # a traced t (inside every sampler) at alpha_t = 0 would give NaN: name the cause instead
+        return error_if(
+            moved,
+            path.alpha(coef_time(t)) == 0,
+            f"jd.{self.kind} needs alpha_t > 0 (x0_hat divides by it, and no finite limit exists "
+            "where alpha_t = 0, e.g. t = 1 on the linear and cosine paths): sample from a "
+            "t_start < 1",
+        )
 
 
 def _guided(kind: str, field, path, measurement, scale, data_var=1.0) -> Field:

@@ -292,6 +292,26 @@ def test_checks_fire_eagerly_and_under_jit():
         jd.pigdm(field, PATH, meas0, data_var=0.0)
 
 
+@pytest.mark.parametrize("method", [jd.dps, jd.pigdm, jd.tmpd])
+def test_a_sampler_started_where_alpha_is_zero_names_the_cause(method):
+    """On the linear path alpha_1 = 0: x0_hat (and every target's slope in the score) divides by
+    it, and the likelihood gradient has no finite limit. A concrete t raises at trace time; inside a
+    sampler t is traced, and the field's own check names the cause (it was a NaN, caught only by the
+    final non-finite check, whose message does not say why)."""
+    path = jd.linear_path()
+    meas = jd.Measurement(jd.matrix_operator(jnp.array([[1.0, 0.0]])), jnp.array([1.5]), 0.1)
+    field = method(CORR.field(path, "velocity"), path, meas)
+    with pytest.raises(ValueError, match="divides by alpha_t"):
+        field(jnp.ones((1, 2)), 1.0)
+
+    def run(t_start):
+        return jd.sample(jax.random.key(0), path, field, (8, 2), steps=4, t_start=t_start).x
+
+    with pytest.raises(Exception, match=f"jd.{method.__name__} needs alpha_t > 0"):
+        jax.block_until_ready(run(1.0))
+    assert bool(jnp.all(jnp.isfinite(run(0.99))))
+
+
 def test_tmpd_runs_on_bfloat16_states():
     # TMPD's (m, m) eigh ran in the state's dtype: bfloat16 raised NotImplementedError ("Unsupported
     # dtype bfloat16"); it now solves in float32 and matches the float32 field to bf16 rounding.
