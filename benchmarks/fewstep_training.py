@@ -131,7 +131,9 @@ def _train(loss, params, data, steps, batch, lr, seed=1):
 
 def run(quick: bool = False) -> dict:
     if quick:
-        return compare(3000, 256, 5000, 20000, ["checkerboard"], "quick", digits=(1500, 128))
+        return compare(  # the README's tables
+            3000, 256, 5000, 20000, ["checkerboard", "8gaussians"], "quick", digits=(1500, 128)
+        )
     return compare(
         20000, 512, 20000, 100000, ["checkerboard", "8gaussians"], "full", digits=(6000, 128)
     )
