@@ -30,10 +30,11 @@ from jaxdiff._checks import (
     check_positive,
     check_same_shape,
     coef_time,
+    error_if,
     expand_like,
     widen,
 )
-from jaxdiff.conversions import _alpha_times_slope, to_x0_eps
+from jaxdiff.conversions import _alpha_times_slope, _score_slope, to_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath
 
@@ -127,12 +128,18 @@ class _ClassifierGuided(eqx.Module):
         pred = field(x, t)
         check_same_shape(pred, x, f"the {field.target!r} prediction")
         t = as_time(t)
-        tc = coef_time(t)
-        a_slope, a = _alpha_times_slope(path, tc, field.target)
-        zero = a == 0
 
         def grad_fn(s):
             return jax.grad(lambda z: jnp.sum(self.log_prob_fn(z, s)))(x)
+
+        if field.target in ("score", "eps"):  # B_t = 1 or -sigma_t: finite where alpha_t = 0 too
+            out, _, pred_w, grad = widen(x, pred, grad_fn(t))  # x's dtype, as convert
+            slope = expand_like(_score_slope(path, t, field.target), pred_w).astype(pred_w.dtype)
+            scale = expand_like(jnp.asarray(scale), pred_w).astype(pred_w.dtype)
+            return (pred_w + scale * slope * grad).astype(out)
+        tc = coef_time(t)
+        a_slope, a = _alpha_times_slope(path, tc, field.target)
+        zero = a == 0
 
         def interior():
             grad = grad_fn(t)
@@ -143,13 +150,19 @@ class _ClassifierGuided(eqx.Module):
             return jax.jvp(grad_fn, (t,), (jnp.ones_like(t),))
 
         grad, d_grad = jax.lax.cond(jnp.any(zero), limit, interior)
-        out, pred_w, grad, d_grad = widen(pred, grad, d_grad)
+        out, _, pred_w, grad, d_grad = widen(x, pred, grad, d_grad)  # x's dtype, as convert
         da = path.d_alpha(tc)
         slope = expand_like(a_slope / jnp.where(zero, 1.0, a), pred_w).astype(pred_w.dtype)
         slope_limit = expand_like(a_slope / jnp.where(zero, da, 1.0), pred_w).astype(pred_w.dtype)
         increment = jnp.where(expand_like(zero, pred_w), slope_limit * d_grad, slope * grad)
         scale = expand_like(jnp.asarray(scale), pred_w).astype(pred_w.dtype)
-        return (pred_w + scale * increment).astype(out)
+        # the limit divides by alpha_t': a path with alpha_t = alpha_t' = 0 gave inf or NaN silently
+        return error_if(
+            (pred_w + scale * increment).astype(out),
+            zero & (da == 0),
+            "classifier_guidance: alpha_t = 0 and alpha_t' = 0 at some t on this path, where the "
+            "move's limit alpha (d grad / dt) / alpha' is undefined; sample from t_start < 1",
+        )
 
 
 def classifier_guidance(

@@ -122,12 +122,18 @@ class _Posterior(eqx.Module):
         scale = expand_like(jnp.asarray(scale), pred_w).astype(pred_w.dtype)
         moved = (pred_w + scale * slope * grad).astype(out)
         # a traced t (inside every sampler) at alpha_t = 0 would give NaN: name the cause instead
+        if field.target in ("score", "eps"):
+            why = f"x0_hat of a {field.target!r} field divides by it"
+        else:  # x0_hat is defined there, and for the exact field the move has a finite limit
+            why = (
+                "the move B_t * grad divides by it; its limit there (finite for an exact "
+                f"{field.target!r} field) is not implemented"
+            )
         return error_if(
             moved,
             path.alpha(coef_time(t)) == 0,
-            f"jd.{self.kind} needs alpha_t > 0 (x0_hat divides by it, and no finite limit exists "
-            "where alpha_t = 0, e.g. t = 1 on the linear and cosine paths): sample from a "
-            "t_start < 1",
+            f"jd.{self.kind} needs alpha_t > 0 ({why}; alpha_t = 0 at t = 1 on the linear and "
+            "cosine paths): sample from a t_start < 1",
         )
 
 

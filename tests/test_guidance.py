@@ -168,3 +168,42 @@ def test_classifier_guidance_at_scale_one_is_the_class_in_every_target(path_fn, 
         sol = jd.sample(jax.random.key(3), path, guided, (512, 2), steps=40)
         near = jnp.linalg.norm(sol.x - MEANS[0][None], axis=-1) < 2.0
         assert float(jnp.mean(near)) > 0.99
+
+
+@pytest.mark.parametrize("target", ["score", "eps"])
+def test_classifier_guidance_of_score_and_eps_at_alpha_zero_uses_the_gradient(target):
+    """Their slope in the score (1, -sigma) is finite where alpha_t = 0: the move is
+    scale * B_t * grad there too (the alpha -> 0 limit of x0, v and velocity gave 0 for a
+    t-independent classifier, and NaN for one with an infinite d grad / dt at t = 1)."""
+    path = jd.linear_path()
+    w = jnp.array([1.0, -2.0])
+    field = jd.Field(lambda x, t: jnp.zeros_like(x), target)
+    t = jnp.array([1.0, 0.5, 1.0])
+    slope = jnp.ones(3) if target == "score" else -path.sigma(t)
+    for log_p, g in [
+        (lambda x, t: x @ w, jnp.ones(3)),
+        (lambda x, t: jnp.sqrt(1.0 - t) * (x @ w), jnp.sqrt(1.0 - t)),
+    ]:
+        guided = jd.classifier_guidance(path, field, log_p, 2.0)
+        got = jax.jit(lambda x, t, guided=guided: guided(x, t))(jnp.ones((3, 2)), t)
+        want = 2.0 * (slope * g)[:, None] * w[None, :]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_classifier_guidance_refuses_a_path_flat_at_alpha_zero():
+    path = jd.GaussianPath(lambda t: (1 - t) ** 2, lambda t: t)  # alpha_1 = alpha_1' = 0
+    log_p = _log_p_label0(path)
+    guided = jd.classifier_guidance(path, DATA.field(path, "x0"), log_p, 1.0)
+    with pytest.raises(Exception, match="alpha_t' = 0"):
+        jax.block_until_ready(jax.jit(lambda x, t: guided(x, t))(X[:3], jnp.ones(3)))
+    assert bool(jnp.all(jnp.isfinite(guided(X[:3], jnp.full(3, 0.9)))))
+
+
+def test_classifier_guidance_returns_x_dtype():
+    """As before b82fc6a (and as jd.convert, jd.dps): a float32 prediction for a bfloat16 x comes
+    back in bfloat16 (it came back in the prediction's float32)."""
+    field = jd.Field(lambda x, t: jnp.zeros(x.shape, jnp.float32), "x0")
+    x = jnp.ones((2, 3), jnp.bfloat16)
+    for target_field in (field, jd.Field(field.fn, "eps")):
+        guided = jd.classifier_guidance(PATH, target_field, lambda x, t: jnp.sum(x, -1), 1.0)
+        assert guided(x, jnp.full(2, 0.5)).dtype == jnp.bfloat16
