@@ -41,7 +41,7 @@ import numpy as np
 
 import jaxdiff as jd
 from benchmarks.common import interleaved, mlp_apply, mlp_init, time_jitted
-from benchmarks.peers import best_threads, jax_cores
+from benchmarks.peers import best_threads, jax_cores, pinned
 from jaxdiff import couplings as C
 
 TITLE = "Couplings: OT plans, straightness and few-step quality, throughput vs torchcfm"
@@ -310,8 +310,8 @@ def _torchcfm_loop(exact: bool, batch, steps, width):
             opt.step()
         return loss.detach()
 
-    best_threads(run, jax_cores(), runs=1, no_grad=False)  # the faster of 1 and all cores
-    return run
+    threads, _ = best_threads(run, jax_cores(), runs=1, no_grad=False)  # 1 or all cores
+    return pinned(run, threads)  # each loop keeps its own choice while they alternate
 
 
 def _throughput_rows(quick: bool) -> list[dict]:

@@ -26,9 +26,9 @@ evaluations (NFE); the table gives each side's samples per second and the ratio
   (``discrete_path``, ``leading_timesteps``). DDIM is deterministic: ``max_abs_diff`` checks it;
   DDPM draws different noise: ``energy_dist`` checks it.
 
-Fairness (design note): ``torch.no_grad()``; torch's thread count per batch is the faster of 1 and
-all cores (at batch 1 one thread is often faster: an outside check found our batch-1 speedups at
-7-19x, not 13-30x, for that reason); the PyTorch loops run eager, with the network through
+Fairness (design note): ``torch.no_grad()``; torch's thread count per peer and batch is the faster
+of 1 and all cores, each peer pinned to its own while they alternate (at batch 1 one thread is
+often faster: an outside check found our batch-1 speedups at 7-19x, not 13-30x, for that reason); the PyTorch loops run eager, with the network through
 ``torch.compile``, and (full mode) compiled whole, ``torch.compile(fullgraph=True)`` over the
 unrolled loop (at batch 1 compiling the network alone is slower than eager: the loop's Python and
 dispatch are the cost); compile times excluded from run time and reported (``jaxdiff_compile_s``:
@@ -228,6 +228,17 @@ def best_threads(thunk, cores: int, *, runs: int = 5, no_grad: bool = True) -> t
     best = min(times, key=times.get)
     torch.set_num_threads(best)
     return best, times
+
+
+def pinned(thunk, threads: int):
+    """``thunk`` run with torch's thread count set to ``threads`` (each variant keeps its own)."""
+    import torch
+
+    def run():
+        torch.set_num_threads(threads)
+        return thunk()
+
+    return run
 
 
 def _vp_coefs(t: float) -> tuple[float, float, float]:
@@ -474,11 +485,12 @@ def _rows_for_batch(params, net, batch, nfe, repeats, ok, compile_ok, whole_loop
     ):
         if not peers:
             continue
-        outs, counts = {}, {}
+        outs, counts, chosen = {}, {}, {}
         thunks = {"jaxdiff": _keep(outs, "jaxdiff", run_j)}
-        thunks.update(
-            {peer: _keep(outs, peer, _counted(net, counts, peer, fn)) for peer, fn in peers.items()}
-        )
+        for peer, fn in peers.items():  # each peer at its own faster thread count
+            chosen[peer] = best_threads(fn, jax_cores())
+            fn = pinned(fn, chosen[peer][0])
+            thunks[peer] = _keep(outs, peer, _counted(net, counts, peer, fn))
         # bursts of 5 calls per thunk at small batches: strict alternation slowed jaxdiff's
         # sub-millisecond call by 25-45% (it took 0.97 ms here against 0.40 alone)
         res = interleaved(thunks, repeats=repeats, burst=5 if batch <= 64 else 1)
@@ -504,8 +516,8 @@ def _rows_for_batch(params, net, batch, nfe, repeats, ok, compile_ok, whole_loop
                     "peer_iqr_ms": 1e3 * (res[peer]["q3_s"] - res[peer]["q1_s"]),
                     "jaxdiff_iqr_ms": 1e3 * (res["jaxdiff"]["q3_s"] - res["jaxdiff"]["q1_s"]),
                     "runs": res["jaxdiff"]["runs"],
-                    "torch_threads": threads,
-                    "torch_thread_ms": {n: round(1e3 * v, 3) for n, v in thread_s.items()},
+                    "torch_threads": chosen[peer][0],
+                    "torch_thread_ms": {n: round(1e3 * v, 3) for n, v in chosen[peer][1].items()},
                     "jaxdiff_compile_s": c_s,
                     "peer_compile_s": (whole or {}).get((method, peer)),
                     "max_abs_diff": float(np.max(np.abs(x_peer - x_jd))) if deterministic else None,
@@ -602,10 +614,9 @@ def run(quick: bool) -> dict:
         plots.append(path)
     versions = ", ".join(f"{k} {v}" for k, v in ok.items() if v)
     notes = (
-        f"Peers: {versions}; JAX's cores {jax_cores()}; torch threads chosen per batch as the "
-        "faster of 1 and all cores on the eager Euler loop (torch_threads; medians of 5 in "
-        "torch_thread_ms), torch.no_grad(); the PyTorch loops also run with the network through "
-        "torch.compile and"
+        f"Peers: {versions}; JAX's cores {jax_cores()}; torch threads chosen per peer and batch "
+        "as the faster of 1 and all cores (torch_threads; medians of 5 in torch_thread_ms), "
+        "torch.no_grad(); the PyTorch loops also run with the network through torch.compile and"
         + (
             ""
             if quick

@@ -1,7 +1,7 @@
 """Run the benchmarks and write ``benchmarks/results/<device>.json`` and ``<device>.md``.
 
     python -m benchmarks            # full mode
-    python -m benchmarks --quick    # under 5 minutes on 2 CPU cores
+    python -m benchmarks --quick    # about 30 minutes on 2 CPU cores (most of it training)
     python -m benchmarks --only solver_overhead
 
 Each section is a module of this package with ``TITLE`` and ``run(quick: bool) -> dict`` returning
@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes, under 5 minutes on CPU")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes: about 30 minutes on 2 CPU cores"
+    )
     parser.add_argument(
         "--only",
         nargs="*",

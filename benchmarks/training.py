@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 import jaxdiff as jd
 from benchmarks.common import interleaved, mlp_apply, mlp_init
-from benchmarks.peers import best_threads, jax_cores
+from benchmarks.peers import best_threads, jax_cores, pinned
 
 TITLE = (
     "Training throughput: jaxdiff train step vs plain PyTorch (same MLP, data, batch); "
@@ -97,17 +97,6 @@ def _torch_loop(width: int, batch: int, steps: int, compiled: str = "none"):
             loss.backward()
             update()
         return loss.detach()
-
-    return run
-
-
-def _pinned(thunk, threads: int):
-    """``thunk`` run with torch's thread count set to ``threads`` (each variant keeps its own)."""
-    import torch
-
-    def run():
-        torch.set_num_threads(threads)
-        return thunk()
 
     return run
 
@@ -215,7 +204,7 @@ def run(quick: bool) -> dict:
             loop = _torch_loop(width, batch, steps, compiled=how)  # compiled in its first call
             n, _ = best_threads(loop, jax_cores(), runs=3, no_grad=False)
             threads.setdefault(batch, {})[name] = n
-            thunks[name] = _pinned(loop, n)
+            thunks[name] = pinned(loop, n)
         res = interleaved(thunks, repeats=repeats)
         for name, label in (("torch_compile", "network"), ("torch_compile_step", "whole step")):
             if name in res:
