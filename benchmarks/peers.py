@@ -473,7 +473,9 @@ def _rows_for_batch(params, net, batch, nfe, repeats, ok, compile_ok, whole_loop
     key = jax.random.key(2)
     grid = [float(t) for t in np.linspace(1.0, T_END, nfe + 1)]
     threads, thread_s = best_threads(lambda: torch_euler(net, x_t, grid), jax_cores())
-    print(f"    torch threads for batch {batch}: {threads} (Euler loop s: {thread_s})", flush=True)
+    print(  # the default while compiling; each peer then chooses its own
+        f"    torch threads for batch {batch}: {threads} (Euler loop s: {thread_s})", flush=True
+    )
     cnet = torch_compiled(net) if compile_ok else None
     if cnet is not None:  # compile outside the timing (Inductor: seconds per shape)
         with torch.no_grad():

@@ -53,7 +53,7 @@ def _jax_chunk(apply, params, batch: int, steps: int):
 
 def _torch_loop(width: int, batch: int, steps: int, compiled: str = "none"):
     """PyTorch's training loop: ``compiled="none"`` eager, ``"net"`` the network through
-    ``torch.compile``, ``"step"`` the whole step compiled (data, forward and loss in one
+    ``torch.compile`` (static shapes, ``dynamic=False``, as in the peers benchmark), ``"step"`` the whole step compiled (data, forward and loss in one
     ``fullgraph`` graph whose backward AOTAutograd compiles; clipping and AdamW in a second graph,
     PyTorch's compiled optimizer with a tensor learning rate)."""
     import torch
@@ -68,7 +68,7 @@ def _torch_loop(width: int, batch: int, steps: int, compiled: str = "none"):
     )
     lr = torch.tensor(1e-3) if compiled == "step" else 1e-3  # a float lr recompiles the step
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    forward = torch.compile(net) if compiled == "net" else net
+    forward = torch.compile(net, dynamic=False) if compiled == "net" else net
 
     def checkerboard(n):
         x1 = torch.rand(n) * 4 - 2
@@ -88,7 +88,8 @@ def _torch_loop(width: int, batch: int, steps: int, compiled: str = "none"):
         opt.step()
 
     if compiled == "step":
-        loss_fn, update = torch.compile(loss_fn, fullgraph=True), torch.compile(update)
+        loss_fn = torch.compile(loss_fn, fullgraph=True, dynamic=False)
+        update = torch.compile(update, dynamic=False)
 
     def run():
         for _ in range(steps):
@@ -200,6 +201,10 @@ def run(quick: bool) -> dict:
         variants = {"torch": "none"}
         if have_torch and compile_ok:
             variants.update(torch_compile="net", torch_compile_step="step")
+        if have_torch:  # graphs for this batch alone (static shapes, as XLA's), fresh budget
+            import torch
+
+            torch._dynamo.reset()
         for name, how in variants.items() if have_torch else ():
             loop = _torch_loop(width, batch, steps, compiled=how)  # compiled in its first call
             n, _ = best_threads(loop, jax_cores(), runs=3, no_grad=False)

@@ -90,6 +90,11 @@ class _Posterior(eqx.Module):
         path, field, meas, scale, data_var = params
         x = jnp.asarray(x)
         t = batch_time(t, x)
+        known = concrete(t)
+        if known is not None:  # before a conversion raises naming another cause
+            with jax.ensure_compile_time_eval():
+                if bool(jnp.any(path.alpha(coef_time(known)) == 0)):
+                    raise ValueError(self.message(field.target))
         x0, pull, pred = _x0_vjp(path, field, x, t)
         op, resid = meas.operator, meas.residual(x0)
         sy2 = jnp.square(meas.sigma_y).astype(resid.dtype)
@@ -122,18 +127,19 @@ class _Posterior(eqx.Module):
         scale = expand_like(jnp.asarray(scale), pred_w).astype(pred_w.dtype)
         moved = (pred_w + scale * slope * grad).astype(out)
         # a traced t (inside every sampler) at alpha_t = 0 would give NaN: name the cause instead
-        if field.target in ("score", "eps"):
-            why = f"x0_hat of a {field.target!r} field divides by it"
+        return error_if(moved, path.alpha(coef_time(t)) == 0, self.message(field.target))
+
+    def message(self, target: str) -> str:
+        if target in ("score", "eps"):
+            why = f"x0_hat of a {target!r} field divides by it"
         else:  # x0_hat is defined there, and for the exact field the move has a finite limit
             why = (
                 "the move B_t * grad divides by it; its limit there (finite for an exact "
-                f"{field.target!r} field) is not implemented"
+                f"{target!r} field) is not implemented"
             )
-        return error_if(
-            moved,
-            path.alpha(coef_time(t)) == 0,
+        return (
             f"jd.{self.kind} needs alpha_t > 0 ({why}; alpha_t = 0 at t = 1 on the linear and "
-            "cosine paths): sample from a t_start < 1",
+            "cosine paths): sample from a t_start < 1"
         )
 
 

@@ -301,8 +301,12 @@ def test_a_sampler_started_where_alpha_is_zero_names_the_cause(method):
     path = jd.linear_path()
     meas = jd.Measurement(jd.matrix_operator(jnp.array([[1.0, 0.0]])), jnp.array([1.5]), 0.1)
     field = method(CORR.field(path, "velocity"), path, meas)
-    with pytest.raises(ValueError, match="divides by alpha_t"):
+    with pytest.raises(ValueError, match=f"jd.{method.__name__} needs alpha_t > 0"):
         field(jnp.ones((1, 2)), 1.0)
+    with pytest.raises(ValueError, match="alpha_t > 0 .x0_hat of a 'eps' field divides"):
+        method(CORR.field(path, "eps"), path, meas)(jnp.ones((1, 2)), jnp.ones(1))
+    with pytest.raises(Exception, match="needs alpha_t > 0"):  # a constant t under jit: at run time
+        jax.block_until_ready(jax.jit(lambda x: field(x, 1.0))(jnp.ones((1, 2))))
 
     def run(t_start):
         return jd.sample(jax.random.key(0), path, field, (8, 2), steps=4, t_start=t_start).x
