@@ -164,6 +164,18 @@ def _score_slope(path: GaussianPath, t: ArrayLike, target: str) -> Array:
     return a_slope / a
 
 
+def _add_to_score(
+    path: GaussianPath, x: Array, t: ArrayLike, pred: Array, target: str, grad: Array, scale
+) -> Array:
+    """The ``target`` prediction ``pred`` after adding ``scale * grad`` to the score it implies:
+    ``pred + B_t scale grad`` (:func:`_score_slope`), in at least float32, returned in ``x``'s
+    dtype."""
+    out, _, pred_w, grad = widen(x, pred, grad)
+    slope = expand_like(_score_slope(path, t, target), pred_w).astype(pred_w.dtype)
+    scale = expand_like(jnp.asarray(scale), pred_w).astype(pred_w.dtype)
+    return (pred_w + scale * slope * grad).astype(out)
+
+
 def to_x0_eps(
     path: GaussianPath, x: ArrayLike, t: ArrayLike, value: ArrayLike, target: Target
 ) -> tuple[Array, Array]:

@@ -34,7 +34,7 @@ from jaxdiff._checks import (
     expand_like,
     widen,
 )
-from jaxdiff.conversions import _alpha_times_slope, _score_slope, to_x0_eps
+from jaxdiff.conversions import _add_to_score, _alpha_times_slope, to_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath
 
@@ -133,10 +133,7 @@ class _ClassifierGuided(eqx.Module):
             return jax.grad(lambda z: jnp.sum(self.log_prob_fn(z, s)))(x)
 
         if field.target in ("score", "eps"):  # B_t = 1 or -sigma_t: finite where alpha_t = 0 too
-            out, _, pred_w, grad = widen(x, pred, grad_fn(t))  # x's dtype, as convert
-            slope = expand_like(_score_slope(path, t, field.target), pred_w).astype(pred_w.dtype)
-            scale = expand_like(jnp.asarray(scale), pred_w).astype(pred_w.dtype)
-            return (pred_w + scale * slope * grad).astype(out)
+            return _add_to_score(path, x, t, pred, field.target, grad_fn(t), scale)
         tc = coef_time(t)
         a_slope, a = _alpha_times_slope(path, tc, field.target)
         zero = a == 0

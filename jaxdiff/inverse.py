@@ -54,9 +54,8 @@ from jaxdiff._checks import (
     error_if,
     expand_like,
     wide_dtype,
-    widen,
 )
-from jaxdiff.conversions import _score_slope, to_x0_eps
+from jaxdiff.conversions import _add_to_score, to_x0_eps
 from jaxdiff.ddim import ddim_step
 from jaxdiff.field import Field, as_field, batch_time
 from jaxdiff.measurements import Measurement
@@ -122,10 +121,7 @@ class _Posterior(eqx.Module):
             grad = jnp.einsum("ib...,bi->b...", rows, coef.astype(rows.dtype))
         # the score gains scale * grad, so the prediction moves by B_t scale * grad (B_t = d target /
         # d score: every target is affine in the score), as in jd.classifier_guidance
-        out, _, pred_w, grad = widen(x, pred, grad)
-        slope = expand_like(_score_slope(path, t, field.target), pred_w).astype(pred_w.dtype)
-        scale = expand_like(jnp.asarray(scale), pred_w).astype(pred_w.dtype)
-        moved = (pred_w + scale * slope * grad).astype(out)
+        moved = _add_to_score(path, x, t, pred, field.target, grad, scale)
         # a traced t (inside every sampler) at alpha_t = 0 would give NaN: name the cause instead
         return error_if(moved, path.alpha(coef_time(t)) == 0, self.message(field.target))
 
