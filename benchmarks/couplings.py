@@ -41,7 +41,7 @@ import numpy as np
 
 import jaxdiff as jd
 from benchmarks.common import interleaved, mlp_apply, mlp_init, time_jitted
-from benchmarks.peers import best_threads, jax_cores, pinned
+from benchmarks.peers import best_threads, jax_cores, pinned, torch_train_mlp
 from jaxdiff import couplings as C
 
 TITLE = "Couplings: OT plans, straightness and few-step quality, throughput vs torchcfm"
@@ -284,14 +284,7 @@ def _torchcfm_loop(exact: bool, batch, steps, width):
         ExactOptimalTransportConditionalFlowMatcher,
     )
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(3, width),
-        torch.nn.SiLU(),
-        torch.nn.Linear(width, width),
-        torch.nn.SiLU(),
-        torch.nn.Linear(width, 2),
-    )
+    net = torch_train_mlp(width)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     fm = ExactOptimalTransportConditionalFlowMatcher() if exact else ConditionalFlowMatcher()
     angles = 2 * np.pi * torch.arange(8) / 8

@@ -192,6 +192,22 @@ def torch_mlp(params):
     return MLP().eval()
 
 
+def torch_train_mlp(width: int):
+    """The benchmark MLP as PyTorch's training loops build it (``3 -> width -> width -> 2``, SiLU,
+    PyTorch's own initialisation after ``torch.manual_seed(0)``): the training and couplings
+    benchmarks' PyTorch side."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, width),
+        torch.nn.SiLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.SiLU(),
+        torch.nn.Linear(width, 2),
+    )
+
+
 def torch_compiled(net):
     """``net`` with its body through ``torch.compile`` (Inductor; calls still counted on ``net``).
     The time is a tensor, so one graph serves every step."""

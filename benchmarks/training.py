@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 import jaxdiff as jd
 from benchmarks.common import interleaved, mlp_apply, mlp_init
-from benchmarks.peers import best_threads, jax_cores, pinned
+from benchmarks.peers import best_threads, jax_cores, pinned, torch_train_mlp
 
 TITLE = (
     "Training throughput: jaxdiff train step vs plain PyTorch (same MLP, data, batch); "
@@ -58,14 +58,7 @@ def _torch_loop(width: int, batch: int, steps: int, compiled: str = "none"):
     PyTorch's compiled optimizer with a tensor learning rate)."""
     import torch
 
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(3, width),
-        torch.nn.SiLU(),
-        torch.nn.Linear(width, width),
-        torch.nn.SiLU(),
-        torch.nn.Linear(width, 2),
-    )
+    net = torch_train_mlp(width)
     lr = torch.tensor(1e-3) if compiled == "step" else 1e-3  # a float lr recompiles the step
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     forward = torch.compile(net, dynamic=False) if compiled == "net" else net
