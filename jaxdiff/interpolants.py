@@ -47,7 +47,7 @@ from jaxdiff._checks import (
 )
 from jaxdiff._schedule_fns import Affine as _Affine
 from jaxdiff.field import Field, as_field
-from jaxdiff.losses import TimeSampler, uniform_time
+from jaxdiff.losses import TimeSampler, draw_times, uniform_time
 from jaxdiff.paths import _call, _derivative
 from jaxdiff.sources import draw_pairs, normal_like
 
@@ -228,7 +228,7 @@ def interpolant_loss(
         x0, x1, labels = draw_pairs(pair_key, batch, source, coupling)
         # times in float32 or wider, whatever x0's dtype: cast to bfloat16, 1 - 1e-3 rounded to 1,
         # where the bridge's gamma' is infinite (an inf loss)
-        t = coef_time(time_sampler(t_key, (x0.shape[0],)))
+        t = draw_times(time_sampler, t_key, x0.shape[0])
         x_t, z = interpolant.sample(z_key, x0, x1, t)
         args = () if labels is None else (labels,)
         pred = net.apply(params, x_t, t, *args)

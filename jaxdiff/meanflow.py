@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jaxdiff._checks import check_positive, expand_like, normal_like, wide_dtype
 from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
-from jaxdiff.losses import TimeSampler, _split_batch, uniform_time
+from jaxdiff.losses import TimeSampler, _split_batch, draw_times, uniform_time
 from jaxdiff.paths import GaussianPath, linear_path
 
 Array = jax.Array
@@ -123,8 +123,8 @@ def meanflow_loss(
         n = x0.shape[0]
         t_key, r_key, e_key = jax.random.split(key, 3)
         tdt = wide_dtype(x0.dtype)  # times in float32 or wider, whatever x0's dtype
-        t1 = time_sampler(t_key, (n,)).astype(tdt)
-        t2 = time_sampler(r_key, (n,)).astype(tdt)
+        t1 = draw_times(time_sampler, t_key, n, tdt)
+        t2 = draw_times(time_sampler, r_key, n, tdt)
         t, r = jnp.maximum(t1, t2), jnp.minimum(t1, t2)
         eps = normal_like(e_key, x0)
         z = path.interpolate(x0, eps, t)

@@ -180,6 +180,7 @@ class _EDMTime(eqx.Module):
     t_max: float
     lo: Array  # the truncation of log sigma~ in standard units
     hi: Array
+    in_range = True  # t_from_log_snr of a truncated normal: inside [t_min, t_max]
 
     def _tail(self) -> tuple[Array, Array, Array]:
         """``(flip, a, b)``: the truncation ``[lo, hi]``, mirrored to ``[-hi, -lo]`` when it lies

@@ -173,3 +173,32 @@ def test_a_pair_batch_without_labels():
     assert float(loss(0.5, jax.random.key(0), (x0, None))) == float(
         loss(0.5, jax.random.key(0), x0)
     )
+
+
+def test_a_time_sampler_of_ones_own_is_checked_eagerly_and_under_jit():
+    """diffusers' integer timesteps ([0, 1000)) from a time sampler of the user's own: refused
+    eagerly, but under jit (make_train_step, train) every loss trained on them silently, to a
+    loss that looked better than a right one (flow matching 0.0032 against 0.50), and
+    interpolant_loss gave NaN. A sampler inside [0, 1] gives the same loss either way."""
+    timesteps = lambda k, s: jax.random.randint(k, s, 0, 1000).astype(jnp.float32)  # noqa: E731
+    fine = lambda k, s: jax.random.uniform(k, s, minval=0.1, maxval=0.9)  # noqa: E731
+    one = jd.Field(lambda p, x, t: p * x, "velocity")
+    two = jd.Field(lambda p, x, t, r: p * x, "velocity")
+    makers = {
+        "flow_matching_loss": lambda ts: jd.flow_matching_loss(one, time_sampler=ts),
+        "eps_loss": lambda ts: jd.eps_loss(jd.Field(one.fn, "eps"), jd.vp_path(), time_sampler=ts),
+        "meanflow_loss": lambda ts: jd.meanflow_loss(two, time_sampler=ts),
+        "interpolant_loss": lambda ts: jd.interpolant_loss(
+            one, jd.brownian_bridge(0.5), time_sampler=ts
+        ),
+    }
+    key, x = jax.random.key(0), jax.random.normal(jax.random.key(1), (16, 2))
+    for name, make in makers.items():
+        loss = make(timesteps)
+        with pytest.raises(ValueError, match="t drawn by the time_sampler must lie in"):
+            loss(0.5, key, x)
+        with pytest.raises(Exception, match="t drawn by the time_sampler must lie in"):
+            jax.block_until_ready(jax.jit(loss)(0.5, key, x))
+        good = make(fine)
+        eager, jitted = float(good(0.5, key, x)), float(jax.jit(good)(0.5, key, x))
+        assert jnp.isfinite(eager) and abs(jitted - eager) <= 1e-5 * abs(eager), name
