@@ -40,3 +40,23 @@ def test_dpm_solver_pp_eta_zero_function_from_alpha_zero():
                     sampler=S.dpm_solver_pp(2, eta=lambda t: jnp.where(t > 0.5, 0.0, 1.0)))  # fmt: skip
     np.testing.assert_allclose(np.asarray(sol.x.mean(0)), [1.5, -0.5], atol=0.03)
     np.testing.assert_allclose(np.asarray(sol.x.std(0)), [0.5, 0.5], atol=0.03)
+
+
+@pytest.mark.parametrize("make", [lambda: jd.samplers.ddim(), lambda: jd.samplers.ancestral()])
+def test_ddim_and_ancestral_default_grid_follows_default_grid(make):
+    """ddim() and ancestral() drew their default grid uniform in t on every path. On EDM's
+    sigma = 80 t (alpha constant), where jd.default_grid gives Karras' grid, 40 DDIM steps from the
+    exact x0 field of a two-point mixture left an energy distance of 0.2355 to the data (a
+    usability audit; noise floor ~0.003), 100x Karras'. The default grid is default_grid's now,
+    ending at 0, and on VP it is still uniform."""
+    sampler = make()
+    edm = jd.GaussianPath(lambda t: jnp.ones_like(t), lambda t: 80.0 * t)
+    np.testing.assert_allclose(sampler.grid(edm, 40, 1.0, 0.0), jd.default_grid(edm, 40, 1.0, 0.0))
+    np.testing.assert_allclose(sampler.grid(jd.vp_path(), 4, 1.0, 0.0), [1.0, 0.75, 0.5, 0.25, 0.0])
+    data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
+    n = 2000
+    sol = jd.sample(
+        jax.random.key(0), edm, data.field(edm, "x0"), (n, 2), sampler=sampler, steps=40
+    )
+    ed = float(jd.energy_distance(sol.x, data.sample(jax.random.key(1), n)))
+    assert ed < 0.02, ed  # uniform steps: 0.24 (two samples of n = 2000: |ED| < ~0.005)
