@@ -55,6 +55,7 @@ from jaxdiff._checks import (
     expand_like,
     wide_dtype,
 )
+from jaxdiff._engine import grid_check
 from jaxdiff.conversions import _add_to_score, to_x0_eps
 from jaxdiff.ddim import ddim_step
 from jaxdiff.field import Field, as_field, batch_time
@@ -124,6 +125,15 @@ class _Posterior(eqx.Module):
         moved = _add_to_score(path, x, t, pred, field.target, grad, scale)
         # a traced t (inside every sampler) at alpha_t = 0 would give NaN: name the cause instead
         return error_if(moved, path.alpha(coef_time(t)) == 0, self.message(field.target))
+
+    def check_grid(self, params: Any, grid: Array) -> Array:
+        """The sampling grid, refused where it starts at ``alpha_t = 0`` (``jd.sample`` calls it:
+        a ``ValueError`` at trace time where the grid is known, instead of the field's run-time
+        error on the first step)."""
+        path, field = params[0], params[1]
+        return grid_check(
+            grid, lambda g: path.alpha(coef_time(g[0])) == 0, self.message(field.target)
+        )
 
     def message(self, target: str) -> str:
         if target in ("score", "eps"):

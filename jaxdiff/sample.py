@@ -217,6 +217,12 @@ def _start(key, path, field, shape, x_init, t0) -> Array:
         raise ValueError(f"x_init must be a floating array; got dtype {x.dtype}")
     if shape is not None and tuple(shape) != x.shape:
         raise ValueError(f"x_init has shape {x.shape} but shape = {tuple(shape)}; give one of them")
+    if x.ndim < 2:  # else the field's time check blamed t, which the user never gave
+        what = "x_init" if shape is None else "shape"
+        raise ValueError(
+            f"the sample must be (batch, *event), e.g. (n, 2) for n points in 2-D; got {what} = "
+            f"{x.shape}"
+        )
     x = check_finite(x, "x_init")
     out = jax.eval_shape(field, x, batch_time(jnp.asarray(t0, jnp.float32), x))
     if out.shape != x.shape:
@@ -254,6 +260,9 @@ def _check_ends(path, field, sampler, grid, denoise) -> Array:
             "says nothing about x0 (x0 = (x - sigma eps) / alpha); start at t < 1 (e.g. "
             "t_start=1 - 1e-3) or train the 'x0', 'v' or 'velocity' target",
         )
+    own = getattr(field.fn, "check_grid", None)  # a field transform's own (jd.dps, pigdm, tmpd)
+    if callable(own):
+        grid = own(field.params, grid)
     if sampler.check is not None:
         grid = sampler.check(path, field, grid)
     if denoise:

@@ -295,9 +295,9 @@ def test_checks_fire_eagerly_and_under_jit():
 @pytest.mark.parametrize("method", [jd.dps, jd.pigdm, jd.tmpd])
 def test_a_sampler_started_where_alpha_is_zero_names_the_cause(method):
     """On the linear path alpha_1 = 0: x0_hat (and every target's slope in the score) divides by
-    it, and the likelihood gradient has no finite limit. A concrete t raises at trace time; inside a
-    sampler t is traced, and the field's own check names the cause (it was a NaN, caught only by the
-    final non-finite check, whose message does not say why)."""
+    it, and the likelihood gradient has no finite limit. A concrete t raises at trace time; a
+    traced one at run time, naming the cause (it was a NaN, caught only by the final non-finite
+    check, whose message does not say why); a sampler's grid at trace time."""
     path = jd.linear_path()
     meas = jd.Measurement(jd.matrix_operator(jnp.array([[1.0, 0.0]])), jnp.array([1.5]), 0.1)
     field = method(CORR.field(path, "velocity"), path, meas)
@@ -311,8 +311,12 @@ def test_a_sampler_started_where_alpha_is_zero_names_the_cause(method):
     def run(t_start):
         return jd.sample(jax.random.key(0), path, field, (8, 2), steps=4, t_start=t_start).x
 
-    with pytest.raises(Exception, match=f"jd.{method.__name__} needs alpha_t > 0") as info:
-        jax.block_until_ready(run(1.0))
+    # the grid is known at trace time: a ValueError before anything runs, also under jit (it was
+    # a run-time error, after a 17-line callback traceback, which `except ValueError` missed)
+    with pytest.raises(ValueError, match=f"jd.{method.__name__} needs alpha_t > 0") as info:
+        run(1.0)
+    with pytest.raises(ValueError, match=f"jd.{method.__name__} needs alpha_t > 0"):
+        jax.jit(run, static_argnums=0)(1.0)
     # x0_hat of a velocity field is defined at alpha_t = 0 (x - u on this path): the message
     # must not blame it (it said "x0_hat divides by it, and no finite limit exists")
     assert "x0_hat" not in str(info.value) and "not implemented" in str(info.value)
