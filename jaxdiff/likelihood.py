@@ -48,10 +48,13 @@ from jaxdiff._checks import (
     check_finite,
     check_order,
     check_time,
+    coef_time,
+    concrete,
     data_dtype,
     value_check,
     wide_dtype,
 )
+from jaxdiff._engine import grid_check
 from jaxdiff.field import Field, as_field
 from jaxdiff.integrate import integrate
 from jaxdiff.paths import GaussianPath
@@ -106,6 +109,12 @@ def divergence(
     return value, jnp.mean(jax.vmap(lambda z: jnp.sum(z * jvp(z), axis=axes))(probes), axis=0)
 
 
+def _known(value: Any) -> Array:
+    """A value known at trace time as a concrete array (also under ``jit``)."""
+    with jax.ensure_compile_time_eval():
+        return jnp.asarray(value)
+
+
 def log_likelihood(
     path: GaussianPath,
     field: Field,
@@ -145,8 +154,19 @@ def log_likelihood(
     x = x.astype(wide_dtype(data_dtype(x)))  # densities in float32 or wider, whatever x's dtype
     if x.ndim < 2:
         raise ValueError(f"x must be (batch, *event); got shape {x.shape}")
+    end_now = concrete(t_end)  # before any jnp op: under jit, jnp.asarray(1.0) is already traced
     t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")
     t_start, t_end = check_order(t_start, t_end, "t_start", "t_end")  # checked under jit too
+    if isinstance(path, GaussianPath) and field.target in ("eps", "score"):
+        checked = grid_check(  # at trace time where t_end is known (it was "raise max_steps")
+            t_end if end_now is None else _known(end_now),
+            lambda t: path.alpha(coef_time(t)) == 0,
+            f"alpha_t = 0 at t_end on this path (t = 1 on the linear and cosine paths), where an "
+            f"{field.target!r} prediction says nothing about x0 (x0 = (x - sigma eps) / alpha) and "
+            "the probability-flow drift is infinite: integrate to t_end < 1 (e.g. 1 - 1e-3, where "
+            "the prior N(0, sigma_t^2 I) is nearly exact) or use an 'x0', 'v' or 'velocity' field",
+        )
+        t_end = t_end if end_now is not None else checked
     probes = None
     if num_probes is not None:
         if key is None:
