@@ -42,7 +42,8 @@ def save_slots(grid: Array, save_ts: Array) -> Array:
     slots = jnp.full((n,), m, jnp.int32).at[index].set(jnp.arange(m, dtype=jnp.int32))
     msg = (
         "every time in save_ts must be a point of the time grid (include it in ts, or use an "
-        "adaptive solver with rtol/atol, which interpolates)"
+        "adaptive solver with rtol/atol, which interpolates; t = 0 after a grid that ends above "
+        "it is the denoising step's: denoise=True)"
     )
     twice = jnp.any(jnp.diff(jnp.sort(index)) == 0)  # one slot would stay zeros
     twice_msg = "save_ts holds the same grid time twice (each time is saved once)"

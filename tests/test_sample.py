@@ -642,3 +642,20 @@ def test_hyperparameter_checks_hold_under_jit(case):
         fn(bad)
     with pytest.raises(Exception, match=f"{name} must be"):
         jax.block_until_ready(jax.jit(fn)(bad))
+
+
+def test_messages_name_the_users_mistake():
+    """A usability audit: a sample shape without its batch axis ((2,) for one 2-D point) was
+    refused by the field's time check ("t has shape (2,); expected ... x's shape ()"), about a t
+    the user never gave; save_ts = [0.0] after a grid ending at 1e-3 did not point to denoise=True."""
+    mix = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
+    path = jd.vp_path()
+    field = mix.field(path, "eps")
+    with pytest.raises(ValueError, match=r"must be \(batch, \*event\).*got shape = \(2,\)"):
+        jd.sample(jax.random.key(0), path, field, (2,))
+    with pytest.raises(ValueError, match=r"got x_init = \(3,\)"):
+        jd.sample(jax.random.key(0), path, field, x_init=jnp.zeros(3))
+    with pytest.raises(ValueError, match="denoise=True"):
+        jd.sample(jax.random.key(0), path, field, (4, 2), save_ts=jnp.zeros(1))
+    sol = jd.sample(jax.random.key(0), path, field, (4, 2), save_ts=jnp.zeros(1), denoise=True)
+    np.testing.assert_array_equal(sol.xs[0], sol.x)
