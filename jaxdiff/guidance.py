@@ -47,6 +47,8 @@ def _cfg(params: Any, x: ArrayLike, t: ArrayLike) -> Array:
     field, labels, null, scale, interval = params
     x = jnp.asarray(x)
     n = x.shape[0]
+    if labels.ndim == 0:  # one label for the whole batch ("sample class 7")
+        labels, null = jnp.broadcast_to(labels, (n,)), jnp.broadcast_to(null, (n,))
     if labels.shape[:1] != (n,):
         raise ValueError(f"labels have shape {labels.shape}; expected ({n}, ...) to match x")
 
@@ -84,7 +86,8 @@ def classifier_free_guidance(
     """The guided field ``(x, t) -> u + scale (c - u)`` from a conditional ``field(x, t, labels)``.
 
     ``c = field(x, t, labels)`` and ``u = field(x, t, null_label)`` come from one call on the
-    doubled batch. ``interval = (t_lo, t_hi)`` guides only for ``t_lo <= t <= t_hi`` and returns
+    doubled batch; ``labels`` has one label per sample (``(batch, ...)``) or is a scalar, the
+    label of every sample. ``interval = (t_lo, t_hi)`` guides only for ``t_lo <= t <= t_hi`` and returns
     ``c`` elsewhere (Kynkäänniemi et al. 2024); a call with no time inside evaluates only ``c``
     (half the network rows). ``scale = 1`` is plain conditional sampling. The labels are the
     field's third argument: a two-time network (``TwoTimeMLP``, ``TwoTimeUNet``: ``apply(params,

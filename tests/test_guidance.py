@@ -207,3 +207,18 @@ def test_classifier_guidance_returns_x_dtype():
     for target_field in (field, jd.Field(field.fn, "eps")):
         guided = jd.classifier_guidance(PATH, target_field, lambda x, t: jnp.sum(x, -1), 1.0)
         assert guided(x, jnp.full(2, 0.5)).dtype == jnp.bfloat16
+
+
+def test_classifier_free_guidance_takes_one_label_for_the_batch():
+    """A scalar label ("sample class 7") was refused ("labels have shape (); expected (4, ...)")
+    while a scalar null label was taken; it now labels every sample, as the broadcast labels do,
+    with and without an interval, and under jit."""
+    f = jd.Field(lambda x, t, y: x * (1.0 + y[:, None]) + t[:, None], "eps")
+    x, t = jnp.arange(8.0).reshape(4, 2), jnp.array([0.1, 0.5, 0.7, 0.9])
+    for interval in (None, (0.4, 0.8)):
+        one = jd.classifier_free_guidance(f, 7, -1, 2.5, interval=interval)
+        each = jd.classifier_free_guidance(f, jnp.full(4, 7), -1, 2.5, interval=interval)
+        np.testing.assert_array_equal(one(x, t), each(x, t))
+        np.testing.assert_array_equal(jax.jit(lambda x, t, g=one: g(x, t))(x, t), each(x, t))
+    guided = jd.classifier_free_guidance(f, 7, -1, 2.5)(x, t)  # u + 2.5 (c - u), c - u = 8 x
+    np.testing.assert_allclose(guided, x * 0.0 + t[:, None] + 2.5 * 8 * x, rtol=1e-6)
