@@ -283,3 +283,21 @@ def test_infinite_weighting_eps_is_refused():
     field = jd.Field(lambda p, z, t, r: z, "velocity")
     with pytest.raises(ValueError, match="weighting_eps must be finite and > 0; got inf"):
         jd.meanflow_loss(field, PATH, weighting_eps=float("inf"))
+
+
+def test_a_one_time_network_in_meanflow_is_named():
+    """MeanFlow's sampler and loss call field(x, t, r): with jaxdiff's one-time MLP the second time
+    landed in the labels and the error blamed labels the user never gave."""
+    from jaxdiff.nets import MLP, init_params
+
+    model = MLP(width=16, depth=1)
+    params = init_params(model, jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros(1))
+    field = jd.Field(model.apply, "velocity", params)
+    with pytest.raises(ValueError, match="need a two-time network, TwoTimeMLP"):
+        jd.sample(
+            jax.random.key(0), jd.linear_path(), field, (4, 2), sampler=jd.samplers.meanflow()
+        )
+    with pytest.raises(ValueError, match="need a two-time network"):
+        jd.meanflow_loss(jd.Field(model.apply, "velocity"))(
+            params, jax.random.key(1), jnp.ones((4, 2))
+        )

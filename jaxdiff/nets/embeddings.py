@@ -169,7 +169,11 @@ def conditioning(
     if num_classes is not None:
         cond = cond + LabelEmbedding(num_classes, dim, compute_dtype)(labels, batch)
     elif labels is not None:
-        raise ValueError("labels given to a model built without num_classes")
+        raise ValueError(
+            "labels given to a model built without num_classes (or a second time, such as "
+            "MeanFlow's r, given to a one-time network: MeanFlow's loss and sampler call "
+            "field(x, t, r) and need a two-time network, TwoTimeMLP or TwoTimeUNet)"
+        )
     return nn.silu(cond)
 
 
