@@ -114,6 +114,13 @@ class GaussianMixture(eqx.Module):
         log_comp = _log_comp(self.weights, self.means, self.covs, self._x(x))
         return jax.nn.softmax(log_comp, axis=-1)
 
+    def log_responsibilities(self, x: ArrayLike) -> Array:
+        """``log p(k | x)`` (``(*batch, d) -> (*batch, K)``), by ``log_softmax``: finite where
+        :meth:`responsibilities` rounds to 0 (far from a component), so an exact classifier for
+        ``jd.classifier_guidance`` is ``mix.marginal(path, t).log_responsibilities(x)[..., y]``."""
+        log_comp = _log_comp(self.weights, self.means, self.covs, self._x(x))
+        return jax.nn.log_softmax(log_comp, axis=-1)
+
     def _x(self, x: ArrayLike) -> Array:
         x = jnp.asarray(x)
         if x.shape[-1:] != (self.dim,):

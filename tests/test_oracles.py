@@ -198,3 +198,21 @@ def test_oracle_checks_time_weights_and_means():
         mix.posterior(jnp.array([[1.0, 0.0]]), jnp.array([jnp.nan]), 0.5)
     with pytest.raises(ValueError, match="A contains non-finite"):
         mix.posterior(jnp.array([[jnp.nan, 0.0]]), jnp.array([1.0]), 0.5)
+
+
+def test_log_responsibilities_stay_finite_far_from_a_component():
+    """log(responsibilities) is -inf (and its gradient NaN) where a component's share rounds to 0:
+    an exact classifier for classifier_guidance built that way gave NaN fields far from a
+    component (a usability audit). log_responsibilities is log_softmax: equal where both are
+    finite, and finite, with finite gradients, at x = 40 from two unit components 4 apart."""
+    mix = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=1.0)
+    near = jnp.array([[0.3, 0.1], [-1.0, 2.0]])
+    np.testing.assert_allclose(
+        mix.log_responsibilities(near), jnp.log(mix.responsibilities(near)), rtol=1e-5, atol=1e-6
+    )
+    far = jnp.array([[40.0, 0.0]])
+    assert float(jnp.log(mix.responsibilities(far))[0, 1]) == -float("inf")
+    got = mix.log_responsibilities(far)[0]
+    np.testing.assert_allclose(got[1], -160.0, rtol=1e-4)  # log N(far; -2) - log N(far; 2) = -4*40
+    grad = jax.grad(lambda x: mix.log_responsibilities(x)[0, 1])(far)
+    np.testing.assert_allclose(grad, [[-4.0, 0.0]], rtol=1e-4)
