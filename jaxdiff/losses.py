@@ -389,7 +389,10 @@ def flow_matching_loss(
     velocity of the ``t = 0``-is-noise convention. ``net`` may predict any target. Default times:
     ``U[0, 1]``, or ``U[1e-3, 1]`` for an ``"x0"`` or ``"score"`` net, whose velocity divides by
     ``sigma_t`` (``U[0, 1]`` draws ``t = 0`` with probability 2^-23: an inf loss, once in a few
-    thousand steps at batch 4096)."""
+    thousand steps at batch 4096). Other keywords go to :func:`diffusion_loss`: ``source=`` (any
+    source distribution in place of the Gaussian, :mod:`jaxdiff.sources`), ``coupling=``
+    (``jd.exact_ot()``, ``jd.sinkhorn_ot(...)``), ``weighting``, ``label_dropout`` with
+    ``null_label``, ``rngs``."""
     path = linear_path() if path is None else path
     if time_sampler is None:
         t_min = 1e-3 if as_field(net, "net").target in ("x0", "score") else 0.0

@@ -165,8 +165,10 @@ def make_train_step(
 ) -> Callable[[TrainState, Any], tuple[TrainState, Array]]:
     """One optimizer step ``(state, batch) -> (state, loss)`` on ``loss_fn(params, key, batch)``.
 
-    The loss's key is split off ``state.key``; the EMA is updated after the parameters with the
-    decay of ``_ema_decay``. Pure: wrap it in ``jax.jit`` or scan it (``make_train_chunk``).
+    The loss's key is split off ``state.key``; the EMA is updated after the parameters, with
+    ``ema_decay``, or with ``min(ema_decay, (1 + step) / (10 + step))`` while ``ema_warmup``
+    (early EMA weights follow the parameters). Pure: wrap it in ``jax.jit`` or scan it
+    (``make_train_chunk``).
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}")
@@ -318,6 +320,10 @@ def train(
     333 steps, checkpoints every 1000), and chunks end at each of their multiples. Returns the
     final state and the mean loss of every chunk. The progress bar shows the loss, steps/s and
     the time left.
+
+    The chunks donate their input: ``state`` is consumed (its arrays are deleted), so a second run
+    from the same start needs a fresh ``init_train_state`` or a copy
+    (``jax.tree.map(jnp.copy, state)``) made before the first.
     """
     from tqdm.auto import tqdm
 

@@ -203,6 +203,12 @@ def sde(
     (``diffrax.Euler()``, default) or any diffrax SDE solver for additive noise (``ShARK``,
     ``SEA``, ``SRA1``). Each step draws its Brownian increment from its own key. With
     ``rtol``/``atol`` the steps are adaptive on a ``VirtualBrownianTree``.
+
+    Where ``alpha_1 = 0`` (the linear and cosine paths) the drift ``f = d log alpha / dt`` is
+    infinite at ``t = 1``: start at ``t_start = 1 - 1e-3`` (it is refused there). The discrete
+    stochastic steps, ``ddim(eta)``, ``ancestral()``, ``dpm_solver_pp(order, eta)`` and
+    ``dpm_solver_sde``, take their steps in closed form in ``alpha`` and ``sigma`` and start at
+    ``t = 1``.
     """
     name = f"sde({type(solver or diffrax.Euler()).__name__}, eta={eta})"
     return _reverse(solver, eta, name, rtol, atol, max_steps, None)
