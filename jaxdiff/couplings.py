@@ -165,6 +165,13 @@ def _prohibit(cost: Array, mask: Array | None) -> Array:
     return jnp.where(mask, cost, big)
 
 
+def _inverse(perm: Array) -> Array:
+    """The inverse permutation (``-1`` everywhere if ``perm`` is poisoned with ``-1``)."""
+    n = perm.shape[-1]
+    inv = jnp.zeros_like(perm).at[jnp.clip(perm, 0, n - 1)].set(jnp.arange(n, dtype=perm.dtype))
+    return jnp.where(jnp.any(perm < 0), -1, inv)
+
+
 def _take(x1: Array, idx: Array) -> Array:
     bad = idx < 0
     picked = x1[jnp.clip(idx, 0, x1.shape[0] - 1)]
@@ -177,9 +184,12 @@ class ExactOT(eqx.Module):
     def __call__(self, key: Array, x0: Array, x1: Array, labels: Any = None):
         _check_pair(x0, x1, labels)
         mask = _class_mask(labels, self.class_conditional, x0.shape[0])
-        cost = _prohibit(squared_cost(x0, x1), mask)
-        perm = assignment(jax.lax.stop_gradient(cost))
-        return _out(x0, _take(x1, perm), labels)
+        # solved with the source points as rows: SciPy's solver ran 1.5-3x faster that way on
+        # data against Gaussian noise (n = 256: eight Gaussians 8.5 -> 5.8 ms, the digits in
+        # 64-D 7.7 -> 3.3; n = 1024: 346 -> 217, 265 -> 83), slower on the checkerboard (4.5 ->
+        # 6.2); the same optimal pairing (the mask is symmetric)
+        cost = _prohibit(squared_cost(x1, x0), mask)
+        return _out(x0, _take(x1, _inverse(assignment(jax.lax.stop_gradient(cost)))), labels)
 
 
 def exact_ot(*, class_conditional: bool = False) -> ExactOT:
