@@ -230,7 +230,9 @@ def consistency_training_loss(
     """Consistency training ``(params, key, batch) -> scalar``: no teacher (see the module text).
 
     ``net``: a field of target ``"x0"`` whose ``apply`` is a :func:`consistency_function` with the
-    same ``t_min``. ``ts``: an increasing grid (default :func:`consistency_grid` with
+    same ``t_min``. The loss cannot check that: a network without the boundary condition
+    ``f(x, t_min) = x`` collapses to a constant, and ``jaxdiff.nets.MLP``, whose last layer starts
+    at zero, gives a loss and a gradient of exactly 0 from the first step. ``ts``: an increasing grid (default :func:`consistency_grid` with
     ``num_scales`` points on ``[t_min, t_max]``); ``n`` is uniform over its intervals.
     ``huber_c``: the pseudo-Huber ``c`` (default ``0.00054 sqrt(dim)``).
 
