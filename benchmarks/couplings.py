@@ -29,6 +29,11 @@ Throughput: the benchmark MLP (``benchmarks.common``) at batch 256 trained by ja
 ``lax.scan`` of K steps) and by torchcfm (eager PyTorch, ``ConditionalFlowMatcher`` and
 ``ExactOptimalTransportConditionalFlowMatcher``, whose plans are POT's ``emd``). Timings on shared
 or loaded cores are meaningless: rerun on a quiet machine.
+
+Assignment orientation: SciPy's ``linear_sum_assignment`` on the squared costs of ``n`` data points
+(eight Gaussians, checkerboard, moons, the 8x8 digits in 64-D) against ``n`` points of ``N(0, I)``,
+with the data as rows and with the source points as rows (``exact_ot`` solves the latter), and
+POT's ``emd`` where POT is installed; milliseconds, median over problems.
 """
 
 from __future__ import annotations
@@ -326,6 +331,56 @@ def _throughput_rows(quick: bool) -> list[dict]:
     ]
 
 
+def _orientation_rows(quick: bool) -> list[dict]:
+    """SciPy's assignment with the data as rows against the source points as rows (see the
+    module text); POT's ``emd`` where installed."""
+    from scipy.optimize import linear_sum_assignment
+
+    from jaxdiff.data import load_digits
+
+    try:
+        import ot
+    except ImportError:
+        ot = None
+    digits = np.asarray(load_digits("train")[0]).reshape(-1, 64)
+    sets = {
+        "eight_gaussians": lambda k, n: np.asarray(jd.data.eight_gaussians(k, n)),
+        "checkerboard": lambda k, n: np.asarray(jd.data.checkerboard(k, n)),
+        "moons": lambda k, n: np.asarray(jd.data.moons(k, n)),
+        "digits64": lambda k, n: digits[np.asarray(jax.random.randint(k, (n,), 0, len(digits)))],
+    }
+    sizes = ((256, 3),) if quick else ((256, 15), (1024, 3))
+    rng = np.random.default_rng(0)
+
+    def median_ms(fn, costs):
+        times = []
+        for c in costs:
+            start = time.perf_counter()
+            fn(c)
+            times.append(time.perf_counter() - start)
+        return 1e3 * float(np.median(times))
+
+    rows = []
+    for n, problems in sizes:
+        for name, draw in sets.items():
+            costs = []
+            for i in range(problems):
+                data = draw(jax.random.key(i), n).astype(np.float64)
+                source = rng.normal(size=data.shape)
+                costs.append(((data[:, None] - source[None]) ** 2).sum(-1))
+            row = {
+                "data": name,
+                "n": n,
+                "scipy_data_rows_ms": median_ms(linear_sum_assignment, costs),
+                "scipy_source_rows_ms": median_ms(lambda c: linear_sum_assignment(c.T), costs),
+            }
+            if ot is not None:
+                w = np.full(n, 1.0 / n)
+                row["pot_emd_ms"] = median_ms(lambda c, w=w: ot.emd(w, w, c), costs)
+            rows.append(row)
+    return rows
+
+
 def _table(rows: list[dict]) -> str:
     if not rows:
         return ""
@@ -339,6 +394,7 @@ def _table(rows: list[dict]) -> str:
 def run(quick: bool) -> dict:
     plans = _plan_rows(quick)
     throughput = _throughput_rows(quick)
+    orientation = _orientation_rows(quick)
     rows = _training_rows(quick)
     notes = (
         __doc__.split("\n\n", 1)[1].strip()
@@ -346,6 +402,60 @@ def run(quick: bool) -> dict:
         + _table(plans)
         + "\n\nThroughput (steps/s; rerun on a quiet machine):\n\n"
         + _table(throughput)
+        + "\n\nAssignment orientation (ms):\n\n"
+        + _table(orientation)
         + "\n\nTraining (the rows below):"
     )
-    return {"rows": rows, "notes": notes, "plans": plans, "throughput": throughput}
+    return {
+        "rows": rows,
+        "notes": notes,
+        "plans": plans,
+        "throughput": throughput,
+        "orientation": orientation,
+    }
+
+
+def throughput_file(out: str, quick: bool = False) -> dict:
+    """The throughput against torchcfm and the assignment's orientation alone, as a result file
+    (``environment``, ``quick``, ``sections``) at ``out``: ``python -m benchmarks.couplings OUT``
+    (``cpu-couplings-throughput.json``), without the plans and the training rows."""
+    import importlib.metadata as md
+    import json
+
+    from benchmarks.common import environment
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    start = time.perf_counter()
+    section = {
+        "title": "Couplings throughput: jaxdiff vs torchcfm, and SciPy's assignment by orientation",
+        "notes": (
+            "benchmarks.couplings.throughput_file: _throughput_rows (the benchmark MLP, width 256, "
+            "at batch 256 on the eight Gaussians, 200 steps per timed call, median of 5 "
+            f"interleaved calls; torchcfm {version('torchcfm')}, POT {version('pot')}, torch "
+            f"{version('torch')}, eager, each PyTorch loop at its faster thread count) and "
+            "_orientation_rows (module text). Rerun on a quiet machine."
+        ),
+        "rows": _throughput_rows(quick),
+        "orientation": _orientation_rows(quick),
+    }
+    section["seconds"] = time.perf_counter() - start
+    results = {
+        "environment": environment(),
+        "quick": quick,
+        "sections": {"couplings_throughput": section},
+        "total_s": section["seconds"],
+    }
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    import sys
+
+    throughput_file(sys.argv[1] if len(sys.argv) > 1 else "couplings-throughput.json")

@@ -185,9 +185,10 @@ class ExactOT(eqx.Module):
         _check_pair(x0, x1, labels)
         mask = _class_mask(labels, self.class_conditional, x0.shape[0])
         # solved with the source points as rows: SciPy's solver ran 1.5-3x faster that way on
-        # data against Gaussian noise (n = 256: eight Gaussians 8.5 -> 5.8 ms, the digits in
-        # 64-D 7.7 -> 3.3; n = 1024: 346 -> 217, 265 -> 83), slower on the checkerboard (4.5 ->
-        # 6.2); the same optimal pairing (the mask is symmetric)
+        # data against Gaussian noise (n = 256: eight Gaussians 8.2 -> 5.6 ms, the digits in
+        # 64-D 7.7 -> 3.0; n = 1024: 348 -> 230, 267 -> 83), slower on the checkerboard (4.7 ->
+        # 6.2; benchmarks.couplings._orientation_rows); the same optimal pairing (the mask is
+        # symmetric)
         cost = _prohibit(squared_cost(x1, x0), mask)
         return _out(x0, _take(x1, _inverse(assignment(jax.lax.stop_gradient(cost)))), labels)
 

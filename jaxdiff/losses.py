@@ -145,8 +145,9 @@ def draw_times(time_sampler: TimeSampler, key: Array, n: int, dtype: Any = None)
 
     A sampler of the user's own is checked to draw inside ``[0, 1]`` eagerly and under ``jit``
     (one ``error_if`` a step): diffusers' integer timesteps (``[0, 1000)``) trained silently
-    under ``jit``, to a loss that looked better than a right one. The built-in samplers draw
-    inside their interval by construction and are not checked.
+    under ``jit``, to a loss that looked better than a right one. ``uniform_time``,
+    ``logit_normal_time`` and ``edm_time`` draw inside their checked interval by construction
+    (private classes marked ``in_range``) and are not checked.
     """
     t = time_sampler(key, (n,))
     t = coef_time(t) if dtype is None else as_time(t, dtype)
@@ -189,8 +190,7 @@ class ImportanceTime(eqx.Module):
     cdf: Array
     density: Array  # per cell: (cdf[k + 1] - cdf[k]) / (grid[k + 1] - grid[k])
     t_min: float
-    t_max: float
-    in_range = True
+    t_max: float  # no in_range: a public class, which a grid outside [0, 1] can build
 
     def __call__(self, key: Array, shape: tuple[int, ...]) -> Array:
         # u on the midpoints of the uniform draw's lattice, inside (0, 1): u = 0 gave t = t_min

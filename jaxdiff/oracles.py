@@ -116,8 +116,9 @@ class GaussianMixture(eqx.Module):
 
     def log_responsibilities(self, x: ArrayLike) -> Array:
         """``log p(k | x)`` (``(*batch, d) -> (*batch, K)``), by ``log_softmax``: finite where
-        :meth:`responsibilities` rounds to 0 (far from a component), so an exact classifier for
-        ``jd.classifier_guidance`` is ``mix.marginal(path, t).log_responsibilities(x)[..., y]``."""
+        :meth:`responsibilities` rounds to 0 (far from a component). An exact classifier for
+        ``jd.classifier_guidance`` (called with one time per sample; ``marginal`` takes a scalar)
+        is ``jax.vmap(lambda x, t: mix.marginal(path, t).log_responsibilities(x)[y])``."""
         log_comp = _log_comp(self.weights, self.means, self.covs, self._x(x))
         return jax.nn.log_softmax(log_comp, axis=-1)
 

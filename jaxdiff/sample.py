@@ -217,14 +217,17 @@ def _start(key, path, field, shape, x_init, t0) -> Array:
         raise ValueError(f"x_init must be a floating array; got dtype {x.dtype}")
     if shape is not None and tuple(shape) != x.shape:
         raise ValueError(f"x_init has shape {x.shape} but shape = {tuple(shape)}; give one of them")
-    if x.ndim < 2:  # else the field's time check blamed t, which the user never gave
+    if x.ndim < 1:
         what = "x_init" if shape is None else "shape"
+        raise ValueError(f"the sample needs a batch axis, (batch, *event); got {what} = {x.shape}")
+    try:
+        out = jax.eval_shape(field, x, batch_time(jnp.asarray(t0, jnp.float32), x))
+    except ValueError as err:  # e.g. (2,) for one 2-D point: the field's message was about t
         raise ValueError(
-            f"the sample must be (batch, *event), e.g. (n, 2) for n points in 2-D; got {what} = "
-            f"{x.shape}"
-        )
-    x = check_finite(x, "x_init")
-    out = jax.eval_shape(field, x, batch_time(jnp.asarray(t0, jnp.float32), x))
+            f"{err}\n(the field was called on the start state of shape {x.shape}, read as "
+            f"(batch, *event): batch {x.shape[0]}, event shape {x.shape[1:]}; one point of "
+            "shape (d,) is (1, d))"
+        ) from err
     if out.shape != x.shape:
         raise ValueError(
             f"field(x, t) returned shape {out.shape} but x has shape {x.shape}; the field must "

@@ -174,6 +174,10 @@ def test_log_likelihood_of_an_eps_field_to_alpha_zero_names_the_cause(target):
         jd.log_likelihood(path, field, x)
     with pytest.raises(ValueError, match="integrate to t_end < 1"):
         jax.jit(lambda x: jd.log_likelihood(path, field, x).logp)(x)
+    with pytest.raises(Exception, match="integrate to t_end < 1"):  # a traced path: at run time
+        jax.block_until_ready(
+            jax.jit(lambda p: jd.log_likelihood(p, mix.field(p, target), x).logp)(path)
+        )
     got = jd.log_likelihood(path, field, x, t_end=1 - 1e-3).logp
     exact = mix.marginal_log_prob(path, x, 1e-3)
     assert float(jnp.max(jnp.abs(got - exact))) < 0.02

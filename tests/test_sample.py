@@ -651,10 +651,17 @@ def test_messages_name_the_users_mistake():
     mix = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
     path = jd.vp_path()
     field = mix.field(path, "eps")
-    with pytest.raises(ValueError, match=r"must be \(batch, \*event\).*got shape = \(2,\)"):
+    with pytest.raises(
+        ValueError, match=r"shape \(2,\), read as \(batch, \*event\): batch 2, event shape \(\)"
+    ):
         jd.sample(jax.random.key(0), path, field, (2,))
-    with pytest.raises(ValueError, match=r"got x_init = \(3,\)"):
-        jd.sample(jax.random.key(0), path, field, x_init=jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"needs a batch axis.*got x_init = \(\)"):
+        jd.sample(jax.random.key(0), path, field, x_init=jnp.zeros(()))
+    # a batch of scalar samples is (batch,): it samples, as before
+    scalar = jd.GaussianMixture.isotropic(jnp.array([[2.0], [-2.0]]), std=0.3)
+    wrap = jd.Field(lambda x, t: scalar.field(path, "eps")(x[:, None], t)[:, 0], "eps")
+    got = jd.sample(jax.random.key(0), path, wrap, (2000,), steps=20).x
+    assert got.shape == (2000,) and abs(float(jnp.mean(jnp.abs(got))) - 2.0) < 0.05
     with pytest.raises(ValueError, match="denoise=True"):
         jd.sample(jax.random.key(0), path, field, (4, 2), save_ts=jnp.zeros(1))
     sol = jd.sample(jax.random.key(0), path, field, (4, 2), save_ts=jnp.zeros(1), denoise=True)

@@ -9,8 +9,8 @@ r"""DDPM's ancestral sampler and DDIM, on any Gaussian path and any target.
 
 Both step exactly to ``t = 0`` (the step there returns ``x0_hat`` and adds no noise), so their
 default grid is :func:`jaxdiff.default_grid` from 1 to 0 (``steps`` uniform steps; Karras' where
-``alpha`` is constant, as for every sampler: with EDM's ``sigma = 80 t`` uniform steps left DDIM
-at 40 steps 100x further from the data in energy distance), and any subset of a discrete model's
+``alpha`` is constant, as for every sampler: with EDM's ``sigma = 80 t``, 40 uniform DDIM steps
+ended at an energy distance of 0.24 from the data, Karras' at the noise floor), and any subset of a discrete model's
 times works (``jaxdiff.trailing_timesteps`` and the other spacings).
 """
 
