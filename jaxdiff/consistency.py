@@ -48,6 +48,7 @@ from jaxdiff._checks import (
     check_order,
     check_positive,
     concrete,
+    error_if,
     expand_like,
     normal_like,
     safe_sqrt,
@@ -159,6 +160,24 @@ def _pseudo_huber(diff: Array, c: float | None) -> Array:
     return safe_sqrt(r) - c
 
 
+def _boundary_checked(value: Array, target: Array, x_lo: Array, first: Array) -> Array:
+    """``value``, tied to a run-time check that ``f(x, ts[0]) = x`` on the pairs drawn at the
+    grid's first interval (free: the target is evaluated there anyway). A network without the
+    boundary condition collapses to a constant; jaxdiff's MLP, whose last layer starts at zero,
+    gave a loss and a gradient of exactly 0, silently."""
+    wide = wide_dtype(x_lo.dtype)
+    x_lo, target = x_lo.astype(wide), target.astype(wide)
+    err = jnp.abs(target - x_lo) > 1e-2 * (1.0 + jnp.abs(x_lo))
+    bad = jnp.any(expand_like(first, err) & err)
+    return error_if(
+        value,
+        bad,
+        "the consistency loss needs f(x, ts[0]) = x (the boundary condition), which this network "
+        "breaks: wrap it with jd.consistency_function, with the loss's t_min (a network without "
+        "it collapses to a constant)",
+    )
+
+
 def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, huber_c, weighting):
     net = as_field(net, "net")
     if net.target != "x0":
@@ -211,7 +230,7 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
         dist = _pseudo_huber(pred - target, huber_c)
         if weighting == "inverse_gap":
             dist = dist / (t_hi - t_lo)
-        return jnp.mean(dist)
+        return _boundary_checked(jnp.mean(dist), target, x_lo, idx == 0)
 
     return loss
 
@@ -230,9 +249,10 @@ def consistency_training_loss(
     """Consistency training ``(params, key, batch) -> scalar``: no teacher (see the module text).
 
     ``net``: a field of target ``"x0"`` whose ``apply`` is a :func:`consistency_function` with the
-    same ``t_min``. The loss cannot check that: a network without the boundary condition
-    ``f(x, t_min) = x`` collapses to a constant, and ``jaxdiff.nets.MLP``, whose last layer starts
-    at zero, gives a loss and a gradient of exactly 0 from the first step. ``ts``: an increasing grid (default :func:`consistency_grid` with
+    same ``t_min``: a network without the boundary condition ``f(x, ts[0]) = x`` collapses to a
+    constant (``jaxdiff.nets.MLP``, whose last layer starts at zero, gave a loss and a gradient of
+    exactly 0), so the loss checks it at run time on the pairs of the first interval, where it
+    evaluates ``f(x, ts[0])`` anyway. ``ts``: an increasing grid (default :func:`consistency_grid` with
     ``num_scales`` points on ``[t_min, t_max]``); ``n`` is uniform over its intervals.
     ``huber_c``: the pseudo-Huber ``c`` (default ``0.00054 sqrt(dim)``).
 

@@ -197,3 +197,29 @@ def test_consistency_t_min_must_be_below_one():
             jd.consistency_scalings(0.5, t_min=bad)
         with pytest.raises(ValueError, match="expected t_min < 1"):
             jd.consistency_function(lambda p, x, t: x, t_min=bad)
+
+
+def test_a_network_without_the_boundary_condition_is_refused():
+    """A raw network bound as "x0" (jd.consistency_function forgotten) trained silently: with
+    jaxdiff's MLP, whose last layer starts at zero, the loss and its gradient were exactly 0 at
+    every step. The loss now checks f(x, ts[0]) = x on the pairs of the first interval, under jit
+    and in both losses; the wrapped network passes, and so does the exact function."""
+    from jaxdiff.nets import MLP, init_params
+
+    model = MLP(width=16, depth=1)
+    params = init_params(model, jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros(1))
+    x0 = jd.GaussianMixture.isotropic(MU, std=S).sample(jax.random.key(1), 256)
+    oracle = jd.GaussianMixture.isotropic(MU, std=S).field(PATH, "velocity")
+    raw, wrapped = jd.Field(model.apply, "x0"), jd.Field(jd.consistency_function(model.apply), "x0")
+    for make in (
+        lambda net: jd.consistency_training_loss(net, PATH),
+        lambda net: jd.consistency_distillation_loss(net, oracle, PATH),
+    ):
+        with pytest.raises(Exception, match="needs f.x, ts.0.. = x"):
+            jax.block_until_ready(jax.jit(make(raw))(params, jax.random.key(2), x0))
+        value, grads = jax.jit(jax.value_and_grad(make(wrapped)))(params, jax.random.key(2), x0)
+        assert float(value) > 0 and np.isfinite(float(value))
+    exact = jd.Field(lambda p, x, t: exact_f(x, t), "x0")
+    assert np.isfinite(
+        float(jd.consistency_training_loss(exact, PATH)(None, jax.random.key(3), x0))
+    )
