@@ -220,6 +220,7 @@ def _start(key, path, field, shape, x_init, t0) -> Array:
     if x.ndim < 1:
         what = "x_init" if shape is None else "shape"
         raise ValueError(f"the sample needs a batch axis, (batch, *event); got {what} = {x.shape}")
+    x = check_finite(x, "x_init")
     try:
         out = jax.eval_shape(field, x, batch_time(jnp.asarray(t0, jnp.float32), x))
     except ValueError as err:  # e.g. (2,) for one 2-D point: the field's message was about t
