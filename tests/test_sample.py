@@ -270,7 +270,7 @@ def test_sampling_errors_are_clear():
         jd.sample(key, jd.linear_path(), jd.Field(lambda x, t: x, "x0"), (8, 2), sampler=S.sde())
     with pytest.raises(ValueError, match="alpha_t = 0 at the first time"):
         jd.sample(key, jd.linear_path(), field, (8, 2))  # eps says nothing about x0 there
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="x_init contains non-finite"):  # before the field runs
         jd.sample(key, path, field, x_init=jnp.full((2, 2), jnp.nan))
     with pytest.raises(ValueError, match="give the sample shape, or x_init"):
         jd.sample(key, path, field)
