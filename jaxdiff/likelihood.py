@@ -51,10 +51,10 @@ from jaxdiff._checks import (
     coef_time,
     concrete,
     data_dtype,
-    error_if,
     value_check,
     wide_dtype,
 )
+from jaxdiff._engine import grid_check
 from jaxdiff.field import Field, as_field
 from jaxdiff.integrate import integrate
 from jaxdiff.paths import GaussianPath
@@ -158,22 +158,15 @@ def log_likelihood(
     t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")
     t_start, t_end = check_order(t_start, t_end, "t_start", "t_end")  # checked under jit too
     if isinstance(path, GaussianPath) and field.target in ("eps", "score"):
-        # decided at trace time where t_end and the path are known (it was "raise max_steps");
-        # else at run time, tied to the t_end that the solve uses
-        with jax.ensure_compile_time_eval():
-            at_end = path.alpha(coef_time(t_end if end_now is None else _known(end_now)))
-            flag = jnp.any(at_end == 0)
-        msg = (
+        known_end = t_end if end_now is None else _known(end_now)
+        t_end = grid_check(  # at trace time where t_end and the path are known, else at run time
+            t_end,
+            lambda _: path.alpha(coef_time(known_end)) == 0,
             f"alpha_t = 0 at t_end on this path (t = 1 on the linear and cosine paths), where an "
             f"{field.target!r} prediction says nothing about x0 (x0 = (x - sigma eps) / alpha) and "
             "the probability-flow drift is infinite: integrate to t_end < 1 (e.g. 1 - 1e-3, where "
-            "the prior N(0, sigma_t^2 I) is nearly exact) or use an 'x0', 'v' or 'velocity' field"
+            "the prior N(0, sigma_t^2 I) is nearly exact) or use an 'x0', 'v' or 'velocity' field",
         )
-        decided = concrete(flag)
-        if decided is None:
-            t_end = error_if(t_end, flag, msg)
-        elif bool(decided):
-            raise ValueError(msg)
     probes = None
     if num_probes is not None:
         if key is None:
