@@ -109,12 +109,6 @@ def divergence(
     return value, jnp.mean(jax.vmap(lambda z: jnp.sum(z * jvp(z), axis=axes))(probes), axis=0)
 
 
-def _known(value: Any) -> Array:
-    """A value known at trace time as a concrete array (also under ``jit``)."""
-    with jax.ensure_compile_time_eval():
-        return jnp.asarray(value)
-
-
 def log_likelihood(
     path: GaussianPath,
     field: Field,
@@ -158,7 +152,7 @@ def log_likelihood(
     t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")
     t_start, t_end = check_order(t_start, t_end, "t_start", "t_end")  # checked under jit too
     if isinstance(path, GaussianPath) and field.target in ("eps", "score"):
-        known_end = t_end if end_now is None else _known(end_now)
+        known_end = t_end if end_now is None else end_now  # grid_check evaluates at trace time
         t_end = grid_check(  # at trace time where t_end and the path are known, else at run time
             t_end,
             lambda _: path.alpha(coef_time(known_end)) == 0,
