@@ -163,3 +163,28 @@ def grid_check(ts: Array, bad: Callable[[Array], Array], msg: str) -> Array:
             raise ValueError(msg)
         return ts
     return error_if(ts, flag, msg)
+
+
+INSIDE_PRIOR = 1.0 - 1e-3
+
+
+def prior_time(path: Any, field: Any, step_needs_alpha: bool = False) -> float:
+    """The default time of the prior end of a grid: ``t = 1``, or ``1 - 1e-3`` where
+    ``alpha_1 = 0`` (the linear and cosine paths) and something divides by ``alpha_t`` there: an
+    ``eps`` or ``score`` field (``x0 = (x - sigma eps) / alpha``), a field transform marked
+    ``needs_alpha`` (``jd.dps``, ``pigdm``, ``tmpd``) or a step marked so (the reverse SDE's
+    ``f = d log alpha / dt``). As ``t_end``'s default stays ``1e-3`` off ``sigma = 0``; the prior
+    ``N(0, sigma_t^2 I)`` there differs from ``p_t`` by ``alpha_t x0``, ``1e-3`` of the data."""
+    alpha = getattr(path, "alpha", None)  # a StochasticInterpolant has none
+    if alpha is None:
+        return 1.0
+    needs = (
+        step_needs_alpha
+        or field.target in ("eps", "score")
+        or bool(getattr(field.fn, "needs_alpha", False))
+    )
+    if not needs:
+        return 1.0
+    with jax.ensure_compile_time_eval():
+        alpha_1 = concrete(alpha(jnp.asarray(1.0, jnp.float32)))
+    return INSIDE_PRIOR if alpha_1 is not None and float(alpha_1) == 0.0 else 1.0

@@ -22,8 +22,9 @@ method              ``C``                                exact when
 Each is a **field transform** (like ``jd.classifier_guidance``): it returns a
 :class:`~jaxdiff.Field` predicting the same target, so it works with every sampler, path and
 target, under ``jit`` and batched over measurements (``y`` of shape ``(batch, m)``). Time runs from
-data (``t = 0``) to noise (``t = 1``); start sampling where ``alpha_t > 0`` (``t_start < 1`` on the
-linear and cosine paths: the field refuses ``alpha_t = 0``, where ``x0_hat`` is undefined).
+data (``t = 0``) to noise (``t = 1``); sampling starts where ``alpha_t > 0``: on the linear and
+cosine paths (``alpha_1 = 0``, where ``x0_hat`` is undefined) ``jd.sample``'s default grid starts at
+``t = 1 - 1e-3``, and a grid from ``t = 1`` is refused.
 
 Chung et al.'s own DPS moves ``x`` by ``-zeta grad_x ||y - A x0_hat(x)||`` once per step, whatever the
 step's size: a rule of the discretisation, not of the dynamics, so it cannot be a field (the
@@ -85,6 +86,7 @@ class _Posterior(eqx.Module):
     """``(params, x, t) -> the field's target with the likelihood score added``."""
 
     kind: str = eqx.field(static=True)
+    needs_alpha = True  # jd.sample's default grid starts inside alpha_t = 0 (linear, cosine)
 
     def __call__(self, params: Any, x: ArrayLike, t: ArrayLike) -> Array:
         path, field, meas, scale, data_var = params
@@ -333,4 +335,5 @@ def repaint(sampler: Sampler, hook: Hook, repeats: int = 10) -> Sampler:
         denoise=sampler.denoise,
         reaches_zero=sampler.reaches_zero,
         check=sampler.check,
+        needs_alpha=sampler.needs_alpha,
     )

@@ -54,7 +54,7 @@ from jaxdiff._checks import (
     value_check,
     wide_dtype,
 )
-from jaxdiff._engine import grid_check
+from jaxdiff._engine import grid_check, prior_time
 from jaxdiff.field import Field, as_field
 from jaxdiff.integrate import integrate
 from jaxdiff.paths import GaussianPath
@@ -118,7 +118,7 @@ def log_likelihood(
     num_probes: int | None = None,
     probe: Callable = jax.random.normal,
     t_start: ArrayLike = 1e-3,
-    t_end: ArrayLike = 1.0,
+    t_end: ArrayLike | None = None,
     solver: diffrax.AbstractSolver | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -131,8 +131,10 @@ def log_likelihood(
     ``field`` is a :class:`~jaxdiff.Field`. ``num_probes=None``: exact divergence; else Hutchinson
     with ``num_probes`` draws of ``probe(key, shape, dtype)`` per sample (``jax.random.normal`` or
     ``jax.random.rademacher``), fixed along the solve. ``solver`` defaults to ``Tsit5`` with a PID
-    controller at ``rtol``/``atol``; ``prior_logp`` (default ``path.prior_logp``, the density of
-    ``N(0, sigma_1^2 I)``) scores the end state. Divide ``-logp`` by ``D log 2`` for bits/dim.
+    controller at ``rtol``/``atol``; ``prior_logp`` (default ``path.prior_logp`` at ``t_end``, the
+    density of ``N(0, sigma_{t_end}^2 I)``) scores the end state. Divide ``-logp`` by ``D log 2`` for bits/dim.
+    ``t_end`` defaults to 1, or to ``1 - 1e-3`` for an ``eps`` or ``score`` field on a path with
+    ``alpha_1 = 0`` (linear, cosine), whose drift is infinite at ``t = 1``.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> data = jd.GaussianMixture.isotropic(jnp.array([[1.0, 0.0], [-1.0, 0.0]]), std=0.5)
@@ -148,6 +150,8 @@ def log_likelihood(
     x = x.astype(wide_dtype(data_dtype(x)))  # densities in float32 or wider, whatever x's dtype
     if x.ndim < 2:
         raise ValueError(f"x must be (batch, *event); got shape {x.shape}")
+    if t_end is None:
+        t_end = prior_time(path, field)
     end_now = concrete(t_end)  # before any jnp op: under jit, jnp.asarray(1.0) is already traced
     t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")
     t_start, t_end = check_order(t_start, t_end, "t_start", "t_end")  # checked under jit too
@@ -188,7 +192,10 @@ def log_likelihood(
         adjoint=adjoint,
     )
     z, delta = sol.x
-    prior = path.prior_logp(z, event_ndim=x.ndim - 1) if prior_logp is None else prior_logp(z)
+    if prior_logp is None:
+        prior = path.prior_logp(z, event_ndim=x.ndim - 1, t=t_end)
+    else:
+        prior = prior_logp(z)
     return Likelihood(prior + delta, z, delta, sol.nfe, sol.num_steps)
 
 

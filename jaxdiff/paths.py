@@ -316,14 +316,15 @@ class GaussianPath(eqx.Module):
         _, noise = widen(normal(key, shape, dtype))
         return (self.sigma(jnp.ones(())).astype(noise.dtype) * noise).astype(dtype)
 
-    def prior_logp(self, x: ArrayLike, event_ndim: int = 1) -> Array:
-        """Log-density of ``N(0, sigma_1^2 I)``, summed over the last ``event_ndim`` axes.
+    def prior_logp(self, x: ArrayLike, event_ndim: int = 1, t: ArrayLike = 1.0) -> Array:
+        """Log-density of ``N(0, sigma_t^2 I)`` (default ``t = 1``: the prior), summed over the
+        last ``event_ndim`` axes; ``t`` a scalar.
 
         A reduction, so it accumulates and returns in ``max(float32, dtype of x)``."""
         _, x = widen(x)
         if not 0 <= int(event_ndim) <= x.ndim:
             raise ValueError(f"event_ndim must lie in [0, x.ndim = {x.ndim}]; got {event_ndim}")
-        var = self.sigma_sq(jnp.ones((), x.dtype)).astype(x.dtype)
+        var = self.sigma_sq(jnp.asarray(t, x.dtype)).astype(x.dtype)
         axes = tuple(range(x.ndim - event_ndim, x.ndim))
         d = math.prod(x.shape[x.ndim - event_ndim :])
         return -0.5 * jnp.sum(x**2, axis=axes) / var - 0.5 * d * jnp.log(2 * jnp.pi * var)

@@ -78,8 +78,6 @@ def make_sampler(
             "eta > 0 (the reverse SDE) needs the score of Gaussian noise independent of the data; "
             "a run with a source or a coupling samples with the ODE (eta 0)"
         )
-    singular_at_1 = c["path"] in ("fm", "cosine") and (eta > 0 or c["target"] in ("eps", "score"))
-    t_start = 1.0 - 1e-3 if singular_at_1 else 1.0
     shape = tuple(setup.example.shape[1:])
     apply = setup.model.apply
 
@@ -109,7 +107,6 @@ def make_sampler(
             x_init=x_init,
             sampler=sampler,
             steps=steps,
-            t_start=t_start,
         )
         return sol.x
 

@@ -58,8 +58,12 @@ def sample(
     * ``sampler``: a value from ``jaxdiff.samplers`` (default ``ode()``: Euler on the
       probability-flow ODE).
     * the grid: ``ts`` (decreasing in ``[0, 1]``), or ``steps`` steps of the sampler's default
-      grid from ``t_start`` (default 1) to ``t_end`` (the sampler's default, ``1e-3`` or ``0``);
-      giving ``ts`` with any of the others is an error.
+      grid from ``t_start`` to ``t_end`` (the sampler's default, ``1e-3`` or ``0``); giving
+      ``ts`` with any of the others is an error. ``t_start`` defaults to 1, or to ``1 - 1e-3``
+      just inside the prior where ``alpha_1 = 0`` (the linear and cosine paths) and the field or
+      the sampler divides by ``alpha_t`` there: ``eps`` and ``score`` fields, the inverse fields
+      (``jd.dps``, ``pigdm``, ``tmpd``), the reverse SDE (``sde()`` with ``eta != 0``). A
+      grid given from ``t = 1`` there (``t_start=1``, or ``ts``) is refused with the reason.
     * the start: ``x_init``, or a draw of ``N(0, sigma_{t0}^2 I)`` of ``shape`` at the first time
       ``t0`` (the path's prior there).
     * ``denoise``: end with the denoising step ``x <- x0_hat(x, t_end)`` (one more
@@ -101,6 +105,8 @@ def sample(
         raise TypeError(
             f"sampler must be a jaxdiff.samplers value (e.g. jd.samplers.ode()); got {sampler!r}"
         )
+    if t_start is None and ts is None:
+        t_start = _engine.prior_time(path, field, sampler.needs_alpha)
     grid = _grid(path, sampler, steps, ts, t_start, t_end)
     denoise = sampler.denoise if denoise is None else bool(denoise)
     if not isinstance(path, GaussianPath):
@@ -199,7 +205,6 @@ def _grid(path, sampler, steps, ts, t_start, t_end) -> Array:
         return _engine.check_grid(ts, decreasing=True, unit=True)
     steps = sampler.steps if steps is None else steps
     steps = check_count(steps, "steps")
-    t_start = 1.0 if t_start is None else t_start
     t_end = sampler.t_end if t_end is None else t_end
     with jax.ensure_compile_time_eval():  # a grid of constants stays concrete under jit
         grid = sampler.grid(path, int(steps), t_start, t_end)

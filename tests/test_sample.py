@@ -266,10 +266,13 @@ def test_sampling_errors_are_clear():
         jd.sample(key, path, field, (8, 2), t_end=-0.1)
     with pytest.raises(ValueError, match="end at t_end > 0"):
         jd.sample(key, path, field, (8, 2), t_end=0.0)
-    with pytest.raises(ValueError, match="reverse SDE .* is singular"):
-        jd.sample(key, jd.linear_path(), jd.Field(lambda x, t: x, "x0"), (8, 2), sampler=S.sde())
+    with pytest.raises(ValueError, match="reverse SDE .* is singular"):  # t = 1 given: refused
+        jd.sample(
+            key, jd.linear_path(), jd.Field(lambda x, t: x, "x0"), (8, 2), sampler=S.sde(),
+            t_start=1.0,
+        )  # fmt: skip
     with pytest.raises(ValueError, match="alpha_t = 0 at the first time"):
-        jd.sample(key, jd.linear_path(), field, (8, 2))  # eps says nothing about x0 there
+        jd.sample(key, jd.linear_path(), field, (8, 2), t_start=1.0)  # eps: nothing about x0
     with pytest.raises(ValueError, match="x_init contains non-finite"):  # before the field runs
         jd.sample(key, path, field, x_init=jnp.full((2, 2), jnp.nan))
     with pytest.raises(ValueError, match="give the sample shape, or x_init"):
@@ -358,6 +361,32 @@ def test_default_grid_follows_the_path(true_samples):
     assert float(jd.energy_distance(sol.x, true_samples)) < ED_BOUND
     np.testing.assert_allclose(jd.default_grid(path, 7), jd.karras_grid(path, 7), rtol=1e-6)
     np.testing.assert_allclose(jd.default_grid(jd.vp_path(), 7), jd.uniform_grid(7), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["eps", "score", "sde", "tmpd"])
+def test_default_start_is_inside_a_singular_prior(true_samples, kind):
+    """Where alpha_1 = 0 (the linear path) and the field or the step divides by alpha_t, the
+    default grid starts at 1 - 1e-3: the same draw as with that t_start given, and the data. Before,
+    each of these was refused until t_start was set by hand; a velocity field still starts at 1."""
+    path, key = jd.linear_path(), jax.random.key(0)
+    sampler = S.sde() if kind == "sde" else S.dpm_solver_pp(2)
+    field = DATA.field(path, "velocity" if kind == "sde" else "x0" if kind == "tmpd" else kind)
+    if kind == "tmpd":  # an inverse field of a measurement that sees everything loosely
+        meas = jd.Measurement(jd.matrix_operator(jnp.eye(2)), true_samples[:N], 100.0)
+        field = jd.tmpd(field, path, meas)
+
+    def run(**start):
+        return jax.jit(lambda k: jd.sample(k, path, field, (N, 2), sampler=sampler, steps=50,
+                                           **start).x)(key)  # fmt: skip
+
+    x = run()
+    np.testing.assert_array_equal(x, run(t_start=1.0 - 1e-3))
+    assert float(jd.energy_distance(x, true_samples)) < ED_BOUND
+    plain = DATA.field(path, "velocity")
+    np.testing.assert_array_equal(  # nothing singular: from t = 1 as before
+        jd.sample(key, path, plain, (8, 2), steps=5).x,
+        jd.sample(key, path, plain, (8, 2), steps=5, t_start=1.0).x,
+    )
 
 
 def test_fields_see_one_time_per_sample():

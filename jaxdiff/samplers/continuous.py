@@ -154,6 +154,7 @@ def _reverse(
         evals_first_step=at_first,
         stochastic=stochastic,
         check=check,
+        needs_alpha=stochastic,
         adaptive=adaptive,
         coefficients=coefficients,
     )
@@ -205,7 +206,8 @@ def sde(
     ``rtol``/``atol`` the steps are adaptive on a ``VirtualBrownianTree``.
 
     Where ``alpha_1 = 0`` (the linear and cosine paths) the drift ``f = d log alpha / dt`` is
-    infinite at ``t = 1``: start at ``t_start = 1 - 1e-3`` (it is refused there). The discrete
+    infinite at ``t = 1``: ``jd.sample``'s default grid then starts at ``t = 1 - 1e-3`` (a grid
+    from ``t = 1`` is refused). The discrete
     stochastic steps, ``ddim(eta)``, ``ancestral()``, ``dpm_solver_pp(order, eta)`` and
     ``dpm_solver_sde``, take their steps in closed form in ``alpha`` and ``sigma`` and start at
     ``t = 1``.
