@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdiff._checks import check_count, wide_dtype
+from jaxdiff._checks import check_count, check_finite, wide_dtype
 
 Array = jax.Array
 
@@ -168,12 +168,14 @@ def make_train_step(
     The loss's key is split off ``state.key``; the EMA is updated after the parameters, with
     ``ema_decay``, or with ``min(ema_decay, (1 + step) / (10 + step))`` while ``ema_warmup``
     (early EMA weights follow the parameters). Pure: wrap it in ``jax.jit`` or scan it
-    (``make_train_chunk``).
+    (``make_train_chunk``). A batch holding a NaN or an infinity raises (at run time under
+    ``jit``), where it gave a NaN loss and NaN parameters.
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}")
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, Array]:
+        batch = check_finite(batch, "the training batch")
         key, loss_key = jax.random.split(state.key)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, loss_key, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -112,6 +112,23 @@ def test_train_loop_chunks_callbacks_and_errors():
         make_train_chunk(step, lambda key: jnp.zeros((3, 2)), 1, mesh=_FakeMesh())
 
 
+def test_a_non_finite_batch_is_refused_where_it_gave_a_nan_loss():
+    """A NaN in one training batch gave a NaN loss and NaN parameters, which train() reported
+    only as "the loss became nan" at the end of the chunk; now the step names the batch, under
+    jit and inside the training scan."""
+    _, params, loss, opt, sample_batch = _setup()
+    step = make_train_step(loss, opt)
+    state = init_train_state(params, opt, jax.random.key(1))
+    good = sample_batch(jax.random.key(2))
+    with pytest.raises(Exception, match="the training batch contains non-finite values"):
+        jax.block_until_ready(jax.jit(step)(state, good.at[3, 0].set(jnp.nan)))
+    with pytest.raises(Exception, match="the training batch contains non-finite values"):
+        chunk = make_train_chunk(step, lambda k: sample_batch(k).at[0, 1].set(jnp.inf), 2)
+        jax.block_until_ready(chunk(init_train_state(params, opt, jax.random.key(1))))
+    new, value = jax.jit(step)(state, good)  # a finite batch trains as before
+    assert np.isfinite(float(value)) and int(new.step) == 1
+
+
 def test_several_periods_end_chunks_at_each_multiple():
     """Evaluation every 7 steps and checkpoints every 9: chunks end at multiples of 7, 9 and the
     chunk size (their gcd, 1, made every step its own call)."""
