@@ -11,8 +11,8 @@ that are close, so the conditional paths cross less and the learned flow is stra
   (Tong et al. 2024's OT-CFM, Pooladian et al. 2023's multisample flow matching). An assignment
   problem, solved exactly by SciPy's ``linear_sum_assignment`` through ``jax.pure_callback`` on the
   host (JAX has no Hungarian; an epsilon-scaling auction in JAX took 7-34 s at ``n = 256`` against
-  SciPy's 8-12 ms, 2 loaded CPU cores, ``benchmarks/couplings.py``). Every ``x0`` and ``x1`` is used
-  once: both marginals are exact.
+  SciPy's 3-8 ms on 2 CPU cores, ``benchmarks/couplings.py`` and its results). Every ``x0`` and
+  ``x1`` is used once: both marginals are exact.
 * ``sinkhorn_ot(reg)``: the entropic plan ``P = argmin <P, C> - reg H(P)`` with uniform marginals,
   by log-domain Sinkhorn iterations in a ``lax.scan`` (Cuturi 2013; ott-jax's solver measured no
   faster at equal iterations and marginal error, so it is not a dependency), then for each ``x0_i`` one

@@ -26,3 +26,30 @@ def test_readme_example_runs(capsys):
 
     ed = float(jd.energy_distance(sol.x, data.sample(jax.random.key(1), 4096)))
     assert ed < 0.01  # null std at n = 4096 is ~1.3e-3; the 100-step EM bias is smaller
+
+
+def test_sampler_tables_show_how_to_call_each_factory():
+    """The README's and jaxdiff.samplers' tables write an argument as `name` where it may be
+    given by position and as `name=` where it is keyword-only: each call shape, with the
+    defaults filled in, builds its sampler. Nine rows had shown keyword-only arguments as
+    positional (`dpm_solver_pp(2, 1.0)` raised TypeError)."""
+    import inspect
+
+    import jaxdiff as jd
+
+    module_doc = jd.samplers.__doc__
+    shapes = re.findall(r"^\| `(\w+)\(([^)]*)\)`", README, flags=re.M)
+    shapes += re.findall(r"^``(\w+)\(([^)]*)\)``  ", module_doc, flags=re.M)  # table rows
+    shapes += re.findall(r"`(dpm_solver_sde)\(([^)]*)\)`", README)  # the README's shared row
+    assert len(shapes) >= 28
+    for name, args in shapes:
+        factory = getattr(jd.samplers, name)
+        params = inspect.signature(factory).parameters
+        positional, keywords = [], {}
+        for arg in (a.strip() for a in args.split(",") if a.strip() not in ("", "...")):
+            default = params[arg.rstrip("=")].default
+            if arg.endswith("="):
+                keywords[arg[:-1]] = default
+            else:
+                positional.append(default)
+        assert isinstance(factory(*positional, **keywords), jd.samplers.Sampler), (name, args)

@@ -14,8 +14,10 @@ network call per step, on any Gaussian path and any target through the ``(x0, ep
 
 **3M's coefficient.** ``d2`` estimates ``h^2 x0''/2``, so the exact Taylor integral weighs it by
 ``2 phi3``; DPM-Solver's reference code, diffusers and k-diffusion use ``phi3``, which converges at
-order 2 only (measured: ours ~3 on the mixture, ~4 on a Gaussian). At 5-20 steps on the mixture
-theirs is slightly better; ``exact_taylor=False`` reproduces their numbers.
+order 2 only (measured: ours ~3 on the mixture, ~4 on a Gaussian). At 5-20 evaluations on the
+mixture neither wins throughout: theirs is closer at 5, 6, 10 and 20 (0.0011 against 0.0092 at
+10) and ours at 8 (``benchmarks/results/cpu.json``, accuracy); ``exact_taylor=False`` reproduces
+their numbers.
 """
 
 from __future__ import annotations
