@@ -168,23 +168,23 @@ def grid_check(ts: Array, bad: Callable[[Array], Array], msg: str) -> Array:
 INSIDE_PRIOR = 1.0 - 1e-3
 
 
-def prior_time(path: Any, field: Any, step_needs_alpha: bool = False) -> float:
-    """The default time of the prior end of a grid: ``t = 1``, or ``1 - 1e-3`` where
-    ``alpha_1 = 0`` (the linear and cosine paths) and something divides by ``alpha_t`` there: an
-    ``eps`` or ``score`` field (``x0 = (x - sigma eps) / alpha``), a field transform marked
-    ``needs_alpha`` (``jd.dps``, ``pigdm``, ``tmpd``) or a step marked so (the reverse SDE's
-    ``f = d log alpha / dt``). As ``t_end``'s default stays ``1e-3`` off ``sigma = 0``; the prior
-    ``N(0, sigma_t^2 I)`` there differs from ``p_t`` by ``alpha_t x0``, ``1e-3`` of the data."""
+def prior_time(path: Any, field: Any, singular_start: Callable[[Any], Any] | None = None) -> float:
+    """The default time of the prior end of a grid: ``t = 1``, or ``1 - 1e-3`` where a step from
+    ``t = 1`` is singular: ``alpha_1 = 0`` (the linear and cosine paths) under an ``eps`` or
+    ``score`` field (``x0 = (x - sigma eps) / alpha``) or a field transform marked
+    ``needs_alpha`` (``jd.dps``, ``pigdm``, ``tmpd``), or a sampler's ``singular_start(path)``
+    (the reverse SDE's ``f = d log alpha / dt``; ``interpolant_sde``'s score where the noise scale
+    is 0). As ``t_end``'s default stays ``1e-3`` off ``sigma = 0``; the prior ``N(0, sigma_t^2 I)``
+    there differs from ``p_t`` by ``alpha_t x0``, ``1e-3`` of the data. Decided at trace time:
+    a path passed traced keeps ``t = 1`` (and the checks refuse it when it runs)."""
     alpha = getattr(path, "alpha", None)  # a StochasticInterpolant has none
-    if alpha is None:
-        return 1.0
-    needs = (
-        step_needs_alpha
-        or field.target in ("eps", "score")
-        or bool(getattr(field.fn, "needs_alpha", False))
-    )
-    if not needs:
-        return 1.0
+    field_needs = field.target in ("eps", "score") or bool(getattr(field.fn, "needs_alpha", False))
     with jax.ensure_compile_time_eval():
-        alpha_1 = concrete(alpha(jnp.asarray(1.0, jnp.float32)))
-    return INSIDE_PRIOR if alpha_1 is not None and float(alpha_1) == 0.0 else 1.0
+        flags = [singular_start(path)] if singular_start is not None else []
+        if alpha is not None and field_needs:
+            flags.append(alpha(jnp.asarray(1.0, jnp.float32)) == 0)
+        for flag in flags:
+            value = concrete(jnp.any(flag))
+            if value is not None and bool(value):
+                return INSIDE_PRIOR
+    return 1.0

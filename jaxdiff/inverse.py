@@ -335,5 +335,5 @@ def repaint(sampler: Sampler, hook: Hook, repeats: int = 10) -> Sampler:
         denoise=sampler.denoise,
         reaches_zero=sampler.reaches_zero,
         check=sampler.check,
-        needs_alpha=sampler.needs_alpha,
+        singular_start=sampler.singular_start,
     )

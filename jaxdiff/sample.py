@@ -62,7 +62,8 @@ def sample(
       ``ts`` with any of the others is an error. ``t_start`` defaults to 1, or to ``1 - 1e-3``
       just inside the prior where ``alpha_1 = 0`` (the linear and cosine paths) and the field or
       the sampler divides by ``alpha_t`` there: ``eps`` and ``score`` fields, the inverse fields
-      (``jd.dps``, ``pigdm``, ``tmpd``), the reverse SDE (``sde()`` with ``eta != 0``). A
+      (``jd.dps``, ``pigdm``, ``tmpd``), the reverse SDE (``sde()`` with ``eta != 0``); likewise
+      ``interpolant_sde`` with diffusion where the noise scale is 0 at ``t = 1``. A
       grid given from ``t = 1`` there (``t_start=1``, or ``ts``) is refused with the reason.
     * the start: ``x_init``, or a draw of ``N(0, sigma_{t0}^2 I)`` of ``shape`` at the first time
       ``t0`` (the path's prior there).
@@ -106,7 +107,7 @@ def sample(
             f"sampler must be a jaxdiff.samplers value (e.g. jd.samplers.ode()); got {sampler!r}"
         )
     if t_start is None and ts is None:
-        t_start = _engine.prior_time(path, field, sampler.needs_alpha)
+        t_start = _engine.prior_time(path, field, sampler.singular_start)
     grid = _grid(path, sampler, steps, ts, t_start, t_end)
     denoise = sampler.denoise if denoise is None else bool(denoise)
     if not isinstance(path, GaussianPath):

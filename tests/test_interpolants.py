@@ -2,6 +2,8 @@
 (marginals, the loss at the exact fields, the ODE and SDE samplers with the exact fields), and
 the minibatch-OT coupling of two Gaussians against the closed-form OT map."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,6 +200,26 @@ def test_sampler_with_the_exact_fields_reaches_the_data_law(diffusion):
         ).x
         np.testing.assert_allclose(back.mean(0), M1, atol=0.03)
         np.testing.assert_allclose(jnp.cov(back.T), S1, atol=0.05)
+
+
+def test_a_stochastic_bridge_starts_inside_gamma_zero_by_default():
+    """gamma_1 = 0 on a Brownian bridge, where the score is infinite: with diffusion the default
+    grid starts at 1 - 1e-3 (it was refused until t_start was set by hand; t_start = 1 given
+    still is); the ODE starts at t = 1 as before."""
+    si = jd.brownian_bridge(0.5)
+    moments, velocity, noise = gaussian_oracle(si)
+    b, eta = jd.Field(velocity, "velocity"), jd.Field(noise, "eps")
+    x = _gauss(jax.random.key(4), *moments(1.0 - 1e-3), 64)
+    stochastic = jd.samplers.interpolant_sde(0.5, noise=eta)
+    run = functools.partial(jd.sample, jax.random.key(5), si, b, x_init=x, sampler=stochastic)
+    np.testing.assert_array_equal(run(steps=20).x, run(steps=20, t_start=1.0 - 1e-3).x)
+    with pytest.raises(ValueError, match="the score is infinite where gamma_t = 0"):
+        run(steps=20, t_start=1.0)
+    ode = functools.partial(  # (the oracle's b is singular at t = 1 itself: gamma' = inf there)
+        jd.sample, None, si, jd.Field(lambda x, t: -x, "velocity"), x_init=x, steps=20,
+        sampler=jd.samplers.interpolant_sde(),
+    )  # fmt: skip
+    np.testing.assert_array_equal(ode().x, ode(t_start=1.0).x)
 
 
 def test_gaussian_path_is_the_gamma_zero_case(x64):

@@ -60,9 +60,11 @@ class Sampler:
       ``fn(path, field, t, s)``. Computed inside the loop, XLA:CPU leaves such scalars in kernels
       of their own: Euler--Maruyama ran 1.14-1.20x a hand-written scan at batch 1-64, tabulated
       0.98-1.05x.
-    * ``needs_alpha``: whether a step divides by ``alpha_t`` (the reverse SDE's drift
-      ``f = d log alpha / dt``): where ``alpha_1 = 0``, ``jd.sample``'s default grid then starts
-      at ``t = 1 - 1e-3`` (``check`` refuses a grid from ``t = 1``).
+    * ``singular_start(path) -> bool`` (optional): whether a step from ``t = 1`` is singular on
+      ``path`` (the reverse SDE's drift ``f = d log alpha / dt`` where ``alpha_1 = 0``;
+      ``interpolant_sde``'s score where the noise scale is 0 at ``t = 1``, as on a Brownian
+      bridge). ``jd.sample``'s default grid then starts at ``t = 1 - 1e-3``; ``check`` refuses a
+      grid given from ``t = 1``.
     * ``interpolant``: whether ``path`` may also be a :class:`~jaxdiff.StochasticInterpolant`
       (``x_t = a_t x0 + b_t x1 + gamma_t z``, of which a ``GaussianPath`` is the case
       ``gamma = 0``); the others need the ``(x0, eps)`` hub of a ``GaussianPath``.
@@ -81,7 +83,7 @@ class Sampler:
     reaches_zero: bool = False
     check: Callable[[GaussianPath, Field, Array], Array] | None = None
     adaptive: Any = None
-    needs_alpha: bool = False
+    singular_start: Callable[[Any], Any] | None = None
     interpolant: bool = False
     coefficients: Callable[[GaussianPath, Field, Array, Array], Any] | None = None  # (ts, i)
 

@@ -154,7 +154,7 @@ def _reverse(
         evals_first_step=at_first,
         stochastic=stochastic,
         check=check,
-        needs_alpha=stochastic,
+        singular_start=(lambda path: path.alpha(1.0) == 0) if stochastic else None,
         adaptive=adaptive,
         coefficients=coefficients,
     )

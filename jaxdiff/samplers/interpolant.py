@@ -57,8 +57,8 @@ def interpolant_sde(diffusion: Eta = 0.0, *, noise: Field | None = None) -> Samp
     the field of ``E[z | x_t]`` (``"eps"``) or of the score, needed on a
     :class:`~jaxdiff.StochasticInterpolant` when ``eps_t != 0`` (see the module text). The score
     is evaluated on the grid's times before its end, so with ``eps_t != 0`` the noise scale there
-    (``gamma_t``, or ``sigma_t`` on a Gaussian path) must be ``> 0``: a Brownian bridge starts at
-    ``t_start = 1 - 1e-3``. Default grid: 100 uniform steps from 1 to 0.
+    (``gamma_t``, or ``sigma_t`` on a Gaussian path) must be ``> 0``: on a Brownian bridge
+    (``gamma_1 = 0``) the default grid starts at ``t = 1 - 1e-3``. Default grid: 100 uniform steps from 1 to 0.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> si = jd.linear_interpolant()  # x_t = (1 - t) x0 + t x1; pairs x0 = 1, x1 = 2
@@ -144,6 +144,10 @@ def interpolant_sde(diffusion: Eta = 0.0, *, noise: Field | None = None) -> Samp
             "every time of the grid before its end: start where it is > 0 (e.g. t_start=1 - 1e-3)",
         )
 
+    def singular_start(path) -> Array:  # the score, where the noise scale is 0 at t = 1
+        scale = path.sigma if isinstance(path, GaussianPath) else path.gamma
+        return scale(jnp.ones((), jnp.float32)) <= 0
+
     return Sampler(
         name=f"interpolant_sde(diffusion={diffusion})",
         init=init,
@@ -155,5 +159,6 @@ def interpolant_sde(diffusion: Eta = 0.0, *, noise: Field | None = None) -> Samp
         t_end=0.0,
         reaches_zero=True,
         check=check,
+        singular_start=singular_start if stochastic else None,
         interpolant=True,
     )
