@@ -175,9 +175,11 @@ def make_train_step(
         raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}")
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, Array]:
-        batch = check_finite(batch, "the training batch")
         key, loss_key = jax.random.split(state.key)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, loss_key, batch)
+        # tied to the loss, which every caller reads: on the batch, a leaf the loss does not read
+        # would take the check away with it under jit (and an integer batch its sharding)
+        loss = check_finite(batch, "the training batch", into=loss)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = _ema_decay(ema_decay, state.step, ema_warmup)

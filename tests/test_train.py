@@ -127,6 +127,14 @@ def test_a_non_finite_batch_is_refused_where_it_gave_a_nan_loss():
         jax.block_until_ready(chunk(init_train_state(params, opt, jax.random.key(1))))
     new, value = jax.jit(step)(state, good)  # a finite batch trains as before
     assert np.isfinite(float(value)) and int(new.step) == 1
+    # the review: a check tied to the batch's first floating leaf vanished under jit where the
+    # loss did not read that leaf (NaN parameters); tied to the loss it stays
+    reads_x = make_train_step(lambda p, k, b: loss(p, k, b["x"]), opt)
+    with pytest.raises(Exception, match="the training batch contains non-finite values"):
+        batch = {"a": jnp.ones(4), "x": good.at[0, 0].set(jnp.nan)}
+        jax.block_until_ready(jax.jit(reads_x)(state, batch))
+    with pytest.raises(ValueError, match="the training batch contains non-finite values"):
+        step(state, good.astype(jnp.bfloat16).at[1, 1].set(jnp.inf))  # eagerly: bfloat16 too
 
 
 def test_several_periods_end_chunks_at_each_multiple():
