@@ -172,13 +172,14 @@ def prior_time(path: Any, field: Any, singular_start: Callable[[Any], Any] | Non
     """The default time of the prior end of a grid: ``t = 1``, or ``1 - 1e-3`` where a step from
     ``t = 1`` is singular: ``alpha_1 = 0`` (the linear and cosine paths) under an ``eps`` or
     ``score`` field (``x0 = (x - sigma eps) / alpha``) or a field transform marked
-    ``needs_alpha`` (``jd.dps``, ``pigdm``, ``tmpd``), or a sampler's ``singular_start(path)``
+    ``needs_alpha`` (``jd.dps``, ``pigdm``, ``tmpd``), also inside a wrapper (``clip_x0``,
+    guidance: :func:`divides_by_alpha`), or a sampler's ``singular_start(path)``
     (the reverse SDE's ``f = d log alpha / dt``; ``interpolant_sde``'s score where the noise scale
     is 0). As ``t_end``'s default stays ``1e-3`` off ``sigma = 0``; the prior ``N(0, sigma_t^2 I)``
     there differs from ``p_t`` by ``alpha_t x0``, ``1e-3`` of the data. Decided at trace time:
     a path passed traced keeps ``t = 1`` (and the checks refuse it when it runs)."""
     alpha = getattr(path, "alpha", None)  # a StochasticInterpolant has none
-    field_needs = field.target in ("eps", "score") or bool(getattr(field.fn, "needs_alpha", False))
+    field_needs = divides_by_alpha(field)
     with jax.ensure_compile_time_eval():
         flags = [singular_start(path)] if singular_start is not None else []
         if alpha is not None and field_needs:
@@ -188,3 +189,24 @@ def prior_time(path: Any, field: Any, singular_start: Callable[[Any], Any] | Non
             if value is not None and bool(value):
                 return INSIDE_PRIOR
     return 1.0
+
+
+def _is_field(value: Any) -> bool:
+    return hasattr(value, "fn") and hasattr(value, "target") and hasattr(value, "params")
+
+
+def wrapped_fields(field: Any) -> list:
+    """``field`` and every field it wraps, found in its ``params`` (``clip_x0``, guidance,
+    the inverse fields hold the field they transform there)."""
+    inner = jax.tree_util.tree_leaves(field.params, is_leaf=_is_field)
+    return [field] + [f for leaf in inner if _is_field(leaf) for f in wrapped_fields(leaf)]
+
+
+def divides_by_alpha(field: Any, transforms: bool = True) -> bool:
+    """Whether ``field``, or a field it wraps, divides by ``alpha_t``: an ``eps`` or ``score``
+    prediction (``x0 = (x - sigma eps) / alpha``), or (``transforms``) a field transform marked
+    ``needs_alpha`` (``jd.dps``, ``pigdm``, ``tmpd``)."""
+    return any(
+        f.target in ("eps", "score") or (transforms and bool(getattr(f.fn, "needs_alpha", False)))
+        for f in wrapped_fields(field)
+    )

@@ -62,9 +62,11 @@ def sample(
       ``ts`` with any of the others is an error. ``t_start`` defaults to 1, or to ``1 - 1e-3``
       just inside the prior where ``alpha_1 = 0`` (the linear and cosine paths) and the field or
       the sampler divides by ``alpha_t`` there: ``eps`` and ``score`` fields, the inverse fields
-      (``jd.dps``, ``pigdm``, ``tmpd``), the reverse SDE (``sde()`` with ``eta != 0``); likewise
-      ``interpolant_sde`` with diffusion where the noise scale is 0 at ``t = 1``. A
-      grid given from ``t = 1`` there (``t_start=1``, or ``ts``) is refused with the reason.
+      (``jd.dps``, ``pigdm``, ``tmpd``), the reverse SDE (``sde()`` with ``eta != 0``), also inside a wrapper
+      (``clip_x0``, guidance); likewise ``interpolant_sde`` with diffusion where the noise scale
+      is 0 at ``t = 1``. A grid given from ``t = 1`` there (``t_start=1``, or ``ts``) is refused
+      with the reason. The rule reads the path at trace time: a path passed traced into ``jit``
+      starts at 1 and is refused when it runs.
     * the start: ``x_init``, or a draw of ``N(0, sigma_{t0}^2 I)`` of ``shape`` at the first time
       ``t0`` (the path's prior there).
     * ``denoise``: end with the denoising step ``x <- x0_hat(x, t_end)`` (one more
@@ -118,13 +120,13 @@ def sample(
         )
     keys = jax.random.split(key, 4) if key is not None else [None] * 4
     x = _start(keys[0], path, field, shape, x_init, grid[0])
+    grid = grid.astype(wide_dtype(x.dtype))  # the state's precision (x64: a float64 grid broke
+    # diffrax's solvers on float32 data)
+    grid = _check_ends(path, field, sampler, grid, denoise)  # the field as given (its own checks)
     user_dtype = x.dtype
     if wide_dtype(user_dtype) != user_dtype:  # half precision: integrate in float32, call the
         field = Field(_CastIn(user_dtype), field.target, field)  # network in the user's dtype
         x = x.astype(wide_dtype(user_dtype))
-    grid = grid.astype(wide_dtype(x.dtype))  # the state's precision (x64: a float64 grid broke
-    # diffrax's solvers on float32 data)
-    grid = _check_ends(path, field, sampler, grid, denoise)
     full = jnp.concatenate([grid, jnp.zeros((1,), grid.dtype)]) if denoise else grid
     n = grid.shape[0] - 1
 
@@ -257,22 +259,27 @@ def _check_interpolant(sampler, x_init, denoise) -> None:
         raise ValueError("the denoising step needs a GaussianPath; end the grid at t = 0 instead")
 
 
+EPS_SCORE = ("eps", "score")
+
+
 def _check_ends(path, field, sampler, grid, denoise) -> Array:
     """Singular ends, at trace time where the grid is known (else when it runs)."""
     check = _engine.grid_check
     if not isinstance(path, GaussianPath):
         return grid if sampler.check is None else sampler.check(path, field, grid)
-    if field.target in ("eps", "score"):
+    for inner in _engine.wrapped_fields(field):  # the field, and those a wrapper holds
+        own = getattr(inner.fn, "check_grid", None)  # a field transform's (jd.dps, pigdm, tmpd)
+        if callable(own):
+            grid = own(inner.params, grid)
+    if _engine.divides_by_alpha(field, transforms=False):
+        target = next(f.target for f in _engine.wrapped_fields(field) if f.target in EPS_SCORE)
         grid = check(
             grid,
             lambda g: path.alpha(g[0]) == 0,
-            f"alpha_t = 0 at the first time of the grid, where an {field.target!r} prediction "
+            f"alpha_t = 0 at the first time of the grid, where an {target!r} prediction "
             "says nothing about x0 (x0 = (x - sigma eps) / alpha); start at t < 1 (e.g. "
             "t_start=1 - 1e-3) or train the 'x0', 'v' or 'velocity' target",
         )
-    own = getattr(field.fn, "check_grid", None)  # a field transform's own (jd.dps, pigdm, tmpd)
-    if callable(own):
-        grid = own(field.params, grid)
     if sampler.check is not None:
         grid = sampler.check(path, field, grid)
     if denoise:

@@ -388,6 +388,29 @@ def test_default_start_is_inside_a_singular_prior(true_samples, kind):
     )
 
 
+def test_wrapped_fields_and_half_precision_keep_the_singular_start_rules():
+    """The review: the rule read only the outer field, so clip_x0 of an eps field (target x0)
+    started at t = 1 and gave NaN, and a dps field inside clip_x0, or any inverse field under a
+    bfloat16 start (wrapped to cast), failed only at run time. Wrapped fields are now found in
+    the wrapper's params: the default start moves inside, and t = 1 given is refused now."""
+    path, key = jd.linear_path(), jax.random.key(0)
+    small = jd.GaussianMixture.isotropic(jnp.array([[0.5, 0.0], [-0.5, 0.0]]), std=0.1)
+    clipped = jd.clip_x0(small.field(path, "eps"), path)
+    x = jd.sample(key, path, clipped, (8, 2), steps=5).x
+    np.testing.assert_array_equal(x, jd.sample(key, path, clipped, (8, 2), steps=5,
+                                               t_start=1.0 - 1e-3).x)  # fmt: skip
+    with pytest.raises(ValueError, match="where an 'eps' prediction says nothing about x0"):
+        jd.sample(key, path, clipped, (8, 2), steps=5, t_start=1.0)
+    meas = jd.Measurement(jd.matrix_operator(jnp.eye(2)), jnp.zeros((8, 2)), 1.0)
+    inverse = jd.dps(small.field(path, "x0"), path, meas)
+    with pytest.raises(ValueError, match="jd.dps needs alpha_t > 0"):  # at trace time
+        jd.sample(key, path, jd.clip_x0(inverse, path), (8, 2), steps=5, t_start=1.0)
+    half = jnp.ones((8, 2), jnp.bfloat16)
+    with pytest.raises(ValueError, match="jd.dps needs alpha_t > 0"):
+        jd.sample(key, path, inverse, x_init=half, steps=5, t_start=1.0)
+    assert bool(jnp.all(jnp.isfinite(jd.sample(key, path, inverse, x_init=half, steps=5).x)))
+
+
 @pytest.mark.parametrize("name", ["linear_path", "cosine_path"])
 def test_reverse_sde_default_grid_resolves_the_stiff_start(true_samples, name):
     """From 1 - 1e-3 where alpha_1 = 0 the reverse SDE's drift grows like eta^2 / (1 - t), and
