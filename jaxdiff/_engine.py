@@ -173,9 +173,10 @@ def prior_time(path: Any, field: Any, singular_start: Callable[[Any], Any] | Non
     ``t = 1`` is singular: ``alpha_1 = 0`` (the linear and cosine paths) under an ``eps`` or
     ``score`` field (``x0 = (x - sigma eps) / alpha``) or a field transform marked
     ``needs_alpha`` (``jd.dps``, ``pigdm``, ``tmpd``), also inside a wrapper (``clip_x0``,
-    guidance: :func:`divides_by_alpha`), or a sampler's ``singular_start(path)``
-    (the reverse SDE's ``f = d log alpha / dt``; ``interpolant_sde``'s score where the noise scale
-    is 0). As ``t_end``'s default stays ``1e-3`` off ``sigma = 0``; the prior ``N(0, sigma_t^2 I)``
+    guidance: :func:`divides_by_alpha`), a ``velocity`` field where the path's slope is not
+    finite at ``t = 1`` (zero terminal SNR), or a sampler's ``singular_start(path)`` (the
+    probability-flow drift there; the reverse SDE's ``f = d log alpha / dt``;
+    ``interpolant_sde``'s score where the noise scale is 0). As ``t_end``'s default stays ``1e-3`` off ``sigma = 0``; the prior ``N(0, sigma_t^2 I)``
     there differs from ``p_t`` by ``alpha_t x0``, ``1e-3`` of the data. Decided at trace time:
     a path passed traced keeps ``t = 1`` (and the checks refuse it when it runs)."""
     alpha = getattr(path, "alpha", None)  # a StochasticInterpolant has none
@@ -184,6 +185,8 @@ def prior_time(path: Any, field: Any, singular_start: Callable[[Any], Any] | Non
         flags = [singular_start(path)] if singular_start is not None else []
         if alpha is not None and field_needs:
             flags.append(alpha(jnp.asarray(1.0, jnp.float32)) == 0)
+        if alpha is not None and any(f.target == "velocity" for f in wrapped_fields(field)):
+            flags.append(slope_singular_at_one(path))  # velocity = alpha' x0 + sigma' eps
         for flag in flags:
             value = concrete(jnp.any(flag))
             if value is not None and bool(value):
@@ -210,3 +213,20 @@ def divides_by_alpha(field: Any, transforms: bool = True) -> bool:
         f.target in ("eps", "score") or (transforms and bool(getattr(f.fn, "needs_alpha", False)))
         for f in wrapped_fields(field)
     )
+
+
+SLOPE_MESSAGE = (
+    "the path's slope (d alpha / dt or d sigma / dt) is not finite at {where} (a zero-terminal-SNR "
+    "schedule at t = 1), where the probability-flow drift{what} is undefined: {fix}"
+)
+
+
+def slope_singular(path: Any, t: Any) -> Array:
+    """Where ``d alpha / dt`` or ``d sigma / dt`` is not finite at ``t`` (a discrete path of a
+    zero-terminal-SNR schedule at ``t = 1``, Lin et al. 2024: ``alpha ~ sqrt(1 - t)`` there)."""
+    t = jnp.asarray(t, jnp.float32)
+    return ~jnp.isfinite(path.d_alpha(t)) | ~jnp.isfinite(path.d_sigma(t))
+
+
+def slope_singular_at_one(path: Any) -> Array:
+    return slope_singular(path, 1.0)

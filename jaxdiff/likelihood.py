@@ -57,7 +57,13 @@ from jaxdiff._checks import (
     value_check,
     wide_dtype,
 )
-from jaxdiff._engine import grid_check, prior_time
+from jaxdiff._engine import (
+    SLOPE_MESSAGE,
+    grid_check,
+    prior_time,
+    slope_singular,
+    slope_singular_at_one,
+)
 from jaxdiff.field import Field, as_field
 from jaxdiff.integrate import integrate
 from jaxdiff.paths import GaussianPath
@@ -137,8 +143,9 @@ def log_likelihood(
     controller at ``rtol``/``atol``; ``prior_logp`` (default ``path.prior_logp`` at ``t_end``, the
     density of ``N(0, sigma_{t_end}^2 I)``) scores the end state. Divide ``-logp`` by ``D log 2`` for bits/dim.
     ``t_end`` defaults to 1, or to ``1 - 1e-3`` for an ``eps`` or ``score`` field (also inside a
-    wrapper) on a path with ``alpha_1 = 0`` (linear, cosine), whose drift is infinite at
-    ``t = 1``. The default prior is for a ``t_end`` at or near the prior end, where ``p_t`` is
+    wrapper) or an inverse field (``jd.dps``, ``pigdm``, ``tmpd``) on a path with ``alpha_1 = 0`` (linear, cosine), whose drift is infinite at
+    ``t = 1``; likewise for any field where the path's slope is not finite at ``t = 1`` (a
+    zero-terminal-SNR schedule), where the drift is undefined. The default prior is for a ``t_end`` at or near the prior end, where ``p_t`` is
     close to ``N(0, sigma_t^2 I)``; for an earlier ``t_end`` pass ``prior_logp``.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
@@ -155,8 +162,8 @@ def log_likelihood(
     x = x.astype(wide_dtype(data_dtype(x)))  # densities in float32 or wider, whatever x's dtype
     if x.ndim < 2:
         raise ValueError(f"x must be (batch, *event); got shape {x.shape}")
-    if t_end is None:
-        t_end = prior_time(path, field)
+    if t_end is None:  # the PF-ODE's drift needs the path's slope: singular at zero terminal SNR
+        t_end = prior_time(path, field, slope_singular_at_one)
     end_now = concrete(t_end)  # before any jnp op: under jit, jnp.asarray(1.0) is already traced
     t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")
     t_start, t_end = check_order(t_start, t_end, "t_start", "t_end")  # checked under jit too
@@ -169,6 +176,15 @@ def log_likelihood(
             f"{field.target!r} prediction says nothing about x0 (x0 = (x - sigma eps) / alpha) and "
             "the probability-flow drift is infinite: integrate to t_end < 1 (e.g. 1 - 1e-3, where "
             "the prior N(0, sigma_t^2 I) is nearly exact) or use an 'x0', 'v' or 'velocity' field",
+        )
+    if isinstance(path, GaussianPath):
+        known_end = t_end if end_now is None else end_now
+        t_end = grid_check(
+            t_end,
+            lambda _: slope_singular(path, known_end),
+            SLOPE_MESSAGE.format(
+                where="t_end", what="", fix="integrate to t_end < 1 (the default does)"
+            ),
         )
     probes = None
     if num_probes is not None:

@@ -60,13 +60,14 @@ def sample(
     * the grid: ``ts`` (decreasing in ``[0, 1]``), or ``steps`` steps of the sampler's default
       grid from ``t_start`` to ``t_end`` (the sampler's default, ``1e-3`` or ``0``); giving
       ``ts`` with any of the others is an error. ``t_start`` defaults to 1, or to ``1 - 1e-3``
-      just inside the prior where ``alpha_1 = 0`` (the linear and cosine paths) and the field or
-      the sampler divides by ``alpha_t`` there: ``eps`` and ``score`` fields, the inverse fields
-      (``jd.dps``, ``pigdm``, ``tmpd``), the reverse SDE (``sde()`` with ``eta != 0``), also inside a wrapper
-      (``clip_x0``, guidance); likewise ``interpolant_sde`` with diffusion where the noise scale
-      is 0 at ``t = 1``. A grid given from ``t = 1`` there (``t_start=1``, or ``ts``) is refused
-      with the reason. The rule reads the path at trace time: a path passed traced into ``jit``
-      starts at 1 and is refused when it runs.
+      just inside it where a step from ``t = 1`` is singular: where ``alpha_1 = 0`` (linear and
+      cosine paths) under an ``eps`` or ``score`` field (also inside a wrapper: ``clip_x0``,
+      guidance), an inverse field (``jd.dps``, ``pigdm``, ``tmpd``) or the reverse SDE; where the
+      path's slope is infinite at 1 (zero terminal SNR) under the probability-flow ODE, the
+      reverse SDE or a ``velocity`` field; and for ``interpolant_sde`` with diffusion where the
+      noise scale is 0 at 1 (the README's Time convention). A grid given from ``t = 1`` there
+      (``t_start=1``, or ``ts``) is refused with the reason. The rule reads the path at trace
+      time: a path passed traced into ``jit`` starts at 1 and is refused when it runs.
     * the start: ``x_init``, or a draw of ``N(0, sigma_{t0}^2 I)`` of ``shape`` at the first time
       ``t0`` (the path's prior there).
     * ``denoise``: end with the denoising step ``x <- x0_hat(x, t_end)`` (one more
@@ -271,6 +272,16 @@ def _check_ends(path, field, sampler, grid, denoise) -> Array:
         own = getattr(inner.fn, "check_grid", None)  # a field transform's (jd.dps, pigdm, tmpd)
         if callable(own):
             grid = own(inner.params, grid)
+    if any(f.target == "velocity" for f in _engine.wrapped_fields(field)):
+        grid = check(
+            grid,
+            lambda g: _engine.slope_singular(path, g[0]),
+            _engine.SLOPE_MESSAGE.format(
+                where="the first time of the grid",
+                what=" and a 'velocity' prediction's x0 and eps (velocity = alpha' x0 + sigma' eps)",
+                fix="start at t < 1 (the default grid does) or train the 'x0', 'eps' or 'v' target",
+            ),
+        )
     if _engine.divides_by_alpha(field, transforms=False):
         target = next(f.target for f in _engine.wrapped_fields(field) if f.target in EPS_SCORE)
         grid = check(

@@ -411,6 +411,33 @@ def test_wrapped_fields_and_half_precision_keep_the_singular_start_rules():
     assert bool(jnp.all(jnp.isfinite(jd.sample(key, path, inverse, x_init=half, steps=5).x)))
 
 
+def test_zero_terminal_snr_starts_inside_where_the_drift_needs_the_slope(true_samples):
+    """On a zero-terminal-SNR schedule (Lin et al. 2024) alpha ~ sqrt(1 - t) at t = 1, so
+    d alpha / dt = -inf there: the ODE samplers with any field, and any sampler with a velocity
+    field, gave NaN from the default t = 1 ("the sample contains non-finite values"), and so did
+    log_likelihood. They now start (end) at 1 - 1e-3 by default, t = 1 given is refused with the
+    reason, and DDIM of an x0 or v field still starts at t = 1, the schedule's point."""
+    path = jd.discrete_path(jd.rescale_zero_terminal_snr(jd.linear_betas(1000)))
+    key = jax.random.key(0)
+    for sampler, target in ((S.ode(), "x0"), (S.ddim(), "velocity")):
+        field = DATA.field(path, target)
+        run = jax.jit(lambda k, s=sampler, f=field: jd.sample(k, path, f, (N, 2), sampler=s,
+                                                              steps=50).x)  # fmt: skip
+        x = run(key)
+        assert float(jd.energy_distance(x, true_samples)) < ED_BOUND
+        with pytest.raises(ValueError, match="slope .* is not finite at the first time"):
+            jd.sample(key, path, field, (8, 2), sampler=sampler, steps=5, t_start=1.0)
+    v = DATA.field(path, "v")
+    np.testing.assert_array_equal(
+        jd.sample(key, path, v, (8, 2), sampler=S.ddim(), steps=5).x,
+        jd.sample(key, path, v, (8, 2), sampler=S.ddim(), steps=5, t_start=1.0).x,
+    )
+    logp = jd.log_likelihood(path, DATA.field(path, "velocity"), true_samples[:8]).logp
+    assert bool(jnp.all(jnp.isfinite(logp)))
+    with pytest.raises(ValueError, match="slope .* is not finite at t_end"):
+        jd.log_likelihood(path, DATA.field(path, "x0"), true_samples[:8], t_end=1.0)
+
+
 @pytest.mark.parametrize("name", ["linear_path", "cosine_path"])
 def test_reverse_sde_default_grid_resolves_the_stiff_start(true_samples, name):
     """From 1 - 1e-3 where alpha_1 = 0 the reverse SDE's drift grows like eta^2 / (1 - t), and

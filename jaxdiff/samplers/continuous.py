@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jaxdiff import _diffrax
 from jaxdiff._checks import check_count, coef_time, concrete
+from jaxdiff._engine import SLOPE_MESSAGE, slope_singular, slope_singular_at_one
 from jaxdiff.conversions import hub_matrix
 from jaxdiff.field import Field, batch_time
 from jaxdiff.integrate import Solution, check_tolerances, integrate
@@ -53,6 +54,10 @@ def _stepper(path: GaussianPath, field: Field, solver, eta) -> _diffrax.Stepper:
 
 def _alpha_zero_at_one(path: GaussianPath) -> Array:
     return path.alpha(jnp.ones((), jnp.float32)) == 0
+
+
+def _singular_sde(path: GaussianPath) -> Array:
+    return _alpha_zero_at_one(path) | slope_singular_at_one(path)
 
 
 def _stiff_start_grid(path: GaussianPath, steps: int, t_start: Any, t_end: Any) -> Array:
@@ -154,6 +159,16 @@ def _reverse(
             return DiffraxState(x, solver_state)
 
     def check(path: GaussianPath, field: Field, ts: Array) -> Array:
+        ts = grid_check(
+            ts,
+            lambda ts: slope_singular(path, ts[0]),
+            SLOPE_MESSAGE.format(
+                where="the first time of the grid",
+                what="",
+                fix="start at t < 1 (the default grid does) or step in closed form (ddim(), "
+                "ancestral(), dpm_solver_pp())",
+            ),
+        )
         if not stochastic:
             return ts
         return grid_check(
@@ -172,7 +187,7 @@ def _reverse(
         evals_first_step=at_first,
         stochastic=stochastic,
         check=check,
-        singular_start=_alpha_zero_at_one if stochastic else None,
+        singular_start=_singular_sde if stochastic else slope_singular_at_one,
         grid=_stiff_start_grid if stochastic else default_grid,
         adaptive=adaptive,
         coefficients=coefficients,
