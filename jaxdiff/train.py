@@ -179,7 +179,9 @@ def make_train_step(
         loss, grads = jax.value_and_grad(loss_fn)(state.params, loss_key, batch)
         # tied to the loss, which every caller reads: on the batch, a leaf the loss does not read
         # would take the check away with it under jit (and an integer batch its sharding)
-        loss = check_finite(batch, "the training batch", into=loss)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:  # names the leaf
+            name = f"the training batch{jax.tree_util.keystr(path)}"
+            loss = check_finite(leaf, name, into=loss)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = _ema_decay(ema_decay, state.step, ema_warmup)

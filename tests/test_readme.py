@@ -48,7 +48,8 @@ def test_sampler_tables_show_how_to_call_each_factory():
         positional, keywords = [], {}
         for arg in (a.strip() for a in args.split(",") if a.strip() not in ("", "...")):
             default = params[arg.rstrip("=")].default
-            if arg.endswith("="):
+            if arg.endswith("="):  # the legend: name= is keyword-only
+                assert params[arg[:-1]].kind is inspect.Parameter.KEYWORD_ONLY, (name, arg)
                 keywords[arg[:-1]] = default
             else:
                 positional.append(default)

@@ -130,7 +130,7 @@ def test_a_non_finite_batch_is_refused_where_it_gave_a_nan_loss():
     # the review: a check tied to the batch's first floating leaf vanished under jit where the
     # loss did not read that leaf (NaN parameters); tied to the loss it stays
     reads_x = make_train_step(lambda p, k, b: loss(p, k, b["x"]), opt)
-    with pytest.raises(Exception, match="the training batch contains non-finite values"):
+    with pytest.raises(Exception, match=r"the training batch\['x'\] contains non-finite values"):
         batch = {"a": jnp.ones(4), "x": good.at[0, 0].set(jnp.nan)}
         jax.block_until_ready(jax.jit(reads_x)(state, batch))
     with pytest.raises(ValueError, match="the training batch contains non-finite values"):
