@@ -176,9 +176,10 @@ def prior_time(path: Any, field: Any, singular_start: Callable[[Any], Any] | Non
     guidance: :func:`divides_by_alpha`), a ``velocity`` field where the path's slope is not
     finite at ``t = 1`` (zero terminal SNR), or a sampler's ``singular_start(path)`` (the
     probability-flow drift there; the reverse SDE's ``f = d log alpha / dt``;
-    ``interpolant_sde``'s score where the noise scale is 0). As ``t_end``'s default stays ``1e-3`` off ``sigma = 0``; the prior ``N(0, sigma_t^2 I)``
-    there differs from ``p_t`` by ``alpha_t x0``, ``1e-3`` of the data. Decided at trace time:
-    a path passed traced keeps ``t = 1`` (and the checks refuse it when it runs)."""
+    ``interpolant_sde``'s score where the noise scale is 0). As ``t_end``'s default stays
+    ``1e-3`` off ``sigma = 0``; the prior ``N(0, sigma_t^2 I)`` there differs from ``p_t`` by
+    ``alpha_t x0``, ``1e-3`` of the data. Decided at trace time: a path passed traced keeps
+    ``t = 1`` (and the checks refuse it when it runs)."""
     alpha = getattr(path, "alpha", None)  # a StochasticInterpolant has none
     field_needs = divides_by_alpha(field)
     with jax.ensure_compile_time_eval():

@@ -141,12 +141,15 @@ def log_likelihood(
     with ``num_probes`` draws of ``probe(key, shape, dtype)`` per sample (``jax.random.normal`` or
     ``jax.random.rademacher``), fixed along the solve. ``solver`` defaults to ``Tsit5`` with a PID
     controller at ``rtol``/``atol``; ``prior_logp`` (default ``path.prior_logp`` at ``t_end``, the
-    density of ``N(0, sigma_{t_end}^2 I)``) scores the end state. Divide ``-logp`` by ``D log 2`` for bits/dim.
-    ``t_end`` defaults to 1, or to ``1 - 1e-3`` for an ``eps`` or ``score`` field (also inside a
-    wrapper) or an inverse field (``jd.dps``, ``pigdm``, ``tmpd``) on a path with ``alpha_1 = 0`` (linear, cosine), whose drift is infinite at
-    ``t = 1``; likewise for any field where the path's slope is not finite at ``t = 1`` (a
-    zero-terminal-SNR schedule), where the drift is undefined. The default prior is for a ``t_end`` at or near the prior end, where ``p_t`` is
-    close to ``N(0, sigma_t^2 I)``; for an earlier ``t_end`` pass ``prior_logp``.
+    density of ``N(0, sigma_{t_end}^2 I)``) scores the end state. Divide ``-logp`` by
+    ``D log 2`` for bits/dim.
+
+    ``t_end`` defaults to 1, or to ``1 - 1e-3`` where the drift is singular at ``t = 1``: an
+    ``eps`` or ``score`` field (also inside a wrapper) or an inverse field (``jd.dps``,
+    ``pigdm``, ``tmpd``) on a path with ``alpha_1 = 0`` (linear, cosine), and any field where the
+    path's slope is not finite at ``t = 1`` (a zero-terminal-SNR schedule). The default prior is
+    for a ``t_end`` at or near the prior end, where ``p_t`` is close to ``N(0, sigma_t^2 I)``; for
+    an earlier ``t_end`` pass ``prior_logp``.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> data = jd.GaussianMixture.isotropic(jnp.array([[1.0, 0.0], [-1.0, 0.0]]), std=0.5)

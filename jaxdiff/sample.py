@@ -279,7 +279,7 @@ def _check_ends(path, field, sampler, grid, denoise) -> Array:
             _engine.SLOPE_MESSAGE.format(
                 where="the first time of the grid",
                 what=" and a 'velocity' prediction's x0 and eps (velocity = alpha' x0 + sigma' eps)",
-                fix="start at t < 1 (the default grid does) or train the 'x0', 'eps' or 'v' target",
+                fix="start at t < 1 (the default grid does) or use an 'x0' or 'v' field",
             ),
         )
     if _engine.divides_by_alpha(field, transforms=False):
