@@ -202,7 +202,10 @@ def check_finite(x: Any, name: str, into: Any = None) -> Any:
 
 
 def _floating_leaf(leaf: Any) -> bool:
-    """An inexact leaf, bfloat16 included (NumPy's ``issubdtype`` misses it)."""
+    """An inexact leaf: a Python float or complex, or an array of an inexact dtype, bfloat16
+    included (NumPy's ``issubdtype`` misses it)."""
+    if isinstance(leaf, float | complex):
+        return True
     dtype = getattr(leaf, "dtype", None)
     return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
 
