@@ -166,6 +166,11 @@ def grid_check(ts: Array, bad: Callable[[Array], Array], msg: str) -> Array:
 
 
 INSIDE_PRIOR = 1.0 - 1e-3
+EPS_SCORE = ("eps", "score")  # the targets whose x0 = (x - sigma eps) / alpha
+
+
+def alpha_zero_at_one(path: Any) -> Array:
+    return path.alpha(jnp.ones((), jnp.float32)) == 0
 
 
 def prior_time(path: Any, field: Any, singular_start: Callable[[Any], Any] | None = None) -> float:
@@ -185,7 +190,7 @@ def prior_time(path: Any, field: Any, singular_start: Callable[[Any], Any] | Non
     with jax.ensure_compile_time_eval():
         flags = [singular_start(path)] if singular_start is not None else []
         if alpha is not None and field_needs:
-            flags.append(alpha(jnp.asarray(1.0, jnp.float32)) == 0)
+            flags.append(alpha_zero_at_one(path))
         if alpha is not None and any(f.target == "velocity" for f in wrapped_fields(field)):
             flags.append(slope_singular_at_one(path))  # velocity = alpha' x0 + sigma' eps
         for flag in flags:
@@ -211,7 +216,7 @@ def divides_by_alpha(field: Any, transforms: bool = True) -> bool:
     prediction (``x0 = (x - sigma eps) / alpha``), or (``transforms``) a field transform marked
     ``needs_alpha`` (``jd.dps``, ``pigdm``, ``tmpd``)."""
     return any(
-        f.target in ("eps", "score") or (transforms and bool(getattr(f.fn, "needs_alpha", False)))
+        f.target in EPS_SCORE or (transforms and bool(getattr(f.fn, "needs_alpha", False)))
         for f in wrapped_fields(field)
     )
 

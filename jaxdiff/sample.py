@@ -260,9 +260,6 @@ def _check_interpolant(sampler, x_init, denoise) -> None:
         raise ValueError("the denoising step needs a GaussianPath; end the grid at t = 0 instead")
 
 
-EPS_SCORE = ("eps", "score")
-
-
 def _check_ends(path, field, sampler, grid, denoise) -> Array:
     """Singular ends, at trace time where the grid is known (else when it runs)."""
     check = _engine.grid_check
@@ -283,7 +280,9 @@ def _check_ends(path, field, sampler, grid, denoise) -> Array:
             ),
         )
     if _engine.divides_by_alpha(field, transforms=False):
-        target = next(f.target for f in _engine.wrapped_fields(field) if f.target in EPS_SCORE)
+        target = next(
+            f.target for f in _engine.wrapped_fields(field) if f.target in _engine.EPS_SCORE
+        )
         grid = check(
             grid,
             lambda g: path.alpha(g[0]) == 0,

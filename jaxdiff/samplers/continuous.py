@@ -18,7 +18,12 @@ import jax.numpy as jnp
 
 from jaxdiff import _diffrax
 from jaxdiff._checks import check_count, coef_time, concrete
-from jaxdiff._engine import SLOPE_MESSAGE, slope_singular, slope_singular_at_one
+from jaxdiff._engine import (
+    SLOPE_MESSAGE,
+    alpha_zero_at_one,
+    slope_singular,
+    slope_singular_at_one,
+)
 from jaxdiff.conversions import hub_matrix
 from jaxdiff.field import Field, batch_time
 from jaxdiff.integrate import Solution, check_tolerances, integrate
@@ -52,12 +57,8 @@ def _stepper(path: GaussianPath, field: Field, solver, eta) -> _diffrax.Stepper:
     return _diffrax.Stepper(solver, drift, diffusion, -1.0)
 
 
-def _alpha_zero_at_one(path: GaussianPath) -> Array:
-    return path.alpha(jnp.ones((), jnp.float32)) == 0
-
-
 def _singular_sde(path: GaussianPath) -> Array:
-    return _alpha_zero_at_one(path) | slope_singular_at_one(path)
+    return alpha_zero_at_one(path) | slope_singular_at_one(path)
 
 
 def _stiff_start_grid(path: GaussianPath, steps: int, t_start: Any, t_end: Any) -> Array:
@@ -67,7 +68,7 @@ def _stiff_start_grid(path: GaussianPath, steps: int, t_start: Any, t_end: Any) 
     the energy distance to a 2-component mixture was 0.19 at ``eta = 0.5`` (0.26 cosine), 0.0044
     (0.0008) on the log-SNR grid, whose first step is ``7.5e-4``."""
     with jax.ensure_compile_time_eval():
-        singular = concrete(_alpha_zero_at_one(path))
+        singular = concrete(alpha_zero_at_one(path))
     if singular is not None and bool(singular):
         return log_snr_grid(path, steps, t_start, t_end)
     return default_grid(path, steps, t_start, t_end)
