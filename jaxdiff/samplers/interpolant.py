@@ -50,6 +50,12 @@ def _to_zero(path, steps, t_start, t_end):
     return uniform_grid(steps, t_start, t_end)
 
 
+def _noise_scale(path):
+    """The scale of the noise whose score the SDE needs: ``sigma_t`` on a Gaussian path,
+    ``gamma_t`` on a stochastic interpolant."""
+    return path.sigma if isinstance(path, GaussianPath) else path.gamma
+
+
 def interpolant_sde(diffusion: Eta = 0.0, *, noise: Field | None = None) -> Sampler:
     """Euler(-Maruyama) on ``dx = [b - eps_t s] dt + sqrt(2 eps_t) dW`` from ``t = 1`` to 0.
 
@@ -58,7 +64,8 @@ def interpolant_sde(diffusion: Eta = 0.0, *, noise: Field | None = None) -> Samp
     :class:`~jaxdiff.StochasticInterpolant` when ``eps_t != 0`` (see the module text). The score
     is evaluated on the grid's times before its end, so with ``eps_t != 0`` the noise scale there
     (``gamma_t``, or ``sigma_t`` on a Gaussian path) must be ``> 0``: on a Brownian bridge
-    (``gamma_1 = 0``) the default grid starts at ``t = 1 - 1e-3``. Default grid: 100 uniform steps from 1 to 0.
+    (``gamma_1 = 0``) the default grid starts at ``t = 1 - 1e-3``. Default grid: 100 uniform
+    steps from 1 to 0.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> si = jd.linear_interpolant()  # x_t = (1 - t) x0 + t x1; pairs x0 = 1, x1 = 2
@@ -135,7 +142,7 @@ def interpolant_sde(diffusion: Eta = 0.0, *, noise: Field | None = None) -> Samp
                 ),
                 "diffusion(t) must be finite and >= 0 on the grid",
             )
-        scale = path.sigma if gaussian else path.gamma
+        scale = _noise_scale(path)
         name = "sigma_t" if gaussian else "gamma_t"
         return grid_check(
             ts,
@@ -145,8 +152,7 @@ def interpolant_sde(diffusion: Eta = 0.0, *, noise: Field | None = None) -> Samp
         )
 
     def singular_start(path) -> Array:  # the score, where the noise scale is 0 at t = 1
-        scale = path.sigma if isinstance(path, GaussianPath) else path.gamma
-        return scale(jnp.ones((), jnp.float32)) <= 0
+        return _noise_scale(path)(jnp.ones((), jnp.float32)) <= 0
 
     return Sampler(
         name=f"interpolant_sde(diffusion={diffusion})",
