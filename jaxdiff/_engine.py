@@ -169,13 +169,26 @@ INSIDE_PRIOR = 1.0 - 1e-3
 EPS_SCORE = ("eps", "score")  # the targets whose x0 = (x - sigma eps) / alpha
 
 
-def alpha_zero_at_one(path: Any) -> Array:
-    return path.alpha(jnp.ones((), jnp.float32)) == 0
+STIFF_DROP = 1.0  # log-SNR lost over the last 1e-3 of time beyond which the prior end is stiff
+
+
+def stiff_at_one(path: Any) -> Array:
+    """Whether the prior end of ``path`` is singular or stiff: ``alpha_1 = 0`` (the linear and
+    cosine paths), or a log-SNR that falls by more than ``STIFF_DROP = 1`` over the last ``1e-3``
+    of time, ``|d log alpha / dt| > 500`` there. That is a discrete schedule whose last beta is
+    clipped near 1: ``cosine_betas()``'s 0.999 gives ``alpha_1 = 4.9e-5`` and a drop of 6.9, where
+    an ``eps`` field's error is multiplied by ``sigma / alpha`` (2e4) in ``x0`` and by
+    ``d log alpha / dt`` (3.5e3) in the drift. VP's drop is 0.02 and VE's 0.017."""
+    one = jnp.ones((), jnp.float32)
+    drop = path.log_snr(one - 1e-3) - path.log_snr(one)
+    return (path.alpha(one) == 0) | (drop > STIFF_DROP)
 
 
 def prior_time(path: Any, field: Any, singular_start: Callable[[Any], Any] | None = None) -> float:
     """The default time of the prior end of a grid: ``t = 1``, or ``1 - 1e-3`` where a step from
-    ``t = 1`` is singular: ``alpha_1 = 0`` (the linear and cosine paths) under an ``eps`` or
+    ``t = 1`` is singular or stiff: ``alpha_1 = 0`` (the linear and cosine paths) or a log-SNR
+    that falls by more than 1 over the last ``1e-3`` (``cosine_betas()``: :func:`stiff_at_one`)
+    under an ``eps`` or
     ``score`` field (``x0 = (x - sigma eps) / alpha``) or a field transform marked
     ``needs_alpha`` (``jd.dps``, ``pigdm``, ``tmpd``), also inside a wrapper (``clip_x0``,
     guidance: :func:`divides_by_alpha`), a ``velocity`` field where the path's slope is not
@@ -190,7 +203,7 @@ def prior_time(path: Any, field: Any, singular_start: Callable[[Any], Any] | Non
     with jax.ensure_compile_time_eval():
         flags = [singular_start(path)] if singular_start is not None else []
         if alpha is not None and field_needs:
-            flags.append(alpha_zero_at_one(path))
+            flags.append(stiff_at_one(path))
         if alpha is not None and any(f.target == "velocity" for f in wrapped_fields(field)):
             flags.append(slope_singular_at_one(path))  # velocity = alpha' x0 + sigma' eps
         for flag in flags:
