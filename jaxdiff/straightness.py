@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._checks import check_count, concrete, data_dtype, wide_dtype
+from jaxdiff._engine import prior_time
 from jaxdiff.conversions import convert
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath
@@ -41,11 +42,20 @@ class Straightness(NamedTuple):
 
 
 def straightness(
-    field: Field, x1: Array, *, path: GaussianPath | None = None, steps: int = 100
+    field: Field,
+    x1: Array,
+    *,
+    path: GaussianPath | None = None,
+    steps: int = 100,
+    t_start: float | None = None,
 ) -> Straightness:
     """``S = E ∫_0^1 |(x(1) - x(0)) - v(x(t), t)|^2 dt`` along Euler trajectories from ``x1``.
 
     ``field`` predicts ``"velocity"``, or any target of ``path`` (converted to the velocity).
+    Trajectories start at ``t_start``: 1, or ``1 - 1e-3`` where ``jd.sample``'s default start is
+    there (an ``eps`` or ``score`` field where ``alpha_1 = 0`` or the schedule is stiff at 1, the
+    README's Time convention); ``x1`` is then the state at ``t_start`` and ``S`` is measured on
+    ``[0, t_start]`` with the chord ``(x(t_start) - x(0)) / t_start``.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> straight = jd.Field(lambda x, t: jnp.ones_like(x), "velocity")  # x(t) = x1 - (1 - t)
@@ -56,11 +66,17 @@ def straightness(
     if field.target != "velocity" and path is None:
         raise ValueError(f"a field predicting {field.target!r} needs its path to give the velocity")
     steps = check_count(steps, "steps")
-    alpha_1 = None if path is None else concrete(path.alpha(1.0))
-    if field.target in ("eps", "score") and alpha_1 is not None and float(alpha_1) == 0.0:
+    if t_start is None:
+        t_start = 1.0 if path is None else prior_time(path, field)
+    t_start = float(t_start)
+    if not 0.0 < t_start <= 1.0:
+        raise ValueError(f"t_start must lie in (0, 1]; got {t_start}")
+    alpha_0 = None if path is None else concrete(path.alpha(t_start))
+    if field.target in ("eps", "score") and alpha_0 is not None and float(alpha_0) == 0.0:
         raise ValueError(
-            f"alpha_t = 0 at t = 1 on this path, where an {field.target!r} prediction says nothing "
-            "about x0 (it gave NaN): measure a field predicting 'x0', 'v' or 'velocity'"
+            f"alpha_t = 0 at t_start = {t_start} on this path, where an {field.target!r} "
+            "prediction says nothing about x0 (it gave NaN): start inside (the default, "
+            "1 - 1e-3) or measure a field predicting 'x0', 'v' or 'velocity'"
         )
     x1 = jnp.asarray(x1)
     if x1.ndim == 0:
@@ -71,7 +87,7 @@ def straightness(
     out = data_dtype(x1)
     wide = wide_dtype(out)
     x1 = x1.astype(out)
-    ts = jnp.linspace(1.0, 0.0, steps + 1, dtype=wide)
+    ts = jnp.linspace(t_start, 0.0, steps + 1, dtype=wide)
     dt = ts[1] - ts[0]
 
     def velocity(x, t):
@@ -86,7 +102,7 @@ def straightness(
         return x + v * dt, v
 
     x0, vs = jax.lax.scan(step, x1.astype(wide), ts[:-1])
-    chord = x1.astype(wide) - x0  # x(1) - x(0)
+    chord = (x1.astype(wide) - x0) / t_start  # the mean velocity: x(1) - x(0) from t = 1
     n = x1.shape[0]
     dev = jnp.sum(jnp.square(chord[None] - vs).reshape(steps, n, -1), axis=-1)
     value = jnp.mean(dev)

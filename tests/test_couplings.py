@@ -258,6 +258,17 @@ def test_straightness_of_a_curved_flow(steps, x64):
     )
     st2 = jd.straightness(as_x0, jnp.zeros((16, 2)), path=path, steps=steps)
     np.testing.assert_allclose(st2.value, st.value, rtol=1e-8, atol=1e-12)
+    # as an eps-prediction, which says nothing about x0 at alpha_1 = 0 (it was refused): the
+    # trajectories start inside, at t0 = 1 - 1e-3 (jd.sample's default start), S = t0^2 |a|^2 var_t
+    as_eps = jd.Field(
+        lambda x, t: jd.convert(path, x, t, t[:, None] * a[None], src="velocity", dst="eps"), "eps"
+    )
+    st3 = jd.straightness(as_eps, jnp.zeros((16, 2)), path=path, steps=steps)
+    t0 = 1.0 - 1e-3
+    np.testing.assert_allclose(st3.value, 5.0 * t0**2 * var_t, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(st3.relative, st.relative, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="alpha_t = 0 at t_start = 1.0"):
+        jd.straightness(as_eps, jnp.zeros((16, 2)), path=path, steps=steps, t_start=1.0)
 
 
 def test_exact_ot_is_the_sorted_pairing_far_from_the_origin():
