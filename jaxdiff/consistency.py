@@ -207,7 +207,7 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
         return convert(path, x, t, teacher(x, t, *extra), src=teacher.target, dst="velocity")
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
-        x0, labels = _split_batch(batch)
+        x0, labels = _split_batch(batch, "a consistency loss")
         n = x0.shape[0]
         n_key, e_key = jax.random.split(key)
         idx = jax.random.randint(n_key, (n,), 0, ts.shape[0] - 1)

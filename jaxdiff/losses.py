@@ -266,8 +266,16 @@ def importance_time(
 # --- the losses ------------------------------------------------------------------------------
 
 
-def _split_batch(batch: Any) -> tuple[Array, Array | None]:
-    x0, _, labels = unpack_batch(batch)
+def _split_batch(batch: Any, where: str | None = None) -> tuple[Array, Array | None]:
+    """``(x0, labels)`` of a batch; with ``where`` (a loss that draws its own Gaussian noise),
+    source points ``x1`` in the batch are refused rather than dropped."""
+    x0, x1, labels = unpack_batch(batch)
+    if where is not None and x1 is not None:
+        raise ValueError(
+            f"{where} draws its own N(0, I) noise and does not use source points: the batch's "
+            "'x1' would be dropped (train on x0 alone, or with a flow-matching loss, which takes "
+            "'x1', source= and coupling=)"
+        )
     return x0, labels
 
 

@@ -44,6 +44,7 @@ from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import TimeSampler, _split_batch, draw_times, uniform_time
 from jaxdiff.paths import GaussianPath, linear_path
+from jaxdiff.sources import as_source, check_source_path, draw_pairs, is_gaussian
 
 Array = jax.Array
 
@@ -73,6 +74,8 @@ def meanflow_loss(
     weighting_power: float = 0.5,
     weighting_eps: float = 1e-3,
     velocity: Field | None = None,
+    source: Any = None,
+    coupling: Any = None,
 ) -> Callable[[Any, Array, Any], Array]:
     """The MeanFlow loss ``(params, key, batch) -> scalar`` (Geng et al. 2025, Algorithm 1).
 
@@ -95,8 +98,15 @@ def meanflow_loss(
     ``(t, r) = (1, 0)`` far more often. (With the high-frequency time features of
     ``jaxdiff.nets.MLP``, ``p = 0`` diverged; see ``TwoTimeMLP``.) ``v`` is the conditional velocity ``alpha_t' x + sigma_t' e``, or ``velocity(z_t, t)`` of
     a given field (a teacher: an exact oracle or a trained flow; any target), which makes the
-    minimum 0 at the exact average velocity. Batches are ``x0`` or ``(x0, labels)``; with labels
-    the teacher is called as ``velocity(z_t, t, labels)``, like the student.
+    minimum 0 at the exact average velocity. Batches are ``x0``, ``(x0, labels)`` or a dict
+    ``{'x0', 'x1', 'labels'}`` of source points; with labels the teacher is called as
+    ``velocity(z_t, t, labels)``, like the student.
+
+    ``source`` draws ``x1`` in place of ``e ~ N(0, I)`` (any source distribution,
+    :mod:`jaxdiff.sources`; it needs a path with ``alpha_1 = 0``, ``sigma_1 = 1``) and
+    ``coupling`` pairs it with ``x0`` (``jd.exact_ot()``), as in :func:`~jaxdiff.flow_matching_loss`.
+    The target is linear in the conditional velocity, whose mean given ``z_t`` is the marginal
+    velocity under any coupling, so the minimum is still the average velocity of that flow.
 
     Cost: the ``r = t`` part of the batch is split off statically and evaluated without the JVP
     (its target is ``v``), so the JVP (about two forward passes) runs on ``1 -
@@ -111,6 +121,10 @@ def meanflow_loss(
     if velocity is not None:
         velocity = as_field(velocity, "velocity")
     path = linear_path() if path is None else path
+    source = as_source(source)
+    if not is_gaussian(source):
+        check_source_path(path)
+    plain = source is None and coupling is None
     time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
     if not 0.0 <= flow_matching_fraction <= 1.0:
         raise ValueError(f"flow_matching_fraction must lie in [0, 1]; got {flow_matching_fraction}")
@@ -119,14 +133,20 @@ def meanflow_loss(
         raise ValueError(f"weighting_eps must be finite and > 0; got {weighting_eps}")
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
-        x0, labels = _split_batch(batch)
-        n = x0.shape[0]
         t_key, r_key, e_key = jax.random.split(key, 3)
+        given_x1 = isinstance(batch, dict) and batch.get("x1") is not None
+        if given_x1:  # source points from the batch: a non-Gaussian source
+            check_source_path(path)
+        if plain and not given_x1:
+            x0, labels = _split_batch(batch)
+            eps = normal_like(e_key, x0)
+        else:
+            x0, eps, labels = draw_pairs(e_key, batch, source, coupling)
+        n = x0.shape[0]
         tdt = wide_dtype(x0.dtype)  # times in float32 or wider, whatever x0's dtype
         t1 = draw_times(time_sampler, t_key, n, tdt)
         t2 = draw_times(time_sampler, r_key, n, tdt)
         t, r = jnp.maximum(t1, t2), jnp.minimum(t1, t2)
-        eps = normal_like(e_key, x0)
         z = path.interpolate(x0, eps, t)
         extra = () if labels is None else (labels,)
         if velocity is None:

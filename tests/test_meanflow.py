@@ -301,3 +301,35 @@ def test_a_one_time_network_in_meanflow_is_named():
         jd.meanflow_loss(jd.Field(model.apply, "velocity"))(
             params, jax.random.key(1), jnp.ones((4, 2))
         )
+
+
+def test_source_points_and_couplings_reach_the_target(x64):
+    """MeanFlow with any source (Geng et al. train from N(0, I)): the target is linear in the
+    conditional velocity x1 - x0, whose mean given z_t is the marginal velocity under any
+    coupling. A zero network at r = t and p = 0 makes the loss E|x1 - x0|^2: |m1 - MU|^2 +
+    D (S^2 + s1^2) for independent draws (14.78 here), less under OT. The batch's x1, source= and
+    coupling= used to be dropped or refused (TypeError), training a Gaussian-source model."""
+    m1, s1, n = jnp.array([[-1.0, 1.0]]), 0.8, 8192
+    source = lambda key, shape: m1 + s1 * jax.random.normal(key, shape)  # noqa: E731
+    zero = jd.Field(lambda p, x, t, r: jnp.zeros_like(x), "velocity")
+    x0 = gauss().sample(jax.random.key(0), n)
+    independent = float(jnp.sum(jnp.square(m1 - MU)) + 2 * (S**2 + s1**2))
+
+    def loss(**kw):
+        fn = jd.meanflow_loss(zero, PATH, flow_matching_fraction=1.0, weighting_power=0.0, **kw)
+        return lambda batch: float(fn(None, jax.random.key(1), batch))
+
+    np.testing.assert_allclose(loss(source=source)(x0), independent, rtol=0.02)
+    x1 = source(jax.random.key(2), x0.shape)
+    np.testing.assert_allclose(
+        loss()({"x0": x0, "x1": x1}), float(jnp.mean(jnp.sum(jnp.square(x1 - x0), -1))), rtol=1e-12
+    )
+    # minibatch OT pairs x1 - m1 with (s1 / S)(x0 - MU): |m1 - MU|^2 + D (S - s1)^2 = 13.18
+    ot = loss(source=source, coupling=jd.exact_ot())(x0[:512])
+    assert ot < float(jnp.sum(jnp.square(m1 - MU)) + 2 * (S - s1) ** 2) + 0.1 < independent
+    with pytest.raises(ValueError, match="needs a path that ends at it"):
+        jd.meanflow_loss(zero, jd.vp_path(), source=source)
+    gauss_x0 = jd.Field(lambda p, x, t: jnp.zeros_like(x), "x0")
+    ct = jd.consistency_training_loss(gauss_x0, PATH)
+    with pytest.raises(ValueError, match="does not use source points"):
+        ct(None, jax.random.key(0), {"x0": x0, "x1": x1})
