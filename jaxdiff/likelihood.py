@@ -146,9 +146,9 @@ def log_likelihood(
 
     ``t_end`` defaults to 1, or to ``1 - 1e-3`` where the drift is singular at ``t = 1``: an
     ``eps`` or ``score`` field (also inside a wrapper) or an inverse field (``jd.dps``,
-    ``pigdm``, ``tmpd``) on a path with ``alpha_1 = 0`` (linear, cosine) or a stiff end (a
-    log-SNR drop above 1 over the last ``1e-3``: ``cosine_betas()``), and any field where the
-    path's slope is not finite at ``t = 1`` (a zero-terminal-SNR schedule). The default prior is
+    ``pigdm``, ``tmpd``) on a path with ``alpha_1 = 0`` (linear, cosine); any field where the
+    log-SNR falls by more than 1 over the last ``1e-3`` (``cosine_betas()``) or the path's slope
+    is not finite at ``t = 1`` (a zero-terminal-SNR schedule). The default prior is
     for a ``t_end`` at or near the prior end, where ``p_t`` is close to ``N(0, sigma_t^2 I)``; for
     an earlier ``t_end`` pass ``prior_logp``.
 

@@ -60,13 +60,14 @@ def sample(
     * the grid: ``ts`` (decreasing in ``[0, 1]``), or ``steps`` steps of the sampler's default
       grid from ``t_start`` to ``t_end`` (the sampler's default, ``1e-3`` or ``0``); giving
       ``ts`` with any of the others is an error. ``t_start`` defaults to 1, or to ``1 - 1e-3``
-      just inside it where a step from ``t = 1`` is singular or stiff: where ``alpha_1 = 0``
-      (linear and cosine paths) or the log-SNR falls by more than 1 over the last ``1e-3``
-      (``discrete_path(cosine_betas())``) under an ``eps`` or ``score`` field (also inside a
-      wrapper: ``clip_x0``, guidance), an inverse field (``jd.dps``, ``pigdm``, ``tmpd``) or the
-      reverse SDE; where the path's slope is infinite at 1 (zero terminal SNR) under the
-      probability-flow ODE, the reverse SDE or a ``velocity`` field; and for ``interpolant_sde``
-      with diffusion where the noise scale is 0 at 1 (the README's Time convention). A grid
+      just inside it where a step from ``t = 1`` is singular or stiff: for any field where the
+      log-SNR falls by more than 1 over the last ``1e-3`` with ``alpha_1 > 0``
+      (``discrete_path(cosine_betas())``); where ``alpha_1 = 0`` (linear and cosine paths)
+      under an ``eps`` or ``score`` field (also inside a wrapper: ``clip_x0``, guidance), an
+      inverse field (``jd.dps``, ``pigdm``, ``tmpd``) or the reverse SDE; where the path's
+      slope is infinite at 1 (zero terminal SNR) under the probability-flow ODE, the reverse SDE
+      or a ``velocity`` field; and for ``interpolant_sde`` with diffusion where the noise scale
+      is 0 at 1 (the README's Time convention). A grid
       given from ``t = 1`` there (``t_start=1``, or ``ts``) is refused with the reason, except
       on a stiff schedule with ``alpha_1 > 0``. The rule reads the path at trace time: a path
       passed traced into ``jit`` starts at 1 and is refused when it runs.

@@ -456,6 +456,12 @@ def test_reverse_sde_default_grid_resolves_the_stiff_start(true_samples, name):
     x0 = DATA.field(path, "x0")
     run = jax.jit(lambda k: jd.sample(k, path, x0, (N, 2), sampler=sampler, steps=40).x)
     assert float(jd.energy_distance(run(key), true_samples)) < ED_BOUND
+    per_sample = S.sde(eta=jnp.full((8,), 0.5))  # the rule reads all of a per-sample eta
+    np.testing.assert_allclose(
+        per_sample.grid(path, 5, 1.0 - 1e-3, 1e-3), jd.log_snr_grid(path, 5, 1.0 - 1e-3, 1e-3)
+    )
+    assert bool(jnp.all(jnp.isfinite(jd.sample(key, path, x0, (8, 2), sampler=per_sample,
+                                               steps=5).x)))  # fmt: skip
     np.testing.assert_allclose(
         S.sde().grid(path, 10, 1.0 - 1e-3, 1e-3), jd.uniform_grid(10, 1.0 - 1e-3, 1e-3)
     )
@@ -466,38 +472,35 @@ def test_reverse_sde_default_grid_resolves_the_stiff_start(true_samples, name):
     log_snr = jd.energy_distance(
         by_grid(key, jd.log_snr_grid(path, 10, 1.0 - 1e-3, 1e-3)), true_samples
     )
-    assert float(default) < 0.5 * float(log_snr)
+    assert float(default) < 0.6 * float(log_snr)  # 0.08 linear, 0.45 cosine (0.38-0.45 by seed)
 
 
 def test_a_stiff_prior_end_starts_inside(true_samples):
     """discrete_path(cosine_betas()) clips its last beta at 0.999: alpha_1 = 4.9e-5, not 0, but
-    the log-SNR falls by 6.9 over the last 1e-3, where an eps field's error is multiplied by
-    sigma / alpha = 2e4 in x0. From t = 1 a trained MLP's samples were ruined (energy distance 240
-    by Heun, 29 by DDIM and 225 by the reverse SDE at 10 steps; 0.19, 0.20 and 0.29 from
-    1 - 1e-3, measured), and so was the reverse SDE with the exact field (0.054 at 100 steps, measured). The
-    eps and score fields, and the reverse SDE, start at 1 - 1e-3 by default there; t = 1 given
-    is still allowed (alpha_1 > 0), and an x0 field keeps t = 1. VP's drop is 0.02."""
+    the log-SNR falls by 6.9 over the last 1e-3, where alpha grows 31-fold and an eps field's
+    error is multiplied by sigma / alpha = 2e4 in x0. From t = 1 a trained MLP's samples were
+    ruined (energy distance 240 by Heun, 29 by DDIM and 225 by the reverse SDE at 10 steps; 0.19,
+    0.20 and 0.29 from 1 - 1e-3, measured), and so were exact fields of any target under the
+    samplers that step the drift (Euler on the probability-flow ODE of an x0 field: 1.8 against
+    0.004 on this mixture, measured). Every field and sampler starts at 1 - 1e-3 by default
+    there; t = 1 given is still allowed (alpha_1 > 0). VP's drop is 0.02."""
     path, key = jd.discrete_path(jd.cosine_betas()), jax.random.key(0)
     drop = float(path.log_snr(1.0 - 1e-3) - path.log_snr(1.0))
-    assert (
-        6.5 < drop < 7.5
-        and float(jd.vp_path().log_snr(1.0 - 1e-3) - jd.vp_path().log_snr(1.0)) < 0.05
-    )
-    eps = DATA.field(path, "eps")
-    for sampler in (S.ode(), S.ddim(), S.sde()):
-        x = jd.sample(key, path, eps, (8, 2), sampler=sampler, steps=5).x
-        np.testing.assert_array_equal(
-            x, jd.sample(key, path, eps, (8, 2), sampler=sampler, steps=5, t_start=1.0 - 1e-3).x
-        )
-        assert bool(jnp.all(jnp.isfinite(
-            jd.sample(key, path, eps, (8, 2), sampler=sampler, steps=5, t_start=1.0).x)))  # fmt: skip
+    vp = jd.vp_path()
+    assert 6.5 < drop < 7.5 and float(vp.log_snr(1.0 - 1e-3) - vp.log_snr(1.0)) < 0.05
+    for target in ("eps", "x0"):
+        field = DATA.field(path, target)
+        for sampler in (S.ode(), S.ddim(), S.sde()):
+            x = jd.sample(key, path, field, (8, 2), sampler=sampler, steps=5).x
+            inside = jd.sample(key, path, field, (8, 2), sampler=sampler, steps=5, t_start=1 - 1e-3)
+            np.testing.assert_array_equal(x, inside.x)
+            at_one = jd.sample(key, path, field, (8, 2), sampler=sampler, steps=5, t_start=1.0)
+            assert bool(jnp.all(jnp.isfinite(at_one.x)))
     x0 = DATA.field(path, "x0")
-    np.testing.assert_array_equal(
-        jd.sample(key, path, x0, (8, 2), sampler=S.ddim(), steps=5).x,
-        jd.sample(key, path, x0, (8, 2), sampler=S.ddim(), steps=5, t_start=1.0).x,
-    )
-    run = jax.jit(lambda k: jd.sample(k, path, x0, (N, 2), sampler=S.sde(), steps=50).x)
-    assert float(jd.energy_distance(run(key), true_samples)) < ED_BOUND
+    for sampler, steps in ((S.sde(), 50), (S.ode(), 10)):
+        run = jax.jit(lambda k, s=sampler, n=steps: jd.sample(k, path, x0, (N, 2), sampler=s,
+                                                              steps=n).x)  # fmt: skip
+        assert float(jd.energy_distance(run(key), true_samples)) < ED_BOUND
 
 
 def test_fields_see_one_time_per_sample():
