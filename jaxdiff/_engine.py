@@ -165,6 +165,28 @@ def grid_check(ts: Array, bad: Callable[[Array], Array], msg: str) -> Array:
     return error_if(ts, flag, msg)
 
 
+def is_gaussian_path(path: Any) -> bool:
+    """Whether ``path`` has ``alpha_t, sigma_t`` and their slopes (a ``GaussianPath``, not a
+    ``StochasticInterpolant``)."""
+    return all(hasattr(path, name) for name in ("alpha", "sigma", "d_alpha", "d_sigma"))
+
+
+def require_gaussian_path(path: Any, where: str, hint: str = "") -> None:
+    """Refuse a path without ``alpha_t, sigma_t`` (a stochastic interpolant) with the reason,
+    where an ``AttributeError`` deep inside was the message."""
+    if not is_gaussian_path(path):
+        raise ValueError(
+            f"{where} needs a GaussianPath (alpha_t, sigma_t); got {type(path).__name__}. A "
+            "stochastic interpolant is sampled with jd.samplers.interpolant_sde()" + hint
+        )
+
+
+VELOCITY_HINT = (
+    "; its velocity field (target 'velocity', used as it is) works with any path that ends at "
+    "the source, e.g. jd.linear_path(), given the source points"
+)
+
+
 INSIDE_PRIOR = 1.0 - 1e-3
 EPS_SCORE = ("eps", "score")  # the targets whose x0 = (x - sigma eps) / alpha
 

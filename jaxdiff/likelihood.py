@@ -59,8 +59,10 @@ from jaxdiff._checks import (
 )
 from jaxdiff._engine import (
     SLOPE_MESSAGE,
+    VELOCITY_HINT,
     grid_check,
     prior_time,
+    require_gaussian_path,
     slope_singular,
     slope_singular_at_one,
 )
@@ -162,6 +164,7 @@ def log_likelihood(
     True
     """
     field = as_field(field)
+    require_gaussian_path(path, "log_likelihood", VELOCITY_HINT + " and prior_logp= of the source")
     x = check_finite(jnp.asarray(x), "x")
     x = x.astype(wide_dtype(data_dtype(x)))  # densities in float32 or wider, whatever x's dtype
     if x.ndim < 2:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import diffrax
 import jax
+import jax.numpy as jnp
 
+from jaxdiff._engine import VELOCITY_HINT, require_gaussian_path
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath
 from jaxdiff.sample import sample
@@ -35,17 +37,19 @@ __all__ = ["reflow_pairs"]
 
 
 def reflow_pairs(
-    key: Array,
+    key: Array | None,
     path: GaussianPath,
     field: Field,
-    shape: tuple[int, ...],
+    shape: tuple[int, ...] | None = None,
     *,
+    x1: Array | None = None,
     steps: int = 100,
     solver: diffrax.AbstractSolver | None = None,
     t_end: float = 1e-3,
 ) -> dict[str, Array]:
-    """``{"x0": x0, "x1": x1}``: prior draws ``x1`` of ``shape`` and where ``field``'s
-    probability-flow ODE takes them (``steps`` steps of ``solver``, default Euler, from ``t = 1``
+    """``{"x0": x0, "x1": x1}``: prior draws ``x1`` of ``shape`` (or the source points ``x1``
+    given, for a flow from any source: ``x1=source(key, shape)``, ``key`` then unused) and
+    where ``field``'s probability-flow ODE takes them (``steps`` steps of ``solver``, default Euler, from ``t = 1``
     to ``t_end``) -- a batch for ``jd.flow_matching_loss``, which then regresses on
     ``alpha_t' x0 + sigma_t' x1`` along ``x_t = alpha_t x0 + sigma_t x1``.
 
@@ -53,6 +57,11 @@ def reflow_pairs(
     on chunks of keys (``jax.lax.map``) to bound memory.
     """
     field = as_field(field)
-    x1 = path.prior_sample(key, tuple(shape))
+    require_gaussian_path(path, "reflow_pairs", VELOCITY_HINT + " as x1=")
+    if (x1 is None) == (shape is None):
+        raise ValueError(
+            "reflow_pairs takes exactly one of shape (prior draws) and x1= (source points)"
+        )
+    x1 = path.prior_sample(key, tuple(shape)) if x1 is None else jnp.asarray(x1)
     sol = sample(None, path, field, x_init=x1, steps=steps, sampler=ode(solver), t_end=t_end)
     return {"x0": sol.x, "x1": x1}

@@ -112,12 +112,12 @@ def sample(
         raise TypeError(
             f"sampler must be a jaxdiff.samplers value (e.g. jd.samplers.ode()); got {sampler!r}"
         )
+    denoise = sampler.denoise if denoise is None else bool(denoise)
+    if not isinstance(path, GaussianPath):  # before the default start, which reads alpha_t
+        _check_interpolant(sampler, x_init, denoise)
     if t_start is None and ts is None:
         t_start = _engine.prior_time(path, field, sampler.singular_start)
     grid = _grid(path, sampler, steps, ts, t_start, t_end)
-    denoise = sampler.denoise if denoise is None else bool(denoise)
-    if not isinstance(path, GaussianPath):
-        _check_interpolant(sampler, x_init, denoise)
     if key is None and (x_init is None or sampler.stochastic):
         raise ValueError(
             f"sampling from the prior or with a stochastic sampler ({sampler.name}) needs a PRNG key"
@@ -254,6 +254,8 @@ def _check_interpolant(sampler, x_init, denoise) -> None:
         raise ValueError(
             f"{sampler.name} samples a GaussianPath (it converts through the (x0, eps) hub); a "
             "stochastic interpolant is sampled with jd.samplers.interpolant_sde()"
+            + _engine.VELOCITY_HINT
+            + " as x_init (interpolant_sde(0.0) is the probability-flow ODE by Euler)"
         )
     if x_init is None:
         raise ValueError(

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._checks import check_count, concrete, data_dtype, wide_dtype
-from jaxdiff._engine import prior_time
+from jaxdiff._engine import is_gaussian_path, prior_time, require_gaussian_path
 from jaxdiff.conversions import convert
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath
@@ -63,6 +63,10 @@ def straightness(
     0.0
     """
     field = as_field(field, "field")
+    if path is not None and not is_gaussian_path(path):
+        if field.target != "velocity":
+            require_gaussian_path(path, f"straightness of a field predicting {field.target!r}")
+        path = None  # a velocity field is measured as it is
     if field.target != "velocity" and path is None:
         raise ValueError(f"a field predicting {field.target!r} needs its path to give the velocity")
     steps = check_count(steps, "steps")

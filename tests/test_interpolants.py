@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
@@ -322,10 +323,34 @@ def test_the_deterministic_interpolant_has_finite_ends_and_no_score():
 
 
 def test_straightness_refuses_an_eps_field_where_alpha_vanishes():
-    with pytest.raises(ValueError, match="alpha_t = 0 at t = 1"):  # it gave NaN
-        jd.straightness(
-            jd.Field(lambda x, t: x, "eps"), jnp.ones((4, 2)), path=jd.linear_path(), steps=4
+    eps = jd.Field(lambda x, t: x, "eps")
+    with pytest.raises(ValueError, match="alpha_t = 0 at t_start = 1.0"):  # it gave NaN
+        jd.straightness(eps, jnp.ones((4, 2)), path=jd.linear_path(), steps=4, t_start=1.0)
+    inside = jd.straightness(eps, jnp.ones((4, 2)), path=jd.linear_path(), steps=4)  # 1 - 1e-3
+    assert bool(jnp.isfinite(inside.value))
+
+
+def test_an_interpolant_where_a_gaussian_path_is_needed_is_named():
+    """The usability audit (U3): ode(), log_likelihood, straightness and reflow_pairs on a
+    stochastic interpolant failed with AttributeError ('d_alpha', 'alpha', 'prior_sample'). They
+    now name the interpolant and the way out; a velocity field is measured as it is."""
+    bb, x = jd.brownian_bridge(), jnp.ones((4, 2))
+    vel = jd.Field(lambda x, t: -x, "velocity")
+    with pytest.raises(ValueError, match=r"ode\(Euler\) samples a GaussianPath.*linear_path"):
+        jd.sample(None, bb, vel, x_init=x, sampler=jd.samplers.ode(), steps=4)
+    jaxtyping.config.update("jaxtyping_disable", True)  # users run without the tests' beartype,
+    try:  # which refuses the interpolant by the type hints first: check the library's messages
+        with pytest.raises(ValueError, match="log_likelihood needs a GaussianPath.*prior_logp"):
+            jd.log_likelihood(bb, vel, x)
+        with pytest.raises(ValueError, match="reflow_pairs needs a GaussianPath.*as x1="):
+            jd.reflow_pairs(jax.random.key(0), bb, vel, (4, 2))
+        with pytest.raises(ValueError, match="straightness of a field predicting 'x0' needs a"):
+            jd.straightness(jd.Field(lambda x, t: x, "x0"), x, path=bb)
+        np.testing.assert_array_equal(  # the path only converts: a velocity field needs none
+            jd.straightness(vel, x, path=bb, steps=4).value, jd.straightness(vel, x, steps=4).value
         )
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)
 
 
 def test_a_dataset_source_reshapes_only_between_flat_and_shaped_points():

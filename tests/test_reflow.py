@@ -79,3 +79,14 @@ def test_reflow_pairs_train_flow_matching_on_the_given_noise():
     np.testing.assert_allclose(float(loss(0.0, jax.random.key(5), pairs)), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="source points have shape"):
         loss(1.0, jax.random.key(5), {"x0": x0, "x1": x0[:10]})
+
+
+def test_reflow_pairs_of_given_source_points(x64):
+    """x1= (the usability audit's U5: a flow from another source could not be reflowed): the
+    pairs start from the points given, along the same exact flow map."""
+    x1 = jax.random.normal(jax.random.key(3), (64, 2))
+    pairs = jd.reflow_pairs(None, PATH, _oracle(), x1=x1, steps=20, solver=diffrax.Tsit5())
+    np.testing.assert_array_equal(pairs["x1"], x1)
+    np.testing.assert_allclose(pairs["x0"], (1 - 1e-3) * MU + _sigma(1e-3) * x1, atol=1e-5)
+    with pytest.raises(ValueError, match="exactly one of shape"):
+        jd.reflow_pairs(jax.random.key(0), PATH, _oracle(), (64, 2), x1=x1)
