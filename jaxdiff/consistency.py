@@ -105,6 +105,9 @@ def consistency_function(
 ) -> Callable[..., Array]:
     """``f(params, x, t, *args) = c_skip(t) x + c_out(t) fn(params, x, t, *args)`` (see
     :func:`consistency_scalings`); ``t`` of shape ``(batch,)``. ``f(params, x, t_min) = x`` exactly.
+    ``fn`` takes ``params`` first, as every network reaches the losses; a parameter-free oracle
+    is ``consistency_function(lambda p, x, t: g(x, t))`` in a field with params that are not
+    ``None`` (``Field(f, "x0", ())``: ``None`` means that ``fn`` takes no params).
 
     >>> import jax.numpy as jnp
     >>> f = consistency_function(lambda p, x, t: p * jnp.ones_like(x), t_min=1e-3)
@@ -126,7 +129,8 @@ def consistency_grid(
 ) -> Array:
     """``num_scales`` increasing times ``t_i = (t_min^(1/rho) + i/(N-1) (t_max^(1/rho) -
     t_min^(1/rho)))^rho``: uniform in ``t`` for ``rho = 1`` (the default), denser near the data
-    for ``rho > 1`` (Karras et al. 2022's spacing, here in ``t``).
+    for ``rho > 1`` (Karras et al. 2022's spacing, here in ``t``). Increasing, as the training
+    losses take it; a sampler's ``ts`` decreases: ``consistency_grid(...)[::-1]``.
 
     On the linear path the uniform grid trained best: EDM's grid in ``sigma_t / alpha_t``
     (``karras_grid``) puts intervals of 1e-5 next to the data, whose ``1 / dt`` weights made
