@@ -49,9 +49,9 @@ def reflow_pairs(
 ) -> dict[str, Array]:
     """``{"x0": x0, "x1": x1}``: prior draws ``x1`` of ``shape`` (or the source points ``x1``
     given, for a flow from any source: ``x1=source(key, shape)``, ``key`` then unused) and
-    where ``field``'s probability-flow ODE takes them (``steps`` steps of ``solver``, default Euler, from ``t = 1``
-    to ``t_end``) -- a batch for ``jd.flow_matching_loss``, which then regresses on
-    ``alpha_t' x0 + sigma_t' x1`` along ``x_t = alpha_t x0 + sigma_t x1``.
+    where ``field``'s probability-flow ODE takes them (``steps`` steps of ``solver``, default
+    Euler, from ``t = 1`` to ``t_end``) -- a batch for ``jd.flow_matching_loss``, which then
+    regresses on ``alpha_t' x0 + sigma_t' x1`` along ``x_t = alpha_t x0 + sigma_t x1``.
 
     Cost: ``steps`` (x the solver's stages) network evaluations per pair. For many pairs call it
     on chunks of keys (``jax.lax.map``) to bound memory.

@@ -67,10 +67,10 @@ def sample(
       inverse field (``jd.dps``, ``pigdm``, ``tmpd``) or the reverse SDE; where the path's
       slope is infinite at 1 (zero terminal SNR) under the probability-flow ODE, the reverse SDE
       or a ``velocity`` field; and for ``interpolant_sde`` with diffusion where the noise scale
-      is 0 at 1 (the README's Time convention). A grid
-      given from ``t = 1`` there (``t_start=1``, or ``ts``) is refused with the reason, except
-      on a stiff schedule with ``alpha_1 > 0``. The rule reads the path at trace time: a path
-      passed traced into ``jit`` starts at 1 and is refused when it runs.
+      is 0 at 1 (the README's Time convention). A grid given from ``t = 1`` there
+      (``t_start=1``, or ``ts``) is refused with the reason, except on a stiff schedule with
+      ``alpha_1 > 0``. The rule reads the path at trace time: a path passed traced into
+      ``jit`` starts at 1 and is refused when it runs.
     * the start: ``x_init``, or a draw of ``N(0, sigma_{t0}^2 I)`` of ``shape`` at the first time
       ``t0`` (the path's prior there).
     * ``denoise``: end with the denoising step ``x <- x0_hat(x, t_end)`` (one more

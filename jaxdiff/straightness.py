@@ -53,8 +53,8 @@ def straightness(
 
     ``field`` predicts ``"velocity"``, or any target of ``path`` (converted to the velocity).
     Trajectories start at ``t_start``: 1, or ``1 - 1e-3`` where ``jd.sample``'s default start is
-    there (an ``eps`` or ``score`` field where ``alpha_1 = 0`` or the schedule is stiff at 1, the
-    README's Time convention); ``x1`` is then the state at ``t_start`` and ``S`` is measured on
+    there (an ``eps`` or ``score`` field where ``alpha_1 = 0``, any field on a schedule stiff at
+    1 such as ``cosine_betas()``: the README's Time convention); ``x1`` is then the state at ``t_start`` and ``S`` is measured on
     ``[0, t_start]`` with the chord ``(x(t_start) - x(0)) / t_start``.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
