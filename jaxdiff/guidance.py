@@ -43,7 +43,9 @@ Array = jax.Array
 __all__ = ["classifier_free_guidance", "classifier_guidance", "clip_x0", "dynamic_thresholding"]
 
 
-def _cfg(params: Any, x: ArrayLike, t: ArrayLike) -> Array:
+def _cfg(params: Any, x: ArrayLike, t: ArrayLike, *more: Any) -> Array:
+    """``more``: the field's other arguments before the labels (``r`` of the ``meanflow()``
+    sampler's ``field(x, t, r)``), passed through."""
     field, labels, null, scale, interval = params
     x = jnp.asarray(x)
     n = x.shape[0]
@@ -53,8 +55,8 @@ def _cfg(params: Any, x: ArrayLike, t: ArrayLike) -> Array:
         raise ValueError(f"labels have shape {labels.shape}; expected ({n}, ...) to match x")
 
     def guided(inside=None):
-        t2 = jnp.concatenate([t, t], axis=0) if jnp.ndim(t) else t
-        out = field(jnp.concatenate([x, x], axis=0), t2, jnp.concatenate([labels, null], axis=0))
+        twice = [jnp.concatenate([a, a], axis=0) if jnp.ndim(a) else a for a in (t, *more)]
+        out = field(jnp.concatenate([x, x], axis=0), *twice, jnp.concatenate([labels, null], 0))
         c, u = out[:n], out[n:]
         check_same_shape(c, x, "the conditional prediction")
         g = u + expand_like(jnp.asarray(scale, x.dtype), x) * (c - u)
@@ -66,7 +68,7 @@ def _cfg(params: Any, x: ArrayLike, t: ArrayLike) -> Array:
     inside = (t_arr >= interval[0]) & (t_arr <= interval[1])
 
     def conditional_only():  # one network call on n rows instead of 2n
-        c = field(x, t, labels)
+        c = field(x, t, *more, labels)
         check_same_shape(c, x, "the conditional prediction")
         return c.astype(jnp.result_type(c, x))  # the guided branch's dtype
 
@@ -92,7 +94,10 @@ def classifier_free_guidance(
     (half the network rows). ``scale = 1`` is plain conditional sampling. The labels are the
     field's third argument: a two-time network (``TwoTimeMLP``, ``TwoTimeUNet``: ``apply(params,
     x, t, r, labels)``) needs ``Field(lambda p, x, t, y: model.apply(p, x, t, None, y), ...)``,
-    or the labels land in ``r``.
+    or the labels land in ``r``. The ``meanflow()`` sampler calls ``field(x, t, r)``, and the
+    guided field passes ``r`` on before the labels: for guided one-step MeanFlow the network takes
+    both forms, ``Field(lambda p, x, t, *a: model.apply(p, x, t, *(a[:-1] or (None,)), a[-1]),
+    ...)`` (``r`` when given, then the labels; ``jd.sample`` first calls it without ``r``).
 
     >>> import jax.numpy as jnp, jaxdiff as jd
     >>> f = jd.Field(lambda x, t, y: x * y[:, None], "eps")   # a toy "network"

@@ -222,3 +222,26 @@ def test_classifier_free_guidance_takes_one_label_for_the_batch():
         np.testing.assert_array_equal(jax.jit(lambda x, t, g=one: g(x, t))(x, t), each(x, t))
     guided = jd.classifier_free_guidance(f, 7, -1, 2.5)(x, t)  # u + 2.5 (c - u), c - u = 8 x
     np.testing.assert_allclose(guided, x * 0.0 + t[:, None] + 2.5 * 8 * x, rtol=1e-6)
+
+
+def test_guidance_of_a_two_time_field_in_the_meanflow_sampler():
+    """The meanflow() sampler calls field(x, t, r): the guided field passes r on before the
+    labels (the usability audit's U4: '_cfg() takes 3 positional arguments but 4 were given').
+    One step from t = 1 to 0 is x - u(x, 1, 0): with u = y (x + t - r), the guided average
+    velocity is u_null + 3 (u_c - u_null) = (0 + 3 (2 - 0)) (x + 1)."""
+
+    def fn(x, t, *a):  # (x, t, labels) or (x, t, r, labels), as the docstring's recipe
+        r, y = (t, a[0]) if len(a) == 1 else a
+        return y[:, None] * (x + (t - r)[:, None])
+
+    two_time = jd.Field(fn, "velocity")
+    guided = jd.classifier_free_guidance(two_time, jnp.array([2.0, 2.0]), 0.0, 3.0)
+    x = jnp.array([[1.0, -2.0], [0.5, 0.0]])
+    sol = jd.sample(None, jd.linear_path(), guided, x_init=x, sampler=jd.samplers.meanflow(),
+                    steps=1, t_end=0.0)  # fmt: skip
+    np.testing.assert_allclose(sol.x, x - 6.0 * (x + 1.0), rtol=1e-6)
+    inside = jd.classifier_free_guidance(two_time, jnp.array([2.0, 2.0]), 0.0, 3.0,
+                                         interval=(0.5, 0.9))  # fmt: skip
+    np.testing.assert_allclose(  # outside the interval only the conditional half: 2 (x + 1)
+        inside(x, jnp.ones(2), jnp.zeros(2)), 2.0 * (x + 1.0), rtol=1e-6
+    )
