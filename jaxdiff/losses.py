@@ -279,6 +279,21 @@ def _split_batch(batch: Any, where: str | None = None) -> tuple[Array, Array | N
     return x0, labels
 
 
+def noise_pairs(
+    key: Array, batch: Any, path: GaussianPath, source: Any, coupling: Any
+) -> tuple[Array, Array, Array | None]:
+    """``(x0, x1, labels)`` for the losses: ``N(0, I)`` noise drawn with ``key`` where there is no
+    ``source``, ``coupling`` or ``x1`` in the batch (the same draw as ever, bit for bit), else
+    :func:`~jaxdiff.sources.draw_pairs`; source points in the batch need a path ending at them."""
+    given_x1 = isinstance(batch, dict) and batch.get("x1") is not None
+    if given_x1:  # source points from the batch: a non-Gaussian source
+        check_source_path(path)
+    if source is None and coupling is None and not given_x1:
+        x0, labels = _split_batch(batch)
+        return x0, normal_like(key, x0), labels  # bfloat16 data: drawn in float32, then rounded
+    return draw_pairs(key, batch, source, coupling)
+
+
 def per_example_loss(
     pred: Array,
     path: GaussianPath,
@@ -345,7 +360,6 @@ def diffusion_loss(
     check_gaussian_targets((target, regress), source, coupling, "diffusion_loss")
     if not is_gaussian(source):
         check_source_path(path)
-    plain = source is None and coupling is None
     rngs = (rngs,) if isinstance(rngs, str) else tuple(rngs)
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
@@ -356,15 +370,9 @@ def diffusion_loss(
                 for i, name in enumerate(rngs)
             }
         t_key, eps_key, drop_key = jax.random.split(key, 3)
-        given_x1 = isinstance(batch, dict) and batch.get("x1") is not None
-        if given_x1:  # source points from the batch: a non-Gaussian source
+        if isinstance(batch, dict) and batch.get("x1") is not None:  # a non-Gaussian source
             check_gaussian_targets((target, regress), batch["x1"], coupling, "diffusion_loss")
-            check_source_path(path)
-        if plain and not given_x1:
-            x0, labels = _split_batch(batch)  # today's draw, bit for bit
-            eps = normal_like(eps_key, x0)  # bfloat16 data: drawn in float32, then rounded
-        else:
-            x0, eps, labels = draw_pairs(eps_key, batch, source, coupling)
+        x0, eps, labels = noise_pairs(eps_key, batch, path, source, coupling)
         n = x0.shape[0]
         t = draw_times(time_sampler, t_key, n)  # in float32 or wider, whatever x0's dtype
         x_t = path.interpolate(x0, eps, t)

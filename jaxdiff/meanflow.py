@@ -39,12 +39,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import check_positive, expand_like, normal_like, wide_dtype
+from jaxdiff._checks import check_positive, expand_like, wide_dtype
 from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
-from jaxdiff.losses import TimeSampler, _split_batch, draw_times, uniform_time
+from jaxdiff.losses import TimeSampler, draw_times, noise_pairs, uniform_time
 from jaxdiff.paths import GaussianPath, linear_path
-from jaxdiff.sources import as_source, check_source_path, draw_pairs, is_gaussian
+from jaxdiff.sources import as_source, check_source_path, is_gaussian
 
 Array = jax.Array
 
@@ -124,7 +124,6 @@ def meanflow_loss(
     source = as_source(source)
     if not is_gaussian(source):
         check_source_path(path)
-    plain = source is None and coupling is None
     time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
     if not 0.0 <= flow_matching_fraction <= 1.0:
         raise ValueError(f"flow_matching_fraction must lie in [0, 1]; got {flow_matching_fraction}")
@@ -134,14 +133,7 @@ def meanflow_loss(
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
         t_key, r_key, e_key = jax.random.split(key, 3)
-        given_x1 = isinstance(batch, dict) and batch.get("x1") is not None
-        if given_x1:  # source points from the batch: a non-Gaussian source
-            check_source_path(path)
-        if plain and not given_x1:
-            x0, labels = _split_batch(batch)
-            eps = normal_like(e_key, x0)
-        else:
-            x0, eps, labels = draw_pairs(e_key, batch, source, coupling)
+        x0, eps, labels = noise_pairs(e_key, batch, path, source, coupling)
         n = x0.shape[0]
         tdt = wide_dtype(x0.dtype)  # times in float32 or wider, whatever x0's dtype
         t1 = draw_times(time_sampler, t_key, n, tdt)
