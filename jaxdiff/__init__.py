@@ -125,6 +125,7 @@ from jaxdiff.sde import (
     reverse_diffusion,
     reverse_drift,
 )
+from jaxdiff.shortcut import shortcut_loss, shortcut_target
 from jaxdiff.sources import Source, dataset_source, standard_normal
 from jaxdiff.straightness import Straightness, straightness
 from jaxdiff.weightings import (
@@ -161,6 +162,8 @@ __all__ = [
     "meanflow_loss",
     "meanflow_target",
     "reflow_pairs",
+    "shortcut_loss",
+    "shortcut_target",
     "straightness",
     "ddim_invert",
     "ddim_step",

@@ -79,8 +79,8 @@ def _parser() -> _Parser:
     train.add_argument(
         "--loss",
         choices=E.LOSSES,
-        help="loss (default x0 with --precond edm, fm for --path fm, else eps); meanflow and "
-        "consistency train few-step generators",
+        help="loss (default x0 with --precond edm, fm for --path fm, else eps); meanflow, "
+        "shortcut and consistency train few-step generators",
     )
     train.add_argument("--target", choices=("eps", "x0", "v", "velocity", "score"))
     train.add_argument("--weighting", choices=tuple(E.WEIGHTINGS))
@@ -136,11 +136,13 @@ def _parser() -> _Parser:
     smp.add_argument(
         "--solver",
         choices=tuple(SOLVERS),
-        help="ODE/SDE solver (default heun; none for meanflow "
+        help="ODE/SDE solver (default heun; none for meanflow, shortcut "
         "and consistency runs, which sample with their own sampler)",
     )
     smp.add_argument(
-        "--steps", type=_positive_int, help="default 20; 1 for meanflow and consistency runs"
+        "--steps",
+        type=_positive_int,
+        help="default 20; 1 for meanflow, shortcut and consistency runs",
     )
     smp.add_argument("--n", type=_positive_int, default=10_000)
     smp.add_argument("--eta", type=float, default=0.0, help="0: ODE, 1: reverse SDE")

@@ -10,7 +10,8 @@ or a 2-D toy set (data-to-data translation on the ``fm`` or ``cosine`` path); co
 cost), and their class-conditional ``ot-class`` / ``sinkhorn-class`` (need ``conditional``).
 Few-step losses (``FEWSTEP_LOSSES``): ``meanflow`` (Geng et al. 2025: the average velocity of a
 two-time network, ``TwoTimeMLP`` or with ``model`` ``unet`` ``TwoTimeUNet``, sampled by
-``jd.samplers.meanflow()``) and ``consistency`` (consistency training,
+``jd.samplers.meanflow()``), ``shortcut`` (Frans et al. 2024: the same network and sampler,
+trained by self-consistency, :func:`jaxdiff.shortcut_loss`) and ``consistency`` (consistency training,
 Song et al. 2023: the network inside ``consistency_function``, target ``x0``, sampled by
 ``jd.samplers.consistency()``), both on the ``fm`` or ``cosine`` path from Gaussian noise.
 The image recipe: ``precond`` ``edm`` wraps the network in EDM's preconditioning (target ``x0``,
@@ -49,7 +50,8 @@ PATHS = {
     "ve": ve_path,
     "cosine": cosine_path,
 }
-FEWSTEP_LOSSES = ("meanflow", "consistency")
+FEWSTEP_LOSSES = ("meanflow", "shortcut", "consistency")
+TWO_TIME_LOSSES = ("meanflow", "shortcut")  # u(x, t, r): the two-time networks
 LOSSES = ("fm", "eps", "x0", "v", "dsm", *FEWSTEP_LOSSES)
 WEIGHTINGS = {
     "unit": L.unit_weight,
@@ -165,7 +167,7 @@ def resolve(config: dict) -> dict:
     return c
 
 
-FEWSTEP_TARGETS = {"meanflow": "velocity", "consistency": "x0"}
+FEWSTEP_TARGETS = {"meanflow": "velocity", "shortcut": "velocity", "consistency": "x0"}
 
 
 def _check_fewstep(c: dict) -> None:
@@ -180,7 +182,8 @@ def _check_fewstep(c: dict) -> None:
             "prior is not N(0, I))"
         )
     if c["target"] != FEWSTEP_TARGETS[loss]:
-        what = "the average velocity" if loss == "meanflow" else "the trajectory's end (x0)"
+        two = loss in TWO_TIME_LOSSES
+        what = "the average velocity" if two else "the trajectory's end (x0)"
         raise ValueError(
             f"loss {loss} trains {what}: target {FEWSTEP_TARGETS[loss]}, not {c['target']!r}"
         )
@@ -189,7 +192,7 @@ def _check_fewstep(c: dict) -> None:
             f"loss {loss} trains from Gaussian noise paired independently; --source and "
             "--coupling are for --loss fm"
         )
-    allowed = ("uniform", "logit-normal") if loss == "meanflow" else ("uniform",)
+    allowed = ("uniform", "logit-normal") if loss in TWO_TIME_LOSSES else ("uniform",)
     if c["time"] not in allowed:
         raise ValueError(f"loss {loss} draws its times {' or '.join(allowed)}; got {c['time']!r}")
     if c["weighting"] != "unit":
@@ -325,7 +328,7 @@ def build(c: dict) -> Setup:
     source = None if c["source"] == "gaussian" else dataset_source(TOY_DATASETS[c["source"]])
     num_classes = 10 if c["conditional"] else None
     dtype = DTYPES[c["dtype"]]
-    two_times = c["loss"] == "meanflow"  # u(x, t, r): the two-time networks
+    two_times = c["loss"] in TWO_TIME_LOSSES
     if c["model"] == "mlp" and two_times:
         model = TwoTimeMLP(width=c["width"], depth=c["depth"], num_classes=num_classes, dtype=dtype)
     elif c["model"] == "mlp":
@@ -387,6 +390,7 @@ def build(c: dict) -> Setup:
 def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
     from jaxdiff.consistency import consistency_training_loss
     from jaxdiff.meanflow import meanflow_loss
+    from jaxdiff.shortcut import shortcut_loss
 
     net = Field(network_fn(c, model), FEWSTEP_TARGETS[c["loss"]])
     if c["loss"] == "consistency":
@@ -395,6 +399,8 @@ def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
         times = L.uniform_time(0.0, 1.0)
     else:
         times = L.logit_normal_time(t_min=0.0, t_max=1.0)
+    if c["loss"] == "shortcut":
+        return shortcut_loss(net, path, time_sampler=times)
     return meanflow_loss(net, path, time_sampler=times)
 
 
@@ -406,7 +412,8 @@ def init_state(c: dict, setup: Setup):
     labels = jnp.zeros((1,), jnp.int32) if setup.num_classes else None
     from jaxdiff.nets import init_params
 
-    times = (jnp.zeros((1,)), None) if c["loss"] == "meanflow" else (jnp.zeros((1,)),)  # (t, r)
+    two = c["loss"] in TWO_TIME_LOSSES
+    times = (jnp.zeros((1,)), None) if two else (jnp.zeros((1,)),)  # (t, r)
     params = init_params(setup.model, init_key, setup.example, *times, labels)
     opt = adamw_cosine(
         c["lr"], int(c["steps"]), weight_decay=c["weight_decay"], clip_norm=c["clip"] or None

@@ -53,8 +53,8 @@ def make_sampler(
     """``(params, key, n, labels) -> samples`` drawn in jitted batches of ``batch``.
 
     ``solver`` (default ``heun``) integrates the ODE or SDE of a diffusion or flow run; a run of a
-    few-step loss (``meanflow``, ``consistency``) samples with its own sampler in ``steps`` steps
-    from ``t = 1`` to 0 and takes no solver, ``eta`` or guidance. ``guidance_interval = (t_lo,
+    few-step loss (``meanflow``, ``shortcut``, ``consistency``) samples with its own sampler in
+    ``steps`` steps from ``t = 1`` to 0 and takes no solver, ``eta`` or guidance. ``guidance_interval = (t_lo,
     t_hi)`` guides only there (``jd.classifier_free_guidance``'s ``interval``)."""
     if c["loss"] in E.FEWSTEP_LOSSES:
         return _fewstep_sampler(c, setup, solver, steps, eta, guidance, guidance_interval, batch)
@@ -128,12 +128,13 @@ def _fewstep_sampler(c, setup, solver, steps, eta, guidance, interval, batch) ->
             f"{', '.join(given)} (for flow-matching and diffusion runs)"
         )
     steps = check_count(steps, "steps")
-    sampler = samplers.meanflow() if loss == "meanflow" else samplers.consistency()
+    two_times = loss in E.TWO_TIME_LOSSES
+    sampler = samplers.meanflow() if two_times else samplers.consistency()
     fn, shape = E.network_fn(c, setup.model), tuple(setup.example.shape[1:])
 
     def conditional(params_labels, x, t, *args):
         params, labels = params_labels
-        if loss == "meanflow":  # the two-time MLP: (x, t, r, labels)
+        if two_times:  # the two-time networks: (x, t, r, labels)
             return fn(params, x, t, *(args or (None,)), labels)
         return fn(params, x, t, labels)
 
@@ -263,7 +264,7 @@ def sample_run(
     The metrics (energy distance and MMD, or the digits' Fréchet distance) cost O(m^2) in the
     number of points m they see: they use the first ``metrics_n`` samples (i.i.d., so an unbiased
     subsample; 0: no metrics), and ``metrics.json`` says how many. ``steps`` defaults to 20, and
-    to 1 for a meanflow or consistency run (one-step generators).
+    to 1 for a meanflow, shortcut or consistency run (one-step generators).
     """
     if n < 2:
         raise ValueError(f"n must be at least 2; got {n}")

@@ -1,4 +1,4 @@
-"""The command line with the few-step losses: meanflow and consistency runs end to end (train, then
+"""The command line with the few-step losses: meanflow, shortcut and consistency runs end to end (train, then
 sample with their own sampler at 1 and 2 steps), the conditional meanflow sampler against a direct
 ``jd.sample``, and a one-line error for every bad combination."""
 
@@ -33,6 +33,8 @@ from tests.net_helpers import perturb
         (["--loss", "consistency", "--time", "logit-normal"], "draws its times uniform"),
         (["--loss", "meanflow", "--time", "importance"], "uniform or logit-normal"),
         (["--loss", "meanflow", "--weighting", "sigma2"], "its own weighting"),
+        (["--loss", "shortcut", "--target", "x0"], "average velocity: target velocity, not 'x0'"),
+        (["--loss", "shortcut", "--path", "vp"], "fm or cosine, not 'vp'"),
     ],
 )
 def test_bad_combinations_are_one_line_errors(args, expected, capsys):
@@ -46,15 +48,20 @@ PRIOR_ED = 0.206
 @pytest.mark.parametrize(
     ("loss", "steps", "k", "bound"),
     # measured (600 / 200 training steps at batch 128): meanflow ED 0.007 at 1 step (0.057 after
-    # 300 steps); consistency 0.043 at 2 steps (CT converges slower: 0.009 after 600 steps)
-    [("meanflow", 600, 1, 0.1 * PRIOR_ED), ("consistency", 200, 2, 0.5 * PRIOR_ED)],
+    # 300 steps); shortcut 0.007 after 300 steps; consistency 0.043 at 2 steps (CT converges slower:
+    # 0.009 after 600 steps)
+    [
+        ("meanflow", 600, 1, 0.1 * PRIOR_ED),
+        ("shortcut", 300, 1, 0.1 * PRIOR_ED),
+        ("consistency", 200, 2, 0.5 * PRIOR_ED),
+    ],
 )
 def test_fewstep_run_from_the_command_line(loss, steps, k, bound, tmp_path, capsys):
     out = tmp_path / loss
     train = ["train", "--loss", loss, "--data", "8gaussians", "--lr", "3e-3"]
     small = ["--steps", str(steps), "--batch", "128", "--eval-n", "0", "--no-progress"]
     assert main([*train, *small, "--out", str(out)]) == 0
-    for k in (None, 2) if loss == "meanflow" else (2,):  # None: the default, one step
+    for k in (None, 2) if loss != "consistency" else (2,):  # None: the default, one step
         folder = out / f"s{k}"
         argv = ["sample", "--ckpt", str(out), "--n", "4000", "--out", str(folder)]
         assert main(argv + ([] if k is None else ["--steps", str(k)])) == 0

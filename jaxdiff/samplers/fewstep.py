@@ -59,7 +59,8 @@ def meanflow() -> Sampler:
     shape ``(batch,)``; its second time must default to the first, ``u(x, t) = u(x, t, t)``, the
     instantaneous velocity (``jaxdiff.nets.TwoTimeMLP`` does), so the same network also runs
     under every multi-step sampler. One evaluation per step; the path enters only through the
-    start draw.
+    start draw. A shortcut model (``jaxdiff.shortcut_loss``, Frans et al. 2024) is the same jump,
+    sampled here; its trained jumps are ``steps = 1, 2, 4, ...``.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> u = jd.Field(lambda x, t, r=None: x / t[:, None], "velocity")  # data at 0: z_t = t e

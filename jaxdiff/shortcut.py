@@ -1,0 +1,155 @@
+r"""Shortcut models: one network for every step size, trained by self-consistency.
+
+Frans, Hafner, Levine & Abbeel (2024), "One Step Diffusion via Shortcut Models". A shortcut
+``u(z_t, t, r)`` jumps from ``t`` to ``r = t - d`` in one evaluation,
+
+    ``z_{t-d} = z_t - d u(z_t, t, t - d)``,
+
+which is MeanFlow's average velocity over ``[r, t]`` (:mod:`jaxdiff.meanflow`): the two methods
+train the same object, on the same two-time networks (``jaxdiff.nets.TwoTimeMLP``,
+``TwoTimeUNet``), sampled by the same ``jd.samplers.meanflow()`` with ``steps = 1, 2, 4, ...``.
+MeanFlow enforces the identity ``u = v - (t - r) du/dt`` with a JVP; shortcut models enforce
+that one step of ``2h`` is two steps of ``h``, with two more forward passes and no derivative:
+
+    flow matching (``d = 0``): ``|u(z_t, t, t) - (alpha_t' x + sigma_t' e)|^2``,
+    self-consistency: ``u_1 = u(z_t, t, t - h)``, ``z' = z_t - h u_1``, ``u_2 = u(z', t - h, t - 2h)``,
+    ``|u(z_t, t, t - 2h) - sg((u_1 + u_2) / 2)|^2``,
+
+with ``2h`` in ``{1, 1/2, ..., 2/M}`` (as many examples at each level) and ``t`` on that level's
+grid ``{2h, 4h, ..., 1}``, so every jump of a ``k``-step sampler with ``k`` a power of two up to
+``M / 2`` is trained. At the finest level the half steps ``h = 1/M`` are Euler steps of the
+instantaneous velocity ``u(z, t, t)``, which the flow-matching part trains (the paper trains that
+level with flow matching at ``d = 1/M``; here at ``d = 0``, so ``u(x, t, t)`` is the velocity and
+every multi-step sampler takes the network too).
+
+**Time convention.** The paper's ``x_t = (1 - t) x_0 + t x_1`` has the noise ``x_0`` at ``t = 0``:
+its ``t`` is our ``1 - t``, and its shortcut ``s(x_t, t, d)`` (``x_{t+d} = x_t + d s``) is our
+``-u(z, 1 - t, 1 - t - d)``: the same jump, with the sign of a velocity in the other time.
+
+Left out of the paper's recipe: the EMA network for the self-consistency targets (here the
+online parameters under a stop-gradient), clipping of the targets, and guidance inside them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff._checks import expand_like, wide_dtype
+from jaxdiff.conversions import from_x0_eps
+from jaxdiff.field import Field, as_field
+from jaxdiff.losses import TimeSampler, draw_times, noise_pairs, uniform_time
+from jaxdiff.paths import GaussianPath, linear_path
+from jaxdiff.sources import as_source, check_source_path, is_gaussian
+
+Array = jax.Array
+
+__all__ = ["shortcut_target", "shortcut_loss"]
+
+
+def shortcut_target(
+    u_fn: Callable[[Array, Array, Array], Array],
+    z: Array,
+    t: Array,
+    d: Array,
+    *,
+    finest: float = 0.0,
+) -> tuple[Array, Array]:
+    """``(u(z, t, t - d), sg((u_1 + u_2) / 2))``: one jump of ``d`` against two of ``h = d / 2``.
+
+    ``u_1 = u(z, t, t - h)``, ``u_2 = u(z - h u_1, t - h, t - d)``; ``t`` and ``d`` have shape
+    ``(batch,)``. Half steps ``h <= finest`` are Euler steps of the instantaneous velocity
+    ``u(., s, s)`` (the level that flow matching trains). With the exact average velocity the two
+    are equal (``z_{t-d}`` reached in one jump or in two).
+    """
+    d = jnp.asarray(d, t.dtype)
+    h = d / 2
+    gap = jnp.where(h <= finest, jnp.zeros_like(h), h)  # the halves' own jump
+    u = u_fn(z, t, t - d)
+    u1 = u_fn(z, t, t - gap)
+    z_mid = (z - expand_like(h, z) * u1).astype(z.dtype)
+    u2 = u_fn(z_mid, t - h, t - h - gap)
+    return u, jax.lax.stop_gradient((u1 + u2) / 2)
+
+
+def shortcut_loss(
+    net: Field,
+    path: GaussianPath | None = None,
+    *,
+    max_steps: int = 128,
+    bootstrap_fraction: float = 0.25,
+    time_sampler: TimeSampler | None = None,
+    source: Any = None,
+    coupling: Any = None,
+) -> Callable[[Any, Array, Any], Array]:
+    """The shortcut-model loss ``(params, key, batch) -> scalar`` (Frans et al. 2024, Section 3).
+
+    ``net`` is a :class:`~jaxdiff.Field` of target ``"velocity"`` whose ``apply(params, z, t, r
+    [, labels])`` jumps from ``t`` to ``r`` (``z_r = z_t - (t - r) u``), as for
+    :func:`~jaxdiff.meanflow_loss`. The first ``1 - bootstrap_fraction`` of the batch is flow
+    matching at ``r = t`` (times from ``time_sampler``, default uniform on ``[0, 1]``); the rest
+    is self-consistency (:func:`shortcut_target`) at the levels ``d = 1, 1/2, ..., 2 / max_steps``
+    in turn, ``t`` uniform on the level's grid ``{d, 2d, ..., 1}``. Per example the squared error
+    is averaged over the data dimensions, as in :func:`~jaxdiff.flow_matching_loss`; the loss is
+    the batch mean. The paper's defaults: ``max_steps = 128``, a quarter of the batch for
+    self-consistency.
+
+    Sample with ``jd.sample(key, path, field, shape, sampler=jd.samplers.meanflow(), steps=k)``
+    (``k`` a power of two up to ``max_steps / 2`` is a trained jump; the default one step is the
+    level ``d = 1``). Batches are ``x0``, ``(x0, labels)`` or ``{'x0', 'x1', 'labels'}``;
+    ``source`` and ``coupling`` as in :func:`~jaxdiff.flow_matching_loss` (the self-consistency
+    part only needs points ``z_t`` of the path, and the flow-matching part's minimiser is the
+    marginal velocity under any coupling).
+    """
+    net = as_field(net, "net")
+    if net.target != "velocity":
+        raise ValueError(
+            "a shortcut model predicts the jump u(z, t, r) with z_r = z_t - (t - r) u, whose "
+            f"target at r = t is 'velocity'; got a field of target {net.target!r}"
+        )
+    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)):
+        raise TypeError(f"max_steps must be an int (a power of two); got {max_steps!r}")
+    if max_steps < 2 or max_steps & (max_steps - 1):
+        raise ValueError(f"max_steps must be a power of two >= 2; got {max_steps}")
+    if not 0.0 <= bootstrap_fraction <= 1.0:
+        raise ValueError(f"bootstrap_fraction must lie in [0, 1]; got {bootstrap_fraction}")
+    path = linear_path() if path is None else path
+    source = as_source(source)
+    if not is_gaussian(source):
+        check_source_path(path)
+    time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
+    levels = int(math.log2(max_steps))  # jumps d = 2^-k, k = 0 .. levels - 1
+
+    def loss(params: Any, key: Array, batch: Any) -> Array:
+        t_key, j_key, e_key = jax.random.split(key, 3)
+        x0, eps, labels = noise_pairs(e_key, batch, path, source, coupling)
+        n = x0.shape[0]
+        tdt = wide_dtype(x0.dtype)
+        extra = () if labels is None else (labels,)
+        nb = round(bootstrap_fraction * n)
+        m = n - nb  # static split: flow matching first, then self-consistency
+        errs = []
+        if m > 0:
+            t = draw_times(time_sampler, t_key, m, tdt)
+            z = path.interpolate(x0[:m], eps[:m], t)
+            v = from_x0_eps(path, z, t, x0[:m], eps[:m], "velocity")
+            u = net.apply(params, z, t, t, *[a[:m] for a in extra])
+            errs.append(jnp.mean(jnp.square(u - v).reshape(m, -1), axis=1))
+        if nb > 0:
+            k = np.arange(nb) % levels
+            d = jnp.asarray(0.5**k, tdt)
+            j = jax.random.randint(j_key, (nb,), 1, jnp.asarray(2**k) + 1)  # t = j d, 1 <= j <= 1/d
+            t = j.astype(tdt) * d
+            z = path.interpolate(x0[m:], eps[m:], t)
+            tail = [a[m:] for a in extra]
+            u_fn = lambda z_, t_, r_: net.apply(params, z_, t_, r_, *tail)  # noqa: E731
+            u, target = shortcut_target(u_fn, z, t, d, finest=1.0 / max_steps)
+            errs.append(jnp.mean(jnp.square(u - target).reshape(nb, -1), axis=1))
+        return jnp.mean(jnp.concatenate(errs))
+
+    return loss
