@@ -14,7 +14,7 @@ that are close, so the conditional paths cross less and the learned flow is stra
   SciPy's 3-8 ms on 2 CPU cores, ``benchmarks/couplings.py`` and its results). Every ``x0`` and
   ``x1`` is used once: both marginals are exact.
 * ``sinkhorn_ot(reg)``: the entropic plan ``P = argmin <P, C> - reg H(P)`` with uniform marginals,
-  by log-domain Sinkhorn iterations in a ``lax.scan`` (Cuturi 2013; ott-jax's solver measured no
+  by log-domain Sinkhorn iterations until its marginals are within ``tol`` (Cuturi 2013; ott-jax's solver measured no
   faster at equal iterations and marginal error, so it is not a dependency), then for each ``x0_i`` one
   ``x1_j ~ P_ij / sum_j P_ij``: ``x0`` (and its labels) are kept, ``x1`` drawn with replacement.
   ``reg`` is in the units of the squared distance (POT's and torchcfm's ``reg``); with the Brownian
@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxdiff._checks import check_positive
+from jaxdiff._checks import check_positive, error_if
 
 Array = jax.Array
 
@@ -54,6 +54,7 @@ __all__ = [
     "exact_ot",
     "sinkhorn_ot",
     "sinkhorn_plan",
+    "marginal_error",
     "squared_cost",
     "assignment",
     "per_device",
@@ -207,37 +208,94 @@ def exact_ot(*, class_conditional: bool = False) -> ExactOT:
 # --- entropic OT: log-domain Sinkhorn --------------------------------------------------------
 
 
-def sinkhorn_plan(cost: Array, reg: float | Array, num_iters: int = 200) -> Array:
+def sinkhorn_plan(
+    cost: Array, reg: float | Array, num_iters: int = 200, *, tol: float | None = None
+) -> Array:
     r"""Log of the entropic plan with uniform marginals ``1/n``, ``1/m``: ``log P_ij``.
 
-    ``P = diag(e^{f/reg}) e^{-C/reg} diag(e^{g/reg})``; ``num_iters`` alternating updates
+    ``P = diag(e^{f/reg}) e^{-C/reg} diag(e^{g/reg})``; alternating updates
     ``f_i = -reg logsumexp_j((g_j - C_ij)/reg) - reg log n`` (and the same for ``g``), in a
-    ``lax.scan``. Entries of ``cost`` equal to ``+inf`` are forbidden pairs. After the last ``g``
-    update the column sums are exact; the row sums converge (``reg`` small needs more iterations).
+    ``lax.scan`` of ``num_iters``. Entries of ``cost`` equal to ``+inf`` are forbidden pairs. After
+    the last ``g`` update the column sums are exact; the row sums converge, slowly for small ``reg``
+    (``O(C / reg)`` iterations). With ``tol``, a ``lax.while_loop`` stops once
+    :func:`marginal_error` is at most ``tol`` (checked every 10 iterations), after at most
+    ``num_iters`` (then check :func:`marginal_error` yourself; ``sinkhorn_ot`` does).
     """
+    return _sinkhorn(cost, reg, num_iters, tol)[0]
+
+
+def marginal_error(log_plan: Array) -> Array:
+    """``max |n sum_j P_ij - 1|`` and the same over columns: the largest relative error of a plan's
+    marginals against the uniform ones (0 for a converged plan; a row at 1.4 draws its ``x0``'s
+    partners from 1.4 times its share)."""
+    n, m = log_plan.shape
+    rows = jnp.max(jnp.abs(jnp.expm1(jax.nn.logsumexp(log_plan, axis=1) + jnp.log(float(n)))))
+    cols = jnp.max(jnp.abs(jnp.expm1(jax.nn.logsumexp(log_plan, axis=0) + jnp.log(float(m)))))
+    return jnp.maximum(rows, cols)
+
+
+_CHECK_EVERY = 10  # Sinkhorn iterations between two marginal checks of a tolerance run
+_ANNEAL = 0.9  # a tolerance run's reg: max(reg, mean cost * 0.9^k) at iteration k
+
+
+def _sinkhorn(cost, reg, num_iters, tol):
+    """``(log_plan, marginal_error, iterations)``: ``num_iters`` iterations, or with ``tol`` up to
+    ``num_iters`` in blocks of ``_CHECK_EVERY`` until the error is at most ``tol``.
+
+    A tolerance run anneals ``reg`` (epsilon scaling, Schmitzer 2019): it starts at the mean
+    finite cost and shrinks by ``_ANNEAL`` per iteration to ``reg``, warm-starting each
+    iteration's potentials; the fixed point is the same plan. On the checkerboard against
+    ``N(0, I)`` it took 200 iterations for 1,210 at ``n = 64``, ``reg = 0.05`` and 1,290 for 1,910
+    at ``n = 256``, ``reg = 0.01`` (transport costs equal to 1e-4)."""
     n, m = cost.shape
     log_a, log_b = -jnp.log(float(n)), -jnp.log(float(m))
     cost = jnp.asarray(cost)
     if not jnp.issubdtype(cost.dtype, jnp.floating):
         cost = cost.astype(jnp.result_type(float))
     reg = jnp.asarray(check_positive(reg, "reg"), cost.dtype)
+    num_iters = int(num_iters)
 
-    def body(carry, _):
-        f, g = carry
-        f = -reg * jax.nn.logsumexp((g[None, :] - cost) / reg, axis=1) + reg * log_a
-        g = -reg * jax.nn.logsumexp((f[:, None] - cost) / reg, axis=0) + reg * log_b
-        return (f, g), None
+    def update(f, g, eps):
+        f = -eps * jax.nn.logsumexp((g[None, :] - cost) / eps, axis=1) + eps * log_a
+        g = -eps * jax.nn.logsumexp((f[:, None] - cost) / eps, axis=0) + eps * log_b
+        return f, g
+
+    def plan(f, g):
+        return (f[:, None] + g[None, :] - cost) / reg
 
     init = (jnp.zeros(n, cost.dtype), jnp.zeros(m, cost.dtype))
-    (f, g), _ = jax.lax.scan(body, init, None, length=int(num_iters))
-    return (f[:, None] + g[None, :] - cost) / reg
+    if tol is None:
+        (f, g), _ = jax.lax.scan(lambda fg, _: (update(*fg, reg), None), init, None, num_iters)
+        log_plan = plan(f, g)
+        return log_plan, marginal_error(log_plan), num_iters
+    block = min(_CHECK_EVERY, num_iters)
+    finite = jnp.isfinite(cost)
+    start = jnp.maximum(jnp.sum(jnp.where(finite, cost, 0.0)) / jnp.sum(finite), reg)
+
+    def eps_at(i):
+        return jnp.maximum(reg, start * jnp.asarray(_ANNEAL, cost.dtype) ** i)
+
+    def run(carry):
+        f, g, i, _ = carry
+        step = lambda fg, k: (update(*fg, eps_at(i + k)), None)  # noqa: E731
+        (f, g), _ = jax.lax.scan(step, (f, g), jnp.arange(block))
+        annealing = eps_at(i + block - 1) > reg  # the error counts once reg is reached
+        return f, g, i + block, jnp.where(annealing, jnp.inf, marginal_error(plan(f, g)))
+
+    def going(carry):
+        return (carry[2] < num_iters) & ~(carry[3] <= tol)  # a NaN error runs to the cap
+
+    inf = jnp.asarray(jnp.inf, cost.dtype)
+    f, g, i, err = jax.lax.while_loop(going, run, (*init, jnp.asarray(0), inf))
+    return plan(f, g), marginal_error(plan(f, g)), i
 
 
 class SinkhornOT(eqx.Module):
     reg: float
-    num_iters: int = eqx.field(static=True, default=200)
+    num_iters: int = eqx.field(static=True, default=2000)
     class_conditional: bool = eqx.field(static=True, default=False)
     relative: bool = eqx.field(static=True, default=False)
+    tol: float | None = eqx.field(static=True, default=1e-3)
 
     def __call__(self, key: Array, x0: Array, x1: Array, labels: Any = None):
         _check_pair(x0, x1, labels)
@@ -250,7 +308,18 @@ class SinkhornOT(eqx.Module):
             finite = jnp.isfinite(cost)
             mean = jnp.sum(jnp.where(finite, cost, 0.0)) / jnp.sum(finite)
             reg = jnp.maximum(reg * mean, jnp.finfo(cost.dtype).tiny)  # 0: all points coincide
-        log_plan = sinkhorn_plan(cost, reg, self.num_iters)
+        log_plan, err, _ = _sinkhorn(cost, reg, self.num_iters, self.tol)
+        if self.tol is not None:
+            scale = "times the mean cost" if self.relative else "in squared-distance units"
+            log_plan = error_if(
+                log_plan,
+                ~(err <= self.tol),
+                f"sinkhorn_ot(reg={self.reg}, {scale}) did not converge in {self.num_iters} "
+                f"iterations: a marginal of the plan is more than tol={self.tol} off the uniform "
+                "one, which would draw some x1 more often than others. Raise num_iters or reg "
+                "(relative=True scales reg with the data's squared distances), or pass tol=None "
+                "to accept the plan as it is",
+            )
         j = jax.random.categorical(key, log_plan, axis=1)  # x1 given x0_i: P_ij / sum_j P_ij
         return _out(x0, x1[j], labels)
 
@@ -258,7 +327,8 @@ class SinkhornOT(eqx.Module):
 def sinkhorn_ot(
     reg: float = 0.05,
     *,
-    num_iters: int = 200,
+    num_iters: int = 2000,
+    tol: float | None = 1e-3,
     class_conditional: bool = False,
     relative: bool = False,
 ) -> SinkhornOT:
@@ -266,14 +336,26 @@ def sinkhorn_ot(
 
     ``reg`` (squared-distance units; with ``relative=True`` a fraction of the batch's mean cost,
     as ott-jax's default) trades straightness (``reg -> 0``: exact OT) for smoothness
-    (``reg -> inf``: independent); ``num_iters`` Sinkhorn iterations (``O(C / reg)`` are needed
-    for converged row sums: raise it for small ``reg``; the column sums are exact regardless).
+    (``reg -> inf``: independent). Sinkhorn iterates, with ``reg`` annealed from the mean cost,
+    until :func:`marginal_error` is at most ``tol`` (on the checkerboard against ``N(0, I)`` at
+    ``n = 256``, mean cost 4.9: 40 iterations at ``reg = 0.5``, 190 at 0.05, 1,290 at 0.01), and
+    raises if ``num_iters`` do not reach it: an unconverged plan draws some ``x1`` more often than
+    others (200 plain iterations at ``reg = 0.01``: from 0.89 to 1.40 times their share). ``tol=None``
+    runs exactly ``num_iters`` and accepts the plan as it is.
     """
     if not (np.isfinite(reg) and reg > 0):
         raise ValueError(f"reg must be a positive number; got {reg}")
     if int(num_iters) < 1:
         raise ValueError(f"num_iters must be >= 1; got {num_iters}")
-    return SinkhornOT(float(reg), int(num_iters), bool(class_conditional), bool(relative))
+    if tol is not None and not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive number or None; got {tol}")
+    return SinkhornOT(
+        float(reg),
+        int(num_iters),
+        bool(class_conditional),
+        bool(relative),
+        None if tol is None else float(tol),
+    )
 
 
 # --- sharding ----------------------------------------------------------------------------------
