@@ -72,23 +72,25 @@ Hook = Callable[[Array, Any, Array], Any]
 __all__ = ["dps", "pigdm", "tmpd", "dps_sampler", "project", "repaint"]
 
 
-def _x0_vjp(path: GaussianPath, field: Field, x: Array, t: Array):
-    """``(x0_hat, J^T-pullback, raw prediction)`` from one forward pass."""
+def _x0_vjp(path: GaussianPath, field: Field, x: Array, t: Array, *args: Any):
+    """``(x0_hat, J^T-pullback, raw prediction)`` from one forward pass (``args``: the field's
+    further arguments, e.g. the ``meanflow()`` sampler's second time)."""
 
     def fn(z):
-        pred = field(z, t)
+        pred = field(z, t, *args)
         return to_x0_eps(path, z, t, pred, field.target)[0], pred
 
     return jax.vjp(fn, x, has_aux=True)
 
 
 class _Posterior(eqx.Module):
-    """``(params, x, t) -> the field's target with the likelihood score added``."""
+    """``(params, x, t, *args) -> the field's target with the likelihood score added``; ``args``
+    (the ``meanflow()`` sampler's second time) reach the field."""
 
     kind: str = eqx.field(static=True)
     needs_alpha = True  # jd.sample's default grid starts inside alpha_t = 0 (linear, cosine)
 
-    def __call__(self, params: Any, x: ArrayLike, t: ArrayLike) -> Array:
+    def __call__(self, params: Any, x: ArrayLike, t: ArrayLike, *args: Any) -> Array:
         path, field, meas, scale, data_var = params
         x = jnp.asarray(x)
         t = batch_time(t, x)
@@ -97,7 +99,7 @@ class _Posterior(eqx.Module):
             with jax.ensure_compile_time_eval():
                 if bool(jnp.any(path.alpha(coef_time(known)) == 0)):
                     raise ValueError(self.message(field.target))
-        x0, pull, pred = _x0_vjp(path, field, x, t)
+        x0, pull, pred = _x0_vjp(path, field, x, t, *args)
         op, resid = meas.operator, meas.residual(x0)
         sy2 = jnp.square(meas.sigma_y).astype(resid.dtype)
         a, s2 = path.alpha(t).astype(resid.dtype), path.sigma_sq(t).astype(resid.dtype)
