@@ -47,6 +47,7 @@ from jaxdiff._checks import (
     check_time_interval,
     coef_time,
     concrete,
+    wide_dtype,
 )
 from jaxdiff.conversions import Target, _check_target, _convert, convert, from_x0_eps
 from jaxdiff.field import Field, as_field
@@ -374,7 +375,9 @@ def diffusion_loss(
             check_gaussian_targets((target, regress), batch["x1"], coupling, "diffusion_loss")
         x0, eps, labels = noise_pairs(eps_key, batch, path, source, coupling)
         n = x0.shape[0]
-        t = draw_times(time_sampler, t_key, n)  # in float32 or wider, whatever x0's dtype
+        # times in x0's dtype widened to float32 (float32 data under x64: a float32 loss, as
+        # meanflow_loss, shortcut_loss and the consistency losses give)
+        t = draw_times(time_sampler, t_key, n, wide_dtype(x0.dtype))
         x_t = path.interpolate(x0, eps, t)
         if labels is None:
             pred = net.apply(params, x_t, t, **extra)

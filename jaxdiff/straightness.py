@@ -16,7 +16,7 @@ divides by ``E |x(1) - x(0)|^2``, so flows of different scales compare.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,20 @@ class Straightness(NamedTuple):
     value: Array
     relative: Array
     x0: Array
+
+    def __repr__(self) -> str:  # the scalars, and x0's shape rather than its thousands of rows
+        x0 = getattr(self.x0, "shape", None)
+        x0 = f"<{getattr(self.x0, 'dtype', '')}{list(x0)}>" if x0 is not None else repr(self.x0)
+        return (
+            f"Straightness(value={_scalar(self.value)}, relative={_scalar(self.relative)}, x0={x0})"
+        )
+
+
+def _scalar(a: Any) -> str:
+    try:
+        return f"{float(a):.6g}"
+    except (TypeError, ValueError):  # a tracer, or a batch of values
+        return repr(a)
 
 
 def straightness(

@@ -202,3 +202,30 @@ def test_integer_data_trains_as_floats():
             as_float = jax.tree.map(lambda a: a.astype(jnp.float32) if a is x0 else a, batch)
             got = loss(0.5, jax.random.key(0), batch)
             assert float(got) == float(loss(0.5, jax.random.key(0), as_float)) > 1.0
+
+
+def test_every_loss_of_float32_data_is_float32_under_x64(x64):
+    """Under jax_enable_x64 with float32 data the diffusion and flow-matching losses drew float64
+    times and returned float64 losses, while interpolant_loss, meanflow_loss and the consistency
+    losses returned float32 (the usability audit's U9). Times now follow the data, widened to
+    float32, in every loss; float64 data keeps float64."""
+    path = jd.linear_path()
+    one = lambda target: jd.Field(lambda p, x, t: 0.5 * x, target)  # noqa: E731
+    two = jd.Field(lambda p, x, t, r=None: 0.5 * x, "velocity")
+    source = lambda key, shape: jax.random.normal(key, shape, jnp.float32)  # noqa: E731
+    losses = {
+        "flow_matching": jd.flow_matching_loss(one("velocity"), path),
+        "exact_ot": jd.flow_matching_loss(one("velocity"), path, coupling=jd.exact_ot()),
+        "source": jd.flow_matching_loss(one("velocity"), path, source=source),
+        "eps": jd.diffusion_loss(one("eps"), jd.vp_path()),
+        "interpolant": jd.interpolant_loss(one("velocity"), jd.brownian_bridge(0.5)),
+        "meanflow": jd.meanflow_loss(two, path),
+        "shortcut": jd.shortcut_loss(two, path),
+        "ct": jd.consistency_training_loss(
+            jd.Field(jd.consistency_function(lambda p, x, t: x), "x0"), path
+        ),
+    }
+    for dtype in (jnp.float32, jnp.float64):
+        x = jnp.ones((8, 2), dtype)
+        got = {name: loss(None, jax.random.key(0), x).dtype for name, loss in losses.items()}
+        assert got == dict.fromkeys(losses, jnp.dtype(dtype)), got

@@ -90,3 +90,15 @@ def test_reflow_pairs_of_given_source_points(x64):
     np.testing.assert_allclose(pairs["x0"], (1 - 1e-3) * MU + _sigma(1e-3) * x1, atol=1e-5)
     with pytest.raises(ValueError, match="exactly one of shape"):
         jd.reflow_pairs(jax.random.key(0), PATH, _oracle(), (64, 2), x1=x1)
+
+
+def test_straightness_prints_its_numbers_not_its_points():
+    """repr(Straightness) printed every row of x0 (thousands of lines for 2,000 points; the
+    usability audit's U9): it prints the two numbers and x0's dtype and shape."""
+    s = jd.straightness(jd.Field(lambda x, t: -x, "velocity"), jnp.ones((2000, 2)), steps=4)
+    text = repr(s)
+    assert text == (
+        f"Straightness(value={float(s.value):.6g}, relative={float(s.relative):.6g}, "
+        "x0=<float32[2000, 2]>)"
+    )
+    assert len(text) < 100 and s.x0.shape == (2000, 2)  # the points are all still there
