@@ -16,6 +16,7 @@ write ``(1 + w) c - w u``: their ``w`` is ``scale - 1``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -171,12 +172,16 @@ class _ClassifierGuided(eqx.Module):
 
 
 def classifier_guidance(
-    path: GaussianPath,
     field: Field,
+    path: GaussianPath,
     log_prob_fn: Callable[[Array, Array], Array],
     scale: ArrayLike,
 ) -> Field:
     """Add ``scale * grad_x log p(y | x_t, t)`` to the score of ``field`` (Dhariwal & Nichol 2021).
+
+    The arguments come in the order of the other field transforms (``clip_x0(field, path)``,
+    ``jd.dps(field, path, ...)``). The old order ``(path, field, ...)`` still works, with a
+    ``DeprecationWarning``.
 
     ``log_prob_fn(x, t)`` returns the per-sample log-probability of the wanted labels, shape
     ``x.shape[:1]``. The result predicts the field's target again: every target is affine in the
@@ -190,6 +195,14 @@ def classifier_guidance(
     (one more forward-mode pass, only at such times). With the exact ``log p(y | x_t)`` of a
     mixture this is the class's own prediction there too.
     """
+    if isinstance(field, GaussianPath) and isinstance(path, Field):  # the old order
+        warnings.warn(
+            "classifier_guidance(path, field, ...) is the old order: call "
+            "classifier_guidance(field, path, log_prob_fn, scale), as clip_x0 and jd.dps take them",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        field, path = path, field
     field = as_field(field)
     scale = check_finite(jnp.asarray(scale), "scale")  # NaN or inf gave NaN or inf silently
     return Field(_ClassifierGuided(log_prob_fn), field.target, (path, field, scale))

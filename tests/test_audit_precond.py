@@ -87,7 +87,7 @@ def test_guidance_scale_must_be_finite():
             jd.classifier_free_guidance(f, jnp.array([2.0]), 0.0, bad)
         with pytest.raises(ValueError, match="scale"):
             jd.classifier_guidance(
-                jd.vp_path(), jd.Field(lambda x, t: x, "eps"), lambda z, t: jnp.sum(z, -1), bad
+                jd.Field(lambda x, t: x, "eps"), jd.vp_path(), lambda z, t: jnp.sum(z, -1), bad
             )
     g = jax.jit(lambda s: jd.classifier_free_guidance(f, jnp.array([2.0]), 0.0, s)(x, t))
     np.testing.assert_allclose(np.asarray(g(3.0)), 6.0)

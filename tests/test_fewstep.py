@@ -131,7 +131,7 @@ def test_guidance_with_few_step_samplers(true_samples):
         return logs[0] - jax.nn.logsumexp(logs, axis=0)
 
     x = jax.random.normal(jax.random.key(1), (64, 2)) * 2.0
-    cg = jd.classifier_guidance(path, DATA.field(path, "eps"), log_p_label0, 1.0)
+    cg = jd.classifier_guidance(DATA.field(path, "eps"), path, log_p_label0, 1.0)
     np.testing.assert_allclose(cg(x, 0.4), comps[0].predict(path, x, 0.4, "eps"), atol=2e-4)
 
 

@@ -153,7 +153,7 @@ def test_classifier_guidance_at_scale_one_is_the_class_in_every_target(path_fn, 
     slope in the score infinite, and the move is their limit. Per-sample times mixing both."""
     path = path_fn()
     log_p = _log_p_label0(path)
-    guided = jd.classifier_guidance(path, DATA.field(path, target), log_p, 1.0)
+    guided = jd.classifier_guidance(DATA.field(path, target), path, log_p, 1.0)
     at_zero = float(path.alpha(1.0)) == 0 and target not in ("score", "eps")
     ts = T.at[:16].set(1.0) if at_zero or float(path.alpha(1.0)) > 0 else T
     want = COMPS[0].predict(path, X, ts, target)
@@ -184,7 +184,7 @@ def test_classifier_guidance_of_score_and_eps_at_alpha_zero_uses_the_gradient(ta
         (lambda x, t: x @ w, jnp.ones(3)),
         (lambda x, t: jnp.sqrt(1.0 - t) * (x @ w), jnp.sqrt(1.0 - t)),
     ]:
-        guided = jd.classifier_guidance(path, field, log_p, 2.0)
+        guided = jd.classifier_guidance(field, path, log_p, 2.0)
         got = jax.jit(lambda x, t, guided=guided: guided(x, t))(jnp.ones((3, 2)), t)
         want = 2.0 * (slope * g)[:, None] * w[None, :]
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
@@ -193,7 +193,7 @@ def test_classifier_guidance_of_score_and_eps_at_alpha_zero_uses_the_gradient(ta
 def test_classifier_guidance_refuses_a_path_flat_at_alpha_zero():
     path = jd.GaussianPath(lambda t: (1 - t) ** 2, lambda t: t)  # alpha_1 = alpha_1' = 0
     log_p = _log_p_label0(path)
-    guided = jd.classifier_guidance(path, DATA.field(path, "x0"), log_p, 1.0)
+    guided = jd.classifier_guidance(DATA.field(path, "x0"), path, log_p, 1.0)
     with pytest.raises(Exception, match="alpha_t' = 0"):
         jax.block_until_ready(jax.jit(lambda x, t: guided(x, t))(X[:3], jnp.ones(3)))
     assert bool(jnp.all(jnp.isfinite(guided(X[:3], jnp.full(3, 0.9)))))
@@ -205,7 +205,7 @@ def test_classifier_guidance_returns_x_dtype():
     field = jd.Field(lambda x, t: jnp.zeros(x.shape, jnp.float32), "x0")
     x = jnp.ones((2, 3), jnp.bfloat16)
     for target_field in (field, jd.Field(field.fn, "eps")):
-        guided = jd.classifier_guidance(PATH, target_field, lambda x, t: jnp.sum(x, -1), 1.0)
+        guided = jd.classifier_guidance(target_field, PATH, lambda x, t: jnp.sum(x, -1), 1.0)
         assert guided(x, jnp.full(2, 0.5)).dtype == jnp.bfloat16
 
 
@@ -245,3 +245,23 @@ def test_guidance_of_a_two_time_field_in_the_meanflow_sampler():
     np.testing.assert_allclose(  # outside the interval only the conditional half: 2 (x + 1)
         inside(x, jnp.ones(2), jnp.zeros(2)), 2.0 * (x + 1.0), rtol=1e-6
     )
+
+
+def test_classifier_guidance_takes_the_field_first_and_the_old_order_with_a_warning():
+    """classifier_guidance(path, field, ...) had the other order from clip_x0(field, path) and
+    jd.dps(field, path, ...) (the usability audit's U7). The field comes first now; the old order
+    gives the same field, with a DeprecationWarning."""
+    import jaxtyping
+
+    field = DATA.field(PATH, "eps")
+    log_p = lambda x, t: jnp.sum(jnp.sin(x), -1)  # noqa: E731
+    x, t = jnp.arange(6.0).reshape(3, 2) / 3, jnp.array([0.2, 0.5, 0.8])
+    new = jd.classifier_guidance(field, PATH, log_p, 1.5)(x, t)
+    jaxtyping.config.update("jaxtyping_disable", True)  # the tests' type hook refuses it first
+    try:
+        with pytest.warns(DeprecationWarning, match=r"call classifier_guidance\(field, path"):
+            old = jd.classifier_guidance(PATH, field, log_p, 1.5)
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)
+    np.testing.assert_array_equal(old(x, t), new)
+    assert float(jnp.abs(new - field(x, t)).max()) > 0.1  # the guidance moved it

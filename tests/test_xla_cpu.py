@@ -114,7 +114,7 @@ def _mlp_programs():
     def log_prob(x, t):  # a classifier's log p(y | x_t): the gradient of a sum of outputs
         return jnp.sum(jnp.tanh(model.apply(params, x, t)), axis=-1)
 
-    guided = jd.classifier_guidance(jd.vp_path(), eps, log_prob, 2.0)
+    guided = jd.classifier_guidance(eps, jd.vp_path(), log_prob, 2.0)
     ddpm = jd.discrete_path(jd.linear_betas(100))
 
     def draw(path, field, **kw):
