@@ -201,7 +201,7 @@ def stiff_at_one(path: Any) -> Array:
     clipped near 1: ``cosine_betas()``'s 0.999 gives ``alpha_1 = 4.9e-5`` and a drop of 6.9, where
     an ``eps`` field's error is multiplied by ``sigma / alpha`` (2e4) in ``x0`` and by
     ``d log alpha / dt`` (3.5e3) in the drift. VP's drop is 0.02 and VE's 0.017."""
-    one = jnp.ones((), jnp.float32)
+    one = jnp.ones((), jnp.result_type(float))  # float64 under x64: an alpha_1 > 0 stays > 0
     drop = path.log_snr(one - 1e-3) - path.log_snr(one)
     return (path.alpha(one) == 0) | (drop > STIFF_DROP)
 

@@ -503,6 +503,22 @@ def test_a_stiff_prior_end_starts_inside(true_samples):
         assert float(jd.energy_distance(run(key), true_samples)) < ED_BOUND
 
 
+def test_stiffness_at_one_is_read_in_the_working_precision(x64):
+    """vp_path(0.1, 700) in float64: alpha_1 = exp(-175) > 0 and the log-SNR falls by 0.70 over
+    the last 1e-3 (not stiff), but stiff_at_one evaluated at float32 times, where alpha_1
+    underflows to 0 and the drop is NaN: it read the path as singular (the last review's F5)."""
+    from jaxdiff._engine import prior_time, stiff_at_one
+
+    path = jd.vp_path(0.1, 700.0)
+    assert float(path.alpha(1.0)) > 0
+    np.testing.assert_allclose(
+        float(path.log_snr(1.0 - 1e-3) - path.log_snr(1.0)), 0.6997, atol=1e-4
+    )
+    assert not bool(stiff_at_one(path))
+    assert prior_time(path, jd.Field(lambda x, t: x, "eps")) == 1.0
+    assert bool(stiff_at_one(jd.linear_path()))  # alpha_1 = 0 stays singular in float64
+
+
 def test_fields_see_one_time_per_sample():
     """The field contract: t of shape (batch,) in samplers, as in losses."""
     seen = []
