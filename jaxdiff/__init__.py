@@ -105,6 +105,7 @@ from jaxdiff.paths import (
     vp_path,
 )
 from jaxdiff.precond import EDMScalings, edm_noise, edm_precond, edm_scalings
+from jaxdiff.progressive import progressive_distillation_loss, progressive_target
 from jaxdiff.reflow import reflow_pairs
 from jaxdiff.sample import inpaint, sample
 from jaxdiff.samplers import Sampler
@@ -161,6 +162,8 @@ __all__ = [
     "ict_num_scales",
     "meanflow_loss",
     "meanflow_target",
+    "progressive_distillation_loss",
+    "progressive_target",
     "reflow_pairs",
     "shortcut_loss",
     "shortcut_target",
