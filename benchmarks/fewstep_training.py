@@ -1,5 +1,6 @@
 """Straight and few-step generation from scratch, at equal training compute: flow matching with the
-independent, OT and Schrödinger-bridge couplings, MeanFlow, consistency models and reflow.
+independent, OT and Schrödinger-bridge couplings, MeanFlow, shortcut models, consistency models
+and reflow.
 
 One evaluation for all, at 1, 2, 4 and 8 network evaluations: on a 2-D toy the energy distance and
 MMD between ``N`` samples and ``N`` held-out points (the rows; floors: the same statistics between
@@ -17,7 +18,8 @@ their own stage. Per step the methods differ in network passes per example (``fw
 passes, a JVP counted as 2 -- MeanFlow's runs on the 25% of the batch with ``r < t`` --, CT/CD's
 stop-gradient target 1, CD's Heun teacher 2; ``bwd``: backward passes); measured on 2 CPU cores
 (interleaved, batch 256) a step costs 1.03x FM's for MeanFlow (1.36x with the JVP on the whole
-batch), 1.28x for CT and 1.93x for CD. ``train_s`` (the method's own stage) and ``total_s`` (with
+batch), 1.28x for CT and 1.93x for CD; a shortcut step runs two more forward passes (no
+gradient) on its 25% of self-consistency examples. ``train_s`` (the method's own stage) and ``total_s`` (with
 its teacher and, for reflow, the pair solves) exclude compilation; they mean something only on a
 quiet machine. Two more rows spend ``2 S``: FM with twice the steps, and reflow from the
 ``S``-step FM teacher.
@@ -27,11 +29,14 @@ quiet machine. Two more rows spend ``2 S``: FM with twice the steps, and reflow 
 * **OT-CFM** (Tong et al. 2024; Pooladian et al. 2023): FM on mini-batch exact-OT pairs
   (``jd.exact_ot``; class-conditional on the digits); Euler.
 * **SB-CFM** (Tong et al. 2024): the Brownian bridge ``x_t = (1 - t) x0 + t x1 + 0.5 sqrt(t (1 -
-  t)) z`` on entropic-OT pairs with ``reg = 2 sigma^2 = 0.5`` (absolute, 200 Sinkhorn iterations;
-  class-conditional on the digits), velocity regression (``jd.interpolant_loss``); Euler on its
+  t)) z`` on entropic-OT pairs with ``reg = 2 sigma^2 = 0.5`` (absolute, Sinkhorn to marginals
+  within ``1e-3``; class-conditional on the digits), velocity regression (``jd.interpolant_loss``); Euler on its
   ODE ``dx = b dt`` (``jd.samplers.interpolant_sde()``, to ``t = 0``).
 * **MeanFlow** (Geng et al. 2025): uniform times, 75% of the batch with ``r = t``, adaptive weight
   power 0.5 (the paper's 1.0 measured worse here); k uniform jumps (``jd.samplers.meanflow()``).
+* **Shortcut** (Frans et al. 2024): the same two-time network and sampler, trained by flow
+  matching at ``r = t`` and self-consistency (one jump of ``2h`` = two of ``h``) on 25% of the
+  batch, jumps ``1, 1/2, ..., 1/64`` (``jd.shortcut_loss`` defaults).
 * **CT** (consistency training, iCT-style: EDM scalings, stop-gradient target, pseudo-Huber,
   ``1 / dt`` weights on a grid uniform in ``t``, ``N`` doubling from 9 to 33 in three stages);
   multistep consistency sampling (``jd.samplers.consistency()``) on the uniform grid.
@@ -56,7 +61,10 @@ import jax.numpy as jnp
 
 import jaxdiff as jd
 
-TITLE = "Straight and few-step generation: couplings, MeanFlow, consistency, reflow (1-8 steps)"
+TITLE = (
+    "Straight and few-step generation: couplings, MeanFlow, shortcut, consistency, reflow (1-8 "
+    "steps)"
+)
 KS = (1, 2, 4, 8)
 BANDWIDTHS = (0.05, 0.1, 0.2, 0.5, 1.0)
 SB_SIGMA = 0.5
@@ -158,7 +166,8 @@ def compare(steps, batch, n_eval, n_pairs, datasets, mode, lr=2e-3, digits=None)
         "between two true sets: "
         + ", ".join(f"{k} {v[0]:.2e} / {v[1]:.2e}" for k, v in floors.items() if k != "digits")
         + ". budget: optimiser steps including the teacher's (S or 2 S); fwd/bwd: network passes "
-        "per example per step (a JVP = 2 forward, MeanFlow's on 25% of the batch; CT/CD: the "
+        "per example per step (a JVP = 2 forward, MeanFlow's on 25% of the batch; shortcut: 2 more "
+        "forward on 25%; CT/CD: the "
         "stop-gradient target is a 2nd forward; CD's Heun teacher adds 2). train_s: the method's "
         "own stage; total_s: with its teacher and the reflow pair solves; compile excluded. "
         "q_100: 100 Euler steps. Straightness: Liu et al.'s S over 100 Euler steps."
@@ -272,6 +281,10 @@ def _on(task: Task, steps, batch, n_eval, n_pairs, lr) -> list[dict]:
     mf = bound(None, "velocity", mf_p, two_time=True)
     row("MeanFlow", steps, steps, 1.25, 1, mf_s, mf_s, mf_c,
         sampler_of(mf, sampler=jd.samplers.meanflow()), mf)  # fmt: skip
+    sc_p, sc_s, sc_c = _train(jd.shortcut_loss(mf_net, path), params0, task.data, steps, batch, lr)
+    sc = bound(None, "velocity", sc_p, two_time=True)
+    row("shortcut", steps, steps, 1.5, 1, sc_s, sc_s, sc_c,
+        sampler_of(sc, sampler=jd.samplers.meanflow()), sc)  # fmt: skip
 
     # consistency training (iCT curriculum in stages) and distillation from the S/2 teacher
     cm_net = jd.Field(cm_fn, "x0")

@@ -42,7 +42,12 @@ __all__ = ["progressive_distillation_loss", "progressive_target"]
 
 
 def progressive_target(
-    path: GaussianPath, teacher: Callable[[Array, Array], Array], target: str, z: Array, t, s
+    path: GaussianPath,
+    teacher: Callable[[Array, Array], Array],
+    target: str,
+    z: Array,
+    t: ArrayLike,
+    s: ArrayLike,
 ) -> Array:
     """``x~``: the data estimate whose one DDIM step from ``(z, t)`` reaches the teacher's two
     steps ``t -> (t + s) / 2 -> s``. ``teacher(x, t)`` predicts ``target``; ``t``, ``s`` have
