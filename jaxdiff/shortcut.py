@@ -15,7 +15,7 @@ that one step of ``2h`` is two steps of ``h``, with two more forward passes and 
     self-consistency: ``u_1 = u(z_t, t, t - h)``, ``z' = z_t - h u_1``, ``u_2 = u(z', t - h, t - 2h)``,
     ``|u(z_t, t, t - 2h) - sg((u_1 + u_2) / 2)|^2``,
 
-with ``2h`` in ``{1, 1/2, ..., 2/M}`` (as many examples at each level) and ``t`` on that level's
+with ``2h`` in ``{1, 1/2, ..., 2/M}`` (a level drawn uniformly per example) and ``t`` on that level's
 grid ``{2h, 4h, ..., 1}``, so every jump of a ``k``-step sampler with ``k`` a power of two up to
 ``M / 2`` is trained. At the finest level the half steps ``h = 1/M`` are Euler steps of the
 instantaneous velocity ``u(z, t, t)``, which the flow-matching part trains (the paper trains that
@@ -93,8 +93,10 @@ def shortcut_loss(
     [, labels])`` jumps from ``t`` to ``r`` (``z_r = z_t - (t - r) u``), as for
     :func:`~jaxdiff.meanflow_loss`. The first ``1 - bootstrap_fraction`` of the batch is flow
     matching at ``r = t`` (times from ``time_sampler``, default uniform on ``[0, 1]``); the rest
-    is self-consistency (:func:`shortcut_target`) at the levels ``d = 1, 1/2, ..., 2 / max_steps``
-    in turn, ``t`` uniform on the level's grid ``{d, 2d, ..., 1}``. Per example the squared error
+    is self-consistency (:func:`shortcut_target`) at a level ``d`` drawn uniformly from ``1, 1/2,
+    ..., 2 / max_steps`` per example, ``t`` uniform on the level's grid ``{d, 2d, ..., 1}``. Both
+    parts are needed: self-consistency alone is minimised by ``u = 0`` (any constant), flow
+    matching alone never trains a jump with ``r < t``. Per example the squared error
     is averaged over the data dimensions, as in :func:`~jaxdiff.flow_matching_loss`; the loss is
     the batch mean. The paper's defaults: ``max_steps = 128``, a quarter of the batch for
     self-consistency.
@@ -126,7 +128,7 @@ def shortcut_loss(
     levels = int(math.log2(max_steps))  # jumps d = 2^-k, k = 0 .. levels - 1
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
-        t_key, j_key, e_key = jax.random.split(key, 3)
+        t_key, j_key, e_key, k_key = jax.random.split(key, 4)
         x0, eps, labels = noise_pairs(e_key, batch, path, source, coupling)
         n = x0.shape[0]
         tdt = wide_dtype(x0.dtype)
@@ -139,17 +141,27 @@ def shortcut_loss(
             z = path.interpolate(x0[:m], eps[:m], t)
             v = from_x0_eps(path, z, t, x0[:m], eps[:m], "velocity")
             u = net.apply(params, z, t, t, *[a[:m] for a in extra])
-            errs.append(jnp.mean(jnp.square(u - v).reshape(m, -1), axis=1))
+            errs.append(_sq_err(u, v, tdt))
         if nb > 0:
-            k = np.arange(nb) % levels
-            d = jnp.asarray(0.5**k, tdt)
-            j = jax.random.randint(j_key, (nb,), 1, jnp.asarray(2**k) + 1)  # t = j d, 1 <= j <= 1/d
+            # a level per example at random: a fixed round robin left the finest levels untrained
+            # when the batch's share had fewer examples than levels (and the chain of targets
+            # cut off from the flow-matching anchor)
+            k = jax.random.randint(k_key, (nb,), 0, levels)
+            d = jnp.exp2(-k.astype(tdt))
+            j = jax.random.randint(j_key, (nb,), 1, 2**k + 1)  # t = j d, 1 <= j <= 1/d
             t = j.astype(tdt) * d
             z = path.interpolate(x0[m:], eps[m:], t)
             tail = [a[m:] for a in extra]
             u_fn = lambda z_, t_, r_: net.apply(params, z_, t_, r_, *tail)  # noqa: E731
             u, target = shortcut_target(u_fn, z, t, d, finest=1.0 / max_steps)
-            errs.append(jnp.mean(jnp.square(u - target).reshape(nb, -1), axis=1))
+            errs.append(_sq_err(u, target, tdt))
         return jnp.mean(jnp.concatenate(errs))
 
     return loss
+
+
+def _sq_err(u: Array, target: Array, dtype: Any) -> Array:
+    """Per example, the mean squared error in ``dtype`` (float32 or wider: bfloat16 data and
+    networks gave a bfloat16 loss)."""
+    diff = (u.astype(dtype) - target.astype(dtype)).reshape(u.shape[0], -1)
+    return jnp.mean(jnp.square(diff), axis=1)

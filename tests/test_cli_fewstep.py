@@ -48,7 +48,7 @@ PRIOR_ED = 0.206
 @pytest.mark.parametrize(
     ("loss", "steps", "k", "bound"),
     # measured (600 / 200 training steps at batch 128): meanflow ED 0.007 at 1 step (0.057 after
-    # 300 steps); shortcut 0.007 after 300 steps; consistency 0.043 at 2 steps (CT converges slower:
+    # 300 steps); shortcut 0.008 after 300 steps; consistency 0.043 at 2 steps (CT converges slower:
     # 0.009 after 600 steps)
     [
         ("meanflow", 600, 1, 0.1 * PRIOR_ED),

@@ -45,8 +45,9 @@ def test_a_student_that_knows_the_target_has_loss_zero_and_an_offset_costs_its_w
                                                         ts=jnp.array(ts)))  # fmt: skip
         assert float(loss(0.0, jax.random.key(1), batch)) < 1e-20
         weight = max(float(jnp.exp(PATH.log_snr(t))), 1.0)  # truncated SNR: 1 at t = 1
-        np.testing.assert_allclose(float(loss(0.1, jax.random.key(1), batch)), 0.01 * weight,
-                                   rtol=1e-6)  # fmt: skip (float32 data)
+        np.testing.assert_allclose(
+            float(loss(0.1, jax.random.key(1), batch)), 0.01 * weight, rtol=1e-6
+        )  # fmt: skip (float32 data)
     assert weight > 5  # SNR(0.25) on the cosine path, 5.5: the weight is not 1 there
 
 
