@@ -24,7 +24,10 @@ Each is a **field transform** (like ``jd.classifier_guidance``): it returns a
 target, under ``jit`` and batched over measurements (``y`` of shape ``(batch, m)``). Time runs from
 data (``t = 0``) to noise (``t = 1``); sampling starts where ``alpha_t > 0``: on the linear and
 cosine paths (``alpha_1 = 0``, where ``x0_hat`` is undefined) ``jd.sample``'s default grid starts at
-``t = 1 - 1e-3``, and a grid from ``t = 1`` is refused.
+``t = 1 - 1e-3``, and a grid from ``t = 1`` is refused. A field's further arguments reach it:
+under ``jd.samplers.meanflow()`` a two-time field is called as ``field(x, t, r)``, and its average
+velocity is read as a velocity, so ``x0_hat`` is the jump's end ``x - t u(x, t, r)`` (at ``r = 0``
+the flow map's endpoint, not the posterior mean ``E[x0 | x_t]`` of the other samplers).
 
 Chung et al.'s own DPS moves ``x`` by ``-zeta grad_x ||y - A x0_hat(x)||`` once per step, whatever the
 step's size: a rule of the discretisation, not of the dynamics, so it cannot be a field (the

@@ -229,7 +229,21 @@ y0, y1 = run(jax.random.key(2), jax.device_put(x0, sh), jax.device_put(x1, sh))
 local = [jd.exact_ot()(jax.random.key(0), x0[i:i + 16], x1[i:i + 16])[1] for i in range(0, 64, 16)]
 # one global plan on the sharded batch: XLA gathers it for the host call, same pairs as unsharded
 g0, g1 = jax.jit(jd.exact_ot())(jax.random.key(2), jax.device_put(x0, sh), jax.device_put(x1, sh))
+# entropic OT per shard (it failed under shard_map: scan carries and the tolerance check were not
+# marked as varying over the devices); each shard draws with fold_in(key, device index)
+sk = jd.sinkhorn_ot(0.5)
+s0, s1 = jax.jit(jd.per_device(sk, mesh))(jax.random.key(2), jax.device_put(x0, sh),
+                                          jax.device_put(x1, sh))
+k2 = jax.random.key(2)
+s_local = [sk(jax.random.fold_in(k2, i // 16), x0[i:i + 16], x1[i:i + 16])[1] for i in range(0, 64, 16)]
+try:
+    jax.block_until_ready(jax.jit(jd.per_device(jd.sinkhorn_ot(1e-4, num_iters=20), mesh))(k2, x0, x1))
+    refused = False
+except Exception as err:
+    refused = "did not converge in 20 iterations" in str(err)
 print(json.dumps({
+    "sinkhorn_diff": float(jnp.max(jnp.abs(s1 - jnp.concatenate(s_local)))),
+    "sinkhorn_refused": refused,
     "global_diff": float(jnp.max(jnp.abs(g1 - jd.exact_ot()(jax.random.key(2), x0, x1)[1]))),
     "devices": jax.device_count(),
     "sharded": len(y1.sharding.device_set),
@@ -254,6 +268,8 @@ def test_per_device_plans_on_four_fake_devices():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {
+        "sinkhorn_diff": 0.0,
+        "sinkhorn_refused": True,
         "global_diff": 0.0,
         "devices": 4,
         "sharded": 4,

@@ -207,8 +207,9 @@ def test_integer_data_trains_as_floats():
 def test_every_loss_of_float32_data_is_float32_under_x64(x64):
     """Under jax_enable_x64 with float32 data the diffusion and flow-matching losses drew float64
     times and returned float64 losses, while interpolant_loss, meanflow_loss and the consistency
-    losses returned float32 (the usability audit's U9). Times now follow the data, widened to
-    float32, in every loss; float64 data keeps float64."""
+    losses returned float32 (the usability audit's U9). Each loss now returns the data's dtype
+    widened to float32 (diffusion_loss draws its times so; interpolant_loss casts its error);
+    float64 data keeps float64."""
     path = jd.linear_path()
     one = lambda target: jd.Field(lambda p, x, t: 0.5 * x, target)  # noqa: E731
     two = jd.Field(lambda p, x, t, r=None: 0.5 * x, "velocity")
