@@ -115,7 +115,10 @@ def _parser() -> _Parser:
         "--coupling", choices=E.COUPLINGS, help="pairing of source and data (default independent)"
     )
     train.add_argument(
-        "--ot-reg", type=float, dest="ot_reg", help="sinkhorn: reg as a fraction of the mean cost"
+        "--ot-reg",
+        type=float,
+        dest="ot_reg",
+        help="sinkhorn: reg as a fraction of the mean cost (>= 0.005)",
     )
     train.add_argument(
         "--images",
