@@ -76,7 +76,8 @@ def progressive_distillation_loss(
     parameters (for labels in the batch it is called as ``teacher(x, t, labels)``, as the
     student). ``ts`` is the student's decreasing grid, ending at ``t = 0``; or ``steps`` uniform
     steps from ``jd.sample``'s default start (``t = 1``, or ``1 - 1e-3`` where a field divides
-    by ``alpha_1 = 0``) to 0. Per example a step ``i`` of the grid is drawn uniformly, ``x_t`` at
+    by ``alpha_1 = 0``) to 0, which ``jd.sample(..., sampler=jd.samplers.ddim(), steps=steps)``
+    reproduces (where the student's and the teacher's default starts differ, ``ts`` is needed). Per example a step ``i`` of the grid is drawn uniformly, ``x_t`` at
     ``t = ts[i]``, and the loss is ``max(SNR_t, 1) mean |x0_student - x~|^2``
     (:func:`progressive_target`). Default path: ``cosine_path()``, the paper's.
     """
@@ -84,14 +85,27 @@ def progressive_distillation_loss(
     path = cosine_path() if path is None else path
     if (ts is None) == (steps is None):
         raise ValueError("give the student's grid: ts (decreasing, to 0) or steps, not both")
+    starts = {name: prior_time(path, f) for name, f in (("student", net), ("teacher", teacher))}
     if ts is None:
-        start = min(prior_time(path, net), prior_time(path, teacher))
-        ts = uniform_grid(steps, start, 0.0)
+        if starts["student"] != starts["teacher"]:  # jd.sample(steps=) starts at the student's
+            raise ValueError(
+                f"the student ({net.target!r}) starts at t = {starts['student']} by default and "
+                f"the teacher ({teacher.target!r}) at {starts['teacher']}: give ts= (e.g. "
+                f"jd.uniform_grid({steps}, {min(starts.values())}, 0.0)) and sample the student "
+                "with the same ts"
+            )
+        ts = uniform_grid(steps, starts["student"], 0.0)
     grid = np.asarray(ts, np.float64)
     if grid.ndim != 1 or grid.size < 2 or not np.all(np.diff(grid) < 0) or grid[-1] != 0:
         raise ValueError(f"ts must be a decreasing 1-D grid of >= 2 times ending at 0; got {ts}")
     if grid[0] > 1:
         raise ValueError(f"ts must lie in [0, 1]; got a start of {grid[0]}")
+    for name, f in (("student", net), ("teacher", teacher)):
+        if grid[0] > starts[name] and float(path.alpha(grid[0])) == 0:  # x0 = (x - sigma eps) / 0
+            raise ValueError(
+                f"ts starts at t = {grid[0]}, where alpha_t = 0 and the {name}'s {f.target!r} "
+                f"prediction gives no x0: start at {starts[name]} (jd.sample's default there)"
+            )
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
         i_key, e_key = jax.random.split(key)
@@ -104,13 +118,15 @@ def progressive_distillation_loss(
         eps = jax.random.normal(e_key, x0.shape, tdt).astype(x0.dtype)
         z = path.interpolate(x0, eps, t)
         extra = () if labels is None else (labels,)
+        # the target in float32 or wider: it subtracts two nearly equal states
         target = progressive_target(
-            path, lambda x, u: teacher(x, u, *extra), teacher.target, z, t, s
+            path, lambda x, u: teacher(x, u, *extra), teacher.target, z.astype(tdt), t, s
         )
         target = jax.lax.stop_gradient(target)
         pred = net.apply(params, z, t, *extra)
         x0_hat = to_x0_eps(path, z, t, pred, net.target)[0]
-        err = jnp.mean(jnp.square(x0_hat - target).astype(tdt).reshape(n, -1), axis=1)
+        diff = (x0_hat.astype(tdt) - target.astype(tdt)).reshape(n, -1)
+        err = jnp.mean(jnp.square(diff), axis=1)
         snr = jnp.exp(path.log_snr(t)).astype(tdt)
         return jnp.mean(jnp.maximum(snr, 1.0) * err)
 

@@ -98,3 +98,25 @@ def test_labels_reach_both_and_bad_grids_are_named():
         jd.progressive_distillation_loss(net, teacher, PATH, ts=jnp.array([1.0, 0.5]))
     with pytest.raises(ValueError, match="does not use source points"):
         loss(None, jax.random.key(0), {"x0": jnp.ones((4, 2)), "x1": jnp.ones((4, 2))})
+
+
+def test_grids_the_sampler_cannot_reproduce_or_the_fields_cannot_start_on_are_refused():
+    """With steps= the loss started its grid at the earlier of the student's and teacher's
+    default starts, while jd.sample(steps=) starts at the student's: a v student of an eps
+    teacher on the cosine path trained on 0.999 and sampled from 1 (the review's G1). A ts
+    starting at alpha_t = 0 for an eps field gave a silent NaN loss under jit (G2); bfloat16
+    data took the target's cancellation in bfloat16 (G4)."""
+    v = jd.Field(lambda p, x, t: 0.5 * x, "v")
+    eps_teacher = DATA.field(PATH, "eps")
+    with pytest.raises(ValueError, match=r"starts at t = 1.0 by default and the teacher \('eps'\)"):
+        jd.progressive_distillation_loss(v, eps_teacher, PATH, steps=4)
+    with pytest.raises(ValueError, match="alpha_t = 0 and the student's 'eps' prediction"):
+        jd.progressive_distillation_loss(jd.Field(lambda p, x, t: x, "eps"), DATA.field(PATH, "v"),
+                                         PATH, ts=jnp.array([1.0, 0.5, 0.0]))  # fmt: skip
+    with pytest.raises(ValueError, match="alpha_t = 0 and the teacher's 'eps' prediction"):
+        jd.progressive_distillation_loss(v, eps_teacher, PATH, ts=jnp.array([1.0, 0.0]))
+    ts = jd.uniform_grid(4, 0.999, 0.0)  # the way out the message names
+    loss = jax.jit(jd.progressive_distillation_loss(v, eps_teacher, PATH, ts=ts))
+    assert np.isfinite(float(loss(None, jax.random.key(0), DATA.sample(jax.random.key(1), 64))))
+    bf16 = DATA.sample(jax.random.key(1), 64).astype(jnp.bfloat16)
+    assert loss(None, jax.random.key(0), bf16).dtype == jnp.float32
