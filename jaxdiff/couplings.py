@@ -14,8 +14,9 @@ that are close, so the conditional paths cross less and the learned flow is stra
   SciPy's 3-8 ms on 2 CPU cores, ``benchmarks/couplings.py`` and its results). Every ``x0`` and
   ``x1`` is used once: both marginals are exact.
 * ``sinkhorn_ot(reg)``: the entropic plan ``P = argmin <P, C> - reg H(P)`` with uniform marginals,
-  by log-domain Sinkhorn iterations until its marginals are within ``tol`` (Cuturi 2013; ott-jax's solver measured no
-  faster at equal iterations and marginal error, so it is not a dependency), then for each ``x0_i`` one
+  by log-domain Sinkhorn iterations until its marginals are within ``tol`` (Cuturi 2013; ott-jax's
+  solver measured no faster at equal iterations and marginal error, so it is not a dependency),
+  then for each ``x0_i`` one
   ``x1_j ~ P_ij / sum_j P_ij``: ``x0`` (and its labels) are kept, ``x1`` drawn with replacement.
   ``reg`` is in the units of the squared distance (POT's and torchcfm's ``reg``); with the Brownian
   bridge of scale ``sigma``, ``reg = 2 sigma^2`` gives Tong et al.'s Schrödinger-bridge CFM.
@@ -271,8 +272,7 @@ def _sinkhorn(cost, reg, num_iters, tol):
         log_plan = plan(f, g)
         return log_plan, marginal_error(log_plan), num_iters
     block = min(_CHECK_EVERY, num_iters)
-    finite = jnp.isfinite(cost)
-    start = jnp.maximum(jnp.sum(jnp.where(finite, cost, 0.0)) / jnp.sum(finite), reg)
+    start = jnp.maximum(_mean_cost(cost), reg)
 
     def eps_at(i):
         return jnp.maximum(reg, start * jnp.asarray(_ANNEAL, cost.dtype) ** i)
@@ -288,8 +288,15 @@ def _sinkhorn(cost, reg, num_iters, tol):
         return (carry[2] < num_iters) & ~(carry[3] <= tol)  # a NaN error runs to the cap
 
     inf = jnp.asarray(jnp.inf, cost.dtype)
-    f, g, i, err = jax.lax.while_loop(going, run, (*init, jnp.asarray(0), inf))
-    return plan(f, g), marginal_error(plan(f, g)), i
+    f, g, i, _ = jax.lax.while_loop(going, run, (*init, jnp.asarray(0), inf))
+    log_plan = plan(f, g)
+    return log_plan, marginal_error(log_plan), i
+
+
+def _mean_cost(cost: Array) -> Array:
+    """The mean of the allowed (finite) entries of a cost matrix."""
+    finite = jnp.isfinite(cost)
+    return jnp.sum(jnp.where(finite, cost, 0.0)) / jnp.sum(finite)
 
 
 class SinkhornOT(eqx.Module):
@@ -307,9 +314,7 @@ class SinkhornOT(eqx.Module):
             cost = jnp.where(mask, cost, jnp.inf)
         reg = self.reg
         if self.relative:  # reg times the mean cost of the allowed pairs
-            finite = jnp.isfinite(cost)
-            mean = jnp.sum(jnp.where(finite, cost, 0.0)) / jnp.sum(finite)
-            reg = jnp.maximum(reg * mean, jnp.finfo(cost.dtype).tiny)  # 0: all points coincide
+            reg = jnp.maximum(reg * _mean_cost(cost), jnp.finfo(cost.dtype).tiny)  # 0: coincide
         log_plan, err, _ = _sinkhorn(cost, reg, self.num_iters, self.tol)
         if self.tol is not None:
             scale = "times the mean cost" if self.relative else "in squared-distance units"

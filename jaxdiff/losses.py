@@ -295,6 +295,13 @@ def noise_pairs(
     return draw_pairs(key, batch, source, coupling)
 
 
+def mean_sq_error(pred: Array, target: Array, dtype: Any) -> Array:
+    """Per example, ``mean |pred - target|^2`` over the data dimensions, taken in ``dtype`` (float32
+    or wider for the few-step losses: bfloat16 data and networks gave a bfloat16 loss)."""
+    diff = (pred.astype(dtype) - target.astype(dtype)).reshape(pred.shape[0], -1)
+    return jnp.mean(jnp.square(diff), axis=1)
+
+
 def per_example_loss(
     pred: Array,
     path: GaussianPath,

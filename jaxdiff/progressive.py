@@ -32,7 +32,7 @@ from jaxdiff._engine import prior_time
 from jaxdiff.conversions import to_x0_eps
 from jaxdiff.ddim import ddim_step
 from jaxdiff.field import Field, as_field
-from jaxdiff.losses import _split_batch
+from jaxdiff.losses import _split_batch, mean_sq_error
 from jaxdiff.paths import GaussianPath, cosine_path
 from jaxdiff.schedules import uniform_grid
 
@@ -125,8 +125,7 @@ def progressive_distillation_loss(
         target = jax.lax.stop_gradient(target)
         pred = net.apply(params, z, t, *extra)
         x0_hat = to_x0_eps(path, z, t, pred, net.target)[0]
-        diff = (x0_hat.astype(tdt) - target.astype(tdt)).reshape(n, -1)
-        err = jnp.mean(jnp.square(diff), axis=1)
+        err = mean_sq_error(x0_hat, target, tdt)
         snr = jnp.exp(path.log_snr(t)).astype(tdt)
         return jnp.mean(jnp.maximum(snr, 1.0) * err)
 

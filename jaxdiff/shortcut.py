@@ -43,7 +43,7 @@ import numpy as np
 from jaxdiff._checks import expand_like, wide_dtype
 from jaxdiff.conversions import from_x0_eps
 from jaxdiff.field import Field, as_field
-from jaxdiff.losses import TimeSampler, draw_times, noise_pairs, uniform_time
+from jaxdiff.losses import TimeSampler, draw_times, mean_sq_error, noise_pairs, uniform_time
 from jaxdiff.paths import GaussianPath, linear_path
 from jaxdiff.sources import as_source, check_source_path, is_gaussian
 
@@ -141,7 +141,7 @@ def shortcut_loss(
             z = path.interpolate(x0[:m], eps[:m], t)
             v = from_x0_eps(path, z, t, x0[:m], eps[:m], "velocity")
             u = net.apply(params, z, t, t, *[a[:m] for a in extra])
-            errs.append(_sq_err(u, v, tdt))
+            errs.append(mean_sq_error(u, v, tdt))
         if nb > 0:
             # a level per example at random: a fixed round robin left the finest levels untrained
             # when the batch's share had fewer examples than levels (and the chain of targets
@@ -154,14 +154,7 @@ def shortcut_loss(
             tail = [a[m:] for a in extra]
             u_fn = lambda z_, t_, r_: net.apply(params, z_, t_, r_, *tail)  # noqa: E731
             u, target = shortcut_target(u_fn, z, t, d, finest=1.0 / max_steps)
-            errs.append(_sq_err(u, target, tdt))
+            errs.append(mean_sq_error(u, target, tdt))
         return jnp.mean(jnp.concatenate(errs))
 
     return loss
-
-
-def _sq_err(u: Array, target: Array, dtype: Any) -> Array:
-    """Per example, the mean squared error in ``dtype`` (float32 or wider: bfloat16 data and
-    networks gave a bfloat16 loss)."""
-    diff = (u.astype(dtype) - target.astype(dtype)).reshape(u.shape[0], -1)
-    return jnp.mean(jnp.square(diff), axis=1)
