@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff._checks import expand_like, wide_dtype
-from jaxdiff.conversions import from_x0_eps
+from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import TimeSampler, draw_times, mean_sq_error, noise_pairs, uniform_time
 from jaxdiff.paths import GaussianPath, linear_path
@@ -84,6 +84,7 @@ def shortcut_loss(
     max_steps: int = 128,
     bootstrap_fraction: float = 0.25,
     time_sampler: TimeSampler | None = None,
+    velocity: Field | None = None,
     source: Any = None,
     coupling: Any = None,
 ) -> Callable[[Any, Array, Any], Array]:
@@ -106,7 +107,10 @@ def shortcut_loss(
     level ``d = 1``). Batches are ``x0``, ``(x0, labels)`` or ``{'x0', 'x1', 'labels'}``;
     ``source`` and ``coupling`` as in :func:`~jaxdiff.flow_matching_loss` (the self-consistency
     part only needs points ``z_t`` of the path, and the flow-matching part's minimiser is the
-    marginal velocity under any coupling).
+    marginal velocity under any coupling). ``velocity``, a field of any target (an exact oracle
+    or a trained flow), replaces the conditional velocity of the flow-matching part with its own
+    ``velocity(z_t, t[, labels])``, as in :func:`~jaxdiff.meanflow_loss`: distillation, with the
+    minimum 0 at that flow's velocity.
     """
     net = as_field(net, "net")
     if net.target != "velocity":
@@ -124,6 +128,8 @@ def shortcut_loss(
     source = as_source(source)
     if not is_gaussian(source):
         check_source_path(path)
+    if velocity is not None:
+        velocity = as_field(velocity, "velocity")
     time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
     levels = int(math.log2(max_steps))  # jumps d = 2^-k, k = 0 .. levels - 1
 
@@ -139,8 +145,14 @@ def shortcut_loss(
         if m > 0:
             t = draw_times(time_sampler, t_key, m, tdt)
             z = path.interpolate(x0[:m], eps[:m], t)
-            v = from_x0_eps(path, z, t, x0[:m], eps[:m], "velocity")
-            u = net.apply(params, z, t, t, *[a[:m] for a in extra])
+            head = [a[:m] for a in extra]
+            if velocity is None:
+                v = from_x0_eps(path, z, t, x0[:m], eps[:m], "velocity")
+            else:  # a teacher sees the batch's labels, as the student does
+                pred = velocity(z, t, *head)
+                v = jax.lax.stop_gradient(convert(path, z, t, pred, src=velocity.target,
+                                                  dst="velocity"))  # fmt: skip
+            u = net.apply(params, z, t, t, *head)
             errs.append(mean_sq_error(u, v, tdt))
         if nb > 0:
             # a level per example at random: a fixed round robin left the finest levels untrained
