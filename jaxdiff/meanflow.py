@@ -33,7 +33,7 @@ ordinary velocity field, so the multi-step samplers take it too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +63,24 @@ def meanflow_target(
     u, dudt = jax.jvp(u_fn, (z, t, r), (v, jnp.ones_like(t), jnp.zeros_like(r)))
     target = v - expand_like(t - r, v) * dudt
     return u, jax.lax.stop_gradient(target)
+
+
+def velocity_target(
+    path: GaussianPath,
+    z: Array,
+    t: Array,
+    x0: Array,
+    eps: Array,
+    velocity: Field | None,
+    extra: Sequence[Any] = (),
+) -> Array:
+    """The velocity a two-time loss regresses at ``r = t``: the conditional ``alpha_t' x0 +
+    sigma_t' eps``, or a teacher's ``velocity(z, t, *extra)`` converted to it (a conditional
+    teacher sees the batch's labels in ``extra``, as the student does), under a stop-gradient."""
+    if velocity is None:
+        return from_x0_eps(path, z, t, x0, eps, "velocity")
+    v = convert(path, z, t, velocity(z, t, *extra), src=velocity.target, dst="velocity")
+    return jax.lax.stop_gradient(v)
 
 
 def meanflow_loss(
@@ -141,11 +159,7 @@ def meanflow_loss(
         t, r = jnp.maximum(t1, t2), jnp.minimum(t1, t2)
         z = path.interpolate(x0, eps, t)
         extra = () if labels is None else (labels,)
-        if velocity is None:
-            v = from_x0_eps(path, z, t, x0, eps, "velocity")
-        else:  # a conditional teacher sees the batch's labels, as the student does
-            v = convert(path, z, t, velocity(z, t, *extra), src=velocity.target, dst="velocity")
-            v = jax.lax.stop_gradient(v)
+        v = velocity_target(path, z, t, x0, eps, velocity, extra)
         # The first m examples have r = t, where the target is v itself: they skip the JVP (a
         # static split, so the JVP costs only the r < t part of the batch).
         m = round(flow_matching_fraction * n)

@@ -41,9 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff._checks import expand_like, wide_dtype
-from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import TimeSampler, draw_times, mean_sq_error, noise_pairs, uniform_time
+from jaxdiff.meanflow import velocity_target
 from jaxdiff.paths import GaussianPath, linear_path
 from jaxdiff.sources import as_source, check_source_path, is_gaussian
 
@@ -146,12 +146,7 @@ def shortcut_loss(
             t = draw_times(time_sampler, t_key, m, tdt)
             z = path.interpolate(x0[:m], eps[:m], t)
             head = [a[:m] for a in extra]
-            if velocity is None:
-                v = from_x0_eps(path, z, t, x0[:m], eps[:m], "velocity")
-            else:  # a teacher sees the batch's labels, as the student does
-                pred = velocity(z, t, *head)
-                v = jax.lax.stop_gradient(convert(path, z, t, pred, src=velocity.target,
-                                                  dst="velocity"))  # fmt: skip
+            v = velocity_target(path, z, t, x0[:m], eps[:m], velocity, head)
             u = net.apply(params, z, t, t, *head)
             errs.append(mean_sq_error(u, v, tdt))
         if nb > 0:
