@@ -130,6 +130,7 @@ def check_interval(interval: Any) -> tuple[float, float]:
 
 class _ClassifierGuided(eqx.Module):
     log_prob_fn: Callable[[Array, Array], Array] = eqx.field(static=True)
+    adds_score = True  # a score term: Tweedie's formula for N(0, I) noise (jd.sample's source=)
 
     def __call__(self, params: Any, x: ArrayLike, t: ArrayLike) -> Array:
         path, field, scale = params

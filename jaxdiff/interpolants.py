@@ -17,7 +17,7 @@ Conditional fields, for a pair ``(x0, x1)`` and latent ``z``:
 
 A network predicts ``"velocity"`` (``b``), ``"eps"`` (``E[z | x_t]``, the latent's denoiser) or
 ``"score"``; ``interpolant_loss`` regresses it on the conditional value. Sampling is
-``jd.sample(key, interpolant, b, x_init=source(key, shape),
+``jd.sample(key, interpolant, b, shape, source=source,
 sampler=jd.samplers.interpolant_sde(eps_t, noise=eta))``: the backward SDE ``dx = [b - eps_t s]
 dt + sqrt(2 eps_t) dW`` from ``t = 1`` to ``0`` (``eps_t = 0``: the ODE ``dx = b dt``; every
 ``eps_t >= 0`` keeps the marginals of ``x_t``, Albergo & Vanden-Eijnden 2023, Thm 2.8). The

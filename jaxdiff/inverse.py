@@ -92,6 +92,7 @@ class _Posterior(eqx.Module):
 
     kind: str = eqx.field(static=True)
     needs_alpha = True  # jd.sample's default grid starts inside alpha_t = 0 (linear, cosine)
+    adds_score = True  # the likelihood's score: Tweedie's formula for N(0, I) noise (source=)
 
     def __call__(self, params: Any, x: ArrayLike, t: ArrayLike, *args: Any) -> Array:
         path, field, meas, scale, data_var = params

@@ -98,15 +98,8 @@ def make_sampler(
         else:
             field = net.bind(params)
         shape_n = (labels.shape[0], *shape)
-        x_init = None if setup.source is None else setup.source(jax.random.fold_in(key, 1), shape_n)
         sol = sample(
-            key,
-            setup.path,
-            field,
-            shape_n,
-            x_init=x_init,
-            sampler=sampler,
-            steps=steps,
+            key, setup.path, field, shape_n, source=setup.source, sampler=sampler, steps=steps
         )
         return sol.x
 

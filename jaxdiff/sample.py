@@ -28,6 +28,7 @@ from jaxdiff.interpolants import StochasticInterpolant
 from jaxdiff.paths import GaussianPath
 from jaxdiff.samplers import Sampler, ode
 from jaxdiff.samplers.base import normal
+from jaxdiff.sources import Source, check_source_path, is_gaussian
 
 Array = jax.Array
 Hook = Callable[[Array, Any, Array], Any]
@@ -47,6 +48,7 @@ def sample(
     t_start: ArrayLike | None = None,
     t_end: ArrayLike | None = None,
     x_init: ArrayLike | None = None,
+    source: Source | Callable[[Array, tuple[int, ...]], Array] | None = None,
     denoise: bool | None = None,
     save_ts: ArrayLike | None = None,
     hook: Hook | None = None,
@@ -73,6 +75,16 @@ def sample(
       ``jit`` starts at 1 and is refused when it runs.
     * the start: ``x_init``, or a draw of ``N(0, sigma_{t0}^2 I)`` of ``shape`` at the first time
       ``t0`` (the path's prior there).
+    * ``source``: the distribution at ``t = 1`` the field was trained from
+      (:mod:`jaxdiff.sources`; the losses' ``source=``): the start is ``sigma_{t0} source(key,
+      shape)`` (``source(key, shape)`` on a stochastic interpolant), the default's key, so
+      ``standard_normal()`` gives the default start exactly. A non-Gaussian source (one not
+      marked ``Source(fn, gaussian=True)``) makes the score meaningless on a ``GaussianPath``
+      (Tweedie's formula needs ``N(0, I)`` noise): a stochastic sampler (the reverse SDE,
+      ``ddim(eta > 0)``, Langevin, consistency re-noising), a ``score`` field and the guidance
+      that adds a score (``classifier_guidance``, ``jd.dps``, ``pigdm``, ``tmpd``) are refused,
+      and the path must end at the source (``alpha_1 = 0``, ``sigma_1 = 1``). (A field trained
+      with a coupling has the same limits but no marker: sample it with the ODE.)
     * ``denoise``: end with the denoising step ``x <- x0_hat(x, t_end)`` (one more
       evaluation; default: the sampler's choice).
     * ``save_ts``: times of the grid (or ``0`` with the denoising step) whose states to return.
@@ -95,8 +107,8 @@ def sample(
     with stale parameters after they change.)
 
     ``path`` is a :class:`~jaxdiff.GaussianPath`, or a :class:`~jaxdiff.StochasticInterpolant`
-    for the samplers that take one (``jd.samplers.interpolant_sde``; then ``x_init`` is required,
-    as the interpolant does not know its source).
+    for the samplers that take one (``jd.samplers.interpolant_sde``; then ``x_init`` or
+    ``source`` is required, as the interpolant does not know its source).
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
@@ -113,8 +125,10 @@ def sample(
             f"sampler must be a jaxdiff.samplers value (e.g. jd.samplers.ode()); got {sampler!r}"
         )
     denoise = sampler.denoise if denoise is None else bool(denoise)
+    if source is not None:
+        _check_source(path, field, sampler, source, x_init)
     if not isinstance(path, GaussianPath):  # before the default start, which reads alpha_t
-        _check_interpolant(sampler, x_init, denoise)
+        _check_interpolant(sampler, x_init if source is None else source, denoise)
     if t_start is None and ts is None:
         t_start = _engine.prior_time(path, field, sampler.singular_start)
     grid = _grid(path, sampler, steps, ts, t_start, t_end)
@@ -123,6 +137,8 @@ def sample(
             f"sampling from the prior or with a stochastic sampler ({sampler.name}) needs a PRNG key"
         )
     keys = jax.random.split(key, 4) if key is not None else [None] * 4
+    if source is not None:
+        x_init = _source_start(keys[0], path, source, shape, grid[0])
     x = _start(keys[0], path, field, shape, x_init, grid[0])
     grid = grid.astype(wide_dtype(x.dtype))  # the state's precision (x64: a float64 grid broke
     # diffrax's solvers on float32 data)
@@ -249,6 +265,49 @@ def _start(key, path, field, shape, x_init, t0) -> Array:
     return x
 
 
+def _check_source(path, field, sampler, source, x_init) -> None:
+    """What a start from ``source`` rules out (the ``source`` argument of :func:`sample`)."""
+    if x_init is not None:
+        raise ValueError("give x_init or source, not both (source draws the start)")
+    if not callable(source):
+        raise TypeError(
+            f"source must be a jd.Source or a function (key, shape) -> x1; got {source!r}"
+        )
+    if is_gaussian(source) or not isinstance(path, GaussianPath):
+        return  # a stochastic interpolant's SDE has the score of its own Gaussian z
+    why = (
+        "the field was trained from a non-Gaussian source, where the score is not Tweedie's "
+        "-E[x1 | x_t] / sigma_t (that needs x1 ~ N(0, I)), so "
+    )
+    fix = (
+        "; sample with the probability-flow ODE: jd.samplers.ode(), dpm_solver_pp, unipc, "
+        "ddim(0.0), edm_heun(), ... (pass x_init = source(key, shape) instead of source= to run it "
+        "on purpose)"
+    )
+    if sampler.stochastic:
+        raise ValueError(
+            f"{why}{sampler.name}, which draws Gaussian noise along the way, cannot sample it{fix}"
+        )
+    for inner in _engine.wrapped_fields(field):
+        if inner.target == "score":
+            raise ValueError(f"{why}a 'score' field cannot be right for it{fix}")
+        if getattr(inner.fn, "adds_score", False):
+            raise ValueError(
+                f"{why}{type(inner.fn).__name__.strip('_')} (it adds a score term to the field) "
+                f"cannot guide it{fix}"
+            )
+    check_source_path(path)
+
+
+def _source_start(key, path, source, shape, t0) -> Array:
+    if shape is None:
+        raise ValueError("give the sample shape: source= draws a start of that shape")
+    x1 = jnp.asarray(source(key, tuple(shape)))
+    if not isinstance(path, GaussianPath):
+        return x1
+    return (expand_like(path.sigma(t0), x1) * x1).astype(x1.dtype)
+
+
 def _check_interpolant(sampler, x_init, denoise) -> None:
     if not sampler.interpolant:
         raise ValueError(
@@ -259,7 +318,8 @@ def _check_interpolant(sampler, x_init, denoise) -> None:
         )
     if x_init is None:
         raise ValueError(
-            "a stochastic interpolant does not know its source: give x_init = source(key, shape)"
+            "a stochastic interpolant does not know its source: give source= (a jd.Source or "
+            "(key, shape) -> x1), or x_init = source(key, shape)"
         )
     if denoise:
         raise ValueError("the denoising step needs a GaussianPath; end the grid at t = 0 instead")

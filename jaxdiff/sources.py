@@ -9,7 +9,9 @@ hub of :mod:`jaxdiff.conversions` stays exact with ``eps`` read as ``x1``: the t
 functions of ``(x0, x1)``. The ``score`` is not: ``-E[eps | x_t] / sigma_t`` is Tweedie's formula
 only for ``eps ~ N(0, I)`` independent of ``x0``, so a non-Gaussian source (or a coupling, see
 :mod:`jaxdiff.couplings`) rules out the score target, denoising score matching and the reverse SDE
-(``eta > 0``); sample with the probability-flow ODE (``eta = 0``) from ``x_init = source(key, shape)``.
+(``eta > 0``); sample with the probability-flow ODE (``eta = 0``) from the source:
+``jd.sample(key, path, field, shape, source=source)`` draws the start and refuses what needs a
+Gaussian one.
 
 ``Source(fn, gaussian)`` marks whether ``fn`` draws ``N(0, I)``; a bare function passed as a source
 counts as non-Gaussian (the safe reading).

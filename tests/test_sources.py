@@ -128,3 +128,79 @@ def test_moons_to_eight_gaussians_translation():
         assert ed < bound * floor, (steps_, ed, floor)
         assert mmd < mmd_bound, (steps_, mmd)
     assert float(jd.energy_distance(x1, reference)) > 100 * floor
+
+
+def _gaussian_to_gaussian_velocity(m, s0, s1):
+    """The exact marginal velocity on linear_path() of data N(0, s0^2 I) from the independent
+    source N(m, s1^2 I): x_t = (1 - t) x0 + t x1, u = x1 - x0, E[u | x_t] = m + c/v (x_t - t m)
+    with v = (1 - t)^2 s0^2 + t^2 s1^2 and c = t s1^2 - (1 - t) s0^2."""
+
+    def fn(x, t):
+        t = t[:, None]
+        v = (1 - t) ** 2 * s0**2 + t**2 * s1**2
+        return m[None] + (t * s1**2 - (1 - t) * s0**2) / v * (x - t * m[None])
+
+    return jd.Field(fn, "velocity")
+
+
+def test_sample_starts_from_the_source_and_refuses_what_needs_a_gaussian_one():
+    # U2 of the stop-40 usability audit: a field trained from a non-Gaussian source sampled with a
+    # stochastic sampler, or without x_init, gave silently wrong samples (mean (-4.4, 2.2) for
+    # (0, 0) with the reverse SDE). sample(source=) draws the start and refuses those.
+    m = jnp.array([2.0, -1.0])
+    src = jd.Source(lambda key, shape: m[None] + 0.5 * jax.random.normal(key, shape))
+    field = _gaussian_to_gaussian_velocity(m, 0.7, 0.5)
+    path, key, n = jd.linear_path(), jax.random.key(0), 20000
+    x = jd.sample(key, path, field, (n, 2), source=src, steps=100).x
+    # Euler's error at 100 steps is ~1e-3 here; the Monte Carlo error of n = 20,000 ~0.005 (mean)
+    np.testing.assert_allclose(x.mean(0), [0.0, 0.0], atol=0.02)
+    np.testing.assert_allclose(x.std(0), [0.7, 0.7], atol=0.02)
+    # the same as an explicit x_init drawn with the start's key; without either, N(0, I) is wrong
+    k0 = jax.random.split(key, 4)[0]
+    same = jd.sample(key, path, field, source=src, x_init=None, shape=(n, 2), steps=100).x
+    by_hand = jd.sample(None, path, field, x_init=src(k0, (n, 2)), steps=100).x
+    np.testing.assert_array_equal(same, by_hand)
+    wrong = jd.sample(key, path, field, (n, 2), steps=100).x
+    assert float(jnp.abs(wrong.mean(0)).max()) > 1.0
+    # the Gaussian source is the default start exactly, stochastic samplers included
+    for sampler in (jd.samplers.ode(), jd.samplers.sde(eta=1.0)):
+        a = jd.sample(
+            key, jd.vp_path(), field, (8, 2), source=jd.standard_normal(), sampler=sampler
+        )
+        b = jd.sample(key, jd.vp_path(), field, (8, 2), sampler=sampler)
+        np.testing.assert_array_equal(a.x, b.x)
+    # refused: what draws Gaussian noise, or reads the score, on a non-Gaussian source
+    for sampler in (
+        jd.samplers.sde(eta=1.0),
+        jd.samplers.ddim(1.0),
+        jd.samplers.interpolant_sde(0.5),
+        jd.samplers.pc(),
+        jd.samplers.consistency(),
+    ):
+        with pytest.raises(ValueError, match="non-Gaussian source.*cannot sample it"):
+            jd.sample(key, path, field, (8, 2), source=src, sampler=sampler)
+    score = jd.Field(lambda x, t: -x, "score")
+    with pytest.raises(ValueError, match="a 'score' field cannot"):
+        jd.sample(key, path, score, (8, 2), source=src)
+    with pytest.raises(ValueError, match="a 'score' field cannot"):  # inside a wrapper too
+        jd.sample(key, path, jd.clip_x0(score, path), (8, 2), source=src)
+    guided = jd.classifier_guidance(field, path, lambda x, t: -jnp.sum(x**2, -1), 1.0)
+    with pytest.raises(ValueError, match="ClassifierGuided .* cannot guide it"):
+        jd.sample(key, path, guided, (8, 2), source=src)
+    with pytest.raises(ValueError, match="needs a path that ends at it"):
+        jd.sample(key, jd.vp_path(), field, (8, 2), source=src)
+    with pytest.raises(ValueError, match="x_init or source, not both"):
+        jd.sample(key, path, field, source=src, x_init=jnp.zeros((8, 2)))
+    with pytest.raises(ValueError, match="give the sample shape"):
+        jd.sample(key, path, field, source=src)
+    # the deterministic samplers run
+    for sampler in (jd.samplers.dpm_solver_pp(2), jd.samplers.ddim(0.0), jd.samplers.edm_heun()):
+        x = jd.sample(key, path, field, (n, 2), source=src, sampler=sampler, steps=50).x
+        np.testing.assert_allclose(x.std(0), [0.7, 0.7], atol=0.02)
+    # a stochastic interpolant takes source= as its start, its SDE included (its own z is the
+    # Gaussian its score needs): the start is source(key, shape) unscaled
+    bridge = jd.brownian_bridge(0.5)
+    sde = jd.samplers.interpolant_sde(0.5, noise=jd.Field(lambda x, t: jnp.zeros_like(x), "eps"))
+    ts, first = jnp.linspace(0.99, 0.01, 4), jnp.array([0.99])
+    out = jd.sample(key, bridge, field, (8, 2), source=src, sampler=sde, ts=ts, save_ts=first)
+    np.testing.assert_array_equal(out.xs[0], src(k0, (8, 2)))

@@ -12,7 +12,8 @@ its left end ``t``; the grid may end at ``t = 0`` exactly.
   predicts ``b`` (target ``"velocity"``) and, for ``eps_t != 0``, the factory's ``noise`` field
   predicts ``E[z | x_t]`` (``"eps"``; ``s = -E[z | x_t] / gamma_t``) or the score: with ``gamma_t
   > 0`` there are three unknowns ``(x0, x1, z)`` and one prediction no longer gives the other.
-  The interpolant does not know its source, so ``x_init = source(key, shape)`` is required.
+  The interpolant does not know its source: give ``jd.sample`` the ``source=`` (or
+  ``x_init = source(key, shape)``).
 * a :class:`~jaxdiff.GaussianPath`, the case ``gamma = 0`` with ``x1 ~ N(0, I)``: one field of any
   target gives ``b`` and ``s`` through the ``(x0, eps)`` hub (one evaluation), and ``eps_t =
   eta_t^2 g_t^2 / 2`` is the reverse family of ``jd.samplers.sde(eta=eta_t)``.
