@@ -221,8 +221,12 @@ def sinkhorn_plan(
     (``O(C / reg)`` iterations). With ``tol``, a ``lax.while_loop`` with ``reg`` annealed from the
     mean cost stops once :func:`marginal_error` is at most ``tol`` (checked every 10 iterations,
     so ``num_iters`` is rounded up to a multiple of 10), or at ``num_iters`` (then check
-    :func:`marginal_error` yourself; ``sinkhorn_ot`` does). A while loop has no reverse-mode
-    derivative: differentiate the plain run (``tol=None``), or forward mode.
+    :func:`marginal_error` yourself; ``sinkhorn_ot`` does). Derivatives: the plain run's are
+    those of its ``num_iters`` updates (unrolled); a tolerance run's are implicit, those of the
+    fixed point whatever the iterations that reached it (the implicit function theorem on the
+    marginal conditions ``P 1 = 1/n``, ``P^T 1 = 1/m``, solved by conjugate gradients; Luise et
+    al. 2018, Eisenberger et al. 2022), in forward and reverse mode, with respect to ``cost`` and
+    ``reg``.
     """
     return _sinkhorn(cost, reg, num_iters, tol)[0]
 
@@ -287,10 +291,51 @@ def _sinkhorn(cost, reg, num_iters, tol):
     def going(carry):
         return (carry[2] < num_iters) & ~(carry[3] <= tol)  # a NaN error runs to the cap
 
-    inf = jnp.asarray(jnp.inf, cost.dtype)
-    f, g, i, _ = jax.lax.while_loop(going, run, (*init, jnp.asarray(0), inf))
+    def solve(_, fg):
+        inf = jnp.asarray(jnp.inf, cost.dtype)
+        f, g, i, _ = jax.lax.while_loop(going, run, (*fg, jnp.asarray(0), inf))
+        return (f, g), i.astype(cost.dtype)  # a float: custom_root's JVP gives aux int tangents
+
+    def mass(fg):  # the plan's marginals less the uniform ones: 0 at the fixed point
+        log_plan = plan(*fg)
+        rows = jnp.exp(jax.nn.logsumexp(log_plan, axis=1)) - 1.0 / n
+        return rows, jnp.exp(jax.nn.logsumexp(log_plan, axis=0)) - 1.0 / m
+
+    def tangent_solve(linear, y):  # symmetric PSD: x' J x = sum_ij P_ij (x_i + y_j)^2 / reg
+        cg = lambda mv, b: _conjugate_gradients(mv, b, 10 * (n + m))  # noqa: E731
+        return jax.lax.custom_linear_solve(linear, y, cg, symmetric=True)
+
+    (f, g), i = jax.lax.custom_root(mass, init, solve, tangent_solve, has_aux=True)
     log_plan = plan(f, g)
-    return log_plan, marginal_error(log_plan), i
+    return log_plan, marginal_error(log_plan), jax.lax.stop_gradient(i).astype(int)
+
+
+def _conjugate_gradients(linear, y, max_iters):
+    """``x`` with ``linear(x) = y`` for a symmetric positive semi-definite ``linear`` on pytrees
+    and ``y`` in its range (the minimum-norm solution)."""
+
+    def dot(a, b):
+        return sum(
+            jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        )
+
+    axpy = lambda c, a, b: jax.tree.map(lambda u, v: c * u + v, a, b)  # noqa: E731
+    rtol = float(jnp.finfo(jax.tree.leaves(y)[0].dtype).eps) ** 0.75  # 6e-6, 2e-12 in float64
+    stop = (rtol**2) * dot(y, y)
+
+    def body(carry):
+        x, r, p, rr, k = carry
+        ap = linear(p)
+        alpha = rr / dot(p, ap)
+        x, r = axpy(alpha, p, x), axpy(-alpha, ap, r)
+        rr_new = dot(r, r)
+        return x, r, axpy(rr_new / rr, p, r), rr_new, k + 1
+
+    def going(carry):
+        return (carry[3] > stop) & (carry[4] < max_iters)
+
+    x0 = jax.tree.map(jnp.zeros_like, y)
+    return jax.lax.while_loop(going, body, (x0, y, y, dot(y, y), 0))[0]
 
 
 def _mean_cost(cost: Array) -> Array:

@@ -107,6 +107,38 @@ def test_sinkhorn_plan_limits(x64):
         np.testing.assert_allclose((plan * cost).sum(), expected, rtol=tol)
 
 
+def test_a_tolerance_run_has_the_implicit_derivative_in_both_modes(x64):
+    """A tolerance run is a while loop, which has no reverse-mode derivative; its plan is
+    differentiated implicitly at the fixed point (custom_root, conjugate gradients), in forward
+    and reverse mode, against cost and reg. Checked against central differences of the same
+    converged function (float64; measured within 6.3e-6 of entries up to 0.13) and a float32 run
+    at the default tol against the float64 derivative (measured 1.7e-4)."""
+    x0 = jax.random.normal(jax.random.key(0), (16, 2))
+    x1 = jax.random.normal(jax.random.key(1), (16, 2)) + 1.0
+    w = jnp.sin(x1[:, 0])[None, :]  # a second, plan-weighted term, not only the cost
+
+    def value(x0, reg, tol=1e-12):
+        cost = C.squared_cost(x0, x1.astype(x0.dtype))
+        p = jnp.exp(C.sinkhorn_plan(cost, reg, 5000, tol=tol))
+        return jnp.sum(p * cost) + jnp.sum(p * w.astype(x0.dtype) * x0[:, 1:2])
+
+    grad = jax.jit(jax.grad(value, argnums=(0, 1)))(x0, 0.1)
+    h = 1e-5
+    for i, k in ((0, 0), (3, 1), (10, 0), (15, 1)):
+        e = jnp.zeros_like(x0).at[i, k].set(h)
+        fd = (value(x0 + e, 0.1) - value(x0 - e, 0.1)) / (2 * h)
+        assert abs(float(grad[0][i, k] - fd)) < 2e-5, (i, k, float(grad[0][i, k]), float(fd))
+    fd_reg = (value(x0, 0.1 + h) - value(x0, 0.1 - h)) / (2 * h)
+    assert abs(float(grad[1] - fd_reg)) < 2e-5, (float(grad[1]), float(fd_reg))
+    v = jax.random.normal(jax.random.key(3), x0.shape)
+    _, forward = jax.jvp(lambda x: value(x, 0.1), (x0,), (v,))
+    np.testing.assert_allclose(forward, jnp.sum(grad[0] * v), rtol=1e-9)
+    with jax.enable_x64(False):
+        g32 = jax.jit(jax.grad(lambda x: value(x, 0.1, tol=1e-3)))(x0.astype(jnp.float32))
+    assert g32.dtype == jnp.float32
+    np.testing.assert_allclose(g32, grad[0], atol=1e-3)
+
+
 def test_sinkhorn_iterates_to_its_tolerance_and_refuses_an_unconverged_plan():
     """The usability audit's U8: at reg = 0.01 on the checkerboard against N(0, I) the default 200
     iterations left row sums from 0.89 to 1.40 of their share, silently. Now the coupling iterates
