@@ -47,6 +47,8 @@ from jaxdiff._checks import (
     check_count,
     check_order,
     check_positive,
+    check_time,
+    coef_time,
     concrete,
     error_if,
     expand_like,
@@ -90,7 +92,15 @@ def consistency_scalings(
     t_min, _ = check_order(t_min, 1.0, "t_min", "1")  # t_min >= 1 left no time to sample
     if kind == "edm":
         sigma_data = check_positive(sigma_data, "sigma_data")
-    t = jnp.asarray(t)
+    known = concrete(t_min)  # below t_min, c_out < 0 (f is not the consistency function there)
+    lo = 0.0 if known is None else float(known)
+    return _scalings(check_time(coef_time(t), "t", lo=lo), kind, t_min, sigma_data)
+
+
+def _scalings(t, kind, t_min, sigma_data) -> tuple[Array, Array]:
+    """:func:`consistency_scalings` without the checks (the network's call in a loss or a
+    sampler, whose arguments and times are checked there); times in float32 or wider."""
+    t = coef_time(t)
     gap = t - t_min
     if kind == "euler":
         return jnp.ones_like(t), -gap
@@ -117,7 +127,7 @@ def consistency_function(
     consistency_scalings(t_min, kind=kind, t_min=t_min, sigma_data=sigma_data)  # checks them
 
     def f(params: Any, x: Array, t: Array, *args: Any) -> Array:
-        c_skip, c_out = consistency_scalings(t, kind=kind, t_min=t_min, sigma_data=sigma_data)
+        c_skip, c_out = _scalings(t, kind, t_min, sigma_data)
         out = fn(params, x, t, *args)
         return expand_like(c_skip, x) * x + expand_like(c_out, x) * out
 
@@ -136,20 +146,33 @@ def consistency_grid(
     (``karras_grid``) puts intervals of 1e-5 next to the data, whose ``1 / dt`` weights made
     consistency training unstable (one-step energy distance 0.04 against 0.002 on the checkerboard).
     """
-    if int(num_scales) < 2:
-        raise ValueError(f"num_scales must be >= 2; got {num_scales}")
+    num_scales = check_count(num_scales, "num_scales", minimum=2)  # 2.5 had become 2
+    t_min, t_max, rho = (_static(v, name) for v, name in ((t_min, "t_min"), (t_max, "t_max"),
+                                                         (rho, "rho")))  # fmt: skip
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min = {t_min}, t_max = {t_max}")
     if not (np.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be finite and > 0; got rho = {rho}")
-    u = jnp.linspace(0.0, 1.0, int(num_scales))
+    u = jnp.linspace(0.0, 1.0, num_scales)
     lo, hi = t_min ** (1.0 / rho), t_max ** (1.0 / rho)
     return (lo + u * (hi - lo)) ** rho
+
+
+def _static(value: Any, name: str) -> float:
+    """A grid's number, known when the grid is built (the grid is a constant of the loss)."""
+    known = concrete(value)
+    if known is None or np.ndim(known) != 0:
+        raise ValueError(
+            f"{name} must be a Python or NumPy number (the grid is built once); got {value!r}"
+        )
+    return float(known)
 
 
 def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
     """iCT's curriculum: ``min(s0 2^floor(k / K'), s1) + 1`` with
     ``K' = floor(K / (log2(s1 / s0) + 1))`` (Song & Dhariwal 2024, eq. 6)."""
+    step = check_count(step, "step", minimum=0)
+    total_steps = check_count(total_steps, "total_steps")
     s0, s1 = check_count(s0, "s0"), check_count(s1, "s1")
     if s1 < s0:
         raise ValueError(f"need s0 <= s1; got s0 = {s0}, s1 = {s1}")
@@ -207,6 +230,9 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
             f"ts must be a 1-D strictly increasing grid of at least 2 times; got {np.asarray(ts)}"
         )
 
+    if teacher is not None and value is not None:
+        _check_teacher_times(path, teacher, value if solver == "heun" else value[1:], solver)
+
     def velocity(x, t, *extra):  # a conditional teacher sees the batch's labels
         return convert(path, x, t, teacher(x, t, *extra), src=teacher.target, dst="velocity")
 
@@ -237,6 +263,24 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
         return _boundary_checked(jnp.mean(dist), target, x_lo, idx == 0)
 
     return loss
+
+
+def _check_teacher_times(path, teacher, times, solver) -> None:
+    """Refuse a grid on which the teacher's ODE step divides by zero (an ``eps`` or ``score``
+    teacher where ``alpha_t = 0``, an ``x0`` one where ``sigma_t = 0``): found at construction,
+    not when a batch first draws such a time (1 in 15 examples on the defaults)."""
+    try:
+        with jax.ensure_compile_time_eval():
+            t = jnp.asarray(times, jnp.float32)
+            probe = jnp.zeros((t.shape[0], 1), jnp.float32)
+            convert(path, probe, t, probe, src=teacher.target, dst="velocity")
+    except ValueError as err:
+        where = "every time of ts (Heun's second stage)" if solver == "heun" else "ts[1:]"
+        raise ValueError(
+            f"consistency distillation evaluates the teacher at {where}, and its "
+            f"{teacher.target!r} prediction gives no velocity there: {err}. Narrow the grid, "
+            "e.g. t_max=1 - 1e-3 where alpha_1 = 0, t_min=1e-3 where sigma_0 = 0 (or ts=)"
+        ) from None
 
 
 def consistency_training_loss(

@@ -31,10 +31,11 @@ Precision (the policy of ``jaxdiff.paths``): the coefficients are computed in
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import check_same_shape, coef_time, concrete, expand_like, widen
@@ -68,10 +69,11 @@ def _check_divisors(path: GaussianPath, t: ArrayLike, src: str, dst: str) -> Non
         to = "(x0, eps)" if dst == "hub" else repr(dst)
         if "velocity" in (src, dst):
             da, ds = path.d_alpha(tc), path.d_sigma(tc)
-            if not bool(jnp.all(jnp.isfinite(da) & jnp.isfinite(ds))):  # VP's sigma' at t = 0
+            finite = jnp.isfinite(da) & jnp.isfinite(ds)
+            if not bool(jnp.all(finite)):  # VP's sigma' at t = 0
                 raise ValueError(
                     f"converting {src!r} to {to} needs alpha_t' and sigma_t', which are not "
-                    f"finite at t = {_first(t)} on this path; take t inside the "
+                    f"finite at t = {_first(t, ~finite)} on this path; take t inside the "
                     "open interval"
                 )
             if src == "velocity":
@@ -80,16 +82,19 @@ def _check_divisors(path: GaussianPath, t: ArrayLike, src: str, dst: str) -> Non
             if bool(jnp.any(d == 0)):
                 raise ValueError(
                     f"converting {src!r} to {to} divides by {name}, which is 0 at t = "
-                    f"{_first(t)} on this path; take t inside the open interval"
+                    f"{_first(t, d == 0)} on this path; take t inside the open interval"
                 )
 
 
-def _first(t: ArrayLike) -> str:
-    """The first values of a known ``t`` for an error (a batch of 4096 times was printed whole)."""
+def _first(t: ArrayLike, where: Any = None) -> str:
+    """The first values of a known ``t`` for an error (a batch of 4096 times was printed whole),
+    of those ``where`` holds (the offending ones: the first four of a grid had been shown)."""
     value = concrete(t)
     if value.ndim == 0:
         return str(value.tolist())
     flat = value.ravel()
+    if where is not None:
+        flat = flat[np.broadcast_to(np.asarray(where), value.shape).ravel()]
     return str(flat[:4].tolist())[:-1] + (", ...]" if flat.size > 4 else "]")
 
 

@@ -30,6 +30,7 @@ from jaxdiff._checks import (
     check_count,
     check_finite,
     check_positive,
+    check_time,
     data_dtype,
     expand_like,
     value_check,
@@ -71,7 +72,7 @@ def denoising_weight(path: GaussianPath, t: ArrayLike, s: ArrayLike, target: Tar
     For DDPM's step ``t`` and ``x0``: ``abar_{t-1} beta_t^2 / (2 beta~_t (1 - abar_t)^2)``.
     """
     _check_target(target)
-    t, s = _reverse_times(t, s)
+    t, s = _reverse_times(check_time(t, "t"), check_time(s, "s"))
     lam_s, lam_t = path.log_snr(s), path.log_snr(t)
     half_gap = 0.5 * jnp.exp(lam_s) * -jnp.expm1(lam_t - lam_s)
     zero, one = jnp.zeros_like(t), jnp.ones_like(t)

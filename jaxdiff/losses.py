@@ -61,7 +61,7 @@ from jaxdiff.sources import (
     normal_like,
     unpack_batch,
 )
-from jaxdiff.weightings import weight_as
+from jaxdiff.weightings import weight_in
 
 Array = jax.Array
 Weighting = Callable[[GaussianPath, Array], Array]
@@ -151,6 +151,11 @@ def draw_times(time_sampler: TimeSampler, key: Array, n: int, dtype: Any = None)
     (private classes marked ``in_range``) and are not checked.
     """
     t = time_sampler(key, (n,))
+    if jnp.shape(t) != (n,):  # a scalar or (n, 1) reached the network as t of that shape
+        raise ValueError(
+            f"time_sampler(key, ({n},)) must return one time per example, shape ({n},); got "
+            f"shape {jnp.shape(t)}"
+        )
     t = coef_time(t) if dtype is None else as_time(t, dtype)
     if getattr(type(time_sampler), "in_range", False) is True:
         return t
@@ -234,7 +239,7 @@ def importance_time(
         )
         # d(regress)/d(eps) at fixed x_t: 1/sigma for the score, sigma/alpha for x0; inf at an
         # end where that divides by 0 (t_min = 0), masked
-        dens = weight_as(weighting, path, grid, regress) * gain[:, 0] ** 2
+        dens = weight_in(weighting, path, grid, regress, inside=False) * gain[:, 0] ** 2
         return grid, jnp.where(jnp.isfinite(dens), dens, 0.0)
 
     grid, dens = density(num_points)
@@ -321,7 +326,7 @@ def per_example_loss(
     value = convert(path, x_t, t, pred, src=target, dst=regress)
     y = from_x0_eps(path, x_t, t, x0, eps, regress)
     err = jnp.mean(jnp.square(value - y).reshape(x0.shape[0], -1), axis=1)
-    return weight_as(weighting, path, t, regress) * err
+    return weight_in(weighting, path, t, regress) * err
 
 
 def diffusion_loss(

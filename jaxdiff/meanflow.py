@@ -34,12 +34,13 @@ ordinary velocity field, so the multi-step samplers take it too.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import check_positive, expand_like, wide_dtype
+from jaxdiff._checks import check_positive, check_same_shape, expand_like, wide_dtype
 from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import TimeSampler, draw_times, noise_pairs, uniform_time
@@ -60,9 +61,21 @@ def meanflow_target(
     ``v`` is the velocity ``dz/dt`` (the tangent of ``z``). The total derivative
     ``d/dt u = v . grad_z u + d_t u`` is the JVP with tangent ``(v, 1, 0)``.
     """
-    u, dudt = jax.jvp(u_fn, (z, t, r), (v, jnp.ones_like(t), jnp.zeros_like(r)))
+    u, dudt = jax.jvp(shape_checked(u_fn), (z, t, r), (v, jnp.ones_like(t), jnp.zeros_like(r)))
     target = v - expand_like(t - r, v) * dudt
     return u, jax.lax.stop_gradient(target)
+
+
+def shape_checked(u_fn: Callable[..., Array]) -> Callable[..., Array]:
+    """``u_fn(z, ...)``, refused at trace time unless shaped like ``z``: a ``(batch, 1)`` or
+    ``(1, d)`` average velocity was broadcast against the target into a loss, silently."""
+
+    def fn(z: Array, *args: Any) -> Array:
+        u = u_fn(z, *args)
+        check_same_shape(u, z, "the average-velocity ('velocity') prediction u(z, t, r)")
+        return u
+
+    return fn
 
 
 def velocity_target(
@@ -166,7 +179,7 @@ def meanflow_loss(
         errs = []
         if m > 0:
             head = [a[:m] for a in extra]
-            u = net.apply(params, z[:m], t[:m], t[:m], *head)
+            u = shape_checked(partial(net.apply, params))(z[:m], t[:m], t[:m], *head)
             errs.append(jnp.sum(jnp.square(u - v[:m]).reshape(m, -1), axis=1))
         if m < n:
             tail = [a[m:] for a in extra]

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_positive, coef_time, expand_like, widen
+from jaxdiff._checks import check_positive, check_time, coef_time, expand_like, widen
 from jaxdiff.field import Field
 from jaxdiff.paths import GaussianPath
 
@@ -54,6 +54,10 @@ class EDMScalings(NamedTuple):
 
 def edm_noise(path: GaussianPath, t: ArrayLike) -> Array:
     """EDM's ``c_noise = log(sigma_t / alpha_t) / 4 = -lambda_t / 8``, clipped to ``[-2.5, 2.5]``."""
+    return _edm_noise(path, check_time(coef_time(t)))
+
+
+def _edm_noise(path: GaussianPath, t: Array) -> Array:
     log_sigma = -0.5 * path.log_snr(t)
     # a select, not clip: clip's derivative multiplies the infinite d log_sigma / dt at sigma = 0
     # or alpha = 0 by 0 (NaN under jax.jvp in t); where the clip holds the derivative is 0
@@ -76,6 +80,13 @@ def edm_scalings(
     True
     """
     sigma_data = check_positive(sigma_data, "sigma_data")
+    return _scalings(path, check_time(coef_time(t)), sigma_data, noise_fn)
+
+
+def _scalings(path, t, sigma_data, noise_fn) -> EDMScalings:
+    """:func:`edm_scalings` without the check of ``t`` (a network's call inside a loss or a
+    sampler, whose times are checked there)."""
+    noise_fn = _edm_noise if noise_fn is edm_noise else noise_fn
     t = coef_time(t)
     a, var = path.alpha(t), path.sigma_sq(t)
     sd = jnp.asarray(sigma_data, t.dtype)
@@ -96,7 +107,7 @@ class _Preconditioned(eqx.Module):
     noise_fn: Callable[[GaussianPath, Array], Array]
 
     def __call__(self, params: Any, x: ArrayLike, t: ArrayLike, *args: Any, **kwargs: Any) -> Array:
-        s = edm_scalings(self.path, t, self.sigma_data, self.noise_fn)
+        s = _scalings(self.path, t, self.sigma_data, self.noise_fn)
         out, xw = widen(x)
         x_in = (expand_like(s.c_in, xw).astype(xw.dtype) * xw).astype(out)
         f = self.net(params, x_in, s.c_noise, *args, **kwargs)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -43,7 +44,7 @@ import numpy as np
 from jaxdiff._checks import expand_like, wide_dtype
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import TimeSampler, draw_times, mean_sq_error, noise_pairs, uniform_time
-from jaxdiff.meanflow import velocity_target
+from jaxdiff.meanflow import shape_checked, velocity_target
 from jaxdiff.paths import GaussianPath, linear_path
 from jaxdiff.sources import as_source, check_source_path, is_gaussian
 
@@ -70,6 +71,7 @@ def shortcut_target(
     d = jnp.asarray(d, t.dtype)
     h = d / 2
     gap = jnp.where(h <= finest, jnp.zeros_like(h), h)  # the halves' own jump
+    u_fn = shape_checked(u_fn)
     u = u_fn(z, t, t - d)
     u1 = u_fn(z, t, t - gap)
     z_mid = (z - expand_like(h, z) * u1).astype(z.dtype)
@@ -147,7 +149,7 @@ def shortcut_loss(
             z = path.interpolate(x0[:m], eps[:m], t)
             head = [a[:m] for a in extra]
             v = velocity_target(path, z, t, x0[:m], eps[:m], velocity, head)
-            u = net.apply(params, z, t, t, *head)
+            u = shape_checked(partial(net.apply, params))(z, t, t, *head)
             errs.append(mean_sq_error(u, v, tdt))
         if nb > 0:
             # a level per example at random: a fixed round robin left the finest levels untrained

@@ -27,7 +27,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import concrete, data_dtype, normal_like
+from jaxdiff._checks import check_finite, concrete, data_dtype, normal_like
 from jaxdiff.couplings import is_independent
 from jaxdiff.paths import GaussianPath
 
@@ -146,7 +146,7 @@ def unpack_batch(batch: Any) -> tuple[Array, Array | None, Array | None]:
         get = lambda k: None if batch.get(k) is None else jnp.asarray(batch[k])  # noqa: E731
         x0, labels, x1 = _points(batch["x0"]), get("labels"), get("x1")
         _check_labels(x0, labels)
-        return x0, None if x1 is None else _points(x1), labels
+        return x0, None if x1 is None else _points(x1, "the batch's x1"), labels
     if isinstance(batch, tuple | list):
         if len(batch) != 2:
             raise ValueError("a batch is x0, a pair (x0, labels) or a dict {'x0', 'x1', 'labels'}")
@@ -157,11 +157,15 @@ def unpack_batch(batch: Any) -> tuple[Array, Array | None, Array | None]:
     return _points(batch), None, None
 
 
-def _points(x: Any) -> Array:
+def _points(x: Any, name: str = "the batch's x0") -> Array:
     """``x`` as an array of its own float dtype, or the default float for integers (an int32
-    ``x0`` made ``jax.random.normal`` fail with a dtype error)."""
+    ``x0`` made ``jax.random.normal`` fail with a dtype error), checked to be a non-empty batch
+    ``(batch, *event)`` of finite points: eagerly, or when a jitted loss runs (a NaN in the data
+    gave every loss a silent NaN and NaN gradients)."""
     x = jnp.asarray(x)
-    return x.astype(data_dtype(x))
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch, shape (batch, *event); got {x.shape}")
+    return check_finite(x.astype(data_dtype(x)), name)
 
 
 def _check_labels(x0: Array, labels: Array | None) -> None:

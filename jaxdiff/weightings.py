@@ -52,6 +52,7 @@ from jax.typing import ArrayLike
 from jaxdiff._checks import (
     check_finite,
     check_positive,
+    check_time,
     check_time_interval,
     coef_time,
 )
@@ -85,7 +86,20 @@ class Weight(eqx.Module):
         _check_target(self.units, "units")
 
     def __call__(self, path: GaussianPath, t: ArrayLike) -> Array:
-        return self.fn(path, coef_time(t))
+        return self.at(path, check_time(coef_time(t)))
+
+    def at(self, path: GaussianPath, t: Array) -> Array:
+        """The weight at ``t`` (unchecked), evaluated inside the open interval: at ``t = 0`` or
+        ``1`` exactly, where a weight or its conversion is ``0 * inf`` (``-dlambda/dt``,
+        ``1 / sigma_t^2``), at the nearest time ``delta`` inside, ``delta`` the machine epsilon
+        of ``t``'s dtype (the limit to that precision where it is finite; a large finite weight
+        where it is not). A ``t = 0`` drawn by a uniform sampler made the loss NaN, silently."""
+        return self.fn(path, _inside(t))
+
+
+def _inside(t: Array) -> Array:
+    delta = jnp.finfo(t.dtype).eps
+    return jnp.clip(t, delta, 1 - delta)
 
 
 def _alpha_gain(path: GaussianPath, t: Array, target: str) -> Array:
@@ -105,14 +119,26 @@ def _alpha_gain(path: GaussianPath, t: Array, target: str) -> Array:
 
 def weight_as(weighting: Callable, path: GaussianPath, t: ArrayLike, regress: Target) -> Array:
     """``weighting``'s weight on the squared error of ``regress`` at ``t``: a :class:`Weight` is
-    converted from its units by ``(d units / d regress)^2`` at fixed ``x_t``; a plain function is
-    taken as it is (in ``regress``'s units)."""
+    converted from its units by ``(d units / d regress)^2`` at fixed ``x_t`` (both inside the
+    open interval, see :meth:`Weight.at`); a plain function is taken as it is (in ``regress``'s
+    units). ``t`` is checked to lie in ``[0, 1]``, eagerly or when a jitted call runs."""
+    return weight_in(weighting, path, check_time(coef_time(t)), regress)
+
+
+def weight_in(
+    weighting: Callable, path: GaussianPath, t: Array, regress: Target, inside: bool = True
+) -> Array:
+    """:func:`weight_as` without the check of ``t`` (the losses' times are checked when drawn);
+    ``inside=False`` evaluates a :class:`Weight` at the ends themselves (``inf`` or ``NaN`` where
+    it is singular: ``importance_time`` masks them)."""
     t = coef_time(t)
-    w = weighting(path, t)
-    units = getattr(weighting, "units", regress)
-    if units == regress:
+    if not isinstance(weighting, Weight):
+        return weighting(path, t)
+    t = _inside(t) if inside else t
+    w = weighting.fn(path, t)
+    if weighting.units == regress:
         return w
-    ratio = _alpha_gain(path, t, units) / _alpha_gain(path, t, regress)
+    ratio = _alpha_gain(path, t, weighting.units) / _alpha_gain(path, t, regress)
     return w * jnp.square(ratio)
 
 
@@ -218,7 +244,10 @@ class _EDMTime(eqx.Module):
         ratio = jnp.where(
             mass > 0, normal / jnp.where(mass > 0, mass, 1.0), jnp.exp(log_normal - log_mass)
         )
-        return jnp.where(inside, ratio * 0.5 * _neg_dlambda(self.path, ts), 0.0)
+        # where log sigma~ is infinite (t = 1 with alpha_1 = 0) the normal density is 0 and
+        # -dlambda/dt infinite: the density's limit is 0 (the Gaussian tail wins), not NaN
+        live = inside & (ratio > 0)
+        return jnp.where(live, ratio * 0.5 * _neg_dlambda(self.path, ts), 0.0)
 
 
 def edm_time(
@@ -260,8 +289,8 @@ def log_snr_weighting(
     pdf = (lambda t: jnp.ones_like(t)) if time_sampler is None else time_sampler.pdf
 
     def big_w(t: ArrayLike) -> Array:
-        t = coef_time(t)
-        w_eps = weight_as(weighting, path, t, regress) * jnp.square(
+        t = _inside(check_time(coef_time(t)))
+        w_eps = weight_in(weighting, path, t, regress) * jnp.square(
             _alpha_gain(path, t, regress) / path.alpha(t)
         )
         return pdf(t) * w_eps / _neg_dlambda(path, t)
