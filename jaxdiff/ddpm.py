@@ -84,6 +84,11 @@ def discrete_path(betas: ArrayLike) -> GaussianPath:
 
     Exact at the grid ``t_i = i / T``; ``abar`` is linear in ``t`` between grid points. A zero
     terminal SNR (``beta_T = 1``, see :func:`rescale_zero_terminal_snr`) gives ``alpha_1 = 0``.
+    The probability-flow velocity then jumps at every grid point, so multi-stage ODE solvers lose
+    their order (measured on a Gaussian, 10 to 80 steps: Heun's order 1.4-1.7 with linear betas
+    and about 1 with cosine ones, against 2.0 on ``vp_path()``; Tsit5 stalls near 1e-3): sample a
+    discrete schedule with the exponential integrators (``ddim``, ``dpm_solver_pp``, ``unipc``),
+    which read the path only at the times of their grid.
 
     >>> from jaxdiff.schedules import linear_betas
     >>> path = discrete_path(linear_betas(1000))

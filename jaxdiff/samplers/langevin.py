@@ -157,6 +157,16 @@ def pc(
             x = predictor(k_pred, path, x, t, s, x0, eps)
         return State(x)
 
+    def check(path: GaussianPath, field, ts: Array) -> Array:  # Euler-Maruyama reads g(t)
+        return grid_check(
+            ts,
+            lambda g: ~jnp.isfinite(path.diffusion_sq(g[0])),
+            "euler_maruyama_predictor steps with g(t)^2, which is not finite at the grid's first "
+            "time on this path (alpha_1 = 0: linear, cosine): start inside, e.g. t_start=1 - 1e-3 "
+            "(the default grid does), or use reverse_diffusion_predictor",
+        )
+
+    em = predictor is euler_maruyama_predictor  # the others step in closed form from t = 1
     name = getattr(predictor, "__name__", str(predictor))
     return Sampler(
         name=f"pc({name}, corrector_steps={n_corr}, snr={snr})",
@@ -167,7 +177,13 @@ def pc(
         grid=_uniform,
         steps=100,
         denoise=True,
+        check=check if em else None,
+        singular_start=_infinite_diffusion_at_one if em else None,
     )
+
+
+def _infinite_diffusion_at_one(path: GaussianPath) -> Array:
+    return ~jnp.isfinite(path.diffusion_sq(jnp.ones((), jnp.float32)))
 
 
 class LangevinState(NamedTuple):
