@@ -47,6 +47,7 @@ from jaxdiff._checks import (
     check_count,
     check_order,
     check_positive,
+    check_same_shape,
     check_time,
     coef_time,
     concrete,
@@ -129,6 +130,7 @@ def consistency_function(
     def f(params: Any, x: Array, t: Array, *args: Any) -> Array:
         c_skip, c_out = _scalings(t, kind, t_min, sigma_data)
         out = fn(params, x, t, *args)
+        check_same_shape(out, x, "the consistency network's output")  # (batch, 1) broadcast
         return expand_like(c_skip, x) * x + expand_like(c_out, x) * out
 
     return f
@@ -155,7 +157,8 @@ def consistency_grid(
         raise ValueError(f"rho must be finite and > 0; got rho = {rho}")
     u = jnp.linspace(0.0, 1.0, num_scales)
     lo, hi = t_min ** (1.0 / rho), t_max ** (1.0 / rho)
-    return (lo + u * (hi - lo)) ** rho
+    grid = (lo + u * (hi - lo)) ** rho
+    return grid.at[0].set(t_min).at[-1].set(t_max)  # the ends exactly (rho = 7 rounded below t_min)
 
 
 def _static(value: Any, name: str) -> float:

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxdiff._checks import check_positive, error_if
+from jaxdiff._checks import check_positive, error_if, wide_dtype
 
 Array = jax.Array
 
@@ -226,7 +226,8 @@ def sinkhorn_plan(
     fixed point whatever the iterations that reached it (the implicit function theorem on the
     marginal conditions ``P 1 = 1/n``, ``P^T 1 = 1/m``, solved by conjugate gradients; Luise et
     al. 2018, Eisenberger et al. 2022), in forward and reverse mode, with respect to ``cost`` and
-    ``reg``.
+    ``reg``; they assume the run converged (a plan stopped at ``num_iters`` is not the fixed
+    point: check :func:`marginal_error`). The plan is computed in float32 or wider.
     """
     return _sinkhorn(cost, reg, num_iters, tol)[0]
 
@@ -259,6 +260,7 @@ def _sinkhorn(cost, reg, num_iters, tol):
     cost = jnp.asarray(cost)
     if not jnp.issubdtype(cost.dtype, jnp.floating):
         cost = cost.astype(jnp.result_type(float))
+    cost = cost.astype(wide_dtype(cost.dtype))  # a bfloat16 plan never reached tol = 1e-2
     reg = jnp.asarray(check_positive(reg, "reg"), cost.dtype)
     num_iters = int(num_iters)
 
@@ -294,7 +296,8 @@ def _sinkhorn(cost, reg, num_iters, tol):
     def solve(_, fg):
         inf = jnp.asarray(jnp.inf, cost.dtype)
         f, g, i, _ = jax.lax.while_loop(going, run, (*fg, jnp.asarray(0), inf))
-        return (f, g), i.astype(cost.dtype)  # a float: custom_root's JVP gives aux int tangents
+        return (f, g), i.astype(jnp.float32)  # a float (custom_root's JVP gives aux int
+        # tangents), exact to 2^24 iterations
 
     def mass(fg):  # the plan's marginals less the uniform ones: 0 at the fixed point
         log_plan = plan(*fg)

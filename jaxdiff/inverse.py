@@ -291,6 +291,7 @@ def project(path: GaussianPath, measurement: Measurement) -> Hook:
         x = x + op.pinv(target - op.forward(x)).astype(x.dtype)
         return state._replace(x=x if noisy is None else error_if(x, noisy, msg))
 
+    hook.gaussian_noise = True  # jd.sample(source=) refuses it for a non-Gaussian source
     return hook
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxdiff import _engine
-from jaxdiff._checks import check_count, check_finite, expand_like, wide_dtype
+from jaxdiff._checks import check_count, check_finite, data_dtype, expand_like, wide_dtype
 from jaxdiff.field import Field, as_field, batch_time
 from jaxdiff.field import denoise as denoise_step
 from jaxdiff.integrate import Solution
@@ -82,8 +82,10 @@ def sample(
       marked ``Source(fn, gaussian=True)``) makes the score meaningless on a ``GaussianPath``
       (Tweedie's formula needs ``N(0, I)`` noise): a stochastic sampler (the reverse SDE,
       ``ddim(eta > 0)``, Langevin, consistency re-noising), a ``score`` field and the guidance
-      that adds a score (``classifier_guidance``, ``jd.dps``, ``pigdm``, ``tmpd``) are refused,
-      and the path must end at the source (``alpha_1 = 0``, ``sigma_1 = 1``). (A field trained
+      that adds a score (``classifier_guidance``, ``jd.dps``, ``pigdm``, ``tmpd``) or the hooks
+      that noise with it (``inpaint``, ``jd.inverse.project``) are refused, and the path must end
+      at the source (``alpha_1 = 0``, ``sigma_1 = 1``). (``jd.inverse.dps_sampler(eta=0)`` runs:
+      its pull is a heuristic on ``x0_hat``, which stays meaningful.) (A field trained
       with a coupling has the same limits but no marker: sample it with the ODE.)
     * ``denoise``: end with the denoising step ``x <- x0_hat(x, t_end)`` (one more
       evaluation; default: the sampler's choice).
@@ -126,7 +128,7 @@ def sample(
         )
     denoise = sampler.denoise if denoise is None else bool(denoise)
     if source is not None:
-        _check_source(path, field, sampler, source, x_init)
+        _check_source(path, field, sampler, source, x_init, hook)
     if not isinstance(path, GaussianPath):  # before the default start, which reads alpha_t
         _check_interpolant(sampler, x_init if source is None else source, denoise)
     if t_start is None and ts is None:
@@ -265,7 +267,7 @@ def _start(key, path, field, shape, x_init, t0) -> Array:
     return x
 
 
-def _check_source(path, field, sampler, source, x_init) -> None:
+def _check_source(path, field, sampler, source, x_init, hook) -> None:
     """What a start from ``source`` rules out (the ``source`` argument of :func:`sample`)."""
     if x_init is not None:
         raise ValueError("give x_init or source, not both (source draws the start)")
@@ -292,10 +294,16 @@ def _check_source(path, field, sampler, source, x_init) -> None:
         if inner.target == "score":
             raise ValueError(f"{why}a 'score' field cannot be right for it{fix}")
         if getattr(inner.fn, "adds_score", False):
+            name = getattr(inner.fn, "kind", None)  # jd.dps, pigdm, tmpd
+            name = f"jd.{name}" if name else "classifier_guidance"
             raise ValueError(
-                f"{why}{type(inner.fn).__name__.strip('_')} (it adds a score term to the field) "
-                f"cannot guide it{fix}"
+                f"{why}{name} (it adds a score term to the field) cannot guide it{fix}"
             )
+    if getattr(hook, "gaussian_noise", False):
+        raise ValueError(
+            f"{why}the hook (jd.inpaint, jd.inverse.project), which noises the known part with "
+            f"N(0, I) noise, cannot condition it{fix}"
+        )
     check_source_path(path)
 
 
@@ -303,6 +311,12 @@ def _source_start(key, path, source, shape, t0) -> Array:
     if shape is None:
         raise ValueError("give the sample shape: source= draws a start of that shape")
     x1 = jnp.asarray(source(key, tuple(shape)))
+    if x1.shape != tuple(shape):
+        raise ValueError(
+            f"source(key, {tuple(shape)}) drew shape {x1.shape}; expected {tuple(shape)}"
+        )
+    x1 = x1.astype(data_dtype(x1))  # integer points (pixels) as floats, as the losses read them
+    x1 = check_finite(x1, "the start drawn by source")
     if not isinstance(path, GaussianPath):
         return x1
     return (expand_like(path.sigma(t0), x1) * x1).astype(x1.dtype)
@@ -405,4 +419,5 @@ def inpaint(path: GaussianPath, x_known: ArrayLike, mask: ArrayLike) -> Hook:
         forward = a * x_known + s * normal(key, x)
         return state._replace(x=jnp.where(mask, forward.astype(x.dtype), x))
 
+    hook.gaussian_noise = True  # sample(source=) refuses it for a non-Gaussian source
     return hook

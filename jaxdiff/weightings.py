@@ -118,10 +118,12 @@ def _alpha_gain(path: GaussianPath, t: Array, target: str) -> Array:
 
 
 def weight_as(weighting: Callable, path: GaussianPath, t: ArrayLike, regress: Target) -> Array:
-    """``weighting``'s weight on the squared error of ``regress`` at ``t``: a :class:`Weight` is
-    converted from its units by ``(d units / d regress)^2`` at fixed ``x_t`` (both inside the
-    open interval, see :meth:`Weight.at`); a plain function is taken as it is (in ``regress``'s
-    units). ``t`` is checked to lie in ``[0, 1]``, eagerly or when a jitted call runs."""
+    """``weighting``'s weight on the squared error of ``regress`` at ``t``: a :class:`Weight` (or
+    any weighting with ``units``) is converted from its units by ``(d units / d regress)^2`` at
+    fixed ``x_t``; a plain function is taken as it is (in ``regress``'s units). Every weighting
+    is evaluated inside the open interval (see :meth:`Weight.at`: ``g(t)^2`` is infinite at
+    ``t = 1`` on the linear path). ``t`` is checked to lie in ``[0, 1]``, eagerly or when a
+    jitted call runs."""
     return weight_in(weighting, path, check_time(coef_time(t)), regress)
 
 
@@ -132,13 +134,12 @@ def weight_in(
     ``inside=False`` evaluates a :class:`Weight` at the ends themselves (``inf`` or ``NaN`` where
     it is singular: ``importance_time`` masks them)."""
     t = coef_time(t)
-    if not isinstance(weighting, Weight):
-        return weighting(path, t)
     t = _inside(t) if inside else t
-    w = weighting.fn(path, t)
-    if weighting.units == regress:
+    units = getattr(weighting, "units", regress)  # a plain function: in regress's units
+    w = weighting.fn(path, t) if isinstance(weighting, Weight) else weighting(path, t)
+    if units == regress:
         return w
-    ratio = _alpha_gain(path, t, weighting.units) / _alpha_gain(path, t, regress)
+    ratio = _alpha_gain(path, t, units) / _alpha_gain(path, t, regress)
     return w * jnp.square(ratio)
 
 

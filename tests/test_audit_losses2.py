@@ -125,3 +125,31 @@ def test_time_samplers_of_the_wrong_shape_and_degenerate_counts_are_refused():
         jaxtyping.config.update("jaxtyping_disable", False)
     with pytest.raises(ValueError, match="step must be an integer >= 0; got -5"):
         jd.ict_num_scales(-5, 100)
+
+
+def test_the_second_review_of_these_fixes():
+    # D1: consistency_grid(t_min=0.002, rho=7) started at 0.0019999996 in float32, below t_min,
+    # which consistency_scalings' new check refused: the grid's ends are exact now
+    grid = jd.consistency_grid(18, t_min=0.002, rho=7.0)
+    assert float(grid[0]) == np.float32(0.002) and float(grid[-1]) == 1.0
+    assert float(jd.consistency_scalings(grid, t_min=0.002)[1][0]) == 0.0
+    # D2: a consistency network of output (batch, 1) was broadcast into both losses
+    net = jd.Field(jd.consistency_function(lambda p, x, t: x[:, :1]), "x0", ())
+    with pytest.raises(ValueError, match="the consistency network's output has shape"):
+        jd.consistency_training_loss(net)((), jax.random.key(0), jnp.ones((8, 3)))
+
+    # D3: a weighting with units that is not a Weight was taken in the loss's units
+    class MinSnr:
+        units = "x0"
+
+        def __call__(self, path, t):
+            return jnp.minimum(jnp.exp(path.log_snr(t)), 5.0)
+
+    t = jnp.array([0.3, 0.6])
+    np.testing.assert_allclose(
+        jd.weight_as(MinSnr(), jd.vp_path(), t, "eps"),
+        jd.weight_as(jd.min_snr_weight(5.0), jd.vp_path(), t, "eps"),
+        rtol=1e-6,
+    )
+    # D4: a plain weighting is evaluated inside too: g(1)^2 is infinite on the linear path
+    assert np.isfinite(float(jd.weight_as(jd.likelihood_weight, jd.linear_path(), 1.0, "score")))

@@ -1,5 +1,7 @@
 """Audit regressions for the samplers (jaxdiff/samplers, jaxdiff/sample.py, jaxdiff/_engine.py)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,3 +79,8 @@ def test_pc_euler_maruyama_starts_inside_where_g_is_infinite_at_one(path):
         assert abs(float(x[:, 1].std()) - 0.3) < 0.015
     with pytest.raises(ValueError, match="g.t.\\^2, which is not finite at the grid's first time"):
         jd.sample(jax.random.key(0), path, field, (8, 2), sampler=sampler, t_start=1.0)
+    # wrapped (functools.partial) or a predictor of one's own: it starts inside too (the review)
+    own = S.pc(lambda *a: S.euler_maruyama_predictor(*a), corrector_steps=0)
+    for pred_sampler in (S.pc(functools.partial(S.euler_maruyama_predictor)), own):
+        x = jd.sample(jax.random.key(0), path, field, (2000, 2), sampler=pred_sampler, steps=100).x
+        assert abs(float(jnp.abs(x[:, 0]).mean()) - 2.0) < 0.03

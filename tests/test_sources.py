@@ -185,8 +185,21 @@ def test_sample_starts_from_the_source_and_refuses_what_needs_a_gaussian_one():
     with pytest.raises(ValueError, match="a 'score' field cannot"):  # inside a wrapper too
         jd.sample(key, path, jd.clip_x0(score, path), (8, 2), source=src)
     guided = jd.classifier_guidance(field, path, lambda x, t: -jnp.sum(x**2, -1), 1.0)
-    with pytest.raises(ValueError, match="ClassifierGuided .* cannot guide it"):
+    with pytest.raises(ValueError, match="classifier_guidance .* cannot guide it"):
         jd.sample(key, path, guided, (8, 2), source=src)
+    meas = jd.Measurement(jd.mask_operator(jnp.array([True, False])), jnp.zeros(1), 0.1)
+    with pytest.raises(ValueError, match="jd.dps .* cannot guide it"):
+        jd.sample(key, path, jd.dps(field, path, meas), (8, 2), source=src)
+    hook = jd.inpaint(path, jnp.zeros((8, 2)), jnp.zeros((8, 2), bool).at[:, 0].set(True))
+    with pytest.raises(ValueError, match="the hook .* cannot condition it"):
+        jd.sample(key, path, field, (8, 2), source=src, hook=hook)
+    # the draw itself: its shape named, integer points read as floats, non-finite ones refused
+    with pytest.raises(ValueError, match=r"source\(key, \(8, 2\)\) drew shape \(8, 3\)"):
+        jd.sample(key, path, field, (8, 2), source=lambda k, s: jnp.zeros((8, 3)))
+    ints = jd.sample(key, path, field, (8, 2), source=lambda k, s: jnp.ones(s, jnp.int32))
+    assert ints.x.dtype == jnp.float32
+    with pytest.raises(ValueError, match="the start drawn by source contains non-finite"):
+        jd.sample(key, path, field, (8, 2), source=lambda k, s: jnp.full(s, jnp.nan))
     with pytest.raises(ValueError, match="needs a path that ends at it"):
         jd.sample(key, jd.vp_path(), field, (8, 2), source=src)
     with pytest.raises(ValueError, match="x_init or source, not both"):

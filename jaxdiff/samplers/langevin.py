@@ -24,6 +24,7 @@ Both default to the denoising step at the end (``x <- x0_hat``; Song & Ermon 202
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -166,8 +167,14 @@ def pc(
             "(the default grid does), or use reverse_diffusion_predictor",
         )
 
-    em = predictor is euler_maruyama_predictor  # the others step in closed form from t = 1
-    name = getattr(predictor, "__name__", str(predictor))
+    # the closed-form predictors step from t = 1; Euler-Maruyama, and a predictor of the user's
+    # own (which may read g(t) too), start inside where g(1) is infinite
+    base = predictor
+    while isinstance(base, functools.partial):
+        base = base.func
+    closed = predictor is None or base in (reverse_diffusion_predictor, ancestral_predictor)
+    em = base is euler_maruyama_predictor
+    name = getattr(base, "__name__", str(predictor))
     return Sampler(
         name=f"pc({name}, corrector_steps={n_corr}, snr={snr})",
         init=init,
@@ -178,7 +185,7 @@ def pc(
         steps=100,
         denoise=True,
         check=check if em else None,
-        singular_start=_infinite_diffusion_at_one if em else None,
+        singular_start=None if closed else _infinite_diffusion_at_one,
     )
 
 
