@@ -132,6 +132,17 @@ def _to_saveable(state: TrainState) -> dict:
     }
 
 
+def _saved_leaf(tree: Any, path: tuple) -> Any:
+    """The metadata at a ``tree_flatten_with_path`` path of the saved tree, or ``None``."""
+    for entry in path:
+        key = getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", None)))
+        try:
+            tree = tree[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return tree
+
+
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -261,11 +272,38 @@ class Checkpointer:
             self._manager.reload()
         return moved
 
+    def _check_shapes(self, step: int, target: dict, like: TrainState) -> None:
+        """One line naming the first leaf whose saved shape differs from ``like``'s (Orbax's own
+        error came with hundreds of lines of event-loop traces, and named no leaf)."""
+        try:  # the state item's own metadata (a fresh manager's item_metadata has none)
+            saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+            saved = saved.tree
+        except Exception:  # no metadata (another Orbax layout): Orbax's own checks remain
+            return
+        for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+            meta = _saved_leaf(saved, path)
+            shape = getattr(meta, "shape", None)
+            if shape is None or tuple(shape) == tuple(np.shape(leaf)):
+                continue
+            name = jax.tree_util.keystr(path)
+            if name == "['key']":
+                raise ValueError(
+                    f"the checkpoint's PRNG key data has shape {tuple(shape)}, the key of like "
+                    f"{tuple(np.shape(leaf))} ({jax.random.key_impl(like.key)}): restore into a "
+                    "state whose key has the saved implementation (e.g. jax.random.key(0, "
+                    "impl='rbg') for shape (4,))"
+                )
+            raise ValueError(
+                f"checkpoint step {step}: {name} was saved with shape {tuple(shape)}, but like has "
+                f"{tuple(np.shape(leaf))} (build like with the run's model and config)"
+            )
+
     def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
         """The state saved at ``step`` (default: the newest intact one) with the structure, dtypes
         and shardings of ``like``, and its ``meta``."""
         step = self._pick(step)
         target = _to_saveable(like)
+        self._check_shapes(step, target, like)
         abstract = _abstract(target)
         out = self._manager.restore(
             step,
@@ -276,6 +314,8 @@ class Checkpointer:
         saved = out["state"]
         key_impl = jax.random.key_impl(like.key)
         key = jax.random.wrap_key_data(np.asarray(saved["key"]), impl=key_impl)
+        sharding = getattr(like.key, "sharding", None)  # the others come back with like's
+        key = key if sharding is None else jax.device_put(key, sharding)
         state = TrainState(saved["params"], saved["opt_state"], saved["ema"], saved["step"], key)
         return state, dict(out["meta"])
 

@@ -161,10 +161,39 @@ def resolve(config: dict) -> dict:
         )
     if any(int(ch) < 1 for ch in c["channels"]):
         raise ValueError(f"channels must be positive; got {c['channels']}")
+    if c["eval_n"] == 1:  # found only after the whole run had trained
+        raise ValueError("eval_n must be 0 (no evaluation) or at least 2 (the statistics compare "
+                         "sets of samples); got 1")  # fmt: skip
     check_seed(c["seed"])
     _check_source_coupling(c)
     _check_fewstep(c)
+    _check_unused(c)
     return c
+
+
+def _check_unused(c: dict) -> None:
+    """Refuse a value the run would ignore (it was stored in the checkpoint as if used), as
+    ``ot_reg`` without a Sinkhorn coupling is; a value equal to the default cannot be told apart."""
+    few = c["loss"] in FEWSTEP_LOSSES
+    unused = {
+        "label_dropout": (
+            not c["conditional"] or few,
+            "the classifier-free dropout of --conditional diffusion losses",
+        ),
+        "sigma_data": (
+            c["precond"] != "edm" and c["weighting"] != "edm",
+            "the data's scale for --precond edm or --weighting edm",
+        ),
+        "channels": (c["model"] != "unet", "the U-Net's widths (--model unet)"),
+        "width": (c["model"] != "mlp", "the MLP's width (--model mlp)"),
+        "depth": (c["model"] != "mlp", "the MLP's depth (--model mlp)"),
+    }
+    for name, (ignored, what) in unused.items():
+        value, default = c[name], DEFAULTS[name]
+        if isinstance(default, list):  # channels: a tuple from the CLI, a list from JSON
+            value, default = [int(v) for v in value], [int(v) for v in default]
+        if ignored and value != default:
+            raise ValueError(f"{name} {c[name]} is {what}; this run does not use it")
 
 
 FEWSTEP_TARGETS = {"meanflow": "velocity", "shortcut": "velocity", "consistency": "x0"}

@@ -173,7 +173,32 @@ class ImageFolder:
         with Image.open(self.files[0]) as img:
             self._mode = "L" if img.mode in _GRAY else "RGB"
         self._shape = _decode(self.files[0], self._mode).shape
+        self._check_headers()
         self._pool: ThreadPoolExecutor | None = None
+
+    def _check_headers(self) -> None:
+        """Every file opens with the first one's size (and no colour in a grayscale folder),
+        from the headers alone (Pillow reads no pixels here): a mis-sized or unreadable file was
+        found when a batch first drew it, hours into a run."""
+        from PIL import Image, UnidentifiedImageError
+
+        h, w = self._shape[:2]
+        for file in self.files[1:]:
+            try:
+                with Image.open(file) as img:
+                    size, mode = img.size, img.mode
+            except (OSError, UnidentifiedImageError) as err:
+                raise ValueError(f"{file} is not a readable image: {err}") from None
+            if size != (w, h):
+                raise ValueError(
+                    f"{file} is {size[0]}x{size[1]}, not {w}x{h} like {self.files[0].name}; "
+                    "resize the folder to one size"
+                )
+            if self._mode == "L" and mode not in _GRAY:
+                raise ValueError(
+                    f"{file} is a {mode} image in a folder read as grayscale (its first file is "
+                    "grayscale); convert the folder to one kind (all RGB or all grayscale)"
+                )
 
     def __len__(self) -> int:
         return len(self.files)

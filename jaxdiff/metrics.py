@@ -95,7 +95,9 @@ def _pair_mean(
 def energy_distance(x: ArrayLike, y: ArrayLike, *, block: int = 1024) -> Array:
     """Energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (Székely & Rizzo 2013), Euclidean norm.
 
-    Zero iff the distributions are equal; the within-set terms exclude ``i = j`` (U-statistics).
+    Zero iff the distributions are equal; the within-set terms exclude ``i = j`` (U-statistics),
+    so the estimate is unbiased for independent sets and can be negative: it is not 0 for the
+    same set passed twice (``energy_distance(x, x) < 0``), pass independent samples.
 
     >>> import jax
     >>> x = jax.random.normal(jax.random.key(0), (2000, 2))
@@ -120,6 +122,7 @@ def mmd(
     """Unbiased squared MMD (Gretton et al. 2012) with the kernel ``sum_h exp(-|a - b|^2 / (2 h^2))``.
 
     ``bandwidths`` is one length scale ``h`` or several (their kernels are summed), each > 0.
+    Unbiased for independent sets, so it can be negative (and is for the same set passed twice).
     """
     x, y = _two_sets(x, y, 2)
     hs = jnp.atleast_1d(jnp.asarray(check_positive(bandwidths, "bandwidths"), x.dtype))

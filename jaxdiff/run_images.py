@@ -157,7 +157,8 @@ def measure(c: dict, x: np.ndarray) -> tuple[dict, np.ndarray]:
 
 
 def save_plot(samples, reference, file, title: str) -> None:
-    """Grids of 8x8 real images and samples (RGB or gray), pixels clipped to ``[-1, 1]``."""
+    """Grids of 8x8 real images and samples (RGB or gray; other channel counts show channel 0 in
+    gray), pixels clipped to ``[-1, 1]``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,7 +171,8 @@ def save_plot(samples, reference, file, title: str) -> None:
         imgs = np.concatenate([imgs, np.ones((k * k - imgs.shape[0], *imgs.shape[1:]))])
         h, w, ch = imgs.shape[1:]
         grid = imgs.reshape(k, k, h, w, ch).transpose(0, 2, 1, 3, 4).reshape(k * h, k * w, ch)
-        ax.imshow(grid[..., 0] if ch == 1 else grid[..., :3], cmap="gray" if ch == 1 else None)
+        color = ch in (3, 4)  # 2 channels (or 5+) have no colour reading: channel 0 in gray
+        ax.imshow(grid[..., :3] if color else grid[..., 0], cmap=None if color else "gray")
         ax.set_title(name)
         ax.axis("off")
     fig.suptitle(title)

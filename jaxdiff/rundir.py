@@ -48,6 +48,8 @@ class RunWarning(UserWarning):
 
 def prepare(out: str | Path) -> Path:
     """Create the folder ``out`` (and its parents); ``ValueError`` if it is a file or unwritable."""
+    if not str(out).strip():  # Path("") is the working directory
+        raise ValueError("--out must name a folder; got an empty string")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
@@ -201,7 +203,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
+    return "--no-flip" if key == "flip" else "--" + key.replace("_", "-")  # no --flip flag
 
 
 def resume_config(saved: dict, given: dict) -> tuple[dict, dict]:
@@ -220,7 +222,12 @@ def resume_config(saved: dict, given: dict) -> tuple[dict, dict]:
         raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(IR.KEYS)}")
     fixed = [k for k in given if k not in RESUME_MAY_CHANGE and not _same(given[k], saved.get(k))]
     if fixed:
-        listing = ", ".join(f"{_flag(k)} {given[k]} (the run has {saved.get(k)})" for k in fixed)
+        listing = ", ".join(
+            f"{_flag(k)}"
+            + ("" if k == "flip" else f" {given[k]}")
+            + f" (the run has {'no images' if saved.get(k) is None else saved.get(k)})"
+            for k in fixed
+        )
         may = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE if k != "eval_steps")
         raise ValueError(
             f"--resume continues the saved run, whose other options are fixed: {listing}; "

@@ -10,6 +10,7 @@ key, and the config; checksummed), ``out/metrics.json`` (loss history, evaluatio
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -219,6 +220,8 @@ def load_checkpoint(ckpt_dir: str | Path):
     """``(config, setup, state)`` of the latest checkpoint in ``ckpt_dir`` (or ``ckpt_dir/ckpt``)."""
     from jaxdiff.checkpoint import Checkpointer
 
+    if not str(ckpt_dir).strip():  # Path("") is the working directory
+        raise ValueError("--ckpt must name a run folder; got an empty string")
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / "ckpt").is_dir():
         ckpt_dir = ckpt_dir / "ckpt"
@@ -285,6 +288,11 @@ def sample_run(
         batch=min(n, 2000),
     )
     run = Path(ckpt_dir).parent if R.has_steps(Path(ckpt_dir)) else Path(ckpt_dir)
+    if out is not None and _holds_training_run(Path(out)):  # its metrics.json and samples.png
+        raise ValueError(
+            f"--out {out} holds a training run (its checkpoints and metrics.json), which the "
+            f"samples would overwrite; choose another folder (default: {run / 'samples'})"
+        )
     out = R.prepare(out if out is not None else run / "samples")
     if c["loss"] in E.FEWSTEP_LOSSES:
         solver = c["loss"]  # the run's own sampler
@@ -315,6 +323,20 @@ def sample_run(
     log("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     log(f"wrote {out / 'samples.npz'}, metrics.json and samples.png")
     return {"metrics": metrics, "samples": x, "labels": used}
+
+
+def _holds_training_run(out: Path) -> bool:
+    """Whether ``out`` holds a training run: checkpoints, or a metrics.json with a loss history."""
+    if R.has_steps(out / "ckpt"):
+        return True
+    metrics = out / R.METRICS
+    if not metrics.is_file():
+        return False
+    try:
+        data = json.loads(metrics.read_text())
+    except (OSError, ValueError):
+        return True  # unreadable: not ours to overwrite
+    return isinstance(data, dict) and ("loss_history" in data or "config" in data)
 
 
 def __getattr__(name: str):
