@@ -90,7 +90,9 @@ def classifier_free_guidance(
 
     ``c = field(x, t, labels)`` and ``u = field(x, t, null_label)`` come from one call on the
     doubled batch; ``labels`` has one label per sample (``(batch, ...)``) or is a scalar, the
-    label of every sample. ``interval = (t_lo, t_hi)`` guides only for ``t_lo <= t <= t_hi`` and returns
+    label of every sample (a shared label that is not a scalar, e.g. one one-hot vector, must be
+    broadcast to ``(batch, ...)`` by the caller: a ``(C,)`` vector is read as ``C`` labels when
+    the batch has ``C`` samples). ``interval = (t_lo, t_hi)`` guides only for ``t_lo <= t <= t_hi`` and returns
     ``c`` elsewhere (Kynkäänniemi et al. 2024); a call with no time inside evaluates only ``c``
     (half the network rows). ``scale = 1`` is plain conditional sampling. The labels are the
     field's third argument: a two-time network (``TwoTimeMLP``, ``TwoTimeUNet``: ``apply(params,
@@ -164,11 +166,19 @@ class _ClassifierGuided(eqx.Module):
         increment = jnp.where(expand_like(zero, pred_w), slope_limit * d_grad, slope * grad)
         scale = expand_like(jnp.asarray(scale), pred_w).astype(pred_w.dtype)
         # the limit divides by alpha_t': a path with alpha_t = alpha_t' = 0 gave inf or NaN silently
-        return error_if(
+        out = error_if(
             (pred_w + scale * increment).astype(out),
             zero & (da == 0),
             "classifier_guidance: alpha_t = 0 and alpha_t' = 0 at some t on this path, where the "
             "move's limit alpha (d grad / dt) / alpha' is undefined; sample from t_start < 1",
+        )
+        bad = expand_like(zero, d_grad) & ~jnp.isfinite(d_grad)  # a NaN from log_prob_fn's d/dt
+        return error_if(
+            out,
+            jnp.any(bad),
+            "classifier_guidance: at alpha_t = 0 the move needs d/dt of grad_x log_prob_fn(x, t), "
+            "which is not finite here (a log_prob_fn not differentiable in t: e.g. one through "
+            "eigh at repeated eigenvalues); make it differentiable in t or sample from t_start < 1",
         )
 
 

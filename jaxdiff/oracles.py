@@ -290,9 +290,17 @@ def _components(weights, vecs, diff, s):
 
 @jax.jit
 def _log_comp(weights, means, covs, x):
-    """``log w_k + log N(x; mu_k, S_k)``: ``(*batch, K)``."""
+    """``log w_k + log N(x; mu_k, S_k)``: ``(*batch, K)``. By Cholesky factors, not ``eigh``:
+    the derivative of ``eigh`` is NaN at repeated eigenvalues (isotropic components), which made
+    ``d/dt`` of a marginal's density NaN at every ``t`` (classifier guidance at ``alpha_t = 0``)."""
     x = jnp.asarray(x)
-    lam, vecs = jnp.linalg.eigh(covs)
+    chol = jnp.linalg.cholesky(covs)  # (K, d, d)
+    eye = jnp.broadcast_to(jnp.eye(covs.shape[-1], dtype=covs.dtype), covs.shape)
+    inv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)  # L_k^{-1}, once per component
     lead = (None,) * (x.ndim - 1)
     diff = x[..., None, :] - means[lead]
-    return _components(weights, vecs, diff, lam[lead])[0]
+    z = jnp.einsum("kij,...kj->...ki", inv, diff)
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    maha = jnp.sum(z**2, axis=-1)
+    log_w = jnp.log(weights)[lead]
+    return log_w - 0.5 * (maha + logdet[lead] + diff.shape[-1] * jnp.log(2 * jnp.pi))

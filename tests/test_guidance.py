@@ -265,3 +265,25 @@ def test_classifier_guidance_takes_the_field_first_and_the_old_order_with_a_warn
         jaxtyping.config.update("jaxtyping_disable", False)
     np.testing.assert_array_equal(old(x, t), new)
     assert float(jnp.abs(new - field(x, t)).max()) > 0.1  # the guidance moved it
+
+
+def test_classifier_guidance_with_the_mixtures_own_classifier_at_alpha_zero():
+    # The stop-42 review's G1: the classifier GaussianMixture.log_responsibilities recommends
+    # went through eigh, whose derivative is NaN at repeated eigenvalues: d/dt of the density was
+    # NaN at every t, and the guidance NaN at alpha_t = 0 (t = 1 on the linear path), silently.
+    means = jnp.array([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0]])
+    mix = jd.GaussianMixture.isotropic(means, 0.5)
+    first = jd.GaussianMixture.isotropic(means[:1], 0.5)
+    path = jd.linear_path()
+    logp = jax.vmap(lambda x, t: mix.marginal(path, t).log_responsibilities(x)[0])
+    x = jax.random.normal(jax.random.key(0), (4, 2))
+    t = jnp.array([1.0, 0.5, 1.0, 0.2])
+    guided = jd.classifier_guidance(mix.field(path, "velocity"), path, logp, 1.0)
+    for fn in (guided, jax.jit(lambda x, t: guided(x, t))):
+        np.testing.assert_allclose(fn(x, t), first.predict(path, x, t, "velocity"), atol=1e-5)
+    # a log_prob_fn whose d/dt is not finite is named at alpha_t = 0, not a NaN downstream
+    bad = jd.classifier_guidance(
+        mix.field(path, "velocity"), path, lambda x, t: jnp.sqrt(t - 1.0) * x[:, 0], 1.0
+    )
+    with pytest.raises(Exception, match="d/dt of grad_x log_prob_fn"):
+        jax.block_until_ready(bad(x, jnp.ones(4)))

@@ -356,3 +356,22 @@ def test_the_posterior_fields_pass_a_second_time_on_to_the_field(method):
     sol = jd.sample(None, path, make(u, path, meas), x_init=x, t_start=0.99,
                     sampler=jd.samplers.meanflow())  # fmt: skip
     assert np.isfinite(np.asarray(sol.x)).all()
+
+
+def test_a_noiseless_measurement_needs_a_of_full_row_rank():
+    # The stop-42 review's G2: pigdm gave NaN samples silently, and project a run-time error that
+    # named no cause, for a rank-deficient A with sigma_y = 0; tmpd clips and stays finite
+    path = jd.vp_path()
+    field = jd.GaussianMixture.isotropic(jnp.zeros((1, 3)), 0.9).field(path, "eps")
+    meas = jd.Measurement(
+        jd.matrix_operator(jnp.array([[1.0, 0, 0], [1.0, 0, 0]])), jnp.ones(2), 0.0
+    )
+    with pytest.raises(ValueError, match="needs A of full row rank"):
+        jd.pigdm(field, path, meas)
+    with pytest.raises(ValueError, match="needs A of full row rank"):
+        jd.inverse.project(path, meas)
+    out = jd.tmpd(field, path, meas)(jnp.ones((4, 3)), jnp.full(4, 0.5))
+    assert bool(jnp.all(jnp.isfinite(out)))
+    full = jd.Measurement(jd.matrix_operator(jnp.eye(3)[:2]), jnp.ones(2), 0.0)
+    jd.pigdm(field, path, full)
+    jd.inverse.project(path, full)
