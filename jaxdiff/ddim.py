@@ -24,6 +24,7 @@ from jaxdiff import _engine
 from jaxdiff._checks import (
     check_count,
     check_finite,
+    check_known_time,
     check_time,
     concrete,
     data_dtype,
@@ -56,6 +57,8 @@ def ddim_step(
     ``noise`` is the standard normal ``z`` (needed when ``eta > 0``). With ``s > t`` and
     ``eta = 0`` it is a step of DDIM inversion.
     """
+    check_known_time(t)  # a deterministic step reads the path at s only: t = 1.5 went through
+    check_known_time(s)
     if noise is not None:
         eta = check_eta(eta)  # traced: checked when the program runs (a NaN eta was silent)
         if not _is_zero(eta):  # a stochastic step with s > t had c^2 < 0: a silent NaN

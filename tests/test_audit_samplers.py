@@ -84,3 +84,12 @@ def test_pc_euler_maruyama_starts_inside_where_g_is_infinite_at_one(path):
     for pred_sampler in (S.pc(functools.partial(S.euler_maruyama_predictor)), own):
         x = jd.sample(jax.random.key(0), path, field, (2000, 2), sampler=pred_sampler, steps=100).x
         assert abs(float(jnp.abs(x[:, 0]).mean()) - 2.0) < 0.03
+
+
+def test_ddim_step_checks_a_known_t():
+    # The stop-42 review's D8: a deterministic DDIM step reads the path at s only, so t = 1.5
+    # went through even eagerly
+    x = jnp.ones((2, 2))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\].*got t = \[1.5\]"):
+        jd.ddim_step(PATH, x, x, 1.5, 0.75)
+    assert jd.ddim_step(PATH, x, x, 0.9, 0.75).shape == (2, 2)
