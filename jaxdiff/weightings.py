@@ -131,8 +131,8 @@ def weight_in(
     weighting: Callable, path: GaussianPath, t: Array, regress: Target, inside: bool = True
 ) -> Array:
     """:func:`weight_as` without the check of ``t`` (the losses' times are checked when drawn);
-    ``inside=False`` evaluates a :class:`Weight` at the ends themselves (``inf`` or ``NaN`` where
-    it is singular: ``importance_time`` masks them)."""
+    ``inside=False`` evaluates the weighting at the ends themselves (``inf`` or ``NaN`` where it
+    is singular: ``importance_time`` masks them)."""
     t = coef_time(t)
     t = _inside(t) if inside else t
     units = getattr(weighting, "units", regress)  # a plain function: in regress's units
