@@ -38,6 +38,7 @@ from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
     check_known_time,
+    check_positive,
     coef_time,
     concrete,
     data_dtype,
@@ -128,14 +129,17 @@ class StochasticInterpolant(eqx.Module):
 
     def d_a(self, t: ArrayLike) -> Array:
         """``a_t'`` (by forward-mode autodiff of ``a``)."""
+        check_known_time(t)  # the derivative traces a: a known t = 1.5 went through
         return _derivative(self.a, coef_time(t))[1]
 
     def d_b(self, t: ArrayLike) -> Array:
         """``b_t'`` (by forward-mode autodiff of ``b``)."""
+        check_known_time(t)  # the derivative traces b: a known t = 1.5 went through
         return _derivative(self.b, coef_time(t))[1]
 
     def d_gamma(self, t: ArrayLike) -> Array:
         """``gamma'``: infinite at the ends for the Brownian bridge; draw ``t`` inside ``(0, 1)``."""
+        check_known_time(t)  # the derivative traces gamma: a known t = 1.5 went through
         return _derivative(self.gamma, coef_time(t))[1]
 
     def interpolate(self, x0: ArrayLike, x1: ArrayLike, z: ArrayLike, t: ArrayLike) -> Array:
@@ -156,6 +160,16 @@ class StochasticInterpolant(eqx.Module):
         self, x0: ArrayLike, x1: ArrayLike, z: ArrayLike, t: ArrayLike
     ) -> Array:
         """``d x_t / dt = a_t' x0 + b_t' x1 + gamma_t' z`` at fixed ``(x0, x1, z)``."""
+        known = concrete(t)
+        if known is not None and not isinstance(self.gamma_fn, _NoGamma):
+            with jax.ensure_compile_time_eval():  # the bridge's gamma' is infinite at the ends
+                dg = np.asarray(self.d_gamma(known))
+            bad = np.broadcast_to(~np.isfinite(dg), np.shape(known))
+            if np.any(bad):
+                raise ValueError(
+                    f"the conditional velocity multiplies z by gamma_t', which is not finite at "
+                    f"t = {np.asarray(known)[bad].ravel()[:4].tolist()}; take t inside (0, 1)"
+                )
         out, x0, x1, z = widen(x0, x1, z, out=data_dtype(jnp.result_type(x0, x1, z)))
         c = [expand_like(f(t), x0).astype(x0.dtype) for f in (self.d_a, self.d_b, self.d_gamma)]
         return (c[0] * x0 + c[1] * x1 + c[2] * z).astype(out)
@@ -185,6 +199,8 @@ def brownian_bridge(sigma: ArrayLike = 1.0) -> StochasticInterpolant:
     s = concrete(sigma)
     if s is not None and not (np.all(np.isfinite(s)) and np.all(s >= 0)):
         raise ValueError(f"sigma must be >= 0; got {s.tolist()}")
+    if s is None:  # traced: checked when the program runs (NaN or -1 went through)
+        sigma = check_positive(sigma, "sigma", strict=False)
     gamma = _NoGamma() if s is not None and np.all(s == 0) else _BridgeGamma(sigma)
     return StochasticInterpolant(_Affine(1.0, -1.0), _Affine(0.0, 1.0), gamma)
 

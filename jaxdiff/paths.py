@@ -287,7 +287,7 @@ class GaussianPath(eqx.Module):
 
     def diffusion(self, t: ArrayLike) -> Array:
         """``g(t)``."""
-        return jnp.sqrt(self.diffusion_sq(t))
+        return safe_sqrt(self.diffusion_sq(t))  # g^2 = 0 (sub-VP at 0): a finite gradient
 
     def drift(self, x: ArrayLike, t: ArrayLike) -> Array:
         """Forward drift ``f(t) x``."""
@@ -318,13 +318,23 @@ class GaussianPath(eqx.Module):
 
     def prior_logp(self, x: ArrayLike, event_ndim: int = 1, t: ArrayLike = 1.0) -> Array:
         """Log-density of ``N(0, sigma_t^2 I)`` (default ``t = 1``: the prior), summed over the
-        last ``event_ndim`` axes; ``t`` a scalar.
+        last ``event_ndim`` axes; ``t`` a scalar or one time per sample (the leading axes).
 
         A reduction, so it accumulates and returns in ``max(float32, dtype of x)``."""
         _, x = widen(x)
         if not 0 <= int(event_ndim) <= x.ndim:
             raise ValueError(f"event_ndim must lie in [0, x.ndim = {x.ndim}]; got {event_ndim}")
-        var = self.sigma_sq(jnp.asarray(t, x.dtype)).astype(x.dtype)
+        t = jnp.asarray(t, x.dtype)
+        batch = x.shape[: x.ndim - event_ndim]
+        if t.shape != batch[: t.ndim]:  # per-sample t along the batch's leading axes
+            raise ValueError(f"t has shape {t.shape}; expected a scalar or the batch's {batch}")
+        var = self.sigma_sq(t).astype(x.dtype)
+        known = concrete(var)
+        if known is not None and np.any(known <= 0):  # a density at sigma_t = 0 is NaN
+            raise ValueError(
+                f"prior_logp needs sigma_t > 0; got sigma_t = 0 at t = {np.ravel(concrete(t))[:4].tolist()}"
+            )
+        var = var.reshape(t.shape + (1,) * (len(batch) - t.ndim))  # broadcast on the leading axes
         axes = tuple(range(x.ndim - event_ndim, x.ndim))
         d = math.prod(x.shape[x.ndim - event_ndim :])
         return -0.5 * jnp.sum(x**2, axis=axes) / var - 0.5 * d * jnp.log(2 * jnp.pi * var)
@@ -355,6 +365,18 @@ def _validate_path(path: GaussianPath) -> None:
         raise ValueError(
             f"sigma(t) must be > 0 on (0, 1] and >= 0 at 0 (to within {tol_s:.1e}, "
             f"{_ENDPOINT_ULPS} ulps); got min {s.min()}"
+        )
+    with np.errstate(divide="ignore"):  # the ends: log 0
+        lam = 2.0 * (np.log(np.abs(a)) - np.log(np.abs(s)))
+    rise = np.diff(lam)
+    both = np.isfinite(lam[1:]) & np.isfinite(lam[:-1])
+    bad = both & (rise > 1e-4 * (1.0 + np.abs(lam[1:])))
+    if np.any(bad):  # then g(t)^2 = -sigma_t^2 d(lambda)/dt < 0: no forward SDE
+        raise ValueError(
+            "the path's log-SNR log(alpha_t^2 / sigma_t^2) must not rise with t (then g(t)^2 = "
+            "d(sigma_t^2)/dt - 2 f(t) sigma_t^2 >= 0 and the forward SDE exists; the methods "
+            "read a negative g^2 as 0, and t_from_log_snr needs one root); it rises after t = "
+            f"{np.asarray(t)[:-1][bad][:4].tolist()}"
         )
 
 

@@ -83,13 +83,18 @@ def cosine_betas(num_steps: int = 1000, s: ArrayLike = 0.008, max_beta: ArrayLik
 def alpha_bars(betas: ArrayLike) -> Array:
     """``abar_i = prod_{j <= i} (1 - beta_j)``: ``q(x_i | x_0) = N(sqrt(abar_i) x_0, (1 - abar_i) I)``.
 
-    ``betas`` must be ``<= 1`` (``beta = 1`` gives ``abar = 0``, a zero terminal SNR)."""
+    ``betas`` must lie in ``[0, 1]`` (``beta = 1`` gives ``abar = 0``, a zero terminal SNR; a
+    negative one gave ``abar > 1``, a negative variance)."""
     betas = jnp.asarray(betas)
     value = concrete(betas)
-    if value is not None and not np.all(value <= 1):
-        raise ValueError(f"betas must be <= 1 (and not NaN); got max {np.max(value)}")
+    if value is not None and not np.all((value >= 0) & (value <= 1)):
+        raise ValueError(
+            f"betas must lie in [0, 1] (and not NaN); got min {np.min(value)}, max {np.max(value)}"
+        )
     if value is None:
-        betas = tie_check(betas, ~(betas <= 1), "betas must be <= 1 (and not NaN)")
+        betas = tie_check(
+            betas, ~((betas >= 0) & (betas <= 1)), "betas must lie in [0, 1] (and not NaN)"
+        )
     return jnp.exp(jnp.cumsum(jnp.log1p(-betas)))
 
 

@@ -23,6 +23,7 @@ from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
     as_time,
+    check_count,
     check_finite,
     check_positive,
     concrete,
@@ -153,8 +154,7 @@ def langevin(
     1.0
     """
     step_size = check_positive(step_size, "step_size")
-    if int(n_steps) < 0:
-        raise ValueError(f"n_steps must be >= 0; got {n_steps}")
+    n_steps = check_count(n_steps, "n_steps", minimum=0)  # 2.7 ran 2 steps
     x = check_finite(jnp.asarray(x), "x")
     # The chain runs in max(float32, dtype of x) and returns x's dtype (the precision policy):
     # a bfloat16 state rounded every step away (N(2, 0.25), step 1e-4, 3000 steps: mean 1.10
@@ -167,7 +167,7 @@ def langevin(
         move = step_size * score + scale * normal_like(k, x)
         return (x + move).astype(x.dtype), None  # a float32 step size keeps the carry's dtype
 
-    return jax.lax.scan(step, x, jax.random.split(key, int(n_steps)))[0].astype(out)
+    return jax.lax.scan(step, x, jax.random.split(key, n_steps))[0].astype(out)
 
 
 def brownian_motion(key: Array, ts: ArrayLike, shape: tuple[int, ...] = ()) -> Array:

@@ -60,12 +60,13 @@ def euler_maruyama_predictor(
     The drift is the probability-flow velocity ``f x - g^2 score / 2`` minus another
     ``g^2 score / 2``.
     """
-    dt = s - t
+    dt = expand_like(jnp.asarray(s - t), x)  # t and s scalars or per sample
     velocity = from_x0_eps(path, x, t, x0, eps, "velocity")
     score = from_x0_eps(path, x, t, x0, eps, "score")
     g2 = expand_like(path.diffusion_sq(t), x)
     drift = velocity - 0.5 * g2 * score
-    return x + dt * drift + path.diffusion(t) * jnp.sqrt(-dt) * normal(key, x)
+    g = expand_like(path.diffusion(t), x)
+    return x + dt * drift + g * jnp.sqrt(-dt) * normal(key, x)
 
 
 def reverse_diffusion_predictor(
@@ -74,8 +75,8 @@ def reverse_diffusion_predictor(
     """The reverse of the forward step ``x_t = a x_s + G z`` (Song et al. 2021, eq. 46):
     ``x_s = (2 - a) x_t + G^2 score + G z`` with ``a = alpha_t / alpha_s``,
     ``G^2 = sigma_t^2 (1 - SNR_t / SNR_s)`` (SMLD's ancestral step on VE)."""
-    a = path.alpha(t) / path.alpha(s)
-    g2 = path.sigma_sq(t) * _ratio(path, s, t)
+    a = expand_like(path.alpha(t) / path.alpha(s), x)
+    g2 = expand_like(path.sigma_sq(t) * _ratio(path, s, t), x)
     score = from_x0_eps(path, x, t, x0, eps, "score")
     return (2.0 - a) * x + g2 * score + jnp.sqrt(g2) * normal(key, x)
 
@@ -85,7 +86,7 @@ def ancestral_predictor(
 ) -> Array:
     """DDPM's step: a draw of the posterior ``q(x_s | x_t, x0_hat)``."""
     mean, var = _posterior(path, x, x0, t, s)
-    return mean + jnp.sqrt(var) * normal(key, x)
+    return mean + jnp.sqrt(expand_like(var, x)) * normal(key, x)
 
 
 class State(NamedTuple):
