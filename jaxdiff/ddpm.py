@@ -295,7 +295,9 @@ def reverse_mean_var(
 
 def _check_var_weight(var_weight: ArrayLike) -> None:
     v = concrete(var_weight)  # a network's output (learned variances) is traced: not checked
-    if v is not None and not np.all((v >= 0) & (v <= 1)):  # NaN fails; 1.5 gave inf at s = 0
+    if v is not None and not np.all(np.isfinite(v)):
+        raise ValueError(f"var_weight must be finite; got {np.ravel(v).tolist()[:4]}")
+    if v is not None and not np.all((v >= 0) & (v <= 1)):  # 1.5 gave inf at s = 0
         raise ValueError(
             f"var_weight must lie in [0, 1] (between the posterior's and the forward variance, in "
             f"logs); got {np.ravel(v).tolist()[:4]}"
