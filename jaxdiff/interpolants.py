@@ -160,16 +160,13 @@ class StochasticInterpolant(eqx.Module):
         self, x0: ArrayLike, x1: ArrayLike, z: ArrayLike, t: ArrayLike
     ) -> Array:
         """``d x_t / dt = a_t' x0 + b_t' x1 + gamma_t' z`` at fixed ``(x0, x1, z)``."""
-        known = concrete(t)
-        if known is not None and not isinstance(self.gamma_fn, _NoGamma):
-            with jax.ensure_compile_time_eval():  # the bridge's gamma' is infinite at the ends
-                dg = np.asarray(self.d_gamma(known))
-            bad = np.broadcast_to(~np.isfinite(dg), np.shape(known))
-            if np.any(bad):
-                raise ValueError(
-                    f"the conditional velocity multiplies z by gamma_t', which is not finite at "
-                    f"t = {np.asarray(known)[bad].ravel()[:4].tolist()}; take t inside (0, 1)"
-                )
+        if not isinstance(self.gamma_fn, _NoGamma):  # the bridge's gamma' is infinite at the ends
+            _refuse_known(
+                t,
+                self.d_gamma,
+                lambda dg: ~np.isfinite(dg),
+                "the conditional velocity multiplies z by gamma_t', which is not finite",
+            )
         out, x0, x1, z = widen(x0, x1, z, out=data_dtype(jnp.result_type(x0, x1, z)))
         c = [expand_like(f(t), x0).astype(x0.dtype) for f in (self.d_a, self.d_b, self.d_gamma)]
         return (c[0] * x0 + c[1] * x1 + c[2] * z).astype(out)
@@ -178,20 +175,33 @@ class StochasticInterpolant(eqx.Module):
         """``grad_x log N(x; a_t x0 + b_t x1, gamma_t^2 I) = -(x - a_t x0 - b_t x1) / gamma_t^2``."""
         if isinstance(self.gamma_fn, _NoGamma):
             raise ValueError("a deterministic interpolant (gamma = 0) has no conditional score")
-        known = concrete(t)
-        if known is not None:  # a known t where gamma = 0 (the ends) gave NaN or inf silently
-            with jax.ensure_compile_time_eval():
-                g = concrete(self.gamma(known))
-            if g is not None and np.any(g == 0):
-                raise ValueError(
-                    f"the conditional score divides by gamma_t^2, which is 0 at t = "
-                    f"{known[np.broadcast_to(g == 0, known.shape)].ravel()[:4].tolist()}; "
-                    "take t inside (0, 1)"
-                )
+        _refuse_known(  # a known t where gamma = 0 (the ends) gave NaN or inf silently
+            t,
+            self.gamma,
+            lambda g: g == 0,
+            "the conditional score divides by gamma_t^2, which is 0",
+        )
         out, x, x0, x1 = widen(x, x0, x1, out=data_dtype(jnp.result_type(x, x0, x1)))
         mean = self.interpolate(x0, x1, jnp.zeros_like(x), t)
         var = expand_like(jnp.square(self.gamma(t)), x).astype(x.dtype)
         return (-(x - mean) / var).astype(out)
+
+
+def _refuse_known(t: ArrayLike, coef: Callable, bad: Callable, what: str) -> None:
+    """Refuse a ``t`` known at trace time where ``bad(coef(t))`` (an end of the bridge), naming
+    the offending times; a traced ``t`` is the caller's to draw inside ``(0, 1)``."""
+    known = concrete(t)
+    if known is None:
+        return
+    with jax.ensure_compile_time_eval():
+        value = concrete(coef(known))
+    if value is None:
+        return
+    mask = np.broadcast_to(bad(np.asarray(value)), np.shape(known))
+    if np.any(mask):
+        raise ValueError(
+            f"{what} at t = {np.asarray(known)[mask].ravel()[:4].tolist()}; take t inside (0, 1)"
+        )
 
 
 def brownian_bridge(sigma: ArrayLike = 1.0) -> StochasticInterpolant:

@@ -94,7 +94,7 @@ class Weight(eqx.Module):
         ``1 / sigma_t^2``), at the nearest time ``delta`` inside, ``delta`` the machine epsilon
         of ``t``'s dtype (the limit to that precision where it is finite; a large finite weight
         where it is not). A ``t = 0`` drawn by a uniform sampler made the loss NaN, silently."""
-        return self.fn(path, _inside(t))
+        return weight_in(self, path, t, self.units)
 
 
 def _inside(t: Array) -> Array:
