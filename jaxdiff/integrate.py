@@ -193,8 +193,19 @@ def _adaptive(
     controller = diffrax.PIDController(
         rtol=1e-3 if rtol is None else rtol, atol=1e-6 if atol is None else atol
     )
-    save_ts = None if save_ts is None else jnp.atleast_1d(as_time(save_ts)).astype(taus.dtype)
-    saveat = diffrax.SaveAt(t1=True, ts=None if save_ts is None else sign * save_ts)
+    save_ts = _engine.as_save_ts(save_ts, taus.dtype)
+    order = None
+    if save_ts is not None:  # diffrax wants them in the integration's direction, inside the run
+        lo, hi = jnp.minimum(tau0, tau1), jnp.maximum(tau0, tau1)
+        outside = (sign * save_ts < lo) | (sign * save_ts > hi)
+        msg = "every time in save_ts must lie between t_start and t_end"
+        known = concrete(outside)
+        if known is not None and np.any(known):
+            bad = np.asarray(save_ts)[known].tolist()[:4]
+            raise ValueError(f"{msg}; got {bad} outside [{sign * tau0}, {sign * tau1}]")
+        save_ts = error_if(save_ts, outside, msg)
+        order = jnp.argsort(sign * save_ts)  # saved in time order, returned in the given order
+    saveat = diffrax.SaveAt(t1=True, ts=None if save_ts is None else sign * save_ts[order])
     kwargs = {} if adjoint is None else {"adjoint": adjoint}
     sol = diffrax.diffeqsolve(
         solve_terms,
@@ -218,5 +229,6 @@ def _adaptive(
     )
     y = check_finite(y, "the solution (check the field, the time range and the tolerances)")
     n = sol.stats["num_steps"]
-    xs = None if save_ts is None else jax.tree.map(lambda v: v[:-1], sol.ys)
+    undo = None if order is None else jnp.argsort(order)
+    xs = None if save_ts is None else jax.tree.map(lambda v: v[:-1][undo], sol.ys)
     return Solution(y, save_ts, xs, init_calls + step_calls * n, n)

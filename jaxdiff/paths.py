@@ -131,6 +131,8 @@ def _bisect_log_snr(path: GaussianPath, lam: Array, iters: int) -> Array:
     lam_t, slope = jax.jvp(path.log_snr, (t,), (jnp.ones_like(t),))
     slope = jax.lax.stop_gradient(slope)
     first, last = jax.lax.stop_gradient(path.log_snr(jnp.array([0.0, 1.0], t.dtype)))
+    # a lam at or beyond an end's log-SNR is that end exactly (bisection stopped 4e-19 short)
+    t = jnp.where(lam >= first, 0.0, jnp.where(lam <= last, 1.0, t)).astype(t.dtype)
     ok = jnp.isfinite(lam) & jnp.isfinite(lam_t) & jnp.isfinite(slope) & (slope != 0)
     ok = ok & (lam < first) & (lam > last)
     step = (jnp.where(ok, lam, 0.0) - jnp.where(ok, lam_t, 0.0)) / jnp.where(ok, slope, 1.0)
@@ -353,18 +355,27 @@ def _validate_path(path: GaussianPath) -> None:
         return
     if a is None or s is None:
         return
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(s))):
-        raise ValueError("the path's alpha(t) and sigma(t) must be finite on [0, 1]")
+    grid = np.asarray(t)
+    for name, v in (("alpha", a), ("sigma", s)):
+        if not np.all(np.isfinite(v)):
+            raise ValueError(
+                f"the path's {name}(t) must be finite on [0, 1]; it is not at t = "
+                f"{grid[~np.isfinite(v)][:4].tolist()}"
+            )
     tol_a, tol_s = _tolerance(a), _tolerance(s)
+    # an alpha that is 0 before t = 1 is most often float underflow (vp_path: alpha_1 =
+    # exp(-(beta_min + beta_max) / 4) is 0 in float32 beyond beta_min + beta_max ~ 410)
+    underflow = f" ({a.dtype} underflow?)" if np.any(a[:-1] == 0) else ""
     if np.any(a[:-1] <= 0) or a[-1] < -tol_a:
         raise ValueError(
             f"alpha(t) must be > 0 on [0, 1) and >= 0 at 1 (to within {tol_a:.1e}, "
-            f"{_ENDPOINT_ULPS} ulps); got min {a.min()}"
+            f"{_ENDPOINT_ULPS} ulps); got min {a.min()}, <= 0 from t = "
+            f"{grid[:-1][a[:-1] <= 0][:1].tolist() or [1.0]}{underflow}"
         )
     if np.any(s[1:] <= 0) or s[0] < -tol_s:
         raise ValueError(
             f"sigma(t) must be > 0 on (0, 1] and >= 0 at 0 (to within {tol_s:.1e}, "
-            f"{_ENDPOINT_ULPS} ulps); got min {s.min()}"
+            f"{_ENDPOINT_ULPS} ulps); got min {s.min()} at t = {grid[np.argmin(s)]}"
         )
     with np.errstate(divide="ignore"):  # the ends: log 0
         lam = 2.0 * (np.log(np.abs(a)) - np.log(np.abs(s)))
@@ -391,6 +402,7 @@ def _tolerance(values: np.ndarray) -> float:
 
 def _check_betas(beta_min: ArrayLike, beta_max: ArrayLike):
     beta_min = check_positive(beta_min, "beta_min", strict=False)
+    beta_max = check_positive(beta_max, "beta_max", strict=False)  # inf: named
     return check_order(beta_min, beta_max, "beta_min", "beta_max", strict=False)
 
 
@@ -424,6 +436,7 @@ def ve_path(sigma_min: ArrayLike = 0.01, sigma_max: ArrayLike = 50.0) -> Gaussia
     ``dx = sigma_t sqrt(2 log(sigma_max / sigma_min)) dw``. Note ``sigma_0 = sigma_min > 0``.
     """
     sigma_min = check_positive(sigma_min, "sigma_min")
+    sigma_max = check_positive(sigma_max, "sigma_max")  # inf: named, not "sigma(t) not finite"
     sigma_min, sigma_max = check_order(sigma_min, sigma_max, "sigma_min", "sigma_max")
     return GaussianPath(Affine(1.0, 0.0), Geometric(sigma_min, sigma_max))
 

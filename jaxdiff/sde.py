@@ -26,6 +26,7 @@ from jaxdiff._checks import (
     check_count,
     check_finite,
     check_positive,
+    coef_time,
     concrete,
     expand_like,
     normal,
@@ -64,11 +65,13 @@ def reverse_drift(
     >>> reverse_drift(path, field, jnp.ones((1, 2)), 0.5).tolist()  # f(0.5) x = -beta(0.5)/2
     [[-5.025, -5.025]]
     """
+    return _reverse_drift(path, field, x, t, check_eta(eta))  # a traced eta: at run time
+
+
+def _reverse_drift(path: GaussianPath, field: Field, x: Array, t: ArrayLike, eta: Eta) -> Array:
+    """:func:`reverse_drift` with ``eta`` unchecked (the samplers check it once, not per step)."""
     field = as_field(field)
     x = jnp.asarray(x)
-    if not callable(eta) and concrete(eta) is not None:  # traced or a function of t: the
-        # samplers check it, once
-        check_eta(eta)
     if field.target == "velocity" and _is_zero(eta):
         return field(x, batch_time(t, x))
     x0, eps = predict(path, field, x, t)
@@ -89,9 +92,13 @@ def probability_flow_drift(path: GaussianPath, field: Field, x: Array, t: ArrayL
 
 
 def reverse_diffusion(path: GaussianPath, t: ArrayLike, eta: Eta = 1.0) -> Array:
-    """Noise scale ``eta(t) g(t)`` of the reverse family."""
-    if not callable(eta) and concrete(eta) is not None:  # as in reverse_drift
-        check_eta(eta)
+    """Noise scale ``eta(t) g(t)`` of the reverse family. A negative traced ``eta`` gave a
+    negative scale under ``jit``: it is checked when the call runs."""
+    return _reverse_diffusion(path, t, check_eta(eta))
+
+
+def _reverse_diffusion(path: GaussianPath, t: ArrayLike, eta: Eta) -> Array:
+    """:func:`reverse_diffusion` with ``eta`` unchecked (the samplers check it once)."""
     t = as_time(t)
     return eta_at(eta, t) * path.diffusion(t)
 
@@ -174,9 +181,9 @@ def brownian_motion(key: Array, ts: ArrayLike, shape: tuple[int, ...] = ()) -> A
     """Brownian motion ``W`` at the times ``ts`` (``W_0 = 0``): shape ``(len(ts), *shape)``.
 
     Increments ``W_t - W_s ~ N(0, (t - s) I)`` are independent; ``ts`` must be non-decreasing and
-    ``>= 0``, so ``Cov(W_s, W_t) = min(s, t) I``.
+    ``>= 0``, so ``Cov(W_s, W_t) = min(s, t) I``. ``W`` comes in ``max(float32, dtype of ts)``.
     """
-    ts = as_time(ts)
+    ts = coef_time(ts)  # the increments in float32 or wider: a bfloat16 ts rounded them
     if ts.ndim != 1:
         raise ValueError(f"ts must be one-dimensional; got shape {ts.shape}")
     ts = value_check(

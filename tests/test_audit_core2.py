@@ -1,6 +1,7 @@
 """The stop-42 review of the core math (``/work/audit/review42_core.md``, C1-C12). Each test
 failed on the code before its fix."""
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import jaxtyping
@@ -99,3 +100,73 @@ def test_small_numeric_holes():
             )
     finally:
         jaxtyping.config.update("jaxtyping_disable", False)
+
+
+def test_rescale_zero_terminal_snr_without_cancellation():
+    # C7: 1 - abar_i / abar_{i-1} lost ~3 digits in float32: beta_1 = 1.0014e-4 for 1e-4 (max
+    # relative error 1.4e-3 on linear betas, 2.1e-3 on cosine); Lin et al.'s rescale keeps beta_1
+    def reference(b):  # diffusers' algorithm, in float64
+        root = np.sqrt(np.cumprod(1.0 - np.asarray(b, np.float64)))
+        root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+        abar = root**2
+        return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+
+    for betas in (jd.linear_betas(1000), jd.cosine_betas(1000)):
+        out = np.asarray(jd.rescale_zero_terminal_snr(betas))
+        assert out.dtype == np.float32
+        assert out[0] == np.asarray(betas)[0] and out[-1] == 1.0
+        np.testing.assert_allclose(out, reference(betas), rtol=5e-6)  # measured 5.3e-7
+
+
+def test_t_from_log_snr_returns_the_ends_exactly():
+    # C10: a log-SNR at or beyond lambda(0) gave 4.3e-19, not 0 (VE: lambda(0) is finite)
+    path = jd.ve_path(0.01, 50.0)
+    lam = jnp.array([jnp.inf, 1e3, path.log_snr(0.0), path.log_snr(1.0), -1e3, -jnp.inf])
+    assert path.t_from_log_snr(lam).tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert abs(float(path.t_from_log_snr(path.log_snr(0.25))) - 0.25) < 1e-6
+
+
+def test_adaptive_save_ts_in_any_order_and_range_checked():
+    # C11: integrating 1 -> 0, save_ts = [0.5, 0.9] failed in the adaptive engine with diffrax's
+    # "saveat.ts must be increasing or decreasing" (the fixed grid took it); [2.0] failed at run
+    # time in the integration variable
+    kwargs = dict(solver=diffrax.Tsit5(), rtol=1e-7, atol=1e-9)
+    for save in ([0.5, 0.9], [0.9, 0.5], [0.2]):
+        sol = jd.integrate(lambda x, t: -x, jnp.ones(2), t_start=1.0, t_end=0.0, steps=10,
+                           save_ts=jnp.array(save), **kwargs)  # fmt: skip
+        assert sol.ts.tolist() == pytest.approx(save)
+        np.testing.assert_allclose(sol.xs[:, 0], np.exp(1.0 - np.array(save)), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"save_ts must lie between t_start and t_end; got \[2"):
+        jd.integrate(
+            lambda x, t: -x, jnp.ones(2), t_start=1.0, t_end=0.0, save_ts=jnp.array([2.0]), **kwargs
+        )
+    run = jax.jit(lambda s: jd.integrate(lambda x, t: -x, jnp.ones(2), t_start=1.0, t_end=0.0,
+                                         save_ts=s, **kwargs).xs)  # fmt: skip
+    with pytest.raises(Exception, match="save_ts must lie between t_start and t_end"):
+        jax.block_until_ready(run(jnp.array([0.3, 1.7])))
+
+
+def test_c12_messages_and_checks():
+    # C12: the messages named no hyperparameter; a traced negative eta gave a negative noise
+    # scale (-3.17) and reverse_drift read it as eta = 1; bfloat16 ts rounded the increments
+    with pytest.raises(ValueError, match="sigma_max must be finite"):
+        jd.ve_path(0.01, float("inf"))
+    with pytest.raises(ValueError, match="beta_max must be finite"):
+        jd.vp_path(0.1, float("inf"))
+    with pytest.raises(ValueError, match=r"<= 0 from t = \[0.8.*\] \(float32 underflow\?\)"):
+        jd.vp_path(0.1, 500.0)
+    with pytest.raises(ValueError, match=r"alpha\(t\) must be finite on \[0, 1\]; .* t = \[0.5\]"):
+        jd.GaussianPath(lambda t: 1.0 / (0.5 - t), lambda t: t)
+    path = jd.vp_path()
+    field = jd.Field(lambda x, t: jnp.zeros_like(x), "eps")
+    noise = jax.jit(lambda e: jd.reverse_diffusion(path, 0.5, e))
+    drift = jax.jit(lambda e: jd.reverse_drift(path, field, jnp.ones((1, 2)), 0.5, eta=e))
+    assert float(noise(0.5)) == pytest.approx(0.5 * float(path.diffusion(0.5)))
+    for fn in (noise, drift):
+        with pytest.raises(Exception, match=r"eta must lie in \[0, inf\)"):
+            jax.block_until_ready(fn(-1.0))
+    ts = jnp.array([0.0, 0.1, 0.3, 0.7], jnp.bfloat16)
+    w = jd.brownian_motion(jax.random.key(0), ts, (3,))
+    assert w.dtype == jnp.float32
+    wide = jd.brownian_motion(jax.random.key(0), ts.astype(jnp.float32), (3,))
+    np.testing.assert_array_equal(w, wide)

@@ -196,7 +196,7 @@ def test_bad_times_raise():
 TRACED_CHECKS = {
     "vp order": (lambda b: jd.vp_path(b, 1.0).alpha(0.5), 20.0, "beta_min <= beta_max"),
     "vp negative": (lambda b: jd.vp_path(b, 20.0).sigma(0.5), -0.1, "beta_min must be"),
-    "vp nan": (lambda b: jd.vp_path(0.1, b).alpha(0.5), float("nan"), "beta_min <= beta_max"),
+    "vp nan": (lambda b: jd.vp_path(0.1, b).alpha(0.5), float("nan"), "beta_max must be finite"),
     "subvp order": (lambda b: jd.subvp_path(0.1, b).sigma(0.5), 0.05, "beta_min <= beta_max"),
     "ve negative": (lambda s: jd.ve_path(s, 50.0).sigma(0.5), -1.0, "sigma_min must be"),
     "ve order": (lambda s: jd.ve_path(1.0, s).sigma(0.5), 0.5, "sigma_min < sigma_max"),

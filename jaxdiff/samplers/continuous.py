@@ -38,7 +38,7 @@ from jaxdiff.samplers.base import (
     normal,
 )
 from jaxdiff.schedules import default_grid, log_snr_grid
-from jaxdiff.sde import Eta, _is_zero, check_eta, eta_at, reverse_diffusion, reverse_drift
+from jaxdiff.sde import Eta, _is_zero, _reverse_diffusion, _reverse_drift, check_eta, eta_at
 
 Array = jax.Array
 
@@ -52,9 +52,9 @@ class DiffraxState(NamedTuple):
 
 def _stepper(path: GaussianPath, field: Field, solver, eta) -> _diffrax.Stepper:
     def drift(x, t):
-        return reverse_drift(path, field, x, t, eta=eta)
+        return _reverse_drift(path, field, x, t, eta)
 
-    diffusion = None if _is_zero(eta) else (lambda x, t: reverse_diffusion(path, t, eta))
+    diffusion = None if _is_zero(eta) else (lambda x, t: _reverse_diffusion(path, t, eta))
     return _diffrax.Stepper(solver, drift, diffusion, -1.0)
 
 
@@ -107,10 +107,10 @@ def _reverse(
         def adaptive(key, path, field, x, ts, save_ts) -> Solution:
             """One ``diffeqsolve`` from ``ts[0]`` to ``ts[-1]``; ``ts[1]`` sets the first trial step."""
             return integrate(
-                lambda x, t: reverse_drift(path, field, x, t, eta=eta),
+                lambda x, t: _reverse_drift(path, field, x, t, eta),
                 x,
                 ts=ts,
-                diffusion=(lambda x, t: reverse_diffusion(path, t, eta)) if stochastic else None,
+                diffusion=(lambda x, t: _reverse_diffusion(path, t, eta)) if stochastic else None,
                 key=key if stochastic else None,
                 solver=solver,
                 save_ts=save_ts,
