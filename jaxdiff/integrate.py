@@ -53,7 +53,8 @@ class Solution(NamedTuple):
     """Result of ``integrate`` / ``sample``.
 
     ``x``: the state at ``t_end``; ``ts``/``xs``: the times asked for in ``save_ts`` and the states
-    there (leading axis ``len(save_ts)``), or ``None``; ``nfe``: number of evaluations of the
+    there (leading axis ``len(save_ts)``, in the order given), or ``None`` (``save_ts``: points of
+    the grid on a fixed grid; any times between ``t_start`` and ``t_end`` when adaptive); ``nfe``: number of evaluations of the
     drift (the network); ``num_steps``: solver steps taken (rejected ones included).
     """
 
