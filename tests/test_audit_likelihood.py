@@ -66,8 +66,9 @@ def test_decoder_std_per_sample_is_per_sample():
     path = jd.vp_path()
     x = GAUSS.sample(jax.random.key(0), 3)
     std = jnp.array([0.1, 0.2, 0.4])
-    run = lambda s, x: nelbo(jax.random.key(1), path, GAUSS.field(path, "eps"), x,  # noqa: E731
-                             num_steps=10, decoder_std=s).reconstruction  # fmt: skip
+    # jitted: three programs (std of shape (3,), () and (3, 2)) instead of five eager calls' ops
+    run = jax.jit(lambda s, x: nelbo(jax.random.key(1), path, GAUSS.field(path, "eps"), x,
+                                     num_steps=10, decoder_std=s).reconstruction)  # fmt: skip
     per_sample = run(std, x)
     one_by_one = [run(std[i], x)[i] for i in range(3)]  # the same batch: the same noise
     np.testing.assert_allclose(per_sample, one_by_one, rtol=1e-5)
@@ -179,12 +180,16 @@ def test_log_likelihood_of_an_eps_field_to_alpha_zero_names_the_cause(target):
         jax.block_until_ready(
             jax.jit(lambda p: jd.log_likelihood(p, mix.field(p, target), x[:4]).logp)(path)
         )
-    got = jd.log_likelihood(path, field, x)
-    np.testing.assert_array_equal(got.logp, jd.log_likelihood(path, field, x, t_end=0.999).logp)
+    # the three solves below in one program (the default end is read from the path at trace
+    # time, as eagerly): one compile instead of three eager ones
+    both = jax.jit(lambda x: (jd.log_likelihood(path, field, x),
+                              jd.log_likelihood(path, field, x, t_end=0.999).logp,
+                              jd.log_likelihood(path, mix.field(path, "velocity"), x).logp))  # fmt: skip
+    got, inside, vel = both(x)
+    np.testing.assert_array_equal(got.logp, inside)
     exact = mix.marginal_log_prob(path, x, 1e-3)
     assert float(jnp.max(jnp.abs(got.logp - exact))) < 3e-3
     at_one = got.delta + path.prior_logp(got.z)  # the prior at t = 1: 0.0127 off
     assert float(jnp.max(jnp.abs(at_one - exact))) > 1e-2
     # a velocity field integrates to t = 1 as before
-    vel = jd.log_likelihood(path, mix.field(path, "velocity"), x).logp
     assert float(jnp.max(jnp.abs(vel - exact))) < 1e-3

@@ -17,6 +17,7 @@ from jaxdiff.train import (
     make_train_chunk,
     make_train_step,
 )
+from tests.net_helpers import perturb
 
 
 def _square_loss(p, key, batch):
@@ -155,8 +156,11 @@ def test_to_diffusers_refuses_params_of_another_image_shape_or_config():
 
     model = UNet(channels=(8, 16), heads=2, attention_resolutions=(4,))
     shape = (8, 8, 1)
-    params = model.init(jax.random.key(0), jnp.zeros((1, *shape)), jnp.zeros((1,)))
-    params = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(1), a.shape), params)
+    # Random values in every leaf (the port must carry each tensor to its own place): the shapes
+    # from eval_shape and numpy noise, where an eager init plus a jax.random draw per leaf took
+    # ~27 s of per-shape compilation on a 2-core CPU.
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)), jnp.zeros((1,)))
+    params = perturb(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), 1.0, seed=1)
     state = to_diffusers(params, model, shape)
     assert len(state) == 144
     back = from_diffusers(state, model, shape)

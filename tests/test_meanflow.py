@@ -227,7 +227,8 @@ def test_two_time_unet_is_the_unet_conditioned_on_the_gap_and_its_jvp_is_the_tot
     assert count(params) - one_time == 8 * 32 + 32 + 32 * 32 + 32
     # move every weight off its initialiser (the output convolution starts at zero)
     rng = np.random.default_rng(3)  # host draws: one jax.random kernel per leaf shape is slow
-    params = jax.tree.map(lambda a: jnp.asarray(a, x.dtype) + 0.2 * rng.standard_normal(a.shape),
+    # and the sum on the host too: an eager jnp add compiles once per leaf shape (~2 s)
+    params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, x.dtype) + 0.2 * rng.standard_normal(a.shape)),
                           params)  # fmt: skip
     apply = jax.jit(lambda z, t_, r_: model.apply(params, z, t_, r_, labels))  # one compile
     same = jax.jit(lambda z, t_: model.apply(params, z, t_, None, labels))(x, t)

@@ -208,7 +208,7 @@ def test_unet_divergence_forward_mode_equals_reverse_mode():
     value, div = jax.jit(lambda x: divergence(fn, x))(x)
     jac = jax.jit(jax.jacrev(fn))(x).reshape(2, 16, 2, 16)
     reverse = jnp.stack([jnp.trace(jac[i, :, i, :]) for i in range(2)])
-    np.testing.assert_allclose(value, fn(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(value, jax.jit(fn)(x), rtol=1e-6, atol=1e-6)  # eager: 1 compile/op
     np.testing.assert_allclose(div, reverse, rtol=1e-4, atol=1e-4)
     assert float(jnp.min(jnp.abs(div))) > 1e-2  # a real divergence, not zeros
 
@@ -527,18 +527,21 @@ def test_the_time_features_do_not_take_the_data_dtype():
     x = jnp.round(jax.random.normal(jax.random.key(0), (4, 2)) * 8) / 8  # exact in bfloat16
     p = perturb(init_params(m, jax.random.key(1), x, jnp.zeros(4), jnp.zeros(4, int)), 0.1)
     labels = jnp.array([0, 1, 2, 3])
-    ref = m.apply(p, x, 0.5, labels)
-    low = m.apply(p, x.astype(jnp.bfloat16), 0.5, labels)
+    # jitted: an eager apply compiles each op of the network on its own (the dtypes are the same)
+    apply = jax.jit(m.apply)
+    ref = apply(p, x, 0.5, labels)
+    low = apply(p, x.astype(jnp.bfloat16), 0.5, labels)
     assert low.dtype == jnp.bfloat16 and float(jnp.abs(ref).max()) > 0.1
     np.testing.assert_allclose(low.astype(jnp.float32), ref, atol=0.02 * float(jnp.abs(ref).max()))
     with jax.enable_x64(True):
-        wide = m.apply(p, x.astype(jnp.float64), 0.5, labels)
+        wide = jax.jit(m.apply)(p, x.astype(jnp.float64), 0.5, labels)
     np.testing.assert_allclose(wide, ref, rtol=1e-4, atol=1e-5)
     tiny = UNet(channels=(8, 8), heads=2, norm_groups=4)
     img = jnp.round(jax.random.normal(jax.random.key(2), (2, 8, 8, 1)) * 8) / 8
     q = perturb(init_params(tiny, jax.random.key(3), img, jnp.zeros(2)), 0.1)
-    ref = tiny.apply(q, img, 0.3)
-    low = tiny.apply(q, img.astype(jnp.bfloat16), 0.3).astype(jnp.float32)
+    apply = jax.jit(tiny.apply)
+    ref = apply(q, img, 0.3)
+    low = apply(q, img.astype(jnp.bfloat16), 0.3).astype(jnp.float32)
     np.testing.assert_allclose(low, ref, atol=0.03 * float(jnp.abs(ref).max()))
 
 

@@ -170,15 +170,21 @@ def test_trajectories_on_fixed_and_adaptive_grids(x64):
     grid = jd.uniform_grid(100, 1.0, 1e-3)
     save = grid[jnp.array([0, 25, 50, 100])]
     heun = S.ode(diffrax.Heun())
-    fixed = jd.sample(jax.random.key(0), path, field, x_init=x1, sampler=heun, ts=grid,
-                      save_ts=save)  # fmt: skip
+    tsit5 = S.ode(diffrax.Tsit5(), rtol=1e-9, atol=1e-9)
+
+    @jax.jit  # the three solves in one program: one compile instead of three eager ones
+    def solves(key, x1):
+        return (
+            jd.sample(key, path, field, x_init=x1, sampler=heun, ts=grid, save_ts=save),
+            jd.sample(key, path, field, x_init=x1, sampler=heun, ts=grid[:51]),
+            jd.sample(key, path, field, x_init=x1, sampler=tsit5, save_ts=save),
+        )
+
+    fixed, half, adaptive = solves(jax.random.key(0), x1)
     assert fixed.xs.shape == (4, 32, 2)
     np.testing.assert_array_equal(fixed.xs[0], x1)
     np.testing.assert_array_equal(fixed.xs[-1], fixed.x)
-    half = jd.sample(jax.random.key(0), path, field, x_init=x1, sampler=heun, ts=grid[:51])
     np.testing.assert_allclose(fixed.xs[2], half.x, rtol=1e-12)
-    tsit5 = S.ode(diffrax.Tsit5(), rtol=1e-9, atol=1e-9)
-    adaptive = jd.sample(jax.random.key(0), path, field, x_init=x1, sampler=tsit5, save_ts=save)
     np.testing.assert_allclose(adaptive.xs, fixed.xs, atol=2e-3)  # Heun at 100 steps: O(1e-4)
     with pytest.raises(ValueError, match="must be a point of the time grid"):
         jd.sample(jax.random.key(0), path, field, x_init=x1, ts=grid, save_ts=jnp.array([0.333]))
@@ -488,14 +494,21 @@ def test_a_stiff_prior_end_starts_inside(true_samples):
     drop = float(path.log_snr(1.0 - 1e-3) - path.log_snr(1.0))
     vp = jd.vp_path()
     assert 6.5 < drop < 7.5 and float(vp.log_snr(1.0 - 1e-3) - vp.log_snr(1.0)) < 0.05
-    for target in ("eps", "x0"):
-        field = DATA.field(path, target)
-        for sampler in (S.ode(), S.ddim(), S.sde()):
-            x = jd.sample(key, path, field, (8, 2), sampler=sampler, steps=5).x
-            inside = jd.sample(key, path, field, (8, 2), sampler=sampler, steps=5, t_start=1 - 1e-3)
-            np.testing.assert_array_equal(x, inside.x)
-            at_one = jd.sample(key, path, field, (8, 2), sampler=sampler, steps=5, t_start=1.0)
-            assert bool(jnp.all(jnp.isfinite(at_one.x)))
+
+    @jax.jit  # all 18 draws in one program: one compile instead of 18 eager ones (the default
+    def starts(key):  # start is chosen at trace time, from the path closed over, as eagerly)
+        out = []
+        for target in ("eps", "x0"):
+            field = DATA.field(path, target)
+            for sampler in (S.ode(), S.ddim(), S.sde()):
+                draw = lambda s=sampler, f=field, **kw: jd.sample(key, path, f, (8, 2), sampler=s,
+                                                                   steps=5, **kw).x  # fmt: skip
+                out.append((draw(), draw(t_start=1 - 1e-3), draw(t_start=1.0)))
+        return out
+
+    for x, inside, at_one in starts(key):
+        np.testing.assert_array_equal(x, inside)
+        assert bool(jnp.all(jnp.isfinite(at_one)))
     x0 = DATA.field(path, "x0")
     for sampler, steps in ((S.sde(), 50), (S.ode(), 10)):
         run = jax.jit(lambda k, s=sampler, n=steps: jd.sample(k, path, x0, (N, 2), sampler=s,
@@ -533,9 +546,15 @@ def test_fields_see_one_time_per_sample():
         return 0.5 * x
 
     path = jd.vp_path()
-    for sampler in (S.ode(diffrax.Heun()), S.ddim(), S.dpm_solver_pp(3), S.pc(), S.edm_heun()):
-        jd.sample(jax.random.key(0), path, jd.Field(fn, "eps"), (5, 2), sampler=sampler, steps=3)
-    jd.log_likelihood(path, jd.Field(fn, "eps"), jnp.ones((5, 2)), t_start=0.5, rtol=1e-2)
+    samplers = (S.ode(diffrax.Heun()), S.ddim(), S.dpm_solver_pp(3), S.pc(), S.edm_heun())
+
+    @jax.jit  # the calls are traced as eagerly (fn sees the same shapes): one compile, not six
+    def calls(key, x):
+        for sampler in samplers:
+            jd.sample(key, path, jd.Field(fn, "eps"), (5, 2), sampler=sampler, steps=3)
+        return jd.log_likelihood(path, jd.Field(fn, "eps"), x, t_start=0.5, rtol=1e-2).logp
+
+    jax.block_until_ready(calls(jax.random.key(0), jnp.ones((5, 2))))
     assert seen and set(seen) == {(5,)}
 
 
