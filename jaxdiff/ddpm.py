@@ -128,8 +128,8 @@ def rescale_zero_terminal_snr(betas: ArrayLike) -> Array:
     # Without cancellation (1 - abar_i / abar_{i-1} lost 3 digits in float32: beta_1 = 1.0014e-4
     # for 1e-4): with r = sqrt(abar), the new sqrt(alpha_i) is c_i / c_{i-1}, c_i = r_i - r_T,
     # so 1 - sqrt(alpha_i) = d_i = delta_i / c_{i-1}, delta_i = r_{i-1} - r_i =
-    # r_{i-1} beta_i / (1 + sqrt(1 - beta_i)), c_{i-1} = sum_{j >= i} delta_j; beta_i = d_i (2 - d_i).
-    # beta_1 is kept exactly (abar_1 is), beta_T = 1.
+    # r_{i-1} beta_i / (1 + sqrt(1 - beta_i)), c_{i-1} = sum_{j >= i} delta_j, and then
+    # beta_i = d_i (2 - d_i). beta_1 is kept exactly (abar_1 is), beta_T = 1.
     root = jnp.sqrt(alpha_bars(betas))
     delta = root[:-1] * betas[1:] / (1.0 + jnp.sqrt(1.0 - betas[1:]))
     remaining = jnp.cumsum(delta[::-1])[::-1]

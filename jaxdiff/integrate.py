@@ -54,8 +54,9 @@ class Solution(NamedTuple):
 
     ``x``: the state at ``t_end``; ``ts``/``xs``: the times asked for in ``save_ts`` and the states
     there (leading axis ``len(save_ts)``, in the order given), or ``None`` (``save_ts``: points of
-    the grid on a fixed grid; any times between ``t_start`` and ``t_end`` when adaptive); ``nfe``: number of evaluations of the
-    drift (the network); ``num_steps``: solver steps taken (rejected ones included).
+    the grid on a fixed grid; any times between ``t_start`` and ``t_end`` when adaptive);
+    ``nfe``: number of evaluations of the drift (the network); ``num_steps``: solver steps taken
+    (rejected ones included).
     """
 
     x: Array | PyTree
@@ -204,7 +205,8 @@ def _adaptive(
         if known is not None and np.any(known):
             bad = np.asarray(save_ts)[known].tolist()[:4]
             raise ValueError(f"{msg}; got {bad} outside [{sign * tau0}, {sign * tau1}]")
-        save_ts = error_if(save_ts, outside, msg)
+        if known is None:  # traced: checked when the call runs
+            save_ts = error_if(save_ts, outside, msg)
         order = jnp.argsort(sign * save_ts)  # saved in time order, returned in the given order
     saveat = diffrax.SaveAt(t1=True, ts=None if save_ts is None else sign * save_ts[order])
     kwargs = {} if adjoint is None else {"adjoint": adjoint}
