@@ -40,7 +40,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxdiff import _diffrax, _engine
-from jaxdiff._checks import as_time, check_count, check_finite, concrete, error_if
+from jaxdiff._checks import as_time, check_count, check_finite, concrete, error_if, value_check
 
 Array = jax.Array
 PyTree = Any  # for ODEs the state may be any pytree of arrays, e.g. ``(x, logp)``
@@ -198,15 +198,21 @@ def _adaptive(
     save_ts = _engine.as_save_ts(save_ts, taus.dtype)
     order = None
     if save_ts is not None:  # diffrax wants them in the integration's direction, inside the run
-        lo, hi = jnp.minimum(tau0, tau1), jnp.maximum(tau0, tau1)
-        outside = (sign * save_ts < lo) | (sign * save_ts > hi)
-        msg = "every time in save_ts must lie between t_start and t_end"
-        known = concrete(outside)
-        if known is not None and np.any(known):
-            bad = np.asarray(save_ts)[known].tolist()[:4]
-            raise ValueError(f"{msg}; got {bad} outside [{sign * tau0}, {sign * tau1}]")
-        if known is None:  # traced: checked when the call runs
-            save_ts = error_if(save_ts, outside, msg)
+        n_save = save_ts.shape[0]
+
+        def outside(xp, v):  # v: the save_ts, then the run's two ends in t
+            s, a, b = v[:n_save], v[n_save], v[n_save + 1]
+            return (s < xp.minimum(a, b)) | (s > xp.maximum(a, b))
+
+        both = value_check(
+            jnp.concatenate([save_ts, sign * jnp.stack([tau0, tau1])]),
+            lambda xp, v: xp.any(outside(xp, v)),
+            "every time in save_ts must lie between t_start and t_end",
+            shown=lambda v: (
+                f"{v[:n_save][outside(np, v)].tolist()[:4]} outside {v[n_save:].tolist()}"
+            ),
+        )
+        save_ts = both[:n_save]
         order = jnp.argsort(sign * save_ts)  # saved in time order, returned in the given order
     saveat = diffrax.SaveAt(t1=True, ts=None if save_ts is None else sign * save_ts[order])
     kwargs = {} if adjoint is None else {"adjoint": adjoint}
