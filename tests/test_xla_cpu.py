@@ -25,9 +25,13 @@ from jaxdiff.nets import MLP, UNet, init_params
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's YNN fusions")
 
+DEFAULT_EMITTERS = {"xla_cpu_use_fusion_emitters": True}  # XLA's default (conftest turns it off)
 SETTINGS = {
-    "default": {},
-    "reduce": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"},
+    "default": DEFAULT_EMITTERS,
+    "reduce": {
+        **DEFAULT_EMITTERS,
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE",
+    },
 }
 
 
