@@ -20,10 +20,10 @@
 
 import os
 
-if os.environ.get("JAXDIFF_TEST_XLA_DEFAULT") != "1":  # before JAX reads XLA_FLAGS
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false"
-    ).strip()
+_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+_flags = os.environ.get("XLA_FLAGS", "")
+if os.environ.get("JAXDIFF_TEST_XLA_DEFAULT") != "1" and _EMITTERS not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} {_EMITTERS}".strip()  # before JAX reads XLA_FLAGS
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
