@@ -33,12 +33,17 @@ LABELS = jax.random.randint(jax.random.key(2), (64,), 0, 3)
 @pytest.mark.parametrize("target", ["eps", "x0", "v", "velocity"])
 def test_guidance_at_scale_three_is_the_same_in_every_target(target):
     scale = 3.0
-    guided = jd.classifier_free_guidance(conditional(target), LABELS, NULL, scale)(X, T)
-    as_score = jd.convert(PATH, X, T, guided, src=target, dst="score")
-    c = COMPS[0].score(PATH, X, T) * (LABELS == 0)[:, None]
-    for k in (1, 2):
-        c = c + COMPS[k].score(PATH, X, T) * (LABELS == k)[:, None]
-    u = DATA.score(PATH, X, T)
+
+    @jax.jit  # one program: eagerly, each op is compiled on its own
+    def scores(X, T):
+        guided = jd.classifier_free_guidance(conditional(target), LABELS, NULL, scale)(X, T)
+        as_score = jd.convert(PATH, X, T, guided, src=target, dst="score")
+        c = COMPS[0].score(PATH, X, T) * (LABELS == 0)[:, None]
+        for k in (1, 2):
+            c = c + COMPS[k].score(PATH, X, T) * (LABELS == k)[:, None]
+        return as_score, c, DATA.score(PATH, X, T)
+
+    as_score, c, u = scores(X, T)
     w = scale - 1.0  # Ho & Salimans' weight: (1 + w) c - w u
     np.testing.assert_allclose(as_score, (1 + w) * c - w * u, rtol=2e-4, atol=2e-4)
     assert float(jnp.max(jnp.abs(as_score - c))) > 0.5  # guidance really moved the field
@@ -165,7 +170,8 @@ def test_classifier_guidance_at_scale_one_is_the_class_in_every_target(path_fn, 
         at_one = run(X, 1.0)  # a scalar time at alpha = 0
         np.testing.assert_allclose(at_one, COMPS[0].predict(path, X, 1.0, target), atol=2e-4)
     if at_zero and target == "velocity":  # from t = 1 to the class (unguided: a third of it)
-        sol = jd.sample(jax.random.key(3), path, guided, (512, 2), steps=40)
+        # jitted: an eager sample compiles its set-up op by op
+        sol = jax.jit(lambda k: jd.sample(k, path, guided, (512, 2), steps=40))(jax.random.key(3))
         near = jnp.linalg.norm(sol.x - MEANS[0][None], axis=-1) < 2.0
         assert float(jnp.mean(near)) > 0.99
 
@@ -194,9 +200,10 @@ def test_classifier_guidance_refuses_a_path_flat_at_alpha_zero():
     path = jd.GaussianPath(lambda t: (1 - t) ** 2, lambda t: t)  # alpha_1 = alpha_1' = 0
     log_p = _log_p_label0(path)
     guided = jd.classifier_guidance(DATA.field(path, "x0"), path, log_p, 1.0)
+    run = jax.jit(lambda x, t: guided(x, t))  # one compile for both calls
     with pytest.raises(Exception, match="alpha_t' = 0"):
-        jax.block_until_ready(jax.jit(lambda x, t: guided(x, t))(X[:3], jnp.ones(3)))
-    assert bool(jnp.all(jnp.isfinite(guided(X[:3], jnp.full(3, 0.9)))))
+        jax.block_until_ready(run(X[:3], jnp.ones(3)))
+    assert bool(jnp.all(jnp.isfinite(run(X[:3], jnp.full(3, 0.9)))))
 
 
 def test_classifier_guidance_returns_x_dtype():
@@ -206,7 +213,8 @@ def test_classifier_guidance_returns_x_dtype():
     x = jnp.ones((2, 3), jnp.bfloat16)
     for target_field in (field, jd.Field(field.fn, "eps")):
         guided = jd.classifier_guidance(target_field, PATH, lambda x, t: jnp.sum(x, -1), 1.0)
-        assert guided(x, jnp.full(2, 0.5)).dtype == jnp.bfloat16
+        # only the dtype is asserted: traced, not run (eagerly, each op compiled on its own)
+        assert jax.eval_shape(guided, x, jnp.full(2, 0.5)).dtype == jnp.bfloat16
 
 
 def test_classifier_free_guidance_takes_one_label_for_the_batch():

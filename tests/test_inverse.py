@@ -66,9 +66,15 @@ def draw(field, dim, n=N, key=1):
 
 
 def scores(x, post, n=N):
+    ed, w_err = _scores(x, post, n)
+    return float(ed), float(w_err)
+
+
+@functools.partial(jax.jit, static_argnames="n")  # eagerly, each op compiled on its own
+def _scores(x, post, n):
     ref = post.sample(jax.random.key(2), n)
-    ed = float(jd.energy_distance(x, ref))
-    w_err = float(jnp.sum(jnp.abs(post.responsibilities(x).mean(0) - post.weights)))
+    ed = jd.energy_distance(x, ref)
+    w_err = jnp.sum(jnp.abs(post.responsibilities(x).mean(0) - post.weights))
     return ed, w_err
 
 
@@ -90,22 +96,30 @@ def test_tmpd_and_pigdm_fields_are_the_exact_posterior_field_for_gaussians(path_
     def as_score(field):
         return jd.convert(path, x, t, field(x, t), src=target, dst="score")
 
-    exact = as_score(gauss.posterior(a, jnp.array([2.0]), SY).field(path, target))
-    tmpd = as_score(jd.tmpd(gauss.field(path, target), path, meas))
+    @jax.jit  # one program: eagerly, each op is compiled on its own
+    def fields():
+        return (
+            as_score(gauss.posterior(a, jnp.array([2.0]), SY).field(path, target)),
+            as_score(jd.tmpd(gauss.field(path, target), path, meas)),
+            as_score(iso.posterior(a, jnp.array([2.0]), SY).field(path, target)),
+            as_score(jd.pigdm(iso.field(path, target), path, meas, data_var=0.7)),
+            as_score(jd.pigdm(gauss.field(path, target), path, meas, data_var=0.7)),
+            as_score(jd.dps(gauss.field(path, target), path, meas)),
+            path.alpha(t),
+            path.sigma(t),
+        )
+
+    exact, tmpd, exact_iso, pigdm, off, dps, alphas, sigmas = fields()
     np.testing.assert_allclose(tmpd, exact, rtol=1e-8, atol=1e-8)
-    exact_iso = as_score(iso.posterior(a, jnp.array([2.0]), SY).field(path, target))
-    pigdm = as_score(jd.pigdm(iso.field(path, target), path, meas, data_var=0.7))
     np.testing.assert_allclose(pigdm, exact_iso, rtol=1e-8, atol=1e-8)
     # and where theory says they are not exact, they are not
-    off = as_score(jd.pigdm(gauss.field(path, target), path, meas, data_var=0.7))
     assert float(jnp.max(jnp.abs(off - exact))) > 0.05
     # DPS in closed form for a Gaussian N(mu, S): x0_hat = mu + J (x - alpha mu) with
     # J = alpha S (alpha^2 S + sigma^2 I)^-1 (symmetric), score + J A^T (y - A x0_hat) / sigma_y^2
-    dps = as_score(jd.dps(gauss.field(path, target), path, meas))
     mu, cov, a_row = np.array([1.0, -0.5]), np.asarray(COV, np.float64), np.array([[1.0, 1.0]])
     want = []
-    for xi, ti in zip(np.asarray(x), np.asarray(t), strict=True):
-        al, s2 = float(path.alpha(ti)), float(path.sigma(ti)) ** 2
+    for xi, al, sig in zip(np.asarray(x), np.asarray(alphas), np.asarray(sigmas), strict=True):
+        al, s2 = float(al), float(sig) ** 2
         marg = al**2 * cov + s2 * np.eye(2)
         jac = al * cov @ np.linalg.inv(marg)
         x0 = mu + jac @ (xi - al * mu)
@@ -239,18 +253,22 @@ def test_projection_is_replacement_for_masks_and_repaint_removes_its_bias():
 
 def test_dps_sampler_is_ddim_plus_chungs_step():
     field = CORR.field(PATH, "eps")
-    state = jd.samplers.ddim(1.0).init(
-        PATH, field, jax.random.normal(jax.random.key(1), (64, 2)), None
-    )
-    key = jax.random.key(2)
-    plain = jd.samplers.ddim(1.0).step(key, PATH, field, state, 0.6, 0.55)
-    zero = jd.dps_sampler(NOISELESS, 0.0).step(key, PATH, field, state, 0.6, 0.55)
-    np.testing.assert_allclose(zero.x, plain.x, rtol=1e-6, atol=1e-6)
-    moved = jd.dps_sampler(NOISELESS, 0.5).step(key, PATH, field, state, 0.6, 0.55)
-    step = np.asarray(moved.x - plain.x)  # zeta times the unit pull, along grad x0_hat[:, 0]
-    x0, pull = jax.vjp(lambda z: jd.denoise(PATH, field, z, jnp.full((64,), 0.6)), state.x)
-    resid = 1.5 - x0[:, :1]
-    g = pull(jnp.concatenate([jnp.sign(resid), jnp.zeros_like(resid)], 1))[0]
+
+    @jax.jit  # one program: eagerly, each op is compiled on its own
+    def steps(x):
+        state = jd.samplers.ddim(1.0).init(PATH, field, x, None)
+        key = jax.random.key(2)
+        plain = jd.samplers.ddim(1.0).step(key, PATH, field, state, 0.6, 0.55)
+        zero = jd.dps_sampler(NOISELESS, 0.0).step(key, PATH, field, state, 0.6, 0.55)
+        moved = jd.dps_sampler(NOISELESS, 0.5).step(key, PATH, field, state, 0.6, 0.55)
+        x0, pull = jax.vjp(lambda z: jd.denoise(PATH, field, z, jnp.full((64,), 0.6)), state.x)
+        resid = 1.5 - x0[:, :1]
+        g = pull(jnp.concatenate([jnp.sign(resid), jnp.zeros_like(resid)], 1))[0]
+        return plain.x, zero.x, moved.x, g
+
+    plain, zero, moved, g = steps(jax.random.normal(jax.random.key(1), (64, 2)))
+    np.testing.assert_allclose(zero, plain, rtol=1e-6, atol=1e-6)
+    step = np.asarray(moved - plain)  # zeta times the unit pull, along grad x0_hat[:, 0]
     np.testing.assert_allclose(step, 0.5 * g, rtol=1e-4, atol=1e-6)
     dps = jd.dps_sampler(NOISELESS, 1.0)
     sol = jax.jit(lambda k: jd.sample(k, PATH, field, (N, 2), sampler=dps, steps=200).x)(
@@ -330,8 +348,9 @@ def test_tmpd_runs_on_bfloat16_states():
     meas = jd.Measurement(A1, Y1, SY)
     field = jd.tmpd(prior.field(PATH, "eps"), PATH, meas)
     x = jax.random.normal(jax.random.key(0), (4, 2))
-    ref = field(x, jnp.full(4, 0.5))
-    got = field(x.astype(jnp.bfloat16), jnp.full(4, 0.5))
+    run = jax.jit(lambda x, t: field(x, t))  # eagerly, each op is compiled on its own
+    ref = run(x, jnp.full(4, 0.5))
+    got = run(x.astype(jnp.bfloat16), jnp.full(4, 0.5))
     assert np.all(np.isfinite(np.asarray(got, np.float32)))
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref), atol=0.05)
 

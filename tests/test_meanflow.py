@@ -46,30 +46,43 @@ def test_jvp_target_equals_central_finite_differences(x64):
     z, v = jax.random.normal(k2, (64, 2)), jax.random.normal(k3, (64, 2))
     t = jax.random.uniform(k4, (64,), minval=0.2, maxval=1.0)
     r = 0.5 * t
-    u, target = jd.meanflow_target(lambda *a: u_fn(w, *a), z, t, r, v)
     h = 1e-5
-    fd = (u_fn(w, z + h * v, t + h, r) - u_fn(w, z - h * v, t - h, r)) / (2 * h)
+
+    @jax.jit  # one program (eagerly, each op compiled on its own)
+    def run(w, z, t, r, v):
+        u, target = jd.meanflow_target(lambda *a: u_fn(w, *a), z, t, r, v)
+        fd = (u_fn(w, z + h * v, t + h, r) - u_fn(w, z - h * v, t - h, r)) / (2 * h)
+        # the target is a constant for the optimiser: no gradient flows through it
+        g_target = jax.grad(
+            lambda w: jnp.sum(jd.meanflow_target(lambda *a: u_fn(w, *a), z, t, r, v)[1])
+        )
+        g_u = jax.grad(lambda w: jnp.sum(jd.meanflow_target(lambda *a: u_fn(w, *a), z, t, r, v)[0]))
+        return u, target, fd, u_fn(w, z, t, r), g_target(w), g_u(w)
+
+    u, target, fd, u_direct, g_target, g_u = run(w, z, t, r, v)
     # central differences: error ~ h^2 |u'''| ~ 1e-10, rounding ~ 1e-16 / h ~ 1e-11
     np.testing.assert_allclose(target, v - (t - r)[:, None] * fd, rtol=1e-7, atol=1e-9)
-    np.testing.assert_allclose(u, u_fn(w, z, t, r), rtol=1e-14)
-    # the target is a constant for the optimiser: no gradient flows through it
-    g_target = jax.grad(
-        lambda w: jnp.sum(jd.meanflow_target(lambda *a: u_fn(w, *a), z, t, r, v)[1])
-    )
-    g_u = jax.grad(lambda w: jnp.sum(jd.meanflow_target(lambda *a: u_fn(w, *a), z, t, r, v)[0]))
-    assert float(jnp.abs(g_target(w)).max()) == 0.0 and float(jnp.abs(g_u(w)).max()) > 0.1
+    np.testing.assert_allclose(u, u_direct, rtol=1e-14)
+    assert float(jnp.abs(g_target).max()) == 0.0 and float(jnp.abs(g_u).max()) > 0.1
 
 
 def test_closed_form_average_velocity_matches_the_ode_and_the_oracle(x64):
     z = jax.random.normal(jax.random.key(1), (16, 2)) * 1.5
     t, r = 0.9, 0.3
     oracle = gauss().field(PATH, "velocity")
-    sol = jd.sample(None, PATH, oracle, x_init=z, t_start=t, t_end=r, steps=40,
-                    sampler=jd.samplers.ode(diffrax.Tsit5()))  # fmt: skip
     ones = jnp.ones(16)
-    np.testing.assert_allclose(exact_u(z, t * ones, r * ones), (z - sol.x) / (t - r), atol=1e-9)
+
+    @jax.jit  # one program: eagerly, the sample's set-up and the formulas compile op by op
+    def run(z):
+        sol = jd.sample(None, PATH, oracle, x_init=z, t_start=t, t_end=r, steps=40,
+                        sampler=jd.samplers.ode(diffrax.Tsit5()))  # fmt: skip
+        return (sol.x, exact_u(z, t * ones, r * ones), exact_u(z, t * ones, t * ones),
+                oracle(z, t * ones))  # fmt: skip
+
+    x_r, u_tr, u_tt, v = run(z)
+    np.testing.assert_allclose(u_tr, (z - x_r) / (t - r), atol=1e-9)
     # u(z, t, t) is the instantaneous velocity
-    np.testing.assert_allclose(exact_u(z, t * ones, t * ones), oracle(z, t * ones), atol=1e-12)
+    np.testing.assert_allclose(u_tt, v, atol=1e-12)
 
 
 def _times(key, n):
@@ -83,8 +96,11 @@ def test_exact_average_velocity_satisfies_the_identity_and_zeroes_the_loss(x64):
     key = jax.random.key(2)
     z = jax.random.normal(key, (512, 2)) * 2.0
     t, r = _times(jax.random.key(3), 512)
-    v = gauss().predict(PATH, z, t, "velocity")
-    u, target = jd.meanflow_target(exact_u, z, t, r, v)
+    u, target = jax.jit(  # one program (eagerly, each op compiled on its own)
+        lambda z, t, r: jd.meanflow_target(
+            exact_u, z, t, r, gauss().predict(PATH, z, t, "velocity")
+        )
+    )(z, t, r)
     np.testing.assert_allclose(u, target, atol=1e-12)  # u = v - (t - r) du/dt
     # the loss with the marginal velocity of the oracle is exactly 0 at the exact u
     net = jd.Field(lambda p, x, t, r: exact_u(x, t, r) + p, "velocity")
@@ -119,8 +135,12 @@ def test_loss_equals_one_jvp_over_the_whole_batch(x64):
         return jnp.mean(jax.lax.stop_gradient(1 / (err + 1e-3) ** 0.5) * err)
 
     loss = jd.meanflow_loss(net, time_sampler=times, weighting_power=0.5)
-    np.testing.assert_allclose(loss(w, key, x0), direct(w), rtol=1e-12)
-    np.testing.assert_allclose(jax.grad(loss)(w, key, x0), jax.grad(direct)(w), rtol=1e-10)
+    both = jax.jit(  # one program (eagerly, each op compiled on its own)
+        lambda w: (loss(w, key, x0), direct(w), jax.grad(loss)(w, key, x0), jax.grad(direct)(w))
+    )
+    value, direct_value, grad, direct_grad = both(w)
+    np.testing.assert_allclose(value, direct_value, rtol=1e-12)
+    np.testing.assert_allclose(grad, direct_grad, rtol=1e-10)
 
 
 def test_loss_gradient_vanishes_in_expectation_at_the_exact_average_velocity(x64):
@@ -130,7 +150,9 @@ def test_loss_gradient_vanishes_in_expectation_at_the_exact_average_velocity(x64
     loss = jd.meanflow_loss(net, PATH, weighting_power=0.0)
     grad = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0)))
     keys = jax.random.split(jax.random.key(6), 16)
-    batches = jax.vmap(lambda k: gauss().sample(k, 4096))(jax.random.split(jax.random.key(7), 16))
+    batches = jax.jit(jax.vmap(lambda k: gauss().sample(k, 4096)))(
+        jax.random.split(jax.random.key(7), 16)
+    )
     for theta, zero in ((0.0, True), (0.3, False)):
         g = np.asarray(grad(theta, keys, batches))
         se = g.std(ddof=1) / np.sqrt(len(g))
@@ -141,16 +163,24 @@ def test_one_and_few_step_samples_of_the_exact_field_are_exact(x64):
     u = jd.Field(lambda x, t, r=None: exact_u(x, t, t if r is None else r), "velocity")
     x1 = jax.random.normal(jax.random.key(8), (256, 2))
     sampler = jd.samplers.meanflow()
-    for steps in (1, 2, 4):
-        grid = jnp.linspace(1.0, 0.0, steps + 1)
-        sol = jd.sample(None, PATH, u, x_init=x1, sampler=sampler, steps=steps, save_ts=grid)
+
+    grids = {steps: np.linspace(1.0, 0.0, steps + 1) for steps in (1, 2, 4)}  # known at trace
+    ts = np.array([1.0, 0.6, 0.1, 0.0])
+
+    @jax.jit  # one program (an eager sample compiles its set-up op by op)
+    def run(x1):
+        sols = {steps: jd.sample(None, PATH, u, x_init=x1, sampler=sampler, steps=steps,
+                                 save_ts=grid) for steps, grid in grids.items()}  # fmt: skip
+        return sols, jd.sample(None, PATH, u, x_init=x1, sampler=sampler, ts=ts).x
+
+    sols, on_ts = run(x1)
+    for steps, grid in grids.items():
+        sol = sols[steps]
         np.testing.assert_allclose(sol.x, MU + S * x1, atol=1e-12)  # the flow map 1 -> 0
         assert sol.xs.shape == (steps + 1, 256, 2) and int(sol.nfe) == steps
         want = (1 - grid[:, None, None]) * MU[None] + _sigma(grid)[:, None, None] * x1[None]
         np.testing.assert_allclose(sol.xs, want, atol=1e-12)
-    ts = jnp.array([1.0, 0.6, 0.1, 0.0])
-    np.testing.assert_allclose(jd.sample(None, PATH, u, x_init=x1, sampler=sampler, ts=ts).x,
-                               MU + S * x1, atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(on_ts, MU + S * x1, atol=1e-12)
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -253,7 +283,7 @@ def test_a_conditional_teacher_sees_the_labels():
     net = jd.Field(lambda p, x, t, r, y: by_label(x, y) + p, "velocity")
     x0 = jax.random.normal(jax.random.key(0), (64, 2))
     labels = jnp.arange(64) % 2
-    loss = jd.meanflow_loss(net, PATH, velocity=teacher, weighting_power=0.0)
+    loss = jax.jit(jd.meanflow_loss(net, PATH, velocity=teacher, weighting_power=0.0))
     # half the batch at r = t (the target is the teacher's velocity), half through the JVP
     # (du/dt = 0 here): either way the target is by_label, so the loss is p^2 per dimension
     assert float(loss(0.0, jax.random.key(1), (x0, labels))) == 0.0
@@ -318,6 +348,7 @@ def test_source_points_and_couplings_reach_the_target(x64):
 
     def loss(**kw):
         fn = jd.meanflow_loss(zero, PATH, flow_matching_fraction=1.0, weighting_power=0.0, **kw)
+        fn = jax.jit(fn)  # eagerly, each op (and the coupling's solve) compiled on its own
         return lambda batch: float(fn(None, jax.random.key(1), batch))
 
     np.testing.assert_allclose(loss(source=source)(x0), independent, rtol=0.02)

@@ -25,6 +25,12 @@ from jaxdiff.nets import (
 from tests.net_helpers import perturb
 
 
+def _normal(seed, shape):
+    """Standard normal test inputs, drawn by numpy: an eager ``jax.random.normal`` compiles one
+    XLA program per shape (1-6 s each on a loaded 2-core CPU)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
 def test_sinusoidal_embedding_values():
     emb = sinusoidal_embedding(jnp.array([0.0, 0.5]), 8, scale=1000.0)
     np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1], atol=1e-7)
@@ -49,25 +55,40 @@ def test_batch_times_broadcasts_and_rejects_bad_shapes():
 @pytest.mark.parametrize("shape", [(5, 2), (5, 7), (5, 8, 8, 1)])
 def test_mlp_any_shape_and_scalar_time_equals_per_sample_time(shape):
     model = MLP(width=32, depth=2)
-    x = jax.random.normal(jax.random.key(0), shape)
-    params = model.init(jax.random.key(1), x, 0.3)
-    # perturb the zero-initialised output layer so the output depends on the inputs
-    params = jax.tree.map(lambda p: p + 0.1, params)
-    out = model.apply(params, x, 0.3)
+    x = _normal(0, shape)
+
+    params = init_params(model, jax.random.key(1), x, 0.3)
+
+    @jax.jit  # one program: eagerly, each op is compiled on its own
+    def outputs(params, x):
+        # perturb the zero-initialised output layer so the output depends on the inputs
+        params = jax.tree.map(lambda p: p + 0.1, params)
+        apply = functools.partial(model.apply, params, x)
+        return apply(0.3), apply(jnp.full(5, 0.3)), apply(0.7)
+
+    out, per_sample, other = outputs(params, x)
     assert out.shape == shape
-    np.testing.assert_allclose(out, model.apply(params, x, jnp.full(5, 0.3)), rtol=1e-6)
-    assert not np.allclose(out, model.apply(params, x, 0.7))
+    np.testing.assert_allclose(out, per_sample, rtol=1e-6)
+    assert not np.allclose(out, other)
 
 
 def test_labels_and_null_label():
     model = MLP(width=32, depth=1, num_classes=10)
     x = jnp.ones((3, 2))
-    params = model.init(jax.random.key(0), x, 0.5, jnp.zeros(3, jnp.int32))
-    params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size).reshape(p.shape) / p.size, params)
-    unconditional = model.apply(params, x, 0.5)
-    null = model.apply(params, x, 0.5, jnp.full(3, 10))
+
+    params = init_params(model, jax.random.key(0), x, 0.5, jnp.zeros(3, jnp.int32))
+
+    @jax.jit  # one program: eagerly, each op is compiled on its own
+    def outputs(params, x):
+        params = jax.tree.map(
+            lambda p: p + 0.1 * jnp.arange(p.size).reshape(p.shape) / p.size, params
+        )
+        return (model.apply(params, x, 0.5), model.apply(params, x, 0.5, jnp.full(3, 10)),
+                model.apply(params, x, 0.5, jnp.array([1, 2, 3])))  # fmt: skip
+
+    unconditional, null, labelled = outputs(params, x)
     np.testing.assert_allclose(unconditional, null, rtol=1e-6)
-    assert not np.allclose(model.apply(params, x, 0.5, jnp.array([1, 2, 3])), null)
+    assert not np.allclose(labelled, null)
     with pytest.raises(ValueError, match="without num_classes"):
         MLP(width=8, depth=1).init(jax.random.key(0), x, 0.5, jnp.zeros(3, jnp.int32))
 
@@ -75,9 +96,12 @@ def test_labels_and_null_label():
 @pytest.mark.parametrize(("size", "channels"), [(8, (16, 32)), (28, (16, 32, 32))])
 def test_unet_shapes(size, channels):
     model = UNet(channels=channels, num_classes=10)
-    x = jax.random.normal(jax.random.key(0), (2, size, size, 1))
+    x = _normal(0, (2, size, size, 1))
     labels = jnp.array([3, 10])
-    params = init_params(model, jax.random.key(1), x, 0.5, labels)
+    # only the shapes matter here: the parameters' from eval_shape, zeros (compiling the
+    # initialiser took longer than the forward pass)
+    shapes = jax.eval_shape(model.init, jax.random.key(1), x, 0.5, labels)
+    params = jax.tree.map(lambda p: np.zeros(p.shape, p.dtype), shapes)
     out = jax.jit(model.apply)(params, x, jnp.array([0.2, 0.9]), labels)
     assert out.shape == x.shape
     with pytest.raises(ValueError, match="images"):
@@ -87,10 +111,15 @@ def test_unet_shapes(size, channels):
 def test_apply_composes_with_vmap_and_grad():
     model = MLP(width=16, depth=1)
     x = jnp.ones((4, 2))
-    params = model.init(jax.random.key(0), x, 0.5)
-    per_time = jax.vmap(lambda t: model.apply(params, x, t))(jnp.linspace(0, 1, 3))
+    params = init_params(model, jax.random.key(0), x, 0.5)
+
+    @jax.jit  # vmap and grad under one jit (eagerly, each op is compiled on its own)
+    def transforms(params):
+        per_time = jax.vmap(lambda t: model.apply(params, x, t))(jnp.linspace(0, 1, 3))
+        return per_time, jax.grad(lambda p: jnp.sum(model.apply(p, x, 0.5) ** 2))(params)
+
+    per_time, grads = transforms(params)
     assert per_time.shape == (3, 4, 2)
-    grads = jax.grad(lambda p: jnp.sum(model.apply(p, x, 0.5) ** 2))(params)
     assert jax.tree.structure(grads) == jax.tree.structure(params)
 
 
@@ -112,8 +141,8 @@ def test_conv2d_and_its_gradients_equal_lax_in_and_out_of_a_scan(size, k, stride
 
     from jaxdiff.nets.conv import _pads, conv2d
 
-    x = jax.random.normal(jax.random.key(0), (3, *size, 4))
-    w = jax.random.normal(jax.random.key(1), (k, k, 4, 5))
+    x = _normal(0, (3, *size, 4))
+    w = _normal(1, (k, k, 4, 5))
     pads = _pads(padding, x.shape, (k, k), (stride, stride))
 
     def ref(x, w):
@@ -133,7 +162,7 @@ def test_conv2d_and_its_gradients_equal_lax_in_and_out_of_a_scan(size, k, stride
         return ours(x, w), ref(x, w), jax.lax.scan(body, 0, None, length=1)[1]
 
     y = jax.eval_shape(ref, x, w)
-    y_ours, y_ref, (g_ours, g_ref) = both(x, w, jax.random.normal(jax.random.key(2), y.shape))
+    y_ours, y_ref, (g_ours, g_ref) = both(x, w, _normal(2, y.shape))
     np.testing.assert_allclose(y_ours, y_ref, rtol=1e-6, atol=1e-5)
     for a, b in zip(g_ours, g_ref, strict=True):  # same sums in the same order: equal to rounding
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
@@ -147,8 +176,8 @@ def test_conv2d_under_forward_mode_vmap_and_second_derivatives_equals_lax(stride
 
     from jaxdiff.nets.conv import _pads, conv2d
 
-    x = jax.random.normal(jax.random.key(0), (2, 6, 7, 3))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    x = _normal(0, (2, 6, 7, 3))
+    w = _normal(1, (3, 3, 3, 4))
     pads = _pads(padding, x.shape, (3, 3), (stride, stride))
 
     def ref(x, w):
@@ -181,12 +210,10 @@ def test_conv2d_transposes_on_other_backends_equal_the_cpu_ones(size, stride, pa
     here directly, they give the CPU branch's canonical gradients."""
     from jaxdiff.nets.conv import _dw_canonical, _dw_lax, _dx_canonical, _dx_lax, _pads
 
-    x = jax.random.normal(jax.random.key(0), (2, *size, 3))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
+    x = _normal(0, (2, *size, 3))
+    w = _normal(1, (3, 3, 3, 5))
     strides, pads = (stride, stride), _pads(padding, x.shape, (3, 3), (stride, stride))
-    g = jax.random.normal(
-        jax.random.key(2), jax.eval_shape(lambda: _lax_conv(x, w, stride, pads)).shape
-    )
+    g = _normal(2, jax.eval_shape(lambda: _lax_conv(x, w, stride, pads)).shape)
     for canonical, other, operand, shape in ((_dx_canonical, _dx_lax, w, x.shape),
                                              (_dw_canonical, _dw_lax, x, w.shape)):  # fmt: skip
         a = canonical(strides, pads, shape, operand, g)
@@ -202,7 +229,7 @@ def test_unet_divergence_forward_mode_equals_reverse_mode():
     from jaxdiff.likelihood import divergence
 
     model = UNet(channels=(4,), heads=1, attention_resolutions=(4,))
-    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+    x = _normal(0, (2, 4, 4, 1))
     params = _perturbed(model, x)
     fn = lambda x: model.apply(params, x, 0.4)  # noqa: E731
     value, div = jax.jit(lambda x: divergence(fn, x))(x)
@@ -216,17 +243,18 @@ def test_unet_divergence_forward_mode_equals_reverse_mode():
 def test_conv_layer_equals_flax_conv_with_the_same_params():
     from jaxdiff.nets import Conv
 
-    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    x = _normal(0, (2, 8, 8, 3))
     for stride in (1, 2):
         ours, flax_conv = Conv(5, strides=stride), nn.Conv(5, (3, 3), strides=stride)
         params = ours.init(jax.random.key(1), x)
         params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
         assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-            jnp.shape, flax_conv.init(jax.random.key(1), x)
+            jnp.shape, jax.eval_shape(flax_conv.init, jax.random.key(1), x)
         )
-        np.testing.assert_allclose(
-            ours.apply(params, x), flax_conv.apply(params, x), rtol=1e-6, atol=1e-6
-        )
+        got, want = jax.jit(
+            lambda p, ours=ours, ref=flax_conv: (ours.apply(p, x), ref.apply(p, x))
+        )(params)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="conv2d takes"):
         Conv(5).init(jax.random.key(0), x[0])
 
@@ -239,18 +267,20 @@ def test_group_norm_equals_flax(dtype):
     from jaxdiff.nets import GroupNorm
 
     for shape in ((4, 6, 5, 32), (3, 7, 16)):
-        x = (3.0 + 0.5 * jax.random.normal(jax.random.key(0), shape)).astype(dtype)
+        x = (3.0 + 0.5 * _normal(0, shape)).astype(dtype)
         ours, ref = GroupNorm(8, dtype=dtype), nn.GroupNorm(8, epsilon=1e-6, dtype=dtype)
-        params = ref.init(jax.random.key(1), x)
-        params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
-        assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
-        w = jax.random.normal(jax.random.key(3), shape)
+        params = perturb(ref.init(jax.random.key(1), x), 1.0, seed=2)
+        ours_init = jax.eval_shape(ours.init, jax.random.key(1), x)  # only its structure is used
+        assert jax.tree.structure(ours_init) == jax.tree.structure(params)
+        w = _normal(3, shape)
         outs = []
         for m in (ours, ref):
-            y = m.apply(params, x)
-            assert y.dtype == dtype
             loss = lambda p, x, m=m, w=w: jnp.sum(m.apply(p, x).astype(jnp.float32) * w)  # noqa: E731
-            outs.append((y, *jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)))
+            y, *grads = jax.jit(
+                lambda p, x, m=m, loss=loss: (m.apply(p, x), *jax.grad(loss, argnums=(0, 1))(p, x))
+            )(params, x)
+            assert y.dtype == dtype
+            outs.append((y, *grads))
         tol = 2e-5 if dtype == jnp.float32 else 2e-2
         for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
             a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -296,25 +326,30 @@ def test_attention_equals_flax_dot_product_attention(dtype):
     the same layer output with the same parameters, in float32 and bfloat16."""
     from jaxdiff.nets.unet import SelfAttention, _attention
 
-    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 24, 4, 8))
-    ref = nn.dot_product_attention(q, k, v, force_fp32_for_softmax=True)
-    np.testing.assert_allclose(_attention(q, k, v), ref, rtol=1e-5, atol=1e-6)
-    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 16))
+    q, k, v = _normal(0, (3, 2, 24, 4, 8))
+    x = _normal(1, (2, 4, 4, 16))
     layer = SelfAttention(heads=4, groups=8, dtype=dtype)
-    params = jax.tree.map(lambda p: p + 0.05, layer.init(jax.random.key(2), x))  # out != 0
     flax_layer = nn.MultiHeadDotProductAttention(4, dtype=dtype, force_fp32_for_softmax=True)
-    h = (
-        nn.GroupNorm(8, epsilon=1e-6, dtype=dtype)
-        .apply({"params": params["params"]["GroupNorm_0"]}, x)
-        .reshape(2, 16, 16)
-    )
-    mha = {"params": params["params"]["MultiHeadDotProductAttention_0"]}
-    ref = x + flax_layer.apply(mha, h, h).reshape(x.shape)
+
+    @jax.jit  # one program: eagerly, each op is compiled on its own
+    def outputs(q, k, v, x):
+        ref_fn = nn.dot_product_attention(q, k, v, force_fp32_for_softmax=True)
+        params = jax.tree.map(lambda p: p + 0.05, layer.init(jax.random.key(2), x))  # out != 0
+        h = (
+            nn.GroupNorm(8, epsilon=1e-6, dtype=dtype)
+            .apply({"params": params["params"]["GroupNorm_0"]}, x)
+            .reshape(2, 16, 16)
+        )
+        mha = {"params": params["params"]["MultiHeadDotProductAttention_0"]}
+        ref = x + flax_layer.apply(mha, h, h).reshape(x.shape)
+        return _attention(q, k, v), ref_fn, layer.apply(params, x), ref
+
+    ours_fn, ref_fn, ours, ref = outputs(q, k, v, x)
+    np.testing.assert_allclose(ours_fn, ref_fn, rtol=1e-5, atol=1e-6)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(
-        np.asarray(layer.apply(params, x), np.float32), np.asarray(ref, np.float32), rtol=tol,
-        atol=tol,
-    )  # fmt: skip
+        np.asarray(ours, np.float32), np.asarray(ref, np.float32), rtol=tol, atol=tol
+    )
 
 
 def test_chunked_attention_is_the_attention_under_every_transform():
@@ -322,28 +357,30 @@ def test_chunked_attention_is_the_attention_under_every_transform():
     same values, gradients, JVP (what the likelihood's divergence uses) and vmap as in one piece."""
     from jaxdiff.nets.unet import _attention, _attention_chunked, _attention_math
 
-    q, k, v = jax.random.normal(jax.random.key(0), (3, 5, 6, 2, 4))
+    q, k, v = _normal(0, (3, 5, 6, 2, 4))
     two = functools.partial(_attention_chunked, chunk_bytes=2 * 4 * 2 * 6 * 6)  # 2 + 2 + (1 + pad)
     assert "scan" in str(jax.make_jaxpr(two)(q, k, v))
     assert "scan" not in str(jax.make_jaxpr(_attention_chunked)(q, k, v))  # fits: one piece
-    for fn in (two, _attention):
-        np.testing.assert_allclose(fn(q, k, v), _attention_math(q, k, v), rtol=1e-6, atol=1e-6)
-        loss = lambda f: lambda *qkv: jnp.sum(jnp.sin(f(*qkv)))  # noqa: E731
-        for a, b in zip(
-            jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v),
-            jax.grad(loss(_attention_math), argnums=(0, 1, 2))(q, k, v),
-            strict=True,
-        ):
+    loss = lambda f: lambda *qkv: jnp.sum(jnp.sin(f(*qkv)))  # noqa: E731
+    tangents = tuple(_normal(i, q.shape) for i in (1, 2, 3))
+
+    def transforms(fn, q, k, v):  # value, gradients, JVP
+        return (fn(q, k, v), jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v),
+                jax.jvp(fn, (q, k, v), tangents)[1])  # fmt: skip
+
+    @jax.jit  # one program: eagerly, each op is compiled on its own
+    def everything(q, k, v):
+        batched = jax.vmap(two, in_axes=(None, None, 1), out_axes=1)(q, k, jnp.stack([v, 2 * v], 1))
+        fns = (two, _attention, _attention_math)
+        return [transforms(fn, q, k, v) for fn in fns], batched
+
+    (*got, want), batched = everything(q, k, v)
+    for value, grads, jvp in got:  # two, then _attention, against _attention_math
+        np.testing.assert_allclose(value, want[0], rtol=1e-6, atol=1e-6)
+        for a, b in zip(grads, want[1], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-        tangents = tuple(jax.random.normal(jax.random.key(i), q.shape) for i in (1, 2, 3))
-        np.testing.assert_allclose(
-            jax.jvp(fn, (q, k, v), tangents)[1],
-            jax.jvp(_attention_math, (q, k, v), tangents)[1],
-            rtol=1e-5,
-            atol=1e-6,
-        )
-    batched = jax.vmap(two, in_axes=(None, None, 1), out_axes=1)(q, k, jnp.stack([v, 2 * v], 1))
-    np.testing.assert_allclose(batched[:, 1], 2 * _attention_math(q, k, v), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(jvp, want[2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(batched[:, 1], 2 * want[0], rtol=1e-5, atol=1e-6)
 
 
 def _count(model, shape, *args):
@@ -374,7 +411,7 @@ def _perturbed(model, x, *args):
 def test_dropout_runs_only_with_a_dropout_rng():
     # one resolution, no attention: five residual blocks (1 down, 2 middle, 2 up) compile fast
     model = UNet(channels=(4,), attention=False, dropout=0.3, heads=1, num_classes=3)
-    x, labels = jax.random.normal(jax.random.key(0), (2, 8, 8, 1)), jnp.array([0, 3])
+    x, labels = _normal(0, (2, 8, 8, 1)), jnp.array([0, 3])
     params = _perturbed(model, x, labels)
     off = model.clone(dropout=0.0)
     k1, k2 = jax.random.key(3), jax.random.key(4)
@@ -512,9 +549,14 @@ def test_a_ported_diffusers_checkpoint_samples_as_diffusers_does_with_jaxdiffs_d
             xt = sched.step(net(xt, k).sample, k, xt).prev_sample
     theirs = xt.numpy().transpose(0, 2, 3, 1)
     path = jd.discrete_path(jd.linear_betas(1000, 1e-4, 0.02))
-    field = jd.Field(lambda p, x, t: model.apply(p, x, t - 1e-3), "eps", params)
-    ours = jd.sample(None, path, field, x_init=jnp.asarray(x), sampler=jd.samplers.ddim(),
-                     ts=jd.leading_timesteps(1000, 5)).x  # fmt: skip
+    ts = jd.leading_timesteps(1000, 5)
+
+    @jax.jit  # eagerly, the sample's set-up compiles op by op
+    def ours(params, x):
+        field = jd.Field(lambda p, x, t: model.apply(p, x, t - 1e-3), "eps", params)
+        return jd.sample(None, path, field, x_init=x, sampler=jd.samplers.ddim(), ts=ts).x
+
+    ours = ours(params, jnp.asarray(x))
     assert float(np.abs(theirs - x).max()) > 0.5  # the network moved the samples
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max(), rtol=0)
 
@@ -524,7 +566,7 @@ def test_the_time_features_do_not_take_the_data_dtype():
     (drawn in that dtype) and a rounded 1000 t, a different network (error 3.95 on an output of
     scale 2.7); now the features are float32 or wider whatever x's dtype."""
     m = MLP(width=16, depth=2, emb_dim=16, num_classes=3)
-    x = jnp.round(jax.random.normal(jax.random.key(0), (4, 2)) * 8) / 8  # exact in bfloat16
+    x = jnp.round(_normal(0, (4, 2)) * 8) / 8  # exact in bfloat16
     p = perturb(init_params(m, jax.random.key(1), x, jnp.zeros(4), jnp.zeros(4, int)), 0.1)
     labels = jnp.array([0, 1, 2, 3])
     # jitted: an eager apply compiles each op of the network on its own (the dtypes are the same)
@@ -537,7 +579,7 @@ def test_the_time_features_do_not_take_the_data_dtype():
         wide = jax.jit(m.apply)(p, x.astype(jnp.float64), 0.5, labels)
     np.testing.assert_allclose(wide, ref, rtol=1e-4, atol=1e-5)
     tiny = UNet(channels=(8, 8), heads=2, norm_groups=4)
-    img = jnp.round(jax.random.normal(jax.random.key(2), (2, 8, 8, 1)) * 8) / 8
+    img = jnp.round(_normal(2, (2, 8, 8, 1)) * 8) / 8
     q = perturb(init_params(tiny, jax.random.key(3), img, jnp.zeros(2)), 0.1)
     apply = jax.jit(tiny.apply)
     ref = apply(q, img, 0.3)
