@@ -116,8 +116,9 @@ def digits_task(n_eval: int) -> Task:
     return Task("digits", data, (8, 8, 1), eval_labels, score, floor, 256)
 
 
-def _train(loss, params, data, steps, batch, lr, seed=1):
-    """``steps`` of AdamW on ``loss``; returns (EMA params, train seconds, compile seconds)."""
+def _train(loss, params, data, steps, batch, lr, seed=1, ema_targets=False):
+    """``steps`` of AdamW on ``loss``; returns (EMA params, train seconds, compile seconds).
+    ``ema_targets``: the loss's targets from the EMA network (``make_train_step``'s)."""
     from jaxdiff.train import adamw_cosine, init_train_state, make_train_chunk, make_train_step
 
     opt = adamw_cosine(lr, steps)
@@ -125,7 +126,7 @@ def _train(loss, params, data, steps, batch, lr, seed=1):
     state = init_train_state(params, opt, jax.random.key(seed))
     train_s = compile_s = 0.0
     for stage_loss, n in stages:
-        step = make_train_step(stage_loss, opt, ema_decay=0.999)
+        step = make_train_step(stage_loss, opt, ema_decay=0.999, ema_targets=ema_targets)
         chunk = make_train_chunk(step, lambda k: data(k, batch), n)
         t0 = time.perf_counter()
         compiled = chunk.lower(state).compile()

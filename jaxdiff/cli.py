@@ -92,6 +92,20 @@ def _parser() -> _Parser:
     train.add_argument("--conditional", action="store_true", default=None, help="class labels")
     train.add_argument("--label-dropout", type=float, dest="label_dropout")
     train.add_argument(
+        "--ema-targets",
+        action="store_true",
+        default=None,
+        dest="ema_targets",
+        help="shortcut, consistency: targets from the EMA network (Frans et al. 2024)",
+    )
+    train.add_argument(
+        "--target-guidance",
+        type=float,
+        dest="target_guidance",
+        metavar="W",
+        help="conditional shortcut: guided targets at scale W, sampled in one step unguided",
+    )
+    train.add_argument(
         "--precond", choices=E.PRECONDS, help="edm: EDM's preconditioning (target x0)"
     )
     train.add_argument("--sigma-data", type=float, dest="sigma_data", help="for edm (default 0.5)")
@@ -175,7 +189,7 @@ def _parser() -> _Parser:
 TRAIN_KEYS = (
     "data path loss target weighting time model width depth channels conditional label_dropout "
     "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg precond "
-    "sigma_data dropout dtype"
+    "sigma_data dropout dtype ema_targets target_guidance"
 ).split()
 TRAIN_KEYS += ["images", "flip"]  # image data of your own (jaxdiff.run_images)
 

@@ -20,7 +20,9 @@ Training on adjacent times ``t_n < t_{n+1}`` of a grid of ``num_scales`` points 
 * **consistency distillation** (CD): ``x_{t_n}`` is one ODE step (Euler or Heun) of a teacher
   field (an exact oracle or a trained flow) from ``x_{t_{n+1}}``.
 
-As in iCT the target network is the stop-gradient of the online one (no EMA teacher), ``d`` is
+As in iCT the target network is the stop-gradient of the online one (no EMA teacher: the loss's
+``target_params``, its fourth argument, is ``None``; ``make_train_step(..., ema_targets=True)``
+passes the run's EMA, the original paper's ``theta^-`` with ``mu = ema_decay``), ``d`` is
 the pseudo-Huber metric ``sqrt(|a - b|^2 + c^2) - c`` with ``c = 0.00054 sqrt(dim)`` and
 ``lambda_n = 1 / (t_{n+1} - t_n)``; the grid is uniform in ``t`` by default
 (:func:`consistency_grid`, where EDM's grid in ``sigma`` measured worse). iCT doubles ``num_scales`` during training
@@ -239,7 +241,7 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
     def velocity(x, t, *extra):  # a conditional teacher sees the batch's labels
         return convert(path, x, t, teacher(x, t, *extra), src=teacher.target, dst="velocity")
 
-    def loss(params: Any, key: Array, batch: Any) -> Array:
+    def loss(params: Any, key: Array, batch: Any, target_params: Any = None) -> Array:
         x0, labels = _split_batch(batch, "a consistency loss")
         n = x0.shape[0]
         n_key, e_key = jax.random.split(key)
@@ -259,7 +261,8 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
                 x_lo = x_hi + dt * 0.5 * (d_hi + velocity(x_lo.astype(x0.dtype), t_lo, *extra))
             x_lo = jax.lax.stop_gradient(x_lo.astype(x0.dtype))
         pred = net.apply(params, x_hi, t_hi, *extra)
-        target = jax.lax.stop_gradient(net.apply(params, x_lo, t_lo, *extra))
+        tp = params if target_params is None else target_params  # theta^-: sg(theta) or the EMA
+        target = jax.lax.stop_gradient(net.apply(tp, x_lo, t_lo, *extra))
         dist = _pseudo_huber(pred - target, huber_c)
         if weighting == "inverse_gap":
             dist = dist / (t_hi - t_lo)
@@ -296,8 +299,10 @@ def consistency_training_loss(
     ts: ArrayLike | None = None,
     huber_c: float | None = None,
     weighting: Literal["inverse_gap", "unit"] = "inverse_gap",
-) -> Callable[[Any, Array, Any], Array]:
-    """Consistency training ``(params, key, batch) -> scalar``: no teacher (see the module text).
+) -> Callable[..., Array]:
+    """Consistency training ``(params, key, batch, target_params=None) -> scalar``: no teacher
+    (see the module text; ``target_params``, default the online ``params``, is the target
+    network).
 
     ``net``: a field of target ``"x0"`` whose ``apply`` is a :func:`consistency_function` with the
     same ``t_min``: a network without the boundary condition ``f(x, ts[0]) = x`` collapses to a
@@ -328,7 +333,7 @@ def consistency_distillation_loss(
     ts: ArrayLike | None = None,
     huber_c: float | None = None,
     weighting: Literal["inverse_gap", "unit"] = "inverse_gap",
-) -> Callable[[Any, Array, Any], Array]:
+) -> Callable[..., Array]:
     """Consistency distillation from ``teacher`` (a field of any target on ``path``, e.g. an exact
     oracle or a trained flow-matching network): ``x_{t_n}`` is one ``solver`` step of its
     probability-flow ODE from ``x_{t_{n+1}}`` (Heun: 2 teacher evaluations); with labels in the

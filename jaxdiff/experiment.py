@@ -104,6 +104,8 @@ DEFAULTS: dict[str, Any] = {
     "sigma_data": 0.5,  # the data's standard deviation for precond and weighting edm
     "dropout": 0.0,  # U-Net dropout while training
     "dtype": "float32",  # bfloat16: mixed precision (float32 params, optimizer and loss)
+    "ema_targets": False,  # shortcut, consistency: targets from the EMA network
+    "target_guidance": None,  # conditional shortcut: guided targets (Frans et al.'s cfg scale)
 }
 
 
@@ -152,6 +154,8 @@ def resolve(config: dict) -> dict:
             raise ValueError(f"{name} must be a number in [0, 1); got {c[name]!r}")
     if not 0.0 <= c["ema"] < 1.0:
         raise ValueError(f"ema must lie in [0, 1); got {c['ema']}")
+    if not isinstance(c["ema_targets"], bool):
+        raise ValueError(f"ema_targets must be true or false; got {c['ema_targets']!r}")
     if not 0.0 <= c["label_dropout"] < 1.0:
         raise ValueError(f"label_dropout must lie in [0, 1); got {c['label_dropout']}")
     if c["loss"] == "fm" and c["path"] == "fm" and c["target"] in ("eps", "score"):
@@ -177,8 +181,13 @@ def _check_unused(c: dict) -> None:
     few = c["loss"] in FEWSTEP_LOSSES
     unused = {
         "label_dropout": (
-            not c["conditional"] or few,
-            "the classifier-free dropout of --conditional diffusion losses",
+            not c["conditional"] or (few and c["target_guidance"] is None),
+            "the classifier-free dropout of --conditional diffusion losses and of "
+            "--target-guidance",
+        ),
+        "ema_targets": (
+            c["loss"] not in ("shortcut", "consistency"),
+            "the EMA targets of --loss shortcut or consistency",
         ),
         "sigma_data": (
             c["precond"] != "edm" and c["weighting"] != "edm",
@@ -226,6 +235,20 @@ def _check_fewstep(c: dict) -> None:
         raise ValueError(f"loss {loss} draws its times {' or '.join(allowed)}; got {c['time']!r}")
     if c["weighting"] != "unit":
         raise ValueError(f"loss {loss} has its own weighting; --weighting is for diffusion losses")
+    w = c["target_guidance"]
+    if w is not None:
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+            raise ValueError(f"target_guidance must be a finite number; got {w!r}")
+        if loss != "shortcut" or not c["conditional"]:
+            raise ValueError(
+                f"target_guidance {w} guides a conditional shortcut model's targets: it needs "
+                f"--loss shortcut --conditional; got loss {loss}"
+                + ("" if c["conditional"] else " without --conditional")
+            )
+        if not c["label_dropout"] > 0:
+            raise ValueError(
+                f"target_guidance {w} needs label_dropout > 0 (the unconditional velocity)"
+            )
     if c["precond"] != "none" or c["dtype"] != "float32" or c["dropout"]:
         raise ValueError(
             f"loss {loss} trains a float32 network without preconditioning or dropout; --precond, "
@@ -443,7 +466,15 @@ def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
     else:
         times = L.logit_normal_time(t_min=0.0, t_max=1.0)
     if c["loss"] == "shortcut":
-        return shortcut_loss(net, path, time_sampler=times)
+        guided = c["target_guidance"] is not None
+        return shortcut_loss(
+            net,
+            path,
+            time_sampler=times,
+            label_dropout=c["label_dropout"] if guided else 0.0,
+            null_label=10 if guided else None,  # the label embedding's extra row
+            target_guidance=c["target_guidance"],
+        )
     return meanflow_loss(net, path, time_sampler=times)
 
 

@@ -329,6 +329,23 @@ def per_example_loss(
     return weight_in(weighting, path, t, regress) * err
 
 
+def check_label_dropout(label_dropout: float, null_label: int | None) -> None:
+    """``label_dropout`` in ``[0, 1]``, with a ``null_label`` to drop to when it is > 0."""
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"label_dropout must lie in [0, 1]; got {label_dropout}")
+    if label_dropout > 0 and null_label is None:
+        raise ValueError("label_dropout > 0 needs the null_label of the model")
+
+
+def drop_labels(key: Array, labels: Array, label_dropout: float, null_label: Any) -> Array:
+    """Each label replaced by ``null_label`` with probability ``label_dropout`` (classifier-free
+    guidance's training, Ho & Salimans 2022); the labels unchanged at 0."""
+    if label_dropout <= 0:
+        return labels
+    drop = jax.random.bernoulli(key, label_dropout, labels.shape)
+    return jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
+
+
 def diffusion_loss(
     net: Field,
     path: GaussianPath,
@@ -365,10 +382,7 @@ def diffusion_loss(
     regress = target if regress is None else regress
     _check_target(regress, "regress")
     time_sampler = uniform_time() if time_sampler is None else time_sampler
-    if not 0.0 <= label_dropout <= 1.0:
-        raise ValueError(f"label_dropout must lie in [0, 1]; got {label_dropout}")
-    if label_dropout > 0 and null_label is None:
-        raise ValueError("label_dropout > 0 needs the null_label of the model")
+    check_label_dropout(label_dropout, null_label)
     source = as_source(source)
     check_gaussian_targets((target, regress), source, coupling, "diffusion_loss")
     if not is_gaussian(source):
@@ -394,9 +408,7 @@ def diffusion_loss(
         if labels is None:
             pred = net.apply(params, x_t, t, **extra)
         else:
-            if label_dropout > 0:
-                drop = jax.random.bernoulli(drop_key, label_dropout, labels.shape)
-                labels = jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
+            labels = drop_labels(drop_key, labels, label_dropout, null_label)
             pred = net.apply(params, x_t, t, labels, **extra)
         losses = per_example_loss(
             pred, path, x0, eps, t, target=target, regress=regress, weighting=weighting

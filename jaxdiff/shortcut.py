@@ -26,8 +26,20 @@ every multi-step sampler takes the network too).
 its ``t`` is our ``1 - t``, and its shortcut ``s(x_t, t, d)`` (``x_{t+d} = x_t + d s``) is our
 ``-u(z, 1 - t, 1 - t - d)``: the same jump, with the sign of a velocity in the other time.
 
-Left out of the paper's recipe: the EMA network for the self-consistency targets (here the
-online parameters under a stop-gradient), clipping of the targets, and guidance inside them.
+**The paper's recipe** (its code's defaults), each a switch here, off by default:
+
+* **EMA targets**: the two half jumps come from the EMA network (``bootstrap_ema``).
+  ``shortcut_loss``'s loss takes ``target_params`` (default: the online parameters under a
+  stop-gradient); ``make_train_step(..., ema_targets=True)`` passes the run's EMA.
+* **Clipping** (``target_clip = 4`` in the paper, whose data lie in ``[-1, 1]``): the midpoint
+  ``z'`` and the target are clipped to ``[-c, c]`` elementwise.
+* **Guidance inside the targets** (``bootstrap_cfg``): the flow-matching part drops labels to
+  ``null_label`` with probability ``label_dropout`` (the paper's 0.1), so the network learns the
+  unconditional velocity too, and the finest level's halves, Euler steps of the instantaneous
+  velocity, take the guided ``u_null + w (u_c - u_null)`` (``target_guidance = w``). Every coarser
+  jump is bootstrapped from the finer ones, so the conditional shortcuts learn the guided flow and
+  sample it in one step without guidance at sampling time (the jumps with ``r < t`` are trained
+  for the real labels only, as in the paper).
 """
 
 from __future__ import annotations
@@ -41,9 +53,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff._checks import expand_like, wide_dtype
+from jaxdiff._checks import check_positive, expand_like, wide_dtype
 from jaxdiff.field import Field, as_field
-from jaxdiff.losses import TimeSampler, draw_times, mean_sq_error, noise_pairs, uniform_time
+from jaxdiff.losses import (
+    TimeSampler,
+    check_label_dropout,
+    draw_times,
+    drop_labels,
+    mean_sq_error,
+    noise_pairs,
+    uniform_time,
+)
 from jaxdiff.meanflow import shape_checked, velocity_target
 from jaxdiff.paths import GaussianPath, linear_path
 from jaxdiff.sources import as_source, check_source_path, is_gaussian
@@ -60,23 +80,30 @@ def shortcut_target(
     d: Array,
     *,
     finest: float = 0.0,
+    target_fn: Callable[[Array, Array, Array], Array] | None = None,
+    clip: float | None = None,
 ) -> tuple[Array, Array]:
     """``(u(z, t, t - d), sg((u_1 + u_2) / 2))``: one jump of ``d`` against two of ``h = d / 2``.
 
-    ``u_1 = u(z, t, t - h)``, ``u_2 = u(z - h u_1, t - h, t - d)``; ``t`` and ``d`` have shape
-    ``(batch,)``. Half steps ``h <= finest`` are Euler steps of the instantaneous velocity
-    ``u(., s, s)`` (the level that flow matching trains). With the exact average velocity the two
-    are equal (``z_{t-d}`` reached in one jump or in two).
+    ``u_1 = u'(z, t, t - h)``, ``u_2 = u'(z - h u_1, t - h, t - d)`` with ``u' = target_fn``
+    (default ``u_fn``; the EMA network, or a guided one, in the paper's recipe); ``t`` and ``d``
+    have shape ``(batch,)``. Half steps ``h <= finest`` are Euler steps of the instantaneous
+    velocity ``u'(., s, s)`` (the level that flow matching trains). ``clip = c`` clips the
+    midpoint and the target to ``[-c, c]`` (Frans et al.'s code: ``c = 4`` for data in ``[-1,
+    1]``). With the exact average velocity the two are equal (``z_{t-d}`` reached in one jump or
+    in two).
     """
     d = jnp.asarray(d, t.dtype)
     h = d / 2
     gap = jnp.where(h <= finest, jnp.zeros_like(h), h)  # the halves' own jump
     u_fn = shape_checked(u_fn)
+    half = u_fn if target_fn is None else shape_checked(target_fn)
+    bound = (lambda a: a) if clip is None else (lambda a: jnp.clip(a, -clip, clip))  # noqa: E731
     u = u_fn(z, t, t - d)
-    u1 = u_fn(z, t, t - gap)
-    z_mid = (z - expand_like(h, z) * u1).astype(z.dtype)
-    u2 = u_fn(z_mid, t - h, t - h - gap)
-    return u, jax.lax.stop_gradient((u1 + u2) / 2)
+    u1 = half(z, t, t - gap)
+    z_mid = bound((z - expand_like(h, z) * u1).astype(z.dtype))
+    u2 = half(z_mid, t - h, t - h - gap)
+    return u, jax.lax.stop_gradient(bound((u1 + u2) / 2))
 
 
 def shortcut_loss(
@@ -89,8 +116,13 @@ def shortcut_loss(
     velocity: Field | None = None,
     source: Any = None,
     coupling: Any = None,
-) -> Callable[[Any, Array, Any], Array]:
-    """The shortcut-model loss ``(params, key, batch) -> scalar`` (Frans et al. 2024, Section 3).
+    target_clip: float | None = None,
+    label_dropout: float = 0.0,
+    null_label: int | None = None,
+    target_guidance: float | None = None,
+) -> Callable[..., Array]:
+    """The shortcut-model loss ``(params, key, batch, target_params=None) -> scalar`` (Frans et
+    al. 2024, Section 3).
 
     ``net`` is a :class:`~jaxdiff.Field` of target ``"velocity"`` whose ``apply(params, z, t, r
     [, labels])`` jumps from ``t`` to ``r`` (``z_r = z_t - (t - r) u``), as for
@@ -113,6 +145,13 @@ def shortcut_loss(
     or a trained flow), replaces the conditional velocity of the flow-matching part with its own
     ``velocity(z_t, t[, labels])``, as in :func:`~jaxdiff.meanflow_loss`: distillation, with the
     minimum 0 at that flow's velocity.
+
+    The paper's recipe (module docstring): ``target_params`` (the loss's fourth argument; the EMA
+    parameters with ``make_train_step(..., ema_targets=True)``) computes the two half jumps, the
+    online ``params`` when ``None``; ``target_clip`` clips the midpoint and the target;
+    ``label_dropout`` drops the flow-matching part's labels to ``null_label``;
+    ``target_guidance = w`` guides the finest level's halves, ``u_null + w (u_c - u_null)`` (it
+    needs ``label_dropout > 0``, which trains ``u_null``, and labels in the batch).
     """
     net = as_field(net, "net")
     if net.target != "velocity":
@@ -126,6 +165,18 @@ def shortcut_loss(
         raise ValueError(f"max_steps must be a power of two >= 2; got {max_steps}")
     if not 0.0 <= bootstrap_fraction <= 1.0:
         raise ValueError(f"bootstrap_fraction must lie in [0, 1]; got {bootstrap_fraction}")
+    if target_clip is not None:
+        target_clip = float(check_positive(target_clip, "target_clip"))
+    check_label_dropout(label_dropout, null_label)
+    if target_guidance is not None:
+        target_guidance = float(target_guidance)
+        if not math.isfinite(target_guidance):
+            raise ValueError(f"target_guidance must be finite; got {target_guidance}")
+        if label_dropout <= 0:
+            raise ValueError(
+                f"target_guidance {target_guidance} needs the unconditional velocity: "
+                "label_dropout > 0 with a null_label (the paper drops 10% of the labels)"
+            )
     path = linear_path() if path is None else path
     source = as_source(source)
     if not is_gaussian(source):
@@ -135,8 +186,9 @@ def shortcut_loss(
     time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
     levels = int(math.log2(max_steps))  # jumps d = 2^-k, k = 0 .. levels - 1
 
-    def loss(params: Any, key: Array, batch: Any) -> Array:
+    def loss(params: Any, key: Array, batch: Any, target_params: Any = None) -> Array:
         t_key, j_key, e_key, k_key = jax.random.split(key, 4)
+        tp = params if target_params is None else target_params
         x0, eps, labels = noise_pairs(e_key, batch, path, source, coupling)
         n = x0.shape[0]
         tdt = wide_dtype(x0.dtype)
@@ -147,7 +199,8 @@ def shortcut_loss(
         if m > 0:
             t = draw_times(time_sampler, t_key, m, tdt)
             z = path.interpolate(x0[:m], eps[:m], t)
-            head = [a[:m] for a in extra]
+            head = [drop_labels(jax.random.fold_in(key, 1), a[:m], label_dropout, null_label)
+                    for a in extra]  # fmt: skip
             v = velocity_target(path, z, t, x0[:m], eps[:m], velocity, head)
             u = shape_checked(partial(net.apply, params))(z, t, t, *head)
             errs.append(mean_sq_error(u, v, tdt))
@@ -162,8 +215,28 @@ def shortcut_loss(
             z = path.interpolate(x0[m:], eps[m:], t)
             tail = [a[m:] for a in extra]
             u_fn = lambda z_, t_, r_: net.apply(params, z_, t_, r_, *tail)  # noqa: E731
-            u, target = shortcut_target(u_fn, z, t, d, finest=1.0 / max_steps)
+            if target_guidance is None:
+                half = lambda z_, t_, r_: net.apply(tp, z_, t_, r_, *tail)  # noqa: E731
+            elif not tail:
+                raise ValueError("target_guidance needs labels in the batch; got none")
+            else:
+                half = partial(_guided_half, net, tp, tail[0], null_label, target_guidance)
+            u, target = shortcut_target(
+                u_fn, z, t, d, finest=1.0 / max_steps, target_fn=half, clip=target_clip
+            )
             errs.append(mean_sq_error(u, target, tdt))
         return jnp.mean(jnp.concatenate(errs))
 
     return loss
+
+
+def _guided_half(net: Field, params: Any, labels: Array, null: int, w: float, z, t, r) -> Array:
+    """A half jump of the targets: the conditional ``u_c``, guided to ``u_null + w (u_c - u_null)``
+    where it is the instantaneous velocity (``r = t``: the finest level's Euler halves). One call
+    on the doubled batch."""
+    n = z.shape[0]
+    twice = lambda a: jnp.concatenate([a, a], axis=0)  # noqa: E731
+    nulls = jnp.full_like(labels, null)
+    both = net.apply(params, twice(z), twice(t), twice(r), jnp.concatenate([labels, nulls], 0))
+    c, u = both[:n], both[n:]
+    return jnp.where(expand_like(t == r, c), u + w * (c - u), c)

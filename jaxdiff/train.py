@@ -33,6 +33,7 @@ use :class:`jaxdiff.nets.Conv` (same parameters) to train at speed on CPU.
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -162,6 +163,7 @@ def make_train_step(
     *,
     ema_decay: float = 0.999,
     ema_warmup: bool = True,
+    ema_targets: bool = False,
 ) -> Callable[[TrainState, Any], tuple[TrainState, Array]]:
     """One optimizer step ``(state, batch) -> (state, loss)`` on ``loss_fn(params, key, batch)``.
 
@@ -170,13 +172,22 @@ def make_train_step(
     (early EMA weights follow the parameters). Pure: wrap it in ``jax.jit`` or scan it
     (``make_train_chunk``). A batch holding a NaN or an infinity raises (at run time under
     ``jit``), where it gave a NaN loss and NaN parameters.
+
+    ``ema_targets=True`` calls ``loss_fn(params, key, batch, target_params=state.ema)``: the
+    self-distilling losses (``shortcut_loss``, the consistency losses) then take their targets
+    from the EMA network (shortcut models' bootstrap targets, Frans et al. 2024; the original
+    consistency models' ``theta^-`` with ``mu = ema_decay``, Song et al. 2023), not from the
+    online one. The gradient is in ``params`` only.
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}")
+    if ema_targets:
+        _check_takes_target_params(loss_fn)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, Array]:
         key, loss_key = jax.random.split(state.key)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, loss_key, batch)
+        extra = {"target_params": state.ema} if ema_targets else {}
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, loss_key, batch, **extra)
         # tied to the loss, which every caller reads: on the batch, a leaf the loss does not read
         # would take the check away with it under jit (and an integer batch its sharding)
         for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:  # names the leaf
@@ -189,6 +200,20 @@ def make_train_step(
         return TrainState(params, opt_state, ema, state.step + 1, key), loss
 
     return step
+
+
+def _check_takes_target_params(loss_fn: Callable) -> None:
+    try:
+        params = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):  # no signature to read: the call will tell
+        return
+    if "target_params" not in params and not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    ):
+        raise TypeError(
+            "ema_targets=True calls loss_fn(params, key, batch, target_params=ema); this loss "
+            "takes no target_params (jd.shortcut_loss and the consistency losses do)"
+        )
 
 
 def data_mesh(devices: list | None = None) -> Mesh:

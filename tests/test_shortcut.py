@@ -192,3 +192,119 @@ def test_a_teacher_velocity_distils_with_the_minimum_at_its_flow(x64):
     assert loss(0.0, velocity=teacher) < 1e-20
     np.testing.assert_allclose(loss(0.1, velocity=teacher), 0.01, rtol=1e-9)
     assert loss(0.0) > 0.1  # E|(x1 - x0) - v(z_t, t)|^2 / D, the conditional velocity's spread
+
+
+def test_the_paper_recipe_targets_ema_params_clipping_and_guidance():
+    """target_params computes the two halves and params the jump; clipping bounds the midpoint
+    and the target; guided targets (the finest level only) and label dropout (the flow-matching
+    part only). Exact values on toy networks whose output is a parameter or a label."""
+    seen = []
+
+    def record(p, x, t, r, *y):
+        seen.append(p)
+        return jnp.zeros_like(x) + p
+
+    x = jnp.ones((8, 2))
+    loss = jd.shortcut_loss(jd.Field(record, "velocity"), PATH, bootstrap_fraction=0.5)
+    value = loss(1.0, jax.random.key(0), x, target_params=3.0)
+    assert seen == [1.0, 1.0, 3.0, 3.0], seen  # flow matching, jump, then the two halves
+    boot = jd.shortcut_loss(jd.Field(record, "velocity"), PATH, bootstrap_fraction=1.0)
+    np.testing.assert_allclose(boot(1.0, jax.random.key(0), x, target_params=3.0), 4.0)
+    assert float(boot(1.0, jax.random.key(0), x)) == 0.0  # online targets: u = p is consistent
+    assert np.isfinite(float(value))
+
+    # clipping: u = 10 everywhere, midpoint z - h u and target clipped to [-4, 4]
+    mids = []
+
+    def big(z, t, r):
+        mids.append(z)
+        return jnp.full_like(z, 10.0)
+
+    z, t, d = jnp.zeros((64, 2)), *_levels(64)
+    u, target = jd.shortcut_target(big, z, t, d, clip=4.0)
+    np.testing.assert_allclose(target, 4.0)
+    np.testing.assert_allclose(mids[2], jnp.maximum(-(d / 2)[:, None] * 10.0, -4.0) + 0 * z)
+    assert float(jnp.min(mids[2])) == -4.0 and float(jnp.max(u)) == 10.0
+
+    # guidance: the network returns its label (null 0 -> velocity 0). With max_steps = 2 the only
+    # level is d = 1, whose halves (h = 1/2) are the finest: target w y against the jump's y,
+    # a squared error (w - 1)^2 y^2. With max_steps = 4, the coarse level (halves 1/2 > 1/4) keeps
+    # the conditional targets: a loss strictly between 0 and the finest-only one.
+    def label_net(p, x, t, r, y):
+        return jnp.zeros_like(x) + y[:, None].astype(x.dtype)
+
+    labels = jnp.arange(1, 9)
+    batch = (x, labels)
+    net = jd.Field(label_net, "velocity")
+
+    def guided(m, w, **kw):
+        fn = jd.shortcut_loss(net, PATH, max_steps=m, bootstrap_fraction=1.0, label_dropout=0.1,
+                              null_label=0, target_guidance=w, **kw)  # fmt: skip
+        return float(jax.jit(fn)(None, jax.random.key(2), batch))
+
+    expected = float(jnp.mean(4.0 * labels**2))  # w = 3
+    np.testing.assert_allclose(guided(2, 3.0), expected, rtol=1e-6)
+    assert guided(2, 1.0) == 0.0
+    assert 0.0 < guided(4, 3.0) < expected
+    np.testing.assert_allclose(guided(2, 3.0, target_clip=4.0), np.mean((np.minimum(
+        3.0 * np.arange(1, 9), 4.0) - np.arange(1, 9)) ** 2), rtol=1e-6)  # fmt: skip
+
+    # label dropout: a quarter of the flow-matching labels become the null label, none of the
+    # self-consistency ones (4,096 each: the fraction's standard error is 0.0068)
+    drawn = []
+
+    def labels_seen(p, x, t, r, y):
+        drawn.append(y)
+        return jnp.zeros_like(x)
+
+    n = 8192
+    fn = jd.shortcut_loss(jd.Field(labels_seen, "velocity"), PATH, bootstrap_fraction=0.5,
+                          label_dropout=0.25, null_label=-1)  # fmt: skip
+    fn(None, jax.random.key(3), (jnp.zeros((n, 2)), jnp.arange(n) % 10))
+    assert abs(float(jnp.mean(drawn[0] == -1)) - 0.25) < 0.03
+    assert all(int(jnp.sum(y == -1)) == 0 for y in drawn[1:])
+
+
+def test_the_recipe_refuses_what_it_cannot_do():
+    field = jd.Field(lambda p, z, t, r, *y: z, "velocity")
+    with pytest.raises(ValueError, match="target_guidance 2.0 needs the unconditional velocity"):
+        jd.shortcut_loss(field, target_guidance=2.0)
+    with pytest.raises(ValueError, match="label_dropout > 0 needs the null_label"):
+        jd.shortcut_loss(field, label_dropout=0.1)
+    with pytest.raises(ValueError, match="target_clip must be > 0; got target_clip = 0.0"):
+        jd.shortcut_loss(field, target_clip=0.0)
+    loss = jd.shortcut_loss(field, label_dropout=0.1, null_label=0, target_guidance=2.0)
+    with pytest.raises(ValueError, match="target_guidance needs labels in the batch"):
+        loss(None, jax.random.key(0), jnp.ones((8, 2)))
+
+
+def test_ema_targets_pass_the_ema_to_the_loss():
+    """make_train_step(ema_targets=True) calls loss(params, key, batch, target_params=ema), with
+    the gradient in params only: on sum((p - target)^2) plain SGD of rate 0.25 halves the gap."""
+    import optax
+
+    from jaxdiff.train import TrainState, make_train_step
+
+    def loss(p, key, batch, target_params=None):
+        tp = p if target_params is None else target_params
+        return jnp.sum(jnp.square(p - tp))
+
+    step = make_train_step(loss, optax.sgd(0.25), ema_targets=True, ema_decay=0.5,
+                           ema_warmup=False)  # fmt: skip
+    state = TrainState(jnp.array(2.0), optax.sgd(0.25).init(jnp.array(2.0)), jnp.array(0.0),
+                       jnp.zeros((), jnp.int32), jax.random.key(0))  # fmt: skip
+    new, value = jax.jit(step)(state, jnp.zeros((2,)))
+    assert float(value) == 4.0 and float(new.params) == 1.0  # 2 - 0.25 * 2 (2 - 0)
+    assert float(new.ema) == 0.5  # 0.5 * 0 + 0.5 * 1
+    _, value = make_train_step(loss, optax.sgd(0.25))(state, jnp.zeros((2,)))
+    assert float(value) == 0.0  # without: the online parameters
+    with pytest.raises(TypeError, match="this loss takes no target_params"):
+        make_train_step(lambda p, k, b: jnp.sum(p), optax.sgd(0.1), ema_targets=True)
+    # the consistency losses take them too: the EMA network as theta^-
+    cm = jd.Field(jd.consistency_function(lambda p, x, t: p * x), "x0")
+    ct = jax.jit(jd.consistency_training_loss(cm, PATH, num_scales=4))
+    x0 = jax.random.normal(jax.random.key(1), (256, 2))
+    same = ct(jnp.float32(0.5), jax.random.key(2), x0, jnp.float32(0.5))
+    np.testing.assert_allclose(same, ct(jnp.float32(0.5), jax.random.key(2), x0), rtol=1e-6)
+    other = ct(jnp.float32(0.5), jax.random.key(2), x0, jnp.float32(2.0))
+    assert abs(float(other) - float(same)) > 1e-3
