@@ -171,6 +171,7 @@ def resolve(config: dict) -> dict:
     check_seed(c["seed"])
     _check_source_coupling(c)
     _check_fewstep(c)
+    _check_target_guidance(c)
     _check_unused(c)
     return c
 
@@ -208,6 +209,24 @@ def _check_unused(c: dict) -> None:
 FEWSTEP_TARGETS = {"meanflow": "velocity", "shortcut": "velocity", "consistency": "x0"}
 
 
+def _check_target_guidance(c: dict) -> None:
+    w, loss = c["target_guidance"], c["loss"]
+    if w is None:
+        return
+    if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+        raise ValueError(f"target_guidance must be a finite number; got {w!r}")
+    if loss != "shortcut" or not c["conditional"]:
+        raise ValueError(
+            f"target_guidance {w} guides a conditional shortcut model's targets: it needs "
+            f"--loss shortcut --conditional; got loss {loss}"
+            + ("" if c["conditional"] else " without --conditional")
+        )
+    if not c["label_dropout"] > 0:
+        raise ValueError(
+            f"target_guidance {w} needs label_dropout > 0 (the unconditional velocity)"
+        )
+
+
 def _check_fewstep(c: dict) -> None:
     """One-line errors for the few-step losses' bad combinations."""
     loss = c["loss"]
@@ -235,20 +254,7 @@ def _check_fewstep(c: dict) -> None:
         raise ValueError(f"loss {loss} draws its times {' or '.join(allowed)}; got {c['time']!r}")
     if c["weighting"] != "unit":
         raise ValueError(f"loss {loss} has its own weighting; --weighting is for diffusion losses")
-    w = c["target_guidance"]
-    if w is not None:
-        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
-            raise ValueError(f"target_guidance must be a finite number; got {w!r}")
-        if loss != "shortcut" or not c["conditional"]:
-            raise ValueError(
-                f"target_guidance {w} guides a conditional shortcut model's targets: it needs "
-                f"--loss shortcut --conditional; got loss {loss}"
-                + ("" if c["conditional"] else " without --conditional")
-            )
-        if not c["label_dropout"] > 0:
-            raise ValueError(
-                f"target_guidance {w} needs label_dropout > 0 (the unconditional velocity)"
-            )
+
     if c["precond"] != "none" or c["dtype"] != "float32" or c["dropout"]:
         raise ValueError(
             f"loss {loss} trains a float32 network without preconditioning or dropout; --precond, "

@@ -334,7 +334,7 @@ def check_label_dropout(label_dropout: float, null_label: int | None) -> None:
     if not 0.0 <= label_dropout <= 1.0:
         raise ValueError(f"label_dropout must lie in [0, 1]; got {label_dropout}")
     if label_dropout > 0 and null_label is None:
-        raise ValueError("label_dropout > 0 needs the null_label of the model")
+        raise ValueError(f"label_dropout {label_dropout} > 0 needs the null_label of the model")
 
 
 def drop_labels(key: Array, labels: Array, label_dropout: float, null_label: Any) -> Array:

@@ -222,10 +222,15 @@ def resume_config(saved: dict, given: dict) -> tuple[dict, dict]:
         raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(IR.KEYS)}")
     fixed = [k for k in given if k not in RESUME_MAY_CHANGE and not _same(given[k], saved.get(k))]
     if fixed:
+
+        def has(k):  # the saved value, in the words of the run
+            if saved.get(k) is None:
+                return "no images" if k in ("images", "flip") else "none"
+            return saved.get(k)
+
+        switches = ("flip", "ema_targets")  # flags that take no value
         listing = ", ".join(
-            f"{_flag(k)}"
-            + ("" if k == "flip" else f" {given[k]}")
-            + f" (the run has {'no images' if saved.get(k) is None else saved.get(k)})"
+            f"{_flag(k)}" + ("" if k in switches else f" {given[k]}") + f" (the run has {has(k)})"
             for k in fixed
         )
         may = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE if k != "eval_steps")

@@ -158,7 +158,7 @@ def init_train_state(
 
 
 def make_train_step(
-    loss_fn: Callable[[Any, Array, Any], Array],
+    loss_fn: Callable[..., Array],
     optimizer: optax.GradientTransformation,
     *,
     ema_decay: float = 0.999,
@@ -176,7 +176,7 @@ def make_train_step(
     ``ema_targets=True`` calls ``loss_fn(params, key, batch, target_params=state.ema)``: the
     self-distilling losses (``shortcut_loss``, the consistency losses) then take their targets
     from the EMA network (shortcut models' bootstrap targets, Frans et al. 2024; the original
-    consistency models' ``theta^-`` with ``mu = ema_decay``, Song et al. 2023), not from the
+    consistency models' ``theta^-`` with ``mu`` the EMA's decay, Song et al. 2023), not from the
     online one. The gradient is in ``params`` only.
     """
     if not 0.0 <= ema_decay < 1.0:

@@ -65,6 +65,10 @@ from tests.net_helpers import perturb
             ["--loss", "shortcut", "--data", "digits", "--conditional", "--label-dropout", "0.2"],
             "label_dropout 0.2 is the classifier-free dropout",
         ),
+        (
+            ["--loss", "fm", "--data", "digits", "--conditional", "--target-guidance", "2"],
+            "needs --loss shortcut --conditional; got loss fm",
+        ),
     ],
 )
 def test_bad_combinations_are_one_line_errors(args, expected, capsys):
@@ -87,14 +91,23 @@ PRIOR_ED = 0.206
         ("consistency", 200, 2, 0.5 * PRIOR_ED),
     ],
 )
-def test_fewstep_run_from_the_command_line(loss, steps, k, bound, tmp_path, capsys):
-    out = tmp_path / loss
+def test_fewstep_run_from_the_command_line(loss, steps, k, bound, tmp_path, capsys, monkeypatch):
+    import jaxdiff.train
+
+    out, asked = tmp_path / loss, []
+    make_step = jaxdiff.train.make_train_step
+
+    def recording(*args, **kwargs):  # the run's make_train_step gets the config's ema_targets
+        asked.append(kwargs.get("ema_targets"))
+        return make_step(*args, **kwargs)
+
+    monkeypatch.setattr(jaxdiff.train, "make_train_step", recording)
     train = ["train", "--loss", loss, "--data", "8gaussians", "--lr", "3e-3"]
     small = ["--steps", str(steps), "--batch", "128", "--eval-n", "0", "--no-progress"]
     ema = ["--ema-targets"] if loss == "shortcut" else []  # the targets from the EMA network
     assert main([*train, *small, *ema, "--out", str(out)]) == 0
     config = json.loads((out / "metrics.json").read_text())["config"]
-    assert config["ema_targets"] is (loss == "shortcut")
+    assert config["ema_targets"] is (loss == "shortcut") and asked == [loss == "shortcut"]
     for k in (None, 2) if loss != "consistency" else (2,):  # None: the default, one step
         folder = out / f"s{k}"
         argv = ["sample", "--ckpt", str(out), "--n", "4000", "--out", str(folder)]
@@ -150,3 +163,28 @@ def test_meanflow_trains_the_two_time_unet_on_the_digits(tmp_path, capsys):
     final = json.loads((out / "metrics.json").read_text())["final"]
     assert final["frechet_distance"] < 60 and final["class_accuracy"] > 0.75, final
     capsys.readouterr()
+
+
+def test_target_guidance_reaches_the_shortcut_loss():
+    """--target-guidance builds the loss with guided targets and the label dropout: at the same
+    parameters and key, w = 10 and w = 1 (the conditional targets) give different losses (by
+    1.2e-3 of the loss; w = 2: 1e-5, the labels of a perturbed fresh network move it little), and a
+    resumed run refuses to change it or --ema-targets, naming both."""
+    from jaxdiff import rundir as R
+
+    c = E.resolve({"loss": "shortcut", "data": "digits", "conditional": True, "width": 32,
+                   "target_guidance": 1.0})  # fmt: skip
+    setup = E.build(c)
+    state, _ = E.init_state(c, setup)
+    params = perturb(state.params, 0.05, seed=1)
+    batch = setup.sample_batch(jax.random.key(0))
+
+    def value(w):
+        loss = E.build({**c, "target_guidance": w}).loss
+        return float(jax.jit(loss)(params, jax.random.key(3), batch))
+
+    assert abs(value(10.0) - value(1.0)) > 1e-4 * value(1.0)
+    with pytest.raises(ValueError) as err:
+        R.resume_config(c, {"target_guidance": 2.0, "ema_targets": True})
+    assert "--target-guidance 2.0 (the run has 1.0)" in str(err.value)
+    assert "--ema-targets (the run has False)" in str(err.value)

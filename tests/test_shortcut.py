@@ -231,16 +231,16 @@ def test_the_paper_recipe_targets_ema_params_clipping_and_guidance():
     # a squared error (w - 1)^2 y^2. With max_steps = 4, the coarse level (halves 1/2 > 1/4) keeps
     # the conditional targets: a loss strictly between 0 and the finest-only one.
     def label_net(p, x, t, r, y):
-        return jnp.zeros_like(x) + y[:, None].astype(x.dtype)
+        return jnp.zeros_like(x) + p * y[:, None].astype(x.dtype)
 
     labels = jnp.arange(1, 9)
     batch = (x, labels)
     net = jd.Field(label_net, "velocity")
 
-    def guided(m, w, **kw):
+    def guided(m, w, tp=None, **kw):
         fn = jd.shortcut_loss(net, PATH, max_steps=m, bootstrap_fraction=1.0, label_dropout=0.1,
                               null_label=0, target_guidance=w, **kw)  # fmt: skip
-        return float(jax.jit(fn)(None, jax.random.key(2), batch))
+        return float(jax.jit(fn)(1.0, jax.random.key(2), batch, tp))
 
     expected = float(jnp.mean(4.0 * labels**2))  # w = 3
     np.testing.assert_allclose(guided(2, 3.0), expected, rtol=1e-6)
@@ -248,6 +248,8 @@ def test_the_paper_recipe_targets_ema_params_clipping_and_guidance():
     assert 0.0 < guided(4, 3.0) < expected
     np.testing.assert_allclose(guided(2, 3.0, target_clip=4.0), np.mean((np.minimum(
         3.0 * np.arange(1, 9), 4.0) - np.arange(1, 9)) ** 2), rtol=1e-6)  # fmt: skip
+    # guided halves from target_params = 2: target 2 w y against the jump's y
+    np.testing.assert_allclose(guided(2, 3.0, 2.0), float(jnp.mean(25.0 * labels**2)), rtol=1e-6)
 
     # label dropout: a quarter of the flow-matching labels become the null label, none of the
     # self-consistency ones (4,096 each: the fraction's standard error is 0.0068)
@@ -269,10 +271,15 @@ def test_the_recipe_refuses_what_it_cannot_do():
     field = jd.Field(lambda p, z, t, r, *y: z, "velocity")
     with pytest.raises(ValueError, match="target_guidance 2.0 needs the unconditional velocity"):
         jd.shortcut_loss(field, target_guidance=2.0)
-    with pytest.raises(ValueError, match="label_dropout > 0 needs the null_label"):
+    with pytest.raises(ValueError, match="label_dropout 0.1 > 0 needs the null_label"):
         jd.shortcut_loss(field, label_dropout=0.1)
     with pytest.raises(ValueError, match="target_clip must be > 0; got target_clip = 0.0"):
         jd.shortcut_loss(field, target_clip=0.0)
+    with pytest.raises(ValueError, match="clip must be > 0; got clip = -1.0"):
+        jd.shortcut_target(lambda z, t, r: z, jnp.ones((2, 2)), jnp.ones(2), jnp.ones(2), clip=-1.0)
+    with pytest.raises(ValueError, match="bootstrap_fraction 0 has none"):
+        jd.shortcut_loss(field, label_dropout=0.1, null_label=0, target_guidance=2.0,
+                         bootstrap_fraction=0.0)  # fmt: skip
     loss = jd.shortcut_loss(field, label_dropout=0.1, null_label=0, target_guidance=2.0)
     with pytest.raises(ValueError, match="target_guidance needs labels in the batch"):
         loss(None, jax.random.key(0), jnp.ones((8, 2)))
