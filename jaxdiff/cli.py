@@ -103,7 +103,8 @@ def _parser() -> _Parser:
         type=float,
         dest="target_guidance",
         metavar="W",
-        help="conditional shortcut: guided targets at scale W, sampled in one step unguided",
+        help="conditional meanflow or shortcut: guided targets at scale W, sampled in one "
+        "step unguided",
     )
     train.add_argument(
         "--precond", choices=E.PRECONDS, help="edm: EDM's preconditioning (target x0)"

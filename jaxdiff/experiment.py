@@ -105,7 +105,7 @@ DEFAULTS: dict[str, Any] = {
     "dropout": 0.0,  # U-Net dropout while training
     "dtype": "float32",  # bfloat16: mixed precision (float32 params, optimizer and loss)
     "ema_targets": False,  # shortcut, consistency: targets from the EMA network
-    "target_guidance": None,  # conditional shortcut: guided targets (Frans et al.'s cfg scale)
+    "target_guidance": None,  # conditional meanflow, shortcut: guided targets (the cfg scale)
 }
 
 
@@ -215,10 +215,10 @@ def _check_target_guidance(c: dict) -> None:
         return
     if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
         raise ValueError(f"target_guidance must be a finite number; got {w!r}")
-    if loss != "shortcut" or not c["conditional"]:
+    if loss not in TWO_TIME_LOSSES or not c["conditional"]:
         raise ValueError(
-            f"target_guidance {w} guides a conditional shortcut model's targets: it needs "
-            f"--loss shortcut --conditional; got loss {loss}"
+            f"target_guidance {w} guides a conditional meanflow or shortcut model's targets: it "
+            f"needs --loss meanflow or shortcut with --conditional; got loss {loss}"
             + ("" if c["conditional"] else " without --conditional")
         )
     if not c["label_dropout"] > 0:
@@ -481,7 +481,15 @@ def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
             null_label=10 if guided else None,  # the label embedding's extra row
             target_guidance=c["target_guidance"],
         )
-    return meanflow_loss(net, path, time_sampler=times)
+    guided = c["target_guidance"] is not None
+    return meanflow_loss(
+        net,
+        path,
+        time_sampler=times,
+        label_dropout=c["label_dropout"] if guided else 0.0,
+        null_label=10 if guided else None,
+        target_guidance=c["target_guidance"],
+    )
 
 
 def init_state(c: dict, setup: Setup):

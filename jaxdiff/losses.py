@@ -31,6 +31,7 @@ discrete-time sampler.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -335,6 +336,21 @@ def check_label_dropout(label_dropout: float, null_label: int | None) -> None:
         raise ValueError(f"label_dropout must lie in [0, 1]; got {label_dropout}")
     if label_dropout > 0 and null_label is None:
         raise ValueError(f"label_dropout {label_dropout} > 0 needs the null_label of the model")
+
+
+def check_target_guidance(target_guidance: float | None, label_dropout: float) -> bool:
+    """Whether a few-step loss guides its targets: ``target_guidance`` finite, with the label
+    dropout that trains the unconditional velocity it needs."""
+    if target_guidance is None:
+        return False
+    if not math.isfinite(float(target_guidance)):
+        raise ValueError(f"target_guidance must be finite; got {target_guidance}")
+    if label_dropout <= 0:
+        raise ValueError(
+            f"target_guidance {target_guidance} needs the unconditional velocity: "
+            "label_dropout > 0 with a null_label (the papers drop 10% of the labels)"
+        )
+    return True
 
 
 def drop_labels(key: Array, labels: Array, label_dropout: float, null_label: Any) -> Array:

@@ -33,6 +33,7 @@ ordinary velocity field, so the multi-step samplers take it too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -43,7 +44,15 @@ import jax.numpy as jnp
 from jaxdiff._checks import check_positive, check_same_shape, expand_like, wide_dtype
 from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
-from jaxdiff.losses import TimeSampler, draw_times, noise_pairs, uniform_time
+from jaxdiff.losses import (
+    TimeSampler,
+    check_label_dropout,
+    check_target_guidance,
+    draw_times,
+    drop_labels,
+    noise_pairs,
+    uniform_time,
+)
 from jaxdiff.paths import GaussianPath, linear_path
 from jaxdiff.sources import as_source, check_source_path, is_gaussian
 
@@ -107,6 +116,10 @@ def meanflow_loss(
     velocity: Field | None = None,
     source: Any = None,
     coupling: Any = None,
+    label_dropout: float = 0.0,
+    null_label: int | None = None,
+    target_guidance: float | None = None,
+    guidance_mix: float = 0.0,
 ) -> Callable[[Any, Array, Any], Array]:
     """The MeanFlow loss ``(params, key, batch) -> scalar`` (Geng et al. 2025, Algorithm 1).
 
@@ -142,6 +155,18 @@ def meanflow_loss(
     Cost: the ``r = t`` part of the batch is split off statically and evaluated without the JVP
     (its target is ``v``), so the JVP (about two forward passes) runs on ``1 -
     flow_matching_fraction`` of the batch only; the backward pass goes through ``u`` only.
+
+    **Guidance in training** (the paper's Section 4.2 and Appendix B.1): ``label_dropout`` replaces
+    labels by ``null_label`` (the paper's 10%), and ``target_guidance = w`` trains the average
+    velocity of the guided field ``w v(z|c) + (1 - w) v(z)``: for the examples that keep their label,
+    ``v`` (target and JVP tangent) becomes
+
+        ``v~ = w v + k u(z_t, t, t | c) + (1 - w - k) u(z_t, t, t | null)``
+
+    with ``k = guidance_mix`` (default 0; the paper's effective scale is ``w / (1 - k)``), the
+    network's instantaneous velocities under a stop-gradient (one more forward pass of the batch,
+    two with ``k != 0``); a dropped label keeps ``v``. One unguided jump with the label samples the
+    guided model.
     """
     net = as_field(net, "net")
     if net.target != "velocity":
@@ -161,6 +186,13 @@ def meanflow_loss(
     weighting_power = check_positive(weighting_power, "weighting_power", strict=False)
     if not 0 < weighting_eps < float("inf"):  # inf made every weight, and the loss, 0
         raise ValueError(f"weighting_eps must be finite and > 0; got {weighting_eps}")
+    check_label_dropout(label_dropout, null_label)
+    guide = check_target_guidance(target_guidance, label_dropout)
+    if not math.isfinite(guidance_mix) or (guidance_mix and not guide):
+        raise ValueError(
+            f"guidance_mix {guidance_mix} mixes the conditional velocity into target_guidance's "
+            "target: it needs a finite value and target_guidance"
+        )
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
         t_key, r_key, e_key = jax.random.split(key, 3)
@@ -171,8 +203,18 @@ def meanflow_loss(
         t2 = draw_times(time_sampler, r_key, n, tdt)
         t, r = jnp.maximum(t1, t2), jnp.minimum(t1, t2)
         z = path.interpolate(x0, eps, t)
+        if labels is not None:
+            labels = drop_labels(jax.random.fold_in(key, 0x1AB), labels, label_dropout, null_label)
         extra = () if labels is None else (labels,)
         v = velocity_target(path, z, t, x0, eps, velocity, extra)
+        if guide:
+            if labels is None:
+                raise ValueError("target_guidance needs labels in the batch; got none")
+            w, k = target_guidance, guidance_mix
+            u_c, u_null = guided_pair(net, params, z, t, labels, null_label)
+            g = w * v + k * u_c + (1.0 - w - k) * u_null
+            keep = expand_like(labels != jnp.asarray(null_label, labels.dtype), v)
+            v = jnp.where(keep, g.astype(v.dtype), v)
         # The first m examples have r = t, where the target is v itself: they skip the JVP (a
         # static split, so the JVP costs only the r < t part of the batch).
         m = round(flow_matching_fraction * n)
@@ -191,3 +233,17 @@ def meanflow_loss(
         return jnp.mean(weight * err)
 
     return loss
+
+
+def guided_pair(net: Field, params: Any, z: Array, t: Array, labels: Array, null: Any, r=None):
+    """``(u(z, t, r | labels), u(z, t, r | null))`` from one call on the doubled batch, under a
+    stop-gradient (``r = t``, the instantaneous velocity, by default): the two halves of a guided
+    target."""
+    n = z.shape[0]
+    r = t if r is None else r
+    twice = lambda a: jnp.concatenate([a, a], axis=0)  # noqa: E731
+    nulls = jnp.full_like(labels, null)
+    both = net.apply(params, twice(z), twice(t), twice(r), jnp.concatenate([labels, nulls], 0))
+    check_same_shape(both, twice(z), "the average-velocity ('velocity') prediction u(z, t, r)")
+    both = jax.lax.stop_gradient(both)
+    return both[:n], both[n:]

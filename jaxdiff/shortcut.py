@@ -41,7 +41,7 @@ its ``t`` is our ``1 - t``, and its shortcut ``s(x_t, t, d)`` (``x_{t+d} = x_t +
   sample it in one step without guidance at sampling time (the jumps with ``r < t`` are trained
   for the real labels only, as in the paper).
 
-Measured on the 8x8 digits at 1,500 to 24,000 steps (``python scripts/shortcut_recipe.py``; the
+Measured on the 8x8 digits at 1,500 to 24,000 steps (``python scripts/fewstep_recipes.py``; the
 README's table): EMA targets lag the online network and train slower (the gap closes with
 training, to a tie at 24,000 steps), clipping barely acts, and guided targets trade Fréchet
 distance for class accuracy, as guidance does (at 1,500 steps ``w = 1.5`` also improves the
@@ -64,13 +64,14 @@ from jaxdiff.field import Field, as_field
 from jaxdiff.losses import (
     TimeSampler,
     check_label_dropout,
+    check_target_guidance,
     draw_times,
     drop_labels,
     mean_sq_error,
     noise_pairs,
     uniform_time,
 )
-from jaxdiff.meanflow import shape_checked, velocity_target
+from jaxdiff.meanflow import guided_pair, shape_checked, velocity_target
 from jaxdiff.paths import GaussianPath, linear_path
 from jaxdiff.sources import as_source, check_source_path, is_gaussian
 
@@ -178,15 +179,7 @@ def shortcut_loss(
     if target_clip is not None:
         target_clip = float(check_positive(target_clip, "target_clip"))
     check_label_dropout(label_dropout, null_label)
-    if target_guidance is not None:
-        target_guidance = float(target_guidance)
-        if not math.isfinite(target_guidance):
-            raise ValueError(f"target_guidance must be finite; got {target_guidance}")
-        if label_dropout <= 0:
-            raise ValueError(
-                f"target_guidance {target_guidance} needs the unconditional velocity: "
-                "label_dropout > 0 with a null_label (the paper drops 10% of the labels)"
-            )
+    if check_target_guidance(target_guidance, label_dropout):
         if bootstrap_fraction == 0:
             raise ValueError(
                 f"target_guidance {target_guidance} guides the self-consistency targets; "
@@ -249,9 +242,5 @@ def _guided_half(net: Field, params: Any, labels: Array, null: int, w: float, z,
     """A half jump of the targets: the conditional ``u_c``, guided to ``u_null + w (u_c - u_null)``
     where it is the instantaneous velocity (``r = t``: the finest level's Euler halves). One call
     on the doubled batch."""
-    n = z.shape[0]
-    twice = lambda a: jnp.concatenate([a, a], axis=0)  # noqa: E731
-    nulls = jnp.full_like(labels, null)
-    both = net.apply(params, twice(z), twice(t), twice(r), jnp.concatenate([labels, nulls], 0))
-    c, u = both[:n], both[n:]
+    c, u = guided_pair(net, params, z, t, labels, null, r)
     return jnp.where(expand_like(t == r, c), u + w * (c - u), c)

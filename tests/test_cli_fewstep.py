@@ -44,8 +44,16 @@ from tests.net_helpers import perturb
             "got loss shortcut without --conditional",
         ),
         (
-            ["--loss", "meanflow", "--data", "digits", "--conditional", "--target-guidance", "2"],
-            "needs --loss shortcut --conditional; got loss meanflow",
+            [
+                "--loss",
+                "consistency",
+                "--data",
+                "digits",
+                "--conditional",
+                "--target-guidance",
+                "2",
+            ],
+            "needs --loss meanflow or shortcut with --conditional; got loss consistency",
         ),
         (
             [
@@ -67,7 +75,7 @@ from tests.net_helpers import perturb
         ),
         (
             ["--loss", "fm", "--data", "digits", "--conditional", "--target-guidance", "2"],
-            "needs --loss shortcut --conditional; got loss fm",
+            "needs --loss meanflow or shortcut with --conditional; got loss fm",
         ),
     ],
 )

@@ -143,6 +143,67 @@ def test_loss_equals_one_jvp_over_the_whole_batch(x64):
     np.testing.assert_allclose(grad, direct_grad, rtol=1e-10)
 
 
+def test_guided_loss_equals_the_direct_formula(x64):
+    """Guidance in training (Geng et al. 2025, Appendix B.1): labels dropped to the null label,
+    and for the kept ones v~ = w v + k u(z, t, t | c) + (1 - w - k) u(z, t, t | null) under a
+    stop-gradient, the target's velocity and the JVP's tangent both; value and gradient equal the
+    direct formula."""
+
+    def u_fn(w, z, t, r, y):
+        h = z @ w + 0.7 * t[:, None] - 1.3 * r[:, None] ** 2 + 0.1 * y[:, None]
+        return jnp.tanh(h) * (1 + t * r)[:, None]
+
+    net = jd.Field(u_fn, "velocity")
+    w = jax.random.normal(jax.random.key(10), (2, 2))
+    x0 = jax.random.normal(jax.random.key(11), (64, 2))
+    labels = jnp.arange(64) % 5
+    key, times = jax.random.key(12), jd.uniform_time(0.0, 1.0)
+
+    def direct(w, g_w=2.0, k=0.5):
+        t_key, r_key, e_key = jax.random.split(key, 3)
+        t1, t2 = times(t_key, (64,)), times(r_key, (64,))
+        t, r = jnp.maximum(t1, t2), jnp.minimum(t1, t2)
+        r = jnp.where(jnp.arange(64) < 48, t, r)
+        eps = jax.random.normal(e_key, (64, 2))
+        z = (1 - t[:, None]) * x0 + t[:, None] * eps
+        drop = jax.random.bernoulli(jax.random.fold_in(key, 0x1AB), 0.3, (64,))
+        y = jnp.where(drop, 5, labels)
+        sg = jax.lax.stop_gradient
+        u_c, u_null = sg(u_fn(w, z, t, t, y)), sg(u_fn(w, z, t, t, jnp.full(64, 5)))
+        v = eps - x0
+        v = jnp.where((y != 5)[:, None], g_w * v + k * u_c + (1 - g_w - k) * u_null, v)
+        u, target = jd.meanflow_target(lambda *a: u_fn(w, *a, y), z, t, r, v)
+        err = jnp.sum((u - target) ** 2, axis=1)
+        return jnp.mean(sg(1 / (err + 1e-3) ** 0.5) * err), jnp.mean(drop)
+
+    loss = jd.meanflow_loss(net, time_sampler=times, label_dropout=0.3, null_label=5,
+                            target_guidance=2.0, guidance_mix=0.5)  # fmt: skip
+    plain = jd.meanflow_loss(net, time_sampler=times, label_dropout=0.3, null_label=5)
+    batch = (x0, labels)
+    both = jax.jit(
+        lambda w: (
+            loss(w, key, batch),
+            direct(w)[0],
+            jax.grad(loss)(w, key, batch),
+            jax.grad(lambda w: direct(w)[0])(w),
+            plain(w, key, batch),
+            direct(w, 1.0, 0.0)[0],
+            direct(w)[1],
+        )
+    )
+    value, direct_value, grad, direct_grad, plain_value, unguided, dropped = both(w)
+    np.testing.assert_allclose(value, direct_value, rtol=1e-12)
+    np.testing.assert_allclose(grad, direct_grad, rtol=1e-10)
+    np.testing.assert_allclose(plain_value, unguided, rtol=1e-12)  # w = 1, k = 0: no guidance
+    assert abs(float(value) - float(plain_value)) > 0.01 and 0.1 < float(dropped) < 0.5
+    with pytest.raises(ValueError, match="guidance_mix 0.5 mixes the conditional velocity"):
+        jd.meanflow_loss(net, guidance_mix=0.5)
+    with pytest.raises(ValueError, match="target_guidance 2.0 needs the unconditional velocity"):
+        jd.meanflow_loss(net, target_guidance=2.0)
+    with pytest.raises(ValueError, match="target_guidance needs labels in the batch"):
+        jd.meanflow_loss(net, label_dropout=0.1, null_label=5, target_guidance=2.0)(w, key, x0)
+
+
 def test_loss_gradient_vanishes_in_expectation_at_the_exact_average_velocity(x64):
     """With the conditional velocity e - x the loss is not 0 at the exact u, but its expected
     gradient is: E[target | z_t] = u. Mean over 16 independent batches, within 4 standard errors."""

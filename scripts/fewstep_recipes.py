@@ -1,4 +1,5 @@
-"""Shortcut models on the digits with the paper's recipe, switch by switch (Frans et al. 2024).
+"""Few-step recipes on the digits, switch by switch: shortcut models (Frans et al. 2024) and
+MeanFlow with guidance in training (Geng et al. 2025).
 
 The fewstep benchmark's digits setting (``benchmarks/fewstep_training.py``: class-conditional
 ``TwoTimeMLP`` width 256, depth 3, Fourier time features of scale 1; AdamW 2e-3 with warmup and
@@ -6,11 +7,13 @@ cosine, batch 128; evaluated from the EMA parameters, decay 0.999) trained with
 ``jd.shortcut_loss`` and each of its recipe switches: EMA targets (``make_train_step(...,
 ema_targets=True)``), clipping (``target_clip``; the digits lie in ``[-1, 1]`` as the paper's
 images), and guided targets (``target_guidance = w`` with ``label_dropout = 0.1``, sampled
-without guidance). Scores: the Fréchet distance on the shipped classifier's features against the
-test split (floor: train against test, 6.6) and the classifier's accuracy on the requested labels,
-1,000 samples (labels 0..9 in turn) at 1, 2 and 4 jumps; one row per variant and seed.
+without guidance); and with ``jd.meanflow_loss`` (uniform times, adaptive weighting power 0.5,
+as in the benchmark) without and with guidance in training (``target_guidance = w``,
+``guidance_mix = k``). Scores: the Fréchet distance on the shipped classifier's features against
+the test split (floor: train against test, 6.6) and the classifier's accuracy on the requested
+labels, 1,000 samples (labels 0..9 in turn) at 1, 2 and 4 jumps; one row per variant and seed.
 
-    python scripts/shortcut_recipe.py [--steps 1500] [--seeds 0 1] [--only NAME ...]
+    python scripts/fewstep_recipes.py [--steps 1500] [--seeds 0 1] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -27,13 +30,23 @@ from benchmarks.fewstep_training import _train, digits_task
 from jaxdiff.nets import init_params
 from jaxdiff.nets.two_time import TwoTimeMLP
 
-VARIANTS = {  # name: (shortcut_loss keywords, ema_targets)
-    "online": ({}, False),
-    "ema": ({}, True),
-    "ema+clip4": ({"target_clip": 4.0}, True),
-    "guided1.5": ({"target_guidance": 1.5}, False),
-    "ema+guided1.5": ({"target_guidance": 1.5}, True),
-    "ema+guided2": ({"target_guidance": 2.0}, True),
+VARIANTS = {  # name: (loss, its keywords, ema_targets)
+    "online": ("shortcut", {}, False),
+    "ema": ("shortcut", {}, True),
+    "ema+clip4": ("shortcut", {"target_clip": 4.0}, True),
+    "guided1.5": ("shortcut", {"target_guidance": 1.5}, False),
+    "ema+guided1.5": ("shortcut", {"target_guidance": 1.5}, True),
+    "ema+guided2": ("shortcut", {"target_guidance": 2.0}, True),
+    "meanflow": ("meanflow", {}, False),
+    "meanflow-guided1.5": ("meanflow", {"target_guidance": 1.5}, False),
+    "meanflow-guided2": ("meanflow", {"target_guidance": 2.0}, False),
+    "meanflow-guided1-mix0.5": ("meanflow", {"target_guidance": 1.0, "guidance_mix": 0.5}, False),
+}
+LOSSES = {
+    "shortcut": lambda net, **kw: jd.shortcut_loss(net, jd.linear_path(), **kw),
+    "meanflow": lambda net, **kw: jd.meanflow_loss(
+        net, jd.linear_path(), time_sampler=jd.uniform_time(0.0, 1.0), weighting_power=0.5, **kw
+    ),
 }
 
 
@@ -51,10 +64,10 @@ def main() -> None:
     labels = task.labels
     rows = []
     for name in args.only or VARIANTS:
-        kw, ema = VARIANTS[name]
+        which, kw, ema = VARIANTS[name]
         if "target_guidance" in kw:
             kw = {**kw, "label_dropout": 0.1, "null_label": 10}
-        loss = jd.shortcut_loss(net, jd.linear_path(), **kw)
+        loss = LOSSES[which](net, **kw)
         for seed in args.seeds:
             params0 = init_params(
                 model, jax.random.key(seed), jnp.zeros((1, *task.shape)), 0.5, 0.5, labels[:1]
