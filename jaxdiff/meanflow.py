@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jaxdiff._checks import check_positive, check_same_shape, expand_like, wide_dtype
 from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
+from jaxdiff.guidance import check_interval
 from jaxdiff.losses import (
     TimeSampler,
     check_label_dropout,
@@ -120,6 +121,7 @@ def meanflow_loss(
     null_label: int | None = None,
     target_guidance: float | None = None,
     guidance_mix: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> Callable[[Any, Array, Any], Array]:
     """The MeanFlow loss ``(params, key, batch) -> scalar`` (Geng et al. 2025, Algorithm 1).
 
@@ -165,8 +167,10 @@ def meanflow_loss(
 
     with ``k = guidance_mix`` (default 0; the paper's effective scale is ``w / (1 - k)``), the
     network's instantaneous velocities under a stop-gradient (one more forward pass of the batch,
-    two with ``k != 0``); a dropped label keeps ``v``. One unguided jump with the label samples the
-    guided model.
+    two with ``k != 0``); a dropped label keeps ``v``, and so does an example whose ``t`` lies outside
+    ``guidance_interval = (t_lo, t_hi)`` when one is given (guidance on part of the path only, as
+    Kynkäänniemi et al. 2024 do at sampling). One unguided jump with the label samples the guided
+    model.
     """
     net = as_field(net, "net")
     if net.target != "velocity":
@@ -193,6 +197,10 @@ def meanflow_loss(
             f"guidance_mix {guidance_mix} mixes the conditional velocity into target_guidance's "
             "target: it needs a finite value and target_guidance"
         )
+    if guidance_interval is not None:
+        if not guide:
+            raise ValueError(f"guidance_interval {guidance_interval} needs target_guidance")
+        guidance_interval = check_interval(guidance_interval)
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
         t_key, r_key, e_key = jax.random.split(key, 3)
@@ -213,8 +221,10 @@ def meanflow_loss(
             w, k = target_guidance, guidance_mix
             u_c, u_null = guided_pair(net, params, z, t, labels, null_label)
             g = w * v + k * u_c + (1.0 - w - k) * u_null
-            keep = expand_like(labels != jnp.asarray(null_label, labels.dtype), v)
-            v = jnp.where(keep, g.astype(v.dtype), v)
+            keep = labels != jnp.asarray(null_label, labels.dtype)
+            if guidance_interval is not None:
+                keep = keep & (t >= guidance_interval[0]) & (t <= guidance_interval[1])
+            v = jnp.where(expand_like(keep, v), g.astype(v.dtype), v)
         # The first m examples have r = t, where the target is v itself: they skip the JVP (a
         # static split, so the JVP costs only the r < t part of the batch).
         m = round(flow_matching_fraction * n)

@@ -9,7 +9,7 @@ ema_targets=True)``), clipping (``target_clip``; the digits lie in ``[-1, 1]`` a
 images), and guided targets (``target_guidance = w`` with ``label_dropout = 0.1``, sampled
 without guidance); and with ``jd.meanflow_loss`` (uniform times, adaptive weighting power 0.5,
 as in the benchmark) without and with guidance in training (``target_guidance = w``,
-``guidance_mix = k``). Scores: the Fréchet distance on the shipped classifier's features against
+``guidance_mix = k``, ``guidance_interval``). Scores: the Fréchet distance on the shipped classifier's features against
 the test split (floor: train against test, 6.6) and the classifier's accuracy on the requested
 labels, 1,000 samples (labels 0..9 in turn) at 1, 2 and 4 jumps; one row per variant and seed.
 
@@ -41,6 +41,12 @@ VARIANTS = {  # name: (loss, its keywords, ema_targets)
     "meanflow-guided1.5": ("meanflow", {"target_guidance": 1.5}, False),
     "meanflow-guided2": ("meanflow", {"target_guidance": 2.0}, False),
     "meanflow-guided1-mix0.5": ("meanflow", {"target_guidance": 1.0, "guidance_mix": 0.5}, False),
+    "meanflow-guided1.2": ("meanflow", {"target_guidance": 1.2}, False),
+    "meanflow-guided1.5-interval": (
+        "meanflow",
+        {"target_guidance": 1.5, "guidance_interval": (0.0, 0.84)},
+        False,
+    ),
 }
 LOSSES = {
     "shortcut": lambda net, **kw: jd.shortcut_loss(net, jd.linear_path(), **kw),

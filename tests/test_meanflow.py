@@ -159,7 +159,7 @@ def test_guided_loss_equals_the_direct_formula(x64):
     labels = jnp.arange(64) % 5
     key, times = jax.random.key(12), jd.uniform_time(0.0, 1.0)
 
-    def direct(w, g_w=2.0, k=0.5):
+    def direct(w, g_w=2.0, k=0.5, interval=(0.0, 1.0)):
         t_key, r_key, e_key = jax.random.split(key, 3)
         t1, t2 = times(t_key, (64,)), times(r_key, (64,))
         t, r = jnp.maximum(t1, t2), jnp.minimum(t1, t2)
@@ -171,7 +171,8 @@ def test_guided_loss_equals_the_direct_formula(x64):
         sg = jax.lax.stop_gradient
         u_c, u_null = sg(u_fn(w, z, t, t, y)), sg(u_fn(w, z, t, t, jnp.full(64, 5)))
         v = eps - x0
-        v = jnp.where((y != 5)[:, None], g_w * v + k * u_c + (1 - g_w - k) * u_null, v)
+        keep = (y != 5) & (t >= interval[0]) & (t <= interval[1])
+        v = jnp.where(keep[:, None], g_w * v + k * u_c + (1 - g_w - k) * u_null, v)
         u, target = jd.meanflow_target(lambda *a: u_fn(w, *a, y), z, t, r, v)
         err = jnp.sum((u - target) ** 2, axis=1)
         return jnp.mean(sg(1 / (err + 1e-3) ** 0.5) * err), jnp.mean(drop)
@@ -179,6 +180,8 @@ def test_guided_loss_equals_the_direct_formula(x64):
     loss = jd.meanflow_loss(net, time_sampler=times, label_dropout=0.3, null_label=5,
                             target_guidance=2.0, guidance_mix=0.5)  # fmt: skip
     plain = jd.meanflow_loss(net, time_sampler=times, label_dropout=0.3, null_label=5)
+    inside = jd.meanflow_loss(net, time_sampler=times, label_dropout=0.3, null_label=5,
+                              target_guidance=2.0, guidance_interval=(0.2, 0.7))  # fmt: skip
     batch = (x0, labels)
     both = jax.jit(
         lambda w: (
@@ -189,9 +192,12 @@ def test_guided_loss_equals_the_direct_formula(x64):
             plain(w, key, batch),
             direct(w, 1.0, 0.0)[0],
             direct(w)[1],
+            inside(w, key, batch),
+            direct(w, 2.0, 0.0, (0.2, 0.7))[0],
         )
     )
-    value, direct_value, grad, direct_grad, plain_value, unguided, dropped = both(w)
+    value, direct_value, grad, direct_grad, plain_value, unguided, dropped, *part = both(w)
+    np.testing.assert_allclose(part[0], part[1], rtol=1e-12)  # guided for 0.2 <= t <= 0.7 only
     np.testing.assert_allclose(value, direct_value, rtol=1e-12)
     np.testing.assert_allclose(grad, direct_grad, rtol=1e-10)
     np.testing.assert_allclose(plain_value, unguided, rtol=1e-12)  # w = 1, k = 0: no guidance
@@ -200,6 +206,12 @@ def test_guided_loss_equals_the_direct_formula(x64):
         jd.meanflow_loss(net, guidance_mix=0.5)
     with pytest.raises(ValueError, match="target_guidance 2.0 needs the unconditional velocity"):
         jd.meanflow_loss(net, target_guidance=2.0)
+    assert abs(float(part[0]) - float(value)) > 0.01
+    with pytest.raises(ValueError, match=r"guidance_interval \(0.2, 0.7\) needs target_guidance"):
+        jd.meanflow_loss(net, guidance_interval=(0.2, 0.7))
+    with pytest.raises(ValueError, match="interval must satisfy 0 <= t_lo < t_hi"):
+        jd.meanflow_loss(net, label_dropout=0.1, null_label=5, target_guidance=2.0,
+                         guidance_interval=(0.7, 0.2))  # fmt: skip
     with pytest.raises(ValueError, match="target_guidance needs labels in the batch"):
         jd.meanflow_loss(net, label_dropout=0.1, null_label=5, target_guidance=2.0)(w, key, x0)
 
