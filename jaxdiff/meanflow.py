@@ -33,7 +33,6 @@ ordinary velocity field, so the multi-step samplers take it too.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -165,12 +164,13 @@ def meanflow_loss(
 
         ``v~ = w v + k u(z_t, t, t | c) + (1 - w - k) u(z_t, t, t | null)``
 
-    with ``k = guidance_mix`` (default 0; the paper's effective scale is ``w / (1 - k)``), the
-    network's instantaneous velocities under a stop-gradient (one more forward pass of the batch,
-    two with ``k != 0``); a dropped label keeps ``v``, and so does an example whose ``t`` lies outside
-    ``guidance_interval = (t_lo, t_hi)`` when one is given (guidance on part of the path only, as
-    Kynkäänniemi et al. 2024 do at sampling). One unguided jump with the label samples the guided
-    model.
+    with ``k = guidance_mix`` in ``[0, 1)`` (default 0; the paper's effective scale is ``w / (1 -
+    k)``), the network's instantaneous velocities under a stop-gradient (one more forward pass of
+    the batch, two with ``k != 0``); a dropped label keeps ``v``, and so does an example whose
+    ``t`` lies outside ``guidance_interval = (t_lo, t_hi)`` when one is given (guidance on part of
+    the path only, as Kynkäänniemi et al. 2024 do at sampling). One unguided jump with the label
+    samples the guided model. Labels are dropped before a ``velocity`` teacher is called, so a
+    conditional teacher sees the null label too (one trained with label dropout knows it).
     """
     net = as_field(net, "net")
     if net.target != "velocity":
@@ -192,10 +192,10 @@ def meanflow_loss(
         raise ValueError(f"weighting_eps must be finite and > 0; got {weighting_eps}")
     check_label_dropout(label_dropout, null_label)
     guide = check_target_guidance(target_guidance, label_dropout)
-    if not math.isfinite(guidance_mix) or (guidance_mix and not guide):
+    if not 0.0 <= guidance_mix < 1.0 or (guidance_mix and not guide):
         raise ValueError(
             f"guidance_mix {guidance_mix} mixes the conditional velocity into target_guidance's "
-            "target: it needs a finite value and target_guidance"
+            "target: it needs a value in [0, 1) and target_guidance"
         )
     if guidance_interval is not None:
         if not guide:
@@ -219,8 +219,14 @@ def meanflow_loss(
             if labels is None:
                 raise ValueError("target_guidance needs labels in the batch; got none")
             w, k = target_guidance, guidance_mix
-            u_c, u_null = guided_pair(net, params, z, t, labels, null_label)
-            g = w * v + k * u_c + (1.0 - w - k) * u_null
+            if k:
+                u_c, u_null = guided_pair(net, params, z, t, labels, null_label)
+                g = w * v + k * u_c + (1.0 - w - k) * u_null
+            else:  # the null half alone: one forward pass of the batch, not two
+                nulls = jnp.full_like(labels, null_label)
+                u_null = jax.lax.stop_gradient(shape_checked(partial(net.apply, params))(
+                    z, t, t, nulls))  # fmt: skip
+                g = w * v + (1.0 - w) * u_null
             keep = labels != jnp.asarray(null_label, labels.dtype)
             if guidance_interval is not None:
                 keep = keep & (t >= guidance_interval[0]) & (t <= guidance_interval[1])

@@ -173,14 +173,16 @@ def test_meanflow_trains_the_two_time_unet_on_the_digits(tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_target_guidance_reaches_the_shortcut_loss():
+@pytest.mark.parametrize("loss", ["shortcut", "meanflow"])
+def test_target_guidance_reaches_the_loss(loss):
     """--target-guidance builds the loss with guided targets and the label dropout: at the same
-    parameters and key, w = 10 and w = 1 (the conditional targets) give different losses (by
-    1.2e-3 of the loss; w = 2: 1e-5, the labels of a perturbed fresh network move it little), and a
-    resumed run refuses to change it or --ema-targets, naming both."""
+    parameters and key, w = 10 and w = 1 (the conditional targets) give different losses (the
+    shortcut's by 1.2e-3 of the loss, only its finest level is guided; w = 2: 1e-5, the labels of
+    a perturbed fresh network move it little; MeanFlow's 8-fold), and a resumed run refuses to
+    change it or --ema-targets, naming both."""
     from jaxdiff import rundir as R
 
-    c = E.resolve({"loss": "shortcut", "data": "digits", "conditional": True, "width": 32,
+    c = E.resolve({"loss": loss, "data": "digits", "conditional": True, "width": 32,
                    "target_guidance": 1.0})  # fmt: skip
     setup = E.build(c)
     state, _ = E.init_state(c, setup)
@@ -188,8 +190,8 @@ def test_target_guidance_reaches_the_shortcut_loss():
     batch = setup.sample_batch(jax.random.key(0))
 
     def value(w):
-        loss = E.build({**c, "target_guidance": w}).loss
-        return float(jax.jit(loss)(params, jax.random.key(3), batch))
+        fn = E.build({**c, "target_guidance": w}).loss
+        return float(jax.jit(fn)(params, jax.random.key(3), batch))
 
     assert abs(value(10.0) - value(1.0)) > 1e-4 * value(1.0)
     with pytest.raises(ValueError) as err:

@@ -204,6 +204,9 @@ def test_guided_loss_equals_the_direct_formula(x64):
     assert abs(float(value) - float(plain_value)) > 0.01 and 0.1 < float(dropped) < 0.5
     with pytest.raises(ValueError, match="guidance_mix 0.5 mixes the conditional velocity"):
         jd.meanflow_loss(net, guidance_mix=0.5)
+    with pytest.raises(ValueError, match=r"guidance_mix 1.0 .* a value in \[0, 1\)"):
+        jd.meanflow_loss(net, label_dropout=0.1, null_label=5, target_guidance=2.0,
+                         guidance_mix=1.0)  # fmt: skip
     with pytest.raises(ValueError, match="target_guidance 2.0 needs the unconditional velocity"):
         jd.meanflow_loss(net, target_guidance=2.0)
     assert abs(float(part[0]) - float(value)) > 0.01
