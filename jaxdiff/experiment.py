@@ -471,23 +471,14 @@ def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
         times = L.uniform_time(0.0, 1.0)
     else:
         times = L.logit_normal_time(t_min=0.0, t_max=1.0)
-    if c["loss"] == "shortcut":
-        guided = c["target_guidance"] is not None
-        return shortcut_loss(
-            net,
-            path,
-            time_sampler=times,
-            label_dropout=c["label_dropout"] if guided else 0.0,
-            null_label=10 if guided else None,  # the label embedding's extra row
-            target_guidance=c["target_guidance"],
-        )
     guided = c["target_guidance"] is not None
-    return meanflow_loss(
+    make = shortcut_loss if c["loss"] == "shortcut" else meanflow_loss
+    return make(
         net,
         path,
         time_sampler=times,
         label_dropout=c["label_dropout"] if guided else 0.0,
-        null_label=10 if guided else None,
+        null_label=10 if guided else None,  # the label embedding's extra row
         target_guidance=c["target_guidance"],
     )
 
