@@ -254,7 +254,6 @@ def _check_fewstep(c: dict) -> None:
         raise ValueError(f"loss {loss} draws its times {' or '.join(allowed)}; got {c['time']!r}")
     if c["weighting"] != "unit":
         raise ValueError(f"loss {loss} has its own weighting; --weighting is for diffusion losses")
-
     if c["precond"] != "none" or c["dtype"] != "float32" or c["dropout"]:
         raise ValueError(
             f"loss {loss} trains a float32 network without preconditioning or dropout; --precond, "
