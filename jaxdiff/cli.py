@@ -107,6 +107,22 @@ def _parser() -> _Parser:
         "step unguided",
     )
     train.add_argument(
+        "--target-guidance-mix",
+        type=float,
+        dest="target_guidance_mix",
+        metavar="K",
+        help="meanflow with --target-guidance: the conditional velocity's share k in "
+        "w v + k u_c + (1 - w - k) u_null (default 0; Geng et al. 2025, B.1)",
+    )
+    train.add_argument(
+        "--target-guidance-interval",
+        type=float,
+        nargs=2,
+        metavar=("T_LO", "T_HI"),
+        dest="target_guidance_interval",
+        help="meanflow with --target-guidance: guided targets only for T_LO <= t <= T_HI",
+    )
+    train.add_argument(
         "--precond", choices=E.PRECONDS, help="edm: EDM's preconditioning (target x0)"
     )
     train.add_argument("--sigma-data", type=float, dest="sigma_data", help="for edm (default 0.5)")
@@ -190,7 +206,8 @@ def _parser() -> _Parser:
 TRAIN_KEYS = (
     "data path loss target weighting time model width depth channels conditional label_dropout "
     "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg precond "
-    "sigma_data dropout dtype ema_targets target_guidance"
+    "sigma_data dropout dtype ema_targets target_guidance target_guidance_mix "
+    "target_guidance_interval"
 ).split()
 TRAIN_KEYS += ["images", "flip"]  # image data of your own (jaxdiff.run_images)
 

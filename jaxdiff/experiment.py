@@ -37,6 +37,7 @@ from jaxdiff import weightings as W
 from jaxdiff._checks import check_count
 from jaxdiff.data import TOY_DATASETS, load_digits
 from jaxdiff.field import Field
+from jaxdiff.guidance import check_interval
 from jaxdiff.metrics import energy_distance, mmd
 from jaxdiff.paths import GaussianPath, cosine_path, linear_path, subvp_path, ve_path, vp_path
 from jaxdiff.sources import dataset_source
@@ -106,6 +107,8 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",  # bfloat16: mixed precision (float32 params, optimizer and loss)
     "ema_targets": False,  # shortcut, consistency: targets from the EMA network
     "target_guidance": None,  # conditional meanflow, shortcut: guided targets (the cfg scale)
+    "target_guidance_mix": 0.0,  # meanflow's guided targets: the conditional share k
+    "target_guidance_interval": None,  # meanflow's guided targets: (t_lo, t_hi), else all t
 }
 
 
@@ -211,6 +214,7 @@ FEWSTEP_TARGETS = {"meanflow": "velocity", "shortcut": "velocity", "consistency"
 
 def _check_target_guidance(c: dict) -> None:
     w, loss = c["target_guidance"], c["loss"]
+    k, interval = _check_target_guidance_options(c)
     if w is None:
         return
     if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
@@ -225,6 +229,31 @@ def _check_target_guidance(c: dict) -> None:
         raise ValueError(
             f"target_guidance {w} needs label_dropout > 0 (the unconditional velocity)"
         )
+    if loss == "meanflow":  # the values, before any training (meanflow_loss checks them again)
+        if not 0.0 <= k < 1.0:
+            raise ValueError(f"target_guidance_mix must lie in [0, 1); got {k}")
+        if interval is not None:
+            try:
+                c["target_guidance_interval"] = list(check_interval(interval))
+            except ValueError as err:
+                raise ValueError(f"target_guidance_interval: {err}") from None
+
+
+def _check_target_guidance_options(c: dict) -> tuple[Any, Any]:
+    """MeanFlow's two options of guided targets: numbers, and only with a guided meanflow run."""
+    k, interval = c["target_guidance_mix"], c["target_guidance_interval"]
+    if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k):
+        raise ValueError(f"target_guidance_mix must be a number in [0, 1); got {k!r}")
+    if (k != 0 or interval is not None) and (
+        c["target_guidance"] is None or c["loss"] != "meanflow"
+    ):
+        given = "target_guidance_mix" if k != 0 else "target_guidance_interval"
+        raise ValueError(
+            f"{given} {k if k != 0 else interval} shapes MeanFlow's guided targets: it needs "
+            f"--loss meanflow with --target-guidance; got loss {c['loss']}"
+            + ("" if c["target_guidance"] is not None else " without --target-guidance")
+        )
+    return k, interval
 
 
 def _check_fewstep(c: dict) -> None:
@@ -472,6 +501,11 @@ def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
         times = L.logit_normal_time(t_min=0.0, t_max=1.0)
     guided = c["target_guidance"] is not None
     make = shortcut_loss if c["loss"] == "shortcut" else meanflow_loss
+    interval = c["target_guidance_interval"]
+    extra = {} if c["loss"] == "shortcut" else {
+        "guidance_mix": float(c["target_guidance_mix"]),
+        "guidance_interval": None if interval is None else tuple(interval),
+    }  # fmt: skip
     return make(
         net,
         path,
@@ -479,6 +513,7 @@ def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
         label_dropout=c["label_dropout"] if guided else 0.0,
         null_label=10 if guided else None,  # the label embedding's extra row
         target_guidance=c["target_guidance"],
+        **extra,
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 
 import jaxdiff as jd
 from jaxdiff import experiment as E
+from jaxdiff import losses as L
 from jaxdiff.cli import main
 from jaxdiff.runs import make_sampler
 from tests.cli_helpers import cli_error as _error
@@ -76,6 +77,64 @@ from tests.net_helpers import perturb
         (
             ["--loss", "fm", "--data", "digits", "--conditional", "--target-guidance", "2"],
             "needs --loss meanflow or shortcut with --conditional; got loss fm",
+        ),
+        (
+            [
+                "--loss",
+                "meanflow",
+                "--data",
+                "digits",
+                "--conditional",
+                "--target-guidance-mix",
+                "0.5",
+            ],  # fmt: skip
+            "target_guidance_mix 0.5 shapes MeanFlow's guided targets: it needs --loss meanflow "
+            "with --target-guidance; got loss meanflow without --target-guidance",
+        ),
+        (
+            [
+                "--loss",
+                "shortcut",
+                "--data",
+                "digits",
+                "--conditional",
+                "--target-guidance",
+                "2",
+                "--target-guidance-interval",
+                "0",
+                "0.8",
+            ],  # fmt: skip
+            "target_guidance_interval [0.0, 0.8] shapes MeanFlow's guided targets: it needs "
+            "--loss meanflow with --target-guidance; got loss shortcut",
+        ),
+        (
+            [
+                "--loss",
+                "meanflow",
+                "--data",
+                "digits",
+                "--conditional",
+                "--target-guidance",
+                "2",
+                "--target-guidance-mix",
+                "1",
+            ],  # fmt: skip
+            "target_guidance_mix must lie in [0, 1); got 1.0",
+        ),
+        (
+            [
+                "--loss",
+                "meanflow",
+                "--data",
+                "digits",
+                "--conditional",
+                "--target-guidance",
+                "2",
+                "--target-guidance-interval",
+                "0.8",
+                "0.2",
+            ],  # fmt: skip
+            "target_guidance_interval: interval must satisfy 0 <= t_lo < t_hi",
         ),
     ],
 )
@@ -198,3 +257,18 @@ def test_target_guidance_reaches_the_loss(loss):
         R.resume_config(c, {"target_guidance": 2.0, "ema_targets": True})
     assert "--target-guidance 2.0 (the run has 1.0)" in str(err.value)
     assert "--ema-targets (the run has False)" in str(err.value)
+    if loss == "meanflow":  # its guided targets' two options reach the loss, as the library's
+        from jaxdiff.meanflow import meanflow_loss
+
+        options = {"target_guidance": 2.0, "target_guidance_mix": 0.5,
+                   "target_guidance_interval": [0.0, 0.6]}  # fmt: skip
+        fn = jax.jit(E.build({**c, **options}).loss)(params, jax.random.key(3), batch)
+        direct = meanflow_loss(jd.Field(E.network_fn(c, setup.model), "velocity"), setup.path,
+                               time_sampler=L.uniform_time(0.0, 1.0),
+                               label_dropout=0.1, null_label=10, target_guidance=2.0,
+                               guidance_mix=0.5, guidance_interval=(0.0, 0.6))  # fmt: skip
+        np.testing.assert_allclose(fn, jax.jit(direct)(params, jax.random.key(3), batch), rtol=1e-6)
+        assert abs(float(fn) - value(2.0)) > 1e-4 * value(2.0)  # and they change it
+        with pytest.raises(ValueError) as err:
+            R.resume_config({**c, **options}, {"target_guidance_interval": [0.0, 0.8]})
+        assert "--target-guidance-interval [0.0, 0.8] (the run has [0.0, 0.6])" in str(err.value)
