@@ -92,6 +92,26 @@ def test_pc_euler_maruyama_starts_inside_where_g_is_infinite_at_one(path):
         assert abs(float(jnp.abs(x[:, 0]).mean()) - 2.0) < 0.03
 
 
+def test_pc_corrector_takes_no_step_where_the_score_is_zero():
+    # An untrained network whose output layer starts at zero predicts eps = 0, so score = 0: the
+    # signal-to-noise rule's step 2 a (snr |z| / |score|)^2 was infinite, and pc() raised "the
+    # sample contains non-finite values" (score_sde's loop gives NaN). The corrector now skips
+    # (no signal to correct with): pc() equals its predictor alone, key for key; a nonzero score
+    # still corrects.
+    zero = jd.Field(lambda x, t: jnp.zeros_like(x), "eps")
+
+    @jax.jit
+    def runs(key):
+        draw = lambda f, n: jd.sample(key, PATH, f, (16, 2), sampler=S.pc(corrector_steps=n),  # noqa: E731
+                                      steps=5).x  # fmt: skip
+        return draw(zero, 1), draw(zero, 0), draw(GAUSS.field(PATH, "eps"), 1), draw(GAUSS.field(PATH, "eps"), 0)  # fmt: skip
+
+    with_corrector, predictor_only, corrected, uncorrected = runs(jax.random.key(0))
+    assert bool(jnp.all(jnp.isfinite(with_corrector)))
+    np.testing.assert_array_equal(with_corrector, predictor_only)
+    assert float(jnp.abs(corrected - uncorrected).max()) > 1e-2
+
+
 def test_ddim_step_checks_a_known_t():
     # The stop-42 review's D8: a deterministic DDIM step reads the path at s only, so t = 1.5
     # went through even eagerly

@@ -116,7 +116,9 @@ def pc(
     """Predictor-corrector sampling (Song et al. 2021, Alg. 1): at each grid time
     ``corrector_steps`` Langevin steps (signal-to-noise rule), then ``predictor`` to the next time.
 
-    ``x`` needs a leading batch axis (the step rule takes norms per sample). Evaluations per step:
+    ``x`` needs a leading batch axis (the step rule takes norms per sample); a score of norm 0
+    (an untrained network whose output layer starts at zero) takes no corrector step, where the
+    rule's step is infinite. Evaluations per step:
     ``corrector_steps + 1`` (``corrector_steps`` with ``predictor=None``). Default grid: 100
     uniform steps to ``1e-3`` (score_sde's), then the denoising step.
 
@@ -144,7 +146,9 @@ def pc(
             _, eps = predict(path, field, x, t)
             score = -eps / path.sigma(t)
             z = normal(k, x)
-            size = 2.0 * a * jnp.square(snr * _mean_norm(z) / _mean_norm(score))
+            norm = _mean_norm(score)  # 0: no signal to correct with (a zero-initialised output)
+            ratio = snr * _mean_norm(z) / jnp.where(norm > 0, norm, 1.0)
+            size = jnp.where(norm > 0, 2.0 * a * jnp.square(ratio), 0.0)
             return (x + size * score + jnp.sqrt(2.0 * size) * z).astype(x.dtype), None
 
         return jax.lax.scan(one, x, jax.random.split(key, n_corr))[0]
