@@ -18,14 +18,21 @@
   either way, bit-identity checks included. Users keep XLA's default;
   ``JAXDIFF_TEST_XLA_DEFAULT=1`` keeps it in the tests too, and ``tests/test_xla_cpu.py`` compiles
   its programs with the default emitters whatever is set.
+* With it, LLVM's optimisation level 1 rather than XLA's default 2
+  (``--xla_backend_optimization_level=1``): the same HLO, cheaper code generation. Measured on
+  the sampler and U-Net training files (98 tests, 2 workers): 389 -> 343 s CPU, 205 -> 184 s,
+  every test passing. Level 0 was faster still (316 s CPU) but changed float32 results by up to
+  3.5e-6 between programs the tests hold equal to 1e-6 (a hand-written Euler loop against
+  diffrax's): not taken. ``JAXDIFF_TEST_XLA_DEFAULT=1`` drops this flag too.
 """
 
 import os
 
-_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+_TEST_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=1")
 _flags = os.environ.get("XLA_FLAGS", "")
-if os.environ.get("JAXDIFF_TEST_XLA_DEFAULT") != "1" and _EMITTERS not in _flags:
-    os.environ["XLA_FLAGS"] = f"{_flags} {_EMITTERS}".strip()  # before JAX reads XLA_FLAGS
+if os.environ.get("JAXDIFF_TEST_XLA_DEFAULT") != "1":
+    _extra = [f for f in _TEST_FLAGS if f.split("=")[0] not in _flags]
+    os.environ["XLA_FLAGS"] = " ".join([_flags, *_extra]).strip()  # before JAX reads XLA_FLAGS
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -25,7 +25,8 @@ from jaxdiff.nets import MLP, UNet, init_params
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's YNN fusions")
 
-DEFAULT_EMITTERS = {"xla_cpu_use_fusion_emitters": True}  # XLA's default (conftest turns it off)
+# XLA's defaults (conftest turns the emitters off and the optimisation level down to 1)
+DEFAULT_EMITTERS = {"xla_cpu_use_fusion_emitters": True, "xla_backend_optimization_level": 2}
 SETTINGS = {
     "default": DEFAULT_EMITTERS,
     "reduce": {
