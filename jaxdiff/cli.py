@@ -120,7 +120,8 @@ def _parser() -> _Parser:
         nargs=2,
         metavar=("T_LO", "T_HI"),
         dest="target_guidance_interval",
-        help="meanflow with --target-guidance: guided targets only for T_LO <= t <= T_HI",
+        help="meanflow with --target-guidance: guided targets only for T_LO <= t <= T_HI "
+        "(0 <= T_LO < T_HI)",
     )
     train.add_argument(
         "--precond", choices=E.PRECONDS, help="edm: EDM's preconditioning (target x0)"

@@ -233,6 +233,13 @@ def _check_target_guidance(c: dict) -> None:
         if not 0.0 <= k < 1.0:
             raise ValueError(f"target_guidance_mix must lie in [0, 1); got {k}")
         if interval is not None:
+            real = isinstance(interval, list | tuple) and len(interval) == 2
+            if not real or any(
+                isinstance(v, bool) or not isinstance(v, int | float) for v in interval
+            ):
+                raise ValueError(
+                    f"target_guidance_interval must be two numbers [t_lo, t_hi]; got {interval!r}"
+                )
             try:
                 c["target_guidance_interval"] = list(check_interval(interval))
             except ValueError as err:

@@ -111,6 +111,16 @@ def test_pc_corrector_takes_no_step_where_the_score_is_zero():
     np.testing.assert_array_equal(with_corrector, predictor_only)
     assert float(jnp.abs(corrected - uncorrected).max()) > 1e-2
 
+    def mean(scale, n):  # a field c * eps_exact: at c = 0 the gradient through the norms was NaN
+        field = jd.Field(lambda x, t: scale * GAUSS.field(PATH, "eps")(x, t), "eps")
+        x = jd.sample(jax.random.key(1), PATH, field, (16, 2), sampler=S.pc(corrector_steps=n),
+                      steps=3).x  # fmt: skip
+        return jnp.mean(x)
+
+    grads = jax.jit(jax.grad(mean), static_argnums=1)
+    g1, g0 = grads(0.0, 1), grads(0.0, 0)
+    assert bool(jnp.isfinite(g1)) and float(g1) == float(g0)  # no corrector step: no gradient
+
 
 def test_ddim_step_checks_a_known_t():
     # The stop-42 review's D8: a deterministic DDIM step reads the path at s only, so t = 1.5

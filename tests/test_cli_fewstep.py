@@ -262,13 +262,17 @@ def test_target_guidance_reaches_the_loss(loss):
 
         options = {"target_guidance": 2.0, "target_guidance_mix": 0.5,
                    "target_guidance_interval": [0.0, 0.6]}  # fmt: skip
-        fn = jax.jit(E.build({**c, **options}).loss)(params, jax.random.key(3), batch)
+        stored = E.resolve(json.loads(json.dumps({**c, **options})))  # as a run stores it
+        fn = jax.jit(E.build(stored).loss)(params, jax.random.key(3), batch)
         direct = meanflow_loss(jd.Field(E.network_fn(c, setup.model), "velocity"), setup.path,
                                time_sampler=L.uniform_time(0.0, 1.0),
                                label_dropout=0.1, null_label=10, target_guidance=2.0,
                                guidance_mix=0.5, guidance_interval=(0.0, 0.6))  # fmt: skip
         np.testing.assert_allclose(fn, jax.jit(direct)(params, jax.random.key(3), batch), rtol=1e-6)
         assert abs(float(fn) - value(2.0)) > 1e-4 * value(2.0)  # and they change it
+        for bad in ("08", [False, True], [0.0, 0.5, 1.0]):
+            with pytest.raises(ValueError, match="target_guidance_interval must be two numbers"):
+                E.resolve({**c, **options, "target_guidance_interval": bad})
         with pytest.raises(ValueError) as err:
             R.resume_config({**c, **options}, {"target_guidance_interval": [0.0, 0.8]})
         assert "--target-guidance-interval [0.0, 0.8] (the run has [0.0, 0.6])" in str(err.value)

@@ -94,8 +94,10 @@ class State(NamedTuple):
 
 
 def _mean_norm(v):
-    """Mean over the batch of the per-sample norms (score_sde's rule)."""
-    return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)))))
+    """Mean over the batch of the per-sample norms (score_sde's rule); a norm of 0 has gradient 0
+    (``sqrt``'s is infinite there, and 0 * inf made the gradient NaN)."""
+    sq = jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)))
+    return jnp.mean(jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0))
 
 
 def _check_batched(x: Array, name: str) -> None:
@@ -118,7 +120,8 @@ def pc(
 
     ``x`` needs a leading batch axis (the step rule takes norms per sample); a score of norm 0
     (an untrained network whose output layer starts at zero) takes no corrector step, where the
-    rule's step is infinite. Evaluations per step:
+    rule's step is infinite (only an exact 0: a score of norm 1e-12 takes the rule's huge step,
+    as in score_sde). Evaluations per step:
     ``corrector_steps + 1`` (``corrector_steps`` with ``predictor=None``). Default grid: 100
     uniform steps to ``1e-3`` (score_sde's), then the denoising step.
 
