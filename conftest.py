@@ -18,20 +18,28 @@
   either way, bit-identity checks included. Users keep XLA's default;
   ``JAXDIFF_TEST_XLA_DEFAULT=1`` keeps it in the tests too, and ``tests/test_xla_cpu.py`` compiles
   its programs with the default emitters whatever is set.
-* With it, LLVM's optimisation level 1 rather than XLA's default 2
+* With it, LLVM's optimisation level 1 rather than XLA's default 3
   (``--xla_backend_optimization_level=1``): the same HLO, cheaper code generation. Measured on
   the sampler and U-Net training files (98 tests, 2 workers): 389 -> 343 s CPU, 205 -> 184 s,
-  every test passing. Level 0 was faster still (316 s CPU) but changed float32 results by up to
+  every test passing; the whole suite 45.4 -> 36.5 CPU minutes (one group-norm tolerance moved,
+  a summation order). Level 0 was faster still (316 s CPU) but changed float32 results by up to
   3.5e-6 between programs the tests hold equal to 1e-6 (a hand-written Euler loop against
-  diffrax's): not taken. ``JAXDIFF_TEST_XLA_DEFAULT=1`` drops this flag too.
+  diffrax's): not taken. ``JAXDIFF_TEST_XLA_DEFAULT=1`` drops this flag too; so does an
+  installed CUDA plugin (the level also steers GPU code generation, which the tests there should
+  see as users do); ``tests/test_xla_cpu.py`` pins XLA's level 3 in its default setting. A flag
+  of the same name already in ``XLA_FLAGS`` wins over either of these.
 """
 
+import importlib.util
 import os
 
-_TEST_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=1")
+_TEST_FLAGS = ["--xla_cpu_use_fusion_emitters=false"]
+if not any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
+    _TEST_FLAGS.append("--xla_backend_optimization_level=1")  # CPU only: not on a GPU machine
 _flags = os.environ.get("XLA_FLAGS", "")
 if os.environ.get("JAXDIFF_TEST_XLA_DEFAULT") != "1":
-    _extra = [f for f in _TEST_FLAGS if f.split("=")[0] not in _flags]
+    _given = {f.split("=")[0] for f in _flags.split()}  # the user's own flags win
+    _extra = [f for f in _TEST_FLAGS if f.split("=")[0] not in _given]
     os.environ["XLA_FLAGS"] = " ".join([_flags, *_extra]).strip()  # before JAX reads XLA_FLAGS
 
 import jax  # noqa: E402

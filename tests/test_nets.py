@@ -292,15 +292,17 @@ def test_group_norm_equals_flax(dtype):
 
 def test_group_norm_keeps_its_precision_far_from_zero():
     """``E[x^2] - mean^2`` (flax's one pass) lost the variance at an offset of 1e3 in float32:
-    outputs off by 0.86 (3,227 at 1e4); two passes keep them within 1e-4 (2e-3 at 1e4) of the
-    same activations without the offset."""
+    outputs off by 0.86 (3,227 at 1e4); two passes keep them within 2e-4 (2e-3 at 1e4) of the
+    same activations without the offset. Measured: 6.7e-5 (1.4e-3) with XLA's default code
+    generation (LLVM level 3), 1.24e-4 (1.4e-3) at the level 1 the tests compile with (another
+    summation order; rounding 1e3 + x to float32 alone moves x by up to 3e-5)."""
     from jaxdiff.nets import GroupNorm
 
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
     norm = GroupNorm(4)
     params = norm.init(jax.random.key(1), x)
     ref = norm.apply(params, x)
-    for offset, tol in ((1e3, 1e-4), (1e4, 2e-3)):
+    for offset, tol in ((1e3, 2e-4), (1e4, 2e-3)):
         assert float(jnp.abs(norm.apply(params, x + offset) - ref).max()) < tol
 
 

@@ -26,7 +26,7 @@ from jaxdiff.nets import MLP, UNet, init_params
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's YNN fusions")
 
 # XLA's defaults (conftest turns the emitters off and the optimisation level down to 1)
-DEFAULT_EMITTERS = {"xla_cpu_use_fusion_emitters": True, "xla_backend_optimization_level": 2}
+DEFAULT_EMITTERS = {"xla_cpu_use_fusion_emitters": True, "xla_backend_optimization_level": 3}
 SETTINGS = {
     "default": DEFAULT_EMITTERS,
     "reduce": {
