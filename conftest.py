@@ -20,9 +20,9 @@
   its programs with the default emitters whatever is set.
 * With it, LLVM's optimisation level 1 rather than XLA's default 3
   (``--xla_backend_optimization_level=1``): the same HLO, cheaper code generation. Measured on
-  the sampler and U-Net training files (98 tests, 2 workers): 389 -> 343 s CPU, 205 -> 184 s,
-  every test passing; the whole suite 45.4 -> 36.5 CPU minutes (one group-norm tolerance moved,
-  a summation order). Level 0 was faster still (316 s CPU) but changed float32 results by up to
+  the sampler and U-Net training files (98 tests, 2 workers), back to back: 389 -> 343 s CPU,
+  and an hour later 467 -> 402 s (the machine's own speed varied by 17%); every test passing
+  (one group-norm tolerance moved, a summation order). Level 0 was faster still (316 s CPU) but changed float32 results by up to
   3.5e-6 between programs the tests hold equal to 1e-6 (a hand-written Euler loop against
   diffrax's): not taken. ``JAXDIFF_TEST_XLA_DEFAULT=1`` drops this flag too; so does an
   installed CUDA plugin (the level also steers GPU code generation, which the tests there should
