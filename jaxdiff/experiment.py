@@ -214,7 +214,7 @@ FEWSTEP_TARGETS = {"meanflow": "velocity", "shortcut": "velocity", "consistency"
 
 def _check_target_guidance(c: dict) -> None:
     w, loss = c["target_guidance"], c["loss"]
-    k, interval = _check_target_guidance_options(c)
+    _check_meanflow_guidance(c)
     if w is None:
         return
     if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
@@ -229,25 +229,11 @@ def _check_target_guidance(c: dict) -> None:
         raise ValueError(
             f"target_guidance {w} needs label_dropout > 0 (the unconditional velocity)"
         )
-    if loss == "meanflow":  # the values, before any training (meanflow_loss checks them again)
-        if not 0.0 <= k < 1.0:
-            raise ValueError(f"target_guidance_mix must lie in [0, 1); got {k}")
-        if interval is not None:
-            real = isinstance(interval, list | tuple) and len(interval) == 2
-            if not real or any(
-                isinstance(v, bool) or not isinstance(v, int | float) for v in interval
-            ):
-                raise ValueError(
-                    f"target_guidance_interval must be two numbers [t_lo, t_hi]; got {interval!r}"
-                )
-            try:
-                c["target_guidance_interval"] = list(check_interval(interval))
-            except ValueError as err:
-                raise ValueError(f"target_guidance_interval: {err}") from None
 
 
-def _check_target_guidance_options(c: dict) -> tuple[Any, Any]:
-    """MeanFlow's two options of guided targets: numbers, and only with a guided meanflow run."""
+def _check_meanflow_guidance(c: dict) -> None:
+    """MeanFlow's two options of guided targets, before any training (``meanflow_loss`` checks
+    them again): numbers in range, and only with a guided meanflow run."""
     k, interval = c["target_guidance_mix"], c["target_guidance_interval"]
     if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k):
         raise ValueError(f"target_guidance_mix must be a number in [0, 1); got {k!r}")
@@ -260,7 +246,19 @@ def _check_target_guidance_options(c: dict) -> tuple[Any, Any]:
             f"--loss meanflow with --target-guidance; got loss {c['loss']}"
             + ("" if c["target_guidance"] is not None else " without --target-guidance")
         )
-    return k, interval
+    if not 0.0 <= k < 1.0:
+        raise ValueError(f"target_guidance_mix must lie in [0, 1); got {k}")
+    if interval is None:
+        return
+    real = isinstance(interval, list | tuple) and len(interval) == 2
+    if not real or any(isinstance(v, bool) or not isinstance(v, int | float) for v in interval):
+        raise ValueError(
+            f"target_guidance_interval must be two numbers [t_lo, t_hi]; got {interval!r}"
+        )
+    try:
+        c["target_guidance_interval"] = list(check_interval(interval))
+    except ValueError as err:
+        raise ValueError(f"target_guidance_interval: {err}") from None
 
 
 def _check_fewstep(c: dict) -> None:
