@@ -123,13 +123,16 @@ def check_step(step_dir: str | Path) -> str | None:
 
 
 def _to_saveable(state: TrainState) -> dict:
-    return {
+    saveable = {
         "params": state.params,
         "opt_state": state.opt_state,
         "ema": state.ema,
         "step": state.step,
         "key": jax.random.key_data(state.key),
     }
+    if state.target is not None:  # the target network (init_train_state(..., target_ema=True))
+        saveable["target"] = state.target
+    return saveable
 
 
 def _saved_leaf(tree: Any, path: tuple) -> Any:
@@ -280,6 +283,17 @@ class Checkpointer:
             saved = saved.tree
         except Exception:  # no metadata (another Orbax layout): Orbax's own checks remain
             return
+        has_target = isinstance(saved, dict) and "target" in saved
+        if has_target != ("target" in target):
+            raise ValueError(
+                f"checkpoint step {step} was saved "
+                + ("with" if has_target else "without")
+                + " a target network (state.target), but like has "
+                + ("none" if has_target else "one")
+                + ": build like with init_train_state(..., target_ema="
+                + ("True" if has_target else "False")
+                + "), as the run was"
+            )
         for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
             meta = _saved_leaf(saved, path)
             shape = getattr(meta, "shape", None)
@@ -316,7 +330,10 @@ class Checkpointer:
         key = jax.random.wrap_key_data(np.asarray(saved["key"]), impl=key_impl)
         sharding = getattr(like.key, "sharding", None)  # the others come back with like's
         key = key if sharding is None else jax.device_put(key, sharding)
-        state = TrainState(saved["params"], saved["opt_state"], saved["ema"], saved["step"], key)
+        state = TrainState(
+            saved["params"], saved["opt_state"], saved["ema"], saved["step"], key,
+            saved.get("target"),
+        )  # fmt: skip
         return state, dict(out["meta"])
 
     def meta(self, step: int | None = None) -> dict:

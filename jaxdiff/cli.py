@@ -99,6 +99,14 @@ def _parser() -> _Parser:
         help="shortcut, consistency: targets from the EMA network (Frans et al. 2024)",
     )
     train.add_argument(
+        "--target-ema",
+        type=float,
+        dest="target_ema",
+        metavar="MU",
+        help="with --ema-targets: the target network's own EMA decay MU (consistency models' "
+        "mu; default: the targets are the evaluation EMA)",
+    )
+    train.add_argument(
         "--target-guidance",
         type=float,
         dest="target_guidance",
@@ -207,7 +215,7 @@ def _parser() -> _Parser:
 TRAIN_KEYS = (
     "data path loss target weighting time model width depth channels conditional label_dropout "
     "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg precond "
-    "sigma_data dropout dtype ema_targets target_guidance target_guidance_mix "
+    "sigma_data dropout dtype ema_targets target_ema target_guidance target_guidance_mix "
     "target_guidance_interval"
 ).split()
 TRAIN_KEYS += ["images", "flip"]  # image data of your own (jaxdiff.run_images)

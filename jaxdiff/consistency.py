@@ -22,7 +22,8 @@ Training on adjacent times ``t_n < t_{n+1}`` of a grid of ``num_scales`` points 
 
 As in iCT the target network is the stop-gradient of the online one (no EMA teacher: the loss's
 ``target_params``, its fourth argument, is ``None``; ``make_train_step(..., ema_targets=True)``
-passes the run's EMA, the original paper's ``theta^-`` with ``mu`` the EMA's decay), ``d`` is
+passes the run's EMA, or with ``target_decay=mu`` a target network of its own, the original
+paper's ``theta^- <- mu theta^- + (1 - mu) theta``), ``d`` is
 the pseudo-Huber metric ``sqrt(|a - b|^2 + c^2) - c`` with ``c = 0.00054 sqrt(dim)`` and
 ``lambda_n = 1 / (t_{n+1} - t_n)``; the grid is uniform in ``t`` by default
 (:func:`consistency_grid`, where EDM's grid in ``sigma`` measured worse). iCT doubles ``num_scales`` during training

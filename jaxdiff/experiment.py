@@ -106,6 +106,7 @@ DEFAULTS: dict[str, Any] = {
     "dropout": 0.0,  # U-Net dropout while training
     "dtype": "float32",  # bfloat16: mixed precision (float32 params, optimizer and loss)
     "ema_targets": False,  # shortcut, consistency: targets from the EMA network
+    "target_ema": None,  # with ema_targets: the targets' own EMA decay (else the evaluation EMA)
     "target_guidance": None,  # conditional meanflow, shortcut: guided targets (the cfg scale)
     "target_guidance_mix": 0.0,  # meanflow's guided targets: the conditional share k
     "target_guidance_interval": None,  # meanflow's guided targets: (t_lo, t_hi), else all t
@@ -159,6 +160,15 @@ def resolve(config: dict) -> dict:
         raise ValueError(f"ema must lie in [0, 1); got {c['ema']}")
     if not isinstance(c["ema_targets"], bool):
         raise ValueError(f"ema_targets must be true or false; got {c['ema_targets']!r}")
+    mu = c["target_ema"]
+    if mu is not None:
+        if isinstance(mu, bool) or not isinstance(mu, int | float) or not 0.0 <= mu < 1.0:
+            raise ValueError(f"target_ema must be a number in [0, 1); got {mu!r}")
+        if not c["ema_targets"]:
+            raise ValueError(
+                f"target_ema {mu} is the decay of the target network of --ema-targets; got no "
+                "--ema-targets"
+            )
     if not 0.0 <= c["label_dropout"] < 1.0:
         raise ValueError(f"label_dropout must lie in [0, 1); got {c['label_dropout']}")
     if c["loss"] == "fm" and c["path"] == "fm" and c["target"] in ("eps", "score"):
@@ -536,7 +546,7 @@ def init_state(c: dict, setup: Setup):
     opt = adamw_cosine(
         c["lr"], int(c["steps"]), weight_decay=c["weight_decay"], clip_norm=c["clip"] or None
     )
-    return init_train_state(params, opt, train_key), opt
+    return init_train_state(params, opt, train_key, target_ema=c["target_ema"] is not None), opt
 
 
 def reference_data(c: dict, n: int, which: int = 0):

@@ -94,7 +94,10 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
         first = int(state.step)
         mesh = data_mesh()
         state = replicate(state, mesh)
-        step_fn = make_train_step(setup.loss, opt, ema_decay=c["ema"], ema_targets=c["ema_targets"])
+        step_fn = make_train_step(
+            setup.loss, opt, ema_decay=c["ema"], ema_targets=c["ema_targets"],
+            target_decay=c["target_ema"],
+        )  # fmt: skip
 
         def make_chunk(k):
             return make_train_chunk(step_fn, setup.sample_batch, k, mesh=mesh)

@@ -64,13 +64,16 @@ __all__ = [
 
 class TrainState(NamedTuple):
     """Everything a run needs to continue: ``params``, ``opt_state``, ``ema`` (the EMA of the
-    params), ``step`` (int32 scalar) and ``key`` (a typed PRNG key)."""
+    params), ``step`` (int32 scalar), ``key`` (a typed PRNG key) and ``target`` (a second EMA of
+    the params, the self-distilling losses' target network; ``None`` unless
+    ``init_train_state(..., target_ema=True)``)."""
 
     params: Any
     opt_state: Any
     ema: Any
     step: Array
     key: Array
+    target: Any = None
 
 
 def adamw_cosine(
@@ -142,9 +145,11 @@ def _at_least_float32(leaf: Any) -> Array:
 
 
 def init_train_state(
-    params: Any, optimizer: optax.GradientTransformation, key: Array
+    params: Any, optimizer: optax.GradientTransformation, key: Array, *, target_ema: bool = False
 ) -> TrainState:
-    """A fresh state at step 0 with ``ema = params``, kept in float32 at least.
+    """A fresh state at step 0 with ``ema = params``, kept in float32 at least; with
+    ``target_ema`` also ``target = params`` (float32 at least), the target network that
+    ``make_train_step(..., target_decay=mu)`` updates.
 
     A bfloat16 EMA stands still: at decay 0.999 each update moves a leaf by 0.001 of its gap to
     the params, below half of bfloat16's relative spacing 2^-8, so it rounds away. The state holds
@@ -154,7 +159,8 @@ def init_train_state(
     params = jax.tree.map(jnp.copy, params)
     ema = jax.tree.map(_at_least_float32, params)
     opt_state = jax.tree.map(jnp.copy, optimizer.init(params))
-    return TrainState(params, opt_state, ema, jnp.zeros((), jnp.int32), jnp.copy(key))
+    target = jax.tree.map(_at_least_float32, params) if target_ema else None
+    return TrainState(params, opt_state, ema, jnp.zeros((), jnp.int32), jnp.copy(key), target)
 
 
 def make_train_step(
@@ -164,6 +170,7 @@ def make_train_step(
     ema_decay: float = 0.999,
     ema_warmup: bool = True,
     ema_targets: bool = False,
+    target_decay: float | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, Array]]:
     """One optimizer step ``(state, batch) -> (state, loss)`` on ``loss_fn(params, key, batch)``.
 
@@ -178,15 +185,33 @@ def make_train_step(
     from the EMA network (shortcut models' bootstrap targets, Frans et al. 2024; the original
     consistency models' ``theta^-`` with ``mu`` the EMA's decay, Song et al. 2023), not from the
     online one. The gradient is in ``params`` only.
+
+    ``target_decay=mu`` (with ``ema_targets=True`` and a state from ``init_train_state(...,
+    target_ema=True)``) takes the targets from a second EMA, ``state.target <- mu state.target +
+    (1 - mu) params`` after each update, without warm-up, apart from the evaluation EMA: the
+    consistency models' ``theta^- <- stopgrad(mu theta^- + (1 - mu) theta)`` with their own
+    ``mu`` (0.95 for distillation on CIFAR-10, Song et al. 2023; ``mu = 0``, the online network
+    of the step before, in improved consistency training, Song & Dhariwal 2023) while ``ema``
+    keeps the slow average that samples best.
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}")
+    if target_decay is not None:
+        if isinstance(target_decay, bool) or not 0.0 <= target_decay < 1.0:
+            raise ValueError(f"target_decay must lie in [0, 1) (or None); got {target_decay!r}")
+        if not ema_targets:
+            raise ValueError(
+                f"target_decay {target_decay} is the decay of the target network that "
+                "ema_targets=True passes to the loss; got ema_targets=False"
+            )
     if ema_targets:
         _check_takes_target_params(loss_fn)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, Array]:
+        _check_target_state(state, target_decay)
         key, loss_key = jax.random.split(state.key)
-        extra = {"target_params": state.ema} if ema_targets else {}
+        targets = state.ema if target_decay is None else state.target
+        extra = {"target_params": targets} if ema_targets else {}
         loss, grads = jax.value_and_grad(loss_fn)(state.params, loss_key, batch, **extra)
         # tied to the loss, which every caller reads: on the batch, a leaf the loss does not read
         # would take the check away with it under jit (and an integer batch its sharding)
@@ -197,9 +222,28 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         decay = _ema_decay(ema_decay, state.step, ema_warmup)
         ema = ema_update(state.ema, params, decay)
-        return TrainState(params, opt_state, ema, state.step + 1, key), loss
+        target = state.target
+        if target_decay is not None:
+            target = ema_update(target, params, jnp.asarray(target_decay, jnp.float32))
+        return TrainState(params, opt_state, ema, state.step + 1, key, target), loss
 
     return step
+
+
+def _check_target_state(state: TrainState, target_decay: float | None) -> None:
+    """At trace time: a target network exactly where a ``target_decay`` updates it (a target the
+    step did not update would stand still at its initial value, silently)."""
+    if target_decay is not None and state.target is None:
+        raise ValueError(
+            f"target_decay {target_decay} updates state.target, but this state has none: build "
+            "it with init_train_state(..., target_ema=True)"
+        )
+    if target_decay is None and state.target is not None:
+        raise ValueError(
+            "this state has a target network (state.target) that the step would never update: "
+            "pass make_train_step(..., ema_targets=True, target_decay=mu), or build the state "
+            "without target_ema"
+        )
 
 
 def _check_takes_target_params(loss_fn: Callable) -> None:

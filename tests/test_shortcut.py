@@ -315,3 +315,60 @@ def test_ema_targets_pass_the_ema_to_the_loss():
     np.testing.assert_allclose(same, ct(jnp.float32(0.5), jax.random.key(2), x0), rtol=1e-6)
     other = ct(jnp.float32(0.5), jax.random.key(2), x0, jnp.float32(2.0))
     assert abs(float(other) - float(same)) > 1e-3
+
+
+def test_target_ema_is_a_second_average_with_its_own_decay(tmp_path):
+    """make_train_step(ema_targets=True, target_decay=mu) passes state.target, updated as
+    target <- mu target + (1 - mu) params, while ema keeps its own decay; a checkpoint keeps it."""
+    import optax
+
+    from jaxdiff.checkpoint import Checkpointer
+    from jaxdiff.train import init_train_state, make_train_step
+
+    def loss(p, key, batch, target_params=None):
+        return jnp.sum(jnp.square(p - target_params))
+
+    opt = optax.sgd(0.25)
+    state = init_train_state(jnp.array(2.0, jnp.bfloat16), opt, jax.random.key(0), target_ema=True)
+    assert state.target.dtype == jnp.float32 and float(state.target) == 2.0  # float32 copy
+    state = state._replace(params=jnp.array(2.0), ema=jnp.array(0.0), target=jnp.array(0.0))
+    step = jax.jit(make_train_step(loss, opt, ema_decay=0.5, ema_warmup=False,
+                                   ema_targets=True, target_decay=0.9))  # fmt: skip
+    one, value = step(state, jnp.zeros((2,)))
+    assert float(value) == 4.0 and float(one.params) == 1.0  # the target 0, not the EMA
+    assert float(one.ema) == 0.5 and abs(float(one.target) - 0.1) < 1e-7  # 0.9 * 0 + 0.1 * 1
+    two, value = step(one, jnp.zeros((2,)))
+    assert abs(float(value) - 0.81) < 1e-6  # (1 - 0.1)^2; the EMA would give (1 - 0.5)^2
+    # mu = 0: the target is the online network of the step before (improved CT)
+    zero = make_train_step(loss, opt, ema_targets=True, target_decay=0.0)
+    assert float(zero(one, jnp.zeros((2,)))[0].target) == float(zero(one, None)[0].params)
+    with pytest.raises(ValueError, match="target_decay 0.9 .* got ema_targets=False"):
+        make_train_step(loss, opt, target_decay=0.9)
+    with pytest.raises(ValueError, match=r"target_decay must lie in \[0, 1\)"):
+        make_train_step(loss, opt, ema_targets=True, target_decay=1.0)
+    plain = state._replace(target=None)
+    with pytest.raises(ValueError, match="init_train_state\\(..., target_ema=True\\)"):
+        step(plain, jnp.zeros((2,)))
+    with pytest.raises(ValueError, match="the step would never update"):
+        make_train_step(loss, opt, ema_targets=True)(state, jnp.zeros((2,)))
+    # mu = 0 in consistency training: the targets equal the online network's, bit for bit
+    cm = jd.Field(jd.consistency_function(lambda p, x, t: p * x), "x0")
+    ct = jd.consistency_training_loss(cm, PATH, num_scales=4)
+    x0 = jax.random.normal(jax.random.key(1), (64, 2))
+    online = jax.jit(make_train_step(ct, opt))
+    mu0 = jax.jit(make_train_step(ct, opt, ema_targets=True, target_decay=0.0))
+    a = init_train_state(jnp.float32(0.5), opt, jax.random.key(2))
+    b = init_train_state(jnp.float32(0.5), opt, jax.random.key(2), target_ema=True)
+    for _ in range(3):
+        (a, la), (b, lb) = online(a, x0), mu0(b, x0)
+        assert float(la) == float(lb) > 0 and float(a.params) == float(b.params)
+    assert float(a.params) != 0.5  # it trained
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(two)
+        back, _ = ckpt.restore(two)
+        assert float(back.target) == float(two.target) and float(back.ema) == float(two.ema)
+        with pytest.raises(ValueError, match="saved with a target network .* target_ema=True"):
+            ckpt.restore(plain)
+        ckpt.save(plain._replace(step=jnp.array(5, jnp.int32)))
+        with pytest.raises(ValueError, match="saved without a target network"):
+            ckpt.restore(two, step=5)
