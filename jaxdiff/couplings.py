@@ -89,8 +89,12 @@ def _check_pair(x0: Array, x1: Array, labels: Any) -> None:
         raise ValueError(
             f"a coupling pairs batches of equal shape; got x0 {jnp.shape(x0)} and x1 {jnp.shape(x1)}"
         )
-    if labels is not None and jnp.shape(labels) != jnp.shape(x0)[:1]:
-        raise ValueError(f"labels must have shape ({jnp.shape(x0)[0]},); got {jnp.shape(labels)}")
+    if jnp.shape(x0)[0] == 0:  # reshape(0, -1) raised a bare ZeroDivisionError
+        raise ValueError(f"a coupling pairs non-empty batches; got x0 {jnp.shape(x0)}")
+    if labels is not None and jnp.shape(labels)[:1] != jnp.shape(x0)[:1]:  # one-hot: (n, k)
+        raise ValueError(
+            f"labels must have shape ({jnp.shape(x0)[0]}, ...); got {jnp.shape(labels)}"
+        )
 
 
 def _out(x0, x1, labels):
@@ -106,6 +110,11 @@ def _class_mask(labels: Any, class_conditional: bool, n: int) -> Array | None:
             "drawn from the source of class labels[j]"
         )
     labels = jnp.asarray(labels)
+    if labels.shape != (n,):  # one-hot labels would compare entry by entry
+        raise ValueError(
+            f"a class-conditional coupling compares class indices, shape ({n},); got labels of "
+            f"shape {labels.shape}"
+        )
     return labels[:, None] == labels[None, :]
 
 

@@ -159,7 +159,8 @@ def _check_counts(num_train_steps: int, num_steps: int) -> None:
 def linspace_timesteps(num_train_steps: int, num_steps: int) -> Array:
     """Sampling times for ``num_steps`` of a ``T``-step model, ``linspace`` spacing.
 
-    Indices ``round(linspace(0, T - 1, n))``: the first step starts at ``t = 1``. All three
+    Indices ``round(linspace(0, T - 1, n))``: the first step starts at ``t = 1`` (for ``n >= 2``;
+    one step starts at ``t = 1 / T``, as in diffusers: use ``trailing_timesteps``). All three
     spacings return ``num_steps + 1`` decreasing times ``t = i / T`` and end at ``t = 0``.
 
     >>> linspace_timesteps(1000, 4).tolist()
@@ -312,7 +313,11 @@ def _check_var_weight(var_weight: ArrayLike) -> None:
 def _reverse_var(path, t, s, var_post, var_weight):
     var_fwd = path.sigma_sq(t) * _ratio(path, s, t)
     w = jnp.asarray(var_weight, var_post.dtype)
-    return jnp.power(var_post, 1.0 - w) * jnp.power(var_fwd, w)
+    # at s = 0 the posterior variance is 0, where 0^(1 - w) has an infinite slope: times the
+    # zero derivative of var_post it made the path's gradients NaN (var_weight > 0); 0^0 = 1
+    pos = var_post > 0
+    mixed = jnp.power(jnp.where(pos, var_post, 1.0), 1.0 - w) * jnp.power(var_fwd, w)
+    return jnp.where(pos, mixed, jnp.where(w == 1, var_fwd, jnp.zeros_like(var_fwd)))
 
 
 def _reverse_mean_var(path, x_t, x0_hat, t, s, var_weight):

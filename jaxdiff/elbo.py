@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import log_ndtr
 from jax.typing import ArrayLike
 
@@ -31,6 +32,7 @@ from jaxdiff._checks import (
     check_finite,
     check_positive,
     check_time,
+    concrete,
     data_dtype,
     expand_like,
     value_check,
@@ -170,7 +172,14 @@ def nelbo(
             f"alpha_1 = 0 (a zero terminal SNR), where an {field.target!r} prediction says nothing "
             "about x0: the ELBO's last term is undefined; train the 'x0', 'v' or 'velocity' target"
         )
-        prior = value_check(prior, lambda xp, _: path.alpha(one) == 0, msg, lambda _: "alpha_1 = 0")
+        with jax.ensure_compile_time_eval():  # the path's own numbers: known at trace time
+            alpha_1 = concrete(path.alpha(jnp.ones((), jnp.float32)))
+        if alpha_1 is None:  # a traced path (its parameters learned): checked at run time
+            prior = value_check(
+                prior, lambda xp, _: path.alpha(one) == 0, msg, lambda _: "alpha_1 = 0"
+            )
+        elif np.any(alpha_1 == 0):  # under jit too: not an opaque run-time callback error
+            raise ValueError(msg)
 
     def term(k, s, t):  # E over x_t of KL(q(x_s | x_t, x0) || p(x_s | x_t)); t scalar or (batch,)
         x_t, _ = path.sample(k, x0, t)

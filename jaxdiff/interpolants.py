@@ -43,6 +43,7 @@ from jaxdiff._checks import (
     concrete,
     data_dtype,
     expand_like,
+    tie_check,
     wide_dtype,
     widen,
 )
@@ -238,7 +239,9 @@ def interpolant_loss(
     denoiser, eq. 2.18; the score is ``-eta / gamma_t``); ``"score"``, ``|gamma_t s_hat + z|^2``
     (the score loss weighted by ``gamma_t^2``). Batches, ``source`` and ``coupling`` as in
     :func:`jaxdiff.diffusion_loss` (``x0``, ``(x0, labels)`` or a dict with ``x1``). ``t`` defaults
-    to ``U[1e-3, 1 - 1e-3]`` (``gamma'`` is infinite at the ends of the bridge).
+    to ``U[1e-3, 1 - 1e-3]`` (``gamma'`` is infinite at the ends of the bridge): a sampler that
+    reaches an end there is refused, where its range is known (``uniform_time(0, 1)``: ``t = 0``
+    once in 2^23 draws gave an inf loss), and checked at run time otherwise.
     """
     net = as_field(net, "net")
     if net.target not in ("velocity", "eps", "score"):
@@ -247,7 +250,25 @@ def interpolant_loss(
             f"{net.target!r}"
         )
     target = net.target
+    stochastic = not isinstance(interpolant.gamma_fn, _NoGamma)
+    if not stochastic and target != "velocity":  # z does not enter x_t: the loss is E|z|^2
+        raise ValueError(
+            f"target {target!r} regresses the latent z, but a deterministic interpolant (gamma = "
+            "0) has none in x_t (the loss would not depend on the network); use 'velocity', or "
+            "brownian_bridge(sigma > 0)"
+        )
     time_sampler = uniform_time(1e-3, 1.0 - 1e-3) if time_sampler is None else time_sampler
+    ends = [getattr(time_sampler, name, None) for name in ("t_min", "t_max")]
+    known = stochastic and target == "velocity" and all(isinstance(e, float) for e in ends)
+    if known:  # uniform_time, logit_normal_time, importance_time: their range, at build time
+        _refuse_known(
+            np.asarray(ends, np.float32),
+            interpolant.d_gamma,
+            lambda dg: ~np.isfinite(dg),
+            f"the velocity target multiplies z by gamma_t', which is not finite where the "
+            f"time_sampler's range [{ends[0]}, {ends[1]}] ends",
+        )
+    check_ends = stochastic and target == "velocity" and not known
 
     def loss(params: Any, key: Array, batch: Any) -> Array:
         pair_key, t_key, z_key = jax.random.split(key, 3)
@@ -255,6 +276,13 @@ def interpolant_loss(
         # times in float32 or wider, whatever x0's dtype: cast to bfloat16, 1 - 1e-3 rounded to 1,
         # where the bridge's gamma' is infinite (an inf loss)
         t = draw_times(time_sampler, t_key, x0.shape[0])
+        if check_ends:  # a sampler of unknown range: gamma' at its draws, at run time
+            t = tie_check(
+                t,
+                ~jnp.isfinite(interpolant.d_gamma(t)),
+                "the time_sampler drew a t where the interpolant's gamma_t' is not finite (the "
+                "ends of the bridge): the velocity target would be inf; draw t inside (0, 1)",
+            )
         x_t, z = interpolant.sample(z_key, x0, x1, t)
         args = () if labels is None else (labels,)
         pred = net.apply(params, x_t, t, *args)

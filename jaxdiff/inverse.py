@@ -129,6 +129,8 @@ class _Posterior(eqx.Module):
             res_w = resid.astype(wide)
             coef = jnp.einsum("bij,bj->bi", vecs, jnp.einsum("bji,bj->bi", vecs, res_w) / lam)
             grad = jnp.einsum("ib...,bi->b...", rows, coef.astype(rows.dtype))
+        if self.kind != "dps":  # at sigma_t = 0 with sigma_y = 0 both divide 0 by 0; B_t = 0 there
+            grad = jnp.where(expand_like(s2 > 0, grad), grad, jnp.zeros_like(grad))
         # the score gains scale * grad, so the prediction moves by B_t scale * grad (B_t = d target /
         # d score: every target is affine in the score), as in jd.classifier_guidance
         moved = _add_to_score(path, x, t, pred, field.target, grad, scale)
@@ -250,8 +252,9 @@ class _State(NamedTuple):
 def dps_sampler(measurement: Measurement, zeta: ArrayLike = 1.0, *, eta: Eta = 1.0) -> Sampler:
     """Chung et al.'s DPS (2023, Alg. 1): a DDIM step with noise ``eta`` (``1``: DDPM's ancestral
     step, as in the paper) from ``(x0_hat, eps_hat)`` at ``x_t``, then
-    ``x_s -= zeta grad_{x_t} ||y - A x0_hat(x_t)||`` (per sample; the paper's
-    ``zeta_i = zeta' / ||y - A x0_hat||`` on the squared norm). One evaluation and one vjp per step.
+    ``x_s -= zeta grad_{x_t} ||y - A x0_hat(x_t)||`` (per sample; the paper's step ``zeta_i
+    grad ||y - A x0_hat||^2`` with ``zeta_i = zeta' / ||y - A x0_hat||`` is this one with ``zeta =
+    2 zeta'``). One evaluation and one vjp per step.
 
     The correction is per step, not per unit time: the same ``zeta`` guides harder with more
     steps, which is why this is a sampler and not a field. Works for noiseless measurements.

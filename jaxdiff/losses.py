@@ -109,9 +109,12 @@ def likelihood_weight(path: GaussianPath, t: Array) -> Array:
 class _Uniform(eqx.Module):
     t_min: float
     t_max: float
+    from_top: bool = False  # draws in (t_min, t_max]: t_min itself never (jaxdiff.shortcut_loss)
     in_range = True  # draws inside [t_min, t_max] by construction: draw_times need not check
 
     def __call__(self, key: Array, shape: tuple[int, ...]) -> Array:
+        if self.from_top:  # t_max - (t_max - t_min) U[0, 1): U = 0 is t_max
+            return self.t_max - (self.t_max - self.t_min) * jax.random.uniform(key, shape)
         return jax.random.uniform(key, shape, minval=self.t_min, maxval=self.t_max)
 
     def pdf(self, t: Array) -> Array:
@@ -299,6 +302,17 @@ def noise_pairs(
         x0, labels = _split_batch(batch)
         return x0, normal_like(key, x0), labels  # bfloat16 data: drawn in float32, then rounded
     return draw_pairs(key, batch, source, coupling)
+
+
+def static_split(fraction: float, n: int) -> int:
+    """``round(fraction n)`` examples of a batch of ``n`` for the first part of a static split,
+    kept in ``[1, n - 1]`` when ``0 < fraction < 1`` and ``n >= 2``: both parts get an example
+    (MeanFlow at 0.75 had no ``r < t`` example in a batch of 2, the shortcut loss at 0.25 no
+    self-consistency; ``round`` rounds 1.5 and 0.5 to even)."""
+    m = round(fraction * n)
+    if 0.0 < fraction < 1.0 and n >= 2:
+        m = min(max(m, 1), n - 1)
+    return m
 
 
 def mean_sq_error(pred: Array, target: Array, dtype: Any) -> Array:

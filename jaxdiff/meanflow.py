@@ -51,6 +51,7 @@ from jaxdiff.losses import (
     draw_times,
     drop_labels,
     noise_pairs,
+    static_split,
     uniform_time,
 )
 from jaxdiff.paths import GaussianPath, linear_path
@@ -233,17 +234,19 @@ def meanflow_loss(
             v = jnp.where(expand_like(keep, v), g.astype(v.dtype), v)
         # The first m examples have r = t, where the target is v itself: they skip the JVP (a
         # static split, so the JVP costs only the r < t part of the batch).
-        m = round(flow_matching_fraction * n)
+        m = static_split(flow_matching_fraction, n)
         errs = []
         if m > 0:
             head = [a[:m] for a in extra]
             u = shape_checked(partial(net.apply, params))(z[:m], t[:m], t[:m], *head)
-            errs.append(jnp.sum(jnp.square(u - v[:m]).reshape(m, -1), axis=1))
+            diff = u.astype(tdt) - v[:m].astype(tdt)  # in float32 or wider (a bfloat16 net)
+            errs.append(jnp.sum(jnp.square(diff).reshape(m, -1), axis=1))
         if m < n:
             tail = [a[m:] for a in extra]
             u_fn = lambda z_, t_, r_: net.apply(params, z_, t_, r_, *tail)  # noqa: E731
             u, target = meanflow_target(u_fn, z[m:], t[m:], r[m:], v[m:])
-            errs.append(jnp.sum(jnp.square(u - target).reshape(n - m, -1), axis=1))
+            diff = u.astype(tdt) - target.astype(tdt)
+            errs.append(jnp.sum(jnp.square(diff).reshape(n - m, -1), axis=1))
         err = jnp.concatenate(errs)
         weight = jax.lax.stop_gradient(1.0 / (err + weighting_eps) ** weighting_power)
         return jnp.mean(weight * err)

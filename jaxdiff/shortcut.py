@@ -63,13 +63,14 @@ from jaxdiff._checks import check_positive, expand_like, wide_dtype
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import (
     TimeSampler,
+    _Uniform,
     check_label_dropout,
     check_target_guidance,
     draw_times,
     drop_labels,
     mean_sq_error,
     noise_pairs,
-    uniform_time,
+    static_split,
 )
 from jaxdiff.meanflow import guided_pair, shape_checked, velocity_target
 from jaxdiff.paths import GaussianPath, linear_path
@@ -136,7 +137,7 @@ def shortcut_loss(
     ``net`` is a :class:`~jaxdiff.Field` of target ``"velocity"`` whose ``apply(params, z, t, r
     [, labels])`` jumps from ``t`` to ``r`` (``z_r = z_t - (t - r) u``), as for
     :func:`~jaxdiff.meanflow_loss`. The first ``1 - bootstrap_fraction`` of the batch is flow
-    matching at ``r = t`` (times from ``time_sampler``, default uniform on ``[0, 1]``); the rest
+    matching at ``r = t`` (times from ``time_sampler``, default uniform on ``(0, 1]``); the rest
     is self-consistency (:func:`shortcut_target`) at a level ``d`` drawn uniformly from ``1, 1/2,
     ..., 2 / max_steps`` per example, ``t`` uniform on the level's grid ``{d, 2d, ..., 1}``. Both
     parts are needed: self-consistency alone is minimised by ``u = 0`` (any constant), flow
@@ -191,7 +192,8 @@ def shortcut_loss(
         check_source_path(path)
     if velocity is not None:
         velocity = as_field(velocity, "velocity")
-    time_sampler = uniform_time(0.0, 1.0) if time_sampler is None else time_sampler
+    # (0, 1]: U[0, 1) drew t = 0 once in 2^23, where the velocity is infinite on the cosine path
+    time_sampler = _Uniform(0.0, 1.0, from_top=True) if time_sampler is None else time_sampler
     levels = int(math.log2(max_steps))  # jumps d = 2^-k, k = 0 .. levels - 1
 
     def loss(params: Any, key: Array, batch: Any, target_params: Any = None) -> Array:
@@ -201,7 +203,7 @@ def shortcut_loss(
         n = x0.shape[0]
         tdt = wide_dtype(x0.dtype)
         extra = () if labels is None else (labels,)
-        nb = round(bootstrap_fraction * n)
+        nb = static_split(bootstrap_fraction, n)
         m = n - nb  # static split: flow matching first, then self-consistency
         errs = []
         if m > 0:

@@ -116,7 +116,7 @@ def check_source_path(path: GaussianPath) -> None:
     """Raise unless ``path`` ends at the source: ``alpha_1 = 0`` and ``sigma_1 = 1``.
 
     Then ``x_1 = x1`` exactly, so sampling can start from ``source(key, shape)``. The linear and
-    cosine paths qualify; VP (``alpha_1 = e^{-5.05}``) and VE (``alpha_1 = 1``) do not.
+    cosine paths qualify; VP (``alpha_1 = e^{-5.025}``) and VE (``alpha_1 = 1``) do not.
     """
     one = jnp.ones((1,))
     a, s = concrete(path.alpha(one)), concrete(path.sigma(one))
@@ -209,7 +209,9 @@ def draw_pairs(
         x1 = (
             normal_like(src_key, x0)
             if src is None
-            else jnp.asarray(src(src_key, x0.shape)).astype(x0.dtype)
+            else check_finite(  # one NaN drawn made every pair of exact_ot NaN, silently
+                jnp.asarray(src(src_key, x0.shape)).astype(x0.dtype), "the source's draw x1"
+            )
         )
     if x1.shape != x0.shape:
         raise ValueError(f"source points have shape {x1.shape}; the data have shape {x0.shape}")
