@@ -510,8 +510,8 @@ def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
     net = Field(network_fn(c, model), FEWSTEP_TARGETS[c["loss"]])
     if c["loss"] == "consistency":
         return consistency_training_loss(net, path)
-    if c["time"] == "uniform":
-        times = L.uniform_time(0.0, 1.0)
+    if c["time"] == "uniform":  # the shortcut loss's own default draws (0, 1]: t = 0 is inf
+        times = None if c["loss"] == "shortcut" else L.uniform_time(0.0, 1.0)  # on cosine
     else:
         times = L.logit_normal_time(t_min=0.0, t_max=1.0)
     guided = c["target_guidance"] is not None

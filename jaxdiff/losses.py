@@ -315,6 +315,58 @@ def static_split(fraction: float, n: int) -> int:
     return m
 
 
+def uniform_low_end_error(
+    time_sampler: Any,
+    path: GaussianPath,
+    target: Target,
+    regress: Target,
+    weighting: Weighting | None = None,
+) -> str | None:
+    """Why the loss is not finite at ``t_min`` of a ``uniform_time`` sampler, or ``None``.
+
+    ``U[t_min, t_max)`` draws ``t_min`` itself once in 2^23 draws (float32), and the loss there
+    is evaluated now, in NumPy, on unit data: a conversion that divides by ``sigma_t = 0``, or a
+    velocity with ``sigma_t' = inf`` at ``t = 0`` (VP, cosine), gave an inf loss once in a few
+    thousand steps at batch 4096. Other samplers (their ends are reached with probability ~0) and
+    paths with traced parameters are not checked."""
+    if not isinstance(time_sampler, _Uniform) or time_sampler.from_top:
+        return None
+    t0 = time_sampler.t_min
+    try:
+        with jax.ensure_compile_time_eval():
+            one = jnp.ones((1, 1), jnp.float32)
+            value = per_example_loss(
+                0.5 * one, path, one, one, jnp.full((1,), t0, jnp.float32), target=target,
+                regress=regress, weighting=unit_weight if weighting is None else weighting,
+            )  # fmt: skip
+            value = concrete(value)
+    except ValueError as err:  # a conversion's own refusal at a known t
+        return str(err)
+    except Exception:  # traced path parameters, a weighting of the user's that needs a trace
+        return None
+    if value is None or np.all(np.isfinite(value)):
+        return None
+    return f"the loss at t = {t0} is {float(np.ravel(value)[0])}"
+
+
+def check_uniform_low_end(
+    time_sampler: Any,
+    path: GaussianPath,
+    target: Target,
+    regress: Target,
+    weighting: Weighting | None = None,
+) -> None:
+    """Refuse a ``uniform_time(t_min, ...)`` whose ``t_min`` gives a non-finite loss
+    (:func:`uniform_low_end_error`), naming why and the remedy."""
+    why = uniform_low_end_error(time_sampler, path, target, regress, weighting)
+    if why is not None:
+        raise ValueError(
+            f"time_sampler uniform_time({time_sampler.t_min}, {time_sampler.t_max}) draws t = "
+            f"{time_sampler.t_min} itself (once in 2^23 draws), where the {regress!r} loss of a "
+            f"{target!r} network is not finite ({why}); take t_min = 1e-3 (uniform_time's default)"
+        )
+
+
 def mean_sq_error(pred: Array, target: Array, dtype: Any) -> Array:
     """Per example, ``mean |pred - target|^2`` over the data dimensions, taken in ``dtype`` (float32
     or wider for the few-step losses: bfloat16 data and networks gave a bfloat16 loss)."""
@@ -412,6 +464,7 @@ def diffusion_loss(
     regress = target if regress is None else regress
     _check_target(regress, "regress")
     time_sampler = uniform_time() if time_sampler is None else time_sampler
+    check_uniform_low_end(time_sampler, path, target, regress, weighting)
     check_label_dropout(label_dropout, null_label)
     source = as_source(source)
     check_gaussian_targets((target, regress), source, coupling, "diffusion_loss")
@@ -460,16 +513,19 @@ def flow_matching_loss(
     """Conditional flow matching: regress on ``u_t(x | x0) = alpha_t' x0 + sigma_t' eps`` (Lipman et
     al. 2023). Default path: ``linear_path()``; ``t`` runs data -> noise, so ``u`` is minus the
     velocity of the ``t = 0``-is-noise convention. ``net`` may predict any target. Default times:
-    ``U[0, 1]``, or ``U[1e-3, 1]`` for an ``"x0"`` or ``"score"`` net, whose velocity divides by
-    ``sigma_t`` (``U[0, 1]`` draws ``t = 0`` with probability 2^-23: an inf loss, once in a few
-    thousand steps at batch 4096). Other keywords go to :func:`diffusion_loss`: ``source=`` (any
+    ``U[0, 1]``, or ``U[1e-3, 1]`` where the loss is not finite at ``t = 0`` (an ``"x0"`` or
+    ``"score"`` net, whose velocity divides by ``sigma_t``; the VP and cosine paths, whose
+    ``sigma_t'`` is infinite there): ``U[0, 1]`` draws ``t = 0`` with probability 2^-23, an inf
+    loss once in a few thousand steps at batch 4096. Other keywords go to :func:`diffusion_loss`: ``source=`` (any
     source distribution in place of the Gaussian, :mod:`jaxdiff.sources`), ``coupling=``
     (``jd.exact_ot()``, ``jd.sinkhorn_ot(...)``), ``weighting``, ``label_dropout`` with
     ``null_label``, ``rngs``."""
     path = linear_path() if path is None else path
-    if time_sampler is None:
-        t_min = 1e-3 if as_field(net, "net").target in ("x0", "score") else 0.0
-        time_sampler = uniform_time(t_min, 1.0)
+    if time_sampler is None:  # U[0, 1] where the loss is finite at t = 0 (the linear path)
+        target, weighting = as_field(net, "net").target, kwargs.get("weighting")
+        time_sampler = uniform_time(0.0, 1.0)
+        if uniform_low_end_error(time_sampler, path, target, "velocity", weighting) is not None:
+            time_sampler = uniform_time(1e-3, 1.0)
     return diffusion_loss(net, path, regress="velocity", time_sampler=time_sampler, **kwargs)
 
 

@@ -66,6 +66,7 @@ from jaxdiff.losses import (
     _Uniform,
     check_label_dropout,
     check_target_guidance,
+    check_uniform_low_end,
     draw_times,
     drop_labels,
     mean_sq_error,
@@ -194,6 +195,7 @@ def shortcut_loss(
         velocity = as_field(velocity, "velocity")
     # (0, 1]: U[0, 1) drew t = 0 once in 2^23, where the velocity is infinite on the cosine path
     time_sampler = _Uniform(0.0, 1.0, from_top=True) if time_sampler is None else time_sampler
+    check_uniform_low_end(time_sampler, path, "velocity", "velocity")
     levels = int(math.log2(max_steps))  # jumps d = 2^-k, k = 0 .. levels - 1
 
     def loss(params: Any, key: Array, batch: Any, target_params: Any = None) -> Array:

@@ -131,3 +131,27 @@ def test_nelbo_refuses_eps_at_zero_terminal_snr_at_trace_time():
         jax.jit(lambda k, x: jd.nelbo(k, jd.linear_path(), field, x, num_steps=10).total)(
             jax.random.key(0), x0
         )
+
+
+def test_a_uniform_sampler_whose_t_min_gives_an_inf_loss_is_refused():
+    """U[t_min, 1) draws t_min itself once in 2^23: where the loss is not finite there (a velocity
+    on VP or cosine at t = 0, a score at sigma = 0) it is refused when the loss is built, and
+    flow_matching_loss's default starts at 1e-3 on such paths (U[0, 1] on the linear path)."""
+    from jaxdiff.shortcut import shortcut_loss
+
+    def net(target):
+        return jd.Field(lambda p, x, t: p * x, target)
+
+    zero = uniform_time(0.0, 1.0)
+    for target, path in (("velocity", jd.vp_path()), ("score", jd.linear_path())):
+        with pytest.raises(ValueError, match=r"uniform_time\(0.0, 1.0\) draws t = 0.0 itself"):
+            jd.diffusion_loss(net(target), path, time_sampler=zero)
+    jd.diffusion_loss(net("eps"), jd.vp_path(), time_sampler=zero)  # finite at t = 0
+    two = jd.Field(lambda p, z, t, r: p * z, "velocity")
+    with pytest.raises(ValueError, match="not finite at t = \\[0.0\\]"):
+        shortcut_loss(two, jd.cosine_path(), time_sampler=zero)
+    key, x0 = jax.random.key(0), jax.random.normal(jax.random.key(1), (64, 2))
+    for path, t_min in ((jd.vp_path(), 1e-3), (jd.cosine_path(), 1e-3), (jd.linear_path(), 0.0)):
+        default = jd.flow_matching_loss(net("velocity"), path)(1.5, key, x0)
+        given = jd.flow_matching_loss(net("velocity"), path, time_sampler=uniform_time(t_min, 1.0))
+        assert float(default) == float(given(1.5, key, x0))
