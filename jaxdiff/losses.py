@@ -513,10 +513,10 @@ def flow_matching_loss(
     """Conditional flow matching: regress on ``u_t(x | x0) = alpha_t' x0 + sigma_t' eps`` (Lipman et
     al. 2023). Default path: ``linear_path()``; ``t`` runs data -> noise, so ``u`` is minus the
     velocity of the ``t = 0``-is-noise convention. ``net`` may predict any target. Default times:
-    ``U[0, 1]``, or ``U[1e-3, 1]`` where the loss is not finite at ``t = 0`` (an ``"x0"`` or
-    ``"score"`` net, whose velocity divides by ``sigma_t``; the VP and cosine paths, whose
-    ``sigma_t'`` is infinite there): ``U[0, 1]`` draws ``t = 0`` with probability 2^-23, an inf
-    loss once in a few thousand steps at batch 4096. Other keywords go to :func:`diffusion_loss`: ``source=`` (any
+    ``U[0, 1]``, or ``U[1e-3, 1]`` for an ``"x0"`` or ``"score"`` net (an x0 net's velocity
+    divides by ``sigma_t``) and wherever the loss is not finite at ``t = 0`` (the VP and cosine
+    paths, whose ``sigma_t'`` is infinite there): ``U[0, 1]`` draws ``t = 0`` with probability
+    2^-23, an inf loss once in a few thousand steps at batch 4096. Other keywords go to :func:`diffusion_loss`: ``source=`` (any
     source distribution in place of the Gaussian, :mod:`jaxdiff.sources`), ``coupling=``
     (``jd.exact_ot()``, ``jd.sinkhorn_ot(...)``), ``weighting``, ``label_dropout`` with
     ``null_label``, ``rngs``."""
@@ -524,7 +524,9 @@ def flow_matching_loss(
     if time_sampler is None:  # U[0, 1] where the loss is finite at t = 0 (the linear path)
         target, weighting = as_field(net, "net").target, kwargs.get("weighting")
         time_sampler = uniform_time(0.0, 1.0)
-        if uniform_low_end_error(time_sampler, path, target, "velocity", weighting) is not None:
+        if target in ("x0", "score") or uniform_low_end_error(
+            time_sampler, path, target, "velocity", weighting
+        ):
             time_sampler = uniform_time(1e-3, 1.0)
     return diffusion_loss(net, path, regress="velocity", time_sampler=time_sampler, **kwargs)
 
