@@ -256,12 +256,33 @@ def open_images(spec: str) -> ArraySource | ImageFolder:
 def save_image_folder(
     root: str | Path, images: Any, labels: Any = None, classes: Any = None
 ) -> Path:
-    """Write ``uint8`` images as PNGs: ``root/<class>/<i>.png`` with labels, else ``root/<i>.png``."""
+    """Write ``uint8`` images as PNGs: ``root/<class>/<i>.png`` with labels, else ``root/<i>.png``.
+
+    :class:`ImageFolder` numbers the class folders in sorted order, so the folders must sort in
+    label order: default names are zero-padded (``00``, ``01``, ..., ``11``: ``10`` sorted before
+    ``2``), names given in ``classes`` must be sorted already, and every class up to the largest
+    label needs an image (a class without one would shift the labels after it)."""
     from PIL import Image
 
     root = Path(root)
-    src = ArraySource(images, labels)
-    names = classes or src.classes
+    src = ArraySource(images, labels, classes)
+    names = src.classes
+    if src.labels is not None:
+        if classes is None:
+            width = len(str(len(names) - 1))
+            names = [f"{i:0{width}d}" for i in range(len(names))]
+        elif list(names) != sorted(names):
+            raise ValueError(
+                f"class names must sort in label order (ImageFolder reads the sorted folders); "
+                f"got {list(names)[:6]}: prefix them with the label, e.g. '{0:02d}_{names[0]}'"
+            )
+        present = np.unique(np.asarray(src.labels))
+        missing = sorted(set(range(int(present.max()) + 1)) - set(present.tolist()))
+        if missing:
+            raise ValueError(
+                f"classes {missing[:6]} have no image: ImageFolder would give the classes after "
+                "them lower labels; save a set with every class"
+            )
     for i in range(len(src)):
         folder = root if src.labels is None else root / names[src.labels[i]]
         folder.mkdir(parents=True, exist_ok=True)

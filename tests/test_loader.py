@@ -104,7 +104,8 @@ def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
 def test_an_empty_class_folder_is_an_error(tmp_path, data):
     """Labels are the sorted class folders: dropping an empty one gave the next class its label."""
     images, labels = data
-    root = LD.save_image_folder(tmp_path / "c", images[:6], labels[:6])
+    idx = np.concatenate([np.flatnonzero(np.asarray(labels) == k)[:2] for k in range(3)])
+    root = LD.save_image_folder(tmp_path / "c", images[idx], labels[idx])
     (root / "a_empty").mkdir()
     with pytest.raises(ValueError, match=r"class folders without images .*\['a_empty'\]"):
         LD.ImageFolder(root)
@@ -411,3 +412,21 @@ def test_cli_image_errors(tmp_path, capsys, extra, expected):
     assert main(["train", "--out", str(tmp_path / "run"), "--no-progress", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_a_saved_folder_reads_back_with_its_labels(tmp_path):
+    """ImageFolder numbers the sorted class folders: with 12 classes the names '10' and '11'
+    sorted before '2' and 10 of 12 labels came back wrong; names out of order swapped labels and
+    a class without images shifted the ones after it. Each is a zero-padded name or an error."""
+    images = (np.arange(12, dtype=np.uint8)[:, None, None, None] * 10) * np.ones(
+        (1, 4, 4, 1), np.uint8
+    )
+    root = LD.save_image_folder(tmp_path / "twelve", images, np.arange(12))
+    folder = LD.ImageFolder(root)
+    x, y = folder.read(np.arange(12))
+    np.testing.assert_array_equal(x[:, 0, 0, 0] // 10, y)  # each image keeps its label
+    assert folder.classes[:3] == ["00", "01", "02"]
+    with pytest.raises(ValueError, match=r"must sort in label order .*\['dog', 'cat'\]"):
+        LD.save_image_folder(tmp_path / "pets", images[:2], np.arange(2), classes=["dog", "cat"])
+    with pytest.raises(ValueError, match=r"classes \[1\] have no image"):
+        LD.save_image_folder(tmp_path / "gap", images[:3], np.array([0, 2, 2]))
