@@ -1,7 +1,7 @@
 """Orbax checkpoints of a :class:`~jaxdiff.train.TrainState`, sealed with checksums.
 
-Each save writes ``DIR/<step>/`` with the state (params, optimizer state, EMA, step and the PRNG
-key's raw bits) and ``meta`` (the configuration needed to rebuild the model). Orbax writes a step
+Each save writes ``DIR/<step>/`` with the state (params, optimizer state, EMA, step, the PRNG
+key's raw bits, and the target network where the state has one) and ``meta`` (the configuration needed to rebuild the model). Orbax writes a step
 into a temporary folder and renames it only when complete, so a save that fails or is killed
 leaves the previous checkpoints intact. Once the step is written, ``save`` *seals* it: the SHA-256
 and size of every file go into ``DIR/<step>/jaxdiff_checksums.json`` (written atomically). A step
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -326,8 +327,11 @@ class Checkpointer:
             ),
         )
         saved = out["state"]
-        key_impl = jax.random.key_impl(like.key)
-        key = jax.random.wrap_key_data(np.asarray(saved["key"]), impl=key_impl)
+        if jnp.issubdtype(like.key.dtype, jax.dtypes.prng_key):
+            key_impl = jax.random.key_impl(like.key)
+            key = jax.random.wrap_key_data(np.asarray(saved["key"]), impl=key_impl)
+        else:  # a raw uint32 key (jax.random.PRNGKey) comes back raw, as like holds it
+            key = jnp.asarray(saved["key"], like.key.dtype)
         sharding = getattr(like.key, "sharding", None)  # the others come back with like's
         key = key if sharding is None else jax.device_put(key, sharding)
         state = TrainState(

@@ -55,12 +55,18 @@ def _cfg(params: Any, x: ArrayLike, t: ArrayLike, *more: Any) -> Array:
     if labels.shape[:1] != (n,):
         raise ValueError(f"labels have shape {labels.shape}; expected ({n}, ...) to match x")
 
+    def doubled(a):  # a time of shape (1,) broadcasts to the n rows, not to 2 of the 2n
+        a = jnp.broadcast_to(a, (n, *jnp.shape(a)[1:])) if jnp.shape(a)[:1] == (1,) else a
+        return jnp.concatenate([a, a], axis=0)
+
     def guided(inside=None):
-        twice = [jnp.concatenate([a, a], axis=0) if jnp.ndim(a) else a for a in (t, *more)]
+        twice = [doubled(a) if jnp.ndim(a) else a for a in (t, *more)]
         out = field(jnp.concatenate([x, x], axis=0), *twice, jnp.concatenate([labels, null], 0))
         c, u = out[:n], out[n:]
         check_same_shape(c, x, "the conditional prediction")
-        g = u + expand_like(jnp.asarray(scale, x.dtype), x) * (c - u)
+        # in float32 or wider: a bfloat16 scale of 1.3 was 1.296875
+        dtype, cw, uw = widen(c, u, out=jnp.result_type(c, u, x.dtype))
+        g = (uw + expand_like(jnp.asarray(scale, cw.dtype), x) * (cw - uw)).astype(dtype)
         return g if inside is None else jnp.where(expand_like(inside, x), g, c)
 
     if interval is None:
@@ -222,6 +228,9 @@ def classifier_guidance(
 def _threshold(params: Any, x: ArrayLike, t: ArrayLike) -> Array:
     path, field, value, percentile = params
     x0, _ = to_x0_eps(path, x, t, field(x, t), field.target)
+    # at alpha_t = 0 an eps field's x0 is inf under jit (the conversion checks a known t only):
+    # clipping made it a finite, wrong +-1
+    x0 = check_finite(x0, "the data estimate x0_hat to clip (alpha_t = 0, or the field's output?)")
     if percentile is None:
         return jnp.clip(x0, -value, value)
     axes = tuple(range(1, x0.ndim))

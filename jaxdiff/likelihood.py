@@ -171,7 +171,14 @@ def log_likelihood(
         raise ValueError(f"x must be (batch, *event); got shape {x.shape}")
     if t_end is None:  # the PF-ODE's drift needs the path's slope: singular at zero terminal SNR
         t_end = prior_time(path, field, slope_singular_at_one)
+    for name, value in (("t_start", t_start), ("t_end", t_end)):
+        if jnp.ndim(value) != 0:  # failed inside the solver, naming its grid's shape
+            raise ValueError(
+                f"{name} must be a scalar (one integration for the batch; jax.vmap "
+                f"log_likelihood for per-sample times); got shape {jnp.shape(value)}"
+            )
     end_now = concrete(t_end)  # before any jnp op: under jit, jnp.asarray(1.0) is already traced
+    start_now = concrete(t_start)
     t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")
     t_start, t_end = check_order(t_start, t_end, "t_start", "t_end")  # checked under jit too
     if isinstance(path, GaussianPath) and field.target in ("eps", "score"):
@@ -192,6 +199,15 @@ def log_likelihood(
             SLOPE_MESSAGE.format(
                 where="t_end", what="", fix="integrate to t_end < 1 (the default does)"
             ),
+        )
+    if isinstance(path, GaussianPath):  # VP's sigma_t' is infinite at t = 0: the solve ran to
+        known_start = t_start if start_now is None else start_now  # max_steps, then said so
+        t_start = grid_check(
+            t_start,
+            lambda _: slope_singular(path, known_start),
+            "the path's slope (d alpha / dt or d sigma / dt) is not finite at t_start (t = 0 on "
+            "the VP and cosine paths), where the probability-flow drift is undefined: start at "
+            "t_start > 0 (the default 1e-3, the training minimum)",
         )
     probes = None
     if num_probes is not None:

@@ -149,7 +149,8 @@ def frechet_distance(x: ArrayLike, y: ArrayLike) -> Array:
 
     ``|mu_x - mu_y|^2 + tr(C_x + C_y - 2 (C_x^(1/2) C_y C_x^(1/2))^(1/2))`` (Heusel et al. 2017, the
     FID formula); the matrix square roots come from symmetric eigendecompositions, so the result
-    is real. Computed in the inputs' dtype; pass float64 features for tight comparisons.
+    is real. Computed in the inputs' dtype, float32 at least (bfloat16, float16 and integer
+    features are widened); pass float64 features for tight comparisons.
 
     >>> import jax
     >>> x = jax.random.normal(jax.random.key(0), (4000, 3))

@@ -1,6 +1,7 @@
 """Training: state, optimizer, EMA, a jitted step, chunked loops with a progress bar, data parallelism.
 
-A :class:`TrainState` (params, opt_state, ema, step, key) is all there is: ``make_train_step``
+A :class:`TrainState` (params, opt_state, ema, step, key, and the self-distilling losses'
+optional target network) is all there is: ``make_train_step``
 maps ``(state, batch) -> (state, loss)`` as a pure function, ``make_train_chunk`` scans ``K`` steps
 whose batches are drawn from the state's key (the run is a pure function of the initial state, so
 a resumed run repeats an uninterrupted one bit for bit), and ``train`` calls chunks, updating a
@@ -183,8 +184,8 @@ def make_train_step(
     ``ema_targets=True`` calls ``loss_fn(params, key, batch, target_params=state.ema)``: the
     self-distilling losses (``shortcut_loss``, the consistency losses) then take their targets
     from the EMA network (shortcut models' bootstrap targets, Frans et al. 2024; the original
-    consistency models' ``theta^-`` with ``mu`` the EMA's decay, Song et al. 2023), not from the
-    online one. The gradient is in ``params`` only.
+    consistency models' ``theta^-`` with ``mu`` the EMA's decay once its warm-up has passed,
+    ``(1 + n) / (10 + n) < mu``, Song et al. 2023), not from the online one. The gradient is in ``params`` only.
 
     ``target_decay=mu`` (with ``ema_targets=True`` and a state from ``init_train_state(...,
     target_ema=True)``) takes the targets from a second EMA, ``state.target <- mu state.target +

@@ -155,3 +155,66 @@ def test_a_uniform_sampler_whose_t_min_gives_an_inf_loss_is_refused():
         default = jd.flow_matching_loss(net("velocity"), path)(1.5, key, x0)
         given = jd.flow_matching_loss(net("velocity"), path, time_sampler=uniform_time(t_min, 1.0))
         assert float(default) == float(given(1.5, key, x0))
+
+
+def test_classifier_free_guidance_broadcasts_one_time_and_keeps_its_scale_wide():
+    """A t of shape (1,) was doubled to (2,), which no longer broadcast over the 2n rows; with
+    bfloat16 data the scale 1.3 was rounded to 1.296875."""
+    from jaxdiff._checks import expand_like
+
+    f = jd.Field(lambda x, t, y: x * y[:, None] * expand_like(jnp.asarray(t), x), "eps")
+    g = jd.classifier_free_guidance(f, jnp.array([2.0, 1.0]), 0.0, scale=3.0)
+    x = jnp.ones((2, 2))
+    np.testing.assert_array_equal(g(x, jnp.full(1, 0.5)), g(x, jnp.full(2, 0.5)))
+    np.testing.assert_allclose(g(x, jnp.full(1, 0.5)), [[3.0, 3.0], [1.5, 1.5]])
+    wide = jd.Field(lambda x, t, y: jnp.ones(x.shape, jnp.float32) * y[:, None], "eps")
+    g = jd.classifier_free_guidance(wide, jnp.array([1.0]), 0.0, scale=1.3)
+    out = g(jnp.ones((1, 2), jnp.bfloat16), 0.5)
+    assert out.dtype == jnp.float32 and abs(float(out[0, 0]) - 1.3) < 1e-6
+
+
+def test_clipping_an_infinite_data_estimate_is_an_error_under_jit():
+    """At alpha_t = 0 an eps field's x0 is inf; clip_x0 made it a finite, wrong +-1 under jit."""
+    fe = jd.Field(lambda x, t: 0.5 * x, "eps")
+    x = jnp.array([[2.0, -3.0]])
+    for wrap in (jd.clip_x0, jd.dynamic_thresholding):
+        with pytest.raises(Exception, match="the data estimate x0_hat to clip"):
+            jax.block_until_ready(jax.jit(lambda t, w=wrap: w(fe, jd.linear_path())(x, t))(1.0))
+        assert np.all(np.isfinite(jax.jit(lambda t, w=wrap: w(fe, jd.linear_path())(x, t))(0.5)))
+
+
+def test_ancestral_predictor_gradient_at_s_0():
+    from jaxdiff.samplers.langevin import ancestral_predictor
+
+    x = jnp.ones((4, 2))
+
+    def out(beta_max, s):
+        path = jd.vp_path(0.1, beta_max)
+        return ancestral_predictor(jax.random.key(0), path, x, 0.2, s, x, x).sum()
+
+    assert np.isfinite(float(jax.grad(out)(20.0, 0.0)))  # NaN: sqrt's slope at var = 0
+
+
+def test_log_likelihood_names_a_singular_or_per_sample_start():
+    from jaxdiff.likelihood import log_likelihood
+
+    f = jd.Field(lambda x, t: 0.1 * x, "eps")
+    x = jnp.ones((2, 2))
+    with pytest.raises(ValueError, match="not finite at t_start .* start at t_start > 0"):
+        log_likelihood(jd.vp_path(), f, x, t_start=0.0)  # ran to max_steps, then blamed them
+    with pytest.raises(ValueError, match=r"t_start must be a scalar .* got shape \(2,\)"):
+        log_likelihood(jd.vp_path(), f, x, t_start=jnp.full((2,), 1e-3))
+
+
+def test_a_raw_key_comes_back_raw_from_a_checkpoint(tmp_path):
+    import optax
+
+    from jaxdiff.checkpoint import Checkpointer
+    from jaxdiff.train import init_train_state
+
+    state = init_train_state({"w": jnp.ones(3)}, optax.sgd(0.1), jax.random.PRNGKey(0))
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(state)
+        back, _ = ckpt.restore(state)
+    assert back.key.dtype == jnp.uint32 and jax.tree.structure(back) == jax.tree.structure(state)
+    np.testing.assert_array_equal(back.key, state.key)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_count, check_positive, concrete, expand_like
+from jaxdiff._checks import check_count, check_positive, concrete, expand_like, safe_sqrt
 from jaxdiff.conversions import from_x0_eps
 from jaxdiff.ddpm import _posterior, _ratio
 from jaxdiff.field import predict
@@ -86,7 +86,7 @@ def ancestral_predictor(
 ) -> Array:
     """DDPM's step: a draw of the posterior ``q(x_s | x_t, x0_hat)``."""
     mean, var = _posterior(path, x, x0, t, s)
-    return mean + jnp.sqrt(expand_like(var, x)) * normal(key, x)
+    return mean + safe_sqrt(expand_like(var, x)) * normal(key, x)  # var = 0 at s = 0: no NaN slope
 
 
 class State(NamedTuple):
