@@ -259,6 +259,7 @@ class GaussianPath(eqx.Module):
 
         It points from data towards noise (``t`` increasing); with ``t = 0`` as noise it is ``-u``.
         """
+        self._refuse_known_zero_sigma(t, "the conditional velocity")
         t = _time(t)
         out, x, x0 = widen(x, x0)
         a, s = _scale(self.alpha(t), x), _scale(self.sigma(t), x)
@@ -267,9 +268,25 @@ class GaussianPath(eqx.Module):
 
     def conditional_score(self, x: ArrayLike, x0: ArrayLike, t: ArrayLike) -> Array:
         """``grad_x log p_t(x | x0) = -(x - alpha_t x0) / sigma_t^2``."""
+        self._refuse_known_zero_sigma(t, "the conditional score")
         t = _time(t)
         out, x, x0 = widen(x, x0)
         return (-(x - _scale(self.alpha(t), x) * x0) / _scale(self.sigma_sq(t), x)).astype(out)
+
+    def _refuse_known_zero_sigma(self, t: ArrayLike, what: str) -> None:
+        """A ``t`` known at trace time where ``sigma_t = 0`` (``t = 0``): NaN or ``-inf`` came
+        back silently, where ``convert`` names the same division."""
+        known = concrete(t)
+        if known is None:
+            return
+        with jax.ensure_compile_time_eval():
+            sigma = concrete(self.sigma(coef_time(known)))
+        if sigma is None:  # a path with traced parameters
+            return
+        bad = np.broadcast_to(sigma == 0, np.broadcast_shapes(np.shape(sigma), np.shape(known)))
+        if np.any(bad):
+            at = np.broadcast_to(known, bad.shape)[bad].ravel()[:4].tolist()
+            raise ValueError(f"{what} divides by sigma_t, which is 0 at t = {at}; take t > 0")
 
     # --- forward SDE ----------------------------------------------------------------------
     def drift_coef(self, t: ArrayLike) -> Array:

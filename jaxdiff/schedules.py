@@ -174,14 +174,19 @@ def _spaced(path: GaussianPath, steps: int, t_start, t_end, spacing, cap_end=Fal
     points are spaced from ``_LOG_SNR_CAP``: the first step is then the exact-in-the-limit
     step from pure noise (DDIM / DPM-Solver handle ``h = inf``). With ``cap_end``, where
     ``lambda(t_end) = inf`` (``sigma = 0``: ``t_end = 0``) the last point stays ``inf`` and the
-    others end at ``_LOG_SNR_CAP_END`` (a spacing uniform in ``lambda`` cannot reach ``inf``)."""
+    others end at ``_LOG_SNR_CAP_END`` (a spacing uniform in ``lambda`` cannot reach ``inf``).
+    A cap beyond the other end moves to one unit of log-SNR before it: the grid stays decreasing."""
     dtype = jnp.result_type(float)
     lam_start = path.log_snr(jnp.asarray(t_start, dtype))
     lam_end = path.log_snr(jnp.asarray(t_end, dtype))
     open_start = jnp.isfinite(lam_start)
     open_end = jnp.isfinite(lam_end) | (not cap_end)
-    lam_hi = jnp.where(open_start, lam_start, _LOG_SNR_CAP)
-    lam_lo = jnp.where(open_end, lam_end, _LOG_SNR_CAP_END)
+    # a cap past the other end (t_end = 0.99 on the linear path: lambda = -9.19 < -8.76) ran the
+    # grid backwards in time; it stays one unit of log-SNR short of that end
+    lo = jnp.where(open_end, lam_end, _LOG_SNR_CAP_END)
+    hi = jnp.where(open_start, lam_start, _LOG_SNR_CAP)
+    lam_hi = jnp.where(open_start, lam_start, jnp.minimum(_LOG_SNR_CAP, lo - 1.0))
+    lam_lo = jnp.where(open_end, lam_end, jnp.maximum(_LOG_SNR_CAP_END, hi + 1.0))
 
     def grid(capped_start: bool, capped_end: bool) -> Array:
         n = steps + 1 - capped_start - capped_end

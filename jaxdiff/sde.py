@@ -80,9 +80,9 @@ def _reverse_drift(path: GaussianPath, field: Field, x: Array, t: ArrayLike, eta
         return velocity
     score = from_x0_eps(path, x, t, x0, eps, "score")
     t = as_time(t)
-    e2 = jnp.square(eta_at(eta, t))
+    e = eta_at(eta, t)
     out, velocity, score = widen(velocity, score)  # g^2 overflows float16 on VE paths (2.5e6)
-    g2 = expand_like(e2 * path.diffusion_sq(t), x).astype(velocity.dtype)
+    g2 = expand_like(_eta_times(e, path.diffusion_sq, t, square=True), x).astype(velocity.dtype)
     return (velocity - 0.5 * g2 * score).astype(out)
 
 
@@ -100,7 +100,17 @@ def reverse_diffusion(path: GaussianPath, t: ArrayLike, eta: Eta = 1.0) -> Array
 def _reverse_diffusion(path: GaussianPath, t: ArrayLike, eta: Eta) -> Array:
     """:func:`reverse_diffusion` with ``eta`` unchecked (the samplers check it once)."""
     t = as_time(t)
-    return eta_at(eta, t) * path.diffusion(t)
+    return _eta_times(eta_at(eta, t), path.diffusion, t)
+
+
+def _eta_times(e: Array, coef: Callable, t: Array, square: bool = False) -> Array:
+    """``e * coef(t)`` (``e^2`` with ``square``), exactly 0 where ``e = 0``: ``g`` is infinite
+    where ``alpha_t = 0`` (``t = 1`` on the linear and cosine paths), and ``0 * inf`` was NaN for
+    an ``eta`` of 0 given as a function of ``t`` or traced (a Python 0 was caught before). The
+    inner ``where`` keeps the derivatives finite too."""
+    zero = e == 0
+    value = coef(jnp.where(zero, jnp.asarray(0.5, t.dtype), t))
+    return jnp.where(zero, jnp.zeros_like(value), (jnp.square(e) if square else e) * value)
 
 
 def eta_at(eta: Eta, t: ArrayLike) -> Array:
