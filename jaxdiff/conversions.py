@@ -115,7 +115,9 @@ def hub_matrix(path: GaussianPath, t: ArrayLike, target: Target) -> tuple[Array,
     """``(h00, h01, h10, h11)`` at ``t``: ``x0 = h00 x + h01 value``, ``eps = h10 x + h11 value``.
 
     The map of :func:`to_x0_eps` as four coefficients of ``t`` alone (the map is affine in ``x``
-    and the prediction): a sampler tabulates them over its grid once, before its loop.
+    and the prediction): a sampler tabulates them over its grid once, before its loop. Unlike
+    :func:`convert`, a ``t`` where a divisor is 0 is not refused: the coefficients are ``inf``
+    there (the samplers that start at ``alpha_t = 0`` take their step's limit themselves).
     """
     _check_target(target)
     t = coef_time(t)

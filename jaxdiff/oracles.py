@@ -154,10 +154,8 @@ class GaussianMixture(eqx.Module):
         """The exact value of ``target`` (``score``, ``eps``, ``x0``, ``v``, ``velocity``) at ``(x, t)``."""
         _check_target(target)
         _, score, x0 = self._posterior(path, x, t)
-        if target == "score":
-            return score
-        if target == "x0":
-            return x0
+        if target in ("score", "x0"):  # in x's dtype, as the other targets (from_x0_eps)
+            return (score if target == "score" else x0).astype(data_dtype(jnp.asarray(x)))
         t = as_time(t, x0.dtype)
         eps = -expand_like(path.sigma(t), x0) * score
         return from_x0_eps(path, x, t, x0, eps, target)

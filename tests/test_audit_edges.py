@@ -218,3 +218,48 @@ def test_a_raw_key_comes_back_raw_from_a_checkpoint(tmp_path):
         back, _ = ckpt.restore(state)
     assert back.key.dtype == jnp.uint32 and jax.tree.structure(back) == jax.tree.structure(state)
     np.testing.assert_array_equal(back.key, state.key)
+
+
+def test_reverse_family_at_an_infinite_g_with_eta_0():
+    """g is infinite at t = 1 on the linear path: 0 * inf was NaN for an eta of 0 given as a
+    function of t or traced (a Python 0 was caught)."""
+    path, f = jd.linear_path(), jd.Field(lambda x, t: -x, "velocity")
+    x = jnp.ones((2, 2))
+    assert float(jd.reverse_diffusion(path, 1.0, eta=0.0)) == 0.0
+    for drift in (
+        jd.reverse_drift(path, f, x, 1.0, eta=lambda t: 0.0 * t),
+        jax.jit(lambda e: jd.reverse_drift(path, f, x, 1.0, eta=e))(0.0),
+    ):
+        np.testing.assert_array_equal(drift, -x)
+
+
+def test_log_snr_grids_stay_decreasing_when_a_cap_is_past_the_other_end():
+    """From t = 1 (alpha = 0) the grid starts at EDM's cap lambda = -8.76; to t_end = 0.99
+    (lambda = -9.19) it ran backwards: [1, 0.9877, 0.9889, 0.99]."""
+    from jaxdiff.schedules import karras_grid, log_snr_grid
+
+    for grid in (
+        log_snr_grid(jd.linear_path(), 3, 1.0, 0.99),
+        karras_grid(jd.linear_path(), 3, 1.0, 0.99),
+    ):
+        assert float(grid[0]) == 1.0 and float(grid[-1]) == pytest.approx(0.99)
+        assert np.all(np.diff(np.asarray(grid)) < 0), grid
+
+
+def test_conditional_fields_name_a_known_t_where_sigma_is_0():
+    x = jnp.ones((2, 2))
+    for path in (jd.linear_path(), jd.vp_path()):
+        with pytest.raises(
+            ValueError, match=r"conditional velocity divides by sigma_t, .* t = \[0.0\]"
+        ):
+            path.conditional_velocity(x, x, 0.0)
+        with pytest.raises(ValueError, match="conditional score divides by sigma_t"):
+            path.conditional_score(x, x, jnp.array([0.5, 0.0]))
+        assert np.all(np.isfinite(path.conditional_velocity(x, 0.5 * x, 0.5)))
+
+
+def test_the_oracle_predicts_every_target_in_x_dtype():
+    mix = jd.GaussianMixture.isotropic(jnp.array([[1.0, 0.0]]), std=0.5)
+    x = jnp.ones((3, 2), jnp.bfloat16)
+    for target in ("score", "x0", "eps", "v", "velocity"):
+        assert mix.predict(jd.vp_path(), x, 0.5, target).dtype == jnp.bfloat16, target
