@@ -134,9 +134,16 @@ def sample(
     if t_start is None and ts is None:
         t_start = _engine.prior_time(path, field, sampler.singular_start)
     grid = _grid(path, sampler, steps, ts, t_start, t_end)
-    if key is None and (x_init is None or sampler.stochastic):
+    if key is None and (x_init is None or sampler.stochastic or hook is not None):
         raise ValueError(
-            f"sampling from the prior or with a stochastic sampler ({sampler.name}) needs a PRNG key"
+            f"sampling from the prior, with a stochastic sampler ({sampler.name}) or with a hook "
+            "(it receives a key per step) needs a PRNG key"
+        )
+    if hook is not None and sampler.evals_first_step > 0:  # Tsit5, Dopri5: first same as last
+        raise ValueError(
+            f"hook= with {sampler.name}: its solver reuses the last step's derivative as the next "
+            "step's first stage, which a hook that moves x makes stale (2.8e-3 off a restart from "
+            "the hooked state); use a solver without FSAL (diffrax.Heun(), Euler()) or ddim()"
         )
     keys = jax.random.split(key, 4) if key is not None else [None] * 4
     if source is not None:

@@ -263,3 +263,42 @@ def test_the_oracle_predicts_every_target_in_x_dtype():
     x = jnp.ones((3, 2), jnp.bfloat16)
     for target in ("score", "x0", "eps", "v", "velocity"):
         assert mix.predict(jd.vp_path(), x, 0.5, target).dtype == jnp.bfloat16, target
+
+
+def test_sampler_gradients_from_alpha_0_are_finite(x64):
+    """From t = 1 on the cosine path (alpha = 0): the discarded branches' 0 * inf made these
+    gradients in the schedule's parameter NaN (EDM's Heun in every parameter, the linear path's
+    default start); now they equal central differences."""
+    from jaxdiff import samplers as S
+
+    data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
+    x1 = jax.random.normal(jax.random.key(1), (3, 2), jnp.float64)
+    for sampler in (S.edm_heun(), S.dpm_solver_pp(2), S.dpm_solver_pp(3, eta=1.0),
+                    S.dpm_solver_2s(), S.dpm_solver_sde()):  # fmt: skip
+
+        def out(offset, sampler=sampler):
+            path = jd.cosine_path(offset)
+            field = data.field(path, "x0")
+            return jd.sample(jax.random.key(0), path, field, x_init=x1, sampler=sampler,
+                             steps=4).x.sum()  # fmt: skip
+
+        grad, h = float(jax.grad(out)(0.008)), 1e-7
+        fd = (float(out(0.008 + h)) - float(out(0.008 - h))) / (2 * h)
+        assert abs(grad - fd) < 1e-4 * max(1.0, abs(fd)), (sampler.name, grad, fd)
+
+
+def test_hooks_need_a_key_and_a_solver_without_fsal():
+    import diffrax
+
+    f = jd.Field(lambda x, t: -x, "velocity")
+    x = jnp.ones((2, 2))
+
+    def hook(key, state, t):
+        return state
+
+    with pytest.raises(ValueError, match="or with a hook .* needs a PRNG key"):
+        jd.sample(None, jd.vp_path(), f, x_init=x, sampler=jd.samplers.ode(diffrax.Heun()),
+                  steps=3, hook=hook)  # fmt: skip
+    with pytest.raises(ValueError, match="first stage, which a hook that moves x makes stale"):
+        jd.sample(jax.random.key(0), jd.vp_path(), f, x_init=x,
+                  sampler=jd.samplers.ode(diffrax.Tsit5()), steps=3, hook=hook)  # fmt: skip

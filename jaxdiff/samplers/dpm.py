@@ -65,14 +65,17 @@ def _update(order, exact_taylor, x, m0, m1, m2, h, h1, h2, ratio, a_s, h_eta):
     out = ratio * x + a_s * phi1 * m0
     if order == 1:
         return out
-    r0 = h1 / h
-    d1_0 = (m0 - m1) / r0
+    # a step from alpha = 0 left h = inf in the history: its difference is 0 (as m / inf was),
+    # with finite derivatives (0 * inf made the schedule's gradients NaN)
+    fin1, fin2 = jnp.isfinite(h1), jnp.isfinite(h2)
+    r0 = jnp.where(fin1, h1, h) / h
+    d1_0 = jnp.where(fin1, (m0 - m1) / r0, jnp.zeros_like(m0))
     if order == 2:
         return out + 0.5 * a_s * phi1 * d1_0
-    r1 = h2 / h
-    d1_1 = (m1 - m2) / r1
-    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
+    r1 = jnp.where(fin2, h2, h) / h
+    d1_1 = jnp.where(fin2, (m1 - m2) / r1, jnp.zeros_like(m1))
+    d1 = d1_0 + jnp.where(fin2, r0 / (r0 + r1), 0.0) * (d1_0 - d1_1)
+    d2 = jnp.where(fin2, (d1_0 - d1_1) / (r0 + r1), jnp.zeros_like(d1_0))
     # d1 ~ h x0', d2 ~ h^2 x0'' / 2 at lambda_t; the integrals e^{-h} int_0^h e^u u^k du / h^k
     weight = 2.0 if exact_taylor else 1.0
     return out - a_s * phi2 * d1 + weight * a_s * phi3 * d2

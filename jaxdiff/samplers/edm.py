@@ -50,7 +50,9 @@ def edm_heun(
     ``gamma = min(churn / N, sqrt(2) - 1)`` where ``s_tmin <= sigma <= s_tmax`` (EDM's units,
     ``sigma = sigma_t / alpha_t``), with ``N`` the number of steps including the final one to
     ``t = 0`` (the denoising step), as NVlabs' EDM and k-diffusion; the noise is scaled by
-    ``s_noise``. ``churn = 0`` is the deterministic sampler. Default grid: Karras' (``rho``),
+    ``s_noise``. Unlike Alg. 2 with ``S_tmax = inf``, the first step is not churned and the raised
+    level ``sigma_hat`` is capped at the grid's first one (``t_hat`` stays in ``[0, 1]``).
+    ``churn = 0`` is the deterministic sampler. Default grid: Karras' (``rho``),
     17 steps + the denoising step = EDM's 18 noise levels, 35 evaluations.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
@@ -100,9 +102,12 @@ def edm_heun(
         # on the step to sigma = 0 the Euler step is taken and eps_2 discarded: evaluate it at
         # t_hat there, as dividing by sigma_s = 0 gave a NaN that reached the gradients
         _, eps_2 = predict(path, field, x_euler, jnp.where(sig_s == 0, t_hat, s))
-        dsig = sig_s - a_s * _edm_sigma(path, t_hat)
-        heun = (a_s / jnp.where(a_hat > 0, a_hat, 1.0)) * x + dsig * 0.5 * (eps_1 + eps_2)
         euler = (a_hat == 0) | (sig_s == 0)  # sigma = inf at the start, or the step to sigma = 0
+        # dsig is -inf at a_hat = 0: 0 (the discarded branch's cotangent) times it made every
+        # gradient NaN from the linear path's default start at t = 1; taken at s there, then 0
+        dsig = sig_s - a_s * _edm_sigma(path, jnp.where(a_hat > 0, t_hat, s))
+        dsig = jnp.where(euler, jnp.zeros_like(dsig), dsig)
+        heun = (a_s / jnp.where(a_hat > 0, a_hat, 1.0)) * x + dsig * 0.5 * (eps_1 + eps_2)
         return State(jnp.where(euler, x_euler, heun), state.gamma, state.sigma_max)
 
     return Sampler(

@@ -96,7 +96,8 @@ def consistency() -> Sampler:
 
     ``x0 = f(x_t, t)`` from the consistency model ``f`` (a field of target ``"x0"``, e.g.
     ``Field(consistency_function(model.apply), "x0", params)``), then ``x_s = alpha_s x0 +
-    sigma_s z`` with fresh ``z ~ N(0, I)``; a step that ends where ``sigma_s = 0`` returns ``x0``.
+    sigma_s z`` with fresh ``z ~ N(0, I)``; a step that ends where ``sigma_s = 0`` returns ``x0``
+    (a grid ending above 0 needs ``denoise=True`` for Alg. 1's last evaluation ``f(x, tau_N)``).
     One evaluation per step; stochastic (a key is needed) unless you run a single step from
     ``x_init`` with your own loop.
 

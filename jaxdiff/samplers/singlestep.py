@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_positive
+from jaxdiff._checks import check_positive, safe_sqrt
 from jaxdiff.field import predict
 from jaxdiff.samplers.base import Sampler, normal
 from jaxdiff.schedules import log_snr_grid
@@ -36,11 +36,15 @@ def _lam(path, t):
     return 0.5 * path.log_snr(t)
 
 
-def _ancestral(sig_from, sig_to, eta):
-    """``(sigma_down, sigma_up)`` of a step from ``sig_from`` to ``sig_to`` in EDM units."""
-    up = jnp.minimum(sig_to, eta * jnp.sqrt(sig_to**2 * (sig_from**2 - sig_to**2) / sig_from**2))
-    up = jnp.where(jnp.isfinite(sig_from), up, jnp.minimum(1.0, eta) * sig_to)  # the limit
-    return jnp.sqrt(jnp.maximum(sig_to**2 - up**2, 0.0)), up
+def _ancestral(sig_from, sig_to, eta, finite=None):
+    """``(sigma_down, sigma_up)`` of a step from ``sig_from`` to ``sig_to`` in EDM units; where
+    ``finite`` is false (``sig_from = inf``, passed as any finite stand-in above ``sig_to``: an
+    infinite one gave NaN slopes in the discarded branch), the limit."""
+    finite = jnp.isfinite(sig_from) if finite is None else finite
+    safe = jnp.where(finite, sig_from, sig_to + 1.0)
+    up = jnp.minimum(sig_to, eta * jnp.sqrt(sig_to**2 * (safe**2 - sig_to**2) / safe**2))
+    up = jnp.where(finite, up, jnp.minimum(1.0, eta) * sig_to)
+    return safe_sqrt(sig_to**2 - up**2), up  # down = 0 at eta = 1 from alpha = 0: slope 0
 
 
 def _move(x, x0, a_t, s_t, sig_to):
@@ -51,7 +55,8 @@ def _move(x, x0, a_t, s_t, sig_to):
 
 def _mid(lam_t, lam_to):
     """The midpoint in ``lambda``; from ``lambda_t = -inf`` (``alpha_t = 0``), one e-fold above."""
-    return jnp.where(jnp.isfinite(lam_t), 0.5 * (lam_t + lam_to), lam_to - 1.0)
+    finite = jnp.isfinite(lam_t)
+    return jnp.where(finite, 0.5 * (jnp.where(finite, lam_t, lam_to) + lam_to), lam_to - 1.0)
 
 
 def _at(path, field, y, lam):
@@ -87,8 +92,10 @@ def dpm_solver_2s(*, eta: Eta = 1.0, s_noise: ArrayLike = 1.0) -> Sampler:
         lam_t, lam_s = _lam(path, t), _lam(path, s)
         x0 = predict(path, field, x, t)[0]
         e = eta_at(eta, t)  # a function of t is called (it was multiplied: a TypeError)
-        down, up = _ancestral(jnp.exp(-lam_t), jnp.exp(-lam_s), e)
-        lam_down = -jnp.log(down)
+        fin = jnp.isfinite(lam_t)  # from alpha = 0: a finite stand-in, the limit below
+        sig_from = jnp.exp(-jnp.where(fin, lam_t, lam_s - 1.0))
+        down, up = _ancestral(sig_from, jnp.exp(-lam_s), e, fin)
+        lam_down = -jnp.log(jnp.where(down > 0, down, 1.0))  # used where down > 0 only
         lam_mid = jnp.where(down > 0, _mid(lam_t, lam_down), lam_s)
         x0_mid = _at(path, field, _move(x, x0, a_t, s_t, jnp.exp(-lam_mid)), lam_mid)
         y = jnp.where(down > 0, _move(x, x0_mid, a_t, s_t, down), x0)  # to sigma = 0: x0_hat
@@ -135,24 +142,27 @@ def dpm_solver_sde(*, eta: Eta = 1.0, r: float = 0.5, s_noise: ArrayLike = 1.0) 
         lam_t, lam_s = _lam(path, t), _lam(path, s)
         x0 = predict(path, field, x, t)[0]
         y = x  # only for shapes and dtypes below
-        lam_mid = jnp.where(jnp.isfinite(lam_t), lam_t + r * (lam_s - lam_t), lam_s - 1.0)
-        sig_t, sig_mid, sig_s = jnp.exp(-lam_t), jnp.exp(-lam_mid), jnp.exp(-lam_s)
+        fin = jnp.isfinite(lam_t)  # from alpha = 0: finite stand-ins (their slopes were NaN)
+        lt = jnp.where(fin, lam_t, lam_s)
+        lam_mid = jnp.where(fin, lt + r * (lam_s - lt), lam_s - 1.0)
+        sig_t = jnp.exp(-jnp.where(fin, lam_t, lam_mid - 1.0))  # inf stood here: the limit below
+        sig_mid, sig_s = jnp.exp(-lam_mid), jnp.exp(-lam_s)
         if stochastic:
             k1, k2 = jax.random.split(key)
             z1, z2 = normal(k1, y), normal(k2, y)
         else:  # eta = 0: no noise (up = 0), and no key needed
             z1 = z2 = jnp.zeros_like(y)
         rho = jnp.sqrt(jnp.clip((sig_t - sig_mid) / (sig_t - sig_s), 0.0, 1.0))
-        rho = jnp.where(jnp.isfinite(sig_t), rho, 1.0).astype(y.dtype)
+        rho = jnp.where(fin, rho, 1.0).astype(y.dtype)  # its limit from alpha = 0
         n1, n2 = z1, rho * z1 + jnp.sqrt(1.0 - rho**2) * z2
         # substep 1: to the midpoint level with the prediction at t
         e = eta_at(eta, t)  # a function of t is called (it was multiplied: a TypeError)
-        down, up = _ancestral(sig_t, sig_mid, e)
+        down, up = _ancestral(sig_t, sig_mid, e, fin)
         y_mid = _move(x, x0, a_t, s_t, down) + (s_noise * up).astype(y.dtype) * n1
         x0_mid = _at(path, field, y_mid, lam_mid)
         # substep 2: from t to s with the combined prediction
         x0_d = (1.0 - fac) * x0 + fac * x0_mid
-        down, up = _ancestral(sig_t, sig_s, e)
+        down, up = _ancestral(sig_t, sig_s, e, fin)
         y_new = _move(x, x0_d, a_t, s_t, down) + (s_noise * up).astype(y.dtype) * n2
         return State((a_s * y_new).astype(x.dtype))
 
