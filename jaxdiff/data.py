@@ -124,6 +124,9 @@ def load_digits(split: str = "train", *, test_size: int = 297) -> tuple[np.ndarr
     """
     if split not in ("train", "test", "all"):
         raise ValueError(f"split must be 'train', 'test' or 'all'; got {split!r}")
+    test_size = check_count(test_size, "test_size", minimum=0)  # -3 swapped the two sizes
+    if test_size > 1797:
+        raise ValueError(f"test_size must be at most the 1,797 digits; got {test_size}")
     try:
         from sklearn.datasets import load_digits as _load
     except ImportError as err:  # pragma: no cover - depends on the install
@@ -182,6 +185,7 @@ def digits_images(
     """The digits of :func:`load_digits` as ``uint8`` images ``(n, size, size, channels)``
     (pixels ``0..16`` to ``0..255``, bilinear upsampling; ``channels = 3`` repeats the gray) and
     their labels."""
+    channels = check_count(channels, "channels")  # 0 gave images without a channel
     images, labels = load_digits(split)
     x = jax.image.resize(jnp.asarray(images), (images.shape[0], size, size, 1), "linear")
     x = np.clip(np.rint((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -302,3 +302,14 @@ def test_hooks_need_a_key_and_a_solver_without_fsal():
     with pytest.raises(ValueError, match="first stage, which a hook that moves x makes stale"):
         jd.sample(jax.random.key(0), jd.vp_path(), f, x_init=x,
                   sampler=jd.samplers.ode(diffrax.Tsit5()), steps=3, hook=hook)  # fmt: skip
+
+
+def test_the_digits_name_a_bad_split_size_or_channel_count():
+    from jaxdiff.data import digits_images, load_digits
+
+    with pytest.raises(ValueError, match="test_size must be an integer >= 0; got -3"):
+        load_digits(test_size=-3)  # silently swapped the train and test sizes
+    with pytest.raises(ValueError, match="at most the 1,797 digits"):
+        load_digits(test_size=5000)
+    with pytest.raises(ValueError, match="channels must be a positive integer; got 0"):
+        digits_images(channels=0)
