@@ -330,3 +330,20 @@ def safe_sqrt(value: Any) -> Array:
     value = jnp.asarray(value)
     zero = value <= 0
     return jnp.where(zero, jnp.zeros_like(value), jnp.sqrt(jnp.where(zero, 1.0, value)))
+
+
+def refuse_known_time(t: Any, coef: Callable, bad: Callable, what: str) -> None:
+    """Refuse a ``t`` known at trace time where ``bad(coef(t))`` (an end of the bridge, sigma = 0),
+    naming the offending times; a traced ``t`` (or a traced coefficient) is not checked."""
+    known = concrete(t)
+    if known is None:
+        return
+    with jax.ensure_compile_time_eval():
+        value = concrete(coef(known))
+    if value is None:
+        return
+    mask = np.broadcast_to(bad(np.asarray(value)), np.shape(known))
+    if np.any(mask):
+        raise ValueError(
+            f"{what} at t = {np.asarray(known)[mask].ravel()[:4].tolist()}; take t inside (0, 1)"
+        )

@@ -278,9 +278,8 @@ def _check_fewstep(c: dict) -> None:
         return
     if c["path"] not in ("fm", "cosine"):
         raise ValueError(
-            f"loss {loss} needs a path from the data to N(0, I) with a bounded velocity: fm or "
-            f"cosine, not {c['path']!r} (VP's and sub-VP's velocity is infinite at t = 0, VE's "
-            "prior is not N(0, I))"
+            f"loss {loss} needs a path that reaches N(0, I) exactly at t = 1 (alpha_1 = 0): fm or "
+            f"cosine, not {c['path']!r} (VP's and sub-VP's alpha_1 > 0, VE's prior is not N(0, I))"
         )
     if c["target"] != FEWSTEP_TARGETS[loss]:
         two = loss in TWO_TIME_LOSSES

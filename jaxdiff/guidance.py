@@ -228,9 +228,14 @@ def classifier_guidance(
 def _threshold(params: Any, x: ArrayLike, t: ArrayLike) -> Array:
     path, field, value, percentile = params
     x0, _ = to_x0_eps(path, x, t, field(x, t), field.target)
-    # at alpha_t = 0 an eps field's x0 is inf under jit (the conversion checks a known t only):
-    # clipping made it a finite, wrong +-1
-    x0 = check_finite(x0, "the data estimate x0_hat to clip (alpha_t = 0, or the field's output?)")
+    if field.target in ("eps", "score"):  # x0 = (x - sigma eps) / alpha: clipping made the inf
+        # of alpha_t = 0 under jit a finite, wrong +-1 (the conversion checks a known t only)
+        x0 = error_if(
+            x0,
+            path.alpha(coef_time(t)) == 0,
+            f"the data estimate x0_hat to clip is infinite where alpha_t = 0 (an {field.target!r} "
+            "field at t = 1 on the linear and cosine paths): start below t = 1",
+        )
     if percentile is None:
         return jnp.clip(x0, -value, value)
     axes = tuple(range(1, x0.ndim))

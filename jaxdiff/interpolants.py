@@ -42,8 +42,9 @@ from jaxdiff._checks import (
     coef_time,
     concrete,
     data_dtype,
+    error_if,
     expand_like,
-    tie_check,
+    refuse_known_time,
     wide_dtype,
     widen,
 )
@@ -162,7 +163,7 @@ class StochasticInterpolant(eqx.Module):
     ) -> Array:
         """``d x_t / dt = a_t' x0 + b_t' x1 + gamma_t' z`` at fixed ``(x0, x1, z)``."""
         if not isinstance(self.gamma_fn, _NoGamma):  # the bridge's gamma' is infinite at the ends
-            _refuse_known(
+            refuse_known_time(
                 t,
                 self.d_gamma,
                 lambda dg: ~np.isfinite(dg),
@@ -176,7 +177,7 @@ class StochasticInterpolant(eqx.Module):
         """``grad_x log N(x; a_t x0 + b_t x1, gamma_t^2 I) = -(x - a_t x0 - b_t x1) / gamma_t^2``."""
         if isinstance(self.gamma_fn, _NoGamma):
             raise ValueError("a deterministic interpolant (gamma = 0) has no conditional score")
-        _refuse_known(  # a known t where gamma = 0 (the ends) gave NaN or inf silently
+        refuse_known_time(  # a known t where gamma = 0 (the ends) gave NaN or inf silently
             t,
             self.gamma,
             lambda g: g == 0,
@@ -186,23 +187,6 @@ class StochasticInterpolant(eqx.Module):
         mean = self.interpolate(x0, x1, jnp.zeros_like(x), t)
         var = expand_like(jnp.square(self.gamma(t)), x).astype(x.dtype)
         return (-(x - mean) / var).astype(out)
-
-
-def _refuse_known(t: ArrayLike, coef: Callable, bad: Callable, what: str) -> None:
-    """Refuse a ``t`` known at trace time where ``bad(coef(t))`` (an end of the bridge), naming
-    the offending times; a traced ``t`` is the caller's to draw inside ``(0, 1)``."""
-    known = concrete(t)
-    if known is None:
-        return
-    with jax.ensure_compile_time_eval():
-        value = concrete(coef(known))
-    if value is None:
-        return
-    mask = np.broadcast_to(bad(np.asarray(value)), np.shape(known))
-    if np.any(mask):
-        raise ValueError(
-            f"{what} at t = {np.asarray(known)[mask].ravel()[:4].tolist()}; take t inside (0, 1)"
-        )
 
 
 def brownian_bridge(sigma: ArrayLike = 1.0) -> StochasticInterpolant:
@@ -261,7 +245,7 @@ def interpolant_loss(
     ends = [getattr(time_sampler, name, None) for name in ("t_min", "t_max")]
     known = stochastic and target == "velocity" and all(isinstance(e, float) for e in ends)
     if known:  # uniform_time, logit_normal_time, importance_time: their range, at build time
-        _refuse_known(
+        refuse_known_time(
             np.asarray(ends, np.float32),
             interpolant.d_gamma,
             lambda dg: ~np.isfinite(dg),
@@ -277,7 +261,7 @@ def interpolant_loss(
         # where the bridge's gamma' is infinite (an inf loss)
         t = draw_times(time_sampler, t_key, x0.shape[0])
         if check_ends:  # a sampler of unknown range: gamma' at its draws, at run time
-            t = tie_check(
+            t = error_if(
                 t,
                 ~jnp.isfinite(interpolant.d_gamma(t)),
                 "the time_sampler drew a t where the interpolant's gamma_t' is not finite (the "

@@ -49,6 +49,7 @@ from jaxdiff._checks import (
     expand_like,
     normal,
     normal_like,
+    refuse_known_time,
     safe_sqrt,
     widen,
 )
@@ -276,17 +277,10 @@ class GaussianPath(eqx.Module):
     def _refuse_known_zero_sigma(self, t: ArrayLike, what: str) -> None:
         """A ``t`` known at trace time where ``sigma_t = 0`` (``t = 0``): NaN or ``-inf`` came
         back silently, where ``convert`` names the same division."""
-        known = concrete(t)
-        if known is None:
-            return
-        with jax.ensure_compile_time_eval():
-            sigma = concrete(self.sigma(coef_time(known)))
-        if sigma is None:  # a path with traced parameters
-            return
-        bad = np.broadcast_to(sigma == 0, np.broadcast_shapes(np.shape(sigma), np.shape(known)))
-        if np.any(bad):
-            at = np.broadcast_to(known, bad.shape)[bad].ravel()[:4].tolist()
-            raise ValueError(f"{what} divides by sigma_t, which is 0 at t = {at}; take t > 0")
+        refuse_known_time(
+            t, lambda tc: self.sigma(coef_time(tc)), lambda s: s == 0,
+            f"{what} divides by sigma_t, which is 0",
+        )  # fmt: skip
 
     # --- forward SDE ----------------------------------------------------------------------
     def drift_coef(self, t: ArrayLike) -> Array:

@@ -104,11 +104,12 @@ def _reverse_diffusion(path: GaussianPath, t: ArrayLike, eta: Eta) -> Array:
 
 
 def _eta_times(e: Array, coef: Callable, t: Array, square: bool = False) -> Array:
-    """``e * coef(t)`` (``e^2`` with ``square``), exactly 0 where ``e = 0``: ``g`` is infinite
-    where ``alpha_t = 0`` (``t = 1`` on the linear and cosine paths), and ``0 * inf`` was NaN for
-    an ``eta`` of 0 given as a function of ``t`` or traced (a Python 0 was caught before). The
-    inner ``where`` keeps the derivatives finite too."""
-    zero = e == 0
+    """``e * coef(t)`` (``e^2`` with ``square``), exactly 0 where ``e = 0`` meets an infinite
+    ``coef``: ``g`` is infinite where ``alpha_t = 0`` (``t = 1`` on the linear and cosine paths),
+    and ``0 * inf`` was NaN for an ``eta`` of 0 given as a function of ``t`` or traced (a Python 0
+    was caught before). The inner ``where`` keeps the derivatives finite there; elsewhere the
+    product and its derivatives are untouched (``d / d eta`` at 0 is still ``g(t)``)."""
+    zero = (e == 0) & ~jnp.isfinite(coef(t))
     value = coef(jnp.where(zero, jnp.asarray(0.5, t.dtype), t))
     return jnp.where(zero, jnp.zeros_like(value), (jnp.square(e) if square else e) * value)
 

@@ -92,12 +92,19 @@ def test_ancestral_gradient_through_the_schedule_at_s_0():
 
 
 def test_shortcut_flow_matching_times_never_draw_0():
-    """U[0, 1) drew t = 0 three times in 2^24 draws (key 3), an inf velocity target on the
-    cosine path; the shortcut loss's default draws (0, 1] from the same key."""
-    key = jax.random.key(3)
-    assert int(jnp.sum(uniform_time(0.0, 1.0)(key, (2**24,)) == 0)) > 0  # the old default
-    t = _Uniform(0.0, 1.0, from_top=True)(key, (2**24,))
-    assert float(t.min()) > 0 and float(t.max()) == 1.0 and abs(float(t.mean()) - 0.5) < 1e-3
+    """U[0, 1) draws t = 0 exactly once in 2^23, an inf velocity target on the cosine path: key
+    79888 does so among the 48 flow-matching times of a batch of 64 (found by a search). The
+    shortcut loss's default draws (0, 1] now: finite there."""
+    from jaxdiff.shortcut import shortcut_loss
+
+    key = jax.random.key(79888)
+    old = uniform_time(0.0, 1.0)(jax.random.split(key, 4)[0], (48,))  # the loss's t_key
+    assert float(old.min()) == 0.0
+    net = jd.Field(lambda p, z, t, r: p * z, "velocity")
+    x0 = jax.random.normal(jax.random.key(1), (64, 2))
+    assert np.isfinite(float(shortcut_loss(net, jd.cosine_path())(1.0, key, x0)))
+    t = _Uniform(0.0, 1.0, from_top=True)(key, (4096,))
+    assert float(t.min()) > 0 and float(t.max()) <= 1.0 and abs(float(t.mean()) - 0.5) < 0.02
 
 
 def test_small_batches_get_both_parts_of_the_static_split():

@@ -36,13 +36,11 @@ def _lam(path, t):
     return 0.5 * path.log_snr(t)
 
 
-def _ancestral(sig_from, sig_to, eta, finite=None):
+def _ancestral(sig_from, sig_to, eta, finite):
     """``(sigma_down, sigma_up)`` of a step from ``sig_from`` to ``sig_to`` in EDM units; where
-    ``finite`` is false (``sig_from = inf``, passed as any finite stand-in above ``sig_to``: an
-    infinite one gave NaN slopes in the discarded branch), the limit."""
-    finite = jnp.isfinite(sig_from) if finite is None else finite
-    safe = jnp.where(finite, sig_from, sig_to + 1.0)
-    up = jnp.minimum(sig_to, eta * jnp.sqrt(sig_to**2 * (safe**2 - sig_to**2) / safe**2))
+    ``finite`` is false (the true ``sig_from`` is inf, from ``alpha = 0``; the callers pass a
+    finite stand-in above ``sig_to``: an infinite one gave NaN slopes), the limit."""
+    up = jnp.minimum(sig_to, eta * jnp.sqrt(sig_to**2 * (sig_from**2 - sig_to**2) / sig_from**2))
     up = jnp.where(finite, up, jnp.minimum(1.0, eta) * sig_to)
     return safe_sqrt(sig_to**2 - up**2), up  # down = 0 at eta = 1 from alpha = 0: slope 0
 
