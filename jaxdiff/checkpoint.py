@@ -1,7 +1,8 @@
 """Orbax checkpoints of a :class:`~jaxdiff.train.TrainState`, sealed with checksums.
 
 Each save writes ``DIR/<step>/`` with the state (params, optimizer state, EMA, step, the PRNG
-key's raw bits, and the target network where the state has one) and ``meta`` (the configuration needed to rebuild the model). Orbax writes a step
+key's raw bits, and the target network where the state has one) and ``meta`` (the
+configuration needed to rebuild the model). Orbax writes a step
 into a temporary folder and renames it only when complete, so a save that fails or is killed
 leaves the previous checkpoints intact. Once the step is written, ``save`` *seals* it: the SHA-256
 and size of every file go into ``DIR/<step>/jaxdiff_checksums.json`` (written atomically). A step

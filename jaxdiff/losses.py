@@ -516,7 +516,8 @@ def flow_matching_loss(
     ``U[0, 1]``, or ``U[1e-3, 1]`` for an ``"x0"`` or ``"score"`` net (an x0 net's velocity
     divides by ``sigma_t``) and wherever the loss is not finite at ``t = 0`` (the VP and cosine
     paths, whose ``sigma_t'`` is infinite there): ``U[0, 1]`` draws ``t = 0`` with probability
-    2^-23, an inf loss once in a few thousand steps at batch 4096. Other keywords go to :func:`diffusion_loss`: ``source=`` (any
+    2^-23, an inf loss once in a few thousand steps at batch 4096. Other keywords go to
+    :func:`diffusion_loss`: ``source=`` (any
     source distribution in place of the Gaussian, :mod:`jaxdiff.sources`), ``coupling=``
     (``jd.exact_ot()``, ``jd.sinkhorn_ot(...)``), ``weighting``, ``label_dropout`` with
     ``null_label``, ``rngs``."""

@@ -185,15 +185,16 @@ def make_train_step(
     self-distilling losses (``shortcut_loss``, the consistency losses) then take their targets
     from the EMA network (shortcut models' bootstrap targets, Frans et al. 2024; the original
     consistency models' ``theta^-`` with ``mu`` the EMA's decay once its warm-up has passed,
-    ``(1 + n) / (10 + n) >= mu``, Song et al. 2023), not from the online one. The gradient is in ``params`` only.
+    ``(1 + n) / (10 + n) >= mu``, Song et al. 2023), not from the online one. The gradient is in
+    ``params`` only.
 
     ``target_decay=mu`` (with ``ema_targets=True`` and a state from ``init_train_state(...,
     target_ema=True)``) takes the targets from a second EMA, ``state.target <- mu state.target +
     (1 - mu) params`` after each update, without warm-up, apart from the evaluation EMA: the
     consistency models' ``theta^- <- stopgrad(mu theta^- + (1 - mu) theta)`` with their own
     ``mu`` (0.95 for distillation on CIFAR-10, Song et al. 2023; ``mu = 0``, the online network
-    itself under a stop-gradient, in improved consistency training, Song & Dhariwal 2023) while ``ema``
-    keeps the slow average that samples best.
+    itself under a stop-gradient, in improved consistency training, Song & Dhariwal 2023) while
+    ``ema`` keeps the slow average that samples best.
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}")

@@ -9,7 +9,8 @@ step, ``B(h) = -h`` (``"bh1"``) or ``e^{-h} - 1`` (``"bh2"``):
     ``x_s = (sigma_s / sigma_t) x - alpha_s (e^{-h} - 1) m_0 - alpha_s B(h) sum_k rho_k D_k``,
 
 with ``D_k = (m_k - m_0) / r_k`` the scaled differences of earlier evaluations and ``rho`` solving
-the order conditions ``R rho = b`` (``R_ik = r_k^(i-1)``, ``b_i = i! (-h) phi_{i+1}(-h) / B(h)``, Zhao et al.'s ``h -> -h`` for data prediction). Order 2's
+the order conditions ``R rho = b`` (``R_ik = r_k^(i-1)``, ``b_i = i! (-h) phi_{i+1}(-h) / B(h)``,
+Zhao et al.'s ``h -> -h`` for data prediction). Order 2's
 predictor uses ``rho = 1/2``, as the reference code. This follows diffusers'
 ``UniPCMultistepScheduler`` (``predict_x0=True``): the final step's evaluation is not used for a
 correction, and the last steps lower their order with ``lower_order_final``.
