@@ -27,8 +27,10 @@ from jaxdiff._checks import (
     check_time,
     concrete,
     data_dtype,
+    error_if,
     expand_like,
     normal,
+    value_check,
     wide_dtype,
 )
 from jaxdiff.conversions import Target, _check_target, from_x0_eps
@@ -57,24 +59,33 @@ class GaussianMixture(eqx.Module):
     means: Array
     covs: Array
 
-    def __check_init__(self):
-        w, m, c = (jnp.shape(v) for v in (self.weights, self.means, self.covs))
+    def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
+        weights, means, covs = jnp.asarray(weights), jnp.asarray(means), jnp.asarray(covs)
+        w, m, c = weights.shape, means.shape, covs.shape
         if len(w) != 1 or len(m) != 2 or len(c) != 3 or not (w[0] == m[0] == c[0]):
             raise ValueError(
                 f"expected weights (K,), means (K, d), covs (K, d, d); got shapes {w}, {m}, {c}"
             )
         if c[1:] != (m[1], m[1]):
             raise ValueError(f"covs must be (K, d, d) with d = {m[1]}; got {c}")
-        weights, covs, means = concrete(self.weights), concrete(self.covs), concrete(self.means)
-        if weights is not None and not (np.all(weights > 0) and abs(weights.sum() - 1) <= 1e-5):
-            raise ValueError(f"weights must be > 0 and sum to 1; got {weights.tolist()}")  # NaN too
-        if means is not None and not np.all(np.isfinite(means)):
-            raise ValueError(f"means must be finite; got {means.tolist()}")
-        if covs is not None:
-            if not np.allclose(covs, np.swapaxes(covs, -1, -2), atol=1e-6):
-                raise ValueError("covs must be symmetric")
-            if np.any(np.linalg.eigvalsh(covs) <= 0):
-                raise ValueError("covs must be positive definite")
+        # Known values are checked now; traced ones (a mixture built under jit) when the program
+        # runs, each check tied to its array. Mixtures built from checked ones (``marginal``,
+        # ``posterior``) skip them (``eqx.tree_at``).
+        self.weights = value_check(weights, _bad_weights, "weights must be > 0 and sum to 1")
+        self.means = value_check(
+            means, lambda xp, v: ~xp.all(xp.isfinite(v)), "means must be finite"
+        )
+        known = concrete(covs)
+        if known is None:
+            self.covs = error_if(
+                covs, _bad_covs(covs), "covs must be symmetric and positive definite"
+            )
+            return
+        if not np.allclose(known, np.swapaxes(known, -1, -2), atol=1e-6):
+            raise ValueError("covs must be symmetric")
+        if np.any(np.linalg.eigvalsh(known) <= 0):  # NaN too
+            raise ValueError("covs must be positive definite")
+        self.covs = covs
 
     @classmethod
     def isotropic(
@@ -136,7 +147,8 @@ class GaussianMixture(eqx.Module):
             raise ValueError(f"marginal takes a scalar t; got shape {t.shape}")
         a, var = path.alpha(t), path.sigma_sq(t)
         eye = jnp.eye(self.dim, dtype=self.means.dtype)[None]
-        return GaussianMixture(self.weights, a * self.means, a**2 * self.covs + var * eye)
+        covs = a**2 * self.covs + var * eye
+        return eqx.tree_at(lambda g: (g.means, g.covs), self, (a * self.means, covs))
 
     def marginal_log_prob(self, path: GaussianPath, x: ArrayLike, t: ArrayLike) -> Array:
         """``log p_t(x)``."""
@@ -171,8 +183,9 @@ class GaussianMixture(eqx.Module):
         ``w_k N(y; A mu_k, G_k)``, the component's evidence. ``A`` is an ``(m, d)`` matrix or a
         :class:`~jaxdiff.LinearOperator` on ``d`` entries; ``y`` has shape ``(m,)``; ``sigma_y > 0``.
 
-        The covariances do not depend on ``y``: one ``eigh`` of the K matrices ``G_k`` serves every
-        measurement, so ``jax.vmap(lambda y: mix.posterior(A, y, s))(ys)`` batches only matrix
+        The covariances do not depend on ``y``: one Cholesky factorisation of the K matrices
+        ``G_k`` serves every measurement (and, unlike ``eigh``, has a derivative where ``G_k`` has
+        repeated eigenvalues), so ``jax.vmap(lambda y: mix.posterior(A, y, s))(ys)`` batches only matrix
         products (no LAPACK call batched over measurements). Its exact fields on every path
         (:meth:`field`) make the oracle posterior sampler.
 
@@ -213,6 +226,16 @@ class GaussianMixture(eqx.Module):
         return _posterior_terms(self, path, x, t)
 
 
+def _bad_weights(xp, w):
+    return ~(xp.all(w > 0) & (xp.abs(xp.sum(w) - 1) <= 1e-5))  # NaN too
+
+
+def _bad_covs(covs):
+    """Traced covariances: not symmetric, or no Cholesky factor (not positive definite)."""
+    symmetric = jnp.allclose(covs, jnp.swapaxes(covs, -1, -2), atol=1e-6)
+    return ~symmetric | ~jnp.all(jnp.isfinite(jnp.linalg.cholesky(covs)))
+
+
 class _Oracle(eqx.Module):
     """``(params, x, t) -> mixture.predict(path, x, t, target)`` with ``params = (mixture, path)``."""
 
@@ -233,10 +256,12 @@ def _bayes(mix: GaussianMixture, mat: Array, y: Array, sigma_y: Array) -> Gaussi
     sa = jnp.einsum("kij,mj->kim", cov, mat)  # S_k A^T: (K, d, m)
     noise = sigma_y.astype(dtype) ** 2 * jnp.eye(m, dtype=dtype)
     gram = jnp.einsum("li,kim->klm", mat, sa) + noise[None]
-    lam, vecs = jnp.linalg.eigh(gram)  # (K, m), (K, m, m): independent of y
+    chol = jnp.linalg.cholesky(gram)  # (K, m, m): independent of y
+    eye = jnp.broadcast_to(jnp.eye(m, dtype=dtype), gram.shape)
+    inv_chol = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)  # L_k^{-1}
     resid = y[None] - mu @ mat.T  # (K, m)
-    z = jnp.einsum("kji,kj->ki", vecs, resid)  # U_k^T (y - A mu_k)
-    inv = jnp.einsum("kaj,kj,kbj->kab", vecs, 1.0 / lam, vecs)  # G_k^{-1}
+    z = jnp.einsum("kij,kj->ki", inv_chol, resid)  # L_k^{-1} (y - A mu_k)
+    inv = jnp.swapaxes(inv_chol, -1, -2) @ inv_chol  # G_k^{-1}
     gain = sa @ inv  # S_k A^T G_k^{-1}: (K, d, m)
     means = mu + jnp.einsum("kim,km->ki", gain, resid)
     keep = (
@@ -245,45 +270,89 @@ def _bayes(mix: GaussianMixture, mat: Array, y: Array, sigma_y: Array) -> Gaussi
     covs = keep @ cov @ jnp.swapaxes(keep, -1, -2)
     covs = covs + sigma_y.astype(dtype) ** 2 * gain @ jnp.swapaxes(gain, -1, -2)
     covs = 0.5 * (covs + jnp.swapaxes(covs, -1, -2))
-    log_ev = -0.5 * (jnp.sum(z**2 / lam, -1) + jnp.sum(jnp.log(lam), -1) + m * jnp.log(2 * jnp.pi))
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
+    log_ev = -0.5 * (jnp.sum(z**2, -1) + logdet + m * jnp.log(2 * jnp.pi))
     weights = jnp.maximum(jax.nn.softmax(jnp.log(w) + log_ev), jnp.finfo(dtype).tiny)
-    return GaussianMixture(weights / jnp.sum(weights), means, covs)  # no weight underflows to 0
+    weights = weights / jnp.sum(weights)  # no weight underflows to 0
+    return eqx.tree_at(lambda g: (g.weights, g.means, g.covs), mix, (weights, means, covs))
 
 
 @eqx.filter_jit  # one compiled program per shape: eager calls (notebooks) stay fast
 def _posterior_terms(mix: GaussianMixture, path: GaussianPath, x: Array, t: Array):
     """Log-density, score and denoiser of the mixture of ``x_t`` at ``(x, t)``.
 
-    With ``C_k = U_k diag(lam_k) U_k^T`` (one ``eigh`` of the K data covariances), the covariance
-    of component k at time t, ``alpha_t^2 C_k + sigma_t^2 I``, has eigenvalues
-    ``s = alpha_t^2 lam_k + sigma_t^2`` in the same basis: inverses and log-determinants are
-    elementwise, and no LAPACK call is batched over the samples (two batched ``inv`` in one
-    program hang on CPU with jaxlib 0.10).
+    Component k of ``x_t`` is ``N(alpha_t mu_k, S_k(t))``, ``S_k(t) = alpha_t^2 C_k + sigma_t^2 I``
+    (``C_k`` the data covariance); :func:`_resolvent` gives ``log det S_k(t)``, the Mahalanobis
+    term, ``S_k(t)^{-1} (x - alpha_t mu_k)`` and ``C_k`` times it.
     """
-    lam, vecs = jnp.linalg.eigh(mix.covs)  # (K, d), (K, d, d)
     batch = x[..., 0]
-    lead = (None,) * batch.ndim  # explicit broadcasting over the batch axes
-    lam, means = lam[lead], mix.means[lead]  # (*1, K, d)
     a = expand_like(path.alpha(t), batch)[..., None, None]  # (*batch, 1, 1)
     var = expand_like(path.sigma_sq(t), batch)[..., None, None]
+    means = mix.means[(None,) * batch.ndim]  # (*1, K, d)
     diff = x[..., None, :] - a * means  # (*batch, K, d)
-    s = a**2 * lam + var  # (*batch, K, d)
-    log_comp, z = _components(mix.weights, vecs, diff, s)
+    logdet, maha, pulled, cov_pulled = _resolvent(mix.covs, a, var, diff)
+    log_w = jnp.log(mix.weights)[(None,) * batch.ndim]
+    log_comp = log_w - 0.5 * (maha + logdet + diff.shape[-1] * jnp.log(2 * jnp.pi))
     log_p = jax.nn.logsumexp(log_comp, axis=-1)
     resp = jnp.exp(log_comp - log_p[..., None])[..., None]  # (*batch, K, 1)
-    pulled = jnp.einsum("kij,...kj->...ki", vecs, z / s)  # C_k(t)^{-1} (x - alpha mu_k)
     score = -jnp.sum(resp * pulled, axis=-2)
-    x0_k = means + a * jnp.einsum("kij,...kj->...ki", vecs, lam * z / s)  # + alpha C_k pulled
+    x0_k = means + a * cov_pulled  # mu_k + alpha_t C_k S_k(t)^{-1} (x - alpha_t mu_k)
     return log_p, score, jnp.sum(resp * x0_k, axis=-2)
 
 
-def _components(weights, vecs, diff, s):
-    """``log w_k + log N(diff_k; 0, U_k diag(s_k) U_k^T)`` and ``z = U_k^T diff_k``."""
-    z = jnp.einsum("kji,...kj->...ki", vecs, diff)
-    maha = jnp.sum(z**2 / s, axis=-1)
+@jax.custom_jvp
+def _resolvent(covs, a, var, diff):
+    """``log det S``, ``diff^T S^{-1} diff``, ``S^{-1} diff`` and ``C S^{-1} diff`` for each
+    component, ``S = a^2 C + var I``: covs ``(K, d, d)``, ``a`` and ``var`` ``(*batch, 1, 1)``,
+    ``diff (*batch, K, d)``.
+
+    With ``C_k = U_k diag(lam_k) U_k^T`` (one ``eigh`` of the K data covariances), ``S`` has
+    eigenvalues ``s = a^2 lam_k + var`` in the same basis: inverses and log-determinants are
+    elementwise, and no LAPACK call is batched over the samples (two batched ``inv`` in one
+    program hang on CPU with jaxlib 0.10). The derivative is written out (``d S^{-1} =
+    -S^{-1} dS S^{-1}``, ``d log det S = tr(S^{-1} dS)``) rather than taken through ``eigh``, whose
+    derivative is NaN at repeated eigenvalues (an isotropic component); it is exact there.
+    """
+    return _resolvent_parts(covs, a, var, diff)[:4]
+
+
+def _resolvent_parts(covs, a, var, diff):
+    lam, vecs = jnp.linalg.eigh(covs)  # (K, d), (K, d, d)
+    lam = lam[(None,) * (diff.ndim - 2)]  # (*1, K, d): explicit broadcasting over the batch
+    s = a**2 * lam + var  # (*batch, K, d)
+    z = jnp.einsum("kji,...kj->...ki", vecs, diff)  # U_k^T diff_k
+    pulled = jnp.einsum("kij,...kj->...ki", vecs, z / s)
+    cov_pulled = jnp.einsum("kij,...kj->...ki", vecs, lam * z / s)
     logdet = jnp.sum(jnp.log(s), axis=-1)
-    log_w = jnp.log(weights)[(None,) * (maha.ndim - 1)]
-    return log_w - 0.5 * (maha + logdet + diff.shape[-1] * jnp.log(2 * jnp.pi)), z
+    maha = jnp.sum(z**2 / s, axis=-1)
+    return logdet, maha, pulled, cov_pulled, (lam, vecs, s)
+
+
+@_resolvent.defjvp
+def _resolvent_jvp(primals, tangents):
+    covs, a, var, diff = primals
+    d_covs, d_a, d_var, d_diff = tangents
+    logdet, maha, pulled, cov_pulled, (lam, vecs, s) = _resolvent_parts(covs, a, var, diff)
+
+    def basis(v):  # U_k^T v_k
+        return jnp.einsum("kji,...kj->...ki", vecs, v)
+
+    def back(v):  # U_k v_k
+        return jnp.einsum("kij,...kj->...ki", vecs, v)
+
+    def d_s(v, c_v):  # dS v = a^2 dC v + 2 a da C v + dvar v, given C v
+        dc_v = jnp.einsum("kij,...kj->...ki", d_covs, v)
+        return a**2 * dc_v + 2 * a * d_a * c_v + d_var * v
+
+    ds_pulled = d_s(pulled, cov_pulled)
+    rhs = basis(d_diff - ds_pulled)  # d(S^{-1} diff) = S^{-1} (d diff - dS S^{-1} diff)
+    d_pulled = back(rhs / s)
+    d_cov_pulled = jnp.einsum("kij,...kj->...ki", d_covs, pulled) + back(lam * rhs / s)
+    m_diag = jnp.einsum("kji,kjl,kli->ki", vecs, d_covs, vecs)  # diag(U_k^T dC_k U_k)
+    m_diag = m_diag[(None,) * (diff.ndim - 2)]
+    d_logdet = jnp.sum((a**2 * m_diag + 2 * a * d_a * lam + d_var) / s, axis=-1)
+    d_maha = jnp.sum((2 * d_diff - ds_pulled) * pulled, axis=-1)
+    return (logdet, maha, pulled, cov_pulled), (d_logdet, d_maha, d_pulled, d_cov_pulled)
 
 
 @jax.jit

@@ -216,3 +216,70 @@ def test_log_responsibilities_stay_finite_far_from_a_component():
     np.testing.assert_allclose(got[1], -160.0, rtol=1e-4)  # log N(far; -2) - log N(far; 2) = -4*40
     grad = jax.grad(lambda x: mix.log_responsibilities(x)[0, 1])(far)
     np.testing.assert_allclose(grad, [[-4.0, 0.0]], rtol=1e-4)
+
+
+def test_gradients_in_the_covariances_are_exact_at_isotropic_components(x64):
+    """``eigh``'s derivative is NaN at repeated eigenvalues: the oracle's fields had NaN gradients
+    in an isotropic component's covariance, and the posterior's in ``sigma_y``. Both now equal
+    central differences along a full symmetric direction (not one diagonal in the eigenbasis)."""
+    path = jd.vp_path()
+    means = jnp.array([[1.0, 0.0, 0.5], [-1.0, 0.5, 0.0]])
+    full = jnp.array([[0.3, 0.1, 0.0], [0.1, 0.2, 0.05], [0.0, 0.05, 0.4]])
+    covs = jnp.stack([0.5 * jnp.eye(3), full])
+    direction = jnp.array(np.random.default_rng(0).normal(size=(2, 3, 3)))
+    direction = direction + jnp.swapaxes(direction, -1, -2)
+    x, t = jnp.array([[0.3, -0.2, 0.1], [1.0, 0.4, -0.7]]), jnp.array([0.3, 0.7])
+    A, y = jnp.eye(3)[:2], jnp.array([0.5, -0.3])
+
+    def outputs(c, sigma_y):
+        prior = jd.GaussianMixture(jnp.array([0.6, 0.4]), means, c)
+        post = prior.posterior(A, y, sigma_y)
+        return jnp.stack(
+            [
+                prior.marginal_log_prob(path, x, t).sum(),
+                prior.score(path, x, t).sum(),
+                (prior.denoiser(path, x, t) ** 2).sum(),
+                prior.predict(path, x, t, "velocity").sum(),
+                post.score(path, x, t).sum() + post.marginal_log_prob(path, x, t).sum(),
+            ]
+        )
+
+    h = 1e-6
+    jac = jax.jacrev(outputs)(covs, 0.5)
+    central = (outputs(covs + h * direction, 0.5) - outputs(covs - h * direction, 0.5)) / (2 * h)
+    np.testing.assert_allclose(jnp.einsum("oKij,Kij->o", jac, direction), central, rtol=1e-7)
+    tangent = jax.jvp(lambda c: outputs(c, 0.5), (covs,), (direction,))[1]
+    np.testing.assert_allclose(tangent, central, rtol=1e-7)
+    d_sigma_y = jax.jacrev(outputs, argnums=1)(covs, 0.5)[-1]
+    central = (outputs(covs, 0.5 + h)[-1] - outputs(covs, 0.5 - h)[-1]) / (2 * h)
+    np.testing.assert_allclose(d_sigma_y, central, rtol=1e-7)
+    prior = jd.GaussianMixture(jnp.array([0.6, 0.4]), means, covs)
+    hessian = jax.hessian(lambda x: prior.marginal_log_prob(path, x, 0.4))(x[0])
+    jacobian = jax.jacfwd(lambda x: prior.score(path, x, 0.4))(x[0])  # second order in x
+    np.testing.assert_allclose(hessian, jacobian, rtol=1e-12, atol=1e-14)
+
+
+def test_a_mixture_built_under_jit_checks_its_values_when_it_runs():
+    """The checks of weights, means and covariances ran on known values only: under ``jit``
+    weights ``[1.5, -0.5]`` gave a NaN density and covariances ``-I`` a finite, wrong score."""
+    means, covs = jnp.zeros((2, 2)), jnp.stack([jnp.eye(2)] * 2)
+    half, path, x = jnp.array([0.5, 0.5]), jd.vp_path(), jnp.ones(2)
+
+    def density(w, m, c):
+        return jd.GaussianMixture(w, m, c).marginal_log_prob(path, x, 0.5)
+
+    run = jax.jit(density)
+    for args, match in [
+        ((jnp.array([1.5, -0.5]), means, covs), "weights must be > 0 and sum to 1"),
+        ((jnp.array([0.6, 0.6]), means, covs), "weights must be > 0 and sum to 1"),
+        ((half, means.at[0, 0].set(jnp.nan), covs), "means must be finite"),
+        ((half, means, -covs), "covs must be symmetric and positive definite"),
+        ((half, means, covs.at[0, 0, 1].set(0.5)), "covs must be symmetric and positive definite"),
+    ]:
+        with pytest.raises(Exception, match=match):
+            run(*args).block_until_ready()
+    np.testing.assert_allclose(run(half, means, covs), density(half, means, covs), rtol=1e-6)
+    # mixtures made from checked ones are not checked again (nor rebuilt through __init__)
+    mix = jd.GaussianMixture(half, means, covs)
+    jaxpr = str(jax.make_jaxpr(lambda t: mix.marginal(path, t).covs)(0.3))
+    assert "cholesky" not in jaxpr and "callback" not in jaxpr
