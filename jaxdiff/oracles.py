@@ -18,6 +18,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
@@ -328,31 +329,38 @@ def _resolvent_parts(covs, a, var, diff):
     return logdet, maha, pulled, cov_pulled, (lam, vecs, s)
 
 
-@_resolvent.defjvp
 def _resolvent_jvp(primals, tangents):
+    """Tangents that are symbolic zeros (``x``'s alone under a divergence, say) cost nothing."""
     covs, a, var, diff = primals
-    d_covs, d_a, d_var, d_diff = tangents
+    d_covs, d_a, d_var, d_diff = (None if type(t) is SymbolicZero else t for t in tangents)
     logdet, maha, pulled, cov_pulled, (lam, vecs, s) = _resolvent_parts(covs, a, var, diff)
 
-    def basis(v):  # U_k^T v_k
-        return jnp.einsum("kji,...kj->...ki", vecs, v)
+    def by_d_covs(v):  # dC_k v_k
+        return jnp.einsum("kij,...kj->...ki", d_covs, v)
 
-    def back(v):  # U_k v_k
-        return jnp.einsum("kij,...kj->...ki", vecs, v)
-
-    def d_s(v, c_v):  # dS v = a^2 dC v + 2 a da C v + dvar v, given C v
-        dc_v = jnp.einsum("kij,...kj->...ki", d_covs, v)
-        return a**2 * dc_v + 2 * a * d_a * c_v + d_var * v
-
-    ds_pulled = d_s(pulled, cov_pulled)
-    rhs = basis(d_diff - ds_pulled)  # d(S^{-1} diff) = S^{-1} (d diff - dS S^{-1} diff)
-    d_pulled = back(rhs / s)
-    d_cov_pulled = jnp.einsum("kij,...kj->...ki", d_covs, pulled) + back(lam * rhs / s)
-    m_diag = jnp.einsum("kji,kjl,kli->ki", vecs, d_covs, vecs)  # diag(U_k^T dC_k U_k)
-    m_diag = m_diag[(None,) * (diff.ndim - 2)]
-    d_logdet = jnp.sum((a**2 * m_diag + 2 * a * d_a * lam + d_var) / s, axis=-1)
-    d_maha = jnp.sum((2 * d_diff - ds_pulled) * pulled, axis=-1)
+    # dS S^{-1} diff, with dS = a^2 dC + 2 a da C + dvar I
+    terms = [] if d_covs is None else [a**2 * by_d_covs(pulled)]
+    terms += [] if d_a is None else [2 * a * d_a * cov_pulled]
+    terms += [] if d_var is None else [d_var * pulled]
+    ds_pulled = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(pulled)
+    change = -ds_pulled if d_diff is None else d_diff - ds_pulled
+    rhs = jnp.einsum("kji,...kj->...ki", vecs, change) / s  # d(S^{-1} diff) = S^{-1} change
+    d_pulled = jnp.einsum("kij,...kj->...ki", vecs, rhs)
+    d_cov_pulled = jnp.einsum("kij,...kj->...ki", vecs, lam * rhs)  # + dC S^{-1} diff
+    d_cov_pulled = d_cov_pulled if d_covs is None else d_cov_pulled + by_d_covs(pulled)
+    d_logdet = jnp.zeros_like(logdet)  # tr(S^{-1} dS)
+    if d_covs is not None:
+        m_diag = jnp.einsum("kji,kjl,kli->ki", vecs, d_covs, vecs)  # diag(U_k^T dC_k U_k)
+        d_logdet += jnp.sum(a**2 * m_diag[(None,) * (diff.ndim - 2)] / s, axis=-1)
+    if d_a is not None:
+        d_logdet += jnp.sum(2 * a * d_a * lam / s, axis=-1)
+    if d_var is not None:
+        d_logdet += jnp.sum(d_var / s, axis=-1)
+    d_maha = jnp.sum((change if d_diff is None else change + d_diff) * pulled, axis=-1)
     return (logdet, maha, pulled, cov_pulled), (d_logdet, d_maha, d_pulled, d_cov_pulled)
+
+
+_resolvent.defjvp(_resolvent_jvp, symbolic_zeros=True)
 
 
 @jax.jit
