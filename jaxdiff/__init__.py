@@ -17,6 +17,9 @@ from jaxdiff.consistency import (
     consistency_grid,
     consistency_scalings,
     consistency_training_loss,
+    ct_num_scales,
+    ct_target_decay,
+    curriculum_stages,
     ict_num_scales,
 )
 from jaxdiff.conversions import TARGETS, Target, convert, from_x0_eps, hub_matrix, to_x0_eps
@@ -159,6 +162,9 @@ __all__ = [
     "consistency_grid",
     "consistency_scalings",
     "consistency_training_loss",
+    "ct_num_scales",
+    "ct_target_decay",
+    "curriculum_stages",
     "ict_num_scales",
     "meanflow_loss",
     "meanflow_target",

@@ -27,8 +27,10 @@ paper's ``theta^- <- mu theta^- + (1 - mu) theta``), ``d`` is
 the pseudo-Huber metric ``sqrt(|a - b|^2 + c^2) - c`` with ``c = 0.00054 sqrt(dim)`` and
 ``lambda_n = 1 / (t_{n+1} - t_n)``; the grid is uniform in ``t`` by default
 (:func:`consistency_grid`, where EDM's grid in ``sigma`` measured worse). iCT doubles ``num_scales`` during training
-(:func:`ict_num_scales`); a loss is built for one ``num_scales``, so a curriculum trains in
-stages, one loss per stage.
+(:func:`ict_num_scales`), the original consistency training grows it more gently and raises the
+target network's decay with it (:func:`ct_num_scales`, :func:`ct_target_decay`); a loss is built
+for one ``num_scales``, so a curriculum trains in stages, one loss per stage
+(:func:`curriculum_stages`).
 
 Sampling is ``jd.sample(key, path, f, shape, sampler=jd.samplers.consistency(), steps=k)``: one
 evaluation of ``f`` from ``t = 1`` (``k = 1``), or Algorithm 1's multistep sampling, which
@@ -73,6 +75,9 @@ __all__ = [
     "consistency_function",
     "consistency_grid",
     "ict_num_scales",
+    "ct_num_scales",
+    "ct_target_decay",
+    "curriculum_stages",
     "consistency_training_loss",
     "consistency_distillation_loss",
 ]
@@ -184,6 +189,61 @@ def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) ->
         raise ValueError(f"need s0 <= s1; got s0 = {s0}, s1 = {s1}")
     stage = max(1, math.floor(total_steps / (math.log2(s1 // s0) + 1)))
     return min(s0 * 2 ** (step // stage), s1) + 1
+
+
+def ct_num_scales(step: int, total_steps: int, s0: int = 2, s1: int = 150) -> int:
+    """Consistency training's curriculum (Song et al. 2023, Appendix C): ``N(k) =
+    ceil(sqrt(k / K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1`` grid points at step ``k`` of ``K``
+    (at least 2), growing from ``s0`` to ``s1 + 1``; CIFAR-10: ``s0 = 2``, ``s1 = 150``. Pair it
+    with :func:`ct_target_decay`, trained in stages (:func:`curriculum_stages`)."""
+    step = check_count(step, "step", minimum=0)
+    total_steps = check_count(total_steps, "total_steps")
+    s0, s1 = check_count(s0, "s0"), check_count(s1, "s1")
+    if s1 < s0:
+        raise ValueError(f"need s0 <= s1; got s0 = {s0}, s1 = {s1}")
+    if step > total_steps:
+        raise ValueError(f"step must be <= total_steps = {total_steps}; got {step}")
+    grown = math.sqrt(step / total_steps * ((s1 + 1) ** 2 - s0**2) + s0**2)
+    return max(math.ceil(grown - 1), 1) + 1
+
+
+def ct_target_decay(num_scales: int, mu0: float = 0.9, s0: int = 2) -> float:
+    """The target network's decay that goes with :func:`ct_num_scales`: ``mu = exp(s0 log(mu0) /
+    (N - 1))`` for a grid of ``N`` points, rising towards 1 as the grid refines (Song et al. 2023,
+    Appendix C; CIFAR-10: ``mu0 = 0.9``, ``s0 = 2``). As in the authors' code
+    (``openai/consistency_models``, ``target_ema_mode="adaptive"``), which divides by the number
+    of intervals ``N - 1`` where the paper's text writes ``N``: the decay at the first stage is
+    ``mu0^2 = 0.81``, not ``mu0``. Pass it as ``make_train_step(..., target_decay=mu)``."""
+    num_scales = check_count(num_scales, "num_scales", minimum=2)
+    s0 = check_count(s0, "s0")
+    if isinstance(mu0, bool) or not 0.0 < mu0 < 1.0:
+        raise ValueError(f"mu0 must lie in (0, 1); got {mu0!r}")
+    return math.exp(s0 * math.log(mu0) / (num_scales - 1))
+
+
+def curriculum_stages(schedule: Callable[[int], int], total_steps: int) -> list[tuple[int, int]]:
+    """The stages of a curriculum: ``[(value, end_step), ...]``, ``schedule(k)`` constant over
+    each stage's steps ``[previous end, end_step)``, the last ending at ``total_steps``. A loss is
+    built for one ``num_scales``, so a curriculum trains one stage at a time, each carrying the
+    state on (``train`` runs up to a step)::
+
+        from jaxdiff.train import init_train_state, make_train_chunk, make_train_step, train
+
+        K, state = 10_000, init_train_state(params, opt, key, target_ema=True)
+        for n, end in jd.curriculum_stages(lambda k: jd.ct_num_scales(k, K), K):
+            step = make_train_step(jd.consistency_training_loss(net, path, num_scales=n), opt,
+                                   ema_targets=True, target_decay=jd.ct_target_decay(n))
+            state, _ = train(state, lambda c: make_train_chunk(step, sample, c), end)
+    """
+    total_steps = check_count(total_steps, "total_steps")
+    stages: list[tuple[int, int]] = []
+    for k in range(total_steps):
+        value = schedule(k)
+        if stages and stages[-1][0] == value:
+            stages[-1] = (value, k + 1)
+        else:
+            stages.append((value, k + 1))
+    return stages
 
 
 def _pseudo_huber(diff: Array, c: float | None) -> Array:

@@ -122,6 +122,71 @@ def test_ict_curriculum_and_grid():
                                rtol=1e-6)  # fmt: skip
 
 
+def test_ct_curriculum_target_decay_and_stages():
+    """Song et al. (2023), Appendix C, as in the authors' code: N(k) = ceil(sqrt(k / K ((s1 + 1)^2
+    - s0^2) + s0^2) - 1) + 1 points, mu = exp(s0 log mu0 / (N - 1)); CIFAR-10: K = 800k, s0 = 2,
+    s1 = 150, mu0 = 0.9."""
+    K = 800_000
+    sizes = [jd.ct_num_scales(k, K) for k in (0, 1, 100_000, 400_000, K)]
+    # by hand: sqrt(k / K * (151^2 - 4) + 4) = 2, 2.0003, 53.4, 106.8, 151
+    assert sizes == [2, 3, 54, 107, 151]
+    assert jd.ct_target_decay(2) == pytest.approx(0.81, rel=1e-12)  # mu0^2 at the first stage
+    assert jd.ct_target_decay(151) == pytest.approx(0.9 ** (2 / 150), rel=1e-12)
+    assert jd.ct_target_decay(11, mu0=0.5, s0=5) == pytest.approx(0.5**0.5, rel=1e-12)
+    stages = jd.curriculum_stages(lambda k: jd.ct_num_scales(k, 100, 2, 8), 100)
+    assert stages == [(2, 1), (3, 7), (4, 16), (5, 28), (6, 42), (7, 59), (8, 78), (9, 100)]
+    for (n, end), start in zip(stages, [0] + [e for _, e in stages[:-1]], strict=True):
+        assert all(jd.ct_num_scales(k, 100, 2, 8) == n for k in range(start, end))
+    assert jd.curriculum_stages(lambda k: k % 2, 4) == [(0, 1), (1, 2), (0, 3), (1, 4)]
+    ict = jd.curriculum_stages(lambda k: jd.ict_num_scales(k, 4_000), 4_000)
+    assert ict[:2] == [(11, 500), (21, 1_000)] and ict[-1] == (1281, 4_000) and len(ict) == 8
+    with pytest.raises(ValueError, match="step must be <= total_steps = 10; got 11"):
+        jd.ct_num_scales(11, 10)
+    with pytest.raises(ValueError, match="need s0 <= s1; got s0 = 5, s1 = 4"):
+        jd.ct_num_scales(0, 10, 5, 4)
+    with pytest.raises(ValueError, match=r"mu0 must lie in \(0, 1\); got 1.0"):
+        jd.ct_target_decay(5, mu0=1.0)
+    with pytest.raises(ValueError, match="num_scales"):
+        jd.ct_target_decay(1)
+
+
+def test_a_curriculum_trains_in_stages_with_its_target_decays():
+    """Two stages of consistency training through ``train``, each with its own loss and target
+    decay: the state carries on (step, target), and each stage's target is the mu-average of the
+    online parameters of that stage's steps."""
+    import optax
+
+    from jaxdiff.train import init_train_state, make_train_step
+
+    net = jd.Field(lambda p, x, t: p["w"] * x + 0.0 * t[..., None], "x0")
+
+    def fn(p, x, t):
+        c_skip, c_out = jd.consistency_scalings(t, kind="euler")
+        return c_skip[..., None] * x + c_out[..., None] * net.apply(p, x, t)
+
+    cm = jd.Field(fn, "x0")
+    opt = optax.sgd(0.1)
+    state = init_train_state({"w": jnp.array(0.5)}, opt, jax.random.key(0), target_ema=True)
+    data = lambda key: jax.random.normal(key, (64, 2))  # noqa: E731
+    stages = jd.curriculum_stages(lambda k: jd.ct_num_scales(k, 6, 2, 4), 6)
+    assert [end for _, end in stages][-1] == 6 and len(stages) >= 2
+    for n, end in stages:
+        mu = jd.ct_target_decay(n)
+        step = make_train_step(jd.consistency_training_loss(cm, jd.linear_path(), num_scales=n),
+                               opt, ema_targets=True, target_decay=mu)  # fmt: skip
+        before = float(state.target["w"])
+        online = []
+        for _ in range(end - int(state.step)):
+            state, _ = jax.jit(step)(state, data(jax.random.fold_in(jax.random.key(1), state.step)))
+            online.append(float(state.params["w"]))
+        expected = before
+        for w in online:
+            expected = mu * expected + (1 - mu) * w
+        assert int(state.step) == end
+        assert float(state.target["w"]) == pytest.approx(expected, rel=1e-6)
+    assert float(state.target["w"]) != pytest.approx(float(state.params["w"]), rel=1e-3)
+
+
 def test_bad_arguments_raise_clear_errors():
     f = jd.Field(lambda p, x, t: x, "x0")
     with pytest.raises(ValueError, match="target 'x0'"):
