@@ -194,8 +194,9 @@ def ict_num_scales(step: int, total_steps: int, s0: int = 10, s1: int = 1280) ->
 def ct_num_scales(step: int, total_steps: int, s0: int = 2, s1: int = 150) -> int:
     """Consistency training's curriculum (Song et al. 2023, Appendix C): ``N(k) =
     ceil(sqrt(k / K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1`` grid points at step ``k`` of ``K``
-    (at least 2), growing from ``s0`` to ``s1 + 1``; CIFAR-10: ``s0 = 2``, ``s1 = 150``. Pair it
-    with :func:`ct_target_decay`, trained in stages (:func:`curriculum_stages`)."""
+    (at least 2), growing from ``max(s0, 2)`` to ``s1 + 1``; CIFAR-10: ``s0 = 2``, ``s1 = 150``.
+    The ceiling holds ``N = s0`` for step 0 alone (a stage of one step). Pair it with
+    :func:`ct_target_decay`, trained in stages (:func:`curriculum_stages`)."""
     step = check_count(step, "step", minimum=0)
     total_steps = check_count(total_steps, "total_steps")
     s0, s1 = check_count(s0, "s0"), check_count(s1, "s1")
@@ -218,7 +219,7 @@ def ct_target_decay(num_scales: int, mu0: float = 0.9, s0: int = 2) -> float:
     s0 = check_count(s0, "s0")
     if isinstance(mu0, bool) or not 0.0 < mu0 < 1.0:
         raise ValueError(f"mu0 must lie in (0, 1); got {mu0!r}")
-    return math.exp(s0 * math.log(mu0) / (num_scales - 1))
+    return math.exp(-(-math.log(mu0) * s0) / (num_scales - 1))  # the authors' order, bit for bit
 
 
 def curriculum_stages(schedule: Callable[[int], int], total_steps: int) -> list[tuple[int, int]]:

@@ -72,9 +72,11 @@ class GaussianMixture(eqx.Module):
         # Known values are checked now; traced ones (a mixture built under jit) when the program
         # runs, each check tied to its array. Mixtures built from checked ones (``marginal``,
         # ``posterior``) skip them (``eqx.tree_at``).
-        self.weights = value_check(weights, _bad_weights, "weights must be > 0 and sum to 1")
+        self.weights = value_check(
+            weights, _bad_weights, "weights must be > 0 and sum to 1", lambda v: str(v.tolist())
+        )
         self.means = value_check(
-            means, lambda xp, v: ~xp.all(xp.isfinite(v)), "means must be finite"
+            means, lambda xp, v: ~xp.all(xp.isfinite(v)), "means must be finite", _bad_rows
         )
         known = concrete(covs)
         if known is None:
@@ -227,6 +229,11 @@ class GaussianMixture(eqx.Module):
         return _posterior_terms(self, path, x, t)
 
 
+def _bad_rows(means: np.ndarray) -> str:
+    rows = np.flatnonzero(~np.isfinite(means).all(axis=-1))
+    return f"non-finite entries in the rows (components) {rows.tolist()}"
+
+
 def _bad_weights(xp, w):
     return ~(xp.all(w > 0) & (xp.abs(xp.sum(w) - 1) <= 1e-5))  # NaN too
 
@@ -312,28 +319,34 @@ def _resolvent(covs, a, var, diff):
     elementwise, and no LAPACK call is batched over the samples (two batched ``inv`` in one
     program hang on CPU with jaxlib 0.10). The derivative is written out (``d S^{-1} =
     -S^{-1} dS S^{-1}``, ``d log det S = tr(S^{-1} dS)``) rather than taken through ``eigh``, whose
-    derivative is NaN at repeated eigenvalues (an isotropic component); it is exact there.
+    derivative is NaN at repeated eigenvalues (an isotropic component). It is exact there, and
+    so are second derivatives taken forward over forward or reverse over forward (the gradient
+    in ``C`` of a divergence or of ``d/dt`` of the score); forward over reverse in ``C``
+    (``jax.hessian``) transposes the solves' own bodies and meets ``eigh``'s NaN again.
     """
-    return _resolvent_parts(covs, a, var, diff)[:4]
-
-
-def _resolvent_parts(covs, a, var, diff):
-    lam, vecs = jnp.linalg.eigh(covs)  # (K, d), (K, d, d)
-    lam = lam[(None,) * (diff.ndim - 2)]  # (*1, K, d): explicit broadcasting over the batch
-    s = a**2 * lam + var  # (*batch, K, d)
+    lam, vecs, s = _spectrum(covs, a, var)  # s: (*batch, K, d)
     z = jnp.einsum("kji,...kj->...ki", vecs, diff)  # U_k^T diff_k
     pulled = jnp.einsum("kij,...kj->...ki", vecs, z / s)
     cov_pulled = jnp.einsum("kij,...kj->...ki", vecs, lam * z / s)
-    logdet = jnp.sum(jnp.log(s), axis=-1)
-    maha = jnp.sum(z**2 / s, axis=-1)
-    return logdet, maha, pulled, cov_pulled, (lam, vecs, s)
+    return jnp.sum(jnp.log(s), axis=-1), jnp.sum(z**2 / s, axis=-1), pulled, cov_pulled
+
+
+def _spectrum(covs, a, var):
+    """``lam (*1, K, d)``, ``U (K, d, d)`` of the data covariances and ``s = a^2 lam + var``."""
+    lam, vecs = jnp.linalg.eigh(covs)
+    lam = lam[(None,) * (a.ndim - 2)]  # explicit broadcasting over the batch
+    return lam, vecs, a**2 * lam + var
 
 
 def _resolvent_jvp(primals, tangents):
-    """Tangents that are symbolic zeros (``x``'s alone under a divergence, say) cost nothing."""
+    """Tangents that are symbolic zeros (``x``'s alone under a divergence, say) cost nothing. The
+    values come from :func:`_resolvent` and :func:`_traces` again, so derivatives of derivatives
+    (``d/dC`` of a divergence or of ``d/dt`` of the score) take these rules too."""
     covs, a, var, diff = primals
     d_covs, d_a, d_var, d_diff = (None if type(t) is SymbolicZero else t for t in tangents)
-    logdet, maha, pulled, cov_pulled, (lam, vecs, s) = _resolvent_parts(covs, a, var, diff)
+    if d_covs is not None:  # the value reads sym(C) only (eigh symmetrises its input): so does dC
+        d_covs = 0.5 * (d_covs + jnp.swapaxes(d_covs, -1, -2))
+    logdet, maha, pulled, cov_pulled = _resolvent(covs, a, var, diff)
 
     def by_d_covs(v):  # dC_k v_k
         return jnp.einsum("kij,...kj->...ki", d_covs, v)
@@ -344,22 +357,89 @@ def _resolvent_jvp(primals, tangents):
     terms += [] if d_var is None else [d_var * pulled]
     ds_pulled = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(pulled)
     change = -ds_pulled if d_diff is None else d_diff - ds_pulled
-    rhs = jnp.einsum("kji,...kj->...ki", vecs, change) / s  # d(S^{-1} diff) = S^{-1} change
-    d_pulled = jnp.einsum("kij,...kj->...ki", vecs, rhs)
-    d_cov_pulled = jnp.einsum("kij,...kj->...ki", vecs, lam * rhs)  # + dC S^{-1} diff
+    # d(S^{-1} diff) = S^{-1} change; d(C S^{-1} diff) = C S^{-1} change + dC S^{-1} diff
+    _, _, d_pulled, d_cov_pulled = _resolvent(covs, a, var, change)
     d_cov_pulled = d_cov_pulled if d_covs is None else d_cov_pulled + by_d_covs(pulled)
     d_logdet = jnp.zeros_like(logdet)  # tr(S^{-1} dS)
     if d_covs is not None:
-        m_diag = jnp.einsum("kji,kjl,kli->ki", vecs, d_covs, vecs)  # diag(U_k^T dC_k U_k)
-        d_logdet += jnp.sum(a**2 * m_diag[(None,) * (diff.ndim - 2)] / s, axis=-1)
-    if d_a is not None:
-        d_logdet += jnp.sum(2 * a * d_a * lam / s, axis=-1)
-    if d_var is not None:
-        d_logdet += jnp.sum(d_var / s, axis=-1)
+        d_logdet += a[..., 0] ** 2 * _trace_with(covs, a, var, d_covs)
+    if d_a is not None or d_var is not None:
+        tr_inv, tr_cov_inv = _traces(covs, a, var)  # tr(S^{-1}), tr(C S^{-1})
+        if d_a is not None:
+            d_logdet += (2 * a * d_a)[..., 0] * tr_cov_inv
+        if d_var is not None:
+            d_logdet += d_var[..., 0] * tr_inv
     d_maha = jnp.sum((change if d_diff is None else change + d_diff) * pulled, axis=-1)
     return (logdet, maha, pulled, cov_pulled), (d_logdet, d_maha, d_pulled, d_cov_pulled)
 
 
+@jax.custom_jvp
+def _traces(covs, a, var):
+    """``tr(S^{-1})`` and ``tr(C S^{-1})`` of each component, ``(*batch, K)``, with their
+    derivative in ``C`` written out (as :func:`_resolvent`'s) where ``eigh``'s is NaN."""
+    lam, s = _spectrum(covs, a, var)[::2]
+    return jnp.sum(1 / s, axis=-1), jnp.sum(lam / s, axis=-1)
+
+
+def _traces_jvp(primals, tangents):
+    covs, a, var = primals
+    d_covs, d_a, d_var = (None if type(t) is SymbolicZero else t for t in tangents)
+    lam, vecs, s = _spectrum(covs, a, var)
+    tr_inv, tr_cov_inv = jnp.sum(1 / s, axis=-1), jnp.sum(lam / s, axis=-1)
+    m_diag = 0.0  # diag(U_k^T dC_k U_k); the traces below are exact at first order
+    if d_covs is not None:
+        d_covs = 0.5 * (d_covs + jnp.swapaxes(d_covs, -1, -2))
+        m_diag = jnp.einsum("kji,kjl,kli->ki", vecs, d_covs, vecs)[(None,) * (a.ndim - 2)]
+    ds = a**2 * m_diag  # the diagonal of U^T dS U
+    ds = ds if d_a is None else ds + 2 * a * d_a * lam
+    ds = ds if d_var is None else ds + d_var
+    ds = jnp.broadcast_to(ds, s.shape)
+    d_tr_inv = -jnp.sum(ds / s**2, axis=-1)  # d S^{-1} = -S^{-1} dS S^{-1}
+    d_tr_cov_inv = jnp.sum((m_diag - lam * ds / s) / s, axis=-1)  # dC S^{-1} - C S^{-1} dS S^{-1}
+    return (tr_inv, tr_cov_inv), (d_tr_inv, d_tr_cov_inv)
+
+
+_traces.defjvp(_traces_jvp, symbolic_zeros=True)
+
+
+@jax.custom_jvp
+def _trace_with(covs, a, var, m):
+    """``tr(S^{-1} M)`` of each component, ``(*batch, K)``, for a symmetric ``M (K, d, d)``: the
+    derivative of ``log det S`` along ``a^2 M``, and itself differentiable in ``C`` (a Hessian in
+    the covariances) where ``eigh``'s derivative is NaN."""
+    _, vecs, s = _spectrum(covs, a, var)
+    return jnp.sum(_diag_in(vecs, m, s) / s, axis=-1)
+
+
+def _diag_in(vecs, m, s):
+    """``diag(U_k^T M_k U_k)``, broadcast like ``s``."""
+    diag = jnp.einsum("kji,kjl,kli->ki", vecs, m, vecs)
+    return diag[(None,) * (s.ndim - 2)]
+
+
+def _trace_with_jvp(primals, tangents):
+    covs, a, var, m = primals
+    d_covs, d_a, d_var, d_m = (None if type(t) is SymbolicZero else t for t in tangents)
+    lam, vecs, s = _spectrum(covs, a, var)
+    m_diag = _diag_in(vecs, m, s)
+    value = jnp.sum(m_diag / s, axis=-1)
+    tangent = jnp.zeros_like(value)
+    if d_m is not None:  # tr(S^{-1} dM)
+        tangent += jnp.sum(_diag_in(vecs, 0.5 * (d_m + jnp.swapaxes(d_m, -1, -2)), s) / s, -1)
+    # - tr(S^{-1} dS S^{-1} M): the part of dS diagonal in C's basis (2 a da C + dvar I) ...
+    ds = 0.0 if d_a is None else 2 * a * d_a * lam
+    ds = ds if d_var is None else ds + d_var
+    tangent -= jnp.sum(jnp.broadcast_to(ds, s.shape) * m_diag / s**2, axis=-1)
+    if d_covs is not None:  # ... and a^2 dC: sum_ij (U^T dC U)_ij (U^T M U)_ji / (s_i s_j)
+        d_covs = 0.5 * (d_covs + jnp.swapaxes(d_covs, -1, -2))
+        dc_t = jnp.einsum("kji,kjl,klm->kim", vecs, d_covs, vecs)
+        m_t = jnp.einsum("kji,kjl,klm->kim", vecs, m, vecs)
+        inv = 1 / s
+        tangent -= a[..., 0] ** 2 * jnp.einsum("kij,kji,...ki,...kj->...k", dc_t, m_t, inv, inv)
+    return value, tangent
+
+
+_trace_with.defjvp(_trace_with_jvp, symbolic_zeros=True)
 _resolvent.defjvp(_resolvent_jvp, symbolic_zeros=True)
 
 

@@ -1,5 +1,6 @@
 """Gaussian-mixture oracle: closed forms, Tweedie, the continuity and Fokker-Planck equations."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,7 +222,8 @@ def test_log_responsibilities_stay_finite_far_from_a_component():
 def test_gradients_in_the_covariances_are_exact_at_isotropic_components(x64):
     """``eigh``'s derivative is NaN at repeated eigenvalues: the oracle's fields had NaN gradients
     in an isotropic component's covariance, and the posterior's in ``sigma_y``. Both now equal
-    central differences along a full symmetric direction (not one diagonal in the eigenbasis)."""
+    central differences along a full direction (not one diagonal in the eigenbasis), and so do
+    second derivatives through the covariances (forward over forward, reverse over forward)."""
     path = jd.vp_path()
     means = jnp.array([[1.0, 0.0, 0.5], [-1.0, 0.5, 0.0]])
     full = jnp.array([[0.3, 0.1, 0.0], [0.1, 0.2, 0.05], [0.0, 0.05, 0.4]])
@@ -253,7 +255,37 @@ def test_gradients_in_the_covariances_are_exact_at_isotropic_components(x64):
     d_sigma_y = jax.jacrev(outputs, argnums=1)(covs, 0.5)[-1]
     central = (outputs(covs, 0.5 + h)[-1] - outputs(covs, 0.5 - h)[-1]) / (2 * h)
     np.testing.assert_allclose(d_sigma_y, central, rtol=1e-7)
+    # eigh reads sym(C): so do the gradients (they were not symmetric: a gradient step broke the
+    # mixture), and a non-symmetric direction agrees with central differences
+    skew = jnp.array(np.random.default_rng(1).normal(size=(2, 3, 3)))
+
+    def score_at(c):  # eqx.tree_at: the constructor refuses non-symmetric covariances
+        mix = jd.GaussianMixture(jnp.array([0.6, 0.4]), means, covs)
+        return eqx.tree_at(lambda g: g.covs, mix, c).score(path, x, t).sum()
+
+    grad = jax.grad(score_at)(covs)
+    np.testing.assert_allclose(grad, jnp.swapaxes(grad, -1, -2), rtol=1e-12, atol=1e-14)
+    central = (score_at(covs + h * skew) - score_at(covs - h * skew)) / (2 * h)
+    np.testing.assert_allclose(jnp.sum(grad * skew), central, rtol=1e-7)
+
+    # second order: the gradient in C of the score's divergence (reverse over forward) and a
+    # Hessian in C forward over forward, against central differences
     prior = jd.GaussianMixture(jnp.array([0.6, 0.4]), means, covs)
+
+    def divergence(c):
+        mix = eqx.tree_at(lambda g: g.covs, prior, c)
+        return jnp.trace(jax.jacfwd(lambda z: mix.score(path, z, 0.4))(x[0]))
+
+    central = (divergence(covs + h * direction) - divergence(covs - h * direction)) / (2 * h)
+    np.testing.assert_allclose(jnp.sum(jax.grad(divergence)(covs) * direction), central, rtol=1e-7)
+
+    def log_p(c):
+        return eqx.tree_at(lambda g: g.covs, prior, c).marginal_log_prob(path, x[0], 0.4)
+
+    h2 = 1e-4
+    second = (log_p(covs + h2 * direction) - 2 * log_p(covs) + log_p(covs - h2 * direction)) / h2**2
+    along = jax.jvp(lambda c: jax.jvp(log_p, (c,), (direction,))[1], (covs,), (direction,))[1]
+    np.testing.assert_allclose(along, second, rtol=1e-5)
     hessian = jax.hessian(lambda x: prior.marginal_log_prob(path, x, 0.4))(x[0])
     jacobian = jax.jacfwd(lambda x: prior.score(path, x, 0.4))(x[0])  # second order in x
     np.testing.assert_allclose(hessian, jacobian, rtol=1e-12, atol=1e-14)
@@ -279,6 +311,9 @@ def test_a_mixture_built_under_jit_checks_its_values_when_it_runs():
         with pytest.raises(Exception, match=match):
             run(*args).block_until_ready()
     np.testing.assert_allclose(run(half, means, covs), density(half, means, covs), rtol=1e-6)
+    many = jnp.zeros((10, 2)).at[9, 1].set(jnp.nan)  # the message names the row, not 8 finite ones
+    with pytest.raises(ValueError, match=r"means must be finite; got .* \(components\) \[9\]"):
+        jd.GaussianMixture(jnp.full(10, 0.1), many, jnp.stack([jnp.eye(2)] * 10))
     # mixtures made from checked ones are not checked again (nor rebuilt through __init__)
     mix = jd.GaussianMixture(half, means, covs)
     jaxpr = str(jax.make_jaxpr(lambda t: mix.marginal(path, t).covs)(0.3))
