@@ -259,6 +259,7 @@ def _bayes(mix: GaussianMixture, mat: Array, y: Array, sigma_y: Array) -> Gaussi
     """Bayes' rule in each component (see :meth:`GaussianMixture.posterior`)."""
     dtype = wide_dtype(jnp.result_type(mix.means.dtype, mat.dtype, y.dtype))
     mu, cov, w = (v.astype(dtype) for v in (mix.means, mix.covs, mix.weights))
+    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))  # reads sym(C), as the fields: symmetric grads
     mat, y = mat.astype(dtype), y.astype(dtype)
     m = mat.shape[0]
     sa = jnp.einsum("kij,mj->kim", cov, mat)  # S_k A^T: (K, d, m)
@@ -319,10 +320,13 @@ def _resolvent(covs, a, var, diff):
     elementwise, and no LAPACK call is batched over the samples (two batched ``inv`` in one
     program hang on CPU with jaxlib 0.10). The derivative is written out (``d S^{-1} =
     -S^{-1} dS S^{-1}``, ``d log det S = tr(S^{-1} dS)``) rather than taken through ``eigh``, whose
-    derivative is NaN at repeated eigenvalues (an isotropic component). It is exact there, and
-    so are second derivatives taken forward over forward or reverse over forward (the gradient
-    in ``C`` of a divergence or of ``d/dt`` of the score); forward over reverse in ``C``
-    (``jax.hessian``) transposes the solves' own bodies and meets ``eigh``'s NaN again.
+    derivative is NaN at repeated eigenvalues (an isotropic component). First derivatives are
+    exact there, and so are second derivatives through ``C`` whose inner derivatives are forward
+    mode (``jax.jvp``, ``jacfwd``: the gradient in ``C`` of ``trace(jacfwd(score))`` or of
+    ``d/dt`` of the score). An inner ``vjp``, ``grad`` or ``linearize`` (``jax.hessian`` in ``C``,
+    ``jacrev``, ``jd.likelihood.divergence``) transposes the solves' own bodies, and a derivative
+    in ``C`` of it meets ``eigh``'s again: NaN at repeated eigenvalues, inaccurate where rounding
+    splits them. Third derivatives in ``C`` are NaN there too.
     """
     lam, vecs, s = _spectrum(covs, a, var)  # s: (*batch, K, d)
     z = jnp.einsum("kji,...kj->...ki", vecs, diff)  # U_k^T diff_k

@@ -265,6 +265,10 @@ def test_gradients_in_the_covariances_are_exact_at_isotropic_components(x64):
 
     grad = jax.grad(score_at)(covs)
     np.testing.assert_allclose(grad, jnp.swapaxes(grad, -1, -2), rtol=1e-12, atol=1e-14)
+    through_posterior = jax.grad(lambda c: outputs(c, 0.5)[-1])(covs)  # Bayes reads sym(C) too
+    np.testing.assert_allclose(
+        through_posterior, jnp.swapaxes(through_posterior, -1, -2), rtol=1e-12, atol=1e-14
+    )
     central = (score_at(covs + h * skew) - score_at(covs - h * skew)) / (2 * h)
     np.testing.assert_allclose(jnp.sum(grad * skew), central, rtol=1e-7)
 
