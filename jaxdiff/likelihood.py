@@ -110,14 +110,19 @@ def divergence(
     [12.0, 12.0]
     """
     axes = tuple(range(1, x.ndim))
-    value, jvp = jax.linearize(fn, x)
-    if probes is None:
+    exact = probes is None
+    if exact:
         d = math.prod(x.shape[1:])
         probes = jnp.broadcast_to(
             jnp.eye(d, dtype=x.dtype).reshape((d, 1) + x.shape[1:]), (d,) + x.shape
         )
-        return value, jnp.sum(jax.vmap(lambda e: jnp.sum(e * jvp(e), axis=axes))(probes), axis=0)
-    return value, jnp.mean(jax.vmap(lambda z: jnp.sum(z * jvp(z), axis=axes))(probes), axis=0)
+
+    def quadratic(z):  # z^T J z per sample by a forward JVP, not jax.linearize, whose
+        # transposable form made gradients of the oracle's divergence in its covariances NaN
+        return jnp.sum(z * jax.jvp(fn, (x,), (z,))[1], axis=axes)
+
+    quads = jax.vmap(quadratic)(probes)  # under jit the JVPs' primal merges with fn(x)
+    return fn(x), jnp.sum(quads, axis=0) if exact else jnp.mean(quads, axis=0)
 
 
 def log_likelihood(

@@ -322,11 +322,12 @@ def _resolvent(covs, a, var, diff):
     -S^{-1} dS S^{-1}``, ``d log det S = tr(S^{-1} dS)``) rather than taken through ``eigh``, whose
     derivative is NaN at repeated eigenvalues (an isotropic component). First derivatives are
     exact there, and so are second derivatives through ``C`` whose inner derivatives are forward
-    mode (``jax.jvp``, ``jacfwd``: the gradient in ``C`` of ``trace(jacfwd(score))`` or of
-    ``d/dt`` of the score). An inner ``vjp``, ``grad`` or ``linearize`` (``jax.hessian`` in ``C``,
-    ``jacrev``, ``jd.likelihood.divergence``) transposes the solves' own bodies, and a derivative
-    in ``C`` of it meets ``eigh``'s again: NaN at repeated eigenvalues, inaccurate where rounding
-    splits them. Third derivatives in ``C`` are NaN there too.
+    mode (``jax.jvp``, ``jacfwd``: the gradient in ``C`` of ``jd.likelihood.divergence``, hence
+    of ``log_likelihood``, or of ``d/dt`` of the score). An inner ``vjp``, ``grad`` or
+    ``linearize`` (``jax.hessian`` in ``C``, ``jacrev``, DPS's denoiser VJP) transposes the
+    solves' own bodies, and a derivative in ``C`` of it meets ``eigh``'s again: NaN at repeated
+    eigenvalues, inaccurate where rounding splits them. Third derivatives in ``C`` are NaN there
+    too.
     """
     lam, vecs, s = _spectrum(covs, a, var)  # s: (*batch, K, d)
     z = jnp.einsum("kji,...kj->...ki", vecs, diff)  # U_k^T diff_k
