@@ -259,7 +259,7 @@ def _bayes(mix: GaussianMixture, mat: Array, y: Array, sigma_y: Array) -> Gaussi
     """Bayes' rule in each component (see :meth:`GaussianMixture.posterior`)."""
     dtype = wide_dtype(jnp.result_type(mix.means.dtype, mat.dtype, y.dtype))
     mu, cov, w = (v.astype(dtype) for v in (mix.means, mix.covs, mix.weights))
-    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))  # reads sym(C), as the fields: symmetric grads
+    cov = _sym(cov)  # reads sym(C), as the fields: symmetric grads
     mat, y = mat.astype(dtype), y.astype(dtype)
     m = mat.shape[0]
     sa = jnp.einsum("kij,mj->kim", cov, mat)  # S_k A^T: (K, d, m)
@@ -278,7 +278,7 @@ def _bayes(mix: GaussianMixture, mat: Array, y: Array, sigma_y: Array) -> Gaussi
     )  # Joseph form: (I - K A) S (I - K A)^T + ...
     covs = keep @ cov @ jnp.swapaxes(keep, -1, -2)
     covs = covs + sigma_y.astype(dtype) ** 2 * gain @ jnp.swapaxes(gain, -1, -2)
-    covs = 0.5 * (covs + jnp.swapaxes(covs, -1, -2))
+    covs = _sym(covs)
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
     log_ev = -0.5 * (jnp.sum(z**2, -1) + logdet + m * jnp.log(2 * jnp.pi))
     weights = jnp.maximum(jax.nn.softmax(jnp.log(w) + log_ev), jnp.finfo(dtype).tiny)
@@ -348,9 +348,9 @@ def _resolvent_jvp(primals, tangents):
     values come from :func:`_resolvent` and :func:`_traces` again, so derivatives of derivatives
     (``d/dC`` of a divergence or of ``d/dt`` of the score) take these rules too."""
     covs, a, var, diff = primals
-    d_covs, d_a, d_var, d_diff = (None if type(t) is SymbolicZero else t for t in tangents)
+    d_covs, d_a, d_var, d_diff = _live(tangents)
     if d_covs is not None:  # the value reads sym(C) only (eigh symmetrises its input): so does dC
-        d_covs = 0.5 * (d_covs + jnp.swapaxes(d_covs, -1, -2))
+        d_covs = _sym(d_covs)
     logdet, maha, pulled, cov_pulled = _resolvent(covs, a, var, diff)
 
     def by_d_covs(v):  # dC_k v_k
@@ -388,13 +388,11 @@ def _traces(covs, a, var):
 
 def _traces_jvp(primals, tangents):
     covs, a, var = primals
-    d_covs, d_a, d_var = (None if type(t) is SymbolicZero else t for t in tangents)
+    d_covs, d_a, d_var = _live(tangents)
     lam, vecs, s = _spectrum(covs, a, var)
     tr_inv, tr_cov_inv = jnp.sum(1 / s, axis=-1), jnp.sum(lam / s, axis=-1)
-    m_diag = 0.0  # diag(U_k^T dC_k U_k); the traces below are exact at first order
-    if d_covs is not None:
-        d_covs = 0.5 * (d_covs + jnp.swapaxes(d_covs, -1, -2))
-        m_diag = jnp.einsum("kji,kjl,kli->ki", vecs, d_covs, vecs)[(None,) * (a.ndim - 2)]
+    # diag(U_k^T dC_k U_k); the traces below are exact at first order
+    m_diag = 0.0 if d_covs is None else _diag_in(vecs, _sym(d_covs), s)
     ds = a**2 * m_diag  # the diagonal of U^T dS U
     ds = ds if d_a is None else ds + 2 * a * d_a * lam
     ds = ds if d_var is None else ds + d_var
@@ -416,6 +414,16 @@ def _trace_with(covs, a, var, m):
     return jnp.sum(_diag_in(vecs, m, s) / s, axis=-1)
 
 
+def _sym(m):
+    """``(M + M^T) / 2`` over the last two axes: ``eigh`` reads a matrix's symmetric part only."""
+    return 0.5 * (m + jnp.swapaxes(m, -1, -2))
+
+
+def _live(tangents):
+    """A ``custom_jvp`` rule's tangents with symbolic zeros as ``None``."""
+    return tuple(None if type(t) is SymbolicZero else t for t in tangents)
+
+
 def _diag_in(vecs, m, s):
     """``diag(U_k^T M_k U_k)``, broadcast like ``s``."""
     diag = jnp.einsum("kji,kjl,kli->ki", vecs, m, vecs)
@@ -424,20 +432,19 @@ def _diag_in(vecs, m, s):
 
 def _trace_with_jvp(primals, tangents):
     covs, a, var, m = primals
-    d_covs, d_a, d_var, d_m = (None if type(t) is SymbolicZero else t for t in tangents)
+    d_covs, d_a, d_var, d_m = _live(tangents)
     lam, vecs, s = _spectrum(covs, a, var)
     m_diag = _diag_in(vecs, m, s)
     value = jnp.sum(m_diag / s, axis=-1)
     tangent = jnp.zeros_like(value)
     if d_m is not None:  # tr(S^{-1} dM)
-        tangent += jnp.sum(_diag_in(vecs, 0.5 * (d_m + jnp.swapaxes(d_m, -1, -2)), s) / s, -1)
+        tangent += jnp.sum(_diag_in(vecs, _sym(d_m), s) / s, axis=-1)
     # - tr(S^{-1} dS S^{-1} M): the part of dS diagonal in C's basis (2 a da C + dvar I) ...
     ds = 0.0 if d_a is None else 2 * a * d_a * lam
     ds = ds if d_var is None else ds + d_var
     tangent -= jnp.sum(jnp.broadcast_to(ds, s.shape) * m_diag / s**2, axis=-1)
     if d_covs is not None:  # ... and a^2 dC: sum_ij (U^T dC U)_ij (U^T M U)_ji / (s_i s_j)
-        d_covs = 0.5 * (d_covs + jnp.swapaxes(d_covs, -1, -2))
-        dc_t = jnp.einsum("kji,kjl,klm->kim", vecs, d_covs, vecs)
+        dc_t = jnp.einsum("kji,kjl,klm->kim", vecs, _sym(d_covs), vecs)
         m_t = jnp.einsum("kji,kjl,klm->kim", vecs, m, vecs)
         inv = 1 / s
         tangent -= a[..., 0] ** 2 * jnp.einsum("kij,kji,...ki,...kj->...k", dc_t, m_t, inv, inv)
