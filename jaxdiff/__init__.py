@@ -12,6 +12,7 @@ import importlib as _importlib
 
 from jaxdiff import couplings, data, losses, samplers, sources
 from jaxdiff.consistency import (
+    Curriculum,
     consistency_distillation_loss,
     consistency_function,
     consistency_grid,
@@ -19,6 +20,7 @@ from jaxdiff.consistency import (
     consistency_training_loss,
     ct_num_scales,
     ct_target_decay,
+    curriculum,
     curriculum_stages,
     ict_num_scales,
 )
@@ -164,6 +166,8 @@ __all__ = [
     "consistency_training_loss",
     "ct_num_scales",
     "ct_target_decay",
+    "curriculum",
+    "Curriculum",
     "curriculum_stages",
     "ict_num_scales",
     "meanflow_loss",

@@ -107,6 +107,19 @@ def _parser() -> _Parser:
         "mu; default: the targets are the evaluation EMA)",
     )
     train.add_argument(
+        "--num-scales",
+        type=int,
+        dest="num_scales",
+        metavar="N",
+        help="consistency: the grid's points (default 16; with --curriculum, the last stage's)",
+    )
+    train.add_argument(
+        "--curriculum",
+        choices=("none", "ct", "ict"),
+        help="consistency: grow the grid from 2 (ct, Song et al. 2023) or 3 (ict, Song & "
+        "Dhariwal 2024) points to --num-scales over the run, in one compiled step",
+    )
+    train.add_argument(
         "--target-guidance",
         type=float,
         dest="target_guidance",
@@ -216,7 +229,7 @@ TRAIN_KEYS = (
     "data path loss target weighting time model width depth channels conditional label_dropout "
     "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg precond "
     "sigma_data dropout dtype ema_targets target_ema target_guidance target_guidance_mix "
-    "target_guidance_interval"
+    "target_guidance_interval num_scales curriculum"
 ).split()
 TRAIN_KEYS += ["images", "flip"]  # image data of your own (jaxdiff.run_images)
 

@@ -28,8 +28,9 @@ the pseudo-Huber metric ``sqrt(|a - b|^2 + c^2) - c`` with ``c = 0.00054 sqrt(di
 ``lambda_n = 1 / (t_{n+1} - t_n)``; the grid is uniform in ``t`` by default
 (:func:`consistency_grid`, where EDM's grid in ``sigma`` measured worse). iCT doubles ``num_scales`` during training
 (:func:`ict_num_scales`), the original consistency training grows it more gently and raises the
-target network's decay with it (:func:`ct_num_scales`, :func:`ct_target_decay`); a loss is built
-for one ``num_scales``, so a curriculum trains in stages, one loss per stage
+target network's decay with it (:func:`ct_num_scales`, :func:`ct_target_decay`); tabulated by
+:func:`curriculum`, both run inside one compiled training step (the loss's ``num_scales`` and
+``make_train_step``'s ``target_decay``), or a loop trains one stage at a time
 (:func:`curriculum_stages`).
 
 Sampling is ``jd.sample(key, path, f, shape, sampler=jd.samplers.consistency(), steps=k)``: one
@@ -39,6 +40,7 @@ re-noises ``f``'s output to each next time of the grid.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -78,6 +80,8 @@ __all__ = [
     "ct_num_scales",
     "ct_target_decay",
     "curriculum_stages",
+    "curriculum",
+    "Curriculum",
     "consistency_training_loss",
     "consistency_distillation_loss",
 ]
@@ -163,10 +167,18 @@ def consistency_grid(
         raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min = {t_min}, t_max = {t_max}")
     if not (np.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be finite and > 0; got rho = {rho}")
-    u = jnp.linspace(0.0, 1.0, num_scales)
+    return _grid_at(jnp.arange(num_scales), num_scales, t_min, t_max, rho)
+
+
+def _grid_at(i: Array, num_scales: ArrayLike, t_min: float, t_max: float, rho: float) -> Array:
+    """:func:`consistency_grid`'s point ``i`` of ``num_scales`` (both may be traced)."""
+    dtype = jnp.result_type(float)  # float32, or float64 with x64 on
+    u = i.astype(dtype) / (jnp.asarray(num_scales) - 1).astype(dtype)
     lo, hi = t_min ** (1.0 / rho), t_max ** (1.0 / rho)
-    grid = (lo + u * (hi - lo)) ** rho
-    return grid.at[0].set(t_min).at[-1].set(t_max)  # the ends exactly (rho = 7 rounded below t_min)
+    grid = lo + u * (hi - lo)
+    grid = grid if rho == 1.0 else grid**rho
+    # the ends exactly (rho = 7 rounded below t_min)
+    return jnp.where(i == 0, t_min, jnp.where(i == num_scales - 1, t_max, grid)).astype(dtype)
 
 
 def _static(value: Any, name: str) -> float:
@@ -223,11 +235,62 @@ def ct_target_decay(num_scales: int, mu0: float = 0.9, s0: int = 2) -> float:
     return math.exp(-(-math.log(mu0) * s0) / (num_scales - 1))  # their order (math.exp: 1 ulp)
 
 
-def curriculum_stages(schedule: Callable[[int], int], total_steps: int) -> list[tuple[int, int]]:
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+    """A schedule of the training step, tabulated by :func:`curriculum`: ``c(step)`` is the value
+    of the stage that holds ``step`` (stage ``i`` holds the steps ``[ends[i - 1], ends[i])``; the
+    last stage's value holds on past its end). Callable on a traced step, so one compiled training
+    step follows the whole schedule; ``c.stages`` is :func:`curriculum_stages`' list. A constant
+    of the program that calls it (hashable; not a pytree)."""
+
+    values: tuple
+    ends: tuple[int, ...]
+
+    def __call__(self, step: ArrayLike) -> Array:
+        step = jnp.asarray(step)
+        if not jnp.issubdtype(step.dtype, jnp.integer):
+            raise TypeError(f"a curriculum takes an integer step; got dtype {step.dtype}")
+        dtype = jnp.int32 if all(isinstance(v, int) for v in self.values) else jnp.float32
+        # the stages that ended at or before step (a sum of compares: a binary search's loop
+        # cost more inside a scanned training step on CPU)
+        stage = jnp.sum(step[..., None] >= jnp.asarray(self.ends, step.dtype), axis=-1)
+        return jnp.asarray(self.values, dtype)[jnp.minimum(stage, len(self.ends) - 1)]
+
+    @property
+    def stages(self) -> list[tuple[Any, int]]:
+        return list(zip(self.values, self.ends, strict=True))
+
+
+def curriculum(schedule: Callable[[int], Any], total_steps: int) -> Curriculum:
+    """``schedule(k)`` for every step ``k < total_steps`` (Python numbers), tabulated in its
+    stages (:func:`curriculum_stages`) as a :class:`Curriculum` that takes a traced step: the
+    consistency losses' ``num_scales`` and ``make_train_step``'s ``target_decay`` accept one, and
+    a single compiled step then follows the whole curriculum, as training it in stages does::
+
+        K = 800_000
+        n = jd.curriculum(lambda k: jd.ct_num_scales(k, K), K)
+        mu = jd.curriculum(lambda k: jd.ct_target_decay(jd.ct_num_scales(k, K)), K)
+        step = make_train_step(jd.consistency_training_loss(net, path, num_scales=n), opt,
+                               ema_targets=True, target_decay=mu)
+
+    Integer values run as ``int32``, others as ``float32``: the table holds the schedule's own
+    values (no re-evaluation of its ``sqrt`` or ``exp`` in float32)."""
+    stages = curriculum_stages(schedule, total_steps)
+    values = []
+    for v, _ in stages:
+        known = concrete(v)
+        if isinstance(v, bool) or known is None or known.ndim or known.dtype.kind not in "iuf":
+            raise TypeError(f"a curriculum's values must be real numbers; got {v!r}")
+        values.append(int(known) if known.dtype.kind in "iu" else float(known))
+    return Curriculum(tuple(values), tuple(end for _, end in stages))
+
+
+def curriculum_stages(schedule: Callable[[int], Any], total_steps: int) -> list[tuple[Any, int]]:
     """The stages of a curriculum: ``[(value, end_step), ...]``, ``schedule(k)`` constant over
-    each stage's steps ``[previous end, end_step)``, the last ending at ``total_steps``. A loss is
-    built for one ``num_scales``, so a curriculum trains one stage at a time, each carrying the
-    state on (``train`` runs up to a step)::
+    each stage's steps ``[previous end, end_step)``, the last ending at ``total_steps``. One
+    compiled step can follow them (:func:`curriculum`); or a loop trains one stage at a time,
+    each with its own loss, carrying the state on (``train`` runs up to a step; one compile per
+    stage)::
 
         from jaxdiff.train import init_train_state, make_train_chunk, make_train_step, train
 
@@ -238,7 +301,7 @@ def curriculum_stages(schedule: Callable[[int], int], total_steps: int) -> list[
             state, _ = train(state, lambda c: make_train_chunk(step, sample, c), end)
     """
     total_steps = check_count(total_steps, "total_steps")
-    stages: list[tuple[int, int]] = []
+    stages: list[tuple[Any, int]] = []
     for k in range(total_steps):
         value = schedule(k)
         if stages and stages[-1][0] == value:
@@ -289,28 +352,51 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
     if huber_c is not None:
         huber_c = check_positive(huber_c, "huber_c", strict=False)
     path = linear_path() if path is None else path
-    if ts is None:
-        ts = consistency_grid(num_scales, t_min, t_max)
-    ts = jnp.asarray(ts)
-    value = concrete(ts)
-    if ts.ndim != 1 or ts.shape[0] < 2 or (value is not None and not np.all(np.diff(value) > 0)):
-        raise ValueError(
-            f"ts must be a 1-D strictly increasing grid of at least 2 times; got {np.asarray(ts)}"
-        )
-
-    if teacher is not None and value is not None:
-        _check_teacher_times(path, teacher, value if solver == "heun" else value[1:], solver)
+    scheduled = callable(num_scales)  # a function of the training step: the loss takes step=
+    if scheduled:
+        if ts is not None:
+            raise ValueError("give num_scales as a curriculum or a grid ts, not both")
+        sizes = _curriculum_sizes(num_scales)  # every grid's times, for the teacher's check
+        grids = [np.asarray(consistency_grid(n, t_min, t_max)) for n in sizes or ()]
+        value = np.concatenate(grids) if grids else None
+    else:
+        if ts is None:
+            ts = consistency_grid(num_scales, t_min, t_max)
+        ts = jnp.asarray(ts)
+        value = concrete(ts)
+        if (
+            ts.ndim != 1
+            or ts.shape[0] < 2
+            or (value is not None and not np.all(np.diff(value) > 0))
+        ):
+            raise ValueError(
+                f"ts must be a 1-D strictly increasing grid of at least 2 times; got {np.asarray(ts)}"
+            )
+    if teacher is not None and value is not None:  # Euler meets no grid's first time
+        times = value if solver == "heun" else value[value > t_min] if scheduled else value[1:]
+        _check_teacher_times(path, teacher, times, solver)
 
     def velocity(x, t, *extra):  # a conditional teacher sees the batch's labels
         return convert(path, x, t, teacher(x, t, *extra), src=teacher.target, dst="velocity")
 
-    def loss(params: Any, key: Array, batch: Any, target_params: Any = None) -> Array:
+    def pairs(key: Array, n: int, wide: Any, step: Any) -> tuple[Array, Array, Array]:
+        """``n`` adjacent times ``t_lo < t_hi`` of the grid, their interval ``idx`` uniform."""
+        if not scheduled:
+            idx = jax.random.randint(key, (n,), 0, ts.shape[0] - 1)
+            grid = ts.astype(wide)  # times in float32 or wider: bfloat16 merged them
+            return idx, grid[idx], grid[idx + 1]
+        size = jnp.asarray(num_scales(step))
+        if sizes is None:  # a function of the user's own: its value is checked when it runs
+            size = error_if(size, size < 2, "num_scales(step) must be >= 2 (grid points)")
+        idx = jax.random.randint(key, (n,), 0, size - 1)  # the same draws as a fixed grid's
+        at = lambda i: _grid_at(i, size, t_min, t_max, 1.0).astype(wide)  # noqa: E731
+        return idx, at(idx), at(idx + 1)
+
+    def one(params: Any, key: Array, batch: Any, target_params: Any, step: Any) -> Array:
         x0, labels = _split_batch(batch, "a consistency loss")
         n = x0.shape[0]
         n_key, e_key = jax.random.split(key)
-        idx = jax.random.randint(n_key, (n,), 0, ts.shape[0] - 1)
-        grid = ts.astype(wide_dtype(x0.dtype))  # times in float32 or wider: bfloat16 merged them
-        t_lo, t_hi = grid[idx], grid[idx + 1]
+        idx, t_lo, t_hi = pairs(n_key, n, wide_dtype(x0.dtype), step)
         eps = normal_like(e_key, x0)
         x_hi = path.interpolate(x0, eps, t_hi)
         extra = () if labels is None else (labels,)
@@ -331,7 +417,25 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
             dist = dist / (t_hi - t_lo)
         return _boundary_checked(jnp.mean(dist), target, x_lo, idx == 0)
 
+    if scheduled:  # make_train_step passes step=state.step to a loss that takes one
+
+        def loss(params: Any, key: Array, batch: Any, target_params: Any = None, *, step: Any):
+            return one(params, key, batch, target_params, step)
+
+        return loss
+
+    def loss(params: Any, key: Array, batch: Any, target_params: Any = None) -> Array:
+        return one(params, key, batch, target_params, None)
+
     return loss
+
+
+def _curriculum_sizes(num_scales: Callable) -> list[int] | None:
+    """A :class:`Curriculum`'s grid sizes, checked when the loss is built (``None`` for another
+    function of the step, checked at run time)."""
+    if not isinstance(num_scales, Curriculum):
+        return None
+    return sorted({check_count(n, "num_scales", minimum=2) for n in num_scales.values})
 
 
 def _check_teacher_times(path, teacher, times, solver) -> None:
@@ -356,7 +460,7 @@ def consistency_training_loss(
     net: Field,
     path: GaussianPath | None = None,
     *,
-    num_scales: int = 16,
+    num_scales: int | Callable[[Array], ArrayLike] = 16,
     t_min: float = 0.0,
     t_max: float = 1.0,
     ts: ArrayLike | None = None,
@@ -375,6 +479,13 @@ def consistency_training_loss(
     ``num_scales`` points on ``[t_min, t_max]``); ``n`` is uniform over its intervals.
     ``huber_c``: the pseudo-Huber ``c`` (default ``0.00054 sqrt(dim)``).
 
+    ``num_scales`` may follow a curriculum of the training step: a :class:`Curriculum`
+    (:func:`curriculum` of :func:`ct_num_scales` or :func:`ict_num_scales`; its sizes checked
+    here) or any function ``step -> int`` that traces (checked >= 2 when it runs). The loss is
+    then ``(params, key, batch, target_params=None, *, step)``, ``make_train_step`` passes it
+    ``state.step``, and one compiled step trains the whole curriculum (the grid of ``N(step)``
+    points uniform on ``[t_min, t_max]``; ``ts`` cannot be given with it).
+
     Few scales train fastest on a short budget: on the checkerboard after 3,000 steps the one-step
     energy distance was 0.0012 with 16 scales, 0.0017 with 32 and 0.66 (no convergence) with 64;
     iCT's curriculum (:func:`ict_num_scales`) grows ``N`` with the training.
@@ -389,7 +500,7 @@ def consistency_distillation_loss(
     teacher: Field,
     path: GaussianPath | None = None,
     *,
-    num_scales: int = 16,
+    num_scales: int | Callable[[Array], ArrayLike] = 16,
     solver: Literal["euler", "heun"] = "heun",
     t_min: float = 0.0,
     t_max: float = 1.0,

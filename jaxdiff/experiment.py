@@ -66,6 +66,7 @@ WEIGHTINGS = {
 }
 TIMES = ("uniform", "logit-normal", "importance", "edm")
 PRECONDS = ("none", "edm")
+CURRICULA = ("none", "ct", "ict")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATASETS = (*TOY_DATASETS, "digits")
 SOURCES = ("gaussian", *TOY_DATASETS)
@@ -107,6 +108,8 @@ DEFAULTS: dict[str, Any] = {
     "dtype": "float32",  # bfloat16: mixed precision (float32 params, optimizer and loss)
     "ema_targets": False,  # shortcut, consistency: targets from the EMA network
     "target_ema": None,  # with ema_targets: the targets' own EMA decay (else the evaluation EMA)
+    "num_scales": 16,  # consistency: the grid's points (the last stage's with a curriculum)
+    "curriculum": "none",  # consistency: ct or ict grows the grid over the run (one program)
     "target_guidance": None,  # conditional meanflow, shortcut: guided targets (the cfg scale)
     "target_guidance_mix": 0.0,  # meanflow's guided targets: the conditional share k
     "target_guidance_interval": None,  # meanflow's guided targets: (t_lo, t_hi), else all t
@@ -136,6 +139,8 @@ def resolve(config: dict) -> dict:
     _check_recipe(c)
     _choice(c, "weighting", tuple(WEIGHTINGS))
     _choice(c, "time", TIMES)
+    _choice(c, "curriculum", CURRICULA)
+    check_count(c["num_scales"], "num_scales", minimum=2 if c["curriculum"] == "none" else 3)
     few = c["loss"] in FEWSTEP_LOSSES
     c["model"] = c["model"] or ("unet" if c["data"] == "digits" and not few else "mlp")
     if few and config.get("eval_steps") is None:
@@ -203,6 +208,8 @@ def _check_unused(c: dict) -> None:
             c["loss"] not in ("shortcut", "consistency"),
             "the EMA targets of --loss shortcut or consistency",
         ),
+        "num_scales": (c["loss"] != "consistency", "the grid of --loss consistency"),
+        "curriculum": (c["loss"] != "consistency", "the grid's growth in --loss consistency"),
         "sigma_data": (
             c["precond"] != "edm" and c["weighting"] != "edm",
             "the data's scale for --precond edm or --weighting edm",
@@ -501,6 +508,19 @@ def build(c: dict) -> Setup:
     return Setup(model, path, loss, sample_batch, example, num_classes, source, field)
 
 
+def consistency_scales(c: dict):
+    """A consistency run's ``num_scales``: the number, or with ``curriculum`` ``ct`` (Song et
+    al. 2023) or ``ict`` (Song & Dhariwal 2024) a :func:`jaxdiff.curriculum` over the run's
+    steps, from 2 (ct) or 3 (ict) points up to ``num_scales``."""
+    import jaxdiff.consistency as C
+
+    n, K = int(c["num_scales"]), int(c["steps"])
+    if c["curriculum"] == "none":
+        return n
+    grow = C.ct_num_scales if c["curriculum"] == "ct" else C.ict_num_scales
+    return C.curriculum(lambda k: grow(k, K, 2, n - 1), K)
+
+
 def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
     from jaxdiff.consistency import consistency_training_loss
     from jaxdiff.meanflow import meanflow_loss
@@ -508,7 +528,7 @@ def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
 
     net = Field(network_fn(c, model), FEWSTEP_TARGETS[c["loss"]])
     if c["loss"] == "consistency":
-        return consistency_training_loss(net, path)
+        return consistency_training_loss(net, path, num_scales=consistency_scales(c))
     if c["time"] == "uniform":  # the shortcut loss's own default draws (0, 1]: t = 0 is inf
         times = None if c["loss"] == "shortcut" else L.uniform_time(0.0, 1.0)  # on cosine
     else:

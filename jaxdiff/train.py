@@ -44,8 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_count, check_finite, wide_dtype
+from jaxdiff._checks import check_count, check_finite, error_if, wide_dtype
 
 Array = jax.Array
 
@@ -171,7 +172,7 @@ def make_train_step(
     ema_decay: float = 0.999,
     ema_warmup: bool = True,
     ema_targets: bool = False,
-    target_decay: float | None = None,
+    target_decay: float | Callable[[Array], ArrayLike] | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, Array]]:
     """One optimizer step ``(state, batch) -> (state, loss)`` on ``loss_fn(params, key, batch)``.
 
@@ -194,13 +195,17 @@ def make_train_step(
     consistency models' ``theta^- <- stopgrad(mu theta^- + (1 - mu) theta)`` with their own
     ``mu`` (0.95 for distillation on CIFAR-10, Song et al. 2023; ``mu = 0``, the online network
     itself under a stop-gradient, in improved consistency training, Song & Dhariwal 2023) while
-    ``ema`` keeps the slow average that samples best.
+    ``ema`` keeps the slow average that samples best. ``target_decay`` may be a function of the
+    step (``jd.curriculum`` of ``jd.ct_target_decay``, the original paper's ``mu(N(k))``; its
+    values checked here, another function's when it runs).
+
+    A loss that takes a keyword ``step`` (the consistency losses built on a curriculum of
+    ``num_scales``) is called with ``step=state.step``, the number of updates before this one.
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}")
     if target_decay is not None:
-        if isinstance(target_decay, bool) or not 0.0 <= target_decay < 1.0:
-            raise ValueError(f"target_decay must lie in [0, 1) (or None); got {target_decay!r}")
+        _check_target_decay(target_decay)
         if not ema_targets:
             raise ValueError(
                 f"target_decay {target_decay} is the decay of the target network that "
@@ -208,12 +213,15 @@ def make_train_step(
             )
     if ema_targets:
         _check_takes_target_params(loss_fn)
+    takes_step = _takes_keyword(loss_fn, "step")
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, Array]:
         _check_target_state(state, target_decay)
         key, loss_key = jax.random.split(state.key)
         targets = state.ema if target_decay is None else state.target
         extra = {"target_params": targets} if ema_targets else {}
+        if takes_step:
+            extra["step"] = state.step
         loss, grads = jax.value_and_grad(loss_fn)(state.params, loss_key, batch, **extra)
         # tied to the loss, which every caller reads: on the batch, a leaf the loss does not read
         # would take the check away with it under jit (and an integer batch its sharding)
@@ -226,10 +234,29 @@ def make_train_step(
         ema = ema_update(state.ema, params, decay)
         target = state.target
         if target_decay is not None:
-            target = ema_update(target, params, jnp.asarray(target_decay, jnp.float32))
+            target = ema_update(target, params, _decay_at(target_decay, state.step))
         return TrainState(params, opt_state, ema, state.step + 1, key, target), loss
 
     return step
+
+
+def _check_target_decay(target_decay: Any) -> None:
+    """A number in ``[0, 1)``, or a function of the step (a ``Curriculum``'s values checked)."""
+    values = getattr(target_decay, "values", None) if callable(target_decay) else [target_decay]
+    for mu in values or ():
+        if isinstance(mu, bool) or not 0.0 <= mu < 1.0:
+            raise ValueError(f"target_decay must lie in [0, 1) (or None); got {mu!r}")
+
+
+def _decay_at(target_decay: Any, step: Array) -> Array:
+    if not callable(target_decay):
+        return jnp.asarray(target_decay, jnp.float32)
+    mu = jnp.asarray(target_decay(step), jnp.float32)
+    if getattr(target_decay, "values", None) is None:  # a function of the user's own
+        mu = error_if(
+            mu, (mu < 0) | (mu >= 1) | jnp.isnan(mu), "target_decay(step) must lie in [0, 1)"
+        )
+    return mu
 
 
 def _check_target_state(state: TrainState, target_decay: float | None) -> None:
@@ -246,6 +273,16 @@ def _check_target_state(state: TrainState, target_decay: float | None) -> None:
             "pass make_train_step(..., ema_targets=True, target_decay=mu), or build the state "
             "without target_ema"
         )
+
+
+def _takes_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` declares a parameter ``name`` (not merely ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    p = params.get(name)
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 def _check_takes_target_params(loss_fn: Callable) -> None:

@@ -48,6 +48,12 @@ from tests.net_helpers import perturb
             ["--loss", "consistency", "--ema-targets", "--target-ema", "1"],
             "target_ema must be a number in [0, 1); got 1.0",
         ),
+        (["--curriculum", "ct"], "curriculum ct is the grid's growth in --loss consistency"),
+        (["--loss", "meanflow", "--num-scales", "8"], "num_scales 8 is the grid of --loss"),
+        (
+            ["--loss", "consistency", "--curriculum", "ict", "--num-scales", "2"],
+            "num_scales must be an integer >= 3",
+        ),
         (
             ["--loss", "shortcut", "--target-guidance", "2"],
             "got loss shortcut without --conditional",
@@ -289,3 +295,24 @@ def test_target_guidance_reaches_the_loss(loss):
         with pytest.raises(ValueError) as err:
             R.resume_config({**c, **options}, {"target_guidance_interval": [0.0, 0.8]})
         assert "--target-guidance-interval [0.0, 0.8] (the run has [0.0, 0.6])" in str(err.value)
+
+
+def test_a_consistency_curriculum_from_the_command_line_is_the_api_s():
+    """``--curriculum ct --num-scales 9``: the loss follows ``jd.ct_num_scales(k, steps, 2, 8)``
+    in one program (its value at each step the fixed grid's of that size)."""
+    c = E.resolve({"loss": "consistency", "data": "8gaussians", "steps": 100, "curriculum": "ct",
+                   "num_scales": 9})  # fmt: skip
+    n = E.consistency_scales(c)
+    assert n == jd.curriculum(lambda k: jd.ct_num_scales(k, 100, 2, 8), 100)
+    assert n.stages[-1] == (9, 100)
+    ict = E.consistency_scales({**c, "curriculum": "ict"})
+    assert [v for v, _ in ict.stages] == [3, 5, 9]
+    assert E.consistency_scales({**c, "curriculum": "none"}) == 9
+    setup = E.build(c)
+    params = E.init_state(c, setup)[0].params
+    batch = setup.sample_batch(jax.random.key(1))
+    net = jd.Field(E.network_fn(c, setup.model), "x0")
+    for k in (0, 50, 99):
+        fixed = jd.consistency_training_loss(net, setup.path, num_scales=n(jnp.int32(k)).item())
+        np.testing.assert_allclose(setup.loss(params, jax.random.key(2), batch, step=jnp.int32(k)),
+                                   fixed(params, jax.random.key(2), batch), rtol=1e-6)  # fmt: skip

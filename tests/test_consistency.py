@@ -187,6 +187,115 @@ def test_a_curriculum_trains_in_stages_with_its_target_decays():
     assert float(state.target["w"]) != pytest.approx(float(state.params["w"]), rel=1e-3)
 
 
+def test_a_curriculum_takes_a_traced_step_and_equals_its_schedule_at_every_step():
+    K = 1_000
+    for sched in (
+        lambda k: jd.ct_num_scales(k, K, 2, 30),
+        lambda k: jd.ict_num_scales(k, K, 4, 64),
+    ):
+        c = jd.curriculum(sched, K)
+        assert c.stages == jd.curriculum_stages(sched, K)
+        got = jax.jit(jax.vmap(c))(jnp.arange(K + 50))  # past the end: the last stage's value
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(got, [sched(min(k, K - 1)) for k in range(K + 50)])
+    mu = jd.curriculum(lambda k: jd.ct_target_decay(jd.ct_num_scales(k, K)), K)
+    got = jax.jit(jax.vmap(mu))(jnp.arange(K))
+    want = [jd.ct_target_decay(jd.ct_num_scales(k, K)) for k in range(K)]
+    assert got.dtype == jnp.float32 and len(mu.stages) == 146  # 150 sizes, 4 skipped at K = 1000
+    np.testing.assert_array_equal(got, np.float32(want))
+    with pytest.raises(TypeError, match="real numbers; got False"):
+        jd.curriculum(lambda k: k > 2, 5)
+    with pytest.raises(TypeError, match="real numbers; got 'a'"):
+        jd.curriculum(lambda k: "a", 5)
+    with pytest.raises(TypeError, match="integer step; got dtype float32"):
+        mu(1.0)
+
+
+def _linear_cm():
+    net = jd.Field(lambda p, x, t: p["w"] * x + p["b"] * t[..., None], "x0")
+
+    def fn(p, x, t):
+        c_skip, c_out = jd.consistency_scalings(t, kind="euler")
+        return c_skip[..., None] * x + c_out[..., None] * net.apply(p, x, t)
+
+    return jd.Field(fn, "x0")
+
+
+def test_one_compiled_step_follows_a_curriculum_as_its_stages_do():
+    """``num_scales`` and ``target_decay`` as curricula of the step: one program trains what a
+    loop over the stages (one loss and one compile each) trains, draw for draw."""
+    import optax
+
+    from jaxdiff.train import init_train_state, make_train_chunk, make_train_step, train
+
+    cm, opt, K = _linear_cm(), optax.sgd(0.1), 40
+    data = lambda key: MU + S * jax.random.normal(key, (64, 2))  # noqa: E731
+    sched = lambda k: jd.ct_num_scales(k, K, 2, 10)  # noqa: E731
+    p0 = {"w": jnp.array(0.5), "b": jnp.array(0.1)}
+    staged = init_train_state(p0, opt, jax.random.key(0), target_ema=True)  # train donates it
+    stages = jd.curriculum_stages(sched, K)
+    assert len(stages) == 10
+    for n, end in stages:
+        step = make_train_step(jd.consistency_training_loss(cm, PATH, num_scales=n), opt,
+                               ema_targets=True, target_decay=jd.ct_target_decay(n))  # fmt: skip
+        staged, _ = train(
+            staged, lambda c, s=step: make_train_chunk(s, data, c), end, progress=False
+        )
+    n = jd.curriculum(sched, K)
+    loss = jd.consistency_training_loss(cm, PATH, num_scales=n)
+    mu = jd.curriculum(lambda k: jd.ct_target_decay(sched(k)), K)
+    step = make_train_step(loss, opt, ema_targets=True, target_decay=mu)
+    one = init_train_state(p0, opt, jax.random.key(0), target_ema=True)
+    one, _ = train(one, lambda c: make_train_chunk(step, data, c), K, progress=False)
+    assert int(one.step) == K
+    for a, b in zip(jax.tree.leaves((staged.params, staged.target, staged.ema)),
+                    jax.tree.leaves((one.params, one.target, one.ema)), strict=True):  # fmt: skip
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert abs(float(one.params["w"]) - 0.5) > 0.05  # it trained
+    # the loss at step k is the fixed grid's of N(k) points, the same key drawing the same pairs
+    x0, key = data(jax.random.key(3)), jax.random.key(4)
+    for k in (0, 5, 39, 1_000):
+        fixed = jd.consistency_training_loss(cm, PATH, num_scales=sched(min(k, K - 1)))
+        np.testing.assert_allclose(jax.jit(loss)(one.params, key, x0, step=jnp.int32(k)),
+                                   fixed(one.params, key, x0), rtol=1e-6)  # fmt: skip
+    with pytest.raises(TypeError, match="step"):  # the step is required
+        loss(one.params, key, x0)
+
+
+def test_a_curriculum_is_checked_where_it_is_built_or_where_it_runs():
+    import optax
+
+    from jaxdiff.train import init_train_state, make_train_step
+
+    cm = _linear_cm()
+    with pytest.raises(ValueError, match="num_scales must be an integer >= 2"):
+        jd.consistency_training_loss(cm, num_scales=jd.curriculum(lambda k: 1 + k, 4))
+    with pytest.raises(ValueError, match="not both"):
+        jd.consistency_training_loss(
+            cm, num_scales=jd.curriculum(lambda k: 4, 4), ts=jnp.array([0.0, 1.0])
+        )
+    eps_teacher = jd.Field(lambda x, t: x, "eps")  # no velocity where alpha_t = 0 (t = 1)
+    with pytest.raises(ValueError, match="teacher"):
+        jd.consistency_distillation_loss(cm, eps_teacher, PATH, solver="euler",
+                                         num_scales=jd.curriculum(lambda k: 3 + k, 3))  # fmt: skip
+    with pytest.raises(ValueError, match=r"target_decay must lie in \[0, 1\)"):
+        make_train_step(lambda p, k, b, target_params=None: 0.0, optax.sgd(0.1), ema_targets=True,
+                        target_decay=jd.curriculum(lambda k: 0.9 + 0.1 * k, 2))  # fmt: skip
+    x0, key = MU + jnp.zeros((8, 2)), jax.random.key(0)
+    p = {"w": jnp.array(0.5), "b": jnp.array(0.1)}
+    own = jd.consistency_training_loss(cm, num_scales=lambda k: 4 - k)  # a function of our own
+    assert np.isfinite(float(jax.jit(own)(p, key, x0, step=jnp.int32(2))))  # 2 points: one gap
+    with pytest.raises(Exception, match=r"num_scales\(step\) must be >= 2"):
+        jax.jit(own)(p, key, x0, step=jnp.int32(3)).block_until_ready()
+    opt = optax.sgd(0.1)
+    loss = jd.consistency_training_loss(cm)
+    step = jax.jit(make_train_step(loss, opt, ema_targets=True, target_decay=lambda k: 0.5 + k))
+    state = init_train_state(p, opt, key, target_ema=True)
+    state, _ = step(state, x0)  # 0.5 at step 0
+    with pytest.raises(Exception, match=r"target_decay\(step\) must lie in \[0, 1\)"):
+        step(state, x0)[1].block_until_ready()  # 1.5 at step 1
+
+
 def test_bad_arguments_raise_clear_errors():
     f = jd.Field(lambda p, x, t: x, "x0")
     with pytest.raises(ValueError, match="target 'x0'"):
