@@ -120,6 +120,14 @@ def _parser() -> _Parser:
         "Dhariwal 2024) points to --num-scales over the run, in one compiled step",
     )
     train.add_argument(
+        "--lognormal",
+        type=float,
+        nargs=2,
+        metavar=("P_MEAN", "P_STD"),
+        help="consistency: draw the grid's intervals from iCT's discretised log-normal over "
+        "log(sigma/alpha) (Song & Dhariwal 2024: -1.1 2.0), not uniformly",
+    )
+    train.add_argument(
         "--target-guidance",
         type=float,
         dest="target_guidance",
@@ -229,7 +237,7 @@ TRAIN_KEYS = (
     "data path loss target weighting time model width depth channels conditional label_dropout "
     "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg precond "
     "sigma_data dropout dtype ema_targets target_ema target_guidance target_guidance_mix "
-    "target_guidance_interval num_scales curriculum"
+    "target_guidance_interval num_scales curriculum lognormal"
 ).split()
 TRAIN_KEYS += ["images", "flip"]  # image data of your own (jaxdiff.run_images)
 

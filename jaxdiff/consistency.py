@@ -26,7 +26,8 @@ passes the run's EMA, or with ``target_decay=mu`` a target network of its own, t
 paper's ``theta^- <- mu theta^- + (1 - mu) theta``), ``d`` is
 the pseudo-Huber metric ``sqrt(|a - b|^2 + c^2) - c`` with ``c = 0.00054 sqrt(dim)`` and
 ``lambda_n = 1 / (t_{n+1} - t_n)``; the grid is uniform in ``t`` by default
-(:func:`consistency_grid`, where EDM's grid in ``sigma`` measured worse). iCT doubles ``num_scales`` during training
+(:func:`consistency_grid`, where EDM's grid in ``sigma`` measured worse), and ``n`` uniform over
+its intervals, or with ``lognormal=(P_mean, P_std)`` drawn from iCT's discretised log-normal. iCT doubles ``num_scales`` during training
 (:func:`ict_num_scales`), the original consistency training grows it more gently and raises the
 target network's decay with it (:func:`ct_num_scales`, :func:`ct_target_decay`); tabulated by
 :func:`curriculum`, both run inside one compiled training step (the loss's ``num_scales`` and
@@ -336,7 +337,9 @@ def _boundary_checked(value: Array, target: Array, x_lo: Array, first: Array) ->
     )
 
 
-def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, huber_c, weighting):
+def _consistency_loss(
+    net, path, teacher, num_scales, solver, t_min, t_max, ts, huber_c, weighting, lognormal
+):
     net = as_field(net, "net")
     if net.target != "x0":
         raise ValueError(
@@ -372,6 +375,8 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
             raise ValueError(
                 f"ts must be a 1-D strictly increasing grid of at least 2 times; got {np.asarray(ts)}"
             )
+    if lognormal is not None:
+        lognormal = _check_lognormal(lognormal, scheduled and sizes is None)
     if teacher is not None and value is not None:  # Euler meets no grid's first time
         times = value if solver == "heun" else value[value > t_min] if scheduled else value[1:]
         _check_teacher_times(path, teacher, times, solver)
@@ -380,16 +385,21 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
         return convert(path, x, t, teacher(x, t, *extra), src=teacher.target, dst="velocity")
 
     def pairs(key: Array, n: int, wide: Any, step: Any) -> tuple[Array, Array, Array]:
-        """``n`` adjacent times ``t_lo < t_hi`` of the grid, their interval ``idx`` uniform."""
+        """``n`` adjacent times ``t_lo < t_hi`` of the grid and their intervals ``idx``."""
         if not scheduled:
-            idx = jax.random.randint(key, (n,), 0, ts.shape[0] - 1)
-            grid = ts.astype(wide)  # times in float32 or wider: bfloat16 merged them
-            return idx, grid[idx], grid[idx + 1]
-        size = jnp.asarray(num_scales(step))
-        if sizes is None:  # a function of the user's own: its value is checked when it runs
-            size = error_if(size, size < 2, "num_scales(step) must be >= 2 (grid points)")
-        idx = jax.random.randint(key, (n,), 0, size - 1)  # the same draws as a fixed grid's
-        at = lambda i: _grid_at(i, size, t_min, t_max, 1.0).astype(wide)  # noqa: E731
+            size, slots = ts.shape[0], ts.shape[0]
+            at = lambda i: ts.astype(wide)[i]  # noqa: E731 - float32 or wider: bfloat16 merged them
+        else:
+            size = jnp.asarray(num_scales(step))
+            if sizes is None:  # a function of the user's own: its value is checked when it runs
+                size = error_if(size, size < 2, "num_scales(step) must be >= 2 (grid points)")
+            slots = None if sizes is None else max(sizes)
+            at = lambda i: _grid_at(i, size, t_min, t_max, 1.0).astype(wide)  # noqa: E731
+        if lognormal is None:  # the same draws for a fixed grid and a curriculum's
+            idx = jax.random.randint(key, (n,), 0, size - 1)
+        else:
+            edges = at(jnp.minimum(jnp.arange(slots), size - 1))  # a curriculum's padded
+            idx = _lognormal_intervals(key, n, path, edges, size, *lognormal)
         return idx, at(idx), at(idx + 1)
 
     def one(params: Any, key: Array, batch: Any, target_params: Any, step: Any) -> Array:
@@ -430,6 +440,38 @@ def _consistency_loss(net, path, teacher, num_scales, solver, t_min, t_max, ts, 
     return loss
 
 
+def _check_lognormal(lognormal: Any, unknown_sizes: bool) -> tuple[float, float]:
+    try:
+        p_mean, p_std = (float(v) for v in lognormal)
+        ok = math.isfinite(p_mean) and math.isfinite(p_std) and p_std > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"lognormal must be (P_mean, P_std), finite with P_std > 0 (iCT: (-1.1, 2.0)); "
+            f"got {lognormal!r}"
+        )
+    if unknown_sizes:
+        raise ValueError(
+            "lognormal draws over a grid of known sizes: give num_scales as a number or as "
+            "jd.curriculum(...), not a function of the step"
+        )
+    return p_mean, p_std
+
+
+def _lognormal_intervals(key, n, path, edges, size, p_mean, p_std) -> Array:
+    """``n`` intervals ``i`` of the grid ``edges`` (the first ``size`` of them live, the rest
+    repeats of the last) with ``p(i)`` proportional to ``Phi(z_{i+1}) - Phi(z_i)``, ``z = (log
+    (sigma_t / alpha_t) - P_mean) / P_std``: iCT's discretised log-normal over the noise levels
+    (Song & Dhariwal 2024, sec. 3.5), drawn by the inverse CDF (the same draws whatever padding)."""
+    level = -0.5 * path.log_snr(edges.astype(jnp.float32))  # log(sigma/alpha): -inf .. inf
+    cdf = 0.5 * jax.scipy.special.erfc(-(level - p_mean) / (p_std * math.sqrt(2.0)))
+    cum = jnp.cumsum(cdf[1:] - cdf[:-1])  # padded intervals have probability 0
+    u = jax.random.uniform(key, (n,), jnp.float32) * cum[-1]
+    idx = jnp.searchsorted(cum, u, side="right", method="compare_all")
+    return jnp.minimum(idx, jnp.asarray(size) - 2)  # u rounded up to the total
+
+
 def _curriculum_sizes(num_scales: Callable) -> list[int] | None:
     """A :class:`Curriculum`'s grid sizes, checked when the loss is built (``None`` for another
     function of the step, checked at run time)."""
@@ -466,6 +508,7 @@ def consistency_training_loss(
     ts: ArrayLike | None = None,
     huber_c: float | None = None,
     weighting: Literal["inverse_gap", "unit"] = "inverse_gap",
+    lognormal: tuple[float, float] | None = None,
 ) -> Callable[..., Array]:
     """Consistency training ``(params, key, batch, target_params=None) -> scalar``: no teacher
     (see the module text; ``target_params``, default the online ``params``, is the target
@@ -477,7 +520,12 @@ def consistency_training_loss(
     exactly 0), so the loss checks it at run time on the pairs of the first interval, where it
     evaluates ``f(x, ts[0])`` anyway. ``ts``: an increasing grid (default :func:`consistency_grid` with
     ``num_scales`` points on ``[t_min, t_max]``); ``n`` is uniform over its intervals.
-    ``huber_c``: the pseudo-Huber ``c`` (default ``0.00054 sqrt(dim)``).
+    ``huber_c``: the pseudo-Huber ``c`` (default ``0.00054 sqrt(dim)``). ``lognormal=(P_mean,
+    P_std)`` draws the interval ``n`` as iCT does (Song & Dhariwal 2024, sec. 3.5: ``(-1.1,
+    2.0)`` on CIFAR-10), with ``p(n)`` proportional to ``erf((log s_{n+1} - P_mean) / (sqrt 2
+    P_std)) - erf((log s_n - P_mean) / (sqrt 2 P_std))``, ``s_n = sigma / alpha`` at ``t_n``
+    (the VE noise level of EDM's conventions, data scaled to std 0.5); the weighting stays
+    ``weighting``'s, in ``t``.
 
     ``num_scales`` may follow a curriculum of the training step: a :class:`Curriculum`
     (:func:`curriculum` of :func:`ct_num_scales` or :func:`ict_num_scales`; its sizes checked
@@ -491,7 +539,7 @@ def consistency_training_loss(
     iCT's curriculum (:func:`ict_num_scales`) grows ``N`` with the training.
     """
     return _consistency_loss(
-        net, path, None, num_scales, "euler", t_min, t_max, ts, huber_c, weighting
+        net, path, None, num_scales, "euler", t_min, t_max, ts, huber_c, weighting, lognormal
     )
 
 
@@ -507,6 +555,7 @@ def consistency_distillation_loss(
     ts: ArrayLike | None = None,
     huber_c: float | None = None,
     weighting: Literal["inverse_gap", "unit"] = "inverse_gap",
+    lognormal: tuple[float, float] | None = None,
 ) -> Callable[..., Array]:
     """Consistency distillation from ``teacher`` (a field of any target on ``path``, e.g. an exact
     oracle or a trained flow-matching network): ``x_{t_n}`` is one ``solver`` step of its
@@ -516,5 +565,5 @@ def consistency_distillation_loss(
     if teacher is None:
         raise ValueError("consistency distillation needs a teacher field")
     return _consistency_loss(
-        net, path, teacher, num_scales, solver, t_min, t_max, ts, huber_c, weighting
+        net, path, teacher, num_scales, solver, t_min, t_max, ts, huber_c, weighting, lognormal
     )

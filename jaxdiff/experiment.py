@@ -110,6 +110,7 @@ DEFAULTS: dict[str, Any] = {
     "target_ema": None,  # with ema_targets: the targets' own EMA decay (else the evaluation EMA)
     "num_scales": 16,  # consistency: the grid's points (the last stage's with a curriculum)
     "curriculum": "none",  # consistency: ct or ict grows the grid over the run (one program)
+    "lognormal": None,  # consistency: iCT's log-normal intervals (P_mean, P_std), else uniform
     "target_guidance": None,  # conditional meanflow, shortcut: guided targets (the cfg scale)
     "target_guidance_mix": 0.0,  # meanflow's guided targets: the conditional share k
     "target_guidance_interval": None,  # meanflow's guided targets: (t_lo, t_hi), else all t
@@ -141,6 +142,10 @@ def resolve(config: dict) -> dict:
     _choice(c, "time", TIMES)
     _choice(c, "curriculum", CURRICULA)
     check_count(c["num_scales"], "num_scales", minimum=2 if c["curriculum"] == "none" else 3)
+    if c["lognormal"] is not None:
+        from jaxdiff.consistency import _check_lognormal
+
+        c["lognormal"] = list(_check_lognormal(c["lognormal"], False))  # JSON keeps lists
     few = c["loss"] in FEWSTEP_LOSSES
     c["model"] = c["model"] or ("unet" if c["data"] == "digits" and not few else "mlp")
     if few and config.get("eval_steps") is None:
@@ -210,6 +215,7 @@ def _check_unused(c: dict) -> None:
         ),
         "num_scales": (c["loss"] != "consistency", "the grid of --loss consistency"),
         "curriculum": (c["loss"] != "consistency", "the grid's growth in --loss consistency"),
+        "lognormal": (c["loss"] != "consistency", "the intervals' law in --loss consistency"),
         "sigma_data": (
             c["precond"] != "edm" and c["weighting"] != "edm",
             "the data's scale for --precond edm or --weighting edm",
@@ -528,7 +534,9 @@ def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
 
     net = Field(network_fn(c, model), FEWSTEP_TARGETS[c["loss"]])
     if c["loss"] == "consistency":
-        return consistency_training_loss(net, path, num_scales=consistency_scales(c))
+        ln = c["lognormal"]
+        ln = None if ln is None else tuple(ln)
+        return consistency_training_loss(net, path, num_scales=consistency_scales(c), lognormal=ln)
     if c["time"] == "uniform":  # the shortcut loss's own default draws (0, 1]: t = 0 is inf
         times = None if c["loss"] == "shortcut" else L.uniform_time(0.0, 1.0)  # on cosine
     else:

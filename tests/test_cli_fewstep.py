@@ -50,6 +50,8 @@ from tests.net_helpers import perturb
         ),
         (["--curriculum", "ct"], "curriculum ct is the grid's growth in --loss consistency"),
         (["--loss", "meanflow", "--num-scales", "8"], "num_scales 8 is the grid of --loss"),
+        (["--lognormal", "-1.1", "2"], "lognormal [-1.1, 2.0] is the intervals' law in --loss"),
+        (["--loss", "consistency", "--lognormal", "0", "-1"], "finite with P_std > 0"),
         (
             ["--loss", "consistency", "--curriculum", "ict", "--num-scales", "2"],
             "num_scales must be an integer >= 3",
@@ -298,10 +300,11 @@ def test_target_guidance_reaches_the_loss(loss):
 
 
 def test_a_consistency_curriculum_from_the_command_line_is_the_api_s():
-    """``--curriculum ct --num-scales 9``: the loss follows ``jd.ct_num_scales(k, steps, 2, 8)``
-    in one program (its value at each step the fixed grid's of that size)."""
+    """``--curriculum ct --num-scales 9 --lognormal -1.1 2``: the loss follows
+    ``jd.ct_num_scales(k, steps, 2, 8)`` in one program (its value at each step the fixed grid's
+    of that size), its intervals drawn from iCT's log-normal."""
     c = E.resolve({"loss": "consistency", "data": "8gaussians", "steps": 100, "curriculum": "ct",
-                   "num_scales": 9})  # fmt: skip
+                   "num_scales": 9, "lognormal": [-1.1, 2.0]})  # fmt: skip
     n = E.consistency_scales(c)
     assert n == jd.curriculum(lambda k: jd.ct_num_scales(k, 100, 2, 8), 100)
     assert n.stages[-1] == (9, 100)
@@ -313,6 +316,7 @@ def test_a_consistency_curriculum_from_the_command_line_is_the_api_s():
     batch = setup.sample_batch(jax.random.key(1))
     net = jd.Field(E.network_fn(c, setup.model), "x0")
     for k in (0, 50, 99):
-        fixed = jd.consistency_training_loss(net, setup.path, num_scales=n(jnp.int32(k)).item())
+        fixed = jd.consistency_training_loss(net, setup.path, num_scales=n(jnp.int32(k)).item(),
+                                             lognormal=(-1.1, 2.0))  # fmt: skip
         np.testing.assert_allclose(setup.loss(params, jax.random.key(2), batch, step=jnp.int32(k)),
                                    fixed(params, jax.random.key(2), batch), rtol=1e-6)  # fmt: skip

@@ -211,19 +211,21 @@ def test_a_curriculum_takes_a_traced_step_and_equals_its_schedule_at_every_step(
         mu(1.0)
 
 
-def _linear_cm():
+def _linear_cm(t_min=0.0):
     net = jd.Field(lambda p, x, t: p["w"] * x + p["b"] * t[..., None], "x0")
 
     def fn(p, x, t):
-        c_skip, c_out = jd.consistency_scalings(t, kind="euler")
+        c_skip, c_out = jd.consistency_scalings(t, kind="euler", t_min=t_min)
         return c_skip[..., None] * x + c_out[..., None] * net.apply(p, x, t)
 
     return jd.Field(fn, "x0")
 
 
-def test_one_compiled_step_follows_a_curriculum_as_its_stages_do():
+@pytest.mark.parametrize("lognormal", [None, (-1.1, 2.0)])
+def test_one_compiled_step_follows_a_curriculum_as_its_stages_do(lognormal):
     """``num_scales`` and ``target_decay`` as curricula of the step: one program trains what a
-    loop over the stages (one loss and one compile each) trains, draw for draw."""
+    loop over the stages (one loss and one compile each) trains, draw for draw (iCT's log-normal
+    intervals too: drawn by the inverse CDF, the same for a padded grid)."""
     import optax
 
     from jaxdiff.train import init_train_state, make_train_chunk, make_train_step, train
@@ -236,13 +238,14 @@ def test_one_compiled_step_follows_a_curriculum_as_its_stages_do():
     stages = jd.curriculum_stages(sched, K)
     assert len(stages) == 10
     for n, end in stages:
-        step = make_train_step(jd.consistency_training_loss(cm, PATH, num_scales=n), opt,
+        step = make_train_step(jd.consistency_training_loss(cm, PATH, num_scales=n,
+                                                            lognormal=lognormal), opt,
                                ema_targets=True, target_decay=jd.ct_target_decay(n))  # fmt: skip
         staged, _ = train(
             staged, lambda c, s=step: make_train_chunk(s, data, c), end, progress=False
         )
     n = jd.curriculum(sched, K)
-    loss = jd.consistency_training_loss(cm, PATH, num_scales=n)
+    loss = jd.consistency_training_loss(cm, PATH, num_scales=n, lognormal=lognormal)
     mu = jd.curriculum(lambda k: jd.ct_target_decay(sched(k)), K)
     step = make_train_step(loss, opt, ema_targets=True, target_decay=mu)
     one = init_train_state(p0, opt, jax.random.key(0), target_ema=True)
@@ -255,11 +258,51 @@ def test_one_compiled_step_follows_a_curriculum_as_its_stages_do():
     # the loss at step k is the fixed grid's of N(k) points, the same key drawing the same pairs
     x0, key = data(jax.random.key(3)), jax.random.key(4)
     for k in (0, 5, 39, 1_000):
-        fixed = jd.consistency_training_loss(cm, PATH, num_scales=sched(min(k, K - 1)))
+        fixed = jd.consistency_training_loss(cm, PATH, num_scales=sched(min(k, K - 1)),
+                                             lognormal=lognormal)  # fmt: skip
         np.testing.assert_allclose(jax.jit(loss)(one.params, key, x0, step=jnp.int32(k)),
                                    fixed(one.params, key, x0), rtol=1e-6)  # fmt: skip
     with pytest.raises(TypeError, match="step"):  # the step is required
         loss(one.params, key, x0)
+
+
+def test_lognormal_intervals_are_ict_s_discretised_log_normal():
+    """iCT (Song & Dhariwal 2024, sec. 3.5): p(n) proportional to erf((log s_{n+1} - P_mean) /
+    (sqrt 2 P_std)) - erf((log s_n - P_mean) / (sqrt 2 P_std)), s = sigma / alpha = t / (1 - t)
+    on the linear path; by hand in float64 against 20,000 draws (uniform would be 0.1 each)."""
+    import math
+
+    from jaxdiff.consistency import _lognormal_intervals
+
+    ts = jd.consistency_grid(11)
+    with np.errstate(divide="ignore"):
+        level = np.log(np.float64(ts) / (1 - np.float64(ts)))
+    cdf = [0.5 * math.erfc(-(v + 1.1) / (2.0 * math.sqrt(2.0))) for v in level]
+    p = np.diff(cdf)  # 0.29 at the first interval, 0.05 at the last
+    n = 20_000
+    idx = np.asarray(_lognormal_intervals(jax.random.key(0), n, PATH, ts, 11, -1.1, 2.0))
+    freq = np.bincount(idx, minlength=10) / n
+    np.testing.assert_allclose(freq, p, atol=5 * np.sqrt(p * (1 - p) / n).max())  # 5 SE: 0.016
+    # a grid padded with repeats of its last time (a curriculum's) draws the same intervals
+    padded = jnp.concatenate([ts, jnp.full(9, ts[-1])])
+    again = _lognormal_intervals(jax.random.key(0), n, PATH, padded, 11, -1.1, 2.0)
+    np.testing.assert_array_equal(again, idx)
+    # all the mass in the interval (0.5, 0.6), log-level 0.2: the loss is that 2-point grid's
+    # (the network's boundary at 0.5, where the 2-point grid's loss checks it)
+    cm, x0 = _linear_cm(0.5), MU + S * jax.random.normal(jax.random.key(1), (64, 2))
+    p0 = {"w": jnp.array(0.5), "b": jnp.array(0.1)}
+    peaked = jd.consistency_training_loss(cm, PATH, num_scales=11, lognormal=(0.2, 1e-3))
+    two = jd.consistency_training_loss(cm, PATH, ts=jnp.array([0.5, 0.6]))
+    np.testing.assert_allclose(peaked(p0, jax.random.key(2), x0), two(p0, jax.random.key(2), x0),
+                               rtol=1e-6)  # fmt: skip
+    for bad in ((0.0, 0.0), (float("nan"), 1.0), (-1.1, -2.0)):
+        with pytest.raises(ValueError, match=r"lognormal must be \(P_mean, P_std\)"):
+            jd.consistency_training_loss(cm, lognormal=bad)
+    for bad in ((1.0,), "iCT"):  # the type checker first, where it runs
+        with pytest.raises((TypeError, ValueError), match="lognormal"):
+            jd.consistency_training_loss(cm, lognormal=bad)
+    with pytest.raises(ValueError, match="grid of known sizes"):
+        jd.consistency_training_loss(cm, num_scales=lambda k: 4, lognormal=(-1.1, 2.0))
 
 
 def test_a_curriculum_is_checked_where_it_is_built_or_where_it_runs():
