@@ -115,7 +115,7 @@ def _parser() -> _Parser:
     )
     train.add_argument(
         "--curriculum",
-        choices=("none", "ct", "ict"),
+        choices=E.CURRICULA,
         help="consistency: grow the grid from 2 (ct, Song et al. 2023) or 3 (ict, Song & "
         "Dhariwal 2024) points to --num-scales over the run, in one compiled step",
     )

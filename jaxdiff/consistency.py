@@ -338,7 +338,7 @@ def _boundary_checked(value: Array, target: Array, x_lo: Array, first: Array) ->
 
 
 def _consistency_loss(
-    net, path, teacher, num_scales, solver, t_min, t_max, ts, huber_c, weighting, lognormal
+    net, path, teacher, solver, *, num_scales, t_min, t_max, rho, ts, huber_c, weighting, lognormal
 ):
     net = as_field(net, "net")
     if net.target != "x0":
@@ -359,12 +359,13 @@ def _consistency_loss(
     if scheduled:
         if ts is not None:
             raise ValueError("give num_scales as a curriculum or a grid ts, not both")
+        consistency_grid(2, t_min, t_max, rho)  # its numbers checked, for any size
         sizes = _curriculum_sizes(num_scales)  # every grid's times, for the teacher's check
-        grids = [np.asarray(consistency_grid(n, t_min, t_max)) for n in sizes or ()]
+        grids = [np.asarray(consistency_grid(n, t_min, t_max, rho)) for n in sizes or ()]
         value = np.concatenate(grids) if grids else None
     else:
         if ts is None:
-            ts = consistency_grid(num_scales, t_min, t_max)
+            ts = consistency_grid(num_scales, t_min, t_max, rho)
         ts = jnp.asarray(ts)
         value = concrete(ts)
         if (
@@ -394,7 +395,7 @@ def _consistency_loss(
             if sizes is None:  # a function of the user's own: its value is checked when it runs
                 size = error_if(size, size < 2, "num_scales(step) must be >= 2 (grid points)")
             slots = None if sizes is None else max(sizes)
-            at = lambda i: _grid_at(i, size, t_min, t_max, 1.0).astype(wide)  # noqa: E731
+            at = lambda i: _grid_at(i, size, t_min, t_max, rho).astype(wide)  # noqa: E731
         if lognormal is None:  # the same draws for a fixed grid and a curriculum's
             idx = jax.random.randint(key, (n,), 0, size - 1)
         else:
@@ -505,6 +506,7 @@ def consistency_training_loss(
     num_scales: int | Callable[[Array], ArrayLike] = 16,
     t_min: float = 0.0,
     t_max: float = 1.0,
+    rho: float = 1.0,
     ts: ArrayLike | None = None,
     huber_c: float | None = None,
     weighting: Literal["inverse_gap", "unit"] = "inverse_gap",
@@ -519,7 +521,8 @@ def consistency_training_loss(
     constant (``jaxdiff.nets.MLP``, whose last layer starts at zero, gave a loss and a gradient of
     exactly 0), so the loss checks it at run time on the pairs of the first interval, where it
     evaluates ``f(x, ts[0])`` anyway. ``ts``: an increasing grid (default :func:`consistency_grid` with
-    ``num_scales`` points on ``[t_min, t_max]``); ``n`` is uniform over its intervals.
+    ``num_scales`` points on ``[t_min, t_max]`` and its ``rho``); ``n`` is uniform over its
+    intervals.
     ``huber_c``: the pseudo-Huber ``c`` (default ``0.00054 sqrt(dim)``). ``lognormal=(P_mean,
     P_std)`` draws the interval ``n`` as iCT does (Song & Dhariwal 2024, sec. 3.5: ``(-1.1,
     2.0)`` on CIFAR-10), with ``p(n)`` proportional to ``erf((log s_{n+1} - P_mean) / (sqrt 2
@@ -531,16 +534,17 @@ def consistency_training_loss(
     (:func:`curriculum` of :func:`ct_num_scales` or :func:`ict_num_scales`; its sizes checked
     here) or any function ``step -> int`` that traces (checked >= 2 when it runs). The loss is
     then ``(params, key, batch, target_params=None, *, step)``, ``make_train_step`` passes it
-    ``state.step``, and one compiled step trains the whole curriculum (the grid of ``N(step)``
-    points uniform on ``[t_min, t_max]``; ``ts`` cannot be given with it).
+    ``state.step``, and one compiled step trains the whole curriculum (the grid
+    ``consistency_grid(N(step), t_min, t_max, rho)``; ``ts`` cannot be given with it).
 
     Few scales train fastest on a short budget: on the checkerboard after 3,000 steps the one-step
     energy distance was 0.0012 with 16 scales, 0.0017 with 32 and 0.66 (no convergence) with 64;
     iCT's curriculum (:func:`ict_num_scales`) grows ``N`` with the training.
     """
     return _consistency_loss(
-        net, path, None, num_scales, "euler", t_min, t_max, ts, huber_c, weighting, lognormal
-    )
+        net, path, None, "euler", num_scales=num_scales, t_min=t_min, t_max=t_max, rho=rho, ts=ts,
+        huber_c=huber_c, weighting=weighting, lognormal=lognormal,
+    )  # fmt: skip
 
 
 def consistency_distillation_loss(
@@ -552,6 +556,7 @@ def consistency_distillation_loss(
     solver: Literal["euler", "heun"] = "heun",
     t_min: float = 0.0,
     t_max: float = 1.0,
+    rho: float = 1.0,
     ts: ArrayLike | None = None,
     huber_c: float | None = None,
     weighting: Literal["inverse_gap", "unit"] = "inverse_gap",
@@ -565,5 +570,6 @@ def consistency_distillation_loss(
     if teacher is None:
         raise ValueError("consistency distillation needs a teacher field")
     return _consistency_loss(
-        net, path, teacher, num_scales, solver, t_min, t_max, ts, huber_c, weighting, lognormal
-    )
+        net, path, teacher, solver, num_scales=num_scales, t_min=t_min, t_max=t_max, rho=rho,
+        ts=ts, huber_c=huber_c, weighting=weighting, lognormal=lognormal,
+    )  # fmt: skip

@@ -264,6 +264,16 @@ def test_one_compiled_step_follows_a_curriculum_as_its_stages_do(lognormal):
                                    fixed(one.params, key, x0), rtol=1e-6)  # fmt: skip
     with pytest.raises(TypeError, match="step"):  # the step is required
         loss(one.params, key, x0)
+    # a curriculum on a grid denser near the data (rho = 3 from t_min = 0.002): the same
+    cm3 = _linear_cm(0.002)
+    grid = dict(t_min=0.002, rho=3.0, lognormal=lognormal)
+    loss3 = jd.consistency_training_loss(cm3, PATH, num_scales=n, **grid)
+    for k in (7, 39):
+        fixed = jd.consistency_training_loss(cm3, PATH, num_scales=sched(k), **grid)
+        np.testing.assert_allclose(jax.jit(loss3)(one.params, key, x0, step=jnp.int32(k)),
+                                   fixed(one.params, key, x0), rtol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="rho must be finite and > 0"):
+        jd.consistency_training_loss(cm3, PATH, num_scales=lambda k: 3, rho=-1.0)
 
 
 def test_lognormal_intervals_are_ict_s_discretised_log_normal():
