@@ -199,8 +199,9 @@ def make_train_step(
     step (``jd.curriculum`` of ``jd.ct_target_decay``, the original paper's ``mu(N(k))``; its
     values checked here, another function's when it runs).
 
-    A loss that takes a keyword ``step`` (the consistency losses built on a curriculum of
-    ``num_scales``) is called with ``step=state.step``, the number of updates before this one.
+    A loss that requires a keyword-only ``step`` (``def loss(params, key, batch, *, step)``: the
+    consistency losses built on a curriculum of ``num_scales``) is called with
+    ``step=state.step``, the number of updates before this one.
     """
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}")
@@ -213,7 +214,7 @@ def make_train_step(
             )
     if ema_targets:
         _check_takes_target_params(loss_fn)
-    takes_step = _takes_keyword(loss_fn, "step")
+    takes_step = _needs_step(loss_fn)
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, Array]:
         _check_target_state(state, target_decay)
@@ -275,14 +276,14 @@ def _check_target_state(state: TrainState, target_decay: float | None) -> None:
         )
 
 
-def _takes_keyword(fn: Callable, name: str) -> bool:
-    """Whether ``fn`` declares a parameter ``name`` (not merely ``**kwargs``)."""
+def _needs_step(fn: Callable) -> bool:
+    """Whether ``fn`` requires a keyword-only ``step`` (a ``step=0.1`` with a default, a
+    positional ``step`` or ``**kwargs`` may mean something else: they get nothing)."""
     try:
-        params = inspect.signature(fn).parameters
+        p = inspect.signature(fn).parameters.get("step")
     except (TypeError, ValueError):
         return False
-    p = params.get(name)
-    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    return p is not None and p.kind is p.KEYWORD_ONLY and p.default is p.empty
 
 
 def _check_takes_target_params(loss_fn: Callable) -> None:

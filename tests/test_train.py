@@ -295,3 +295,29 @@ def test_data_parallel_on_four_devices_matches_one_device():
     np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-5)
     for a, b in zip(four["params"] + four["ema"], one["params"] + one["ema"], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_loss_that_requires_a_keyword_step_gets_the_state_s_step():
+    """``make_train_step`` passes ``step=state.step`` (updates before this one) to a loss whose
+    ``step`` is keyword-only without a default, and nothing to one whose ``step`` means
+    something else (a default, or positional)."""
+    from jaxdiff.train import init_train_state, make_train_step
+
+    opt = optax.sgd(1.0)
+    seen = []
+
+    def needs(params, key, batch, *, step):  # d/dw = step: the update shows what it was
+        return params["w"] * step.astype(jnp.float32)
+
+    def other(params, key, batch, step=0.5):  # a step size of its own
+        seen.append(step)
+        return params["w"] * step
+
+    state = init_train_state({"w": jnp.array(0.0)}, opt, jax.random.key(0))
+    step = jax.jit(make_train_step(needs, opt))
+    for _ in range(3):
+        state, _ = step(state, jnp.zeros((2, 1)))
+    assert float(state.params["w"]) == -(0 + 1 + 2)  # sgd(1): w -= step at steps 0, 1, 2
+    state = init_train_state({"w": jnp.array(0.0)}, opt, jax.random.key(0))
+    state, _ = make_train_step(other, opt)(state, jnp.zeros((2, 1)))
+    assert seen == [0.5] and float(state.params["w"]) == -0.5
