@@ -209,7 +209,7 @@ def ct_num_scales(step: int, total_steps: int, s0: int = 2, s1: int = 150) -> in
     ceil(sqrt(k / K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1`` grid points at step ``k`` of ``K``
     (at least 2), growing from ``max(s0, 2)`` to ``s1 + 1``; CIFAR-10: ``s0 = 2``, ``s1 = 150``.
     The ceiling holds ``N = s0`` for step 0 alone (a stage of one step). Pair it with
-    :func:`ct_target_decay`, trained in stages (:func:`curriculum_stages`)."""
+    :func:`ct_target_decay`; :func:`curriculum` makes both functions of a traced step."""
     step = check_count(step, "step", minimum=0)
     total_steps = check_count(total_steps, "total_steps")
     s0, s1 = check_count(s0, "s0"), check_count(s1, "s1")
@@ -247,14 +247,41 @@ class Curriculum:
     values: tuple
     ends: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        values, ends = tuple(self.values), tuple(self.ends)
+        numbers = []
+        for v in values:
+            known = concrete(v)
+            if isinstance(v, bool) or known is None or known.ndim or known.dtype.kind not in "iuf":
+                raise TypeError(f"a curriculum's values must be real numbers; got {v!r}")
+            numbers.append(int(known) if known.dtype.kind in "iu" else float(known))
+        ok = len(values) == len(ends) >= 1
+        try:
+            ok = ok and all(int(e) == e for e in ends) and 0 < ends[0]
+            ok = ok and all(a < b for a, b in zip(ends, ends[1:], strict=False))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(
+                "a curriculum needs one value per stage and increasing positive integer end "
+                f"steps; got {len(values)} values and ends {ends[:8]}"
+            )
+        object.__setattr__(self, "values", tuple(numbers))  # frozen: hashable, Python numbers
+        object.__setattr__(self, "ends", tuple(int(e) for e in ends))
+
+    def __repr__(self) -> str:
+        lo, hi = min(self.values), max(self.values)
+        return f"Curriculum({len(self.ends)} stages to step {self.ends[-1]}, values {lo}..{hi})"
+
     def __call__(self, step: ArrayLike) -> Array:
         step = jnp.asarray(step)
-        if not jnp.issubdtype(step.dtype, jnp.integer):
+        if not jnp.issubdtype(step.dtype, jnp.integer) or step.dtype == jnp.bool_:
             raise TypeError(f"a curriculum takes an integer step; got dtype {step.dtype}")
         dtype = jnp.int32 if all(isinstance(v, int) for v in self.values) else jnp.float32
         # the stages that ended at or before step (a sum of compares: a binary search's loop
-        # cost more inside a scanned training step on CPU)
-        stage = jnp.sum(step[..., None] >= jnp.asarray(self.ends, step.dtype), axis=-1)
+        # cost more inside a scanned training step on CPU), in int32 or wider
+        ends = jnp.asarray(self.ends, jnp.promote_types(step.dtype, jnp.int32))
+        stage = jnp.sum(step[..., None] >= ends, axis=-1)
         return jnp.asarray(self.values, dtype)[jnp.minimum(stage, len(self.ends) - 1)]
 
     @property
@@ -266,7 +293,9 @@ def curriculum(schedule: Callable[[int], Any], total_steps: int) -> Curriculum:
     """``schedule(k)`` for every step ``k < total_steps`` (Python numbers), tabulated in its
     stages (:func:`curriculum_stages`) as a :class:`Curriculum` that takes a traced step: the
     consistency losses' ``num_scales`` and ``make_train_step``'s ``target_decay`` accept one, and
-    a single compiled step then follows the whole curriculum, as training it in stages does::
+    a single compiled step then follows the whole curriculum, drawing what training it in stages
+    draws (the grids are :func:`consistency_grid`'s own; the parameters equal the staged run's
+    to rounding: two programs that XLA fuses differently, bit for bit in the runs measured)::
 
         K = 800_000
         n = jd.curriculum(lambda k: jd.ct_num_scales(k, K), K)
@@ -277,13 +306,7 @@ def curriculum(schedule: Callable[[int], Any], total_steps: int) -> Curriculum:
     Integer values run as ``int32``, others as ``float32``: the table holds the schedule's own
     values (no re-evaluation of its ``sqrt`` or ``exp`` in float32)."""
     stages = curriculum_stages(schedule, total_steps)
-    values = []
-    for v, _ in stages:
-        known = concrete(v)
-        if isinstance(v, bool) or known is None or known.ndim or known.dtype.kind not in "iuf":
-            raise TypeError(f"a curriculum's values must be real numbers; got {v!r}")
-        values.append(int(known) if known.dtype.kind in "iu" else float(known))
-    return Curriculum(tuple(values), tuple(end for _, end in stages))
+    return Curriculum(tuple(v for v, _ in stages), tuple(end for _, end in stages))
 
 
 def curriculum_stages(schedule: Callable[[int], Any], total_steps: int) -> list[tuple[Any, int]]:
@@ -359,28 +382,39 @@ def _consistency_loss(
     if scheduled:
         if ts is not None:
             raise ValueError("give num_scales as a curriculum or a grid ts, not both")
-        consistency_grid(2, t_min, t_max, rho)  # its numbers checked, for any size
-        sizes = _curriculum_sizes(num_scales)  # every grid's times, for the teacher's check
-        grids = [np.asarray(consistency_grid(n, t_min, t_max, rho)) for n in sizes or ()]
-        value = np.concatenate(grids) if grids else None
+        ends = np.asarray(consistency_grid(2, t_min, t_max, rho))  # its numbers checked
+        sizes = _curriculum_sizes(num_scales)
+        if sizes is None:  # every grid holds t_min and t_max, where teachers fail
+            known = ends
+        else:  # every grid, padded with t_max: gathered, so each is consistency_grid's own
+            table = np.full((len(sizes), max(sizes)), np.asarray(ends)[-1])
+            for row, n in enumerate(sizes):
+                table[row, :n] = np.asarray(consistency_grid(n, t_min, t_max, rho))
+            known = np.concatenate([table[row, :n] for row, n in enumerate(sizes)])
+            table = jnp.asarray(table)
     else:
         if ts is None:
             ts = consistency_grid(num_scales, t_min, t_max, rho)
         ts = jnp.asarray(ts)
-        value = concrete(ts)
+        known = concrete(ts)
         if (
             ts.ndim != 1
             or ts.shape[0] < 2
-            or (value is not None and not np.all(np.diff(value) > 0))
+            or (known is not None and not np.all(np.diff(known) > 0))
         ):
             raise ValueError(
                 f"ts must be a 1-D strictly increasing grid of at least 2 times; got {np.asarray(ts)}"
             )
     if lognormal is not None:
         lognormal = _check_lognormal(lognormal, scheduled and sizes is None)
-    if teacher is not None and value is not None:  # Euler meets no grid's first time
-        times = value if solver == "heun" else value[value > t_min] if scheduled else value[1:]
-        _check_teacher_times(path, teacher, times, solver)
+    if teacher is not None and known is not None:
+        if solver == "heun":  # its second stage evaluates the grid's first time too
+            times = known
+        elif scheduled:  # Euler: no grid's first time
+            times = known[known > t_min]
+        else:
+            times = known[1:]
+        _check_teacher_times(path, teacher, times, solver, scheduled)
 
     def velocity(x, t, *extra):  # a conditional teacher sees the batch's labels
         return convert(path, x, t, teacher(x, t, *extra), src=teacher.target, dst="velocity")
@@ -390,11 +424,20 @@ def _consistency_loss(
         if not scheduled:
             size, slots = ts.shape[0], ts.shape[0]
             at = lambda i: ts.astype(wide)[i]  # noqa: E731 - float32 or wider: bfloat16 merged them
-        else:
+        elif sizes is not None:  # a Curriculum: its row of the table
             size = jnp.asarray(num_scales(step))
-            if sizes is None:  # a function of the user's own: its value is checked when it runs
-                size = error_if(size, size < 2, "num_scales(step) must be >= 2 (grid points)")
-            slots = None if sizes is None else max(sizes)
+            row = jnp.sum(size >= jnp.asarray(sizes[1:]))  # sizes is sorted
+            slots = max(sizes)
+            at = lambda i: table[row, i].astype(wide)  # noqa: E731
+        else:  # a function of the user's own: its value is checked when it runs
+            size = jnp.asarray(num_scales(step))
+            if size.ndim or not jnp.issubdtype(size.dtype, jnp.integer):
+                raise TypeError(
+                    f"num_scales(step) must be an integer scalar (grid points); got dtype "
+                    f"{size.dtype} and shape {size.shape}"
+                )
+            size = error_if(size, size < 2, "num_scales(step) must be >= 2 (grid points)")
+            slots = None
             at = lambda i: _grid_at(i, size, t_min, t_max, rho).astype(wide)  # noqa: E731
         if lognormal is None:  # the same draws for a fixed grid and a curriculum's
             idx = jax.random.randint(key, (n,), 0, size - 1)
@@ -481,7 +524,7 @@ def _curriculum_sizes(num_scales: Callable) -> list[int] | None:
     return sorted({check_count(n, "num_scales", minimum=2) for n in num_scales.values})
 
 
-def _check_teacher_times(path, teacher, times, solver) -> None:
+def _check_teacher_times(path, teacher, times, solver, scheduled=False) -> None:
     """Refuse a grid on which the teacher's ODE step divides by zero (an ``eps`` or ``score``
     teacher where ``alpha_t = 0``, an ``x0`` one where ``sigma_t = 0``): found at construction,
     not when a batch first draws such a time (1 in 15 examples on the defaults)."""
@@ -491,11 +534,15 @@ def _check_teacher_times(path, teacher, times, solver) -> None:
             probe = jnp.zeros((t.shape[0], 1), jnp.float32)
             convert(path, probe, t, probe, src=teacher.target, dst="velocity")
     except ValueError as err:
-        where = "every time of ts (Heun's second stage)" if solver == "heun" else "ts[1:]"
+        grid = "every grid of the curriculum" if scheduled else "ts"
+        where = f"every time of {grid} (Heun's second stage)" if solver == "heun" else (
+            f"all but the first time of {grid}"
+        )  # fmt: skip
         raise ValueError(
             f"consistency distillation evaluates the teacher at {where}, and its "
             f"{teacher.target!r} prediction gives no velocity there: {err}. Narrow the grid, "
-            "e.g. t_max=1 - 1e-3 where alpha_1 = 0, t_min=1e-3 where sigma_0 = 0 (or ts=)"
+            "e.g. t_max=1 - 1e-3 where alpha_1 = 0, t_min=1e-3 where sigma_0 = 0"
+            + ("" if scheduled else " (or ts=)")
         ) from None
 
 

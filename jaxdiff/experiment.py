@@ -141,7 +141,8 @@ def resolve(config: dict) -> dict:
     _choice(c, "weighting", tuple(WEIGHTINGS))
     _choice(c, "time", TIMES)
     _choice(c, "curriculum", CURRICULA)
-    check_count(c["num_scales"], "num_scales", minimum=2 if c["curriculum"] == "none" else 3)
+    if c["loss"] == "consistency":  # else refused below as unused
+        check_count(c["num_scales"], "num_scales", minimum=2 if c["curriculum"] == "none" else 3)
     if c["lognormal"] is not None:
         from jaxdiff.consistency import _check_lognormal
 

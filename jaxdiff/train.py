@@ -46,7 +46,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_count, check_finite, error_if, wide_dtype
+from jaxdiff._checks import check_count, check_finite, concrete, error_if, wide_dtype
 
 Array = jax.Array
 
@@ -243,21 +243,33 @@ def make_train_step(
 
 def _check_target_decay(target_decay: Any) -> None:
     """A number in ``[0, 1)``, or a function of the step (a ``Curriculum``'s values checked)."""
-    values = getattr(target_decay, "values", None) if callable(target_decay) else [target_decay]
-    for mu in values or ():
+    from jaxdiff.consistency import Curriculum
+
+    if isinstance(target_decay, Curriculum):
+        values = target_decay.values
+    else:
+        values = [] if callable(target_decay) else [target_decay]
+    for mu in values:
         if isinstance(mu, bool) or not 0.0 <= mu < 1.0:
             raise ValueError(f"target_decay must lie in [0, 1) (or None); got {mu!r}")
 
 
 def _decay_at(target_decay: Any, step: Array) -> Array:
+    from jaxdiff.consistency import Curriculum
+
     if not callable(target_decay):
         return jnp.asarray(target_decay, jnp.float32)
     mu = jnp.asarray(target_decay(step), jnp.float32)
-    if getattr(target_decay, "values", None) is None:  # a function of the user's own
-        mu = error_if(
-            mu, (mu < 0) | (mu >= 1) | jnp.isnan(mu), "target_decay(step) must lie in [0, 1)"
-        )
-    return mu
+    if isinstance(target_decay, Curriculum):
+        return mu
+    # a function of the user's own: a scalar, checked now if known, else when it runs
+    if mu.ndim:
+        raise ValueError(f"target_decay(step) must be a scalar; got shape {mu.shape}")
+    known = concrete(mu)
+    if known is not None and not 0.0 <= known < 1.0:
+        raise ValueError(f"target_decay(step) must lie in [0, 1); got {known}")
+    bad = (mu < 0) | (mu >= 1) | jnp.isnan(mu)
+    return error_if(mu, bad, "target_decay(step) must lie in [0, 1)")
 
 
 def _check_target_state(state: TrainState, target_decay: float | None) -> None:

@@ -50,6 +50,7 @@ from tests.net_helpers import perturb
         ),
         (["--curriculum", "ct"], "curriculum ct is the grid's growth in --loss consistency"),
         (["--loss", "meanflow", "--num-scales", "8"], "num_scales 8 is the grid of --loss"),
+        (["--loss", "meanflow", "--num-scales", "1"], "num_scales 1 is the grid of --loss"),
         (["--lognormal", "-1.1", "2"], "lognormal [-1.1, 2.0] is the intervals' law in --loss"),
         (["--loss", "consistency", "--lognormal", "0", "-1"], "finite with P_std > 0"),
         (

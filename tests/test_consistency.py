@@ -209,6 +209,13 @@ def test_a_curriculum_takes_a_traced_step_and_equals_its_schedule_at_every_step(
         jd.curriculum(lambda k: "a", 5)
     with pytest.raises(TypeError, match="integer step; got dtype float32"):
         mu(1.0)
+    # short, for the messages that name it (the values' repr ran to 3,700 characters)
+    assert repr(mu).startswith("Curriculum(146 stages to step 1000, values 0.81..0.99")
+    direct = jd.Curriculum((np.int64(2), 3), (5, 9))  # NumPy numbers become Python ones
+    assert direct.values == (2, 3) and direct(jnp.int32(9)).dtype == jnp.int32
+    for values, ends in (((2, 3), (5,)), ((2,), (0,)), ((2, 3), (5, 5)), ((), ())):
+        with pytest.raises(ValueError, match="one value per stage and increasing positive"):
+            jd.Curriculum(values, ends)
 
 
 def _linear_cm(t_min=0.0):
@@ -340,8 +347,17 @@ def test_a_curriculum_is_checked_where_it_is_built_or_where_it_runs():
     assert np.isfinite(float(jax.jit(own)(p, key, x0, step=jnp.int32(2))))  # 2 points: one gap
     with pytest.raises(Exception, match=r"num_scales\(step\) must be >= 2"):
         jax.jit(own)(p, key, x0, step=jnp.int32(3)).block_until_ready()
+    for bad in (lambda k: 3.5, lambda k: jnp.array([3, 4])):  # a float N made a wrong grid
+        with pytest.raises(TypeError, match="num_scales\\(step\\) must be an integer scalar"):
+            jd.consistency_training_loss(cm, num_scales=bad)(p, key, x0, step=jnp.int32(0))
+    with pytest.raises(ValueError, match="every time of every grid of the curriculum"):
+        jd.consistency_distillation_loss(cm, eps_teacher, PATH, num_scales=lambda k: 4 + k)
     opt = optax.sgd(0.1)
     loss = jd.consistency_training_loss(cm)
+    state = init_train_state(p, opt, key, target_ema=True)
+    for bad, what in ((lambda k: jnp.full(2, 0.5), "be a scalar"), (lambda k: jnp.nan, "lie in")):
+        with pytest.raises(ValueError, match=f"target_decay\\(step\\) must {what}"):
+            make_train_step(loss, opt, ema_targets=True, target_decay=bad)(state, x0)
     step = jax.jit(make_train_step(loss, opt, ema_targets=True, target_decay=lambda k: 0.5 + k))
     state = init_train_state(p, opt, key, target_ema=True)
     state, _ = step(state, x0)  # 0.5 at step 0
