@@ -27,7 +27,8 @@ paper's ``theta^- <- mu theta^- + (1 - mu) theta``), ``d`` is
 the pseudo-Huber metric ``sqrt(|a - b|^2 + c^2) - c`` with ``c = 0.00054 sqrt(dim)`` and
 ``lambda_n = 1 / (t_{n+1} - t_n)``; the grid is uniform in ``t`` by default
 (:func:`consistency_grid`, where EDM's grid in ``sigma`` measured worse), and ``n`` uniform over
-its intervals, or with ``lognormal=(P_mean, P_std)`` drawn from iCT's discretised log-normal. iCT doubles ``num_scales`` during training
+its intervals, or with ``lognormal=(P_mean, P_std)`` drawn from iCT's discretised log-normal.
+iCT doubles ``num_scales`` during training
 (:func:`ict_num_scales`), the original consistency training grows it more gently and raises the
 target network's decay with it (:func:`ct_num_scales`, :func:`ct_target_decay`); tabulated by
 :func:`curriculum`, both run inside one compiled training step (the loss's ``num_scales`` and
@@ -185,7 +186,7 @@ def _grid_at(i: Array, num_scales: ArrayLike, t_min: float, t_max: float, rho: f
 def _static(value: Any, name: str) -> float:
     """A grid's number, known when the grid is built (the grid is a constant of the loss)."""
     known = concrete(value)
-    if known is None or np.ndim(known) != 0:
+    if known is None or np.ndim(known) != 0 or known.dtype.kind not in "iuf":
         raise ValueError(
             f"{name} must be a Python or NumPy number (the grid is built once); got {value!r}"
         )
@@ -248,7 +249,10 @@ class Curriculum:
     ends: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        values, ends = tuple(self.values), tuple(self.ends)
+        try:
+            values, ends = tuple(self.values), tuple(self.ends)
+        except TypeError:  # not sequences
+            values, ends = (), ()
         numbers = []
         for v in values:
             known = concrete(v)
@@ -257,14 +261,15 @@ class Curriculum:
             numbers.append(int(known) if known.dtype.kind in "iu" else float(known))
         ok = len(values) == len(ends) >= 1
         try:
-            ok = ok and all(int(e) == e for e in ends) and 0 < ends[0]
+            ok = ok and not any(isinstance(e, bool | np.bool_) for e in ends)
+            ok = ok and all(int(e) == e for e in ends) and 0 < ends[0] and ends[-1] < 2**31
             ok = ok and all(a < b for a, b in zip(ends, ends[1:], strict=False))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # a string, None, an infinite end
             ok = False
         if not ok:
             raise ValueError(
                 "a curriculum needs one value per stage and increasing positive integer end "
-                f"steps; got {len(values)} values and ends {ends[:8]}"
+                f"steps below 2^31; got {len(values)} values and ends {ends[:8]}"
             )
         object.__setattr__(self, "values", tuple(numbers))  # frozen: hashable, Python numbers
         object.__setattr__(self, "ends", tuple(int(e) for e in ends))
@@ -379,34 +384,44 @@ def _consistency_loss(
         huber_c = check_positive(huber_c, "huber_c", strict=False)
     path = linear_path() if path is None else path
     scheduled = callable(num_scales)  # a function of the training step: the loss takes step=
-    if scheduled:
-        if ts is not None:
-            raise ValueError("give num_scales as a curriculum or a grid ts, not both")
-        ends = np.asarray(consistency_grid(2, t_min, t_max, rho))  # its numbers checked
-        sizes = _curriculum_sizes(num_scales)
-        if sizes is None:  # every grid holds t_min and t_max, where teachers fail
-            known = ends
-        else:  # every grid, padded with t_max: gathered, so each is consistency_grid's own
-            table = np.full((len(sizes), max(sizes)), np.asarray(ends)[-1])
-            for row, n in enumerate(sizes):
-                table[row, :n] = np.asarray(consistency_grid(n, t_min, t_max, rho))
-            known = np.concatenate([table[row, :n] for row, n in enumerate(sizes)])
-            table = jnp.asarray(table)
-    else:
-        if ts is None:
-            ts = consistency_grid(num_scales, t_min, t_max, rho)
-        ts = jnp.asarray(ts)
-        known = concrete(ts)
-        if (
-            ts.ndim != 1
-            or ts.shape[0] < 2
-            or (known is not None and not np.all(np.diff(known) > 0))
-        ):
-            raise ValueError(
-                f"ts must be a 1-D strictly increasing grid of at least 2 times; got {np.asarray(ts)}"
-            )
+    sizes = table = cum = None
+    if rho != 1.0 and ts is not None:
+        raise ValueError(f"rho {rho} spaces the default grid; ts= gives the grid itself")
+    with jax.ensure_compile_time_eval():  # the grids are constants, even for a loss built in jit
+        if scheduled:
+            if ts is not None:
+                raise ValueError("give num_scales as a curriculum or a grid ts, not both")
+            ends = np.asarray(consistency_grid(2, t_min, t_max, rho))  # its numbers checked
+            sizes = _curriculum_sizes(num_scales)
+            # every grid, padded with t_max and gathered, so each is consistency_grid's own; a
+            # function of the user's own: every grid holds t_min and t_max, where teachers fail
+            grids = [np.asarray(consistency_grid(n, t_min, t_max, rho)) for n in sizes or ()]
+            if sizes is not None:
+                table = np.full((len(sizes), max(sizes)), ends[-1])
+                for row, grid in enumerate(grids):
+                    table[row, : len(grid)] = grid
+                table = jnp.asarray(table)
+            known = np.concatenate(grids) if grids else ends
+        else:
+            if ts is None:
+                ts = consistency_grid(num_scales, t_min, t_max, rho)
+            ts = jnp.asarray(ts)
+            known = concrete(ts)
+            if (
+                ts.ndim != 1
+                or ts.shape[0] < 2
+                or (known is not None and not np.all(np.diff(known) > 0))
+            ):
+                raise ValueError(
+                    "ts must be a 1-D strictly increasing grid of at least 2 times; got "
+                    f"{np.asarray(ts)}"
+                )
+            grids = [] if known is None else [known]
     if lognormal is not None:
         lognormal = _check_lognormal(lognormal, scheduled and sizes is None)
+        if not grids:
+            raise ValueError("lognormal needs a grid known when the loss is built; got a traced ts")
+        cum = _lognormal_table(path, grids, max(len(g) for g in grids), lognormal)
     if teacher is not None and known is not None:
         if solver == "heun":  # its second stage evaluates the grid's first time too
             times = known
@@ -421,13 +436,13 @@ def _consistency_loss(
 
     def pairs(key: Array, n: int, wide: Any, step: Any) -> tuple[Array, Array, Array]:
         """``n`` adjacent times ``t_lo < t_hi`` of the grid and their intervals ``idx``."""
+        row = 0
         if not scheduled:
-            size, slots = ts.shape[0], ts.shape[0]
+            size = ts.shape[0]
             at = lambda i: ts.astype(wide)[i]  # noqa: E731 - float32 or wider: bfloat16 merged them
-        elif sizes is not None:  # a Curriculum: its row of the table
+        elif sizes is not None:  # a Curriculum: its row of the tables
             size = jnp.asarray(num_scales(step))
             row = jnp.sum(size >= jnp.asarray(sizes[1:]))  # sizes is sorted
-            slots = max(sizes)
             at = lambda i: table[row, i].astype(wide)  # noqa: E731
         else:  # a function of the user's own: its value is checked when it runs
             size = jnp.asarray(num_scales(step))
@@ -437,13 +452,11 @@ def _consistency_loss(
                     f"{size.dtype} and shape {size.shape}"
                 )
             size = error_if(size, size < 2, "num_scales(step) must be >= 2 (grid points)")
-            slots = None
             at = lambda i: _grid_at(i, size, t_min, t_max, rho).astype(wide)  # noqa: E731
         if lognormal is None:  # the same draws for a fixed grid and a curriculum's
             idx = jax.random.randint(key, (n,), 0, size - 1)
-        else:
-            edges = at(jnp.minimum(jnp.arange(slots), size - 1))  # a curriculum's padded
-            idx = _lognormal_intervals(key, n, path, edges, size, *lognormal)
+        else:  # the same draws for a grid and its padded row
+            idx = _draw_intervals(key, n, cum[row])
         return idx, at(idx), at(idx + 1)
 
     def one(params: Any, key: Array, batch: Any, target_params: Any, step: Any) -> Array:
@@ -486,8 +499,10 @@ def _consistency_loss(
 
 def _check_lognormal(lognormal: Any, unknown_sizes: bool) -> tuple[float, float]:
     try:
+        ok = not isinstance(lognormal, str | bytes) and len(lognormal) == 2
+        ok = ok and not any(isinstance(v, bool | np.bool_) for v in lognormal)
         p_mean, p_std = (float(v) for v in lognormal)
-        ok = math.isfinite(p_mean) and math.isfinite(p_std) and p_std > 0
+        ok = ok and math.isfinite(p_mean) and math.isfinite(p_std) and p_std > 0
     except (TypeError, ValueError):
         ok = False
     if not ok:
@@ -503,17 +518,44 @@ def _check_lognormal(lognormal: Any, unknown_sizes: bool) -> tuple[float, float]
     return p_mean, p_std
 
 
-def _lognormal_intervals(key, n, path, edges, size, p_mean, p_std) -> Array:
-    """``n`` intervals ``i`` of the grid ``edges`` (the first ``size`` of them live, the rest
-    repeats of the last) with ``p(i)`` proportional to ``Phi(z_{i+1}) - Phi(z_i)``, ``z = (log
-    (sigma_t / alpha_t) - P_mean) / P_std``: iCT's discretised log-normal over the noise levels
-    (Song & Dhariwal 2024, sec. 3.5), drawn by the inverse CDF (the same draws whatever padding)."""
-    level = -0.5 * path.log_snr(edges.astype(jnp.float32))  # log(sigma/alpha): -inf .. inf
-    cdf = 0.5 * jax.scipy.special.erfc(-(level - p_mean) / (p_std * math.sqrt(2.0)))
-    cum = jnp.cumsum(cdf[1:] - cdf[:-1])  # padded intervals have probability 0
-    u = jax.random.uniform(key, (n,), jnp.float32) * cum[-1]
-    idx = jnp.searchsorted(cum, u, side="right", method="compare_all")
-    return jnp.minimum(idx, jnp.asarray(size) - 2)  # u rounded up to the total
+def _lognormal_cdf(path, grid: np.ndarray, p_mean: float, p_std: float) -> np.ndarray:
+    """The cumulative probabilities of ``grid``'s intervals under iCT's discretised log-normal
+    (Song & Dhariwal 2024, sec. 3.5): ``p(i)`` proportional to ``Phi(z_{i+1}) - Phi(z_i)``, ``z =
+    (log(sigma_t / alpha_t) - P_mean) / P_std``. In float64 once, when the loss is built, each
+    difference in the tail where it keeps its digits (``Phi`` below the mean, ``1 - Phi`` above:
+    a float32 ``Phi`` rounded to 1 above ~5 P_std). All the mass beyond one end of the grid (its
+    probabilities underflow) goes to the interval at that end."""
+    with jax.ensure_compile_time_eval():
+        level = np.asarray(-0.5 * path.log_snr(jnp.asarray(grid, jnp.float32)), np.float64)
+    with np.errstate(invalid="ignore"):  # inf - inf cannot occur: levels increase
+        z = (level - p_mean) / p_std
+    lower = np.array([0.5 * math.erfc(-v / math.sqrt(2.0)) for v in z])  # Phi(z)
+    upper = np.array([0.5 * math.erfc(v / math.sqrt(2.0)) for v in z])  # 1 - Phi(z)
+    a, b = z[:-1], z[1:]
+    p = np.where(b <= 0, lower[1:] - lower[:-1], np.where(a >= 0, upper[:-1] - upper[1:],
+                                                          1.0 - lower[:-1] - upper[1:]))  # fmt: skip
+    p = np.maximum(p, 0.0)
+    if not p.sum() > 0:  # every level more than ~38 P_std from P_mean
+        p = np.zeros_like(p)
+        p[0 if a[0] >= 0 else -1] = 1.0
+    cum = np.cumsum(p / p.sum())
+    cum[np.flatnonzero(p)[-1] :] = 1.0  # u < 1 never draws past the last interval with mass
+    return cum
+
+
+def _lognormal_table(path, grids: list[np.ndarray], slots: int, lognormal) -> Array:
+    """:func:`_lognormal_cdf` of each grid, a row each, padded with 1 (no mass) to ``slots - 1``
+    intervals: one row's draws equal its own grid's whatever the padding."""
+    table = np.ones((len(grids), slots - 1))
+    for row, grid in enumerate(grids):
+        table[row, : len(grid) - 1] = _lognormal_cdf(path, grid, *lognormal)
+    return jnp.asarray(table, jnp.float32)
+
+
+def _draw_intervals(key: Array, n: int, cum: Array) -> Array:
+    """``n`` intervals by the inverse CDF ``cum`` (non-decreasing, 1 from the last with mass)."""
+    u = jax.random.uniform(key, (n,), jnp.float32)
+    return jnp.sum(u[:, None] >= cum[None, :-1], axis=-1)  # searchsorted, side right, all compares
 
 
 def _curriculum_sizes(num_scales: Callable) -> list[int] | None:
@@ -521,6 +563,8 @@ def _curriculum_sizes(num_scales: Callable) -> list[int] | None:
     function of the step, checked at run time)."""
     if not isinstance(num_scales, Curriculum):
         return None
+    if not all(isinstance(n, int) for n in num_scales.values):
+        raise ValueError(f"a curriculum of num_scales needs integer values; got {num_scales}")
     return sorted({check_count(n, "num_scales", minimum=2) for n in num_scales.values})
 
 
@@ -575,7 +619,9 @@ def consistency_training_loss(
     2.0)`` on CIFAR-10), with ``p(n)`` proportional to ``erf((log s_{n+1} - P_mean) / (sqrt 2
     P_std)) - erf((log s_n - P_mean) / (sqrt 2 P_std))``, ``s_n = sigma / alpha`` at ``t_n``
     (the VE noise level of EDM's conventions, data scaled to std 0.5); the weighting stays
-    ``weighting``'s, in ``t``.
+    ``weighting``'s, in ``t``. Its probabilities are tabulated when the loss is built (float64),
+    so it needs a grid known then: a number, ``ts``, or a :class:`Curriculum` (not another
+    function of the step).
 
     ``num_scales`` may follow a curriculum of the training step: a :class:`Curriculum`
     (:func:`curriculum` of :func:`ct_num_scales` or :func:`ict_num_scales`; its sizes checked

@@ -179,6 +179,13 @@ def _log_resume(c, changes, step, ckpt_dir, log) -> None:
             f"  the learning-rate schedule (warmup + cosine) now ends at step {c['steps']}, as in "
             f"a run started with --steps {c['steps']}; from step {step} the rate follows it"
         )
+        if c["loss"] == "consistency" and c["curriculum"] != "none":
+            now = E.consistency_scales(c)(step).item()
+            was = E.consistency_scales({**c, "steps": changes["steps"][0]})(step).item()
+            log(
+                f"  so does the {c['curriculum']} curriculum: the grid has {now} points at step "
+                f"{step} (it had {was}), as in a run started with --steps {c['steps']}"
+            )
 
 
 def _final_evaluation(c, setup, state, history, out, summary, log) -> dict:

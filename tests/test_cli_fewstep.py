@@ -321,3 +321,32 @@ def test_a_consistency_curriculum_from_the_command_line_is_the_api_s():
                                              lognormal=(-1.1, 2.0))  # fmt: skip
         np.testing.assert_allclose(setup.loss(params, jax.random.key(2), batch, step=jnp.int32(k)),
                                    fixed(params, jax.random.key(2), batch), rtol=1e-6)  # fmt: skip
+
+
+def test_resuming_a_curriculum_with_more_steps_says_where_its_grid_stands(tmp_path, capsys):
+    """More ``--steps`` re-spans the curriculum as it does the learning rate (a run of the new
+    total): the resume message says the grid's size now and before."""
+    out = str(tmp_path / "ict")
+    argv = [
+        "train",
+        "--loss",
+        "consistency",
+        "--data",
+        "8gaussians",
+        "--curriculum",
+        "ict",
+        "--num-scales",
+        "9",
+        "--batch",
+        "64",
+        "--eval-n",
+        "0",
+        "--no-progress",
+        "--out",
+        out,
+    ]
+    assert main([*argv, "--steps", "20"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main([*argv, "--steps", "40", "--resume"]) == 0
+    # iCT from 3 to 9 points: 9 at the end of 20 steps; at step 20 of 40, 5
+    assert "the grid has 5 points at step 20 (it had 9)" in capsys.readouterr().out

@@ -289,7 +289,7 @@ def test_lognormal_intervals_are_ict_s_discretised_log_normal():
     on the linear path; by hand in float64 against 20,000 draws (uniform would be 0.1 each)."""
     import math
 
-    from jaxdiff.consistency import _lognormal_intervals
+    from jaxdiff.consistency import _draw_intervals, _lognormal_table
 
     ts = jd.consistency_grid(11)
     with np.errstate(divide="ignore"):
@@ -297,13 +297,19 @@ def test_lognormal_intervals_are_ict_s_discretised_log_normal():
     cdf = [0.5 * math.erfc(-(v + 1.1) / (2.0 * math.sqrt(2.0))) for v in level]
     p = np.diff(cdf)  # 0.29 at the first interval, 0.05 at the last
     n = 20_000
-    idx = np.asarray(_lognormal_intervals(jax.random.key(0), n, PATH, ts, 11, -1.1, 2.0))
+    cum = _lognormal_table(PATH, [np.asarray(ts)], 11, (-1.1, 2.0))[0]
+    idx = np.asarray(_draw_intervals(jax.random.key(0), n, cum))
     freq = np.bincount(idx, minlength=10) / n
     np.testing.assert_allclose(freq, p, atol=5 * np.sqrt(p * (1 - p) / n).max())  # 5 SE: 0.016
-    # a grid padded with repeats of its last time (a curriculum's) draws the same intervals
-    padded = jnp.concatenate([ts, jnp.full(9, ts[-1])])
-    again = _lognormal_intervals(jax.random.key(0), n, PATH, padded, 11, -1.1, 2.0)
-    np.testing.assert_array_equal(again, idx)
+    # a row padded to more intervals (a curriculum's table) draws the same intervals
+    padded = _lognormal_table(PATH, [np.asarray(ts)], 20, (-1.1, 2.0))[0]
+    np.testing.assert_array_equal(_draw_intervals(jax.random.key(0), n, padded), idx)
+    # all the mass below the grid (0.1 .. 1, P_mean -3.5, P_std 0.2): the first interval, not
+    # the last (a float32 Phi rounded to 1 everywhere, and the draws went to the noisiest end)
+    far = np.asarray(jd.consistency_grid(17, 0.1, 1.0))
+    for law, end in (((-3.5, 0.2), 0), ((-300.0, 1.0), 0), ((300.0, 1.0), 15)):
+        drawn = _draw_intervals(jax.random.key(0), 1000, _lognormal_table(PATH, [far], 17, law)[0])
+        np.testing.assert_array_equal(drawn, end)
     # all the mass in the interval (0.5, 0.6), log-level 0.2: the loss is that 2-point grid's
     # (the network's boundary at 0.5, where the 2-point grid's loss checks it)
     cm, x0 = _linear_cm(0.5), MU + S * jax.random.normal(jax.random.key(1), (64, 2))
@@ -315,7 +321,7 @@ def test_lognormal_intervals_are_ict_s_discretised_log_normal():
     for bad in ((0.0, 0.0), (float("nan"), 1.0), (-1.1, -2.0)):
         with pytest.raises(ValueError, match=r"lognormal must be \(P_mean, P_std\)"):
             jd.consistency_training_loss(cm, lognormal=bad)
-    for bad in ((1.0,), "iCT"):  # the type checker first, where it runs
+    for bad in ((1.0,), "iCT", "12", (True, True)):  # the type checker first, where it runs
         with pytest.raises((TypeError, ValueError), match="lognormal"):
             jd.consistency_training_loss(cm, lognormal=bad)
     with pytest.raises(ValueError, match="grid of known sizes"):
