@@ -100,11 +100,12 @@ def _parser() -> _Parser:
     )
     train.add_argument(
         "--target-ema",
-        type=float,
+        type=_target_ema,
         dest="target_ema",
         metavar="MU",
         help="with --ema-targets: the target network's own EMA decay MU (consistency models' "
-        "mu; default: the targets are the evaluation EMA)",
+        "mu; default: the targets are the evaluation EMA), or ct: consistency training's "
+        "mu(N) = 0.9^(2/(N-1)) of the grid's N points, following --curriculum",
     )
     train.add_argument(
         "--num-scales",
@@ -231,6 +232,20 @@ def _parser() -> _Parser:
         help="samples the O(n^2) metrics see (the first ones; 0: no metrics)",
     )
     return parser
+
+
+def _target_ema(text: str) -> float | str:
+    """``--target-ema``: a decay, or ``ct`` (consistency training's ``mu(N)``)."""
+    from jaxdiff.experiment import TARGET_EMA_CT
+
+    if text == TARGET_EMA_CT:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or {TARGET_EMA_CT!r}; got {text!r}"
+        ) from None
 
 
 TRAIN_KEYS = (

@@ -67,6 +67,7 @@ WEIGHTINGS = {
 TIMES = ("uniform", "logit-normal", "importance", "edm")
 PRECONDS = ("none", "edm")
 CURRICULA = ("none", "ct", "ict")
+TARGET_EMA_CT = "ct"  # target_ema: CT's mu(N), following the grid's points N (Song et al. 2023)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATASETS = (*TOY_DATASETS, "digits")
 SOURCES = ("gaussian", *TOY_DATASETS)
@@ -173,8 +174,16 @@ def resolve(config: dict) -> dict:
         raise ValueError(f"ema_targets must be true or false; got {c['ema_targets']!r}")
     mu = c["target_ema"]
     if mu is not None:
-        if isinstance(mu, bool) or not isinstance(mu, int | float) or not 0.0 <= mu < 1.0:
-            raise ValueError(f"target_ema must be a number in [0, 1); got {mu!r}")
+        if mu == TARGET_EMA_CT:
+            if c["loss"] != "consistency":
+                raise ValueError(
+                    f"target_ema {mu!r} (CT's mu(N)) follows the grid of --loss consistency; "
+                    f"got --loss {c['loss']}"
+                )
+        elif isinstance(mu, bool) or not isinstance(mu, int | float) or not 0.0 <= mu < 1.0:
+            raise ValueError(
+                f"target_ema must be a number in [0, 1) or {TARGET_EMA_CT!r}; got {mu!r}"
+            )
         if not c["ema_targets"]:
             raise ValueError(
                 f"target_ema {mu} is the decay of the target network of --ema-targets; got no "
@@ -526,6 +535,21 @@ def consistency_scales(c: dict):
         return n
     grow = C.ct_num_scales if c["curriculum"] == "ct" else C.ict_num_scales
     return C.curriculum(lambda k: grow(k, K, 2, n - 1), K)
+
+
+def target_decay(c: dict):
+    """The target network's decay of a run: ``target_ema`` (a number, or None for the
+    evaluation EMA), or with ``target_ema`` ``"ct"`` consistency training's ``mu(N) = exp(2
+    log(0.9) / (N - 1))`` (:func:`jaxdiff.ct_target_decay`) of the run's grid: one number for a
+    fixed grid, a :func:`jaxdiff.curriculum` that follows ``curriculum``'s grid otherwise."""
+    import jaxdiff.consistency as C
+
+    if c["target_ema"] != TARGET_EMA_CT:
+        return c["target_ema"]
+    n = consistency_scales(c)
+    if isinstance(n, int):
+        return C.ct_target_decay(n)
+    return C.Curriculum(tuple(C.ct_target_decay(v) for v in n.values), n.ends)
 
 
 def _fewstep_loss(c: dict, model: Any, path: GaussianPath):

@@ -96,7 +96,7 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
         state = replicate(state, mesh)
         step_fn = make_train_step(
             setup.loss, opt, ema_decay=c["ema"], ema_targets=c["ema_targets"],
-            target_decay=c["target_ema"],
+            target_decay=E.target_decay(c),
         )  # fmt: skip
 
         def make_chunk(k):
@@ -180,12 +180,15 @@ def _log_resume(c, changes, step, ckpt_dir, log) -> None:
             f"a run started with --steps {c['steps']}; from step {step} the rate follows it"
         )
         if c["loss"] == "consistency" and c["curriculum"] != "none":
-            now = E.consistency_scales(c)(step).item()
-            was = E.consistency_scales({**c, "steps": changes["steps"][0]})(step).item()
+            before = {**c, "steps": changes["steps"][0]}
+            now, was = (E.consistency_scales(d)(step).item() for d in (c, before))
             log(
                 f"  so does the {c['curriculum']} curriculum: the grid has {now} points at step "
                 f"{step} (it had {was}), as in a run started with --steps {c['steps']}"
             )
+            if c["target_ema"] == E.TARGET_EMA_CT:
+                now, was = (float(E.target_decay(d)(step)) for d in (c, before))
+                log(f"  and the target network's decay mu(N) is {now:.6g} (it had {was:.6g})")
 
 
 def _final_evaluation(c, setup, state, history, out, summary, log) -> dict:

@@ -46,8 +46,18 @@ from tests.net_helpers import perturb
         ),
         (
             ["--loss", "consistency", "--ema-targets", "--target-ema", "1"],
-            "target_ema must be a number in [0, 1); got 1.0",
+            "target_ema must be a number in [0, 1) or 'ct'; got 1.0",
         ),
+        (
+            ["--loss", "shortcut", "--ema-targets", "--target-ema", "ct"],
+            "target_ema 'ct' (CT's mu(N)) follows the grid of --loss consistency; got --loss "
+            "shortcut",
+        ),
+        (
+            ["--loss", "consistency", "--ema-targets", "--target-ema", "adaptive"],
+            "argument --target-ema: expected a number or 'ct'; got 'adaptive'",
+        ),
+        (["--loss", "consistency", "--target-ema", "ct"], "target_ema ct is the decay of the"),
         (["--curriculum", "ct"], "curriculum ct is the grid's growth in --loss consistency"),
         (["--loss", "meanflow", "--num-scales", "8"], "num_scales 8 is the grid of --loss"),
         (["--loss", "meanflow", "--num-scales", "1"], "num_scales 1 is the grid of --loss"),
@@ -312,6 +322,14 @@ def test_a_consistency_curriculum_from_the_command_line_is_the_api_s():
     ict = E.consistency_scales({**c, "curriculum": "ict"})
     assert [v for v, _ in ict.stages] == [3, 5, 9]
     assert E.consistency_scales({**c, "curriculum": "none"}) == 9
+    # --target-ema ct: CT's mu(N) of the same grid, a curriculum of its own (or one number)
+    assert E.target_decay(c) is None and E.target_decay({**c, "target_ema": 0.99}) == 0.99
+    mu = E.target_decay({**c, "target_ema": "ct"})
+    assert mu == jd.curriculum(lambda k: jd.ct_target_decay(jd.ct_num_scales(k, 100, 2, 8)), 100)
+    assert mu.stages[0][1] == 1 and mu.stages[-1][1] == 100
+    assert mu.stages[0][0] == pytest.approx(0.81) and mu.stages[-1][0] == pytest.approx(0.9**0.25)
+    fixed = {**c, "target_ema": "ct", "curriculum": "none"}
+    assert E.target_decay(fixed) == jd.ct_target_decay(9)
     setup = E.build(c)
     params = E.init_state(c, setup)[0].params
     batch = setup.sample_batch(jax.random.key(1))
@@ -337,6 +355,9 @@ def test_resuming_a_curriculum_with_more_steps_says_where_its_grid_stands(tmp_pa
         "ict",
         "--num-scales",
         "9",
+        "--ema-targets",
+        "--target-ema",
+        "ct",
         "--batch",
         "64",
         "--eval-n",
@@ -349,4 +370,7 @@ def test_resuming_a_curriculum_with_more_steps_says_where_its_grid_stands(tmp_pa
     capsys.readouterr()
     assert main([*argv, "--steps", "40", "--resume"]) == 0
     # iCT from 3 to 9 points: 9 at the end of 20 steps; at step 20 of 40, 5
-    assert "the grid has 5 points at step 20 (it had 9)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the grid has 5 points at step 20 (it had 9)" in out
+    # --target-ema ct follows it: mu(5) = 0.9^(2/4), mu(9) = 0.9^(2/8)
+    assert f"the target network's decay mu(N) is {0.9**0.5:.6g} (it had {0.9**0.25:.6g})" in out
