@@ -378,8 +378,8 @@ def _consistency_loss(
         teacher = as_field(teacher, "teacher")
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun'; got {solver!r}")
-    if weighting not in ("inverse_gap", "unit"):
-        raise ValueError(f"weighting must be 'inverse_gap' or 'unit'; got {weighting!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
     if huber_c is not None:
         huber_c = check_positive(huber_c, "huber_c", strict=False)
     path = linear_path() if path is None else path
@@ -422,6 +422,8 @@ def _consistency_loss(
         if not grids:
             raise ValueError("lognormal needs a grid known when the loss is built; got a traced ts")
         cum = _lognormal_table(path, grids, max(len(g) for g in grids), lognormal)
+    if weighting == "inverse_sigma_gap" and known is not None:
+        _check_noise_levels(path, known)
     if teacher is not None and known is not None:
         if solver == "heun":  # its second stage evaluates the grid's first time too
             times = known
@@ -482,6 +484,11 @@ def _consistency_loss(
         dist = _pseudo_huber(pred - target, huber_c)
         if weighting == "inverse_gap":
             dist = dist / (t_hi - t_lo)
+        elif weighting == "inverse_sigma_gap":  # iCT's 1 / (sigma_{n+1} - sigma_n), VE levels
+            gap = _noise_level(path, t_hi) - _noise_level(path, t_lo)
+            if known is None:  # a traced grid: its levels checked when it runs
+                gap = error_if(gap, ~(gap > 0) | ~jnp.isfinite(gap), _LEVELS_MESSAGE)
+            dist = dist / gap
         return _boundary_checked(jnp.mean(dist), target, x_lo, idx == 0)
 
     if scheduled:  # make_train_step passes step=state.step to a loss that takes one
@@ -495,6 +502,30 @@ def _consistency_loss(
         return one(params, key, batch, target_params, None)
 
     return loss
+
+
+WEIGHTINGS = ("inverse_gap", "unit", "inverse_sigma_gap")
+_LEVELS_MESSAGE = (
+    "weighting 'inverse_sigma_gap' needs finite increasing noise levels sigma_t / alpha_t on the "
+    "grid (alpha_t = 0 at t = 1 on the linear and cosine paths: take t_max < 1)"
+)
+
+
+def _noise_level(path: GaussianPath, t: Array) -> Array:
+    """``sigma_t / alpha_t``: the VE noise level of ``x_t / alpha_t = x_0 + (sigma_t / alpha_t)
+    eps`` (EDM's and iCT's ``sigma``)."""
+    return path.sigma(t) / path.alpha(t)
+
+
+def _check_noise_levels(path: GaussianPath, times: np.ndarray) -> None:
+    """The grid's noise levels, for ``inverse_sigma_gap``: finite (``alpha_t > 0``) and
+    increasing (its weights finite and positive)."""
+    with jax.ensure_compile_time_eval():
+        level = np.asarray(_noise_level(path, jnp.asarray(np.unique(times), jnp.float32)))
+    if not (np.all(np.isfinite(level)) and np.all(np.diff(level) > 0)):
+        bad = np.unique(times)[~np.isfinite(level)]
+        at = f"; got sigma_t / alpha_t = inf at t = {bad.max():.6g}" if bad.size else ""
+        raise ValueError(_LEVELS_MESSAGE + at)
 
 
 def _check_lognormal(lognormal: Any, unknown_sizes: bool) -> tuple[float, float]:
@@ -600,7 +631,7 @@ def consistency_training_loss(
     rho: float = 1.0,
     ts: ArrayLike | None = None,
     huber_c: float | None = None,
-    weighting: Literal["inverse_gap", "unit"] = "inverse_gap",
+    weighting: Literal["inverse_gap", "unit", "inverse_sigma_gap"] = "inverse_gap",
     lognormal: tuple[float, float] | None = None,
 ) -> Callable[..., Array]:
     """Consistency training ``(params, key, batch, target_params=None) -> scalar``: no teacher
@@ -618,8 +649,12 @@ def consistency_training_loss(
     P_std)`` draws the interval ``n`` as iCT does (Song & Dhariwal 2024, sec. 3.5: ``(-1.1,
     2.0)`` on CIFAR-10), with ``p(n)`` proportional to ``erf((log s_{n+1} - P_mean) / (sqrt 2
     P_std)) - erf((log s_n - P_mean) / (sqrt 2 P_std))``, ``s_n = sigma / alpha`` at ``t_n``
-    (the VE noise level of EDM's conventions, data scaled to std 0.5); the weighting stays
-    ``weighting``'s, in ``t``. Its probabilities are tabulated when the loss is built (float64),
+    (the VE noise level of EDM's conventions, data scaled to std 0.5). ``weighting``: the
+    distance over the interval's width, ``1 / (t_{n+1} - t_n)`` (``"inverse_gap"``, CT's in
+    ``t``), 1 (``"unit"``), or iCT's ``1 / (s_{n+1} - s_n)`` in the same noise level
+    (``"inverse_sigma_gap"``, Song & Dhariwal 2024, sec. 3.3; equal to theirs on a VE path; it
+    needs ``alpha_t > 0`` on the grid: ``t_max < 1`` on the linear and cosine paths). The
+    log-normal's probabilities are tabulated when the loss is built (float64),
     so it needs a grid known then: a number, ``ts``, or a :class:`Curriculum` (not another
     function of the step).
 
@@ -652,7 +687,7 @@ def consistency_distillation_loss(
     rho: float = 1.0,
     ts: ArrayLike | None = None,
     huber_c: float | None = None,
-    weighting: Literal["inverse_gap", "unit"] = "inverse_gap",
+    weighting: Literal["inverse_gap", "unit", "inverse_sigma_gap"] = "inverse_gap",
     lognormal: tuple[float, float] | None = None,
 ) -> Callable[..., Array]:
     """Consistency distillation from ``teacher`` (a field of any target on ``path``, e.g. an exact

@@ -472,3 +472,39 @@ def test_a_network_without_the_boundary_condition_is_refused():
     assert np.isfinite(
         float(jd.consistency_training_loss(exact, PATH)(None, jax.random.key(3), x0))
     )
+
+
+@pytest.mark.parametrize("lognormal", [None, (-1.1, 2.0)])
+def test_ict_weighting_divides_by_the_gap_in_noise_level(lognormal):
+    """``weighting="inverse_sigma_gap"``: iCT's ``1 / (s_{n+1} - s_n)``, ``s = sigma_t / alpha_t``.
+    On a VE path ``sigma_t = 80 t`` it is CT's ``1 / (t_{n+1} - t_n)`` over 80, pair by pair (the
+    same key draws the same pairs); on the linear path with one interval ``[0, 0.9]``, the unit
+    weighting's loss over ``s(0.9) = 9``. Refused where ``alpha_t = 0`` on the grid (``t = 1``
+    on the linear path, an infinite level), when built or, for a traced grid, when it runs."""
+    ve80 = jd.GaussianPath(jd.paths.Affine(1.0, 0.0), jd.paths.Affine(0.0, 80.0))
+    cm, p = _linear_cm(), {"w": jnp.array(0.7), "b": jnp.array(0.2)}
+    x0, key = MU + S * jax.random.normal(jax.random.key(0), (256, 2)), jax.random.key(1)
+
+    def loss(path, weighting, **kw):
+        kw = {"lognormal": lognormal, **kw}
+        return jd.consistency_training_loss(cm, path, weighting=weighting, **kw)(p, key, x0)
+
+    for kw in ({"num_scales": 12}, {"num_scales": 12, "t_max": 0.5, "rho": 3.0}):
+        ict, ct = loss(ve80, "inverse_sigma_gap", **kw), loss(ve80, "inverse_gap", **kw)
+        np.testing.assert_allclose(ict, ct / 80.0, rtol=1e-5)
+    one = {"num_scales": 2, "t_max": 0.9}  # s(0) = 0, s(0.9) = 0.9 / 0.1
+    unit = loss(PATH, "unit", **one)
+    np.testing.assert_allclose(loss(PATH, "inverse_sigma_gap", **one), unit / 9.0, rtol=1e-5)
+    np.testing.assert_allclose(loss(PATH, "inverse_gap", **one), unit / 0.9, rtol=1e-5)
+    with pytest.raises(ValueError, match="sigma_t / alpha_t = inf at t = 1"):
+        loss(PATH, "inverse_sigma_gap", num_scales=8)
+    n = jd.curriculum(lambda k: jd.ict_num_scales(k, 100, 2, 8), 100)  # every grid ends at t_max
+    with pytest.raises(ValueError, match="take t_max < 1"):
+        jd.consistency_training_loss(cm, PATH, num_scales=n, weighting="inverse_sigma_gap")
+    if lognormal is None:  # a traced grid: checked when the program runs
+        traced = jax.jit(lambda ts: jd.consistency_training_loss(
+            cm, PATH, ts=ts, weighting="inverse_sigma_gap")(p, key, x0))  # fmt: skip
+        ts = jnp.linspace(0.0, 0.9, 6)
+        np.testing.assert_allclose(traced(ts), loss(PATH, "inverse_sigma_gap", ts=ts), rtol=1e-6)
+        with pytest.raises(Exception, match="take t_max < 1"):
+            traced(jnp.linspace(0.0, 1.0, 6))
