@@ -169,7 +169,12 @@ def consistency_grid(
         raise ValueError(f"need 0 <= t_min < t_max <= 1; got t_min = {t_min}, t_max = {t_max}")
     if not (np.isfinite(rho) and rho > 0):
         raise ValueError(f"rho must be finite and > 0; got rho = {rho}")
-    return _grid_at(jnp.arange(num_scales), num_scales, t_min, t_max, rho)
+    # computed on a power-of-two length and cut: one compile per length, not per size (CT's 150
+    # grids took ~70 s to build one by one), the same numbers (elementwise, op by op)
+    length = max(16, 1 << (num_scales - 1).bit_length())
+    with jax.ensure_compile_time_eval():
+        grid = _grid_at(jnp.arange(length), jnp.asarray(num_scales), t_min, t_max, rho)
+    return jnp.asarray(np.asarray(grid)[:num_scales])
 
 
 def _grid_at(i: Array, num_scales: ArrayLike, t_min: float, t_max: float, rho: float) -> Array:
@@ -423,7 +428,7 @@ def _consistency_loss(
             raise ValueError("lognormal needs a grid known when the loss is built; got a traced ts")
         cum = _lognormal_table(path, grids, max(len(g) for g in grids), lognormal)
     if weighting == "inverse_sigma_gap" and known is not None:
-        _check_noise_levels(path, known)
+        _check_noise_levels(path, grids or [known])  # grid by grid: they interleave
     if teacher is not None and known is not None:
         if solver == "heun":  # its second stage evaluates the grid's first time too
             times = known
@@ -517,15 +522,14 @@ def _noise_level(path: GaussianPath, t: Array) -> Array:
     return path.sigma(t) / path.alpha(t)
 
 
-def _check_noise_levels(path: GaussianPath, times: np.ndarray) -> None:
-    """The grid's noise levels, for ``inverse_sigma_gap``: finite (``alpha_t > 0``) and
+def _check_noise_levels(path: GaussianPath, grids: list[np.ndarray]) -> None:
+    """Each grid's noise levels, for ``inverse_sigma_gap``: finite (``alpha_t > 0``) and
     increasing (its weights finite and positive)."""
-    with jax.ensure_compile_time_eval():
-        level = np.asarray(_noise_level(path, jnp.asarray(np.unique(times), jnp.float32)))
-    if not (np.all(np.isfinite(level)) and np.all(np.diff(level) > 0)):
-        bad = np.unique(times)[~np.isfinite(level)]
-        at = f"; got sigma_t / alpha_t = inf at t = {bad.max():.6g}" if bad.size else ""
-        raise ValueError(_LEVELS_MESSAGE + at)
+    for grid, level in zip(grids, _on_grids(lambda t: _noise_level(path, t), grids), strict=True):
+        if not (np.all(np.isfinite(level)) and np.all(np.diff(level) > 0)):
+            bad = np.asarray(grid)[~np.isfinite(level)]
+            at = f"; got sigma_t / alpha_t = inf at t = {bad.max():.6g}" if bad.size else ""
+            raise ValueError(_LEVELS_MESSAGE + at)
 
 
 def _check_lognormal(lognormal: Any, unknown_sizes: bool) -> tuple[float, float]:
@@ -549,15 +553,26 @@ def _check_lognormal(lognormal: Any, unknown_sizes: bool) -> tuple[float, float]
     return p_mean, p_std
 
 
-def _lognormal_cdf(path, grid: np.ndarray, p_mean: float, p_std: float) -> np.ndarray:
-    """The cumulative probabilities of ``grid``'s intervals under iCT's discretised log-normal
-    (Song & Dhariwal 2024, sec. 3.5): ``p(i)`` proportional to ``Phi(z_{i+1}) - Phi(z_i)``, ``z =
-    (log(sigma_t / alpha_t) - P_mean) / P_std``. In float64 once, when the loss is built, each
-    difference in the tail where it keeps its digits (``Phi`` below the mean, ``1 - Phi`` above:
-    a float32 ``Phi`` rounded to 1 above ~5 P_std). All the mass beyond one end of the grid (its
-    probabilities underflow) goes to the interval at that end."""
+def _on_grids(fn: Callable[[Array], Array], grids: list[np.ndarray]) -> list[np.ndarray]:
+    """``fn`` (elementwise) of each grid, evaluated once on the grids padded into one array
+    (one compile, not one per grid size: CT's curriculum has 150), each row cut to its grid."""
+    width = max(16, 1 << (max(len(g) for g in grids) - 1).bit_length())  # a power of two:
+    # every element in XLA's vector loop, so a grid's numbers do not depend on the others
+    padded = np.stack([np.pad(np.asarray(g), (0, width - len(g)), mode="edge") for g in grids])
     with jax.ensure_compile_time_eval():
-        level = np.asarray(-0.5 * path.log_snr(jnp.asarray(grid, jnp.float32)), np.float64)
+        values = np.asarray(fn(jnp.asarray(padded, jnp.float32)))
+    return [row[: len(g)] for row, g in zip(values, grids, strict=True)]
+
+
+def _lognormal_cdf(level: np.ndarray, p_mean: float, p_std: float) -> np.ndarray:
+    """The cumulative probabilities of a grid's intervals under iCT's discretised log-normal
+    (Song & Dhariwal 2024, sec. 3.5): ``p(i)`` proportional to ``Phi(z_{i+1}) - Phi(z_i)``, ``z =
+    (level - P_mean) / P_std``, ``level = log(sigma_t / alpha_t)`` at the grid's times. In
+    float64 once, when the loss is built, each difference in the tail where it keeps its digits
+    (``Phi`` below the mean, ``1 - Phi`` above: a float32 ``Phi`` rounded to 1 above ~5 P_std).
+    All the mass beyond one end of the grid (its probabilities underflow) goes to the interval
+    at that end."""
+    level = np.asarray(level, np.float64)
     with np.errstate(invalid="ignore"):  # inf - inf cannot occur: levels increase
         z = (level - p_mean) / p_std
     lower = np.array([0.5 * math.erfc(-v / math.sqrt(2.0)) for v in z])  # Phi(z)
@@ -578,8 +593,9 @@ def _lognormal_table(path, grids: list[np.ndarray], slots: int, lognormal) -> Ar
     """:func:`_lognormal_cdf` of each grid, a row each, padded with 1 (no mass) to ``slots - 1``
     intervals: one row's draws equal its own grid's whatever the padding."""
     table = np.ones((len(grids), slots - 1))
-    for row, grid in enumerate(grids):
-        table[row, : len(grid) - 1] = _lognormal_cdf(path, grid, *lognormal)
+    levels = _on_grids(lambda t: -0.5 * path.log_snr(t), grids)
+    for row, level in enumerate(levels):
+        table[row, : len(level) - 1] = _lognormal_cdf(level, *lognormal)
     return jnp.asarray(table, jnp.float32)
 
 
@@ -653,7 +669,8 @@ def consistency_training_loss(
     distance over the interval's width, ``1 / (t_{n+1} - t_n)`` (``"inverse_gap"``, CT's in
     ``t``), 1 (``"unit"``), or iCT's ``1 / (s_{n+1} - s_n)`` in the same noise level
     (``"inverse_sigma_gap"``, Song & Dhariwal 2024, sec. 3.3; equal to theirs on a VE path; it
-    needs ``alpha_t > 0`` on the grid: ``t_max < 1`` on the linear and cosine paths). The
+    needs ``alpha_t > 0`` on the grid: ``t_max < 1`` on the linear and cosine paths; refused
+    when the loss is built, or for a traced ``ts`` when a drawn pair reaches it). The
     log-normal's probabilities are tabulated when the loss is built (float64),
     so it needs a grid known then: a number, ``ts``, or a :class:`Curriculum` (not another
     function of the step).

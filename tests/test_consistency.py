@@ -501,6 +501,14 @@ def test_ict_weighting_divides_by_the_gap_in_noise_level(lognormal):
     n = jd.curriculum(lambda k: jd.ict_num_scales(k, 100, 2, 8), 100)  # every grid ends at t_max
     with pytest.raises(ValueError, match="take t_max < 1"):
         jd.consistency_training_loss(cm, PATH, num_scales=n, weighting="inverse_sigma_gap")
+    # CT's 150 grids of 2 to 151 points on [0, 0.99]: each one's levels increase, though their
+    # union holds equal float32 levels at times an ulp apart (a first version refused it)
+    ct = jd.Curriculum(tuple(range(2, 152)), tuple(range(1, 151)))
+    ict = jd.consistency_training_loss(cm, PATH, num_scales=ct, t_max=0.99, lognormal=lognormal,
+                                       weighting="inverse_sigma_gap")  # fmt: skip
+    fixed = {"num_scales": 36, "t_max": 0.99}
+    np.testing.assert_allclose(ict(p, key, x0, step=jnp.int32(34)),
+                               loss(PATH, "inverse_sigma_gap", **fixed), rtol=1e-6)  # fmt: skip
     if lognormal is None:  # a traced grid: checked when the program runs
         traced = jax.jit(lambda ts: jd.consistency_training_loss(
             cm, PATH, ts=ts, weighting="inverse_sigma_gap")(p, key, x0))  # fmt: skip
