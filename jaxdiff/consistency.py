@@ -171,10 +171,17 @@ def consistency_grid(
         raise ValueError(f"rho must be finite and > 0; got rho = {rho}")
     # computed on a power-of-two length and cut: one compile per length, not per size (CT's 150
     # grids took ~70 s to build one by one), the same numbers (elementwise, op by op)
-    length = max(16, 1 << (num_scales - 1).bit_length())
     with jax.ensure_compile_time_eval():
-        grid = _grid_at(jnp.arange(length), jnp.asarray(num_scales), t_min, t_max, rho)
+        i = jnp.arange(_vector_length(num_scales))
+        grid = _grid_at(i, jnp.asarray(num_scales), t_min, t_max, rho)
     return jnp.asarray(np.asarray(grid)[:num_scales])
+
+
+def _vector_length(n: int) -> int:
+    """A power of two ``>= max(n, 16)``: the length the grids are computed on, so that sizes
+    share a compiled program and every element runs in XLA's vector loop (a grid's numbers then
+    do not depend on its length or on the grids beside it)."""
+    return max(16, 1 << (n - 1).bit_length())
 
 
 def _grid_at(i: Array, num_scales: ArrayLike, t_min: float, t_max: float, rho: float) -> Array:
@@ -556,8 +563,7 @@ def _check_lognormal(lognormal: Any, unknown_sizes: bool) -> tuple[float, float]
 def _on_grids(fn: Callable[[Array], Array], grids: list[np.ndarray]) -> list[np.ndarray]:
     """``fn`` (elementwise) of each grid, evaluated once on the grids padded into one array
     (one compile, not one per grid size: CT's curriculum has 150), each row cut to its grid."""
-    width = max(16, 1 << (max(len(g) for g in grids) - 1).bit_length())  # a power of two:
-    # every element in XLA's vector loop, so a grid's numbers do not depend on the others
+    width = _vector_length(max(len(g) for g in grids))
     padded = np.stack([np.pad(np.asarray(g), (0, width - len(g)), mode="edge") for g in grids])
     with jax.ensure_compile_time_eval():
         values = np.asarray(fn(jnp.asarray(padded, jnp.float32)))
