@@ -409,10 +409,7 @@ def _consistency_loss(
             # function of the user's own: every grid holds t_min and t_max, where teachers fail
             grids = [np.asarray(consistency_grid(n, t_min, t_max, rho)) for n in sizes or ()]
             if sizes is not None:
-                table = np.full((len(sizes), max(sizes)), ends[-1])
-                for row, grid in enumerate(grids):
-                    table[row, : len(grid)] = grid
-                table = jnp.asarray(table)
+                table = jnp.asarray(_pad_rows(grids, max(sizes)))
             known = np.concatenate(grids) if grids else ends
         else:
             if ts is None:
@@ -563,11 +560,15 @@ def _check_lognormal(lognormal: Any, unknown_sizes: bool) -> tuple[float, float]
 def _on_grids(fn: Callable[[Array], Array], grids: list[np.ndarray]) -> list[np.ndarray]:
     """``fn`` (elementwise) of each grid, evaluated once on the grids padded into one array
     (one compile, not one per grid size: CT's curriculum has 150), each row cut to its grid."""
-    width = _vector_length(max(len(g) for g in grids))
-    padded = np.stack([np.pad(np.asarray(g), (0, width - len(g)), mode="edge") for g in grids])
+    padded = _pad_rows(grids, _vector_length(max(len(g) for g in grids)))
     with jax.ensure_compile_time_eval():
         values = np.asarray(fn(jnp.asarray(padded, jnp.float32)))
     return [row[: len(g)] for row, g in zip(values, grids, strict=True)]
+
+
+def _pad_rows(grids: list[np.ndarray], width: int) -> np.ndarray:
+    """The grids as the rows of one array, each padded to ``width`` with its last time."""
+    return np.stack([np.pad(np.asarray(g), (0, width - len(g)), mode="edge") for g in grids])
 
 
 def _lognormal_cdf(level: np.ndarray, p_mean: float, p_std: float) -> np.ndarray:
