@@ -44,7 +44,7 @@ from jaxdiff.elbo import (
     discretized_gaussian_log_prob,
     nelbo,
 )
-from jaxdiff.field import Field, as_field, batch_time, denoise, predict, predict_as
+from jaxdiff.field import Field, as_field, batch_time, denoise, evaluate, predict, predict_as
 from jaxdiff.guidance import (
     classifier_free_guidance,
     classifier_guidance,
@@ -207,6 +207,7 @@ __all__ = [
     "predict",
     "predict_as",
     "denoise",
+    "evaluate",
     "Sampler",
     "samplers",
     "inpaint",

@@ -10,6 +10,10 @@ A field is what samplers, likelihoods, ELBOs, guidance and losses consume. It is
 
 The contract for ``t``: samplers and losses call a field with ``x`` of shape ``(batch, *event)``
 and ``t`` of shape ``(batch,)``, one time per sample (``t = 0`` is data, ``t = 1`` the prior).
+``evaluate(field, x, t)`` (which ``predict``, ``denoise``, ``predict_as`` and ``reverse_drift``
+use) also takes several batch axes: ``t`` of shape ``x.shape[:k]``, one time per sample, is
+flattened with ``x``'s ``k`` batch axes into the one axis ``fn`` sees, and the output is shaped
+back, so ``fn`` is written for one batch axis only.
 
 Any network library becomes a field in one line:
 
@@ -29,6 +33,7 @@ A loss trains ``params``: ``loss(params, key, batch)`` calls ``field.apply(param
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +50,7 @@ if TYPE_CHECKING:
 
 Array = jax.Array
 
-__all__ = ["Field", "as_field", "predict", "denoise", "batch_time"]
+__all__ = ["Field", "as_field", "predict", "denoise", "batch_time", "evaluate"]
 
 
 class Field(eqx.Module):
@@ -103,29 +108,66 @@ def batch_time(t: Any, x: ArrayLike) -> Array:
         return t
     if t.ndim:
         raise ValueError(
-            f"t has shape {t.shape}; expected a scalar or one time per sample, {x.shape[:1]}"
+            f"t has shape {t.shape}; expected a scalar or one time per sample, {x.shape[:1]} "
+            f"(jd.evaluate(field, x, t) takes t of shape x.shape[:k] for k batch axes)"
         )
     return jnp.broadcast_to(t, x.shape[:1])
+
+
+def evaluate(field: Field, x: ArrayLike, t: Any, *args: Any) -> Array:
+    """``field(x, t, *args)`` for any batch shape: ``t`` a scalar, or one time per sample of shape
+    ``x.shape[:k]``.
+
+    For ``k >= 2`` the ``k`` batch axes of ``x`` (and of each ``arg`` whose shape starts with
+    ``t.shape``: labels, a second time) are flattened into the one batch axis of the field
+    contract, and the output is reshaped to ``t.shape + event``; ``k <= 1`` is ``field(x,
+    batch_time(t, x), *args)``. A time shaped otherwise is refused, naming both shapes.
+
+    >>> import jax.numpy as jnp, jaxdiff as jd
+    >>> f = jd.Field(lambda x, t: x * t[:, None], "eps")  # written for one batch axis
+    >>> evaluate(f, jnp.ones((2, 3, 1)), jnp.arange(6.0).reshape(2, 3))[..., 0].tolist()
+    [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    """
+    x = jnp.asarray(x)
+    t = as_time(t)
+    if t.ndim <= 1:
+        return field(x, batch_time(t, x), *args)
+    k = t.ndim
+    if x.shape[:k] != t.shape:
+        raise ValueError(
+            f"t has shape {t.shape}; expected a scalar or one time per sample, x.shape[:k] for "
+            f"k batch axes (x has shape {x.shape})"
+        )
+    n = math.prod(t.shape)
+
+    def flat(a: Any) -> Any:
+        if hasattr(a, "shape") and tuple(a.shape[:k]) == t.shape:
+            return jnp.reshape(a, (n,) + tuple(a.shape[k:]))
+        return a
+
+    out = field(flat(x), t.reshape(n), *map(flat, args))
+    return out.reshape(t.shape + out.shape[1:])
 
 
 def predict(path: GaussianPath, field: Field, x: ArrayLike, t: Any) -> tuple[Array, Array]:
     """The field's prediction at ``(x, t)`` as the hub pair ``(x0_hat, eps_hat)``.
 
-    The field sees one time per sample (``batch_time``); the conversion uses ``t`` as given, so
-    a scalar ``t`` costs one evaluation of the schedule, not one per sample.
+    The field sees one time per sample (:func:`evaluate`: ``t`` a scalar or of shape
+    ``x.shape[:k]``); the conversion uses ``t`` as given, so a scalar ``t`` costs one evaluation
+    of the schedule, not one per sample.
     """
-    return to_x0_eps(path, x, t, field(x, batch_time(t, x)), field.target)
+    return to_x0_eps(path, x, t, evaluate(field, x, t), field.target)
 
 
 def denoise(path: GaussianPath, field: Field, x: ArrayLike, t: Any) -> Array:
     """Tweedie's denoiser ``x0_hat = E[x0 | x_t = x]`` from any target (Efron 2011; the final
     "denoising step" of Song & Ermon 2020, Jolicoeur-Martineau et al. 2021)."""
     if field.target == "x0":
-        return field(x, batch_time(t, x))
+        return evaluate(field, x, t)
     return predict(path, field, x, t)[0]
 
 
 def predict_as(path: GaussianPath, field: Field, x: ArrayLike, t: Any, target: Target) -> Array:
     """The field's prediction at ``(x, t)`` converted to ``target``."""
-    value = field(x, batch_time(t, x))
+    value = evaluate(field, x, t)
     return convert(path, x, t, value, src=field.target, dst=target)

@@ -35,7 +35,7 @@ from jaxdiff._checks import (
     widen,
 )
 from jaxdiff.conversions import from_x0_eps
-from jaxdiff.field import Field, as_field, batch_time, predict
+from jaxdiff.field import Field, as_field, evaluate, predict
 from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
@@ -73,7 +73,7 @@ def _reverse_drift(path: GaussianPath, field: Field, x: Array, t: ArrayLike, eta
     field = as_field(field)
     x = jnp.asarray(x)
     if field.target == "velocity" and _is_zero(eta):
-        return field(x, batch_time(t, x))
+        return evaluate(field, x, t)
     x0, eps = predict(path, field, x, t)
     velocity = from_x0_eps(path, x, t, x0, eps, "velocity")
     if _is_zero(eta):

@@ -138,3 +138,48 @@ def test_field_errors():
         jd.Field(lambda x, t: x, "noise")
     with pytest.raises(TypeError):  # (the suite's type checker answers first: "callable")
         jd.Field(3.0, "eps")
+
+
+def test_several_batch_axes_reach_a_one_axis_network_flattened():
+    """``t`` of shape ``x.shape[:2]`` through evaluate (with labels), predict, denoise, predict_as
+    and reverse_drift: the network (written for one batch axis, and asserting it) sees the
+    flattened batch; every output equals the same call on each row of the first axis."""
+    path = jd.vp_path()
+
+    def apply(params, x, t, labels=None):
+        assert x.ndim == 2 and t.shape == x.shape[:1], (x.shape, t.shape)
+        if labels is not None:
+            assert labels.shape == t.shape, labels.shape
+            t = t + labels / 4
+        return jnp.tanh(x @ params + t[:, None])
+
+    params = jnp.array([[0.5, -0.3], [0.2, 0.8]])
+    field = jd.Field(apply, "eps", params)
+
+    @jax.jit
+    def every(x, t, labels):
+        return (
+            jd.evaluate(field, x, t, labels),
+            jd.predict(path, field, x, t)[0],
+            jd.denoise(path, field, x, t),
+            jd.predict_as(path, field, x, t, "velocity"),
+            jd.reverse_drift(path, field, x, t, eta=1.0),
+        )
+
+    x = jax.random.normal(jax.random.key(0), (4, 3, 2))
+    t = jax.random.uniform(jax.random.key(1), (4, 3), minval=0.05, maxval=0.95)
+    labels = jnp.arange(12.0).reshape(4, 3) % 3
+    whole = every(x, t, labels)
+    rows = jax.vmap(every)(x, t, labels)  # each row: one batch axis of 3
+    assert [w.shape for w in whole] == [(4, 3, 2)] * 5
+    for w, r in zip(whole, rows, strict=True):
+        np.testing.assert_allclose(w, r, rtol=1e-6, atol=1e-6)
+    flat = apply(params, x.reshape(12, 2), t.reshape(12), labels.reshape(12)).reshape(4, 3, 2)
+    np.testing.assert_allclose(whole[0], flat, rtol=1e-6)
+    eps = apply(params, x.reshape(12, 2), t.reshape(12)).reshape(4, 3, 2)
+    a, s = path.alpha(t)[..., None], path.sigma(t)[..., None]
+    np.testing.assert_allclose(whole[2], (x - s * eps) / a, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"t has shape \(4, 2\).*x has shape \(4, 3, 2\)"):
+        jd.denoise(path, field, x, t[:, :2])
+    with pytest.raises(ValueError, match=r"t has shape \(3,\); expected a scalar"):
+        jd.predict(path, field, x, t[0])
