@@ -161,32 +161,42 @@ class StochasticInterpolant(eqx.Module):
     def conditional_velocity(
         self, x0: ArrayLike, x1: ArrayLike, z: ArrayLike, t: ArrayLike
     ) -> Array:
-        """``d x_t / dt = a_t' x0 + b_t' x1 + gamma_t' z`` at fixed ``(x0, x1, z)``."""
-        if not isinstance(self.gamma_fn, _NoGamma):  # the bridge's gamma' is infinite at the ends
-            refuse_known_time(
-                t,
-                self.d_gamma,
-                lambda dg: ~np.isfinite(dg),
-                "the conditional velocity multiplies z by gamma_t', which is not finite",
-            )
+        """``d x_t / dt = a_t' x0 + b_t' x1 + gamma_t' z`` at fixed ``(x0, x1, z)``.
+
+        Where ``gamma_t'`` is infinite (the ends of the bridge) it is an error: a known ``t`` at
+        trace time, a traced one when the program runs (never a silent inf or NaN)."""
+        return self._velocity(x0, x1, z, t, check=True)
+
+    def _velocity(self, x0: Any, x1: Any, z: Any, t: Any, check: bool) -> Array:
+        """The conditional velocity; ``check=False`` skips the run-time check (the loss checks its
+        times once)."""
+        stochastic = not isinstance(self.gamma_fn, _NoGamma)
+        what = "the conditional velocity multiplies z by gamma_t', which is not finite"
+        if stochastic:  # the bridge's gamma' is infinite at the ends
+            refuse_known_time(t, self.d_gamma, lambda dg: ~np.isfinite(dg), what)
         out, x0, x1, z = widen(x0, x1, z, out=data_dtype(jnp.result_type(x0, x1, z)))
         c = [expand_like(f(t), x0).astype(x0.dtype) for f in (self.d_a, self.d_b, self.d_gamma)]
-        return (c[0] * x0 + c[1] * x1 + c[2] * z).astype(out)
+        value = (c[0] * x0 + c[1] * x1 + c[2] * z).astype(out)
+        if stochastic and check and concrete(t) is None:
+            value = error_if(value, ~jnp.isfinite(c[2]), f"{what}; take t inside (0, 1)")
+        return value
 
     def conditional_score(self, x: ArrayLike, x0: ArrayLike, x1: ArrayLike, t: ArrayLike) -> Array:
-        """``grad_x log N(x; a_t x0 + b_t x1, gamma_t^2 I) = -(x - a_t x0 - b_t x1) / gamma_t^2``."""
+        """``grad_x log N(x; a_t x0 + b_t x1, gamma_t^2 I) = -(x - a_t x0 - b_t x1) / gamma_t^2``.
+
+        Where ``gamma_t = 0`` (the ends) it is an error: a known ``t`` at trace time, a traced
+        one when the program runs."""
         if isinstance(self.gamma_fn, _NoGamma):
             raise ValueError("a deterministic interpolant (gamma = 0) has no conditional score")
-        refuse_known_time(  # a known t where gamma = 0 (the ends) gave NaN or inf silently
-            t,
-            self.gamma,
-            lambda g: g == 0,
-            "the conditional score divides by gamma_t^2, which is 0",
-        )
+        what = "the conditional score divides by gamma_t^2, which is 0"
+        refuse_known_time(t, self.gamma, lambda g: g == 0, what)  # gave NaN or inf silently
         out, x, x0, x1 = widen(x, x0, x1, out=data_dtype(jnp.result_type(x, x0, x1)))
         mean = self.interpolate(x0, x1, jnp.zeros_like(x), t)
         var = expand_like(jnp.square(self.gamma(t)), x).astype(x.dtype)
-        return (-(x - mean) / var).astype(out)
+        value = (-(x - mean) / var).astype(out)
+        if concrete(t) is None:
+            value = error_if(value, var == 0, f"{what}; take t inside (0, 1)")
+        return value
 
 
 def brownian_bridge(sigma: ArrayLike = 1.0) -> StochasticInterpolant:
@@ -273,7 +283,7 @@ def interpolant_loss(
         wide = wide_dtype(data_dtype(jnp.result_type(pred, x0)))  # the error in float32 or wider
         pred, x0, x1, z = (a.astype(wide) for a in (pred, x0, x1, z))
         if target == "velocity":
-            err = pred - interpolant.conditional_velocity(x0, x1, z, t)
+            err = pred - interpolant._velocity(x0, x1, z, t, check=False)  # t checked
         elif target == "eps":
             err = pred - z
         else:

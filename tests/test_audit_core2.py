@@ -76,6 +76,21 @@ def test_interpolant_and_bridge_checks():
     with pytest.raises(ValueError, match="gamma_t', which is not finite at t = \\[0.0\\]"):
         bridge.conditional_velocity(x, x, x, 0.0)
     assert bool(jnp.all(jnp.isfinite(bridge.conditional_velocity(x, x, x, jnp.array([0.3])))))
+    # and a traced t at an end, when the program runs (they returned inf and NaN under jit)
+    x3 = jnp.ones((3, 2))
+
+    @jax.jit
+    def both(t):
+        return bridge.conditional_velocity(x3, x3, x3, t), bridge.conditional_score(x3, x3, x3, t)
+
+    velocity, score = both(jnp.array([0.2, 0.5, 0.7]))
+    assert bool(jnp.all(jnp.isfinite(velocity)) & jnp.all(jnp.isfinite(score)))
+    for t in (0.0, 1.0):  # the velocity's check fires first
+        with pytest.raises(Exception, match="gamma_t', which is not finite; take t inside"):
+            jax.block_until_ready(both(jnp.array([0.2, t, 0.7])))
+    score_only = jax.jit(lambda t: bridge.conditional_score(x3, x3, x3, t))
+    with pytest.raises(Exception, match="divides by gamma_t\\^2, which is 0; take t inside"):
+        jax.block_until_ready(score_only(jnp.array([0.2, 0.5, 1.0])))
     with pytest.raises(Exception, match="sigma must be finite and >= 0"):
         jax.block_until_ready(jax.jit(lambda s: jd.brownian_bridge(s).gamma(0.5))(-1.0))
 
