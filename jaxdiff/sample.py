@@ -21,6 +21,7 @@ from jax.typing import ArrayLike
 
 from jaxdiff import _engine
 from jaxdiff._checks import check_count, check_finite, data_dtype, expand_like, wide_dtype
+from jaxdiff._programs import run_jit
 from jaxdiff.field import Field, as_field, batch_time
 from jaxdiff.field import denoise as denoise_step
 from jaxdiff.integrate import Solution
@@ -102,11 +103,13 @@ def sample(
 
     ``key`` may be ``None`` for a deterministic sampler started from ``x_init``.
 
-    Called eagerly, every call compiles its program (a fraction of a second for a small network):
-    a call you repeat belongs inside ``jax.jit``, with the parameters as an argument, e.g.
-    ``draw = jax.jit(lambda key, p: sample(key, path, field.bind(p), shape, steps=20).x)``. (A
-    cache across eager calls would keep the arrays a field's function closes over, and sample
-    with stale parameters after they change.)
+    Called eagerly, a call traces its program and reuses the compiled program of an earlier call
+    that lowered to the same text (another key, another sampler object, new ``field.params``):
+    ~0.1-0.3 s for an MLP instead of 0.5-3 s. Arrays a field's function closes over are
+    constants of the text, so new values compile anew (never a stale result); programs with host
+    callbacks (the mixture oracles' run-time checks) compile every call. A loop of calls belongs
+    inside ``jax.jit``, with the parameters as an argument, e.g.
+    ``draw = jax.jit(lambda key, p: sample(key, path, field.bind(p), shape, steps=20).x)``.
 
     ``path`` is a :class:`~jaxdiff.GaussianPath`, or a :class:`~jaxdiff.StochasticInterpolant`
     for the samplers that take one (``jd.samplers.interpolant_sde``; then ``x_init`` or
@@ -207,7 +210,7 @@ def sample(
         return x, buf
 
     field_arrays, field_static = eqx.partition(field, eqx.is_array)
-    x, buf = jax.jit(run)(field_arrays, x, keys, buf)
+    x, buf = run_jit(run, field_arrays, x, keys, buf)  # an eager repeat reuses the program
     x = check_finite(x, "the sample (check the field, the time grid and the step sizes)")
     nfe = sampler.nfe(n) + int(denoise)
     buf = None if buf is None else buf.astype(user_dtype)

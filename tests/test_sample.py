@@ -849,3 +849,53 @@ def test_messages_name_the_users_mistake():
         jd.sample(jax.random.key(0), path, field, (4, 2), save_ts=jnp.zeros(1))
     sol = jd.sample(jax.random.key(0), path, field, (4, 2), save_ts=jnp.zeros(1), denoise=True)
     np.testing.assert_array_equal(sol.xs[0], sol.x)
+
+
+def test_an_eager_repeat_reuses_its_program_and_never_a_stale_one():
+    """``jd.sample`` called eagerly jits a fresh closure; its compiled program is kept by the
+    lowered text: a repeat with another key, a fresh sampler or new ``params`` runs the same
+    program (equal to a jitted call's numbers), while new closed-over constants or a host
+    callback's other function are new programs (never a stale result)."""
+    from jaxdiff import _programs
+
+    path = jd.linear_path()
+    f = jd.Field(lambda p, x, t: jnp.tanh(p * x + t[:, None]), "velocity", 0.5)
+    f = jd.Field(f.fn, "velocity", jnp.asarray(0.5))  # params: an array, an argument
+    _programs._cache.clear()
+
+    def draw(field, key, sampler=None):
+        return jd.sample(key, path, field, (4, 2), sampler=sampler or jd.samplers.ode(), steps=3).x
+
+    a = draw(f, jax.random.key(0))
+    b = draw(f, jax.random.key(1), jd.samplers.ode())  # a new sampler object, another key
+    c = draw(f.bind(jnp.asarray(-2.0)), jax.random.key(0))
+    assert len(_programs._cache) == 1
+    jitted = jax.jit(draw, static_argnums=2)  # traced: compiled on its own, no cache
+    for got, field, seed in ((a, f, 0), (b, f, 1), (c, f.bind(jnp.asarray(-2.0)), 0)):
+        np.testing.assert_allclose(got, jitted(field, jax.random.key(seed)), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(a, b) and not np.allclose(a, c)
+    x_init = jnp.ones((4, 2))
+    for w in (1.0, 3.0):  # a closed-over array: a constant of the text, a new program
+        const = jnp.full((1, 2), w)
+        field = jd.Field(lambda x, t, c=const: jnp.zeros_like(x) + c, "velocity")
+        x = jd.sample(None, path, field, (4, 2), x_init=x_init, steps=3).x
+        np.testing.assert_allclose(x, 1.0 - w * (1.0 - 1e-3), atol=1e-6)  # x_init - w (1 - t_end)
+    assert len(_programs._cache) == 3
+
+    def closed_over(w):  # under grad (and jit) the field closes over a tracer: not cached
+        field = jd.Field(lambda x, t: jnp.zeros_like(x) + w, "velocity")
+        return jd.sample(None, path, field, (4, 2), x_init=x_init, steps=3).x.sum()
+
+    for outer in (jax.grad, lambda f: jax.jit(jax.grad(f))):
+        np.testing.assert_allclose(outer(closed_over)(2.0), -8 * (1.0 - 1e-3), rtol=1e-6)
+    assert len(_programs._cache) == 3
+    for host in (np.sin, np.cos):  # the same text; a callback's function is not in it
+
+        def velocity(x, t, host=host):  # the value comes from the host function alone
+            like = jax.ShapeDtypeStruct(x.shape, x.dtype)
+            return jax.pure_callback(lambda v: np.full_like(v, host(1.0)), like, x)
+
+        field = jd.Field(velocity, "velocity")
+        x = jd.sample(None, path, field, (4, 2), x_init=x_init, steps=3).x
+        np.testing.assert_allclose(x, 1.0 - host(1.0) * (1.0 - 1e-3), atol=1e-6)
+    assert len(_programs._cache) == 3
