@@ -889,6 +889,26 @@ def test_an_eager_repeat_reuses_its_program_and_never_a_stale_one():
     for outer in (jax.grad, lambda f: jax.jit(jax.grad(f))):
         np.testing.assert_allclose(outer(closed_over)(2.0), -8 * (1.0 - 1e-3), rtol=1e-6)
     assert len(_programs._cache) == 3
+
+    class Net:  # one function object whose mode picks the leaf it reads (live or EMA weights)
+        use = "live"
+
+        def __call__(self, p, x, t):
+            return jnp.zeros_like(x) + p[self.use]
+
+    net = Net()  # jit drops the unused leaf from the text: both modes print the same text
+    weights = jd.Field(net, "velocity", {"live": jnp.asarray(1.0), "ema": jnp.asarray(5.0)})
+    for use, w in (("live", 1.0), ("ema", 5.0)):
+        net.use = use
+        x = jd.sample(None, path, weights, (4, 2), x_init=x_init, steps=3).x
+        np.testing.assert_allclose(x, 1.0 - w * (1.0 - 1e-3), atol=1e-5)
+    with jax.disable_jit():  # jit's own path (the AOT path refuses disable_jit)
+        x = jd.sample(None, path, weights, (4, 2), x_init=x_init, steps=3).x
+    np.testing.assert_allclose(x, 1.0 - 5.0 * (1.0 - 1e-3), atol=1e-5)
+    nan = jd.Field(lambda x, t: x * jnp.nan, "velocity")
+    with jax.debug_nans(True), pytest.raises(FloatingPointError):  # names the operation
+        jd.sample(None, path, nan, (4, 2), x_init=x_init, steps=3)
+    _programs.clear()
     for host in (np.sin, np.cos):  # the same text; a callback's function is not in it
 
         def velocity(x, t, host=host):  # the value comes from the host function alone
@@ -898,4 +918,4 @@ def test_an_eager_repeat_reuses_its_program_and_never_a_stale_one():
         field = jd.Field(velocity, "velocity")
         x = jd.sample(None, path, field, (4, 2), x_init=x_init, steps=3).x
         np.testing.assert_allclose(x, 1.0 - host(1.0) * (1.0 - 1e-3), atol=1e-6)
-    assert len(_programs._cache) == 3
+    assert len(_programs._cache) == 0
