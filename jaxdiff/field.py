@@ -114,14 +114,16 @@ def batch_time(t: Any, x: ArrayLike) -> Array:
     return jnp.broadcast_to(t, x.shape[:1])
 
 
-def evaluate(field: Field, x: ArrayLike, t: Any, *args: Any) -> Array:
-    """``field(x, t, *args)`` for any batch shape: ``t`` a scalar, or one time per sample of shape
-    ``x.shape[:k]``.
+def evaluate(field: Field, x: ArrayLike, t: Any, *args: Any, **kwargs: Any) -> Array:
+    """``field(x, t, *args, **kwargs)`` for any batch shape: ``t`` a scalar, or one time per sample
+    of shape ``x.shape[:k]``.
 
-    For ``k >= 2`` the ``k`` batch axes of ``x`` (and of each ``arg`` whose shape starts with
-    ``t.shape``: labels, a second time) are flattened into the one batch axis of the field
-    contract, and the output is reshaped to ``t.shape + event``; ``k <= 1`` is ``field(x,
-    batch_time(t, x), *args)``. A time shaped otherwise is refused, naming both shapes.
+    For ``k >= 2`` the ``k`` batch axes of ``x`` (and of every array in ``args`` and ``kwargs``
+    whose shape starts with ``t.shape``: labels, a second time) are flattened into the one batch
+    axis of the field contract, and the output is reshaped to ``t.shape + event``; ``x`` keeps at
+    least one event axis. ``k <= 1`` is ``field(x, batch_time(t, x), *args, **kwargs)``. A time
+    shaped otherwise is refused, naming both shapes. Arrays a field closes over (labels bound by
+    ``classifier_free_guidance``) are not reshaped: bind them per flattened sample.
 
     >>> import jax.numpy as jnp, jaxdiff as jd
     >>> f = jd.Field(lambda x, t: x * t[:, None], "eps")  # written for one batch axis
@@ -131,12 +133,12 @@ def evaluate(field: Field, x: ArrayLike, t: Any, *args: Any) -> Array:
     x = jnp.asarray(x)
     t = as_time(t)
     if t.ndim <= 1:
-        return field(x, batch_time(t, x), *args)
+        return field(x, batch_time(t, x), *args, **kwargs)
     k = t.ndim
-    if x.shape[:k] != t.shape:
+    if x.shape[:k] != t.shape or x.ndim == k:
         raise ValueError(
             f"t has shape {t.shape}; expected a scalar or one time per sample, x.shape[:k] for "
-            f"k batch axes (x has shape {x.shape})"
+            f"k batch axes before at least one event axis (x has shape {x.shape})"
         )
     n = math.prod(t.shape)
 
@@ -145,7 +147,8 @@ def evaluate(field: Field, x: ArrayLike, t: Any, *args: Any) -> Array:
             return jnp.reshape(a, (n,) + tuple(a.shape[k:]))
         return a
 
-    out = field(flat(x), t.reshape(n), *map(flat, args))
+    args, kwargs = jax.tree.map(flat, (args, kwargs))
+    out = field(flat(x), t.reshape(n), *args, **kwargs)
     return out.reshape(t.shape + out.shape[1:])
 
 

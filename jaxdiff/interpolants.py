@@ -193,10 +193,11 @@ class StochasticInterpolant(eqx.Module):
         out, x, x0, x1 = widen(x, x0, x1, out=data_dtype(jnp.result_type(x, x0, x1)))
         mean = self.interpolate(x0, x1, jnp.zeros_like(x), t)
         var = expand_like(jnp.square(self.gamma(t)), x).astype(x.dtype)
-        value = (-(x - mean) / var).astype(out)
-        if concrete(t) is None:
-            value = error_if(value, var == 0, f"{what}; take t inside (0, 1)")
-        return value
+        diff = x - mean
+        value = -diff / var
+        small = (var == 0) | (~jnp.isfinite(value) & jnp.isfinite(diff))  # 0, or overflowing
+        message = f"{what} or so small that the score overflows; take t inside (0, 1)"
+        return error_if(value, small, message).astype(out)
 
 
 def brownian_bridge(sigma: ArrayLike = 1.0) -> StochasticInterpolant:

@@ -89,8 +89,12 @@ def test_interpolant_and_bridge_checks():
         with pytest.raises(Exception, match="gamma_t', which is not finite; take t inside"):
             jax.block_until_ready(both(jnp.array([0.2, t, 0.7])))
     score_only = jax.jit(lambda t: bridge.conditional_score(x3, x3, x3, t))
-    with pytest.raises(Exception, match="divides by gamma_t\\^2, which is 0; take t inside"):
+    with pytest.raises(Exception, match="divides by gamma_t\\^2, which is 0 or so small"):
         jax.block_until_ready(score_only(jnp.array([0.2, 0.5, 1.0])))
+    far = jnp.full((3, 2), 1e3)  # gamma_t^2 ~ 1e-36 is not 0, but the score overflows
+    for call in (jax.jit(bridge.conditional_score), bridge.conditional_score):
+        with pytest.raises(Exception, match="so small that the score overflows"):
+            jax.block_until_ready(call(far, x3 * 0, x3 * 0, jnp.array([0.5, 4e-36, 0.5])))
     with pytest.raises(Exception, match="sigma must be finite and >= 0"):
         jax.block_until_ready(jax.jit(lambda s: jd.brownian_bridge(s).gamma(0.5))(-1.0))
 

@@ -183,3 +183,9 @@ def test_several_batch_axes_reach_a_one_axis_network_flattened():
         jd.denoise(path, field, x, t[:, :2])
     with pytest.raises(ValueError, match=r"t has shape \(3,\); expected a scalar"):
         jd.predict(path, field, x, t[0])
+    with pytest.raises(ValueError, match=r"t has shape \(4, 2\).*before at least one event"):
+        jd.denoise(path, field, x[..., 0], t[:, :2])  # t[:, None]-like: no event axis left
+    # pytrees and keywords of per-sample arrays are flattened with x
+    pairs = jd.Field(lambda x, t, c, scale=1.0: x * c["a"][:, None] * scale[:, None], "eps")
+    got = jd.evaluate(pairs, x, t, {"a": labels}, scale=t)
+    np.testing.assert_allclose(got, x * labels[..., None] * t[..., None], rtol=1e-6)
