@@ -24,6 +24,7 @@ from benchmarks.common import device_tag, environment
 
 SECTIONS = [
     "solver_overhead",
+    "eager",
     "peers",
     "schedulers",
     "accuracy",

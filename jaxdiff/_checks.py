@@ -44,6 +44,13 @@ def as_time(t: Any, dtype: Any = None) -> Array:
     return t
 
 
+def vector_length(n: int) -> int:
+    """A power of two ``>= max(n, 16)``: the length grids are computed on and then cut, so that
+    sizes share a compiled program (eager ops compile one program per shape, ~25 ms each) and
+    every element runs in XLA's vector loop (a grid's numbers then do not depend on its length)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def coef_time(t: Any) -> Array:
     """``t`` as a floating array of at least float32: the dtype schedule coefficients are computed in.
 

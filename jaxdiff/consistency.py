@@ -64,6 +64,7 @@ from jaxdiff._checks import (
     expand_like,
     normal_like,
     safe_sqrt,
+    vector_length,
     wide_dtype,
 )
 from jaxdiff.conversions import convert
@@ -172,16 +173,9 @@ def consistency_grid(
     # computed on a power-of-two length and cut: one compile per length, not per size (CT's 150
     # grids took ~70 s to build one by one), the same numbers (elementwise, op by op)
     with jax.ensure_compile_time_eval():
-        i = jnp.arange(_vector_length(num_scales))
+        i = jnp.arange(vector_length(num_scales))
         grid = _grid_at(i, jnp.asarray(num_scales), t_min, t_max, rho)
     return jnp.asarray(np.asarray(grid)[:num_scales])
-
-
-def _vector_length(n: int) -> int:
-    """A power of two ``>= max(n, 16)``: the length the grids are computed on, so that sizes
-    share a compiled program and every element runs in XLA's vector loop (a grid's numbers then
-    do not depend on its length or on the grids beside it)."""
-    return max(16, 1 << (n - 1).bit_length())
 
 
 def _grid_at(i: Array, num_scales: ArrayLike, t_min: float, t_max: float, rho: float) -> Array:
@@ -560,7 +554,7 @@ def _check_lognormal(lognormal: Any, unknown_sizes: bool) -> tuple[float, float]
 def _on_grids(fn: Callable[[Array], Array], grids: list[np.ndarray]) -> list[np.ndarray]:
     """``fn`` (elementwise) of each grid, evaluated once on the grids padded into one array
     (one compile, not one per grid size: CT's curriculum has 150), each row cut to its grid."""
-    padded = _pad_rows(grids, _vector_length(max(len(g) for g in grids)))
+    padded = _pad_rows(grids, vector_length(max(len(g) for g in grids)))
     with jax.ensure_compile_time_eval():
         values = np.asarray(fn(jnp.asarray(padded, jnp.float32)))
     return [row[: len(g)] for row, g in zip(values, grids, strict=True)]

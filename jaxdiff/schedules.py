@@ -24,6 +24,7 @@ from jaxdiff._checks import (
     check_time,
     concrete,
     tie_check,
+    vector_length,
 )
 from jaxdiff.paths import GaussianPath
 
@@ -137,7 +138,7 @@ def log_snr_grid(
     steps = check_count(steps, "steps")
     t_start, t_end = _check_ends(t_start, t_end)
     lam = _spaced(path, steps, t_start, t_end, lambda u, lo, hi: lo + u * (hi - lo), cap_end=True)
-    return _pin_ends(path.t_from_log_snr(lam), t_start, t_end)
+    return _to_times(path, lam, steps, t_start, t_end)
 
 
 def karras_grid(
@@ -160,7 +161,7 @@ def karras_grid(
         return -2.0 * rho * jnp.log(lo + u * (hi - lo))
 
     lam = _spaced(path, steps, t_start, t_end, spacing)
-    return _pin_ends(path.t_from_log_snr(lam), t_start, t_end)
+    return _to_times(path, lam, steps, t_start, t_end)
 
 
 _LOG_SNR_CAP = -2.0 * math.log(80.0)  # EDM's sigma_max = 80, for starts where alpha = 0
@@ -168,7 +169,9 @@ _LOG_SNR_CAP_END = -2.0 * math.log(0.002)  # EDM's sigma_min = 0.002, for ends w
 
 
 def _spaced(path: GaussianPath, steps: int, t_start, t_end, spacing, cap_end=False) -> Array:
-    """``steps + 1`` log-SNRs from ``lambda(t_start)`` to ``lambda(t_end)`` by ``spacing(u, hi, lo)``.
+    """``steps + 1`` log-SNRs from ``lambda(t_start)`` to ``lambda(t_end)`` by ``spacing(u, hi, lo)``,
+    padded to ``vector_length(steps + 1)`` (eager ops then compile once per length bucket, not
+    per step count; :func:`_to_times` cuts).
 
     Where ``lambda(t_start) = -inf`` (``alpha = 0``) the first point stays ``-inf`` and the other
     points are spaced from ``_LOG_SNR_CAP``: the first step is then the exact-in-the-limit
@@ -187,12 +190,14 @@ def _spaced(path: GaussianPath, steps: int, t_start, t_end, spacing, cap_end=Fal
     hi = jnp.where(open_start, lam_start, _LOG_SNR_CAP)
     lam_hi = jnp.where(open_start, lam_start, jnp.minimum(_LOG_SNR_CAP, lo - 1.0))
     lam_lo = jnp.where(open_end, lam_end, jnp.maximum(_LOG_SNR_CAP_END, hi + 1.0))
+    i = jnp.arange(vector_length(steps + 1), dtype=dtype)
 
     def grid(capped_start: bool, capped_end: bool) -> Array:
+        # jnp.linspace(0, 1, n)'s points, i / (n - 1), shifted past a capped first point
         n = steps + 1 - capped_start - capped_end
-        inner = spacing(jnp.linspace(0.0, 1.0, max(n, 1), dtype=dtype), lam_hi, lam_lo)[:n]
-        head = jnp.full((int(capped_start),), -jnp.inf, dtype)
-        return jnp.concatenate([head, inner, jnp.full((int(capped_end),), jnp.inf, dtype)])
+        inner = spacing(jnp.clip((i - capped_start) / max(n - 1, 1), 0.0, 1.0), lam_hi, lam_lo)
+        inner = jnp.where(i < capped_start, -jnp.inf, inner)
+        return jnp.where(i > steps - capped_end, jnp.inf, inner) if capped_end else inner
 
     if steps == 1:
         return grid(False, False)
@@ -203,9 +208,20 @@ def _spaced(path: GaussianPath, steps: int, t_start, t_end, spacing, cap_end=Fal
     return out
 
 
-def _pin_ends(ts: Array, t_start, t_end) -> Array:
-    """Set the end points exactly (bisection leaves ~1e-7 errors)."""
-    return ts.at[0].set(t_start).at[-1].set(t_end)
+def _to_times(path: GaussianPath, lam: Array, steps: int, t_start, t_end) -> Array:
+    """The times of the padded log-SNRs ``lam``, the end points set exactly (bisection leaves
+    ~1e-7 errors), cut to ``steps + 1``."""
+    i = jnp.arange(lam.shape[0])
+    ts = path.t_from_log_snr(lam)
+    ts = jnp.where(i == 0, jnp.asarray(t_start, ts.dtype), ts)
+    ts = jnp.where(i == steps, jnp.asarray(t_end, ts.dtype), ts)
+    return _cut(ts, steps + 1)
+
+
+def _cut(values: Array, n: int) -> Array:
+    """``values[:n]``, on the host where the values are known (a slice compiles per length)."""
+    known = concrete(values)
+    return values[:n] if known is None else jnp.asarray(known[:n])
 
 
 def default_grid(

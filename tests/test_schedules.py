@@ -67,13 +67,19 @@ def test_log_snr_grid_is_uniform_in_log_snr(path, x64):
 
 
 def test_karras_grid_matches_edm_formula_on_ve(x64):
-    """On VE, sigma_t / alpha_t = sigma_t: the grid's sigmas are EDM's eq. 5."""
-    path, rho, n = jd.ve_path(0.002, 80.0), 7.0, 18
-    g = jd.karras_grid(path, n, 1.0, 0.0, rho=rho)
-    i = np.arange(n + 1)
+    """On VE, sigma_t / alpha_t = sigma_t: the grid's sigmas are EDM's eq. 5, at step counts on
+    both sides of the padded lengths the grids are computed on (16, 32), eagerly and traced."""
+    path, rho = jd.ve_path(0.002, 80.0), 7.0
     smax, smin = 80.0, 0.002
-    edm = (smax ** (1 / rho) + i / n * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
-    np.testing.assert_allclose(path.sigma(g), edm, rtol=1e-8)
+    traced = jax.jit(
+        lambda t_end, n: jd.karras_grid(path, n, 1.0, t_end, rho=rho), static_argnums=1
+    )
+    for n in (1, 2, 14, 15, 16, 18, 31, 40):
+        g = jd.karras_grid(path, n, 1.0, 0.0, rho=rho)
+        i = np.arange(n + 1)
+        edm = (smax ** (1 / rho) + i / n * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+        np.testing.assert_allclose(path.sigma(g), edm, rtol=1e-8)
+        np.testing.assert_allclose(traced(0.0, n), g, rtol=1e-13)  # XLA fuses it otherwise
 
 
 def test_karras_grid_on_vp_and_linear_is_monotone_and_pinned(x64):
