@@ -129,6 +129,20 @@ def _parser() -> _Parser:
         "log(sigma/alpha) (Song & Dhariwal 2024: -1.1 2.0), not uniformly",
     )
     train.add_argument(
+        "--t-max",
+        type=float,
+        dest="t_max",
+        metavar="T",
+        help="consistency: the grid's last time, where sampling starts (default 1)",
+    )
+    train.add_argument(
+        "--ct-weighting",
+        choices=("inverse_gap", "unit", "inverse_sigma_gap"),
+        dest="ct_weighting",
+        help="consistency: the weight of an interval, 1/(t_{n+1} - t_n) (default), 1, or iCT's "
+        "1/(s_{n+1} - s_n) in s = sigma/alpha (Song & Dhariwal 2024; needs --t-max < 1)",
+    )
+    train.add_argument(
         "--target-guidance",
         type=float,
         dest="target_guidance",
@@ -252,7 +266,7 @@ TRAIN_KEYS = (
     "data path loss target weighting time model width depth channels conditional label_dropout "
     "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg precond "
     "sigma_data dropout dtype ema_targets target_ema target_guidance target_guidance_mix "
-    "target_guidance_interval num_scales curriculum lognormal"
+    "target_guidance_interval num_scales curriculum lognormal t_max ct_weighting"
 ).split()
 TRAIN_KEYS += ["images", "flip"]  # image data of your own (jaxdiff.run_images)
 

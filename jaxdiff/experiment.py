@@ -113,6 +113,8 @@ DEFAULTS: dict[str, Any] = {
     "num_scales": 16,  # consistency: the grid's points (the last stage's with a curriculum)
     "curriculum": "none",  # consistency: ct or ict grows the grid over the run (one program)
     "lognormal": None,  # consistency: iCT's log-normal intervals (P_mean, P_std), else uniform
+    "t_max": 1.0,  # consistency: the grid's last time (and where sampling starts)
+    "ct_weighting": "inverse_gap",  # consistency: the interval's weight (iCT: inverse_sigma_gap)
     "target_guidance": None,  # conditional meanflow, shortcut: guided targets (the cfg scale)
     "target_guidance_mix": 0.0,  # meanflow's guided targets: the conditional share k
     "target_guidance_interval": None,  # meanflow's guided targets: (t_lo, t_hi), else all t
@@ -145,6 +147,7 @@ def resolve(config: dict) -> dict:
     _choice(c, "curriculum", CURRICULA)
     if c["loss"] == "consistency":  # else refused below as unused
         check_count(c["num_scales"], "num_scales", minimum=2 if c["curriculum"] == "none" else 3)
+    _check_consistency_grid(c)
     if c["lognormal"] is not None:
         from jaxdiff.consistency import _check_lognormal
 
@@ -210,6 +213,23 @@ def resolve(config: dict) -> dict:
     return c
 
 
+def _check_consistency_grid(c: dict) -> None:
+    """``t_max`` in ``(0, 1]`` and a consistency weighting; iCT's ``inverse_sigma_gap`` needs
+    ``alpha_t > 0`` on the grid, so ``t_max < 1`` on the fm and cosine paths."""
+    from jaxdiff.consistency import WEIGHTINGS as CT_WEIGHTINGS
+
+    t_max = c["t_max"]
+    if isinstance(t_max, bool) or not isinstance(t_max, int | float) or not 0.0 < t_max <= 1.0:
+        raise ValueError(f"t_max must be a number in (0, 1]; got {t_max!r}")
+    c["t_max"] = float(t_max)
+    _choice(c, "ct_weighting", CT_WEIGHTINGS)
+    if c["ct_weighting"] == "inverse_sigma_gap" and c["t_max"] == 1.0:
+        raise ValueError(
+            "ct_weighting inverse_sigma_gap weighs by the gap in sigma_t / alpha_t, infinite at "
+            "t = 1 where alpha = 0: give --t-max below 1 (iCT's 80 on VE is t_max = 0.9877 on fm)"
+        )
+
+
 def _check_unused(c: dict) -> None:
     """Refuse a value the run would ignore (it was stored in the checkpoint as if used), as
     ``ot_reg`` without a Sinkhorn coupling is; a value equal to the default cannot be told apart."""
@@ -227,6 +247,8 @@ def _check_unused(c: dict) -> None:
         "num_scales": (c["loss"] != "consistency", "the grid of --loss consistency"),
         "curriculum": (c["loss"] != "consistency", "the grid's growth in --loss consistency"),
         "lognormal": (c["loss"] != "consistency", "the intervals' law in --loss consistency"),
+        "t_max": (c["loss"] != "consistency", "the grid's end in --loss consistency"),
+        "ct_weighting": (c["loss"] != "consistency", "the intervals' weight in --loss consistency"),
         "sigma_data": (
             c["precond"] != "edm" and c["weighting"] != "edm",
             "the data's scale for --precond edm or --weighting edm",
@@ -567,7 +589,10 @@ def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
     if c["loss"] == "consistency":
         ln = c["lognormal"]
         ln = None if ln is None else tuple(ln)
-        return consistency_training_loss(net, path, num_scales=consistency_scales(c), lognormal=ln)
+        return consistency_training_loss(
+            net, path, num_scales=consistency_scales(c), lognormal=ln, t_max=float(c["t_max"]),
+            weighting=c["ct_weighting"],
+        )  # fmt: skip
     if c["time"] == "uniform":  # the shortcut loss's own default draws (0, 1]: t = 0 is inf
         times = None if c["loss"] == "shortcut" else L.uniform_time(0.0, 1.0)  # on cosine
     else:

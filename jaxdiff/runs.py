@@ -139,7 +139,11 @@ def _fewstep_sampler(c, setup, solver, steps, eta, guidance, interval, batch) ->
         else:
             field = Field(fn, c["target"], params)
         shape_n = (labels.shape[0], *shape)
-        return sample(key, setup.path, field, shape_n, sampler=sampler, steps=steps).x
+        t_max = c["t_max"]  # a consistency grid ending below 1 is sampled from its end
+        t_start = None if two_times or t_max == 1.0 else t_max
+        return sample(
+            key, setup.path, field, shape_n, sampler=sampler, steps=steps, t_start=t_start
+        ).x
 
     return _batched(draw, batch, f"the {loss} sampler, {steps} steps")
 

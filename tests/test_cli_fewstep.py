@@ -62,6 +62,13 @@ from tests.net_helpers import perturb
         (["--loss", "meanflow", "--num-scales", "8"], "num_scales 8 is the grid of --loss"),
         (["--loss", "meanflow", "--num-scales", "1"], "num_scales 1 is the grid of --loss"),
         (["--lognormal", "-1.1", "2"], "lognormal [-1.1, 2.0] is the intervals' law in --loss"),
+        (["--t-max", "0.9"], "t_max 0.9 is the grid's end in --loss consistency"),
+        (["--ct-weighting", "unit"], "ct_weighting unit is the intervals' weight in --loss"),
+        (["--loss", "consistency", "--t-max", "0"], "t_max must be a number in (0, 1]; got 0.0"),
+        (
+            ["--loss", "consistency", "--ct-weighting", "inverse_sigma_gap"],
+            "infinite at t = 1 where alpha = 0: give --t-max below 1",
+        ),
         (["--loss", "consistency", "--lognormal", "0", "-1"], "finite with P_std > 0"),
         (
             ["--loss", "consistency", "--curriculum", "ict", "--num-scales", "2"],
@@ -339,6 +346,30 @@ def test_a_consistency_curriculum_from_the_command_line_is_the_api_s():
                                              lognormal=(-1.1, 2.0))  # fmt: skip
         np.testing.assert_allclose(setup.loss(params, jax.random.key(2), batch, step=jnp.int32(k)),
                                    fixed(params, jax.random.key(2), batch), rtol=1e-6)  # fmt: skip
+
+
+def test_ict_weighting_and_t_max_from_the_command_line_are_the_api_s():
+    """``--t-max 0.99 --ct-weighting inverse_sigma_gap``: the loss is the API's with that grid end
+    and weighting (not the default's), and its sampler starts at 0.99, not at 1."""
+    c = E.resolve({"loss": "consistency", "data": "8gaussians", "steps": 10, "num_scales": 9,
+                   "t_max": 0.99, "ct_weighting": "inverse_sigma_gap"})  # fmt: skip
+    setup = E.build(c)
+    params = jax.tree.map(lambda p: p + 0.05, E.init_state(c, setup)[0].params)
+    batch = setup.sample_batch(jax.random.key(1))
+    net = jd.Field(E.network_fn(c, setup.model), "x0")
+    api = jd.consistency_training_loss(
+        net, setup.path, num_scales=9, t_max=0.99, weighting="inverse_sigma_gap"
+    )
+    value = setup.loss(params, jax.random.key(2), batch)
+    np.testing.assert_allclose(value, api(params, jax.random.key(2), batch), rtol=1e-6)
+    default = jd.consistency_training_loss(net, setup.path, num_scales=9)
+    assert abs(float(value) - float(default(params, jax.random.key(2), batch))) > 1e-3 * value
+    draw = make_sampler(c, setup, steps=1, batch=8)
+    x, _ = draw(params, jax.random.key(3), 8)
+    field = net.bind(params)
+    direct = jd.sample(jax.random.fold_in(jax.random.key(3), 0), setup.path, field, (8, 2),
+                       sampler=jd.samplers.consistency(), steps=1, t_start=0.99).x  # fmt: skip
+    np.testing.assert_allclose(x, direct, rtol=1e-5, atol=1e-6)
 
 
 def test_resuming_a_curriculum_with_more_steps_says_where_its_grid_stands(tmp_path, capsys):
