@@ -223,7 +223,8 @@ def _check_consistency_grid(c: dict) -> None:
         raise ValueError(f"t_max must be a number in (0, 1]; got {t_max!r}")
     c["t_max"] = float(t_max)
     _choice(c, "ct_weighting", CT_WEIGHTINGS)
-    if c["ct_weighting"] == "inverse_sigma_gap" and c["t_max"] == 1.0:
+    alpha_vanishes = c["path"] in ("fm", "cosine")  # the other paths are refused for consistency
+    if c["ct_weighting"] == "inverse_sigma_gap" and c["t_max"] == 1.0 and alpha_vanishes:
         raise ValueError(
             "ct_weighting inverse_sigma_gap weighs by the gap in sigma_t / alpha_t, infinite at "
             "t = 1 where alpha = 0: give --t-max below 1 (iCT's 80 on VE is t_max = 0.9877 on fm)"

@@ -194,10 +194,10 @@ class StochasticInterpolant(eqx.Module):
         mean = self.interpolate(x0, x1, jnp.zeros_like(x), t)
         var = expand_like(jnp.square(self.gamma(t)), x).astype(x.dtype)
         diff = x - mean
-        value = -diff / var
+        value = (-diff / var).astype(out)  # checked in the output's dtype (float16 overflows)
         small = (var == 0) | (~jnp.isfinite(value) & jnp.isfinite(diff))  # 0, or overflowing
         message = f"{what} or so small that the score overflows; take t inside (0, 1)"
-        return error_if(value, small, message).astype(out)
+        return error_if(value, small, message)
 
 
 def brownian_bridge(sigma: ArrayLike = 1.0) -> StochasticInterpolant:

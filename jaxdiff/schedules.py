@@ -151,6 +151,10 @@ def karras_grid(
     """EDM's grid (Karras et al. 2022, eq. 5) in ``s = sigma_t / alpha_t``, mapped back to ``t``.
 
     ``s_i^(1/rho)`` is uniform between ``s(t_start)^(1/rho)`` and ``s(t_end)^(1/rho)``; ``rho = 7``.
+    Where ``s(t_end) = 0`` (``t_end = 0`` on VP, linear, cosine paths) the last point stays
+    ``t_end`` and the others end at EDM's ``sigma_min = 0.002``, as EDM's grid does (spaced down
+    to ``s = 0`` its last points crowded at ~1e-19 and every gradient was NaN); where
+    ``alpha(t_start) = 0`` the first stays ``t_start`` and the others start at ``s = 80``.
     """
     steps = check_count(steps, "steps")
     t_start, t_end = _check_ends(t_start, t_end)
@@ -160,7 +164,7 @@ def karras_grid(
         lo, hi = jnp.exp(-lam_hi / (2 * rho)), jnp.exp(-lam_lo / (2 * rho))
         return -2.0 * rho * jnp.log(lo + u * (hi - lo))
 
-    lam = _spaced(path, steps, t_start, t_end, spacing)
+    lam = _spaced(path, steps, t_start, t_end, spacing, cap_end=True)
     return _to_times(path, lam, steps, t_start, t_end)
 
 

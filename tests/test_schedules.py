@@ -82,6 +82,19 @@ def test_karras_grid_matches_edm_formula_on_ve(x64):
         np.testing.assert_allclose(traced(0.0, n), g, rtol=1e-13)  # XLA fuses it otherwise
 
 
+def test_karras_grid_to_sigma_zero_ends_as_edm_s_does():
+    """``t_end = 0`` where ``sigma = 0`` (VP, linear): the grid is EDM's, ``s`` down to
+    ``sigma_min = 0.002`` and then 0 (spaced down to ``s = 0`` its last points crowded at ~1e-19,
+    repeated, and every gradient in the path's parameters was NaN)."""
+    for path in (jd.vp_path(), jd.linear_path()):
+        g = jd.karras_grid(path, 10, 1.0, 0.0)
+        s = path.sigma(g[:-1]) / path.alpha(g[:-1])
+        assert float(g[-1]) == 0.0 and bool(jnp.all(jnp.diff(g) < 0))
+        np.testing.assert_allclose(s[-1], 0.002, rtol=1e-5)
+    grad = jax.grad(lambda b: jd.karras_grid(jd.vp_path(0.1, b), 10, 1.0, 0.0)[5])(20.0)
+    assert np.isfinite(float(grad)) and float(grad) != 0.0
+
+
 def test_karras_grid_on_vp_and_linear_is_monotone_and_pinned(x64):
     for path in (jd.vp_path(), jd.linear_path()):
         g = jd.karras_grid(path, 10)
