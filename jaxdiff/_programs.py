@@ -56,9 +56,9 @@ def _uncached() -> bool:
 def run_jit(fn: Callable[..., Any], *args: Any) -> Any:
     """``jax.jit(fn)(*args)``, reusing an earlier call's compiled program where the lowered program
     is the same text; under an outer ``jit``, ``grad`` or ``vmap`` it is ``jax.jit(fn)(*args)``."""
-    leaves, tree = jax.tree.flatten(args)
-    if _uncached() or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    if _uncached():  # a traced argument exists only inside a trace
         return jax.jit(fn)(*args)
+    leaves, tree = jax.tree.flatten(args)
     lowered = jax.jit(fn).lower(*args)
     lowering = getattr(lowered, "_lowering", None)
     info = getattr(lowering, "compile_args", None)
