@@ -51,6 +51,13 @@ def vector_length(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())
 
 
+def cut(values: Array, n: int) -> Array:
+    """``values[:n]`` of a grid computed on a :func:`vector_length`, on the host where the values
+    are known (an eager slice compiles per length)."""
+    known = concrete(values)
+    return values[:n] if known is None else jnp.asarray(known[:n])
+
+
 def coef_time(t: Any) -> Array:
     """``t`` as a floating array of at least float32: the dtype schedule coefficients are computed in.
 

@@ -60,6 +60,7 @@ from jaxdiff._checks import (
     check_time,
     coef_time,
     concrete,
+    cut,
     error_if,
     expand_like,
     normal_like,
@@ -175,7 +176,7 @@ def consistency_grid(
     with jax.ensure_compile_time_eval():
         i = jnp.arange(vector_length(num_scales))
         grid = _grid_at(i, jnp.asarray(num_scales), t_min, t_max, rho)
-    return jnp.asarray(np.asarray(grid)[:num_scales])
+    return cut(grid, num_scales)
 
 
 def _grid_at(i: Array, num_scales: ArrayLike, t_min: float, t_max: float, rho: float) -> Array:

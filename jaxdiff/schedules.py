@@ -23,6 +23,7 @@ from jaxdiff._checks import (
     check_positive,
     check_time,
     concrete,
+    cut,
     tie_check,
     vector_length,
 )
@@ -219,13 +220,7 @@ def _to_times(path: GaussianPath, lam: Array, steps: int, t_start, t_end) -> Arr
     ts = path.t_from_log_snr(lam)
     ts = jnp.where(i == 0, jnp.asarray(t_start, ts.dtype), ts)
     ts = jnp.where(i == steps, jnp.asarray(t_end, ts.dtype), ts)
-    return _cut(ts, steps + 1)
-
-
-def _cut(values: Array, n: int) -> Array:
-    """``values[:n]``, on the host where the values are known (a slice compiles per length)."""
-    known = concrete(values)
-    return values[:n] if known is None else jnp.asarray(known[:n])
+    return cut(ts, steps + 1)
 
 
 def default_grid(
