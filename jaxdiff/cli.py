@@ -136,6 +136,13 @@ def _parser() -> _Parser:
         help="consistency: the grid's last time, where sampling starts (default 1)",
     )
     train.add_argument(
+        "--rho",
+        type=float,
+        metavar="RHO",
+        help="consistency: the grid's spacing, t_i = (t_max^(1/rho) i/(N-1))^rho (default 1, "
+        "uniform in t; 7 is Karras et al.'s exponent, denser near the data)",
+    )
+    train.add_argument(
         "--ct-weighting",
         choices=("inverse_gap", "unit", "inverse_sigma_gap"),
         dest="ct_weighting",
@@ -266,7 +273,7 @@ TRAIN_KEYS = (
     "data path loss target weighting time model width depth channels conditional label_dropout "
     "steps batch lr ema seed chunk eval_every ckpt_every eval_n source coupling ot_reg precond "
     "sigma_data dropout dtype ema_targets target_ema target_guidance target_guidance_mix "
-    "target_guidance_interval num_scales curriculum lognormal t_max ct_weighting"
+    "target_guidance_interval num_scales curriculum lognormal t_max ct_weighting rho"
 ).split()
 TRAIN_KEYS += ["images", "flip"]  # image data of your own (jaxdiff.run_images)
 

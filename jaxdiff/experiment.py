@@ -115,6 +115,7 @@ DEFAULTS: dict[str, Any] = {
     "lognormal": None,  # consistency: iCT's log-normal intervals (P_mean, P_std), else uniform
     "t_max": 1.0,  # consistency: the grid's last time (and where sampling starts)
     "ct_weighting": "inverse_gap",  # consistency: the interval's weight (iCT: inverse_sigma_gap)
+    "rho": 1.0,  # consistency: the grid's spacing in t (1 uniform; > 1 denser near the data)
     "target_guidance": None,  # conditional meanflow, shortcut: guided targets (the cfg scale)
     "target_guidance_mix": 0.0,  # meanflow's guided targets: the conditional share k
     "target_guidance_interval": None,  # meanflow's guided targets: (t_lo, t_hi), else all t
@@ -214,14 +215,20 @@ def resolve(config: dict) -> dict:
 
 
 def _check_consistency_grid(c: dict) -> None:
-    """``t_max`` in ``(0, 1]`` and a consistency weighting; iCT's ``inverse_sigma_gap`` needs
-    ``alpha_t > 0`` on the grid, so ``t_max < 1`` on the fm and cosine paths."""
+    """``t_max`` in ``(0, 1]``, ``rho > 0`` and a consistency weighting; iCT's
+    ``inverse_sigma_gap`` needs ``alpha_t > 0`` on the grid, so ``t_max < 1`` on the fm and
+    cosine paths."""
     from jaxdiff.consistency import WEIGHTINGS as CT_WEIGHTINGS
 
     t_max = c["t_max"]
     if isinstance(t_max, bool) or not isinstance(t_max, int | float) or not 0.0 < t_max <= 1.0:
         raise ValueError(f"t_max must be a number in (0, 1]; got {t_max!r}")
     c["t_max"] = float(t_max)
+    rho = c["rho"]
+    ok = not isinstance(rho, bool) and isinstance(rho, int | float) and 0 < rho < float("inf")
+    if not ok:  # NaN fails too
+        raise ValueError(f"rho must be a finite number > 0; got {rho!r}")
+    c["rho"] = float(rho)
     _choice(c, "ct_weighting", CT_WEIGHTINGS)
     alpha_vanishes = c["path"] in ("fm", "cosine")  # the other paths are refused for consistency
     if c["ct_weighting"] == "inverse_sigma_gap" and c["t_max"] == 1.0 and alpha_vanishes:
@@ -250,6 +257,7 @@ def _check_unused(c: dict) -> None:
         "lognormal": (c["loss"] != "consistency", "the intervals' law in --loss consistency"),
         "t_max": (c["loss"] != "consistency", "the grid's end in --loss consistency"),
         "ct_weighting": (c["loss"] != "consistency", "the intervals' weight in --loss consistency"),
+        "rho": (c["loss"] != "consistency", "the grid's spacing in --loss consistency"),
         "sigma_data": (
             c["precond"] != "edm" and c["weighting"] != "edm",
             "the data's scale for --precond edm or --weighting edm",
@@ -592,7 +600,7 @@ def _fewstep_loss(c: dict, model: Any, path: GaussianPath):
         ln = None if ln is None else tuple(ln)
         return consistency_training_loss(
             net, path, num_scales=consistency_scales(c), lognormal=ln, t_max=float(c["t_max"]),
-            weighting=c["ct_weighting"],
+            rho=float(c["rho"]), weighting=c["ct_weighting"],
         )  # fmt: skip
     if c["time"] == "uniform":  # the shortcut loss's own default draws (0, 1]: t = 0 is inf
         times = None if c["loss"] == "shortcut" else L.uniform_time(0.0, 1.0)  # on cosine

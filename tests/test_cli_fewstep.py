@@ -65,6 +65,10 @@ from tests.net_helpers import perturb
         (["--t-max", "0.9"], "t_max 0.9 is the grid's end in --loss consistency"),
         (["--ct-weighting", "unit"], "ct_weighting unit is the intervals' weight in --loss"),
         (["--loss", "consistency", "--t-max", "0"], "t_max must be a number in (0, 1]; got 0.0"),
+        (["--rho", "7"], "rho 7.0 is the grid's spacing in --loss consistency"),
+        (["--loss", "consistency", "--rho", "0"], "rho must be a finite number > 0; got 0.0"),
+        (["--loss", "consistency", "--rho", "nan"], "rho must be a finite number > 0; got nan"),
+        (["--loss", "consistency", "--rho", "inf"], "rho must be a finite number > 0; got inf"),
         (
             ["--loss", "consistency", "--ct-weighting", "inverse_sigma_gap"],
             "infinite at t = 1 where alpha = 0: give --t-max below 1",
@@ -370,6 +374,26 @@ def test_ict_weighting_and_t_max_from_the_command_line_are_the_api_s():
     direct = jd.sample(jax.random.fold_in(jax.random.key(3), 0), setup.path, field, (8, 2),
                        sampler=jd.samplers.consistency(), steps=1, t_start=0.99).x  # fmt: skip
     np.testing.assert_allclose(x, direct, rtol=1e-5, atol=1e-6)
+
+
+def test_the_grid_s_rho_from_the_command_line_is_the_api_s():
+    """``--rho 7``: the loss is the API's on ``consistency_grid(N, rho=7)`` (not the uniform
+    default's), with a fixed grid and with iCT's curriculum."""
+    for extra, num_scales in (({}, 9), ({"curriculum": "ict", "steps": 20}, None)):
+        c = E.resolve({"loss": "consistency", "data": "8gaussians", "steps": 10, "num_scales": 9,
+                       "rho": 7, **extra})  # fmt: skip
+        setup = E.build(c)
+        params = jax.tree.map(lambda p: p + 0.05, E.init_state(c, setup)[0].params)
+        batch = setup.sample_batch(jax.random.key(1))
+        net = jd.Field(E.network_fn(c, setup.model), "x0")
+        n = E.consistency_scales(c) if num_scales is None else num_scales
+        step = {} if num_scales is not None else {"step": jnp.asarray(12)}
+        value = setup.loss(params, jax.random.key(2), batch, **step)
+        api = jd.consistency_training_loss(net, setup.path, num_scales=n, rho=7.0)
+        np.testing.assert_allclose(value, api(params, jax.random.key(2), batch, **step), rtol=1e-6)
+        uniform = jd.consistency_training_loss(net, setup.path, num_scales=n)
+        other = uniform(params, jax.random.key(2), batch, **step)
+        assert abs(float(value) - float(other)) > 1e-3 * float(value)
 
 
 def test_resuming_a_curriculum_with_more_steps_says_where_its_grid_stands(tmp_path, capsys):
