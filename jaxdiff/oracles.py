@@ -14,8 +14,6 @@ notebooks and benchmarks.
 
 from __future__ import annotations
 
-import functools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -311,6 +309,7 @@ def _posterior_terms(mix: GaussianMixture, path: GaussianPath, x: Array, t: Arra
     return log_p, score, jnp.sum(resp * x0_k, axis=-2)
 
 
+@jax.custom_jvp
 def _resolvent(covs, a, var, diff):
     """``log det S``, ``diff^T S^{-1} diff``, ``S^{-1} diff`` and ``C S^{-1} diff`` for each
     component, ``S = a^2 C + var I``: covs ``(K, d, d)``, ``a`` and ``var`` ``(*batch, 1, 1)``,
@@ -319,24 +318,22 @@ def _resolvent(covs, a, var, diff):
     With ``C_k = U_k diag(lam_k) U_k^T`` (one ``eigh`` of the K data covariances), ``S`` has
     eigenvalues ``s = a^2 lam_k + var`` in the same basis: inverses and log-determinants are
     elementwise, and no LAPACK call is batched over the samples (two batched ``inv`` in one
-    program hang on CPU with jaxlib 0.10). No derivative goes through ``eigh``, whose own is NaN at
-    repeated eigenvalues (an isotropic component): ``S^{-1} diff`` is a
-    ``lax.custom_linear_solve`` (its derivative and its transpose are solves again, and only the
-    product ``v -> a^2 C v + var v`` is differentiated), and ``log det S`` and the spectral sums
-    its derivatives need carry their rules (:func:`_logdet`, :func:`_spectral`), whose
-    coefficients are solves and products too. So derivatives of every order, forward or reverse
-    (``jax.hessian`` in ``C``, ``jacrev`` divergences, DPS's denoiser VJP), are exact there.
-    The price: a derivative of ``log det S`` in ``C`` forms ``S^{-1}`` for each time,
-    ``(*batch, K, d, d)``; with one time per sample a gradient in ``C`` of the density took
-    139 ms against the eigenbasis' 5 ms (K = 10, d = 64, 512 samples, CPU), 4.8 against 1.5 ms
-    at d = 16 and 2.1 against 1.7 ms at d = 2 (values, divergences and ``d/dt`` as before).
+    program hang on CPU with jaxlib 0.10). The derivative is written out (``d S^{-1} =
+    -S^{-1} dS S^{-1}``, ``d log det S = tr(S^{-1} dS)``) rather than taken through ``eigh``, whose
+    derivative is NaN at repeated eigenvalues (an isotropic component). First derivatives are
+    exact there, and so are second derivatives through ``C`` whose inner derivatives are forward
+    mode (``jax.jvp``, ``jacfwd``: the gradient in ``C`` of ``jd.likelihood.divergence``, hence
+    of ``log_likelihood``, or of ``d/dt`` of the score). An inner ``vjp``, ``grad`` or
+    ``linearize`` (``jax.hessian`` in ``C``, ``jacrev``, DPS's denoiser VJP) transposes the
+    solves' own bodies, and a derivative in ``C`` of it meets ``eigh``'s again: NaN at repeated
+    eigenvalues, inaccurate where rounding splits them. Third derivatives in ``C`` are NaN there
+    too.
     """
-    dtype = jnp.result_type(covs, a, var, diff)  # a solve keeps its right-hand side's dtype
-    covs, a, var, diff = (v.astype(dtype) for v in (covs, a, var, diff))
-    covs = _sym(covs)  # the value reads sym(C) (as eigh does): so do the derivatives
-    pulled = _solve(covs, a, var, diff[..., None])[..., 0]
-    cov_pulled = jnp.einsum("kij,...kj->...ki", covs, pulled)
-    return _logdet(covs, a, var), jnp.sum(diff * pulled, axis=-1), pulled, cov_pulled
+    lam, vecs, s = _spectrum(covs, a, var)  # s: (*batch, K, d)
+    z = jnp.einsum("kji,...kj->...ki", vecs, diff)  # U_k^T diff_k
+    pulled = jnp.einsum("kij,...kj->...ki", vecs, z / s)
+    cov_pulled = jnp.einsum("kij,...kj->...ki", vecs, lam * z / s)
+    return jnp.sum(jnp.log(s), axis=-1), jnp.sum(z**2 / s, axis=-1), pulled, cov_pulled
 
 
 def _spectrum(covs, a, var):
@@ -346,105 +343,75 @@ def _spectrum(covs, a, var):
     return lam, vecs, a**2 * lam + var
 
 
-def _solve(covs, a, var, b):
-    """``S^{-1} b`` for ``b (*batch, K, d, n)``: the solve by :func:`_spectrum`'s basis, its
-    derivatives and transpose by ``lax.custom_linear_solve`` (``S`` is symmetric)."""
-    a4, var4 = a[..., None], var[..., None]  # (*batch, 1, 1, 1)
+def _resolvent_jvp(primals, tangents):
+    """Tangents that are symbolic zeros (``x``'s alone under a divergence, say) cost nothing. The
+    values come from :func:`_resolvent` and :func:`_traces` again, so derivatives of derivatives
+    (``d/dC`` of a divergence or of ``d/dt`` of the score) take these rules too."""
+    covs, a, var, diff = primals
+    d_covs, d_a, d_var, d_diff = _live(tangents)
+    if d_covs is not None:  # the value reads sym(C) only (eigh symmetrises its input): so does dC
+        d_covs = _sym(d_covs)
+    logdet, maha, pulled, cov_pulled = _resolvent(covs, a, var, diff)
 
-    def matvec(v):
-        return a4**2 * jnp.einsum("kij,...kjn->...kin", covs, v) + var4 * v
+    def by_d_covs(v):  # dC_k v_k
+        return jnp.einsum("kij,...kj->...ki", d_covs, v)
 
-    def solve(_, rhs):
-        _, vecs, s = _spectrum(covs, a, var)
-        z = jnp.einsum("kji,...kjn->...kin", vecs, rhs) / s[..., None]
-        return jnp.einsum("kij,...kjn->...kin", vecs, z)
-
-    return jax.lax.custom_linear_solve(matvec, b, solve, symmetric=True)
-
-
-@jax.custom_jvp
-def _inverse(covs, a, var):
-    """``S^{-1} = U diag(1 / s) U^T`` of each component, ``(*batch, K, d, d)``, with
-    ``d S^{-1} = -S^{-1} dS S^{-1}``: its derivatives of every order are products of it."""
-    _, vecs, s = _spectrum(covs, a, var)
-    return jnp.einsum("kai,...ki,kbi->...kab", vecs, 1 / s, vecs)
-
-
-def _inverse_jvp(primals, tangents):
-    covs, a, var = primals
-    d_covs, d_a, d_var = _live(tangents)
-    inverse = _inverse(covs, a, var)
-    lead = (None,) * (a.ndim - 2)  # explicit broadcasting over the batch
-    a, var = a[..., None], var[..., None]  # (*batch, 1, 1, 1)
-    terms = [] if d_covs is None else [a**2 * d_covs[lead]]
-    terms += [] if d_a is None else [2 * a * d_a[..., None] * covs[lead]]
-    eye = jnp.eye(covs.shape[-1], dtype=covs.dtype)[(None,) * (a.ndim - 2)]
-    terms += [] if d_var is None else [d_var[..., None] * eye]
-    if not terms:
-        return inverse, jnp.zeros_like(inverse)
-    d_s = sum(terms[1:], terms[0])  # dS = a^2 dC + 2 a da C + dvar I
-    return inverse, -inverse @ d_s @ inverse
-
-
-def _trace_with(inverse_like, m):
-    """``tr(F M)`` of each component for symmetric ``F (*batch, K, d, d)`` and ``M (K, d, d)``."""
-    return jnp.einsum("...kij,kij->...k", inverse_like, m)
-
-
-@jax.custom_jvp
-def _logdet(covs, a, var):
-    """``log det S`` of each component, ``(*batch, K)``; ``d log det S = tr(S^{-1} dS)``."""
-    return jnp.sum(jnp.log(_spectrum(covs, a, var)[2]), axis=-1)
-
-
-def _logdet_jvp(primals, tangents):
-    covs, a, var = primals
-    d_covs, d_a, d_var = _live(tangents)
-    value = _logdet(covs, a, var)
-    tangent = jnp.zeros_like(value)
-    if d_covs is not None:  # dS = a^2 dC + 2 a da C + dvar I
-        tangent += a[..., 0] ** 2 * _trace_with(_inverse(covs, a, var), d_covs)
-    if d_a is not None:
-        tangent += (2 * a * d_a)[..., 0] * _spectral(covs, a, var, 1, 1)
-    if d_var is not None:
-        tangent += d_var[..., 0] * _spectral(covs, a, var, 1, 0)
-    return value, tangent
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _spectral(covs, a, var, p, q):
-    """``tr(C^q S^{-p}) = sum_i lam_i^q / s_i^p`` of each component, ``(*batch, K)``: cheap in
-    ``C``'s basis. Its derivative in ``a`` and ``var`` is two more of these sums; in ``C`` it is
-    ``tr(f'(C) dC)`` with ``f'(C) = q C^{q-1} S^{-p} - p a^2 C^q S^{-p-1}``, a product of
-    solves, never ``eigh``'s derivative."""
-    lam, _, s = _spectrum(covs, a, var)
-    return jnp.sum(lam**q / s**p, axis=-1)
-
-
-def _spectral_jvp(p, q, primals, tangents):
-    covs, a, var = primals
-    d_covs, d_a, d_var = _live(tangents)
-    value = _spectral(covs, a, var, p, q)
-    tangent = jnp.zeros_like(value)
-    if d_a is not None:  # ds = 2 a da lam + dvar: d(lam^q s^-p) = -p lam^q s^-(p+1) ds
-        tangent -= p * (2 * a * d_a)[..., 0] * _spectral(covs, a, var, p + 1, q + 1)
-    if d_var is not None:
-        tangent -= p * d_var[..., 0] * _spectral(covs, a, var, p + 1, q)
+    # dS S^{-1} diff, with dS = a^2 dC + 2 a da C + dvar I
+    terms = [] if d_covs is None else [a**2 * by_d_covs(pulled)]
+    terms += [] if d_a is None else [2 * a * d_a * cov_pulled]
+    terms += [] if d_var is None else [d_var * pulled]
+    ds_pulled = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(pulled)
+    change = -ds_pulled if d_diff is None else d_diff - ds_pulled
+    # d(S^{-1} diff) = S^{-1} change; d(C S^{-1} diff) = C S^{-1} change + dC S^{-1} diff
+    _, _, d_pulled, d_cov_pulled = _resolvent(covs, a, var, change)
+    d_cov_pulled = d_cov_pulled if d_covs is None else d_cov_pulled + by_d_covs(pulled)
+    d_logdet = jnp.zeros_like(logdet)  # tr(S^{-1} dS)
     if d_covs is not None:
-        inverse = _inverse(covs, a, var)
-        covs = jnp.broadcast_to(covs, inverse.shape)  # explicit broadcasting over the batch
-        inv_p = functools.reduce(jnp.matmul, [inverse] * p)  # S^{-p}
-        power = functools.reduce(jnp.matmul, [covs] * q, jnp.eye(covs.shape[-1], dtype=covs.dtype))
-        deriv = -p * a[..., None] ** 2 * (power @ inv_p @ inverse)
-        if q:
-            deriv += q * functools.reduce(jnp.matmul, [covs] * (q - 1), inv_p)
-        tangent += _trace_with(deriv, d_covs)
-    return value, tangent
+        d_logdet += a[..., 0] ** 2 * _trace_with(covs, a, var, d_covs)
+    if d_a is not None or d_var is not None:
+        tr_inv, tr_cov_inv = _traces(covs, a, var)  # tr(S^{-1}), tr(C S^{-1})
+        if d_a is not None:
+            d_logdet += (2 * a * d_a)[..., 0] * tr_cov_inv
+        if d_var is not None:
+            d_logdet += d_var[..., 0] * tr_inv
+    d_maha = jnp.sum((change if d_diff is None else change + d_diff) * pulled, axis=-1)
+    return (logdet, maha, pulled, cov_pulled), (d_logdet, d_maha, d_pulled, d_cov_pulled)
 
 
-_logdet.defjvp(_logdet_jvp, symbolic_zeros=True)
-_spectral.defjvp(_spectral_jvp, symbolic_zeros=True)
-_inverse.defjvp(_inverse_jvp, symbolic_zeros=True)
+@jax.custom_jvp
+def _traces(covs, a, var):
+    """``tr(S^{-1})`` and ``tr(C S^{-1})`` of each component, ``(*batch, K)``, with their
+    derivative in ``C`` written out (as :func:`_resolvent`'s) where ``eigh``'s is NaN."""
+    lam, s = _spectrum(covs, a, var)[::2]
+    return jnp.sum(1 / s, axis=-1), jnp.sum(lam / s, axis=-1)
+
+
+def _traces_jvp(primals, tangents):
+    covs, a, var = primals
+    d_covs, d_a, d_var = _live(tangents)
+    lam, vecs, s = _spectrum(covs, a, var)
+    tr_inv, tr_cov_inv = jnp.sum(1 / s, axis=-1), jnp.sum(lam / s, axis=-1)
+    # diag(U_k^T dC_k U_k); the traces below are exact at first order
+    m_diag = 0.0 if d_covs is None else _diag_in(vecs, _sym(d_covs), s)
+    ds = a**2 * m_diag  # the diagonal of U^T dS U
+    ds = ds if d_a is None else ds + 2 * a * d_a * lam
+    ds = ds if d_var is None else ds + d_var
+    ds = jnp.broadcast_to(ds, s.shape)
+    d_tr_inv = -jnp.sum(ds / s**2, axis=-1)  # d S^{-1} = -S^{-1} dS S^{-1}
+    d_tr_cov_inv = jnp.sum((m_diag - lam * ds / s) / s, axis=-1)  # dC S^{-1} - C S^{-1} dS S^{-1}
+    return (tr_inv, tr_cov_inv), (d_tr_inv, d_tr_cov_inv)
+
+
+_traces.defjvp(_traces_jvp, symbolic_zeros=True)
+
+
+@jax.custom_jvp
+def _trace_with(covs, a, var, m):
+    """``tr(S^{-1} M)`` of each component, ``(*batch, K)``, for a symmetric ``M (K, d, d)``: the
+    derivative of ``log det S`` along ``a^2 M``, and itself differentiable in ``C`` (a Hessian in
+    the covariances) where ``eigh``'s derivative is NaN."""
+    _, vecs, s = _spectrum(covs, a, var)
+    return jnp.sum(_diag_in(vecs, m, s) / s, axis=-1)
 
 
 def _sym(m):
@@ -455,6 +422,37 @@ def _sym(m):
 def _live(tangents):
     """A ``custom_jvp`` rule's tangents with symbolic zeros as ``None``."""
     return tuple(None if type(t) is SymbolicZero else t for t in tangents)
+
+
+def _diag_in(vecs, m, s):
+    """``diag(U_k^T M_k U_k)``, broadcast like ``s``."""
+    diag = jnp.einsum("kji,kjl,kli->ki", vecs, m, vecs)
+    return diag[(None,) * (s.ndim - 2)]
+
+
+def _trace_with_jvp(primals, tangents):
+    covs, a, var, m = primals
+    d_covs, d_a, d_var, d_m = _live(tangents)
+    lam, vecs, s = _spectrum(covs, a, var)
+    m_diag = _diag_in(vecs, m, s)
+    value = jnp.sum(m_diag / s, axis=-1)
+    tangent = jnp.zeros_like(value)
+    if d_m is not None:  # tr(S^{-1} dM)
+        tangent += jnp.sum(_diag_in(vecs, _sym(d_m), s) / s, axis=-1)
+    # - tr(S^{-1} dS S^{-1} M): the part of dS diagonal in C's basis (2 a da C + dvar I) ...
+    ds = 0.0 if d_a is None else 2 * a * d_a * lam
+    ds = ds if d_var is None else ds + d_var
+    tangent -= jnp.sum(jnp.broadcast_to(ds, s.shape) * m_diag / s**2, axis=-1)
+    if d_covs is not None:  # ... and a^2 dC: sum_ij (U^T dC U)_ij (U^T M U)_ji / (s_i s_j)
+        dc_t = jnp.einsum("kji,kjl,klm->kim", vecs, _sym(d_covs), vecs)
+        m_t = jnp.einsum("kji,kjl,klm->kim", vecs, m, vecs)
+        inv = 1 / s
+        tangent -= a[..., 0] ** 2 * jnp.einsum("kij,kji,...ki,...kj->...k", dc_t, m_t, inv, inv)
+    return value, tangent
+
+
+_trace_with.defjvp(_trace_with_jvp, symbolic_zeros=True)
+_resolvent.defjvp(_resolvent_jvp, symbolic_zeros=True)
 
 
 @jax.jit
