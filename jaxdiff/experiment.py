@@ -168,10 +168,10 @@ def resolve(config: dict) -> dict:
         check_count(c[name], name)
     for name in ("eval_every", "ckpt_every", "eval_n"):
         check_count(c[name], name, minimum=0)
-    if not (isinstance(c["lr"], int | float) and math.isfinite(c["lr"]) and c["lr"] > 0):
+    if not (_number(c["lr"]) and math.isfinite(c["lr"]) and c["lr"] > 0):
         raise ValueError(f"lr must be a positive number; got {c['lr']}")
     for name in ("ema", "label_dropout"):  # a string once raised a bare TypeError
-        if isinstance(c[name], bool) or not isinstance(c[name], int | float):
+        if not _number(c[name]):
             raise ValueError(f"{name} must be a number in [0, 1); got {c[name]!r}")
     if not 0.0 <= c["ema"] < 1.0:
         raise ValueError(f"ema must lie in [0, 1); got {c['ema']}")
@@ -185,7 +185,7 @@ def resolve(config: dict) -> dict:
                     f"target_ema {mu!r} (CT's mu(N)) follows the grid of --loss consistency; "
                     f"got --loss {c['loss']}"
                 )
-        elif isinstance(mu, bool) or not isinstance(mu, int | float) or not 0.0 <= mu < 1.0:
+        elif not _number(mu) or not 0.0 <= mu < 1.0:
             raise ValueError(
                 f"target_ema must be a number in [0, 1) or {TARGET_EMA_CT!r}; got {mu!r}"
             )
@@ -214,6 +214,11 @@ def resolve(config: dict) -> dict:
     return c
 
 
+def _number(value: Any) -> bool:
+    """A JSON number: an int or a float, not a bool (``True`` is an ``int`` in Python)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_consistency_grid(c: dict) -> None:
     """``t_max`` in ``(0, 1]``, ``rho > 0`` and a consistency weighting; iCT's
     ``inverse_sigma_gap`` needs ``alpha_t > 0`` on the grid, so ``t_max < 1`` on the fm and
@@ -221,12 +226,11 @@ def _check_consistency_grid(c: dict) -> None:
     from jaxdiff.consistency import WEIGHTINGS as CT_WEIGHTINGS
 
     t_max = c["t_max"]
-    if isinstance(t_max, bool) or not isinstance(t_max, int | float) or not 0.0 < t_max <= 1.0:
+    if not _number(t_max) or not 0.0 < t_max <= 1.0:
         raise ValueError(f"t_max must be a number in (0, 1]; got {t_max!r}")
     c["t_max"] = float(t_max)
     rho = c["rho"]
-    ok = not isinstance(rho, bool) and isinstance(rho, int | float) and 0 < rho < float("inf")
-    if not ok:  # NaN fails too
+    if not (_number(rho) and 0 < rho < float("inf")):  # NaN fails too
         raise ValueError(f"rho must be a finite number > 0; got {rho!r}")
     c["rho"] = float(rho)
     _choice(c, "ct_weighting", CT_WEIGHTINGS)
@@ -282,7 +286,7 @@ def _check_target_guidance(c: dict) -> None:
     _check_meanflow_guidance(c)
     if w is None:
         return
-    if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+    if not _number(w) or not math.isfinite(w):
         raise ValueError(f"target_guidance must be a finite number; got {w!r}")
     if loss not in TWO_TIME_LOSSES or not c["conditional"]:
         raise ValueError(
@@ -300,7 +304,7 @@ def _check_meanflow_guidance(c: dict) -> None:
     """MeanFlow's two options of guided targets, before any training (``meanflow_loss`` checks
     them again): numbers in range, and only with a guided meanflow run."""
     k, interval = c["target_guidance_mix"], c["target_guidance_interval"]
-    if isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k):
+    if not _number(k) or not math.isfinite(k):
         raise ValueError(f"target_guidance_mix must be a number in [0, 1); got {k!r}")
     if (k != 0 or interval is not None) and (
         c["target_guidance"] is None or c["loss"] != "meanflow"
@@ -316,7 +320,7 @@ def _check_meanflow_guidance(c: dict) -> None:
     if interval is None:
         return
     real = isinstance(interval, list | tuple) and len(interval) == 2
-    if not real or any(isinstance(v, bool) or not isinstance(v, int | float) for v in interval):
+    if not real or not all(_number(v) for v in interval):
         raise ValueError(
             f"target_guidance_interval must be two numbers [t_lo, t_hi]; got {interval!r}"
         )
@@ -381,7 +385,7 @@ def check_seed(seed: int) -> int:
 
 def _check_recipe(c: dict) -> None:
     for name in ("sigma_data", "dropout"):
-        if isinstance(c[name], bool) or not isinstance(c[name], int | float):
+        if not _number(c[name]):
             raise ValueError(f"{name} must be a number; got {c[name]!r}")
     if not (math.isfinite(c["sigma_data"]) and c["sigma_data"] > 0):
         raise ValueError(f"sigma_data must be a positive number; got {c['sigma_data']}")
