@@ -421,9 +421,7 @@ MIN_OT_REG, OT_ITERS = 0.005, 5000
 def _check_source_coupling(c: dict) -> None:
     _choice(c, "source", SOURCES)
     _choice(c, "coupling", COUPLINGS)
-    if not (
-        isinstance(c["ot_reg"], int | float) and math.isfinite(c["ot_reg"]) and c["ot_reg"] > 0
-    ):
+    if not (_number(c["ot_reg"]) and math.isfinite(c["ot_reg"]) and c["ot_reg"] > 0):
         raise ValueError(f"ot_reg must be a positive number; got {c['ot_reg']}")
     if c["ot_reg"] < MIN_OT_REG:  # Sinkhorn's iterations grow as 1 / reg
         raise ValueError(

@@ -73,11 +73,13 @@ def test_run_configs_refuse_fractions_and_bools():
         E.resolve({"width": 1.5})
     with pytest.raises(ValueError, match="eval_n must be an integer >= 0; got True"):
         E.resolve({"eval_n": True})
-    # a bool is no number: lr True trained at a rate of 1 (the other numbers refused it already)
+    # a bool is no number: lr True trained at a rate of 1, ot_reg True regularised by 1
     with pytest.raises(ValueError, match="lr must be a positive number; got True"):
         E.resolve({"lr": True})
     with pytest.raises(ValueError, match="rho must be a finite number > 0; got True"):
         E.resolve({"loss": "consistency", "rho": True})
+    with pytest.raises(ValueError, match="ot_reg must be a positive number; got True"):
+        E.resolve({"coupling": "sinkhorn", "ot_reg": True})
     c = E.resolve({"data": "moons", "steps": 2})
     setup = E.build(c)
     with pytest.raises(ValueError, match="steps must be a positive integer; got 2.5"):
