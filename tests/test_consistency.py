@@ -113,6 +113,22 @@ def test_samples_of_the_exact_consistency_function_are_exact(x64):
         np.testing.assert_allclose(x.std(0), S, atol=0.0125)
 
 
+def test_consistency_sampling_on_a_path_noisy_at_zero_adds_no_second_sigma_0():
+    """On VE (``sigma_0 = 0.01``) the exact consistency function returns the trajectory's point
+    at ``t = 0``, which holds ``sigma_0``'s noise: re-noising to ``s`` adds ``sigma_s^2 -
+    sigma_0^2`` (Alg. 1's ``sqrt(tau^2 - eps^2)``) and the last step adds nothing. The law at 0 is
+    ``N(m, s^2 + sigma_0^2)``; adding ``sigma_0 z`` again gave std ``sqrt(3) 0.01`` (0.0173)."""
+    path, m, s = jd.ve_path(), 1.0, 0.01
+    sd = lambda t: jnp.sqrt(s**2 + jnp.square(path.sigma(t)))  # noqa: E731
+    f = jd.Field(lambda x, t: m + (sd(0.0) / sd(t))[:, None] * (x - m), "x0")
+    for steps in (1, 2, 4):
+        x = jd.sample(jax.random.key(steps), path, f, (20_000, 2),
+                      sampler=jd.samplers.consistency(), steps=steps).x  # fmt: skip
+        # std's standard error sd(0) / sqrt(2 * 40,000) = 5e-5; 2% is 5.6 of them
+        np.testing.assert_allclose(float(x.std()), float(sd(0.0)), rtol=0.02)
+        np.testing.assert_allclose(float(x.mean()), m, atol=5e-4)  # SE 7e-5
+
+
 def test_ict_curriculum_and_grid():
     # Song & Dhariwal (2024): K = 400k, s0 = 10, s1 = 1280 -> stages of 50k steps, N = 11 .. 1281
     sizes = [jd.ict_num_scales(k, 400_000) for k in (0, 49_999, 50_000, 399_999)]

@@ -95,9 +95,14 @@ def consistency() -> Sampler:
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1).
 
     ``x0 = f(x_t, t)`` from the consistency model ``f`` (a field of target ``"x0"``, e.g.
-    ``Field(consistency_function(model.apply), "x0", params)``), then ``x_s = alpha_s x0 +
-    sigma_s z`` with fresh ``z ~ N(0, I)``; a step that ends where ``sigma_s = 0`` returns ``x0``
-    (a grid ending above 0 needs ``denoise=True`` for Alg. 1's last evaluation ``f(x, tau_N)``).
+    ``Field(consistency_function(model.apply), "x0", params)``), the trajectory's point at
+    ``t = 0``; then ``x_s = (alpha_s / alpha_0) x0 + sqrt(sigma_s^2 - (alpha_s sigma_0 /
+    alpha_0)^2) z`` with fresh ``z ~ N(0, I)``, a draw of the path at ``s`` given that point (on a
+    path with ``sigma_0 > 0``, VE's ``sigma_min``, ``x0`` holds ``sigma_0``'s noise already:
+    Alg. 1's ``sqrt(tau^2 - eps^2)``). The step that ends at ``s = 0`` returns ``x0`` (a grid
+    ending above 0 needs ``denoise=True`` for Alg. 1's last evaluation ``f(x, tau_N)``). A
+    ``consistency_function`` with ``t_min > 0`` returns the point at ``t_min``, which this treats
+    as ``t = 0``'s (an error of order ``sigma_{t_min}`` in the noise added).
     One evaluation per step; stochastic (a key is needed) unless you run a single step from
     ``x_init`` with your own loop.
 
@@ -112,9 +117,12 @@ def consistency() -> Sampler:
     def step(key, path, field, state: State, t, s) -> State:
         x = state.x
         x0 = field(x, batch_time(t, x))
-        a, sigma = path.alpha(s), path.sigma(s)
-        renoised = expand_like(a, x) * x0 + expand_like(sigma, x) * normal(key, x)
-        return State(jnp.where(sigma == 0, x0, renoised).astype(x.dtype))
+        zero = jnp.zeros_like(s)
+        scale = path.alpha(s) / path.alpha(zero)  # from t = 0's point, noise sigma_0, to s's
+        var = jnp.square(path.sigma(s)) - jnp.square(scale * path.sigma(zero))
+        fresh = jnp.sqrt(jnp.where(var > 0, var, 1.0))  # 0 at s = 0 (and rounding below): x0
+        renoised = expand_like(scale, x) * x0 + expand_like(fresh, x) * normal(key, x)
+        return State(jnp.where(var > 0, renoised, x0).astype(x.dtype))
 
     return Sampler(
         name="consistency()",
