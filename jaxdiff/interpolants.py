@@ -1,7 +1,7 @@
 r"""Stochastic interpolants and bridges: ``x_t = a_t x0 + b_t x1 + gamma_t z`` between any two laws.
 
-Albergo & Vanden-Eijnden (2023), "Stochastic interpolants: a unifying framework for flows and
-diffusions", with ``t = 0`` the data ``x0`` and ``t = 1`` the source ``x1`` (their ``t -> 1 - t``
+Albergo, Boffi & Vanden-Eijnden (2023), "Stochastic interpolants: a unifying framework for flows
+and diffusions", with ``t = 0`` the data ``x0`` and ``t = 1`` the source ``x1`` (their ``t -> 1 - t``
 and ``x0 <-> x1`` relabelled to this package's convention): ``a_0 = b_1 = 1``, ``a_1 = b_0 = 0``,
 ``gamma_0 = gamma_1 = 0``, ``z ~ N(0, I)`` independent of the pair ``(x0, x1)``, which may come
 from any coupling (:mod:`jaxdiff.couplings`). ``brownian_bridge(sigma)`` is ``a = 1 - t``,
@@ -20,7 +20,7 @@ A network predicts ``"velocity"`` (``b``), ``"eps"`` (``E[z | x_t]``, the latent
 ``jd.sample(key, interpolant, b, shape, source=source,
 sampler=jd.samplers.interpolant_sde(eps_t, noise=eta))``: the backward SDE ``dx = [b - eps_t s]
 dt + sqrt(2 eps_t) dW`` from ``t = 1`` to ``0`` (``eps_t = 0``: the ODE ``dx = b dt``; every
-``eps_t >= 0`` keeps the marginals of ``x_t``, Albergo & Vanden-Eijnden 2023, Thm 2.8). The
+``eps_t >= 0`` keeps the marginals of ``x_t``, Albergo, Boffi & Vanden-Eijnden 2023, Thm 2.8). The
 interpolant takes the place of the path: a ``GaussianPath`` is its case ``gamma = 0`` with
 Gaussian ``x1``. The forward SDE (data to source, drift ``b + eps_t s``) is ``jd.integrate``.
 """
@@ -50,7 +50,7 @@ from jaxdiff._checks import (
 )
 from jaxdiff._schedule_fns import Affine as _Affine
 from jaxdiff.field import Field, as_field
-from jaxdiff.losses import TimeSampler, draw_times, uniform_time
+from jaxdiff.losses import TimeSampler, draw_times, importance_weights, uniform_time
 from jaxdiff.paths import _call, _derivative
 from jaxdiff.sources import draw_pairs, normal_like
 
@@ -229,14 +229,16 @@ def interpolant_loss(
 ) -> Callable[[Any, Array, Any], Array]:
     """``(params, key, batch) -> scalar``: regress ``net`` on the interpolant's conditional field.
 
-    ``net.target``: ``"velocity"``, ``|b_hat - (a' x0 + b' x1 + gamma' z)|^2`` (Albergo &
+    ``net.target``: ``"velocity"``, ``|b_hat - (a' x0 + b' x1 + gamma' z)|^2`` (Albergo, Boffi &
     Vanden-Eijnden 2023, eq. 2.13; Tong et al. 2024); ``"eps"``, ``|eta_hat - z|^2`` (the latent's
     denoiser, eq. 2.18; the score is ``-eta / gamma_t``); ``"score"``, ``|gamma_t s_hat + z|^2``
     (the score loss weighted by ``gamma_t^2``). Batches, ``source`` and ``coupling`` as in
     :func:`jaxdiff.diffusion_loss` (``x0``, ``(x0, labels)`` or a dict with ``x1``). ``t`` defaults
     to ``U[1e-3, 1 - 1e-3]`` (``gamma'`` is infinite at the ends of the bridge): a sampler that
     reaches an end there is refused, where its range is known (``uniform_time(0, 1)``: ``t = 0``
-    once in 2^23 draws gave an inf loss), and checked at run time otherwise.
+    once in 2^23 draws gave an inf loss), and checked at run time otherwise; an
+    :func:`~jaxdiff.importance_time` sampler's draws are reweighted by its ``correction(t)``
+    (the uniform-time loss, unbiased).
     """
     net = as_field(net, "net")
     if net.target not in ("velocity", "eps", "score"):
@@ -289,6 +291,7 @@ def interpolant_loss(
             err = pred - z
         else:
             err = expand_like(interpolant.gamma(t), x0) * pred + z
-        return jnp.mean(jnp.square(err))
+        per_example = jnp.mean(jnp.square(err).reshape(err.shape[0], -1), axis=1)
+        return jnp.mean(per_example * importance_weights(time_sampler, t))
 
     return loss

@@ -192,8 +192,8 @@ class ImportanceTime(eqx.Module):
 
     The draws invert the piecewise-linear CDF, so their density is constant on each cell of the
     grid; ``correction(t) = 1 / ((t_max - t_min) q(t))`` uses that same density, which makes the
-    importance-sampled loss an unbiased estimate of the uniform-time loss; ``diffusion_loss``
-    applies it.
+    importance-sampled loss an unbiased estimate of the uniform-time loss; every loss with a
+    ``time_sampler`` applies it (:func:`importance_weights`).
     """
 
     grid: Array
@@ -213,6 +213,13 @@ class ImportanceTime(eqx.Module):
         """The importance weight ``1 / ((t_max - t_min) q(t))`` that keeps the loss unbiased."""
         cell = jnp.clip(jnp.searchsorted(self.grid, t, side="right") - 1, 0, self.density.size - 1)
         return 1.0 / ((self.t_max - self.t_min) * self.density[cell])
+
+
+def importance_weights(time_sampler: TimeSampler, t: Array) -> Array | float:
+    """Per example, the weight that keeps a loss whose times ``t`` ``time_sampler`` drew an
+    unbiased estimate of the loss at uniform times: ``correction(t)`` for an
+    :func:`importance_time` sampler, 1 for every other (their law is the loss's definition)."""
+    return time_sampler.correction(t) if isinstance(time_sampler, ImportanceTime) else 1.0
 
 
 def importance_time(
@@ -496,9 +503,7 @@ def diffusion_loss(
         losses = per_example_loss(
             pred, path, x0, eps, t, target=target, regress=regress, weighting=weighting
         )
-        if isinstance(time_sampler, ImportanceTime):
-            losses = losses * time_sampler.correction(t)
-        return jnp.mean(losses)
+        return jnp.mean(losses * importance_weights(time_sampler, t))
 
     return loss
 

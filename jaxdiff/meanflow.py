@@ -50,6 +50,7 @@ from jaxdiff.losses import (
     check_target_guidance,
     draw_times,
     drop_labels,
+    importance_weights,
     noise_pairs,
     static_split,
     uniform_time,
@@ -134,7 +135,9 @@ def meanflow_loss(
 
     Times: ``t`` and ``r`` are two draws of ``time_sampler`` (default uniform on ``[0, 1]``),
     ordered so ``t >= r``; the first ``flow_matching_fraction`` of the batch has ``r = t`` (there
-    the loss is flow matching; the paper's best ratio of ``r != t`` is 25%).
+    the loss is flow matching; the paper's best ratio of ``r != t`` is 25%). An
+    :func:`~jaxdiff.importance_time` sampler's two draws are reweighted by their ``correction``
+    (the loss at uniform pairs, unbiased).
 
     Defaults: the paper uses logit-normal(-0.4, 1) times and ``p = 1`` on ImageNet (``p = 0.75``
     on CIFAR-10). On the 2-D checkerboard (3,000-4,000 steps at batch 256, ``TwoTimeMLP``) the
@@ -249,7 +252,9 @@ def meanflow_loss(
             errs.append(jnp.sum(jnp.square(diff).reshape(n - m, -1), axis=1))
         err = jnp.concatenate(errs)
         weight = jax.lax.stop_gradient(1.0 / (err + weighting_eps) ** weighting_power)
-        return jnp.mean(weight * err)
+        # importance_time: both draws reweighted to the uniform pair's law
+        uniform = importance_weights(time_sampler, t1) * importance_weights(time_sampler, t2)
+        return jnp.mean(uniform * weight * err)
 
     return loss
 

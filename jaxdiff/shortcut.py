@@ -69,6 +69,7 @@ from jaxdiff.losses import (
     check_uniform_low_end,
     draw_times,
     drop_labels,
+    importance_weights,
     mean_sq_error,
     noise_pairs,
     static_split,
@@ -138,7 +139,8 @@ def shortcut_loss(
     ``net`` is a :class:`~jaxdiff.Field` of target ``"velocity"`` whose ``apply(params, z, t, r
     [, labels])`` jumps from ``t`` to ``r`` (``z_r = z_t - (t - r) u``), as for
     :func:`~jaxdiff.meanflow_loss`. The first ``1 - bootstrap_fraction`` of the batch is flow
-    matching at ``r = t`` (times from ``time_sampler``, default uniform on ``(0, 1]``); the rest
+    matching at ``r = t`` (times from ``time_sampler``, default uniform on ``(0, 1]``; an
+    :func:`~jaxdiff.importance_time` sampler's reweighted by its ``correction``); the rest
     is self-consistency (:func:`shortcut_target`) at a level ``d`` drawn uniformly from ``1, 1/2,
     ..., 2 / max_steps`` per example, ``t`` uniform on the level's grid ``{d, 2d, ..., 1}``. Both
     parts are needed: self-consistency alone is minimised by ``u = 0`` (any constant), flow
@@ -215,7 +217,7 @@ def shortcut_loss(
             head = [drop_labels(drop_key, a[:m], label_dropout, null_label) for a in extra]
             v = velocity_target(path, z, t, x0[:m], eps[:m], velocity, head)
             u = shape_checked(partial(net.apply, params))(z, t, t, *head)
-            errs.append(mean_sq_error(u, v, tdt))
+            errs.append(mean_sq_error(u, v, tdt) * importance_weights(time_sampler, t))
         if nb > 0:
             # a level per example at random: a fixed round robin left the finest levels untrained
             # when the batch's share had fewer examples than levels (and the chain of targets

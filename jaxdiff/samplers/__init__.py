@@ -25,7 +25,7 @@ factory                           what it integrates
 ``consistency()``                 multistep consistency sampling (Song et al. 2023); 1 step by
                                   default, to ``t = 0``
 ``interpolant_sde(diffusion)``    stochastic interpolants' SDE ``dx = [b - eps_t s] dt + sqrt(2
-                                  eps_t) dW`` (Albergo & Vanden-Eijnden 2023), on a
+                                  eps_t) dW`` (Albergo, Boffi & Vanden-Eijnden 2023), on a
                                   ``StochasticInterpolant`` or a ``GaussianPath``
 ================================  ================================================================
 

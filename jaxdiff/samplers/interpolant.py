@@ -1,6 +1,6 @@
 r"""The stochastic-interpolant sampler: ``dx = [b - eps_t s] dt + sqrt(2 eps_t) dW`` from t = 1 to 0.
 
-Albergo & Vanden-Eijnden (2023), Thm 2.8: for ``x_t = a_t x0 + b_t x1 + gamma_t z`` (jaxdiff's
+Albergo, Boffi & Vanden-Eijnden (2023), Thm 2.8: for ``x_t = a_t x0 + b_t x1 + gamma_t z`` (jaxdiff's
 convention: ``t = 0`` data, ``t = 1`` source) with velocity ``b(x, t) = E[dx_t/dt | x_t = x]`` and
 score ``s(x, t)``, every diffusion ``eps_t >= 0`` of the backward SDE above keeps the marginals;
 ``eps_t = 0`` is the ODE ``dx = b dt``. One Euler(-Maruyama) step per grid interval, evaluated at
