@@ -75,6 +75,7 @@ __all__ = [
     "uniform_time",
     "logit_normal_time",
     "importance_time",
+    "importance_weights",
     "ImportanceTime",
     "per_example_loss",
     "diffusion_loss",
