@@ -92,6 +92,7 @@ class _Posterior(eqx.Module):
     (the ``meanflow()`` sampler's second time) reach the field."""
 
     kind: str = eqx.field(static=True)
+    rank_unchecked: bool = eqx.field(static=True, default=False)  # pigdm: A or sigma_y traced
     needs_alpha = True  # jd.sample's default grid starts inside alpha_t = 0 (linear, cosine)
     adds_score = True  # the likelihood's score: Tweedie's formula for N(0, I) noise (source=)
 
@@ -112,7 +113,10 @@ class _Posterior(eqx.Module):
             grad = pull(op.transpose(resid / sy2))[0]
         elif self.kind == "pigdm":
             r2 = data_var * s2 / (a**2 * data_var + s2)
-            grad = pull(op.transpose(op.gram_solve(resid, r2, sy2)))[0]
+            solved = op.gram_solve(resid, r2, sy2)
+            if self.rank_unchecked:  # a traced A or sigma_y: refused when it runs instead
+                solved = _error_if_deficient(solved, meas, "jd.pigdm")
+            grad = pull(op.transpose(solved))[0]
         else:  # tmpd: rows of A J are J^T A^T e_i, one vjp per measured entry
             eye = jnp.eye(op.out_dim, dtype=resid.dtype)
             cot = op.transpose(jnp.broadcast_to(eye[:, None], (op.out_dim, *resid.shape)))
@@ -172,32 +176,51 @@ def _guided(kind: str, field, path, measurement, scale, data_var=1.0) -> Field:
     if kind == "dps":  # divides by sigma_y^2; a traced sigma_y is checked when it runs
         checked = check_positive(measurement.sigma_y, "sigma_y (DPS divides by sigma_y^2)")
         measurement = eqx.tree_at(lambda m: m.sigma_y, measurement, jnp.asarray(checked))
-    if kind == "pigdm":
-        _check_row_rank(measurement, "jd.pigdm")
+    unchecked = kind == "pigdm" and not _check_row_rank(measurement, "jd.pigdm")
     params = (path, field, measurement, jnp.asarray(scale), jnp.asarray(data_var))
-    return Field(_Posterior(kind), field.target, params)
+    return Field(_Posterior(kind, unchecked), field.target, params)
 
 
-def _check_row_rank(measurement: Measurement, who: str) -> None:
+def _rank_message(who: str, shape: tuple[int, ...], lam_min: Any) -> str:
+    return (
+        f"{who} with a noiseless measurement (sigma_y = 0) needs A of full row rank (it solves "
+        f"with (A A^T)^-1); this A ({shape[0]} x {shape[1]}) has A A^T eigenvalues down to "
+        f"{lam_min}: drop the dependent rows, or give sigma_y > 0 (or use jd.tmpd, which clips "
+        "them)"
+    )
+
+
+def _deficient(lam: Any, xp: Any = jnp) -> Any:
+    """``A A^T``'s eigenvalues ``lam`` reach 0 (relative to the largest)."""
+    return lam.min() <= 1e-6 * xp.maximum(lam.max(), 1e-30)
+
+
+def _check_row_rank(measurement: Measurement, who: str) -> bool:
     """A noiseless measurement solves with ``(A A^T)^{-1}``: refuse a concrete ``A`` of deficient
-    row rank (it gave NaN samples silently, or a run-time error that named no cause)."""
+    row rank (it gave NaN samples silently, or a run-time error that named no cause). ``False``
+    where ``sigma_y`` or ``A`` is traced (:func:`_error_if_deficient` checks it when it runs)."""
     sy = concrete(measurement.sigma_y)
-    if sy is None or float(sy) != 0.0:
-        return
+    if sy is not None and float(sy) != 0.0:
+        return True
     op = measurement.operator
     if type(op).gram_solve is not LinearOperator.gram_solve:  # masks, pooling: full rank by design
-        return
+        return True
     mat = concrete(op.matrix())
-    if mat is None:
-        return
+    if sy is None or mat is None:
+        return False
     lam = np.linalg.eigvalsh(np.asarray(mat, np.float64) @ np.asarray(mat, np.float64).T)
-    if lam.min() <= 1e-6 * max(lam.max(), 1e-30):
-        raise ValueError(
-            f"{who} with a noiseless measurement (sigma_y = 0) needs A of full row rank (it solves "
-            f"with (A A^T)^-1); this A ({mat.shape[0]} x {mat.shape[1]}) has A A^T eigenvalues "
-            f"down to {lam.min():.3g}: drop the dependent rows, or give sigma_y > 0 (or use "
-            "jd.tmpd, which clips them)"
-        )
+    if _deficient(lam, np):
+        raise ValueError(_rank_message(who, mat.shape, f"{lam.min():.3g}"))
+    return True
+
+
+def _error_if_deficient(x: Array, measurement: Measurement, who: str) -> Array:
+    """``x``, or a run-time error where ``sigma_y = 0`` and ``A`` has deficient row rank (a traced
+    ``A`` or ``sigma_y``: the solve's ``1 / 0`` gave NaN samples, named only as non-finite)."""
+    mat = measurement.operator.matrix()
+    lam = jnp.linalg.eigvalsh(mat @ mat.T)
+    bad = (jnp.asarray(measurement.sigma_y) == 0) & _deficient(lam)
+    return error_if(x, bad, _rank_message(who, mat.shape, "~0"))
 
 
 def dps(
@@ -308,7 +331,7 @@ def project(path: GaussianPath, measurement: Measurement) -> Hook:
     sy = concrete(measurement.sigma_y)
     if sy is not None and float(sy) != 0.0:
         raise ValueError(f"{msg}; got sigma_y = {float(sy)}")
-    _check_row_rank(measurement, "project")
+    unchecked = not _check_row_rank(measurement, "project")
     op = measurement.operator
     noisy = None if sy is not None else measurement.sigma_y != 0
 
@@ -318,6 +341,8 @@ def project(path: GaussianPath, measurement: Measurement) -> Hook:
         y = jnp.broadcast_to(measurement.y, (x.shape[0], op.out_dim)).astype(x.dtype)
         target = a.astype(x.dtype) * y + s.astype(x.dtype) * op.forward(normal(key, x))
         x = x + op.pinv(target - op.forward(x)).astype(x.dtype)
+        if unchecked:  # a traced A or sigma_y
+            x = _error_if_deficient(x, measurement, "project")
         return state._replace(x=x if noisy is None else error_if(x, noisy, msg))
 
     hook.gaussian_noise = True  # jd.sample(source=) refuses it for a non-Gaussian source

@@ -394,3 +394,28 @@ def test_a_noiseless_measurement_needs_a_of_full_row_rank():
     full = jd.Measurement(jd.matrix_operator(jnp.eye(3)[:2]), jnp.ones(2), 0.0)
     jd.pigdm(field, path, full)
     jd.inverse.project(path, full)
+
+
+def test_a_traced_rank_deficient_noiseless_measurement_is_refused_when_it_runs():
+    """Under ``jit`` with ``A`` or ``sigma_y`` traced the build-time check cannot see them: the
+    stop-53 review found all-NaN fields and samples named only as non-finite. Now a run-time
+    error names the cause; a full-rank ``A`` and ``sigma_y > 0`` run as before."""
+    path = jd.vp_path()
+    field = jd.GaussianMixture.isotropic(jnp.zeros((1, 3)), 0.9).field(path, "eps")
+    bad, good = jnp.array([[1.0, 1.0, 0], [2.0, 2.0, 0]]), jnp.array([[1.0, 1.0, 0], [0, 2.0, 1.0]])
+    x, t = jnp.ones((4, 3)), jnp.full(4, 0.5)
+
+    def posterior(a, sy):
+        return jd.pigdm(field, path, jd.Measurement(jd.matrix_operator(a), jnp.ones(2), sy))(x, t)
+
+    def projected(a, sy):
+        hook = jd.inverse.project(path, jd.Measurement(jd.matrix_operator(a), jnp.ones(2), sy))
+        return jd.sample(jax.random.key(0), path, field, (4, 3), steps=4, hook=hook).x
+
+    for fn in (posterior, projected):
+        for args in ((bad, 0.0), (bad, jnp.asarray(0.0))):  # A traced; A and sigma_y traced
+            # jax.jit re-raises equinox's run-time error as its own (the message kept)
+            with pytest.raises(Exception, match="needs A of full row rank"):
+                jax.block_until_ready(jax.jit(fn)(*args))
+        np.testing.assert_allclose(jax.jit(fn)(good, 0.0), fn(good, 0.0), rtol=1e-5, atol=1e-6)
+    assert bool(jnp.all(jnp.isfinite(jax.jit(posterior)(bad, 0.1))))  # sigma_y > 0: defined
