@@ -271,7 +271,7 @@ def _sinkhorn(cost, reg, num_iters, tol):
         cost = cost.astype(jnp.result_type(float))
     cost = cost.astype(wide_dtype(cost.dtype))  # a bfloat16 plan never reached tol = 1e-2
     reg = jnp.asarray(check_positive(reg, "reg"), cost.dtype)
-    num_iters = int(num_iters)
+    num_iters, tol = _check_iterations(num_iters, tol)
 
     def update(f, g, eps):
         f = -eps * jax.nn.logsumexp((g[None, :] - cost) / eps, axis=1) + eps * log_a
@@ -320,6 +320,18 @@ def _sinkhorn(cost, reg, num_iters, tol):
     (f, g), i = jax.lax.custom_root(mass, init, solve, tangent_solve, has_aux=True)
     log_plan = plan(f, g)
     return log_plan, marginal_error(log_plan), jax.lax.stop_gradient(i).astype(int)
+
+
+def _check_iterations(num_iters: Any, tol: Any) -> tuple[int, float | None]:
+    """``num_iters`` an int >= 1, ``tol`` a positive number or ``None`` (``num_iters = 0`` returned
+    ``-C / reg``, no plan, and ``tol = -1`` ran silently to the cap)."""
+    if isinstance(num_iters, bool) or not isinstance(num_iters, (int, np.integer)):
+        raise TypeError(f"num_iters must be an int >= 1; got {num_iters!r}")
+    if num_iters < 1:
+        raise ValueError(f"num_iters must be an int >= 1; got {num_iters}")
+    if tol is not None and (isinstance(tol, bool) or not (np.isfinite(tol) and tol > 0)):
+        raise ValueError(f"tol must be a positive number or None; got {tol!r}")
+    return int(num_iters), None if tol is None else float(tol)
 
 
 def _conjugate_gradients(linear, y, max_iters):
@@ -371,7 +383,11 @@ class SinkhornOT(eqx.Module):
             cost = jnp.where(mask, cost, jnp.inf)
         reg = self.reg
         if self.relative:  # reg times the mean cost of the allowed pairs
-            reg = jnp.maximum(reg * _mean_cost(cost), jnp.finfo(cost.dtype).tiny)  # 0: coincide
+            # floored where the points coincide (mean 0: any reg gives the uniform plan) well
+            # above the smallest normal number: at reg = tiny, reg log n flushed to 0 and
+            # two points' plan stayed at 1 per entry ("did not converge")
+            info = jnp.finfo(cost.dtype)
+            reg = jnp.maximum(reg * _mean_cost(cost), info.tiny / info.eps)
         log_plan, err, _ = _sinkhorn(cost, reg, self.num_iters, self.tol)
         if self.tol is not None:
             scale = "times the mean cost" if self.relative else "in squared-distance units"
@@ -409,17 +425,8 @@ def sinkhorn_ot(
     """
     if not (np.isfinite(reg) and reg > 0):
         raise ValueError(f"reg must be a positive number; got {reg}")
-    if int(num_iters) < 1:
-        raise ValueError(f"num_iters must be >= 1; got {num_iters}")
-    if tol is not None and not (np.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a positive number or None; got {tol}")
-    return SinkhornOT(
-        float(reg),
-        int(num_iters),
-        bool(class_conditional),
-        bool(relative),
-        None if tol is None else float(tol),
-    )
+    num_iters, tol = _check_iterations(num_iters, tol)
+    return SinkhornOT(float(reg), num_iters, bool(class_conditional), bool(relative), tol)
 
 
 # --- sharding ----------------------------------------------------------------------------------

@@ -406,9 +406,20 @@ def test_sinkhorn_plan_checks_reg_and_integer_costs():
     np.testing.assert_allclose(plan, np.exp(np.asarray(C.sinkhorn_plan(cost, 0.5))), rtol=1e-6)
     np.testing.assert_allclose(plan.sum(0), [0.5, 0.5], rtol=1e-5)
     # relative reg on a batch whose points all coincide (mean cost 0): any plan, no error/NaN.
-    x = jnp.ones((3, 2))
-    _, y1 = C.sinkhorn_ot(0.1, relative=True)(jax.random.key(0), x, x)
-    np.testing.assert_array_equal(np.asarray(y1), np.ones((3, 2)))
+    # Two points raised "did not converge" (reg = the smallest normal float, whose reg log 2
+    # flushed to 0, left the plan at 1 per entry): reg is floored at tiny / eps now
+    for n in (2, 3):
+        x = jnp.ones((n, 2))
+        _, y1 = C.sinkhorn_ot(0.1, relative=True)(jax.random.key(0), x, x)
+        np.testing.assert_array_equal(np.asarray(y1), np.ones((n, 2)))
+    # sinkhorn_plan checks its iterations as sinkhorn_ot does (num_iters = 0 returned -C / reg,
+    # mass 2.27 here, as a plan; tol = -1 ran silently to the cap)
+    for bad in (0, -5):
+        with pytest.raises((TypeError, ValueError), match="num_iters must be an int >= 1"):
+            C.sinkhorn_plan(cost, 0.5, bad)
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="tol must be a positive number or None"):
+            C.sinkhorn_plan(cost, 0.5, tol=bad)
 
 
 def test_exact_ot_under_nested_vmap_and_scalar_batches():
