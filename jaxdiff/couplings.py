@@ -155,7 +155,7 @@ def assignment(cost: Array) -> Array:
     """``perm`` minimising ``sum_i cost[i, perm[i]]`` for a square ``cost`` (SciPy, on the host).
 
     Jit-able through ``jax.pure_callback``; batched problems under ``vmap`` are solved one by one.
-    A non-finite cost gives ``-1`` entries (the couplings turn them into NaN pairs).
+    A non-finite cost gives ``-1`` entries (``exact_ot`` raises on them when it runs).
 
     >>> import jax.numpy as jnp
     >>> assignment(jnp.array([[4.0, 1.0], [2.0, 5.0]])).tolist()
@@ -184,9 +184,15 @@ def _inverse(perm: Array) -> Array:
 
 
 def _take(x1: Array, idx: Array) -> Array:
-    bad = idx < 0
+    """``x1[idx]``, or a run-time error where the assignment was poisoned (``-1``): NaN pairs
+    before, silently, and an integer batch came back as float32."""
     picked = x1[jnp.clip(idx, 0, x1.shape[0] - 1)]
-    return jnp.where(bad.reshape((-1,) + (1,) * (x1.ndim - 1)), jnp.nan, picked)
+    return error_if(
+        picked,
+        jnp.any(idx < 0),
+        "exact_ot: a squared distance between the points is not finite (a NaN or inf point, or "
+        "points so far apart that |x0 - x1|^2 overflows their dtype): no assignment exists",
+    )
 
 
 class ExactOT(eqx.Module):

@@ -50,8 +50,12 @@ def reflow_pairs(
     """``{"x0": x0, "x1": x1}``: prior draws ``x1`` of ``shape`` (or the source points ``x1``
     given, for a flow from any source: ``x1=source(key, shape)``, ``key`` then unused) and
     where ``field``'s probability-flow ODE takes them (``steps`` steps of ``solver``, default
-    Euler, from ``t = 1`` to ``t_end``) -- a batch for ``jd.flow_matching_loss``, which then
-    regresses on ``alpha_t' x0 + sigma_t' x1`` along ``x_t = alpha_t x0 + sigma_t x1``.
+    Euler, from ``jd.sample``'s default start -- ``t = 1``, or ``1 - 1e-3`` for a field that
+    divides by ``alpha_t = 0`` there -- to ``t_end``, then the denoising step ``x0_hat(x,
+    t_end)``, which for a velocity field on the linear path is an Euler step to ``t = 0``: the
+    pair's ``x0`` is the ODE's end at 0, not at ``t_end``, 1e-3 away) -- a batch for
+    ``jd.flow_matching_loss``, which then regresses on ``alpha_t' x0 + sigma_t' x1`` along
+    ``x_t = alpha_t x0 + sigma_t x1``.
 
     Cost: ``steps`` (x the solver's stages) network evaluations per pair. For many pairs call it
     on chunks of keys (``jax.lax.map``) to bound memory.
@@ -63,5 +67,7 @@ def reflow_pairs(
             "reflow_pairs takes exactly one of shape (prior draws) and x1= (source points)"
         )
     x1 = path.prior_sample(key, tuple(shape)) if x1 is None else jnp.asarray(x1)
-    sol = sample(None, path, field, x_init=x1, steps=steps, sampler=ode(solver), t_end=t_end)
+    sol = sample(
+        None, path, field, x_init=x1, steps=steps, sampler=ode(solver), t_end=t_end, denoise=True
+    )
     return {"x0": sol.x, "x1": x1}

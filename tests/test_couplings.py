@@ -241,9 +241,13 @@ def test_coupling_errors():
         C.sinkhorn_ot(0.0)
     with pytest.raises(ValueError, match="square cost"):
         C.assignment(jnp.zeros((3, 4)))
-    # A NaN batch gives NaN pairs, never a silent wrong pairing.
-    _, y1 = jax.jit(C.exact_ot())(jax.random.key(0), x, x.at[0, 0].set(jnp.nan))
-    assert np.isnan(np.asarray(y1)).all()
+    # A NaN batch, or distances whose squares overflow float32, raise when they run (NaN pairs
+    # before, with no message: the review of stop 53), never a silent wrong pairing
+    for x1 in (x.at[0, 0].set(jnp.nan), x.at[0, 0].set(1e20)):
+        with pytest.raises(Exception, match="exact_ot: a squared distance between the points"):
+            jax.block_until_ready(jax.jit(C.exact_ot())(jax.random.key(0), x, x1))
+    ints = jnp.arange(8, dtype=jnp.int32).reshape(4, 2)  # integer points keep their dtype
+    assert C.exact_ot()(jax.random.key(0), ints, ints[::-1])[1].dtype == jnp.int32
 
 
 def test_losses_train_on_the_coupled_pairs():
