@@ -594,8 +594,9 @@ def test_out_of_range_labels_are_an_error():
     m = MLP(width=8, depth=1, num_classes=3, emb_dim=8)
     x = jnp.ones((4, 2))
     p = init_params(m, jax.random.key(0), x, jnp.zeros(4), jnp.zeros(4, int))
-    for bad in (jnp.array([0, 1, 2, 4]), jnp.array([0, 1, 2, -1])):
-        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\]"):
+    for bad, shown in ((jnp.array([0, 1, 2, 4]), "4"), (jnp.array([0, 1, 2, -1]), "-1")):
+        # the values out of range are named (the first 8 labels were, all valid in a review's case)
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\].*got \[{shown}\] out"):
             m.apply(p, x, 0.5, bad)
         with pytest.raises(Exception, match=r"labels must lie in \[0, 3\]"):
             jax.jit(lambda lab: m.apply(p, x, 0.5, lab))(bad).block_until_ready()

@@ -131,10 +131,14 @@ class LabelEmbedding(nn.Module):
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},); got {labels.shape}")
         # out of range, nn.Embed gave NaN (a label past the null one) or, for -1, the null label
+        n = self.num_classes
         labels = value_check(
             labels,
-            lambda xp, v: xp.any((v < 0) | (v > self.num_classes)),
-            f"labels must lie in [0, {self.num_classes}] ({self.num_classes}: the null label)",
+            lambda xp, v: xp.any((v < 0) | (v > n)),
+            f"labels must lie in [0, {n}] ({n}: the null label; a loss's null_label must be {n})",
+            # the values out of range (the first 8 labels were shown: a dropped label's
+            # null_label = 7 was named by [2, 2, 2, 0, ...], all valid; the stop-53 review)
+            lambda v: f"{sorted(set(v[(v < 0) | (v > n)].tolist()))[:8]} out of range",
         )
         return nn.Embed(self.num_classes + 1, self.dim, dtype=self.dtype)(labels)
 
