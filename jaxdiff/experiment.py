@@ -93,7 +93,7 @@ DEFAULTS: dict[str, Any] = {
     "batch": 256,
     "lr": 5e-3,
     "weight_decay": 1e-4,
-    "clip": 1.0,
+    "clip": 1.0,  # the gradient's global norm; 0: no clipping
     "ema": 0.999,
     "seed": 0,
     "chunk": 100,
@@ -165,11 +165,22 @@ def resolve(config: dict) -> dict:
     if c["conditional"] and c["data"] != "digits":
         raise ValueError("conditional training needs labelled data (data 'digits')")
     for name in ("width", "depth", "steps", "batch", "chunk", "eval_steps"):
-        check_count(c[name], name)
+        c[name] = check_count(c[name], name)  # 10.0 was kept (and saved) as a float
     for name in ("eval_every", "ckpt_every", "eval_n"):
-        check_count(c[name], name, minimum=0)
+        c[name] = check_count(c[name], name, minimum=0)
     if not (_number(c["lr"]) and math.isfinite(c["lr"]) and c["lr"] > 0):
         raise ValueError(f"lr must be a positive number; got {c['lr']}")
+    # both reached the optimizer unchecked: -1 and "x" failed after the run folder was made,
+    # inf trained to NaN parameters, clip true clipped at 1 (the stop-53 review)
+    wd = c["weight_decay"]
+    if not (_number(wd) and math.isfinite(wd) and wd >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0; got {wd!r}")
+    clip = c["clip"]
+    if clip is not None and not (_number(clip) and math.isfinite(clip) and clip >= 0):
+        raise ValueError(
+            f"clip (the gradient's global norm) must be a finite number > 0, or 0 for no "
+            f"clipping; got {clip!r}"
+        )
     for name in ("ema", "label_dropout"):  # a string once raised a bare TypeError
         if not _number(c[name]):
             raise ValueError(f"{name} must be a number in [0, 1); got {c[name]!r}")

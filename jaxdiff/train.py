@@ -101,8 +101,8 @@ def adamw_cosine(
         )
     if not 0 <= end_factor <= 1:  # a negative end rate climbs the loss
         raise ValueError(f"end_factor must lie in [0, 1]; got {end_factor}")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
+    if not 0 <= weight_decay < float("inf"):  # inf decayed the parameters to NaN
+        raise ValueError(f"weight_decay must be a finite number >= 0; got {weight_decay}")
     if clip_norm is not None and not clip_norm > 0:  # -1 reverses the gradient, 0 stops learning
         raise ValueError(f"clip_norm must be > 0 (or None: no clipping); got {clip_norm}")
     # one run step (total_steps = 1) gets no warmup: its only step would have the rate 0
@@ -113,6 +113,17 @@ def adamw_cosine(
     )
     adamw = optax.adamw(schedule, weight_decay=weight_decay)
     return adamw if clip_norm is None else optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> Array:
+    """Whether every floating leaf of ``tree`` is finite (one program per tree structure)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _floating(x)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _floating(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 def ema_update(ema: Any, params: Any, decay: Array | float) -> Any:
@@ -475,6 +486,14 @@ def train(
         if not jnp.isfinite(loss):
             bar.close()
             raise FloatingPointError(f"the loss became {loss} at step {step + k}")
+        # a step's loss is taken before its update: NaN parameters from a chunk's last update
+        # (a NaN gradient of a finite loss, weight decay inf) reached on_every and checkpoints
+        if not bool(_all_finite(state.params)):
+            bar.close()
+            raise FloatingPointError(
+                f"the parameters became non-finite at step {step + k} (the loss before that "
+                "update was finite: a NaN or inf gradient or optimizer update)"
+            )
         history.append(loss)
         step, done = step + k, done + k
         rate = done / max(time.perf_counter() - t0, 1e-9)
@@ -483,7 +502,7 @@ def train(
         if on_chunk is not None:
             on_chunk(state, losses)
         at_every = any(step % e == 0 for e in periods) or step == num_steps
-        if on_every is not None and periods and at_every:
+        if on_every is not None and at_every:  # without every: at the end only (it never ran)
             on_every(state)
     bar.close()
     return state, history

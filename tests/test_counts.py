@@ -80,6 +80,19 @@ def test_run_configs_refuse_fractions_and_bools():
         E.resolve({"loss": "consistency", "rho": True})
     with pytest.raises(ValueError, match="ot_reg must be a positive number; got True"):
         E.resolve({"coupling": "sinkhorn", "ot_reg": True})
+    # weight_decay and clip reached the optimizer unchecked (the stop-53 review): -1 and "x"
+    # failed after the run folder was made, inf trained to NaN, clip true clipped at 1
+    for bad in (-1.0, "x", float("inf"), True):
+        with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+            E.resolve({"weight_decay": bad})
+    for bad in (-1.0, "1", True, float("nan")):
+        with pytest.raises(ValueError, match="clip .the gradient's global norm. must be"):
+            E.resolve({"clip": bad})
+    assert E.resolve({"clip": 0})["clip"] == 0  # no clipping
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+        adamw_cosine(1e-3, 10, weight_decay=float("inf"))
+    c = E.resolve({"steps": 10.0, "batch": 8.0})  # integral floats are counts, kept as ints
+    assert type(c["steps"]) is int and type(c["batch"]) is int
     c = E.resolve({"data": "moons", "steps": 2})
     setup = E.build(c)
     with pytest.raises(ValueError, match="steps must be a positive integer; got 2.5"):

@@ -120,6 +120,26 @@ def test_train_loop_chunks_callbacks_and_errors():
         make_train_chunk(step, lambda key: jnp.zeros((3, 2)), 1, mesh=_FakeMesh())
 
 
+def test_non_finite_parameters_after_a_finite_loss_stop_the_run_and_on_every_runs_at_the_end():
+    """A step's loss is taken before its update: a NaN gradient of a finite loss (``|w|`` at 0)
+    made NaN parameters that train() returned, and passed to on_every (checkpoints), with the
+    loss history [0.0] (the stop-53 review). And on_every without every never ran, though its
+    docstring said "and at the end"."""
+    opt = adamw_cosine(1e-2, 10)
+    step = make_train_step(lambda p, key, batch: jnp.sqrt(jnp.sum(p["w"] ** 2)), opt)
+    seen = []
+    state = init_train_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    chunk = lambda k: make_train_chunk(step, lambda key: jnp.zeros(2), k)  # noqa: E731
+    with pytest.raises(FloatingPointError, match="parameters became non-finite at step 1"):
+        train(state, chunk, 1, every=1, on_every=lambda s: seen.append(s), progress=False)
+    assert seen == []
+    params, opt, step, sample_batch = _quadratic()
+    state = init_train_state(params, opt, jax.random.key(1))
+    state, _ = train(state, lambda k: make_train_chunk(step, sample_batch, k), 20, chunk_size=8,
+                     on_every=lambda s: seen.append(int(s.step)), progress=False)  # fmt: skip
+    assert seen == [20]
+
+
 def test_a_non_finite_batch_is_refused_where_it_gave_a_nan_loss():
     """A NaN in one training batch gave a NaN loss and NaN parameters, which train() reported
     only as "the loss became nan" at the end of the chunk; now the step names the batch, under
