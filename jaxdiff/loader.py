@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff._checks import check_count
 from jaxdiff.image_sources import (
     ArraySource,
     ImageFolder,
@@ -79,6 +80,11 @@ class ImageLoader:
         process_index: int = 0,
         process_count: int = 1,
     ):
+        # 4.0 failed later as "slice indices must be integers", seed True ran as seed 1
+        batch_size = check_count(batch_size, "batch_size")
+        process_count = check_count(process_count, "process_count")
+        process_index = check_count(process_index, "process_index", minimum=0)
+        seed = check_count(seed, "seed", minimum=0)
         if not 0 <= process_index < process_count:  # else its share of every batch is empty
             raise ValueError(
                 f"process_index must lie in [0, process_count = {process_count}); "

@@ -88,6 +88,12 @@ def test_unlabelled_and_grayscale_folders(tmp_path):
     assert batch.shape == (8, 12, 12, 1) and batch.dtype == np.uint8
     with pytest.raises(ValueError, match="labels=True needs labelled data"):
         LD.ImageLoader(src, 8, labels=True)
+    # counts are checked as counts (the stop-53 review): 4.0 failed later as "slice indices
+    # must be integers", seed True ran as seed 1
+    assert LD.ImageLoader(src, 4.0).batch(0).shape == (4, 12, 12, 1)
+    for kwargs, name in (({"seed": True}, "seed"), ({"seed": 1.5}, "seed"), ({}, "batch_size")):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            LD.ImageLoader(src, 2.5 if name == "batch_size" else 8, **kwargs)
 
 
 def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
