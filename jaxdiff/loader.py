@@ -83,13 +83,13 @@ class ImageLoader:
         # 4.0 failed later as "slice indices must be integers", seed True ran as seed 1
         batch_size = check_count(batch_size, "batch_size")
         process_count = check_count(process_count, "process_count")
-        process_index = check_count(process_index, "process_index", minimum=0)
         seed = check_count(seed, "seed", minimum=0)
         if not 0 <= process_index < process_count:  # else its share of every batch is empty
             raise ValueError(
                 f"process_index must lie in [0, process_count = {process_count}); "
                 f"got {process_index}"
             )
+        process_index = check_count(process_index, "process_index", minimum=0)
         if batch_size < 1 or batch_size % process_count:
             raise ValueError(
                 f"batch_size must be a positive multiple of process_count {process_count}; "
