@@ -119,6 +119,14 @@ def test_ddim_step_stochastic_checks():
         jax.jit(lambda e: ddim_mod.ddim_step(path, x0, eps, 0.5, 0.4, eta=e, noise=z))(
             jnp.nan
         ).block_until_ready()
+    # eta > 1 clipped sigma_s^2 - c^2 < 0 to 0 (Var x_s 2.09 for 0.60; the stop-53 review):
+    # refused as jd.samplers.ddim refuses it, now and when a traced eta runs
+    with pytest.raises(ValueError, match=r"eta must lie in \[0, 1.0\]"):
+        ddim_mod.ddim_step(path, x0, eps, 0.5, 0.3, eta=2.0, noise=z)
+    with pytest.raises(Exception, match=r"eta must lie in \[0, 1.0\]"):
+        jax.jit(lambda e: ddim_mod.ddim_step(path, x0, eps, 0.5, 0.3, eta=e, noise=z))(
+            3.0
+        ).block_until_ready()
     # eta = 1 is the posterior draw, under jit too
     x_t = path.alpha(0.5) * x0 + path.sigma(0.5) * eps
     m, v = ddpm.posterior(path, x_t, x0, 0.5, 0.4)
