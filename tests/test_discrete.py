@@ -226,7 +226,7 @@ def test_bits_per_dim_and_its_dimension():
 def test_a_stochastic_ddim_step_checks_eta():
     path, x = jd.vp_path(), jnp.ones((2, 2))
     for eta in (-1.0, jnp.nan):
-        with pytest.raises(ValueError, match=r"eta must lie in \[0, inf\)"):
+        with pytest.raises(ValueError, match=r"eta must lie in \[0, 1.0\]"):
             jd.ddim_step(path, x, x, 0.5, 0.4, eta=eta, noise=x)
 
 
