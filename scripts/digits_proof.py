@@ -13,7 +13,7 @@ Runs (``train_run``, the code behind ``python -m jaxdiff train``):
 * ``unet``: ``--model unet --channels 32 64 64`` (``small_unet``'s widths at 8x8) with EDM's
   recipe on the same path (``--precond edm --weighting edm --time edm``), ``--dropout 0.1``.
 
-Each is sampled with Heun's method (20 steps, 39 evaluations of the guided field) from the EMA
+Each is sampled with Heun's method (20 steps, 40 evaluations of the guided field) from the EMA
 weights at classifier-free guidance 1 and 2, and at 2 on ``t <= 0.84`` only (``--guidance-interval
 0 0.84``), ``n`` samples (classes ``i % 10``) per seed; the
 table gives the mean over seeds and each seed. Training CPU seconds (user + system of the process,
@@ -146,7 +146,7 @@ def _grid(images: dict, file: Path) -> None:
 
 def _markdown(result: dict) -> str:
     lines = [
-        f"{result['n']} samples per seed, {result['seeds']} seeds; Heun, 20 steps (39 evaluations)."
+        f"{result['n']} samples per seed, {result['seeds']} seeds; Heun, 20 steps (40 evaluations)."
         "\n",
         "| model | params | steps x batch | train CPU s | guidance | FD (mean) | FD per seed | "
         "accuracy | memorisation |",
