@@ -23,6 +23,7 @@ from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
     as_time,
+    check_count,
     check_finite,
     check_positive,
     check_time,
@@ -115,6 +116,7 @@ class GaussianMixture(eqx.Module):
     # --- the data distribution -----------------------------------------------------------
     def sample_labeled(self, key: Array, n: int) -> tuple[Array, Array]:
         """``n`` samples and the index of the component each came from."""
+        n = check_count(n, "n", minimum=0, what="a number of samples")  # -1, 2.5: JAX's errors
         k_key, z_key = jax.random.split(key)
         labels = jax.random.choice(k_key, self.weights.shape[0], (n,), p=self.weights)
         chol = jnp.linalg.cholesky(self.covs)
@@ -147,7 +149,7 @@ class GaussianMixture(eqx.Module):
         x = jnp.asarray(x)
         if x.shape[-1:] != (self.dim,):
             raise ValueError(f"x must have shape (..., {self.dim}); got {x.shape}")
-        return x
+        return check_finite(x, "x")  # a NaN gave a NaN density silently, as the fields refuse it
 
     # --- marginals under a path ----------------------------------------------------------
     def marginal(self, path: GaussianPath, t: ArrayLike) -> GaussianMixture:
