@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxdiff._checks import check_positive, error_if, wide_dtype
+from jaxdiff._checks import check_count, check_positive, error_if, wide_dtype
 
 Array = jax.Array
 
@@ -331,13 +331,10 @@ def _sinkhorn(cost, reg, num_iters, tol):
 def _check_iterations(num_iters: Any, tol: Any) -> tuple[int, float | None]:
     """``num_iters`` an int >= 1, ``tol`` a positive number or ``None`` (``num_iters = 0`` returned
     ``-C / reg``, no plan, and ``tol = -1`` ran silently to the cap)."""
-    if isinstance(num_iters, bool) or not isinstance(num_iters, (int, np.integer)):
-        raise TypeError(f"num_iters must be an int >= 1; got {num_iters!r}")
-    if num_iters < 1:
-        raise ValueError(f"num_iters must be an int >= 1; got {num_iters}")
+    num_iters = check_count(num_iters, "num_iters")
     if tol is not None and (isinstance(tol, bool) or not (np.isfinite(tol) and tol > 0)):
         raise ValueError(f"tol must be a positive number or None; got {tol!r}")
-    return int(num_iters), None if tol is None else float(tol)
+    return num_iters, None if tol is None else float(tol)
 
 
 def _conjugate_gradients(linear, y, max_iters):

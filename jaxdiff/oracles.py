@@ -22,6 +22,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from jaxdiff._checks import (
+    _floating,
     as_time,
     check_count,
     check_finite,
@@ -43,11 +44,6 @@ from jaxdiff.paths import GaussianPath
 Array = jax.Array
 
 __all__ = ["GaussianMixture"]
-
-
-def _floating(a: ArrayLike) -> Array:
-    a = jnp.asarray(a)
-    return a if jnp.issubdtype(a.dtype, jnp.inexact) else a.astype(jnp.result_type(float))
 
 
 class GaussianMixture(eqx.Module):

@@ -46,7 +46,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_count, check_finite, concrete, error_if, wide_dtype
+from jaxdiff._checks import (
+    _floating_leaf,
+    check_count,
+    check_finite,
+    concrete,
+    error_if,
+    wide_dtype,
+)
 
 Array = jax.Array
 
@@ -118,12 +125,8 @@ def adamw_cosine(
 @jax.jit
 def _all_finite(tree: Any) -> Array:
     """Whether every floating leaf of ``tree`` is finite (one program per tree structure)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _floating(x)]
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _floating_leaf(x)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def _floating(x: Any) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 def ema_update(ema: Any, params: Any, decay: Array | float) -> Any:
