@@ -99,7 +99,8 @@ def dpm_solver_pp(
     on its ``lower_order_final=True`` matches this sampler's ``False``, to 8e-7 on an exact
     denoiser); a step to ``sigma = 0`` is first order (it returns ``x0_hat``). Order 1 is DDIM
     with ``eta = 0``. Default grid: 10 steps uniform in log-SNR to ``1e-3``
-    (``jaxdiff.log_snr_grid``), then the denoising step: 11 evaluations. ``exact_taylor=False``: 3M with the reference code's coefficient (see the module).
+    (``jaxdiff.log_snr_grid``), then the denoising step: 11 evaluations.
+    ``exact_taylor=False``: 3M with the reference code's coefficient (see the module).
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
