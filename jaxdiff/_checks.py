@@ -174,7 +174,7 @@ def value_check(
     x: Any,
     bad: Callable[[Any, Any], Any],
     msg: str,
-    shown: Callable[[np.ndarray], str] = lambda v: str(v.tolist()[:8]),
+    shown: Callable[[np.ndarray], str] = lambda v: str(np.ravel(v).tolist()[:8]),
 ) -> Any:
     """Raise ``ValueError(msg)`` where ``bad(xp, value)`` holds, and return ``x``.
 

@@ -92,7 +92,7 @@ __all__ = [
 
 
 def consistency_scalings(
-    t: ArrayLike, *, kind: Kind = "edm", t_min: float = 0.0, sigma_data: float = 0.5
+    t: ArrayLike, *, kind: Kind = "edm", t_min: ArrayLike = 0.0, sigma_data: float = 0.5
 ) -> tuple[Array, Array]:
     """``(c_skip(t), c_out(t))``, exactly ``(1, 0)`` at ``t = t_min``.
 
@@ -110,8 +110,10 @@ def consistency_scalings(
     if kind == "edm":
         sigma_data = check_positive(sigma_data, "sigma_data")
     known = concrete(t_min)  # below t_min, c_out < 0 (f is not the consistency function there)
-    lo = 0.0 if known is None else float(known)
-    return _scalings(check_time(coef_time(t), "t", lo=lo), kind, t_min, sigma_data)
+    t = check_time(coef_time(t), "t", lo=0.0 if known is None else float(known))
+    if known is None:  # a traced t_min: t >= t_min is checked when the call runs
+        t = error_if(t, t < t_min, "t must lie in [t_min, 1] (below t_min, c_out < 0)")
+    return _scalings(t, kind, t_min, sigma_data)
 
 
 def _scalings(t, kind, t_min, sigma_data) -> tuple[Array, Array]:

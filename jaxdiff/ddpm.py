@@ -295,19 +295,22 @@ def reverse_mean_var(
     Nichol & Dhariwal (2021)'s log-linear interpolation with a fixed weight.
     """
     t, s = _reverse_times(t, s)
-    _check_var_weight(var_weight)
+    var_weight = _check_var_weight(var_weight)
     return _reverse_mean_var(path, jnp.asarray(x_t), jnp.asarray(x0_hat), t, s, var_weight)
 
 
-def _check_var_weight(var_weight: ArrayLike) -> None:
-    v = concrete(var_weight)  # a network's output (learned variances) is traced: not checked
-    if v is not None and not np.all(np.isfinite(v)):
-        raise ValueError(f"var_weight must be finite; got {np.ravel(v).tolist()[:4]}")
-    if v is not None and not np.all((v >= 0) & (v <= 1)):  # 1.5 gave inf at s = 0
-        raise ValueError(
-            f"var_weight must lie in [0, 1] (between the posterior's and the forward variance, in "
-            f"logs); got {np.ravel(v).tolist()[:4]}"
-        )
+def _check_var_weight(var_weight: ArrayLike) -> ArrayLike:
+    """Raise unless ``var_weight`` lies in ``[0, 1]`` (1.5 gave an infinite variance at ``s = 0``);
+    return it. Traced, it comes back tied to a run-time check (use the result): a fixed weight
+    passed through ``jit`` gave wrong variances silently."""
+    var_weight = value_check(
+        var_weight, lambda xp, v: ~xp.all(xp.isfinite(v)), "var_weight must be finite"
+    )
+    return value_check(
+        var_weight,
+        lambda xp, v: ~xp.all((v >= 0) & (v <= 1)),
+        "var_weight must lie in [0, 1] (between the posterior's and the forward variance, in logs)",
+    )
 
 
 def _reverse_var(path, t, s, var_post, var_weight):

@@ -157,7 +157,7 @@ def nelbo(
         raise ValueError(f"num_steps must be >= 2; got {num_steps}")
     if num_terms is not None:
         num_terms = check_count(num_terms, "num_terms")
-    _check_var_weight(var_weight)
+    var_weight = _check_var_weight(var_weight)
     axes = tuple(range(1, x0.ndim))
     batch, dtype = x0.shape[0], x0.dtype
     k_rec, k_terms = jax.random.split(key)

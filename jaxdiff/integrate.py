@@ -78,8 +78,8 @@ def integrate(
     key: Array | None = None,
     solver: diffrax.AbstractSolver | None = None,
     save_ts: ArrayLike | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: ArrayLike | None = None,
+    atol: ArrayLike | None = None,
     max_steps: int = 4096,
     adjoint: diffrax.AbstractAdjoint | None = None,
 ) -> Solution:
@@ -105,7 +105,7 @@ def integrate(
         raise ValueError("an SDE's state must be a single array; pytree states are for ODEs")
     adaptive = rtol is not None or atol is not None
     if adaptive:
-        check_tolerances(solver, rtol, atol)
+        rtol, atol = check_tolerances(solver, rtol, atol)
         max_steps = check_count(max_steps, "max_steps")
     elif adjoint is not None:
         raise ValueError(
@@ -157,20 +157,38 @@ def _grid(ts, t_start, t_end, steps) -> Array:
     return _engine.check_grid(jnp.linspace(t0, t1, steps + 1), "the grid t_start -> t_end")
 
 
-def check_tolerances(solver: diffrax.AbstractSolver, rtol: Any, atol: Any) -> None:
-    """Raise unless ``solver`` has an error estimate and ``rtol``/``atol`` are valid tolerances."""
+def check_tolerances(solver: diffrax.AbstractSolver, rtol: Any, atol: Any) -> tuple[Any, Any]:
+    """Raise unless ``solver`` has an error estimate and ``rtol``/``atol`` are valid tolerances;
+    return ``(rtol, atol)``. Traced tolerances come back tied to run-time checks (use them: a
+    traced ``rtol = -1`` solved silently)."""
     if not isinstance(solver, diffrax.AbstractAdaptiveSolver):
         raise ValueError(
             f"rtol/atol ask for adaptive steps, but {type(solver).__name__} has no error "
             "estimate; use diffrax.Tsit5(), Dopri5() or Heun() (or drop rtol/atol)"
         )
+    checked = []
     for name, value in (("rtol", rtol), ("atol", atol)):
-        v = concrete(value)
-        if value is not None and v is not None and not (np.isfinite(v) and v >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0; got {name} = {value}")
+        if value is not None:
+            value = value_check(
+                value,
+                lambda xp, v: ~xp.all(xp.isfinite(v) & (v >= 0)),
+                f"{name} must be a finite number >= 0",
+                shown=lambda v, name=name: f"{name} = {v}",
+            )
+        checked.append(value)
+    rtol, atol = checked
     r, a = concrete(rtol), concrete(atol)
-    if r is not None and a is not None and r == 0 and a == 0:
-        raise ValueError("rtol and atol cannot both be 0 (no step would ever be accepted)")
+    msg = "rtol and atol cannot both be 0 (no step would ever be accepted)"
+    if r is not None and a is not None:
+        if r == 0 and a == 0:
+            raise ValueError(msg)
+    elif rtol is not None and atol is not None:  # one of them traced: tied to that one
+        both_zero = (jnp.asarray(rtol) == 0) & (jnp.asarray(atol) == 0)
+        if r is None:
+            rtol = error_if(rtol, both_zero, msg)
+        else:
+            atol = error_if(atol, both_zero, msg)
+    return rtol, atol
 
 
 def _adaptive(

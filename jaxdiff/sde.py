@@ -132,8 +132,9 @@ def check_eta(eta: Eta, name: str = "eta", hi: float | None = None) -> Eta:
 
     if callable(eta):
         value = concrete(eta_at(eta, np.linspace(0.0, 1.0, 33)))
-        if value is None:  # a traced function: nothing to check now
-            return eta
+        if value is None:  # a traced function: each value is checked when it runs
+            msg = f"{name} must lie in {bounds}"
+            return lambda t: value_check(eta_at(eta, t), bad, msg)
     else:
         value = concrete(eta)
         if value is None:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import diffrax
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxdiff import _diffrax
 from jaxdiff._checks import check_count, coef_time, concrete
@@ -89,8 +90,8 @@ def _reverse(
     solver: diffrax.AbstractSolver | None,
     eta: Eta,
     name: str,
-    rtol: float | None,
-    atol: float | None,
+    rtol: ArrayLike | None,
+    atol: ArrayLike | None,
     max_steps: int,
     adjoint: diffrax.AbstractAdjoint | None,
 ) -> Sampler:
@@ -102,7 +103,7 @@ def _reverse(
     stochastic = not _is_zero(eta)
     adaptive = None
     if rtol is not None or atol is not None:
-        check_tolerances(solver, rtol, atol)
+        rtol, atol = check_tolerances(solver, rtol, atol)
 
         def adaptive(key, path, field, x, ts, save_ts) -> Solution:
             """One ``diffeqsolve`` from ``ts[0]`` to ``ts[-1]``; ``ts[1]`` sets the first trial step."""
@@ -209,8 +210,8 @@ def _reverse(
 def ode(
     solver: diffrax.AbstractSolver | None = None,
     *,
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: ArrayLike | None = None,
+    atol: ArrayLike | None = None,
     max_steps: int = 4096,
     adjoint: diffrax.AbstractAdjoint | None = None,
 ) -> Sampler:
@@ -238,8 +239,8 @@ def sde(
     solver: diffrax.AbstractSolver | None = None,
     *,
     eta: Eta = 1.0,
-    rtol: float | None = None,
-    atol: float | None = None,
+    rtol: ArrayLike | None = None,
+    atol: ArrayLike | None = None,
     max_steps: int = 4096,
 ) -> Sampler:
     """The reverse SDE ``dx = [f x - (1 + eta^2)/2 g^2 score] dt + eta g dw`` by ``solver``.

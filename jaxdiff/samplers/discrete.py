@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import check_positive, safe_sqrt
+from jaxdiff._checks import safe_sqrt
 from jaxdiff.conversions import hub_matrix
 from jaxdiff.ddim import ddim_coefs
-from jaxdiff.ddpm import _posterior_coefs, _reverse_var
+from jaxdiff.ddpm import _check_var_weight, _posterior_coefs, _reverse_var
 from jaxdiff.field import batch_time
 from jaxdiff.samplers.base import Sampler, between, combine, normal
 from jaxdiff.schedules import default_grid
@@ -60,7 +60,7 @@ def ancestral(*, var_weight: ArrayLike = 0.0) -> Sampler:
     >>> round(float(jnp.abs(sol.x[:, 0]).mean()), 1), int(sol.nfe)
     (2.0, 200)
     """
-    var_weight = check_positive(var_weight, "var_weight", strict=False)
+    var_weight = _check_var_weight(var_weight)
 
     def init(path, field, x, ts) -> State:
         return State(x)
