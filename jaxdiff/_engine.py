@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff._checks import as_time, concrete, error_if
+from jaxdiff._checks import as_time, check_finite, concrete, error_if
 
 Array = jax.Array
 PyTree = Any
@@ -59,9 +59,16 @@ def save_slots(grid: Array, save_ts: Array) -> Array:
 
 
 def as_save_ts(save_ts: Any, dtype: Any) -> Array | None:
+    """``save_ts`` as a 1-D array of finite times in ``dtype`` (a NaN time matched no slot and
+    saved the start state; a 2-D array mixed up the slots; both were silent)."""
     if save_ts is None:
         return None
-    return jnp.atleast_1d(as_time(save_ts)).astype(dtype)
+    ts = jnp.atleast_1d(as_time(save_ts))
+    if ts.ndim != 1 or ts.shape[0] == 0:
+        raise ValueError(
+            f"save_ts must be a time or a non-empty 1-D array of times; got shape {ts.shape}"
+        )
+    return check_finite(ts, "save_ts").astype(dtype)
 
 
 def start_buffer(grid: Array, save_ts: Array | None, x: PyTree) -> tuple[PyTree, Array | None]:

@@ -129,3 +129,50 @@ def test_ddim_step_checks_a_known_t():
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1\].*got t = \[1.5\]"):
         jd.ddim_step(PATH, x, x, 1.5, 0.75)
     assert jd.ddim_step(PATH, x, x, 0.9, 0.75).shape == (2, 2)
+
+
+def test_unipc_keeps_what_a_hook_did_to_x():
+    # UniPC's corrector rebuilt x from the previous corrected sample, giving the hooked x no
+    # weight after the first step: a hook's move reached the result only through the network
+    # call, and UniPC returned about the unhooked answer (1.55 off the exact hooked flow).
+    mu, sd = jnp.array([[1.0, -0.5]]), 0.5
+    field = jd.GaussianMixture.isotropic(mu, std=sd).field(PATH, "x0")
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+
+    def flow(x, t1, t2):  # the exact probability-flow map of N(mu, sd^2 I) data
+        a1, a2 = PATH.alpha(t1), PATH.alpha(t2)
+        s1 = jnp.sqrt(a1**2 * sd**2 + PATH.sigma_sq(t1))
+        s2 = jnp.sqrt(a2**2 * sd**2 + PATH.sigma_sq(t2))
+        return a2 * mu + s2 / s1 * (x - a1 * mu)
+
+    ts = jnp.concatenate([jnp.linspace(1.0, 0.5, 21), jnp.linspace(0.5, 0.01, 21)[1:]])
+
+    def hook(key, state, t):  # +3 at t = 0.5
+        return state._replace(x=jnp.where(jnp.abs(t - 0.5) < 1e-6, state.x + 3.0, state.x))
+
+    want = flow(flow(x1, 1.0, 0.5) + 3.0, 0.5, ts[-1])
+    for sampler, tol in ((S.unipc(2), 0.03), (S.dpm_solver_pp(2), 0.01)):  # 0.014, 0.0045
+        got = jd.sample(jax.random.key(1), PATH, field, sampler=sampler, ts=ts, x_init=x1,
+                        hook=hook, denoise=False).x  # fmt: skip
+        assert float(jnp.abs(got - want).max()) < tol, sampler.name
+
+
+def test_save_ts_refuses_nan_empty_and_2d_times():
+    # a NaN time matched no grid point and saved the start state under its NaN label; a (1, k)
+    # save_ts mixed up the slots (2.0238, the state at no grid time); [] raised an IndexError
+    field = GAUSS.field(PATH, "eps")
+    ts = jnp.linspace(1.0, 1e-3, 11)
+
+    def draw(save_ts):
+        return jd.sample(None, PATH, field, sampler=S.dpm_solver_pp(2), ts=ts,
+                         x_init=jnp.ones((4, 2)), save_ts=jnp.asarray(save_ts),
+                         denoise=False).xs  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"save_ts contains non-finite values"):
+        draw([float(ts[2]), float("nan")])
+    for bad, shape in (([], r"\(0,\)"), ([[1.0, float(ts[2])]], r"\(1, 2\)")):
+        with pytest.raises(ValueError, match=rf"non-empty 1-D array of times; got shape {shape}"):
+            draw(bad)
+    with pytest.raises(Exception, match=r"save_ts contains non-finite values"):
+        jax.block_until_ready(jax.jit(draw)(jnp.array([jnp.nan, 1.0])))  # "same time twice"
+    np.testing.assert_array_equal(draw([float(ts[3])])[0], draw(ts)[3])

@@ -35,6 +35,7 @@ __all__ = ["unipc"]
 class State(NamedTuple):
     x: Array  # the predicted sample at the current time (corrected at the next evaluation)
     x_prev: Array  # the corrected sample at the previous time
+    x_pred: Array  # x as the last step predicted it, before any hook moved it
     ms: Array  # x0_hat of the last evaluations, newest first: (order, *x.shape)
     lams: Array  # their lambdas: (order,)
     t_prev: Array  # the previous time
@@ -195,7 +196,7 @@ def unipc(order: int = 2, *, variant: str = "bh2", lower_order_final: bool = Tru
         n = jnp.asarray(ts.shape[0] - 1, jnp.int32)
         one = jnp.ones((), jnp.int32)
         lams = jnp.full((order,), -jnp.inf, dtype)  # -inf: no evaluation there (yet)
-        return State(x, x, zeros, lams, ts[0].astype(dtype), one, jnp.zeros((), jnp.int32), n)
+        return State(x, x, x, zeros, lams, ts[0].astype(dtype), one, jnp.zeros((), jnp.int32), n)
 
     def coefficients(path, field, ts, i):
         """Step ``i``'s weights from the grid: the history a loop would carry, rebuilt."""
@@ -214,17 +215,22 @@ def unipc(order: int = 2, *, variant: str = "bh2", lower_order_final: bool = Tru
                        order_prev, i, n)  # fmt: skip
 
     def step(key, path, field, state: State, t, s, coefs=None) -> State:
-        x, x_prev, ms, lams, t_prev, order_prev, i, n = state
+        x, x_prev, x_pred, ms, lams, t_prev, order_prev, i, n = state
         if coefs is None:
             coefs = weights(path, t, s, lams, t_prev, order_prev, i, n)
         w_c, w_p, lams, o = coefs
         m_t, _ = predict(path, field, x, t)
         x_c = combine(x, (w_c[0], x), (w_c[1], x_prev), (w_c[2], m_t),
                       *((w_c[3 + j], ms[j]) for j in range(order)))  # fmt: skip
+        # the corrector rebuilds x from x_prev (x's weight w_c[0] is 0 after the first step), so
+        # what a hook did to x was lost (UniPC returned the unhooked answer, 1.55 off): the
+        # correction is added to the hooked x instead, exactly 0 where no hook moved it
+        moved = (1 - w_c[0]).astype(x.dtype) * (x - x_pred)
+        x_c = x_c + moved
         ms = jnp.concatenate([m_t[None], ms[:-1]])
         x_s = combine(x, (w_p[0], x_c), *((w_p[1 + j], ms[j]) for j in range(order)))
-        return State(x_s, x_c, ms, lams.astype(state.lams.dtype), jnp.asarray(t, t_prev.dtype),
-                     o, i + 1, n)  # fmt: skip
+        return State(x_s, x_c, x_s, ms, lams.astype(state.lams.dtype),
+                     jnp.asarray(t, t_prev.dtype), o, i + 1, n)  # fmt: skip
 
     return Sampler(
         name=f"unipc(order={order}, variant={variant})",
