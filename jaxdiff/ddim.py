@@ -32,7 +32,7 @@ from jaxdiff._checks import (
     safe_sqrt,
 )
 from jaxdiff.ddpm import _reverse_times
-from jaxdiff.field import Field, as_field, predict
+from jaxdiff.field import Field, as_field, in_wide_precision, predict
 from jaxdiff.integrate import Solution
 from jaxdiff.paths import GaussianPath
 from jaxdiff.sde import _is_zero, check_eta
@@ -115,6 +115,8 @@ def ddim_invert(
     )
     x = check_finite(jnp.asarray(x), "x")
     x = x.astype(data_dtype(x))  # integers were inverted in integer arithmetic (truncated)
+    user_dtype = x.dtype  # half precision runs in float32 (a bfloat16 state's error grew with
+    field, x = in_wide_precision(field, x)  # the steps: 0.19 at 400 against 0.0014)
     grid = grid.astype(jnp.result_type(x.dtype, jnp.float32))
 
     def step(key, x, s, t):  # s < t: up the grid
@@ -125,4 +127,5 @@ def ddim_invert(
     buf, slots = _engine.start_buffer(grid, save_ts, x)
     x_end, xs = _engine.scan(step, x, grid, None, get_x=lambda x: x, buffer=buf, slots=slots)
     n = grid.shape[0] - 1
-    return Solution(x_end, save_ts, xs, jnp.asarray(n), jnp.asarray(n))
+    xs = None if xs is None else xs.astype(user_dtype)
+    return Solution(x_end.astype(user_dtype), save_ts, xs, jnp.asarray(n), jnp.asarray(n))

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time
+from jaxdiff._checks import as_time, wide_dtype
 from jaxdiff.conversions import Target, _check_target, convert, to_x0_eps
 
 if TYPE_CHECKING:
@@ -98,6 +98,25 @@ def as_field(field: Any, name: str = "field") -> Field:
             f"a network (targets: 'score', 'eps', 'x0', 'v', 'velocity')"
         )
     raise TypeError(f"{name} must be a jaxdiff.Field; got {type(field).__name__}")
+
+
+class _CastIn(eqx.Module):
+    """Call a field with ``x`` in ``dtype`` (the network's precision) from a wider state."""
+
+    dtype: Any = eqx.field(static=True)
+
+    def __call__(self, field, x, t, *args):
+        return field(jnp.asarray(x).astype(self.dtype), t, *args)
+
+
+def in_wide_precision(field: Field, x: Array) -> tuple[Field, Array]:
+    """``(field, x)`` for a solve in float32 or wider: a half-precision ``x`` comes back widened,
+    with a field that still sees ``x`` in its dtype (the network runs in half precision; a bfloat16
+    state cannot hold an update below 1/256 of the sample). The caller casts the result back."""
+    wide = wide_dtype(x.dtype)
+    if wide == x.dtype:
+        return field, x
+    return Field(_CastIn(x.dtype), field.target, field), x.astype(wide)
 
 
 def batch_time(t: Any, x: ArrayLike) -> Array:

@@ -22,7 +22,7 @@ from jax.typing import ArrayLike
 from jaxdiff import _engine
 from jaxdiff._checks import check_count, check_finite, data_dtype, expand_like, wide_dtype
 from jaxdiff._programs import run_jit
-from jaxdiff.field import Field, as_field, batch_time
+from jaxdiff.field import Field, as_field, batch_time, in_wide_precision
 from jaxdiff.field import denoise as denoise_step
 from jaxdiff.integrate import Solution
 from jaxdiff.interpolants import StochasticInterpolant
@@ -156,9 +156,7 @@ def sample(
     # diffrax's solvers on float32 data)
     grid = _check_ends(path, field, sampler, grid, denoise)  # the field as given (its own checks)
     user_dtype = x.dtype
-    if wide_dtype(user_dtype) != user_dtype:  # half precision: integrate in float32, call the
-        field = Field(_CastIn(user_dtype), field.target, field)  # network in the user's dtype
-        x = x.astype(wide_dtype(user_dtype))
+    field, x = in_wide_precision(field, x)
     full = jnp.concatenate([grid, jnp.zeros((1,), grid.dtype)]) if denoise else grid
     n = grid.shape[0] - 1
 
@@ -219,15 +217,6 @@ def sample(
     )
 
 
-class _CastIn(eqx.Module):
-    """Call a field with ``x`` in ``dtype`` (the network's precision) from a wider state."""
-
-    dtype: Any = eqx.field(static=True)
-
-    def __call__(self, field, x, t, *args):
-        return field(jnp.asarray(x).astype(self.dtype), t, *args)
-
-
 def _grid(path, sampler, steps, ts, t_start, t_end) -> Array:
     if ts is not None:
         given = [
@@ -262,7 +251,7 @@ def _start(key, path, field, shape, x_init, t0) -> Array:
         raise ValueError(f"the sample needs a batch axis, (batch, *event); got {what} = {x.shape}")
     x = check_finite(x, "x_init")
     try:
-        out = jax.eval_shape(field, x, batch_time(jnp.asarray(t0, jnp.float32), x))
+        out = jax.eval_shape(field, x, batch_time(jnp.asarray(t0, wide_dtype(x.dtype)), x))
     except ValueError as err:  # e.g. (2,) for one 2-D point: the field's message was about t
         raise ValueError(
             f"{err}\n(the field was called on the start state of shape {x.shape}, read as "

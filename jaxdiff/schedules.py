@@ -22,6 +22,7 @@ from jaxdiff._checks import (
     check_order,
     check_positive,
     check_time,
+    coef_time,
     concrete,
     cut,
     tie_check,
@@ -102,7 +103,10 @@ def alpha_bars(betas: ArrayLike) -> Array:
 
 def _check_ends(t_start, t_end):
     """``(t_start, t_end)`` in ``[0, 1]`` with ``t_end < t_start``: grids run from noise to data."""
-    t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")
+    # in float32 or wider: bfloat16 ends made a bfloat16 grid (spacing 2^-8 near t = 1: 225
+    # distinct times of 301, or a silently rounded grid)
+    t_start = check_time(coef_time(t_start), "t_start")
+    t_end = check_time(coef_time(t_end), "t_end")
     t_end, t_start = check_order(t_end, t_start, "t_end", "t_start")
     return t_start, t_end
 

@@ -7,6 +7,7 @@ library's, not ``t``'s rounding. float32's unit roundoff is 2^-24 (6e-8), bfloat
 
 import functools
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import mpmath as mp
@@ -262,3 +263,29 @@ def test_half_precision_conversions_round_trip(dtype):
             assert bool(
                 jnp.all(jnp.abs(back - value.astype(jnp.float32)) <= 40 * ulp * (1 + scale))
             )
+
+
+def test_integrate_and_ddim_invert_run_half_precision_in_float32():
+    # integrate kept a bfloat16 state: every Euler update of 1e-3 x rounded away (x(1) = 1.0 for
+    # exp(-1) at 1000 steps) and the adaptive solve failed in diffrax's closure conversion;
+    # ddim_invert's bfloat16 state drifted with the steps (0.027 at 100 steps, 0.19 at 400)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        sol = jd.integrate(lambda x, t: -x, jnp.ones(3, dtype), t_start=0.0, t_end=1.0, steps=1000)
+        assert sol.x.dtype == dtype
+        assert abs(float(sol.x[0]) - 0.999**1000) < 2e-3  # Euler's 0.3677 to a bf16 ulp
+        tsit = jd.integrate(lambda x, t: -x, jnp.ones(3, dtype), t_start=0.0, t_end=1.0,
+                            solver=diffrax.Tsit5(), rtol=1e-4, atol=1e-4)  # fmt: skip
+        assert tsit.x.dtype == dtype and abs(float(tsit.x[0]) - np.exp(-1)) < 2e-3
+    mix = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.5]]), std=0.3)
+    path = jd.vp_path()
+    field = mix.field(path, "eps")
+    x = mix.sample(jax.random.key(0), 500).astype(jnp.bfloat16)
+    z16 = jd.ddim_invert(path, field, x, steps=100, t_end=0.999).x
+    z32 = jd.ddim_invert(path, field, x.astype(jnp.float32), steps=100, t_end=0.999).x
+    assert z16.dtype == jnp.bfloat16
+    assert float(jnp.abs(z16.astype(jnp.float32) - z32).mean()) < 0.006  # 0.0014 (bf16 field)
+
+
+def test_bfloat16_grid_ends_give_a_float32_grid():
+    grid = jd.uniform_grid(300, jnp.bfloat16(0.999), jnp.bfloat16(1e-3))  # 225 distinct times
+    assert grid.dtype == jnp.float32 and np.unique(np.asarray(grid)).size == 301

@@ -777,7 +777,7 @@ DROPPED_CHECKS = {
     "pc snr": (lambda v: _tiny_sample(jd.samplers.pc(snr=v)), -0.1, "snr"),
     "ancestral var_weight": (
         lambda v: _tiny_sample(jd.samplers.ancestral(var_weight=v)),
-        -1.0,
+        float("nan"),  # out of [0, 1]: "var_weight must lie in" (tests/test_audit_traced.py)
         "var_weight",
     ),
     "dpm_solver_2s s_noise": (
