@@ -601,3 +601,49 @@ def test_out_of_range_labels_are_an_error():
         with pytest.raises(Exception, match=r"labels must lie in \[0, 3\]"):
             jax.jit(lambda lab: m.apply(p, x, 0.5, lab))(bad).block_until_ready()
     assert bool(jnp.all(jnp.isfinite(m.apply(p, x, 0.5, jnp.array([0, 1, 2, 3])))))
+
+
+def test_diffusers_config_builds_the_same_network_and_from_diffusers_checks_a_config():
+    """diffusers_config(model) builds a UNet2DModel that from_diffusers ports to the same function;
+    a checkpoint with diffusers' defaults (flip_sin_to_cos=True, downsample_padding=1, norm_eps
+    1e-5) has the same weight shapes and other outputs (1.67 off on a 2-level net): ported silently
+    before, refused now when its config is given, naming each difference."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from jaxdiff.nets import UNet, diffusers_config, from_diffusers, small_unet
+
+    def build(**kw):
+        torch.manual_seed(0)
+        net = diffusers.UNet2DModel(**kw).eval()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        return net, {k: v.numpy() for k, v in net.state_dict().items()}
+
+    x = np.random.default_rng(0).standard_normal((2, 16, 16, 1), np.float32)
+    steps = np.array([3, 999])
+    models = (
+        small_unet(channels=(16, 32), attention_resolutions=(8,), heads=2),  # scale-shift, heads
+        UNet(channels=(8, 16), attention_resolutions=(16, 8), heads=1, scale_shift=False,
+             norm_groups=4, freq_shift=1.0),
+    )  # fmt: skip
+    for model in models:
+        net, state = build(**diffusers_config(model, (16, 16, 1)))
+        params = from_diffusers(state, model, (16, 16, 1), config=net.config)
+        ours = np.asarray(model.apply(params, x, steps / 1000))
+        with torch.no_grad():
+            theirs = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(steps))
+        theirs = theirs.sample.numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(ours, theirs, atol=2e-5 * np.abs(theirs).max(), rtol=0)
+    model = models[1]
+    config = {**diffusers_config(model, (16, 16, 1))}
+    for key in ("flip_sin_to_cos", "downsample_padding", "norm_eps"):
+        del config[key]  # an older config.json: diffusers' defaults apply
+    net, state = build(**config)
+    from_diffusers(state, model, (16, 16, 1))  # the weights alone cannot tell
+    with pytest.raises(ValueError, match=r"flip_sin_to_cos = True.*downsample_padding = 1.*"
+                                         r"norm_eps = 1e-05"):  # fmt: skip
+        from_diffusers(state, model, (16, 16, 1), config=config)
+    with pytest.raises(ValueError, match=r"\[2, 4\] heads at widths \[8, 16, 16\]"):
+        from_diffusers(state, model, (16, 16, 1), config={**net.config, "attention_head_dim": 4})
+    assert diffusers_config(models[0], (16, 16, 1))["attention_head_dim"] == 16

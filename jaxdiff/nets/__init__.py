@@ -17,7 +17,7 @@ from jaxdiff.nets.embeddings import (
     sinusoidal_embedding,
 )
 from jaxdiff.nets.mlp import MLP
-from jaxdiff.nets.port import from_diffusers, to_diffusers
+from jaxdiff.nets.port import diffusers_config, from_diffusers, to_diffusers
 from jaxdiff.nets.two_time import TwoTimeMLP, TwoTimeUNet
 from jaxdiff.nets.unet import GroupNorm, ResBlock, SelfAttention, UNet, ddpm_cifar10, small_unet
 
@@ -39,6 +39,7 @@ __all__ = [
     "fourier_embedding",
     "init_params",
     "sinusoidal_embedding",
+    "diffusers_config",
     "from_diffusers",
     "to_diffusers",
 ]

@@ -23,19 +23,129 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["from_diffusers", "to_diffusers"]
+__all__ = ["diffusers_config", "from_diffusers", "to_diffusers"]
 
 _ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "out": "to_out.0"}
 _OLD_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
+# diffusers 0.42's UNet2DModel defaults, for the keys an older config.json leaves out
+_DEFAULTS = {
+    "center_input_sample": False, "time_embedding_type": "positional", "time_embedding_dim": None,
+    "freq_shift": 0, "flip_sin_to_cos": True, "mid_block_type": "UNetMidBlock2D",
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "downsample_padding": 1,
+    "downsample_type": "conv", "upsample_type": "conv", "act_fn": "silu",
+    "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None,
+    "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True,
+    "class_embed_type": None, "num_class_embeds": None, "in_channels": 3, "out_channels": 3,
+}  # fmt: skip
+
+
+def _attend(model, shape: tuple[int, ...]) -> list[bool]:
+    """Whether each level attends: its image size (stride-2 "SAME" halvings) is listed."""
+    sizes = [shape[0]]
+    for _ in range(len(model.channels) - 1):
+        sizes.append(math.ceil(sizes[-1] / 2))
+    return [s in tuple(model.attention_resolutions) for s in sizes]
+
+
+def _attention_widths(model, shape: tuple[int, ...]) -> list[int]:
+    """The channels of every attention block: the attending levels', then the middle's."""
+    widths = [c for c, a in zip(model.channels, _attend(model, shape), strict=True) if a]
+    return widths + ([model.channels[-1]] if model.attention else [])
+
+
+def diffusers_config(model: Any, shape: tuple[int, int, int] = (32, 32, 3)) -> dict:
+    """The ``diffusers.UNet2DModel`` arguments of the network ``model`` (a
+    :class:`~jaxdiff.nets.UNet`) on images of ``shape`` ``(height, width, channels)``:
+    ``UNet2DModel(**diffusers_config(model, shape))`` has the same layers and computes the same
+    function (step ``n`` for ``t = n / 1000``), so :func:`from_diffusers` and :func:`to_diffusers`
+    move weights between them. Raises ``ValueError`` for what diffusers cannot express (several
+    heads of different widths, another time embedding or time scale)."""
+    if model.time_embedding != "sinusoidal" or model.time_scale not in (None, 1000, 1000.0):
+        raise ValueError(
+            "diffusers' positional time embedding takes the step n = 1000 t: the UNet needs "
+            f"time_embedding='sinusoidal' and the default time_scale; got {model.time_embedding!r}"
+            f", time_scale={model.time_scale}"
+        )
+    if model.time_features not in (None, model.channels[0]):
+        raise ValueError(
+            f"diffusers embeds time with block_out_channels[0] = {model.channels[0]} features; "
+            f"got time_features={model.time_features}"
+        )
+    attend = _attend(model, shape)
+    widths = _attention_widths(model, shape)
+    head_dim = None  # diffusers: one head as wide as the block
+    if model.heads != 1 and widths:
+        head_dim = widths[0] // model.heads
+        if any(w % model.heads or w // model.heads != head_dim for w in widths):
+            raise ValueError(
+                f"diffusers gives every attention block heads of one width (attention_head_dim); "
+                f"{model.heads} heads at widths {widths} are not"
+            )
+    levels = len(model.channels)
+    return {
+        "sample_size": shape[0] if shape[0] == shape[1] else tuple(shape[:2]), "in_channels": shape[2], "out_channels": shape[2],
+        "center_input_sample": False, "time_embedding_type": "positional",
+        "time_embedding_dim": model.emb_dim, "freq_shift": model.freq_shift,
+        "flip_sin_to_cos": False, "mid_block_type": "UNetMidBlock2D",
+        "down_block_types": tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attend),
+        "up_block_types": tuple(
+            "AttnUpBlock2D" if attend[levels - 1 - k] else "UpBlock2D" for k in range(levels)
+        ),
+        "block_out_channels": tuple(model.channels), "layers_per_block": model.num_res_blocks,
+        "mid_block_scale_factor": 1, "downsample_padding": 0, "downsample_type": "conv",
+        "upsample_type": "conv", "dropout": model.dropout, "act_fn": "silu",
+        "attention_head_dim": head_dim, "norm_num_groups": model.norm_groups,
+        "attn_norm_num_groups": model.norm_groups if model.scale_shift else None,
+        "norm_eps": 1e-6,
+        "resnet_time_scale_shift": "scale_shift" if model.scale_shift else "default",
+        "add_attention": model.attention, "class_embed_type": None,
+        "num_class_embeds": None if model.num_classes is None else model.num_classes + 1,
+    }  # fmt: skip
+
+
+def _heads(config: Mapping[str, Any], width: int) -> int:
+    dim = config.get("attention_head_dim", _DEFAULTS["attention_head_dim"])
+    return 1 if dim is None else width // int(dim)
+
+
+def _config_mismatches(config: Mapping[str, Any], model: Any, shape: tuple[int, ...]) -> list[str]:
+    """Where a diffusers config computes another function than ``model``'s (the state dict
+    cannot tell: flip_sin_to_cos, downsample_padding, norm_eps, ... leave every shape alone)."""
+    want = diffusers_config(model, shape)
+    bad = []
+    for key, ours in want.items():
+        if key in ("sample_size", "dropout", "attention_head_dim", "attn_norm_num_groups"):
+            continue  # not the function at inference / compared by what it means, below
+        theirs = config.get(key, _DEFAULTS.get(key))
+        if key == "time_embedding_dim" and theirs is None:
+            theirs = 4 * config.get("block_out_channels", model.channels)[0]
+            ours = 4 * model.channels[0] if ours is None else ours
+        same = theirs == ours
+        if isinstance(ours, tuple):
+            same = tuple(theirs or ()) == ours
+        elif isinstance(ours, float) and theirs is not None:
+            same = math.isclose(float(theirs), ours, rel_tol=1e-9, abs_tol=0.0)
+        if not same:
+            bad.append(f"{key} = {theirs!r} (jaxdiff's UNet: {ours!r})")
+    attn_groups = config.get("attn_norm_num_groups")
+    if attn_groups is not None and attn_groups != model.norm_groups:
+        bad.append(f"attn_norm_num_groups = {attn_groups} (jaxdiff's UNet: {model.norm_groups})")
+    widths = _attention_widths(model, shape)
+    heads = sorted({_heads(config, w) for w in widths})
+    if widths and heads != [model.heads]:
+        bad.append(
+            f"attention_head_dim = {config.get('attention_head_dim', 8)!r}: {heads} heads at "
+            f"widths {widths} (jaxdiff's UNet: {model.heads} heads)"
+        )
+    return bad
+
+
 def _layout(model, shape: tuple[int, ...]) -> dict[tuple[str, ...], str]:
     """Each jaxdiff module path -> its diffusers module name, in the networks' common order."""
     levels, n = len(model.channels), model.num_res_blocks
-    sizes = [shape[0]]
-    for _ in range(levels - 1):
-        sizes.append(math.ceil(sizes[-1] / 2))  # stride-2 "SAME"
-    attend = [s in tuple(model.attention_resolutions) for s in sizes]
+    attend = _attend(model, shape)
     resnets, attentions = [], []
     for i in range(levels):
         for j in range(n):
@@ -96,14 +206,22 @@ def _to_ours(value: np.ndarray, key: str, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def from_diffusers(
-    state_dict: Mapping[str, Any], model: Any, shape: tuple[int, int, int] = (32, 32, 3)
+    state_dict: Mapping[str, Any],
+    model: Any,
+    shape: tuple[int, int, int] = (32, 32, 3),
+    *,
+    config: Mapping[str, Any] | None = None,
 ) -> dict:
     """jaxdiff params (``{"params": ...}``, float32) of ``model`` (a :class:`~jaxdiff.nets.UNet`)
     from a diffusers ``UNet2DModel``'s ``state_dict`` (names -> arrays), for images of ``shape``
     ``(height, width, channels)``. Raises ``ValueError`` naming a missing, unused or misshapen key.
 
     ``model.apply(params, x, n / 1000, ...)`` then equals diffusers' ``net(x, n).sample`` for
-    NHWC ``x`` (diffusers takes NCHW), when the configs agree, ``freq_shift`` included
+    NHWC ``x`` (diffusers takes NCHW), when the configs agree: :func:`diffusers_config` gives
+    ``model``'s. The weights cannot tell every difference (diffusers' defaults
+    ``flip_sin_to_cos=True``, ``downsample_padding=1`` and ``norm_eps=1e-5`` keep every shape and
+    change the outputs by O(1)): pass the checkpoint's ``config`` (``net.config``, or its
+    ``config.json`` as a dict) and each difference is a ``ValueError``
     (:func:`~jaxdiff.nets.ddpm_cifar10` is ``google/ddpm-cifar10-32``'s config). On the chain
     ``jaxdiff.discrete_path(betas)``, diffusers' step ``n`` is ``t = (n + 1) / 1000``: a sampler's
     field is ``Field(lambda p, x, t: model.apply(p, x, t - 1e-3), "eps")``.
@@ -114,6 +232,13 @@ def from_diffusers(
     """
     from flax.traverse_util import unflatten_dict
 
+    if config is not None:
+        bad = _config_mismatches(config, model, tuple(shape))
+        if bad:
+            raise ValueError(
+                "the diffusers config computes another function than the jaxdiff UNet: "
+                + "; ".join(bad) + " (diffusers_config(model, shape) gives the UNet's)"
+            )  # fmt: skip
     given = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
     for new, old in _OLD_ATTENTION.items():  # old Hub names -> diffusers' current ones
         given = {k.replace(f".{old}.", f".{new}."): v for k, v in given.items()}
