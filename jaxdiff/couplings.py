@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxdiff._checks import check_count, check_positive, error_if, wide_dtype
+from jaxdiff._checks import check_count, check_finite, check_positive, error_if, wide_dtype
 
 Array = jax.Array
 
@@ -380,6 +380,9 @@ class SinkhornOT(eqx.Module):
 
     def __call__(self, key: Array, x0: Array, x1: Array, labels: Any = None):
         _check_pair(x0, x1, labels)
+        # a NaN point was reported as "did not converge" (or, with tol=None, paired at random)
+        x0 = check_finite(x0, "sinkhorn_ot's x0 (the data batch)")
+        x1 = check_finite(x1, "sinkhorn_ot's x1 (the source batch)")
         mask = _class_mask(labels, self.class_conditional, x0.shape[0])
         cost = jax.lax.stop_gradient(squared_cost(x0, x1))
         if mask is not None:

@@ -67,3 +67,15 @@ def test_var_weight_is_checked_under_jit_and_by_the_ancestral_sampler():
             jax.block_until_ready(var(bad))  # -1 gave 0.0116 for the bounds 0.103 and above
     with pytest.raises(ValueError, match=r"var_weight must lie in \[0, 1\]"):
         jd.samplers.ancestral(var_weight=1.5)  # accepted before: only >= 0 was checked
+
+
+def test_sinkhorn_names_a_non_finite_point():
+    # a NaN point was reported as "did not converge in 2000 iterations" (tol=None: paired)
+    x0 = jnp.ones((4, 2)).at[1, 0].set(jnp.nan)
+    x1 = jax.random.normal(jax.random.key(0), (4, 2))
+    for coupling in (jd.sinkhorn_ot(0.5), jd.sinkhorn_ot(0.5, tol=None)):
+        with pytest.raises(ValueError, match=r"sinkhorn_ot's x0 \(the data batch\) contains non"):
+            coupling(jax.random.key(1), x0, x1)
+        pair = jax.jit(lambda a, b, c=coupling: c(jax.random.key(1), a, b))
+        with pytest.raises(Exception, match=r"sinkhorn_ot's x1 \(the source batch\)"):
+            jax.block_until_ready(pair(x1, x0))
