@@ -161,7 +161,8 @@ def langevin(
     step_size: ArrayLike,
     n_steps: int,
 ) -> Array:
-    """Unadjusted Langevin dynamics ``x <- x + step * score(x) + sqrt(2 step) z`` for ``n_steps``.
+    """Unadjusted Langevin dynamics ``x <- x + step * score(x) + sqrt(2 step) z`` for ``n_steps``;
+    ``step_size`` a scalar or one per sample (shaped like a per-sample ``t``).
 
     Samples approximately from ``p`` when ``score_fn = grad log p`` (Roberts & Tweedie 1996; the
     sampler of Song & Ermon 2019 at a fixed noise level). Bias is ``O(step_size)``.
@@ -179,6 +180,8 @@ def langevin(
     # a bfloat16 state rounded every step away (N(2, 0.25), step 1e-4, 3000 steps: mean 1.10
     # for 1.40); score_fn still sees x in its own dtype, as sample's fields do.
     out, x = widen(x)
+    # one step per sample as times are (a (batch,) step lined up with the features before)
+    step_size = expand_like(jnp.asarray(step_size), x, "step_size").astype(x.dtype)
     scale = jnp.sqrt(2.0 * step_size)
 
     def step(x, k):

@@ -1,6 +1,8 @@
 """Checks that held eagerly and vanished under ``jit`` (the audit of stop 54): a traced value gave
 finite wrong numbers with no error. Each test fails without its fix."""
 
+import functools
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -79,3 +81,16 @@ def test_sinkhorn_names_a_non_finite_point():
         pair = jax.jit(lambda a, b, c=coupling: c(jax.random.key(1), a, b))
         with pytest.raises(Exception, match=r"sinkhorn_ot's x1 \(the source batch\)"):
             jax.block_until_ready(pair(x1, x0))
+
+
+def test_langevin_takes_one_step_size_per_sample():
+    # a (batch,) step_size lined up with the features: with batch == d every sample used the
+    # steps of the coordinates (0.62 off), else a bare broadcasting error
+    x = jax.random.normal(jax.random.key(0), (4, 4))
+    steps = jnp.array([0.1, 0.2, 0.3, 0.4])
+    run = functools.partial(jd.langevin, jax.random.key(1), lambda x: -x, x, n_steps=3)
+    got = run(step_size=steps)
+    for b in range(4):  # the same key draws the same noise for the whole batch
+        np.testing.assert_allclose(got[b], run(step_size=float(steps[b]))[b], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"step_size has shape \(3,\); expected a scalar"):
+        run(step_size=steps[:3])
