@@ -161,6 +161,28 @@ def test_nelbo_bounds_the_exact_nll_of_gaussian_data(x64):
     assert 0.0 < gaps[1000] < 0.2
 
 
+def test_nelbo_on_a_log_snr_grid_closes_the_gap_the_uniform_grid_leaves():
+    """On the linear path SNR = ((1 - t) / t)^2: the uniform grid's first steps differ in SNR by
+    (i / (i - 1))^2 whatever T is, and the exact model stays ~1.40 nats per dimension above -log p
+    (measured 2.91 +- 0.13 in 2-D at T = 400); ts uniform in log-SNR from t = 1e-4 closes it
+    (2.37 at T = 100, 0.50 +- 0.05 at T = 400)."""
+    data = jd.GaussianMixture(jnp.ones(1), jnp.array([[0.3, -0.2]]), 0.25 * jnp.eye(2)[None])
+    path = jd.linear_path()
+    field = data.field(path, "x0")
+    x = data.sample(jax.random.key(0), 1000)
+    nll = -data.log_prob(x)
+    grid = jnp.flip(jd.log_snr_grid(path, 399, 1.0, 1e-4))
+    run = jax.jit(lambda k, x, ts: jd.nelbo(k, path, field, x, ts=ts))
+    uniform = run(jax.random.key(1), x, jnp.arange(1, 401) / 400)  # num_steps=400's grid
+    gap_uniform = float(jnp.mean(uniform.total - nll))
+    gap = float(jnp.mean(run(jax.random.key(1), x, grid).total - nll))
+    assert gap_uniform > 2.3 and 0.2 < gap < 0.8, (gap_uniform, gap)  # ~4 SE either side
+    with pytest.raises(ValueError, match="either num_steps or ts"):
+        jd.nelbo(jax.random.key(1), path, field, x, num_steps=10, ts=grid)
+    with pytest.raises(ValueError, match="ts must increase from a time above 0 to t = 1"):
+        jd.nelbo(jax.random.key(1), path, field, x, ts=grid[:-1])
+
+
 def test_two_times_are_taken_from_to_and_the_wrong_order_is_an_error():
     """(t, s) = (from, to) everywhere; posterior(..., 0.6, 0.3) used to mean s = 0.6 > t = 0.3 and
     returned a negative variance with no error."""
