@@ -246,6 +246,11 @@ def _parser() -> _Parser:
     smp.add_argument("--no-ema", action="store_true", help="use the raw params, not the EMA")
     smp.add_argument("--out", help="output folder (default: samples/ in the run folder)")
     smp.add_argument(
+        "--images",
+        help="an image run's training images where they moved (folder:PATH, folder-memory:PATH "
+        "or npz:PATH): the network is sized to them and the metrics compare with them",
+    )
+    smp.add_argument(
         "--metrics-n",
         type=int,
         default=10_000,
@@ -304,6 +309,7 @@ def _run(args: argparse.Namespace) -> int:
         ema=not args.no_ema,
         out=args.out,
         metrics_n=args.metrics_n,
+        images=args.images,
     )
     return 0
 

@@ -220,8 +220,12 @@ def evaluate(c, setup, draw, params, key, n, *, log=print, plot: Path | None = N
     return {"metrics": metrics, "samples": x, "labels": labels}
 
 
-def load_checkpoint(ckpt_dir: str | Path):
-    """``(config, setup, state)`` of the latest checkpoint in ``ckpt_dir`` (or ``ckpt_dir/ckpt``)."""
+def load_checkpoint(ckpt_dir: str | Path, images: str | None = None):
+    """``(config, setup, state)`` of the latest checkpoint in ``ckpt_dir`` (or ``ckpt_dir/ckpt``).
+
+    An image run reads its training images (its network is sized to them); ``images`` (an
+    ``--images`` spec) names them where they moved, checked against the checkpoint's count and
+    shape."""
     from jaxdiff.checkpoint import Checkpointer
 
     if not str(ckpt_dir).strip():  # Path("") is the working directory
@@ -236,8 +240,26 @@ def load_checkpoint(ckpt_dir: str | Path):
     from jaxdiff import run_images as IR
 
     with Checkpointer(ckpt_dir) as ckpt:
-        c = IR.resolve(R.saved_config(ckpt.meta(), ckpt_dir))
-        setup = IR.build(c)
+        meta = ckpt.meta()
+        saved = R.saved_config(meta, ckpt_dir)
+        if images is not None:
+            if not IR.is_images(saved):
+                raise ValueError(
+                    f"--images applies to image runs; this run trained on {saved['data']!r}"
+                )
+            saved = {**saved, "images": images}
+        c = IR.resolve(saved)
+        try:
+            setup = IR.build(c)
+        except FileNotFoundError as err:
+            if not IR.is_images(c) or images is not None:
+                raise
+            raise FileNotFoundError(
+                f"{err}: sampling reads the run's training images (its network is sized to them, "
+                "the metrics compare with them); if they moved, pass --images SPEC"
+            ) from None
+        if images is not None:
+            IR.check_loader_state(meta.get("loader"), IR.loader(c))
         like, _ = E.init_state(c, setup)
         state, _ = ckpt.restore(like)
     return c, setup, state
@@ -257,6 +279,7 @@ def sample_run(
     ema: bool = True,
     out: str | Path | None = None,
     metrics_n: int = METRICS_N,
+    images: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Sample ``n`` points from a checkpoint; write ``samples.npz``, ``metrics.json``, ``samples.png``.
@@ -272,7 +295,7 @@ def sample_run(
     if metrics_n == 1:
         raise ValueError("metrics_n must be 0 (no metrics) or at least 2; got 1")
     E.check_seed(seed)
-    c, setup, state = load_checkpoint(ckpt_dir)
+    c, setup, state = load_checkpoint(ckpt_dir, images)
     if label is not None and not setup.num_classes:
         raise ValueError("--class needs a class-conditional model (trained with --conditional)")
     if label is not None and not 0 <= label < (setup.num_classes or 0):

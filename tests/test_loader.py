@@ -376,11 +376,16 @@ def test_npz_that_is_not_one_names_the_file(tmp_path):
         LD.open_images(f"npz:{tmp_path / 'none.npz'}")
 
 
-def test_cli_trains_on_images_and_resumes_exactly(tmp_path, npz):
+def test_cli_trains_on_images_and_resumes_exactly(tmp_path, npz, capsys):
+    """... and samples after the images moved: `sample` needed them at the trained path (the
+    network is sized to them), said only "does not exist", and had no way to name the new one."""
+    import shutil
+
     from jaxdiff.checkpoint import Checkpointer
     from jaxdiff.cli import main
     from jaxdiff.runs import load_checkpoint
 
+    npz = shutil.copy(npz, tmp_path / "images.npz")  # moved at the end
     common = ["train", "--images", f"npz:{npz}", "--conditional", "--model", "mlp", "--width",
               "32", "--depth", "1", "--steps", "4", "--batch", "16", "--chunk", "2",
               "--ckpt-every", "2", "--eval-n", "0", "--no-progress"]  # fmt: skip
@@ -401,6 +406,14 @@ def test_cli_trains_on_images_and_resumes_exactly(tmp_path, npz):
         }  # fmt: skip
     for u, v in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
         np.testing.assert_array_equal(u, v)
+    moved = shutil.move(npz, tmp_path / "moved.npz")
+    sample = ["sample", "--ckpt", str(tmp_path / "whole"), "--n", "4", "--steps", "2",
+              "--metrics-n", "0", "--out", str(tmp_path / "samples")]  # fmt: skip
+    capsys.readouterr()
+    assert main(sample) == 2
+    assert "if they moved, pass --images SPEC" in capsys.readouterr().err
+    assert main([*sample, "--images", f"npz:{moved}"]) == 0
+    assert np.load(tmp_path / "samples" / "samples.npz")["samples"].shape == (4, SIZE, SIZE, 3)
 
 
 @pytest.mark.parametrize(
