@@ -16,8 +16,8 @@ warnings (a damaged checkpoint skipped) print one line each.
 ``train --resume`` continues the run saved in ``--out``: its data, path, loss, model, batch,
 optimizer, EMA and seed come from the checkpoint (repeating them is fine; changing them is an
 error), while ``--steps`` (a new total: the learning-rate schedule is stretched to it),
-``--chunk``, ``--eval-every``, ``--ckpt-every``, ``--eval-n``, ``--until`` and ``--no-progress``
-apply. ``demo`` continues an interrupted demo in ``--out``, reports a finished one, and refuses
+``--chunk``, ``--eval-every``, ``--ckpt-every``, ``--eval-n``, ``--until``, ``--no-progress`` and
+``--images`` (the same data in a new place) apply. ``demo`` continues an interrupted demo in ``--out``, reports a finished one, and refuses
 a folder holding any other run.
 """
 
@@ -82,15 +82,30 @@ def _parser() -> _Parser:
         help="loss (default x0 with --precond edm, fm for --path fm, else eps); meanflow, "
         "shortcut and consistency train few-step generators",
     )
-    train.add_argument("--target", choices=("eps", "x0", "v", "velocity", "score"))
-    train.add_argument("--weighting", choices=tuple(E.WEIGHTINGS))
+    train.add_argument(
+        "--target",
+        choices=("eps", "x0", "v", "velocity", "score"),
+        help="what the network predicts (default velocity for --path fm, else eps)",
+    )
+    train.add_argument(
+        "--weighting", choices=tuple(E.WEIGHTINGS), help="loss weighting (default unit)"
+    )
     train.add_argument("--time", choices=E.TIMES, help="time sampler (default uniform)")
-    train.add_argument("--model", choices=("mlp", "unet"))
-    train.add_argument("--width", type=_positive_int)
-    train.add_argument("--depth", type=_positive_int)
+    train.add_argument(
+        "--model",
+        choices=("mlp", "unet"),
+        help="default mlp for 2-D data, unet for the digits and images",
+    )
+    train.add_argument("--width", type=_positive_int, help="MLP width (default 128)")
+    train.add_argument("--depth", type=_positive_int, help="MLP hidden layers (default 3)")
     train.add_argument("--channels", type=_positive_int, nargs="+", help="U-Net widths")
     train.add_argument("--conditional", action="store_true", default=None, help="class labels")
-    train.add_argument("--label-dropout", type=float, dest="label_dropout")
+    train.add_argument(
+        "--label-dropout",
+        type=float,
+        dest="label_dropout",
+        help="share of labels dropped for classifier-free guidance (default 0.1)",
+    )
     train.add_argument(
         "--ema-targets",
         action="store_true",
@@ -182,14 +197,21 @@ def _parser() -> _Parser:
     train.add_argument(
         "--dtype", choices=(*E.DTYPES, "bf16"), help="bfloat16 (bf16): mixed precision"
     )
-    train.add_argument("--steps", type=_positive_int)
-    train.add_argument("--batch", type=_positive_int)
-    train.add_argument("--lr", type=float)
+    train.add_argument("--steps", type=_positive_int, help="training steps (default 4000)")
+    train.add_argument("--batch", type=_positive_int, help="batch size (default 256)")
+    train.add_argument("--lr", type=float, help="AdamW's peak learning rate (default 5e-3)")
     train.add_argument("--ema", type=float, help="EMA decay (default 0.999)")
-    train.add_argument("--seed", type=_seed)
+    train.add_argument("--seed", type=_seed, help="the run's seed (default 0)")
     train.add_argument("--chunk", type=_positive_int, help="steps per jitted chunk")
-    train.add_argument("--eval-every", type=int, dest="eval_every")
-    train.add_argument("--ckpt-every", type=int, dest="ckpt_every")
+    train.add_argument(
+        "--eval-every",
+        type=int,
+        dest="eval_every",
+        help="steps between evaluations (0: at the end)",
+    )
+    train.add_argument(
+        "--ckpt-every", type=int, dest="ckpt_every", help="steps between checkpoints (default 1000)"
+    )
     train.add_argument("--eval-n", type=int, dest="eval_n", help="samples per evaluation (0: none)")
     train.add_argument(
         "--source", choices=E.SOURCES, help="what t = 1 holds: gaussian (default) or a toy set"
@@ -215,7 +237,7 @@ def _parser() -> _Parser:
     train.add_argument("--out", required=True, help="run folder")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     train.add_argument("--until", type=_positive_int, help="stop at this step (resume later)")
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     smp = sub.add_parser("sample", help="sample a trained checkpoint")
     smp.add_argument("--ckpt", required=True, help="run folder or its ckpt/ folder")

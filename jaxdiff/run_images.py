@@ -70,11 +70,11 @@ def resolve(config: dict) -> dict:
     return {**c, "data": "images", "images": str(spec), "flip": config.get("flip", True)}
 
 
-def build(c: dict) -> E.Setup:
-    """``experiment.build``; for image data its U-Net sized to the images (``sample_batch`` is
-    ``None``: batches come from :func:`make_chunks`)."""
+def check_images(c: dict):
+    """An image run's source, opened, with the labels a conditional run needs (``None`` for a
+    run on built-in data)."""
     if not is_images(c):
-        return E.build(c)
+        return None
     source = LD.open_images(c["images"])
     if c["conditional"] and source.num_classes is None:
         raise ValueError(f"conditional training needs labels: {c['images']} has no class folders")
@@ -83,6 +83,15 @@ def build(c: dict) -> E.Setup:
             f"{c['images']} has {source.num_classes} classes; the command line trains up to "
             f"{MAX_CLASSES} (from Python, any number: jaxdiff.loader with your own model)"
         )
+    return source
+
+
+def build(c: dict) -> E.Setup:
+    """``experiment.build``; for image data its U-Net sized to the images (``sample_batch`` is
+    ``None``: batches come from :func:`make_chunks`)."""
+    if not is_images(c):
+        return E.build(c)
+    source = check_images(c)
     base = {k: v for k, v in c.items() if k not in IMAGE_DEFAULTS}
     try:
         setup = E.build({**base, "data": "digits"})

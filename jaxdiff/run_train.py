@@ -42,8 +42,8 @@ def train_run(
         until = check_count(until, "until", what="a step")
     if resume and not R.has_steps(Path(out) / "ckpt"):
         raise FileNotFoundError(f"no checkpoint to resume from in {Path(out) / 'ckpt'}")
-    if not resume:
-        IR.resolve(config)  # bad values fail before the folder is made
+    if not resume:  # bad values, and image data that cannot train, fail before the folder
+        IR.check_images(IR.resolve(config))  # is made (a missing folder left one behind)
     out = R.prepare(out)
     with R.RunLock(out):
         return _train(config, out, resume=resume, until=until, progress=progress, log=log)
@@ -78,13 +78,15 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
         total = int(c["steps"])
         if resume:
             state, saved_meta = ckpt.restore(state)
-            ckpt.set_aside_damaged()  # moved to ckpt/damaged/, so new saves can take their steps
             first = int(state.step)
-            _log_resume(c, changes, first, ckpt_dir, log)
+            # refused before anything is logged or moved (the log announced the shorter
+            # schedule and damaged steps were set aside, then the run was refused)
             if first > total:
                 raise ValueError(f"the run is at step {first}; --steps {total} is behind it")
             if until is not None and until <= first and first < total:
                 raise ValueError(f"--until {until} is not after the checkpoint's step {first}")
+            ckpt.set_aside_damaged()  # moved to ckpt/damaged/, so new saves can take their steps
+            _log_resume(c, changes, first, ckpt_dir, log)
             history = R.History(R.read_metrics(out), first)
             if first == total:
                 return _finished(c, setup, state, history, out, log)

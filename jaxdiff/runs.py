@@ -60,7 +60,10 @@ def make_sampler(
     if c["loss"] in E.FEWSTEP_LOSSES:
         return _fewstep_sampler(c, setup, solver, steps, eta, guidance, guidance_interval, batch)
     if guidance_interval is not None:
-        guidance_interval = check_interval(guidance_interval)
+        try:
+            guidance_interval = check_interval(guidance_interval)
+        except ValueError as err:  # the library's message names its argument, not the flag
+            raise ValueError(f"--guidance-interval: {err}") from None
     if not math.isfinite(guidance):  # NaN once sampled 24 s, then blamed eta and the steps
         raise ValueError(f"guidance must be a finite number; got {guidance}")
     if not setup.num_classes and (guidance != 1 or guidance_interval is not None):

@@ -80,7 +80,10 @@ def test_guidance_interval_keeps_the_class_and_the_spread(conditional_run, guide
     err = _error(
         ["sample", "--ckpt", str(conditional_run), "--guidance-interval", "0.9", "0.2"], capsys
     )
-    assert "interval must satisfy 0 <= t_lo < t_hi (finite); got (0.9, 0.2)" in err
+    assert (
+        "--guidance-interval: interval must satisfy 0 <= t_lo < t_hi (finite); got (0.9, 0.2)"
+        in err
+    )
 
 
 def test_tile_lays_images_out_row_by_row_with_one_fill_pixel_between():

@@ -431,6 +431,7 @@ def test_cli_image_errors(tmp_path, capsys, extra, expected):
     assert main(["train", "--out", str(tmp_path / "run"), "--no-progress", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "run").exists()  # a missing image source left the folder, locked
 
 
 def test_a_saved_folder_reads_back_with_its_labels(tmp_path):
