@@ -283,7 +283,8 @@ def log_snr_weighting(
     with ``W = p(t) w_eps(t) / (-dlambda/dt)`` at ``lambda = lambda_t``; ``W = 1`` is the ELBO.
     ``time_sampler`` needs a ``pdf(t)`` (``uniform_time``, ``logit_normal_time``, ``edm_time``);
     default uniform on ``[0, 1]``. Flow matching on the linear path gives ``W = e^{-lambda/2} /
-    2``; v-prediction on the cosine path ``e^{-lambda/2} / pi``; EDM ``N(lambda; 2.4, 2.4^2)
+    2``; v-prediction on the cosine path with ``s = 0`` (``cosine_path(0.0)``) ``e^{-lambda/2} /
+    pi`` (the default ``s = 0.008`` is 0.5-0.8% above it); EDM ``N(lambda; 2.4, 2.4^2)
     (e^{-lambda} + s^2) / s^2``.
     """
     _check_target(regress, "regress")
