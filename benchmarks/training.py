@@ -200,7 +200,7 @@ def run(quick: bool) -> dict:
             torch._dynamo.reset()
         for name, how in variants.items() if have_torch else ():
             loop = _torch_loop(width, batch, steps, compiled=how)  # compiled in its first call
-            n, _ = best_threads(loop, jax_cores(), runs=3, no_grad=False)
+            n, _ = best_threads(loop, jax_cores(), runs=3, no_grad=False, recompile=how != "none")
             threads.setdefault(batch, {})[name] = n
             thunks[name] = pinned(loop, n)
         res = interleaved(thunks, repeats=repeats)
