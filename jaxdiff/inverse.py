@@ -338,7 +338,7 @@ def project(path: GaussianPath, measurement: Measurement) -> Hook:
     def hook(key, state, t):
         x = state.x
         a, s = path.alpha(t), path.sigma(t)
-        y = jnp.broadcast_to(measurement.y, (x.shape[0], op.out_dim)).astype(x.dtype)
+        y = measurement.y_for(x.shape[0]).astype(x.dtype)
         target = a.astype(x.dtype) * y + s.astype(x.dtype) * op.forward(normal(key, x))
         x = x + op.pinv(target - op.forward(x)).astype(x.dtype)
         if unchecked:  # a traced A or sigma_y

@@ -306,12 +306,16 @@ class Measurement(eqx.Module):
     def residual(self, x0: ArrayLike) -> Array:
         """``y - A x0`` for ``x0 (batch, *in_shape)``: ``(batch, m)``."""
         ax = self.operator.forward(x0)
-        if self.y.ndim == 2 and self.y.shape[0] != ax.shape[0]:
+        return self.y_for(ax.shape[0]).astype(ax.dtype) - ax
+
+    def y_for(self, batch: int) -> Array:
+        """``y`` broadcast to ``(batch, m)``: one measurement for all samples, or one each."""
+        if self.y.ndim == 2 and self.y.shape[0] != batch:
             raise ValueError(
-                f"y holds {self.y.shape[0]} measurements but x has {ax.shape[0]} samples; give "
+                f"y holds {self.y.shape[0]} measurements but x has {batch} samples; give "
                 "one measurement (y of shape (m,)) or one per sample"
             )
-        return jnp.broadcast_to(self.y, ax.shape).astype(ax.dtype) - ax
+        return jnp.broadcast_to(self.y, (batch, self.operator.out_dim))
 
 
 def measure(key: Array, operator: LinearOperator, x0: ArrayLike, sigma_y: ArrayLike) -> Measurement:

@@ -419,3 +419,13 @@ def test_a_traced_rank_deficient_noiseless_measurement_is_refused_when_it_runs()
                 jax.block_until_ready(jax.jit(fn)(*args))
         np.testing.assert_allclose(jax.jit(fn)(good, 0.0), fn(good, 0.0), rtol=1e-5, atol=1e-6)
     assert bool(jnp.all(jnp.isfinite(jax.jit(posterior)(bad, 0.1))))  # sigma_y > 0: defined
+
+
+def test_project_names_a_per_sample_y_of_the_wrong_batch():
+    # project broadcast y itself: "Incompatible types for broadcasting" where dps and pigdm name y
+    path = jd.vp_path()
+    field = jd.GaussianMixture.isotropic(jnp.zeros((1, 4)), 0.8).field(path, "eps")
+    two = jd.Measurement(jd.mask_operator(np.array([1, 1, 0, 0], bool)), jnp.ones((2, 2)), 0.0)
+    with pytest.raises(ValueError, match="y holds 2 measurements but x has 3 samples"):
+        jd.sample(jax.random.key(0), path, field, (3, 4), sampler=jd.samplers.ddim(), steps=2,
+                  hook=jd.inverse.project(path, two))  # fmt: skip
