@@ -71,11 +71,12 @@ def resolve(config: dict) -> dict:
 
 
 def check_images(c: dict):
-    """An image run's source, opened, with the labels a conditional run needs (``None`` for a
-    run on built-in data)."""
+    """An image run's source, opened (a ``folder-memory`` one as the lazy folder: its headers,
+    not its pixels), with the labels a conditional run needs (``None`` for built-in data)."""
     if not is_images(c):
         return None
-    source = LD.open_images(c["images"])
+    kind, _, where = c["images"].partition(":")  # a folder's labels and shape need no decoding:
+    source = LD.open_images(f"folder:{where}" if kind == "folder-memory" else c["images"])
     if c["conditional"] and source.num_classes is None:
         raise ValueError(f"conditional training needs labels: {c['images']} has no class folders")
     if c["conditional"] and source.num_classes > MAX_CLASSES:
