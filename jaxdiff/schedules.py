@@ -105,8 +105,8 @@ def _check_ends(t_start, t_end):
     """``(t_start, t_end)`` in ``[0, 1]`` with ``t_end < t_start``: grids run from noise to data."""
     # in float32 or wider: bfloat16 ends made a bfloat16 grid (spacing 2^-8 near t = 1: 225
     # distinct times of 301, or a silently rounded grid)
-    t_start = check_time(coef_time(t_start), "t_start")
-    t_end = check_time(coef_time(t_end), "t_end")
+    t_start = coef_time(check_time(t_start, "t_start"))  # checked first: under a trace a
+    t_end = coef_time(check_time(t_end, "t_end"))  # constant converted by jnp is traced
     t_end, t_start = check_order(t_end, t_start, "t_end", "t_start")
     return t_start, t_end
 
