@@ -131,8 +131,9 @@ def nelbo(
 ) -> NELBO:
     """The negative ELBO of each sample of ``x0`` (shape ``(batch, *event)``), in nats.
 
-    ``field`` is a :class:`~jaxdiff.Field`; step ``i`` of ``num_steps = T`` (default 1000) is ``t = i / T``, or
-    ``ts[i - 1]`` for an increasing grid ``ts`` of ``T`` times in ``(0, 1]`` ending at 1. The
+    ``field`` is a :class:`~jaxdiff.Field`; step ``i`` of ``num_steps = T`` (default 1000) is
+    ``t = i / T``, or ``ts[i - 1]`` for an increasing grid ``ts`` of ``T`` times in ``(0, 1]``
+    ending at 1. The
     denoising sum runs over all ``T - 1`` terms (one network call per term on the whole batch) or,
     with ``num_terms = K``, is estimated without bias by ``K`` steps drawn uniformly per sample
     (Ho et al.'s ``L_simple`` sampling, times ``T - 1``). ``var_weight`` chooses the reverse

@@ -85,7 +85,8 @@ def diffusers_config(model: Any, shape: tuple[int, int, int] = (32, 32, 3)) -> d
             )
     levels = len(model.channels)
     return {
-        "sample_size": shape[0] if shape[0] == shape[1] else tuple(shape[:2]), "in_channels": shape[2], "out_channels": shape[2],
+        "sample_size": shape[0] if shape[0] == shape[1] else tuple(shape[:2]),
+        "in_channels": shape[2], "out_channels": shape[2],
         "center_input_sample": False, "time_embedding_type": "positional",
         "time_embedding_dim": model.emb_dim, "freq_shift": model.freq_shift,
         "flip_sin_to_cos": False, "mid_block_type": "UNetMidBlock2D",
@@ -135,9 +136,10 @@ def _config_mismatches(config: Mapping[str, Any], model: Any, shape: tuple[int, 
     widths = _attention_widths(model, shape)
     heads = sorted({_heads(config, w) for w in widths})
     if widths and heads != [model.heads]:
+        dim = config.get("attention_head_dim", _DEFAULTS["attention_head_dim"])
         bad.append(
-            f"attention_head_dim = {config.get('attention_head_dim', 8)!r}: {heads} heads at "
-            f"widths {widths} (jaxdiff's UNet: {model.heads} heads)"
+            f"attention_head_dim = {dim!r}: {heads} heads at widths {widths} (jaxdiff's UNet: "
+            f"{model.heads} heads)"
         )
     return bad
 
