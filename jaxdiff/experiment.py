@@ -500,6 +500,7 @@ class Setup(NamedTuple):
     num_classes: int | None
     source: Any = None  # draws x1 at t = 1 (None: N(0, I)); samplers start from it
     field: Any = None  # the unbound Field of the model (precond applied); bind(params) to sample
+    images: Any = None  # an image run's opened source (run_images): its evaluations read it
 
 
 def build(c: dict) -> Setup:

@@ -87,18 +87,20 @@ def check_images(c: dict):
     return source
 
 
-def build(c: dict) -> E.Setup:
+def build(c: dict, source=None) -> E.Setup:
     """``experiment.build``; for image data its U-Net sized to the images (``sample_batch`` is
-    ``None``: batches come from :func:`make_chunks`)."""
+    ``None``: batches come from :func:`make_chunks`) and the source opened once for the command
+    (``setup.images``; ``source``: one :func:`check_images` already opened)."""
     if not is_images(c):
         return E.build(c)
-    source = check_images(c)
+    source = check_images(c) if source is None else source
     base = {k: v for k, v in c.items() if k not in IMAGE_DEFAULTS}
     try:
         setup = E.build({**base, "data": "digits"})
     except ImportError as err:
         raise ImportError(f"{err} (image runs build on the digits' setup for now)") from None
-    return setup._replace(sample_batch=None, example=jnp.zeros((1, *source.shape), jnp.float32))
+    example = jnp.zeros((1, *source.shape), jnp.float32)
+    return setup._replace(sample_batch=None, example=example, images=source)
 
 
 def loader(c: dict, source=None) -> LD.ImageLoader:
@@ -122,12 +124,15 @@ def check_loader_state(saved: dict | None, current: LD.ImageLoader) -> None:
             )
 
 
-def make_chunks(c: dict, step_fn, mesh, first: int, saved_loader: dict | None = None):
+def make_chunks(c: dict, step_fn, mesh, first: int, saved_loader: dict | None = None, source=None):
     """``(make_chunk, prefetcher, loader)``: chunks that train on the loader's batches from
-    ``first`` on, fed by a prefetching thread (close it when done)."""
+    ``first`` on, fed by a prefetching thread (close it when done). ``source``: the run's opened
+    source (``setup.images``); a ``folder-memory`` run's is the lazy folder of
+    :func:`check_images`, so its images are decoded here, once."""
     from jaxdiff.train import make_feed_chunk
 
-    data = loader(c)
+    in_memory = c["images"].startswith("folder-memory:")
+    data = loader(c, None if source is None or in_memory else source)
     check_loader_state(saved_loader, data)
     feed = LD.prefetch(data.iterate(first), mesh)
 
@@ -137,24 +142,31 @@ def make_chunks(c: dict, step_fn, mesh, first: int, saved_loader: dict | None = 
     return make_chunk, feed, data
 
 
-def eval_labels(c: dict, n: int) -> np.ndarray | None:
-    """Labels of evaluation samples: the data's classes in turn (``None``: not an image run)."""
+def eval_labels(c: dict, n: int, source=None) -> np.ndarray | None:
+    """Labels of evaluation samples: the data's classes in turn (``None``: not an image run).
+    ``source``: the run's opened source (``setup.images``; ``None``: opened here)."""
     if not is_images(c):
         return None
-    classes = LD.open_images(c["images"]).num_classes if c["conditional"] else None
+    source = _opened(c, source) if c["conditional"] else None
+    classes = source.num_classes if c["conditional"] else None
     return np.arange(n) % (classes or MAX_CLASSES)
 
 
-def reference(c: dict, n: int) -> np.ndarray:
-    """Up to ``min(n, 1000)`` real images in ``[-1, 1]``, a fixed random subset."""
-    source = LD.open_images(c["images"])
+def _opened(c: dict, source):
+    return check_images(c) if source is None else source
+
+
+def reference(c: dict, n: int, source=None) -> np.ndarray:
+    """Up to ``min(n, 1000)`` real images in ``[-1, 1]``, a fixed random subset (``source``: the
+    run's opened source, ``setup.images``; ``None``: opened here)."""
+    source = _opened(c, source)
     idx = np.random.default_rng(int(c["seed"]) + 1).permutation(len(source))[: min(n, 1000)]
     return np.asarray(LD.to_float(source.read(idx)[0]))
 
 
-def measure(c: dict, x: np.ndarray) -> tuple[dict, np.ndarray]:
+def measure(c: dict, x: np.ndarray, source=None) -> tuple[dict, np.ndarray]:
     """Pixel statistics of samples ``x`` next to the data's (no feature network for any data)."""
-    ref = reference(c, x.shape[0])
+    ref = reference(c, x.shape[0], source)
     out = {
         "pixel_mean": float(x.mean()),
         "pixel_std": float(x.std()),

@@ -42,14 +42,17 @@ def train_run(
         until = check_count(until, "until", what="a step")
     if resume and not R.has_steps(Path(out) / "ckpt"):
         raise FileNotFoundError(f"no checkpoint to resume from in {Path(out) / 'ckpt'}")
-    if not resume:  # bad values, and image data that cannot train, fail before the folder
-        IR.check_images(IR.resolve(config))  # is made (a missing folder left one behind)
+    source = None  # bad values, and image data that cannot train, fail before the folder
+    if not resume:  # is made (a missing folder left one behind); opened once for the run
+        source = IR.check_images(IR.resolve(config))
     out = R.prepare(out)
     with R.RunLock(out):
-        return _train(config, out, resume=resume, until=until, progress=progress, log=log)
+        return _train(
+            config, out, resume=resume, until=until, progress=progress, log=log, source=source
+        )
 
 
-def _train(config, out: Path, *, resume, until, progress, log) -> dict:
+def _train(config, out: Path, *, resume, until, progress, log, source=None) -> dict:
     from jaxdiff.checkpoint import Checkpointer
     from jaxdiff.train import data_mesh, make_train_chunk, make_train_step, replicate, train
 
@@ -72,7 +75,7 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
     try:
         if resume:
             c, changes = R.resume_config(R.saved_config(ckpt.meta(), ckpt_dir), config)
-        setup = IR.build(c)
+        setup = IR.build(c, source)
         state, opt = E.init_state(c, setup)
         history = R.History()
         total = int(c["steps"])
@@ -106,7 +109,7 @@ def _train(config, out: Path, *, resume, until, progress, log) -> dict:
 
         if IR.is_images(c):  # host data: a loader at the run's step, fed by a thread
             loaded = saved_meta.get("loader") if resume else None
-            make_chunk, feed, data = IR.make_chunks(c, step_fn, mesh, first, loaded)
+            make_chunk, feed, data = IR.make_chunks(c, step_fn, mesh, first, loaded, setup.images)
 
         end = total if until is None else min(int(until), total)
         periods = [int(c[k]) for k in ("ckpt_every", "eval_every") if int(c[k]) > 0]

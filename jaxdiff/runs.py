@@ -199,7 +199,7 @@ def _measure(c, setup, x, labels, n) -> tuple[dict, np.ndarray]:
     from jaxdiff import run_images as IR
 
     if IR.is_images(c):
-        return IR.measure(c, x)
+        return IR.measure(c, x, setup.images)
     if c["data"] == "digits":
         metrics = E.digits_metrics(x, labels if setup.num_classes else None)
         return metrics, E.reference_data(c, n)[0]
@@ -212,7 +212,7 @@ def evaluate(c, setup, draw, params, key, n, *, log=print, plot: Path | None = N
     from jaxdiff import run_images as IR
 
     start = E.now()
-    x, labels = draw(params, key, n, IR.eval_labels(c, n))
+    x, labels = draw(params, key, n, IR.eval_labels(c, n, setup.images))
     seconds = E.now() - start
     metrics, reference = _measure(c, setup, x, labels, n)
     metrics["sample_seconds"] = seconds
@@ -262,7 +262,7 @@ def load_checkpoint(ckpt_dir: str | Path, images: str | None = None):
                 "the metrics compare with them); if they moved, pass --images SPEC"
             ) from None
         if images is not None:
-            IR.check_loader_state(meta.get("loader"), IR.loader(c))
+            IR.check_loader_state(meta.get("loader"), IR.loader(c, setup.images))
         like, _ = E.init_state(c, setup)
         state, _ = ckpt.restore(like)
     return c, setup, state
@@ -338,7 +338,9 @@ def sample_run(
         from jaxdiff import run_images as IR
 
         k = min(n, 2000)
-        reference = IR.reference(c, k) if IR.is_images(c) else E.reference_data(c, k)[0]
+        reference = (
+            IR.reference(c, k, setup.images) if IR.is_images(c) else E.reference_data(c, k)[0]
+        )
         metrics = {}
     metrics.update(sample_seconds=seconds, solver=solver, steps=steps, eta=eta, guidance=guidance)
     if guidance_interval is not None:

@@ -416,6 +416,32 @@ def test_cli_trains_on_images_and_resumes_exactly(tmp_path, npz, capsys):
     assert np.load(tmp_path / "samples" / "samples.npz")["samples"].shape == (4, SIZE, SIZE, 3)
 
 
+@pytest.mark.parametrize("kind", ["npz", "folder-memory"])
+def test_a_command_opens_its_images_once(tmp_path, npz, folder, kind, monkeypatch):
+    """A run opened its source in its pre-check, its build, its loader and each evaluation's
+    labels and reference (an ``.npz`` loaded whole each time); ``sample`` in its build, its
+    reference and ``--images``' check. Now once per command (a ``folder-memory`` run: its lazy
+    folder for the headers, then its pixels once for the loader)."""
+    from jaxdiff.cli import main
+
+    opened = []
+    real = LD.open_images
+    monkeypatch.setattr(LD, "open_images", lambda spec, *a, **k: opened.append(spec.split(":")[0])
+                        or real(spec, *a, **k))  # fmt: skip
+    spec = f"npz:{npz}" if kind == "npz" else f"folder-memory:{folder}"
+    run = tmp_path / "run"
+    assert main(["train", "--images", spec, "--conditional", "--model", "mlp", "--width", "32",
+                 "--depth", "1", "--steps", "4", "--batch", "16", "--chunk", "2", "--eval-every",
+                 "2", "--eval-n", "8", "--out", str(run),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert opened == (["npz"] if kind == "npz" else ["folder", "folder-memory"])
+    for extra in ([], ["--images", spec]):
+        opened.clear()
+        assert main(["sample", "--ckpt", str(run), "--n", "8", "--steps", "2", "--out",
+                     str(tmp_path / "s"), *extra]) == 0  # fmt: skip
+        assert opened == (["npz"] if kind == "npz" else ["folder"])
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
