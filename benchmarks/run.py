@@ -44,6 +44,8 @@ def _fmt(value) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, dict):  # as written before a JSON round trip made the keys strings
+        return "{" + ", ".join(f"{k}: {v!r}" for k, v in value.items()) + "}"
     return str(value)
 
 
