@@ -352,23 +352,37 @@ def _out_of_memory(message: str) -> bool:
     return "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower()
 
 
+def _as_flag(message: str, parser: argparse.ArgumentParser, command: str | None) -> str:
+    """A message of the Python API that starts with a config key ("eval_n must be ...") names
+    the command's flag instead ("--eval-n must be ...")."""
+    key, sep, rest = message.partition(" ")
+    for action in parser._actions:  # the subcommands' parsers
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            for option in action.choices[command]._actions:
+                if option.dest == key and option.option_strings and rest.startswith("must "):
+                    return f"{option.option_strings[-1]}{sep}{rest}"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0, or 2 after a one-line error on stderr)."""
     from jaxdiff.rundir import RunBusyError
 
     args = None
+    parser = _parser()
     absl = logging.getLogger("absl")  # Orbax's notes on damaged steps: our warning says it once
     level = absl.level
     absl.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warnings(warnings.showwarning)
         try:
-            args = _parser().parse_args(argv)
+            args = parser.parse_args(argv)
             return _run(args)
         except _UsageError as err:
             print(err, file=sys.stderr)
         except (ValueError, FileNotFoundError, ImportError, RunBusyError) as err:
-            print(f"jaxdiff: error: {err}", file=sys.stderr)
+            message = _as_flag(str(err), parser, getattr(args, "command", None))
+            print(f"jaxdiff: error: {message}", file=sys.stderr)
         except FloatingPointError as err:
             if args is not None and args.command == "sample":
                 print(f"jaxdiff: error: {err}", file=sys.stderr)

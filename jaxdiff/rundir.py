@@ -228,9 +228,16 @@ def resume_config(saved: dict, given: dict) -> tuple[dict, dict]:
                 return "no images" if k in ("images", "flip") else "none"
             return saved.get(k)
 
-        switches = ("flip", "ema_targets")  # flags that take no value
+        def switch(k):  # flags that take no value: --no-flip, --ema-targets
+            on = not given[k] if k == "flip" else bool(given[k])
+            if saved.get(k) is None:
+                return f"{_flag(k)} (the run has {has(k)})"
+            return f"{_flag(k)} (the run was trained {'without' if on else 'with'} it)"
+
         listing = ", ".join(
-            f"{_flag(k)}" + ("" if k in switches else f" {given[k]}") + f" (the run has {has(k)})"
+            switch(k)
+            if k in ("flip", "ema_targets")
+            else f"{_flag(k)} {given[k]} (the run has {has(k)})"
             for k in fixed
         )
         may = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE if k != "eval_steps")

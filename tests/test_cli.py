@@ -62,7 +62,7 @@ def test_trained_model_matches_the_data(tmp_path, data, run, capsys):
         metrics = json.loads((tmp_path / "s0" / "metrics.json").read_text())
         assert metrics["metrics_n"] == 0 and "energy_distance" not in metrics
         assert (tmp_path / "s0" / "samples.png").stat().st_size > 10_000
-        assert "metrics_n must be an integer >= 0" in _error([*sub, "--metrics-n", "-1"], capsys)
+        assert "--metrics-n must be an integer >= 0" in _error([*sub, "--metrics-n", "-1"], capsys)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,8 @@ def test_trained_model_matches_the_data(tmp_path, data, run, capsys):
         (["train", "--out", "x", "--steps", "0"], "expected a positive integer"),
         (["train", "--out", "x", "--steps", "ten"], "expected a positive integer"),
         (["train", "--out", "x", "--data", "mnist"], "invalid choice: 'mnist'"),
-        (["train", "--out", "x", "--lr", "-1"], "lr must be a positive number"),
+        (["train", "--out", "x", "--lr", "-1"], "--lr must be a positive number"),
+        (["train", "--out", "x", "--eval-n", "1"], "error: --eval-n must be 0 (no evaluation)"),
         (["train", "--out", "x", "--lr", "nan"], "lr must be a positive number"),
         (["train", "--out", "x", "--ema", "1.5"], "ema must lie in [0, 1)"),
         (["train", "--out", "x", "--model", "unet"], "needs image data"),

@@ -24,7 +24,7 @@ from tests.cli_helpers import cli_error as _error
         (["--source", "moons", "--data", "digits"], "needs source 'gaussian'"),
         (["--source", "mnist"], "invalid choice: 'mnist'"),
         (["--coupling", "hungarian"], "invalid choice: 'hungarian'"),
-        (["--coupling", "sinkhorn", "--ot-reg", "0"], "ot_reg must be a positive number"),
+        (["--coupling", "sinkhorn", "--ot-reg", "0"], "--ot-reg must be a positive number"),
         (["--coupling", "sinkhorn", "--ot-reg", "0.001"], "below 0.005 of the mean cost"),
         (["--coupling", "ot", "--ot-reg", "0.1"], "coupling 'ot' does not use it"),
         (["--ot-reg", "0.1"], "coupling 'independent' does not use it"),

@@ -46,7 +46,7 @@ from tests.net_helpers import perturb
         ),
         (
             ["--loss", "consistency", "--ema-targets", "--target-ema", "1"],
-            "target_ema must be a number in [0, 1) or 'ct'; got 1.0",
+            "--target-ema must be a number in [0, 1) or 'ct'; got 1.0",
         ),
         (
             ["--loss", "shortcut", "--ema-targets", "--target-ema", "ct"],
@@ -64,7 +64,7 @@ from tests.net_helpers import perturb
         (["--lognormal", "-1.1", "2"], "lognormal [-1.1, 2.0] is the intervals' law in --loss"),
         (["--t-max", "0.9"], "t_max 0.9 is the grid's end in --loss consistency"),
         (["--ct-weighting", "unit"], "ct_weighting unit is the intervals' weight in --loss"),
-        (["--loss", "consistency", "--t-max", "0"], "t_max must be a number in (0, 1]; got 0.0"),
+        (["--loss", "consistency", "--t-max", "0"], "--t-max must be a number in (0, 1]; got 0.0"),
         (["--rho", "7"], "rho 7.0 is the grid's spacing in --loss consistency"),
         (["--loss", "consistency", "--rho", "0"], "rho must be a finite number > 0; got 0.0"),
         (["--loss", "consistency", "--rho", "nan"], "rho must be a finite number > 0; got nan"),
@@ -76,7 +76,7 @@ from tests.net_helpers import perturb
         (["--loss", "consistency", "--lognormal", "0", "-1"], "finite with P_std > 0"),
         (
             ["--loss", "consistency", "--curriculum", "ict", "--num-scales", "2"],
-            "num_scales must be an integer >= 3",
+            "--num-scales must be an integer >= 3",
         ),
         (
             ["--loss", "shortcut", "--target-guidance", "2"],
@@ -157,7 +157,7 @@ from tests.net_helpers import perturb
                 "--target-guidance-mix",
                 "1",
             ],  # fmt: skip
-            "target_guidance_mix must lie in [0, 1); got 1.0",
+            "--target-guidance-mix must lie in [0, 1); got 1.0",
         ),
         (
             [
@@ -299,7 +299,7 @@ def test_target_guidance_reaches_the_loss(loss):
     with pytest.raises(ValueError) as err:
         R.resume_config(c, {"target_guidance": 2.0, "ema_targets": True})
     assert "--target-guidance 2.0 (the run has 1.0)" in str(err.value)
-    assert "--ema-targets (the run has False)" in str(err.value)
+    assert "--ema-targets (the run was trained without it)" in str(err.value)
     if loss == "meanflow":  # its guided targets' two options reach the loss, as the library's
         from jaxdiff.meanflow import meanflow_loss
 
