@@ -68,9 +68,19 @@ def _block(block: int) -> int:
 
 
 def _pair_mean(
-    fn: Callable[[Array], Array], x: ArrayLike, y: ArrayLike, block: int, skip_diag: bool
+    fn: Callable[[Array], Array],
+    x: ArrayLike,
+    y: ArrayLike,
+    block: int,
+    skip_diag: bool,
+    near_slope: bool = True,
 ):
-    """Mean of ``fn(|x_i - y_j|^2)`` over all pairs (``i != j`` if ``skip_diag``), in blocks."""
+    """Mean of ``fn(|x_i - y_j|^2)`` over all pairs (``i != j`` if ``skip_diag``), in blocks.
+
+    ``|x|^2 + |y|^2 - 2 x.y`` holds the squared distance to a few ulps of ``|x|^2 + |y|^2``
+    only; ``near_slope=False`` takes no derivative through pairs closer than that (their
+    ``d2`` is rounding noise: ``sqrt``'s slope there made the energy distance's gradient ~1e9
+    for points 1e-4 apart, where each pair's true slope is a unit vector)."""
     x, y = jnp.asarray(x), jnp.asarray(y)
     n, m = x.shape[0], y.shape[0]
     pad = -n % block
@@ -80,8 +90,12 @@ def _pair_mean(
 
     def one(args):
         xs, ok, start = args
-        d2 = jnp.sum(xs**2, 1)[:, None] + y_sq[None, :] - 2.0 * xs @ y.T
-        vals = fn(jnp.maximum(d2, 0.0))
+        scale = jnp.sum(xs**2, 1)[:, None] + y_sq[None, :]
+        d2 = jnp.maximum(scale - 2.0 * xs @ y.T, 0.0)
+        if not near_slope:
+            near = d2 <= 0.5 * jnp.finfo(d2.dtype).eps * scale  # ~ an ulp of scale
+            d2 = jnp.where(near, jax.lax.stop_gradient(d2), d2)
+        vals = fn(d2)
         mask = ok[:, None]
         if skip_diag:
             mask = mask & ((start + jnp.arange(block))[:, None] != jnp.arange(m)[None, :])
@@ -110,9 +124,9 @@ def energy_distance(x: ArrayLike, y: ArrayLike, *, block: int = 1024) -> Array:
 @functools.partial(jax.jit, static_argnums=2)  # one compile per shape: repeated calls are fast
 def _energy_distance(x: Array, y: Array, block: int) -> Array:
     dist = lambda d2: jnp.sqrt(d2 + 1e-30)  # noqa: E731
-    xy = _pair_mean(dist, x, y, block, False)
-    xx = _pair_mean(dist, x, x, block, True)
-    yy = _pair_mean(dist, y, y, block, True)
+    xy = _pair_mean(dist, x, y, block, False, near_slope=False)
+    xx = _pair_mean(dist, x, x, block, True, near_slope=False)
+    yy = _pair_mean(dist, y, y, block, True, near_slope=False)
     return 2.0 * xy - xx - yy
 
 
@@ -276,9 +290,12 @@ def _nearest(x: Array, ref: Array, block: int) -> Array:
 
     def one(xs):
         d2 = jnp.sum(xs**2, 1)[:, None] + r_sq[None, :] - 2.0 * xs @ ref.T
-        # at a copy of a reference point (d2 <= 0) sqrt's infinite slope times 0 made the
+        # the expansion finds the nearest row; its distance is taken from the difference (the
+        # expansion's rounding at the points' scale gave 0 or 5x too much below ~5e-3, and no
+        # slope). At a copy of a reference point sqrt's infinite slope times 0 made the
         # gradient NaN: there it is 0 (a subgradient of |x - r| at x = r)
-        return safe_sqrt(jnp.min(d2, axis=1))
+        nearest = ref[jnp.argmin(d2, axis=1)]
+        return safe_sqrt(jnp.sum((xs - nearest) ** 2, axis=1))
 
     return jax.lax.map(one, xb).reshape(-1)[:n]
 

@@ -134,3 +134,42 @@ def test_memorization_ratio_of_held_out_copies_is_an_error():
     with pytest.raises(ValueError, match="held_out's median distance .* must be > 0 .*; got 0.0"):
         jd.memorization_ratio(train[:10] + 0.1, train, train[:20])
     assert float(jd.memorization_ratio(train[:20], train, train[:20] + 0.1)) == 0.0
+
+
+def _energy_gradient(x, y):
+    """d/dx of 2 E|X - Y| - E|X - X'| - E|Y - Y'| (U-statistics), float64 numpy."""
+    n, m = len(x), len(y)
+    g = np.zeros_like(x)
+    for i in range(n):
+        d = x[i] - y
+        g[i] += 2 * (d / np.linalg.norm(d, axis=1)[:, None]).sum(0) / (n * m)
+        d = np.delete(x[i] - x, i, 0)
+        g[i] -= 2 * (d / np.linalg.norm(d, axis=1)[:, None]).sum(0) / (n * (n - 1))
+    return g
+
+
+@pytest.mark.parametrize("gap", [1e-3, 1e-4, 1e-5])
+def test_close_points_keep_the_energy_gradient_bounded(gap):
+    """Distances come from |x|^2 + |y|^2 - 2 x.y, rounding noise for points closer than about
+    sqrt(eps) |x|: sqrt's slope there gave gradients ~1e9 at a gap of 1e-4 (each pair's true
+    slope is a unit vector). Now such a pair adds no slope: the gradient is off by at most that
+    pair's unit vector, 2 / (n (n - 1)), and exact where the expansion resolves the gap."""
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.normal(size=(5, 3)), 2, 0)  # 5 pairs of points ...
+    x[1::2, 0] += gap  # ... split by the gap
+    y = rng.normal(size=(10, 3))
+    g = jax.grad(jd.energy_distance)(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    err = np.abs(np.asarray(g) - _energy_gradient(x, y)).max()
+    assert err < (1e-3 if gap >= 1e-3 else 2 / 90 + 1e-3), err  # was 1.1e9 at 1e-4
+
+
+def test_nearest_neighbour_distance_resolves_small_gaps():
+    """The nearest row is found by the expansion, its distance taken from the difference:
+    distances below ~5e-3 at |x| ~ 12 read 0 (no slope) or 5x too large."""
+    rng = np.random.default_rng(5)
+    ref = rng.normal(size=(50, 16)).astype(np.float32) * 3
+    q = ref[:4] + 1e-4 * np.eye(4, 16, dtype=np.float32)  # each row 1e-4 from a reference row
+    d = jd.nearest_neighbour_distance(q, ref)
+    np.testing.assert_allclose(d, 1e-4, rtol=1e-2)  # was [0, 0.0039, 0, 0]
+    g = jax.grad(lambda a: jd.nearest_neighbour_distance(a, ref).sum())(jnp.asarray(q))
+    np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0, rtol=1e-2)  # unit slope
