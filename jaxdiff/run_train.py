@@ -44,12 +44,22 @@ def train_run(
         raise FileNotFoundError(f"no checkpoint to resume from in {Path(out) / 'ckpt'}")
     source = None  # bad values, and image data that cannot train, fail before the folder
     if not resume:  # is made (a missing folder left one behind); opened once for the run
-        source = IR.check_images(IR.resolve(config))
+        source = IR.check_images(_check_devices(IR.resolve(config)))
     out = R.prepare(out)
     with R.RunLock(out):
         return _train(
             config, out, resume=resume, until=until, progress=progress, log=log, source=source
         )
+
+
+def _check_devices(c: dict) -> dict:
+    """``c``, refused where its batch does not split over the devices (the data mesh's)."""
+    if int(c["batch"]) % jax.device_count():
+        raise ValueError(
+            f"--batch {c['batch']} must be a multiple of the {jax.device_count()} devices "
+            "(each trains on an equal share)"
+        )
+    return c
 
 
 def _train(config, out: Path, *, resume, until, progress, log, source=None) -> dict:
@@ -75,6 +85,7 @@ def _train(config, out: Path, *, resume, until, progress, log, source=None) -> d
     try:
         if resume:
             c, changes = R.resume_config(R.saved_config(ckpt.meta(), ckpt_dir), config)
+            _check_devices(c)  # a run resumed on other devices
         setup = IR.build(c, source)
         state, opt = E.init_state(c, setup)
         history = R.History()

@@ -334,6 +334,16 @@ def data_mesh(devices: list | None = None) -> Mesh:
     )
 
 
+def _data_size(mesh: Mesh) -> int:
+    """The size of ``mesh``'s ``"data"`` axis, the one batches are split over."""
+    if "data" not in mesh.shape:
+        raise ValueError(
+            f"the mesh needs an axis named 'data' to split batches over (jaxdiff.train.data_mesh "
+            f"makes one); got axes {tuple(mesh.shape)}"
+        )
+    return mesh.shape["data"]
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Put every leaf of ``tree`` on all devices of ``mesh`` (replicated)."""
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
@@ -373,7 +383,7 @@ def make_train_chunk(
         return jax.lax.scan(one, state, None, length=num_steps)
 
     if mesh is not None:
-        size = mesh.shape["data"]
+        size = _data_size(mesh)
         shapes = jax.eval_shape(sample_batch, jax.random.key(0))
         for leaf in jax.tree.leaves(shapes):
             if leaf.ndim == 0:
@@ -407,6 +417,8 @@ def make_feed_chunk(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    if mesh is not None:
+        _data_size(mesh)  # a mesh without a "data" axis is refused by name
     sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
 
     def chunk(state: TrainState) -> tuple[TrainState, Array]:

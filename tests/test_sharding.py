@@ -74,3 +74,35 @@ def test_check_finite_under_jit_keeps_working():
     assert jnp.array_equal(fn(jnp.ones(3)), 2.0 * jnp.ones(3))
     with pytest.raises(Exception, match="non-finite"):
         jax.block_until_ready(fn(jnp.array([1.0, jnp.nan, 1.0])))
+
+
+def test_cli_refuses_a_batch_the_devices_do_not_split_before_the_run_folder(tmp_path):
+    """On 3 devices, --batch 16 made the run folder, its lock and ckpt/ and logged "training ...
+    on 3 device(s)" before the chunk refused the batch in words that named no flag."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=3"
+    env["JAX_PLATFORMS"] = "cpu"
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), "--model", "mlp", "--width", "16", "--depth", "1",
+            "--steps", "2", "--batch", "16", "--eval-n", "0", "--no-progress"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxdiff", *argv], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--batch 16 must be a multiple of the 3 devices" in proc.stderr, proc.stderr
+    assert not run.exists()
+
+
+def test_a_mesh_without_a_data_axis_is_named():
+    """make_train_chunk and make_feed_chunk raised a bare KeyError('data')."""
+    import optax
+
+    from jaxdiff.train import make_feed_chunk, make_train_chunk, make_train_step
+
+    step = make_train_step(lambda p, k, b: jnp.sum((p["w"] - b) ** 2), optax.sgd(0.1))
+    mesh = jax.make_mesh((1,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    with pytest.raises(ValueError, match="the mesh needs an axis named 'data'.*got axes"):
+        make_train_chunk(step, lambda k: jnp.zeros((8, 2)), 2, mesh=mesh)
+    with pytest.raises(ValueError, match="the mesh needs an axis named 'data'"):
+        make_feed_chunk(step, iter([]), 2, mesh=mesh)
