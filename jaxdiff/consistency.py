@@ -422,6 +422,11 @@ def _consistency_loss(
                     "ts must be a 1-D strictly increasing grid of at least 2 times; got "
                     f"{np.asarray(ts)}"
                 )
+            if known is not None and (known[0] < 0 or known[-1] > 1):  # jit trained at 1.5
+                raise ValueError(
+                    "ts must lie in [0, 1] (t = 0 is data, t = 1 the prior); got "
+                    f"{known[(known < 0) | (known > 1)]} in {known}"
+                )
             grids = [] if known is None else [known]
     if lognormal is not None:
         lognormal = _check_lognormal(lognormal, scheduled and sizes is None)
@@ -487,7 +492,8 @@ def _consistency_loss(
         pred = net.apply(params, x_hi, t_hi, *extra)
         tp = params if target_params is None else target_params  # theta^-: sg(theta) or the EMA
         target = jax.lax.stop_gradient(net.apply(tp, x_lo, t_lo, *extra))
-        dist = _pseudo_huber(pred - target, huber_c)
+        wide = wide_dtype(x0.dtype)  # a bfloat16 network's outputs: the distance in float32
+        dist = _pseudo_huber(pred.astype(wide) - target.astype(wide), huber_c)
         if weighting == "inverse_gap":
             dist = dist / (t_hi - t_lo)
         elif weighting == "inverse_sigma_gap":  # iCT's 1 / (sigma_{n+1} - sigma_n), VE levels

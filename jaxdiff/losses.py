@@ -312,11 +312,18 @@ def noise_pairs(
     return draw_pairs(key, batch, source, coupling)
 
 
-def static_split(fraction: float, n: int) -> int:
+def static_split(fraction: float, n: int, name: str = "fraction") -> int:
     """``round(fraction n)`` examples of a batch of ``n`` for the first part of a static split,
-    kept in ``[1, n - 1]`` when ``0 < fraction < 1`` and ``n >= 2``: both parts get an example
-    (MeanFlow at 0.75 had no ``r < t`` example in a batch of 2, the shortcut loss at 0.25 no
-    self-consistency; ``round`` rounds 1.5 and 0.5 to even)."""
+    kept in ``[1, n - 1]`` when ``0 < fraction < 1``: both parts get an example (MeanFlow at 0.75
+    had no ``r < t`` example in a batch of 2, the shortcut loss at 0.25 no self-consistency;
+    ``round`` rounds 1.5 and 0.5 to even). A batch of 1 cannot hold both: refused (it trained
+    one part alone, MeanFlow as plain flow matching, also under a per-example ``vmap``)."""
+    if 0.0 < fraction < 1.0 and n == 1:
+        raise ValueError(
+            f"{name} {fraction} splits each batch into two parts, which a batch of 1 cannot hold "
+            f"(one part alone is another objective); pass batches of 2 or more (a per-example "
+            f"vmap sees batches of 1), or {name} 0 or 1"
+        )
     m = round(fraction * n)
     if 0.0 < fraction < 1.0 and n >= 2:
         m = min(max(m, 1), n - 1)

@@ -237,7 +237,7 @@ def meanflow_loss(
             v = jnp.where(expand_like(keep, v), g.astype(v.dtype), v)
         # The first m examples have r = t, where the target is v itself: they skip the JVP (a
         # static split, so the JVP costs only the r < t part of the batch).
-        m = static_split(flow_matching_fraction, n)
+        m = static_split(flow_matching_fraction, n, "flow_matching_fraction")
         errs = []
         if m > 0:
             head = [a[:m] for a in extra]

@@ -171,7 +171,7 @@ def _points(x: Any, name: str = "the batch's x0") -> Array:
 def _check_labels(x0: Array, labels: Array | None) -> None:
     """Shapes are static: labels for another number of points are refused at trace time (``x1``'s
     shape is checked where the pairs are drawn)."""
-    if labels is not None and labels.ndim and labels.shape[0] != x0.shape[0]:
+    if labels is not None and (not labels.ndim or labels.shape[0] != x0.shape[0]):
         raise ValueError(
             f"the batch's labels have shape {labels.shape} for {x0.shape[0]} points (x0 "
             f"{x0.shape}); expected ({x0.shape[0]}, ...)"
