@@ -88,7 +88,9 @@ def _parser() -> _Parser:
         help="what the network predicts (default velocity for --path fm, else eps)",
     )
     train.add_argument(
-        "--weighting", choices=tuple(E.WEIGHTINGS), help="loss weighting (default unit)"
+        "--weighting",
+        choices=tuple(E.WEIGHTINGS),
+        help="loss weighting (default unit; sigma2 for --loss dsm)",
     )
     train.add_argument("--time", choices=E.TIMES, help="time sampler (default uniform)")
     train.add_argument(

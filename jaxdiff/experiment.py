@@ -4,10 +4,11 @@ checkpoints, evaluation and plots, then sample a checkpoint and measure the samp
 A config is a plain dict (``DEFAULTS`` overridden by the user) saved with every checkpoint, so
 ``sample_run`` rebuilds exactly the trained model. Paths: ``fm`` (linear, flow matching), ``vp``,
 ``subvp``, ``ve``, ``cosine``. Losses: ``fm`` (regress the conditional velocity), ``eps``, ``x0``,
-``v``, ``dsm`` (the conditional score; weighting ``sigma2`` or ``likelihood``). Sources: ``gaussian``
-or a 2-D toy set (data-to-data translation on the ``fm`` or ``cosine`` path); couplings:
-``independent``, ``ot`` (mini-batch exact OT), ``sinkhorn`` (entropic, ``ot_reg`` times the mean
-cost), and their class-conditional ``ot-class`` / ``sinkhorn-class`` (need ``conditional``).
+``v``, ``dsm`` (the conditional score; weighting ``sigma2``, its default, or ``likelihood``).
+Sources: ``gaussian`` or a 2-D toy set (data-to-data translation on the ``fm`` or ``cosine``
+path); couplings: ``independent``, ``ot`` (mini-batch exact OT), ``sinkhorn`` (entropic,
+``ot_reg`` times the mean cost), and their class-conditional ``ot-class`` / ``sinkhorn-class``
+(need ``conditional``).
 Few-step losses (``FEWSTEP_LOSSES``): ``meanflow`` (Geng et al. 2025: the average velocity of a
 two-time network, ``TwoTimeMLP`` or with ``model`` ``unet`` ``TwoTimeUNet``, sampled by
 ``jd.samplers.meanflow()``), ``shortcut`` (Frans et al. 2024: the same network and sampler,
@@ -81,7 +82,7 @@ DEFAULTS: dict[str, Any] = {
     "path": "fm",
     "loss": None,  # fm for the fm path, eps otherwise
     "target": None,  # what the network predicts: velocity for fm, eps otherwise
-    "weighting": "unit",
+    "weighting": None,  # unit; sigma2 for loss dsm (Song et al. 2021's lambda = sigma^2)
     "time": "uniform",
     "model": None,  # mlp for 2-D data, unet for digits
     "width": 128,
@@ -143,6 +144,8 @@ def resolve(config: dict) -> dict:
         )
     _choice(c, "dtype", tuple(DTYPES))
     _check_recipe(c)
+    # unit weighting of the score weighs t = 1e-3 ~9,000 times t = 1 on VP
+    c["weighting"] = c["weighting"] or ("sigma2" if c["loss"] == "dsm" else "unit")
     _choice(c, "weighting", tuple(WEIGHTINGS))
     _choice(c, "time", TIMES)
     _choice(c, "curriculum", CURRICULA)
@@ -539,10 +542,14 @@ def build(c: dict) -> Setup:
             return toy(key, batch)
 
         example = jnp.zeros((1, 2))
-    t_min = 0.0 if c["path"] == "fm" and c["target"] in ("velocity", "x0", "v") else 1e-3
     t_max = 1.0 - 1e-3 if c["path"] in ("fm", "cosine") and c["target"] in ("eps", "score") else 1.0
     regress = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
     weighting = make_weighting(c)
+    t_min = 0.0 if c["path"] == "fm" and c["target"] in ("velocity", "x0", "v") else 1e-3
+    if t_min == 0.0 and L.uniform_low_end_error(  # an x0 network's eps loss divides by sigma_0
+        L.uniform_time(0.0, t_max), path, c["target"], regress, weighting
+    ):  # (these configs were refused by the loss after the run folder was made)
+        t_min = 1e-3
     if c["time"] == "uniform":
         sampler = L.uniform_time(t_min, t_max)
     elif c["time"] == "logit-normal":

@@ -97,10 +97,11 @@ def adamw_cosine(
     """AdamW (Loshchilov & Hutter 2019) with linear warmup then cosine decay, after clipping the
     global gradient norm to ``clip_norm``. Warmup defaults to 5% of ``total_steps``; the rate ends
     at ``end_factor * learning_rate``."""
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1; got {total_steps}")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0; got {learning_rate}")
+    total_steps = check_count(total_steps, "total_steps")  # 2.5 was truncated, True was 1
+    if not 0 < learning_rate < float("inf"):  # inf gave NaN parameters after one step
+        raise ValueError(f"learning_rate must be a finite number > 0; got {learning_rate}")
+    if warmup_steps is not None:
+        warmup_steps = check_count(warmup_steps, "warmup_steps", minimum=0)
     if warmup_steps is not None and not 0 <= warmup_steps < total_steps:
         # a warmup as long as the run never decays: the rate would end at its peak (or below it)
         raise ValueError(
@@ -368,8 +369,7 @@ def make_train_chunk(
     its key is split off ``state.key`` before each step. With ``mesh`` the batch is sharded over
     its ``"data"`` axis (the batch size must be a multiple of the number of devices).
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    num_steps = check_count(num_steps, "num_steps")  # 2.5 ran 2 steps
 
     def one(state: TrainState, _) -> tuple[TrainState, Array]:
         key, batch_key = jax.random.split(state.key)
@@ -415,8 +415,7 @@ def make_feed_chunk(
     ``train(state, lambda k: make_feed_chunk(step, it, k, ...), n)``: the calls of ``train``
     take the batches in order, so step ``s`` trains on the ``s``-th batch of the iterator.
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    num_steps = check_count(num_steps, "num_steps")  # 2.5 ran 2 steps
     if mesh is not None:
         _data_size(mesh)  # a mesh without a "data" axis is refused by name
     sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
@@ -481,6 +480,7 @@ def train(
     from tqdm.auto import tqdm
 
     start_step = int(state.step)
+    num_steps = check_count(num_steps, "num_steps", minimum=0)  # 2.5 ran 2 steps
     chunk_size = check_count(chunk_size, "chunk_size")
     periods = () if every is None else (every,) if np.ndim(every) == 0 else tuple(every)
     periods = tuple(check_count(e, "every", what="or None, or a tuple of them") for e in periods)
@@ -498,9 +498,11 @@ def train(
             chunks[k] = make_chunk(k)
         state, losses = chunks[k](state)
         loss = float(jnp.mean(losses))
-        if not jnp.isfinite(loss):
-            bar.close()
-            raise FloatingPointError(f"the loss became {loss} at step {step + k}")
+        if not jnp.isfinite(loss):  # the chunk's first bad step (was its last: the input
+            bar.close()  # state is donated, so the chunk cannot be rerun to find it)
+            each = np.asarray(losses, np.float32).reshape(-1)
+            first = int(np.flatnonzero(~np.isfinite(each))[0])
+            raise FloatingPointError(f"the loss became {each[first]} at step {step + first + 1}")
         # a step's loss is taken before its update: NaN parameters from a chunk's last update
         # (a NaN gradient of a finite loss, weight decay inf) reached on_every and checkpoints
         if not bool(_all_finite(state.params)):

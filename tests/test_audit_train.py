@@ -192,3 +192,70 @@ def test_digits_accuracy_checks_label_and_image_shapes():
         tile(np.zeros((0, 8, 8)))
     laid = tile(np.ones((3, 1, 1)), cols=2, fill=0.0)  # an odd count: the last row half empty
     np.testing.assert_array_equal(laid, [[1, 0, 1], [0, 0, 0], [1, 0, 0]])
+
+
+@pytest.mark.parametrize(
+    ("loss", "target"),
+    [("fm", "x0"), ("eps", "x0"), ("v", "x0"), ("dsm", "x0"), ("dsm", "v"), ("dsm", "velocity")],
+)
+def test_fm_recipes_whose_loss_is_infinite_at_t0_build(loss, target):
+    """build took t_min = 0 on the fm path from the network's target alone: these configs,
+    accepted by resolve, were refused by the loss (after the CLI had made the run folder) with a
+    remedy no flag offers. They train from t = 1e-3 now, as flow_matching_loss does."""
+    from jaxdiff import experiment as E
+
+    c = E.resolve({"path": "fm", "loss": loss, "target": target, "width": 16, "depth": 1})
+    setup = E.build(c)
+    state, _ = E.init_state(c, setup)
+    value = setup.loss(state.params, jax.random.key(0), setup.sample_batch(jax.random.key(1)))
+    assert np.isfinite(float(value))
+
+
+def test_bad_step_counts_and_rates_are_refused():
+    """learning_rate=inf gave NaN parameters after one step; fractional step counts were
+    truncated (train(num_steps=2.5) ran 2 steps), total_steps=True was 1."""
+    from jaxdiff.train import train
+
+    with pytest.raises(ValueError, match="learning_rate must be a finite number > 0; got inf"):
+        adamw_cosine(float("inf"))
+    with pytest.raises(ValueError, match="total_steps must be a positive integer; got 2.5"):
+        adamw_cosine(1e-3, 2.5)
+    with pytest.raises(ValueError, match="total_steps must be a positive integer; got True"):
+        adamw_cosine(1e-3, True)
+    with pytest.raises(ValueError, match="warmup_steps must be an integer >= 0; got 1.5"):
+        adamw_cosine(1e-3, 10, warmup_steps=1.5)
+    step = make_train_step(lambda p, k, b: jnp.sum((p["w"] - b) ** 2), optax.sgd(0.1))
+    with pytest.raises(ValueError, match="num_steps must be a positive integer; got 2.5"):
+        make_train_chunk(step, lambda k: jnp.zeros((4, 2)), 2.5)
+    state = init_train_state({"w": jnp.zeros(2)}, optax.sgd(0.1), jax.random.key(0))
+    chunk = lambda k: make_train_chunk(step, lambda key: jnp.zeros((4, 2)), k)  # noqa: E731
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 0; got 2.5"):
+        train(state, chunk, 2.5, progress=False)
+
+
+def test_a_nan_loss_names_the_step_it_appeared_at():
+    """The error named the chunk's last step (50) where the loss first was NaN at step 4; the
+    chunk donates its input state, so it could not be rerun to find the step."""
+    from jaxdiff.train import train
+
+    def loss(p, k, b):  # finite for the first 3 updates, then NaN
+        return jnp.where(p["n"] >= 3.0, jnp.nan, 0.0) + 0.0 * jnp.sum(b)
+
+    opt = optax.GradientTransformation(
+        lambda p: (), lambda g, s, p=None: (jax.tree.map(lambda v: jnp.ones_like(v), g), s)
+    )  # every update adds 1 to n
+    step = make_train_step(loss, opt)
+    state = init_train_state({"n": jnp.zeros(())}, opt, jax.random.key(0))
+    chunk = lambda k: make_train_chunk(step, lambda key: jnp.zeros((2, 1)), k)  # noqa: E731
+    with pytest.raises(FloatingPointError, match="the loss became nan at step 4$"):
+        train(state, chunk, 50, chunk_size=50, progress=False)
+
+
+def test_score_matching_defaults_to_sigma_squared_weighting():
+    """The CLI's --loss dsm weighted the score error by 1 (t = 1e-3 ~9,000 times t = 1 on VP),
+    where jd.score_matching_loss and the docs use Song et al.'s lambda = sigma^2."""
+    from jaxdiff import experiment as E
+
+    assert E.resolve({"path": "vp", "loss": "dsm"})["weighting"] == "sigma2"
+    assert E.resolve({"path": "vp", "loss": "eps"})["weighting"] == "unit"
+    assert E.resolve({"path": "vp", "loss": "dsm", "weighting": "unit"})["weighting"] == "unit"
