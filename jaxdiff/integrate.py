@@ -184,14 +184,25 @@ def _grid(ts, t_start, t_end, steps) -> Array:
     return _engine.check_grid(jnp.linspace(t0, t1, steps + 1), "the grid t_start -> t_end")
 
 
-def check_tolerances(solver: diffrax.AbstractSolver, rtol: Any, atol: Any) -> tuple[Any, Any]:
-    """Raise unless ``solver`` has an error estimate and ``rtol``/``atol`` are valid tolerances;
-    return ``(rtol, atol)``. Traced tolerances come back tied to run-time checks (use them: a
-    traced ``rtol = -1`` solved silently)."""
+def check_tolerances(
+    solver: diffrax.AbstractSolver, rtol: Any, atol: Any, stochastic: bool = False
+) -> tuple[Any, Any]:
+    """Raise unless ``solver`` has an error estimate (for an SDE, one with a strong order: Heun,
+    SPaRK, Midpoint) and ``rtol``/``atol`` are valid tolerances; return ``(rtol, atol)``. Traced
+    tolerances come back tied to run-time checks (use them: a traced ``rtol = -1`` solved
+    silently)."""
+    name = type(solver).__name__
+    if stochastic and isinstance(solver, diffrax.AbstractAdaptiveSolver):
+        if solver.strong_order(None) is None:  # Tsit5, Dopri5: diffrax failed inside the solve
+            raise ValueError(
+                f"rtol/atol on an SDE need a solver with a strong order; {name} has none "
+                "(an ODE solver): use diffrax.Heun() or SPaRK() (or drop rtol/atol)"
+            )
     if not isinstance(solver, diffrax.AbstractAdaptiveSolver):
+        use = "Heun() or SPaRK()" if stochastic else "Tsit5(), Dopri5() or Heun()"
         raise ValueError(
-            f"rtol/atol ask for adaptive steps, but {type(solver).__name__} has no error "
-            "estimate; use diffrax.Tsit5(), Dopri5() or Heun() (or drop rtol/atol)"
+            f"rtol/atol ask for adaptive steps, but {name} has no error estimate; use "
+            f"diffrax.{use} (or drop rtol/atol)"
         )
     checked = []
     for name, value in (("rtol", rtol), ("atol", atol)):

@@ -176,3 +176,17 @@ def test_save_ts_refuses_nan_empty_and_2d_times():
     with pytest.raises(Exception, match=r"save_ts contains non-finite values"):
         jax.block_until_ready(jax.jit(draw)(jnp.array([jnp.nan, 1.0])))  # "same time twice"
     np.testing.assert_array_equal(draw([float(ts[3])])[0], draw(ts)[3])
+
+
+def test_an_adaptive_sde_names_the_solvers_that_can_take_it():
+    """sde(Tsit5(), rtol=...) failed inside diffrax ("the order of convergence ... has not been
+    specified"), and the refusal of ShARK suggested Tsit5 or Dopri5, which fail that way."""
+    import diffrax
+
+    with pytest.raises(ValueError, match=r"on an SDE need a solver with a strong order; Tsit5"):
+        jd.samplers.sde(diffrax.Tsit5(), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match=r"ShARK has no error estimate; use diffrax.Heun\(\) or"):
+        jd.samplers.sde(diffrax.ShARK(), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match=r"Euler has no error estimate; use diffrax.Tsit5\(\)"):
+        jd.samplers.ode(diffrax.Euler(), rtol=1e-3, atol=1e-3)
+    jd.samplers.sde(diffrax.Heun(), rtol=1e-3, atol=1e-3)  # accepted

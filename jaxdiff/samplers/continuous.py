@@ -103,7 +103,7 @@ def _reverse(
     stochastic = not _is_zero(eta)
     adaptive = None
     if rtol is not None or atol is not None:
-        rtol, atol = check_tolerances(solver, rtol, atol)
+        rtol, atol = check_tolerances(solver, rtol, atol, stochastic)
 
         def adaptive(key, path, field, x, ts, save_ts) -> Solution:
             """One ``diffeqsolve`` from ``ts[0]`` to ``ts[-1]``; ``ts[1]`` sets the first trial step."""
@@ -250,7 +250,9 @@ def sde(
     the marginals (Karras et al. 2022, eq. 6). ``solver`` is Euler--Maruyama
     (``diffrax.Euler()``, default) or any diffrax SDE solver for additive noise (``ShARK``,
     ``SEA``, ``SRA1``). Each step draws its Brownian increment from its own key. With
-    ``rtol``/``atol`` the steps are adaptive on a ``VirtualBrownianTree``.
+    ``rtol``/``atol`` the steps are adaptive on a ``VirtualBrownianTree`` (a solver with an
+    error estimate and a strong order: ``Heun``, ``SPaRK``; ShARK, SEA and SRA1 have no error
+    estimate).
 
     Where ``alpha_1 = 0`` (the linear and cosine paths) the drift ``f = d log alpha / dt`` is
     infinite at ``t = 1``, and where the last beta of a discrete schedule is clipped near 1
