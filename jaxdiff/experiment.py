@@ -546,8 +546,12 @@ def build(c: dict) -> Setup:
     regress = {"fm": "velocity", "dsm": "score"}.get(c["loss"], c["loss"])
     weighting = make_weighting(c)
     t_min = 0.0 if c["path"] == "fm" and c["target"] in ("velocity", "x0", "v") else 1e-3
-    if t_min == 0.0 and L.uniform_low_end_error(  # an x0 network's eps loss divides by sigma_0
-        L.uniform_time(0.0, t_max), path, c["target"], regress, weighting
+    if (
+        t_min == 0.0
+        and c["loss"] not in FEWSTEP_LOSSES
+        and L.uniform_low_end_error(  # an x0 network's eps loss divides by sigma_0
+            L.uniform_time(0.0, t_max), path, c["target"], regress, weighting
+        )
     ):  # (these configs were refused by the loss after the run folder was made)
         t_min = 1e-3
     if c["time"] == "uniform":

@@ -87,7 +87,7 @@ def test_classifier_free_guidance_on_the_unet():
         (["--precond", "karras"], "invalid choice: 'karras'"),
         (["--model", "mlp", "--dropout", "0.1"], "needs model unet"),
         (["--dropout", "1.5"], "dropout must lie in [0, 1)"),
-        (["--sigma-data", "-1", "--precond", "edm"], "sigma_data must be a positive number"),
+        (["--sigma-data", "-1", "--precond", "edm"], "--sigma-data must be a positive number"),
         (["--dtype", "float8"], "invalid choice: 'float8'"),
         (["--weighting", "snr"], "invalid choice: 'snr'"),
         (["--time", "lognormal"], "invalid choice: 'lognormal'"),
