@@ -689,19 +689,26 @@ def toy_metrics(samples, reference, reference2) -> dict:
 
 def digits_metrics(samples, labels) -> dict:
     """Fréchet distance on the digits classifier's features (to the test split; train vs test as
-    reference), the classifier's accuracy on class-conditional samples, and memorisation."""
+    reference), the classifier's accuracy on class-conditional samples, and memorisation. Samples
+    of one class (``sample --class``) are compared with that class's digits."""
     from jaxdiff.digits import classifier_accuracy, digits_frechet_distance, load_classifier
     from jaxdiff.metrics import memorization_ratio
 
     clf = load_classifier()
-    test, _ = load_digits("test")
-    train, _ = load_digits("train")
-    out = {
-        "frechet_distance": float(digits_frechet_distance(clf, samples, test)),
-        "frechet_distance_train_vs_test": float(digits_frechet_distance(clf, train, test)),
-        "memorization_ratio": float(memorization_ratio(samples[: len(test)], train, test)),
-        "n": int(samples.shape[0]),
-    }
+    test, test_labels = load_digits("test")
+    train, train_labels = load_digits("train")
+    one = None if labels is None else np.unique(np.asarray(labels))
+    out = {}
+    if one is not None and one.size == 1:  # samples of one class: compared with that class's
+        out["frechet_class"] = int(one[0])  # digits (against all ten, 685 for a good model)
+        test = test[np.asarray(test_labels) == one[0]]
+        train = train[np.asarray(train_labels) == one[0]]
+    out.update(
+        frechet_distance=float(digits_frechet_distance(clf, samples, test)),
+        frechet_distance_train_vs_test=float(digits_frechet_distance(clf, train, test)),
+        memorization_ratio=float(memorization_ratio(samples[: len(test)], train, test)),
+        n=int(samples.shape[0]),
+    )
     if labels is not None:
         out["class_accuracy"] = float(classifier_accuracy(clf, samples, labels))
     return out

@@ -102,3 +102,17 @@ def test_tile_lays_images_out_row_by_row_with_one_fill_pixel_between():
         tile(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="cols must be a positive integer; got 0"):
         tile(x, cols=0)
+
+
+def test_samples_of_one_class_are_measured_against_that_class():
+    """sample --class 7 reported a Fréchet distance of 685 against all ten classes' digits."""
+    from jaxdiff import experiment as E
+    from jaxdiff.data import load_digits
+
+    train, labels = load_digits("train")
+    sevens = train[np.asarray(labels) == 7]
+    one = E.digits_metrics(sevens, np.full(len(sevens), 7))
+    every = E.digits_metrics(sevens, None)
+    assert one["frechet_class"] == 7 and "frechet_class" not in every
+    assert one["frechet_distance"] < 0.1 * every["frechet_distance"], (one, every)
+    assert one["class_accuracy"] > 0.95
