@@ -11,7 +11,8 @@ Here ``t = 1`` is the source and ``t = 0`` the data: trajectories start at ``x(1
 from the source and run to ``t = 0`` with ``steps`` Euler steps on the uniform grid; the integral
 is the mean over the ``steps`` evaluations (a left Riemann sum in reverse time, consistent with
 the Euler solve, whose chord is exactly ``dt`` times the sum of the velocities). ``relative``
-divides by ``E |x(1) - x(0)|^2``, so flows of different scales compare.
+divides by ``E |x(1) - x(0)|^2``, so flows of different scales compare (0 for a flow that does
+not move).
 """
 
 from __future__ import annotations
@@ -124,5 +125,7 @@ def straightness(
     n = x1.shape[0]
     dev = jnp.sum(jnp.square(chord[None] - vs).reshape(steps, n, -1), axis=-1)
     value = jnp.mean(dev)
-    relative = value / jnp.mean(jnp.sum(jnp.square(chord).reshape(n, -1), axis=-1))
+    chord_sq = jnp.mean(jnp.sum(jnp.square(chord).reshape(n, -1), axis=-1))
+    # a flow that does not move is straight: 0, not 0 / 0 = NaN (a loop back to x1 is inf)
+    relative = jnp.where(value == 0, jnp.zeros_like(value), value / chord_sq)
     return Straightness(value, relative, x0.astype(out))

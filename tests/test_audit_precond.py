@@ -93,3 +93,10 @@ def test_guidance_scale_must_be_finite():
     np.testing.assert_allclose(np.asarray(g(3.0)), 6.0)
     with pytest.raises(Exception, match="scale"):  # traced: the check stays alive
         jax.block_until_ready(g(jnp.nan))
+
+
+def test_the_relative_straightness_of_a_flow_that_does_not_move_is_zero():
+    """It was 0 / 0 = NaN: a zero velocity field is straight."""
+    still = jd.Field(lambda x, t: jnp.zeros_like(x), "velocity")
+    r = straightness(still, jnp.ones((4, 2)), steps=4)
+    assert float(r.value) == 0.0 and float(r.relative) == 0.0
