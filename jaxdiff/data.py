@@ -186,6 +186,7 @@ def digits_images(
     (pixels ``0..16`` to ``0..255``, bilinear upsampling; ``channels = 3`` repeats the gray) and
     their labels."""
     channels = check_count(channels, "channels")  # 0 gave images without a channel
+    size = check_count(size, "size")  # 0 gave (297, 0, 0, 1)
     images, labels = load_digits(split)
     x = jax.image.resize(jnp.asarray(images), (images.shape[0], size, size, 1), "linear")
     x = np.clip(np.rint((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -97,9 +97,8 @@ def load_npz(path: str | Path, images: str | None = None, labels: str | None = N
         img_key = images or next((k for k in ("images", "x", "data", "arr_0") if k in keys), None)
         if img_key not in keys:
             raise ValueError(f"{path} has no images array {images or 'images'!r}; it holds {keys}")
-        lab_key = labels or next(
-            (k for k in ("labels", "y", "label", "targets") if k in keys), None
-        )
+        names = ("labels", "y", "label", "targets") + (("arr_1",) if img_key == "arr_0" else ())
+        lab_key = labels or next((k for k in names if k in keys), None)  # np.savez(f, x, y)
         if labels is not None and labels not in keys:
             raise ValueError(f"{path} has no labels array {labels!r}; it holds {keys}")
         return ArraySource(f[img_key], None if lab_key is None else f[lab_key])
@@ -212,7 +211,10 @@ class ImageFolder:
         return None if self.labels is None else len(self.classes)
 
     def _one(self, i: int) -> np.ndarray:
-        arr = _decode(self.files[i], self._mode)
+        try:  # a truncated file passes the header check and failed hours in, naming no file
+            arr = _decode(self.files[i], self._mode)
+        except OSError as err:
+            raise ValueError(f"{self.files[i]} cannot be decoded ({err})") from None
         if arr.shape != self._shape:
             raise ValueError(
                 f"{self.files[i]} is {arr.shape[1]}x{arr.shape[0]}, not {self._shape[1]}x"

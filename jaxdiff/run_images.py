@@ -78,7 +78,8 @@ def check_images(c: dict):
     kind, _, where = c["images"].partition(":")  # a folder's labels and shape need no decoding:
     source = LD.open_images(f"folder:{where}" if kind == "folder-memory" else c["images"])
     if c["conditional"] and source.num_classes is None:
-        raise ValueError(f"conditional training needs labels: {c['images']} has no class folders")
+        what = "class folders" if kind != "npz" else "labels array ('labels', 'y', 'label', ...)"
+        raise ValueError(f"conditional training needs labels: {c['images']} has no {what}")
     if c["conditional"] and source.num_classes > MAX_CLASSES:
         raise ValueError(
             f"{c['images']} has {source.num_classes} classes; the command line trains up to "

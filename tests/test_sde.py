@@ -207,3 +207,19 @@ def test_langevin_keeps_a_low_precision_state_and_prior_logp_checks_its_axes():
     assert x.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(x)))
     with pytest.raises(ValueError, match="event_ndim must lie in"):
         jd.vp_path().prior_logp(jnp.zeros((3, 2)), 3)
+
+
+def test_the_reverse_sde_at_an_infinite_g_is_refused():
+    """With eta > 0 at t = 1 on the linear path (alpha_1 = 0, g infinite) reverse_drift gave
+    [[inf, inf], [nan, nan]] and reverse_diffusion inf, eagerly and under jit."""
+    path = jd.linear_path()
+    field = jd.Field(lambda x, t: -x, "velocity")
+    x = jnp.array([[1.0, 2.0], [0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"eta > 0 where g\(t\) is infinite.*got t = \[1.0\]"):
+        jd.reverse_drift(path, field, x, 1.0)
+    with pytest.raises(ValueError, match=r"eta > 0 where g\(t\) is infinite"):
+        jd.reverse_diffusion(path, 1.0)
+    with pytest.raises(Exception, match=r"eta > 0 where g\(t\) is infinite"):
+        jax.block_until_ready(jax.jit(lambda t: jd.reverse_drift(path, field, x, t))(1.0))
+    assert np.all(np.isfinite(jd.reverse_drift(path, field, x, 1.0, eta=0.0)))  # the ODE's
+    assert np.isfinite(float(jd.reverse_diffusion(path, 0.999)))
