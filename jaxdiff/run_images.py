@@ -148,8 +148,7 @@ def eval_labels(c: dict, n: int, source=None) -> np.ndarray | None:
     ``source``: the run's opened source (``setup.images``; ``None``: opened here)."""
     if not is_images(c):
         return None
-    source = _opened(c, source) if c["conditional"] else None
-    classes = source.num_classes if c["conditional"] else None
+    classes = _opened(c, source).num_classes if c["conditional"] else None
     return np.arange(n) % (classes or MAX_CLASSES)
 
 
