@@ -107,13 +107,16 @@ def check_step(step_dir: str | Path) -> str | None:
         return "the step folder is missing"
     try:
         files = json.loads((step_dir / CHECKSUMS).read_text())["files"]
+        entries = sorted(files.items())  # {"files": 5} or {"x": 3}: damaged, not a crash
+        if not all(isinstance(v, list) and len(v) == 2 for _, v in entries):
+            raise TypeError
     except FileNotFoundError:
         if not any(step_dir.iterdir()):
             return "the step folder is empty"
         return f"no {CHECKSUMS} (the save did not finish, or it was partly deleted)"
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return f"{CHECKSUMS} is unreadable"
-    for rel, (size, digest) in sorted(files.items()):
+    for rel, (size, digest) in entries:
         file = step_dir / rel
         if not file.is_file():
             return f"{rel} is missing"
@@ -163,8 +166,11 @@ class Checkpointer:
         # One process: old steps are removed after the new one is sealed (Orbax would remove
         # them before, widening the time in which a kill leaves the newest step unsealed).
         ours = jax.process_count() == 1
+        # Synchronous saves: ``save`` waits for each step to seal it anyway, and a failed async
+        # save (an unwritable folder) left Orbax's threads waiting ~300 s before the process
+        # could exit, printing their tracebacks
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if ours else max_to_keep, create=True
+            max_to_keep=None if ours else max_to_keep, create=True, enable_async_checkpointing=False
         )
         self._retention = max_to_keep if ours else None
         self._manager = ocp.CheckpointManager(

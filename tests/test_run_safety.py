@@ -89,6 +89,15 @@ CORRUPTIONS = {
     "deleted file": (lambda step: _arrays(step)[0].unlink(), "is missing"),
     "deleted metadata": (lambda step: (step / "state" / "_METADATA").unlink(), "is missing"),
     "lost checksums": (lambda step: (step / CHECKSUMS).unlink(), "save did not finish"),
+    # valid JSON of the wrong structure raised AttributeError / TypeError (sample's traceback)
+    "checksums not a table": (
+        lambda step: (step / CHECKSUMS).write_text('{"files": 5}'),
+        "is unreadable",
+    ),
+    "checksums without sizes": (
+        lambda step: (step / CHECKSUMS).write_text('{"files": {"x": 3}}'),
+        "is unreadable",
+    ),
     "emptied folder": (
         lambda step: [shutil.rmtree(p) if p.is_dir() else p.unlink() for p in step.iterdir()],
         "folder is empty",
@@ -346,3 +355,10 @@ def test_seed_out_of_range_is_refused_up_front(seed, capsys):
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
         E.resolve({"seed": int(seed)})
     assert not Path("x").exists()
+
+
+def test_saves_are_synchronous(tmp_path):
+    """A failed asynchronous save (an unwritable folder) left Orbax's threads waiting ~300 s
+    before the process could exit; save() waits for each step to seal it, so async gains nothing."""
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt._manager._options.enable_async_checkpointing is False
