@@ -108,9 +108,13 @@ def test_shortcut_flow_matching_times_never_draw_0():
 
 
 def test_small_batches_get_both_parts_of_the_static_split():
-    assert [static_split(0.75, n) for n in (1, 2, 3, 4, 256)] == [1, 1, 2, 3, 192]
-    assert [static_split(0.25, n) for n in (1, 2, 3, 4, 256)] == [0, 1, 1, 1, 64]
+    assert [static_split(0.75, n) for n in (2, 3, 4, 256)] == [1, 2, 3, 192]
+    assert [static_split(0.25, n) for n in (2, 3, 4, 256)] == [1, 1, 1, 64]
     assert static_split(0.0, 2) == 0 and static_split(1.0, 2) == 2
+    assert static_split(0.0, 1) == 0 and static_split(1.0, 1) == 1
+    for fraction in (0.25, 0.75):  # a batch of 1 holds one part only: refused (stop 55)
+        with pytest.raises(ValueError, match="a batch of 1 cannot hold"):
+            static_split(fraction, 1)
     # MeanFlow at batch 2 trained flow matching only (round(1.5) = 2): now one r < t example
     net = jd.Field(lambda p, z, t, r: p * z * (1.0 + t - r)[:, None], "velocity")
     x0 = jax.random.normal(jax.random.key(1), (2, 3))
