@@ -364,6 +364,20 @@ def uniform_low_end_error(
     return f"the loss at t = {t0} is {float(np.ravel(value)[0])}"
 
 
+def velocity_error(path: GaussianPath, target: Target, times: Any) -> str | None:
+    """Why a ``target`` prediction gives no velocity at ``times`` (known now): its conversion
+    divides by ``alpha_t = 0`` (``eps``, ``score``) or ``sigma_t = 0`` (``x0``); ``None`` if it
+    does not. Teachers are probed with it where the loss is built."""
+    try:
+        with jax.ensure_compile_time_eval():
+            t = jnp.asarray(times, jnp.float32).reshape(-1)
+            probe = jnp.zeros((t.shape[0], 1), jnp.float32)
+            convert(path, probe, t, probe, src=target, dst="velocity")
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def check_uniform_low_end(
     time_sampler: Any,
     path: GaussianPath,

@@ -28,7 +28,6 @@ from jaxdiff._checks import (
     check_positive,
     coef_time,
     concrete,
-    error_if,
     expand_like,
     normal,
     normal_like,
@@ -67,7 +66,7 @@ def reverse_drift(
     [[-5.025, -5.025]]
     """
     eta = check_eta(eta)  # a traced eta: at run time
-    return _finite_noise(path, t, eta, _reverse_drift(path, field, x, t, eta))
+    return _reverse_drift(path, field, x, _finite_noise(path, t, eta), eta)
 
 
 def _reverse_drift(path: GaussianPath, field: Field, x: Array, t: ArrayLike, eta: Eta) -> Array:
@@ -97,25 +96,22 @@ def reverse_diffusion(path: GaussianPath, t: ArrayLike, eta: Eta = 1.0) -> Array
     """Noise scale ``eta(t) g(t)`` of the reverse family. A negative traced ``eta`` gave a
     negative scale under ``jit``: it is checked when the call runs."""
     eta = check_eta(eta)
-    return _finite_noise(path, t, eta, _reverse_diffusion(path, t, eta))
+    return _reverse_diffusion(path, _finite_noise(path, t, eta), eta)
 
 
-def _finite_noise(path: GaussianPath, t: ArrayLike, eta: Eta, value: Array) -> Array:
-    """``value``, refused where ``eta != 0`` meets an infinite ``g(t)`` (``alpha_t = 0``: ``t = 1``
-    on the linear and cosine paths), eagerly by name, under ``jit`` at run time: the drift and
-    the noise scale were inf and NaN there. (The samplers' grids start below such a ``t``.)"""
-    t = as_time(t)
-    bad = (eta_at(eta, t) != 0) & ~jnp.isfinite(path.diffusion(t))
+def _finite_noise(path: GaussianPath, t: ArrayLike, eta: Eta) -> Array:
+    """``t``, refused where ``eta != 0`` meets an infinite ``g(t)`` (``alpha_t = 0``: ``t = 1`` on
+    the linear and cosine paths), eagerly by name, under ``jit`` at run time: the drift and the
+    noise scale were inf and NaN there. (The samplers' grids start below such a ``t``.)"""
     msg = (
         "eta > 0 where g(t) is infinite (alpha_t = 0: t = 1 on the linear and cosine paths): the "
         "reverse SDE has no finite drift or noise there; take t < 1 (jd.sample starts at 1 - 1e-3)"
     )
-    known = concrete(bad)
-    if known is None:
-        return error_if(value, bad, msg)
-    if np.any(known):
-        raise ValueError(f"{msg}; got t = {np.asarray(concrete(t)).ravel()[:4].tolist()}")
-    return value
+
+    def bad(xp, t):
+        return jnp.any((eta_at(eta, t) != 0) & ~jnp.isfinite(path.diffusion(t)))
+
+    return value_check(as_time(t), bad, msg, lambda v: f"t = {np.ravel(v).tolist()[:4]}")
 
 
 def _reverse_diffusion(path: GaussianPath, t: ArrayLike, eta: Eta) -> Array:
