@@ -28,6 +28,7 @@ from jaxdiff._checks import (
     check_finite,
     check_positive,
     check_time,
+    coef_time,
     concrete,
     data_dtype,
     error_if,
@@ -39,7 +40,7 @@ from jaxdiff._checks import (
 from jaxdiff.conversions import Target, _check_target, from_x0_eps
 from jaxdiff.field import Field
 from jaxdiff.measurements import LinearOperator
-from jaxdiff.paths import GaussianPath
+from jaxdiff.paths import GaussianPath, _derivative
 
 Array = jax.Array
 
@@ -179,6 +180,12 @@ class GaussianMixture(eqx.Module):
         if target in ("score", "x0"):  # in x's dtype, as the other targets (from_x0_eps)
             return (score if target == "score" else x0).astype(data_dtype(jnp.asarray(x)))
         t = as_time(t, x0.dtype)
+        if target == "velocity":
+            # alpha' x0 + sigma' eps with sigma' eps = -(sigma^2)'/2 score: finite at t = 0, where
+            # VP's and the cosine path's sigma' is infinite (the hub's sigma' * eps is inf * 0)
+            da = expand_like(path.d_alpha(t), x0).astype(x0.dtype)
+            d_var = expand_like(_derivative(path.sigma_sq, coef_time(t))[1], x0).astype(x0.dtype)
+            return (da * x0 - 0.5 * d_var * score).astype(data_dtype(jnp.asarray(x)))
         eps = -expand_like(path.sigma(t), x0) * score
         return from_x0_eps(path, x, t, x0, eps, target)
 

@@ -354,3 +354,28 @@ def test_a_mixture_built_under_jit_checks_its_values_when_it_runs():
     mix = jd.GaussianMixture(half, means, covs)
     jaxpr = str(jax.make_jaxpr(lambda t: mix.marginal(path, t).covs)(0.3))
     assert "cholesky" not in jaxpr  # a traced t is checked (stop 53), the mixture is not
+
+
+@pytest.mark.parametrize("name", ["vp", "cosine"])
+def test_oracle_velocity_is_finite_at_t0_where_sigma_prime_is_not(x64, name):
+    # VP's and the cosine path's sigma_t' is infinite at t = 0; the hub's sigma' * E[eps | x] was
+    # inf * 0: a ValueError eagerly and NaN under jit, where the PF-ODE drift f x - g^2/2 score is
+    # finite (Song et al. 2021, eq. 13)
+    path, mix = PATHS[name](), mixture()
+    exact = path.drift_coef(0.0) * POINTS - 0.5 * path.diffusion_sq(0.0) * mix.score(
+        path, POINTS, 0.0
+    )
+    assert np.all(np.isfinite(exact))
+    np.testing.assert_allclose(mix.predict(path, POINTS, 0.0, "velocity"), exact, rtol=1e-12)
+    field = mix.field(path, "velocity")
+    jitted = jax.jit(lambda t: field(POINTS, t))(jnp.zeros(4))
+    np.testing.assert_allclose(jitted, exact, rtol=1e-12)
+    # and the hub's value inside the interval agrees with it
+    hub = from_hub_velocity(mix, path, POINTS, jnp.full(4, 0.3))
+    inside = mix.predict(path, POINTS, jnp.full(4, 0.3), "velocity")
+    np.testing.assert_allclose(inside, hub, rtol=1e-10)
+
+
+def from_hub_velocity(mix, path, x, t):
+    eps = -path.sigma(t)[:, None] * mix.score(path, x, t)
+    return jd.from_x0_eps(path, x, t, mix.denoiser(path, x, t), eps, "velocity")
