@@ -66,6 +66,9 @@ class CheckpointError(ValueError):
     """No intact checkpoint (every step is damaged), or the requested step is damaged."""
 
 
+UNSEALED = f"no {CHECKSUMS} (the save did not finish, or it was partly deleted)"
+
+
 class DamagedCheckpointWarning(UserWarning):
     """A damaged checkpoint step was skipped or set aside."""
 
@@ -113,7 +116,7 @@ def check_step(step_dir: str | Path) -> str | None:
     except FileNotFoundError:
         if not any(step_dir.iterdir()):
             return "the step folder is empty"
-        return f"no {CHECKSUMS} (the save did not finish, or it was partly deleted)"
+        return UNSEALED
     except (ValueError, KeyError, TypeError, AttributeError):
         return f"{CHECKSUMS} is unreadable"
     for rel, (size, digest) in entries:
@@ -156,9 +159,15 @@ def _abstract(tree: Any) -> Any:
 
 
 class Checkpointer:
-    """Save and restore train states in ``directory``, keeping the newest ``max_to_keep``."""
+    """Save and restore train states in ``directory``, keeping the newest ``max_to_keep``.
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3):
+    ``writer`` (a reader's argument: who holds the run's lock, :func:`jaxdiff.rundir.holder`) says
+    that a live run saves here: a newer step without its checksum file is its save in progress,
+    skipped without the warning a damaged step gets."""
+
+    def __init__(
+        self, directory: str | Path, *, max_to_keep: int | None = 3, writer: str | None = None
+    ):
         if max_to_keep is not None:  # -1 once deleted every step right after saving it
             max_to_keep = check_count(max_to_keep, "max_to_keep", what="or None: keep all")
         self.directory = Path(directory).absolute()
@@ -178,6 +187,7 @@ class Checkpointer:
         )
         self._verdicts: dict[int, str | None] = {}
         self._warned: set[int] = set()
+        self.writer = writer  # a live process saving here: its newest unsealed step is no damage
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -373,6 +383,8 @@ class Checkpointer:
             listing = "; ".join(f"step {s}: {r}" for s, r in damaged.items())
             raise CheckpointError(f"no intact checkpoint in {self.directory} ({listing})")
         for s, reason in damaged.items():
+            if self.writer is not None and reason == UNSEALED:
+                continue  # a save in progress (sealed when its files are complete)
             if s > intact[-1] and s not in self._warned:
                 self._warned.add(s)
                 warnings.warn(

@@ -97,6 +97,26 @@ class RunLock:
             self._fd = None
 
 
+def holder(out: str | Path) -> str | None:
+    """Who holds the lock of the run folder ``out`` (its ``pid ... on HOST since ...`` line), or
+    ``None`` when no process does (or ``out`` has no lock file). Takes nothing: a shared lock is
+    tried and released at once."""
+    file = Path(out) / LOCK
+    if fcntl is None or not file.is_file():
+        return None
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 500, 0).decode(errors="replace").strip() or "pid unknown"
+    finally:
+        os.close(fd)  # closing releases a shared lock taken here
+    return None
+
+
 def has_steps(ckpt_dir: Path) -> bool:
     """Whether ``ckpt_dir`` holds any step folder (intact or not)."""
     return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())

@@ -224,7 +224,8 @@ def evaluate(c, setup, draw, params, key, n, *, log=print, plot: Path | None = N
 
 
 def load_checkpoint(ckpt_dir: str | Path, images: str | None = None):
-    """``(config, setup, state)`` of the latest checkpoint in ``ckpt_dir`` (or ``ckpt_dir/ckpt``).
+    """``(config, setup, state, writer)`` of the newest intact checkpoint in ``ckpt_dir`` (or
+    ``ckpt_dir/ckpt``); ``writer`` names the process still training the run (``None``: none).
 
     An image run reads its training images (its network is sized to them); ``images`` (an
     ``--images`` spec) names them where they moved, checked against the checkpoint's count and
@@ -242,8 +243,10 @@ def load_checkpoint(ckpt_dir: str | Path, images: str | None = None):
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     from jaxdiff import run_images as IR
 
-    with Checkpointer(ckpt_dir) as ckpt:
-        meta = ckpt.meta()
+    writer = R.holder(ckpt_dir.parent)  # a live run: its newest step may be a save in progress
+    with Checkpointer(ckpt_dir, writer=writer) as ckpt:
+        step = ckpt._pick(None)  # one step for the config and the state (the run saves on)
+        meta = ckpt.meta(step)
         saved = R.saved_config(meta, ckpt_dir)
         if images is not None:
             if not IR.is_images(saved):
@@ -264,8 +267,8 @@ def load_checkpoint(ckpt_dir: str | Path, images: str | None = None):
         if images is not None:
             IR.check_loader_state(meta.get("loader"), IR.loader(c, setup.images))
         like, _ = E.init_state(c, setup)
-        state, _ = ckpt.restore(like)
-    return c, setup, state
+        state, _ = ckpt.restore(like, step)
+    return c, setup, state, writer
 
 
 def sample_run(
@@ -298,7 +301,7 @@ def sample_run(
     if metrics_n == 1:
         raise ValueError("metrics_n must be 0 (no metrics) or at least 2; got 1")
     E.check_seed(seed)
-    c, setup, state = load_checkpoint(ckpt_dir, images)
+    c, setup, state, writer = load_checkpoint(ckpt_dir, images)
     if label is not None and not setup.num_classes:
         raise ValueError("--class needs a class-conditional model (trained with --conditional)")
     if label is not None and not 0 <= label < (setup.num_classes or 0):
@@ -327,7 +330,8 @@ def sample_run(
     if c["loss"] in E.FEWSTEP_LOSSES:
         solver = c["loss"]  # the run's own sampler
     solver = "heun" if solver is None else solver
-    log(f"sampling {n} from step {int(state.step)}: {solver}, {steps} steps, eta {eta}")
+    live = "" if writer is None else f" (the run is still training: {writer})"
+    log(f"sampling {n} from step {int(state.step)}{live}: {solver}, {steps} steps, eta {eta}")
     start = E.now()
     x, used = draw(params, jax.random.key(seed), n, labels)
     seconds = E.now() - start

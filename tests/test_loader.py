@@ -394,7 +394,7 @@ def test_cli_trains_on_images_and_resumes_exactly(tmp_path, npz, capsys):
     assert main(["train", "--out", str(tmp_path / "half"), "--resume", "--no-progress"]) == 0
     states = []
     for name in ("whole", "half"):
-        c, setup, state = load_checkpoint(tmp_path / name)
+        c, setup, state, _ = load_checkpoint(tmp_path / name)
         assert c["data"] == "images" and c["flip"] is True and int(state.step) == 4
         assert setup.example.shape == (1, SIZE, SIZE, 3) and setup.num_classes == 10
         states.append(state.params)

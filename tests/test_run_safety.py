@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import experiment as E
+from jaxdiff import rundir
 from jaxdiff.checkpoint import (
     CHECKSUMS,
     Checkpointer,
@@ -133,6 +134,26 @@ def test_half_deleted_and_empty_steps_are_never_listed(run, like):
         with pytest.warns(DamagedCheckpointWarning, match="step 40 .* folder is empty"):
             state, _ = ckpt.restore(like)
     assert int(state.step) == 30
+
+
+def test_sampling_a_live_run_skips_its_save_in_progress_without_a_warning(run, capsys):
+    """A run still training holds its lock; its newest step, renamed into place but not yet
+    sealed, is a save in progress: `sample` warned that it was damaged. It says the run is live
+    now, and samples the newest sealed step (one step for the config and the state)."""
+    (run / "ckpt" / "30" / CHECKSUMS).unlink()  # between Orbax's rename and the seal
+    sample = ["sample", "--ckpt", str(run), "--n", "50", "--steps", "2", "--solver", "euler"]
+    capsys.readouterr()
+    with RunLock(run):
+        assert rundir.holder(run).startswith(f"pid {os.getpid()} on ")
+        assert main(sample) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "", captured.err
+    assert f"sampling 50 from step 20 (the run is still training: pid {os.getpid()}" in captured.out
+    assert rundir.holder(run) is None  # released; and with no writer the warning is back
+    assert main([*sample, "--out", str(run / "again")]) == 0
+    captured = capsys.readouterr()
+    assert "checkpoint step 30" in captured.err and "save did not finish" in captured.err
+    assert "sampling 50 from step 20:" in captured.out
 
 
 def test_sample_falls_back_to_an_intact_step_and_fails_in_one_line_when_none_is(run, capsys):
