@@ -223,9 +223,10 @@ def _finished(c, setup, state, history, out, log) -> dict:
     """A resumed run that is already at its last step: report it; write only a missing final
     evaluation (the run was stopped during it)."""
     step = int(state.step)
-    previous = R.read_metrics(out) or history.record(
-        c, step, {"start": step, "end": step, "seconds": 0.0, "steps_per_second": None}
-    )
+    previous = R.read_metrics(out)
+    if previous is None or previous.get("step") != step:  # none, or a later session's whose
+        previous = history.record(c, step)  # checkpoints were lost: the record at this step
+        E.write_json(out / R.METRICS, previous)
     log(
         f"the run in {out} is finished (step {step} of {c['steps']}); nothing to train "
         f"(a larger --steps trains it further)"

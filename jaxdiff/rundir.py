@@ -149,12 +149,47 @@ def read_metrics(out: Path) -> dict | None:
         data = json.loads(file.read_text())
         if not isinstance(data, dict):  # valid JSON, but a list or a number: AttributeError
             raise ValueError(f"a {type(data).__name__}, not an object")
+        _check_history(data)
         return data
-    except ValueError:
-        aside = file.with_name(f"{METRICS}.unreadable-{int(time.time())}")
+    except ValueError as err:
+        stamp = int(time.time())
+        aside = file.with_name(f"{METRICS}.unreadable-{stamp}")
+        n = 1
+        while aside.exists():  # a second one in the same second had replaced the first
+            aside, n = file.with_name(f"{METRICS}.unreadable-{stamp}-{n}"), n + 1
         os.replace(file, aside)
-        warnings.warn(f"{file} is unreadable; kept as {aside}", RunWarning, stacklevel=2)
+        warnings.warn(f"{file} is unreadable ({err}); kept as {aside}", RunWarning, stacklevel=2)
         return None
+
+
+def _check_history(data: dict) -> None:
+    """``ValueError`` unless the history entries of a ``metrics.json`` have the shape
+    :class:`History` reads (a hand-edited one raised ``KeyError`` deep in a resume)."""
+
+    def fail(what):
+        raise ValueError(f"its {what}")
+
+    losses, steps = data.get("loss_history", []), data.get("loss_steps")
+    if not isinstance(losses, list):
+        fail("loss_history is not a list")
+    if steps is not None and (
+        not isinstance(steps, list)
+        or len(steps) != len(losses)
+        or not all(s is None or isinstance(s, int) for s in steps)
+    ):
+        fail("loss_steps is not a list of steps as long as loss_history")
+    evaluations = data.get("evaluations", [])
+    if not isinstance(evaluations, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("step"), int) for e in evaluations
+    ):
+        fail("evaluations are not records with a step")
+    sessions = data.get("sessions", [])
+    keys = ("start", "end", "seconds")
+    if not isinstance(sessions, list) or not all(
+        isinstance(e, dict) and all(isinstance(e.get(k), int | float) for k in keys)
+        for e in sessions
+    ):
+        fail("sessions are not records with a start, an end and seconds")
 
 
 class History:
@@ -181,14 +216,16 @@ class History:
         self.losses.append(loss)
         self.steps.append(step)
 
-    def record(self, config: dict, step: int, session: dict) -> dict:
-        """The ``metrics.json`` of the run at ``step`` with the current ``session``."""
-        sessions = [*self.sessions, session]
+    def record(self, config: dict, step: int, session: dict | None = None) -> dict:
+        """The ``metrics.json`` of the run at ``step`` with the current ``session`` (``None``: the
+        record as it stands, of a run that trains no further)."""
+        sessions = self.sessions if session is None else [*self.sessions, session]
+        last = sessions[-1] if sessions else {}
         out = {
             "config": config,
             "step": step,
             "train_seconds": sum(s["seconds"] for s in sessions),
-            "steps_per_second": session["steps_per_second"],
+            "steps_per_second": last.get("steps_per_second"),
             "loss_history": self.losses,
             "loss_steps": self.steps,
             "evaluations": self.evaluations,

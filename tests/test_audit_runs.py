@@ -122,6 +122,37 @@ def test_ema_and_label_dropout_must_be_numbers(key, bad):
         E.resolve({key: bad})
 
 
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda m: m["evaluations"].append({"loss": 1.0}), "evaluations are not records"),
+        (lambda m: m["sessions"][0].pop("start"), "sessions are not records"),
+        (lambda m: m["loss_steps"].pop(), "loss_steps is not a list of steps as long"),
+    ],
+)
+def test_a_hand_edited_metrics_json_is_set_aside_not_a_key_error(trained, tmp_path, edit, why):
+    # History raised KeyError('step') / KeyError('start') deep in the resume; and two set aside in
+    # the same second kept one copy (the second rename replaced the first)
+    import shutil
+
+    from jaxdiff import rundir
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    good = json.loads((run / "metrics.json").read_text())
+    edited = json.loads(json.dumps(good))
+    edit(edited)
+    for _ in range(2):
+        (run / "metrics.json").write_text(json.dumps(edited))
+        with pytest.warns(rundir.RunWarning, match=f"unreadable \\(its {why}"):
+            assert rundir.read_metrics(run) is None
+    aside = sorted(p for p in run.iterdir() if p.name.startswith("metrics.json.unreadable-"))
+    assert len(aside) == 2 and all(json.loads(p.read_text()) == edited for p in aside)
+    (run / "metrics.json").write_text(json.dumps(edited))
+    assert main(["train", "--out", str(run), "--resume", "--steps", "20", "--no-progress"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["step"] == 20
+
+
 def test_metrics_json_that_is_not_an_object_is_set_aside_on_resume(trained, tmp_path, capsys):
     # a list once failed the resume with AttributeError: 'list' object has no attribute 'get'
     import shutil
@@ -131,7 +162,7 @@ def test_metrics_json_that_is_not_an_object_is_set_aside_on_resume(trained, tmp_
     (run / "metrics.json").write_text("[1, 2]\n")
     resume = ["train", "--out", str(run), "--resume", "--steps", "20", "--no-progress"]
     assert main(resume) == 0
-    assert "metrics.json is unreadable; kept as" in capsys.readouterr().err
+    assert "metrics.json is unreadable (a list, not an object); kept as" in capsys.readouterr().err
     aside = [p.name for p in run.iterdir() if p.name.startswith("metrics.json.unreadable-")]
     assert len(aside) == 1 and (run / aside[0]).read_text() == "[1, 2]\n"
     metrics = json.loads((run / "metrics.json").read_text())

@@ -204,6 +204,23 @@ def test_resuming_a_finished_run_changes_nothing(run, capsys):
     assert _tree_digest(run) == before
 
 
+def test_a_finished_run_whose_later_session_was_lost_reports_its_own_step(run, capsys):
+    """Trained on to step 40 (`--steps 50 --until 40`), whose checkpoint is then damaged: the
+    run is finished at step 30 again, but its metrics.json (written before each checkpoint) still
+    said step 40, and a resume reported and kept that record. It is trimmed to step 30 now."""
+    more = ["train", "--out", str(run), "--resume", "--steps", "50", "--until", "40"]
+    assert main([*more, "--no-progress"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["step"] == 40
+    _flip(_arrays(run / "ckpt" / "40")[0])
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "is finished (step 30 of 30)" in captured.out and "step 40" in captured.err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 30 and max(metrics["loss_steps"]) == 30
+    assert [(s["start"], s["end"]) for s in metrics["sessions"]] == [(0, 30)]
+
+
 def test_resume_honours_what_may_change_and_refuses_the_rest(run, capsys):
     err = _error(
         ["train", "--out", str(run), "--resume", "--steps", "40", "--lr", "0.1", "--data", "moons"],
