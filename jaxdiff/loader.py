@@ -168,7 +168,8 @@ class Prefetcher:
 
     ``wait_s`` is the time ``next`` spent waiting for the thread (data-starved time), ``count`` the
     batches delivered. An error in the thread is raised by ``next``. ``close()`` (or leaving a
-    ``with`` block) stops the thread; the host iterator is not advanced further than ``size + 1``
+    ``with`` block) stops the thread and drops the batches not yet delivered (``next`` raises
+    ``RuntimeError`` after it); the host iterator is not advanced further than ``size + 1``
     batches beyond what was delivered.
     """
 
@@ -217,6 +218,8 @@ class Prefetcher:
         return self
 
     def __next__(self):
+        if self._stop.is_set():  # the batches still queued were returned after close()
+            raise RuntimeError("next() on a closed Prefetcher")
         start = time.perf_counter()
         while True:  # poll: after close() the thread puts nothing more, and get() would hang
             try:
@@ -239,6 +242,8 @@ class Prefetcher:
         """Stop the background thread (it exits after its current batch)."""
         self._stop.set()
         self._thread.join(timeout=10)
+        while not self._queue.empty():  # release the device buffers of batches never delivered
+            self._queue.get_nowait()
 
     def __enter__(self) -> Prefetcher:
         return self

@@ -2,6 +2,7 @@
 each test failed before its fix."""
 
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +104,9 @@ def test_labels_past_int32_are_an_error_not_wrapped():
 def test_next_on_a_closed_prefetcher_raises_instead_of_hanging():
     it = LD.prefetch((np.zeros(2) for _ in range(100)), size=1)
     next(it)
+    deadline = time.monotonic() + 10
+    while not it._queue.full() and time.monotonic() < deadline:  # one batch queued at close
+        time.sleep(0.01)
     it.close()
     out = []
 
@@ -118,6 +122,7 @@ def test_next_on_a_closed_prefetcher_raises_instead_of_hanging():
     t.join(5)
     assert not t.is_alive(), "next() hung on a closed Prefetcher"
     assert out == ["next() on a closed Prefetcher"]
+    assert it.count == 1 and it._queue.empty()  # the queued batch was returned after close()
 
 
 def test_folder_of_mixed_grayscale_and_colour_files(tmp_path):
