@@ -452,7 +452,11 @@ def _consistency_loss(
         row = 0
         if not scheduled:
             size = ts.shape[0]
-            at = lambda i: ts.astype(wide)[i]  # noqa: E731 - float32 or wider: bfloat16 merged them
+            grid = ts
+            if known is None:  # a traced grid: checked when the program runs (jit trained at 1.5)
+                bad = (ts[0] < 0) | (ts[-1] > 1) | jnp.any(~(jnp.diff(ts) > 0))
+                grid = error_if(ts, bad, _GRID_MESSAGE)
+            at = lambda i: grid.astype(wide)[i]  # noqa: E731 - float32 or wider: bfloat16 merged them
         elif sizes is not None:  # a Curriculum: its row of the tables
             size = jnp.asarray(num_scales(step))
             row = jnp.sum(size >= jnp.asarray(sizes[1:]))  # sizes is sorted
@@ -517,6 +521,10 @@ def _consistency_loss(
 
 
 WEIGHTINGS = ("inverse_gap", "unit", "inverse_sigma_gap")
+_GRID_MESSAGE = (
+    "ts must be a strictly increasing grid in [0, 1] (t = 0 is data, t = 1 the prior); this "
+    "traced ts is not"
+)
 _LEVELS_MESSAGE = (
     "weighting 'inverse_sigma_gap' needs finite increasing noise levels sigma_t / alpha_t on the "
     "grid (alpha_t = 0 at t = 1 on the linear and cosine paths: take t_max < 1)"

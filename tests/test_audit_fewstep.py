@@ -24,6 +24,13 @@ def test_consistency_grids_outside_the_unit_interval_are_refused(ts):
         jd.consistency_training_loss(_net(), ts=jnp.array(ts))
     with pytest.raises(ValueError, match=r"ts must lie in \[0, 1\]"):
         jd.consistency_distillation_loss(_net(), teacher, ts=jnp.array(ts))
+    # a traced grid (an argument of jit) is checked when the loss runs
+    x0, p = jnp.ones((8, 2)), jnp.array(1.0)
+    traced = jax.jit(lambda g: jd.consistency_training_loss(_net(), ts=g)(p, jax.random.key(0), x0))
+    assert np.isfinite(traced(jnp.array([0.0, 0.5, 1.0])))
+    for bad in (ts, [0.0, 0.7, 0.5]):
+        with pytest.raises(Exception, match=r"strictly increasing grid in \[0, 1\]"):
+            jax.block_until_ready(traced(jnp.array(bad)))
 
 
 def test_a_shortcut_teacher_without_a_velocity_at_the_samplers_end_is_refused():
