@@ -142,12 +142,19 @@ def _staged() -> Any:
     return _eager_constant_folding(False)
 
 
-def check_known_time(t: Any) -> None:
+def check_known_time(t: Any, name: str = "t") -> None:
     """Raise if ``t`` is known at trace time (a constant under ``jit`` too) and outside
     ``[0, 1]``; free at run time: a traced ``t`` is left to the samplers' and losses' checks."""
     value = concrete(t)  # before any jnp op: under jit, jnp.asarray(2.0) is already traced
     if value is not None:
-        _check_range_now(value, "t", 0, 1)
+        _check_range_now(value, name, 0, 1)
+
+
+def check_known_order(lo: Any, hi: Any, lo_name: str, hi_name: str, *, strict: bool = True) -> None:
+    """:func:`check_order` where both are known at trace time; free at run time (for the inner
+    functions of losses, whose drawn times are checked where they are drawn)."""
+    if concrete(lo) is not None and concrete(hi) is not None:
+        check_order(lo, hi, lo_name, hi_name, strict=strict)
 
 
 def error_if(x: Any, pred: Any, msg: str) -> Any:

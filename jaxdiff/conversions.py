@@ -219,6 +219,8 @@ def from_x0_eps(
     With the true ``x0`` and ``eps`` of a training pair this is the regression target of a loss.
     """
     _check_target(target)
+    check_same_shape(x0, x, "x0")  # an eps target returned eps's shape; x0 was broadcast
+    check_same_shape(eps, x, "eps")
     _check_divisors(path, t, "(x0, eps)", target)  # a known t = 0 gave -inf scores silently
     out, x, x0, eps = widen(x, x0, eps)
     return _from_hub(path, x, t, x0, eps, target).astype(out)

@@ -25,6 +25,7 @@ from jaxdiff._checks import (
     check_count,
     check_finite,
     check_known_time,
+    check_same_shape,
     check_time,
     concrete,
     data_dtype,
@@ -59,6 +60,9 @@ def ddim_step(
     """
     check_known_time(t)  # a deterministic step reads the path at s only: t = 1.5 went through
     check_known_time(s)
+    check_same_shape(eps, x0, "eps")  # an eps of shape (d,) was broadcast over the batch
+    if noise is not None:
+        check_same_shape(noise, x0, "noise")
     if noise is not None:
         # eta in [0, 1] as jd.samplers.ddim checks it (eta = 2 clipped c^2 > sigma_s^2 silently:
         # Var x_s 2.09 for 0.60 on VP; the stop-53 review); traced: checked when it runs

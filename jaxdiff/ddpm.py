@@ -35,6 +35,7 @@ from jax.typing import ArrayLike
 from jaxdiff._checks import (
     as_time,
     check_count,
+    check_same_shape,
     coef_time,
     concrete,
     error_if,
@@ -213,7 +214,7 @@ def forward_chain(key: Array, path: GaussianPath, x0: ArrayLike, ts: ArrayLike) 
     out, x0 = widen(x0)  # the chain runs in max(float32, data dtype), returns the data's
     ts = coef_time(ts)  # times never take the data's dtype (a bfloat16 grid has duplicates)
     msg = "ts must be a 1-D grid increasing strictly inside (0, 1]"
-    if ts.ndim != 1:
+    if ts.ndim != 1 or ts.shape[0] == 0:  # an empty grid failed inside lax.scan
         raise ValueError(f"{msg}; got shape {ts.shape}")
     ts = value_check(
         ts,
@@ -244,6 +245,7 @@ def posterior(
     The variance is shaped like ``t``. ``s >= t`` raises an error.
     """
     x_t = jnp.asarray(x_t)
+    check_same_shape(x0, x_t, "x0")  # a raw broadcasting TypeError, or a silent broadcast
     t, s = _reverse_times(t, s)
     return _posterior(path, x_t, jnp.asarray(x0), t, s)
 

@@ -97,6 +97,15 @@ def discretized_gaussian_log_prob(
     1.0
     """
     x = jnp.asarray(x)
+    try:  # a mismatch was a raw broadcasting TypeError
+        fits = jnp.broadcast_shapes(x.shape, jnp.shape(mean), jnp.shape(std)) == x.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mean (shape {jnp.shape(mean)}) and std (shape {jnp.shape(std)}) must broadcast to "
+            f"x's shape {x.shape}"
+        )
     if check_count(num_bins, "num_bins") < 2:
         raise ValueError(f"num_bins must be >= 2 (bin centres -1 and 1 at least); got {num_bins}")
     std = check_positive(std, "std")  # a negative std flipped the bins' edges

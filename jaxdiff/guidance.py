@@ -239,7 +239,7 @@ def _threshold(params: Any, x: ArrayLike, t: ArrayLike) -> Array:
     if percentile is None:
         return jnp.clip(x0, -value, value)
     axes = tuple(range(1, x0.ndim))
-    flat = jnp.abs(x0).reshape(x0.shape[0], -1)
+    flat = jnp.abs(x0).reshape(x0.shape[0], math.prod(x0.shape[1:]))  # -1: an empty batch failed
     s = jnp.maximum(jnp.quantile(flat, percentile, axis=1), value)  # per sample, >= value
     s = s.reshape((-1,) + (1,) * len(axes)).astype(x0.dtype)
     return jnp.clip(x0, -s, s) / s * value

@@ -111,6 +111,12 @@ def divergence(
     """
     axes = tuple(range(1, x.ndim))
     exact = probes is None
+    if not exact and (jnp.ndim(probes) != x.ndim + 1 or jnp.shape(probes)[1:] != x.shape):
+        raise ValueError(f"probes must have shape (K, *x.shape) = (K, {str(x.shape)[1:]}; got "
+                         f"{jnp.shape(probes)}")  # fmt: skip
+    out_shape = jax.eval_shape(fn, x).shape
+    if out_shape != x.shape:  # a raw error inside the JVP or a broadcast
+        raise ValueError(f"fn(x) must have x's shape {x.shape}; got {out_shape}")
     if exact:
         d = math.prod(x.shape[1:])
         probes = jnp.broadcast_to(

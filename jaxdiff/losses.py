@@ -42,6 +42,7 @@ import numpy as np
 
 from jaxdiff._checks import (
     as_time,
+    check_count,
     check_finite,
     check_positive,
     check_time,
@@ -242,6 +243,8 @@ def importance_time(
     linear path at ``t = 1``: ``1 / alpha^2``, whose mass would grow with the grid) raises.
     """
     check_time_interval(t_min, t_max)
+    # the grid and its half, for the integrability check (-5 was NumPy's error; 0 and 1 "no mass")
+    num_points = check_count(num_points, "num_points", minimum=4)
 
     def density(n: int) -> tuple[Array, Array]:
         grid = jnp.linspace(t_min, t_max, n)

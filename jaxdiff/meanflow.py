@@ -40,7 +40,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._checks import check_positive, check_same_shape, expand_like, wide_dtype
+from jaxdiff._checks import (
+    check_known_order,
+    check_known_time,
+    check_positive,
+    check_same_shape,
+    expand_like,
+    wide_dtype,
+)
 from jaxdiff.conversions import convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.guidance import check_interval
@@ -70,8 +77,12 @@ def meanflow_target(
 
     ``u_fn(z, t, r)`` is the average-velocity network, ``t`` and ``r`` have shape ``(batch,)``,
     ``v`` is the velocity ``dz/dt`` (the tangent of ``z``). The total derivative
-    ``d/dt u = v . grad_z u + d_t u`` is the JVP with tangent ``(v, 1, 0)``.
+    ``d/dt u = v . grad_z u + d_t u`` is the JVP with tangent ``(v, 1, 0)``. Times known at
+    trace time are checked: ``0 <= r <= t <= 1``.
     """
+    check_known_time(t)
+    check_known_time(r, "r")
+    check_known_order(r, t, "r", "t", strict=False)
     u, dudt = jax.jvp(shape_checked(u_fn), (z, t, r), (v, jnp.ones_like(t), jnp.zeros_like(r)))
     target = v - expand_like(t - r, v) * dudt
     return u, jax.lax.stop_gradient(target)

@@ -31,6 +31,7 @@ from jaxdiff._checks import expand_like, wide_dtype
 from jaxdiff._engine import prior_time
 from jaxdiff.conversions import to_x0_eps
 from jaxdiff.ddim import ddim_step
+from jaxdiff.ddpm import _reverse_times
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import _split_batch, mean_sq_error
 from jaxdiff.paths import GaussianPath, cosine_path
@@ -51,7 +52,8 @@ def progressive_target(
 ) -> Array:
     """``x~``: the data estimate whose one DDIM step from ``(z, t)`` reaches the teacher's two
     steps ``t -> (t + s) / 2 -> s``. ``teacher(x, t)`` predicts ``target``; ``t``, ``s`` have
-    shape ``(batch,)``."""
+    shape ``(batch,)``, ``s < t`` (checked: swapped times gave a finite, wrong target)."""
+    t, s = _reverse_times(t, s)
     m = (t + s) / 2
     x0, eps = to_x0_eps(path, z, t, teacher(z, t), target)
     z_m = ddim_step(path, x0, eps, t, m)

@@ -89,6 +89,8 @@ def alpha_bars(betas: ArrayLike) -> Array:
     ``betas`` must lie in ``[0, 1]`` (``beta = 1`` gives ``abar = 0``, a zero terminal SNR; a
     negative one gave ``abar > 1``, a negative variance)."""
     betas = jnp.asarray(betas)
+    if betas.ndim != 1:  # cumsum flattened a (2, 2) array silently
+        raise ValueError(f"betas must be 1-D (one per step); got shape {betas.shape}")
     value = concrete(betas)
     if value is not None and not np.all((value >= 0) & (value <= 1)):
         raise ValueError(

@@ -59,7 +59,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff._checks import check_positive, expand_like, wide_dtype
+from jaxdiff._checks import (
+    check_known_order,
+    check_known_time,
+    check_positive,
+    expand_like,
+    wide_dtype,
+)
 from jaxdiff.field import Field, as_field
 from jaxdiff.losses import (
     TimeSampler,
@@ -102,8 +108,11 @@ def shortcut_target(
     velocity ``u'(., s, s)`` (the level that flow matching trains). ``clip = c`` clips the
     midpoint and the target to ``[-c, c]`` (Frans et al.'s code: ``c = 4`` for data in ``[-1,
     1]``). With the exact average velocity the two are equal (``z_{t-d}`` reached in one jump or
-    in two).
+    in two). Times known at trace time are checked: ``0 < d <= t <= 1``.
     """
+    check_known_time(t)
+    check_known_order(0.0, d, "0", "d")
+    check_known_order(d, t, "d", "t", strict=False)
     d = jnp.asarray(d, t.dtype)
     h = d / 2
     gap = jnp.where(h <= finest, jnp.zeros_like(h), h)  # the halves' own jump

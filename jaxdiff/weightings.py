@@ -133,6 +133,7 @@ def weight_in(
     """:func:`weight_as` without the check of ``t`` (the losses' times are checked when drawn);
     ``inside=False`` evaluates the weighting at the ends themselves (``inf`` or ``NaN`` where it
     is singular: ``importance_time`` masks them)."""
+    _check_target(regress, "regress")  # an unknown name fell through to the velocity's gain
     t = coef_time(t)
     t = _inside(t) if inside else t
     units = getattr(weighting, "units", regress)  # a plain function: in regress's units
