@@ -163,18 +163,28 @@ def error_if(x: Any, pred: Any, msg: str) -> Any:
     ``eqx.error_if`` routes ``x`` through a ``lax.cond`` whose error branch is a host callback; under
     ``jit`` with ``x`` sharded over several devices the partitioner then replicates ``x`` and
     everything computed from it. Here the cond carries ``any(pred)`` alone and the first floating
-    leaf of ``x`` is tied to it by a select (NaN where the check failed), so the check stays alive
-    and ``x`` keeps its sharding.
+    leaf of ``x`` (else its first array leaf: integer labels) is tied to it by a select (NaN, or
+    the integer minimum, where the check failed), so the check stays alive and ``x`` keeps its
+    sharding.
     """
     leaves = [leaf for leaf in jax.tree_util.tree_leaves(x) if _inexact(leaf)]
+    leaves = leaves or [leaf for leaf in jax.tree_util.tree_leaves(x) if _array(leaf)]
     with _staged():
         if not leaves:
             return eqx.error_if(x, pred, msg)
         bad = jnp.any(pred)
         flag = eqx.error_if(bad, bad, msg)
-    first = leaves[0]
-    tied = jnp.where(flag, jnp.asarray(jnp.nan, jnp.asarray(first).dtype), first)
-    return jax.tree_util.tree_map(lambda leaf: tied if leaf is first else leaf, x)
+    first = jnp.asarray(leaves[0])
+    # NaN where the check failed; an integer (labels) takes its dtype's minimum: either way, the
+    # value depends on the flag (integer labels had gone through the cond: replicated on device 0)
+    if _inexact(first):
+        bad_value = jnp.nan
+    elif jnp.issubdtype(first.dtype, jnp.integer):
+        bad_value = jnp.iinfo(first.dtype).min
+    else:
+        bad_value = False
+    tied = jnp.where(flag, jnp.asarray(bad_value, first.dtype), first)
+    return jax.tree_util.tree_map(lambda leaf: tied if leaf is leaves[0] else leaf, x)
 
 
 def value_check(
@@ -196,6 +206,10 @@ def value_check(
     if bad(np, v):
         raise ValueError(f"{msg}; got {shown(v)}")
     return x
+
+
+def _array(leaf: Any) -> bool:
+    return isinstance(leaf, jax.Array | np.ndarray)
 
 
 def _inexact(leaf: Any) -> bool:

@@ -52,12 +52,18 @@ def train_run(
         )
 
 
-def _check_devices(c: dict) -> dict:
+def _check_devices(c: dict, resume: bool = False) -> dict:
     """``c``, refused where its batch does not split over the devices (the data mesh's)."""
-    if int(c["batch"]) % jax.device_count():
+    batch, n = int(c["batch"]), jax.device_count()
+    if batch % n and resume:  # --batch cannot change on a resume: name what can
+        fits = [k for k in range(1, batch + 1) if batch % k == 0 and k <= max(n, 8)]
         raise ValueError(
-            f"--batch {c['batch']} must be a multiple of the {jax.device_count()} devices "
-            "(each trains on an equal share)"
+            f"the run's batch {batch} (from its checkpoint) does not split over the {n} devices; "
+            f"resume it on a device count that divides it: {', '.join(map(str, fits))}"
+        )
+    if batch % n:
+        raise ValueError(
+            f"--batch {batch} must be a multiple of the {n} devices (each trains on an equal share)"
         )
     return c
 
@@ -85,7 +91,7 @@ def _train(config, out: Path, *, resume, until, progress, log, source=None) -> d
     try:
         if resume:
             c, changes = R.resume_config(R.saved_config(ckpt.meta(), ckpt_dir), config)
-            _check_devices(c)  # a run resumed on other devices
+            _check_devices(c, resume=True)  # a run resumed on other devices
         setup = IR.build(c, source)
         state, opt = E.init_state(c, setup)
         history = R.History()

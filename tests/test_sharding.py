@@ -36,7 +36,20 @@ def sample(x, key):  # the reverse SDE: drift (all of the ODE) and noise
 key = jax.random.key(1)
 one = sample(x, key)
 four = sample(x_sharded, key)
+
+from jaxdiff._checks import error_if
+shard = NamedSharding(mesh, P("data"))
+
+@jax.jit
+def labels_checked(labels):  # an integer-only check (the labels' range in nets/embeddings)
+    out = error_if(labels, (labels < 0) | (labels > 10), "labels out of range")
+    return jax.lax.with_sharding_constraint(out * 2, shard)
+
+labels = jax.device_put(jnp.arange(256, dtype=jnp.int32) % 4, shard)
+checked = labels_checked(labels)
 print(json.dumps({
+    "labels_equal": bool(jnp.all(checked == 2 * labels)),
+    "labels_devices": len(checked.sharding.device_set),
     "devices_in": [len(a.sharding.device_set) for a in one],
     "devices_out": [len(a.sharding.device_set) for a in four],
     "replicated": [a.sharding.is_fully_replicated for a in four],
@@ -66,6 +79,10 @@ def test_sharded_sampling_matches_one_device():
     # threefry keys are partitionable. Samples are O(3).
     assert out["scale"][0] > 1.0
     assert out["max_diff"][0] < 1e-4, out
+    # an integer-only error_if went through equinox's cond, which replicated the labels on
+    # device 0 ("Involuntary full rematerialization" on every --conditional multi-device run)
+    assert out["labels_equal"] and out["labels_devices"] == 4, out
+    assert "rematerialization" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_check_finite_under_jit_keeps_working():
@@ -106,3 +123,18 @@ def test_a_mesh_without_a_data_axis_is_named():
         make_train_chunk(step, lambda k: jnp.zeros((8, 2)), 2, mesh=mesh)
     with pytest.raises(ValueError, match="the mesh needs an axis named 'data'"):
         make_feed_chunk(step, iter([]), 2, mesh=mesh)
+
+
+def test_a_resume_on_devices_that_do_not_split_the_batch_names_the_device_counts(monkeypatch):
+    """A resume cannot change --batch, yet its refusal said "--batch 8 must be a multiple of the
+    3 devices": it names the checkpoint's batch and the device counts that split it now."""
+    from jaxdiff import run_train
+
+    monkeypatch.setattr(jax, "device_count", lambda: 3)
+    with pytest.raises(ValueError, match=r"the run's batch 8 \(from its checkpoint\) does not "
+                       r"split over the 3 devices; .* divides it: 1, 2, 4, 8$"):  # fmt: skip
+        run_train._check_devices({"batch": 8}, resume=True)
+    with pytest.raises(ValueError, match="--batch 8 must be a multiple of the 3 devices"):
+        run_train._check_devices({"batch": 8})
+    monkeypatch.setattr(jax, "device_count", lambda: 4)
+    assert run_train._check_devices({"batch": 8}, resume=True) == {"batch": 8}
