@@ -364,7 +364,8 @@ def _check_ends(path, field, sampler, grid, denoise) -> Array:
         grid = check(
             grid,
             lambda g: path.alpha(g[0]) == 0,
-            f"alpha_t = 0 at the first time of the grid, where an {target!r} prediction "
+            f"alpha_t = 0 at the first time of the grid, where {'an' if target == 'eps' else 'a'} "
+            f"{target!r} prediction "
             "says nothing about x0 (x0 = (x - sigma eps) / alpha); start at t < 1 (e.g. "
             "t_start=1 - 1e-3) or train the 'x0', 'v' or 'velocity' target",
         )

@@ -407,6 +407,8 @@ def test_wrapped_fields_and_half_precision_keep_the_singular_start_rules():
                                                t_start=1.0 - 1e-3).x)  # fmt: skip
     with pytest.raises(ValueError, match="where an 'eps' prediction says nothing about x0"):
         jd.sample(key, path, clipped, (8, 2), steps=5, t_start=1.0)
+    with pytest.raises(ValueError, match="where a 'score' prediction says nothing"):  # "an 'score'"
+        jd.sample(key, path, small.field(path, "score"), (8, 2), steps=5, t_start=1.0)
     meas = jd.Measurement(jd.matrix_operator(jnp.eye(2)), jnp.zeros((8, 2)), 1.0)
     inverse = jd.dps(small.field(path, "x0"), path, meas)
     with pytest.raises(ValueError, match="jd.dps needs alpha_t > 0"):  # at trace time
