@@ -43,6 +43,8 @@ def test_from_x0_eps_checks_both_shapes():
         jd.from_x0_eps(VP, X, T, X, jnp.ones((4, 2)), "eps")
     with pytest.raises(ValueError, match=r"x0 has shape \(3,\) but x has shape \(4, 3\)"):
         jd.from_x0_eps(VP, X, T, jnp.ones(3), X, "v")
+    with pytest.raises(ValueError, match=r"x0 has shape \(3,\)"):  # shapes: at trace time
+        jax.jit(lambda x0: jd.from_x0_eps(VP, X, T, x0, X, "v"))(jnp.ones(3))
     np.testing.assert_allclose(jd.from_x0_eps(VP, X, T, X, 0 * X, "x0"), X)
 
 
@@ -50,6 +52,10 @@ def test_the_few_step_targets_check_their_times():
     u = lambda z, t, r: z * t[:, None]  # noqa: E731
     with pytest.raises(ValueError, match="a reverse step goes from t to an earlier s"):
         jd.progressive_target(VP, lambda z, t: -z, "eps", X, jnp.full(4, 0.3), jnp.full(4, 0.5))
+    target = jax.jit(lambda t, s: jd.progressive_target(VP, lambda z, t: -z, "eps", X, t, s))
+    assert np.all(np.isfinite(target(jnp.full(4, 0.5), jnp.full(4, 0.3))))
+    with pytest.raises(Exception, match="a reverse step goes from t to an earlier s"):
+        jax.block_until_ready(target(jnp.full(4, 0.3), jnp.full(4, 0.5)))  # when it runs
     with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
         jd.meanflow_target(u, X, jnp.full(4, 2.0), jnp.full(4, 0.5), X)
     with pytest.raises(ValueError, match="expected r <= t"):
