@@ -114,9 +114,9 @@ def divergence(
     if not exact and (jnp.ndim(probes) != x.ndim + 1 or jnp.shape(probes)[1:] != x.shape):
         raise ValueError(f"probes must have shape (K, *x.shape) = (K, {str(x.shape)[1:]}; got "
                          f"{jnp.shape(probes)}")  # fmt: skip
-    out_shape = jax.eval_shape(fn, x).shape
-    if out_shape != x.shape:  # a raw error inside the JVP or a broadcast
-        raise ValueError(f"fn(x) must have x's shape {x.shape}; got {out_shape}")
+    value = fn(x)  # under jit the JVPs' primal merges with it
+    if value.shape != x.shape:  # a raw error inside the JVP, or a broadcast
+        raise ValueError(f"fn(x) must have x's shape {x.shape}; got {value.shape}")
     if exact:
         d = math.prod(x.shape[1:])
         probes = jnp.broadcast_to(
@@ -127,8 +127,8 @@ def divergence(
         # transposable form made gradients of the oracle's divergence in its covariances NaN
         return jnp.sum(z * jax.jvp(fn, (x,), (z,))[1], axis=axes)
 
-    quads = jax.vmap(quadratic)(probes)  # under jit the JVPs' primal merges with fn(x)
-    return fn(x), jnp.sum(quads, axis=0) if exact else jnp.mean(quads, axis=0)
+    quads = jax.vmap(quadratic)(probes)
+    return value, jnp.sum(quads, axis=0) if exact else jnp.mean(quads, axis=0)
 
 
 def log_likelihood(
