@@ -344,13 +344,13 @@ class Checkpointer:
             ),
         )
         saved = out["state"]
-        if jnp.issubdtype(like.key.dtype, jax.dtypes.prng_key):
-            key_impl = jax.random.key_impl(like.key)
-            key = jax.random.wrap_key_data(np.asarray(saved["key"]), impl=key_impl)
-        else:  # a raw uint32 key (jax.random.PRNGKey) comes back raw, as like holds it
-            key = jnp.asarray(saved["key"], like.key.dtype)
         sharding = getattr(like.key, "sharding", None)  # the others come back with like's
-        key = key if sharding is None else jax.device_put(key, sharding)
+        key = np.asarray(saved["key"])
+        key = key if sharding is None else jax.device_put(key, sharding)  # raw: any host's mesh
+        if jnp.issubdtype(like.key.dtype, jax.dtypes.prng_key):
+            key = jax.random.wrap_key_data(key, impl=jax.random.key_impl(like.key))
+        else:  # a raw uint32 key (jax.random.PRNGKey) comes back raw, as like holds it
+            key = jnp.asarray(key, like.key.dtype)
         state = TrainState(
             saved["params"], saved["opt_state"], saved["ema"], saved["step"], key,
             saved.get("target"),

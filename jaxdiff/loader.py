@@ -65,8 +65,10 @@ class ImageLoader:
     ``batch(n)`` is ``images`` (``uint8``, ``(B, H, W, C)``) or ``(images, labels)`` (``labels``:
     default ``True`` where the source has them). Every epoch visits each image once in the order of
     its own permutation; a batch may straddle two epochs. ``flip`` reverses the width axis of each
-    image with probability 1/2. ``process_count > 1`` (multi-host): this process reads its own
-    contiguous share of every global batch (``batch_size`` is the global size).
+    image with probability 1/2. Multi-host: ``batch_size`` is the global size, and this process
+    reads its own contiguous share of every batch, ``process_index`` of ``process_count`` (default
+    ``jax.process_index()`` and ``jax.process_count()``: the share :func:`prefetch` puts on this
+    host's devices; on one host, the whole batch).
     """
 
     def __init__(
@@ -77,9 +79,11 @@ class ImageLoader:
         seed: int = 0,
         flip: bool = True,
         labels: bool | None = None,
-        process_index: int = 0,
-        process_count: int = 1,
+        process_index: int | None = None,
+        process_count: int | None = None,
     ):
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
         # 4.0 failed later as "slice indices must be integers", seed True ran as seed 1
         batch_size = check_count(batch_size, "batch_size")
         process_count = check_count(process_count, "process_count")

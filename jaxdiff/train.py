@@ -12,8 +12,8 @@ is sharded over it, params and optimizer state are replicated, and XLA inserts t
 all-reduce; the same code runs on one device or many. Batches are drawn inside the jitted chunk
 from the replicated key, so each device computes only its own shard of them. Multi-host: call
 ``jax.distributed.initialize()`` on every host before anything else touches JAX, then the same
-program: ``data_mesh()`` spans ``jax.devices()`` of all hosts, and every host runs the same
-chunks.
+program: ``data_mesh()`` spans ``jax.devices()`` of all hosts, ``replicate`` puts the state there
+(typed keys through their raw data), and every host runs the same chunks.
 
 Data read on the host (a folder of PNGs, an ``.npz``: :mod:`jaxdiff.loader`) enters through
 ``make_feed_chunk``: each chunk takes its ``K`` batches from an iterator that a background thread
@@ -345,9 +345,21 @@ def _data_size(mesh: Mesh) -> int:
     return mesh.shape["data"]
 
 
+def _put(x: Any, sharding: jax.sharding.Sharding) -> Any:
+    """``jax.device_put(x, sharding)`` for a leaf, typed PRNG keys included on a multi-host mesh.
+
+    ``device_put`` onto devices of other processes takes plain arrays only; a typed key goes
+    through its raw ``key_data`` and is wrapped again (its shards are the data's)."""
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = jax.device_put(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(x, sharding)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Put every leaf of ``tree`` on all devices of ``mesh`` (replicated)."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    """Put every leaf of ``tree`` on all devices of ``mesh`` (replicated), on one host or many."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda x: _put(x, sharding), tree)
 
 
 def make_train_chunk(
