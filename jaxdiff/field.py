@@ -137,7 +137,9 @@ def evaluate(field: Field, x: ArrayLike, t: Any, *args: Any, **kwargs: Any) -> A
     """``field(x, t, *args, **kwargs)`` for any batch shape: ``t`` a scalar, or one time per sample
     of shape ``x.shape[:k]``.
 
-    For ``k >= 2`` the ``k`` batch axes of ``x`` (and of every array in ``args`` and ``kwargs``
+    A scalar ``t`` passes ``x`` as it is, with ``t`` per entry of its first axis (the field
+    contract's one batch axis): for several batch axes give ``t`` of shape ``x.shape[:k]``. For
+    ``k >= 2`` the ``k`` batch axes of ``x`` (and of every array in ``args`` and ``kwargs``
     whose shape starts with ``t.shape``: labels, a second time) are flattened into the one batch
     axis of the field contract, and the output is reshaped to ``t.shape + event``; ``x`` keeps at
     least one event axis. ``k <= 1`` is ``field(x, batch_time(t, x), *args, **kwargs)``. A time

@@ -287,7 +287,10 @@ def dps_sampler(measurement: Measurement, zeta: ArrayLike = 1.0, *, eta: Eta = 1
     stochastic = not _is_zero(eta)
 
     def init(path, field, x, ts):
-        return _State(x)
+        # the step never reads sigma_y, so a traced one's check (where the Measurement was
+        # built) would vanish under jit: tied to the start once
+        bad = ~(measurement.sigma_y >= 0)
+        return _State(error_if(x, bad, "sigma_y must be >= 0 and not NaN (dps_sampler)"))
 
     def step(key, path, field, state, t, s):
         x = state.x
@@ -336,7 +339,7 @@ def project(path: GaussianPath, measurement: Measurement) -> Hook:
     noisy = None if sy is not None else measurement.sigma_y != 0
 
     def hook(key, state, t):
-        x = state.x
+        x = measurement.check_batch(state.x)
         a, s = path.alpha(t), path.sigma(t)
         y = measurement.y_for(x.shape[0]).astype(x.dtype)
         target = a.astype(x.dtype) * y + s.astype(x.dtype) * op.forward(normal(key, x))

@@ -305,8 +305,21 @@ class Measurement(eqx.Module):
 
     def residual(self, x0: ArrayLike) -> Array:
         """``y - A x0`` for ``x0 (batch, *in_shape)``: ``(batch, m)``."""
-        ax = self.operator.forward(x0)
+        ax = self.operator.forward(self.check_batch(x0))
         return self.y_for(ax.shape[0]).astype(ax.dtype) - ax
+
+    def check_batch(self, x: ArrayLike) -> Array:
+        """``x`` if it is ``(batch, *in_shape)``: one batch axis, then the operator's event (``A``
+        takes any leading axes, so several batch axes or a smaller event paired ``y`` with the
+        wrong samples)."""
+        x, in_shape = jnp.asarray(x), self.operator.in_shape
+        if x.shape[1:] != in_shape:
+            raise ValueError(
+                f"the measured samples must have shape (batch, *{in_shape}), one batch axis "
+                f"then the operator's in_shape; got {x.shape} (several batch axes: "
+                "jd.evaluate(field, x, t) with t of shape x.shape[:k] flattens them)"
+            )
+        return x
 
     def y_for(self, batch: int) -> Array:
         """``y`` broadcast to ``(batch, m)``: one measurement for all samples, or one each."""

@@ -429,3 +429,49 @@ def test_project_names_a_per_sample_y_of_the_wrong_batch():
     with pytest.raises(ValueError, match="y holds 2 measurements but x has 3 samples"):
         jd.sample(jax.random.key(0), path, field, (3, 4), sampler=jd.samplers.ddim(), steps=2,
                   hook=jd.inverse.project(path, two))  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["dps", "pigdm", "tmpd"])
+def test_several_batch_axes_are_named_and_flattened_by_evaluate(method):
+    # A takes any leading axes, so x of shape (3, 3, d) with y of shape (3, m) paired y[j] with
+    # x[i, j] (off by 2.16 from y[i]) and an operator on the trailing (W, C) of (B, H, W, C)
+    # images measured each row: both silent where the sizes matched
+    path = jd.vp_path()
+    prior = jd.GaussianMixture.isotropic(jnp.zeros((1, 4)), 0.8).field(path, "eps")
+    op = jd.matrix_operator(jnp.eye(2, 4))
+    x = jax.random.normal(jax.random.key(0), (3, 3, 4))
+    per_row = jd.Measurement(op, jnp.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 2.0]]), 0.5)
+    guided = getattr(jd, method)(prior, path, per_row)
+    with pytest.raises(ValueError, match=r"shape \(batch, \*\(4,\)\), one batch axis"):
+        jd.evaluate(guided, x, 0.5)
+    # t per sample flattens the batch axes (one y for all: the field of each sample)
+    shared = getattr(jd, method)(prior, path, jd.Measurement(op, jnp.array([1.0, -1.0]), 0.5))
+    both = jd.evaluate(shared, x, jnp.full((3, 3), 0.5))
+    rows = jnp.stack([shared(x[i], jnp.full((3,), 0.5)) for i in range(3)])
+    np.testing.assert_allclose(both, rows, rtol=1e-6, atol=1e-6)
+    images = jd.Field(lambda z, t: z * 0.0, "eps")
+    rows_op = jd.mask_operator(np.eye(4, 2, dtype=bool))  # in_shape (4, 2): a (W, C) row
+    with pytest.raises(ValueError, match=r"shape \(batch, \*\(4, 2\)\)"):
+        jd.dps(images, path, jd.Measurement(rows_op, jnp.zeros(2), 0.1))(
+            jnp.ones((3, 3, 4, 2)), 0.5
+        )
+    hook = jd.project(path, jd.Measurement(rows_op, jnp.zeros(2), 0.0))
+    with pytest.raises(ValueError, match=r"shape \(batch, \*\(4, 2\)\)"):
+        jd.sample(jax.random.key(0), path, images, (3, 3, 4, 2), steps=2, hook=hook)
+
+
+def test_dps_sampler_checks_a_traced_sigma_y():
+    # the sampler never reads sigma_y, so the Measurement's check of a traced one vanished
+    path = jd.vp_path()
+    prior = jd.GaussianMixture.isotropic(jnp.zeros((1, 2)), 0.8).field(path, "eps")
+    op = jd.matrix_operator(jnp.array([[1.0, 1.0]]))
+
+    @jax.jit
+    def run(s):
+        sampler = jd.dps_sampler(jd.Measurement(op, jnp.array([1.0]), s))
+        return jd.sample(jax.random.key(0), path, prior, (4, 2), sampler=sampler, steps=5).x
+
+    assert bool(jnp.all(jnp.isfinite(run(0.0))))
+    for bad in (jnp.nan, -1.0):
+        with pytest.raises(Exception, match="sigma_y must be"):
+            jax.block_until_ready(run(bad))
