@@ -257,6 +257,7 @@ def expand_like(coef: Array, x: Array, name: str = "t") -> Array:
         raise ValueError(
             f"{name} has shape {coef.shape}; expected a scalar or a shape that broadcasts to a "
             f"prefix of x's shape {tuple(x_shape)}"
+            + ("" if name == "t" else " (one per sample; one per coordinate: (1, *event))")
         )
     return coef.reshape(coef.shape + (1,) * (len(x_shape) - coef.ndim))
 

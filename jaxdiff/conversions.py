@@ -219,11 +219,27 @@ def from_x0_eps(
     With the true ``x0`` and ``eps`` of a training pair this is the regression target of a loss.
     """
     _check_target(target)
-    check_same_shape(x0, x, "x0")  # an eps target returned eps's shape; x0 was broadcast
-    check_same_shape(eps, x, "eps")
+    x = jnp.asarray(x)
+    # x0 and eps may broadcast to x's shape (one x0 for all samples), not beyond it: the eps
+    # target returned eps's own shape
+    x0, eps = (_broadcast_to_x(v, x, name) for v, name in ((x0, "x0"), (eps, "eps")))
     _check_divisors(path, t, "(x0, eps)", target)  # a known t = 0 gave -inf scores silently
     out, x, x0, eps = widen(x, x0, eps)
     return _from_hub(path, x, t, x0, eps, target).astype(out)
+
+
+def _broadcast_to_x(value: ArrayLike, x: Array, name: str) -> Array:
+    """``value`` broadcast to ``x.shape``, or a ValueError naming both shapes."""
+    value = jnp.asarray(value)
+    try:
+        fits = jnp.broadcast_shapes(value.shape, x.shape) == x.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} has shape {value.shape}; it must broadcast to x's shape {x.shape}"
+        )
+    return jnp.broadcast_to(value, x.shape)
 
 
 def _from_hub(path: GaussianPath, x: Array, t, x0: Array, eps: Array, target: str) -> Array:

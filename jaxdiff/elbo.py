@@ -97,18 +97,18 @@ def discretized_gaussian_log_prob(
     1.0
     """
     x = jnp.asarray(x)
-    try:  # a mismatch was a raw broadcasting TypeError
-        fits = jnp.broadcast_shapes(x.shape, jnp.shape(mean), jnp.shape(std)) == x.shape
+    try:  # a mismatch was a raw broadcasting TypeError (one x against a batch of means is fine)
+        shape = jnp.broadcast_shapes(x.shape, jnp.shape(mean), jnp.shape(std))
     except ValueError:
-        fits = False
-    if not fits:
         raise ValueError(
-            f"mean (shape {jnp.shape(mean)}) and std (shape {jnp.shape(std)}) must broadcast to "
-            f"x's shape {x.shape}"
-        )
+            f"x (shape {x.shape}), mean (shape {jnp.shape(mean)}) and std (shape "
+            f"{jnp.shape(std)}) must broadcast together"
+        ) from None
     if check_count(num_bins, "num_bins") < 2:
         raise ValueError(f"num_bins must be >= 2 (bin centres -1 and 1 at least); got {num_bins}")
     std = check_positive(std, "std")  # a negative std flipped the bins' edges
+    x, mean = jnp.broadcast_to(x, shape), jnp.broadcast_to(mean, shape)  # deliberate, any ranks
+    std = jnp.broadcast_to(std, shape)
     half = 1.0 / (num_bins - 1)
     lo = jnp.where(x < -1.0 + half, -jnp.inf, (x - half - mean) / std)
     hi = jnp.where(x > 1.0 - half, jnp.inf, (x + half - mean) / std)

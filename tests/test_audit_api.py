@@ -37,15 +37,19 @@ def test_weight_as_refuses_an_unknown_target():
 
 
 def test_from_x0_eps_checks_both_shapes():
-    # an eps target returned eps's (4, 2); an x0 of shape (3,) was broadcast; "v" raised a raw
-    # broadcasting TypeError
-    with pytest.raises(ValueError, match=r"eps has shape \(4, 2\) but x has shape \(4, 3\)"):
+    # an eps target returned eps's (4, 2) or (3,); "v" raised a raw broadcasting TypeError
+    with pytest.raises(ValueError, match=r"eps has shape \(4, 2\); it must broadcast to x's"):
         jd.from_x0_eps(VP, X, T, X, jnp.ones((4, 2)), "eps")
-    with pytest.raises(ValueError, match=r"x0 has shape \(3,\) but x has shape \(4, 3\)"):
-        jd.from_x0_eps(VP, X, T, jnp.ones(3), X, "v")
-    with pytest.raises(ValueError, match=r"x0 has shape \(3,\)"):  # shapes: at trace time
-        jax.jit(lambda x0: jd.from_x0_eps(VP, X, T, x0, X, "v"))(jnp.ones(3))
+    with pytest.raises(ValueError, match=r"x0 has shape \(5, 3\); it must broadcast to x's"):
+        jd.from_x0_eps(VP, X, T, jnp.ones((5, 3)), X, "v")
+    with pytest.raises(ValueError, match=r"x0 has shape \(4, 2\)"):  # shapes: at trace time
+        jax.jit(lambda x0: jd.from_x0_eps(VP, X, T, x0, X, "v"))(jnp.ones((4, 2)))
     np.testing.assert_allclose(jd.from_x0_eps(VP, X, T, X, 0 * X, "x0"), X)
+    # one x0 or eps for all samples broadcasts to x's shape (a scalar x0 was refused for a while)
+    assert jd.from_x0_eps(VP, X, T, X, jnp.ones(3), "eps").shape == X.shape
+    np.testing.assert_allclose(
+        jd.from_x0_eps(VP, X, T, 0.0, X, "v"), jd.from_x0_eps(VP, X, T, 0 * X, X, "v")
+    )
 
 
 def test_the_few_step_targets_check_their_times():
@@ -80,10 +84,11 @@ def test_shapes_are_named_not_broadcast():
         jd.ddim_step(VP, X, jnp.ones((4, 2)), 0.5, 0.3)
     with pytest.raises(ValueError, match=r"x0 has shape \(4, 2\) but x has shape \(4, 3\)"):
         jd.posterior(VP, X, jnp.ones((4, 2)), 0.5, 0.3)
-    with pytest.raises(ValueError, match=r"mean \(shape \(4, 2\)\) and std .* x's shape \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"x \(shape \(4, 3\)\), mean \(shape \(4, 2\)\) and"):
         jd.discretized_gaussian_log_prob(0 * X, jnp.zeros((4, 2)), 1.0)
-    # a scalar or per-sample mean still broadcasts
+    # a scalar or per-sample mean still broadcasts, and one x against a batch of means
     assert jd.discretized_gaussian_log_prob(0 * X, jnp.zeros((4, 1)), 0.5).shape == X.shape
+    assert jd.discretized_gaussian_log_prob(X[0], X, 0.1).shape == X.shape
     with pytest.raises(ValueError, match=r"probes must have shape \(K, \*x.shape\)"):
         divergence(lambda x: 3.0 * x, X, jnp.ones((5, 4, 2)))
     with pytest.raises(ValueError, match=r"fn\(x\) must have x's shape \(4, 3\); got \(4, 2\)"):
@@ -101,3 +106,12 @@ def test_empty_and_flattened_inputs():
     # an empty batch through dynamic thresholding: ZeroDivisionError in a reshape before
     field = jd.dynamic_thresholding(jd.Field(lambda x, t: -x, "eps"), VP)
     assert jd.evaluate(field, jnp.ones((0, 3)), 0.5).shape == (0, 3)
+
+
+def test_langevin_names_a_step_per_coordinate():
+    with pytest.raises(ValueError, match=r"one per coordinate: \(1, \*event\)"):
+        jd.langevin(jax.random.key(0), lambda x: -x, X, step_size=jnp.full((3,), 0.1), n_steps=2)
+    out = jd.langevin(
+        jax.random.key(0), lambda x: -x, X, step_size=jnp.full((1, 3), 0.1), n_steps=2
+    )
+    assert out.shape == X.shape
