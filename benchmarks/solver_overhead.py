@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 
+import diffrax
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -147,6 +148,15 @@ def _hand(kind: str, params, x, key, steps: int):
                 return x + 0.5 * a * score + jnp.sqrt(a) * jax.random.normal(k, x.shape), None
 
             return (jax.lax.scan(inner, x, jax.random.split(keys[i], LANGEVIN_STEPS))[0],), None
+        if kind == "heun":  # diffrax's Heun on the PF-ODE in t
+
+            def drift(z, j, e):
+                return -0.5 * beta[j] * z + 0.5 * beta[j] * e / sigma[j]
+
+            k1 = (s - t) * drift(x, i, eps)
+            x_e = x + k1
+            k2 = (s - t) * drift(x_e, i + 1, _eps(params, x_e, s))
+            return (x + 0.5 * k1 + 0.5 * k2,), None
         if kind == "edm":  # Heun in (x / alpha, sigma / alpha)
             x_e = a_s * x0 + s_s * eps
             eps2 = _eps(params, x_e, s)
@@ -170,6 +180,7 @@ SAMPLERS = {  # name -> (hand-scan kind, jaxdiff sampler, grid: uniform from 1 t
     "DPM-Solver++ 2M": ("dpm_2m", jd.samplers.dpm_solver_pp(2)),
     "DPM-Solver++ 2M-SDE": ("dpm_2m_sde", jd.samplers.dpm_solver_pp(2, eta=1.0)),
     "UniPC-2 bh2": ("unipc_2", jd.samplers.unipc(2)),
+    "Heun ODE (diffrax.Heun)": ("heun", jd.samplers.ode(diffrax.Heun())),
     "EDM Heun": ("edm", jd.samplers.edm_heun()),
     "PC (reverse diffusion + Langevin)": ("pc", jd.samplers.pc()),
     "annealed Langevin": ("langevin", jd.samplers.annealed_langevin(steps_per_level=5)),
