@@ -5,7 +5,9 @@ r"""The reverse family integrated by any diffrax solver: ``ode`` and ``sde``.
 SDE, and any ``eta(t) >= 0`` (a number or a function of ``t``) keeps the path's marginals
 (Karras et al. 2022, eq. 6). On a fixed grid each step is the diffrax solver's own ``step``
 (Euler, Heun, Midpoint, Tsit5, ...; Euler--Maruyama, ShARK, SEA, SRA1 for the SDE: the noise is
-additive). With ``rtol``/``atol`` the solve is adaptive through ``diffrax.diffeqsolve``.
+additive); Euler's, and the ODE's Heun, Midpoint and Ralston from their Butcher tableaux, are
+written out with the grid's coefficients tabulated (the same update at a hand-written scan's
+speed). With ``rtol``/``atol`` the solve is adaptive through ``diffrax.diffeqsolve``.
 """
 
 from __future__ import annotations
