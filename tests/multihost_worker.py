@@ -13,7 +13,10 @@ import jax
 
 nproc, pid, port, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 if nproc > 1:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:  # CPU collectives across processes (a JAX without the option has its own default)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):
+        pass
     jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
 
 import jax.numpy as jnp  # noqa: E402
