@@ -137,9 +137,9 @@ def log_snr_grid(
     from ``lambda = -2 log 80`` (EDM's ``sigma_max = 80``) to ``lambda(t_end)``. Likewise at
     ``t_end = 0`` (``lambda = inf``) it keeps 0 as its last point and the others end at
     ``lambda = -2 log 0.002`` (EDM's ``sigma_min``). The first step, from pure noise to
-    ``sigma / alpha = 80``, keeps its length at every step count: its error (first order, ~``alpha^2``
-    at its end) is a floor that ``unipc`` and ``dpm_solver_pp`` reach at ~128 steps (README:
-    "Discrete DDPM, DDIM, likelihoods" gives a grid past it).
+    ``sigma / alpha = 80``, keeps its length at every step count: its error (first order,
+    ~``alpha^2`` at its end) is a floor that ``unipc`` and ``dpm_solver_pp`` reach at ~128 steps
+    (README: "Discrete DDPM, DDIM, likelihoods" gives a grid past it).
 
     >>> from jaxdiff import linear_path
     >>> [round(t, 3) for t in log_snr_grid(linear_path(), 3).tolist()]
@@ -189,9 +189,9 @@ def _spaced(path: GaussianPath, steps: int, t_start, t_end, spacing, cap_end=Fal
 
     Where ``lambda(t_start) = -inf`` (``alpha = 0``) the first point stays ``-inf`` and the other
     points are spaced from ``_LOG_SNR_CAP``: the first step is then the step from pure noise
-    (DDIM / DPM-Solver handle ``h = inf``; first order, the same length at every step count). With ``cap_end``, where
-    ``lambda(t_end) = inf`` (``sigma = 0``: ``t_end = 0``) the last point stays ``inf`` and the
-    others end at ``_LOG_SNR_CAP_END`` (a spacing uniform in ``lambda`` cannot reach ``inf``).
+    (DDIM / DPM-Solver handle ``h = inf``; first order, the same length at every step count).
+    With ``cap_end``, where ``lambda(t_end) = inf`` (``sigma = 0``: ``t_end = 0``) the last point
+    stays ``inf`` and the others end at ``_LOG_SNR_CAP_END`` (a spacing uniform in ``lambda`` cannot reach ``inf``).
     A cap beyond the other end moves to one unit of log-SNR before it: the grid stays decreasing."""
     dtype = jnp.result_type(float)
     lam_start = path.log_snr(jnp.asarray(t_start, dtype))
