@@ -147,6 +147,10 @@ def _reverse(
             c = c + 0.5 * jnp.square(eta_at(eta, t)) * path.diffusion_sq(t) / path.sigma(t)
         return dt * (da * h00 + c * h10), dt * (da * h01 + c * h11)
 
+    def init_written(path: GaussianPath, field: Field, x: Array, ts: Array) -> DiffraxState:
+        return DiffraxState(x, None)  # a written-out step carries no solver state
+
+    init = init_written
     if type(solver) is diffrax.Euler:  # Euler / Euler--Maruyama: diffrax's update, written out
 
         def euler_coefs(path: GaussianPath, field: Field, t, s):
@@ -160,9 +164,6 @@ def _reverse(
             return p, q, noise
 
         coefficients = between(euler_coefs)
-
-        def init(path: GaussianPath, field: Field, x: Array, ts: Array) -> DiffraxState:
-            return DiffraxState(x, None)
 
         def step(key, path, field, state: DiffraxState, t, s, coefs=None) -> DiffraxState:
             x = state.x
@@ -187,9 +188,6 @@ def _reverse(
             return times, jnp.stack(p), jnp.stack(q)
 
         coefficients = between(rk_coefs)
-
-        def init(path: GaussianPath, field: Field, x: Array, ts: Array) -> DiffraxState:
-            return DiffraxState(x, None)
 
         def step(key, path, field, state: DiffraxState, t, s, coefs=None) -> DiffraxState:
             x = state.x
