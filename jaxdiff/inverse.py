@@ -297,8 +297,10 @@ def dps_sampler(measurement: Measurement, zeta: ArrayLike = 1.0, *, eta: Eta = 1
         x0, pull, pred = _x0_vjp(path, field, x, batch_time(t, x))
         eps = to_x0_eps(path, x, t, pred, field.target)[1]
         resid = measurement.residual(x0)
-        norm = jnp.sqrt(jnp.sum(resid**2, axis=-1, keepdims=True))
-        unit = resid / jnp.maximum(norm, jnp.finfo(resid.dtype).tiny)
+        sq = jnp.sum(resid**2, axis=-1, keepdims=True)
+        # r / |r|, and 0 at r = 0 with a zero derivative (sqrt's infinite slope there made every
+        # gradient through the sampler NaN; the double where keeps it out of both passes)
+        unit = jnp.where(sq > 0, resid / jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
         pull_up = pull(measurement.operator.transpose(unit).astype(x0.dtype))[0]  # -grad ||r||
         if stochastic:
             e = jnp.where(path.sigma(s) > 0, eta_at(eta, t), 0.0)

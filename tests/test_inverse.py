@@ -475,3 +475,23 @@ def test_dps_sampler_checks_a_traced_sigma_y():
     for bad in (jnp.nan, -1.0):
         with pytest.raises(Exception, match="sigma_y must be"):
             jax.block_until_ready(run(bad))
+
+
+def test_dps_sampler_gradient_at_a_zero_residual_is_finite(x64):
+    # r / |r| at r = 0: sqrt's infinite slope made the gradient through the sampler NaN
+    path = jd.vp_path()
+    prior = jd.GaussianMixture.isotropic(jnp.zeros((1, 2)), 0.8).field(path, "x0")
+    op = jd.matrix_operator(jnp.array([[1.0, 0.0]]))
+
+    def out(y):  # x0_hat = 0 at x = 0 and y = 0: the first step's residual is exactly 0
+        sampler = jd.dps_sampler(jd.Measurement(op, y, 0.0))
+        x = jd.sample(jax.random.key(0), path, prior, x_init=jnp.zeros((1, 2)), sampler=sampler,
+                      steps=3).x  # fmt: skip
+        return jnp.sum(x * jnp.array([[1.0, 2.0]]))
+
+    # r / |r| jumps at r = 0 (no derivative there): the step's direction counts as 0, so the
+    # gradient is finite; away from 0 it is the central difference
+    assert np.isfinite(float(jax.grad(out)(jnp.zeros(1))[0]))
+    grad, h = float(jax.grad(out)(jnp.full(1, 0.5))[0]), 1e-6
+    fd = float(out(jnp.full(1, 0.5 + h)) - out(jnp.full(1, 0.5 - h))) / (2 * h)
+    assert abs(grad - fd) < 1e-5 * max(1.0, abs(fd)), (grad, fd)
