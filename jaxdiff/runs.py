@@ -230,8 +230,6 @@ def load_checkpoint(ckpt_dir: str | Path, images: str | None = None):
     An image run reads its training images (its network is sized to them); ``images`` (an
     ``--images`` spec) names them where they moved, checked against the checkpoint's count and
     shape."""
-    from jaxdiff.checkpoint import Checkpointer
-
     if not str(ckpt_dir).strip():  # Path("") is the working directory
         raise ValueError("--ckpt must name a run folder; got an empty string")
     ckpt_dir = Path(ckpt_dir)
@@ -241,34 +239,72 @@ def load_checkpoint(ckpt_dir: str | Path, images: str | None = None):
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
     if not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    from jaxdiff import run_images as IR
-
     writer = R.holder(ckpt_dir.parent)  # a live run: its newest step may be a save in progress
+    for _ in range(_LIVE_RETRIES):
+        try:
+            return (*_load_step(ckpt_dir, images, writer), writer)
+        except _Vanished as gone:  # the live run's retention deleted the step picked: again
+            step = gone.step
+    raise FileNotFoundError(
+        f"the run is still training ({writer}) and deleted each step picked here before it was "
+        f"read (last: step {step}; it keeps its newest checkpoints only): sample again, or after "
+        "the run"
+    )
+
+
+_LIVE_RETRIES = 5
+
+
+class _Vanished(Exception):
+    """The step picked was deleted (by the live run's retention) before it was read."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
+
+
+def _load_step(ckpt_dir: Path, images: str | None, writer: str | None):
+    """``(config, setup, state)`` of the newest intact step; :class:`_Vanished` where a live run
+    deleted that step before its state was read."""
+    from jaxdiff.checkpoint import Checkpointer
+
     with Checkpointer(ckpt_dir, writer=writer) as ckpt:
         step = ckpt._pick(None)  # one step for the config and the state (the run saves on)
-        meta = ckpt.meta(step)
-        saved = R.saved_config(meta, ckpt_dir)
-        if images is not None:
-            if not IR.is_images(saved):
-                raise ValueError(
-                    f"--images applies to image runs; this run trained on {saved['data']!r}"
-                )
-            saved = {**saved, "images": images}
-        c = IR.resolve(saved)
         try:
-            setup = IR.build(c)
-        except FileNotFoundError as err:
-            if not IR.is_images(c) or images is not None:
-                raise
-            raise FileNotFoundError(
-                f"{err}: sampling reads the run's training images (its network is sized to them, "
-                "the metrics compare with them); if they moved, pass --images SPEC"
-            ) from None
-        if images is not None:
-            IR.check_loader_state(meta.get("loader"), IR.loader(c, setup.images))
-        like, _ = E.init_state(c, setup)
-        state, _ = ckpt.restore(like, step)
-    return c, setup, state, writer
+            return _read_step(ckpt, ckpt_dir, step, images)
+        except Exception:
+            if writer is not None and not (ckpt_dir / str(step)).exists():
+                raise _Vanished(step) from None
+            raise
+
+
+def _read_step(ckpt, ckpt_dir: Path, step: int, images: str | None):
+    """``(config, setup, state)`` of ``step``: its config, the model built from it, its state."""
+    from jaxdiff import run_images as IR
+
+    meta = ckpt.meta(step)
+    saved = R.saved_config(meta, ckpt_dir)
+    if images is not None:
+        if not IR.is_images(saved):
+            raise ValueError(
+                f"--images applies to image runs; this run trained on {saved['data']!r}"
+            )
+        saved = {**saved, "images": images}
+    c = IR.resolve(saved)
+    try:
+        setup = IR.build(c)
+    except FileNotFoundError as err:
+        if not IR.is_images(c) or images is not None:
+            raise
+        raise FileNotFoundError(
+            f"{err}: sampling reads the run's training images (its network is sized to them, "
+            "the metrics compare with them); if they moved, pass --images SPEC"
+        ) from None
+    if images is not None:
+        IR.check_loader_state(meta.get("loader"), IR.loader(c, setup.images))
+    like, _ = E.init_state(c, setup)
+    state, _ = ckpt.restore(like, step)
+    return c, setup, state
 
 
 def sample_run(

@@ -156,6 +156,28 @@ def test_sampling_a_live_run_skips_its_save_in_progress_without_a_warning(run, c
     assert "sampling 50 from step 20:" in captured.out
 
 
+def test_sampling_a_live_run_picks_again_when_its_retention_deleted_the_step(
+    run, capsys, monkeypatch
+):
+    """`sample` picks the newest step, builds the model, then reads the state: a live run keeping
+    two checkpoints could delete the step in between (a raw "No such file or directory"). It
+    picks the newest step again."""
+    restore, deleted = Checkpointer.restore, []
+
+    def retention_first(self, like, step=None):  # the live run saved twice meanwhile
+        if not deleted:
+            deleted.append(step)
+            shutil.rmtree(self.directory / str(step))
+        return restore(self, like, step)
+
+    monkeypatch.setattr(Checkpointer, "restore", retention_first)
+    capsys.readouterr()
+    with RunLock(run):
+        assert main(["sample", "--ckpt", str(run), "--n", "50", "--steps", "2"]) == 0
+    assert deleted == [30]
+    assert "sampling 50 from step 20 (the run is still training" in capsys.readouterr().out
+
+
 def test_sample_falls_back_to_an_intact_step_and_fails_in_one_line_when_none_is(run, capsys):
     _flip(_arrays(run / "ckpt" / "30")[0])
     capsys.readouterr()
