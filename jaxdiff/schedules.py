@@ -138,8 +138,9 @@ def log_snr_grid(
     ``t_end = 0`` (``lambda = inf``) it keeps 0 as its last point and the others end at
     ``lambda = -2 log 0.002`` (EDM's ``sigma_min``). The first step, from pure noise to
     ``sigma / alpha = 80``, keeps its length at every step count: its error (first order,
-    ~``alpha^2`` at its end) is a floor that ``unipc`` and ``dpm_solver_pp`` reach at ~128 steps
-    (README: "Discrete DDPM, DDIM, likelihoods" gives a grid past it).
+    ~``alpha^2`` at its end) is a floor that ``unipc``, ``dpm_solver_pp``, ``dpm_solver_2s`` and
+    ``dpm_solver_sde`` reach at ~128 steps (README: "Discrete DDPM, DDIM, likelihoods" gives a
+    grid past it).
 
     >>> from jaxdiff import linear_path
     >>> [round(t, 3) for t in log_snr_grid(linear_path(), 3).tolist()]
