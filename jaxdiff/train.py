@@ -345,21 +345,25 @@ def _data_size(mesh: Mesh) -> int:
     return mesh.shape["data"]
 
 
-def _put(x: Any, sharding: jax.sharding.Sharding) -> Any:
-    """``jax.device_put(x, sharding)`` for a leaf, typed PRNG keys included on a multi-host mesh.
-
-    ``device_put`` onto devices of other processes takes plain arrays only; a typed key goes
-    through its raw ``key_data`` and is wrapped again (its shards are the data's)."""
-    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        data = jax.device_put(jax.random.key_data(x), sharding)
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-    return jax.device_put(x, sharding)
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Put every leaf of ``tree`` on all devices of ``mesh`` (replicated), on one host or many."""
+    """Put every leaf of ``tree`` on all devices of ``mesh`` (replicated), on one host or many.
+
+    ``device_put`` onto devices of other processes takes plain arrays only: there typed PRNG keys
+    go through their raw ``key_data`` and are wrapped again."""
     sharding = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda x: _put(x, sharding), tree)
+    if sharding.is_fully_addressable:  # one host: a batched put (make_feed_chunk's every chunk)
+        return jax.device_put(tree, sharding)
+    raw = jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+    put = jax.device_put(raw, sharding)
+    return jax.tree.map(
+        lambda x, p: jax.random.wrap_key_data(p, impl=jax.random.key_impl(x)) if _is_key(x) else p,
+        tree,
+        put,
+    )
 
 
 def make_train_chunk(
