@@ -137,10 +137,10 @@ def log_snr_grid(
     from ``lambda = -2 log 80`` (EDM's ``sigma_max = 80``) to ``lambda(t_end)``. Likewise at
     ``t_end = 0`` (``lambda = inf``) it keeps 0 as its last point and the others end at
     ``lambda = -2 log 0.002`` (EDM's ``sigma_min``). The first step, from pure noise to
-    ``sigma / alpha = 80``, keeps its length at every step count: its error (first order,
-    ~``alpha^2`` at its end) is a floor that ``unipc``, ``dpm_solver_pp``, ``dpm_solver_2s`` and
-    ``dpm_solver_sde`` reach at ~128 steps (README: "Discrete DDPM, DDIM, likelihoods" gives a
-    grid past it).
+    ``sigma / alpha = 80``, keeps its length at every step count: taken at first order its error
+    (~``alpha^2`` at its end) would be a floor, so ``unipc``, ``dpm_solver_pp``, ``dpm_solver_2s``
+    and ``dpm_solver_sde`` take it at second order in ``u = alpha / sigma`` (README: "Discrete
+    DDPM, DDIM, likelihoods").
 
     >>> from jaxdiff import linear_path
     >>> [round(t, 3) for t in log_snr_grid(linear_path(), 3).tolist()]
@@ -190,7 +190,8 @@ def _spaced(path: GaussianPath, steps: int, t_start, t_end, spacing, cap_end=Fal
 
     Where ``lambda(t_start) = -inf`` (``alpha = 0``) the first point stays ``-inf`` and the other
     points are spaced from ``_LOG_SNR_CAP``: the first step is then the step from pure noise
-    (DDIM / DPM-Solver handle ``h = inf``; first order, the same length at every step count).
+    (DDIM / DPM-Solver handle ``h = inf``; the same length at every step count, so the samplers
+    take it at second order in ``u = alpha / sigma``).
     With ``cap_end``, where ``lambda(t_end) = inf`` (``sigma = 0``: ``t_end = 0``) the last point
     stays ``inf`` and the others end at ``_LOG_SNR_CAP_END`` (a spacing uniform in ``lambda`` cannot reach ``inf``).
     A cap beyond the other end moves to one unit of log-SNR before it: the grid stays decreasing."""

@@ -2,6 +2,7 @@
 
 import functools
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,3 +222,61 @@ def test_written_out_runge_kutta_steps_are_diffraxs(solver, monkeypatch):
         half = run(x.astype(jnp.bfloat16)).x  # a half-precision state stays so
         assert half.dtype == jnp.bfloat16
         np.testing.assert_allclose(half.astype(jnp.float32), ours.x, atol=0.1)
+
+
+def test_log_snr_samplers_converge_past_the_first_step_from_pure_noise():
+    """On the linear path alpha(1) = 0: the log-SNR grid's first step runs from lambda = -inf to
+    EDM's sigma / alpha = 80 at every step count, and taken at first order (DDIM's step, UniPC
+    left uncorrected, 2S's point one e-fold above) it left an error no step count removed:
+    2.3e-4 at 512 steps for unipc(3) and dpm_solver_pp(3), and orders 0.6-1.1 between 256 and
+    512 steps for the second-order ones (a review of the samplers' orders). In u = alpha / sigma
+    the step is second order now (a trapezoid, or 2S's point at u / 2), at no extra evaluation."""
+    mix = jd.GaussianMixture(
+        jnp.array([0.3, 0.5, 0.2]),
+        jnp.array([[2.0, 0.0], [-1.5, 1.0], [0.0, -2.0]]),
+        jnp.array([[[0.3, 0.1], [0.1, 0.2]], [[0.15, 0.0], [0.0, 0.4]],
+                   [[0.25, -0.05], [-0.05, 0.25]]]),
+    )  # fmt: skip
+    lin = jd.linear_path()
+    with jax.enable_x64(True):
+        field = mix.field(lin, "velocity")
+        x_init = jax.random.normal(jax.random.key(0), (8, 2), jnp.float64)
+        exact = S.ode(diffrax.Dopri8(), rtol=1e-12, atol=1e-12, max_steps=100_000)
+        ref = jd.sample(None, lin, field, x_init=x_init, sampler=exact, steps=100).x
+
+        def err(sampler, steps):
+            x = jd.sample(None, lin, field, x_init=x_init, sampler=sampler, steps=steps,
+                          denoise=False).x  # fmt: skip
+            return float(jnp.abs(x - ref).max())
+
+        # third order: 1.2e-6 and 3.5e-6 at 512 steps (2.3e-4 before)
+        for third in (S.unipc(3), S.dpm_solver_pp(3)):
+            assert err(third, 512) < 1e-5, third.name
+        # second order: measured orders 1.98-1.99 (0.64, 1.1 before), 3.2 for unipc(2)
+        for second in (S.dpm_solver_pp(2), S.dpm_solver_2s(eta=0.0), S.dpm_solver_sde(eta=0.0),
+                       S.dpm_solver_sde(eta=0.0, r=1.0), S.unipc(2, variant="bh1")):  # fmt: skip
+            order = np.log2(err(second, 256) / err(second, 512))
+            assert order > 1.8, (second.name, order)
+
+
+@pytest.mark.parametrize("factory", [S.dpm_solver_2s, S.dpm_solver_sde])
+def test_singlestep_last_step_to_zero_returns_x0_hat_at_t_in_a_loop_of_ones_own(factory):
+    """A step to sigma = 0 discards its second evaluation, but it was taken at t = 0, where an
+    "x0" field's conversion divides by sigma = 0: in the README's loop of one's own the step
+    raised "converting 'x0' to (x0, eps) divides by sigma_t" (a review against k-diffusion).
+    dpm_solver_sde also mixed that evaluation into its last step. Both return x0_hat at t, as
+    k-diffusion's samplers do on their last step."""
+    field = jd.Field(lambda x, t: 0.5 * x + jnp.tanh(x + t[:, None]), "x0")  # not the identity
+    x = jax.random.normal(jax.random.key(0), (16, 2))
+    ts = jnp.array([1.0, 0.4, 0.0])
+    for eta in (0.0, 1.0):
+        sampler = factory(eta=eta)
+        state = sampler.init(PATH, field, x, ts)
+        for k, t, s in zip(jax.random.split(jax.random.key(1), 2), ts[:-1], ts[1:], strict=True):
+            before = state.x
+            state = sampler.step(k, PATH, field, state, t, s)
+        want = field(before, jnp.full((16,), ts[1]))  # x0_hat at t = 0.4
+        np.testing.assert_allclose(np.asarray(state.x), np.asarray(want), rtol=1e-6, atol=1e-6)
+        run = functools.partial(jd.sample, jax.random.key(1), PATH, field, sampler=sampler)
+        grad = jax.grad(lambda x, run=run: run(x_init=x, ts=ts, denoise=False).x.sum())(x)
+        assert np.isfinite(np.asarray(grad)).all()

@@ -10,6 +10,7 @@ k-diffusion's ``get_ancestral_step``); ``eta = 0`` is the deterministic DPM-Solv
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -51,15 +52,27 @@ def _move(x, x0, a_t, s_t, sig_to):
     return x0 + sig_to * (x - a_t * x0) / s_t
 
 
-def _mid(lam_t, lam_to):
-    """The midpoint in ``lambda``; from ``lambda_t = -inf`` (``alpha_t = 0``), one e-fold above."""
+def _mid(lam_t, lam_to, r=0.5):
+    """The point at fraction ``r`` of the step in ``lambda``; from ``lambda_t = -inf``
+    (``alpha_t = 0``, where ``lambda`` has no finite fraction), at fraction ``r`` in
+    ``u = alpha / sigma = e^lambda``: ``lambda_to + log r``. There ``x / sigma`` moves by
+    ``int x0_hat du`` from ``u = 0``, and the update's weights ``(1 - 1/(2r), 1/(2r))`` are the
+    second-order rule in ``u`` (the midpoint rule at ``r = 1/2``, the trapezoid at ``r = 1``); a
+    point placed otherwise (one e-fold above, before) made the first step first order, a
+    convergence floor (~2.3e-4 on the tests' mixture from ~256 steps)."""
     finite = jnp.isfinite(lam_t)
-    return jnp.where(finite, 0.5 * (jnp.where(finite, lam_t, lam_to) + lam_to), lam_to - 1.0)
+    lt = jnp.where(finite, lam_t, lam_to)
+    return jnp.where(finite, lt + r * (lam_to - lt), lam_to + math.log(r))
 
 
-def _at(path, field, y, lam):
-    """``x0_hat`` where EDM's sigma is ``e^{-lam}``: the field is evaluated at the time of ``lam``."""
-    t = path.t_from_log_snr(2.0 * lam)
+def _at(path, field, y, lam, used=True, t_else=None):
+    """``x0_hat`` where EDM's sigma is ``e^{-lam}``: the field is evaluated at the time of ``lam``;
+    where not ``used`` (a step to ``sigma = 0``, whose second evaluation is discarded) at
+    ``t_else``, the step's own time: at ``t = 0`` an ``"x0"`` field's conversion divides by
+    ``sigma = 0`` (an error in a loop of one's own, a NaN gradient under ``jit``)."""
+    t = path.t_from_log_snr(2.0 * jnp.where(used, lam, 0.0))
+    if t_else is not None:
+        t = jnp.where(used, t, t_else)
     a = path.alpha(t)
     x0, _ = predict(path, field, (a * y).astype(y.dtype), t)
     return x0
@@ -95,7 +108,8 @@ def dpm_solver_2s(*, eta: Eta = 1.0, s_noise: ArrayLike = 1.0) -> Sampler:
         down, up = _ancestral(sig_from, jnp.exp(-lam_s), e, fin)
         lam_down = -jnp.log(jnp.where(down > 0, down, 1.0))  # used where down > 0 only
         lam_mid = jnp.where(down > 0, _mid(lam_t, lam_down), lam_s)
-        x0_mid = _at(path, field, _move(x, x0, a_t, s_t, jnp.exp(-lam_mid)), lam_mid)
+        y_mid = _move(x, x0, a_t, s_t, jnp.exp(-lam_mid))
+        x0_mid = _at(path, field, y_mid, lam_mid, down > 0, t)  # unused where down = 0
         y = jnp.where(down > 0, _move(x, x0_mid, a_t, s_t, down), x0)  # to sigma = 0: x0_hat
         if stochastic:
             y = y + (s_noise * up).astype(y.dtype) * normal(key, y)
@@ -141,8 +155,7 @@ def dpm_solver_sde(*, eta: Eta = 1.0, r: float = 0.5, s_noise: ArrayLike = 1.0) 
         x0 = predict(path, field, x, t)[0]
         y = x  # only for shapes and dtypes below
         fin = jnp.isfinite(lam_t)  # from alpha = 0: finite stand-ins (their slopes were NaN)
-        lt = jnp.where(fin, lam_t, lam_s)
-        lam_mid = jnp.where(fin, lt + r * (lam_s - lt), lam_s - 1.0)
+        lam_mid = _mid(lam_t, lam_s, r)  # from alpha = 0: at fraction r in u = alpha / sigma
         sig_t = jnp.exp(-jnp.where(fin, lam_t, lam_mid - 1.0))  # inf stood here: the limit below
         sig_mid, sig_s = jnp.exp(-lam_mid), jnp.exp(-lam_s)
         if stochastic:
@@ -157,9 +170,10 @@ def dpm_solver_sde(*, eta: Eta = 1.0, r: float = 0.5, s_noise: ArrayLike = 1.0) 
         e = eta_at(eta, t)  # a function of t is called (it was multiplied: a TypeError)
         down, up = _ancestral(sig_t, sig_mid, e, fin)
         y_mid = _move(x, x0, a_t, s_t, down) + (s_noise * up).astype(y.dtype) * n1
-        x0_mid = _at(path, field, y_mid, lam_mid)
+        to_zero = sig_s == 0  # k-diffusion's last step: x0_hat at t (the midpoint unused)
+        x0_mid = _at(path, field, y_mid, lam_mid, ~to_zero, t)
         # substep 2: from t to s with the combined prediction
-        x0_d = (1.0 - fac) * x0 + fac * x0_mid
+        x0_d = jnp.where(to_zero, x0, (1.0 - fac) * x0 + fac * x0_mid)
         down, up = _ancestral(sig_t, sig_s, e, fin)
         y_new = _move(x, x0_d, a_t, s_t, down) + (s_noise * up).astype(y.dtype) * n2
         return State((a_s * y_new).astype(x.dtype))
