@@ -28,6 +28,11 @@ def concrete(x: Any) -> np.ndarray | None:
     """``x`` as a NumPy array if its value is known at trace time, else ``None``."""
     if isinstance(x, jax.core.Tracer):
         return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        # an array over several processes' devices: its value is not on this host (np.asarray
+        # raised "Fetching value ... non-addressable devices" in every eager sample and
+        # likelihood of a multi-host program); it is checked when the program runs
+        return None
     try:
         return np.asarray(x)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):

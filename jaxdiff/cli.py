@@ -308,8 +308,18 @@ TRAIN_KEYS += ["images", "flip"]  # image data of your own (jaxdiff.run_images)
 
 
 def _run(args: argparse.Namespace) -> int:
+    import jax
+
     from jaxdiff import runs
 
+    if jax.process_count() > 1:  # jax.distributed initialised (a TPU pod starts so by itself)
+        # the second process met the first's folder lock ("in use by another jaxdiff process")
+        # and the first waited in the checkpointer's collectives until gloo's deadline (~30 s)
+        raise ValueError(
+            f"the command line runs on one host; this is process {jax.process_index()} of "
+            f"{jax.process_count()} (jax.distributed is initialised): train over several hosts "
+            "from Python (README: Training from Python)"
+        )
     if args.command == "demo":
         return runs.demo_run(args.out, steps=args.steps, progress=not args.no_progress)
     if args.command == "train":

@@ -75,6 +75,29 @@ def main() -> None:
     with LD.prefetch(loader.iterate(0), mesh) as batches:
         fed, fed_losses = make_feed_chunk(step, batches, 4, mesh=mesh, preprocess=flat)(fed)
 
+    # Eager calls on a global array (one share per host): the input checks read its value on
+    # the host, and a multi-host array's is not there ("non-addressable devices").
+    xs = np.asarray(jax.random.normal(jax.random.key(4), (8, 2)))
+    share = xs.reshape(nproc, -1, 2)[jax.process_index()]
+    x_global = jax.make_array_from_process_local_data(
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")), share, xs.shape
+    )
+    path = jd.linear_path()
+    sampled = jd.sample(None, path, net, x_init=x_global, steps=4)
+    log_p = jd.log_likelihood(path, net, x_global, rtol=1e-4, atol=1e-4).logp
+
+    cli = None
+    if nproc > 1:  # the command line runs on one host: it says so (it had hung ~30 s, then failed)
+        import contextlib
+        import io
+
+        from jaxdiff.cli import main as cli_main
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli_main(["train", "--steps", "2", "--out", os.path.join(folder, "cli")])
+        cli = [code, err.getvalue()]
+
     print(
         json.dumps(
             {
@@ -89,6 +112,9 @@ def main() -> None:
                 "batch": gathered(first),
                 "fed": gathered(fed.params),
                 "fed_losses": np.asarray(fed_losses).tolist(),
+                "sampled": gathered(sampled.x),
+                "log_p": gathered(log_p),
+                "cli": cli,
             }
         )
     )

@@ -75,4 +75,11 @@ def test_two_hosts_train_checkpoint_and_load_as_one(tmp_path):
         np.testing.assert_allclose(h["fed_losses"], one["fed_losses"], rtol=1e-5)
         for a, b in zip(h["fed"], one["fed"], strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5)
+        # an eager sample and likelihood of a global array: its input checks ran on the host
+        # and failed ("non-addressable devices"); the same numbers as one process now
+        np.testing.assert_allclose(h["sampled"], one["sampled"], atol=1e-5)
+        np.testing.assert_allclose(h["log_p"], one["log_p"], rtol=1e-5)
+        code, message = h["cli"]
+        assert code == 2 and "the command line runs on one host" in message, message
+    assert not os.path.exists(tmp_path / "two" / "cli")  # refused before any folder was made
     assert hosts[0]["params"] == hosts[1]["params"]  # replicated: the same on both hosts
