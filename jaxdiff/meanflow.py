@@ -138,7 +138,9 @@ def meanflow_loss(
     """The MeanFlow loss ``(params, key, batch) -> scalar`` (Geng et al. 2025, Algorithm 1).
 
     ``net`` is a :class:`~jaxdiff.Field` of target ``"velocity"`` whose ``apply(params, z, t, r
-    [, labels])`` is the average velocity over ``[r, t]``. Per example, with ``t >= r``,
+    [, labels])`` is the average velocity over ``[r, t]`` (``r`` defaulting to ``t``, the
+    instantaneous velocity, for ``jaxdiff.samplers.meanflow`` and the multi-step samplers). Per
+    example, with ``t >= r``,
 
         ``err = |u(z_t, t, r) - sg(v - (t - r) d/dt u)|^2`` (summed over the data dimensions),
         ``loss = sg(1 / (err + weighting_eps)^weighting_power) err`` (adaptive weighting; ``p = 0``

@@ -258,6 +258,13 @@ def _start(key, path, field, shape, x_init, t0) -> Array:
             f"(batch, *event): batch {x.shape[0]}, event shape {x.shape[1:]}; one point of "
             "shape (d,) is (1, d))"
         ) from err
+    except TypeError as err:  # apply(params, x, t, r) with r required: "missing ... 'r'"
+        raise TypeError(
+            f"{err}\n(the field was called as field(x, t) to check its output's shape: a "
+            "two-time network for meanflow() or a shortcut model must default its second time "
+            "to the first, apply(params, x, t, r=None) with u(x, t) = u(x, t, t), the "
+            "instantaneous velocity)"
+        ) from err
     if out.shape != x.shape:
         raise ValueError(
             f"field(x, t) returned shape {out.shape} but x has shape {x.shape}; the field must "

@@ -282,6 +282,11 @@ def test_bad_arguments_raise_clear_errors():
         )
     with pytest.raises(ValueError, match="give the sample shape"):
         jd.sample(jax.random.key(0), PATH, u, sampler=sampler)
+    # a two-time network whose r is required (meanflow_loss takes it) failed with Python's bare
+    # "missing 1 required positional argument: 'r'" from sample's shape probe field(x, t)
+    strict = jd.Field(lambda x, t, r: x, "velocity")
+    with pytest.raises(TypeError, match=r"must default its second time to the first"):
+        jd.sample(None, PATH, strict, x_init=x, sampler=sampler)
 
 
 def test_tiny_meanflow_training_generates_in_one_step():
