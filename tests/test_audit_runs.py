@@ -167,3 +167,37 @@ def test_metrics_json_that_is_not_an_object_is_set_aside_on_resume(trained, tmp_
     assert len(aside) == 1 and (run / aside[0]).read_text() == "[1, 2]\n"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == 20 and metrics["loss_steps"] == [20]
+
+
+def test_sample_keys_are_apart_from_the_training_keys_of_the_same_seed(trained, tmp_path):
+    """`sample` drew batch i from fold_in(key(seed), i), and training splits key(seed) into its
+    init and state keys (split(k)[i] == fold_in(k, i)): at both defaults (seed 0) sample batch 0
+    had the init key and batch 1 the training key, whose draws made training batch 1 (a
+    key-hygiene review: the sampler's first noise a monotone function of those uniforms)."""
+    from jaxdiff import runs
+
+    seen = []
+    real = runs.make_sampler
+
+    def spy(*args, **kwargs):
+        draw = real(*args, **kwargs)
+
+        def wrapped(params, key, n, labels=None):
+            seen.append(key)
+            return draw(params, key, n, labels)
+
+        return wrapped
+
+    training = jax.random.split(jax.random.key(0), 4)  # init, state key (and their neighbours)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(runs, "make_sampler", spy)
+    try:
+        assert main(["sample", "--ckpt", str(trained), "--n", "4", "--metrics-n", "0",
+                     "--out", str(tmp_path / "s")]) == 0  # fmt: skip
+    finally:
+        mp.undo()
+    (key,) = seen
+    for i in range(4):
+        batch_key = jax.random.key_data(jax.random.fold_in(key, i))
+        for k in training:
+            assert not np.array_equal(batch_key, jax.random.key_data(k)), i
