@@ -89,7 +89,8 @@ def discretized_gaussian_log_prob(
     """``log P(bin of x)`` under ``N(mean, std^2)``, per element, for ``num_bins`` bins on ``[-1, 1]``.
 
     Bin centres ``-1 + 2k / (num_bins - 1)``, half-width ``1 / (num_bins - 1)``; the end bins reach
-    to ``-inf`` and ``+inf`` (Ho et al. 2020, eq. 13). Stable in the tails (``log_ndtr``).
+    to ``-inf`` and ``+inf`` (Ho et al. 2020, eq. 13). Stable in the tails (``log_ndtr``); computed
+    and returned in float32 at least (bfloat16 pixels give float32 log-probabilities).
 
     >>> import jax.numpy as jnp
     >>> p = jnp.exp(discretized_gaussian_log_prob(jnp.linspace(-1, 1, 256), 0.1, 0.5))
@@ -107,8 +108,10 @@ def discretized_gaussian_log_prob(
     if check_count(num_bins, "num_bins") < 2:
         raise ValueError(f"num_bins must be >= 2 (bin centres -1 and 1 at least); got {num_bins}")
     std = check_positive(std, "std")  # a negative std flipped the bins' edges
+    # in float32 at least (bfloat16 x raised log_ndtr's bare "x.dtype=bfloat16 is not supported")
+    wide = wide_dtype(jnp.result_type(x, mean, std))
     x, mean = jnp.broadcast_to(x, shape), jnp.broadcast_to(mean, shape)  # deliberate, any ranks
-    std = jnp.broadcast_to(std, shape)
+    x, mean, std = x.astype(wide), mean.astype(wide), jnp.broadcast_to(std, shape).astype(wide)
     half = 1.0 / (num_bins - 1)
     lo = jnp.where(x < -1.0 + half, -jnp.inf, (x - half - mean) / std)
     hi = jnp.where(x > 1.0 - half, jnp.inf, (x + half - mean) / std)
