@@ -260,7 +260,8 @@ def ode(
     ``solver`` is any diffrax ODE solver (default ``diffrax.Euler()``; ``Heun()`` is second order
     at 2 evaluations per step). With ``rtol``/``atol`` the steps are adaptive (a solver with an
     error estimate: ``Tsit5``, ``Dopri5``, ``Heun``) and ``adjoint`` (e.g.
-    ``diffrax.BacksolveAdjoint()``) chooses how gradients flow; the evaluation count is then
+    ``diffrax.BacksolveAdjoint()``) chooses how gradients flow (``diffrax.ForwardMode()`` for
+    ``jax.jvp`` / ``jax.jacfwd``: the default is reverse mode only); the evaluation count is then
     diffrax's.
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
