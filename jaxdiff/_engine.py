@@ -120,9 +120,17 @@ def scan(
     return state, buffer
 
 
-def check_grid(ts: Any, name: str = "ts", *, decreasing: bool = False, unit: bool = False) -> Array:
+def check_grid(
+    ts: Any,
+    name: str = "ts",
+    *,
+    decreasing: bool = False,
+    increasing: bool = False,
+    unit: bool = False,
+) -> Array:
     """``ts`` as a 1-D float array of at least 2 times after checking it is strictly monotone
-    (strictly decreasing with ``decreasing``; inside ``[0, 1]`` with ``unit``).
+    (strictly decreasing with ``decreasing``, increasing with ``increasing``; inside ``[0, 1]``
+    with ``unit``).
 
     Concrete grids raise ``ValueError`` now; traced ones (built inside ``jit``) are checked when
     they run, through ``equinox.error_if`` threaded into the returned grid.
@@ -134,13 +142,20 @@ def check_grid(ts: Any, name: str = "ts", *, decreasing: bool = False, unit: boo
         order = (
             "strictly decreasing (samplers run from the prior at t = 1 towards the data at t = 0)"
         )
+    elif increasing:  # "monotone (increasing or decreasing)" for a grid that must increase
+        order = "strictly increasing"
     else:
         order = "strictly monotone (increasing or decreasing)"
     value = concrete(ts)
     # a concrete grid is checked in NumPy: no XLA program for each grid length
     xp, v = (jnp, ts) if value is None else (np, value)
     d = xp.diff(v)
-    bad_order = ~xp.all(d < 0) if decreasing else ~(xp.all(d > 0) | xp.all(d < 0))
+    if decreasing:
+        bad_order = ~xp.all(d < 0)
+    elif increasing:
+        bad_order = ~xp.all(d > 0)
+    else:
+        bad_order = ~(xp.all(d > 0) | xp.all(d < 0))
     bad_range = xp.any((v < 0) | (v > 1)) if unit else xp.asarray(False)
     bad_value = ~xp.all(xp.isfinite(v))
     if value is not None:

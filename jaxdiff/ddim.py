@@ -113,7 +113,7 @@ def ddim_invert(
         ts = jnp.linspace(jnp.asarray(t_start, float), jnp.asarray(t_end, float), int(steps) + 1)
     elif steps is not None:
         raise ValueError("give either ts or steps, not both")
-    grid = _engine.check_grid(ts, "ts (increasing for an inversion)", unit=True)
+    grid = _engine.check_grid(ts, "ts (of an inversion)", increasing=True, unit=True)
     grid = _engine.grid_check(
         grid, lambda g: g[0] >= g[-1], "ddim_invert runs up an increasing grid"
     )

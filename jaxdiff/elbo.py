@@ -185,7 +185,9 @@ def nelbo(
     else:
         if num_steps is not None:
             raise ValueError("give either num_steps or ts, not both")
-        grid = _engine.check_grid(jnp.asarray(ts), "ts (increasing, ending at t = 1)", unit=True)
+        grid = _engine.check_grid(
+            jnp.asarray(ts), "ts (ending at t = 1)", increasing=True, unit=True
+        )
         grid = _engine.grid_check(
             grid, lambda g: (g[0] >= g[-1]) | (g[0] <= 0) | (g[-1] != 1),
             "ts must increase from a time above 0 to t = 1 (the ELBO's steps, the first the "

@@ -181,6 +181,12 @@ def test_nelbo_on_a_log_snr_grid_closes_the_gap_the_uniform_grid_leaves():
         jd.nelbo(jax.random.key(1), path, field, x, num_steps=10, ts=grid)
     with pytest.raises(ValueError, match="ts must increase from a time above 0 to t = 1"):
         jd.nelbo(jax.random.key(1), path, field, x, ts=grid[:-1])
+    # a grid out of order was "strictly monotone (increasing or decreasing)", though it must
+    # increase; a decreasing one is named so at once
+    with pytest.raises(ValueError, match=r"ts \(ending at t = 1\) must be strictly increasing"):
+        jd.nelbo(jax.random.key(1), path, field, x, ts=jnp.flip(grid))
+    with pytest.raises(ValueError, match=r"ts \(of an inversion\) must be strictly increasing"):
+        jd.ddim_invert(path, field, x, ts=jnp.array([0.5, 0.2, 0.3]))
 
 
 def test_two_times_are_taken_from_to_and_the_wrong_order_is_an_error():
