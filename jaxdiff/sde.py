@@ -139,7 +139,8 @@ def eta_at(eta: Eta, t: ArrayLike) -> Array:
 def check_eta(eta: Eta, name: str = "eta", hi: float | None = None) -> Eta:
     """Raise for a negative or non-finite ``eta`` (above ``hi`` when given); return ``eta``.
 
-    Known at trace time, it is checked now (a function of ``t`` on a grid of 33 times); a traced
+    Known at trace time, it is checked now (a function of ``t`` on a grid of 33 times, under an
+    outer ``jit`` too where it depends on ``t`` alone); a traced
     ``eta`` comes back tied to a run-time check, so use the result (a dropped result drops the
     check: a traced ``eta = 2`` ran DDIM with its noise term silently clipped)."""
     bounds = "[0, inf)" if hi is None else f"[0, {hi}]"
@@ -148,7 +149,10 @@ def check_eta(eta: Eta, name: str = "eta", hi: float | None = None) -> Eta:
         return ~xp.all(xp.isfinite(e) & (e >= 0) & (True if hi is None else e <= hi))
 
     if callable(eta):
-        value = concrete(eta_at(eta, np.linspace(0.0, 1.0, 33)))
+        # a function of t alone is known at trace time under an outer jit too (its ops on the
+        # probe grid were staged, and its check became a run-time one)
+        with jax.ensure_compile_time_eval():
+            value = concrete(eta_at(eta, np.linspace(0.0, 1.0, 33)))
         if value is None:  # a traced function: each value is checked when it runs
             msg = f"{name} must lie in {bounds}"
             return lambda t: value_check(eta_at(eta, t), bad, msg)
@@ -157,9 +161,13 @@ def check_eta(eta: Eta, name: str = "eta", hi: float | None = None) -> Eta:
         if value is None:
             return value_check(jnp.asarray(eta), bad, f"{name} must lie in {bounds}")
     if bad(np, np.asarray(value)):
-        raise ValueError(
-            f"{name} must lie in {bounds}; got {name} = {np.ravel(value)[:4].tolist()}"
-        )
+        v = np.asarray(value)
+        if callable(eta) and v.shape == (33,):  # name the probe times where it is out of range
+            t = np.linspace(0.0, 1.0, 33)
+            wrong = ~(np.isfinite(v) & (v >= 0) & (True if hi is None else v <= hi))
+            pairs = ", ".join(f"{v[i]:.4g} at t = {t[i]:.4g}" for i in np.flatnonzero(wrong)[:4])
+            raise ValueError(f"{name} must lie in {bounds}; got {name}(t) = {pairs}")
+        raise ValueError(f"{name} must lie in {bounds}; got {name} = {np.ravel(v)[:4].tolist()}")
     return eta
 
 

@@ -51,6 +51,27 @@ def test_an_eta_function_of_a_traced_value_is_checked_at_each_evaluation():
         jax.block_until_ready(scale(-1.0))  # a negative noise scale before
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        jd.samplers.ddim,
+        lambda e: jd.samplers.sde(eta=e),
+        lambda e: jd.samplers.dpm_solver_pp(2, eta=e),
+    ],
+)
+def test_an_eta_function_of_t_alone_is_refused_at_trace_time_under_jit(make):
+    """Under an outer jit the probe of a callable eta was staged (a tracer), so an eta(t) of t
+    alone was checked only when the program ran (a callback error from inside the run); it is
+    known while tracing and refused then, naming the times where it leaves its range."""
+    eta = lambda t: jnp.where(t > 0.5, -1.0, 0.0)  # noqa: E731
+
+    def run(x):
+        return jd.sample(jax.random.key(0), PATH, FIELD, x_init=x, sampler=make(eta), steps=4).x
+
+    with pytest.raises(ValueError, match=r"got eta\(t\) = -1 at t = 0.5312"):
+        jax.jit(run).trace(jnp.ones((4, 2)))  # tracing alone: nothing runs
+
+
 def test_consistency_scalings_with_a_traced_t_min_refuse_times_below_it():
     scalings = jax.jit(lambda m, t: jd.consistency_scalings(t, t_min=m))
     c_skip, c_out = scalings(0.1, 0.1)
