@@ -162,6 +162,21 @@ def check_known_order(lo: Any, hi: Any, lo_name: str, hi_name: str, *, strict: b
         check_order(lo, hi, lo_name, hi_name, strict=strict)
 
 
+def _invariant(bad: Any) -> Any:
+    """``bad`` made the same on every device of a ``shard_map`` it varies over (``pmax`` over
+    those manual axes): equinox's ``lax.cond`` needs branch types that agree, and a per-device
+    flag against its error branch's plain one failed every loss, training step and sample inside
+    ``shard_map(check_vma=True)`` at trace time ("cond branches must have equal output types").
+    Elsewhere (plain ``jit``, eager, ``check_vma=False``) ``bad`` is returned as it is."""
+    aval = jax.typeof(bad)
+    axes = getattr(aval, "vma", None)  # the varying manual axes, as newer JAX names them
+    if axes is None:
+        axes = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    if not axes:
+        return bad
+    return jax.lax.pmax(bad.astype(jnp.int32), tuple(sorted(axes))) > 0
+
+
 def error_if(x: Any, pred: Any, msg: str) -> Any:
     """``equinox.error_if(x, pred, msg)`` with only a scalar flag in the error branch.
 
@@ -175,9 +190,9 @@ def error_if(x: Any, pred: Any, msg: str) -> Any:
     leaves = [leaf for leaf in jax.tree_util.tree_leaves(x) if _inexact(leaf)]
     leaves = leaves or [leaf for leaf in jax.tree_util.tree_leaves(x) if _array(leaf)]
     with _staged():
+        bad = _invariant(jnp.any(jnp.asarray(pred)))
         if not leaves:
-            return eqx.error_if(x, pred, msg)
-        bad = jnp.any(pred)
+            return eqx.error_if(x, bad, msg)
         flag = eqx.error_if(bad, bad, msg)
     first = jnp.asarray(leaves[0])
     # NaN where the check failed; an integer (labels) takes its dtype's minimum: either way, the
@@ -348,7 +363,7 @@ def tie_check(values: Any, bad: Any, msg: str) -> Any:
     leaf keeps the check alive under ``jit``; derivatives pass through. For parameters checked
     once, where a path or a schedule is built (not on hot paths)."""
     with _staged():  # under ensure_compile_time_eval (sample's grid) the check misfired
-        bad = jnp.any(jnp.asarray(bad))
+        bad = _invariant(jnp.any(jnp.asarray(bad)))
         flag = eqx.error_if(bad, bad, msg)
         leaves = jax.tree_util.tree_leaves(values)
         if not any(_inexact(leaf) for leaf in leaves):

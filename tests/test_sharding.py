@@ -138,3 +138,63 @@ def test_a_resume_on_devices_that_do_not_split_the_batch_names_the_device_counts
         run_train._check_devices({"batch": 8})
     monkeypatch.setattr(jax, "device_count", lambda: 4)
     assert run_train._check_devices({"batch": 8}, resume=True) == {"batch": 8}
+
+
+SHARD_MAP = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import Mesh, PartitionSpec as P
+import jaxdiff as jd
+from jaxdiff.nets import MLP, init_params
+from jaxdiff.train import init_train_state, make_train_step
+
+mesh = Mesh(np.array(jax.devices()[:2]), ("d",))
+model = MLP(width=16, depth=1)
+params = init_params(model, jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros(1))
+loss = jd.flow_matching_loss(jd.Field(model.apply, "velocity"), jd.linear_path())
+opt = optax.adam(1e-2)
+state = init_train_state(params, opt, jax.random.key(1))
+batch = jax.random.normal(jax.random.key(2), (8, 2))
+shard_loss = lambda q, k, b: jax.lax.pmean(loss(q, k, b), "d")
+step = make_train_step(shard_loss, opt)
+ref_step = make_train_step(lambda q, k, b: sum(loss(q, k, x) for x in jnp.split(b, 2)) / 2, opt)
+path = jd.vp_path()
+def draw(k, q):  # each device its own key and samples
+    k = jax.random.fold_in(k, jax.lax.axis_index("d"))
+    return jd.sample(k, path, jd.Field(model.apply, "eps", q), (2, 2), sampler=jd.samplers.ddim(1.0), steps=4).x
+def sm(f, i, o):
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=i, out_specs=o, check_vma=True))
+out = {}
+new, value = sm(step, (P(), P("d")), (P(), P()))(state, batch)
+want, want_value = jax.jit(ref_step)(state, batch)
+out["step"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want.params)))
+out["loss"] = abs(float(value) - float(want_value))
+x = sm(draw, (P(), P()), P("d"))(jax.random.key(3), params)
+out["sample_finite"] = bool(jnp.isfinite(x).all()) and x.shape == (4, 2)
+try:  # a NaN batch still names itself
+    jax.block_until_ready(sm(shard_loss, (P(), P(), P("d")), P())(params, jax.random.key(4), batch.at[0, 0].set(jnp.nan)))
+    out["nan"] = "no error"
+except Exception as err:
+    out["nan"] = str(err)
+print(json.dumps(out))
+"""
+
+
+def test_losses_training_steps_and_samplers_run_inside_shard_map():
+    """Inside jax.shard_map(check_vma=True) every loss, training step and sample failed at trace
+    time: equinox's cond met a per-device check flag against its error branch's plain one ("cond
+    branches must have equal output types", a review of JAX transformations). The flag is made
+    the same on every device (pmax over the axes it varies over): the step equals one device's
+    mean of the shards' losses, and a NaN batch still raises its named error."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("EQX_ON_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARD_MAP], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["step"] < 1e-5 and out["loss"] < 1e-5, out
+    assert out["sample_finite"], out
+    assert "non-finite" in out["nan"], out["nan"][-2000:]
