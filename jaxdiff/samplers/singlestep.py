@@ -52,7 +52,7 @@ def _move(x, x0, a_t, s_t, sig_to):
     return x0 + sig_to * (x - a_t * x0) / s_t
 
 
-def _mid(lam_t, lam_to, r=0.5):
+def _mid(lam_t, lam_to, r=0.5, halve=True):
     """The point at fraction ``r`` of the step in ``lambda``; from ``lambda_t = -inf``
     (``alpha_t = 0``, where ``lambda`` has no finite fraction), at fraction ``r`` in
     ``u = alpha / sigma = e^lambda``: ``lambda_to + log r``. There ``x / sigma`` moves by
@@ -62,7 +62,10 @@ def _mid(lam_t, lam_to, r=0.5):
     convergence floor (~2.3e-4 on the tests' mixture from ~256 steps)."""
     finite = jnp.isfinite(lam_t)
     lt = jnp.where(finite, lam_t, lam_to)
-    return jnp.where(finite, lt + r * (lam_to - lt), lam_to + math.log(r))
+    # 2S's midpoint (halve) and the SDE's point as each was written before: the same bits where
+    # alpha(1) > 0
+    inner = 0.5 * (lt + lam_to) if halve else lt + r * (lam_to - lt)
+    return jnp.where(finite, inner, lam_to + math.log(r))
 
 
 def _at(path, field, y, lam, used=True, t_else=None):
@@ -155,7 +158,7 @@ def dpm_solver_sde(*, eta: Eta = 1.0, r: float = 0.5, s_noise: ArrayLike = 1.0) 
         x0 = predict(path, field, x, t)[0]
         y = x  # only for shapes and dtypes below
         fin = jnp.isfinite(lam_t)  # from alpha = 0: finite stand-ins (their slopes were NaN)
-        lam_mid = _mid(lam_t, lam_s, r)  # from alpha = 0: at fraction r in u = alpha / sigma
+        lam_mid = _mid(lam_t, lam_s, r, halve=False)  # from alpha = 0: fraction r in u
         sig_t = jnp.exp(-jnp.where(fin, lam_t, lam_mid - 1.0))  # inf stood here: the limit below
         sig_mid, sig_s = jnp.exp(-lam_mid), jnp.exp(-lam_s)
         if stochastic:
