@@ -178,7 +178,6 @@ __all__ = [
     "reflow_pairs",
     "shortcut_loss",
     "shortcut_target",
-    "straightness",
     "ddim_invert",
     "ddim_step",
     "discrete_path",

@@ -39,6 +39,17 @@ def concrete(x: Any) -> np.ndarray | None:
         return None
 
 
+def check_shape_tuple(shape: Any) -> Any:
+    """``shape`` (a sample's ``(batch, *event)``), refusing an integer, which failed with Python's
+    bare "'int' object is not iterable" (the data sets and ``GaussianMixture.sample`` take one)."""
+    if isinstance(shape, (int, np.integer)):
+        raise TypeError(
+            f"shape is a sample's (batch, *event), a tuple: e.g. ({shape}, 2) for {shape} points "
+            f"in 2-D, ({shape},) for scalars; got {shape!r}"
+        )
+    return shape
+
+
 def as_time(t: Any, dtype: Any = None) -> Array:
     """``t`` as a floating array (integers are promoted; ``dtype`` wins when given)."""
     t = jnp.asarray(t)

@@ -143,6 +143,12 @@ def consistency_function(
     >>> f(5.0, jnp.full((2, 2), 0.3), jnp.full(2, 1e-3)).tolist()
     [[0.3, 0.3], [0.3, 0.3]]
     """
+    if isinstance(fn, Field):  # it went through, and failed deep in the network on its params
+        raise TypeError(
+            "consistency_function wraps a network's apply(params, x, t): pass field.apply (the "
+            "result is a field of target 'x0': Field(consistency_function(net.apply), 'x0', "
+            "params)); got a Field"
+        )
     consistency_scalings(t_min, kind=kind, t_min=t_min, sigma_data=sigma_data)  # checks them
 
     def f(params: Any, x: Array, t: Array, *args: Any) -> Array:

@@ -188,6 +188,12 @@ def log_likelihood(
                 f"{name} must be a scalar (one integration for the batch; jax.vmap "
                 f"log_likelihood for per-sample times); got shape {jnp.shape(value)}"
             )
+    if solver is not None and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
+        # integrate's message said "(or drop rtol/atol)", then asked for a steps= it has not
+        raise ValueError(
+            f"log_likelihood's solve is adaptive (rtol, atol); {type(solver).__name__} has no "
+            "error estimate: use diffrax.Tsit5(), Dopri5() or Heun()"
+        )
     end_now = concrete(t_end)  # before any jnp op: under jit, jnp.asarray(1.0) is already traced
     start_now = concrete(t_start)
     t_start, t_end = check_time(t_start, "t_start"), check_time(t_end, "t_end")

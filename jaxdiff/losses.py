@@ -538,7 +538,7 @@ def flow_matching_loss(
     path: GaussianPath | None = None,
     *,
     time_sampler: TimeSampler | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> Callable[[Any, Array, Any], Array]:
     """Conditional flow matching: regress on ``u_t(x | x0) = alpha_t' x0 + sigma_t' eps`` (Lipman et
     al. 2023). Default path: ``linear_path()``; ``t`` runs data -> noise, so ``u`` is minus the
@@ -567,7 +567,7 @@ def score_matching_loss(
     path: GaussianPath,
     *,
     weighting: Weighting = sigma_sq_weight,
-    **kwargs,
+    **kwargs: Any,
 ) -> Callable[[Any, Array, Any], Array]:
     """Denoising score matching ``w(t) |s(x_t, t) + eps / sigma_t|^2`` (Vincent 2011; Song et al.
     2021): ``sigma_sq_weight`` (default) or ``likelihood_weight`` (``g^2``, best with

@@ -25,6 +25,7 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
+from jaxdiff._checks import check_shape_tuple
 from jaxdiff._engine import VELOCITY_HINT, require_gaussian_path
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath
@@ -66,7 +67,7 @@ def reflow_pairs(
         raise ValueError(
             "reflow_pairs takes exactly one of shape (prior draws) and x1= (source points)"
         )
-    x1 = path.prior_sample(key, tuple(shape)) if x1 is None else jnp.asarray(x1)
+    x1 = path.prior_sample(key, tuple(check_shape_tuple(shape))) if x1 is None else jnp.asarray(x1)
     sol = sample(
         None, path, field, x_init=x1, steps=steps, sampler=ode(solver), t_end=t_end, denoise=True
     )

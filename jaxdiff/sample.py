@@ -20,7 +20,14 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxdiff import _engine
-from jaxdiff._checks import check_count, check_finite, data_dtype, expand_like, wide_dtype
+from jaxdiff._checks import (
+    check_count,
+    check_finite,
+    check_shape_tuple,
+    data_dtype,
+    expand_like,
+    wide_dtype,
+)
 from jaxdiff._programs import run_jit
 from jaxdiff.field import Field, as_field, batch_time, in_wide_precision
 from jaxdiff.field import denoise as denoise_step
@@ -236,6 +243,7 @@ def _grid(path, sampler, steps, ts, t_start, t_end) -> Array:
 
 
 def _start(key, path, field, shape, x_init, t0) -> Array:
+    check_shape_tuple(shape)
     if x_init is None:
         if shape is None:
             raise ValueError("give the sample shape, or x_init")

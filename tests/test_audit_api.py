@@ -115,3 +115,39 @@ def test_langevin_names_a_step_per_coordinate():
         jax.random.key(0), lambda x: -x, X, step_size=jnp.full((1, 3), 0.1), n_steps=2
     )
     assert out.shape == X.shape
+
+
+def test_api_review_misuses_get_named_errors():
+    """An API review (stop 58) found three natural misuses that failed without naming the cause:
+    an integer sample shape ('int' object is not iterable; the data sets take an integer n), a
+    Field given to consistency_function (it went through and failed deep in the network on its
+    params), and log_likelihood with a fixed-step solver (its message said to drop rtol/atol, then
+    asked for a steps= log_likelihood has not)."""
+    import subprocess
+    import sys
+
+    import diffrax
+
+    # the suite's type checker refuses an int shape before jaxdiff's message: run without it
+    script = (
+        "import jax, jaxdiff as jd\n"
+        "data = jd.GaussianMixture.isotropic(jax.numpy.array([[1.0, 0.0]]), std=0.5)\n"
+        "path = jd.linear_path()\n"
+        "for call in (lambda: jd.sample(jax.random.key(0), path, data.field(path, 'velocity'), 64),\n"
+        "             lambda: jd.reflow_pairs(jax.random.key(0), path, data.field(path, 'velocity'), 64)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except TypeError as err:\n"
+        "        print(str(err).splitlines()[0])\n"
+    )  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    ).stdout.splitlines()
+    assert len(out) == 2 and all("e.g. (64, 2) for 64 points" in line for line in out), out
+    net = jd.Field(lambda p, x, t: x, "x0", ())
+    with pytest.raises(TypeError, match="pass field.apply"):
+        jd.consistency_function(net)
+    data = jd.GaussianMixture.isotropic(jnp.array([[1.0, 0.0]]), std=0.5)
+    path = jd.vp_path()
+    with pytest.raises(ValueError, match="log_likelihood's solve is adaptive"):
+        jd.log_likelihood(path, data.field(path, "eps"), jnp.ones((2, 2)), solver=diffrax.Euler())

@@ -92,7 +92,10 @@ def dpm_solver_pp(
 ) -> Sampler:
     """DPM-Solver++ multistep of ``order`` 1, 2 (2M) or 3 (3M) (Lu et al. 2022b); ``eta > 0``
     gives the SDE variants 2M-SDE / 3M-SDE (``eta = 1``: diffusers' ``sde-dpmsolver++``; ``eta``
-    may be a function of ``t``). 2M uses the midpoint form of the second-order term (the
+    may be a function of ``t``). This ``eta`` is k-diffusion's ``dpmpp_2m_sde`` one and scales the
+    noise's *variance*: ``dpm_solver_pp(eta=e)`` is the reverse-SDE member of noise ``sqrt(e) g``
+    (``sde(eta=sqrt(e))``), where ``ddim``'s, ``sde``'s and 2S's ``eta`` scale the standard
+    deviation; they agree at 0 and 1. 2M uses the midpoint form of the second-order term (the
     reference code's and diffusers' default ``solver_type``).
 
     The first steps use lower orders (no history yet), and so do the last ones with
