@@ -45,7 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxdiff._checks import check_count, check_finite, check_positive, error_if, wide_dtype
+from jaxdiff._checks import (
+    check_count,
+    check_finite,
+    check_positive,
+    error_if,
+    value_check,
+    wide_dtype,
+)
 
 Array = jax.Array
 
@@ -270,13 +277,40 @@ def _sinkhorn(cost, reg, num_iters, tol):
     iteration's potentials; the fixed point is the same plan. On the checkerboard against
     ``N(0, I)`` it took 200 iterations for 1,210 at ``n = 64``, ``reg = 0.05`` and 1,290 for 1,910
     at ``n = 256``, ``reg = 0.01`` (transport costs within 5e-4 of a converged plain run's)."""
+    cost = jnp.asarray(cost)
+    if cost.ndim != 2:  # "not enough values to unpack" before
+        raise ValueError(f"the Sinkhorn plan needs a cost matrix (n, m); got shape {cost.shape}")
     n, m = cost.shape
     log_a, log_b = -jnp.log(float(n)), -jnp.log(float(m))
-    cost = jnp.asarray(cost)
     if not jnp.issubdtype(cost.dtype, jnp.floating):
         cost = cost.astype(jnp.result_type(float))
     cost = cost.astype(wide_dtype(cost.dtype))  # a bfloat16 plan never reached tol = 1e-2
-    reg = jnp.asarray(check_positive(reg, "reg"), cost.dtype)
+    # a NaN cost, or a row or column with every pair forbidden (+inf: no plan has those
+    # marginals), gave a NaN plan without a word (and sinkhorn_ot's pairing then took x1[0])
+    cost = value_check(
+        cost,
+        lambda xp, c: (
+            xp.any(xp.isnan(c))
+            | ~xp.all(xp.any(c < xp.inf, axis=1))
+            | ~xp.all(xp.any(c < xp.inf, axis=0))
+        ),
+        "the cost must hold no NaN, and a finite entry in every row and column (a pair to "
+        "transport to)",
+        shown=lambda c: (
+            f"{int(np.isnan(c).sum())} NaN entries, "
+            f"{int((~np.any(c < np.inf, axis=1)).sum())} rows and "
+            f"{int((~np.any(c < np.inf, axis=0)).sum())} columns without a finite cost"
+        ),
+    )
+    tiny = float(jnp.finfo(cost.dtype).tiny)  # below it reg flushes to 0 on CPU: a NaN plan
+    reg = value_check(
+        check_positive(reg, "reg"),
+        lambda xp, r: ~xp.all(r >= tiny),
+        f"reg must be at least the smallest normal {cost.dtype} ({tiny:.3g}; below it the "
+        "update divides by 0)",
+        shown=lambda r: f"reg = {np.ravel(r)[:4].tolist()}",
+    )
+    reg = jnp.asarray(reg, cost.dtype)
     num_iters, tol = _check_iterations(num_iters, tol)
 
     def update(f, g, eps):
