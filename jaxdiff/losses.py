@@ -221,7 +221,11 @@ def importance_weights(time_sampler: TimeSampler, t: Array) -> Array | float:
     """Per example, the weight that keeps a loss whose times ``t`` ``time_sampler`` drew an
     unbiased estimate of the loss at uniform times: ``correction(t)`` for an
     :func:`importance_time` sampler, 1 for every other (their law is the loss's definition)."""
-    return time_sampler.correction(t) if isinstance(time_sampler, ImportanceTime) else 1.0
+    if not isinstance(time_sampler, ImportanceTime):
+        return 1.0
+    # in t's dtype: its table is in the default float, and under x64 a float32 loss (float32
+    # data, as the losses keep) came out float64
+    return time_sampler.correction(t).astype(jnp.result_type(t))
 
 
 def importance_time(

@@ -266,7 +266,8 @@ def edm_time(
     check_positive(p_std, "p_std")
     check_finite(p_mean, "p_mean")
     check_time_interval(t_min, t_max)
-    bounds = -0.5 * path.log_snr(jnp.asarray([t_min, t_max], jnp.float32))
+    # in the default float: a float32 draw under x64 gave float32-accurate log-SNRs
+    bounds = -0.5 * path.log_snr(jnp.asarray([t_min, t_max], jnp.result_type(float)))
     lo, hi = (bounds - p_mean) / p_std
     return _EDMTime(path, float(p_mean), float(p_std), float(t_min), float(t_max), lo, hi)
 

@@ -251,6 +251,13 @@ def test_every_loss_of_float32_data_is_float32_under_x64(x64):
         "ct": jd.consistency_training_loss(
             jd.Field(jd.consistency_function(lambda p, x, t: x), "x0"), path
         ),
+        # importance_time's weights came in its table's default float (float64: a dtype review)
+        "importance": jd.flow_matching_loss(
+            one("velocity"), path, time_sampler=jd.importance_time(path, jd.min_snr_weight())
+        ),
+        "importance_meanflow": jd.meanflow_loss(
+            two, path, time_sampler=jd.importance_time(path, jd.min_snr_weight())
+        ),
     }
     for dtype in (jnp.float32, jnp.float64):
         x = jnp.ones((8, 2), dtype)

@@ -200,3 +200,14 @@ def test_bad_arguments():
         jd.edm_time(jd.vp_path(), t_min=0.5, t_max=0.2)
     with pytest.raises((ValueError, TypeError), match="units"):  # TypeError: beartype in tests
         jd.Weight(lambda p, t: t, "noise")
+
+
+def test_edm_time_draws_in_float64_under_x64(x64):
+    """edm_time built its truncation bounds in float32, so under x64 its draws ran in float32:
+    99.995% of the log-SNRs were float32 numbers (a dtype review). They are float64 now."""
+    path = jd.vp_path()
+    t = jd.edm_time(path)(jax.random.key(0), (4096,))
+    assert t.dtype == jnp.float64
+    lam = np.asarray(-0.5 * path.log_snr(t))
+    as32 = lam.astype(np.float32).astype(np.float64)
+    assert np.mean(lam == as32) < 0.01  # float64 values, not float32 ones widened
