@@ -60,16 +60,24 @@ print(json.dumps({
 """
 
 
-def test_sharded_sampling_matches_one_device():
+def _on_devices(script: str, devices: int) -> tuple[subprocess.CompletedProcess, dict]:
+    """``script`` run in a fresh process with ``devices`` fake CPU devices (the flag must be set
+    before JAX starts) and the default error mode; its last line of output as JSON."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = (
+        f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    )
     env["JAX_PLATFORMS"] = "cpu"
     env.pop("EQX_ON_ERROR", None)
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_sampling_matches_one_device():
+    proc, out = _on_devices(SCRIPT, 4)
     assert out["devices_in"] == [1]
     # Each device holds a quarter of the batch: the samples stay sharded, not replicated.
     assert out["devices_out"] == [4]
@@ -186,15 +194,7 @@ def test_losses_training_steps_and_samplers_run_inside_shard_map():
     branches must have equal output types", a review of JAX transformations). The flag is made
     the same on every device (pmax over the axes it varies over): the step equals one device's
     mean of the shards' losses, and a NaN batch still raises its named error."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("EQX_ON_ERROR", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", SHARD_MAP], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    _, out = _on_devices(SHARD_MAP, 2)
     assert out["step"] < 1e-5 and out["loss"] < 1e-5, out
     assert out["sample_finite"], out
     assert "non-finite" in out["nan"], out["nan"][-2000:]
