@@ -285,19 +285,19 @@ def _sinkhorn(cost, reg, num_iters, tol):
     if not jnp.issubdtype(cost.dtype, jnp.floating):
         cost = cost.astype(jnp.result_type(float))
     cost = cost.astype(wide_dtype(cost.dtype))  # a bfloat16 plan never reached tol = 1e-2
-    # a NaN cost, or a row or column with every pair forbidden (+inf: no plan has those
+    # a NaN or -inf cost, or a row or column with every pair forbidden (+inf: no plan has those
     # marginals), gave a NaN plan without a word (and sinkhorn_ot's pairing then took x1[0])
     cost = value_check(
         cost,
         lambda xp, c: (
-            xp.any(xp.isnan(c))
+            xp.any(xp.isnan(c) | (c == -xp.inf))
             | ~xp.all(xp.any(c < xp.inf, axis=1))
             | ~xp.all(xp.any(c < xp.inf, axis=0))
         ),
-        "the cost must hold no NaN, and a finite entry in every row and column (a pair to "
-        "transport to)",
+        "the cost must hold no NaN or -inf, and a finite entry in every row and column (a pair "
+        "to transport to)",
         shown=lambda c: (
-            f"{int(np.isnan(c).sum())} NaN entries, "
+            f"{int((np.isnan(c) | (c == -np.inf)).sum())} NaN or -inf entries, "
             f"{int((~np.any(c < np.inf, axis=1)).sum())} rows and "
             f"{int((~np.any(c < np.inf, axis=0)).sum())} columns without a finite cost"
         ),

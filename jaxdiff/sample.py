@@ -267,6 +267,8 @@ def _start(key, path, field, shape, x_init, t0) -> Array:
             "shape (d,) is (1, d))"
         ) from err
     except TypeError as err:  # apply(params, x, t, r) with r required: "missing ... 'r'"
+        if isinstance(err, jax.errors.JAXTypeError) or "required positional" not in str(err):
+            raise  # JAX's own (a tracer used as a bool) and other bugs of the field, unchanged
         raise TypeError(
             f"{err}\n(the field was called as field(x, t) to check its output's shape: a "
             "two-time network for meanflow() or a shortcut model must default its second time "

@@ -450,13 +450,17 @@ def test_sinkhorn_plan_names_costs_and_regs_it_cannot_solve():
                           jax.random.normal(jax.random.key(1), (8, 2)))  # fmt: skip
     with pytest.raises(ValueError, match=r"needs a cost matrix \(n, m\); got shape \(8,\)"):
         C.sinkhorn_plan(cost[0], 0.1)
-    with pytest.raises(ValueError, match="got 1 NaN entries, 0 rows"):
+    with pytest.raises(ValueError, match="got 1 NaN or -inf entries, 0 rows"):
         C.sinkhorn_plan(cost.at[0, 0].set(jnp.nan), 0.1)
-    with pytest.raises(ValueError, match="0 NaN entries, 1 rows and 0 columns without a finite"):
+    with pytest.raises(
+        ValueError, match="0 NaN or -inf entries, 1 rows and 0 columns without a finite"
+    ):
         C.sinkhorn_plan(cost.at[2].set(jnp.inf), 0.1)
+    with pytest.raises(ValueError, match="got 1 NaN or -inf entries"):  # -inf too (a review)
+        C.sinkhorn_plan(cost.at[1, 3].set(-jnp.inf), 0.1)
     with pytest.raises(ValueError, match=r"reg must be at least the smallest normal float32"):
         C.sinkhorn_plan(cost, 1e-40)
-    with pytest.raises(Exception, match="the cost must hold no NaN"):
+    with pytest.raises(Exception, match="the cost must hold no NaN or -inf"):
         jax.block_until_ready(
             jax.jit(lambda c: C.sinkhorn_plan(c, 0.1))(cost.at[0, 0].set(jnp.nan))
         )

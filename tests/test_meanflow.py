@@ -287,6 +287,10 @@ def test_bad_arguments_raise_clear_errors():
     strict = jd.Field(lambda x, t, r: x, "velocity")
     with pytest.raises(TypeError, match=r"must default its second time to the first"):
         jd.sample(None, PATH, strict, x_init=x, sampler=sampler)
+    # JAX's own errors from the probe pass unchanged (the hint was added to them too: a review)
+    branchy = jd.Field(lambda x, t, r=None: x if t.max() > 0.5 else -x, "velocity")
+    with pytest.raises(jax.errors.TracerBoolConversionError):
+        jd.sample(None, PATH, branchy, x_init=x, sampler=sampler)
 
 
 def test_tiny_meanflow_training_generates_in_one_step():

@@ -179,6 +179,11 @@ out["step"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves
 out["loss"] = abs(float(value) - float(want_value))
 x = sm(draw, (P(), P()), P("d"))(jax.random.key(3), params)
 out["sample_finite"] = bool(jnp.isfinite(x).all()) and x.shape == (4, 2)
+def draw_unipc(k, q):  # its history buffer did not vary as x does: the scan's carry types differed
+    k = jax.random.fold_in(k, jax.lax.axis_index("d"))
+    return jd.sample(k, path, jd.Field(model.apply, "eps", q), (2, 2), sampler=jd.samplers.unipc(3), steps=4).x
+x = sm(draw_unipc, (P(), P()), P("d"))(jax.random.key(3), params)
+out["sample_finite"] &= bool(jnp.isfinite(x).all()) and x.shape == (4, 2)
 try:  # a NaN batch still names itself
     jax.block_until_ready(sm(shard_loss, (P(), P(), P("d")), P())(params, jax.random.key(4), batch.at[0, 0].set(jnp.nan)))
     out["nan"] = "no error"

@@ -207,7 +207,9 @@ def unipc(order: int = 2, *, variant: str = "bh2", lower_order_final: bool = Tru
 
     def init(path, field, x, ts) -> State:
         dtype = jnp.result_type(x.dtype, jnp.float32)
-        zeros = jnp.zeros((order,) + x.shape, x.dtype)
+        # like x (inside shard_map a plain zeros buffer did not vary as x does: the scan's carry
+        # types differed, "carry input and carry output must have equal types")
+        zeros = jnp.zeros_like(jnp.broadcast_to(x, (order,) + x.shape))
         n = jnp.asarray(ts.shape[0] - 1, jnp.int32)
         one = jnp.ones((), jnp.int32)
         lams = jnp.full((order,), -jnp.inf, dtype)  # -inf: no evaluation there (yet)
