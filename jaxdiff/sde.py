@@ -145,14 +145,18 @@ def check_eta(eta: Eta, name: str = "eta", hi: float | None = None) -> Eta:
     check: a traced ``eta = 2`` ran DDIM with its noise term silently clipped)."""
     bounds = "[0, inf)" if hi is None else f"[0, {hi}]"
 
-    def bad(xp, e):
-        return ~xp.all(xp.isfinite(e) & (e >= 0) & (True if hi is None else e <= hi))
+    def outside(xp, e):
+        return ~(xp.isfinite(e) & (e >= 0) & (True if hi is None else e <= hi))
 
+    def bad(xp, e):
+        return xp.any(outside(xp, e))
+
+    probe = np.linspace(0.0, 1.0, 33)
     if callable(eta):
         # a function of t alone is known at trace time under an outer jit too (its ops on the
         # probe grid were staged, and its check became a run-time one)
         with jax.ensure_compile_time_eval():
-            value = concrete(eta_at(eta, np.linspace(0.0, 1.0, 33)))
+            value = concrete(eta_at(eta, probe))
         if value is None:  # a traced function: each value is checked when it runs
             msg = f"{name} must lie in {bounds}"
             return lambda t: value_check(eta_at(eta, t), bad, msg)
@@ -160,12 +164,11 @@ def check_eta(eta: Eta, name: str = "eta", hi: float | None = None) -> Eta:
         value = concrete(eta)
         if value is None:
             return value_check(jnp.asarray(eta), bad, f"{name} must lie in {bounds}")
-    if bad(np, np.asarray(value)):
-        v = np.asarray(value)
-        if callable(eta) and v.shape == (33,):  # name the probe times where it is out of range
-            t = np.linspace(0.0, 1.0, 33)
-            wrong = ~(np.isfinite(v) & (v >= 0) & (True if hi is None else v <= hi))
-            pairs = ", ".join(f"{v[i]:.4g} at t = {t[i]:.4g}" for i in np.flatnonzero(wrong)[:4])
+    v = np.asarray(value)
+    if bad(np, v):
+        if callable(eta) and v.shape == probe.shape:  # the probe times where it is out of range
+            wrong = np.flatnonzero(outside(np, v))[:4]
+            pairs = ", ".join(f"{v[i]:.4g} at t = {probe[i]:.4g}" for i in wrong)
             raise ValueError(f"{name} must lie in {bounds}; got {name}(t) = {pairs}")
         raise ValueError(f"{name} must lie in {bounds}; got {name} = {np.ravel(v)[:4].tolist()}")
     return eta
