@@ -460,6 +460,8 @@ def test_sinkhorn_plan_names_costs_and_regs_it_cannot_solve():
         C.sinkhorn_plan(cost.at[1, 3].set(-jnp.inf), 0.1)
     with pytest.raises(ValueError, match=r"reg must be at least the smallest normal float32"):
         C.sinkhorn_plan(cost, 1e-40)
+    with pytest.raises(Exception, match="reg must be at least the smallest normal float32"):
+        jax.block_until_ready(jax.jit(lambda r: C.sinkhorn_plan(cost, r))(1e-40))  # traced reg
     with pytest.raises(Exception, match="the cost must hold no NaN or -inf"):
         jax.block_until_ready(
             jax.jit(lambda c: C.sinkhorn_plan(c, 0.1))(cost.at[0, 0].set(jnp.nan))
