@@ -142,8 +142,9 @@ def log_likelihood(
     t_start: ArrayLike = 1e-3,
     t_end: ArrayLike | None = None,
     solver: diffrax.AbstractSolver | None = None,
-    rtol: ArrayLike = 1e-5,
-    atol: ArrayLike = 1e-5,
+    steps: int | None = None,
+    rtol: ArrayLike | None = None,
+    atol: ArrayLike | None = None,
     max_steps: int = 4096,
     adjoint: diffrax.AbstractAdjoint | None = None,
     prior_logp: Callable[[Array], Array] | None = None,
@@ -153,7 +154,11 @@ def log_likelihood(
     ``field`` is a :class:`~jaxdiff.Field`. ``num_probes=None``: exact divergence; else Hutchinson
     with ``num_probes`` draws of ``probe(key, shape, dtype)`` per sample (``jax.random.normal`` or
     ``jax.random.rademacher``), fixed along the solve. ``solver`` defaults to ``Tsit5`` with a PID
-    controller at ``rtol``/``atol``; ``prior_logp`` (default ``path.prior_logp`` at ``t_end``, the
+    controller at ``rtol``/``atol`` (default ``1e-5`` each). ``steps=N`` without ``rtol``/``atol``
+    solves on ``N`` uniform steps instead, with any diffrax solver (``Euler``, ``Heun``, ...:
+    a fixed cost, a static ``nfe``, and derivatives through the scan rather than an adjoint);
+    with ``rtol``/``atol`` too, ``N`` only sizes the first trial step, as in :func:`integrate`.
+    ``prior_logp`` (default ``path.prior_logp`` at ``t_end``, the
     density of ``N(0, sigma_{t_end}^2 I)``) scores the end state. Divide ``-logp`` by
     ``D log 2`` for bits/dim.
 
@@ -188,11 +193,15 @@ def log_likelihood(
                 f"{name} must be a scalar (one integration for the batch; jax.vmap "
                 f"log_likelihood for per-sample times); got shape {jnp.shape(value)}"
             )
-    if solver is not None and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
+    if steps is None and rtol is None and atol is None:
+        rtol = atol = 1e-5  # adaptive by default
+    adaptive = rtol is not None or atol is not None
+    if adaptive and solver is not None and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
         # integrate's message said "(or drop rtol/atol)", then asked for a steps= it has not
         raise ValueError(
             f"log_likelihood's solve is adaptive (rtol, atol); {type(solver).__name__} has no "
-            "error estimate: use diffrax.Tsit5(), Dopri5() or Heun()"
+            "error estimate: use diffrax.Tsit5(), Dopri5() or Heun(), or pass steps=N (and no "
+            "rtol/atol) for a fixed grid of N steps"
         )
     end_now = concrete(t_end)  # before any jnp op: under jit, jnp.asarray(1.0) is already traced
     start_now = concrete(t_start)
@@ -246,6 +255,7 @@ def log_likelihood(
         (x, jnp.zeros(x.shape[:1], x.dtype)),
         t_start=t_start,
         t_end=t_end,
+        steps=steps,
         solver=diffrax.Tsit5() if solver is None else solver,
         rtol=rtol,
         atol=atol,
