@@ -8,6 +8,7 @@ into NaNs where the few microseconds they cost matter, as the benchmarks do).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,21 @@ def concrete(x: Any) -> np.ndarray | None:
         return np.asarray(x)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError, TypeError):
         return None
+
+
+def renamed(value: Any, old_value: Any, name: str, old_name: str, fn: str) -> Any:
+    """``value`` of the keyword ``name``, or ``old_value`` of its old name ``old_name`` with a
+    ``DeprecationWarning``; both given is an error."""
+    if old_value is None:
+        return value
+    if value is not None:
+        raise ValueError(f"{fn}: give {name}= (the new name of {old_name}=), not both")
+    warnings.warn(
+        f"{fn}({old_name}=) is now {fn}({name}=), as in sample and integrate",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old_value
 
 
 def check_shape_tuple(shape: Any) -> Any:

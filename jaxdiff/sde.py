@@ -31,6 +31,7 @@ from jaxdiff._checks import (
     expand_like,
     normal,
     normal_like,
+    renamed,
     value_check,
     widen,
 )
@@ -187,9 +188,10 @@ def langevin(
     x: ArrayLike,
     *,
     step_size: ArrayLike,
-    n_steps: int,
+    steps: int | None = None,
+    n_steps: int | None = None,
 ) -> Array:
-    """Unadjusted Langevin dynamics ``x <- x + step * score(x) + sqrt(2 step) z`` for ``n_steps``;
+    """Unadjusted Langevin dynamics ``x <- x + step * score(x) + sqrt(2 step) z`` for ``steps``;
     ``step_size`` a scalar or one per sample (shaped like a per-sample ``t``).
 
     Samples approximately from ``p`` when ``score_fn = grad log p`` (Roberts & Tweedie 1996; the
@@ -197,12 +199,15 @@ def langevin(
 
     >>> import jax, jax.numpy as jnp
     >>> x = langevin(jax.random.key(0), lambda x: -x, jnp.zeros((4096, 1)), step_size=0.05,
-    ...              n_steps=400)
+    ...              steps=400)
     >>> round(float(x.var()), 1)  # N(0, 1), up to the O(step) bias and sampling noise
     1.0
     """
     step_size = check_positive(step_size, "step_size")
-    n_steps = check_count(n_steps, "n_steps", minimum=0)  # 2.7 ran 2 steps
+    steps = renamed(steps, n_steps, "steps", "n_steps", "langevin")
+    if steps is None:
+        raise TypeError("langevin needs steps= (the number of Langevin steps)")
+    steps = check_count(steps, "steps", minimum=0)  # 2.7 ran 2 steps
     x = check_finite(jnp.asarray(x), "x")
     # The chain runs in max(float32, dtype of x) and returns x's dtype (the precision policy):
     # a bfloat16 state rounded every step away (N(2, 0.25), step 1e-4, 3000 steps: mean 1.10
@@ -217,7 +222,7 @@ def langevin(
         move = step_size * score + scale * normal_like(k, x)
         return (x + move).astype(x.dtype), None  # a float32 step size keeps the carry's dtype
 
-    return jax.lax.scan(step, x, jax.random.split(key, n_steps))[0].astype(out)
+    return jax.lax.scan(step, x, jax.random.split(key, steps))[0].astype(out)
 
 
 def brownian_motion(key: Array, ts: ArrayLike, shape: tuple[int, ...] = ()) -> Array:

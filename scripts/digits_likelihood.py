@@ -192,7 +192,7 @@ def measure(field, dequant, test_levels, *, t_starts=(1e-3, 1e-5), num_probes=No
             "z_norm_median": float(np.median(z)),
             "z_norm_of_the_far": [float(v) for v in z[bpd > FAR]],
         }
-    terms = jax.jit(lambda y: jd.nelbo(jax.random.key(11), path, field, y, num_steps=1000))(y)
+    terms = jax.jit(lambda y: jd.nelbo(jax.random.key(11), path, field, y, steps=1000))(y)
     out["elbo"] = _stats(np.asarray(jd.bits_per_dim(terms.total - log_volume, D)))
     return out
 

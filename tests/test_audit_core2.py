@@ -113,9 +113,9 @@ def test_small_numeric_holes():
     # C12: n_steps 2.7 ran 2 steps
     jaxtyping.config.update("jaxtyping_disable", True)  # the tests' type hook refuses it first
     try:
-        with pytest.raises(ValueError, match="n_steps must be an integer >= 0; got 2.7"):
+        with pytest.raises(ValueError, match="steps must be an integer >= 0; got 2.7"):
             jd.langevin(
-                jax.random.key(0), lambda x: -x, jnp.zeros((2, 1)), step_size=0.1, n_steps=2.7
+                jax.random.key(0), lambda x: -x, jnp.zeros((2, 1)), step_size=0.1, steps=2.7
             )
     finally:
         jaxtyping.config.update("jaxtyping_disable", False)

@@ -139,7 +139,7 @@ def test_nelbo_refuses_eps_at_zero_terminal_snr_at_trace_time():
     field = jd.Field(lambda x, t: 0.0 * x, "eps")
     x0 = jnp.zeros((2, 3))
     with pytest.raises(ValueError, match="alpha_1 = 0 .* train the 'x0', 'v' or 'velocity'"):
-        jax.jit(lambda k, x: jd.nelbo(k, jd.linear_path(), field, x, num_steps=10).total)(
+        jax.jit(lambda k, x: jd.nelbo(k, jd.linear_path(), field, x, steps=10).total)(
             jax.random.key(0), x0
         )
 

@@ -42,11 +42,11 @@ def test_nelbo_low_precision_and_integer_x0(dtype):
     path = jd.vp_path()
     x = jnp.array([[0.5, -0.25], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
     f = GAUSS.field(path, "eps")
-    ref = nelbo(jax.random.key(1), path, f, x, num_steps=50).total
-    out = nelbo(jax.random.key(1), path, f, x.astype(dtype), num_steps=50).total
+    ref = nelbo(jax.random.key(1), path, f, x, steps=50).total
+    out = nelbo(jax.random.key(1), path, f, x.astype(dtype), steps=50).total
     assert out.dtype == jnp.float32
     if dtype == jnp.int32:
-        ref = nelbo(jax.random.key(1), path, f, x.astype(dtype).astype(jnp.float32), num_steps=50)
+        ref = nelbo(jax.random.key(1), path, f, x.astype(dtype).astype(jnp.float32), steps=50)
         ref = ref.total
     np.testing.assert_allclose(out, ref, rtol=2e-3, atol=2e-3)
 
@@ -57,7 +57,7 @@ def test_nelbo_bad_num_terms(num_terms):
     path = jd.vp_path()
     with pytest.raises(ValueError, match="num_terms"):
         nelbo(jax.random.key(1), path, GAUSS.field(path, "eps"), jnp.zeros((2, 2)),
-              num_steps=10, num_terms=num_terms)  # fmt: skip
+              steps=10, num_terms=num_terms)  # fmt: skip
 
 
 def test_decoder_std_per_sample_is_per_sample():
@@ -68,7 +68,7 @@ def test_decoder_std_per_sample_is_per_sample():
     std = jnp.array([0.1, 0.2, 0.4])
     # jitted: three programs (std of shape (3,), () and (3, 2)) instead of five eager calls' ops
     run = jax.jit(lambda s, x: nelbo(jax.random.key(1), path, GAUSS.field(path, "eps"), x,
-                                     num_steps=10, decoder_std=s).reconstruction)  # fmt: skip
+                                     steps=10, decoder_std=s).reconstruction)  # fmt: skip
     per_sample = run(std, x)
     one_by_one = [run(std[i], x)[i] for i in range(3)]  # the same batch: the same noise
     np.testing.assert_allclose(per_sample, one_by_one, rtol=1e-5)
@@ -86,7 +86,7 @@ def test_decoder_std_checked(std):
     path = jd.vp_path()
     with pytest.raises(ValueError, match="decoder_std"):
         nelbo(jax.random.key(1), path, GAUSS.field(path, "eps"), jnp.zeros((2, 2)),
-              num_steps=10, num_bins=256, decoder_std=std)  # fmt: skip
+              steps=10, num_bins=256, decoder_std=std)  # fmt: skip
     with pytest.raises(ValueError, match="std"):  # log P(bin of 0 | N(0, 0.5^2)) was -69.8
         discretized_gaussian_log_prob(jnp.array([0.0]), 0.0, -0.5)
     p = jnp.exp(discretized_gaussian_log_prob(jnp.linspace(-1, 1, 256), 0.1, 0.5))
@@ -163,8 +163,8 @@ def test_nelbo_eps_target_with_zero_terminal_snr():
     path = jd.linear_path()
     x = GAUSS.sample(jax.random.key(0), 16)
     with pytest.raises(ValueError, match="alpha_1 = 0"):
-        nelbo(jax.random.key(1), path, GAUSS.field(path, "eps"), x, num_steps=20)
-    total = nelbo(jax.random.key(1), path, GAUSS.field(path, "x0"), x, num_steps=20).total
+        nelbo(jax.random.key(1), path, GAUSS.field(path, "eps"), x, steps=20)
+    total = nelbo(jax.random.key(1), path, GAUSS.field(path, "x0"), x, steps=20).total
     assert bool(jnp.all(jnp.isfinite(total)))
 
 

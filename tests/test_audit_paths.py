@@ -17,10 +17,10 @@ def test_langevin_low_precision_state_does_not_round_steps_away():
         return -(x - mu) / s2
 
     x0 = jnp.zeros((4096,))
-    ref = jd.langevin(jax.random.key(0), score, x0, step_size=1e-4, n_steps=3000)
+    ref = jd.langevin(jax.random.key(0), score, x0, step_size=1e-4, steps=3000)
     assert abs(float(ref.mean()) - 2.0 * (1.0 - np.exp(-1.2))) < 0.02
     for dtype in (jnp.bfloat16, jnp.float16):
-        x = jd.langevin(jax.random.key(0), score, x0.astype(dtype), step_size=1e-4, n_steps=3000)
+        x = jd.langevin(jax.random.key(0), score, x0.astype(dtype), step_size=1e-4, steps=3000)
         assert x.dtype == dtype
         assert abs(float(x.astype(jnp.float32).mean()) - float(ref.mean())) < 5e-3
 
@@ -32,7 +32,7 @@ def test_langevin_stationary_gaussian():
         lambda x: -(x - 2.0) / 0.25,
         jnp.zeros((20000,)),
         step_size=0.005,
-        n_steps=1000,
+        steps=1000,
     )
     assert abs(float(x.mean()) - 2.0) < 0.015  # 4 standard errors (0.0036)
     assert abs(float(x.var()) - 0.25 / (1 - 0.01)) < 0.01  # 4 s.e. (0.0025)

@@ -109,7 +109,7 @@ def test_langevin_takes_one_step_size_per_sample():
     # steps of the coordinates (0.62 off), else a bare broadcasting error
     x = jax.random.normal(jax.random.key(0), (4, 4))
     steps = jnp.array([0.1, 0.2, 0.3, 0.4])
-    run = functools.partial(jd.langevin, jax.random.key(1), lambda x: -x, x, n_steps=3)
+    run = functools.partial(jd.langevin, jax.random.key(1), lambda x: -x, x, steps=3)
     got = run(step_size=steps)
     for b in range(4):  # the same key draws the same noise for the whole batch
         np.testing.assert_allclose(got[b], run(step_size=float(steps[b]))[b], rtol=1e-6)

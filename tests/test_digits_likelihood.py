@@ -80,7 +80,7 @@ def test_bits_per_dim_of_an_exact_gaussian_model_match_the_closed_form(x64):
     # the ELBO of the same exact model (1000-step VP chain) bounds it from above: measured gap
     # 0.648 +- 0.007 bits/dim over 1024 draws, the chain's discretisation near t = 0 where VP's SNR
     # changes by a factor (i + 1) / i per step (cf. test_discrete: 0.9 nats in 2-D at T = 1000)
-    total = jax.jit(lambda y: jd.nelbo(jax.random.key(1), path, field, y, num_steps=1000).total)
+    total = jax.jit(lambda y: jd.nelbo(jax.random.key(1), path, field, y, steps=1000).total)
     elbo = np.asarray(jd.bits_per_dim(total(y) - log_volume, D)).reshape(8, K)
     gap = elbo - bpd
     print(f"exact Gaussian: PF-ODE {bpd.mean():.4f} (closed form {expected.mean():.4f}), "
@@ -113,7 +113,7 @@ def test_digits_bits_per_dim_from_the_pf_ode_and_the_elbo():
     # log P(x) >= E_u log p(x + u) + log(bin volume): both numbers below bound -log2 P(x) / 64
     y, log_volume = jd.dequantize(jax.random.key(2), _levels(load_digits("test")[0][:32]), LEVELS, LO, HI)  # fmt: skip
     ode = jax.jit(lambda y: jd.log_likelihood(path, field, y, rtol=1e-4, atol=1e-4).logp)(y)
-    elbo = jax.jit(lambda y: jd.nelbo(jax.random.key(3), path, field, y, num_steps=1000).total)(y)
+    elbo = jax.jit(lambda y: jd.nelbo(jax.random.key(3), path, field, y, steps=1000).total)(y)
     bpd_ode = float(jd.bits_per_dim(-(ode + log_volume), 64).mean())
     bpd_elbo = float(jd.bits_per_dim(elbo - log_volume, 64).mean())
     print(f"bits/dim: PF-ODE {bpd_ode:.3f}, ELBO {bpd_elbo:.3f} (uniform {UNIFORM_BPD:.3f})")

@@ -152,7 +152,7 @@ def test_nelbo_bounds_the_exact_nll_of_gaussian_data(x64):
     for steps, target in ((50, "eps"), (1000, "x0")):
         # jitted: one compile per chain instead of its ops compiled one by one eagerly
         field = data.field(path, target)
-        run = jax.jit(lambda k, x, f=field, n=steps: jd.nelbo(k, path, f, x, num_steps=n))
+        run = jax.jit(lambda k, x, f=field, n=steps: jd.nelbo(k, path, f, x, steps=n))
         terms = run(jax.random.key(1), x)
         gaps[steps] = float(jnp.mean(terms.total - nll))
     # measured: 1.61 at T = 50, 0.101 at T = 1000 (0.055 at 4000); standard error of the mean
@@ -173,12 +173,12 @@ def test_nelbo_on_a_log_snr_grid_closes_the_gap_the_uniform_grid_leaves():
     nll = -data.log_prob(x)
     grid = jnp.flip(jd.log_snr_grid(path, 399, 1.0, 1e-4))
     run = jax.jit(lambda k, x, ts: jd.nelbo(k, path, field, x, ts=ts))
-    uniform = run(jax.random.key(1), x, jnp.arange(1, 401) / 400)  # num_steps=400's grid
+    uniform = run(jax.random.key(1), x, jnp.arange(1, 401) / 400)  # steps=400's grid
     gap_uniform = float(jnp.mean(uniform.total - nll))
     gap = float(jnp.mean(run(jax.random.key(1), x, grid).total - nll))
     assert gap_uniform > 2.3 and 0.2 < gap < 0.8, (gap_uniform, gap)  # ~4 SE either side
-    with pytest.raises(ValueError, match="either num_steps or ts"):
-        jd.nelbo(jax.random.key(1), path, field, x, num_steps=10, ts=grid)
+    with pytest.raises(ValueError, match="either steps or ts"):
+        jd.nelbo(jax.random.key(1), path, field, x, steps=10, ts=grid)
     with pytest.raises(ValueError, match="ts must increase from a time above 0 to t = 1"):
         jd.nelbo(jax.random.key(1), path, field, x, ts=grid[:-1])
     # a grid out of order was "strictly monotone (increasing or decreasing)", though it must
@@ -238,7 +238,7 @@ def test_var_weight_and_the_decoder_bins_are_checked():
     with pytest.raises(ValueError, match=r"var_weight must be finite; got \[nan\]"):
         jd.reverse_mean_var(path, x, x, 0.5, 0.4, var_weight=float("nan"))
     with pytest.raises(ValueError, match=r"var_weight must be finite"):
-        jd.nelbo(jax.random.key(0), path, jd.Field(lambda x, t: x, "eps"), x, num_steps=4,
+        jd.nelbo(jax.random.key(0), path, jd.Field(lambda x, t: x, "eps"), x, steps=4,
                  var_weight=jnp.array([0.5, jnp.inf]))  # fmt: skip
     with pytest.raises(ValueError, match="num_bins must be >= 2"):  # 1 bin: half-width 1 / 0
         jd.discretized_gaussian_log_prob(x, x, x, num_bins=1)

@@ -758,7 +758,7 @@ def _field_at_half(transform) -> jax.Array:
 DROPPED_CHECKS = {
     "langevin": (
         lambda v: jd.langevin(
-            jax.random.key(0), lambda x: -x, jnp.zeros((4, 2)), step_size=v, n_steps=2
+            jax.random.key(0), lambda x: -x, jnp.zeros((4, 2)), step_size=v, steps=2
         ),
         -0.1,
         "step_size",

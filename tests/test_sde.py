@@ -130,13 +130,13 @@ def test_langevin_samples_a_gaussian():
     prec = jnp.linalg.inv(cov)
     x = jd.langevin(
         jax.random.key(0), lambda x: -(x - mean[None]) @ prec, jnp.zeros((20000, 2)),
-        step_size=0.02, n_steps=600,
+        step_size=0.02, steps=600,
     )  # fmt: skip
     # ULA's stationary covariance is biased by O(step): about 1% here; MC standard errors ~1%.
     np.testing.assert_allclose(x.mean(0), mean, atol=0.05)
     np.testing.assert_allclose(jnp.cov(x.T), cov, rtol=0.06, atol=0.04)
     with pytest.raises(ValueError, match="step_size must be > 0"):
-        jd.langevin(jax.random.key(0), lambda x: -x, jnp.zeros(2), step_size=0.0, n_steps=5)
+        jd.langevin(jax.random.key(0), lambda x: -x, jnp.zeros(2), step_size=0.0, steps=5)
 
 
 def test_the_reverse_family_checks_eta():
@@ -203,7 +203,7 @@ def test_langevin_keeps_a_low_precision_state_and_prior_logp_checks_its_axes():
     """A float32 step size with a bfloat16 state broke the scan's carry; event_ndim > x.ndim
     gave a cryptic 'duplicate axis'."""
     x = jd.langevin(jax.random.key(0), lambda x: -x, jnp.zeros((8, 2), jnp.bfloat16),
-                    step_size=jnp.float32(0.05), n_steps=10)  # fmt: skip
+                    step_size=jnp.float32(0.05), steps=10)  # fmt: skip
     assert x.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(x)))
     with pytest.raises(ValueError, match="event_ndim must lie in"):
         jd.vp_path().prior_logp(jnp.zeros((3, 2)), 3)
@@ -223,3 +223,26 @@ def test_the_reverse_sde_at_an_infinite_g_is_refused():
         jax.block_until_ready(jax.jit(lambda t: jd.reverse_drift(path, field, x, t))(1.0))
     assert np.all(np.isfinite(jd.reverse_drift(path, field, x, 1.0, eta=0.0)))  # the ODE's
     assert np.isfinite(float(jd.reverse_diffusion(path, 0.999)))
+
+
+def test_the_old_step_keywords_still_work_with_a_deprecation_warning():
+    """nelbo(num_steps=) and langevin(n_steps=) are steps= now, as in sample, integrate and
+    log_likelihood; the old names give the same result with a DeprecationWarning, both at once
+    are an error, and langevin without a count names what it needs."""
+    score = lambda x: -x  # noqa: E731
+    x, key = jnp.zeros((8, 2)), jax.random.key(0)
+    new = jd.langevin(key, score, x, step_size=0.1, steps=3)
+    with pytest.warns(DeprecationWarning, match=r"langevin\(n_steps=\) is now langevin\(steps=\)"):
+        old = jd.langevin(key, score, x, step_size=0.1, n_steps=3)
+    np.testing.assert_array_equal(old, new)
+    with pytest.raises(ValueError, match="give steps= .the new name of n_steps=., not both"):
+        jd.langevin(key, score, x, step_size=0.1, steps=3, n_steps=3)
+    with pytest.raises(TypeError, match="langevin needs steps="):
+        jd.langevin(key, score, x, step_size=0.1)
+    path = jd.vp_path()
+    mix = jd.GaussianMixture.isotropic(jnp.array([[1.0, 0.0]]), std=0.5)
+    data = mix.sample(jax.random.key(1), 8)
+    new = jd.nelbo(key, path, mix.field(path, "eps"), data, steps=20).total
+    with pytest.warns(DeprecationWarning, match=r"nelbo\(num_steps=\) is now nelbo\(steps=\)"):
+        old = jd.nelbo(key, path, mix.field(path, "eps"), data, num_steps=20).total
+    np.testing.assert_array_equal(old, new)
