@@ -6,8 +6,10 @@ compiled its program again (~0.6 s of a 0.7 s call for a mixture oracle on CPU).
 traces and lowers as before, then keys the compiled program on the lowered text (without
 debug locations), the arguments' tree and their shardings and the default device: a call that lowers to the same text
 runs the program compiled for it. Closed-over arrays (a field's constants) are part of the text,
-so new values are a new program, never a stale one. Not cached: programs with host callbacks
-(``pure_callback``, ``io_callback``, ``jax.debug.print``, ``equinox.error_if``: the text names a
+so new values are a new program, never a stale one. Runtime checks (``equinox.error_if``, in
+its default ``raise`` mode) are host callbacks whose function is fixed by their messages: the key
+holds the messages, so a program of the same text and checks is reused. Not cached: programs with
+other host callbacks (``pure_callback``, ``io_callback``, ``jax.debug.print``: the text names a
 callback by its index, not by the Python function it calls), programs whose text exceeds 4M
 characters (large closed-over arrays, which the cache would keep alive), and programs whose
 lowering passes constants as arguments (so JAX internals changing can only turn the cache off).
@@ -64,14 +66,16 @@ def run_jit(fn: Callable[..., Any], *args: Any) -> Any:
     info = getattr(lowering, "compile_args", None)
     if getattr(lowering, "const_args", None) != [] or not isinstance(info, dict):
         return lowered.compile()(*args)  # constants outside the text, or JAX changed: no cache
-    if any(info.get(name) for name in ("host_callbacks", "keepalive", "ordered_effects")):
+    checks = _checks_of(info.get("host_callbacks"))
+    if checks is None or any(info.get(name) for name in ("keepalive", "ordered_effects")):
         return lowered.compile()(*args)  # a callback's Python function is not in the text
     text = lowered.as_text(debug_info=False)
-    if len(text) > _MAX_TEXT or any(word in text for word in _HOST):
+    if len(text) > _MAX_TEXT or any(word in text for word in _HOST[int(bool(checks)) :]):
         return lowered.compile()(*args)  # large constants; a callback's function is not in the text
     try:
         key = (
             hashlib.sha256(text.encode()).digest(),
+            checks,
             tree,
             tuple(getattr(leaf, "sharding", None) for leaf in leaves),
             jax.config.jax_default_device,  # where uncommitted arguments run
@@ -89,6 +93,58 @@ def run_jit(fn: Callable[..., Any], *args: Any) -> Any:
     while len(_cache) > _MAX:
         _cache.popitem(last=False)
     return compiled(*args)
+
+
+def _checks_of(callbacks: Any) -> tuple | None:
+    """The messages of the runtime checks (``equinox.error_if``) that are a program's only host
+    callbacks, in the callbacks' order (the text's indices); ``()`` without callbacks; ``None``
+    for any other callback, or a structure this code does not know (then the program is not
+    cached). A check's callbacks are the same Python functions of its messages in every trace
+    (equinox's ``raises`` and ``tpu_msg``, closing over ``msgs``), so two programs of the same
+    text and messages behave alike; only the stack equinox keeps for ``filter_jit``'s display
+    is an earlier call's."""
+    if not callbacks:
+        return ()
+    out = []
+    for callback in callbacks:
+        fn = _inner(callback)
+        name = getattr(fn, "__qualname__", None)
+        if getattr(fn, "__module__", None) != "equinox._errors" or name not in _EQX_CHECKS:
+            return None
+        cells = _cells(fn)
+        msgs = None if cells is None else cells.get("msgs")
+        if not isinstance(msgs, (list, tuple)) or not all(isinstance(m, str) for m in msgs):
+            return None
+        out.append((name, tuple(msgs)))
+    return tuple(out)
+
+
+_EQX_CHECKS = ("_error.<locals>.raises", "_error.<locals>.tpu_msg")  # EQX_ON_ERROR=raise's
+
+
+def _cells(fn: Any) -> dict | None:
+    code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if code is None:
+        return None
+    try:
+        return dict(zip(code.co_freevars, (c.cell_contents for c in closure or ()), strict=True))
+    except ValueError:  # an empty cell, or cells and names that do not pair
+        return None
+
+
+def _inner(callback: Any, depth: int = 0) -> Any:
+    """The user-level function inside JAX's callback wrappers (the closure cell ``callback`` of
+    ``emit_python_callback``'s and ``pure_callback_lowering``'s wrappers, then
+    ``_FlatCallback.callback_func``)."""
+    if depth > 4:
+        return None
+    inner = getattr(callback, "callback_func", None)
+    if inner is not None:
+        return inner
+    cells = _cells(callback)
+    if getattr(callback, "__module__", None) == "jax._src.callback" and cells and "callback" in cells:
+        return _inner(cells["callback"], depth + 1)
+    return callback
 
 
 def clear() -> None:

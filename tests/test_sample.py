@@ -921,3 +921,39 @@ def test_an_eager_repeat_reuses_its_program_and_never_a_stale_one():
         x = jd.sample(None, path, field, (4, 2), x_init=x_init, steps=3).x
         np.testing.assert_allclose(x, 1.0 - host(1.0) * (1.0 - 1e-3), atol=1e-6)
     assert len(_programs._cache) == 0
+
+
+def test_runtime_checks_of_the_same_messages_share_a_program():
+    """A program whose only host callbacks are runtime checks (``equinox.error_if``, e.g. the
+    mixture oracle's finite-``x`` and time-range checks) is kept with its checks' messages in the
+    key: an eager repeat runs it (it had compiled again on every call, ~0.4 s for a 20-step
+    sample), a check of another message is another program, and a kept program's check still
+    raises its own message."""
+    import equinox as eqx
+
+    from jaxdiff import _programs
+
+    path = jd.linear_path()
+    mix = jd.GaussianMixture.isotropic(jnp.array([[1.0, 0.0], [-1.0, 0.0]]), std=0.5)
+    oracle = mix.field(path, "velocity")
+    _programs.clear()
+    a = jd.sample(jax.random.key(0), path, oracle, (8, 2), steps=5).x
+    b = jd.sample(jax.random.key(1), path, oracle, (8, 2), steps=5).x
+    assert len(_programs._cache) == 1 and not np.allclose(a, b)
+    jitted = jax.jit(lambda k: jd.sample(k, path, oracle, (8, 2), steps=5).x)
+    np.testing.assert_allclose(b, jitted(jax.random.key(1)), rtol=1e-6, atol=1e-6)
+
+    class Checked:  # one function object (the same tree), whose check's message may change
+        msg = "first message"
+
+        def __call__(self, x, t):
+            return eqx.error_if(jnp.zeros_like(x), jnp.any(x > 2.0), self.msg)
+
+    checked, x_init = Checked(), jnp.ones((4, 2))
+    field = jd.Field(checked, "velocity")
+    for msg in ("first message", "second message"):  # the same text, another message
+        checked.msg = msg
+        jd.sample(None, path, field, (4, 2), x_init=x_init, steps=3)
+        with pytest.raises(Exception, match=msg):
+            jd.sample(None, path, field, (4, 2), x_init=3.0 * x_init, steps=3)
+    assert len(_programs._cache) == 3
