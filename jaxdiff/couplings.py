@@ -238,7 +238,9 @@ def sinkhorn_plan(
 
     ``P = diag(e^{f/reg}) e^{-C/reg} diag(e^{g/reg})``; alternating updates
     ``f_i = -reg logsumexp_j((g_j - C_ij)/reg) - reg log n`` (and the same for ``g``), in a
-    ``lax.scan`` of ``num_iters``. Entries of ``cost`` equal to ``+inf`` are forbidden pairs. After
+    ``lax.scan`` of ``num_iters``. Entries of ``cost`` equal to ``+inf`` are forbidden pairs (their
+    plan entries are 0 and the derivatives stay finite; a huge finite penalty instead, e.g.
+    ``1e30``, stalls a tolerance run, whose annealing starts at the mean cost). After
     the last ``g`` update the column sums are exact; the row sums converge, slowly for small ``reg``
     (``O(C / reg)`` iterations). With ``tol``, a ``lax.while_loop`` with ``reg`` annealed from the
     mean cost stops once :func:`marginal_error` is at most ``tol`` (checked every 10 iterations,
@@ -312,14 +314,22 @@ def _sinkhorn(cost, reg, num_iters, tol):
     )
     reg = jnp.asarray(reg, cost.dtype)
     num_iters, tol = _check_iterations(num_iters, tol)
+    # forbidden pairs (+inf) are -inf in the log-plan, but never through a division: (g - C) /
+    # eps at C = inf has an infinite derivative in eps, which a weight of 0 made NaN (the
+    # derivative in reg was NaN, and custom_root's tangent solve met a NaN right-hand side)
+    allowed = cost < jnp.inf
+    finite_cost = jnp.where(allowed, cost, 0.0)
+
+    def scaled(num, eps):  # (num - C) / eps, -inf where forbidden
+        return jnp.where(allowed, (num - finite_cost) / eps, -jnp.inf)
 
     def update(f, g, eps):
-        f = -eps * jax.nn.logsumexp((g[None, :] - cost) / eps, axis=1) + eps * log_a
-        g = -eps * jax.nn.logsumexp((f[:, None] - cost) / eps, axis=0) + eps * log_b
+        f = -eps * jax.nn.logsumexp(scaled(g[None, :], eps), axis=1) + eps * log_a
+        g = -eps * jax.nn.logsumexp(scaled(f[:, None], eps), axis=0) + eps * log_b
         return f, g
 
     def plan(f, g):
-        return (f[:, None] + g[None, :] - cost) / reg
+        return scaled(f[:, None] + g[None, :], reg)
 
     init = (jnp.zeros(n, cost.dtype), jnp.zeros(m, cost.dtype))
     if tol is None:
@@ -396,7 +406,10 @@ def _conjugate_gradients(linear, y, max_iters):
         return (carry[3] > stop) & (carry[4] < max_iters)
 
     x0 = jax.tree.map(jnp.zeros_like, y)
-    return jax.lax.while_loop(going, body, (x0, y, y, dot(y, y), 0))[0]
+    yy = dot(y, y)
+    x = jax.lax.while_loop(going, body, (x0, y, y, yy, 0))[0]
+    # a non-finite right-hand side stopped the loop at once and came back as a silent 0
+    return jax.tree.map(lambda v: jnp.where(jnp.isfinite(yy), v, jnp.nan), x)
 
 
 def _mean_cost(cost: Array) -> Array:
