@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -66,6 +67,7 @@ from jaxdiff._engine import (
     slope_singular,
     slope_singular_at_one,
 )
+from jaxdiff._programs import run_jit
 from jaxdiff.field import Field, as_field
 from jaxdiff.integrate import integrate
 from jaxdiff.paths import GaussianPath
@@ -242,32 +244,40 @@ def log_likelihood(
         num_probes = check_count(num_probes, "num_probes")  # 1.5 was read as 1 probe
         probes = probe(key, (num_probes,) + x.shape, x.dtype)
 
-    def drift(state, t):
-        y, _ = state
+    def solve(field_arrays, x, probes):
+        # the solve after the checks, in one program: called eagerly, diffrax's jit is keyed on
+        # the drift, a fresh closure each call, so every call compiled anew (5-7 s on CPU)
+        field_ = eqx.combine(field_arrays, field_static)
 
-        def velocity(y):
-            return probability_flow_drift(path, field, y, t)
+        def drift(state, t):
+            y, _ = state
 
-        return divergence(velocity, y, probes)
+            def velocity(y):
+                return probability_flow_drift(path, field_, y, t)
 
-    sol = integrate(
-        drift,
-        (x, jnp.zeros(x.shape[:1], x.dtype)),
-        t_start=t_start,
-        t_end=t_end,
-        steps=steps,
-        solver=diffrax.Tsit5() if solver is None else solver,
-        rtol=rtol,
-        atol=atol,
-        max_steps=max_steps,
-        adjoint=adjoint,
-    )
-    z, delta = sol.x
-    if prior_logp is None:
-        prior = path.prior_logp(z, event_ndim=x.ndim - 1, t=t_end)
-    else:
-        prior = prior_logp(z)
-    return Likelihood(prior + delta, z, delta, sol.nfe, sol.num_steps)
+            return divergence(velocity, y, probes)
+
+        sol = integrate(
+            drift,
+            (x, jnp.zeros(x.shape[:1], x.dtype)),
+            t_start=t_start,
+            t_end=t_end,
+            steps=steps,
+            solver=diffrax.Tsit5() if solver is None else solver,
+            rtol=rtol,
+            atol=atol,
+            max_steps=max_steps,
+            adjoint=adjoint,
+        )
+        z, delta = sol.x
+        if prior_logp is None:
+            prior = path.prior_logp(z, event_ndim=x.ndim - 1, t=t_end)
+        else:
+            prior = prior_logp(z)
+        return Likelihood(prior + delta, z, delta, sol.nfe, sol.num_steps)
+
+    field_arrays, field_static = eqx.partition(field, eqx.is_array)
+    return run_jit(solve, field_arrays, x, probes)  # an eager repeat reuses the program
 
 
 def dequantize(

@@ -127,3 +127,29 @@ def test_a_fixed_grid_of_steps_converges_at_the_solvers_order():
         jd.log_likelihood(path, field, x, solver=diffrax.Euler())
     with pytest.raises(ValueError, match="steps must be"):
         jd.log_likelihood(path, field, x, steps=0, solver=diffrax.Euler())
+
+
+def test_an_eager_repeat_reuses_the_compiled_solve():
+    """log_likelihood's solve runs as one kept program (as jd.sample's): an eager repeat on new
+    data and new params reuses it (every call had compiled diffrax's solve anew, 5-7 s on CPU),
+    with the numbers of a jitted call, and a Hutchinson repeat with another key too."""
+    from jaxdiff import _programs
+
+    path, mix = jd.linear_path(), _mix()
+    net = jd.Field(lambda p, x, t: p * x + t[:, None], "velocity", jnp.asarray(0.5))
+    x = mix.sample(jax.random.key(0), 16)
+    _programs.clear()
+    a = jd.log_likelihood(path, net, x).logp
+    b = jd.log_likelihood(path, net.bind(jnp.asarray(-0.3)), 2.0 * x).logp
+    h1 = jd.log_likelihood(
+        path, mix.field(path, "velocity"), x, key=jax.random.key(1), num_probes=2
+    )
+    h2 = jd.log_likelihood(
+        path, mix.field(path, "velocity"), x, key=jax.random.key(2), num_probes=2
+    )
+    assert len(_programs._cache) == 2 and not np.allclose(h1.logp, h2.logp)
+    jitted = jax.jit(lambda f, y: jd.log_likelihood(path, f, y).logp)
+    np.testing.assert_allclose(a, jitted(net, x), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(
+        b, jitted(net.bind(jnp.asarray(-0.3)), 2.0 * x), rtol=1e-6, atol=1e-5
+    )
