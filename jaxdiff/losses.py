@@ -479,7 +479,8 @@ def diffusion_loss(
 ) -> Callable[[Any, Array, Any], Array]:
     """The loss ``(params, key, batch) -> scalar`` of the network ``net`` on ``path``.
 
-    ``net`` is a :class:`~jaxdiff.Field`: ``net.target`` is what the network predicts and
+    ``batch`` is ``x0`` (``(batch, *event)``), ``(x0, labels)``, or a dict ``{"x0": ..., "x1":
+    ..., "labels": ...}`` (``x1``, the batch's own source points, and ``labels`` optional). ``net`` is a :class:`~jaxdiff.Field`: ``net.target`` is what the network predicts and
     ``net.apply(params, x_t, t[, labels])`` is differentiated in ``params``. ``regress`` (default: the target)
     is the space where the squared error is taken, ``weighting`` its ``w(t)``, ``time_sampler``
     draws ``t`` (default ``uniform_time()``). With labels in the batch, ``label_dropout`` replaces

@@ -138,9 +138,10 @@ def log_snr_grid(
     ``t_end = 0`` (``lambda = inf``) it keeps 0 as its last point and the others end at
     ``lambda = -2 log 0.002`` (EDM's ``sigma_min``). The first step, from pure noise to
     ``sigma / alpha = 80``, keeps its length at every step count: taken at first order its error
-    (~``alpha^2`` at its end) would be a floor, so ``unipc``, ``dpm_solver_pp``, ``dpm_solver_2s``
-    and ``dpm_solver_sde`` take it at second order in ``u = alpha / sigma`` (README: "Discrete
-    DDPM, DDIM, likelihoods").
+    (~``alpha^2`` at its end) would be a floor (2.3e-4 on a test mixture), so ``unipc``,
+    ``dpm_solver_pp``, ``dpm_solver_2s`` and ``dpm_solver_sde`` take it at second order in ``u =
+    alpha / sigma``, which leaves a smaller floor (~9e-7 there: the third-order samplers reach it
+    from ~512 steps; README: "Discrete DDPM, DDIM, likelihoods").
 
     >>> from jaxdiff import linear_path
     >>> [round(t, 3) for t in log_snr_grid(linear_path(), 3).tolist()]

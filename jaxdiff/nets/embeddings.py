@@ -135,7 +135,8 @@ class LabelEmbedding(nn.Module):
         labels = value_check(
             labels,
             lambda xp, v: xp.any((v < 0) | (v > n)),
-            f"labels must lie in [0, {n}] ({n}: the null label; a loss's null_label must be {n})",
+            f"labels must lie in [0, {n}] ({n}: the null label; the null_label of a loss or of "
+            f"classifier_free_guidance must be {n})",
             # the values out of range (the first 8 labels were shown: a dropped label's
             # null_label = 7 was named by [2, 2, 2, 0, ...], all valid; the stop-53 review)
             lambda v: f"{sorted(set(v[(v < 0) | (v > n)].tolist()))[:8]} out of range",

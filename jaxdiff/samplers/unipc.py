@@ -186,7 +186,9 @@ def unipc(order: int = 2, *, variant: str = "bh2", lower_order_final: bool = Tru
     hundreds it costs order: ``unipc(3)`` on VP measured orders 3.6 and 3.3 at 256 and 512
     steps, 3.7 and 3.8 without it (float64, the exact field). On paths where ``alpha(1) = 0``
     the default grid's first step, from pure noise, is corrected in ``u = alpha / sigma`` (the
-    trapezoid: UniC-1's limit), so it converges at second order there too.
+    trapezoid: UniC-1's limit), so its error falls at second order there too, down to the
+    trapezoid's own error on that fixed first step (~9e-7 on a test mixture, reached by
+    ``unipc(3)`` from ~512 steps; a grid from ``t_start = 0.999`` moves it to 2.3e-9).
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> data = jd.GaussianMixture.isotropic(jnp.array([[2.0, 0.0], [-2.0, 0.0]]), std=0.3)
