@@ -44,7 +44,16 @@ from jaxdiff.elbo import (
     discretized_gaussian_log_prob,
     nelbo,
 )
-from jaxdiff.field import Field, as_field, batch_time, denoise, evaluate, predict, predict_as
+from jaxdiff.field import (
+    Field,
+    as_field,
+    batch_time,
+    denoise,
+    evaluate,
+    predict,
+    predict_as,
+    reschedule,
+)
 from jaxdiff.guidance import (
     classifier_free_guidance,
     classifier_guidance,
@@ -206,6 +215,7 @@ __all__ = [
     "batch_time",
     "predict",
     "predict_as",
+    "reschedule",
     "denoise",
     "evaluate",
     "Sampler",

@@ -42,15 +42,15 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxdiff._checks import as_time, wide_dtype
-from jaxdiff.conversions import Target, _check_target, convert, to_x0_eps
+from jaxdiff._checks import as_time, expand_like, wide_dtype
+from jaxdiff.conversions import Target, _check_target, convert, from_x0_eps, to_x0_eps
 
 if TYPE_CHECKING:
     from jaxdiff.paths import GaussianPath
 
 Array = jax.Array
 
-__all__ = ["Field", "as_field", "predict", "denoise", "batch_time", "evaluate"]
+__all__ = ["Field", "as_field", "predict", "denoise", "batch_time", "evaluate", "reschedule"]
 
 
 class Field(eqx.Module):
@@ -195,3 +195,62 @@ def predict_as(path: GaussianPath, field: Field, x: ArrayLike, t: Any, target: T
     """The field's prediction at ``(x, t)`` converted to ``target``."""
     value = evaluate(field, x, t)
     return convert(path, x, t, value, src=field.target, dst=target)
+
+
+def reschedule(
+    field: Field, trained_path: GaussianPath, path: GaussianPath, target: Target | None = None
+) -> Field:
+    """A field trained on ``trained_path`` as a field on ``path`` (any two Gaussian paths).
+
+    ``x_t = alpha_t x0 + sigma_t eps`` on ``path`` is, scaled by ``r = alpha'_u / alpha_t =
+    sigma'_u / sigma_t``, a draw of ``trained_path`` at the time ``u`` of the same log-SNR
+    (``u = trained_path.t_from_log_snr(path.log_snr(t))``) with the same ``x0`` and ``eps``: a
+    diffusion model is its log-SNR schedule up to the scale of ``x`` (Kingma et al. 2021, VDM,
+    Sec. 5). So the trained field's hub pair ``(x0_hat, eps_hat)`` at ``(r x_t, u)`` is the answer
+    on ``path``, returned as ``target`` (default: the field's own). A VP-trained eps network
+    samples on the linear path (or any schedule) with every sampler, as Meta flow_matching's
+    ``ScheduleTransformedModel`` does (in its convention, ``t -> 1 - t``).
+
+    ``r = sqrt((alpha'^2 + sigma'^2) / (alpha^2 + sigma^2))``: equal to both ratios where the
+    log-SNRs match, and finite beyond the trained path's range, where ``u`` is its end (0 or 1)
+    and the field answers at its own end (e.g. the linear path's ``t = 1``, log-SNR ``-inf``,
+    maps to VP's ``t = 1``, log-SNR ``-10``).
+
+    >>> import jax, jax.numpy as jnp, jaxdiff as jd
+    >>> data = jd.GaussianMixture.isotropic(jnp.array([[1.0, 0.0], [-1.0, 0.0]]), std=0.5)
+    >>> vp, linear = jd.vp_path(), jd.linear_path()
+    >>> moved = reschedule(data.field(vp, "eps"), vp, linear, "velocity")
+    >>> x, t = jnp.ones((4, 2)), jnp.full((4,), 0.3)
+    >>> bool(jnp.allclose(moved(x, t), data.field(linear, "velocity")(x, t), atol=1e-4))
+    True
+    """
+    from jaxdiff._engine import require_gaussian_path  # a cycle at import time
+
+    field = as_field(field)
+    require_gaussian_path(trained_path, "reschedule's trained_path")
+    require_gaussian_path(path, "reschedule's path")
+    target = field.target if target is None else target
+    _check_target(target)
+    return Field(_Rescheduled(target), target, (field, trained_path, path))
+
+
+class _Rescheduled(eqx.Module):
+    """``(params, x, t)`` with ``params = (field, trained_path, path)``: the trained field's hub
+    pair at ``(r x, u)``, as ``target`` on ``path`` (:func:`reschedule`)."""
+
+    target: str = eqx.field(static=True)  # static: a Field stays a valid argument of jax.jit
+
+    def __call__(self, params: Any, x: ArrayLike, t: ArrayLike) -> Array:
+        return _rescheduled(params, x, t, self.target)
+
+
+def _rescheduled(params: Any, x: ArrayLike, t: ArrayLike, target: Target) -> Array:
+    field, trained, path = params
+    x = jnp.asarray(x)
+    t = as_time(t, wide_dtype(x.dtype))
+    u = trained.t_from_log_snr(path.log_snr(t)).astype(t.dtype)
+    norm = lambda p, s: jnp.square(p.alpha(s)) + p.sigma_sq(s)  # noqa: E731
+    r = expand_like(jnp.sqrt(norm(trained, u) / norm(path, t)), x).astype(x.dtype)
+    x_trained = r * x
+    x0, eps = to_x0_eps(trained, x_trained, u, evaluate(field, x_trained, u), field.target)
+    return from_x0_eps(path, x, t, x0, eps, target)
