@@ -493,7 +493,10 @@ def train(
     from the same start needs a fresh ``init_train_state`` or a copy
     (``jax.tree.map(jnp.copy, state)``) made before the first.
     """
-    from tqdm.auto import tqdm
+    if progress:  # a notebook's widget bar (a TqdmWarning without ipywidgets), else text
+        from tqdm.auto import tqdm
+    else:  # no bar: tqdm.auto's notebook check warned even so
+        from tqdm.std import tqdm
 
     start_step = int(state.step)
     num_steps = check_count(num_steps, "num_steps", minimum=0)  # 2.5 ran 2 steps

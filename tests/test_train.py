@@ -341,3 +341,23 @@ def test_a_loss_that_requires_a_keyword_step_gets_the_state_s_step():
     state = init_train_state({"w": jnp.array(0.0)}, opt, jax.random.key(0))
     state, _ = make_train_step(other, opt)(state, jnp.zeros((2, 1)))
     assert seen == [0.5] and float(state.params["w"]) == -0.5
+
+
+def test_train_without_a_bar_does_not_import_tqdm_auto():
+    """tqdm.auto checks for a notebook when imported and, without ipywidgets, warns
+    (TqdmWarning "IProgress not found"): train(progress=False) imported it anyway, and the
+    notebooks printed the warning with no bar shown. It uses tqdm's plain class now."""
+    code = textwrap.dedent(
+        """
+        import sys, jax, jax.numpy as jnp, optax
+        from jaxdiff.train import init_train_state, make_train_chunk, make_train_step, train
+        step = make_train_step(lambda p, k, b: jnp.sum((p - b) ** 2), optax.sgd(0.1))
+        chunk = lambda k: make_train_chunk(step, lambda key: jnp.ones(2), k)
+        train(init_train_state(jnp.zeros(2), optax.sgd(0.1), jax.random.key(0)), chunk, 3,
+              progress=False)
+        print("tqdm.auto" in sys.modules)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "False"
