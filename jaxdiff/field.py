@@ -240,11 +240,11 @@ class _Rescheduled(eqx.Module):
 
     target: str = eqx.field(static=True)  # static: a Field stays a valid argument of jax.jit
 
-    def __call__(self, params: Any, x: ArrayLike, t: ArrayLike) -> Array:
-        return _rescheduled(params, x, t, self.target)
+    def __call__(self, params: Any, x: ArrayLike, t: ArrayLike, *args: Any, **kwargs: Any) -> Array:
+        return _rescheduled(params, x, t, self.target, args, kwargs)
 
 
-def _rescheduled(params: Any, x: ArrayLike, t: ArrayLike, target: Target) -> Array:
+def _rescheduled(params: Any, x: ArrayLike, t: ArrayLike, target: Target, args, kwargs) -> Array:
     field, trained, path = params
     x = jnp.asarray(x)
     t = as_time(t, wide_dtype(x.dtype))
@@ -252,5 +252,6 @@ def _rescheduled(params: Any, x: ArrayLike, t: ArrayLike, target: Target) -> Arr
     norm = lambda p, s: jnp.square(p.alpha(s)) + p.sigma_sq(s)  # noqa: E731
     r = expand_like(jnp.sqrt(norm(trained, u) / norm(path, t)), x).astype(x.dtype)
     x_trained = r * x
-    x0, eps = to_x0_eps(trained, x_trained, u, evaluate(field, x_trained, u), field.target)
+    value = evaluate(field, x_trained, u, *args, **kwargs)  # labels and the like pass through
+    x0, eps = to_x0_eps(trained, x_trained, u, value, field.target)
     return from_x0_eps(path, x, t, x0, eps, target)

@@ -227,5 +227,8 @@ def test_reschedule_gives_the_exact_field_of_another_path(x64):
     a = jd.sample(jax.random.key(0), linear, moved, (256, 2), **kw).x
     b = jd.sample(jax.random.key(0), linear, mix.field(linear, "velocity"), (256, 2), **kw).x
     np.testing.assert_allclose(a, b, atol=1e-8)
+    labelled = jd.Field(lambda p, y, s, c: p * y + c[:, None], "eps", jnp.asarray(0.5))
+    same = jd.reschedule(labelled, vp, vp)  # to its own path: the field itself, labels passed on
+    np.testing.assert_allclose(same(x, t, t), labelled(x, t, t), rtol=1e-9)
     with pytest.raises(ValueError, match="reschedule's path needs a GaussianPath"):
         jd.reschedule(mix.field(vp, "eps"), vp, jd.brownian_bridge(0.5))
