@@ -85,6 +85,7 @@ from jaxdiff.losses import (
     likelihood_weight,
     logit_normal_time,
     score_matching_loss,
+    shifted_time,
     sigma_sq_weight,
     uniform_time,
     unit_weight,
@@ -132,6 +133,7 @@ from jaxdiff.schedules import (
     linear_betas,
     log_snr_grid,
     quadratic_grid,
+    shift_time,
     uniform_grid,
 )
 from jaxdiff.sde import (
@@ -242,6 +244,8 @@ __all__ = [
     "importance_weights",
     "likelihood_weight",
     "logit_normal_time",
+    "shifted_time",
+    "shift_time",
     "losses",
     "memorization_ratio",
     "nearest_neighbour_distance",

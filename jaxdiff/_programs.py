@@ -142,7 +142,11 @@ def _inner(callback: Any, depth: int = 0) -> Any:
     if inner is not None:
         return inner
     cells = _cells(callback)
-    if getattr(callback, "__module__", None) == "jax._src.callback" and cells and "callback" in cells:
+    if (
+        getattr(callback, "__module__", None) == "jax._src.callback"
+        and cells
+        and "callback" in cells
+    ):
         return _inner(cells["callback"], depth + 1)
     return callback
 

@@ -75,6 +75,7 @@ __all__ = [
     "likelihood_weight",
     "uniform_time",
     "logit_normal_time",
+    "shifted_time",
     "importance_time",
     "importance_weights",
     "ImportanceTime",
@@ -187,6 +188,36 @@ def logit_normal_time(
     check_time_interval(t_min, t_max)
     check_finite(mean, "mean")
     return _LogitNormal(float(mean), float(std), float(t_min), float(t_max))
+
+
+class _Shifted(eqx.Module):
+    base: Any
+    shift: float
+
+    def __call__(self, key: Array, shape: tuple[int, ...]) -> Array:
+        t = self.base(key, shape)
+        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+
+    def pdf(self, t: Array) -> Array:
+        """``p(u) dt/du`` at the base time ``u = t / (s - (s - 1) t)`` (``dt/du = s / (s - (s -
+        1) t)^2``); the base sampler needs a ``pdf``."""
+        den = self.shift - (self.shift - 1.0) * t
+        return self.base.pdf(t / den) * self.shift / jnp.square(den)
+
+
+def shifted_time(time_sampler: TimeSampler, shift: float) -> TimeSampler:
+    """The draws of ``time_sampler`` moved by SD3's shift ``t' = s t / (1 + (s - 1) t)``
+    (:func:`~jaxdiff.shift_time`; Esser et al. 2024 train at ``s = 3`` for 1024^2 images, with
+    ``logit_normal_time``). Its ``pdf`` (for :func:`~jaxdiff.log_snr_weighting`) is the base
+    sampler's, changed by the map. A sampler of the user's own may draw outside ``[0, 1]``: its
+    shifted draws are checked there (:func:`draw_times`).
+
+    >>> import jax
+    >>> t = shifted_time(uniform_time(), 3.0)(jax.random.key(0), (4000,))
+    >>> bool(abs(float(t.mean()) - 0.676) < 0.01)  # E[t'] = s / (s - 1) (1 - log(s) / (s - 1))
+    True
+    """
+    return _Shifted(time_sampler, float(check_positive(shift, "shift")))
 
 
 class ImportanceTime(eqx.Module):

@@ -41,6 +41,7 @@ __all__ = [
     "log_snr_grid",
     "karras_grid",
     "default_grid",
+    "shift_time",
 ]
 
 
@@ -118,6 +119,24 @@ def uniform_grid(steps: int, t_start: ArrayLike = 1.0, t_end: ArrayLike = 1e-3) 
     steps = check_count(steps, "steps")
     t_start, t_end = _check_ends(t_start, t_end)
     return jnp.linspace(t_start, t_end, steps + 1)
+
+
+def shift_time(t: ArrayLike, shift: ArrayLike) -> Array:
+    """SD3's time shift ``t' = s t / (1 + (s - 1) t)`` (Esser et al. 2024, Sec. 5.3.2; diffusers'
+    ``FlowMatchEulerDiscreteScheduler(shift=s)``, whose sigma is our ``t``: no ``1 - t``).
+
+    A monotone map of ``[0, 1]`` onto itself; ``s > 1`` moves times towards the noise. On the
+    linear path it lowers the log-SNR by exactly ``2 log s`` (the SNR divided by ``s^2``: the
+    shift SD3 gives images of ``s^2`` times the pixels, ``s = sqrt(m / n)``); on other paths it is
+    the same warp of ``t``. For a sampler's grid, ``ts=jd.shift_time(jd.uniform_grid(N), 3.0)``;
+    for training times, :func:`~jaxdiff.shifted_time`.
+
+    >>> [round(float(v), 4) for v in shift_time(jnp.array([0.0, 0.25, 0.5, 1.0]), 3.0)]
+    [0.0, 0.5, 0.75, 1.0]
+    """
+    t = coef_time(check_time(t))
+    s = check_positive(jnp.asarray(shift, t.dtype), "shift")
+    return s * t / (1.0 + (s - 1.0) * t)
 
 
 def quadratic_grid(steps: int, t_start: ArrayLike = 1.0, t_end: ArrayLike = 1e-3) -> Array:

@@ -111,9 +111,7 @@ def test_empty_and_flattened_inputs():
 def test_langevin_names_a_step_per_coordinate():
     with pytest.raises(ValueError, match=r"one per coordinate: \(1, \*event\)"):
         jd.langevin(jax.random.key(0), lambda x: -x, X, step_size=jnp.full((3,), 0.1), steps=2)
-    out = jd.langevin(
-        jax.random.key(0), lambda x: -x, X, step_size=jnp.full((1, 3), 0.1), steps=2
-    )
+    out = jd.langevin(jax.random.key(0), lambda x: -x, X, step_size=jnp.full((1, 3), 0.1), steps=2)
     assert out.shape == X.shape
 
 
