@@ -55,6 +55,7 @@ from jaxdiff.field import (
     reschedule,
 )
 from jaxdiff.guidance import (
+    autoguidance,
     classifier_free_guidance,
     classifier_guidance,
     clip_x0,
@@ -232,6 +233,7 @@ __all__ = [
     "alpha_bars",
     "brownian_motion",
     "classifier_free_guidance",
+    "autoguidance",
     "classifier_guidance",
     "convert",
     "data",

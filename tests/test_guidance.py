@@ -295,3 +295,34 @@ def test_classifier_guidance_with_the_mixtures_own_classifier_at_alpha_zero():
     )
     with pytest.raises(Exception, match="d/dt of grad_x log_prob_fn"):
         jax.block_until_ready(bad(x, jnp.ones(4)))
+
+
+def test_autoguidance_is_the_affine_combination_in_every_target():
+    """autoguidance(f, w, s) = w + s (f - w) (Karras et al. 2024): s = 1 gives f and 0 gives w,
+    exactly; any s is the same combination in every target (weak given in another target is
+    converted by path); outside the interval it is f; it samples."""
+    weak_data = jd.GaussianMixture.isotropic(MEANS, 0.7)  # a "worse" model: wider components
+    x = jax.random.normal(jax.random.key(0), (16, 2)) * 2.0
+    t = jnp.linspace(0.05, 0.95, 16)
+    f, w = DATA.field(PATH, "eps"), weak_data.field(PATH, "eps")
+    np.testing.assert_array_equal(jd.autoguidance(f, w, 1.0)(x, t), f(x, t))
+    np.testing.assert_array_equal(jd.autoguidance(f, w, 0.0)(x, t), w(x, t))
+    want = w(x, t) + 2.5 * (f(x, t) - w(x, t))
+    np.testing.assert_allclose(jd.autoguidance(f, w, 2.5)(x, t), want, rtol=1e-5, atol=1e-5)
+    for target in ("x0", "velocity"):  # the same field in another target, weak as eps
+        g = jd.autoguidance(DATA.field(PATH, target), w, 2.5, path=PATH)
+        assert g.target == target
+        np.testing.assert_allclose(
+            jd.convert(PATH, x, t, g(x, t), src=target, dst="eps"), want, rtol=1e-4, atol=1e-4
+        )
+    with pytest.raises(ValueError, match="pass path= to convert"):
+        jd.autoguidance(DATA.field(PATH, "x0"), w, 2.0)
+    inside = jd.autoguidance(f, w, 2.5, interval=(0.3, 0.6))(x, t)
+    mask = ((t >= 0.3) & (t <= 0.6))[:, None]
+    np.testing.assert_allclose(inside, jnp.where(mask, want, f(x, t)), rtol=1e-5, atol=1e-5)
+    late = jnp.full(16, 0.9)  # no time inside: field alone (the cond's other branch)
+    np.testing.assert_array_equal(
+        jd.autoguidance(f, w, 2.5, interval=(0.3, 0.6))(x, late), f(x, late)
+    )
+    x1 = jd.sample(jax.random.key(1), PATH, jd.autoguidance(f, w, 1.5), (256, 2), steps=20).x
+    assert bool(jnp.all(jnp.isfinite(x1)))
