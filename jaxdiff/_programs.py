@@ -60,8 +60,11 @@ def run_jit(fn: Callable[..., Any], *args: Any) -> Any:
     is the same text; under an outer ``jit``, ``grad`` or ``vmap`` it is ``jax.jit(fn)(*args)``."""
     if _uncached():  # a traced argument exists only inside a trace
         return jax.jit(fn)(*args)
+    jitted = jax.jit(fn)
+    if not hasattr(jitted, "lower"):  # EQX_ON_ERROR=breakpoint replaces jax.jit by a wrapper
+        return jitted(*args)
     leaves, tree = jax.tree.flatten(args)
-    lowered = jax.jit(fn).lower(*args)
+    lowered = jitted.lower(*args)
     lowering = getattr(lowered, "_lowering", None)
     info = getattr(lowering, "compile_args", None)
     if getattr(lowering, "const_args", None) != [] or not isinstance(info, dict):

@@ -214,7 +214,9 @@ def reschedule(
     ``r = sqrt((alpha'^2 + sigma'^2) / (alpha^2 + sigma^2))``: equal to both ratios where the
     log-SNRs match, and finite beyond the trained path's range, where ``u`` is its end (0 or 1)
     and the field answers at its own end (e.g. the linear path's ``t = 1``, log-SNR ``-inf``,
-    maps to VP's ``t = 1``, log-SNR ``-10``).
+    maps to VP's ``t = 1``, log-SNR ``-10``). There, and where ``path``'s log-SNR is infinite
+    (``t = 0``), the trained time does not move with ``t``: a derivative in ``t`` at such a ``t``
+    lacks that term (the values and derivatives in ``x`` are right).
 
     >>> import jax, jax.numpy as jnp, jaxdiff as jd
     >>> data = jd.GaussianMixture.isotropic(jnp.array([[1.0, 0.0], [-1.0, 0.0]]), std=0.5)

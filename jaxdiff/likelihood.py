@@ -195,9 +195,9 @@ def log_likelihood(
                 f"{name} must be a scalar (one integration for the batch; jax.vmap "
                 f"log_likelihood for per-sample times); got shape {jnp.shape(value)}"
             )
-    if steps is None and rtol is None and atol is None:
-        rtol = atol = 1e-5  # adaptive by default
-    adaptive = rtol is not None or atol is not None
+    adaptive = steps is None or rtol is not None or atol is not None
+    if adaptive:  # each tolerance not given is 1e-5 (integrate's own defaults differ)
+        rtol, atol = (1e-5 if v is None else v for v in (rtol, atol))
     if adaptive and solver is not None and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
         # integrate's message said "(or drop rtol/atol)", then asked for a steps= it has not
         raise ValueError(

@@ -123,6 +123,10 @@ def test_a_fixed_grid_of_steps_converges_at_the_solvers_order():
         assert 2**order * 0.8 < errs[0] / errs[1] < 2**order * 1.25, (solver, errs)
     heun = jax.jit(lambda y: jd.log_likelihood(path, field, y, steps=64, solver=diffrax.Heun()))
     np.testing.assert_allclose(heun(x).logp, ref, atol=5e-3)  # measured 1.5e-3
+    one = jd.log_likelihood(path, field, x[:8], atol=1e-3)  # the tolerance not given is 1e-5
+    both = jd.log_likelihood(path, field, x[:8], atol=1e-3, rtol=1e-5)  # (it was integrate's 1e-3)
+    np.testing.assert_array_equal(one.logp, both.logp)
+    assert int(one.nfe) == int(both.nfe)
     with pytest.raises(ValueError, match=r"Euler has no error estimate.*or pass steps=N"):
         jd.log_likelihood(path, field, x, solver=diffrax.Euler())
     with pytest.raises(ValueError, match="steps must be"):

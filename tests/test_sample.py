@@ -957,3 +957,28 @@ def test_runtime_checks_of_the_same_messages_share_a_program():
         with pytest.raises(Exception, match=msg):
             jd.sample(None, path, field, (4, 2), x_init=3.0 * x_init, steps=3)
     assert len(_programs._cache) == 3
+
+
+def test_eager_calls_run_under_equinox_breakpoint_mode():
+    """EQX_ON_ERROR=breakpoint (equinox's debugging mode) replaces jax.jit by a wrapper without
+    .lower: the eager program cache called it and jd.sample, log_likelihood and nelbo failed with
+    an AttributeError; they take jit's own path there now."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp, jaxdiff as jd\n"
+        "mix = jd.GaussianMixture.isotropic(jnp.array([[1.0, 0.0], [-1.0, 0.0]]), std=0.5)\n"
+        "lin, vp = jd.linear_path(), jd.vp_path()\n"
+        "x = mix.sample(jax.random.key(1), 4)\n"
+        "a = jd.sample(jax.random.key(0), vp, mix.field(vp, 'eps'), (8, 2), steps=5).x\n"
+        "b = jd.log_likelihood(lin, mix.field(lin, 'velocity'), x).logp\n"
+        "c = jd.nelbo(jax.random.key(0), vp, mix.field(vp, 'eps'), x, steps=10).total\n"
+        "print(bool(jnp.all(jnp.isfinite(a)) & jnp.all(jnp.isfinite(b)) & jnp.all(jnp.isfinite(c))))\n"
+    )
+    env = dict(os.environ, EQX_ON_ERROR="breakpoint", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "True"
