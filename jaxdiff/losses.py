@@ -54,6 +54,7 @@ from jaxdiff._checks import (
 from jaxdiff.conversions import Target, _check_target, _convert, convert, from_x0_eps
 from jaxdiff.field import Field, as_field
 from jaxdiff.paths import GaussianPath, linear_path
+from jaxdiff.schedules import shifted
 from jaxdiff.sources import (
     as_source,
     check_gaussian_targets,
@@ -195,8 +196,7 @@ class _Shifted(eqx.Module):
     shift: float
 
     def __call__(self, key: Array, shape: tuple[int, ...]) -> Array:
-        t = self.base(key, shape)
-        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+        return shifted(self.base(key, shape), self.shift)
 
     def pdf(self, t: Array) -> Array:
         """``p(u) dt/du`` at the base time ``u = t / (s - (s - 1) t)`` (``dt/du = s / (s - (s -
@@ -511,9 +511,10 @@ def diffusion_loss(
     """The loss ``(params, key, batch) -> scalar`` of the network ``net`` on ``path``.
 
     ``batch`` is ``x0`` (``(batch, *event)``), ``(x0, labels)``, or a dict ``{"x0": ..., "x1":
-    ..., "labels": ...}`` (``x1``, the batch's own source points, and ``labels`` optional). ``net`` is a :class:`~jaxdiff.Field`: ``net.target`` is what the network predicts and
-    ``net.apply(params, x_t, t[, labels])`` is differentiated in ``params``. ``regress`` (default: the target)
-    is the space where the squared error is taken, ``weighting`` its ``w(t)``, ``time_sampler``
+    ..., "labels": ...}`` (``x1``, the batch's own source points, and ``labels`` optional).
+    ``net`` is a :class:`~jaxdiff.Field`: ``net.target`` is what the network predicts and
+    ``net.apply(params, x_t, t[, labels])`` is differentiated in ``params``. ``regress``
+    (default: the target) is the space where the squared error is taken, ``weighting`` its ``w(t)``, ``time_sampler``
     draws ``t`` (default ``uniform_time()``). With labels in the batch, ``label_dropout`` replaces
     each by ``null_label`` with that probability, which trains the unconditional model of
     classifier-free guidance. ``source`` draws ``x1`` (default ``N(0, I)``; a non-Gaussian one

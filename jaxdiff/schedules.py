@@ -135,7 +135,11 @@ def shift_time(t: ArrayLike, shift: ArrayLike) -> Array:
     [0.0, 0.5, 0.75, 1.0]
     """
     t = coef_time(check_time(t))
-    s = check_positive(jnp.asarray(shift, t.dtype), "shift")
+    return shifted(t, check_positive(jnp.asarray(shift, t.dtype), "shift"))
+
+
+def shifted(t: Array, s: ArrayLike) -> Array:
+    """``s t / (1 + (s - 1) t)`` unchecked (:func:`shift_time`; the shifted time samplers)."""
     return s * t / (1.0 + (s - 1.0) * t)
 
 
