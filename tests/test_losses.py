@@ -206,6 +206,10 @@ def test_sd3_time_shift_on_grids_and_training_times(x64):
     assert bool(jnp.all(jnp.diff(jd.shift_time(t, 3.0)) > 0))
     with pytest.raises(ValueError, match="shift"):
         jd.shift_time(t, 0.0)
+    with pytest.raises(Exception, match="shift must be finite and > 0"):  # traced: at run time
+        jax.jit(jd.shift_time)(t, 0.0).block_until_ready()
+    with pytest.raises(Exception, match="t must lie in"):
+        jax.jit(jd.shift_time)(t + 1.0, 3.0).block_until_ready()
     with pytest.raises(ValueError, match="shift must be finite"):
         jd.shifted_time(L.uniform_time(), float("inf"))
     s, n = 3.0, 20_000
